@@ -1,0 +1,237 @@
+//! Finding a checkpoint's files: a local folder in Hugging Face layout, or a
+//! hub repository fetched through hf-hub's standard cache.
+//!
+//! A checkpoint is `config.json`, weights (`model.safetensors`, else
+//! `pytorch_model.bin`), a tokenizer (`tokenizer.json`, else `vocab.json` +
+//! `merges.txt`) and optionally `preprocessor_config.json`.
+
+use std::path::{Path, PathBuf};
+
+use super::{Error, Result};
+
+/// The model used when none is named.
+pub const DEFAULT_MODEL: &str = "openai/clip-vit-base-patch32";
+
+/// Where a model comes from, as the user named it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A local folder.
+    Dir(PathBuf),
+    /// A hub repository id (`owner/name`), at an optional revision (`owner/name@rev`).
+    Hub { repo: String, revision: Option<String> },
+}
+
+impl ModelSource {
+    /// Reads a `--model` argument: an existing folder, else a hub id.
+    pub fn parse(arg: &str) -> Result<Self> {
+        let path = Path::new(arg);
+        if path.is_dir() {
+            return Ok(Self::Dir(path.to_path_buf()));
+        }
+        if path.exists() {
+            return Err(Error::Checkpoint(format!(
+                "{arg} is a file; --model takes a checkpoint folder or a hub id such as {DEFAULT_MODEL}"
+            )));
+        }
+        let (repo, revision) = match arg.split_once('@') {
+            Some((repo, rev)) if !rev.is_empty() => (repo, Some(rev.to_string())),
+            _ => (arg, None),
+        };
+        let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        match repo.split_once('/') {
+            Some((owner, name)) if valid(owner) && valid(name) && !arg.starts_with('.') => {
+                Ok(Self::Hub { repo: repo.to_string(), revision })
+            }
+            _ => Err(Error::Checkpoint(format!(
+                "no folder named {arg}, and it is not a hub id (owner/name such as {DEFAULT_MODEL})"
+            ))),
+        }
+    }
+
+    /// A stable name for the model: the hub id, or the folder's canonical path.
+    pub fn id(&self) -> String {
+        match self {
+            Self::Dir(dir) => std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()).display().to_string(),
+            Self::Hub { repo, revision: Some(rev) } => format!("{repo}@{rev}"),
+            Self::Hub { repo, revision: None } => repo.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dir(dir) => write!(f, "{}", dir.display()),
+            Self::Hub { .. } => write!(f, "{}", self.id()),
+        }
+    }
+}
+
+/// The tokenizer files a checkpoint has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenizerFiles {
+    Json(PathBuf),
+    VocabMerges { vocab: PathBuf, merges: PathBuf },
+}
+
+/// Weights, in the formats clipdex reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WeightsFile {
+    Safetensors(PathBuf),
+    Pickle(PathBuf),
+}
+
+/// Local paths of every file a model needs.
+#[derive(Clone, Debug)]
+pub struct CheckpointFiles {
+    pub config: PathBuf,
+    pub weights: WeightsFile,
+    pub tokenizer: TokenizerFiles,
+    pub preprocessor: Option<PathBuf>,
+}
+
+/// How to reach the hub.
+#[derive(Clone, Debug, Default)]
+pub struct HubOptions {
+    /// Never touch the network; use only the local cache.
+    pub offline: bool,
+    /// Show download progress bars.
+    pub progress: bool,
+}
+
+impl HubOptions {
+    /// `HF_HUB_OFFLINE=1` (as the Python hub client reads it) forces offline mode.
+    pub fn from_env(offline: bool, progress: bool) -> Self {
+        let env = std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"));
+        Self { offline: offline || env.unwrap_or(false), progress }
+    }
+}
+
+const MISSING_HINT: &str = "a checkpoint folder needs config.json, model.safetensors (or pytorch_model.bin) and \
+                            tokenizer.json (or vocab.json and merges.txt); pass it with --model <DIR>";
+
+/// Resolves a source to local files, downloading from the hub when allowed.
+pub fn resolve(source: &ModelSource, hub: &HubOptions) -> Result<CheckpointFiles> {
+    match source {
+        ModelSource::Dir(dir) => resolve_with(&source.to_string(), |name| {
+            let path = dir.join(name);
+            Ok(path.is_file().then_some(path))
+        }),
+        ModelSource::Hub { repo, revision } => {
+            let cache = hub_cache();
+            let hub_repo = match revision {
+                Some(rev) => hf_hub::Repo::with_revision(repo.clone(), hf_hub::RepoType::Model, rev.clone()),
+                None => hf_hub::Repo::model(repo.clone()),
+            };
+            if hub.offline {
+                let cached = cache.repo(hub_repo);
+                return resolve_with(&source.to_string(), |name| Ok(cached.get(name))).map_err(|e| match e {
+                    Error::MissingFile { file, .. } => Error::MissingFile {
+                        file,
+                        location: format!("the hub cache ({}) for {source}", cache.path().display()),
+                        hint: "offline mode (--offline or HF_HUB_OFFLINE=1) reads only the cache: run once online, \
+                               or pass a local checkpoint folder with --model <DIR>"
+                            .into(),
+                    },
+                    other => other,
+                });
+            }
+            let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+                .with_progress(hub.progress)
+                .with_retries(2);
+            let api = match std::env::var("HF_ENDPOINT") {
+                Ok(endpoint) => api.with_endpoint(endpoint),
+                Err(_) => api,
+            };
+            let api = api.build().map_err(|e| Error::Download(format!("cannot start the hub client: {e}")))?;
+            let api_repo = api.repo(hub_repo);
+            resolve_with(&source.to_string(), |name| match api_repo.get(name) {
+                Ok(path) => Ok(Some(path)),
+                Err(e) if is_not_found(&e) => Ok(None),
+                Err(e) => Err(Error::Download(format!(
+                    "cannot fetch {name} of {source}: {e}; check the network, or use --offline with a cached \
+                     model, or pass a local checkpoint folder with --model <DIR>"
+                ))),
+            })
+        }
+    }
+}
+
+/// The hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+fn hub_cache() -> hf_hub::Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(dir) => hf_hub::Cache::new(PathBuf::from(dir)),
+        None => hf_hub::Cache::from_env(),
+    }
+}
+
+fn is_not_found(e: &hf_hub::api::sync::ApiError) -> bool {
+    let text = e.to_string();
+    text.contains("404") || text.contains("Not Found") || text.contains("EntryNotFound")
+}
+
+/// Picks the files of a checkpoint through `get`, which answers "this file's
+/// local path", "no such file", or an error.
+fn resolve_with(location: &str, get: impl Fn(&str) -> Result<Option<PathBuf>>) -> Result<CheckpointFiles> {
+    let missing = |file: &str| Error::MissingFile {
+        file: file.to_string(),
+        location: location.to_string(),
+        hint: MISSING_HINT.to_string(),
+    };
+    let config = get("config.json")?.ok_or_else(|| missing("config.json"))?;
+    let weights = match get("model.safetensors")? {
+        Some(path) => WeightsFile::Safetensors(path),
+        None => WeightsFile::Pickle(get("pytorch_model.bin")?.ok_or_else(|| missing("model.safetensors"))?),
+    };
+    let tokenizer = match get("tokenizer.json")? {
+        Some(path) => TokenizerFiles::Json(path),
+        None => {
+            let vocab = get("vocab.json")?.ok_or_else(|| missing("tokenizer.json"))?;
+            let merges = get("merges.txt")?.ok_or_else(|| missing("merges.txt"))?;
+            TokenizerFiles::VocabMerges { vocab, merges }
+        }
+    };
+    let preprocessor = get("preprocessor_config.json")?;
+    Ok(CheckpointFiles { config, weights, tokenizer, preprocessor })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_model_arguments() {
+        assert_eq!(
+            ModelSource::parse("openai/clip-vit-base-patch32").unwrap(),
+            ModelSource::Hub { repo: "openai/clip-vit-base-patch32".into(), revision: None }
+        );
+        assert_eq!(
+            ModelSource::parse("laion/CLIP-ViT-B-32-laion2B-s34B-b79K@main").unwrap(),
+            ModelSource::Hub { repo: "laion/CLIP-ViT-B-32-laion2B-s34B-b79K".into(), revision: Some("main".into()) }
+        );
+        let dir = std::env::temp_dir();
+        assert_eq!(ModelSource::parse(dir.to_str().unwrap()).unwrap(), ModelSource::Dir(dir.clone()));
+        for bad in ["no-such-folder", "./missing/model", "a/b/c", "/abs/missing"] {
+            assert!(matches!(ModelSource::parse(bad), Err(Error::Checkpoint(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = std::env::temp_dir().join(format!("clipdex-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = ModelSource::Dir(dir.clone());
+        let err = resolve(&source, &HubOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("config.json"), "{err}");
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        std::fs::write(dir.join("model.safetensors"), "").unwrap();
+        std::fs::write(dir.join("vocab.json"), "{}").unwrap();
+        let err = resolve(&source, &HubOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("merges.txt"), "{err}");
+        std::fs::write(dir.join("merges.txt"), "").unwrap();
+        let files = resolve(&source, &HubOptions::default()).unwrap();
+        assert!(matches!(files.tokenizer, TokenizerFiles::VocabMerges { .. }));
+        assert!(files.preprocessor.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,199 @@
+//! `Clip`: a loaded checkpoint with its tokenizer and preprocessing, the one
+//! object the rest of clipdex embeds texts and images with.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::checkpoint::{self, CheckpointFiles, HubOptions, ModelSource, TokenizerFiles, WeightsFile};
+use super::{load_weights, normalize, ClipConfig, ClipModel, ClipTokenizer, Error, Preprocessor, Result, RgbView};
+
+/// Texts embedded per forward pass.
+const TEXT_BATCH: usize = 64;
+
+/// What identifies a model: stored with an index so that a query embedded by
+/// another model is refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ModelInfo {
+    /// Hub id or canonical folder path.
+    pub id: String,
+    /// Hash of the architecture, preprocessing and a sample of the weights.
+    pub fingerprint: String,
+    pub embedding_dim: usize,
+    pub image_size: usize,
+    pub context_length: usize,
+}
+
+/// A ready-to-use CLIP model.
+#[derive(Debug)]
+pub struct Clip {
+    model: ClipModel,
+    tokenizer: ClipTokenizer,
+    preprocessor: Preprocessor,
+    info: ModelInfo,
+    device: Device,
+}
+
+impl Clip {
+    /// Loads a model from a folder or the hub.
+    pub fn load(source: &ModelSource, hub: &HubOptions) -> Result<Self> {
+        let files = checkpoint::resolve(source, hub)?;
+        Self::from_files(&files, source.id())
+    }
+
+    /// Loads a model from resolved checkpoint files.
+    pub fn from_files(files: &CheckpointFiles, id: String) -> Result<Self> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|source| Error::Io { path: p.display().to_string(), source })
+        };
+        let config_text = read(&files.config)?;
+        let config = ClipConfig::from_json(&config_text)?;
+        let context = config.text_config.max_position_embeddings;
+        let tokenizer = match &files.tokenizer {
+            TokenizerFiles::Json(path) => ClipTokenizer::from_tokenizer_json(path, context)?,
+            TokenizerFiles::VocabMerges { vocab, merges } => ClipTokenizer::from_vocab_merges(vocab, merges, context)?,
+        };
+        if tokenizer.eos_id() as usize >= config.text_config.vocab_size {
+            return Err(Error::Config(format!(
+                "the tokenizer's end token {} is outside the model's vocabulary of {}",
+                tokenizer.eos_id(),
+                config.text_config.vocab_size
+            )));
+        }
+        let image_size = config.vision_config.image_size;
+        let (preprocessor, preprocessor_text) = match &files.preprocessor {
+            Some(path) => {
+                let text = read(path)?;
+                (Preprocessor::from_json(&text, image_size)?, text)
+            }
+            None => (Preprocessor::clip_default(image_size), String::new()),
+        };
+        let device = Device::Cpu;
+        let vb = load_weights(&files.weights, &device)?;
+        let model = ClipModel::new(vb, &config)?;
+        let fingerprint = fingerprint(&config, &preprocessor_text, &files.weights)?;
+        let info = ModelInfo {
+            id,
+            fingerprint,
+            embedding_dim: config.projection_dim,
+            image_size,
+            context_length: context,
+        };
+        Ok(Self { model, tokenizer, preprocessor, info, device })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        self.model.config()
+    }
+
+    pub fn model(&self) -> &ClipModel {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn preprocessor(&self) -> &Preprocessor {
+        &self.preprocessor
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `exp(t)`, the factor from cosine similarity to logits.
+    pub fn logit_scale(&self) -> Result<f32> {
+        Ok(self.model.logit_scale().exp()?.to_scalar::<f32>()?)
+    }
+
+    /// Projected, unnormalised features of tokenised texts, (batch, dim).
+    ///
+    /// The batch is padded to its longest text only; the causal mask makes the
+    /// padding irrelevant, so short queries do not pay for 77 positions.
+    pub fn text_features(&self, batch: &[Vec<u32>]) -> Result<Tensor> {
+        let len = batch.iter().map(Vec::len).max().unwrap_or(0);
+        if len == 0 {
+            return Err(Error::Input("no tokens to embed".into()));
+        }
+        let pad = self.tokenizer.eos_id();
+        let mut ids = Vec::with_capacity(batch.len() * len);
+        let mut pool = Vec::with_capacity(batch.len());
+        for row in batch {
+            ids.extend_from_slice(row);
+            ids.extend(std::iter::repeat_n(pad, len - row.len()));
+            pool.push(self.tokenizer.pool_position(row));
+        }
+        let ids = Tensor::from_vec(ids, (batch.len(), len), &self.device)?;
+        self.model.get_text_features(&ids, &pool)
+    }
+
+    /// Preprocesses images into a (batch, 3, size, size) tensor, in parallel.
+    pub fn pixels(&self, images: &[RgbView]) -> Result<Tensor> {
+        let s = self.preprocessor.image_size();
+        let mut data = vec![0f32; images.len() * 3 * s * s];
+        data.par_chunks_mut(3 * s * s).zip(images.par_iter()).for_each(|(out, image)| {
+            let crop = self.preprocessor.resize_and_crop(*image);
+            self.preprocessor.normalize_into(&crop, out);
+        });
+        Ok(Tensor::from_vec(data, (images.len(), 3, s, s), &self.device)?)
+    }
+
+    /// Projected, unnormalised features of preprocessed pixels, (batch, dim).
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.model.get_image_features(pixels)
+    }
+
+    /// L2-normalised embeddings of texts.
+    pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let ids = texts.iter().map(|t| self.tokenizer.encode(t)).collect::<Result<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in ids.chunks(TEXT_BATCH) {
+            out.extend(normalize(&self.text_features(chunk)?)?.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
+
+    /// L2-normalised embeddings of images, in one batch.
+    pub fn embed_images(&self, images: &[RgbView]) -> Result<Vec<Vec<f32>>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let features = self.image_features(&self.pixels(images)?)?;
+        Ok(normalize(&features)?.to_vec2::<f32>()?)
+    }
+}
+
+/// Hashes what decides the embedding space: the parsed config, the
+/// preprocessing, and the weights (size plus 64 evenly spaced 4 KiB samples,
+/// so a fine-tuned copy of the same architecture gets another fingerprint
+/// without reading gigabytes).
+fn fingerprint(config: &ClipConfig, preprocessor: &str, weights: &WeightsFile) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(config.to_json().as_bytes());
+    hasher.update(preprocessor.as_bytes());
+    let path = match weights {
+        WeightsFile::Safetensors(p) | WeightsFile::Pickle(p) => p,
+    };
+    let io = |source| Error::Io { path: path.display().to_string(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    hasher.update(&len.to_le_bytes());
+    const SAMPLES: u64 = 64;
+    const SAMPLE: usize = 4096;
+    let mut buf = vec![0u8; SAMPLE];
+    for i in 0..SAMPLES {
+        let offset = len.saturating_sub(SAMPLE as u64) * i / (SAMPLES - 1);
+        file.seek(SeekFrom::Start(offset)).map_err(io)?;
+        let n = file.read(&mut buf).map_err(io)?;
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().to_hex()[..16].to_string())
+}

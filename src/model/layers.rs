@@ -1,0 +1,244 @@
+//! The transformer building blocks both CLIP towers share.
+//!
+//! Each layer runs two ways. When a weight is a trainable variable, it uses
+//! only operations candle can differentiate (its fused layer norm and softmax
+//! have no backward pass). Otherwise it takes the fast inference path: fused
+//! layer norm and softmax, and one matrix multiply for the query, key and
+//! value projections.
+
+use candle_core::{D, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::Activation;
+use super::Result;
+
+/// A dense layer, `x W^T + b`, over the last dimension of any-rank input.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (in_dim, lead) = dims.split_last().expect("linear input has at least one dimension");
+        let rows: usize = lead.iter().product();
+        // One (rows x in) by (in x out) product: gemm is fastest on one big
+        // matrix, not a batch of small ones.
+        let y = x.reshape((rows, *in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.weight.dim(0)?);
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// Layer normalisation over the last dimension.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() || self.weight.track_op() {
+            Ok(candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)?)
+        } else {
+            Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
+        }
+    }
+}
+
+impl Activation {
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            Activation::Gelu => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::Relu => x.relu()?,
+            Activation::Silu => x.silu()?,
+        })
+    }
+}
+
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(x)?)
+    }
+}
+
+/// Multi-head self-attention (`CLIPAttention`).
+#[derive(Clone, Debug)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    /// q, k and v stacked into one layer, for inference.
+    qkv: Option<Linear>,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub fn load(vb: VarBuilder, hidden: usize, num_heads: usize) -> Result<Self> {
+        let q_proj = Linear::load(vb.pp("q_proj"), hidden, hidden, true)?;
+        let k_proj = Linear::load(vb.pp("k_proj"), hidden, hidden, true)?;
+        let v_proj = Linear::load(vb.pp("v_proj"), hidden, hidden, true)?;
+        let out_proj = Linear::load(vb.pp("out_proj"), hidden, hidden, true)?;
+        let trainable = q_proj.weight.is_variable();
+        let qkv = if trainable {
+            None
+        } else {
+            let w = Tensor::cat(&[&q_proj.weight, &k_proj.weight, &v_proj.weight], 0)?;
+            let b = [&q_proj.bias, &k_proj.bias, &v_proj.bias].map(|b| b.clone().expect("attention has biases"));
+            Some(Linear::new(w, Some(Tensor::cat(&b, 0)?)))
+        };
+        Ok(Self { q_proj, k_proj, v_proj, out_proj, qkv, num_heads, head_dim: hidden / num_heads })
+    }
+
+    /// `x` is (batch, seq, hidden); `mask` is an additive (seq, seq) mask.
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, hidden) = x.dims3()?;
+        let (h, hd) = (self.num_heads, self.head_dim);
+        let qkv = match &self.qkv {
+            Some(qkv) => qkv.forward(x)?,
+            None => Tensor::cat(&[self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?], 2)?,
+        };
+        // (b, n, 3, h, hd) -> (3, b, h, n, hd)
+        let qkv = qkv.reshape((b, n, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        let q = (qkv.get(0)?.reshape((b * h, n, hd))? * (hd as f64).powf(-0.5))?;
+        let k = qkv.get(1)?.reshape((b * h, n, hd))?;
+        let v = qkv.get(2)?.reshape((b * h, n, hd))?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let weights = softmax_last_dim(&scores)?;
+        let out = weights.matmul(&v)?; // (b*h, n, hd)
+        let out = out.reshape((b, h, n, hd))?.transpose(1, 2)?.reshape((b, n, hidden))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+/// The two-layer feed-forward block (`CLIPMLP`).
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+    activation: Activation,
+}
+
+impl Mlp {
+    pub fn load(vb: VarBuilder, hidden: usize, intermediate: usize, activation: Activation) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::load(vb.pp("fc1"), hidden, intermediate, true)?,
+            fc2: Linear::load(vb.pp("fc2"), intermediate, hidden, true)?,
+            activation,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.fc1.forward(x)?;
+        let x = self.activation.forward(&x)?;
+        self.fc2.forward(&x)
+    }
+}
+
+/// One pre-norm transformer layer (`CLIPEncoderLayer`).
+#[derive(Clone, Debug)]
+pub struct EncoderLayer {
+    self_attn: Attention,
+    layer_norm1: LayerNorm,
+    mlp: Mlp,
+    layer_norm2: LayerNorm,
+}
+
+/// Shape of one tower's encoder.
+#[derive(Clone, Copy, Debug)]
+pub struct EncoderShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub activation: Activation,
+    pub eps: f64,
+}
+
+impl EncoderLayer {
+    pub fn load(vb: VarBuilder, s: &EncoderShape) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::load(vb.pp("self_attn"), s.hidden, s.heads)?,
+            layer_norm1: LayerNorm::load(vb.pp("layer_norm1"), s.hidden, s.eps)?,
+            mlp: Mlp::load(vb.pp("mlp"), s.hidden, s.intermediate, s.activation)?,
+            layer_norm2: LayerNorm::load(vb.pp("layer_norm2"), s.hidden, s.eps)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// A stack of encoder layers (`CLIPEncoder`).
+#[derive(Clone, Debug)]
+pub struct Encoder {
+    layers: Vec<EncoderLayer>,
+}
+
+impl Encoder {
+    pub fn load(vb: VarBuilder, s: &EncoderShape) -> Result<Self> {
+        let vb = vb.pp("layers");
+        let layers = (0..s.layers).map(|i| EncoderLayer::load(vb.pp(i), s)).collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for layer in &self.layers {
+            x = layer.forward(&x, mask)?;
+        }
+        Ok(x)
+    }
+}
+
+/// An additive causal mask: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(n: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (n, n), device)?)
+}

@@ -1,0 +1,149 @@
+//! CLIP in candle: config, tokenizer, preprocessing, the two towers, weight
+//! loading.
+//!
+//! The model is Radford et al. 2021, "Learning Transferable Visual Models From
+//! Natural Language Supervision" (<https://arxiv.org/abs/2103.00020>), laid out
+//! as transformers' `CLIPModel` (`models/clip/modeling_clip.py`) so that a
+//! Hugging Face checkpoint maps onto the code key for key. Outputs match the
+//! reference to 1e-4 (see `tests/`).
+//!
+//! This module knows nothing of files other than checkpoints, of image
+//! formats, or of indexes: it takes RGB buffers and strings.
+
+pub mod checkpoint;
+pub mod config;
+mod embedder;
+pub mod layers;
+pub mod preprocess;
+pub mod text;
+pub mod tokenizer;
+pub mod vision;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use checkpoint::{HubOptions, ModelSource, DEFAULT_MODEL};
+pub use config::{Activation, ClipConfig, TextConfig, VisionConfig};
+pub use embedder::{Clip, ModelInfo};
+pub use preprocess::{Preprocessor, RgbView};
+pub use tokenizer::ClipTokenizer;
+
+use layers::Linear;
+use text::TextTransformer;
+use vision::VisionTransformer;
+
+/// Errors of the model layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Checkpoint(String),
+    #[error("{file} not found in {location}: {hint}")]
+    MissingFile { file: String, location: String, hint: String },
+    #[error("download failed: {0}")]
+    Download(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("weights do not fit the config: {0}")]
+    Weights(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The two towers, their projections into the joint space, and the learned temperature.
+#[derive(Clone, Debug)]
+pub struct ClipModel {
+    text_model: TextTransformer,
+    vision_model: VisionTransformer,
+    text_projection: Linear,
+    visual_projection: Linear,
+    logit_scale: Tensor,
+    config: ClipConfig,
+}
+
+impl ClipModel {
+    /// Builds the model from a `VarBuilder` rooted at the checkpoint's top level.
+    pub fn new(vb: VarBuilder, config: &ClipConfig) -> Result<Self> {
+        let load = || -> Result<Self> {
+            let (t, v) = (&config.text_config, &config.vision_config);
+            Ok(Self {
+                text_model: TextTransformer::load(vb.pp("text_model"), t)?,
+                vision_model: VisionTransformer::load(vb.pp("vision_model"), v)?,
+                text_projection: Linear::load(vb.pp("text_projection"), t.hidden_size, config.projection_dim, false)?,
+                visual_projection: Linear::load(
+                    vb.pp("visual_projection"),
+                    v.hidden_size,
+                    config.projection_dim,
+                    false,
+                )?,
+                logit_scale: vb.get_with_hints(
+                    (),
+                    "logit_scale",
+                    candle_nn::Init::Const(config.logit_scale_init_value),
+                )?,
+                config: config.clone(),
+            })
+        };
+        load().map_err(|e| match e {
+            Error::Candle(e) => Error::Weights(e.to_string()),
+            other => other,
+        })
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    /// Projected, unnormalised text features (`get_text_features`).
+    ///
+    /// `ids` is (batch, seq) u32; `pool` the end-of-text position of each row.
+    pub fn get_text_features(&self, ids: &Tensor, pool: &[usize]) -> Result<Tensor> {
+        let pooled = self.text_model.forward(ids, pool)?;
+        self.text_projection.forward(&pooled)
+    }
+
+    /// Projected, unnormalised image features (`get_image_features`) of (batch, 3, s, s) pixels.
+    pub fn get_image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let pooled = self.vision_model.forward(pixels)?;
+        self.visual_projection.forward(&pooled)
+    }
+
+    /// The learned log-temperature `t`; logits are scaled by `exp(t)`.
+    pub fn logit_scale(&self) -> &Tensor {
+        &self.logit_scale
+    }
+
+    /// (images, texts) logits from unnormalised features: `exp(t) * cos`.
+    pub fn logits_per_image(&self, image_features: &Tensor, text_features: &Tensor) -> Result<Tensor> {
+        let i = normalize(image_features)?;
+        let t = normalize(text_features)?;
+        let cos = i.matmul(&t.t()?)?;
+        Ok(cos.broadcast_mul(&self.logit_scale.exp()?)?)
+    }
+}
+
+/// L2-normalises the rows of a (batch, dim) tensor.
+pub fn normalize(x: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_div(&x.sqr()?.sum_keepdim(1)?.sqrt()?)?)
+}
+
+/// Opens a weights file as a `VarBuilder` producing f32 tensors on `device`.
+pub fn load_weights(weights: &checkpoint::WeightsFile, device: &Device) -> Result<VarBuilder<'static>> {
+    match weights {
+        checkpoint::WeightsFile::Safetensors(path) => {
+            // Safety: the file is memory-mapped read-only; clipdex never writes a
+            // checkpoint while reading it.
+            unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
+                .map_err(|e| Error::Weights(format!("{}: {e}", path.display())))
+        }
+        checkpoint::WeightsFile::Pickle(path) => VarBuilder::from_pth(path, DType::F32, device)
+            .map_err(|e| Error::Weights(format!("{}: {e}", path.display()))),
+    }
+}

@@ -1,0 +1,534 @@
+//! Image preprocessing as `CLIPImageProcessor` does it: resize the shortest
+//! side to the model's size, centre-crop, rescale to [0, 1], normalise with the
+//! model's mean and std, channels first.
+//!
+//! The resize is Pillow's convolution resampler reproduced integer for
+//! integer (separable, support scaled with the reduction so it antialiases,
+//! 22-bit fixed-point coefficients, horizontal pass then vertical, rounding to
+//! 8 bits after each pass), which is what OpenAI's CLIP preprocessing and
+//! transformers' PIL backend run. transformers' default (torchvision) backend
+//! differs from it by one level in under 1% of pixels.
+//!
+//! Input is an 8-bit RGB buffer; decoding files belongs to `library`.
+
+use serde::Deserialize;
+
+use super::{Error, Result};
+
+pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// A borrowed 8-bit RGB image, rows top to bottom, pixels interleaved.
+#[derive(Clone, Copy, Debug)]
+pub struct RgbView<'a> {
+    pub width: usize,
+    pub height: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> RgbView<'a> {
+    pub fn new(width: usize, height: usize, data: &'a [u8]) -> Result<Self> {
+        if width == 0 || height == 0 || data.len() != width * height * 3 {
+            return Err(Error::Input(format!("an RGB buffer of {} bytes is not {width}x{height}x3", data.len())));
+        }
+        Ok(Self { width, height, data })
+    }
+}
+
+/// Pillow's resampling filters, numbered as `PIL.Image.Resampling`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resample {
+    Nearest,
+    Lanczos,
+    Bilinear,
+    Bicubic,
+    Box,
+    Hamming,
+}
+
+impl Resample {
+    fn from_pil(code: u8) -> Result<Self> {
+        Ok(match code {
+            0 => Self::Nearest,
+            1 => Self::Lanczos,
+            2 => Self::Bilinear,
+            3 => Self::Bicubic,
+            4 => Self::Box,
+            5 => Self::Hamming,
+            other => return Err(Error::Config(format!("unknown resample filter {other}"))),
+        })
+    }
+
+    /// The filter's support radius and kernel (Pillow `Resample.c`).
+    fn kernel(self) -> (f64, fn(f64) -> f64) {
+        fn bicubic(x: f64) -> f64 {
+            const A: f64 = -0.5;
+            let x = x.abs();
+            if x < 1.0 {
+                ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+            } else if x < 2.0 {
+                (((x - 5.0) * x + 8.0) * x - 4.0) * A
+            } else {
+                0.0
+            }
+        }
+        fn bilinear(x: f64) -> f64 {
+            let x = x.abs();
+            if x < 1.0 { 1.0 - x } else { 0.0 }
+        }
+        fn box_filter(x: f64) -> f64 {
+            if (-0.5..0.5).contains(&x) { 1.0 } else { 0.0 }
+        }
+        fn hamming(x: f64) -> f64 {
+            let x = x.abs();
+            if x == 0.0 {
+                1.0
+            } else if x >= 1.0 {
+                0.0
+            } else {
+                let x = x * std::f64::consts::PI;
+                x.sin() / x * (0.46 + 0.54 * x.cos())
+            }
+        }
+        fn sinc(x: f64) -> f64 {
+            if x == 0.0 {
+                1.0
+            } else {
+                let x = x * std::f64::consts::PI;
+                x.sin() / x
+            }
+        }
+        fn lanczos(x: f64) -> f64 {
+            if (-3.0..3.0).contains(&x) { sinc(x) * sinc(x / 3.0) } else { 0.0 }
+        }
+        match self {
+            Self::Nearest | Self::Box => (0.5, box_filter),
+            Self::Bilinear => (1.0, bilinear),
+            Self::Hamming => (1.0, hamming),
+            Self::Bicubic => (2.0, bicubic),
+            Self::Lanczos => (3.0, lanczos),
+        }
+    }
+}
+
+/// `size` / `crop_size` of a `preprocessor_config.json`: an int, or a dict.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeSpec {
+    Int(usize),
+    Dict {
+        #[serde(default)]
+        shortest_edge: Option<usize>,
+        #[serde(default)]
+        height: Option<usize>,
+        #[serde(default)]
+        width: Option<usize>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResizeTo {
+    ShortestEdge(usize),
+    Exact { height: usize, width: usize },
+}
+
+#[derive(Debug, Deserialize)]
+struct RawProcessorConfig {
+    #[serde(default)]
+    do_resize: Option<bool>,
+    #[serde(default)]
+    size: Option<SizeSpec>,
+    #[serde(default)]
+    resample: Option<u8>,
+    #[serde(default)]
+    do_center_crop: Option<bool>,
+    #[serde(default)]
+    crop_size: Option<SizeSpec>,
+    #[serde(default)]
+    do_rescale: Option<bool>,
+    #[serde(default)]
+    rescale_factor: Option<f64>,
+    #[serde(default)]
+    do_normalize: Option<bool>,
+    #[serde(default)]
+    image_mean: Option<Vec<f32>>,
+    #[serde(default)]
+    image_std: Option<Vec<f32>>,
+}
+
+/// The preprocessing a checkpoint asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preprocessor {
+    resize: Option<ResizeTo>,
+    resample: Resample,
+    crop: Option<(usize, usize)>,
+    rescale: Option<f32>,
+    mean: [f32; 3],
+    std: [f32; 3],
+    normalize: bool,
+    /// The model's input side; the pipeline must produce exactly this.
+    image_size: usize,
+}
+
+impl Preprocessor {
+    /// CLIP's defaults for a model taking `image_size` pixels square.
+    pub fn clip_default(image_size: usize) -> Self {
+        Self {
+            resize: Some(ResizeTo::ShortestEdge(image_size)),
+            resample: Resample::Bicubic,
+            crop: Some((image_size, image_size)),
+            rescale: Some(1.0 / 255.0),
+            mean: OPENAI_CLIP_MEAN,
+            std: OPENAI_CLIP_STD,
+            normalize: true,
+            image_size,
+        }
+    }
+
+    /// Reads a `preprocessor_config.json`; what it leaves out is CLIP's default.
+    pub fn from_json(text: &str, image_size: usize) -> Result<Self> {
+        let raw: RawProcessorConfig =
+            serde_json::from_str(text).map_err(|e| Error::Config(format!("preprocessor_config.json: {e}")))?;
+        let default = Self::clip_default(image_size);
+        let resize = match (raw.do_resize.unwrap_or(true), raw.size) {
+            (false, _) => None,
+            (true, None) => default.resize,
+            (true, Some(SizeSpec::Int(n))) => Some(ResizeTo::ShortestEdge(n)),
+            (true, Some(SizeSpec::Dict { shortest_edge: Some(n), .. })) => Some(ResizeTo::ShortestEdge(n)),
+            (true, Some(SizeSpec::Dict { height: Some(height), width: Some(width), .. })) => {
+                Some(ResizeTo::Exact { height, width })
+            }
+            (true, Some(other)) => return Err(Error::Config(format!("preprocessor size {other:?} is not supported"))),
+        };
+        let crop = match (raw.do_center_crop.unwrap_or(true), raw.crop_size) {
+            (false, _) => None,
+            (true, None) => default.crop,
+            (true, Some(SizeSpec::Int(n))) => Some((n, n)),
+            (true, Some(SizeSpec::Dict { height: Some(h), width: Some(w), .. })) => Some((h, w)),
+            (true, Some(other)) => return Err(Error::Config(format!("preprocessor crop_size {other:?} is not supported"))),
+        };
+        let triple = |v: Option<Vec<f32>>, d: [f32; 3], name: &str| -> Result<[f32; 3]> {
+            match v {
+                None => Ok(d),
+                Some(v) if v.len() == 3 => Ok([v[0], v[1], v[2]]),
+                Some(v) if v.len() == 1 => Ok([v[0]; 3]),
+                Some(v) => Err(Error::Config(format!("{name} has {} values, expected 3", v.len()))),
+            }
+        };
+        let std = triple(raw.image_std, OPENAI_CLIP_STD, "image_std")?;
+        if std.iter().any(|&s| s == 0.0) {
+            return Err(Error::Config("image_std has a zero".into()));
+        }
+        let processor = Self {
+            resize,
+            resample: raw.resample.map(Resample::from_pil).transpose()?.unwrap_or(Resample::Bicubic),
+            crop,
+            rescale: if raw.do_rescale.unwrap_or(true) { Some(raw.rescale_factor.unwrap_or(1.0 / 255.0) as f32) } else { None },
+            mean: triple(raw.image_mean, OPENAI_CLIP_MEAN, "image_mean")?,
+            std,
+            normalize: raw.do_normalize.unwrap_or(true),
+            image_size,
+        };
+        // Check the pipeline yields what the model takes, whatever the image.
+        let probe = processor.output_size(1000, 700);
+        let probe2 = processor.output_size(700, 1000);
+        if probe != (image_size, image_size) || probe2 != (image_size, image_size) {
+            return Err(Error::Config(format!(
+                "preprocessor_config.json produces {}x{} images, the model takes {image_size}x{image_size}",
+                probe.0, probe.1
+            )));
+        }
+        Ok(processor)
+    }
+
+    pub fn image_size(&self) -> usize {
+        self.image_size
+    }
+
+    pub fn mean(&self) -> [f32; 3] {
+        self.mean
+    }
+
+    pub fn std(&self) -> [f32; 3] {
+        self.std
+    }
+
+    /// Size after resizing an image of `width` x `height`, as (width, height).
+    fn resized_size(&self, width: usize, height: usize) -> (usize, usize) {
+        match self.resize {
+            None => (width, height),
+            Some(ResizeTo::Exact { height, width }) => (width, height),
+            Some(ResizeTo::ShortestEdge(size)) => {
+                // transformers' get_resize_output_image_size: int(size * long / short).
+                let (short, long) = if width <= height { (width, height) } else { (height, width) };
+                let new_long = ((size * long) as f64 / short as f64) as usize;
+                if width <= height { (size, new_long) } else { (new_long, size) }
+            }
+        }
+    }
+
+    /// Final (width, height) of an image of `width` x `height`.
+    fn output_size(&self, width: usize, height: usize) -> (usize, usize) {
+        match self.crop {
+            Some((h, w)) => (w, h),
+            None => self.resized_size(width, height),
+        }
+    }
+
+    /// Resizes and centre-crops: the 8-bit stage of the pipeline, (h, w, 3) interleaved.
+    pub fn resize_and_crop(&self, image: RgbView) -> Vec<u8> {
+        let (rw, rh) = self.resized_size(image.width, image.height);
+        let resized;
+        let (data, width, height) = if (rw, rh) == (image.width, image.height) {
+            (image.data, image.width, image.height)
+        } else {
+            resized = resample(image, rw.max(1), rh.max(1), self.resample);
+            (resized.as_slice(), rw.max(1), rh.max(1))
+        };
+        match self.crop {
+            Some((ch, cw)) => center_crop(data, width, height, cw, ch),
+            None => data.to_vec(),
+        }
+    }
+
+    /// The whole pipeline: (3, size, size) channels-first floats.
+    pub fn preprocess(&self, image: RgbView) -> Vec<f32> {
+        let crop = self.resize_and_crop(image);
+        let mut out = vec![0f32; crop.len()];
+        self.normalize_into(&crop, &mut out);
+        out
+    }
+
+    /// Rescales and normalises an 8-bit (h, w, 3) crop into (3, h, w) floats.
+    pub fn normalize_into(&self, crop: &[u8], out: &mut [f32]) {
+        let plane = crop.len() / 3;
+        for c in 0..3 {
+            // (x * rescale - mean) / std, folded as torchvision's fused path does.
+            let (scale, mean, std) = match (self.rescale, self.normalize) {
+                (Some(r), true) => (1.0, self.mean[c] / r, self.std[c] / r),
+                (Some(r), false) => (r, 0.0, 1.0),
+                (None, true) => (1.0, self.mean[c], self.std[c]),
+                (None, false) => (1.0, 0.0, 1.0),
+            };
+            let dst = &mut out[c * plane..(c + 1) * plane];
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = (crop[i * 3 + c] as f32 * scale - mean) / std;
+            }
+        }
+    }
+}
+
+/// Centre crop, padding with black where the crop is larger (torchvision's rule).
+fn center_crop(data: &[u8], width: usize, height: usize, cw: usize, ch: usize) -> Vec<u8> {
+    let mut out = vec![0u8; cw * ch * 3];
+    // Offsets of the crop in the (possibly padded) image.
+    let pad_left = if cw > width { (cw - width) / 2 } else { 0 };
+    let pad_top = if ch > height { (ch - height) / 2 } else { 0 };
+    let left = if cw > width { 0 } else { (width - cw) / 2 };
+    let top = if ch > height { 0 } else { (height - ch) / 2 };
+    let copy_w = cw.min(width);
+    for y in 0..ch.min(height) {
+        let src = ((top + y) * width + left) * 3;
+        let dst = ((pad_top + y) * cw + pad_left) * 3;
+        out[dst..dst + copy_w * 3].copy_from_slice(&data[src..src + copy_w * 3]);
+    }
+    out
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Per output pixel: first input index, count, and fixed-point weights.
+struct Coeffs {
+    bounds: Vec<(usize, usize)>,
+    ksize: usize,
+    weights: Vec<i32>,
+}
+
+fn precompute_coeffs(in_size: usize, out_size: usize, resample: Resample) -> Coeffs {
+    let (support, filter) = resample.kernel();
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = support * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C's (int) cast truncates toward zero.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let count = xmax.saturating_sub(xmin).min(ksize);
+        let mut ww = 0.0;
+        for (x, kx) in k.iter_mut().enumerate().take(count) {
+            let w = filter((x as f64 + xmin as f64 - center + 0.5) * ss);
+            *kx = w;
+            ww += w;
+        }
+        for x in 0..count {
+            let w = if ww != 0.0 { k[x] / ww } else { k[x] };
+            let scaled = w * (1u32 << PRECISION_BITS) as f64;
+            weights[xx * ksize + x] = if w < 0.0 { (-0.5 + scaled) as i32 } else { (0.5 + scaled) as i32 };
+        }
+        bounds.push((xmin, count));
+    }
+    Coeffs { bounds, ksize, weights }
+}
+
+#[inline]
+fn clip8(v: i32) -> u8 {
+    if v >= (1 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Resizes like `PIL.Image.resize(size, resample)` on an RGB image.
+pub fn resample(image: RgbView, out_w: usize, out_h: usize, filter: Resample) -> Vec<u8> {
+    if filter == Resample::Nearest {
+        return nearest(image, out_w, out_h);
+    }
+    let (in_w, in_h) = (image.width, image.height);
+    let horiz = precompute_coeffs(in_w, out_w, filter);
+    let vert = precompute_coeffs(in_h, out_h, filter);
+    let need_h = out_w != in_w;
+    let need_v = out_h != in_h;
+    // Only rows the vertical pass reads go through the horizontal pass.
+    let (first, last) = if need_v {
+        let (ymin_last, ycount_last) = vert.bounds[out_h - 1];
+        (vert.bounds[0].0, ymin_last + ycount_last)
+    } else {
+        (0, in_h)
+    };
+    let half = 1i32 << (PRECISION_BITS - 1);
+
+    let temp: std::borrow::Cow<[u8]> = if need_h {
+        let rows = last - first;
+        let mut temp = vec![0u8; rows * out_w * 3];
+        for (ty, out_row) in temp.chunks_exact_mut(out_w * 3).enumerate() {
+            let in_row = &image.data[(ty + first) * in_w * 3..(ty + first + 1) * in_w * 3];
+            for xx in 0..out_w {
+                let (xmin, count) = horiz.bounds[xx];
+                let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + count];
+                let (mut s0, mut s1, mut s2) = (half, half, half);
+                for (x, &w) in k.iter().enumerate() {
+                    let p = (xmin + x) * 3;
+                    s0 += in_row[p] as i32 * w;
+                    s1 += in_row[p + 1] as i32 * w;
+                    s2 += in_row[p + 2] as i32 * w;
+                }
+                out_row[xx * 3] = clip8(s0);
+                out_row[xx * 3 + 1] = clip8(s1);
+                out_row[xx * 3 + 2] = clip8(s2);
+            }
+        }
+        std::borrow::Cow::Owned(temp)
+    } else {
+        std::borrow::Cow::Borrowed(&image.data[first * in_w * 3..last * in_w * 3])
+    };
+    if !need_v {
+        return temp.into_owned();
+    }
+    let row_len = out_w * 3;
+    let mut out = vec![0u8; out_h * row_len];
+    for (yy, out_row) in out.chunks_exact_mut(row_len).enumerate() {
+        let (ymin, count) = vert.bounds[yy];
+        let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + count];
+        let ymin = ymin - first;
+        let mut acc = vec![half; row_len];
+        for (y, &w) in k.iter().enumerate() {
+            let in_row = &temp[(ymin + y) * row_len..(ymin + y + 1) * row_len];
+            for (a, &p) in acc.iter_mut().zip(in_row) {
+                *a += p as i32 * w;
+            }
+        }
+        for (o, a) in out_row.iter_mut().zip(acc) {
+            *o = clip8(a);
+        }
+    }
+    out
+}
+
+/// Pillow's nearest-neighbour resize: the source pixel under each output pixel's centre.
+fn nearest(image: RgbView, out_w: usize, out_h: usize) -> Vec<u8> {
+    let sx = image.width as f64 / out_w as f64;
+    let sy = image.height as f64 / out_h as f64;
+    let mut out = Vec::with_capacity(out_w * out_h * 3);
+    for y in 0..out_h {
+        let iy = (((y as f64 + 0.5) * sy) as usize).min(image.height - 1);
+        for x in 0..out_w {
+            let ix = (((x as f64 + 0.5) * sx) as usize).min(image.width - 1);
+            let p = (iy * image.width + ix) * 3;
+            out.extend_from_slice(&image.data[p..p + 3]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gradient(w: usize, h: usize) -> Vec<u8> {
+        (0..w * h * 3).map(|i| ((i * 37 + i / 7) % 256) as u8).collect()
+    }
+
+    #[test]
+    fn shortest_edge_sizes_match_transformers() {
+        let p = Preprocessor::clip_default(224);
+        assert_eq!(p.resized_size(640, 427), (335, 224));
+        assert_eq!(p.resized_size(2560, 3837), (224, 335));
+        assert_eq!(p.resized_size(512, 512), (224, 224));
+        assert_eq!(p.resized_size(100, 50), (448, 224));
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let data = vec![77u8; 300 * 200 * 3];
+        let view = RgbView::new(300, 200, &data).unwrap();
+        for filter in [Resample::Bicubic, Resample::Bilinear, Resample::Lanczos, Resample::Box, Resample::Hamming] {
+            let out = resample(view, 97, 61, filter);
+            assert!(out.iter().all(|&v| v == 77), "{filter:?}");
+        }
+    }
+
+    #[test]
+    fn same_size_is_identity_and_crop_is_centred() {
+        let data = gradient(10, 6);
+        let view = RgbView::new(10, 6, &data).unwrap();
+        assert_eq!(resample(view, 10, 6, Resample::Bicubic), data);
+        let crop = center_crop(&data, 10, 6, 4, 2);
+        assert_eq!(&crop[..12], &data[(2 * 10 + 3) * 3..(2 * 10 + 7) * 3]);
+    }
+
+    #[test]
+    fn crop_larger_than_image_pads_black() {
+        let data = vec![200u8; 2 * 2 * 3];
+        let crop = center_crop(&data, 2, 2, 4, 4);
+        assert_eq!(crop[(4 + 1) * 3], 200);
+        assert_eq!(crop[0], 0);
+    }
+
+    #[test]
+    fn normalisation_uses_mean_and_std() {
+        let p = Preprocessor::clip_default(1);
+        let mut out = [0f32; 3];
+        p.normalize_into(&[255, 0, 128], &mut out);
+        assert!((out[0] - (1.0 - OPENAI_CLIP_MEAN[0]) / OPENAI_CLIP_STD[0]).abs() < 1e-5);
+        assert!((out[1] + OPENAI_CLIP_MEAN[1] / OPENAI_CLIP_STD[1]).abs() < 1e-5);
+    }
+
+    #[test]
+    fn reads_processor_configs() {
+        let p = Preprocessor::from_json(r#"{"size": 224, "crop_size": 224, "image_mean": [0.5,0.5,0.5], "image_std": [0.5,0.5,0.5]}"#, 224).unwrap();
+        assert_eq!(p.mean(), [0.5; 3]);
+        let p = Preprocessor::from_json(r#"{"size": {"height": 64, "width": 64}, "do_center_crop": false, "resample": 2}"#, 64).unwrap();
+        assert_eq!(p.resample, Resample::Bilinear);
+        assert!(Preprocessor::from_json(r#"{"size": {"shortest_edge": 64}, "crop_size": {"height": 32, "width": 32}}"#, 64).is_err());
+        assert!(Preprocessor::from_json(r#"{"resample": 9}"#, 224).is_err());
+    }
+}

@@ -1,0 +1,129 @@
+//! The model against transformers' `CLIPModel` on every fixture checkpoint:
+//! token ids, features, embeddings and logits, batched and one at a time.
+
+use candle_core::{DType, Device, Tensor};
+use clipdex::library::{decode_file, DecodeLimits};
+use clipdex::model::checkpoint::{self, HubOptions, ModelSource};
+use clipdex::model::{normalize, Clip, RgbView};
+
+use crate::common::{fixture_model, fixture_models, max_abs_diff, reference, shared_photos};
+
+/// Model outputs against the reference, from the same token ids and pixels.
+const EXACT: f32 = 1e-4;
+/// Embeddings through clipdex's own decoding and preprocessing of real photos.
+const PIPELINE: f32 = 1e-3;
+
+fn load(name: &str) -> Clip {
+    let source = ModelSource::Dir(fixture_model(name));
+    Clip::load(&source, &HubOptions { offline: true, progress: false }).unwrap()
+}
+
+fn rows(t: &Tensor, i: usize) -> Tensor {
+    t.narrow(0, i, 1).unwrap()
+}
+
+#[test]
+fn token_ids_match_reference() {
+    for name in fixture_models() {
+        let clip = load(&name);
+        let r = reference(&name);
+        for (text, ids) in r.texts.iter().zip(&r.token_ids) {
+            assert_eq!(&clip.tokenizer().encode(text).unwrap(), ids, "{name}: {text:?}");
+        }
+    }
+}
+
+#[test]
+fn features_match_reference_batched_and_single() {
+    for name in fixture_models() {
+        let clip = load(&name);
+        let r = reference(&name);
+        let want_text = &r.tensors["text_features"];
+        let want_image = &r.tensors["image_features"];
+
+        // Texts: one batch padded to its longest text, then one at a time.
+        let text = clip.text_features(&r.token_ids).unwrap();
+        let d = max_abs_diff(&text, want_text);
+        assert!(d <= EXACT, "{name}: batched text features differ by {d}");
+        for (i, ids) in r.token_ids.iter().enumerate() {
+            let one = clip.text_features(std::slice::from_ref(ids)).unwrap();
+            let d = max_abs_diff(&one, &rows(want_text, i));
+            assert!(d <= EXACT, "{name}: text {i} alone differs by {d}");
+        }
+
+        // Images: from the reference's own pixel tensors.
+        let pixels = &r.tensors["pixel_values"];
+        let image = clip.image_features(pixels).unwrap();
+        let d = max_abs_diff(&image, want_image);
+        assert!(d <= EXACT, "{name}: batched image features differ by {d}");
+        for i in 0..pixels.dim(0).unwrap() {
+            let one = clip.image_features(&rows(pixels, i)).unwrap();
+            let d = max_abs_diff(&one, &rows(want_image, i));
+            assert!(d <= EXACT, "{name}: image {i} alone differs by {d}");
+        }
+
+        // Normalised embeddings and logits, as CLIPModel.forward returns them.
+        let d = max_abs_diff(&normalize(&text).unwrap(), &r.tensors["text_embeds"]);
+        assert!(d <= EXACT, "{name}: text embeds differ by {d}");
+        let d = max_abs_diff(&normalize(&image).unwrap(), &r.tensors["image_embeds"]);
+        assert!(d <= EXACT, "{name}: image embeds differ by {d}");
+        let logits = clip.model().logits_per_image(&image, &text).unwrap();
+        let d = max_abs_diff(&logits, &r.tensors["logits_per_image"]);
+        assert!(d <= EXACT, "{name}: logits differ by {d}");
+        let scale = r.tensors["logit_scale"].to_vec1::<f32>().unwrap()[0];
+        assert!((clip.logit_scale().unwrap() - scale.exp()).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn short_texts_unpadded_match_padded_to_full_context() {
+    for name in fixture_models() {
+        let clip = load(&name);
+        let r = reference(&name);
+        // The reference's own padded ids: 77 positions each.
+        let padded = r.tensors["input_ids"].to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap();
+        assert!(padded.iter().all(|row| row.len() == 77));
+        let full = clip.text_features(&padded).unwrap();
+        let short = clip.text_features(&r.token_ids).unwrap();
+        let d = max_abs_diff(&full, &short);
+        assert!(d <= 1e-5, "{name}: padding changes text features by {d}");
+        let d = max_abs_diff(&full, &r.tensors["text_features"]);
+        assert!(d <= EXACT, "{name}: padded text features differ from the reference by {d}");
+    }
+}
+
+#[test]
+fn real_photos_through_our_pipeline_match_reference_embeddings() {
+    let photos = shared_photos();
+    for name in fixture_models() {
+        let clip = load(&name);
+        let r = reference(&name);
+        let limits = DecodeLimits::default();
+        let decoded: Vec<_> = r.photos.iter().map(|p| decode_file(&photos.join(p), &limits).unwrap()).collect();
+        let views: Vec<RgbView> = decoded
+            .iter()
+            .map(|d| RgbView::new(d.rgb.width() as usize, d.rgb.height() as usize, d.rgb.as_raw()).unwrap())
+            .collect();
+        let pixels = clip.pixels(&views).unwrap();
+        let pixel_diff = max_abs_diff(&pixels, &r.tensors["pixel_values"]);
+        let ours = clip.embed_images(&views).unwrap();
+        let ours = Tensor::new(ours, &Device::Cpu).unwrap();
+        let want = &r.tensors["image_embeds"];
+        let d = max_abs_diff(&ours, want);
+        eprintln!("{name}: real photos: pixel max diff {pixel_diff:.4}, embedding max diff {d:.2e}");
+        assert!(d <= PIPELINE, "{name}: embeddings of real photos differ by {d} (pixels by {pixel_diff})");
+    }
+}
+
+#[test]
+fn vocab_merges_and_tokenizer_json_give_the_same_model_outputs() {
+    // The two fixtures ship different tokenizer files; both must resolve.
+    let kinds: Vec<_> = fixture_models()
+        .iter()
+        .map(|name| {
+            let files = checkpoint::resolve(&ModelSource::Dir(fixture_model(name)), &HubOptions::default()).unwrap();
+            matches!(files.tokenizer, checkpoint::TokenizerFiles::Json(_))
+        })
+        .collect();
+    assert!(kinds.contains(&true) && kinds.contains(&false), "fixtures should cover both tokenizer layouts");
+}
