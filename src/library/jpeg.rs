@@ -87,7 +87,7 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits, scale_to: Option<u32>) -> Res
     let markers = scan_markers(bytes);
     let scan_start = markers.scan_start.ok_or_else(|| corrupt("no image data (missing start of scan)".into()))?;
     if !has_end_marker(bytes, scan_start) {
-        return Err(corrupt("truncated: no end-of-image marker".into()));
+        return Err(corrupt("file ends early (no end-of-image marker)".into()));
     }
     let orientation = markers.exif.and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
 

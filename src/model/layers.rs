@@ -15,23 +15,37 @@ use super::Result;
 /// A dense layer, `x W^T + b`, over the last dimension of any-rank input.
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// (out, in) when trainable; for inference, `W^T` stored contiguous as
+    /// (in, out), so gemm reads the weights in place instead of repacking
+    /// them on every call (5x faster for a short text query).
     weight: Tensor,
+    transposed: bool,
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    /// A layer from its (out, in) weight.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        if weight.is_variable() {
+            Ok(Self { weight, transposed: false, bias })
+        } else {
+            Ok(Self { weight: weight.t()?.contiguous()?, transposed: true, bias })
+        }
     }
 
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight, bias })
+        Self::new(weight, bias)
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The (out, in) weight.
+    pub fn weight(&self) -> Result<Tensor> {
+        if self.transposed { Ok(self.weight.t()?) } else { Ok(self.weight.clone()) }
+    }
+
+    fn out_dim(&self) -> Result<usize> {
+        Ok(self.weight.dim(if self.transposed { 1 } else { 0 })?)
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -44,13 +58,14 @@ impl Linear {
         let rows: usize = lead.iter().product();
         // One (rows x in) by (in x out) product: gemm is fastest on one big
         // matrix, not a batch of small ones.
-        let y = x.reshape((rows, *in_dim))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((rows, *in_dim))?;
+        let y = if self.transposed { x.matmul(&self.weight)? } else { x.matmul(&self.weight.t()?)? };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         let mut out_dims = lead.to_vec();
-        out_dims.push(self.weight.dim(0)?);
+        out_dims.push(self.out_dim()?);
         Ok(y.reshape(out_dims)?)
     }
 }
@@ -97,34 +112,39 @@ fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// How q, k and v are computed.
+#[derive(Clone, Debug)]
+enum Qkv {
+    /// Three layers, each its own trainable variable.
+    Separate { q: Linear, k: Linear, v: Linear },
+    /// One layer of the three stacked, for inference: one matrix multiply.
+    Fused(Linear),
+}
+
 /// Multi-head self-attention (`CLIPAttention`).
 #[derive(Clone, Debug)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     out_proj: Linear,
-    /// q, k and v stacked into one layer, for inference.
-    qkv: Option<Linear>,
     num_heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
     pub fn load(vb: VarBuilder, hidden: usize, num_heads: usize) -> Result<Self> {
-        let q_proj = Linear::load(vb.pp("q_proj"), hidden, hidden, true)?;
-        let k_proj = Linear::load(vb.pp("k_proj"), hidden, hidden, true)?;
-        let v_proj = Linear::load(vb.pp("v_proj"), hidden, hidden, true)?;
-        let out_proj = Linear::load(vb.pp("out_proj"), hidden, hidden, true)?;
-        let trainable = q_proj.weight.is_variable();
-        let qkv = if trainable {
-            None
-        } else {
-            let w = Tensor::cat(&[&q_proj.weight, &k_proj.weight, &v_proj.weight], 0)?;
-            let b = [&q_proj.bias, &k_proj.bias, &v_proj.bias].map(|b| b.clone().expect("attention has biases"));
-            Some(Linear::new(w, Some(Tensor::cat(&b, 0)?)))
+        let get = |name: &str| -> Result<(Tensor, Tensor)> {
+            Ok((vb.pp(name).get((hidden, hidden), "weight")?, vb.pp(name).get(hidden, "bias")?))
         };
-        Ok(Self { q_proj, k_proj, v_proj, out_proj, qkv, num_heads, head_dim: hidden / num_heads })
+        let (q, k, v) = (get("q_proj")?, get("k_proj")?, get("v_proj")?);
+        let qkv = if q.0.is_variable() {
+            Qkv::Separate { q: Linear::new(q.0, Some(q.1))?, k: Linear::new(k.0, Some(k.1))?, v: Linear::new(v.0, Some(v.1))? }
+        } else {
+            let w = Tensor::cat(&[&q.0, &k.0, &v.0], 0)?;
+            let b = Tensor::cat(&[&q.1, &k.1, &v.1], 0)?;
+            Qkv::Fused(Linear::new(w, Some(b))?)
+        };
+        let out_proj = Linear::load(vb.pp("out_proj"), hidden, hidden, true)?;
+        Ok(Self { qkv, out_proj, num_heads, head_dim: hidden / num_heads })
     }
 
     /// `x` is (batch, seq, hidden); `mask` is an additive (seq, seq) mask.
@@ -132,8 +152,8 @@ impl Attention {
         let (b, n, hidden) = x.dims3()?;
         let (h, hd) = (self.num_heads, self.head_dim);
         let qkv = match &self.qkv {
-            Some(qkv) => qkv.forward(x)?,
-            None => Tensor::cat(&[self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?], 2)?,
+            Qkv::Fused(qkv) => qkv.forward(x)?,
+            Qkv::Separate { q, k, v } => Tensor::cat(&[q.forward(x)?, k.forward(x)?, v.forward(x)?], 2)?,
         };
         // (b, n, 3, h, hd) -> (3, b, h, n, hd)
         let qkv = qkv.reshape((b, n, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;

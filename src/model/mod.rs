@@ -13,6 +13,7 @@
 pub mod checkpoint;
 pub mod config;
 mod embedder;
+pub mod init;
 pub mod layers;
 pub mod preprocess;
 pub mod text;

@@ -6,13 +6,13 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
-use super::layers::{Encoder, EncoderShape, LayerNorm};
+use super::layers::{Encoder, EncoderShape, LayerNorm, Linear};
 use super::{Error, Result};
 
 #[derive(Clone, Debug)]
 pub struct VisionTransformer {
-    /// The patch convolution's kernel, flattened to (hidden, 3 * patch * patch).
-    patch_embedding: Tensor,
+    /// The patch convolution as a dense layer over flattened patches.
+    patch_embedding: Linear,
     class_embedding: Tensor,
     position_embedding: Tensor,
     pre_layrnorm: LayerNorm,
@@ -38,7 +38,7 @@ impl VisionTransformer {
             eps: cfg.layer_norm_eps,
         };
         Ok(Self {
-            patch_embedding: patch.reshape((h, cfg.num_channels * p * p))?,
+            patch_embedding: Linear::new(patch.reshape((h, cfg.num_channels * p * p))?, None)?,
             class_embedding: embeddings.get(h, "class_embedding")?,
             position_embedding: embeddings.pp("position_embedding").get((cfg.num_positions(), h), "weight")?,
             // The misspelling is the checkpoint's key.
@@ -60,7 +60,7 @@ impl VisionTransformer {
             )));
         }
         let (p, g) = (self.patch_size, self.image_size / self.patch_size);
-        let h = self.patch_embedding.dim(0)?;
+        let h = self.class_embedding.dim(0)?;
         // A stride-p convolution with a p x p kernel is a matrix product over
         // non-overlapping patches: (b*g*g, 3*p*p) x (3*p*p, hidden). Pixels past
         // the last whole patch are dropped, as the convolution drops them.
@@ -70,7 +70,7 @@ impl VisionTransformer {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * g * g, c * p * p))?;
-        let patches = patches.matmul(&self.patch_embedding.t()?)?.reshape((b, g * g, h))?;
+        let patches = self.patch_embedding.forward(&patches)?.reshape((b, g * g, h))?;
         let class = self.class_embedding.reshape((1, 1, h))?.broadcast_as((b, 1, h))?;
         let x = Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
         let x = self.pre_layrnorm.forward(&x)?;

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area (see qdrant's
 //! `lib/segment/tests/integration`).
 
+mod cli;
 mod common;
 mod model_reference;
 mod preprocess;

@@ -1,0 +1,144 @@
+//! Model speed on the full ViT-B/32 architecture (random weights): image
+//! embeddings per second at batch 1 and 16, and the latency of a 10-token text
+//! query, with a fixed number of threads.
+//!
+//!     cargo bench --bench model -- [--threads 2] [--dir target/bench/vit-b-32] [--json]
+//!
+//! The checkpoint folder it writes (config, weights, tokenizer) is the one
+//! `scripts/reference/bench_model.py` loads into transformers' `CLIPModel`, so
+//! `scripts/bench/model.sh` compares both on the same weights in one run.
+
+use std::path::PathBuf;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use clipdex::model::checkpoint::{HubOptions, ModelSource};
+use clipdex::model::init::{init_weights, NormalRng};
+use clipdex::model::{Clip, ClipConfig};
+
+/// Ten tokens with start and end: eight words of CLIP BPE.
+pub const QUERY: &str = "a photo of a dog on the beach";
+
+struct Args {
+    threads: usize,
+    dir: PathBuf,
+    json: bool,
+    /// Run one measurement only (`batch1`, `batch16` or `text`), for profiling.
+    only: Option<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args { threads: 2, dir: PathBuf::from("target/bench/vit-b-32"), json: false, only: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--threads" => a.threads = it.next().and_then(|v| v.parse().ok()).expect("--threads N"),
+            "--dir" => a.dir = PathBuf::from(it.next().expect("--dir DIR")),
+            "--json" => a.json = true,
+            "--only" => a.only = it.next(),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+/// Writes a random-weight ViT-B/32 checkpoint with the real CLIP tokenizer.
+fn write_checkpoint(dir: &PathBuf) {
+    if dir.join("model.safetensors").is_file() {
+        return;
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let config = ClipConfig::vit_base_patch32();
+    std::fs::write(dir.join("config.json"), config.to_json()).unwrap();
+    let weights = init_weights(&config, 0, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
+    let tokenizer = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/openai-tiny/tokenizer.json.gz");
+    let mut reader = flate2::read::GzDecoder::new(std::fs::File::open(tokenizer).unwrap());
+    let mut out = std::fs::File::create(dir.join("tokenizer.json")).unwrap();
+    std::io::copy(&mut reader, &mut out).unwrap();
+}
+
+fn time<F: FnMut()>(warmup: usize, runs: usize, mut f: F) -> Vec<f64> {
+    for _ in 0..warmup {
+        f();
+    }
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn main() {
+    let args = args();
+    // SAFETY: single-threaded here; candle reads this when it first multiplies.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string()) };
+    rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global().ok();
+    write_checkpoint(&args.dir);
+    let clip = Clip::load(&ModelSource::Dir(args.dir.clone()), &HubOptions { offline: true, progress: false }).unwrap();
+    let tokens = clip.tokenizer().encode(QUERY).unwrap().len();
+    assert_eq!(tokens, 10, "the query should be 10 tokens");
+
+    let mut rng = NormalRng::new(1);
+    let pixels = |b: usize, rng: &mut NormalRng| {
+        let data: Vec<f32> = (0..b * 3 * 224 * 224).map(|_| rng.normal() as f32).collect();
+        Tensor::from_vec(data, (b, 3, 224, 224), &Device::Cpu).unwrap()
+    };
+    let p1 = pixels(1, &mut rng);
+    let p16 = pixels(16, &mut rng);
+    let want = |name: &str| args.only.as_deref().is_none_or(|only| only == name);
+    let b1 = if want("batch1") {
+        median(time(3, 30, || {
+            clip.image_features(&p1).unwrap();
+        }))
+    } else {
+        f64::NAN
+    };
+    let b16 = if want("batch16") {
+        median(time(1, 6, || {
+            clip.image_features(&p16).unwrap();
+        }))
+    } else {
+        f64::NAN
+    };
+    let text = if want("text") {
+        time(5, 100, || {
+            clip.embed_texts(&[QUERY]).unwrap();
+        })
+    } else {
+        vec![f64::NAN]
+    };
+    let text_p50 = median(text.clone());
+    let mut sorted = text;
+    sorted.sort_by(f64::total_cmp);
+    let text_p90 = sorted[sorted.len() * 9 / 10];
+
+    let b1_rate = 1.0 / b1;
+    let b16_rate = 16.0 / b16;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "impl": "clipdex", "threads": args.threads,
+                "image_per_s_batch1": b1_rate, "image_per_s_batch16": b16_rate,
+                "text_ms_p50": text_p50 * 1e3, "text_ms_p90": text_p90 * 1e3, "query_tokens": tokens,
+            })
+        );
+    } else {
+        println!("clipdex, ViT-B/32, {} threads", args.threads);
+        println!("  images/s, batch 1:   {b1_rate:8.2}");
+        println!("  images/s, batch 16:  {b16_rate:8.2}");
+        println!("  text query ({tokens} tokens): p50 {:.2} ms, p90 {:.2} ms", text_p50 * 1e3, text_p90 * 1e3);
+    }
+}

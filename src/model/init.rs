@@ -1,0 +1,149 @@
+//! Fresh weights for a config, initialised as transformers'
+//! `CLIPPreTrainedModel._init_weights` does, from a seed: the starting point
+//! of training from scratch, and the random ViT-B/32 of the benchmarks.
+//!
+//! The generator is seeded SplitMix64 with Box-Muller normals, so the same
+//! seed gives the same weights on every machine.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+
+use super::{ClipConfig, Result};
+
+/// A small deterministic normal sampler.
+pub struct NormalRng {
+    state: u64,
+    spare: Option<f64>,
+}
+
+impl NormalRng {
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed ^ 0x9E37_79B9_7F4A_7C15, spare: None }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal.
+    pub fn normal(&mut self) -> f64 {
+        if let Some(z) = self.spare.take() {
+            return z;
+        }
+        let (u, v) = (self.uniform(), self.uniform());
+        let r = (-2.0 * u.ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * v;
+        self.spare = Some(r * theta.sin());
+        r * theta.cos()
+    }
+
+    fn tensor(&mut self, shape: &[usize], std: f64, device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| (self.normal() * std) as f32).collect();
+        Ok(Tensor::from_vec(data, shape, device)?)
+    }
+}
+
+/// Every tensor of a `CLIPModel` checkpoint for `config`, freshly initialised.
+pub fn init_weights(config: &ClipConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut rng = NormalRng::new(seed);
+    let mut w = HashMap::new();
+    let t = &config.text_config;
+    let v = &config.vision_config;
+    let zeros = |n: usize| Tensor::zeros(n, candle_core::DType::F32, device);
+    let ones = |n: usize| Tensor::ones(n, candle_core::DType::F32, device);
+
+    let layer_norm = |w: &mut HashMap<String, Tensor>, prefix: String, h: usize| -> Result<()> {
+        w.insert(format!("{prefix}.weight"), ones(h)?);
+        w.insert(format!("{prefix}.bias"), zeros(h)?);
+        Ok(())
+    };
+    let encoder = |w: &mut HashMap<String, Tensor>, rng: &mut NormalRng, prefix: &str, h: usize, inter: usize, layers: usize| -> Result<()> {
+        let in_std = (h as f64).powf(-0.5) * ((2 * layers) as f64).powf(-0.5);
+        let out_std = (h as f64).powf(-0.5);
+        let fc_std = ((2 * h) as f64).powf(-0.5);
+        for i in 0..layers {
+            let p = format!("{prefix}.encoder.layers.{i}");
+            for (name, std) in [("q_proj", in_std), ("k_proj", in_std), ("v_proj", in_std), ("out_proj", out_std)] {
+                w.insert(format!("{p}.self_attn.{name}.weight"), rng.tensor(&[h, h], std, device)?);
+                w.insert(format!("{p}.self_attn.{name}.bias"), zeros(h)?);
+            }
+            w.insert(format!("{p}.mlp.fc1.weight"), rng.tensor(&[inter, h], fc_std, device)?);
+            w.insert(format!("{p}.mlp.fc1.bias"), zeros(inter)?);
+            w.insert(format!("{p}.mlp.fc2.weight"), rng.tensor(&[h, inter], in_std, device)?);
+            w.insert(format!("{p}.mlp.fc2.bias"), zeros(h)?);
+            layer_norm(w, format!("{p}.layer_norm1"), h)?;
+            layer_norm(w, format!("{p}.layer_norm2"), h)?;
+        }
+        Ok(())
+    };
+
+    let th = t.hidden_size;
+    w.insert("text_model.embeddings.token_embedding.weight".into(), rng.tensor(&[t.vocab_size, th], 0.02, device)?);
+    w.insert(
+        "text_model.embeddings.position_embedding.weight".into(),
+        rng.tensor(&[t.max_position_embeddings, th], 0.02, device)?,
+    );
+    encoder(&mut w, &mut rng, "text_model", th, t.intermediate_size, t.num_hidden_layers)?;
+    layer_norm(&mut w, "text_model.final_layer_norm".into(), th)?;
+
+    let vh = v.hidden_size;
+    let p = v.patch_size;
+    w.insert("vision_model.embeddings.class_embedding".into(), rng.tensor(&[vh], (vh as f64).powf(-0.5), device)?);
+    w.insert(
+        "vision_model.embeddings.patch_embedding.weight".into(),
+        rng.tensor(&[vh, v.num_channels, p, p], 0.02, device)?,
+    );
+    w.insert(
+        "vision_model.embeddings.position_embedding.weight".into(),
+        rng.tensor(&[v.num_positions(), vh], 0.02, device)?,
+    );
+    layer_norm(&mut w, "vision_model.pre_layrnorm".into(), vh)?;
+    encoder(&mut w, &mut rng, "vision_model", vh, v.intermediate_size, v.num_hidden_layers)?;
+    layer_norm(&mut w, "vision_model.post_layernorm".into(), vh)?;
+
+    w.insert("text_projection.weight".into(), rng.tensor(&[config.projection_dim, th], (th as f64).powf(-0.5), device)?);
+    w.insert(
+        "visual_projection.weight".into(),
+        rng.tensor(&[config.projection_dim, vh], (vh as f64).powf(-0.5), device)?,
+    );
+    w.insert("logit_scale".into(), Tensor::new(config.logit_scale_init_value as f32, device)?);
+    Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normals_are_standard_and_seeded() {
+        let mut rng = NormalRng::new(7);
+        let xs: Vec<f64> = (0..20_000).map(|_| rng.normal()).collect();
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
+        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+        assert_eq!(NormalRng::new(7).normal(), xs[0]);
+        assert_ne!(NormalRng::new(8).normal(), xs[0]);
+    }
+
+    #[test]
+    fn initialised_weights_load_into_the_model() {
+        let mut config = ClipConfig::vit_base_patch32();
+        config.text_config.num_hidden_layers = 1;
+        config.vision_config.num_hidden_layers = 1;
+        config.text_config.vocab_size = 100;
+        let weights = init_weights(&config, 1, &Device::Cpu).unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &Device::Cpu);
+        super::super::ClipModel::new(vb, &config).unwrap();
+    }
+}
