@@ -138,6 +138,7 @@ CONFIGS = {
         },
         "dtype": torch.float16,
         "tokenizer": "files",
+        "pickle": True,
         "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5],
         "seed": 2,
@@ -317,6 +318,10 @@ def make_model(name: str, spec: dict, vocab, merges, tokenizer: CLIPTokenizer, p
     model.save_pretrained(out / "_ckpt", safe_serialization=True)
     shutil.copy(out / "_ckpt" / "config.json", out / "config.json")
     gz_write(out / "model.safetensors.gz", (out / "_ckpt" / "model.safetensors").read_bytes())
+    if spec.get("pickle"):
+        # The same weights as a PyTorch pickle, for the pytorch_model.bin loader.
+        torch.save(model.state_dict(), out / "_ckpt" / "pytorch_model.bin")
+        gz_write(out / "pytorch_model.bin.gz", (out / "_ckpt" / "pytorch_model.bin").read_bytes())
     shutil.rmtree(out / "_ckpt")
     write_tokenizer(tokenizer, vocab, merges, out, spec["tokenizer"])
 

@@ -127,3 +127,24 @@ fn vocab_merges_and_tokenizer_json_give_the_same_model_outputs() {
         .collect();
     assert!(kinds.contains(&true) && kinds.contains(&false), "fixtures should cover both tokenizer layouts");
 }
+
+#[test]
+fn pytorch_pickle_weights_load_like_safetensors() {
+    let src = fixture_model("laion-tiny");
+    assert!(src.join("pytorch_model.bin").is_file(), "the laion-tiny fixture ships a pickle too");
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let files = checkpoint::resolve(&ModelSource::Dir(dir.path().to_path_buf()), &HubOptions::default()).unwrap();
+    assert!(matches!(files.weights, checkpoint::WeightsFile::Pickle(_)));
+    let clip = Clip::from_files(&files, "pickle".into()).unwrap();
+    let r = reference("laion-tiny");
+    let d = max_abs_diff(&clip.text_features(&r.token_ids).unwrap(), &r.tensors["text_features"]);
+    assert!(d <= EXACT, "pickle text features differ by {d}");
+    let d = max_abs_diff(&clip.image_features(&r.tensors["pixel_values"]).unwrap(), &r.tensors["image_features"]);
+    assert!(d <= EXACT, "pickle image features differ by {d}");
+}
