@@ -3,5 +3,9 @@
 //! See `ARCHITECTURE.md` for a walk through the modules.
 
 pub mod cli;
+pub mod indexer;
+pub mod keyword;
 pub mod library;
 pub mod model;
+pub mod store;
+pub mod vector;

@@ -24,6 +24,8 @@ pub enum DecodeError {
     UnknownFormat,
     #[error("image of {width}x{height} pixels exceeds the limit of {limit} pixels")]
     TooLarge { width: u32, height: u32, limit: u64 },
+    #[error("image exceeds the limits of the decoder: {0}")]
+    Limits(String),
     #[error("corrupt or truncated {format} image: {message}")]
     Corrupt { format: String, message: String },
     #[error("unsupported image: {0}")]
@@ -53,6 +55,16 @@ pub struct DecodedImage {
     /// Size as stored in the file, before EXIF orientation.
     pub stored_width: u32,
     pub stored_height: u32,
+    /// EXIF orientation (1-8) as read from the file.
+    pub orientation: u8,
+}
+
+impl DecodedImage {
+    /// Full-resolution size once upright (`rgb` may be smaller when the
+    /// decoder scaled it down).
+    pub fn upright_size(&self) -> (u32, u32) {
+        if self.orientation >= 5 { (self.stored_height, self.stored_width) } else { (self.stored_width, self.stored_height) }
+    }
 }
 
 /// Decodes an image file.
@@ -63,13 +75,25 @@ pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<DecodedImage, D
 
 /// Decodes an image held in memory.
 pub fn decode_bytes(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage, DecodeError> {
+    decode_bytes_scaled(bytes, limits, None)
+}
+
+/// Decodes an image, letting JPEG decode at 1/2, 1/4 or 1/8 size in the DCT
+/// as long as the shorter side stays at least `min_side` (a large photo then
+/// costs a fraction of a full decode). Other formats decode at full size.
+/// `stored_width` and `stored_height` are always the full size.
+pub fn decode_bytes_scaled(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    min_side: Option<u32>,
+) -> Result<DecodedImage, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
     let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
     let format = reader.format().ok_or(DecodeError::UnknownFormat)?;
     if format == ImageFormat::Jpeg {
-        let jpeg = super::jpeg::decode(bytes, limits, None)?;
+        let jpeg = super::jpeg::decode(bytes, limits, min_side)?;
         let mut image = DynamicImage::ImageRgb8(jpeg.rgb);
         image.apply_orientation(jpeg.orientation);
         return Ok(DecodedImage {
@@ -77,6 +101,7 @@ pub fn decode_bytes(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage,
             format,
             stored_width: jpeg.stored_width,
             stored_height: jpeg.stored_height,
+            orientation: jpeg.orientation.to_exif(),
         });
     }
     let mut image_limits = image::Limits::default();
@@ -85,7 +110,7 @@ pub fn decode_bytes(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage,
     reader.limits(image_limits);
     let corrupt = |e: image::ImageError| match e {
         image::ImageError::Unsupported(u) => DecodeError::Unsupported(u.to_string()),
-        image::ImageError::Limits(l) => DecodeError::Corrupt { format: format_name(format), message: l.to_string() },
+        image::ImageError::Limits(l) => DecodeError::Limits(l.to_string()),
         other => DecodeError::Corrupt { format: format_name(format), message: other.to_string() },
     };
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
@@ -100,7 +125,13 @@ pub fn decode_bytes(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage,
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
     image.apply_orientation(orientation);
-    Ok(DecodedImage { rgb: to_rgb(image), format, stored_width: width, stored_height: height })
+    Ok(DecodedImage {
+        rgb: to_rgb(image),
+        format,
+        stored_width: width,
+        stored_height: height,
+        orientation: orientation.to_exif(),
+    })
 }
 
 fn format_name(format: ImageFormat) -> String {

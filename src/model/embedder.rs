@@ -151,6 +151,17 @@ impl Clip {
         self.model.get_image_features(pixels)
     }
 
+    /// L2-normalised embeddings of `n` images already preprocessed into
+    /// `data`, (n, 3, size, size) channels first.
+    pub fn embed_pixels(&self, data: Vec<f32>, n: usize) -> Result<Vec<Vec<f32>>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let s = self.preprocessor.image_size();
+        let pixels = Tensor::from_vec(data, (n, 3, s, s), &self.device)?;
+        Ok(normalize(&self.image_features(&pixels)?)?.to_vec2::<f32>()?)
+    }
+
     /// L2-normalised embeddings of texts.
     pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let ids = texts.iter().map(|t| self.tokenizer.encode(t)).collect::<Result<Vec<_>>>()?;

@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod index;
 mod model_reference;
 mod preprocess;
 mod tokenizer;

@@ -1,0 +1,300 @@
+//! `clipdex index`, `clipdex reindex` and `clipdex status`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use super::{IndexArgs, ReindexArgs, RunArgs, StatusArgs};
+use crate::indexer::{self, Index, Phase, Progress, RunOptions};
+use crate::model::{Clip, HubOptions, ModelSource};
+use crate::store::RunSummary;
+
+fn run_options(args: &RunArgs) -> RunOptions {
+    let mut opts = RunOptions::default();
+    if let Some(b) = args.batch {
+        opts.batch_size = b.max(1);
+    }
+    if let Some(w) = args.workers {
+        opts.workers = w.max(1);
+    }
+    opts.exact_decode = args.exact_decode;
+    opts
+}
+
+pub fn index(args: &IndexArgs) -> Result<()> {
+    if !args.library.is_dir() {
+        bail!("the library {} is not a folder", args.library.display());
+    }
+    let source = args.model.source()?;
+    let clip = Clip::load(&source, &args.model.hub(true)).with_context(|| format!("cannot load model {source}"))?;
+    let mut index = Index::create_or_open(&args.index, &args.library, clip.info())?;
+    run(&mut index, &clip, &args.run, args.json)
+}
+
+pub fn reindex(args: &ReindexArgs) -> Result<()> {
+    let mut index = Index::open(&args.index)?;
+    let model_id = index.meta().model.id.clone();
+    let source = ModelSource::parse(&model_id).with_context(|| {
+        format!("the index's model {model_id} is no longer available; restore it, or build a new index")
+    })?;
+    let hub = HubOptions::from_env(args.offline, true);
+    let clip = Clip::load(&source, &hub).with_context(|| format!("cannot load the index's model {model_id}"))?;
+    run(&mut index, &clip, &args.run, args.json)
+}
+
+fn run(index: &mut Index, clip: &Clip, args: &RunArgs, json: bool) -> Result<()> {
+    let opts = run_options(args);
+    let bar = ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar.set_message("scanning the library");
+    let mut last_phase = Phase::Scanning;
+    let mut callback = |p: &Progress| {
+        if p.phase != last_phase && p.phase == Phase::Indexing {
+            bar.set_length(p.to_process);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{elapsed_precise} [{wide_bar}] {pos}/{len} files  {msg}  ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+        }
+        if p.phase == Phase::Finishing && last_phase != Phase::Finishing {
+            bar.set_message("removing deleted photos, saving the index");
+        }
+        last_phase = p.phase;
+        if p.phase == Phase::Indexing {
+            bar.set_position(p.processed);
+            bar.set_message(format!(
+                "{:.1} files/s  embedded {}  skipped {}",
+                p.files_per_second(),
+                p.embedded(),
+                p.skipped
+            ));
+        }
+    };
+    let stop = AtomicBool::new(false);
+    let result = indexer::run(index, clip, &opts, &mut callback, &stop);
+    bar.finish_and_clear();
+    let summary = result?;
+    print_summary(index, &summary, json)
+}
+
+fn print_summary(index: &Index, s: &RunSummary, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+        return Ok(());
+    }
+    let secs = (s.finished_at - s.started_at).max(0);
+    println!("{} is up to date in {} ({secs} s)", index.meta().library, index.paths().root.display());
+    println!(
+        "  {} files: {} added, {} replaced, {} moved, {} duplicates, {} updated, {} removed, {} skipped, {} unchanged",
+        s.files_seen, s.added, s.replaced, s.moved, s.duplicates, s.updated, s.removed, s.skipped, s.unchanged
+    );
+    println!("  {} photos indexed", index.store().count());
+    if s.skipped > 0 {
+        println!("  skipped files and reasons: clipdex status --index {}", index.paths().root.display());
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Status {
+    index: String,
+    library: String,
+    model: crate::model::ModelInfo,
+    format_version: u32,
+    created_at: i64,
+    photos: usize,
+    vectors: usize,
+    keywords: u64,
+    size_on_disk: SizeOnDisk,
+    last_run: Option<RunSummary>,
+    skipped: Vec<Skipped>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    check: Option<indexer::Consistency>,
+}
+
+#[derive(Serialize)]
+struct SizeOnDisk {
+    total: u64,
+    store: u64,
+    vectors: u64,
+    keywords: u64,
+    thumbnails: u64,
+}
+
+#[derive(Serialize)]
+struct Skipped {
+    path: String,
+    reason: String,
+}
+
+fn dir_size(p: &Path) -> u64 {
+    crate::vector::dir_size(p)
+}
+
+pub fn status(args: &StatusArgs) -> Result<()> {
+    let index = match Index::open(&args.index) {
+        Ok(index) => index,
+        Err(indexer::Error::InUse { .. }) => return status_in_use(&args.index, args.json),
+        Err(e) => return Err(e.into()),
+    };
+    let meta = index.meta();
+    let paths = index.paths();
+    let skipped = index
+        .store()
+        .skipped()?
+        .into_iter()
+        .map(|(path, s)| Skipped { path, reason: s.reason })
+        .collect::<Vec<_>>();
+    let check = if args.check { Some(index.check()?) } else { None };
+    let status = Status {
+        index: paths.root.display().to_string(),
+        library: meta.library.clone(),
+        model: meta.model.clone(),
+        format_version: meta.format_version,
+        created_at: meta.created_at,
+        photos: index.store().count(),
+        vectors: index.vectors().len(),
+        keywords: index.keywords().count(),
+        size_on_disk: SizeOnDisk {
+            total: index.size_on_disk(),
+            store: dir_size(&paths.db()),
+            vectors: dir_size(&paths.vectors()),
+            keywords: dir_size(&paths.keyword()),
+            thumbnails: dir_size(&paths.thumbs()),
+        },
+        last_run: index.store().last_run()?,
+        skipped,
+        check,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print_status(&status);
+    }
+    if let Some(check) = &status.check {
+        if !check.consistent {
+            bail!("the index's store, vector index and keyword index disagree (see above)");
+        }
+    }
+    Ok(())
+}
+
+/// `2026-11-28 05:12:00 UTC` from seconds since the epoch.
+fn iso_utc(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (H. Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
+fn print_status(s: &Status) {
+    println!("index    {}", s.index);
+    println!("library  {}", s.library);
+    println!(
+        "model    {} ({}-d, fingerprint {})",
+        s.model.id, s.model.embedding_dim, s.model.fingerprint
+    );
+    println!("format   {} (created {})", s.format_version, iso_utc(s.created_at));
+    println!("photos   {} (vectors {}, keyword documents {})", s.photos, s.vectors, s.keywords);
+    let d = &s.size_on_disk;
+    println!(
+        "on disk  {} (store {}, vectors {}, keywords {}, thumbnails {})",
+        human_bytes(d.total),
+        human_bytes(d.store),
+        human_bytes(d.vectors),
+        human_bytes(d.keywords),
+        human_bytes(d.thumbnails)
+    );
+    match &s.last_run {
+        Some(r) => println!(
+            "last run {}, took {} s: {} embedded, {} moved, {} duplicates, {} updated, {} removed, {} skipped, {} unchanged",
+            iso_utc(r.finished_at),
+            (r.finished_at - r.started_at).max(0),
+            r.embedded,
+            r.moved,
+            r.duplicates,
+            r.updated,
+            r.removed,
+            r.skipped,
+            r.unchanged
+        ),
+        None => println!("last run none completed yet"),
+    }
+    if s.skipped.is_empty() {
+        println!("skipped  none");
+    } else {
+        println!("skipped  {} files:", s.skipped.len());
+        for k in &s.skipped {
+            println!("  {}: {}", k.path, k.reason);
+        }
+    }
+    if let Some(c) = &s.check {
+        println!(
+            "check    {}: {} records, {} vectors, {} keyword documents",
+            if c.consistent { "consistent" } else { "INCONSISTENT" },
+            c.records,
+            c.vectors,
+            c.keywords
+        );
+    }
+}
+
+/// While another process indexes, report its progress file instead.
+fn status_in_use(root: &PathBuf, json: bool) -> Result<()> {
+    let progress = std::fs::read_to_string(root.join("progress.json")).unwrap_or_default();
+    let value: serde_json::Value = serde_json::from_str(&progress).unwrap_or(serde_json::Value::Null);
+    if json {
+        println!("{}", serde_json::json!({"index": root.display().to_string(), "in_use": true, "progress": value}));
+        return Ok(());
+    }
+    println!("index    {} (in use by another clipdex process)", root.display());
+    if let Some(p) = value.as_object() {
+        let n = |k: &str| p.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        println!(
+            "progress {}: {}/{} files processed, {} added, {} skipped (pid {})",
+            p.get("phase").and_then(|v| v.as_str()).unwrap_or("?"),
+            n("processed"),
+            n("to_process"),
+            n("added"),
+            n("skipped"),
+            n("pid")
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(super::iso_utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::iso_utc(1_563_107_405), "2019-07-14 12:30:05 UTC");
+        assert_eq!(super::iso_utc(951_782_400), "2000-02-29 00:00:00 UTC");
+    }
+}

@@ -1,0 +1,370 @@
+//! One photo index on disk: the sled store (source of truth), the HNSW vector
+//! index, the tantivy keyword index and the thumbnails, kept in agreement;
+//! and the indexing run that brings it up to date with its library.
+//!
+//! Layout of an index folder (also in `index/README.md`):
+//!
+//! ```text
+//! LOCK            held by the process that has the index open
+//! progress.json   statistics of the run in progress (or the last one)
+//! db/             sled store
+//! vectors/        CURRENT + gen-N/ (hnsw_rs graph and member ids)
+//! keyword/        tantivy index
+//! thumbs/ab/<blake3>.jpg
+//! ```
+//!
+//! The store commits first; the vector and keyword indexes follow it and are
+//! reconciled with it whenever the index is opened, so a process killed at any
+//! moment leaves an index that opens consistent, losing at most the batch it
+//! was committing.
+
+mod run;
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub use run::{run, Phase, Progress, RunOptions};
+
+use crate::keyword::{self, KeywordIndex};
+use crate::model::ModelInfo;
+use crate::store::{self, IndexMeta, PhotoRecord, Store, FORMAT_VERSION};
+use crate::vector::{self, VectorIndex, REBUILD_DEAD_FRACTION};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    Vector(#[from] vector::Error),
+    #[error(transparent)]
+    Keyword(#[from] keyword::Error),
+    #[error("the index at {path} is in use by another clipdex process{holder}; wait for it to finish or stop it")]
+    InUse { path: String, holder: String },
+    #[error("no index at {0}: run `clipdex index <LIBRARY> --index {0}` first")]
+    NotFound(String),
+    #[error(
+        "the index at {path} was built with model {index_model} (fingerprint {index_fingerprint}); \
+         {asked_model} (fingerprint {asked_fingerprint}) embeds into another space. Use --model {index_model}, \
+         or a new --index folder for the other model"
+    )]
+    ModelMismatch {
+        path: String,
+        index_model: String,
+        index_fingerprint: String,
+        asked_model: String,
+        asked_fingerprint: String,
+    },
+    #[error("the index at {path} belongs to the library {indexed}, not {asked}; use another --index folder")]
+    LibraryMismatch { path: String, indexed: String, asked: String },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("model: {0}")]
+    Model(#[from] crate::model::Error),
+    #[error("indexing stopped: {0}")]
+    Stopped(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.display().to_string(), source }
+}
+
+/// The files and folders of an index.
+#[derive(Clone, Debug)]
+pub struct IndexPaths {
+    pub root: PathBuf,
+}
+
+impl IndexPaths {
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_path_buf() }
+    }
+    pub fn db(&self) -> PathBuf {
+        self.root.join("db")
+    }
+    pub fn vectors(&self) -> PathBuf {
+        self.root.join("vectors")
+    }
+    pub fn keyword(&self) -> PathBuf {
+        self.root.join("keyword")
+    }
+    pub fn thumbs(&self) -> PathBuf {
+        self.root.join("thumbs")
+    }
+    pub fn lock(&self) -> PathBuf {
+        self.root.join("LOCK")
+    }
+    pub fn progress(&self) -> PathBuf {
+        self.root.join("progress.json")
+    }
+    /// Whether an index was ever created here.
+    pub fn exists(&self) -> bool {
+        self.db().join("conf").is_file() || self.db().join("db").is_file()
+    }
+}
+
+/// What `reconcile` repaired.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Repair {
+    pub vectors_added: usize,
+    pub vectors_removed: usize,
+    pub vectors_rebuilt: bool,
+    pub keywords_added: usize,
+    pub keywords_removed: usize,
+}
+
+impl Repair {
+    pub fn is_empty(&self) -> bool {
+        *self == Repair::default()
+    }
+}
+
+/// The id sets of the three stores, for `clipdex status --check`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Consistency {
+    pub records: usize,
+    pub vectors: usize,
+    pub keywords: usize,
+    pub missing_vectors: Vec<u64>,
+    pub extra_vectors: Vec<u64>,
+    pub missing_keywords: Vec<u64>,
+    pub extra_keywords: Vec<u64>,
+    pub records_without_embedding: Vec<u64>,
+    pub consistent: bool,
+}
+
+/// An open index. Holding it holds the index's lock.
+pub struct Index {
+    paths: IndexPaths,
+    store: Store,
+    vectors: VectorIndex,
+    keywords: KeywordIndex,
+    meta: IndexMeta,
+    _lock: File,
+}
+
+fn lock(paths: &IndexPaths) -> Result<File> {
+    std::fs::create_dir_all(&paths.root).map_err(io_err(&paths.root))?;
+    let lock_path = paths.lock();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&lock_path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+            return Err(Error::InUse {
+                path: paths.root.display().to_string(),
+                holder: holder.map(|h| format!(" ({h})")).unwrap_or_default(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+    }
+    file.set_len(0).map_err(io_err(&lock_path))?;
+    let _ = write!(file, "pid {}", std::process::id());
+    Ok(file)
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Index {
+    /// Opens the index at `root` for `library` with `model`, creating it if
+    /// there is none. An existing index must have been built for the same
+    /// library and model.
+    pub fn create_or_open(root: &Path, library: &Path, model: &ModelInfo) -> Result<Self> {
+        let paths = IndexPaths::new(root);
+        let library = std::fs::canonicalize(library).map_err(io_err(library))?;
+        if !library.is_dir() {
+            return Err(Error::Io {
+                path: library.display().to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "the library must be a folder"),
+            });
+        }
+        if paths.exists() {
+            let index = Self::open(root)?;
+            index.check_model(model)?;
+            if index.meta.library != library.display().to_string() {
+                return Err(Error::LibraryMismatch {
+                    path: root.display().to_string(),
+                    indexed: index.meta.library.clone(),
+                    asked: library.display().to_string(),
+                });
+            }
+            return Ok(index);
+        }
+        let lock = lock(&paths)?;
+        let meta = IndexMeta {
+            format_version: FORMAT_VERSION,
+            model: model.clone(),
+            library: library.display().to_string(),
+            created_at: now_secs(),
+            clipdex_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let store = Store::create(&paths.db(), &meta)?;
+        Self::assemble(paths, store, lock)
+    }
+
+    /// Opens an existing index (migrating an older format), and reconciles
+    /// its vector and keyword indexes with the store.
+    pub fn open(root: &Path) -> Result<Self> {
+        let paths = IndexPaths::new(root);
+        if !paths.exists() {
+            return Err(Error::NotFound(root.display().to_string()));
+        }
+        let lock = lock(&paths)?;
+        let store = Store::open(&paths.db())?;
+        Self::assemble(paths, store, lock)
+    }
+
+    fn assemble(paths: IndexPaths, store: Store, lock: File) -> Result<Self> {
+        let meta = store.meta()?;
+        let vectors = VectorIndex::open(&paths.vectors(), meta.model.embedding_dim)?;
+        let keywords = KeywordIndex::open(&paths.keyword(), true)?;
+        let mut index = Self { paths, store, vectors, keywords, meta, _lock: lock };
+        let repair = index.reconcile()?;
+        if !repair.is_empty() {
+            tracing::info!(?repair, "index repaired after an interrupted run");
+        }
+        Ok(index)
+    }
+
+    /// Refuses a model other than the one the index was built with.
+    pub fn check_model(&self, model: &ModelInfo) -> Result<()> {
+        let built = &self.meta.model;
+        if built.fingerprint != model.fingerprint || built.embedding_dim != model.embedding_dim {
+            return Err(Error::ModelMismatch {
+                path: self.paths.root.display().to_string(),
+                index_model: built.id.clone(),
+                index_fingerprint: built.fingerprint.clone(),
+                asked_model: model.id.clone(),
+                asked_fingerprint: model.fingerprint.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn meta(&self) -> &IndexMeta {
+        &self.meta
+    }
+
+    pub fn paths(&self) -> &IndexPaths {
+        &self.paths
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn vectors(&self) -> &VectorIndex {
+        &self.vectors
+    }
+
+    pub fn keywords(&self) -> &KeywordIndex {
+        &self.keywords
+    }
+
+    pub fn library(&self) -> PathBuf {
+        PathBuf::from(&self.meta.library)
+    }
+
+    /// Where the thumbnail of a photo is.
+    pub fn thumbnail_path(&self, record: &PhotoRecord) -> PathBuf {
+        crate::library::thumb::thumb_path(&self.paths.thumbs(), &record.hash)
+    }
+
+    /// Brings the vector and keyword indexes to exactly the store's ids.
+    pub fn reconcile(&mut self) -> Result<Repair> {
+        let ids = self.store.ids()?;
+        let mut repair = Repair::default();
+
+        let vec_ids = self.vectors.ids();
+        let extra: Vec<u64> = vec_ids.difference(&ids).copied().collect();
+        repair.vectors_removed = extra.len();
+        self.vectors.remove(extra);
+        if self.vectors.dead_fraction() > REBUILD_DEAD_FRACTION {
+            self.rebuild_vectors()?;
+            repair.vectors_rebuilt = true;
+        } else {
+            let missing: Vec<u64> = ids.difference(&vec_ids).copied().collect();
+            let mut items = Vec::with_capacity(missing.len());
+            for id in missing {
+                if let Some(v) = self.store.vector(id)? {
+                    items.push((id, v));
+                }
+            }
+            repair.vectors_added = items.len();
+            self.vectors.insert_batch(&items)?;
+        }
+        if self.vectors.is_changed() {
+            self.vectors.save()?;
+        }
+
+        let kw_ids = self.keywords.ids()?;
+        let extra: Vec<u64> = kw_ids.difference(&ids).copied().collect();
+        let missing: Vec<u64> = ids.difference(&kw_ids).copied().collect();
+        repair.keywords_removed = extra.len();
+        repair.keywords_added = missing.len();
+        for id in extra {
+            self.keywords.remove(id)?;
+        }
+        for id in missing {
+            if let Some(record) = self.store.get(id)? {
+                self.keywords.upsert(&record)?;
+            }
+        }
+        if repair.keywords_added + repair.keywords_removed > 0 {
+            self.keywords.commit()?;
+        }
+        Ok(repair)
+    }
+
+    /// Rebuilds the HNSW graph from the store's vectors.
+    pub fn rebuild_vectors(&mut self) -> Result<()> {
+        let vectors = self.store.vectors().collect::<store::Result<Vec<_>>>()?;
+        self.vectors.rebuild(vectors)?;
+        Ok(())
+    }
+
+    /// Compares the id sets of the store, the vector index and the keyword index.
+    pub fn check(&self) -> Result<Consistency> {
+        let ids = self.store.ids()?;
+        let vec_ids = self.vectors.ids();
+        let kw_ids = self.keywords.ids()?;
+        let with_vectors: BTreeSet<u64> = self.store.vectors().map(|r| r.map(|(id, _)| id)).collect::<store::Result<_>>()?;
+        let diff = |a: &BTreeSet<u64>, b: &BTreeSet<u64>| a.difference(b).copied().collect::<Vec<_>>();
+        let c = Consistency {
+            records: ids.len(),
+            vectors: vec_ids.len(),
+            keywords: kw_ids.len(),
+            missing_vectors: diff(&ids, &vec_ids),
+            extra_vectors: diff(&vec_ids, &ids),
+            missing_keywords: diff(&ids, &kw_ids),
+            extra_keywords: diff(&kw_ids, &ids),
+            records_without_embedding: diff(&ids, &with_vectors),
+            consistent: false,
+        };
+        let consistent = c.missing_vectors.is_empty()
+            && c.extra_vectors.is_empty()
+            && c.missing_keywords.is_empty()
+            && c.extra_keywords.is_empty()
+            && c.records_without_embedding.is_empty()
+            && with_vectors.len() == ids.len();
+        Ok(Consistency { consistent, ..c })
+    }
+
+    /// Bytes on disk of the whole index folder.
+    pub fn size_on_disk(&self) -> u64 {
+        vector::dir_size(&self.paths.root)
+    }
+}

@@ -1,0 +1,632 @@
+//! One indexing run: bring an index up to date with its library.
+//!
+//! 1. Scan the library (names, sizes, times; no contents).
+//! 2. Compare with the store: unchanged files are done; new and changed ones
+//!    (size or time differ, or their caption sidecar did) become jobs; paths
+//!    gone from the library are candidates for removal.
+//! 3. Worker threads read, hash (blake3), and, for content the index does not
+//!    have, decode (JPEG at reduced size in the DCT), write the thumbnail and
+//!    preprocess. Content the index has is not decoded: a file whose hash
+//!    matches a removed path is a move (same id, no embedding), one matching a
+//!    live photo is a duplicate (new id, embedding copied), one matching its
+//!    own record only had its time touched.
+//! 4. The calling thread embeds decoded images in batches while the workers
+//!    keep decoding (bounded queues: memory stays flat), and commits each
+//!    batch: store first (atomic, flushed), then keyword and vector indexes.
+//! 5. Paths that were not moved are removed; the graph is rebuilt if too many
+//!    of its entries are dead, and saved.
+//!
+//! Statistics go to a callback (the CLI draws a bar, the server streams
+//! events) and to `progress.json` in the index.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::bounded;
+use serde::Serialize;
+
+use super::{io_err, now_secs, Error, Index, Result};
+use crate::library::meta::{caption, read_meta, PhotoMeta};
+use crate::library::scan::{scan, ScannedFile};
+use crate::library::thumb::{encode_thumbnail, thumb_path, write_thumbnail};
+use crate::library::{decode_bytes_scaled, DecodeLimits};
+use crate::model::{Clip, Preprocessor, RgbView};
+use crate::store::{CaptionSource, Change, FileSig, PhotoRecord, RunSummary, SkipRecord};
+
+/// How a run works.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Images per forward pass of the model.
+    pub batch_size: usize,
+    /// Threads reading and decoding files.
+    pub workers: usize,
+    /// Decode JPEGs at full size (slower; bit-exact with the reference pipeline).
+    pub exact_decode: bool,
+    /// Save the vector graph at least this often during a long run.
+    pub save_every: Duration,
+    pub limits: DecodeLimits,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 16,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            exact_decode: false,
+            save_every: Duration::from_secs(120),
+            limits: DecodeLimits::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Scanning,
+    Indexing,
+    Finishing,
+    Done,
+}
+
+/// Plain statistics of a run in progress; front ends render them.
+#[derive(Clone, Debug, Serialize)]
+pub struct Progress {
+    pub phase: Phase,
+    /// Files found in the library (images and unreadable entries).
+    pub files_seen: u64,
+    /// Files that need reading (new or changed).
+    pub to_process: u64,
+    pub processed: u64,
+    /// New photos embedded.
+    pub added: u64,
+    /// Photos whose content changed, embedded again.
+    pub replaced: u64,
+    pub moved: u64,
+    pub duplicates: u64,
+    /// Photos whose metadata or caption changed, not their pixels.
+    pub updated: u64,
+    pub removed: u64,
+    pub skipped: u64,
+    pub unchanged: u64,
+    pub bytes_read: u64,
+    /// Worker time spent reading, hashing, decoding and preprocessing, summed over workers.
+    pub decode_seconds: f64,
+    /// Time spent in the model.
+    pub embed_seconds: f64,
+    pub elapsed_seconds: f64,
+    pub started_at: i64,
+    pub pid: u32,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            phase: Phase::Scanning,
+            files_seen: 0,
+            to_process: 0,
+            processed: 0,
+            added: 0,
+            replaced: 0,
+            moved: 0,
+            duplicates: 0,
+            updated: 0,
+            removed: 0,
+            skipped: 0,
+            unchanged: 0,
+            bytes_read: 0,
+            decode_seconds: 0.0,
+            embed_seconds: 0.0,
+            elapsed_seconds: 0.0,
+            started_at: now_secs(),
+            pid: std::process::id(),
+        }
+    }
+
+    /// Images embedded by the model this run.
+    pub fn embedded(&self) -> u64 {
+        self.added + self.replaced
+    }
+
+    /// Files processed per second of the run so far.
+    pub fn files_per_second(&self) -> f64 {
+        if self.elapsed_seconds > 0.0 { self.processed as f64 / self.elapsed_seconds } else { 0.0 }
+    }
+
+    fn summary(&self) -> RunSummary {
+        RunSummary {
+            started_at: self.started_at,
+            finished_at: now_secs(),
+            files_seen: self.files_seen,
+            embedded: self.embedded(),
+            added: self.added,
+            replaced: self.replaced,
+            moved: self.moved,
+            duplicates: self.duplicates,
+            updated: self.updated,
+            removed: self.removed,
+            skipped: self.skipped,
+            unchanged: self.unchanged,
+        }
+    }
+}
+
+struct Job {
+    file: ScannedFile,
+    /// The record this path had, if any.
+    old: Option<PhotoRecord>,
+}
+
+enum Outcome {
+    /// Content the index already has: not decoded.
+    Known,
+    Decoded { width: u32, height: u32, format: String, pixels: Vec<f32> },
+    Failed(String),
+}
+
+struct Done {
+    job: Job,
+    hash: String,
+    meta: PhotoMeta,
+    caption: (Option<String>, Option<CaptionSource>),
+    outcome: Outcome,
+    bytes: u64,
+    seconds: f64,
+}
+
+/// What a worker needs.
+struct WorkerContext<'a> {
+    known: &'a HashSet<String>,
+    preprocessor: &'a Preprocessor,
+    thumbs: PathBuf,
+    limits: DecodeLimits,
+    min_side: Option<u32>,
+}
+
+fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
+    let start = Instant::now();
+    let mut done = Done {
+        hash: String::new(),
+        meta: PhotoMeta::default(),
+        caption: (None, None),
+        outcome: Outcome::Known,
+        bytes: 0,
+        seconds: 0.0,
+        job,
+    };
+    let bytes = match std::fs::read(&done.job.file.abs) {
+        Ok(b) => b,
+        Err(e) => {
+            let reason = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => "cannot read file: permission denied".to_string(),
+                _ => format!("cannot read file: {e}"),
+            };
+            done.outcome = Outcome::Failed(reason);
+            return done;
+        }
+    };
+    done.bytes = bytes.len() as u64;
+    done.hash = blake3::hash(&bytes).to_hex().to_string();
+    done.meta = read_meta(&bytes);
+    done.caption = caption(done.job.file.sidecar.as_ref().map(|(p, _)| p.as_path()), &done.meta);
+    if ctx.known.contains(&done.hash) && !force_decode && !bytes.is_empty() {
+        done.seconds = start.elapsed().as_secs_f64();
+        return done;
+    }
+    done.outcome = match decode_bytes_scaled(&bytes, &ctx.limits, ctx.min_side) {
+        Err(e) => Outcome::Failed(e.to_string()),
+        Ok(image) => {
+            match encode_thumbnail(&image.rgb) {
+                Ok(jpeg) => {
+                    if let Err(e) = write_thumbnail(&ctx.thumbs, &done.hash, &jpeg) {
+                        tracing::warn!(path = %done.job.file.rel, error = %e, "cannot write thumbnail");
+                    }
+                }
+                Err(e) => tracing::warn!(path = %done.job.file.rel, error = %e, "cannot encode thumbnail"),
+            }
+            let (width, height) = image.upright_size();
+            let view = RgbView::new(image.rgb.width() as usize, image.rgb.height() as usize, image.rgb.as_raw())
+                .expect("a decoded image is a valid view");
+            let format = image.format.extensions_str().first().copied().unwrap_or("image");
+            let format = if format == "jpg" { "jpeg" } else { format };
+            Outcome::Decoded { width, height, format: format.to_string(), pixels: ctx.preprocessor.preprocess(view) }
+        }
+    };
+    done.seconds = start.elapsed().as_secs_f64();
+    done
+}
+
+fn sidecar_sig(file: &ScannedFile) -> Option<FileSig> {
+    file.sidecar.as_ref().map(|(_, sig)| *sig)
+}
+
+/// Fills a record's file-dependent fields from a processed file.
+fn fill(record: &mut PhotoRecord, done: &Done) {
+    record.path = done.job.file.rel.clone();
+    record.sig = done.job.file.sig;
+    record.hash = done.hash.clone();
+    record.taken = done.meta.taken.clone();
+    record.camera_make = done.meta.camera_make.clone();
+    record.camera_model = done.meta.camera_model.clone();
+    record.orientation = done.meta.orientation;
+    record.caption = done.caption.0.clone();
+    record.caption_source = done.caption.1;
+    record.sidecar = sidecar_sig(&done.job.file);
+    record.indexed_at = now_secs();
+}
+
+/// The state of a run between batches.
+struct Runner<'a> {
+    index: &'a mut Index,
+    clip: &'a Clip,
+    opts: &'a RunOptions,
+    progress: Progress,
+    callback: &'a mut dyn FnMut(&Progress),
+    started: Instant,
+    /// Changes not yet committed.
+    changes: Vec<Change>,
+    /// Decoded images waiting for the model.
+    to_embed: Vec<Done>,
+    /// Records of paths no longer in the library, by content hash: moves consume them.
+    gone: HashMap<String, Vec<PhotoRecord>>,
+    /// Ids removed (or about to be) during this run.
+    removed_ids: HashSet<u64>,
+    /// Content hashes whose records were removed, for thumbnail clean-up.
+    removed_hashes: HashSet<String>,
+    last_commit: Instant,
+    last_save: Instant,
+}
+
+impl Runner<'_> {
+    fn tick(&mut self) {
+        self.progress.elapsed_seconds = self.started.elapsed().as_secs_f64();
+        (self.callback)(&self.progress);
+    }
+
+    fn remove(&mut self, record: PhotoRecord) {
+        self.removed_ids.insert(record.id);
+        self.changes.push(Change::Remove { record });
+    }
+
+    /// Takes the result of one file.
+    fn handle(&mut self, done: Done, ctx: &WorkerContext) -> Result<()> {
+        self.progress.processed += 1;
+        self.progress.bytes_read += done.bytes;
+        self.progress.decode_seconds += done.seconds;
+        match done.outcome {
+            Outcome::Failed(ref reason) => {
+                self.progress.skipped += 1;
+                tracing::warn!(path = %done.job.file.rel, reason = %reason, "skipping file");
+                let skip = SkipRecord { reason: reason.clone(), sig: Some(done.job.file.sig) };
+                self.changes.push(Change::Skip { path: done.job.file.rel.clone(), skip });
+                if let Some(old) = done.job.old {
+                    self.progress.removed += 1;
+                    self.remove(old);
+                }
+            }
+            Outcome::Decoded { .. } => self.to_embed.push(done),
+            Outcome::Known => self.resolve_known(done, ctx)?,
+        }
+        Ok(())
+    }
+
+    /// A file whose content the index had when the run started.
+    fn resolve_known(&mut self, done: Done, ctx: &WorkerContext) -> Result<()> {
+        // Its own content: only the time, metadata or caption changed.
+        if let Some(old) = done.job.old.as_ref().filter(|old| old.hash == done.hash) {
+            let mut record = old.clone();
+            fill(&mut record, &done);
+            self.progress.updated += 1;
+            self.changes.push(Change::Put { record, vector: None, old_path: None });
+            return Ok(());
+        }
+        // Content of a path that disappeared: a move or rename.
+        if let Some(mut record) = self.gone.get_mut(&done.hash).and_then(Vec::pop) {
+            let old_path = record.path.clone();
+            fill(&mut record, &done);
+            self.progress.moved += 1;
+            self.changes.push(Change::Put { record, vector: None, old_path: Some(old_path) });
+            if let Some(old) = done.job.old {
+                self.progress.replaced += 1;
+                self.remove(old);
+            }
+            return Ok(());
+        }
+        // Content of a photo still in the library: a duplicate.
+        let hash = crate::store::parse_hash(&done.hash).expect("blake3 hex");
+        let source = self.index.store.ids_with_hash(&hash)?.into_iter().find(|id| !self.removed_ids.contains(id));
+        if let Some(source) = source {
+            if let (Some(src), Some(vector)) = (self.index.store.get(source)?, self.index.store.vector(source)?) {
+                let id = self.index.store.reserve_ids(1)?;
+                let mut record = src.clone();
+                record.id = id;
+                fill(&mut record, &done);
+                self.progress.duplicates += 1;
+                self.changes.push(Change::Put { record, vector: Some(vector), old_path: None });
+                if let Some(old) = done.job.old {
+                    self.remove(old);
+                }
+                return Ok(());
+            }
+        }
+        // The content's records went away during this run: decode it after all.
+        self.progress.processed -= 1;
+        self.progress.bytes_read -= done.bytes;
+        self.progress.decode_seconds -= done.seconds;
+        let redone = process(done.job, ctx, true);
+        self.handle(redone, ctx)
+    }
+
+    /// Embeds the waiting images and queues their records.
+    fn embed(&mut self) -> Result<()> {
+        if self.to_embed.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.to_embed);
+        let n = batch.len();
+        let s = self.clip.preprocessor().image_size();
+        let mut data = Vec::with_capacity(n * 3 * s * s);
+        for done in &batch {
+            if let Outcome::Decoded { pixels, .. } = &done.outcome {
+                data.extend_from_slice(pixels);
+            }
+        }
+        let start = Instant::now();
+        let vectors = self.clip.embed_pixels(data, n)?;
+        self.progress.embed_seconds += start.elapsed().as_secs_f64();
+        let first = self.index.store.reserve_ids(n as u64)?;
+        for (i, (done, vector)) in batch.into_iter().zip(vectors).enumerate() {
+            let Outcome::Decoded { width, height, ref format, .. } = done.outcome else { unreachable!() };
+            let mut record = PhotoRecord {
+                id: first + i as u64,
+                path: String::new(),
+                sig: FileSig::default(),
+                hash: String::new(),
+                width,
+                height,
+                format: format.clone(),
+                taken: None,
+                camera_make: None,
+                camera_model: None,
+                orientation: 1,
+                caption: None,
+                caption_source: None,
+                sidecar: None,
+                indexed_at: 0,
+            };
+            fill(&mut record, &done);
+            self.changes.push(Change::Put { record, vector: Some(vector), old_path: None });
+            match done.job.old {
+                Some(old) => {
+                    self.progress.replaced += 1;
+                    self.remove(old);
+                }
+                None => self.progress.added += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits queued changes: store, then keyword and vector indexes.
+    fn commit(&mut self) -> Result<()> {
+        if self.changes.is_empty() {
+            return Ok(());
+        }
+        let changes = std::mem::take(&mut self.changes);
+        self.index.store.commit(&changes)?;
+        let mut new_vectors = Vec::new();
+        let mut dead = Vec::new();
+        for change in changes {
+            match change {
+                Change::Put { record, vector, .. } => {
+                    self.index.keywords.upsert(&record)?;
+                    if let Some(v) = vector {
+                        new_vectors.push((record.id, v));
+                    }
+                }
+                Change::Remove { record } => {
+                    self.index.keywords.remove(record.id)?;
+                    dead.push(record.id);
+                    self.removed_hashes.insert(record.hash);
+                }
+                Change::Skip { .. } | Change::Unskip { .. } => {}
+            }
+        }
+        self.index.keywords.commit()?;
+        self.index.vectors.remove(dead);
+        self.index.vectors.insert_batch(&new_vectors)?;
+        if self.last_save.elapsed() >= self.opts.save_every {
+            self.index.vectors.save()?;
+            self.last_save = Instant::now();
+        }
+        self.last_commit = Instant::now();
+        self.write_progress();
+        Ok(())
+    }
+
+    fn write_progress(&mut self) {
+        self.progress.elapsed_seconds = self.started.elapsed().as_secs_f64();
+        let path = self.index.paths.progress();
+        let bytes = serde_json::to_vec_pretty(&self.progress).expect("progress serialises");
+        if let Err(e) = crate::vector::write_synced(&path, &bytes) {
+            tracing::warn!(error = %e, "cannot write progress.json");
+        }
+    }
+}
+
+/// Brings `index` up to date with its library, embedding with `clip`.
+///
+/// `callback` receives statistics after every file. Setting `stop` ends the
+/// run after the current batch, with everything done so far committed.
+pub fn run(
+    index: &mut Index,
+    clip: &Clip,
+    opts: &RunOptions,
+    callback: &mut dyn FnMut(&Progress),
+    stop: &AtomicBool,
+) -> Result<RunSummary> {
+    index.check_model(clip.info())?;
+    let library = index.library();
+    if !library.is_dir() {
+        return Err(Error::Io {
+            path: library.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "the library folder is gone"),
+        });
+    }
+    let started = Instant::now();
+    let mut progress = Progress::new();
+    callback(&progress);
+
+    // 1. Scan.
+    let own = std::fs::canonicalize(&index.paths.root).map_err(io_err(&index.paths.root))?;
+    let scanned = scan(&library, &[own]);
+    progress.files_seen = (scanned.files.len() + scanned.problems.len()) as u64;
+
+    // 2. Compare with the store.
+    let records = index.store.records().collect::<crate::store::Result<Vec<_>>>()?;
+    let known: HashSet<String> = records.iter().map(|r| r.hash.clone()).collect();
+    let mut by_path: HashMap<String, PhotoRecord> = records.into_iter().map(|r| (r.path.clone(), r)).collect();
+    let mut jobs = Vec::new();
+    let mut changes = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    for file in scanned.files {
+        seen.insert(file.rel.clone());
+        match by_path.remove(&file.rel) {
+            Some(old) if old.sig == file.sig && old.sidecar == sidecar_sig(&file) => progress.unchanged += 1,
+            Some(old) => jobs.push(Job { file, old: Some(old) }),
+            None => match index.store.skip_record(&file.rel)? {
+                Some(skip) if skip.sig == Some(file.sig) => progress.skipped += 1,
+                _ => jobs.push(Job { file, old: None }),
+            },
+        }
+    }
+    for problem in scanned.problems {
+        seen.insert(problem.rel.clone());
+        progress.skipped += 1;
+        tracing::warn!(path = %problem.rel, reason = %problem.reason, "skipping");
+        changes.push(Change::Skip { path: problem.rel, skip: SkipRecord { reason: problem.reason, sig: None } });
+    }
+    for (path, _) in index.store.skipped()? {
+        if !seen.contains(&path) {
+            changes.push(Change::Unskip { path });
+        }
+    }
+    // What is left in by_path is no longer in the library (or unreadable now).
+    let mut gone: HashMap<String, Vec<PhotoRecord>> = HashMap::new();
+    for (_, record) in by_path {
+        gone.entry(record.hash.clone()).or_default().push(record);
+    }
+    progress.to_process = jobs.len() as u64;
+    progress.phase = Phase::Indexing;
+
+    let min_side = (!opts.exact_decode).then(|| 2 * clip.preprocessor().image_size() as u32);
+    let ctx = WorkerContext {
+        known: &known,
+        preprocessor: clip.preprocessor(),
+        thumbs: index.paths.thumbs(),
+        limits: opts.limits,
+        min_side,
+    };
+    let mut runner = Runner {
+        index,
+        clip,
+        opts,
+        progress,
+        callback,
+        started,
+        changes,
+        to_embed: Vec::new(),
+        gone,
+        removed_ids: HashSet::new(),
+        removed_hashes: HashSet::new(),
+        last_commit: Instant::now(),
+        last_save: Instant::now(),
+    };
+    runner.tick();
+
+    // 3-4. Workers decode; this thread embeds and commits.
+    let workers = opts.workers.max(1);
+    let batch = opts.batch_size.max(1);
+    let result = std::thread::scope(|scope| -> Result<()> {
+        let (job_tx, job_rx) = bounded::<Job>(workers * 4);
+        let (done_tx, done_rx) = bounded::<Done>(batch * 2);
+        let ctx = &ctx;
+        for _ in 0..workers {
+            let (job_rx, done_tx) = (job_rx.clone(), done_tx.clone());
+            scope.spawn(move || {
+                for job in job_rx {
+                    if stop.load(Ordering::Relaxed) || done_tx.send(process(job, ctx, false)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop((job_rx, done_tx));
+        scope.spawn(move || {
+            for job in jobs {
+                if stop.load(Ordering::Relaxed) || job_tx.send(job).is_err() {
+                    break;
+                }
+            }
+        });
+        // Owning the receiver here means an early return drops it, which
+        // ends the workers instead of leaving them blocked on a full queue.
+        let runner = &mut runner;
+        (move || -> Result<()> {
+            for done in done_rx {
+                runner.handle(done, ctx)?;
+                if runner.to_embed.len() >= batch {
+                    runner.embed()?;
+                    runner.commit()?;
+                } else if runner.changes.len() >= 256 || runner.last_commit.elapsed() > Duration::from_secs(2) {
+                    runner.commit()?;
+                }
+                runner.tick();
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            Ok(())
+        })()
+    });
+    result?;
+    runner.embed()?;
+    runner.commit()?;
+    if stop.load(Ordering::Relaxed) {
+        runner.index.vectors.save()?;
+        runner.write_progress();
+        return Err(Error::Stopped("asked to stop; the work done so far is saved".into()));
+    }
+
+    // 5. Removals, clean-up, the graph.
+    runner.progress.phase = Phase::Finishing;
+    runner.tick();
+    let gone: Vec<PhotoRecord> = std::mem::take(&mut runner.gone).into_values().flatten().collect();
+    for chunk in gone.chunks(512) {
+        for record in chunk {
+            runner.progress.removed += 1;
+            runner.remove(record.clone());
+        }
+        runner.commit()?;
+    }
+    for hash in std::mem::take(&mut runner.removed_hashes) {
+        let still_used = crate::store::parse_hash(&hash)
+            .map(|h| runner.index.store.ids_with_hash(&h).map(|ids| !ids.is_empty()))
+            .transpose()?
+            .unwrap_or(true);
+        if !still_used {
+            let _ = std::fs::remove_file(thumb_path(&runner.index.paths.thumbs(), &hash));
+        }
+    }
+    if runner.index.vectors.dead_fraction() > crate::vector::REBUILD_DEAD_FRACTION {
+        runner.index.rebuild_vectors()?;
+    }
+    runner.index.vectors.save()?;
+    let summary = runner.progress.summary();
+    runner.index.store.set_last_run(&summary)?;
+    runner.progress.phase = Phase::Done;
+    runner.write_progress();
+    runner.tick();
+    Ok(summary)
+}

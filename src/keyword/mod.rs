@@ -1,0 +1,197 @@
+//! The keyword index (tantivy): one document per photo with its path
+//! segments, file name, caption, camera and date, keyed by photo id. It is the
+//! basis of keyword search and filters; like the vector index, it is derived
+//! from the store and reconciled with it on open.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use tantivy::schema::{Field, Schema, FAST, INDEXED, STORED, STRING, TEXT};
+use tantivy::{doc, Index, IndexReader, IndexWriter, ReloadPolicy, Term};
+
+use crate::store::PhotoRecord;
+
+/// Memory for the writer's in-flight segment.
+const WRITER_MEMORY: usize = 32 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("keyword index: {0}")]
+    Tantivy(#[from] tantivy::TantivyError),
+    #[error("keyword index at {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("keyword index was opened read-only")]
+    ReadOnly,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The schema's fields.
+#[derive(Clone, Copy, Debug)]
+pub struct Fields {
+    pub id: Field,
+    /// Every folder name and the file name, as words.
+    pub path: Field,
+    /// The file name, as words.
+    pub name: Field,
+    /// The folder, untokenised, for prefix filters (`""` at the root).
+    pub folder: Field,
+    pub caption: Field,
+    pub camera: Field,
+    pub taken: Field,
+    pub format: Field,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut b = Schema::builder();
+    let fields = Fields {
+        id: b.add_u64_field("id", INDEXED | STORED | FAST),
+        path: b.add_text_field("path", TEXT),
+        name: b.add_text_field("name", TEXT),
+        folder: b.add_text_field("folder", STRING | FAST),
+        caption: b.add_text_field("caption", TEXT),
+        camera: b.add_text_field("camera", TEXT),
+        taken: b.add_date_field("taken", INDEXED | FAST),
+        format: b.add_text_field("format", STRING | FAST),
+    };
+    (b.build(), fields)
+}
+
+/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SS` (read as UTC).
+pub fn parse_datetime(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 10 {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = if b.len() >= 19 { (num(11..13)?, num(14..16)?, num(17..19)?) } else { (0, 0, 0) };
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from civil (H. Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+/// The keyword index of one photo index.
+pub struct KeywordIndex {
+    index: Index,
+    reader: IndexReader,
+    writer: Option<IndexWriter>,
+    fields: Fields,
+}
+
+impl KeywordIndex {
+    /// Opens or creates the index in `dir`; `writable` takes tantivy's writer lock.
+    pub fn open(dir: &Path, writable: bool) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
+        let (schema, fields) = schema();
+        let directory = tantivy::directory::MmapDirectory::open(dir)
+            .map_err(|e| Error::Tantivy(tantivy::TantivyError::from(e)))?;
+        let index = Index::open_or_create(directory, schema)?;
+        let writer = if writable { Some(index.writer_with_num_threads(1, WRITER_MEMORY)?) } else { None };
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+        Ok(Self { index, reader, writer, fields })
+    }
+
+    pub fn fields(&self) -> Fields {
+        self.fields
+    }
+
+    pub fn reader(&self) -> &IndexReader {
+        &self.reader
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    fn writer(&self) -> Result<&IndexWriter> {
+        self.writer.as_ref().ok_or(Error::ReadOnly)
+    }
+
+    /// Adds or replaces the document of a photo (applied at the next commit).
+    pub fn upsert(&self, record: &PhotoRecord) -> Result<()> {
+        let f = &self.fields;
+        let writer = self.writer()?;
+        writer.delete_term(Term::from_field_u64(f.id, record.id));
+        let (folder, name) = match record.path.rsplit_once('/') {
+            Some((folder, name)) => (folder, name),
+            None => ("", record.path.as_str()),
+        };
+        let mut d = doc!(
+            f.id => record.id,
+            f.path => record.path.replace(['/', '_', '-', '.'], " "),
+            f.name => name.replace(['_', '-', '.'], " "),
+            f.folder => folder,
+            f.format => record.format.clone(),
+        );
+        if let Some(caption) = &record.caption {
+            d.add_text(f.caption, caption);
+        }
+        if let Some(camera) = record.camera() {
+            d.add_text(f.camera, camera);
+        }
+        if let Some(secs) = record.taken.as_deref().and_then(parse_datetime) {
+            d.add_date(f.taken, tantivy::DateTime::from_timestamp_secs(secs));
+        }
+        writer.add_document(d)?;
+        Ok(())
+    }
+
+    /// Removes a photo's document (applied at the next commit).
+    pub fn remove(&self, id: u64) -> Result<()> {
+        self.writer()?.delete_term(Term::from_field_u64(self.fields.id, id));
+        Ok(())
+    }
+
+    /// Makes pending changes durable and visible.
+    pub fn commit(&mut self) -> Result<()> {
+        if let Some(writer) = self.writer.as_mut() {
+            writer.commit()?;
+        }
+        self.reader.reload()?;
+        Ok(())
+    }
+
+    /// Ids of every document, as of the last commit.
+    pub fn ids(&self) -> Result<BTreeSet<u64>> {
+        let searcher = self.reader.searcher();
+        let mut ids = BTreeSet::new();
+        for segment in searcher.segment_readers() {
+            let column = segment.fast_fields().u64("id")?;
+            for doc in segment.doc_ids_alive() {
+                if let Some(id) = column.first(doc) {
+                    ids.insert(id);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Number of documents, as of the last commit.
+    pub fn count(&self) -> u64 {
+        self.reader.searcher().num_docs()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_exif_dates() {
+        assert_eq!(parse_datetime("1970-01-01T00:00:00"), Some(0));
+        assert_eq!(parse_datetime("2019-07-14T12:30:05"), Some(1_563_107_405));
+        assert_eq!(parse_datetime("2000-02-29"), Some(951_782_400));
+        assert_eq!(parse_datetime("0000-00-00T00:00:00"), None);
+        assert_eq!(parse_datetime("garbage"), None);
+    }
+}

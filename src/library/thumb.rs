@@ -1,0 +1,72 @@
+//! Thumbnails: 256 px on the longest side, JPEG, content-addressed
+//! (`thumbs/ab/<blake3>.jpg`), so moved and duplicate photos share one and
+//! the web page never decodes an original to show a result.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use image::codecs::jpeg::JpegEncoder;
+use image::RgbImage;
+
+use crate::model::preprocess::{resample, Resample};
+use crate::model::RgbView;
+
+/// Longest side of a thumbnail.
+pub const THUMB_SIZE: u32 = 256;
+const QUALITY: u8 = 82;
+
+/// Where the thumbnail of content `hash` (hex) lives under `thumbs`.
+pub fn thumb_path(thumbs: &Path, hash: &str) -> PathBuf {
+    thumbs.join(&hash[..2.min(hash.len())]).join(format!("{hash}.jpg"))
+}
+
+/// Encodes a thumbnail of an upright RGB image.
+pub fn encode_thumbnail(rgb: &RgbImage) -> Result<Vec<u8>, image::ImageError> {
+    let (w, h) = rgb.dimensions();
+    let scale = THUMB_SIZE as f64 / w.max(h) as f64;
+    let small;
+    let image = if scale < 1.0 {
+        let (tw, th) = (((w as f64 * scale).round() as u32).max(1), ((h as f64 * scale).round() as u32).max(1));
+        let view = RgbView::new(w as usize, h as usize, rgb.as_raw()).expect("an RgbImage is a valid view");
+        small = RgbImage::from_raw(tw, th, resample(view, tw as usize, th as usize, Resample::Bicubic))
+            .expect("resample returns w*h*3 bytes");
+        &small
+    } else {
+        rgb
+    };
+    let mut out = Vec::new();
+    JpegEncoder::new_with_quality(&mut out, QUALITY).encode_image(image)?;
+    Ok(out)
+}
+
+/// Writes a thumbnail atomically (temporary file, rename); an existing one is kept.
+pub fn write_thumbnail(thumbs: &Path, hash: &str, jpeg: &[u8]) -> std::io::Result<PathBuf> {
+    let path = thumb_path(thumbs, hash);
+    if path.exists() {
+        return Ok(path);
+    }
+    let dir = path.parent().expect("thumb path has a folder");
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{hash}.{}.tmp", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(jpeg)?;
+    drop(f);
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thumbnails_fit_the_box() {
+        let image = RgbImage::from_pixel(1000, 400, image::Rgb([10, 200, 30]));
+        let jpeg = encode_thumbnail(&image).unwrap();
+        let back = image::load_from_memory(&jpeg).unwrap();
+        assert_eq!((back.width(), back.height()), (256, 102));
+        let small = RgbImage::new(100, 50);
+        let back = image::load_from_memory(&encode_thumbnail(&small).unwrap()).unwrap();
+        assert_eq!((back.width(), back.height()), (100, 50));
+    }
+}

@@ -1,0 +1,541 @@
+//! The index's source of truth, in sled: one record per photo, its
+//! embedding, the path and content-hash lookups, skipped files, and the index
+//! metadata (format version, model, library root).
+//!
+//! Everything lives in one sled tree under key prefixes, so that a batch of
+//! changes is one `apply_batch` (atomic on crash) followed by a flush: the
+//! commit point of indexing. The vector and keyword indexes are derived from
+//! this store and reconciled with it on open.
+//!
+//! Keys:
+//!
+//! | key | value |
+//! |---|---|
+//! | `m:meta` | `IndexMeta` (JSON) |
+//! | `m:next_id` | next photo id (u64, big-endian) |
+//! | `m:last_run` | `RunSummary` of the last completed run (JSON) |
+//! | `p:<id>` | `PhotoRecord` (JSON) |
+//! | `v:<id>` | embedding, little-endian f32 |
+//! | `f:<path>` | id of the photo at that relative path |
+//! | `h:<hash><id>` | empty; content hash (32 bytes) to ids (format 2) |
+//! | `s:<path>` | `SkipRecord` (JSON) |
+//!
+//! Ids are big-endian u64, so records iterate in id order.
+
+mod migrate;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::ModelInfo;
+
+/// The on-disk format this build writes. See `migrations/`.
+pub const FORMAT_VERSION: u32 = migrate::LATEST;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("index database: {0}")]
+    Db(#[from] sled::Error),
+    #[error("index record {key} is unreadable: {message}")]
+    Corrupt { key: String, message: String },
+    #[error(
+        "this index has format {found}, newer than this clipdex understands ({supported}); upgrade clipdex to open it"
+    )]
+    TooNew { found: u32, supported: u32 },
+    #[error("no index metadata: not a clipdex index, or it was never initialised")]
+    NotInitialised,
+    #[error("migration to format {version} failed: {message}")]
+    Migration { version: u32, message: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Size and modification time: what decides whether a file must be read again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSig {
+    pub size: u64,
+    /// Nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+/// Where a caption came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptionSource {
+    /// A `.txt` file beside the image.
+    Sidecar,
+    /// EXIF ImageDescription.
+    Exif,
+    /// XMP dc:description.
+    Xmp,
+}
+
+/// One photo of the library.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PhotoRecord {
+    /// Stable id: kept across renames, new when the content changes, never reused.
+    pub id: u64,
+    /// Path relative to the library root, `/`-separated.
+    pub path: String,
+    pub sig: FileSig,
+    /// blake3 of the file's bytes, hex.
+    pub hash: String,
+    /// Upright size (after EXIF orientation), full resolution.
+    pub width: u32,
+    pub height: u32,
+    /// Image format, lower case (`jpeg`, `png`, ...).
+    pub format: String,
+    /// EXIF DateTimeOriginal as `YYYY-MM-DDTHH:MM:SS`.
+    #[serde(default)]
+    pub taken: Option<String>,
+    #[serde(default)]
+    pub camera_make: Option<String>,
+    #[serde(default)]
+    pub camera_model: Option<String>,
+    /// EXIF orientation (1-8) as stored in the file.
+    #[serde(default = "default_orientation")]
+    pub orientation: u8,
+    #[serde(default)]
+    pub caption: Option<String>,
+    #[serde(default)]
+    pub caption_source: Option<CaptionSource>,
+    /// The sidecar caption file's signature, to notice edits.
+    #[serde(default)]
+    pub sidecar: Option<FileSig>,
+    /// When the record was last written, seconds since the Unix epoch.
+    pub indexed_at: i64,
+}
+
+fn default_orientation() -> u8 {
+    1
+}
+
+impl PhotoRecord {
+    pub fn hash_bytes(&self) -> Result<[u8; 32]> {
+        parse_hash(&self.hash).ok_or_else(|| Error::Corrupt {
+            key: format!("p:{}", self.id),
+            message: format!("bad content hash {:?}", self.hash),
+        })
+    }
+
+    /// The camera as one string ("Canon EOS 5D"), without repeating the make.
+    pub fn camera(&self) -> Option<String> {
+        match (&self.camera_make, &self.camera_model) {
+            (Some(make), Some(model)) if model.to_lowercase().starts_with(&make.to_lowercase()) => Some(model.clone()),
+            (Some(make), Some(model)) => Some(format!("{make} {model}")),
+            (Some(one), None) | (None, Some(one)) => Some(one.clone()),
+            (None, None) => None,
+        }
+    }
+}
+
+pub fn parse_hash(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A file that could not be indexed, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkipRecord {
+    pub reason: String,
+    /// The file as it was when skipped; it is retried when this changes.
+    #[serde(default)]
+    pub sig: Option<FileSig>,
+}
+
+/// What shaped an index; checked whenever it is opened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IndexMeta {
+    pub format_version: u32,
+    pub model: ModelInfo,
+    /// Canonical path of the library root.
+    pub library: String,
+    pub created_at: i64,
+    pub clipdex_version: String,
+}
+
+/// Counts of one completed indexing run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub files_seen: u64,
+    /// Images the model embedded (`added + replaced`).
+    pub embedded: u64,
+    #[serde(default)]
+    pub added: u64,
+    #[serde(default)]
+    pub replaced: u64,
+    pub moved: u64,
+    pub duplicates: u64,
+    pub updated: u64,
+    pub removed: u64,
+    pub skipped: u64,
+    pub unchanged: u64,
+}
+
+/// One change to the store; a batch of them commits atomically.
+#[derive(Debug)]
+pub enum Change {
+    /// Insert or update a record; `vector` is written when given. `old_path`
+    /// is the path the same id had before (a move), whose lookup is dropped.
+    Put { record: PhotoRecord, vector: Option<Vec<f32>>, old_path: Option<String> },
+    /// Remove a photo and everything keyed by it.
+    Remove { record: PhotoRecord },
+    Skip { path: String, skip: SkipRecord },
+    Unskip { path: String },
+}
+
+/// The sled store of one index.
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+fn id_key(prefix: u8, id: u64) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[0] = prefix;
+    k[1] = b':';
+    k[2..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn str_key(prefix: u8, s: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + s.len());
+    k.push(prefix);
+    k.push(b':');
+    k.extend_from_slice(s.as_bytes());
+    k
+}
+
+fn hash_key(hash: &[u8; 32], id: u64) -> [u8; 42] {
+    let mut k = [0u8; 42];
+    k[0] = b'h';
+    k[1] = b':';
+    k[2..34].copy_from_slice(hash);
+    k[34..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn id_from_key(key: &[u8]) -> Option<u64> {
+    key.get(key.len().checked_sub(8)?..).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+}
+
+fn json<T: for<'de> Deserialize<'de>>(key: &[u8], value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|e| Error::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+pub fn vector_to_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn vector_from_bytes(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+}
+
+impl Store {
+    /// Opens (creating if needed) the database folder; does not check the format.
+    fn open_db(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new().path(dir).cache_capacity(64 << 20).open()?;
+        let tree = db.open_tree("index")?;
+        Ok(Self { db, tree })
+    }
+
+    /// Creates a new index store with its metadata.
+    pub fn create(dir: &Path, meta: &IndexMeta) -> Result<Self> {
+        let store = Self::open_db(dir)?;
+        if store.tree.contains_key(b"m:meta")? {
+            return Ok(store);
+        }
+        let mut meta = meta.clone();
+        meta.format_version = FORMAT_VERSION;
+        store.tree.insert(b"m:next_id", &1u64.to_be_bytes())?;
+        store.tree.insert(b"m:meta", serde_json::to_vec(&meta).expect("meta serialises"))?;
+        store.db.flush()?;
+        Ok(store)
+    }
+
+    /// Opens an existing store, migrating it to the current format.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let store = Self::open_db(dir)?;
+        let meta = store.meta()?;
+        if meta.format_version > FORMAT_VERSION {
+            return Err(Error::TooNew { found: meta.format_version, supported: FORMAT_VERSION });
+        }
+        if meta.format_version < FORMAT_VERSION {
+            migrate::run(&store.tree, meta.format_version)?;
+            let mut meta = meta;
+            meta.format_version = FORMAT_VERSION;
+            store.set_meta(&meta)?;
+        }
+        Ok(store)
+    }
+
+    pub fn meta(&self) -> Result<IndexMeta> {
+        match self.tree.get(b"m:meta")? {
+            Some(v) => json(b"m:meta", &v),
+            None => Err(Error::NotInitialised),
+        }
+    }
+
+    pub fn set_meta(&self, meta: &IndexMeta) -> Result<()> {
+        self.tree.insert(b"m:meta", serde_json::to_vec(meta).expect("meta serialises"))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn last_run(&self) -> Result<Option<RunSummary>> {
+        self.tree.get(b"m:last_run")?.map(|v| json(b"m:last_run", &v)).transpose()
+    }
+
+    pub fn set_last_run(&self, run: &RunSummary) -> Result<()> {
+        self.tree.insert(b"m:last_run", serde_json::to_vec(run).expect("summary serialises"))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Reserves `n` consecutive ids; they are persisted with the next commit.
+    pub fn reserve_ids(&self, n: u64) -> Result<u64> {
+        let old = self.tree.fetch_and_update(b"m:next_id", |v| {
+            let cur = v.map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))).unwrap_or(1);
+            Some(cur.saturating_add(n).to_be_bytes().to_vec())
+        })?;
+        Ok(old.map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8]))).unwrap_or(1))
+    }
+
+    pub fn get(&self, id: u64) -> Result<Option<PhotoRecord>> {
+        let key = id_key(b'p', id);
+        self.tree.get(key)?.map(|v| json(&key, &v)).transpose()
+    }
+
+    pub fn id_for_path(&self, path: &str) -> Result<Option<u64>> {
+        Ok(self.tree.get(str_key(b'f', path))?.and_then(|v| id_from_key(&v)))
+    }
+
+    pub fn ids_with_hash(&self, hash: &[u8; 32]) -> Result<Vec<u64>> {
+        let mut prefix = b"h:".to_vec();
+        prefix.extend_from_slice(hash);
+        self.tree.scan_prefix(prefix).keys().map(|k| Ok(id_from_key(&k?).unwrap_or(0))).collect()
+    }
+
+    pub fn vector(&self, id: u64) -> Result<Option<Vec<f32>>> {
+        Ok(self.tree.get(id_key(b'v', id))?.map(|v| vector_from_bytes(&v)))
+    }
+
+    /// Every record, in id order.
+    pub fn records(&self) -> impl Iterator<Item = Result<PhotoRecord>> + '_ {
+        self.tree.scan_prefix(b"p:").map(|kv| {
+            let (k, v) = kv?;
+            json(&k, &v)
+        })
+    }
+
+    /// Every stored embedding, in id order.
+    pub fn vectors(&self) -> impl Iterator<Item = Result<(u64, Vec<f32>)>> + '_ {
+        self.tree.scan_prefix(b"v:").map(|kv| {
+            let (k, v) = kv?;
+            Ok((id_from_key(&k).unwrap_or(0), vector_from_bytes(&v)))
+        })
+    }
+
+    /// Ids of all photos.
+    pub fn ids(&self) -> Result<BTreeSet<u64>> {
+        self.tree.scan_prefix(b"p:").keys().map(|k| Ok(id_from_key(&k?).unwrap_or(0))).collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.tree.scan_prefix(b"p:").count()
+    }
+
+    /// Files skipped, with their reasons.
+    pub fn skipped(&self) -> Result<Vec<(String, SkipRecord)>> {
+        self.tree
+            .scan_prefix(b"s:")
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((String::from_utf8_lossy(&k[2..]).into_owned(), json(&k, &v)?))
+            })
+            .collect()
+    }
+
+    pub fn skip_record(&self, path: &str) -> Result<Option<SkipRecord>> {
+        let key = str_key(b's', path);
+        self.tree.get(&key)?.map(|v| json(&key, &v)).transpose()
+    }
+
+    /// Applies a batch of changes atomically and makes it durable.
+    pub fn commit(&self, changes: &[Change]) -> Result<()> {
+        // Paths that get a record in this batch keep their lookup whatever
+        // else the batch removes or moves away from them.
+        let put_paths: std::collections::HashSet<&str> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Put { record, .. } => Some(record.path.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut batch = sled::Batch::default();
+        for change in changes {
+            match change {
+                Change::Put { record, vector, old_path } => {
+                    if let Some(old) = old_path {
+                        if !put_paths.contains(old.as_str()) {
+                            batch.remove(str_key(b'f', old));
+                        }
+                    }
+                    batch.insert(&id_key(b'p', record.id), serde_json::to_vec(record).expect("record serialises"));
+                    batch.insert(str_key(b'f', &record.path), &id_key(b'p', record.id));
+                    batch.insert(hash_key(&record.hash_bytes()?, record.id).to_vec(), &[]);
+                    batch.remove(str_key(b's', &record.path));
+                    if let Some(v) = vector {
+                        batch.insert(&id_key(b'v', record.id), vector_to_bytes(v));
+                    }
+                }
+                Change::Remove { record } => {
+                    batch.remove(&id_key(b'p', record.id));
+                    batch.remove(&id_key(b'v', record.id));
+                    batch.remove(hash_key(&record.hash_bytes()?, record.id).to_vec());
+                    // The path may already belong to a newer record (a replaced file).
+                    if !put_paths.contains(record.path.as_str()) && self.id_for_path(&record.path)? == Some(record.id) {
+                        batch.remove(str_key(b'f', &record.path));
+                    }
+                }
+                Change::Skip { path, skip } => {
+                    batch.insert(str_key(b's', path), serde_json::to_vec(skip).expect("skip serialises"));
+                }
+                Change::Unskip { path } => batch.remove(str_key(b's', path)),
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        // sled flushes on its own only every 500 ms: a commit is durable here.
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The raw tree, for migrations and their tests.
+    pub fn raw_tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> IndexMeta {
+        IndexMeta {
+            format_version: 0,
+            model: ModelInfo {
+                id: "m".into(),
+                fingerprint: "f".into(),
+                embedding_dim: 2,
+                image_size: 32,
+                context_length: 77,
+            },
+            library: "/lib".into(),
+            created_at: 0,
+            clipdex_version: "test".into(),
+        }
+    }
+
+    fn record(id: u64, path: &str, hash: u8) -> PhotoRecord {
+        PhotoRecord {
+            id,
+            path: path.into(),
+            sig: FileSig { size: 1, mtime_ns: 2 },
+            hash: format!("{:02x}", hash).repeat(32),
+            width: 1,
+            height: 1,
+            format: "png".into(),
+            taken: None,
+            camera_make: None,
+            camera_model: None,
+            orientation: 1,
+            caption: None,
+            caption_source: None,
+            sidecar: None,
+            indexed_at: 0,
+        }
+    }
+
+    #[test]
+    fn commits_and_looks_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path(), &meta()).unwrap();
+        assert_eq!(store.meta().unwrap().format_version, FORMAT_VERSION);
+        let first = store.reserve_ids(2).unwrap();
+        assert_eq!(store.reserve_ids(1).unwrap(), first + 2);
+        let a = record(first, "a.png", 1);
+        let b = record(first + 1, "dir/b.png", 1);
+        store
+            .commit(&[
+                Change::Put { record: a.clone(), vector: Some(vec![1.0, 0.0]), old_path: None },
+                Change::Put { record: b.clone(), vector: Some(vec![0.0, 1.0]), old_path: None },
+                Change::Skip { path: "bad.jpg".into(), skip: SkipRecord { reason: "empty file".into(), sig: None } },
+            ])
+            .unwrap();
+        assert_eq!(store.get(a.id).unwrap(), Some(a.clone()));
+        assert_eq!(store.id_for_path("dir/b.png").unwrap(), Some(b.id));
+        assert_eq!(store.ids_with_hash(&a.hash_bytes().unwrap()).unwrap(), vec![a.id, b.id]);
+        assert_eq!(store.vector(b.id).unwrap(), Some(vec![0.0, 1.0]));
+        assert_eq!(store.skipped().unwrap().len(), 1);
+
+        // Move b, remove a.
+        let mut moved = b.clone();
+        moved.path = "c.png".into();
+        store
+            .commit(&[
+                Change::Put { record: moved.clone(), vector: None, old_path: Some(b.path.clone()) },
+                Change::Remove { record: a.clone() },
+            ])
+            .unwrap();
+        assert_eq!(store.id_for_path("dir/b.png").unwrap(), None);
+        assert_eq!(store.id_for_path("c.png").unwrap(), Some(b.id));
+        assert_eq!(store.vector(b.id).unwrap(), Some(vec![0.0, 1.0]));
+        assert_eq!(store.ids().unwrap().into_iter().collect::<Vec<_>>(), vec![b.id]);
+        assert_eq!(store.vector(a.id).unwrap(), None);
+        assert_eq!(store.ids_with_hash(&a.hash_bytes().unwrap()).unwrap(), vec![b.id]);
+    }
+
+    #[test]
+    fn refuses_newer_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path(), &meta()).unwrap();
+        let mut m = store.meta().unwrap();
+        m.format_version = FORMAT_VERSION + 1;
+        store.set_meta(&m).unwrap();
+        drop(store);
+        assert!(matches!(Store::open(dir.path()), Err(Error::TooNew { .. })));
+    }
+
+    #[test]
+    fn camera_names_do_not_repeat_the_make() {
+        let mut r = record(1, "a", 0);
+        r.camera_make = Some("Canon".into());
+        r.camera_model = Some("Canon EOS 5D".into());
+        assert_eq!(r.camera().as_deref(), Some("Canon EOS 5D"));
+        r.camera_make = Some("NIKON CORPORATION".into());
+        r.camera_model = Some("D750".into());
+        assert_eq!(r.camera().as_deref(), Some("NIKON CORPORATION D750"));
+    }
+}

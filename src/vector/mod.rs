@@ -1,0 +1,414 @@
+//! The HNSW index of image embeddings (hnsw_rs), keyed by photo id, with its
+//! persistence and deletions.
+//!
+//! hnsw_rs cannot delete: a removed or replaced id is marked dead and filtered
+//! out of every search, and the graph is rebuilt from the live vectors when
+//! the dead share passes `REBUILD_DEAD_FRACTION`. The graph is saved as a
+//! generation folder (`gen-N/`) named by `CURRENT`, which is replaced
+//! atomically (temporary file, fsync, rename), so a torn write leaves the
+//! previous generation in use. The sled store holds the same vectors and is
+//! the source of truth: whatever the saved graph lacks is re-inserted from it.
+//!
+//! Vectors are unit length and the distance is hnsw_rs's `DistDot`
+//! (`1 - dot`); its `simdeez_f` implementation clamps rounding above 1 that
+//! would otherwise panic on a vector compared with itself.
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use hnsw_rs::prelude::{AnnT, DistDot, Hnsw, HnswIo};
+
+/// Graph connectivity (M).
+const MAX_CONNECTIONS: usize = 24;
+const MAX_LAYERS: usize = 16;
+const EF_CONSTRUCTION: usize = 200;
+/// Search breadth floor; raised to k for larger k.
+pub const EF_SEARCH: usize = 64;
+/// Dead entries over total at which the graph is rebuilt.
+pub const REBUILD_DEAD_FRACTION: f64 = 0.2;
+const BASENAME: &str = "clipdex";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vector index I/O at {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("vector index: {0}")]
+    Hnsw(String),
+    #[error("vector of dimension {got}, the index holds {want}")]
+    Dimension { got: usize, want: usize },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.display().to_string(), source }
+}
+
+/// Scales a vector to unit length (in f64, so a stored vector's dot with
+/// itself stays within the rounding hnsw_rs tolerates).
+pub fn unit(v: &[f32]) -> Vec<f32> {
+    let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    if norm == 0.0 { v.to_vec() } else { v.iter().map(|&x| (x as f64 / norm) as f32).collect() }
+}
+
+/// Ids in the saved graph, and checksums of its files, next to it.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Members {
+    dim: usize,
+    live: Vec<u64>,
+    dead: Vec<u64>,
+    /// (file name, size, blake3) of every graph file. hnsw_rs exits the
+    /// process on a truncated file, so nothing unverified is handed to it.
+    #[serde(default)]
+    files: Vec<(String, u64, String)>,
+}
+
+fn checksum(path: &Path) -> Result<(u64, String)> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    Ok((bytes.len() as u64, blake3::hash(&bytes).to_hex().to_string()))
+}
+
+/// The vector index of one photo index.
+pub struct VectorIndex {
+    dir: PathBuf,
+    dim: usize,
+    hnsw: Hnsw<'static, f32, DistDot>,
+    live: HashSet<u64>,
+    dead: HashSet<u64>,
+    generation: u64,
+    changed: bool,
+}
+
+fn new_hnsw(capacity: usize) -> Hnsw<'static, f32, DistDot> {
+    Hnsw::new(MAX_CONNECTIONS, capacity.max(10_000), MAX_LAYERS, EF_CONSTRUCTION, DistDot {})
+}
+
+impl VectorIndex {
+    /// Opens the saved graph in `dir`, or starts an empty one. A missing or
+    /// unreadable generation gives an empty index (to be refilled from the
+    /// store), never an error that loses the index.
+    pub fn open(dir: &Path, dim: usize) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut index = Self {
+            dir: dir.to_path_buf(),
+            dim,
+            hnsw: new_hnsw(0),
+            live: HashSet::new(),
+            dead: HashSet::new(),
+            generation: 0,
+            changed: false,
+        };
+        let current = dir.join("CURRENT");
+        let Ok(name) = std::fs::read_to_string(&current) else { return Ok(index) };
+        let name = name.trim();
+        index.generation = name.strip_prefix("gen-").and_then(|g| g.parse().ok()).unwrap_or(0);
+        match load_generation(&dir.join(name), dim) {
+            Ok((hnsw, members)) => {
+                index.hnsw = hnsw;
+                index.live = members.live.into_iter().collect();
+                index.dead = members.dead.into_iter().collect();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "vector index unreadable; it will be rebuilt from the store");
+                index.changed = true;
+            }
+        }
+        Ok(index)
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    pub fn contains(&self, id: u64) -> bool {
+        self.live.contains(&id)
+    }
+
+    /// Live ids.
+    pub fn ids(&self) -> BTreeSet<u64> {
+        self.live.iter().copied().collect()
+    }
+
+    pub fn dead_fraction(&self) -> f64 {
+        let total = self.live.len() + self.dead.len();
+        if total == 0 { 0.0 } else { self.dead.len() as f64 / total as f64 }
+    }
+
+    /// Whether there are changes not yet saved.
+    pub fn is_changed(&self) -> bool {
+        self.changed
+    }
+
+    /// Adds vectors. An id already live is replaced (its old entry goes dead).
+    pub fn insert_batch(&mut self, items: &[(u64, Vec<f32>)]) -> Result<()> {
+        let mut fresh = Vec::with_capacity(items.len());
+        for (id, v) in items {
+            if v.len() != self.dim {
+                return Err(Error::Dimension { got: v.len(), want: self.dim });
+            }
+            if self.live.contains(id) || self.dead.contains(id) {
+                // hnsw_rs keeps one entry per id; an id is never reused by
+                // the store, so this only happens when re-filling after a crash.
+                continue;
+            }
+            fresh.push((unit(v), *id));
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<(&Vec<f32>, usize)> = fresh.iter().map(|(v, id)| (v, *id as usize)).collect();
+        let hnsw = &self.hnsw;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if refs.len() >= 32 {
+                hnsw.parallel_insert(&refs);
+            } else {
+                for (v, id) in &refs {
+                    hnsw.insert((v.as_slice(), *id));
+                }
+            }
+        }))
+        .map_err(|_| Error::Hnsw("insertion failed".into()))?;
+        self.live.extend(fresh.iter().map(|(_, id)| *id));
+        self.changed = true;
+        Ok(())
+    }
+
+    /// Marks ids as removed: never returned again.
+    pub fn remove(&mut self, ids: impl IntoIterator<Item = u64>) {
+        for id in ids {
+            if self.live.remove(&id) {
+                self.dead.insert(id);
+                self.changed = true;
+            }
+        }
+    }
+
+    /// The `k` nearest live vectors as (id, cosine similarity), best first.
+    /// `allow` restricts the result to ids it accepts.
+    pub fn search(&self, query: &[f32], k: usize, allow: Option<&dyn Fn(u64) -> bool>) -> Result<Vec<(u64, f32)>> {
+        if query.len() != self.dim {
+            return Err(Error::Dimension { got: query.len(), want: self.dim });
+        }
+        if k == 0 || self.live.is_empty() {
+            return Ok(Vec::new());
+        }
+        let query = unit(query);
+        let dead = &self.dead;
+        let filter = |id: &usize| -> bool {
+            let id = *id as u64;
+            !dead.contains(&id) && allow.is_none_or(|f| f(id))
+        };
+        let ef = EF_SEARCH.max(k);
+        let needs_filter = !dead.is_empty() || allow.is_some();
+        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if needs_filter {
+                self.hnsw.search_filter(&query, k, ef, Some(&filter))
+            } else {
+                self.hnsw.search(&query, k, ef)
+            }
+        }))
+        .map_err(|_| Error::Hnsw("search failed".into()))?;
+        Ok(found
+            .into_iter()
+            .filter(|n| filter(&n.d_id))
+            .map(|n| (n.d_id as u64, 1.0 - n.distance))
+            .take(k)
+            .collect())
+    }
+
+    /// Replaces the graph with one built from `vectors` (the live set).
+    pub fn rebuild(&mut self, vectors: impl IntoIterator<Item = (u64, Vec<f32>)>) -> Result<()> {
+        let items: Vec<(u64, Vec<f32>)> = vectors.into_iter().collect();
+        self.hnsw = new_hnsw(items.len() * 2);
+        self.live.clear();
+        self.dead.clear();
+        self.changed = true;
+        self.insert_batch(&items)
+    }
+
+    /// Saves the graph as a new generation and switches `CURRENT` to it atomically.
+    pub fn save(&mut self) -> Result<()> {
+        if !self.changed {
+            return Ok(());
+        }
+        let generation = self.generation + 1;
+        let name = format!("gen-{generation}");
+        let gen_dir = self.dir.join(&name);
+        if gen_dir.exists() {
+            std::fs::remove_dir_all(&gen_dir).map_err(io(&gen_dir))?;
+        }
+        std::fs::create_dir_all(&gen_dir).map_err(io(&gen_dir))?;
+        let mut files = Vec::new();
+        if !self.live.is_empty() || !self.dead.is_empty() {
+            self.hnsw.file_dump(&gen_dir, BASENAME).map_err(|e| Error::Hnsw(format!("dump failed: {e}")))?;
+            for ext in ["hnsw.graph", "hnsw.data"] {
+                let name = format!("{BASENAME}.{ext}");
+                let (size, hash) = checksum(&gen_dir.join(&name))?;
+                files.push((name, size, hash));
+            }
+        }
+        let members = Members {
+            dim: self.dim,
+            live: self.live.iter().copied().collect(),
+            dead: self.dead.iter().copied().collect(),
+            files,
+        };
+        write_synced(&gen_dir.join("members.json"), &serde_json::to_vec(&members).expect("members serialise"))?;
+        for entry in std::fs::read_dir(&gen_dir).map_err(io(&gen_dir))? {
+            let path = entry.map_err(io(&gen_dir))?.path();
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
+        }
+        sync_dir(&gen_dir)?;
+        write_synced(&self.dir.join("CURRENT"), name.as_bytes())?;
+        self.generation = generation;
+        self.changed = false;
+        // Older generations are no longer referenced.
+        for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))?.flatten() {
+            let file = entry.file_name();
+            let file = file.to_string_lossy();
+            if file.starts_with("gen-") && file != name {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Size of the saved graph on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        dir_size(&self.dir)
+    }
+}
+
+fn load_generation(dir: &Path, dim: usize) -> Result<(Hnsw<'static, f32, DistDot>, Members)> {
+    let text = std::fs::read(dir.join("members.json")).map_err(io(dir))?;
+    let members: Members = serde_json::from_slice(&text).map_err(|e| Error::Hnsw(format!("members: {e}")))?;
+    if members.dim != dim {
+        return Err(Error::Dimension { got: members.dim, want: dim });
+    }
+    if members.live.is_empty() && members.dead.is_empty() {
+        return Ok((new_hnsw(0), members));
+    }
+    if members.files.len() != 2 {
+        return Err(Error::Hnsw("graph files are not listed".into()));
+    }
+    for (name, size, hash) in &members.files {
+        if checksum(&dir.join(name))? != (*size, hash.clone()) {
+            return Err(Error::Hnsw(format!("{name} does not match its checksum")));
+        }
+    }
+    // hnsw_rs ties the graph's lifetime to its loader; the loader is small and
+    // kept for the life of the process.
+    let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, BASENAME)));
+    fn load(loader: &'static mut HnswIo) -> anyhow::Result<Hnsw<'static, f32, DistDot>> {
+        loader.load_hnsw::<f32, DistDot>()
+    }
+    let mut slot = Some(loader);
+    let hnsw = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(slot.take().expect("called once"))))
+        .map_err(|_| Error::Hnsw("graph files are corrupt".into()))?
+        .map_err(|e| Error::Hnsw(format!("cannot load graph: {e}")))?;
+    if hnsw.get_nb_point() != members.live.len() + members.dead.len() {
+        return Err(Error::Hnsw("graph and member list disagree".into()));
+    }
+    Ok((hnsw, members))
+}
+
+/// Writes a file through a temporary name, fsyncs it and renames it into place.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+pub(crate) fn dir_size(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vectors(n: usize, dim: usize) -> Vec<(u64, Vec<f32>)> {
+        let mut rng = crate::model::init::NormalRng::new(3);
+        (0..n).map(|i| (i as u64 + 1, unit(&(0..dim).map(|_| rng.normal() as f32).collect::<Vec<_>>()))).collect()
+    }
+
+    #[test]
+    fn finds_stored_vectors_themselves_without_panicking() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = VectorIndex::open(dir.path(), 32).unwrap();
+        let vs = vectors(300, 32);
+        index.insert_batch(&vs).unwrap();
+        // Exact duplicates too (the same photo at two paths).
+        let dup: Vec<_> = vs.iter().take(20).map(|(id, v)| (id + 1000, v.clone())).collect();
+        index.insert_batch(&dup).unwrap();
+        for (id, v) in &vs {
+            let hits = index.search(v, 3, None).unwrap();
+            assert!(hits.iter().any(|(h, _)| h == id), "{id} not found in {hits:?}");
+            assert!(hits[0].1 > 0.999);
+        }
+    }
+
+    #[test]
+    fn removed_ids_never_come_back_and_survive_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = vectors(200, 16);
+        {
+            let mut index = VectorIndex::open(dir.path(), 16).unwrap();
+            index.insert_batch(&vs).unwrap();
+            index.remove((1..=50).collect::<Vec<u64>>());
+            index.save().unwrap();
+        }
+        let index = VectorIndex::open(dir.path(), 16).unwrap();
+        assert_eq!(index.len(), 150);
+        for (_, v) in vs.iter().take(50) {
+            let hits = index.search(v, 10, None).unwrap();
+            assert_eq!(hits.len(), 10);
+            assert!(hits.iter().all(|(id, _)| *id > 50));
+        }
+        let only_odd = |id: u64| id % 2 == 1;
+        let hits = index.search(&vs[100].1, 5, Some(&only_odd)).unwrap();
+        assert!(hits.iter().all(|(id, _)| id % 2 == 1 && *id > 50));
+    }
+
+    #[test]
+    fn a_torn_generation_falls_back_to_empty_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut index = VectorIndex::open(dir.path(), 8).unwrap();
+            index.insert_batch(&vectors(50, 8)).unwrap();
+            index.save().unwrap();
+        }
+        let current = dir.path().join(std::fs::read_to_string(dir.path().join("CURRENT")).unwrap());
+        let data = current.join(format!("{BASENAME}.hnsw.data"));
+        let bytes = std::fs::read(&data).unwrap();
+        std::fs::write(&data, &bytes[..bytes.len() / 2]).unwrap();
+        let index = VectorIndex::open(dir.path(), 8).unwrap();
+        assert!(index.is_empty() && index.is_changed());
+    }
+}

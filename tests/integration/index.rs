@@ -1,0 +1,448 @@
+//! `clipdex index`, `reindex` and `status` as a user runs them, on a temporary
+//! library of shared photos plus every kind of bad file.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use clipdex::indexer::Index;
+use clipdex::store::PhotoRecord;
+
+use crate::common::{clipdex, fixture_model, fixtures, shared_photos, stderr, stdout};
+
+/// Files of the test library that must be skipped, with words of their reason.
+const BAD: &[(&str, &str)] = &[
+    ("bad/empty.jpg", "empty file"),
+    ("bad/truncated.jpg", "ends early"),
+    ("bad/text.jpg", "not an image"),
+    ("bad/bomb.png", "exceeds the limit"),
+    ("bad/broken-link.jpg", "broken symbolic link"),
+    ("bad/loop", "symbolic link loop"),
+    ("bad/caf\u{fffd}.jpg", "not valid UTF-8"),
+];
+
+struct Library {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    index: PathBuf,
+    /// Images that index cleanly.
+    good: usize,
+}
+
+fn model() -> String {
+    fixture_model("openai-tiny").display().to_string()
+}
+
+/// A PNG that claims to be 30,000 x 30,000 pixels (900 megapixels).
+fn bomb_png() -> Vec<u8> {
+    let mut png = Vec::new();
+    image::RgbImage::new(8, 8).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    // IHDR data starts at byte 16: width, height (big-endian), then its CRC at 29.
+    png[16..20].copy_from_slice(&30_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&30_000u32.to_be_bytes());
+    let mut crc = flate2::Crc::new();
+    crc.update(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+    png
+}
+
+fn copy_photos(from: &Path, to: &Path, take: usize) -> usize {
+    std::fs::create_dir_all(to).unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(from).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    for p in names.iter().take(take) {
+        std::fs::copy(p, to.join(p.file_name().unwrap())).unwrap();
+    }
+    take.min(names.len())
+}
+
+fn library(with_bad_files: bool) -> Library {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("photos");
+    let photos = shared_photos();
+    let mut good = 0;
+    good += copy_photos(&photos.join("gcompris/fishes"), &root.join("sea/fishes"), 12);
+    good += copy_photos(&photos.join("gcompris/monuments"), &root.join("travel/monuments"), 12);
+    good += copy_photos(&photos.join("gcompris/tools"), &root.join("tools"), 8);
+    std::fs::create_dir_all(root.join("wallpapers")).unwrap();
+    for w in ["debian_mate-backgrounds_nature/LadyBird.jpg", "pypi_scikit-image/camera.jpg"] {
+        let src = photos.join("wallpapers").join(w);
+        std::fs::copy(&src, root.join("wallpapers").join(src.file_name().unwrap())).unwrap();
+        good += 1;
+    }
+    for f in ["alpha.png", "palette.gif", "photo.webp", "orientation6.jpg", "cmyk.jpg"] {
+        std::fs::create_dir_all(root.join("formats")).unwrap();
+        std::fs::copy(fixtures().join("images").join(f), root.join("formats").join(f)).unwrap();
+        good += 1;
+    }
+    std::fs::write(root.join("sea/fishes/fish1.txt"), "a striped fish near the reef").unwrap();
+    if with_bad_files {
+        let bad = root.join("bad");
+        std::fs::create_dir_all(&bad).unwrap();
+        std::fs::write(bad.join("empty.jpg"), b"").unwrap();
+        let jpg = std::fs::read(fixtures().join("images/photo.jpg")).unwrap();
+        std::fs::write(bad.join("truncated.jpg"), &jpg[..jpg.len() / 2]).unwrap();
+        std::fs::write(bad.join("text.jpg"), b"hello, I am a text file\n").unwrap();
+        std::fs::write(bad.join("bomb.png"), bomb_png()).unwrap();
+        std::os::unix::fs::symlink(bad.join("nowhere.jpg"), bad.join("broken-link.jpg")).unwrap();
+        std::os::unix::fs::symlink(&root, bad.join("loop")).unwrap();
+        let name = std::ffi::OsStr::from_bytes(b"caf\xe9.jpg");
+        std::fs::copy(fixtures().join("images/photo.png"), bad.join(name)).unwrap();
+        // Not images at all: ignored, not reported.
+        std::fs::write(bad.join("notes.md"), b"# notes").unwrap();
+    }
+    let index = dir.path().join("index");
+    Library { root, index, good, _dir: dir }
+}
+
+fn index_cmd(lib: &Library, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["index", lib.root.to_str().unwrap(), "--index", lib.index.to_str().unwrap()];
+    let m = model();
+    args.extend(["--model", m.as_str(), "--json"]);
+    args.extend(extra);
+    clipdex(&args)
+}
+
+fn reindex(lib: &Library) -> serde_json::Value {
+    let out = clipdex(&["reindex", "--index", lib.index.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "reindex failed: {}", stderr(&out));
+    serde_json::from_str(stdout(&out).trim()).unwrap()
+}
+
+fn status(lib: &Library) -> serde_json::Value {
+    let out = clipdex(&["status", "--index", lib.index.to_str().unwrap(), "--json", "--check"]);
+    assert!(out.status.success(), "status failed: {}\n{}", stderr(&out), stdout(&out));
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+fn records(lib: &Library) -> Vec<PhotoRecord> {
+    let index = Index::open(&lib.index).unwrap();
+    index.store().records().collect::<Result<Vec<_>, _>>().unwrap()
+}
+
+fn by_path<'a>(records: &'a [PhotoRecord], path: &str) -> &'a PhotoRecord {
+    records.iter().find(|r| r.path == path).unwrap_or_else(|| panic!("no record for {path}"))
+}
+
+fn counts(run: &serde_json::Value) -> [u64; 8] {
+    let n = |k: &str| run[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {run}"));
+    [n("added"), n("replaced"), n("moved"), n("duplicates"), n("updated"), n("removed"), n("skipped"), n("unchanged")]
+}
+
+fn assert_consistent(lib: &Library, photos: usize) {
+    let s = status(lib);
+    let check = &s["check"];
+    assert_eq!(check["consistent"], true, "{check}");
+    assert_eq!(check["records"].as_u64().unwrap() as usize, photos, "{check}");
+    assert_eq!(check["vectors"], check["records"]);
+    assert_eq!(check["keywords"], check["records"]);
+}
+
+#[test]
+fn index_skips_bad_files_with_reasons_and_keeps_metadata() {
+    let lib = library(true);
+    let out = index_cmd(&lib, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(run["added"].as_u64().unwrap() as usize, lib.good);
+    assert_eq!(run["skipped"].as_u64().unwrap() as usize, BAD.len());
+    assert_consistent(&lib, lib.good);
+
+    let s = status(&lib);
+    let skipped: Vec<(String, String)> = s["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k["path"].as_str().unwrap().to_string(), k["reason"].as_str().unwrap().to_string()))
+        .collect();
+    for (path, why) in BAD {
+        let found = skipped.iter().find(|(p, _)| p == path);
+        let (_, reason) = found.unwrap_or_else(|| panic!("{path} not reported in {skipped:?}"));
+        assert!(reason.contains(why), "{path}: {reason:?} should mention {why:?}");
+    }
+    assert_eq!(s["library"].as_str().unwrap(), std::fs::canonicalize(&lib.root).unwrap().to_str().unwrap());
+    assert!(s["model"]["fingerprint"].as_str().unwrap().len() == 16);
+    assert!(s["size_on_disk"]["thumbnails"].as_u64().unwrap() > 0);
+
+    let recs = records(&lib);
+    let fish = by_path(&recs, "sea/fishes/fish1.jpg");
+    assert_eq!(fish.caption.as_deref(), Some("a striped fish near the reef"));
+    let turned = by_path(&recs, "formats/orientation6.jpg");
+    assert_eq!((turned.width, turned.height, turned.orientation), (150, 100, 6));
+    let ladybird = by_path(&recs, "wallpapers/LadyBird.jpg");
+    assert_eq!((ladybird.width, ladybird.height, ladybird.format.as_str()), (2560, 1600, "jpeg"));
+    // Thumbnails exist for every photo and fit 256 px.
+    let index = Index::open(&lib.index).unwrap();
+    for r in &recs {
+        let thumb = image::open(index.thumbnail_path(r)).unwrap();
+        assert!(thumb.width().max(thumb.height()) <= 256, "{}", r.path);
+    }
+    // Find-similar on every stored vector: itself first, no panic.
+    for r in &recs {
+        let v = index.store().vector(r.id).unwrap().unwrap();
+        let hits = index.vectors().search(&v, 5, None).unwrap();
+        assert!(hits[0].1 > 0.999, "{}: {hits:?}", r.path);
+        assert!(hits.iter().any(|(id, _)| *id == r.id));
+    }
+    drop(index);
+
+    // Nothing changed: nothing embedded, bad files not retried.
+    let again = reindex(&lib);
+    assert_eq!(counts(&again), [0, 0, 0, 0, 0, 0, BAD.len() as u64, lib.good as u64]);
+}
+
+#[test]
+fn reindex_finds_exactly_what_changed() {
+    let lib = library(false);
+    assert!(index_cmd(&lib, &[]).status.success());
+    let before = records(&lib);
+    let photos = shared_photos();
+    let root = &lib.root;
+
+    // New file.
+    std::fs::copy(photos.join("gcompris/others").read_dir().unwrap().next().unwrap().unwrap().path(), root.join("new.jpg"))
+        .unwrap();
+    // Content changed at the same path.
+    std::fs::copy(photos.join("wallpapers/pypi_scikit-image/coffee.jpg"), root.join("tools").join(&before_name(&before, "tools/"))).unwrap();
+    // Deleted.
+    let deleted = before_name_full(&before, "travel/monuments/");
+    std::fs::remove_file(root.join(&deleted)).unwrap();
+    // Renamed into another folder.
+    let renamed = before_name_full(&before, "sea/fishes/fish2");
+    std::fs::create_dir_all(root.join("archive")).unwrap();
+    std::fs::rename(root.join(&renamed), root.join("archive/renamed.jpg")).unwrap();
+    // Duplicate: the same content at a second path.
+    std::fs::copy(root.join("wallpapers/camera.jpg"), root.join("wallpapers/camera-copy.jpg")).unwrap();
+    // Caption edited; another file only touched.
+    std::fs::write(root.join("sea/fishes/fish1.txt"), "an orange fish").unwrap();
+    let touched = root.join("formats/photo.webp");
+    let f = std::fs::File::options().append(true).open(&touched).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5)).unwrap();
+    drop(f);
+
+    let run = reindex(&lib);
+    // added, replaced, moved, duplicates, updated, removed, skipped, unchanged
+    let unchanged = lib.good as u64 - 1 /*replaced*/ - 1 /*deleted*/ - 1 /*renamed*/ - 2 /*caption, touch*/;
+    assert_eq!(counts(&run), [1, 1, 1, 1, 2, 1, 0, unchanged]);
+    assert_eq!(run["embedded"], 2);
+
+    let after = records(&lib);
+    assert_eq!(after.len(), lib.good + 1 /*new*/ + 1 /*duplicate*/ - 1 /*deleted*/);
+    // The renamed photo kept its id; the changed one got a new id.
+    let old = by_path(&before, &renamed);
+    let moved = by_path(&after, "archive/renamed.jpg");
+    assert_eq!((moved.id, &moved.hash), (old.id, &old.hash));
+    let changed_path = format!("tools/{}", before_name(&before, "tools/"));
+    assert_ne!(by_path(&after, &changed_path).id, by_path(&before, &changed_path).id);
+    assert!(after.iter().all(|r| r.path != deleted));
+    let (a, b) = (by_path(&after, "wallpapers/camera.jpg"), by_path(&after, "wallpapers/camera-copy.jpg"));
+    assert_eq!(a.hash, b.hash);
+    assert_ne!(a.id, b.id);
+    assert_eq!(by_path(&after, "sea/fishes/fish1.jpg").caption.as_deref(), Some("an orange fish"));
+    // Removed and replaced ids are gone from every part of the index.
+    let index = Index::open(&lib.index).unwrap();
+    let ids: BTreeSet<u64> = after.iter().map(|r| r.id).collect();
+    assert_eq!(index.vectors().ids(), ids);
+    assert_eq!(index.keywords().ids().unwrap(), ids);
+    let gone = by_path(&before, &changed_path).id;
+    let v = by_path(&after, &changed_path);
+    let hits = index.vectors().search(&index.store().vector(v.id).unwrap().unwrap(), 50, None).unwrap();
+    assert!(hits.iter().all(|(id, _)| *id != gone));
+    drop(index);
+
+    let quiet = reindex(&lib);
+    assert_eq!(quiet["embedded"], 0);
+    assert_eq!(quiet["unchanged"].as_u64().unwrap() as usize, after.len());
+    assert_consistent(&lib, after.len());
+}
+
+fn before_name(records: &[PhotoRecord], prefix: &str) -> String {
+    before_name_full(records, prefix).rsplit('/').next().unwrap().to_string()
+}
+
+fn before_name_full(records: &[PhotoRecord], prefix: &str) -> String {
+    let mut paths: Vec<&str> = records.iter().map(|r| r.path.as_str()).filter(|p| p.starts_with(prefix)).collect();
+    paths.sort();
+    paths[0].to_string()
+}
+
+#[test]
+fn killed_runs_resume_and_end_consistent() {
+    let lib = library(true);
+    // Slow the run down so that the kills land mid-way: full-size decodes of
+    // large photos, one worker, small batches.
+    let photos = shared_photos().join("wallpapers");
+    let mut extra = copy_photos(&photos.join("debian_mate-backgrounds_nature"), &lib.root.join("more"), 12);
+    extra += copy_photos(&photos.join("debian_lomiri-wallpapers-16.04"), &lib.root.join("large"), 13);
+    // LadyBird.jpg is in more/ too: a duplicate, which is a photo of its own.
+    let expected = lib.good + extra;
+    let m = model();
+    let args = [
+        "index", lib.root.to_str().unwrap(), "--index", lib.index.to_str().unwrap(), "--model", m.as_str(),
+        "--exact-decode", "--workers", "1", "--batch", "2",
+    ];
+    let mut state = 12345u64;
+    let mut kills = 0;
+    for _ in 0..10 {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let delay = 40 + (state >> 33) % 260;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_clipdex"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+            child.wait().unwrap();
+            // Whatever the moment of the kill, the index opens consistent.
+            if lib.index.join("db").exists() {
+                let s = status(&lib);
+                assert_eq!(s["check"]["consistent"], true, "after kill {kills}: {}", s["check"]);
+            }
+        } else {
+            child.wait().unwrap();
+        }
+    }
+    eprintln!("{kills} runs killed mid-way");
+    assert!(kills >= 3, "only {kills} runs were killed mid-way");
+    let out = clipdex(&args.iter().copied().chain(["--json"]).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let recs = records(&lib);
+    let paths: BTreeSet<&str> = recs.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths.len(), recs.len(), "a path was indexed twice");
+    assert_eq!(recs.len(), expected, "photos indexed after resuming");
+    assert_consistent(&lib, expected);
+}
+
+#[test]
+fn a_second_process_is_refused_while_the_index_is_open() {
+    let lib = library(false);
+    assert!(index_cmd(&lib, &[]).status.success());
+    let held = Index::open(&lib.index).unwrap();
+    let out = clipdex(&["reindex", "--index", lib.index.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("in use by another clipdex process"), "{}", stderr(&out));
+    let out = index_cmd(&lib, &[]);
+    assert!(!out.status.success() && stderr(&out).contains("in use"), "{}", stderr(&out));
+    // status reports the run in progress instead of failing.
+    let out = clipdex(&["status", "--index", lib.index.to_str().unwrap()]);
+    assert!(out.status.success() && stdout(&out).contains("in use"), "{}", stdout(&out));
+    drop(held);
+    assert_consistent(&lib, lib.good);
+}
+
+#[test]
+fn unreadable_files_are_skipped() {
+    let lib = library(false);
+    let secret = lib.root.join("secret.jpg");
+    std::fs::copy(fixtures().join("images/photo.jpg"), &secret).unwrap();
+    let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(m)).unwrap();
+    mode(&secret, 0o000);
+    let root_user = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap().trim() == "0";
+    let m = model();
+    let args =
+        ["index", lib.root.to_str().unwrap(), "--index", lib.index.to_str().unwrap(), "--model", m.as_str(), "--json"];
+    let out = if root_user {
+        // Root reads everything: run as nobody, with the folders opened up to it.
+        let top = lib.root.parent().unwrap();
+        for entry in walkdir::WalkDir::new(top) {
+            let e = entry.unwrap();
+            if e.path() != secret {
+                mode(e.path(), if e.file_type().is_dir() { 0o777 } else { 0o644 });
+            }
+        }
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_clipdex")])
+            .args(args)
+            .output()
+            .unwrap()
+    } else {
+        clipdex(&args)
+    };
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(run["skipped"], 1);
+    assert_eq!(run["added"].as_u64().unwrap() as usize, lib.good);
+    let index = Index::open(&lib.index).unwrap();
+    let skipped = index.store().skipped().unwrap();
+    assert_eq!(skipped.len(), 1);
+    assert!(skipped[0].1.reason.contains("permission denied"), "{:?}", skipped[0]);
+}
+
+#[test]
+fn opens_an_index_of_the_previous_format() {
+    let lib = library(false);
+    assert!(index_cmd(&lib, &[]).status.success());
+    // Turn it into a format-1 index: no content-hash lookup, version 1.
+    {
+        let index = Index::open(&lib.index).unwrap();
+        let tree = index.store().raw_tree();
+        let keys: Vec<_> = tree.scan_prefix(b"h:").keys().map(|k| k.unwrap()).collect();
+        assert!(!keys.is_empty());
+        for k in keys {
+            tree.remove(k).unwrap();
+        }
+        let mut meta = index.store().meta().unwrap();
+        meta.format_version = 1;
+        index.store().set_meta(&meta).unwrap();
+    }
+    // A rename needs the hash lookup that migration 2 rebuilds.
+    let before = records(&lib);
+    let old = by_path(&before, "wallpapers/camera.jpg").clone();
+    std::fs::rename(lib.root.join("wallpapers/camera.jpg"), lib.root.join("wallpapers/cameraman.jpg")).unwrap();
+    let run = reindex(&lib);
+    assert_eq!(run["moved"], 1, "{run}");
+    assert_eq!(run["embedded"], 0, "{run}");
+    let s = status(&lib);
+    assert_eq!(s["format_version"], 2);
+    assert_eq!(by_path(&records(&lib), "wallpapers/cameraman.jpg").id, old.id);
+}
+
+#[test]
+fn newer_formats_and_other_models_are_refused() {
+    let lib = library(false);
+    assert!(index_cmd(&lib, &[]).status.success());
+    let laion = fixture_model("laion-tiny").display().to_string();
+    let out = clipdex(&["index", lib.root.to_str().unwrap(), "--index", lib.index.to_str().unwrap(), "--model", &laion]);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("was built with model") && err.contains("another space"), "{err}");
+
+    let other = tempfile::tempdir().unwrap();
+    let out = clipdex(&["index", other.path().to_str().unwrap(), "--index", lib.index.to_str().unwrap(), "--model", &model()]);
+    assert!(!out.status.success() && stderr(&out).contains("belongs to the library"), "{}", stderr(&out));
+
+    {
+        let index = Index::open(&lib.index).unwrap();
+        let mut meta = index.store().meta().unwrap();
+        meta.format_version = 99;
+        index.store().set_meta(&meta).unwrap();
+    }
+    let out = clipdex(&["status", "--index", lib.index.to_str().unwrap()]);
+    assert!(!out.status.success() && stderr(&out).contains("newer than this clipdex"), "{}", stderr(&out));
+
+    let out = clipdex(&["reindex", "--index", "/no/such/index"]);
+    assert!(!out.status.success() && stderr(&out).contains("no index at"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_torn_vector_graph_is_rebuilt_from_the_store() {
+    let lib = library(false);
+    assert!(index_cmd(&lib, &[]).status.success());
+    let vectors = lib.index.join("vectors");
+    let current = std::fs::read_to_string(vectors.join("CURRENT")).unwrap();
+    let data = vectors.join(current.trim()).join("clipdex.hnsw.data");
+    let bytes = std::fs::read(&data).unwrap();
+    let mut f = std::fs::File::create(&data).unwrap();
+    f.write_all(&bytes[..bytes.len() / 3]).unwrap();
+    drop(f);
+    assert_consistent(&lib, lib.good);
+    // And a missing CURRENT.
+    std::fs::remove_file(vectors.join("CURRENT")).unwrap();
+    assert_consistent(&lib, lib.good);
+}
