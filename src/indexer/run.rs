@@ -30,7 +30,7 @@ use serde::Serialize;
 use super::{io_err, now_secs, Error, Index, Result};
 use crate::library::meta::{caption, read_meta, PhotoMeta};
 use crate::library::scan::{scan, ScannedFile};
-use crate::library::thumb::{encode_thumbnail, thumb_path, write_thumbnail};
+use crate::library::thumb::{encode_thumbnail, thumb_path, write_thumbnail, THUMB_SIZE};
 use crate::library::{decode_bytes_scaled, DecodeLimits};
 use crate::model::{Clip, Preprocessor, RgbView};
 use crate::store::{CaptionSource, Change, FileSig, PhotoRecord, RunSummary, SkipRecord};
@@ -148,6 +148,10 @@ impl Progress {
             removed: self.removed,
             skipped: self.skipped,
             unchanged: self.unchanged,
+            bytes_read: self.bytes_read,
+            decode_seconds: self.decode_seconds,
+            embed_seconds: self.embed_seconds,
+            elapsed_seconds: self.elapsed_seconds,
         }
     }
 }
@@ -217,7 +221,18 @@ fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
     done.outcome = match decode_bytes_scaled(&bytes, &ctx.limits, ctx.min_side) {
         Err(e) => Outcome::Failed(e.to_string()),
         Ok(image) => {
-            match encode_thumbnail(&image.rgb) {
+            let (width, height) = image.upright_size();
+            let full = RgbView::new(image.rgb.width() as usize, image.rgb.height() as usize, image.rgb.as_raw())
+                .expect("a decoded image is a valid view");
+            // Resize once; the thumbnail comes from the resized image, not
+            // from a second pass over the original.
+            let resized = ctx.preprocessor.resize(full);
+            let small = match &resized {
+                Some((data, w, h)) => RgbView { width: *w, height: *h, data },
+                None => full,
+            };
+            let thumb_source = if small.width.max(small.height) >= THUMB_SIZE as usize { small } else { full };
+            match encode_thumbnail(thumb_source) {
                 Ok(jpeg) => {
                     if let Err(e) = write_thumbnail(&ctx.thumbs, &done.hash, &jpeg) {
                         tracing::warn!(path = %done.job.file.rel, error = %e, "cannot write thumbnail");
@@ -225,12 +240,12 @@ fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
                 }
                 Err(e) => tracing::warn!(path = %done.job.file.rel, error = %e, "cannot encode thumbnail"),
             }
-            let (width, height) = image.upright_size();
-            let view = RgbView::new(image.rgb.width() as usize, image.rgb.height() as usize, image.rgb.as_raw())
-                .expect("a decoded image is a valid view");
+            let crop = ctx.preprocessor.crop(small);
+            let mut pixels = vec![0f32; crop.len()];
+            ctx.preprocessor.normalize_into(&crop, &mut pixels);
             let format = image.format.extensions_str().first().copied().unwrap_or("image");
             let format = if format == "jpg" { "jpeg" } else { format };
-            Outcome::Decoded { width, height, format: format.to_string(), pixels: ctx.preprocessor.preprocess(view) }
+            Outcome::Decoded { width, height, format: format.to_string(), pixels }
         }
     };
     done.seconds = start.elapsed().as_secs_f64();
@@ -623,6 +638,7 @@ pub fn run(
         runner.index.rebuild_vectors()?;
     }
     runner.index.vectors.save()?;
+    runner.progress.elapsed_seconds = runner.started.elapsed().as_secs_f64();
     let summary = runner.progress.summary();
     runner.index.store.set_last_run(&summary)?;
     runner.progress.phase = Phase::Done;

@@ -21,21 +21,18 @@ pub fn thumb_path(thumbs: &Path, hash: &str) -> PathBuf {
 }
 
 /// Encodes a thumbnail of an upright RGB image.
-pub fn encode_thumbnail(rgb: &RgbImage) -> Result<Vec<u8>, image::ImageError> {
-    let (w, h) = rgb.dimensions();
+pub fn encode_thumbnail(image: RgbView) -> Result<Vec<u8>, image::ImageError> {
+    let (w, h) = (image.width as u32, image.height as u32);
     let scale = THUMB_SIZE as f64 / w.max(h) as f64;
-    let small;
-    let image = if scale < 1.0 {
+    let small = if scale < 1.0 {
         let (tw, th) = (((w as f64 * scale).round() as u32).max(1), ((h as f64 * scale).round() as u32).max(1));
-        let view = RgbView::new(w as usize, h as usize, rgb.as_raw()).expect("an RgbImage is a valid view");
-        small = RgbImage::from_raw(tw, th, resample(view, tw as usize, th as usize, Resample::Bicubic))
-            .expect("resample returns w*h*3 bytes");
-        &small
+        RgbImage::from_raw(tw, th, resample(image, tw as usize, th as usize, Resample::Bicubic))
     } else {
-        rgb
+        RgbImage::from_raw(w, h, image.data.to_vec())
     };
+    let small = small.expect("w*h*3 bytes");
     let mut out = Vec::new();
-    JpegEncoder::new_with_quality(&mut out, QUALITY).encode_image(image)?;
+    JpegEncoder::new_with_quality(&mut out, QUALITY).encode_image(&small)?;
     Ok(out)
 }
 
@@ -62,11 +59,12 @@ mod tests {
     #[test]
     fn thumbnails_fit_the_box() {
         let image = RgbImage::from_pixel(1000, 400, image::Rgb([10, 200, 30]));
-        let jpeg = encode_thumbnail(&image).unwrap();
+        let view = |i: &RgbImage| RgbView::new(i.width() as usize, i.height() as usize, i.as_raw()).unwrap();
+        let jpeg = encode_thumbnail(view(&image)).unwrap();
         let back = image::load_from_memory(&jpeg).unwrap();
         assert_eq!((back.width(), back.height()), (256, 102));
         let small = RgbImage::new(100, 50);
-        let back = image::load_from_memory(&encode_thumbnail(&small).unwrap()).unwrap();
+        let back = image::load_from_memory(&encode_thumbnail(view(&small)).unwrap()).unwrap();
         assert_eq!((back.width(), back.height()), (100, 50));
     }
 }

@@ -277,17 +277,25 @@ impl Preprocessor {
 
     /// Resizes and centre-crops: the 8-bit stage of the pipeline, (h, w, 3) interleaved.
     pub fn resize_and_crop(&self, image: RgbView) -> Vec<u8> {
+        match self.resize(image) {
+            Some((data, width, height)) => self.crop(RgbView { width, height, data: &data }),
+            None => self.crop(image),
+        }
+    }
+
+    /// The resize step alone: the image at its pre-crop size, `None` when it
+    /// already has that size. (The indexer makes thumbnails from this.)
+    pub fn resize(&self, image: RgbView) -> Option<(Vec<u8>, usize, usize)> {
         let (rw, rh) = self.resized_size(image.width, image.height);
-        let resized;
-        let (data, width, height) = if (rw, rh) == (image.width, image.height) {
-            (image.data, image.width, image.height)
-        } else {
-            resized = resample(image, rw.max(1), rh.max(1), self.resample);
-            (resized.as_slice(), rw.max(1), rh.max(1))
-        };
+        let (rw, rh) = (rw.max(1), rh.max(1));
+        ((rw, rh) != (image.width, image.height)).then(|| (resample(image, rw, rh, self.resample), rw, rh))
+    }
+
+    /// The crop step alone, on a resized image.
+    pub fn crop(&self, resized: RgbView) -> Vec<u8> {
         match self.crop {
-            Some((ch, cw)) => center_crop(data, width, height, cw, ch),
-            None => data.to_vec(),
+            Some((ch, cw)) => center_crop(resized.data, resized.width, resized.height, cw, ch),
+            None => resized.data.to_vec(),
         }
     }
 

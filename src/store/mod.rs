@@ -180,6 +180,18 @@ pub struct RunSummary {
     pub removed: u64,
     pub skipped: u64,
     pub unchanged: u64,
+    /// Bytes of image files read.
+    #[serde(default)]
+    pub bytes_read: u64,
+    /// Worker time reading, hashing, decoding and preprocessing (summed over workers).
+    #[serde(default)]
+    pub decode_seconds: f64,
+    /// Time in the model.
+    #[serde(default)]
+    pub embed_seconds: f64,
+    /// Wall time of the run.
+    #[serde(default)]
+    pub elapsed_seconds: f64,
 }
 
 /// One change to the store; a batch of them commits atomically.

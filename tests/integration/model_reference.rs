@@ -148,3 +148,35 @@ fn pytorch_pickle_weights_load_like_safetensors() {
     let d = max_abs_diff(&clip.image_features(&r.tensors["pixel_values"]).unwrap(), &r.tensors["image_features"]);
     assert!(d <= EXACT, "pickle image features differ by {d}");
 }
+
+#[test]
+fn reduced_size_jpeg_decoding_stays_close_to_exact() {
+    // The indexer decodes large JPEGs at 1/2..1/8 size in the DCT, keeping the
+    // short side at least twice the model's input. How far that moves the
+    // embeddings, on the real photos of the reference set:
+    let photos = shared_photos();
+    let limits = DecodeLimits::default();
+    for name in fixture_models() {
+        let clip = load(&name);
+        let r = reference(&name);
+        let min_side = 2 * clip.preprocessor().image_size() as u32;
+        let (mut worst_cos, mut worst_abs) = (1f32, 0f32);
+        for p in &r.photos {
+            let bytes = std::fs::read(photos.join(p)).unwrap();
+            let exact = clipdex::library::decode_bytes(&bytes, &limits).unwrap();
+            let scaled = clipdex::library::decode_bytes_scaled(&bytes, &limits, Some(min_side)).unwrap();
+            assert!(scaled.rgb.width().min(scaled.rgb.height()) >= min_side.min(exact.rgb.width().min(exact.rgb.height())));
+            fn view(d: &clipdex::library::DecodedImage) -> RgbView<'_> {
+                RgbView::new(d.rgb.width() as usize, d.rgb.height() as usize, d.rgb.as_raw()).unwrap()
+            }
+            let a = clip.embed_images(&[view(&exact)]).unwrap().remove(0);
+            let b = clip.embed_images(&[view(&scaled)]).unwrap().remove(0);
+            let cos: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            let abs = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            worst_cos = worst_cos.min(cos);
+            worst_abs = worst_abs.max(abs);
+        }
+        eprintln!("{name}: DCT-scaled decoding: worst cosine to exact {worst_cos:.5}, worst max abs {worst_abs:.4}");
+        assert!(worst_cos > 0.99, "{name}: cosine {worst_cos}");
+    }
+}
