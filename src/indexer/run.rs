@@ -182,6 +182,9 @@ struct Done {
 /// What a worker needs.
 struct WorkerContext<'a> {
     known: &'a HashSet<String>,
+    /// Content hashes a worker has taken on this run: a second file with the
+    /// same content waits for the first one's embedding instead of decoding.
+    claimed: std::sync::Mutex<HashSet<String>>,
     preprocessor: &'a Preprocessor,
     thumbs: PathBuf,
     limits: DecodeLimits,
@@ -214,7 +217,9 @@ fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
     done.hash = blake3::hash(&bytes).to_hex().to_string();
     done.meta = read_meta(&bytes);
     done.caption = caption(done.job.file.sidecar.as_ref().map(|(p, _)| p.as_path()), &done.meta);
-    if ctx.known.contains(&done.hash) && !force_decode && !bytes.is_empty() {
+    let known = ctx.known.contains(&done.hash)
+        || !ctx.claimed.lock().expect("claimed set lock").insert(done.hash.clone());
+    if known && !force_decode && !bytes.is_empty() {
         done.seconds = start.elapsed().as_secs_f64();
         return done;
     }
@@ -291,9 +296,23 @@ struct Runner<'a> {
     removed_hashes: HashSet<String>,
     last_commit: Instant,
     last_save: Instant,
+    /// Hashes the index had when the run started.
+    known_at_start: &'a HashSet<String>,
+    /// Files whose content another file of this run is bringing in.
+    deferred: Vec<Done>,
+    /// Set once no more embeddings are coming: deferred files decode themselves.
+    finishing: bool,
 }
 
 impl Runner<'_> {
+    /// Retries files waiting for their content's first copy to be committed.
+    fn retry_deferred(&mut self, ctx: &WorkerContext) -> Result<()> {
+        for done in std::mem::take(&mut self.deferred) {
+            self.handle(done, ctx)?;
+        }
+        Ok(())
+    }
+
     fn tick(&mut self) {
         self.progress.elapsed_seconds = self.started.elapsed().as_secs_f64();
         (self.callback)(&self.progress);
@@ -365,7 +384,15 @@ impl Runner<'_> {
                 return Ok(());
             }
         }
-        // The content's records went away during this run: decode it after all.
+        // Content another file of this run carries, not committed yet: wait for it.
+        if !self.known_at_start.contains(&done.hash) && !self.finishing {
+            self.progress.processed -= 1;
+            self.progress.bytes_read -= done.bytes;
+            self.progress.decode_seconds -= done.seconds;
+            self.deferred.push(done);
+            return Ok(());
+        }
+        // The content's records went away (or never came): decode it after all.
         self.progress.processed -= 1;
         self.progress.bytes_read -= done.bytes;
         self.progress.decode_seconds -= done.seconds;
@@ -538,6 +565,7 @@ pub fn run(
     let min_side = (!opts.exact_decode).then(|| 2 * clip.preprocessor().image_size() as u32);
     let ctx = WorkerContext {
         known: &known,
+        claimed: std::sync::Mutex::new(HashSet::new()),
         preprocessor: clip.preprocessor(),
         thumbs: index.paths.thumbs(),
         limits: opts.limits,
@@ -557,6 +585,9 @@ pub fn run(
         removed_hashes: HashSet::new(),
         last_commit: Instant::now(),
         last_save: Instant::now(),
+        known_at_start: &known,
+        deferred: Vec::new(),
+        finishing: false,
     };
     runner.tick();
 
@@ -594,6 +625,7 @@ pub fn run(
                 if runner.to_embed.len() >= batch {
                     runner.embed()?;
                     runner.commit()?;
+                    runner.retry_deferred(ctx)?;
                 } else if runner.changes.len() >= 256 || runner.last_commit.elapsed() > Duration::from_secs(2) {
                     runner.commit()?;
                 }
@@ -606,6 +638,12 @@ pub fn run(
         })()
     });
     result?;
+    runner.embed()?;
+    runner.commit()?;
+    runner.retry_deferred(&ctx)?;
+    // What still waits decodes itself (its first copy failed, say).
+    runner.finishing = true;
+    runner.retry_deferred(&ctx)?;
     runner.embed()?;
     runner.commit()?;
     if stop.load(Ordering::Relaxed) {

@@ -59,7 +59,9 @@ mod tests {
     #[test]
     fn thumbnails_fit_the_box() {
         let image = RgbImage::from_pixel(1000, 400, image::Rgb([10, 200, 30]));
-        let view = |i: &RgbImage| RgbView::new(i.width() as usize, i.height() as usize, i.as_raw()).unwrap();
+        fn view(i: &RgbImage) -> RgbView<'_> {
+            RgbView::new(i.width() as usize, i.height() as usize, i.as_raw()).unwrap()
+        }
         let jpeg = encode_thumbnail(view(&image)).unwrap();
         let back = image::load_from_memory(&jpeg).unwrap();
         assert_eq!((back.width(), back.height()), (256, 102));

@@ -144,12 +144,17 @@ fn assert_consistent(lib: &Library, photos: usize) {
 #[test]
 fn index_skips_bad_files_with_reasons_and_keeps_metadata() {
     let lib = library(true);
+    // The same photo twice in the first run: embedded once, listed twice.
+    std::fs::create_dir_all(lib.root.join("copies")).unwrap();
+    std::fs::copy(lib.root.join("wallpapers/LadyBird.jpg"), lib.root.join("copies/LadyBird.jpg")).unwrap();
     let out = index_cmd(&lib, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let run: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(run["added"].as_u64().unwrap() as usize, lib.good);
+    assert_eq!(run["duplicates"], 1);
     assert_eq!(run["skipped"].as_u64().unwrap() as usize, BAD.len());
-    assert_consistent(&lib, lib.good);
+    let photos = lib.good + 1;
+    assert_consistent(&lib, photos);
 
     let s = status(&lib);
     let skipped: Vec<(String, String)> = s["skipped"]
@@ -191,7 +196,7 @@ fn index_skips_bad_files_with_reasons_and_keeps_metadata() {
 
     // Nothing changed: nothing embedded, bad files not retried.
     let again = reindex(&lib);
-    assert_eq!(counts(&again), [0, 0, 0, 0, 0, 0, BAD.len() as u64, lib.good as u64]);
+    assert_eq!(counts(&again), [0, 0, 0, 0, 0, 0, BAD.len() as u64, photos as u64]);
 }
 
 #[test]
