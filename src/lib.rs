@@ -7,5 +7,7 @@ pub mod indexer;
 pub mod keyword;
 pub mod library;
 pub mod model;
+pub mod search;
+pub mod server;
 pub mod store;
 pub mod vector;

@@ -13,7 +13,7 @@ use crate::indexer::{self, Index, Phase, Progress, RunOptions};
 use crate::model::{Clip, HubOptions, ModelSource};
 use crate::store::RunSummary;
 
-fn run_options(args: &RunArgs) -> RunOptions {
+pub(super) fn run_options(args: &RunArgs) -> RunOptions {
     let mut opts = RunOptions::default();
     if let Some(b) = args.batch {
         opts.batch_size = b.max(1);
@@ -31,22 +31,22 @@ pub fn index(args: &IndexArgs) -> Result<()> {
     }
     let source = args.model.source()?;
     let clip = Clip::load(&source, &args.model.hub(true)).with_context(|| format!("cannot load model {source}"))?;
-    let mut index = Index::create_or_open(&args.index, &args.library, clip.info())?;
-    run(&mut index, &clip, &args.run, args.json)
+    let index = Index::create_or_open(&args.index, &args.library, clip.info())?;
+    run(&index, &clip, &args.run, args.json)
 }
 
 pub fn reindex(args: &ReindexArgs) -> Result<()> {
-    let mut index = Index::open(&args.index)?;
+    let index = Index::open(&args.index)?;
     let model_id = index.meta().model.id.clone();
     let source = ModelSource::parse(&model_id).with_context(|| {
         format!("the index's model {model_id} is no longer available; restore it, or build a new index")
     })?;
     let hub = HubOptions::from_env(args.offline, true);
     let clip = Clip::load(&source, &hub).with_context(|| format!("cannot load the index's model {model_id}"))?;
-    run(&mut index, &clip, &args.run, args.json)
+    run(&index, &clip, &args.run, args.json)
 }
 
-fn run(index: &mut Index, clip: &Clip, args: &RunArgs, json: bool) -> Result<()> {
+fn run(index: &Index, clip: &Clip, args: &RunArgs, json: bool) -> Result<()> {
     let opts = run_options(args);
     let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(200));

@@ -4,6 +4,8 @@
 
 mod embed;
 mod index;
+mod search;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -38,6 +40,140 @@ pub enum Command {
     Reindex(ReindexArgs),
     /// Show an index: counts, model, library, size, last run, skipped files.
     Status(StatusArgs),
+    /// Serve the search page and API; with --library, index it in the background first.
+    Serve(ServeArgs),
+    /// Search an index by text (or the query language) and print ranked photos.
+    Search(SearchArgs),
+    /// Print photos similar to one of the index (by id or path) or to any image file.
+    Similar(SimilarArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A photo folder to index (created or brought up to date in the background).
+    #[arg(long)]
+    pub library: Option<PathBuf>,
+
+    /// The index folder.
+    #[arg(long, default_value = DEFAULT_INDEX, env = "CLIPDEX_INDEX")]
+    pub index: PathBuf,
+
+    /// Model for a new index (default openai/clip-vit-base-patch32); an existing index uses its own.
+    #[arg(long, short = 'm', env = "CLIPDEX_MODEL")]
+    pub model: Option<String>,
+
+    /// Address to listen on. Anything but loopback requires --token.
+    #[arg(long, default_value = "127.0.0.1:7878", env = "CLIPDEX_BIND")]
+    pub bind: String,
+
+    /// Token every request must carry (Authorization: Bearer, or ?token= once in the browser).
+    #[arg(long, env = "CLIPDEX_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Allow cross-origin requests from this origin.
+    #[arg(long)]
+    pub cors: Option<String>,
+
+    /// Largest image upload, in MiB.
+    #[arg(long, default_value_t = 25)]
+    pub max_upload_mb: usize,
+
+    /// Re-index the existing index's library at start.
+    #[arg(long)]
+    pub reindex: bool,
+
+    /// Never use the network for the model (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Filters shared by search commands.
+#[derive(Debug, Clone, Args)]
+pub struct FilterArgs {
+    /// Only photos in this folder (relative to the library) or below.
+    #[arg(long)]
+    pub folder: Option<String>,
+    /// Only photos taken on or after this date (YYYY-MM-DD).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Only photos taken on or before this date (YYYY-MM-DD).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Only these file types (comma-separated: jpeg,png).
+    #[arg(long = "type")]
+    pub types: Option<String>,
+    /// Only photos from a camera matching these words.
+    #[arg(long)]
+    pub camera: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// What to look for: text, or the query language, e.g. '"beach" + 0.5*image:42 - "people"'.
+    pub query: String,
+
+    /// Number of results.
+    #[arg(short = 'k', long, default_value_t = 10)]
+    pub k: usize,
+
+    /// Results to skip.
+    #[arg(long, default_value_t = 0)]
+    pub offset: usize,
+
+    /// Text whose meaning the results should avoid.
+    #[arg(long)]
+    pub exclude: Option<String>,
+
+    /// Drop results below this cosine similarity.
+    #[arg(long)]
+    pub min_score: Option<f32>,
+
+    /// Rank by meaning only, without keyword matches on names and captions.
+    #[arg(long)]
+    pub no_keywords: bool,
+
+    #[command(flatten)]
+    pub filters: FilterArgs,
+
+    /// The index folder.
+    #[arg(long, default_value = DEFAULT_INDEX, env = "CLIPDEX_INDEX")]
+    pub index: PathBuf,
+
+    /// Never use the network for the model.
+    #[arg(long)]
+    pub offline: bool,
+
+    /// Print JSON lines, one per result.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SimilarArgs {
+    /// A photo id, a path in the library, or any image file.
+    pub target: String,
+
+    /// Number of results.
+    #[arg(short = 'k', long, default_value_t = 10)]
+    pub k: usize,
+
+    #[command(flatten)]
+    pub filters: FilterArgs,
+
+    /// The index folder.
+    #[arg(long, default_value = DEFAULT_INDEX, env = "CLIPDEX_INDEX")]
+    pub index: PathBuf,
+
+    /// Never use the network for the model.
+    #[arg(long)]
+    pub offline: bool,
+
+    /// Print JSON lines, one per result.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where the index lives.
@@ -160,5 +296,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Index(args) => index::index(&args),
         Command::Reindex(args) => index::reindex(&args),
         Command::Status(args) => index::status(&args),
+        Command::Serve(args) => serve::run(&args),
+        Command::Search(args) => search::search(&args),
+        Command::Similar(args) => search::similar(&args),
     }
 }

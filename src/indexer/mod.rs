@@ -191,8 +191,12 @@ impl Index {
                 source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "the library must be a folder"),
             });
         }
-        if paths.exists() {
-            let index = Self::open(root)?;
+        let existing = match paths.exists().then(|| Self::open(root)) {
+            // Created but never initialised (killed during creation): start over.
+            Some(Err(Error::Store(store::Error::NotInitialised))) | None => None,
+            Some(other) => Some(other?),
+        };
+        if let Some(index) = existing {
             index.check_model(model)?;
             if index.meta.library != library.display().to_string() {
                 return Err(Error::LibraryMismatch {
@@ -231,12 +235,19 @@ impl Index {
         let meta = store.meta()?;
         let vectors = VectorIndex::open(&paths.vectors(), meta.model.embedding_dim)?;
         let keywords = KeywordIndex::open(&paths.keyword(), true)?;
-        let mut index = Self { paths, store, vectors, keywords, meta, _lock: lock };
+        let index = Self { paths, store, vectors, keywords, meta, _lock: lock };
         let repair = index.reconcile()?;
         if !repair.is_empty() {
             tracing::info!(?repair, "index repaired after an interrupted run");
         }
         Ok(index)
+    }
+
+    /// Records who holds the index (shown to a second process that is refused).
+    pub fn set_holder(&self, who: &str) {
+        use std::io::{Seek, SeekFrom};
+        let mut f = &self._lock;
+        let _ = f.set_len(0).and_then(|_| f.seek(SeekFrom::Start(0))).and_then(|_| write!(f, "pid {}, {who}", std::process::id()));
     }
 
     /// Refuses a model other than the one the index was built with.
@@ -284,7 +295,7 @@ impl Index {
     }
 
     /// Brings the vector and keyword indexes to exactly the store's ids.
-    pub fn reconcile(&mut self) -> Result<Repair> {
+    pub fn reconcile(&self) -> Result<Repair> {
         let ids = self.store.ids()?;
         let mut repair = Repair::default();
 
@@ -330,7 +341,7 @@ impl Index {
     }
 
     /// Rebuilds the HNSW graph from the store's vectors.
-    pub fn rebuild_vectors(&mut self) -> Result<()> {
+    pub fn rebuild_vectors(&self) -> Result<()> {
         let vectors = self.store.vectors().collect::<store::Result<Vec<_>>>()?;
         self.vectors.rebuild(vectors)?;
         Ok(())

@@ -278,7 +278,7 @@ fn fill(record: &mut PhotoRecord, done: &Done) {
 
 /// The state of a run between batches.
 struct Runner<'a> {
-    index: &'a mut Index,
+    index: &'a Index,
     clip: &'a Clip,
     opts: &'a RunOptions,
     progress: Progress,
@@ -502,7 +502,7 @@ impl Runner<'_> {
 /// `callback` receives statistics after every file. Setting `stop` ends the
 /// run after the current batch, with everything done so far committed.
 pub fn run(
-    index: &mut Index,
+    index: &Index,
     clip: &Clip,
     opts: &RunOptions,
     callback: &mut dyn FnMut(&Progress),

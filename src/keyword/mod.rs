@@ -6,13 +6,42 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use tantivy::schema::{Field, Schema, FAST, INDEXED, STORED, STRING, TEXT};
+use tantivy::schema::{Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STORED, STRING};
 use tantivy::{doc, Index, IndexReader, IndexWriter, ReloadPolicy, Term};
 
 use crate::store::PhotoRecord;
 
 /// Memory for the writer's in-flight segment.
 const WRITER_MEMORY: usize = 32 << 20;
+
+/// Version of the schema and analysis below. The keyword index is derived
+/// from the store: one of another version is dropped and rebuilt on open.
+pub const SCHEMA_VERSION: u32 = 2;
+const SCHEMA_FILE: &str = "clipdex-schema";
+
+/// Words for the keyword index: letters and digits, split where one turns
+/// into the other (`IMG_2041` -> `IMG 2041`, `fish23` -> `fish 23`).
+pub fn words(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut prev: Option<char> = None;
+    for c in text.chars() {
+        if c.is_alphanumeric() {
+            if let Some(p) = prev {
+                if p.is_alphanumeric() && (p.is_numeric() != c.is_numeric()) {
+                    out.push(' ');
+                }
+            }
+            out.push(c);
+            prev = Some(c);
+        } else {
+            if prev.is_some_and(|p| p != ' ') {
+                out.push(' ');
+            }
+            prev = Some(' ');
+        }
+    }
+    out.trim().to_string()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,14 +72,18 @@ pub struct Fields {
 }
 
 fn schema() -> (Schema, Fields) {
+    // English stemming, so "fishes" finds "fish" and "running" finds "run".
+    let stemmed = TextOptions::default().set_indexing_options(
+        TextFieldIndexing::default().set_tokenizer("en_stem").set_index_option(IndexRecordOption::WithFreqsAndPositions),
+    );
     let mut b = Schema::builder();
     let fields = Fields {
         id: b.add_u64_field("id", INDEXED | STORED | FAST),
-        path: b.add_text_field("path", TEXT),
-        name: b.add_text_field("name", TEXT),
+        path: b.add_text_field("path", stemmed.clone()),
+        name: b.add_text_field("name", stemmed.clone()),
         folder: b.add_text_field("folder", STRING | FAST),
-        caption: b.add_text_field("caption", TEXT),
-        camera: b.add_text_field("camera", TEXT),
+        caption: b.add_text_field("caption", stemmed.clone()),
+        camera: b.add_text_field("camera", stemmed),
         taken: b.add_date_field("taken", INDEXED | FAST),
         format: b.add_text_field("format", STRING | FAST),
     };
@@ -84,19 +117,30 @@ pub fn parse_datetime(s: &str) -> Option<i64> {
 pub struct KeywordIndex {
     index: Index,
     reader: IndexReader,
-    writer: Option<IndexWriter>,
+    writer: Option<std::sync::Mutex<IndexWriter>>,
     fields: Fields,
 }
 
 impl KeywordIndex {
     /// Opens or creates the index in `dir`; `writable` takes tantivy's writer lock.
     pub fn open(dir: &Path, writable: bool) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
+        let io = |source| Error::Io { path: dir.display().to_string(), source };
+        let version_file = dir.join(SCHEMA_FILE);
+        let version = std::fs::read_to_string(&version_file).ok().and_then(|v| v.trim().parse::<u32>().ok());
+        if dir.join("meta.json").exists() && version != Some(SCHEMA_VERSION) {
+            tracing::info!(?version, "keyword index has another schema; rebuilding it from the store");
+            std::fs::remove_dir_all(dir).map_err(io)?;
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
+        if version != Some(SCHEMA_VERSION) {
+            std::fs::write(&version_file, SCHEMA_VERSION.to_string()).map_err(io)?;
+        }
         let (schema, fields) = schema();
         let directory = tantivy::directory::MmapDirectory::open(dir)
             .map_err(|e| Error::Tantivy(tantivy::TantivyError::from(e)))?;
         let index = Index::open_or_create(directory, schema)?;
-        let writer = if writable { Some(index.writer_with_num_threads(1, WRITER_MEMORY)?) } else { None };
+        let writer =
+            if writable { Some(std::sync::Mutex::new(index.writer_with_num_threads(1, WRITER_MEMORY)?)) } else { None };
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
         Ok(Self { index, reader, writer, fields })
     }
@@ -113,8 +157,9 @@ impl KeywordIndex {
         &self.index
     }
 
-    fn writer(&self) -> Result<&IndexWriter> {
-        self.writer.as_ref().ok_or(Error::ReadOnly)
+    fn writer(&self) -> Result<std::sync::MutexGuard<'_, IndexWriter>> {
+        let writer = self.writer.as_ref().ok_or(Error::ReadOnly)?;
+        Ok(writer.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Adds or replaces the document of a photo (applied at the next commit).
@@ -128,8 +173,8 @@ impl KeywordIndex {
         };
         let mut d = doc!(
             f.id => record.id,
-            f.path => record.path.replace(['/', '_', '-', '.'], " "),
-            f.name => name.replace(['_', '-', '.'], " "),
+            f.path => words(&record.path),
+            f.name => words(name),
             f.folder => folder,
             f.format => record.format.clone(),
         );
@@ -153,9 +198,9 @@ impl KeywordIndex {
     }
 
     /// Makes pending changes durable and visible.
-    pub fn commit(&mut self) -> Result<()> {
-        if let Some(writer) = self.writer.as_mut() {
-            writer.commit()?;
+    pub fn commit(&self) -> Result<()> {
+        if self.writer.is_some() {
+            self.writer()?.commit()?;
         }
         self.reader.reload()?;
         Ok(())
@@ -185,6 +230,13 @@ impl KeywordIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn words_split_letters_from_digits() {
+        assert_eq!(words("holidays/2019/IMG_2041.JPG"), "holidays 2019 IMG 2041 JPG");
+        assert_eq!(words("fish23.jpg"), "fish 23 jpg");
+        assert_eq!(words("  --café--  "), "café");
+    }
 
     #[test]
     fn parses_exif_dates() {

@@ -16,6 +16,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use hnsw_rs::prelude::{AnnT, DistDot, Hnsw, HnswIo};
 
@@ -69,15 +70,22 @@ fn checksum(path: &Path) -> Result<(u64, String)> {
     Ok((bytes.len() as u64, blake3::hash(&bytes).to_hex().to_string()))
 }
 
-/// The vector index of one photo index.
-pub struct VectorIndex {
-    dir: PathBuf,
-    dim: usize,
+/// The mutable part of the index, behind one lock.
+struct State {
     hnsw: Hnsw<'static, f32, DistDot>,
     live: HashSet<u64>,
     dead: HashSet<u64>,
     generation: u64,
     changed: bool,
+}
+
+/// The vector index of one photo index. Searches share a read lock; changes
+/// (a batch of inserts, removals, a swap after a rebuild) take the write lock
+/// briefly, so a re-index and searches run at the same time.
+pub struct VectorIndex {
+    dir: PathBuf,
+    dim: usize,
+    state: RwLock<State>,
 }
 
 fn new_hnsw(capacity: usize) -> Hnsw<'static, f32, DistDot> {
@@ -90,31 +98,32 @@ impl VectorIndex {
     /// store), never an error that loses the index.
     pub fn open(dir: &Path, dim: usize) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let mut index = Self {
-            dir: dir.to_path_buf(),
-            dim,
-            hnsw: new_hnsw(0),
-            live: HashSet::new(),
-            dead: HashSet::new(),
-            generation: 0,
-            changed: false,
-        };
-        let current = dir.join("CURRENT");
-        let Ok(name) = std::fs::read_to_string(&current) else { return Ok(index) };
-        let name = name.trim();
-        index.generation = name.strip_prefix("gen-").and_then(|g| g.parse().ok()).unwrap_or(0);
-        match load_generation(&dir.join(name), dim) {
-            Ok((hnsw, members)) => {
-                index.hnsw = hnsw;
-                index.live = members.live.into_iter().collect();
-                index.dead = members.dead.into_iter().collect();
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "vector index unreadable; it will be rebuilt from the store");
-                index.changed = true;
+        let mut state =
+            State { hnsw: new_hnsw(0), live: HashSet::new(), dead: HashSet::new(), generation: 0, changed: false };
+        if let Ok(name) = std::fs::read_to_string(dir.join("CURRENT")) {
+            let name = name.trim();
+            state.generation = name.strip_prefix("gen-").and_then(|g| g.parse().ok()).unwrap_or(0);
+            match load_generation(&dir.join(name), dim) {
+                Ok((hnsw, members)) => {
+                    state.hnsw = hnsw;
+                    state.live = members.live.into_iter().collect();
+                    state.dead = members.dead.into_iter().collect();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "vector index unreadable; it will be rebuilt from the store");
+                    state.changed = true;
+                }
             }
         }
-        Ok(index)
+        Ok(Self { dir: dir.to_path_buf(), dim, state: RwLock::new(state) })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn dim(&self) -> usize {
@@ -122,72 +131,61 @@ impl VectorIndex {
     }
 
     pub fn len(&self) -> usize {
-        self.live.len()
+        self.read().live.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
+        self.read().live.is_empty()
     }
 
     pub fn contains(&self, id: u64) -> bool {
-        self.live.contains(&id)
+        self.read().live.contains(&id)
     }
 
     /// Live ids.
     pub fn ids(&self) -> BTreeSet<u64> {
-        self.live.iter().copied().collect()
+        self.read().live.iter().copied().collect()
     }
 
     pub fn dead_fraction(&self) -> f64 {
-        let total = self.live.len() + self.dead.len();
-        if total == 0 { 0.0 } else { self.dead.len() as f64 / total as f64 }
+        let s = self.read();
+        let total = s.live.len() + s.dead.len();
+        if total == 0 { 0.0 } else { s.dead.len() as f64 / total as f64 }
     }
 
     /// Whether there are changes not yet saved.
     pub fn is_changed(&self) -> bool {
-        self.changed
+        self.read().changed
     }
 
-    /// Adds vectors. An id already live is replaced (its old entry goes dead).
-    pub fn insert_batch(&mut self, items: &[(u64, Vec<f32>)]) -> Result<()> {
-        let mut fresh = Vec::with_capacity(items.len());
-        for (id, v) in items {
-            if v.len() != self.dim {
-                return Err(Error::Dimension { got: v.len(), want: self.dim });
-            }
-            if self.live.contains(id) || self.dead.contains(id) {
-                // hnsw_rs keeps one entry per id; an id is never reused by
-                // the store, so this only happens when re-filling after a crash.
-                continue;
-            }
-            fresh.push((unit(v), *id));
+    /// Adds vectors. Ids already in the graph (live or dead) are left alone:
+    /// the store never reuses an id, so this only happens when re-filling.
+    pub fn insert_batch(&self, items: &[(u64, Vec<f32>)]) -> Result<()> {
+        if let Some((_, v)) = items.iter().find(|(_, v)| v.len() != self.dim) {
+            return Err(Error::Dimension { got: v.len(), want: self.dim });
         }
+        let mut state = self.write();
+        let fresh: Vec<(Vec<f32>, u64)> = items
+            .iter()
+            .filter(|(id, _)| !state.live.contains(id) && !state.dead.contains(id))
+            .map(|(id, v)| (unit(v), *id))
+            .collect();
         if fresh.is_empty() {
             return Ok(());
         }
-        let refs: Vec<(&Vec<f32>, usize)> = fresh.iter().map(|(v, id)| (v, *id as usize)).collect();
-        let hnsw = &self.hnsw;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if refs.len() >= 32 {
-                hnsw.parallel_insert(&refs);
-            } else {
-                for (v, id) in &refs {
-                    hnsw.insert((v.as_slice(), *id));
-                }
-            }
-        }))
-        .map_err(|_| Error::Hnsw("insertion failed".into()))?;
-        self.live.extend(fresh.iter().map(|(_, id)| *id));
-        self.changed = true;
+        insert_into(&state.hnsw, &fresh)?;
+        state.live.extend(fresh.iter().map(|(_, id)| *id));
+        state.changed = true;
         Ok(())
     }
 
     /// Marks ids as removed: never returned again.
-    pub fn remove(&mut self, ids: impl IntoIterator<Item = u64>) {
+    pub fn remove(&self, ids: impl IntoIterator<Item = u64>) {
+        let mut state = self.write();
         for id in ids {
-            if self.live.remove(&id) {
-                self.dead.insert(id);
-                self.changed = true;
+            if state.live.remove(&id) {
+                state.dead.insert(id);
+                state.changed = true;
             }
         }
     }
@@ -198,11 +196,12 @@ impl VectorIndex {
         if query.len() != self.dim {
             return Err(Error::Dimension { got: query.len(), want: self.dim });
         }
-        if k == 0 || self.live.is_empty() {
+        let state = self.read();
+        if k == 0 || state.live.is_empty() {
             return Ok(Vec::new());
         }
         let query = unit(query);
-        let dead = &self.dead;
+        let dead = &state.dead;
         let filter = |id: &usize| -> bool {
             let id = *id as u64;
             !dead.contains(&id) && allow.is_none_or(|f| f(id))
@@ -211,9 +210,9 @@ impl VectorIndex {
         let needs_filter = !dead.is_empty() || allow.is_some();
         let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if needs_filter {
-                self.hnsw.search_filter(&query, k, ef, Some(&filter))
+                state.hnsw.search_filter(&query, k, ef, Some(&filter))
             } else {
-                self.hnsw.search(&query, k, ef)
+                state.hnsw.search(&query, k, ef)
             }
         }))
         .map_err(|_| Error::Hnsw("search failed".into()))?;
@@ -225,22 +224,31 @@ impl VectorIndex {
             .collect())
     }
 
-    /// Replaces the graph with one built from `vectors` (the live set).
-    pub fn rebuild(&mut self, vectors: impl IntoIterator<Item = (u64, Vec<f32>)>) -> Result<()> {
-        let items: Vec<(u64, Vec<f32>)> = vectors.into_iter().collect();
-        self.hnsw = new_hnsw(items.len() * 2);
-        self.live.clear();
-        self.dead.clear();
-        self.changed = true;
-        self.insert_batch(&items)
+    /// Replaces the graph with one built from `vectors` (the live set). The
+    /// new graph is built without holding the lock; searches continue on the
+    /// old one until the swap.
+    pub fn rebuild(&self, vectors: impl IntoIterator<Item = (u64, Vec<f32>)>) -> Result<()> {
+        let items: Vec<(Vec<f32>, u64)> = vectors.into_iter().map(|(id, v)| (unit(&v), id)).collect();
+        if let Some((v, _)) = items.iter().find(|(v, _)| v.len() != self.dim) {
+            return Err(Error::Dimension { got: v.len(), want: self.dim });
+        }
+        let hnsw = new_hnsw(items.len() * 2);
+        insert_into(&hnsw, &items)?;
+        let mut state = self.write();
+        state.hnsw = hnsw;
+        state.live = items.iter().map(|(_, id)| *id).collect();
+        state.dead.clear();
+        state.changed = true;
+        Ok(())
     }
 
     /// Saves the graph as a new generation and switches `CURRENT` to it atomically.
-    pub fn save(&mut self) -> Result<()> {
-        if !self.changed {
+    pub fn save(&self) -> Result<()> {
+        let state = self.read();
+        if !state.changed {
             return Ok(());
         }
-        let generation = self.generation + 1;
+        let generation = state.generation + 1;
         let name = format!("gen-{generation}");
         let gen_dir = self.dir.join(&name);
         if gen_dir.exists() {
@@ -248,8 +256,8 @@ impl VectorIndex {
         }
         std::fs::create_dir_all(&gen_dir).map_err(io(&gen_dir))?;
         let mut files = Vec::new();
-        if !self.live.is_empty() || !self.dead.is_empty() {
-            self.hnsw.file_dump(&gen_dir, BASENAME).map_err(|e| Error::Hnsw(format!("dump failed: {e}")))?;
+        if !state.live.is_empty() || !state.dead.is_empty() {
+            state.hnsw.file_dump(&gen_dir, BASENAME).map_err(|e| Error::Hnsw(format!("dump failed: {e}")))?;
             for ext in ["hnsw.graph", "hnsw.data"] {
                 let name = format!("{BASENAME}.{ext}");
                 let (size, hash) = checksum(&gen_dir.join(&name))?;
@@ -258,10 +266,11 @@ impl VectorIndex {
         }
         let members = Members {
             dim: self.dim,
-            live: self.live.iter().copied().collect(),
-            dead: self.dead.iter().copied().collect(),
+            live: state.live.iter().copied().collect(),
+            dead: state.dead.iter().copied().collect(),
             files,
         };
+        drop(state);
         write_synced(&gen_dir.join("members.json"), &serde_json::to_vec(&members).expect("members serialise"))?;
         for entry in std::fs::read_dir(&gen_dir).map_err(io(&gen_dir))? {
             let path = entry.map_err(io(&gen_dir))?.path();
@@ -269,8 +278,11 @@ impl VectorIndex {
         }
         sync_dir(&gen_dir)?;
         write_synced(&self.dir.join("CURRENT"), name.as_bytes())?;
-        self.generation = generation;
-        self.changed = false;
+        {
+            let mut state = self.write();
+            state.generation = generation;
+            state.changed = false;
+        }
         // Older generations are no longer referenced.
         for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))?.flatten() {
             let file = entry.file_name();
@@ -286,6 +298,20 @@ impl VectorIndex {
     pub fn size_on_disk(&self) -> u64 {
         dir_size(&self.dir)
     }
+}
+
+fn insert_into(hnsw: &Hnsw<'static, f32, DistDot>, items: &[(Vec<f32>, u64)]) -> Result<()> {
+    let refs: Vec<(&Vec<f32>, usize)> = items.iter().map(|(v, id)| (v, *id as usize)).collect();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if refs.len() >= 32 {
+            hnsw.parallel_insert(&refs);
+        } else {
+            for (v, id) in &refs {
+                hnsw.insert((v.as_slice(), *id));
+            }
+        }
+    }))
+    .map_err(|_| Error::Hnsw("insertion failed".into()))
 }
 
 fn load_generation(dir: &Path, dim: usize) -> Result<(Hnsw<'static, f32, DistDot>, Members)> {
@@ -361,7 +387,7 @@ mod tests {
     #[test]
     fn finds_stored_vectors_themselves_without_panicking() {
         let dir = tempfile::tempdir().unwrap();
-        let mut index = VectorIndex::open(dir.path(), 32).unwrap();
+        let index = VectorIndex::open(dir.path(), 32).unwrap();
         let vs = vectors(300, 32);
         index.insert_batch(&vs).unwrap();
         // Exact duplicates too (the same photo at two paths).
@@ -379,7 +405,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let vs = vectors(200, 16);
         {
-            let mut index = VectorIndex::open(dir.path(), 16).unwrap();
+            let index = VectorIndex::open(dir.path(), 16).unwrap();
             index.insert_batch(&vs).unwrap();
             index.remove((1..=50).collect::<Vec<u64>>());
             index.save().unwrap();
@@ -400,7 +426,7 @@ mod tests {
     fn a_torn_generation_falls_back_to_empty_not_an_error() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut index = VectorIndex::open(dir.path(), 8).unwrap();
+            let index = VectorIndex::open(dir.path(), 8).unwrap();
             index.insert_batch(&vectors(50, 8)).unwrap();
             index.save().unwrap();
         }

@@ -6,4 +6,5 @@ mod common;
 mod index;
 mod model_reference;
 mod preprocess;
+mod server;
 mod tokenizer;

@@ -1,0 +1,651 @@
+//! The one place that ranks. The CLI and the HTTP handlers build a `Query`,
+//! call `Engine::search`, and only render the `SearchResults`.
+//!
+//! A query is a weighted sum of terms (texts, photos of the index, uploaded
+//! pictures) embedded into CLIP's space, as rclip does: `v = sum(w_i e_i)`,
+//! normalised, and photos rank by cosine similarity to `v`. Negative weights
+//! push results away from a term.
+//!
+//! Hybrid ranking: the positive text terms also run as a keyword query over
+//! file names, folders, captions and camera (tantivy, every word must match),
+//! and the two rankings are fused by reciprocal rank fusion (Cormack et al.
+//! 2009: `sum 1 / (60 + rank)`), so "IMG_2041" or a caption word finds its
+//! photo even when the picture itself says little. Without keyword matches
+//! the ranking is the cosine similarity itself.
+//!
+//! Filters (folder prefix, date taken, file type, camera) select photos
+//! through the keyword index first; a selective filter then scans the
+//! selected vectors exactly (faster than a filtered graph search, and always k
+//! results), a broad one filters inside the HNSW search.
+
+pub mod query;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Bound;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tantivy::collector::{DocSetCollector, TopDocs};
+use tantivy::query::{BooleanQuery, Occur, Query as TantivyQuery, QueryParser, RangeQuery, RegexQuery, TermQuery};
+use tantivy::schema::IndexRecordOption;
+use tantivy::Term as TantivyTerm;
+use utoipa::ToSchema;
+
+pub use query::{parse, ParseError, Term, TermKind, TermSpec};
+
+use crate::indexer::Index;
+use crate::keyword::parse_datetime;
+use crate::library::{decode_bytes_scaled, DecodeError, DecodeLimits};
+use crate::model::{Clip, RgbView};
+use crate::store::PhotoRecord;
+
+/// Most results one page may ask for.
+pub const MAX_K: usize = 200;
+/// Deepest result reachable by paging.
+pub const MAX_DEPTH: usize = 5_000;
+/// Allowed sets up to this size are scanned exactly.
+const EXACT_SCAN_LIMIT: usize = 20_000;
+/// Reciprocal rank fusion constant.
+const RRF_K: f32 = 60.0;
+const CACHE_SIZE: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadQuery(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    NotAnImage(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn internal(e: impl std::fmt::Display) -> Error {
+    Error::Internal(e.to_string())
+}
+
+impl From<ParseError> for Error {
+    fn from(e: ParseError) -> Self {
+        Error::BadQuery(e.0)
+    }
+}
+
+/// Which photos a search may return.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Filters {
+    /// Folder (relative to the library) the photo is in, or below.
+    #[serde(default)]
+    pub folder: Option<String>,
+    /// Taken on or after this date (`YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SS`).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Taken on or before this date (a date alone includes the whole day).
+    #[serde(default)]
+    pub to: Option<String>,
+    /// File types, e.g. `["jpeg", "png"]`.
+    #[serde(default, rename = "type")]
+    pub types: Option<Vec<String>>,
+    /// Words of the camera's make or model.
+    #[serde(default)]
+    pub camera: Option<String>,
+}
+
+impl Filters {
+    pub fn is_empty(&self) -> bool {
+        let blank = |s: &Option<String>| s.as_deref().is_none_or(|s| s.trim().is_empty());
+        blank(&self.folder)
+            && blank(&self.from)
+            && blank(&self.to)
+            && blank(&self.camera)
+            && self.types.as_ref().is_none_or(|t| t.iter().all(|t| t.trim().is_empty()))
+    }
+}
+
+/// A search.
+#[derive(Clone, Debug)]
+pub struct Query {
+    pub terms: Vec<Term>,
+    pub filters: Filters,
+    pub k: usize,
+    pub offset: usize,
+    /// Drop hits below this cosine similarity (keyword matches are kept).
+    pub min_score: Option<f32>,
+    /// Fuse keyword matches of the text terms (default true).
+    pub hybrid: bool,
+    /// Ids never to return (the photo a find-similar started from).
+    pub exclude: Vec<u64>,
+}
+
+impl Query {
+    pub fn new(terms: Vec<Term>) -> Self {
+        Self { terms, filters: Filters::default(), k: 24, offset: 0, min_score: None, hybrid: true, exclude: Vec::new() }
+    }
+}
+
+/// One result.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Hit {
+    pub id: u64,
+    /// Path relative to the library.
+    pub path: String,
+    /// The ranking score: cosine similarity, or the fused score when keyword matches took part.
+    pub score: f32,
+    /// Cosine similarity between the photo and the query.
+    pub similarity: f32,
+    /// Rank among keyword matches (1 = best), when the photo matched the words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keyword_rank: Option<usize>,
+    pub width: u32,
+    pub height: u32,
+    /// Date taken, `YYYY-MM-DDTHH:MM:SS`.
+    pub taken: Option<String>,
+    pub format: String,
+    pub camera: Option<String>,
+    pub caption: Option<String>,
+    /// URL of the thumbnail.
+    pub thumbnail: String,
+}
+
+/// A page of results.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SearchResults {
+    pub hits: Vec<Hit>,
+    pub offset: usize,
+    pub k: usize,
+    /// Whether more results follow this page.
+    pub more: bool,
+    /// Milliseconds spent, embedding included.
+    pub took_ms: f64,
+}
+
+/// The metadata of one photo, as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Photo {
+    pub id: u64,
+    pub path: String,
+    pub width: u32,
+    pub height: u32,
+    pub format: String,
+    pub size: u64,
+    /// Modification time, seconds since the Unix epoch.
+    pub modified: i64,
+    pub taken: Option<String>,
+    pub camera_make: Option<String>,
+    pub camera_model: Option<String>,
+    pub orientation: u8,
+    pub caption: Option<String>,
+    /// Where the caption came from: `sidecar`, `xmp` or `exif`.
+    pub caption_source: Option<String>,
+    pub hash: String,
+    pub thumbnail: String,
+    pub original: String,
+}
+
+impl Photo {
+    pub fn from_record(r: &PhotoRecord) -> Self {
+        Self {
+            id: r.id,
+            path: r.path.clone(),
+            width: r.width,
+            height: r.height,
+            format: r.format.clone(),
+            size: r.sig.size,
+            modified: r.sig.mtime_ns / 1_000_000_000,
+            taken: r.taken.clone(),
+            camera_make: r.camera_make.clone(),
+            camera_model: r.camera_model.clone(),
+            orientation: r.orientation,
+            caption: r.caption.clone(),
+            caption_source: r.caption_source.map(|s| {
+                match s {
+                    crate::store::CaptionSource::Sidecar => "sidecar",
+                    crate::store::CaptionSource::Xmp => "xmp",
+                    crate::store::CaptionSource::Exif => "exif",
+                }
+                .to_string()
+            }),
+            hash: r.hash.clone(),
+            thumbnail: format!("/api/photos/{}/thumbnail", r.id),
+            original: format!("/api/photos/{}/original", r.id),
+        }
+    }
+}
+
+/// A small least-recently-used cache of text embeddings.
+#[derive(Default)]
+struct Cache {
+    map: HashMap<String, Arc<Vec<f32>>>,
+    order: VecDeque<String>,
+}
+
+impl Cache {
+    fn get(&mut self, key: &str) -> Option<Arc<Vec<f32>>> {
+        let v = self.map.get(key)?.clone();
+        if let Some(pos) = self.order.iter().position(|k| k == key) {
+            let k = self.order.remove(pos).expect("position is valid");
+            self.order.push_back(k);
+        }
+        Some(v)
+    }
+
+    fn put(&mut self, key: String, v: Arc<Vec<f32>>) {
+        if self.map.insert(key.clone(), v).is_none() {
+            self.order.push_back(key);
+            if self.order.len() > CACHE_SIZE {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// Searches one index with its model.
+pub struct Engine {
+    index: Arc<Index>,
+    clip: Arc<Clip>,
+    cache: Mutex<Cache>,
+    limits: DecodeLimits,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+impl Engine {
+    pub fn new(index: Arc<Index>, clip: Arc<Clip>) -> Result<Self> {
+        index.check_model(clip.info()).map_err(internal)?;
+        Ok(Self { index, clip, cache: Mutex::new(Cache::default()), limits: DecodeLimits::default() })
+    }
+
+    pub fn index(&self) -> &Arc<Index> {
+        &self.index
+    }
+
+    pub fn clip(&self) -> &Arc<Clip> {
+        &self.clip
+    }
+
+    /// The record of a photo.
+    pub fn record(&self, id: u64) -> Result<PhotoRecord> {
+        self.index.store().get(id).map_err(internal)?.ok_or_else(|| Error::NotFound(format!("no photo {id}")))
+    }
+
+    pub fn photo(&self, id: u64) -> Result<Photo> {
+        Ok(Photo::from_record(&self.record(id)?))
+    }
+
+    /// The embedding of a text, cached.
+    pub fn embed_text(&self, text: &str) -> Result<Arc<Vec<f32>>> {
+        let key = text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+        if let Some(v) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(v);
+        }
+        let v = Arc::new(self.clip.embed_texts(&[text]).map_err(internal)?.remove(0));
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(key, v.clone());
+        Ok(v)
+    }
+
+    /// The embedding of an uploaded picture.
+    pub fn embed_image(&self, bytes: &[u8]) -> Result<Vec<f32>> {
+        let min_side = 2 * self.clip.preprocessor().image_size() as u32;
+        let image = decode_bytes_scaled(bytes, &self.limits, Some(min_side)).map_err(|e| match e {
+            DecodeError::Empty | DecodeError::UnknownFormat => Error::NotAnImage(format!("not an image: {e}")),
+            DecodeError::Unsupported(_) => Error::NotAnImage(e.to_string()),
+            other => Error::BadQuery(format!("cannot use this image: {other}")),
+        })?;
+        let view = RgbView::new(image.rgb.width() as usize, image.rgb.height() as usize, image.rgb.as_raw())
+            .map_err(internal)?;
+        Ok(self.clip.embed_images(&[view]).map_err(internal)?.remove(0))
+    }
+
+    fn term_vector(&self, term: &Term) -> Result<Arc<Vec<f32>>> {
+        match &term.kind {
+            TermKind::Text(t) => self.embed_text(t),
+            TermKind::Vector(v) => Ok(Arc::new(v.clone())),
+            TermKind::Photo(id) => self.photo_vector(*id).map(Arc::new),
+            TermKind::PhotoPath(path) => {
+                let id = self
+                    .index
+                    .store()
+                    .id_for_path(path)
+                    .map_err(internal)?
+                    .ok_or_else(|| Error::NotFound(format!("no photo at {path}")))?;
+                self.photo_vector(id).map(Arc::new)
+            }
+        }
+    }
+
+    fn photo_vector(&self, id: u64) -> Result<Vec<f32>> {
+        self.index.store().vector(id).map_err(internal)?.ok_or_else(|| Error::NotFound(format!("no photo {id}")))
+    }
+
+    /// The ids the filters allow, or `None` when there are no filters.
+    fn allowed(&self, filters: &Filters) -> Result<Option<HashSet<u64>>> {
+        if filters.is_empty() {
+            return Ok(None);
+        }
+        let Some(query) = self.filter_query(filters)? else { return Ok(Some(HashSet::new())) };
+        let kw = self.index.keywords();
+        let searcher = kw.reader().searcher();
+        let docs = searcher.search(&*query, &DocSetCollector).map_err(internal)?;
+        let mut columns = HashMap::new();
+        let mut ids = HashSet::with_capacity(docs.len());
+        for doc in docs {
+            let column = match columns.entry(doc.segment_ord) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                    searcher.segment_reader(doc.segment_ord).fast_fields().u64("id").map_err(internal)?,
+                ),
+            };
+            if let Some(id) = column.first(doc.doc_id) {
+                ids.insert(id);
+            }
+        }
+        Ok(Some(ids))
+    }
+
+    /// The filters as one tantivy query; `None` when they can match nothing.
+    fn filter_query(&self, f: &Filters) -> Result<Option<Box<dyn TantivyQuery>>> {
+        let fields = self.index.keywords().fields();
+        let mut must: Vec<(Occur, Box<dyn TantivyQuery>)> = Vec::new();
+        if let Some(folder) = f.folder.as_deref().map(|s| s.trim().trim_matches('/')).filter(|s| !s.is_empty()) {
+            let exact = TermQuery::new(TantivyTerm::from_field_text(fields.folder, folder), IndexRecordOption::Basic);
+            let below = RegexQuery::from_pattern(&format!("{}/.*", regex_escape(folder)), fields.folder).map_err(internal)?;
+            must.push((
+                Occur::Must,
+                Box::new(BooleanQuery::new(vec![(Occur::Should, Box::new(exact)), (Occur::Should, Box::new(below))])),
+            ));
+        }
+        let date = |s: &Option<String>, end_of_day: bool| -> Result<Option<i64>> {
+            let Some(s) = s.as_deref().map(str::trim).filter(|s| !s.is_empty()) else { return Ok(None) };
+            let secs = parse_datetime(s).ok_or_else(|| Error::BadQuery(format!("bad date {s:?}: use YYYY-MM-DD")))?;
+            Ok(Some(if end_of_day && s.len() <= 10 { secs + 86_399 } else { secs }))
+        };
+        let (from, to) = (date(&f.from, false)?, date(&f.to, true)?);
+        if let (Some(a), Some(b)) = (from, to) {
+            if a > b {
+                return Ok(None);
+            }
+        }
+        if from.is_some() || to.is_some() {
+            let term = |secs: i64| TantivyTerm::from_field_date_for_search(fields.taken, tantivy::DateTime::from_timestamp_secs(secs));
+            let lower = from.map_or(Bound::Unbounded, |s| Bound::Included(term(s)));
+            let upper = to.map_or(Bound::Unbounded, |s| Bound::Included(term(s)));
+            must.push((Occur::Must, Box::new(RangeQuery::new(lower, upper))));
+        }
+        if let Some(types) = &f.types {
+            let types: Vec<String> = types
+                .iter()
+                .flat_map(|t| t.split(','))
+                .map(|t| t.trim().to_lowercase())
+                .filter(|t| !t.is_empty())
+                .map(|t| match t.as_str() {
+                    "jpg" | "jpe" | "jfif" => "jpeg".to_string(),
+                    "tif" => "tiff".to_string(),
+                    _ => t,
+                })
+                .collect();
+            if !types.is_empty() {
+                let any: Vec<(Occur, Box<dyn TantivyQuery>)> = types
+                    .iter()
+                    .map(|t| {
+                        let q: Box<dyn TantivyQuery> =
+                            Box::new(TermQuery::new(TantivyTerm::from_field_text(fields.format, t), IndexRecordOption::Basic));
+                        (Occur::Should, q)
+                    })
+                    .collect();
+                must.push((Occur::Must, Box::new(BooleanQuery::new(any))));
+            }
+        }
+        if let Some(camera) = f.camera.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            let mut parser = QueryParser::for_index(self.index.keywords().index(), vec![fields.camera]);
+            parser.set_conjunction_by_default();
+            let (q, _) = parser.parse_query_lenient(&plain_words(camera));
+            must.push((Occur::Must, q));
+        }
+        Ok(Some(Box::new(BooleanQuery::new(must))))
+    }
+
+    /// Ranked keyword matches of `text` among `allowed`, best first.
+    fn keyword_hits(&self, text: &str, allowed: Option<&HashSet<u64>>, n: usize) -> Result<Vec<u64>> {
+        let words = plain_words(text);
+        if words.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        let kw = self.index.keywords();
+        let f = kw.fields();
+        let mut parser = QueryParser::for_index(kw.index(), vec![f.name, f.path, f.caption, f.camera]);
+        parser.set_conjunction_by_default();
+        parser.set_field_boost(f.name, 2.0);
+        parser.set_field_boost(f.caption, 1.5);
+        let (query, _) = parser.parse_query_lenient(&words);
+        let searcher = kw.reader().searcher();
+        // Over-fetch when a filter will drop some.
+        let limit = if allowed.is_some() { n * 4 + 50 } else { n };
+        let top = searcher.search(&query, &TopDocs::with_limit(limit).order_by_score()).map_err(internal)?;
+        let mut out = Vec::new();
+        for (_, addr) in top {
+            let column = searcher.segment_reader(addr.segment_ord).fast_fields().u64("id").map_err(internal)?;
+            if let Some(id) = column.first(addr.doc_id) {
+                if allowed.is_none_or(|a| a.contains(&id)) {
+                    out.push(id);
+                }
+            }
+        }
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Runs a query.
+    pub fn search(&self, q: &Query) -> Result<SearchResults> {
+        let start = Instant::now();
+        if q.terms.is_empty() {
+            return Err(Error::BadQuery("the query is empty".into()));
+        }
+        if q.k == 0 || q.k > MAX_K {
+            return Err(Error::BadQuery(format!("k must be between 1 and {MAX_K}")));
+        }
+        if q.offset + q.k > MAX_DEPTH {
+            return Err(Error::BadQuery(format!("results past {MAX_DEPTH} are not available; narrow the query")));
+        }
+        if q.min_score.is_some_and(|s| !s.is_finite()) {
+            return Err(Error::BadQuery("min_score must be a number".into()));
+        }
+        let dim = self.clip.info().embedding_dim;
+        let mut combined = vec![0f32; dim];
+        let mut positive = false;
+        for term in &q.terms {
+            let v = self.term_vector(term)?;
+            if v.len() != dim {
+                return Err(Error::BadQuery(format!("a term has {} dimensions, the index {dim}", v.len())));
+            }
+            positive |= term.weight > 0.0;
+            for (c, x) in combined.iter_mut().zip(v.iter()) {
+                *c += term.weight * x;
+            }
+        }
+        let norm = combined.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if !positive || norm < 1e-6 {
+            return Err(Error::BadQuery("a query needs at least one term with a positive weight".into()));
+        }
+        combined.iter_mut().for_each(|x| *x /= norm);
+
+        let allowed = self.allowed(&q.filters)?;
+        let excluded: HashSet<u64> = q.exclude.iter().copied().collect();
+        let want = q.offset + q.k + 1; // one more tells whether a next page exists
+        // Both rankings are cut at a depth that does not depend on the page
+        // (it grows in steps of 256): fusion then ranks the same way for
+        // every page, and pages neither overlap nor skip.
+        let pool = want.div_ceil(256) * 256;
+        let fetch = pool + excluded.len();
+
+        // Vector ranking.
+        let vector_hits: Vec<(u64, f32)> = match &allowed {
+            Some(ids) if ids.len() <= EXACT_SCAN_LIMIT || ids.len() * 4 <= self.index.vectors().len() => {
+                let mut scored = Vec::with_capacity(ids.len());
+                for &id in ids {
+                    if excluded.contains(&id) {
+                        continue;
+                    }
+                    if let Some(v) = self.index.store().vector(id).map_err(internal)? {
+                        scored.push((id, dot(&combined, &v)));
+                    }
+                }
+                scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+                scored.truncate(fetch);
+                scored
+            }
+            Some(ids) => {
+                let allow = |id: u64| ids.contains(&id) && !excluded.contains(&id);
+                self.index.vectors().search(&combined, fetch, Some(&allow)).map_err(internal)?
+            }
+            None if excluded.is_empty() => self.index.vectors().search(&combined, fetch, None).map_err(internal)?,
+            None => {
+                let allow = |id: u64| !excluded.contains(&id);
+                self.index.vectors().search(&combined, fetch, Some(&allow)).map_err(internal)?
+            }
+        };
+
+        // Keyword ranking of the positive text terms.
+        let text: Vec<&str> = q
+            .terms
+            .iter()
+            .filter(|t| t.weight > 0.0)
+            .filter_map(|t| match &t.kind {
+                TermKind::Text(s) => Some(s.as_str()),
+                _ => None,
+            })
+            .collect();
+        let keyword = if q.hybrid && !text.is_empty() {
+            let mut hits = self.keyword_hits(&text.join(" "), allowed.as_ref(), pool)?;
+            hits.retain(|id| !excluded.contains(id));
+            hits
+        } else {
+            Vec::new()
+        };
+
+        // Fusion.
+        let mut similarity: HashMap<u64, f32> = vector_hits.iter().copied().collect();
+        let keyword_rank: HashMap<u64, usize> = keyword.iter().enumerate().map(|(r, &id)| (id, r + 1)).collect();
+        let mut ranked: Vec<(u64, f32)> = if keyword.is_empty() {
+            vector_hits.clone()
+        } else {
+            let mut fused: HashMap<u64, f32> = HashMap::new();
+            for (rank, (id, _)) in vector_hits.iter().enumerate() {
+                *fused.entry(*id).or_default() += 1.0 / (RRF_K + rank as f32 + 1.0);
+            }
+            for (rank, id) in keyword.iter().enumerate() {
+                *fused.entry(*id).or_default() += 1.0 / (RRF_K + rank as f32 + 1.0);
+            }
+            let mut v: Vec<(u64, f32)> = fused.into_iter().collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            v
+        };
+        if let Some(min) = q.min_score {
+            ranked.retain(|(id, _)| keyword_rank.contains_key(id) || similarity.get(id).is_some_and(|s| *s >= min));
+        }
+
+        // Hydrate the page; a photo removed since the vectors were read is skipped.
+        let mut hits = Vec::with_capacity(q.k);
+        let mut seen = 0;
+        let mut more = false;
+        for (id, score) in ranked {
+            let Some(record) = self.index.store().get(id).map_err(internal)? else { continue };
+            seen += 1;
+            if seen <= q.offset {
+                continue;
+            }
+            if hits.len() == q.k {
+                more = true;
+                break;
+            }
+            let sim = match similarity.get(&id) {
+                Some(s) => *s,
+                None => match self.index.store().vector(id).map_err(internal)? {
+                    Some(v) => dot(&combined, &v),
+                    None => continue,
+                },
+            };
+            similarity.insert(id, sim);
+            hits.push(Hit {
+                id,
+                path: record.path.clone(),
+                score,
+                similarity: sim,
+                keyword_rank: keyword_rank.get(&id).copied(),
+                width: record.width,
+                height: record.height,
+                taken: record.taken.clone(),
+                format: record.format.clone(),
+                camera: record.camera(),
+                caption: record.caption.clone(),
+                thumbnail: format!("/api/photos/{id}/thumbnail"),
+            });
+        }
+        Ok(SearchResults { hits, offset: q.offset, k: q.k, more, took_ms: start.elapsed().as_secs_f64() * 1e3 })
+    }
+
+    /// Photos like a stored one (itself excluded).
+    pub fn similar(&self, id: u64, k: usize, offset: usize, filters: Filters) -> Result<SearchResults> {
+        self.record(id)?;
+        let mut q = Query::new(vec![Term { kind: TermKind::Photo(id), weight: 1.0 }]);
+        q.k = k;
+        q.offset = offset;
+        q.filters = filters;
+        q.exclude = vec![id];
+        self.search(&q)
+    }
+}
+
+/// Words only, split as the keyword index splits them: the keyword query
+/// never sees tantivy's query syntax.
+fn plain_words(text: &str) -> String {
+    crate::keyword::words(text)
+}
+
+/// Escapes every character but letters and digits as `\x{..}`, which means
+/// the character itself in any regex context.
+fn regex_escape(s: &str) -> String {
+    s.chars().map(|c| if c.is_alphanumeric() { c.to_string() } else { format!("\\x{{{:x}}}", c as u32) }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyword_text_is_plain_words() {
+        assert_eq!(plain_words("IMG_2041.JPG"), "IMG 2041 JPG");
+        assert_eq!(plain_words("fish23"), "fish 23");
+        assert_eq!(plain_words("a:b AND (c OR -d)"), "a b AND c OR d");
+    }
+
+    #[test]
+    fn folder_regex_escapes_everything_but_words() {
+        assert_eq!(regex_escape("a.b/c d"), "a\\x{2e}b\\x{2f}c\\x{20}d");
+    }
+
+    #[test]
+    fn cache_keeps_the_recent() {
+        let mut c = Cache::default();
+        for i in 0..CACHE_SIZE + 10 {
+            c.put(format!("{i}"), Arc::new(vec![i as f32]));
+        }
+        assert!(c.get("0").is_none());
+        assert!(c.get(&format!("{}", CACHE_SIZE + 9)).is_some());
+        assert_eq!(c.map.len(), CACHE_SIZE);
+    }
+
+    #[test]
+    fn empty_filters_are_empty() {
+        assert!(Filters::default().is_empty());
+        assert!(Filters { folder: Some("  ".into()), types: Some(vec![]), ..Default::default() }.is_empty());
+        assert!(!Filters { camera: Some("canon".into()), ..Default::default() }.is_empty());
+    }
+}

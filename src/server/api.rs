@@ -1,0 +1,475 @@
+//! HTTP handlers: extract, call the search engine on a blocking thread, map
+//! the result. No ranking logic lives here.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::Response;
+use axum::Json;
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::StreamExt;
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::state::{self, JobEvent, Lifecycle, SharedState};
+use crate::search::{self, Engine, Filters, Photo, Query as SearchQuery, SearchResults, Term, TermKind, TermSpec};
+
+/// Default results per page.
+const DEFAULT_K: usize = 24;
+
+fn engine(state: &SharedState) -> ApiResult<Arc<Engine>> {
+    state.engine().ok_or_else(|| {
+        let (phase, message) = state.lifecycle();
+        match phase {
+            Lifecycle::Failed => ApiError::not_ready(format!(
+                "the server could not start: {}",
+                message.unwrap_or_else(|| "unknown error".into())
+            )),
+            _ => ApiError::not_ready(message.unwrap_or_else(|| "starting up".into())),
+        }
+    })
+}
+
+/// Runs blocking work (model inference, file and index I/O) off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SearchParams {
+    /// The query: text, or the query language (`"dog" + 0.5*image:42 - "people"`).
+    pub q: String,
+    /// Results per page (1-200, default 24).
+    pub k: Option<usize>,
+    /// Results to skip.
+    pub offset: Option<usize>,
+    /// Text whose meaning results should avoid.
+    pub exclude: Option<String>,
+    /// Folder prefix, relative to the library.
+    pub folder: Option<String>,
+    /// Taken on or after (YYYY-MM-DD).
+    pub from: Option<String>,
+    /// Taken on or before (YYYY-MM-DD).
+    pub to: Option<String>,
+    /// File types, comma-separated (`jpeg,png`).
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    pub types: Option<String>,
+    /// Words of the camera make or model.
+    pub camera: Option<String>,
+    /// Minimum cosine similarity.
+    pub min_score: Option<f32>,
+    /// Fuse keyword matches (default true).
+    pub hybrid: Option<bool>,
+}
+
+impl SearchParams {
+    fn filters(&self) -> Filters {
+        Filters {
+            folder: self.folder.clone(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            types: self.types.as_ref().map(|t| vec![t.clone()]),
+            camera: self.camera.clone(),
+        }
+    }
+}
+
+fn add_exclude(terms: &mut Vec<Term>, exclude: Option<&str>) -> ApiResult<()> {
+    if let Some(ex) = exclude.map(str::trim).filter(|s| !s.is_empty()) {
+        if ex.chars().count() > search::query::MAX_QUERY_CHARS {
+            return Err(ApiError::bad_query("the exclude text is too long"));
+        }
+        terms.push(Term { kind: TermKind::Text(ex.to_string()), weight: -0.5 });
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/api/search", params(SearchParams),
+    responses(
+        (status = 200, description = "Ranked photos", body = SearchResults),
+        (status = 400, description = "Malformed query", body = ErrorBody),
+        (status = 503, description = "Model or index still loading", body = ErrorBody),
+    ))]
+pub async fn search_get(
+    State(state): State<SharedState>,
+    params: Result<Query<SearchParams>, QueryRejection>,
+) -> ApiResult<Json<SearchResults>> {
+    let Query(p) = params.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
+    let engine = engine(&state)?;
+    let mut terms = search::parse(&p.q).map_err(|e| ApiError::bad_query(e.0))?;
+    add_exclude(&mut terms, p.exclude.as_deref())?;
+    let mut q = SearchQuery::new(terms);
+    q.k = p.k.unwrap_or(DEFAULT_K);
+    q.offset = p.offset.unwrap_or(0);
+    q.min_score = p.min_score;
+    q.hybrid = p.hybrid.unwrap_or(true);
+    q.filters = p.filters();
+    Ok(Json(blocking(move || engine.search(&q).map_err(ApiError::from)).await?))
+}
+
+/// A structured query: the query language in `q`, or a list of weighted terms.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    /// The query language, as in `GET /api/search?q=`.
+    #[serde(default)]
+    pub q: Option<String>,
+    /// Weighted terms (texts, photos by id or path).
+    #[serde(default)]
+    pub terms: Option<Vec<TermSpec>>,
+    /// Text whose meaning results should avoid.
+    #[serde(default)]
+    pub exclude: Option<String>,
+    #[serde(default)]
+    pub filters: Option<Filters>,
+    #[serde(default)]
+    pub k: Option<usize>,
+    #[serde(default)]
+    pub offset: Option<usize>,
+    #[serde(default)]
+    pub min_score: Option<f32>,
+    #[serde(default)]
+    pub hybrid: Option<bool>,
+}
+
+#[utoipa::path(post, path = "/api/search", request_body = SearchRequest,
+    responses(
+        (status = 200, description = "Ranked photos", body = SearchResults),
+        (status = 400, description = "Malformed query", body = ErrorBody),
+        (status = 404, description = "A photo named by the query does not exist", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 503, description = "Model or index still loading", body = ErrorBody),
+    ))]
+pub async fn search_post(
+    State(state): State<SharedState>,
+    body: Result<Json<SearchRequest>, JsonRejection>,
+) -> ApiResult<Json<SearchResults>> {
+    let Json(r) = body.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
+    let engine = engine(&state)?;
+    let mut terms = match (&r.q, &r.terms) {
+        (Some(q), None) => search::parse(q).map_err(|e| ApiError::bad_query(e.0))?,
+        (None, Some(specs)) => {
+            if specs.is_empty() || specs.len() > search::query::MAX_TERMS {
+                return Err(ApiError::bad_query(format!("give 1 to {} terms", search::query::MAX_TERMS)));
+            }
+            specs.iter().map(|t| t.to_term().map_err(|e| ApiError::bad_query(e.0))).collect::<ApiResult<_>>()?
+        }
+        _ => return Err(ApiError::bad_query("give exactly one of q and terms")),
+    };
+    add_exclude(&mut terms, r.exclude.as_deref())?;
+    let mut q = SearchQuery::new(terms);
+    q.k = r.k.unwrap_or(DEFAULT_K);
+    q.offset = r.offset.unwrap_or(0);
+    q.min_score = r.min_score;
+    q.hybrid = r.hybrid.unwrap_or(true);
+    q.filters = r.filters.unwrap_or_default();
+    Ok(Json(blocking(move || engine.search(&q).map_err(ApiError::from)).await?))
+}
+
+/// Multipart fields of an image search.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ImageSearchForm {
+    /// The picture (JPEG, PNG, WebP, GIF, BMP, TIFF).
+    #[schema(value_type = String, format = Binary)]
+    pub file: Vec<u8>,
+    /// Optional text (query language) added to the picture.
+    pub q: Option<String>,
+    /// Weight of the picture against the text (default 1).
+    pub weight: Option<f32>,
+    pub k: Option<usize>,
+    pub offset: Option<usize>,
+    pub folder: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    #[schema(rename = "type")]
+    pub types: Option<String>,
+    pub camera: Option<String>,
+}
+
+#[utoipa::path(post, path = "/api/search/image", request_body(content = ImageSearchForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "Photos like the uploaded picture", body = SearchResults),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 413, description = "Upload too large", body = ErrorBody),
+        (status = 415, description = "Not an image", body = ErrorBody),
+        (status = 503, description = "Model or index still loading", body = ErrorBody),
+    ))]
+pub async fn search_image(State(state): State<SharedState>, multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>) -> ApiResult<Json<SearchResults>> {
+    let mut multipart = multipart.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
+    let engine = engine(&state)?;
+    let mut file: Option<Vec<u8>> = None;
+    let mut fields = std::collections::HashMap::new();
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(ApiError::rejected(e.status(), e.body_text())),
+        };
+        let name = field.name().unwrap_or("").to_string();
+        let data = field.bytes().await.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
+        if name == "file" {
+            file = Some(data.to_vec());
+        } else if ["q", "weight", "k", "offset", "folder", "from", "to", "type", "camera"].contains(&name.as_str()) {
+            let text = String::from_utf8(data.to_vec()).map_err(|_| ApiError::bad_query(format!("field {name} is not text")))?;
+            fields.insert(name, text);
+        } else {
+            return Err(ApiError::bad_query(format!("unknown field {name:?}")));
+        }
+    }
+    let file = file.ok_or_else(|| ApiError::bad_query("the form needs a file field with the picture"))?;
+    if file.is_empty() {
+        return Err(ApiError::unsupported("the uploaded file is empty"));
+    }
+    let num = |name: &str| -> ApiResult<Option<usize>> {
+        fields.get(name).map(|v| v.trim().parse().map_err(|_| ApiError::bad_query(format!("{name} must be a number")))).transpose()
+    };
+    let weight: f32 = match fields.get("weight") {
+        Some(w) => w.trim().parse().map_err(|_| ApiError::bad_query("weight must be a number"))?,
+        None => 1.0,
+    };
+    let extra = match fields.get("q").map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        Some(q) => search::parse(q).map_err(|e| ApiError::bad_query(e.0))?,
+        None => Vec::new(),
+    };
+    let mut q = SearchQuery::new(Vec::new());
+    q.k = num("k")?.unwrap_or(DEFAULT_K);
+    q.offset = num("offset")?.unwrap_or(0);
+    q.filters = Filters {
+        folder: fields.get("folder").cloned(),
+        from: fields.get("from").cloned(),
+        to: fields.get("to").cloned(),
+        types: fields.get("type").map(|t| vec![t.clone()]),
+        camera: fields.get("camera").cloned(),
+    };
+    Ok(Json(
+        blocking(move || {
+            let v = engine.embed_image(&file)?;
+            q.terms = vec![Term { kind: TermKind::Vector(v), weight }];
+            q.terms.extend(extra);
+            engine.search(&q).map_err(ApiError::from)
+        })
+        .await?,
+    ))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SimilarParams {
+    pub k: Option<usize>,
+    pub offset: Option<usize>,
+    pub folder: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    pub types: Option<String>,
+    pub camera: Option<String>,
+}
+
+fn path_id(p: Result<Path<u64>, PathRejection>) -> ApiResult<u64> {
+    p.map(|Path(id)| id).map_err(|_| ApiError::bad_query("a photo id is a whole number"))
+}
+
+#[utoipa::path(get, path = "/api/photos/{id}/similar", params(("id" = u64, Path, description = "Photo id"), SimilarParams),
+    responses(
+        (status = 200, description = "Photos like this one, itself excluded", body = SearchResults),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 404, description = "No such photo", body = ErrorBody),
+        (status = 503, description = "Model or index still loading", body = ErrorBody),
+    ))]
+pub async fn similar(
+    State(state): State<SharedState>,
+    id: Result<Path<u64>, PathRejection>,
+    params: Result<Query<SimilarParams>, QueryRejection>,
+) -> ApiResult<Json<SearchResults>> {
+    let id = path_id(id)?;
+    let Query(p) = params.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
+    let engine = engine(&state)?;
+    let filters = Filters {
+        folder: p.folder,
+        from: p.from,
+        to: p.to,
+        types: p.types.map(|t| vec![t]),
+        camera: p.camera,
+    };
+    let (k, offset) = (p.k.unwrap_or(DEFAULT_K), p.offset.unwrap_or(0));
+    Ok(Json(blocking(move || engine.similar(id, k, offset, filters).map_err(ApiError::from)).await?))
+}
+
+#[utoipa::path(get, path = "/api/photos/{id}", params(("id" = u64, Path, description = "Photo id")),
+    responses(
+        (status = 200, description = "The photo's metadata", body = Photo),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 404, description = "No such photo", body = ErrorBody),
+        (status = 503, description = "Index still loading", body = ErrorBody),
+    ))]
+pub async fn photo(State(state): State<SharedState>, id: Result<Path<u64>, PathRejection>) -> ApiResult<Json<Photo>> {
+    let id = path_id(id)?;
+    let engine = engine(&state)?;
+    Ok(Json(blocking(move || engine.photo(id).map_err(ApiError::from)).await?))
+}
+
+fn file_response(bytes: Vec<u8>, content_type: &str, cache: &str) -> Response {
+    let mut r = Response::new(Body::from(bytes));
+    let headers = r.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_str(cache).unwrap_or(HeaderValue::from_static("no-cache")));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    r
+}
+
+#[utoipa::path(get, path = "/api/photos/{id}/thumbnail", params(("id" = u64, Path, description = "Photo id")),
+    responses(
+        (status = 200, description = "JPEG thumbnail, 256 px on the longest side", content_type = "image/jpeg"),
+        (status = 404, description = "No such photo", body = ErrorBody),
+    ))]
+pub async fn thumbnail(State(state): State<SharedState>, id: Result<Path<u64>, PathRejection>) -> ApiResult<Response> {
+    let id = path_id(id)?;
+    let engine = engine(&state)?;
+    let bytes = blocking(move || {
+        let record = engine.record(id)?;
+        std::fs::read(engine.index().thumbnail_path(&record)).map_err(|_| ApiError::not_found(format!("no thumbnail for photo {id}")))
+    })
+    .await?;
+    // Thumbnails are content-addressed: a photo id's thumbnail only changes with a new id.
+    Ok(file_response(bytes, "image/jpeg", "private, max-age=86400"))
+}
+
+#[utoipa::path(get, path = "/api/photos/{id}/original", params(("id" = u64, Path, description = "Photo id")),
+    responses(
+        (status = 200, description = "The original file", content(("image/jpeg"), ("image/png"), ("image/webp"), ("image/gif"), ("image/bmp"), ("image/tiff"), ("application/octet-stream"))),
+        (status = 404, description = "No such photo, or its file is gone", body = ErrorBody),
+    ))]
+pub async fn original(State(state): State<SharedState>, id: Result<Path<u64>, PathRejection>) -> ApiResult<Response> {
+    let id = path_id(id)?;
+    let engine = engine(&state)?;
+    let (bytes, format) = blocking(move || {
+        let record = engine.record(id)?;
+        // The path comes from the index, never from the request.
+        let path = engine.index().library().join(&record.path);
+        let bytes = std::fs::read(&path).map_err(|_| ApiError::not_found(format!("the file of photo {id} is gone; re-index")))?;
+        Ok((bytes, record.format))
+    })
+    .await?;
+    let mime = match format.as_str() {
+        "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "bmp" => "image/bmp",
+        "tiff" => "image/tiff",
+        _ => "application/octet-stream",
+    };
+    Ok(file_response(bytes, mime, "private, no-cache"))
+}
+
+/// The server, its index and its re-index job.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StatusResponse {
+    pub state: Lifecycle,
+    /// What start-up is doing, or why it failed.
+    pub message: Option<String>,
+    pub version: String,
+    pub photos: Option<usize>,
+    pub library: Option<String>,
+    pub model: Option<String>,
+    pub embedding_dim: Option<usize>,
+    pub reindex: ReindexStatus,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReindexStatus {
+    pub running: bool,
+    /// Statistics of the run in progress.
+    #[schema(value_type = Option<Object>)]
+    pub progress: Option<serde_json::Value>,
+    /// Summary of the last completed run.
+    #[schema(value_type = Option<Object>)]
+    pub last: Option<serde_json::Value>,
+    pub last_error: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/status", responses((status = 200, description = "Server state", body = StatusResponse)))]
+pub async fn status(State(state): State<SharedState>) -> ApiResult<Json<StatusResponse>> {
+    let (phase, message) = state.lifecycle();
+    let engine = state.engine();
+    let (photos, library, model, dim) = match &engine {
+        Some(e) => {
+            let e = e.clone();
+            let (n, lib) = blocking(move || Ok((e.index().store().count(), e.index().meta().library.clone()))).await?;
+            let info = state::model_info(&state);
+            (Some(n), Some(lib), info.as_ref().map(|i| i.id.clone()), info.map(|i| i.embedding_dim))
+        }
+        None => (None, None, None, None),
+    };
+    let job = state.job();
+    let reindex = ReindexStatus {
+        running: job.running,
+        progress: job.progress.as_ref().map(|p| serde_json::to_value(p).unwrap_or_default()),
+        last: job.last_summary.as_ref().map(|s| serde_json::to_value(s).unwrap_or_default()),
+        last_error: job.last_error.clone(),
+    };
+    drop(job);
+    Ok(Json(StatusResponse {
+        state: phase,
+        message,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        photos,
+        library,
+        model,
+        embedding_dim: dim,
+        reindex,
+    }))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReindexStarted {
+    pub started: bool,
+}
+
+#[utoipa::path(post, path = "/api/reindex",
+    responses(
+        (status = 202, description = "Re-index started; follow it at /api/reindex/events", body = ReindexStarted),
+        (status = 409, description = "A re-index is already running", body = ErrorBody),
+        (status = 503, description = "Index still loading", body = ErrorBody),
+    ))]
+pub async fn reindex(State(state): State<SharedState>) -> ApiResult<(StatusCode, Json<ReindexStarted>)> {
+    state::start_reindex(&state)?;
+    Ok((StatusCode::ACCEPTED, Json(ReindexStarted { started: true })))
+}
+
+#[utoipa::path(get, path = "/api/reindex/events",
+    responses((status = 200, description = "Server-sent events: `progress`, `done`, `failed` (JSON data)", content_type = "text/event-stream")))]
+pub async fn reindex_events(State(state): State<SharedState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = state.events.subscribe();
+    // Start with where the job stands, so a page opened mid-run shows it at once.
+    let first = {
+        let job = state.job();
+        match (&job.progress, job.running) {
+            (Some(p), true) => Some(JobEvent::Progress { progress: serde_json::to_value(p).unwrap_or_default() }),
+            _ => None,
+        }
+    };
+    let stream = tokio_stream::iter(first.into_iter().map(Ok))
+        .chain(BroadcastStream::new(rx))
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let name = match &e {
+                JobEvent::Progress { .. } => "progress",
+                JobEvent::Done { .. } => "done",
+                JobEvent::Failed { .. } => "failed",
+            };
+            Ok(Event::default().event(name).json_data(&e).unwrap_or_else(|_| Event::default().event(name)))
+        });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}

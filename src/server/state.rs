@@ -1,0 +1,230 @@
+//! What the server holds: the search engine once it is ready, the start-up
+//! state (loading the model, opening the index), and the one re-index job.
+//! Start-up and re-indexing run on their own threads; handlers only read.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use utoipa::ToSchema;
+
+use crate::indexer::{self, Index, Progress, RunOptions};
+use crate::model::{Clip, HubOptions, ModelInfo, ModelSource};
+use crate::search::Engine;
+use crate::store::RunSummary;
+
+/// Settings of a running server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub index: PathBuf,
+    /// Library to index at start; `None` serves an existing index.
+    pub library: Option<PathBuf>,
+    /// Model to use; `None` takes the index's.
+    pub model: Option<String>,
+    pub hub: HubOptions,
+    pub run: RunOptions,
+    /// Required on every request when set.
+    pub token: Option<String>,
+    /// Origin allowed by CORS, if any.
+    pub cors: Option<String>,
+    /// Largest accepted image upload, bytes.
+    pub max_upload: usize,
+    /// Start a re-index once ready (implied by `library`).
+    pub reindex_on_start: bool,
+}
+
+/// Where start-up stands.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    Starting,
+    LoadingModel,
+    OpeningIndex,
+    Ready,
+    Failed,
+}
+
+/// A re-index job's event, as streamed to the page.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JobEvent {
+    Progress { progress: serde_json::Value },
+    Done { summary: serde_json::Value },
+    Failed { message: String },
+}
+
+#[derive(Default)]
+pub struct JobState {
+    pub running: bool,
+    pub progress: Option<Progress>,
+    pub last_summary: Option<RunSummary>,
+    pub last_error: Option<String>,
+}
+
+pub struct AppState {
+    pub config: ServerConfig,
+    pub engine: RwLock<Option<Arc<Engine>>>,
+    pub lifecycle: Mutex<(Lifecycle, Option<String>)>,
+    pub job: Mutex<JobState>,
+    pub events: broadcast::Sender<JobEvent>,
+    pub stop: AtomicBool,
+    pub started: Instant,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    pub fn new(config: ServerConfig) -> SharedState {
+        let (events, _) = broadcast::channel(256);
+        Arc::new(Self {
+            config,
+            engine: RwLock::new(None),
+            lifecycle: Mutex::new((Lifecycle::Starting, None)),
+            job: Mutex::new(JobState::default()),
+            events,
+            stop: AtomicBool::new(false),
+            started: Instant::now(),
+        })
+    }
+
+    /// A server around an engine that is already loaded (tests, embedding).
+    pub fn with_engine(config: ServerConfig, engine: Engine) -> SharedState {
+        let state = Self::new(config);
+        *state.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
+        state.set_lifecycle(Lifecycle::Ready, None);
+        state
+    }
+
+    pub fn engine(&self) -> Option<Arc<Engine>> {
+        self.engine.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn lifecycle(&self) -> (Lifecycle, Option<String>) {
+        self.lifecycle.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_lifecycle(&self, phase: Lifecycle, message: Option<String>) {
+        *self.lifecycle.lock().unwrap_or_else(|p| p.into_inner()) = (phase, message);
+    }
+
+    pub fn job(&self) -> std::sync::MutexGuard<'_, JobState> {
+        self.job.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Loads the model and opens the index on a thread of its own, then starts
+/// a re-index if asked: the page is up while this happens.
+pub fn start(state: SharedState, addr: SocketAddr) {
+    std::thread::Builder::new()
+        .name("clipdex-startup".into())
+        .spawn(move || {
+            if let Err(message) = load(&state, addr) {
+                tracing::error!(%message, "start-up failed");
+                state.set_lifecycle(Lifecycle::Failed, Some(message));
+                return;
+            }
+            if state.config.reindex_on_start || state.config.library.is_some() {
+                if let Err(e) = start_reindex(&state) {
+                    tracing::warn!(error = %e.message, "could not start indexing");
+                }
+            }
+        })
+        .expect("spawn start-up thread");
+}
+
+fn load(state: &SharedState, addr: SocketAddr) -> Result<(), String> {
+    let config = &state.config;
+    // The model named, else the index's own.
+    let existing = crate::indexer::IndexPaths::new(&config.index).exists();
+    let model_id = match (&config.model, existing) {
+        (Some(m), _) => m.clone(),
+        (None, true) => {
+            let index = Index::open(&config.index).map_err(|e| e.to_string())?;
+            let id = index.meta().model.id.clone();
+            drop(index);
+            id
+        }
+        (None, false) => crate::model::DEFAULT_MODEL.to_string(),
+    };
+    state.set_lifecycle(Lifecycle::LoadingModel, Some(format!("loading model {model_id}")));
+    let source = ModelSource::parse(&model_id).map_err(|e| e.to_string())?;
+    let clip = Clip::load(&source, &config.hub).map_err(|e| format!("cannot load model {model_id}: {e}"))?;
+    state.set_lifecycle(Lifecycle::OpeningIndex, Some("opening the index".into()));
+    let index = match &config.library {
+        Some(library) => Index::create_or_open(&config.index, library, clip.info()),
+        None => Index::open(&config.index),
+    }
+    .map_err(|e| match e {
+        indexer::Error::NotFound(_) => format!(
+            "no index at {}: start with `clipdex serve --library <PHOTOS>` to create one",
+            config.index.display()
+        ),
+        other => other.to_string(),
+    })?;
+    index.set_holder(&format!("clipdex serve at http://{addr}"));
+    let engine = Engine::new(Arc::new(index), Arc::new(clip)).map_err(|e| e.to_string())?;
+    *state.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
+    state.set_lifecycle(Lifecycle::Ready, None);
+    tracing::info!("ready");
+    Ok(())
+}
+
+/// Starts a re-index on its own thread; one at a time.
+pub fn start_reindex(state: &SharedState) -> Result<(), crate::server::error::ApiError> {
+    use crate::server::error::ApiError;
+    let engine = state.engine().ok_or_else(|| ApiError::not_ready("the index is not open yet"))?;
+    {
+        let mut job = state.job();
+        if job.running {
+            return Err(ApiError::conflict("a re-index is already running"));
+        }
+        job.running = true;
+        job.last_error = None;
+    }
+    let state = state.clone();
+    std::thread::Builder::new()
+        .name("clipdex-reindex".into())
+        .spawn(move || {
+            let mut last_sent = Instant::now() - Duration::from_secs(1);
+            let mut callback = |p: &Progress| {
+                state.job().progress = Some(p.clone());
+                // At most 10 events a second, and every phase change.
+                if last_sent.elapsed() >= Duration::from_millis(100) || p.phase != indexer::Phase::Indexing {
+                    last_sent = Instant::now();
+                    let progress = serde_json::to_value(p).unwrap_or_default();
+                    let _ = state.events.send(JobEvent::Progress { progress });
+                }
+            };
+            let result = indexer::run(engine.index(), engine.clip(), &state.config.run, &mut callback, &state.stop);
+            let mut job = state.job();
+            job.running = false;
+            match result {
+                Ok(summary) => {
+                    let _ = state.events.send(JobEvent::Done { summary: serde_json::to_value(&summary).unwrap_or_default() });
+                    job.last_summary = Some(summary);
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    tracing::error!(%message, "re-index failed");
+                    job.last_error = Some(message.clone());
+                    let _ = state.events.send(JobEvent::Failed { message });
+                }
+            }
+        })
+        .map_err(|e| ApiError::internal(e))?;
+    Ok(())
+}
+
+/// The model of a ready engine.
+pub fn model_info(state: &AppState) -> Option<ModelInfo> {
+    state.engine().map(|e| e.clip().info().clone())
+}
+
+/// Asks a running job to stop after its current batch (on shutdown).
+pub fn stop_jobs(state: &AppState) {
+    state.stop.store(true, Ordering::Relaxed);
+}
