@@ -46,14 +46,12 @@ function filters() {
   return f;
 }
 
-function quote(text) {
-  return '"' + text.replace(/"/g, "'") + '"';
-}
-
-// The query language for the text plus "more / less like this" photos.
+// The query language for the text plus "more / less like this" photos. The
+// text goes as typed: plain words are one term, and the syntax
+// ("a" + 0.5*image:42 - "b") is there for those who want it.
 function queryString() {
   const parts = [];
-  if (state.text) parts.push(quote(state.text));
+  if (state.text) parts.push(state.text);
   for (const m of state.modifiers) {
     const w = Math.abs(m.weight);
     parts.push((m.weight < 0 ? "- " : (parts.length ? "+ " : "")) + `${w}*image:${m.id}`);

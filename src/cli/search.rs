@@ -163,8 +163,13 @@ pub fn similar(args: &SimilarArgs) -> Result<()> {
         Backend::Remote(base) => match args.target.parse::<u64>() {
             Ok(id) if !file.exists() => remote_get(&base, &format!("/api/photos/{id}/similar?k={}{}", args.k, filter_params(&f)))?,
             _ => {
-                let q = format!("image:{}", args.target.trim_matches('/'));
-                remote_get(&base, &format!("/api/search?q={}&k={}{}", encode(&q), args.k, filter_params(&f)))?
+                // A path of the library: ask for one more and leave the photo itself out.
+                let path = args.target.trim_matches('/').to_string();
+                let q = format!("image:{path}");
+                let mut r = remote_get(&base, &format!("/api/search?q={}&k={}{}", encode(&q), args.k + 1, filter_params(&f)))?;
+                r.hits.retain(|h| h.path != path);
+                r.hits.truncate(args.k);
+                r
             }
         },
     };

@@ -8,3 +8,4 @@ mod model_reference;
 mod preprocess;
 mod server;
 mod tokenizer;
+mod web;
