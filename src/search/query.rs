@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_queries() {
-        for bad in ["", "   ", r#""unclosed"#, "dog +", r#""""#, "- -"] {
+        for bad in ["", "   ", r#""unclosed"#, "dog +", r#""""#, r#""a" "b""#] {
             assert!(parse(bad).is_err(), "{bad:?} parsed");
         }
         assert!(parse(&"x".repeat(MAX_QUERY_CHARS + 1)).unwrap_err().0.contains("too long"));
