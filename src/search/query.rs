@@ -103,13 +103,19 @@ pub fn parse(input: &str) -> Result<Vec<Term>, ParseError> {
         }
     };
     skip_ws(&mut i);
+    let mut leading = false;
     if i < s.len() && (s[i] == '+' || s[i] == '-') && s.get(i + 1).is_some_and(|c| c.is_whitespace() || *c == '"') {
         sign = if s[i] == '-' { -1.0 } else { 1.0 };
         i += 1;
+        leading = true;
     }
+    let mut after_operator = leading;
     loop {
         skip_ws(&mut i);
         if i >= s.len() {
+            if after_operator {
+                return Err(ParseError("a term is missing after the last + or -".into()));
+            }
             break;
         }
         // Optional weight: a number followed by '*'.
@@ -169,6 +175,7 @@ pub fn parse(input: &str) -> Result<Vec<Term>, ParseError> {
             }
         };
         terms.push(Term { kind, weight: check_weight(sign * weight)? });
+        after_operator = false;
         if terms.len() > MAX_TERMS {
             return Err(ParseError(format!("too many terms (at most {MAX_TERMS})")));
         }
@@ -182,6 +189,7 @@ pub fn parse(input: &str) -> Result<Vec<Term>, ParseError> {
             c => return Err(ParseError(format!("expected + or - between terms, found {c:?}"))),
         };
         i += 1;
+        after_operator = true;
     }
     if terms.is_empty() {
         return Err(ParseError("the query is empty".into()));
