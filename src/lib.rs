@@ -3,6 +3,7 @@
 //! See `ARCHITECTURE.md` for a walk through the modules.
 
 pub mod cli;
+pub mod eval;
 pub mod indexer;
 pub mod keyword;
 pub mod library;
@@ -10,4 +11,5 @@ pub mod model;
 pub mod search;
 pub mod server;
 pub mod store;
+pub mod train;
 pub mod vector;

@@ -280,6 +280,8 @@ def write_tokenizer(tokenizer: CLIPTokenizer, vocab: dict[str, int], merges: lis
             shutil.copy(tmp / name, out / name)
     if kind == "json":
         gz_write(out / "tokenizer.json.gz", (tmp / "tokenizer.json").read_bytes())
+        # The same file is clipdex's built-in tokenizer, for models trained from scratch.
+        shutil.copy(out / "tokenizer.json.gz", ROOT / "src" / "model" / "clip_tokenizer.json.gz")
     else:
         gz_write(out / "vocab.json.gz", json.dumps(vocab, ensure_ascii=False).encode())
         gz_write(out / "merges.txt.gz", ("#version: 0.2\n" + "\n".join(merges) + "\n").encode())

@@ -6,6 +6,7 @@ mod embed;
 mod index;
 mod search;
 mod serve;
+mod train;
 
 use std::path::PathBuf;
 
@@ -46,6 +47,123 @@ pub enum Command {
     Search(SearchArgs),
     /// Print photos similar to one of the index (by id or path) or to any image file.
     Similar(SimilarArgs),
+    /// Train a CLIP model from scratch or fine-tune one on captioned images.
+    Train(TrainArgs),
+    /// Evaluate a model: retrieval recall, zero-shot classification, linear probe.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Training pairs: JSONL {"image", "caption"}, CSV with filepath and title columns,
+    /// a folder of images with .txt captions, or a folder of class sub-folders.
+    #[arg(long)]
+    pub data: PathBuf,
+
+    /// Output folder: a Hugging Face checkpoint, plus checkpoint/ to resume from.
+    #[arg(long)]
+    pub out: PathBuf,
+
+    /// Fine-tune this checkpoint (folder or hub id).
+    #[arg(long)]
+    pub init: Option<String>,
+
+    /// Train from scratch: a preset (tiny-32, small-32, small-64, vit-b-32, vit-b-16, vit-l-14) or a config.json.
+    #[arg(long)]
+    pub config: Option<String>,
+
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+
+    /// Peak learning rate (default 5e-4 from scratch, 1e-5 fine-tuning).
+    #[arg(long)]
+    pub lr: Option<f64>,
+
+    /// Warm-up steps before the cosine decay (default 5% of the run).
+    #[arg(long)]
+    pub warmup: Option<u64>,
+
+    #[arg(long, default_value_t = 0.2)]
+    pub weight_decay: f64,
+
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Validation pairs; without it, --val-percent of --data is held out.
+    #[arg(long)]
+    pub val: Option<PathBuf>,
+
+    #[arg(long, default_value_t = 10.0)]
+    pub val_percent: f64,
+
+    /// Keep weights fixed: the image tower, the text tower, or both (only the projections learn).
+    #[arg(long, value_enum, default_value = "none")]
+    pub freeze: crate::train::Freeze,
+
+    /// Prompt templates for class names, one per line with {} (default: 8 of CLIP's).
+    #[arg(long)]
+    pub templates: Option<PathBuf>,
+
+    /// Save a resumable checkpoint at least every this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub checkpoint_every: u64,
+
+    #[arg(long)]
+    pub offline: bool,
+
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    pub command: EvalCommand,
+
+    /// The model: a checkpoint folder (e.g. a `clipdex train` output) or a hub id.
+    #[arg(long, short = 'm', global = true, default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Images per forward pass.
+    #[arg(long, global = true, default_value_t = 64)]
+    pub batch: usize,
+
+    #[arg(long, global = true)]
+    pub offline: bool,
+
+    /// Print a JSON record.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Text-to-image and image-to-text recall@1/5/10 and median rank on pairs.
+    Retrieval {
+        /// Pairs, in any format `train --data` reads.
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Zero-shot classification accuracy from class names and prompt templates.
+    ZeroShot {
+        /// A folder of class sub-folders, or JSONL with "image" and "label".
+        #[arg(long)]
+        data: PathBuf,
+        /// Templates, one per line with {} (default: 8 of CLIP's).
+        #[arg(long)]
+        templates: Option<PathBuf>,
+    },
+    /// Logistic regression on frozen image features.
+    LinearProbe {
+        #[arg(long)]
+        train: PathBuf,
+        #[arg(long)]
+        test: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -299,5 +417,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::run(&args),
         Command::Search(args) => search::search(&args),
         Command::Similar(args) => search::similar(&args),
+        Command::Train(args) => train::train(&args),
+        Command::Eval(args) => train::eval(&args),
     }
 }

@@ -196,9 +196,47 @@ impl ClipConfig {
         }
     }
 
+    /// A small model that trains on a CPU: a ViT of `layers` blocks of
+    /// `width` on `image` px images in `patch` px patches, a text transformer
+    /// of the same size reading 32 tokens.
+    pub fn small(image: usize, patch: usize, width: usize, layers: usize) -> Self {
+        let heads = (width / 32).max(1);
+        Self {
+            text_config: TextConfig {
+                hidden_size: width,
+                intermediate_size: 4 * width,
+                num_hidden_layers: layers,
+                num_attention_heads: heads,
+                max_position_embeddings: 32,
+                hidden_act: Activation::Gelu,
+                ..TextConfig::default()
+            },
+            vision_config: VisionConfig {
+                hidden_size: width,
+                intermediate_size: 4 * width,
+                num_hidden_layers: layers,
+                num_attention_heads: heads,
+                image_size: image,
+                patch_size: patch,
+                hidden_act: Activation::Gelu,
+                ..VisionConfig::default()
+            },
+            projection_dim: width,
+            logit_scale_init_value: (1.0f64 / 0.07).ln(),
+        }
+    }
+
+    /// Names of the presets, for help texts.
+    pub const PRESETS: &'static [&'static str] = &["tiny-32", "small-32", "small-64", "vit-b-32", "vit-b-16", "vit-l-14"];
+
     /// Looks up a named preset.
     pub fn preset(name: &str) -> Option<Self> {
         match name {
+            // About 1.1 M parameters outside the token table: for tests.
+            "tiny-32" => Some(Self::small(32, 8, 64, 2)),
+            // About 1.6 M / 1.6 M parameters per tower: Fashion-MNIST-sized data.
+            "small-32" => Some(Self::small(32, 4, 128, 4)),
+            "small-64" => Some(Self::small(64, 8, 128, 4)),
             "vit-b-32" | "ViT-B-32" | "ViT-B/32" => Some(Self::vit_base_patch32()),
             "vit-b-16" | "ViT-B-16" | "ViT-B/16" => Some(Self::vit_base_patch16()),
             "vit-l-14" | "ViT-L-14" | "ViT-L/14" => Some(Self::vit_large_patch14()),

@@ -15,6 +15,7 @@ pub mod config;
 mod embedder;
 pub mod init;
 pub mod layers;
+pub mod loss;
 pub mod preprocess;
 pub mod text;
 pub mod tokenizer;

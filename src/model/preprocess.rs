@@ -245,6 +245,39 @@ impl Preprocessor {
         self.image_size
     }
 
+    /// The `preprocessor_config.json` transformers reads for this pipeline.
+    pub fn to_json(&self) -> String {
+        let (size, do_resize) = match self.resize {
+            Some(ResizeTo::ShortestEdge(n)) => (serde_json::json!({"shortest_edge": n}), true),
+            Some(ResizeTo::Exact { height, width }) => (serde_json::json!({"height": height, "width": width}), true),
+            None => (serde_json::json!({"shortest_edge": self.image_size}), false),
+        };
+        let resample = match self.resample {
+            Resample::Nearest => 0,
+            Resample::Lanczos => 1,
+            Resample::Bilinear => 2,
+            Resample::Bicubic => 3,
+            Resample::Box => 4,
+            Resample::Hamming => 5,
+        };
+        let (ch, cw) = self.crop.unwrap_or((self.image_size, self.image_size));
+        serde_json::to_string_pretty(&serde_json::json!({
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": do_resize,
+            "size": size,
+            "resample": resample,
+            "do_center_crop": self.crop.is_some(),
+            "crop_size": {"height": ch, "width": cw},
+            "do_rescale": self.rescale.is_some(),
+            "rescale_factor": self.rescale.unwrap_or(1.0 / 255.0),
+            "do_normalize": self.normalize,
+            "image_mean": self.mean,
+            "image_std": self.std,
+            "do_convert_rgb": true,
+        }))
+        .expect("a preprocessor serialises")
+    }
+
     pub fn mean(&self) -> [f32; 3] {
         self.mean
     }
@@ -528,6 +561,12 @@ mod tests {
         p.normalize_into(&[255, 0, 128], &mut out);
         assert!((out[0] - (1.0 - OPENAI_CLIP_MEAN[0]) / OPENAI_CLIP_STD[0]).abs() < 1e-5);
         assert!((out[1] + OPENAI_CLIP_MEAN[1] / OPENAI_CLIP_STD[1]).abs() < 1e-5);
+    }
+
+    #[test]
+    fn writes_what_it_reads() {
+        let p = Preprocessor::from_json(r#"{"size": 64, "crop_size": 64, "image_mean": [0.5,0.5,0.5], "image_std": [0.5,0.5,0.5]}"#, 64).unwrap();
+        assert_eq!(Preprocessor::from_json(&p.to_json(), 64).unwrap(), p);
     }
 
     #[test]

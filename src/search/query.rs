@@ -175,7 +175,6 @@ pub fn parse(input: &str) -> Result<Vec<Term>, ParseError> {
             }
         };
         terms.push(Term { kind, weight: check_weight(sign * weight)? });
-        after_operator = false;
         if terms.len() > MAX_TERMS {
             return Err(ParseError(format!("too many terms (at most {MAX_TERMS})")));
         }

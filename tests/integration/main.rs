@@ -8,4 +8,5 @@ mod model_reference;
 mod preprocess;
 mod server;
 mod tokenizer;
+mod train;
 mod web;

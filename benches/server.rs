@@ -1,0 +1,216 @@
+//! Load on `clipdex serve`: 32 concurrent clients for 60 s on a 10,000-photo
+//! index, text queries (each one new, so each is embedded) and find-similar.
+//!
+//!     cargo build --release && cargo bench --bench model && cargo bench --bench server
+//!     cargo bench --bench server -- [--clients 32] [--seconds 60] [--photos 10000]
+//!
+//! The first run writes a library of distinct pictures (crops, flips and
+//! tints of the shared photos, 320 px) under target/bench/library-N and
+//! indexes it with the random-weight ViT-B/32 of the model benchmark (about
+//! six minutes for 10,000); later runs reuse both.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clipdex::model::init::NormalRng;
+use image::imageops::FilterType;
+use image::{DynamicImage, GenericImageView};
+
+struct Args {
+    clients: usize,
+    seconds: u64,
+    photos: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args { clients: 32, seconds: 60, photos: 10_000 };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--clients" => a.clients = it.next().and_then(|v| v.parse().ok()).expect("--clients N"),
+            "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds N"),
+            "--photos" => a.photos = it.next().and_then(|v| v.parse().ok()).expect("--photos N"),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Writes `n` distinct pictures derived from the shared photos.
+fn make_library(dir: &Path, n: usize) {
+    if dir.join(".complete").exists() {
+        return;
+    }
+    let photos = root().join("../shared/datasets/photos");
+    let sources: Vec<PathBuf> = walkdir::WalkDir::new(&photos)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "jpg"))
+        .map(|e| e.path().to_path_buf())
+        .collect();
+    let sources: Vec<DynamicImage> = sources
+        .iter()
+        .filter_map(|p| image::open(p).ok())
+        .map(|im| im.resize(640, 640, FilterType::Triangle))
+        .collect();
+    let mut rng = NormalRng::new(42);
+    for i in 0..n {
+        let src = &sources[i % sources.len()];
+        let (w, h) = src.dimensions();
+        let side = ((w.min(h) as f64) * (0.5 + 0.5 * rng.uniform())) as u32;
+        let x = ((w - side) as f64 * rng.uniform()) as u32;
+        let y = ((h - side) as f64 * rng.uniform()) as u32;
+        let mut im = src.crop_imm(x, y, side, side).resize_exact(320, 320, FilterType::Triangle).to_rgb8();
+        if rng.uniform() < 0.5 {
+            image::imageops::flip_horizontal_in_place(&mut im);
+        }
+        let tint = [0.85 + 0.3 * rng.uniform(), 0.85 + 0.3 * rng.uniform(), 0.85 + 0.3 * rng.uniform()];
+        for p in im.pixels_mut() {
+            for c in 0..3 {
+                p[c] = (p[c] as f64 * tint[c]).min(255.0) as u8;
+            }
+        }
+        let folder = dir.join(format!("{:03}", i / 100));
+        std::fs::create_dir_all(&folder).unwrap();
+        im.save(folder.join(format!("photo-{i:05}.jpg"))).unwrap();
+    }
+    std::fs::write(dir.join(".complete"), b"").unwrap();
+}
+
+const NOUNS: &[&str] = &[
+    "dog", "cat", "beach", "mountain", "sunset", "car", "flower", "tree", "bridge", "river", "city", "fish",
+    "bird", "house", "boat", "snow", "forest", "road", "child", "tower", "field", "lake", "garden", "street",
+];
+const ADJ: &[&str] = &["red", "old", "small", "bright", "dark", "green", "wet", "quiet", "busy", "tall", "blue", "sunny"];
+
+struct Stats {
+    latencies: Vec<f64>,
+    errors: u64,
+}
+
+fn load(base: &str, clients: usize, seconds: u64, kind: &'static str, ids: Arc<Vec<u64>>) -> (f64, Stats) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let (stop, counter, base, ids) = (stop.clone(), counter.clone(), base.to_string(), ids.clone());
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                let mut rng = NormalRng::new(1000 + c as u64);
+                let mut stats = Stats { latencies: Vec::new(), errors: 0 };
+                while !stop.load(Ordering::Relaxed) {
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let url = if kind == "text" {
+                        // Every query is new: no cache hit, the text is embedded.
+                        let pick = |xs: &[&'static str], r: &mut NormalRng| xs[(r.uniform() * xs.len() as f64) as usize % xs.len()];
+                        let q = format!("a {} {} near the {} number {n}", pick(ADJ, &mut rng), pick(NOUNS, &mut rng), pick(NOUNS, &mut rng));
+                        format!("{base}/api/search?k=24&q={}", q.replace(' ', "%20"))
+                    } else {
+                        let id = ids[(rng.uniform() * ids.len() as f64) as usize % ids.len()];
+                        format!("{base}/api/photos/{id}/similar?k=24")
+                    };
+                    let t = Instant::now();
+                    match agent.get(&url).call() {
+                        Ok(mut r) if r.status() == 200 => {
+                            let _ = r.body_mut().read_to_vec();
+                            stats.latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                        }
+                        _ => stats.errors += 1,
+                    }
+                }
+                stats
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(seconds));
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Stats { latencies: Vec::new(), errors: 0 };
+    for h in handles {
+        let s = h.join().unwrap();
+        all.latencies.extend(s.latencies);
+        all.errors += s.errors;
+    }
+    (start.elapsed().as_secs_f64(), all)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    let args = args();
+    let binary = root().join("target/release/clipdex");
+    assert!(binary.exists(), "build first: cargo build --release");
+    let model = root().join("target/bench/vit-b-32");
+    assert!(model.join("model.safetensors").exists(), "run `cargo bench --bench model` first (it writes the ViT-B/32 checkpoint)");
+    let library = root().join(format!("target/bench/library-{}", args.photos));
+    let index = root().join(format!("target/bench/index-{}", args.photos));
+    make_library(&library, args.photos);
+    if !index.join("db").exists() || !index.join(".complete").exists() {
+        eprintln!("indexing {} photos with ViT-B/32 (once)...", args.photos);
+        let status = Command::new(&binary)
+            .args(["index", library.to_str().unwrap(), "--index", index.to_str().unwrap(), "--model", model.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::write(index.join(".complete"), b"").unwrap();
+    }
+    let mut server = Command::new(&binary)
+        .args(["serve", "--index", index.to_str().unwrap(), "--bind", "127.0.0.1:0", "--offline"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next().expect("serve exited").unwrap();
+        if let Some(url) = line.strip_prefix("clipdex is up at ") {
+            break url.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    loop {
+        if let Ok(mut r) = agent.get(&format!("{base}/api/status")).call() {
+            let v: serde_json::Value = r.body_mut().read_json().unwrap_or_default();
+            if v["state"] == "ready" {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Photo ids to ask similar photos of.
+    let mut r = agent.get(&format!("{base}/api/search?q=photo&k=200")).call().unwrap();
+    let v: serde_json::Value = r.body_mut().read_json().unwrap();
+    let ids: Arc<Vec<u64>> = Arc::new(v["hits"].as_array().unwrap().iter().map(|h| h["id"].as_u64().unwrap()).collect());
+
+    println!("clipdex serve, {} photos (ViT-B/32), {} clients, {} s each:", args.photos, args.clients, args.seconds);
+    println!("{:<32}{:>10}{:>10}{:>10}{:>8}", "", "req/s", "p50 ms", "p99 ms", "errors");
+    for kind in ["text", "similar"] {
+        let (secs, mut stats) = load(&base, args.clients, args.seconds, kind, ids.clone());
+        stats.latencies.sort_by(f64::total_cmp);
+        let label = if kind == "text" { "text query (embedding included)" } else { "find-similar" };
+        println!(
+            "{label:<32}{:>10.1}{:>10.1}{:>10.1}{:>8}",
+            stats.latencies.len() as f64 / secs,
+            percentile(&stats.latencies, 0.5),
+            percentile(&stats.latencies, 0.99),
+            stats.errors
+        );
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}

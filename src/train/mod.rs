@@ -1,0 +1,635 @@
+//! Training and fine-tuning with CLIP's contrastive objective.
+//!
+//! A model starts from a checkpoint (fine-tuning) or a config preset (from
+//! scratch, initialised as transformers does). Towers can be frozen: the image
+//! tower, the text tower, or both (only the projections and the temperature
+//! learn, in the spirit of locked-image tuning, Zhai et al. 2022). Frozen
+//! weights are plain tensors and take the fast inference path; trainable ones
+//! are candle `Var`s, whose layers use only differentiable operations.
+//!
+//! The output folder is a Hugging Face checkpoint (config.json,
+//! model.safetensors, tokenizer files, preprocessor_config.json), rewritten
+//! after every epoch, plus `checkpoint/` (weights, optimiser moments, step and
+//! the run's settings), from which a killed run resumes exactly: data order
+//! and augmentation depend only on the seed, the epoch and the sample.
+
+pub mod data;
+pub mod optim;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::model::checkpoint::{self, HubOptions, ModelSource, TokenizerFiles, WeightsFile};
+use crate::model::loss::clip_loss;
+use crate::model::{init, ClipConfig, ClipModel, ClipTokenizer, Preprocessor};
+use data::{Dataset, ImageSet, Problem, Sample};
+use optim::{learning_rate, AdamW, AdamWConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] crate::model::Error),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Data(String),
+    #[error("{0}")]
+    Resume(String),
+    #[error("training stopped; resume by running the same command")]
+    Stopped,
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Model(e.into())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.display().to_string(), source }
+}
+
+/// Where the weights start.
+#[derive(Clone, Debug)]
+pub enum Start {
+    /// Fine-tune a checkpoint (folder or hub id).
+    Checkpoint(ModelSource),
+    /// Train from scratch with this architecture.
+    Scratch(ClipConfig),
+}
+
+/// Which weights stay fixed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Freeze {
+    /// Everything learns.
+    None,
+    /// The image tower is fixed (its projection learns).
+    Image,
+    /// The text tower is fixed (its projection learns).
+    Text,
+    /// Both towers are fixed; only the projections and the temperature learn.
+    Towers,
+}
+
+impl Freeze {
+    fn frozen(self, name: &str) -> bool {
+        match self {
+            Freeze::None => false,
+            Freeze::Image => name.starts_with("vision_model."),
+            Freeze::Text => name.starts_with("text_model."),
+            Freeze::Towers => name.starts_with("vision_model.") || name.starts_with("text_model."),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub data: PathBuf,
+    /// Validation data; without it a deterministic share of `data` is held out.
+    pub val: Option<PathBuf>,
+    pub val_percent: f64,
+    pub out: PathBuf,
+    pub start: Start,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    /// Warm-up steps (linear), then cosine decay; default 5% of the run.
+    pub warmup: Option<u64>,
+    pub weight_decay: f64,
+    pub seed: u64,
+    pub freeze: Freeze,
+    /// Templates that turn class names into captions.
+    pub templates: Vec<String>,
+    /// Save a resumable checkpoint at least this often.
+    pub checkpoint_every: Duration,
+    pub hub: HubOptions,
+}
+
+/// Plain statistics of a run in progress.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainProgress {
+    pub epoch: usize,
+    pub epochs: usize,
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: f32,
+    pub lr: f64,
+    /// exp(t), the logit scale.
+    pub temperature: f32,
+    pub samples_per_second: f64,
+    pub elapsed_seconds: f64,
+    /// Set after each epoch's validation.
+    pub validation: Option<Validation>,
+}
+
+/// Validation after an epoch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Validation {
+    pub epoch: usize,
+    pub loss: f32,
+    pub image_to_text_r1: f32,
+    pub text_to_image_r1: f32,
+    pub image_to_text_r5: f32,
+    pub text_to_image_r5: f32,
+    pub samples: usize,
+}
+
+/// The settings that define a run: a checkpoint resumes only the same run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct RunKey {
+    data: String,
+    val: Option<String>,
+    val_percent: f64,
+    start: String,
+    config: String,
+    epochs: usize,
+    batch: usize,
+    lr: f64,
+    warmup: Option<u64>,
+    weight_decay: f64,
+    seed: u64,
+    freeze: Freeze,
+    templates: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    run: RunKey,
+    /// Steps completed.
+    step: u64,
+    history: Vec<Validation>,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub out: PathBuf,
+    pub train_samples: usize,
+    pub val_samples: usize,
+    pub skipped: Vec<Problem>,
+    pub steps: u64,
+    pub parameters: usize,
+    pub trainable_parameters: usize,
+    pub samples_per_second: f64,
+    pub seconds: f64,
+    pub history: Vec<Validation>,
+}
+
+/// Serves trainable weights as `Var`s and frozen ones as plain tensors.
+struct Weights {
+    vars: HashMap<String, Var>,
+    frozen: HashMap<String, Tensor>,
+}
+
+impl SimpleBackend for Weights {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, DType::F32, &Device::Cpu)?;
+        if t.shape() != &s {
+            candle_core::bail!("shape mismatch for {name}: the config wants {s:?}, the weights have {:?}", t.shape());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        match (self.vars.get(name), self.frozen.get(name)) {
+            (Some(v), _) => Ok(v.as_tensor().clone()),
+            (None, Some(t)) => Ok(t.clone()),
+            _ => candle_core::bail!("cannot find tensor {name}"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.vars.contains_key(name) || self.frozen.contains_key(name)
+    }
+}
+
+/// A model whose unfrozen weights are `Var`s.
+pub struct TrainableModel {
+    pub model: ClipModel,
+    /// (name, var), the weights that learn.
+    pub trainable: Vec<(String, Var)>,
+    /// The weights that stay fixed.
+    pub frozen: HashMap<String, Tensor>,
+}
+
+/// Builds a model for training from a checkpoint's tensors (Hugging Face names).
+pub fn build_model(config: &ClipConfig, tensors: HashMap<String, Tensor>, freeze: Freeze) -> Result<TrainableModel> {
+    let mut weights = Weights { vars: HashMap::new(), frozen: HashMap::new() };
+    for (name, t) in tensors {
+        if freeze.frozen(&name) {
+            weights.frozen.insert(name, t);
+        } else {
+            weights.vars.insert(name.clone(), Var::from_tensor(&t)?);
+        }
+    }
+    if !weights.vars.contains_key("logit_scale") && !weights.frozen.contains_key("logit_scale") {
+        weights.vars.insert("logit_scale".into(), Var::new(config.logit_scale_init_value as f32, &Device::Cpu)?);
+    }
+    let trainable: Vec<(String, Var)> = weights.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let frozen = weights.frozen.clone();
+    let vb = VarBuilder::from_backend(Box::new(weights), DType::F32, Device::Cpu);
+    let model = ClipModel::new(vb, config)?;
+    Ok(TrainableModel { model, trainable, frozen })
+}
+
+/// The CLIP BPE tokenizer shipped with clipdex (OpenAI's vocabulary), for
+/// models trained from scratch.
+pub fn builtin_tokenizer_json() -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(&include_bytes!("../model/clip_tokenizer.json.gz")[..])
+        .read_to_end(&mut out)
+        .expect("the built-in tokenizer is valid gzip");
+    out
+}
+
+/// The base model's parts.
+struct Base {
+    config: ClipConfig,
+    tensors: HashMap<String, Tensor>,
+    /// Tokenizer files to copy into the output: (name, bytes).
+    tokenizer_files: Vec<(String, Vec<u8>)>,
+    preprocessor: Preprocessor,
+}
+
+fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
+    let device = Device::Cpu;
+    match start {
+        Start::Scratch(config) => Ok(Base {
+            config: config.clone(),
+            tensors: init::init_weights(config, seed, &device)?,
+            tokenizer_files: vec![("tokenizer.json".into(), builtin_tokenizer_json())],
+            preprocessor: Preprocessor::clip_default(config.vision_config.image_size),
+        }),
+        Start::Checkpoint(source) => {
+            let files = checkpoint::resolve(source, hub)?;
+            let read = |p: &Path| std::fs::read(p).map_err(io(p));
+            let config = ClipConfig::from_json(&String::from_utf8_lossy(&read(&files.config)?))?;
+            let tensors = match &files.weights {
+                WeightsFile::Safetensors(p) => candle_core::safetensors::load(p, &device)?,
+                WeightsFile::Pickle(p) => candle_core::pickle::read_all(p)?.into_iter().collect(),
+            };
+            let tensors = tensors
+                .into_iter()
+                .filter(|(k, _)| !k.ends_with("position_ids"))
+                .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+                .collect::<Result<HashMap<_, _>>>()?;
+            let tokenizer_files = match &files.tokenizer {
+                TokenizerFiles::Json(p) => vec![("tokenizer.json".into(), read(p)?)],
+                TokenizerFiles::VocabMerges { vocab, merges } => {
+                    vec![("vocab.json".into(), read(vocab)?), ("merges.txt".into(), read(merges)?)]
+                }
+            };
+            let image_size = config.vision_config.image_size;
+            let preprocessor = match &files.preprocessor {
+                Some(p) => Preprocessor::from_json(&String::from_utf8_lossy(&read(p)?), image_size)?,
+                None => Preprocessor::clip_default(image_size),
+            };
+            Ok(Base { config, tensors, tokenizer_files, preprocessor })
+        }
+    }
+}
+
+fn tokenizer_from(files: &[(String, Vec<u8>)], dir: &Path, max_len: usize) -> Result<ClipTokenizer> {
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).map_err(io(dir))?;
+    }
+    if files.iter().any(|(n, _)| n == "tokenizer.json") {
+        Ok(ClipTokenizer::from_tokenizer_json(&dir.join("tokenizer.json"), max_len)?)
+    } else {
+        Ok(ClipTokenizer::from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt"), max_len)?)
+    }
+}
+
+/// Tokenised captions, padded per batch.
+fn text_batch(tokens: &[Vec<u32>], pad: u32, eos: u32) -> Result<(Tensor, Vec<usize>)> {
+    let len = tokens.iter().map(Vec::len).max().unwrap_or(2);
+    let mut ids = Vec::with_capacity(tokens.len() * len);
+    let mut pool = Vec::with_capacity(tokens.len());
+    for t in tokens {
+        ids.extend_from_slice(t);
+        ids.extend(std::iter::repeat_n(pad, len - t.len()));
+        pool.push(t.iter().position(|&x| x == eos).unwrap_or(t.len() - 1));
+    }
+    Ok((Tensor::from_vec(ids, (tokens.len(), len), &Device::Cpu)?, pool))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    crate::vector::write_synced(path, bytes).map_err(|e| Error::Io { path: path.display().to_string(), source: std::io::Error::other(e.to_string()) })
+}
+
+/// Trains; `callback` receives statistics after every step.
+pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop: &AtomicBool) -> Result<TrainSummary> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
+    let base = load_base(&opts.start, opts.seed, &opts.hub)?;
+    let config = base.config.clone();
+    let ctx = config.text_config.max_position_embeddings;
+    let tokenizer = tokenizer_from(&base.tokenizer_files, &opts.out, ctx)?;
+
+    // Data.
+    let load = |p: &Path| data::load(p, &opts.templates).map_err(|e| Error::Data(format!("cannot read {}: {e}", p.display())));
+    let Dataset { samples, mut problems } = load(&opts.data)?;
+    let (train_samples, val_samples) = match &opts.val {
+        Some(v) => {
+            let d = load(v)?;
+            problems.extend(d.problems);
+            (samples, d.samples)
+        }
+        None => data::split(samples, opts.val_percent),
+    };
+    let (train_images, kept, bad) = ImageSet::prepare(&train_samples, &base.preprocessor);
+    problems.extend(bad);
+    let train_samples: Vec<Sample> = kept.iter().map(|&i| train_samples[i].clone()).collect();
+    let (val_images, kept, bad) = ImageSet::prepare(&val_samples, &base.preprocessor);
+    problems.extend(bad);
+    let val_samples: Vec<Sample> = kept.iter().map(|&i| val_samples[i].clone()).collect();
+    for p in &problems {
+        tracing::warn!(item = %p.item, reason = %p.reason, "skipping training item");
+    }
+    if train_samples.len() < opts.batch {
+        return Err(Error::Data(format!(
+            "{} usable training pairs, fewer than one batch of {}",
+            train_samples.len(),
+            opts.batch
+        )));
+    }
+    data::write_jsonl(&opts.out.join("train.jsonl"), &train_samples).map_err(io(&opts.out))?;
+    data::write_jsonl(&opts.out.join("val.jsonl"), &val_samples).map_err(io(&opts.out))?;
+    let tokens = |s: &[Sample]| s.iter().map(|x| tokenizer.encode(&x.caption)).collect::<crate::model::Result<Vec<_>>>();
+    let train_tokens = tokens(&train_samples)?;
+    let val_tokens = tokens(&val_samples)?;
+
+    // Model.
+    let trained = build_model(&config, base.tensors, opts.freeze)?;
+    let (model, trainable, frozen_copy) = (trained.model, trained.trainable, trained.frozen);
+    let log_scale = trainable
+        .iter()
+        .find(|(k, _)| k == "logit_scale")
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| Error::Data("the temperature must be trainable".into()))?;
+    let mut optimizer = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: opts.weight_decay, ..Default::default() })?;
+    let total_params = optimizer.num_params() + frozen_copy.values().map(|t| t.elem_count()).sum::<usize>();
+
+    // Resume.
+    let steps_per_epoch = (train_samples.len() / opts.batch) as u64;
+    let total_steps = steps_per_epoch * opts.epochs as u64;
+    let warmup = opts.warmup.unwrap_or(total_steps / 20);
+    let run = RunKey {
+        data: std::fs::canonicalize(&opts.data).unwrap_or(opts.data.clone()).display().to_string(),
+        val: opts.val.as_ref().map(|v| std::fs::canonicalize(v).unwrap_or(v.clone()).display().to_string()),
+        val_percent: opts.val_percent,
+        start: match &opts.start {
+            Start::Checkpoint(s) => s.id(),
+            Start::Scratch(_) => "scratch".into(),
+        },
+        config: config.to_json(),
+        epochs: opts.epochs,
+        batch: opts.batch,
+        lr: opts.lr,
+        warmup: opts.warmup,
+        weight_decay: opts.weight_decay,
+        seed: opts.seed,
+        freeze: opts.freeze,
+        templates: opts.templates.clone(),
+    };
+    let ckpt = opts.out.join("checkpoint");
+    let mut history: Vec<Validation> = Vec::new();
+    let mut step = 0u64;
+    if ckpt.join("state.json").is_file() {
+        let state: CheckpointState = serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).map_err(io(&ckpt))?)
+            .map_err(|e| Error::Resume(format!("checkpoint/state.json is unreadable: {e}")))?;
+        if state.run != run {
+            return Err(Error::Resume(format!(
+                "{} holds a checkpoint of another run (other data or settings); use another --out, or delete {}",
+                opts.out.display(),
+                ckpt.display()
+            )));
+        }
+        let saved = candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu)?;
+        for (name, var) in &trainable {
+            let t = saved.get(name).ok_or_else(|| Error::Resume(format!("checkpoint lacks {name}")))?;
+            var.set(t)?;
+        }
+        optimizer.load(&ckpt.join("optimizer.safetensors"))?;
+        step = state.step;
+        history = state.history;
+        tracing::info!(step, "resuming");
+    }
+
+    let save_checkpoint = |step: u64, history: &[Validation], optimizer: &AdamW| -> Result<()> {
+        let tmp = opts.out.join("checkpoint.tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        let tensors: HashMap<String, Tensor> = trainable.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
+        optimizer.save(&tmp.join("optimizer.safetensors"))?;
+        let state = CheckpointState { run: run.clone(), step, history: history.to_vec() };
+        write_synced(&tmp.join("state.json"), &serde_json::to_vec_pretty(&state).expect("state serialises"))?;
+        for f in ["model.safetensors", "optimizer.safetensors"] {
+            std::fs::File::open(tmp.join(f)).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+        }
+        let old = opts.out.join("checkpoint.old");
+        let _ = std::fs::remove_dir_all(&old);
+        if ckpt.exists() {
+            std::fs::rename(&ckpt, &old).map_err(io(&ckpt))?;
+        }
+        std::fs::rename(&tmp, &ckpt).map_err(io(&ckpt))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    };
+    let export = |history: &[Validation]| -> Result<()> {
+        let mut tensors: HashMap<String, Tensor> = frozen_copy.clone();
+        for (k, v) in &trainable {
+            tensors.insert(k.clone(), v.as_tensor().detach());
+        }
+        candle_core::safetensors::save(&tensors, opts.out.join("model.safetensors"))?;
+        write_synced(&opts.out.join("config.json"), config.to_json().as_bytes())?;
+        write_synced(&opts.out.join("preprocessor_config.json"), base.preprocessor.to_json().as_bytes())?;
+        let tok_config = serde_json::json!({
+            "tokenizer_class": "CLIPTokenizer", "model_max_length": ctx,
+            "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"
+        });
+        write_synced(&opts.out.join("tokenizer_config.json"), tok_config.to_string().as_bytes())?;
+        write_synced(&opts.out.join("training.json"), &serde_json::to_vec_pretty(&history).expect("history serialises"))?;
+        Ok(())
+    };
+
+    // Batches are built on another thread, one step ahead.
+    let image_size = base.preprocessor.image_size();
+    let (tx, rx) = crossbeam_channel::bounded::<(u64, Vec<f32>, Vec<usize>)>(2);
+    let n_train = train_samples.len();
+    let (batch, seed) = (opts.batch, opts.seed);
+    let pad = tokenizer.eos_id();
+    let mut last_checkpoint = Instant::now();
+    let mut last = TrainProgress {
+        epoch: (step / steps_per_epoch.max(1)) as usize,
+        epochs: opts.epochs,
+        step,
+        total_steps,
+        loss: f32::NAN,
+        lr: 0.0,
+        temperature: log_scale.as_tensor().exp()?.to_scalar::<f32>()?,
+        samples_per_second: 0.0,
+        elapsed_seconds: 0.0,
+        validation: history.last().cloned(),
+    };
+    let loop_start = Instant::now();
+    let first_step = step;
+    // One line per step: the loss curve, and what a resumed run is checked against.
+    let steps_log = opts.out.join("steps.jsonl");
+    let mut steps_file =
+        std::fs::OpenOptions::new().create(true).append(true).open(&steps_log).map_err(io(&steps_log))?;
+    let result = std::thread::scope(|scope| -> Result<()> {
+        let images = &train_images;
+        scope.spawn(move || {
+            for s in first_step..total_steps {
+                let epoch = (s / steps_per_epoch) as usize;
+                let order = data::epoch_order(n_train, seed, epoch);
+                let at = ((s % steps_per_epoch) as usize) * batch;
+                let idx: Vec<usize> = order[at..at + batch].to_vec();
+                let plane = 3 * image_size * image_size;
+                let mut pixels = vec![0f32; batch * plane];
+                use rayon::prelude::*;
+                pixels.par_chunks_mut(plane).zip(idx.par_iter()).for_each(|(out, &i)| {
+                    let mut rng = data::sample_rng(seed, epoch, i);
+                    images.augmented(i, &mut rng, out);
+                });
+                if tx.send((s, pixels, idx)).is_err() {
+                    break;
+                }
+            }
+        });
+        for (s, pixels, idx) in rx.iter() {
+            let pixels = Tensor::from_vec(pixels, (batch, 3, image_size, image_size), &Device::Cpu)?;
+            let toks: Vec<Vec<u32>> = idx.iter().map(|&i| train_tokens[i].clone()).collect();
+            let (ids, pool) = text_batch(&toks, pad, tokenizer.eos_id())?;
+            let image_features = model.get_image_features(&pixels)?;
+            let text_features = model.get_text_features(&ids, &pool)?;
+            let (loss, _) = clip_loss(&image_features, &text_features, log_scale.as_tensor())?;
+            let grads = loss.backward()?;
+            if s == first_step {
+                let missing = optimizer.missing_gradients(&grads);
+                if !missing.is_empty() {
+                    return Err(Error::Data(format!("no gradient reaches {}", missing.join(", "))));
+                }
+            }
+            let lr = learning_rate(s, opts.lr, warmup, total_steps);
+            optimizer.step(&grads, lr)?;
+            // CLIP clips the temperature so that exp(t) stays at most 100.
+            let t = log_scale.as_tensor().clamp(0f32, 100f32.ln())?;
+            log_scale.set(&t)?;
+            let done = s + 1;
+            {
+                use std::io::Write;
+                let line = serde_json::json!({"step": done, "loss": loss.to_scalar::<f32>()?, "lr": lr});
+                writeln!(steps_file, "{line}").map_err(io(&steps_log))?;
+            }
+            last.step = done;
+            last.epoch = (s / steps_per_epoch) as usize;
+            last.loss = loss.to_scalar::<f32>()?;
+            last.lr = lr;
+            last.temperature = t.exp()?.to_scalar::<f32>()?;
+            last.elapsed_seconds = loop_start.elapsed().as_secs_f64();
+            last.samples_per_second = ((done - first_step) * batch as u64) as f64 / last.elapsed_seconds.max(1e-9);
+            let epoch_end = done % steps_per_epoch == 0;
+            if epoch_end {
+                let v = validate(&model, log_scale.as_tensor(), &val_images, &val_tokens, batch, pad, tokenizer.eos_id(), last.epoch + 1)?;
+                if let Some(v) = v {
+                    history.push(v.clone());
+                    last.validation = Some(v);
+                }
+                export(&history)?;
+            }
+            callback(&last);
+            if epoch_end || last_checkpoint.elapsed() >= opts.checkpoint_every || done == total_steps || stop.load(Ordering::Relaxed) {
+                save_checkpoint(done, &history, &optimizer)?;
+                last_checkpoint = Instant::now();
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Err(Error::Stopped);
+            }
+        }
+        Ok(())
+    });
+    result?;
+    if total_steps == first_step {
+        export(&history)?;
+    }
+    let trainable_parameters = optimizer.num_params();
+    Ok(TrainSummary {
+        out: opts.out.clone(),
+        train_samples: n_train,
+        val_samples: val_samples.len(),
+        skipped: problems,
+        steps: total_steps,
+        parameters: total_params,
+        trainable_parameters,
+        samples_per_second: last.samples_per_second,
+        seconds: started.elapsed().as_secs_f64(),
+        history,
+    })
+}
+
+/// Validation loss and retrieval recall on (at most 2,000) held-out pairs.
+#[allow(clippy::too_many_arguments)]
+fn validate(
+    model: &ClipModel,
+    log_scale: &Tensor,
+    images: &ImageSet,
+    tokens: &[Vec<u32>],
+    batch: usize,
+    pad: u32,
+    eos: u32,
+    epoch: usize,
+) -> Result<Option<Validation>> {
+    let n = images.len().min(2000);
+    if n < 2 {
+        return Ok(None);
+    }
+    let s = images.preprocessor.image_size();
+    let plane = 3 * s * s;
+    let mut image_features = Vec::new();
+    let mut text_features = Vec::new();
+    let mut losses = Vec::new();
+    for start in (0..n).step_by(batch) {
+        let end = (start + batch).min(n);
+        let mut pixels = vec![0f32; (end - start) * plane];
+        for (k, i) in (start..end).enumerate() {
+            images.centered(i, &mut pixels[k * plane..(k + 1) * plane]);
+        }
+        let pixels = Tensor::from_vec(pixels, (end - start, 3, s, s), &Device::Cpu)?;
+        let (ids, pool) = text_batch(&tokens[start..end], pad, eos)?;
+        let i = model.get_image_features(&pixels)?.detach();
+        let t = model.get_text_features(&ids, &pool)?.detach();
+        if end - start > 1 {
+            losses.push(clip_loss(&i, &t, &log_scale.detach())?.0.to_scalar::<f32>()?);
+        }
+        image_features.push(crate::model::normalize(&i)?);
+        text_features.push(crate::model::normalize(&t)?);
+    }
+    let i = Tensor::cat(&image_features, 0)?;
+    let t = Tensor::cat(&text_features, 0)?;
+    let sim = i.matmul(&t.t()?)?.to_vec2::<f32>()?;
+    let pairs: Vec<usize> = (0..n).collect();
+    let r = crate::eval::retrieval_from_similarity(&sim, &pairs);
+    Ok(Some(Validation {
+        epoch,
+        loss: losses.iter().sum::<f32>() / losses.len().max(1) as f32,
+        image_to_text_r1: r.image_to_text.r1,
+        text_to_image_r1: r.text_to_image.r1,
+        image_to_text_r5: r.image_to_text.r5,
+        text_to_image_r5: r.text_to_image.r5,
+        samples: n,
+    }))
+}

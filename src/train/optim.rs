@@ -1,0 +1,186 @@
+//! AdamW (Loshchilov and Hutter 2019: weight decay decoupled from the
+//! gradient step), with no decay on gains, biases, embeddings and the
+//! temperature, and its state saved and restored for exact resumption; and
+//! the learning-rate schedule: linear warm-up, then cosine decay to zero.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::model::Result;
+
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        // CLIP's values for ViTs (Radford et al. 2021, appendix F).
+        Self { beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.2 }
+    }
+}
+
+/// Whether weight decay applies to a parameter: not to gains, biases,
+/// embeddings or the temperature (one-dimensional tensors, and names that
+/// say so).
+pub fn decays(name: &str, var: &Var) -> bool {
+    var.rank() >= 2 && !name.contains("embedding") && !name.contains("logit_scale") && !name.ends_with("bias")
+}
+
+struct Param {
+    name: String,
+    var: Var,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
+}
+
+pub struct AdamW {
+    params: Vec<Param>,
+    config: AdamWConfig,
+    /// Steps taken (for bias correction).
+    pub step: u64,
+}
+
+impl AdamW {
+    /// Optimises `vars` (name, var), sorted by name for a stable state layout.
+    pub fn new(mut vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let params = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let zeros = var.as_tensor().zeros_like()?;
+                let decay = decays(&name, &var);
+                Ok(Param { name, m: zeros.clone(), v: zeros, var, decay })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { params, config, step: 0 })
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    /// Names of parameters without a gradient in `grads`.
+    pub fn missing_gradients(&self, grads: &GradStore) -> Vec<String> {
+        self.params.iter().filter(|p| grads.get(p.var.as_tensor()).is_none()).map(|p| p.name.clone()).collect()
+    }
+
+    /// One update at learning rate `lr`.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let correction1 = 1.0 - c.beta1.powi(t);
+        let correction2 = 1.0 - c.beta2.powi(t);
+        for p in &mut self.params {
+            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let m_hat = (&p.m / correction1)?;
+            let v_hat = (&p.v / correction2)?;
+            let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
+            let mut theta = p.var.as_tensor().detach();
+            if p.decay && c.weight_decay > 0.0 {
+                theta = (theta * (1.0 - lr * c.weight_decay))?;
+            }
+            p.var.set(&(theta - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// Saves moments and step.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for p in &self.params {
+            tensors.insert(format!("m.{}", p.name), p.m.clone());
+            tensors.insert(format!("v.{}", p.name), p.v.clone());
+        }
+        tensors.insert("step".into(), Tensor::new(&[self.step as f64], p_device(&self.params))?);
+        candle_core::safetensors::save(&tensors, path)?;
+        Ok(())
+    }
+
+    /// Restores what `save` wrote; the parameters must be the same.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let device = p_device(&self.params).clone();
+        let tensors = candle_core::safetensors::load(path, &device)?;
+        for p in &mut self.params {
+            let get = |k: String| {
+                tensors.get(&k).cloned().ok_or_else(|| crate::model::Error::Weights(format!("optimizer state lacks {k}")))
+            };
+            p.m = get(format!("m.{}", p.name))?;
+            p.v = get(format!("v.{}", p.name))?;
+        }
+        let step = tensors.get("step").ok_or_else(|| crate::model::Error::Weights("optimizer state lacks step".into()))?;
+        self.step = step.to_vec1::<f64>()?[0] as u64;
+        Ok(())
+    }
+}
+
+fn p_device(params: &[Param]) -> &candle_core::Device {
+    params.first().map(|p| p.var.device()).unwrap_or(&candle_core::Device::Cpu)
+}
+
+/// Linear warm-up over `warmup` steps to `peak`, then cosine decay to 0 at `total`.
+pub fn learning_rate(step: u64, peak: f64, warmup: u64, total: u64) -> f64 {
+    if warmup > 0 && step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1);
+    let progress = ((step - warmup.min(step)) as f64 / span as f64).min(1.0);
+    0.5 * peak * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        assert!((learning_rate(0, 1.0, 10, 100) - 0.1).abs() < 1e-12);
+        assert!((learning_rate(9, 1.0, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(10, 1.0, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(55, 1.0, 10, 100) - 0.5).abs() < 1e-12);
+        assert!(learning_rate(100, 1.0, 10, 100).abs() < 1e-12);
+    }
+
+    #[test]
+    fn decay_rules() {
+        let dev = Device::Cpu;
+        let matrix = Var::zeros((2, 2), candle_core::DType::F32, &dev).unwrap();
+        let vector = Var::zeros(2, candle_core::DType::F32, &dev).unwrap();
+        assert!(decays("text_model.encoder.layers.0.mlp.fc1.weight", &matrix));
+        assert!(!decays("text_model.embeddings.token_embedding.weight", &matrix));
+        assert!(!decays("text_model.encoder.layers.0.layer_norm1.weight", &vector));
+        assert!(!decays("visual_projection.bias", &vector));
+    }
+
+    #[test]
+    fn matches_a_hand_computed_adamw_step() {
+        let dev = Device::Cpu;
+        let w = Var::new(&[[1.0f32, -2.0]], &dev).unwrap();
+        let mut opt = AdamW::new(vec![("w.weight".into(), w.clone())], AdamWConfig { weight_decay: 0.1, ..Default::default() }).unwrap();
+        // loss = sum(w^2) -> grad = 2w
+        let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        opt.step(&grads, 0.01).unwrap();
+        // First step: m_hat = g, v_hat = g^2, update = g/(|g|+eps) ~ sign(g).
+        let got = w.as_tensor().to_vec2::<f32>().unwrap();
+        let want = [1.0 * (1.0 - 0.01 * 0.1) - 0.01, -2.0 * (1.0 - 0.01 * 0.1) + 0.01];
+        assert!((got[0][0] - want[0]).abs() < 1e-6 && (got[0][1] - want[1]).abs() < 1e-6, "{got:?}");
+        // State round-trips.
+        let dir = tempfile::tempdir().unwrap();
+        opt.save(&dir.path().join("o.safetensors")).unwrap();
+        let mut other = AdamW::new(vec![("w.weight".into(), w.clone())], AdamWConfig::default()).unwrap();
+        other.load(&dir.path().join("o.safetensors")).unwrap();
+        assert_eq!(other.step, 1);
+    }
+}

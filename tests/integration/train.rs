@@ -1,0 +1,336 @@
+//! Training and evaluation: gradients reach every parameter, a tiny model
+//! overfits a fixed batch, a killed run resumes exactly, the exported
+//! checkpoint loads through the normal loader, bad rows are skipped.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use clipdex::model::init::{init_weights, NormalRng};
+use clipdex::model::loss::clip_loss;
+use clipdex::model::{Clip, ClipConfig, HubOptions, ModelSource};
+use clipdex::train::optim::{AdamW, AdamWConfig};
+use clipdex::train::{build_model, Freeze};
+use serde_json::Value;
+
+use crate::common::{clipdex, fixture_model, stderr, stdout};
+
+const COLORS: &[(&str, [u8; 3])] = &[("red", [220, 30, 30]), ("green", [30, 180, 60]), ("blue", [40, 60, 220]), ("yellow", [230, 210, 40])];
+const SHAPES: &[&str] = &["square", "circle", "cross"];
+
+/// Pictures of coloured shapes on grey, at random places and sizes, captioned
+/// "a {colour} {shape}"; written as `pairs.jsonl` and as class folders.
+pub fn shapes(dir: &Path, n: usize, seed: u64) -> PathBuf {
+    let mut rng = NormalRng::new(seed);
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    let mut jsonl = String::new();
+    for i in 0..n {
+        let (cname, color) = COLORS[i % COLORS.len()];
+        let shape = SHAPES[(i / COLORS.len()) % SHAPES.len()];
+        let mut img = image::RgbImage::from_pixel(40, 40, image::Rgb([128, 128, 128]));
+        let r = 6.0 + 6.0 * rng.uniform();
+        let cx = r + (40.0 - 2.0 * r) * rng.uniform();
+        let cy = r + (40.0 - 2.0 * r) * rng.uniform();
+        for (x, y, p) in img.enumerate_pixels_mut() {
+            let (dx, dy) = (x as f64 - cx, y as f64 - cy);
+            let inside = match shape {
+                "square" => dx.abs() < r && dy.abs() < r,
+                "circle" => dx * dx + dy * dy < r * r,
+                _ => (dx.abs() < r / 3.0 && dy.abs() < r) || (dy.abs() < r / 3.0 && dx.abs() < r),
+            };
+            if inside {
+                *p = image::Rgb(color);
+            }
+        }
+        let name = format!("img/{i:04}.png");
+        img.save(dir.join(&name)).unwrap();
+        let class = dir.join("classes").join(format!("{cname}_{shape}"));
+        std::fs::create_dir_all(&class).unwrap();
+        img.save(class.join(format!("{i:04}.png"))).unwrap();
+        jsonl.push_str(&serde_json::json!({"image": name, "caption": format!("a {cname} {shape}")}).to_string());
+        jsonl.push('\n');
+    }
+    let pairs = dir.join("pairs.jsonl");
+    std::fs::write(&pairs, jsonl).unwrap();
+    pairs
+}
+
+fn pixels(dir: &Path, n: usize, size: usize) -> Tensor {
+    let mut data = Vec::new();
+    for i in 0..n {
+        let img = image::open(dir.join(format!("img/{i:04}.png"))).unwrap().resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle).to_rgb8();
+        for c in 0..3 {
+            for p in img.pixels() {
+                data.push(p[c] as f32 / 127.5 - 1.0);
+            }
+        }
+    }
+    Tensor::from_vec(data, (n, 3, size, size), &Device::Cpu).unwrap()
+}
+
+fn captions(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("a {} {}", COLORS[i % COLORS.len()].0, SHAPES[(i / COLORS.len()) % SHAPES.len()])).collect()
+}
+
+fn builtin_tokenizer(ctx: usize) -> clipdex::model::ClipTokenizer {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, clipdex::train::builtin_tokenizer_json()).unwrap();
+    clipdex::model::ClipTokenizer::from_tokenizer_json(&path, ctx).unwrap()
+}
+
+fn token_batch(tok: &clipdex::model::ClipTokenizer, texts: &[String]) -> (Tensor, Vec<usize>) {
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
+    let len = ids.iter().map(Vec::len).max().unwrap();
+    let mut flat = Vec::new();
+    let mut pool = Vec::new();
+    for row in &ids {
+        flat.extend_from_slice(row);
+        flat.extend(std::iter::repeat_n(tok.eos_id(), len - row.len()));
+        pool.push(tok.pool_position(row));
+    }
+    (Tensor::from_vec(flat, (ids.len(), len), &Device::Cpu).unwrap(), pool)
+}
+
+#[test]
+fn every_parameter_gets_a_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    shapes(dir.path(), 8, 1);
+    for config in [ClipConfig::preset("tiny-32").unwrap(), {
+        // The OpenAI-like activation and a non-square patch grid remainder.
+        let mut c = ClipConfig::preset("tiny-32").unwrap();
+        c.text_config.hidden_act = clipdex::model::Activation::QuickGelu;
+        c.vision_config.hidden_act = clipdex::model::Activation::QuickGelu;
+        c
+    }] {
+        let weights = init_weights(&config, 0, &Device::Cpu).unwrap();
+        let count = weights.len();
+        let m = build_model(&config, weights, Freeze::None).unwrap();
+        assert_eq!(m.trainable.len(), count, "every tensor is trainable");
+        let tok = builtin_tokenizer(config.text_config.max_position_embeddings);
+        let (ids, pool) = token_batch(&tok, &captions(8));
+        let logit_scale = m.trainable.iter().find(|(k, _)| k == "logit_scale").unwrap().1.clone();
+        let (loss, _) = clip_loss(
+            &m.model.get_image_features(&pixels(dir.path(), 8, 32)).unwrap(),
+            &m.model.get_text_features(&ids, &pool).unwrap(),
+            logit_scale.as_tensor(),
+        )
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        let mut dead = Vec::new();
+        for (name, var) in &m.trainable {
+            match grads.get(var.as_tensor()) {
+                None => dead.push(format!("{name} (none)")),
+                Some(g) if g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() == 0.0 => dead.push(format!("{name} (zero)")),
+                Some(_) => {}
+            }
+        }
+        assert!(dead.is_empty(), "{} of {} parameters get no gradient: {dead:?}", dead.len(), m.trainable.len());
+    }
+}
+
+#[test]
+fn a_tiny_model_overfits_a_fixed_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    shapes(dir.path(), 12, 2);
+    let config = ClipConfig::preset("tiny-32").unwrap();
+    let m = build_model(&config, init_weights(&config, 0, &Device::Cpu).unwrap(), Freeze::None).unwrap();
+    let tok = builtin_tokenizer(32);
+    let (ids, pool) = token_batch(&tok, &captions(12));
+    let px = pixels(dir.path(), 12, 32);
+    let log_scale = m.trainable.iter().find(|(k, _)| k == "logit_scale").unwrap().1.clone();
+    let mut opt = AdamW::new(m.trainable.clone(), AdamWConfig { weight_decay: 0.0, ..Default::default() }).unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..80 {
+        let (loss, _) = clip_loss(&m.model.get_image_features(&px).unwrap(), &m.model.get_text_features(&ids, &pool).unwrap(), log_scale.as_tensor()).unwrap();
+        let grads = loss.backward().unwrap();
+        opt.step(&grads, 2e-3).unwrap();
+        losses.push(loss.to_scalar::<f32>().unwrap());
+    }
+    let first = losses[0];
+    let last = *losses.last().unwrap();
+    // 12 pairs start near ln(12) = 2.48.
+    assert!(first > 2.0, "{losses:?}");
+    assert!(last < 0.1, "loss only fell from {first} to {last}");
+}
+
+fn train_cmd(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--config", "tiny-32", "--batch", "8", "--seed", "3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn run_train(args: &[String]) -> Value {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = clipdex(&[&refs[..], &["--json"]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(stdout(&out).trim()).unwrap()
+}
+
+fn step_losses(out: &Path) -> HashMap<u64, f32> {
+    std::fs::read_to_string(out.join("steps.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap() as f32))
+        .collect()
+}
+
+#[test]
+fn a_killed_run_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shapes(&dir.path().join("data"), 96, 4);
+    let common = ["--epochs", "6", "--checkpoint-every", "0", "--val-percent", "10"];
+    // Uninterrupted.
+    let whole = dir.path().join("whole");
+    let summary = run_train(&train_cmd(&data, &whole, &common));
+    let steps = summary["steps"].as_u64().unwrap();
+    assert!(steps >= 40, "{summary}");
+    // Killed mid-way (more than once), then resumed.
+    let resumed = dir.path().join("resumed");
+    let args = train_cmd(&data, &resumed, &common);
+    for delay in [900, 700] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_clipdex")).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let state: Value = serde_json::from_slice(&std::fs::read(resumed.join("checkpoint/state.json")).unwrap()).unwrap();
+    let at = state["step"].as_u64().unwrap();
+    assert!(at > 0 && at < steps, "the kills should land mid-run (checkpoint at step {at} of {steps})");
+    run_train(&args);
+    // Every step after the resume point has exactly the loss of the uninterrupted run.
+    let (a, b) = (step_losses(&whole), step_losses(&resumed));
+    for s in at + 1..=steps {
+        assert_eq!(a[&s], b[&s], "step {s}");
+    }
+    let wa = candle_core::safetensors::load(whole.join("model.safetensors"), &Device::Cpu).unwrap();
+    let wb = candle_core::safetensors::load(resumed.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (k, t) in &wa {
+        let d = (t - &wb[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{k} differs");
+    }
+}
+
+#[test]
+fn the_exported_checkpoint_loads_and_embeds_as_in_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shapes(&dir.path().join("data"), 48, 5);
+    let out = dir.path().join("model");
+    run_train(&train_cmd(&data, &out, &["--epochs", "2"]));
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "tokenizer_config.json"] {
+        assert!(out.join(f).is_file(), "{f} missing from the output");
+    }
+    // The normal loader (inference path) against the training path on the same weights.
+    let clip = Clip::load(&ModelSource::Dir(out.clone()), &HubOptions { offline: true, progress: false }).unwrap();
+    let tensors = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let m = build_model(clip.config(), tensors, Freeze::None).unwrap();
+    let px = pixels(&dir.path().join("data"), 8, 32);
+    let a = clip.image_features(&px).unwrap();
+    let b = m.model.get_image_features(&px).unwrap();
+    let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-4, "image features differ by {d}");
+    let texts = captions(8);
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| clip.tokenizer().encode(t).unwrap()).collect();
+    let a = clip.text_features(&ids).unwrap();
+    let (tid, pool) = token_batch(clip.tokenizer(), &texts);
+    let b = m.model.get_text_features(&tid, &pool).unwrap();
+    let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-4, "text features differ by {d}");
+    // It indexes and embeds like any checkpoint.
+    let emb = clipdex(&["embed", "--model", out.to_str().unwrap(), "--text", "a red square", "--image", data.parent().unwrap().join("img/0000.png").to_str().unwrap()]);
+    assert!(emb.status.success(), "{}", stderr(&emb));
+}
+
+#[test]
+fn training_learns_and_eval_measures_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shapes(&dir.path().join("data"), 192, 6);
+    let out = dir.path().join("model");
+    let summary = run_train(&train_cmd(&data, &out, &["--epochs", "8", "--lr", "1e-3", "--val-percent", "20"]));
+    let history = summary["history"].as_array().unwrap();
+    assert_eq!(history.len(), 8);
+    let first = history[0]["loss"].as_f64().unwrap();
+    let last = history[7]["loss"].as_f64().unwrap();
+    assert!(last < first, "validation loss went from {first} to {last}");
+    // Zero-shot on the class folders: 12 classes, chance is 8.3%.
+    let classes = dir.path().join("data/classes");
+    let out_zs = clipdex(&["eval", "zero-shot", "--model", out.to_str().unwrap(), "--data", classes.to_str().unwrap(), "--json"]);
+    assert!(out_zs.status.success(), "{}", stderr(&out_zs));
+    let zs: Value = serde_json::from_str(stdout(&out_zs).trim()).unwrap();
+    assert_eq!(zs["metrics"]["classes"], 12);
+    assert!(zs["metrics"]["top1"].as_f64().unwrap() > 20.0, "{}", zs["metrics"]["top1"]);
+    // Retrieval on the held-out pairs the run wrote.
+    let out_r = clipdex(&["eval", "retrieval", "--model", out.to_str().unwrap(), "--data", out.join("val.jsonl").to_str().unwrap(), "--json"]);
+    assert!(out_r.status.success(), "{}", stderr(&out_r));
+    let r: Value = serde_json::from_str(stdout(&out_r).trim()).unwrap();
+    assert!(r["metrics"]["text_to_image"]["r10"].as_f64().unwrap() > 0.0);
+    // The plain table too.
+    let table = clipdex(&["eval", "retrieval", "--model", out.to_str().unwrap(), "--data", out.join("val.jsonl").to_str().unwrap()]);
+    assert!(stdout(&table).contains("image -> text") && stdout(&table).contains("median rank"));
+    // Linear probe on frozen features, train and test from the class folders.
+    let probe = clipdex(&["eval", "linear-probe", "--model", out.to_str().unwrap(), "--train", classes.to_str().unwrap(), "--test", classes.to_str().unwrap(), "--json"]);
+    assert!(probe.status.success(), "{}", stderr(&probe));
+    let p: Value = serde_json::from_str(stdout(&probe).trim()).unwrap();
+    assert!(p["metrics"]["accuracy"].as_f64().unwrap() > 30.0, "{p}");
+}
+
+#[test]
+fn bad_rows_are_skipped_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shapes(&dir.path().join("data"), 24, 7);
+    let base = data.parent().unwrap();
+    std::fs::write(base.join("broken.png"), b"not a png").unwrap();
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text.push_str("{\"image\": \"missing.png\", \"caption\": \"gone\"}\n");
+    text.push_str("{\"image\": \"broken.png\", \"caption\": \"corrupt\"}\n");
+    text.push_str("{\"image\": \"img/0001.png\", \"caption\": \"  \"}\n");
+    text.push_str("this line is not json\n");
+    std::fs::write(&data, text).unwrap();
+    let summary = run_train(&train_cmd(&data, &dir.path().join("out"), &["--epochs", "1", "--val-percent", "0"]));
+    let skipped = summary["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 4, "{skipped:?}");
+    let reasons: Vec<&str> = skipped.iter().map(|s| s["reason"].as_str().unwrap()).collect();
+    assert!(reasons.iter().any(|r| r.contains("cannot read")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("not an image")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("caption")), "{reasons:?}");
+    assert_eq!(summary["train_samples"], 24);
+    // No usable data at all is an error, not a crash.
+    std::fs::write(base.join("empty.jsonl"), "{\"image\": \"missing.png\", \"caption\": \"x\"}\n").unwrap();
+    let args = train_cmd(&base.join("empty.jsonl"), &dir.path().join("out2"), &["--epochs", "1"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = clipdex(&refs);
+    assert!(!out.status.success() && stderr(&out).contains("fewer than one batch"), "{}", stderr(&out));
+}
+
+#[test]
+fn fine_tuning_with_frozen_towers_moves_only_the_projections() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shapes(&dir.path().join("data"), 32, 8);
+    let init = fixture_model("openai-tiny");
+    let out = dir.path().join("tuned");
+    let args: Vec<String> = ["train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--init", init.to_str().unwrap(), "--freeze", "towers", "--epochs", "2", "--batch", "8", "--lr", "1e-3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let summary = run_train(&args);
+    assert!(summary["trainable_parameters"].as_u64().unwrap() < summary["parameters"].as_u64().unwrap() / 10);
+    let before = candle_core::safetensors::load(init.join("model.safetensors"), &Device::Cpu).unwrap();
+    let after = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let diff = |k: &str| {
+        let a = before[k].to_dtype(candle_core::DType::F32).unwrap();
+        (a - &after[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert_eq!(diff("vision_model.encoder.layers.0.mlp.fc1.weight"), 0.0);
+    assert_eq!(diff("text_model.embeddings.token_embedding.weight"), 0.0);
+    assert!(diff("visual_projection.weight") > 0.0);
+    assert!(diff("text_projection.weight") > 0.0);
+    // The tokenizer and preprocessing of the init checkpoint carry over.
+    assert!(out.join("tokenizer.json").is_file());
+    assert_eq!(std::fs::read_to_string(out.join("config.json")).unwrap().contains("quick_gelu"), true);
+}
