@@ -245,11 +245,67 @@ impl Cache {
     }
 }
 
+/// Texts waiting for the model, answered together: one forward pass for
+/// many concurrent queries reads the text tower's weights once instead of
+/// once per query (the cost of a short query on a CPU).
+struct TextBatcher {
+    queue: Mutex<std::sync::mpsc::Sender<(String, std::sync::mpsc::Sender<Result<Vec<f32>>>)>>,
+}
+
+/// Most texts embedded in one forward pass.
+const TEXT_BATCH: usize = 32;
+
+impl TextBatcher {
+    fn start(clip: Arc<Clip>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<(String, std::sync::mpsc::Sender<Result<Vec<f32>>>)>();
+        std::thread::Builder::new()
+            .name("clipdex-text-batcher".into())
+            .spawn(move || {
+                // Ends when the engine (the last sender) is dropped.
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < TEXT_BATCH {
+                        match rx.try_recv() {
+                            Ok(next) => batch.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    let texts: Vec<&str> = batch.iter().map(|(t, _)| t.as_str()).collect();
+                    match clip.embed_texts(&texts) {
+                        Ok(vectors) => {
+                            for ((_, reply), v) in batch.into_iter().zip(vectors) {
+                                let _ = reply.send(Ok(v));
+                            }
+                        }
+                        Err(e) => {
+                            for (_, reply) in batch {
+                                let _ = reply.send(Err(internal(&e)));
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("spawn the text batcher");
+        Self { queue: Mutex::new(tx) }
+    }
+
+    fn embed(&self, text: &str) -> Result<Vec<f32>> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send((text.to_string(), reply))
+            .map_err(|_| Error::Internal("the text batcher stopped".into()))?;
+        answer.recv().map_err(|_| Error::Internal("the text batcher stopped".into()))?
+    }
+}
+
 /// Searches one index with its model.
 pub struct Engine {
     index: Arc<Index>,
     clip: Arc<Clip>,
     cache: Mutex<Cache>,
+    texts: TextBatcher,
     limits: DecodeLimits,
 }
 
@@ -260,7 +316,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 impl Engine {
     pub fn new(index: Arc<Index>, clip: Arc<Clip>) -> Result<Self> {
         index.check_model(clip.info()).map_err(internal)?;
-        Ok(Self { index, clip, cache: Mutex::new(Cache::default()), limits: DecodeLimits::default() })
+        let texts = TextBatcher::start(clip.clone());
+        Ok(Self { index, clip, cache: Mutex::new(Cache::default()), texts, limits: DecodeLimits::default() })
     }
 
     pub fn index(&self) -> &Arc<Index> {
@@ -286,7 +343,7 @@ impl Engine {
         if let Some(v) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(v);
         }
-        let v = Arc::new(self.clip.embed_texts(&[text]).map_err(internal)?.remove(0));
+        let v = Arc::new(self.texts.embed(text)?);
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(key, v.clone());
         Ok(v)
     }
