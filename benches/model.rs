@@ -84,6 +84,10 @@ fn main() {
     let args = args();
     // SAFETY: single-threaded here; candle reads this when it first multiplies.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string()) };
+    // As the clipdex binary does (src/main.rs).
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000") };
+    }
     rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global().ok();
     write_checkpoint(&args.dir);
     let clip = Clip::load(&ModelSource::Dir(args.dir.clone()), &HubOptions { offline: true, progress: false }).unwrap();

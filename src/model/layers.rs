@@ -1,16 +1,28 @@
 //! The transformer building blocks both CLIP towers share.
 //!
 //! Each layer runs two ways. When a weight is a trainable variable, it uses
-//! only operations candle can differentiate (its fused layer norm and softmax
-//! have no backward pass). Otherwise it takes the fast inference path: fused
+//! only operations with a backward pass (candle's fused layer norm and
+//! softmax have none; `ops` has fused ones that do). Otherwise it takes the fast inference path: fused
 //! layer norm and softmax, and one matrix multiply for the query, key and
 //! value projections.
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
 use super::Result;
+
+/// `t` repeated as `rows` rows: (rows, t's elements), as `ones(rows, 1) x t`.
+///
+/// For trainable tensors this replaces a broadcast: the gradient of a
+/// broadcast is a sum over the repeated dimension, which candle computes
+/// slowly when it is not the last one, while the gradient of this product is
+/// one matrix multiply (`ones^T x dy`). In training it is most of the cost of
+/// biases, gains and position embeddings.
+pub fn repeat_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
+    let ones = Tensor::ones((rows, 1), t.dtype(), t.device())?;
+    Ok(ones.matmul(&t.reshape((1, t.elem_count()))?)?)
+}
 
 /// A dense layer, `x W^T + b`, over the last dimension of any-rank input.
 #[derive(Clone, Debug)]
@@ -61,6 +73,7 @@ impl Linear {
         let x = x.reshape((rows, *in_dim))?;
         let y = if self.transposed { x.matmul(&self.weight)? } else { x.matmul(&self.weight.t()?)? };
         let y = match &self.bias {
+            Some(b) if b.track_op() => super::ops::add_rows(&y, b)?,
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
@@ -85,7 +98,7 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.track_op() || self.weight.track_op() {
-            Ok(candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)?)
+            Ok(super::ops::layer_norm(x, &self.weight, &self.bias, self.eps)?)
         } else {
             Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
         }
@@ -96,6 +109,7 @@ impl Activation {
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            Activation::Gelu if x.track_op() => super::ops::gelu_erf(x)?,
             Activation::Gelu => x.gelu_erf()?,
             Activation::GeluTanh => x.gelu()?,
             Activation::Relu => x.relu()?,
@@ -106,7 +120,7 @@ impl Activation {
 
 fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.track_op() {
-        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+        Ok(super::ops::softmax_last_dim(x)?)
     } else {
         Ok(candle_nn::ops::softmax_last_dim(x)?)
     }
@@ -153,7 +167,14 @@ impl Attention {
         let (h, hd) = (self.num_heads, self.head_dim);
         let qkv = match &self.qkv {
             Qkv::Fused(qkv) => qkv.forward(x)?,
-            Qkv::Separate { q, k, v } => Tensor::cat(&[q.forward(x)?, k.forward(x)?, v.forward(x)?], 2)?,
+            // One product with the three weights stacked (stacking is
+            // differentiable): the input is read once, and its gradient
+            // arrives in one piece instead of three to add up.
+            Qkv::Separate { q, k, v } => {
+                let w = Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?;
+                let b = [&q.bias, &k.bias, &v.bias].map(|b| b.clone().expect("attention has biases"));
+                Linear { weight: w, transposed: false, bias: Some(Tensor::cat(&b, 0)?) }.forward(x)?
+            }
         };
         // (b, n, 3, h, hd) -> (3, b, h, n, hd)
         let qkv = qkv.reshape((b, n, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;

@@ -16,6 +16,7 @@ mod embedder;
 pub mod init;
 pub mod layers;
 pub mod loss;
+pub mod ops;
 pub mod preprocess;
 pub mod text;
 pub mod tokenizer;

@@ -56,7 +56,12 @@ impl TextTransformer {
         }
         let h = self.token_embedding.dim(1)?;
         let tokens = self.token_embedding.embedding(&ids.flatten_all()?)?.reshape((b, n, h))?;
-        let x = tokens.broadcast_add(&self.position_embedding.narrow(0, 0, n)?)?;
+        let positions = self.position_embedding.narrow(0, 0, n)?;
+        let x = if positions.track_op() {
+            super::ops::add_rows(&tokens, &positions)?
+        } else {
+            tokens.broadcast_add(&positions)?
+        };
         let mask = causal_mask(n, ids.device())?;
         let x = self.encoder.forward(&x, Some(&mask))?;
         // Layer norm is per position: normalising only the pooled rows is exact.

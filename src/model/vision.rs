@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
-use super::layers::{Encoder, EncoderShape, LayerNorm, Linear};
+use super::layers::{repeat_rows, Encoder, EncoderShape, LayerNorm, Linear};
 use super::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -71,8 +71,13 @@ impl VisionTransformer {
             .contiguous()?
             .reshape((b * g * g, c * p * p))?;
         let patches = self.patch_embedding.forward(&patches)?.reshape((b, g * g, h))?;
-        let class = self.class_embedding.reshape((1, 1, h))?.broadcast_as((b, 1, h))?;
-        let x = Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
+        let x = if self.class_embedding.track_op() || self.position_embedding.track_op() {
+            let class = repeat_rows(&self.class_embedding, b)?.reshape((b, 1, h))?;
+            super::ops::add_rows(&Tensor::cat(&[&class, &patches], 1)?, &self.position_embedding)?
+        } else {
+            let class = self.class_embedding.reshape((1, 1, h))?.broadcast_as((b, 1, h))?;
+            Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?
+        };
         let x = self.pre_layrnorm.forward(&x)?;
         let x = self.encoder.forward(&x, None)?;
         let class = x.narrow(1, 0, 1)?.squeeze(1)?;
