@@ -38,7 +38,10 @@ pub struct Linear {
 impl Linear {
     /// A layer from its (out, in) weight.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        if weight.is_variable() {
+        // `track_op`, not `is_variable`: a reshaped variable is no variable
+        // itself, and a transposed copy of it would freeze the forward pass
+        // at its initial value while the optimiser moves the variable.
+        if weight.track_op() {
             Ok(Self { weight, transposed: false, bias })
         } else {
             Ok(Self { weight: weight.t()?.contiguous()?, transposed: true, bias })
@@ -150,7 +153,7 @@ impl Attention {
             Ok((vb.pp(name).get((hidden, hidden), "weight")?, vb.pp(name).get(hidden, "bias")?))
         };
         let (q, k, v) = (get("q_proj")?, get("k_proj")?, get("v_proj")?);
-        let qkv = if q.0.is_variable() {
+        let qkv = if q.0.track_op() {
             Qkv::Separate { q: Linear::new(q.0, Some(q.1))?, k: Linear::new(k.0, Some(k.1))?, v: Linear::new(v.0, Some(v.1))? }
         } else {
             let w = Tensor::cat(&[&q.0, &k.0, &v.0], 0)?;

@@ -143,12 +143,24 @@ fn a_tiny_model_overfits_a_fixed_batch() {
     let log_scale = m.trainable.iter().find(|(k, _)| k == "logit_scale").unwrap().1.clone();
     let mut opt = AdamW::new(m.trainable.clone(), AdamWConfig { weight_decay: 0.0, ..Default::default() }).unwrap();
     let mut losses = Vec::new();
-    for _ in 0..80 {
+    for _ in 0..150 {
         let (loss, _) = clip_loss(&m.model.get_image_features(&px).unwrap(), &m.model.get_text_features(&ids, &pool).unwrap(), log_scale.as_tensor()).unwrap();
         let grads = loss.backward().unwrap();
         opt.step(&grads, 2e-3).unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap());
     }
+    // The forward pass sees the optimiser's updates: a model rebuilt from the
+    // current weights computes the same features (no layer kept a copy).
+    let current: HashMap<String, Tensor> = m.trainable.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+    let rebuilt = build_model(&config, current, Freeze::None).unwrap();
+    let a = m.model.get_image_features(&px).unwrap();
+    let b = rebuilt.model.get_image_features(&px).unwrap();
+    let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-5, "the trained model's image features differ from its weights' by {d}");
+    let a = m.model.get_text_features(&ids, &pool).unwrap();
+    let b = rebuilt.model.get_text_features(&ids, &pool).unwrap();
+    let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-5, "the trained model's text features differ from its weights' by {d}");
     let first = losses[0];
     let last = *losses.last().unwrap();
     // 12 pairs start near ln(12) = 2.48.
