@@ -107,8 +107,13 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "trained {} steps on {} pairs ({} for validation) in {:.0} s, {:.1} samples/s",
-        summary.steps, summary.train_samples, summary.val_samples, summary.seconds, summary.samples_per_second
+        "trained {} steps on {} pairs ({} for validation) in {:.0} s ({:.0} s of it validating and saving), {:.1} samples/s",
+        summary.steps,
+        summary.train_samples,
+        summary.val_samples,
+        summary.seconds,
+        summary.overhead_seconds,
+        summary.samples_per_second
     );
     println!(
         "{} parameters, {} trained; the model is in {} (a Hugging Face checkpoint)",

@@ -68,6 +68,10 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.transposed {
+            // Training: one fused node with its own backward pass.
+            return Ok(super::ops::dense(x, &self.weight, self.bias.as_ref())?);
+        }
         let dims = x.dims().to_vec();
         let (in_dim, lead) = dims.split_last().expect("linear input has at least one dimension");
         let rows: usize = lead.iter().product();
@@ -176,7 +180,9 @@ impl Attention {
             Qkv::Separate { q, k, v } => {
                 let w = Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?;
                 let b = [&q.bias, &k.bias, &v.bias].map(|b| b.clone().expect("attention has biases"));
-                Linear { weight: w, transposed: false, bias: Some(Tensor::cat(&b, 0)?) }.forward(x)?
+                let qkv = Linear { weight: w, transposed: false, bias: Some(Tensor::cat(&b, 0)?) }.forward(x)?;
+                // Training: one fused node with its own backward pass.
+                return self.out_proj.forward(&super::ops::attention(&qkv, h, mask)?);
             }
         };
         // (b, n, 3, h, hd) -> (3, b, h, n, hd)

@@ -349,6 +349,239 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::
     x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps: eps as f32 })
 }
 
+/// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)` with gemm, the kernel
+/// candle's own matmul uses; strides are (row, column) in elements.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    assert!(dst.len() >= m * n && lhs.len() > (m.max(1) - 1) * lhs_rs + (k.max(1) - 1) * lhs_cs);
+    assert!(rhs.len() > (k.max(1) - 1) * rhs_rs + (n.max(1) - 1) * rhs_cs);
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above keep every index gemm computes from these
+    // sizes and strides inside the slices; dst does not alias lhs or rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// A dense layer `x W^T [+ b]` over the last dimension of `x`, W as
+/// (out, in). One node in the graph instead of five (reshape, product,
+/// transpose, bias, reshape), each of which costs a zero-filled gradient
+/// buffer and a pass over memory in the backward pass.
+struct Dense;
+
+impl Dense {
+    fn forward(x: &[f32], w: &[f32], out_dim: usize, b: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
+        if out_dim == 0 || w.len() % out_dim != 0 {
+            candle_core::bail!("dense: weight of {} elements is not {out_dim} rows", w.len());
+        }
+        let in_dim = w.len() / out_dim;
+        if in_dim == 0 || x.len() % in_dim != 0 {
+            candle_core::bail!("dense: input of {} elements is not rows of {in_dim}", x.len());
+        }
+        let rows = x.len() / in_dim;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let mut y = vec![0f32; rows * out_dim];
+        if let Some(b) = b {
+            y.par_chunks_mut(out_dim).with_min_len(64).for_each(|r| r.copy_from_slice(b));
+        }
+        // x (rows x in) times W^T: W^T[i][j] = W[j][i], so row stride 1, column stride in.
+        gemm_f32((rows, out_dim, in_dim), &mut y, b.is_some(), x, (in_dim, 1), w, (1, in_dim));
+        Ok(y)
+    }
+
+    fn shape(x: &Layout, w: &Layout) -> candle_core::Result<Shape> {
+        let mut dims = x.dims().to_vec();
+        let (out_dim, _) = w.shape().dims2()?;
+        match dims.last_mut() {
+            Some(d) => *d = out_dim,
+            None => candle_core::bail!("dense: scalar input"),
+        }
+        Ok(Shape::from(dims))
+    }
+
+    /// Gradients for x, W and b from the output's gradient.
+    fn backward(x: &Tensor, w: &Tensor, grad: &Tensor, bias: bool) -> candle_core::Result<[Option<Tensor>; 3]> {
+        let (out_dim, in_dim) = w.dims2()?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let g = grad.detach().contiguous()?.reshape((rows, out_dim))?;
+        let dx = if x.track_op() { Some(g.matmul(&w.detach())?.reshape(x.shape())?) } else { None };
+        let dw = if w.track_op() { Some(g.t()?.matmul(&x.detach().contiguous()?.reshape((rows, in_dim))?)?) } else { None };
+        let db = if bias { Some(g.apply_op1_no_bwd(&SumRows { n: out_dim })?) } else { None };
+        Ok([dx, dw, db])
+    }
+}
+
+impl CustomOp2 for Dense {
+    fn name(&self) -> &'static str {
+        "clipdex-dense"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = Self::shape(l1, l2)?;
+        let y = Self::forward(slice(s1, l1, "dense")?, slice(s2, l2, "dense")?, l2.dims()[0], None)?;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let [dx, dw, _] = Self::backward(x, w, grad, false)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for Dense {
+    fn name(&self) -> &'static str {
+        "clipdex-dense"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = Self::shape(l1, l2)?;
+        let b = slice(s3, l3, "dense")?;
+        if b.len() != l2.dims()[0] {
+            candle_core::bail!("dense: bias of {} for {} outputs", b.len(), l2.dims()[0]);
+        }
+        let y = Self::forward(slice(s1, l1, "dense")?, slice(s2, l2, "dense")?, l2.dims()[0], Some(b))?;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [dx, dw, db] = Self::backward(x, w, grad, b.track_op())?;
+        Ok((dx, dw, db))
+    }
+}
+
+/// `x W^T + b` over the last dimension of `x`, W as (out, in), with one
+/// backward node.
+pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Dense),
+        None => x.apply_op2(&w, Dense),
+    }
+}
+
+/// Multi-head scaled dot-product attention on q, k and v stacked in one
+/// (batch, seq, 3 * hidden) tensor, as the stacked projection produces them.
+/// The backward pass is five matrix products on what the forward pass kept;
+/// composed from candle's operations it would be some twenty nodes, each
+/// with a zero-filled gradient buffer.
+struct Attention {
+    heads: usize,
+    /// Additive (seq, seq) mask, not trained.
+    mask: Option<Tensor>,
+    /// Scaled q, k, v as (batch * heads, seq, head_dim), and the attention
+    /// weights, for the backward pass.
+    saved: std::sync::Mutex<Option<[Tensor; 4]>>,
+}
+
+impl Attention {
+    fn dims(&self, shape: &Shape) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (b, n, three_hidden) = shape.dims3()?;
+        let h = self.heads;
+        if h == 0 || three_hidden % (3 * h) != 0 {
+            candle_core::bail!("attention: {three_hidden} does not split into q, k, v of {h} heads");
+        }
+        Ok((b, n, h, three_hidden / (3 * h)))
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "clipdex-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let (b, n, h, hd) = self.dims(l.shape())?;
+        let dev = candle_core::Device::Cpu;
+        // (b, n, 3, h, hd) -> (3, b, h, n, hd)
+        let qkv = Tensor::from_slice(x, (b, n, 3, h, hd), &dev)?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        let q = (qkv.get(0)?.reshape((b * h, n, hd))? * (hd as f64).powf(-0.5))?;
+        let k = qkv.get(1)?.reshape((b * h, n, hd))?;
+        let v = qkv.get(2)?.reshape((b * h, n, hd))?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(mask) = &self.mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = p.matmul(&v)?.reshape((b, h, n, hd))?.transpose(1, 2)?.contiguous()?;
+        let out = out.flatten_all()?.to_vec1::<f32>()?;
+        *self.saved.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))? = Some([q, k, v, p]);
+        Ok((CpuStorage::F32(out), Shape::from((b, n, h * hd))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (b, n, h, hd) = self.dims(arg.shape())?;
+        let saved = self.saved.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))?.clone();
+        let Some([q, k, v, p]) = saved else {
+            candle_core::bail!("attention: backward pass before the forward pass")
+        };
+        let d_out = grad.detach().reshape((b, n, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * h, n, hd))?;
+        let dv = p.t()?.matmul(&d_out)?;
+        let dp = d_out.matmul(&v.t()?)?;
+        // Softmax backward: p * (dp - sum(dp * p)) along each row.
+        let dot = (&dp * &p)?.sum_keepdim(candle_core::D::Minus1)?;
+        let ds = (&p * dp.broadcast_sub(&dot)?)?;
+        let dq = (ds.matmul(&k)? * (hd as f64).powf(-0.5))?;
+        let dk = ds.t()?.matmul(&q)?;
+        let d = Tensor::stack(&[dq, dk, dv], 0)?.reshape((3, b, h, n, hd))?.permute((1, 3, 0, 2, 4))?.contiguous()?;
+        Ok(Some(d.reshape((b, n, 3 * h * hd))?))
+    }
+}
+
+/// Self-attention with `heads` heads on `qkv` = [q | k | v] of shape
+/// (batch, seq, 3 * hidden), with an optional additive (seq, seq) mask;
+/// returns (batch, seq, hidden). Differentiable with respect to `qkv`.
+pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let op = Attention { heads, mask: mask.map(|m| m.detach()), saved: std::sync::Mutex::new(None) };
+    qkv.contiguous()?.apply_op1(op)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,6 +611,64 @@ mod tests {
         let t = Tensor::new(&[x * std::f32::consts::SQRT_2], &Device::Cpu).unwrap();
         let g = t.gelu_erf().unwrap().to_vec1::<f32>().unwrap()[0];
         if x == 0.0 { 0.0 } else { 2.0 * g / (x * std::f32::consts::SQRT_2) - 1.0 }
+    }
+
+    /// The fused dense layer against candle's composition, with and without bias.
+    #[test]
+    fn dense_matches_the_composition() {
+        let x = input((2 * 5, 6), 7);
+        let x3 = x.as_tensor().reshape((2, 5, 6)).unwrap();
+        let w = input((4, 6), 8);
+        let b = input((1, 4), 9);
+        let bv = b.as_tensor().squeeze(0).unwrap();
+        let probe = input((10, 4), 10).as_tensor().reshape((2, 5, 4)).unwrap();
+        for bias in [None, Some(&bv)] {
+            let mut composed = x3.broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap();
+            if let Some(b) = bias {
+                composed = composed.broadcast_add(b).unwrap();
+            }
+            let fused = dense(&x3, w.as_tensor(), bias).unwrap();
+            assert_eq!(fused.dims(), &[2, 5, 4]);
+            assert!(max_diff(&fused, &composed) < 1e-5);
+            let g1 = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let vars: &[&Var] = if bias.is_some() { &[&x, &w, &b] } else { &[&x, &w] };
+            for v in vars {
+                let d = max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                assert!(d < 1e-4, "dense gradient differs by {d}");
+            }
+        }
+    }
+
+    /// The fused attention against the same attention composed of candle's
+    /// operations, with and without a causal mask.
+    #[test]
+    fn attention_matches_the_composition() {
+        let (b, n, h, hd) = (3, 7, 2, 4);
+        let qkv = input((b * n, 3 * h * hd), 5);
+        let qkv3 = qkv.as_tensor().reshape((b, n, 3 * h * hd)).unwrap();
+        let probe = input((b * n, h * hd), 6).as_tensor().reshape((b, n, h * hd)).unwrap();
+        let mask = crate::model::layers::causal_mask(n, &Device::Cpu).unwrap();
+        for mask in [None, Some(&mask)] {
+            let composed = {
+                let t = qkv3.reshape((b, n, 3, h, hd)).unwrap().permute((2, 0, 3, 1, 4)).unwrap().contiguous().unwrap();
+                let q = (t.get(0).unwrap().reshape((b * h, n, hd)).unwrap() * (hd as f64).powf(-0.5)).unwrap();
+                let k = t.get(1).unwrap().reshape((b * h, n, hd)).unwrap();
+                let v = t.get(2).unwrap().reshape((b * h, n, hd)).unwrap();
+                let mut s = q.matmul(&k.t().unwrap()).unwrap();
+                if let Some(m) = mask {
+                    s = s.broadcast_add(m).unwrap();
+                }
+                let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+                p.matmul(&v).unwrap().reshape((b, h, n, hd)).unwrap().transpose(1, 2).unwrap().reshape((b, n, h * hd)).unwrap()
+            };
+            let fused = attention(&qkv3, h, mask).unwrap();
+            assert!(max_diff(&fused, &composed) < 1e-6);
+            let g1 = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let d = max_diff(g1.get(qkv.as_tensor()).unwrap(), g2.get(qkv.as_tensor()).unwrap());
+            assert!(d < 1e-5, "attention gradient differs by {d}");
+        }
     }
 
     /// Forward values and gradients against candle's differentiable compositions.

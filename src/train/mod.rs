@@ -126,8 +126,13 @@ pub struct TrainProgress {
     pub lr: f64,
     /// exp(t), the logit scale.
     pub temperature: f32,
+    /// Training samples per second of time spent in training steps (data
+    /// loading included; validation and checkpoints excluded).
     pub samples_per_second: f64,
     pub elapsed_seconds: f64,
+    /// Of `elapsed_seconds`, the time spent validating, exporting and
+    /// writing checkpoints.
+    pub overhead_seconds: f64,
     /// Set after each epoch's validation.
     pub validation: Option<Validation>,
 }
@@ -180,8 +185,12 @@ pub struct TrainSummary {
     pub steps: u64,
     pub parameters: usize,
     pub trainable_parameters: usize,
+    /// As in [`TrainProgress::samples_per_second`].
     pub samples_per_second: f64,
+    /// Wall time of the whole run.
     pub seconds: f64,
+    /// Time spent validating, exporting and writing checkpoints.
+    pub overhead_seconds: f64,
     pub history: Vec<Validation>,
 }
 
@@ -482,6 +491,7 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
         temperature: log_scale.as_tensor().exp()?.to_scalar::<f32>()?,
         samples_per_second: 0.0,
         elapsed_seconds: 0.0,
+        overhead_seconds: 0.0,
         validation: history.last().cloned(),
     };
     let loop_start = Instant::now();
@@ -541,7 +551,9 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
             last.lr = lr;
             last.temperature = t.exp()?.to_scalar::<f32>()?;
             last.elapsed_seconds = loop_start.elapsed().as_secs_f64();
-            last.samples_per_second = ((done - first_step) * batch as u64) as f64 / last.elapsed_seconds.max(1e-9);
+            last.samples_per_second =
+                ((done - first_step) * batch as u64) as f64 / (last.elapsed_seconds - last.overhead_seconds).max(1e-9);
+            let overhead_start = Instant::now();
             let epoch_end = done % steps_per_epoch == 0;
             if epoch_end {
                 let v = validate(&model, log_scale.as_tensor(), &val_images, &val_tokens, batch, pad, tokenizer.eos_id(), last.epoch + 1)?;
@@ -556,6 +568,7 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
                 save_checkpoint(done, &history, &optimizer)?;
                 last_checkpoint = Instant::now();
             }
+            last.overhead_seconds += overhead_start.elapsed().as_secs_f64();
             if stop.load(Ordering::Relaxed) {
                 return Err(Error::Stopped);
             }
@@ -577,6 +590,7 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
         trainable_parameters,
         samples_per_second: last.samples_per_second,
         seconds: started.elapsed().as_secs_f64(),
+        overhead_seconds: last.overhead_seconds,
         history,
     })
 }

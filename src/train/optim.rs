@@ -81,29 +81,24 @@ impl AdamW {
         let t = self.step as i32;
         let correction1 = 1.0 - c.beta1.powi(t);
         let correction2 = 1.0 - c.beta2.powi(t);
+        let (b1, b2, eps, lr32) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32, lr as f32);
+        let (c1, c2) = (correction1 as f32, correction2 as f32);
         for p in &mut self.params {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
-            let g = g.detach().flatten_all()?.to_vec1::<f32>()?;
-            let mut theta = p.var.as_tensor().detach().flatten_all()?.to_vec1::<f32>()?;
+            let g = g.contiguous()?;
             let shrink = if p.decay { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 };
-            let (b1, b2, eps, lr) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32, lr as f32);
-            let (c1, c2) = (correction1 as f32, correction2 as f32);
-            use rayon::prelude::*;
-            theta
-                .par_chunks_mut(8192)
-                .zip(p.m.par_chunks_mut(8192))
-                .zip(p.v.par_chunks_mut(8192))
-                .zip(g.par_chunks(8192))
-                .for_each(|(((theta, m), v), g)| {
-                    for i in 0..theta.len() {
-                        m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                        let update = (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
-                        theta[i] = theta[i] * shrink - lr * update;
-                    }
-                });
-            let shape = p.var.shape().clone();
-            p.var.set(&Tensor::from_vec(theta, shape, p.var.device())?)?;
+            let update = Update {
+                moments: std::cell::RefCell::new((&mut p.m, &mut p.v)),
+                b1,
+                b2,
+                eps,
+                lr: lr32,
+                c1,
+                c2,
+                shrink,
+            };
+            // In place: no copy of the weights, the gradient or the moments.
+            p.var.as_tensor().inplace_op2(&g, &update)?;
         }
         Ok(())
     }
@@ -137,6 +132,62 @@ impl AdamW {
         }
         let step = tensors.get("step").ok_or_else(|| crate::model::Error::Weights("optimizer state lacks step".into()))?;
         self.step = step.to_vec1::<f64>()?[0] as u64;
+        Ok(())
+    }
+}
+
+/// One AdamW update of a weight tensor, in place, given its gradient.
+struct Update<'a> {
+    moments: std::cell::RefCell<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    lr: f32,
+    c1: f32,
+    c2: f32,
+    shrink: f32,
+}
+
+impl candle_core::InplaceOp2 for Update<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage;
+        let (CpuStorage::F32(theta), CpuStorage::F32(g)) = (s1, s2) else {
+            candle_core::bail!("adamw-update: weights and gradients must be f32")
+        };
+        let (Some((t0, t1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("adamw-update: weights and gradients must be contiguous")
+        };
+        let (theta, g) = (&mut theta[t0..t1], &g[g0..g1]);
+        let mut moments = self.moments.borrow_mut();
+        let (m, v) = &mut *moments;
+        if theta.len() != g.len() || theta.len() != m.len() || theta.len() != v.len() {
+            candle_core::bail!("adamw-update: weights, gradient and moments differ in size")
+        }
+        let Self { b1, b2, eps, lr, c1, c2, shrink, .. } = *self;
+        use rayon::prelude::*;
+        theta
+            .par_chunks_mut(8192)
+            .zip(m.par_chunks_mut(8192))
+            .zip(v.par_chunks_mut(8192))
+            .zip(g.par_chunks(8192))
+            .for_each(|(((theta, m), v), g)| {
+                for i in 0..theta.len() {
+                    m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                    v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                    let update = (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
+                    theta[i] = theta[i] * shrink - lr * update;
+                }
+            });
         Ok(())
     }
 }
