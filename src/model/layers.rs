@@ -125,14 +125,6 @@ impl Activation {
     }
 }
 
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
-        Ok(super::ops::softmax_last_dim(x)?)
-    } else {
-        Ok(candle_nn::ops::softmax_last_dim(x)?)
-    }
-}
-
 /// How q, k and v are computed.
 #[derive(Clone, Debug)]
 enum Qkv {
@@ -148,7 +140,6 @@ pub struct Attention {
     qkv: Qkv,
     out_proj: Linear,
     num_heads: usize,
-    head_dim: usize,
 }
 
 impl Attention {
@@ -165,38 +156,24 @@ impl Attention {
             Qkv::Fused(Linear::new(w, Some(b))?)
         };
         let out_proj = Linear::load(vb.pp("out_proj"), hidden, hidden, true)?;
-        Ok(Self { qkv, out_proj, num_heads, head_dim: hidden / num_heads })
+        Ok(Self { qkv, out_proj, num_heads })
     }
 
     /// `x` is (batch, seq, hidden); `mask` is an additive (seq, seq) mask.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, n, hidden) = x.dims3()?;
-        let (h, hd) = (self.num_heads, self.head_dim);
-        let qkv = match &self.qkv {
-            Qkv::Fused(qkv) => qkv.forward(x)?,
+        let out = match &self.qkv {
+            Qkv::Fused(qkv) => super::ops::attend(&qkv.forward(x)?, self.num_heads, mask)?.0,
             // One product with the three weights stacked (stacking is
             // differentiable): the input is read once, and its gradient
-            // arrives in one piece instead of three to add up.
+            // arrives in one piece instead of three to add up. Then one
+            // fused node with its own backward pass.
             Qkv::Separate { q, k, v } => {
                 let w = Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?;
                 let b = [&q.bias, &k.bias, &v.bias].map(|b| b.clone().expect("attention has biases"));
                 let qkv = Linear { weight: w, transposed: false, bias: Some(Tensor::cat(&b, 0)?) }.forward(x)?;
-                // Training: one fused node with its own backward pass.
-                return self.out_proj.forward(&super::ops::attention(&qkv, h, mask)?);
+                super::ops::attention(&qkv, self.num_heads, mask)?
             }
         };
-        // (b, n, 3, h, hd) -> (3, b, h, n, hd)
-        let qkv = qkv.reshape((b, n, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
-        let q = (qkv.get(0)?.reshape((b * h, n, hd))? * (hd as f64).powf(-0.5))?;
-        let k = qkv.get(1)?.reshape((b * h, n, hd))?;
-        let v = qkv.get(2)?.reshape((b * h, n, hd))?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let weights = softmax_last_dim(&scores)?;
-        let out = weights.matmul(&v)?; // (b*h, n, hd)
-        let out = out.reshape((b, h, n, hd))?.transpose(1, 2)?.reshape((b, n, hidden))?;
         self.out_proj.forward(&out)
     }
 }

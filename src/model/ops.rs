@@ -1,5 +1,6 @@
-//! Fused training operations with their backward passes: exact GELU, softmax
-//! over the last dimension, and layer normalisation.
+//! Fused training operations with their backward passes: exact GELU, layer
+//! normalisation, adding a row to every row, a dense layer, and multi-head
+//! attention (whose softmax backward is one pass per row).
 //!
 //! candle's own fused softmax and layer norm have no backward pass, and its
 //! differentiable compositions take five to ten passes over memory each way;
@@ -77,35 +78,7 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(GeluErf)
 }
 
-struct Softmax;
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "clipdex-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, self.name())?;
-        let n = *l.dims().last().unwrap_or(&1);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(64).for_each(|(y, x)| {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for (o, &v) in y.iter_mut().zip(x) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            y.iter_mut().for_each(|o| *o *= inv);
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(res.detach().contiguous()?.apply_op2(&grad.detach().contiguous()?, SoftmaxGrad)?))
-    }
-}
-
+/// The softmax's backward pass, given its output and the output's gradient.
 struct SoftmaxGrad;
 
 impl CustomOp2 for SoftmaxGrad {
@@ -127,11 +100,6 @@ impl CustomOp2 for SoftmaxGrad {
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
-}
-
-/// Softmax over the last dimension with a backward pass.
-pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(Softmax)
 }
 
 struct AddRows;
@@ -538,20 +506,10 @@ impl CustomOp1 for Attention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
         let (b, n, h, hd) = self.dims(l.shape())?;
-        let dev = candle_core::Device::Cpu;
-        // (b, n, 3, h, hd) -> (3, b, h, n, hd)
-        let qkv = Tensor::from_slice(x, (b, n, 3, h, hd), &dev)?.permute((2, 0, 3, 1, 4))?.contiguous()?;
-        let q = (qkv.get(0)?.reshape((b * h, n, hd))? * (hd as f64).powf(-0.5))?;
-        let k = qkv.get(1)?.reshape((b * h, n, hd))?;
-        let v = qkv.get(2)?.reshape((b * h, n, hd))?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(mask) = &self.mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = p.matmul(&v)?.reshape((b, h, n, hd))?.transpose(1, 2)?.contiguous()?;
+        let qkv = Tensor::from_slice(x, (b, n, 3 * h * hd), &candle_core::Device::Cpu)?;
+        let (out, saved) = attend(&qkv, h, self.mask.as_ref())?;
         let out = out.flatten_all()?.to_vec1::<f32>()?;
-        *self.saved.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))? = Some([q, k, v, p]);
+        *self.saved.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))? = Some(saved);
         Ok((CpuStorage::F32(out), Shape::from((b, n, h * hd))))
     }
 
@@ -564,14 +522,35 @@ impl CustomOp1 for Attention {
         let d_out = grad.detach().reshape((b, n, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * h, n, hd))?;
         let dv = p.t()?.matmul(&d_out)?;
         let dp = d_out.matmul(&v.t()?)?;
-        // Softmax backward: p * (dp - sum(dp * p)) along each row.
-        let dot = (&dp * &p)?.sum_keepdim(candle_core::D::Minus1)?;
-        let ds = (&p * dp.broadcast_sub(&dot)?)?;
+        let ds = p.apply_op2_no_bwd(&dp, &SoftmaxGrad)?;
         let dq = (ds.matmul(&k)? * (hd as f64).powf(-0.5))?;
         let dk = ds.t()?.matmul(&q)?;
         let d = Tensor::stack(&[dq, dk, dv], 0)?.reshape((3, b, h, n, hd))?.permute((1, 3, 0, 2, 4))?.contiguous()?;
         Ok(Some(d.reshape((b, n, 3 * h * hd))?))
     }
+}
+
+/// Multi-head attention on `qkv` = [q | k | v], (batch, seq, 3 * hidden),
+/// with candle's operations and no backward pass of its own: the inference
+/// path, and the forward pass of the fused training node. Returns the
+/// (batch, seq, hidden) output, and the scaled q, k, v as (batch * heads,
+/// seq, head_dim) with the attention weights, which that node's backward
+/// pass reuses.
+pub fn attend(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> candle_core::Result<(Tensor, [Tensor; 4])> {
+    let (b, n, three_hidden) = qkv.dims3()?;
+    let (h, hd) = (heads, three_hidden / (3 * heads));
+    // (b, n, 3, h, hd) -> (3, b, h, n, hd)
+    let qkv = qkv.reshape((b, n, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+    let q = (qkv.get(0)?.reshape((b * h, n, hd))? * (hd as f64).powf(-0.5))?;
+    let k = qkv.get(1)?.reshape((b * h, n, hd))?;
+    let v = qkv.get(2)?.reshape((b * h, n, hd))?;
+    let mut scores = q.matmul(&k.t()?)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = p.matmul(&v)?.reshape((b, h, n, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, n, h * hd))?;
+    Ok((out, [q, k, v, p]))
 }
 
 /// Self-attention with `heads` heads on `qkv` = [q | k | v] of shape
@@ -683,14 +662,6 @@ mod tests {
         let ours = gelu_erf(x.as_tensor()).unwrap();
         let theirs = x.as_tensor().gelu_erf().unwrap();
         assert!(max_diff(&ours, &theirs) < 1e-5);
-        let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(max_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-5);
-
-        // Softmax.
-        let ours = softmax_last_dim(x.as_tensor()).unwrap();
-        let theirs = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
-        assert!(max_diff(&ours, &theirs) < 1e-6);
         let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-5);
