@@ -24,10 +24,12 @@ if [ "$WHICH" = all ] || [ "$WHICH" = fmnist ]; then
   rm -rf "$B/fmnist-clipdex"
   ./target/release/clipdex train --data "$D/fashion-mnist/train.jsonl" --val-percent 0 --out "$B/fmnist-clipdex" \
     --config small-32 --epochs "$E" --batch 128 --lr 5e-4 --seed "$SEED" --json > "$B/fmnist-clipdex-train.json"
-  ./target/release/clipdex eval zero-shot --model "$B/fmnist-clipdex" --data "$D/fashion-mnist/test" --json \
+  ./target/release/clipdex eval zero-shot --model "$B/fmnist-clipdex" --data "$D/fashion-mnist/test" \
+    --templates "$D/fashion-mnist/templates.txt" --json \
     > "$B/fmnist-clipdex-eval.json"
   "$PY" scripts/reference/train_open_clip.py --preset small-32 --train "$D/fashion-mnist/train.csv" --epochs "$E" \
-    --batch 128 --lr 5e-4 --seed "$SEED" --zero-shot "$D/fashion-mnist/test" 2>/dev/null > "$B/fmnist-open_clip.json"
+    --batch 128 --lr 5e-4 --seed "$SEED" --zero-shot "$D/fashion-mnist/test" \
+    --templates "$D/fashion-mnist/templates.txt" 2>/dev/null > "$B/fmnist-open_clip.json"
 fi
 
 if [ "$WHICH" = all ] || [ "$WHICH" = tuxpaint ]; then

@@ -4,7 +4,8 @@ same architecture, data, batch size, learning rate, schedule, epochs and seed
 as `clipdex train`, evaluated with the same metrics as `clipdex eval`.
 
     python scripts/reference/train_open_clip.py --preset small-32 --train target/data/fashion-mnist/train.csv \\
-        --epochs 3 --batch 128 --lr 5e-4 --seed 0 --zero-shot target/data/fashion-mnist/test
+        --epochs 3 --batch 128 --lr 5e-4 --seed 0 --zero-shot target/data/fashion-mnist/test \\
+        --templates target/data/fashion-mnist/templates.txt
     python scripts/reference/train_open_clip.py --preset small-64 --train target/data/tuxpaint/train.csv \\
         --retrieval target/data/tuxpaint/val.csv --epochs 30 --batch 64 --lr 5e-4
 
@@ -31,16 +32,6 @@ from torchvision import transforms as T
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
-TEMPLATES = [
-    "a photo of a {}.",
-    "a picture of a {}.",
-    "an image of a {}.",
-    "a close-up photo of a {}.",
-    "a photo of the {}.",
-    "a good photo of a {}.",
-    "a low resolution photo of a {}.",
-    "a cropped photo of a {}.",
-]
 
 
 def preset(name):
@@ -118,13 +109,19 @@ def retrieval(model, tokenizer, path, transform):
     return {"images": len(files), "texts": len(rows), "image_to_text": recall(i2t), "text_to_image": recall(t2i)}
 
 
+def read_templates(path):
+    """One template per line, as `clipdex eval zero-shot --templates` reads them."""
+    lines = [l.strip() for l in open(path)]
+    return [l for l in lines if l and not l.startswith("#")]
+
+
 @torch.no_grad()
-def zero_shot(model, tokenizer, folder, transform):
+def zero_shot(model, tokenizer, folder, templates, transform):
     classes = sorted(os.listdir(folder))
     names = [class_name(c) for c in classes]
     weights = []
     for n in names:
-        e = embed_texts(model, tokenizer, [t.format(n) for t in TEMPLATES])
+        e = embed_texts(model, tokenizer, [t.format(n) for t in templates])
         weights.append(F.normalize(e.mean(0), dim=-1))
     weights = torch.stack(weights)
     paths, labels = [], []
@@ -152,7 +149,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--retrieval")
     ap.add_argument("--zero-shot")
+    ap.add_argument("--templates", help="prompt templates for --zero-shot, one per line, {} for the class name")
     args = ap.parse_args()
+    if args.zero_shot and not args.templates:
+        ap.error("--zero-shot needs --templates")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -220,7 +220,7 @@ def main():
     if args.retrieval:
         result["retrieval"] = retrieval(model, tokenizer, args.retrieval, eval_tf)
     if args.zero_shot:
-        result["zero_shot"] = zero_shot(model, tokenizer, args.zero_shot, eval_tf)
+        result["zero_shot"] = zero_shot(model, tokenizer, args.zero_shot, read_templates(args.templates), eval_tf)
     print(json.dumps(result))
 
 

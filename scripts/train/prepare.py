@@ -4,6 +4,7 @@
   fashion-mnist/train/<class>/<n>.png, test/<class>/<n>.png
   fashion-mnist/train.jsonl + train.csv   the 60,000 training images with captions made
                                           from the class name and CLIP-style templates
+  fashion-mnist/templates.txt             those templates, for the zero-shot classifiers
   tuxpaint/images/...                     the Tux Paint stamps composited onto white
   tuxpaint/train.jsonl + .csv, val.jsonl + .csv
                                           a deterministic 80/20 split (hash of the path)
@@ -67,6 +68,9 @@ def write_pairs(rows, stem):
 
 def fashion_mnist():
     out = OUT / "fashion-mnist"
+    out.mkdir(parents=True, exist_ok=True)
+    # The captions' templates, for both sides' zero-shot classifiers.
+    (out / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     if (out / "train.jsonl").exists():
         return
     src = SHARED / "fashion-mnist"
