@@ -22,6 +22,7 @@ pub(super) fn run_options(args: &RunArgs) -> RunOptions {
         opts.workers = w.max(1);
     }
     opts.exact_decode = args.exact_decode;
+    opts.limits.max_file_bytes = args.max_file_mb.max(1) << 20;
     opts
 }
 

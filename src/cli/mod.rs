@@ -196,6 +196,20 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 25)]
     pub max_upload_mb: usize,
 
+    /// Memory all image uploads being decoded at once may take, in MiB; a
+    /// request past it gets 503 with Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    pub max_decode_mb: u64,
+
+    /// A host name the server answers to besides localhost and its address
+    /// (the name a reverse proxy or your LAN uses); repeat for more.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_hosts: Vec<String>,
+
+    /// Most connections open at once.
+    #[arg(long, default_value_t = crate::server::state::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
     /// Re-index the existing index's library at start.
     #[arg(long)]
     pub reindex: bool,
@@ -312,6 +326,10 @@ pub struct RunArgs {
     /// but pixel-exact with the reference preprocessing.
     #[arg(long)]
     pub exact_decode: bool,
+
+    /// Largest image file read, in MiB; larger files are skipped unread.
+    #[arg(long, default_value_t = 1024)]
+    pub max_file_mb: u64,
 }
 
 #[derive(Debug, Args)]

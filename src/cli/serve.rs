@@ -41,6 +41,9 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         cors: args.cors.clone(),
         max_upload: args.max_upload_mb.max(1) << 20,
         reindex_on_start: args.reindex,
+        allow_hosts: args.allow_hosts.iter().map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase()).collect(),
+        max_connections: args.max_connections.max(1),
+        decode_budget: args.max_decode_mb.max(1) << 20,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async move {

@@ -31,7 +31,7 @@ use super::{io_err, now_secs, Error, Index, Result};
 use crate::library::meta::{caption, read_meta, PhotoMeta};
 use crate::library::scan::{scan, ScannedFile};
 use crate::library::thumb::{encode_thumbnail, thumb_path, write_thumbnail, THUMB_SIZE};
-use crate::library::{decode_bytes_scaled, DecodeLimits};
+use crate::library::{decode_bytes_scaled, read_file, DecodeError, DecodeLimits};
 use crate::model::{Clip, Preprocessor, RgbView};
 use crate::store::{CaptionSource, Change, FileSig, PhotoRecord, RunSummary, SkipRecord};
 
@@ -47,6 +47,12 @@ pub struct RunOptions {
     /// Save the vector graph at least this often during a long run.
     pub save_every: Duration,
     pub limits: DecodeLimits,
+    /// Called with an empty path as the run starts, and with each file's path
+    /// before it is read, inside the per-file step: tests make it panic, to
+    /// prove a panic in a file costs that file, not the run, and that a run
+    /// that dies is reported as failed.
+    #[doc(hidden)]
+    pub fail_point: Option<fn(&str)>,
 }
 
 impl Default for RunOptions {
@@ -57,6 +63,7 @@ impl Default for RunOptions {
             exact_decode: false,
             save_every: Duration::from_secs(120),
             limits: DecodeLimits::default(),
+            fail_point: None,
         }
     }
 }
@@ -156,6 +163,7 @@ impl Progress {
     }
 }
 
+#[derive(Clone)]
 struct Job {
     file: ScannedFile,
     /// The record this path had, if any.
@@ -189,10 +197,42 @@ struct WorkerContext<'a> {
     thumbs: PathBuf,
     limits: DecodeLimits,
     min_side: Option<u32>,
+    fail_point: Option<fn(&str)>,
 }
 
+/// Reads, hashes and decodes one file. A panic in any of it (a parser bug
+/// met on a hostile file) is caught: the file is skipped with the reason and
+/// the run goes on.
 fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
     let start = Instant::now();
+    let keep = job.clone();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_and_decode(job, ctx, force_decode))) {
+        Ok(done) => done,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(path = %keep.file.rel, %message, "internal error on a file; skipping it");
+            Done {
+                hash: String::new(),
+                meta: PhotoMeta::default(),
+                caption: (None, None),
+                outcome: Outcome::Failed(format!("internal error while reading this file: {message}")),
+                bytes: 0,
+                seconds: start.elapsed().as_secs_f64(),
+                job: keep,
+            }
+        }
+    }
+}
+
+fn read_and_decode(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
+    let start = Instant::now();
+    if let Some(fail) = ctx.fail_point {
+        fail(&job.file.rel);
+    }
     let mut done = Done {
         hash: String::new(),
         meta: PhotoMeta::default(),
@@ -202,14 +242,14 @@ fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
         seconds: 0.0,
         job,
     };
-    let bytes = match std::fs::read(&done.job.file.abs) {
+    let bytes = match read_file(&done.job.file.abs, ctx.limits.max_file_bytes) {
         Ok(b) => b,
+        Err(DecodeError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            done.outcome = Outcome::Failed("cannot read file: permission denied".into());
+            return done;
+        }
         Err(e) => {
-            let reason = match e.kind() {
-                std::io::ErrorKind::PermissionDenied => "cannot read file: permission denied".to_string(),
-                _ => format!("cannot read file: {e}"),
-            };
-            done.outcome = Outcome::Failed(reason);
+            done.outcome = Outcome::Failed(e.to_string());
             return done;
         }
     };
@@ -218,7 +258,7 @@ fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
     done.meta = read_meta(&bytes);
     done.caption = caption(done.job.file.sidecar.as_ref().map(|(p, _)| p.as_path()), &done.meta);
     let known = ctx.known.contains(&done.hash)
-        || !ctx.claimed.lock().expect("claimed set lock").insert(done.hash.clone());
+        || !ctx.claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(done.hash.clone());
     if known && !force_decode && !bytes.is_empty() {
         done.seconds = start.elapsed().as_secs_f64();
         return done;
@@ -508,6 +548,9 @@ pub fn run(
     callback: &mut dyn FnMut(&Progress),
     stop: &AtomicBool,
 ) -> Result<RunSummary> {
+    if let Some(fail) = opts.fail_point {
+        fail("");
+    }
     index.check_model(clip.info())?;
     let library = index.library();
     if !library.is_dir() {
@@ -570,6 +613,7 @@ pub fn run(
         thumbs: index.paths.thumbs(),
         limits: opts.limits,
         min_side,
+        fail_point: opts.fail_point,
     };
     let mut runner = Runner {
         index,

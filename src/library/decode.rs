@@ -24,6 +24,12 @@ pub enum DecodeError {
     UnknownFormat,
     #[error("image of {width}x{height} pixels exceeds the limit of {limit} pixels")]
     TooLarge { width: u32, height: u32, limit: u64 },
+    #[error("image of {width}x{height} pixels is too narrow for its length (aspect ratio over {limit}:1)")]
+    AspectRatio { width: u32, height: u32, limit: u32 },
+    #[error("file of {size} bytes exceeds the limit of {limit} bytes")]
+    FileTooLarge { size: u64, limit: u64 },
+    #[error("not a regular file ({0})")]
+    NotAFile(&'static str),
     #[error("image exceeds the limits of the decoder: {0}")]
     Limits(String),
     #[error("corrupt or truncated {format} image: {message}")]
@@ -33,16 +39,154 @@ pub enum DecodeError {
 }
 
 /// Bounds on what a decode may cost.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeLimits {
     /// Most pixels (width times height) an image may have.
     pub max_pixels: u64,
+    /// Longest side over shortest side. Resizing the shortest side to the
+    /// model's input scales the longest one by the same factor, so a 1 x
+    /// 300,000 strip (a few KB of PNG) would otherwise cost gigabytes.
+    pub max_aspect_ratio: u32,
+    /// Largest file read, bytes; larger files are refused before any read.
+    pub max_file_bytes: u64,
 }
+
+/// Most bytes of a caption sidecar read (captions keep 2,000 characters).
+pub const MAX_SIDECAR_BYTES: u64 = 64 * 1024;
 
 impl Default for DecodeLimits {
     fn default() -> Self {
-        // 178 megapixels: Pillow's own decompression-bomb error threshold.
-        Self { max_pixels: 2 * 89_478_485 }
+        Self {
+            // 178 megapixels: Pillow's own decompression-bomb error threshold.
+            max_pixels: 2 * 89_478_485,
+            // Panoramas and long screenshots stay far below this.
+            max_aspect_ratio: 100,
+            // Room for a 178-megapixel 16-bit TIFF; no photo file is larger.
+            max_file_bytes: 1 << 30,
+        }
+    }
+}
+
+impl DecodeLimits {
+    /// Checks a picture's stored size against the limits, before any pixel is decoded.
+    pub fn check(&self, width: u32, height: u32) -> Result<(), DecodeError> {
+        if width as u64 * height as u64 > self.max_pixels {
+            return Err(DecodeError::TooLarge { width, height, limit: self.max_pixels });
+        }
+        let (long, short) = (width.max(height) as u64, width.min(height) as u64);
+        if short > 0 && long > short * self.max_aspect_ratio as u64 {
+            return Err(DecodeError::AspectRatio { width, height, limit: self.max_aspect_ratio });
+        }
+        Ok(())
+    }
+}
+
+/// What decoding a picture will take, read from its header alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub format: ImageFormat,
+    pub width: u32,
+    pub height: u32,
+    /// Bytes the decode will hold at its peak, counted generously: the
+    /// decoder's buffer and the 8-bit RGB copy (JPEGs at their DCT-scaled size).
+    pub cost_bytes: u64,
+}
+
+/// Reads a picture's header: format, size and decode cost, with the limits
+/// checked. Decodes no pixels.
+pub fn probe(bytes: &[u8], limits: &DecodeLimits, min_side: Option<u32>) -> Result<Probe, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
+    let format = reader.format().ok_or(DecodeError::UnknownFormat)?;
+    let corrupt = |e: image::ImageError| match e {
+        image::ImageError::Unsupported(u) => DecodeError::Unsupported(u.to_string()),
+        image::ImageError::Limits(l) => DecodeError::Limits(l.to_string()),
+        other => DecodeError::Corrupt { format: format_name(format), message: other.to_string() },
+    };
+    let header = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        reader.into_decoder().map(|d| (d.dimensions(), d.color_type().bytes_per_pixel() as u64))
+    }));
+    let ((width, height), bytes_per_pixel) = header
+        .unwrap_or_else(|_| Err(image::ImageError::Decoding(image::error::DecodingError::from_format_hint(format.into()))))
+        .map_err(corrupt)?;
+    limits.check(width, height)?;
+    if width == 0 || height == 0 {
+        return Err(DecodeError::Corrupt { format: format_name(format), message: "zero-sized image".into() });
+    }
+    let (mut w, mut h) = (width as u64, height as u64);
+    if let (ImageFormat::Jpeg, Some(target)) = (format, min_side) {
+        let n = super::jpeg::scale_numerator(width.min(height) as u64, target);
+        (w, h) = ((w * n).div_ceil(8), (h * n).div_ceil(8));
+    }
+    let cost_bytes = w * h * (bytes_per_pixel + 3);
+    Ok(Probe { format, width, height, cost_bytes })
+}
+
+/// A shared allowance of decode memory: callers that decode concurrently
+/// (the server's uploads) take their probe's cost from it first, so many
+/// large pictures at once wait or are refused instead of exhausting memory.
+#[derive(Debug)]
+pub struct DecodeBudget {
+    total: u64,
+    used: std::sync::Mutex<u64>,
+}
+
+/// A share of a [`DecodeBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct BudgetPermit<'a> {
+    budget: &'a DecodeBudget,
+    bytes: u64,
+}
+
+/// Why a share of the budget was not given.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BudgetError {
+    /// More than the whole budget: never possible.
+    Exceeds { needed: u64, total: u64 },
+    /// Not now: other decodes hold the budget.
+    Busy,
+}
+
+impl DecodeBudget {
+    pub fn new(total: u64) -> Self {
+        Self { total, used: std::sync::Mutex::new(0) }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Bytes currently held by permits.
+    pub fn in_use(&self) -> u64 {
+        *self.used.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `bytes` from the budget without waiting.
+    pub fn try_acquire(&self, bytes: u64) -> Result<BudgetPermit<'_>, BudgetError> {
+        if bytes > self.total {
+            return Err(BudgetError::Exceeds { needed: bytes, total: self.total });
+        }
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if *used + bytes > self.total {
+            return Err(BudgetError::Busy);
+        }
+        *used += bytes;
+        Ok(BudgetPermit { budget: self, bytes })
+    }
+}
+
+impl BudgetPermit<'_> {
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for BudgetPermit<'_> {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used = used.saturating_sub(self.bytes);
     }
 }
 
@@ -69,8 +213,55 @@ impl DecodedImage {
 
 /// Decodes an image file.
 pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<DecodedImage, DecodeError> {
-    let bytes = std::fs::read(path)?;
+    let bytes = read_file(path, limits.max_file_bytes)?;
     decode_bytes(&bytes, limits)
+}
+
+/// Opens a regular file for reading, without blocking on a FIFO or a device
+/// swapped in where a photo was: the kind is checked on the open handle.
+pub fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), DecodeError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        return Err(DecodeError::NotAFile(if kind.is_dir() {
+            "a folder"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        }));
+    }
+    Ok((file, meta))
+}
+
+/// Reads a whole regular file of at most `limit` bytes; a larger one is
+/// refused before its contents are read (and a file growing meanwhile is cut
+/// at the limit and refused too).
+pub fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, DecodeError> {
+    use std::io::Read;
+    let (file, meta) = open_regular(path)?;
+    if meta.len() > limit {
+        return Err(DecodeError::FileTooLarge { size: meta.len(), limit });
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(DecodeError::FileTooLarge { size: bytes.len() as u64, limit });
+    }
+    Ok(bytes)
+}
+
+/// Reads at most the first `limit` bytes of a regular file.
+pub fn read_prefix(path: &Path, limit: u64) -> Result<Vec<u8>, DecodeError> {
+    use std::io::Read;
+    let (file, meta) = open_regular(path)?;
+    let mut bytes = Vec::with_capacity(meta.len().min(limit) as usize);
+    file.take(limit).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Decodes an image held in memory.
@@ -113,24 +304,30 @@ pub fn decode_bytes_scaled(
         image::ImageError::Limits(l) => DecodeError::Limits(l.to_string()),
         other => DecodeError::Corrupt { format: format_name(format), message: other.to_string() },
     };
-    let mut decoder = reader.into_decoder().map_err(corrupt)?;
-    let (width, height) = decoder.dimensions();
-    if width as u64 * height as u64 > limits.max_pixels {
-        return Err(DecodeError::TooLarge { width, height, limit: limits.max_pixels });
-    }
-    if width == 0 || height == 0 {
-        return Err(DecodeError::Corrupt { format: format_name(format), message: "zero-sized image".into() });
-    }
-    // A broken EXIF block is no reason to lose the picture: keep it as stored.
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
-    image.apply_orientation(orientation);
-    Ok(DecodedImage {
-        rgb: to_rgb(image),
-        format,
-        stored_width: width,
-        stored_height: height,
-        orientation: orientation.to_exif(),
+    // The format decoders are other people's parsers of untrusted bytes: a
+    // panic in one (a bug met on a hostile file) is this file's error, not
+    // the caller's crash.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<DecodedImage, DecodeError> {
+        let mut decoder = reader.into_decoder().map_err(corrupt)?;
+        let (width, height) = decoder.dimensions();
+        limits.check(width, height)?;
+        if width == 0 || height == 0 {
+            return Err(DecodeError::Corrupt { format: format_name(format), message: "zero-sized image".into() });
+        }
+        // A broken EXIF block is no reason to lose the picture: keep it as stored.
+        let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+        let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+        image.apply_orientation(orientation);
+        Ok(DecodedImage {
+            rgb: to_rgb(image),
+            format,
+            stored_width: width,
+            stored_height: height,
+            orientation: orientation.to_exif(),
+        })
+    }));
+    decoded.unwrap_or_else(|_| {
+        Err(DecodeError::Corrupt { format: format_name(format), message: "the decoder failed on this file".into() })
     })
 }
 
@@ -196,8 +393,64 @@ mod tests {
         let image = RgbImage::new(300, 200);
         let mut png = Vec::new();
         image.write_to(&mut Cursor::new(&mut png), ImageFormat::Png).unwrap();
-        let err = decode_bytes(&png, &DecodeLimits { max_pixels: 10_000 }).unwrap_err();
+        let err = decode_bytes(&png, &DecodeLimits { max_pixels: 10_000, ..Default::default() }).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge { width: 300, height: 200, .. }), "{err}");
         assert!(decode_bytes(&png, &DecodeLimits::default()).is_ok());
+    }
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let mut png = Vec::new();
+        RgbImage::new(width, height).write_to(&mut Cursor::new(&mut png), ImageFormat::Png).unwrap();
+        png
+    }
+
+    #[test]
+    fn refuses_absurd_aspect_ratios_before_decoding() {
+        let limits = DecodeLimits::default();
+        for (w, h) in [(1, 300_000), (200_000, 3), (10_100, 100)] {
+            let strip = png(w, h);
+            let err = decode_bytes(&strip, &limits).unwrap_err();
+            assert!(matches!(err, DecodeError::AspectRatio { .. }), "{w}x{h}: {err}");
+            assert!(matches!(probe(&strip, &limits, None), Err(DecodeError::AspectRatio { .. })));
+        }
+        // A wide panorama is fine.
+        assert!(decode_bytes(&png(2400, 100), &limits).is_ok());
+    }
+
+    #[test]
+    fn probes_cost_without_decoding() {
+        let p = probe(&png(400, 300), &DecodeLimits::default(), None).unwrap();
+        assert_eq!((p.format, p.width, p.height), (ImageFormat::Png, 400, 300));
+        assert_eq!(p.cost_bytes, 400 * 300 * 6);
+        assert!(matches!(probe(b"nope", &DecodeLimits::default(), None), Err(DecodeError::UnknownFormat)));
+    }
+
+    #[test]
+    fn budget_refuses_what_it_cannot_hold() {
+        let budget = DecodeBudget::new(100);
+        let a = budget.try_acquire(60).unwrap();
+        assert_eq!(budget.try_acquire(50).unwrap_err(), BudgetError::Busy);
+        assert_eq!(budget.try_acquire(101).unwrap_err(), BudgetError::Exceeds { needed: 101, total: 100 });
+        let b = budget.try_acquire(40).unwrap();
+        assert_eq!(budget.in_use(), 100);
+        drop((a, b));
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn reads_only_regular_files_within_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.jpg");
+        std::fs::write(&file, vec![7u8; 1000]).unwrap();
+        assert_eq!(read_file(&file, 1000).unwrap().len(), 1000);
+        assert!(matches!(read_file(&file, 999), Err(DecodeError::FileTooLarge { size: 1000, limit: 999 })));
+        assert_eq!(read_prefix(&file, 10).unwrap(), vec![7u8; 10]);
+        assert!(matches!(read_file(dir.path(), 1000), Err(DecodeError::NotAFile("a folder"))));
+        let fifo = dir.path().join("pipe.jpg");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Returns at once: the FIFO is never read.
+        assert!(matches!(read_file(&fifo, 1000), Err(DecodeError::NotAFile("a FIFO"))));
     }
 }

@@ -80,6 +80,12 @@ fn cmyk_to_rgb(c: u8, k: u8) -> u8 {
     (nk - muldiv) as u8
 }
 
+/// The DCT scale `n` (the image decodes at `n/8` of its size) that keeps the
+/// shorter side at least `target`: scaled sizes are `ceil(size * n / 8)`.
+pub(crate) fn scale_numerator(short: u64, target: u32) -> u64 {
+    (1..=8u64).find(|&n| (short * n).div_ceil(8) >= target as u64).unwrap_or(8)
+}
+
 /// Decodes a JPEG. `scale_to` asks for DCT-domain downscaling: the result is
 /// the smallest of 1/8 .. 8/8 whose shorter side is still at least `scale_to`.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits, scale_to: Option<u32>) -> Result<Jpeg, DecodeError> {
@@ -97,17 +103,12 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits, scale_to: Option<u32>) -> Res
         let mut decompress = mozjpeg::Decompress::new_mem(bytes).map_err(|e| corrupt(e.to_string()))?;
         let (width, height) = decompress.size();
         let (stored_width, stored_height) = (width as u32, height as u32);
-        if width as u64 * height as u64 > limits.max_pixels {
-            return Err(DecodeError::TooLarge { width: stored_width, height: stored_height, limit: limits.max_pixels });
-        }
+        limits.check(stored_width, stored_height)?;
         if width == 0 || height == 0 {
             return Err(corrupt("zero-sized image".into()));
         }
         if let Some(target) = scale_to {
-            let short = width.min(height) as u64;
-            // Scaled size is ceil(size * n / 8); take the smallest n that keeps the short side >= target.
-            let n = (1..=8u8).find(|&n| (short * n as u64).div_ceil(8) >= target as u64).unwrap_or(8);
-            decompress.scale(n);
+            decompress.scale(scale_numerator(width.min(height) as u64, target) as u8);
         }
         let (rgb, w, h) = match decompress.image().map_err(|e| corrupt(e.to_string()))? {
             mozjpeg::decompress::Format::RGB(mut d) => {

@@ -80,14 +80,23 @@ pub fn read_meta(bytes: &[u8]) -> PhotoMeta {
 }
 
 /// `2019:07:14 12:30:05` to `2019-07-14T12:30:05`; `None` for zeroed or malformed dates.
+///
+/// The text is untrusted (any bytes a camera or an editor wrote), so it is
+/// read character by character, never sliced at a byte offset.
 fn exif_date(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    if b.len() < 10 || !b[..4].iter().all(u8::is_ascii_digit) || s.starts_with("0000") {
+    let chars: Vec<char> = s.trim().chars().take(19).collect();
+    let digits = |r: std::ops::Range<usize>| chars.get(r).filter(|c| c.iter().all(char::is_ascii_digit)).map(|c| c.iter().collect::<String>());
+    // Separators are ':' by the standard; some writers use '-', '/' or '.'.
+    let separated = |at: &[usize]| at.iter().all(|&i| chars.get(i).is_some_and(char::is_ascii_punctuation));
+    let (y, m, d) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    if y == "0000" || !separated(&[4, 7]) {
         return None;
     }
-    let date = s[..10].replace(':', "-");
-    let time = s.get(11..19).filter(|t| t.len() == 8).unwrap_or("00:00:00");
-    let out = format!("{date}T{time}");
+    let time = match (digits(11..13), digits(14..16), digits(17..19)) {
+        (Some(h), Some(mi), Some(sec)) if separated(&[13, 16]) => format!("{h}:{mi}:{sec}"),
+        _ => "00:00:00".to_string(),
+    };
+    let out = format!("{y}-{m}-{d}T{time}");
     crate::keyword::parse_datetime(&out).map(|_| out)
 }
 
@@ -111,7 +120,9 @@ fn unescape_xml(s: &str) -> String {
 
 /// The caption of a photo: its sidecar file, else XMP, else EXIF.
 pub fn caption(sidecar: Option<&Path>, meta: &PhotoMeta) -> (Option<String>, Option<CaptionSource>) {
-    if let Some(text) = sidecar.and_then(|p| std::fs::read(p).ok()).and_then(|b| clean(&String::from_utf8_lossy(&b))) {
+    // Only the start of a sidecar is read: a multi-GB `.txt` costs no more than a short one.
+    let read = |p: &Path| super::decode::read_prefix(p, super::decode::MAX_SIDECAR_BYTES).ok();
+    if let Some(text) = sidecar.and_then(read).and_then(|b| clean(&String::from_utf8_lossy(&b))) {
         return (Some(text), Some(CaptionSource::Sidecar));
     }
     if let Some(text) = &meta.xmp_description {
@@ -133,6 +144,13 @@ mod tests {
         assert_eq!(exif_date("2019:07:14").as_deref(), Some("2019-07-14T00:00:00"));
         assert_eq!(exif_date("0000:00:00 00:00:00"), None);
         assert_eq!(exif_date("    :  :     :  :  "), None);
+        // Non-ASCII where a separator or digit should be: once a panic.
+        assert_eq!(exif_date("2019é07:14 12:30:05"), None);
+        assert_eq!(exif_date("20é:07:14 12:30:05"), None);
+        assert_eq!(exif_date("2019:07:1é 12:30:05"), None);
+        assert_eq!(exif_date("2019:07:14 12:3é:05").as_deref(), Some("2019-07-14T00:00:00"));
+        assert_eq!(exif_date("2019:02:30 00:00:00"), None);
+        assert_eq!(exif_date("2019/07/14 12.30.05").as_deref(), Some("2019-07-14T12:30:05"));
     }
 
     #[test]
@@ -151,6 +169,10 @@ mod tests {
         let meta = PhotoMeta { exif_description: Some("exif".into()), ..Default::default() };
         assert_eq!(caption(Some(&side), &meta), (Some("a red kite over the sea".into()), Some(CaptionSource::Sidecar)));
         assert_eq!(caption(None, &meta), (Some("exif".into()), Some(CaptionSource::Exif)));
+        // A huge sidecar is read only as far as a caption needs.
+        std::fs::write(&side, "word ".repeat(1_000_000)).unwrap();
+        let (text, _) = caption(Some(&side), &meta);
+        assert_eq!(text.unwrap().chars().count(), MAX_CAPTION);
         std::fs::write(&side, "   ").unwrap();
         assert_eq!(caption(Some(&side), &PhotoMeta::default()), (None, None));
     }

@@ -10,4 +10,20 @@ pub mod meta;
 pub mod scan;
 pub mod thumb;
 
-pub use decode::{decode_bytes, decode_bytes_scaled, decode_file, DecodeError, DecodeLimits, DecodedImage};
+pub use decode::{
+    decode_bytes, decode_bytes_scaled, decode_file, open_regular, probe, read_file, read_prefix, BudgetError, BudgetPermit,
+    DecodeBudget, DecodeError, DecodeLimits, DecodedImage, Probe, MAX_SIDECAR_BYTES,
+};
+
+/// The MIME type of a format name as the index stores it (`jpeg`, `png`, ...).
+pub fn mime_type(format: &str) -> &'static str {
+    match format {
+        "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "bmp" => "image/bmp",
+        "tiff" => "image/tiff",
+        _ => "application/octet-stream",
+    }
+}

@@ -80,7 +80,8 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
             Err(err) => {
                 let path = err.path().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf());
                 let rel = rel_path(root, &path).unwrap_or_else(|lossy| lossy);
-                let reason = if err.loop_ancestor().is_some() {
+                let link_loop = err.io_error().and_then(std::io::Error::raw_os_error) == Some(libc::ELOOP);
+                let reason = if err.loop_ancestor().is_some() || link_loop {
                     "symbolic link loop".to_string()
                 } else if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink())
                     && std::fs::metadata(&path).is_err()
@@ -99,10 +100,27 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
                 continue;
             }
         };
+        let path = entry.path();
         if !entry.file_type().is_file() {
+            // Something named like a photo that is not a file: say so, and
+            // never open it (a FIFO would block its reader forever).
+            if entry.depth() > 0 && is_image(path) {
+                use std::os::unix::fs::FileTypeExt;
+                let kind = entry.file_type();
+                let what = if kind.is_dir() {
+                    "a folder named like an image (its contents are indexed)"
+                } else if kind.is_fifo() {
+                    "not a regular file (a FIFO)"
+                } else if kind.is_socket() {
+                    "not a regular file (a socket)"
+                } else {
+                    "not a regular file (a device)"
+                };
+                let rel = rel_path(root, path).unwrap_or_else(|lossy| lossy);
+                scan.problems.push(ScanProblem { rel, reason: what.into() });
+            }
             continue;
         }
-        let path = entry.path();
         let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
         let is_txt = ext.as_deref() == Some("txt");
         if !is_image(path) && !is_txt {
@@ -169,12 +187,23 @@ mod tests {
         std::fs::write(root.join(".hidden/three.jpg"), b"x").unwrap();
         std::os::unix::fs::symlink(root.join("missing.jpg"), root.join("broken.jpg")).unwrap();
         std::os::unix::fs::symlink(root, root.join("a/loop")).unwrap();
+        std::os::unix::fs::symlink(root.join("cycle2.jpg"), root.join("cycle1.jpg")).unwrap();
+        std::os::unix::fs::symlink(root.join("cycle1.jpg"), root.join("cycle2.jpg")).unwrap();
+        std::fs::create_dir_all(root.join("album.jpg")).unwrap();
+        std::fs::write(root.join("album.jpg/inside.png"), b"x").unwrap();
+        let fifo = std::ffi::CString::new(root.join("pipe.jpg").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         let scan = scan(root, &[]);
         let rels: Vec<&str> = scan.files.iter().map(|f| f.rel.as_str()).collect();
-        assert_eq!(rels, vec!["a/b/one.JPG", "two.png"]);
-        assert!(scan.files.iter().all(|f| f.sidecar.is_some()));
+        assert_eq!(rels, vec!["a/b/one.JPG", "album.jpg/inside.png", "two.png"]);
+        assert!(scan.files.iter().all(|f| f.sidecar.is_some() == !f.rel.starts_with("album.jpg/")));
         let reasons: Vec<(&str, &str)> = scan.problems.iter().map(|p| (p.rel.as_str(), p.reason.as_str())).collect();
         assert!(reasons.contains(&("broken.jpg", "broken symbolic link")), "{reasons:?}");
         assert!(reasons.contains(&("a/loop", "symbolic link loop")), "{reasons:?}");
+        assert!(reasons.contains(&("cycle1.jpg", "symbolic link loop")), "{reasons:?}");
+        assert!(reasons.contains(&("cycle2.jpg", "symbolic link loop")), "{reasons:?}");
+        assert!(reasons.contains(&("pipe.jpg", "not a regular file (a FIFO)")), "{reasons:?}");
+        assert!(reasons.iter().any(|(p, r)| *p == "album.jpg" && r.starts_with("a folder")), "{reasons:?}");
     }
 }

@@ -17,7 +17,8 @@ const QUALITY: u8 = 82;
 
 /// Where the thumbnail of content `hash` (hex) lives under `thumbs`.
 pub fn thumb_path(thumbs: &Path, hash: &str) -> PathBuf {
-    thumbs.join(&hash[..2.min(hash.len())]).join(format!("{hash}.jpg"))
+    let shard: String = hash.chars().take(2).collect();
+    thumbs.join(shard).join(format!("{hash}.jpg"))
 }
 
 /// Encodes a thumbnail of an upright RGB image.

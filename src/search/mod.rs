@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tantivy::collector::{DocSetCollector, TopDocs};
-use tantivy::query::{BooleanQuery, Occur, Query as TantivyQuery, QueryParser, RangeQuery, RegexQuery, TermQuery};
+use tantivy::query::{BooleanQuery, Occur, Query as TantivyQuery, QueryParser, RangeQuery, TermQuery};
 use tantivy::schema::IndexRecordOption;
 use tantivy::Term as TantivyTerm;
 use utoipa::ToSchema;
@@ -36,7 +36,7 @@ pub use query::{parse, ParseError, Term, TermKind, TermSpec};
 
 use crate::indexer::Index;
 use crate::keyword::parse_datetime;
-use crate::library::{decode_bytes_scaled, DecodeError, DecodeLimits};
+use crate::library::{decode_bytes_scaled, probe, BudgetError, DecodeBudget, DecodeError, DecodeLimits};
 use crate::model::{Clip, RgbView};
 use crate::store::PhotoRecord;
 
@@ -58,6 +58,15 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     NotAnImage(String),
+    /// The request needs more than the server ever allows (decode memory).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The file on disk is no longer what the index holds.
+    #[error("{0}")]
+    Changed(String),
+    /// Not now: the server is at its limit; the same request may pass later.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -95,7 +104,54 @@ pub struct Filters {
     pub camera: Option<String>,
 }
 
+/// Longest text of a filter (folder, camera, a type), in characters.
+pub const MAX_FILTER_CHARS: usize = 1024;
+/// Most file types one filter may list.
+const MAX_TYPES: usize = 32;
+
+/// A filter date as seconds since the epoch; `end_of_day` moves a date
+/// without a time to its last second.
+fn filter_date(name: &str, s: &Option<String>, end_of_day: bool) -> Result<Option<i64>> {
+    let Some(s) = s.as_deref().map(str::trim).filter(|s| !s.is_empty()) else { return Ok(None) };
+    let secs = parse_datetime(s).ok_or_else(|| {
+        let shown: String = s.chars().take(40).collect();
+        Error::BadQuery(format!(
+            "{name}: {shown:?} is not a date; use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS between {} and {}",
+            crate::keyword::MIN_YEAR,
+            crate::keyword::MAX_YEAR
+        ))
+    })?;
+    Ok(Some(if end_of_day && s.len() == 10 { secs + 86_399 } else { secs }))
+}
+
 impl Filters {
+    /// Checks every field: lengths, dates (real calendar dates in the
+    /// supported range, `from` not after `to`). The one validation of
+    /// filters, whichever front end built them.
+    pub fn validate(&self) -> Result<()> {
+        let long = |name: &str, s: &Option<String>| -> Result<()> {
+            match s {
+                Some(s) if s.chars().count() > MAX_FILTER_CHARS => {
+                    Err(Error::BadQuery(format!("the {name} filter is longer than {MAX_FILTER_CHARS} characters")))
+                }
+                _ => Ok(()),
+            }
+        };
+        long("folder", &self.folder)?;
+        long("camera", &self.camera)?;
+        if let Some(types) = &self.types {
+            if types.len() > MAX_TYPES || types.iter().any(|t| t.chars().count() > MAX_FILTER_CHARS) {
+                return Err(Error::BadQuery(format!("the type filter lists too much (at most {MAX_TYPES} types)")));
+            }
+        }
+        if let (Some(from), Some(to)) = (filter_date("from", &self.from, false)?, filter_date("to", &self.to, true)?) {
+            if from > to {
+                return Err(Error::BadQuery("the from date is after the to date".into()));
+            }
+        }
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> bool {
         let blank = |s: &Option<String>| s.as_deref().is_none_or(|s| s.trim().is_empty());
         blank(&self.folder)
@@ -124,6 +180,35 @@ pub struct Query {
 impl Query {
     pub fn new(terms: Vec<Term>) -> Self {
         Self { terms, filters: Filters::default(), k: 24, offset: 0, min_score: None, hybrid: true, exclude: Vec::new() }
+    }
+
+    /// Checks every parameter; `Engine::search` calls it, so each front end
+    /// (HTTP routes, CLI) gets the same answer for the same mistake.
+    pub fn validate(&self) -> Result<()> {
+        if self.terms.is_empty() {
+            return Err(Error::BadQuery("the query is empty".into()));
+        }
+        if self.terms.len() > query::MAX_TERMS + 1 {
+            return Err(Error::BadQuery(format!("too many terms (at most {})", query::MAX_TERMS)));
+        }
+        for term in &self.terms {
+            query::check_weight(term.weight)?;
+            if let TermKind::Vector(v) = &term.kind {
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Err(Error::BadQuery("an embedding holds a value that is not a number".into()));
+                }
+            }
+        }
+        if self.k == 0 || self.k > MAX_K {
+            return Err(Error::BadQuery(format!("k must be between 1 and {MAX_K}")));
+        }
+        if self.offset.checked_add(self.k).is_none_or(|end| end > MAX_DEPTH) {
+            return Err(Error::BadQuery(format!("results past {MAX_DEPTH} are not available; narrow the query")));
+        }
+        if self.min_score.is_some_and(|s| !s.is_finite() || !(-1.0..=1.0).contains(&s)) {
+            return Err(Error::BadQuery("min_score must be a number from -1 to 1".into()));
+        }
+        self.filters.validate()
     }
 }
 
@@ -307,6 +392,21 @@ pub struct Engine {
     cache: Mutex<Cache>,
     texts: TextBatcher,
     limits: DecodeLimits,
+    /// Decode memory shared by concurrent uploads.
+    budget: DecodeBudget,
+}
+
+/// Decode memory uploads may hold at once, by default.
+pub const DEFAULT_DECODE_BUDGET: u64 = 1 << 30;
+
+/// Decodes at least this large give their memory back to the system when done.
+const RELEASE_AFTER: u64 = 64 << 20;
+
+/// Returns freed memory to the system (mimalloc otherwise keeps it for reuse):
+/// after a large decode, a spike should not stay resident.
+fn release_memory() {
+    // SAFETY: mimalloc's collection entry point, valid from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -317,7 +417,27 @@ impl Engine {
     pub fn new(index: Arc<Index>, clip: Arc<Clip>) -> Result<Self> {
         index.check_model(clip.info()).map_err(internal)?;
         let texts = TextBatcher::start(clip.clone());
-        Ok(Self { index, clip, cache: Mutex::new(Cache::default()), texts, limits: DecodeLimits::default() })
+        Ok(Self {
+            index,
+            clip,
+            cache: Mutex::new(Cache::default()),
+            texts,
+            limits: DecodeLimits::default(),
+            budget: DecodeBudget::new(DEFAULT_DECODE_BUDGET),
+        })
+    }
+
+    /// Sets what one uploaded picture may be and the decode memory all
+    /// uploads in flight may hold together.
+    pub fn with_upload_limits(mut self, limits: DecodeLimits, budget_bytes: u64) -> Self {
+        self.limits = limits;
+        self.budget = DecodeBudget::new(budget_bytes);
+        self
+    }
+
+    /// Decode memory uploads hold now, bytes.
+    pub fn decode_memory_in_use(&self) -> u64 {
+        self.budget.in_use()
     }
 
     pub fn index(&self) -> &Arc<Index> {
@@ -337,6 +457,35 @@ impl Engine {
         Ok(Photo::from_record(&self.record(id)?))
     }
 
+    /// The original file of a photo, as it was indexed, with its MIME type.
+    ///
+    /// What is at the stored path now is checked first: its real path (links
+    /// resolved), a regular file, and the size and time the index recorded;
+    /// a file that differs, or one outside the library (a link swapped in
+    /// after indexing), is served only if its content hashes to the indexed
+    /// content. The bytes come from the handle that was checked.
+    pub fn original(&self, id: u64) -> Result<(Vec<u8>, &'static str)> {
+        use std::io::Read;
+        let record = self.record(id)?;
+        let gone = || Error::NotFound(format!("the file of photo {id} is gone; re-index"));
+        let library = self.index.library();
+        let root = std::fs::canonicalize(&library).map_err(|_| gone())?;
+        let real = std::fs::canonicalize(library.join(&record.path)).map_err(|_| gone())?;
+        let (file, meta) = crate::library::open_regular(&real).map_err(|_| gone())?;
+        let as_indexed = crate::library::scan::file_sig(&meta) == record.sig;
+        // Another size is other content: refused unread.
+        if meta.len() != record.sig.size {
+            return Err(Error::Changed(format!("the file of photo {id} changed since it was indexed; re-index")));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(meta.len()).read_to_end(&mut bytes).map_err(|_| gone())?;
+        if !(as_indexed && real.starts_with(&root)) && blake3::hash(&bytes).to_hex().as_str() != record.hash {
+            tracing::warn!(id, "refusing to serve a file that is not the one indexed");
+            return Err(Error::Changed(format!("the file of photo {id} changed since it was indexed; re-index")));
+        }
+        Ok((bytes, crate::library::mime_type(&record.format)))
+    }
+
     /// The embedding of a text, cached.
     pub fn embed_text(&self, text: &str) -> Result<Arc<Vec<f32>>> {
         let key = text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
@@ -349,16 +498,39 @@ impl Engine {
     }
 
     /// The embedding of an uploaded picture.
+    ///
+    /// The header is read first: the limits are checked and the decode's
+    /// memory is taken from the shared budget before any pixel is decoded,
+    /// so concurrent large uploads wait their turn (`Busy`) instead of
+    /// exhausting memory.
     pub fn embed_image(&self, bytes: &[u8]) -> Result<Vec<f32>> {
         let min_side = 2 * self.clip.preprocessor().image_size() as u32;
-        let image = decode_bytes_scaled(bytes, &self.limits, Some(min_side)).map_err(|e| match e {
+        let unusable = |e: DecodeError| match e {
             DecodeError::Empty | DecodeError::UnknownFormat => Error::NotAnImage(format!("not an image: {e}")),
             DecodeError::Unsupported(_) => Error::NotAnImage(e.to_string()),
             other => Error::BadQuery(format!("cannot use this image: {other}")),
+        };
+        let header = probe(bytes, &self.limits, Some(min_side)).map_err(unusable)?;
+        let permit = self.budget.try_acquire(header.cost_bytes).map_err(|e| match e {
+            BudgetError::Exceeds { needed, total } => Error::TooLarge(format!(
+                "decoding this {}x{} image takes {} MB, more than the {} MB this server allows; send a smaller picture",
+                header.width,
+                header.height,
+                needed.div_ceil(1 << 20),
+                total >> 20
+            )),
+            BudgetError::Busy => Error::Busy("the server is decoding other large pictures; try again in a moment".into()),
         })?;
-        let view = RgbView::new(image.rgb.width() as usize, image.rgb.height() as usize, image.rgb.as_raw())
-            .map_err(internal)?;
-        Ok(self.clip.embed_images(&[view]).map_err(internal)?.remove(0))
+        let result = decode_bytes_scaled(bytes, &self.limits, Some(min_side)).map_err(unusable).and_then(|image| {
+            let view = RgbView::new(image.rgb.width() as usize, image.rgb.height() as usize, image.rgb.as_raw())
+                .map_err(internal)?;
+            Ok(self.clip.embed_images(&[view]).map_err(internal)?.remove(0))
+        });
+        drop(permit);
+        if header.cost_bytes >= RELEASE_AFTER {
+            release_memory();
+        }
+        result
     }
 
     fn term_vector(&self, term: &Term) -> Result<Arc<Vec<f32>>> {
@@ -413,18 +585,20 @@ impl Engine {
         let mut must: Vec<(Occur, Box<dyn TantivyQuery>)> = Vec::new();
         if let Some(folder) = f.folder.as_deref().map(|s| s.trim().trim_matches('/')).filter(|s| !s.is_empty()) {
             let exact = TermQuery::new(TantivyTerm::from_field_text(fields.folder, folder), IndexRecordOption::Basic);
-            let below = RegexQuery::from_pattern(&format!("{}/.*", regex_escape(folder)), fields.folder).map_err(internal)?;
+            // Below the folder: every string from "folder/" up to, not
+            // including, "folder0" ('0' follows '/'), which is exactly the
+            // strings starting with "folder/". A range costs the same at any
+            // length (a regex grew with the name past its size limit).
+            let below = RangeQuery::new(
+                Bound::Included(TantivyTerm::from_field_text(fields.folder, &format!("{folder}/"))),
+                Bound::Excluded(TantivyTerm::from_field_text(fields.folder, &format!("{folder}0"))),
+            );
             must.push((
                 Occur::Must,
                 Box::new(BooleanQuery::new(vec![(Occur::Should, Box::new(exact)), (Occur::Should, Box::new(below))])),
             ));
         }
-        let date = |s: &Option<String>, end_of_day: bool| -> Result<Option<i64>> {
-            let Some(s) = s.as_deref().map(str::trim).filter(|s| !s.is_empty()) else { return Ok(None) };
-            let secs = parse_datetime(s).ok_or_else(|| Error::BadQuery(format!("bad date {s:?}: use YYYY-MM-DD")))?;
-            Ok(Some(if end_of_day && s.len() <= 10 { secs + 86_399 } else { secs }))
-        };
-        let (from, to) = (date(&f.from, false)?, date(&f.to, true)?);
+        let (from, to) = (filter_date("from", &f.from, false)?, filter_date("to", &f.to, true)?);
         if let (Some(a), Some(b)) = (from, to) {
             if a > b {
                 return Ok(None);
@@ -502,18 +676,7 @@ impl Engine {
     /// Runs a query.
     pub fn search(&self, q: &Query) -> Result<SearchResults> {
         let start = Instant::now();
-        if q.terms.is_empty() {
-            return Err(Error::BadQuery("the query is empty".into()));
-        }
-        if q.k == 0 || q.k > MAX_K {
-            return Err(Error::BadQuery(format!("k must be between 1 and {MAX_K}")));
-        }
-        if q.offset + q.k > MAX_DEPTH {
-            return Err(Error::BadQuery(format!("results past {MAX_DEPTH} are not available; narrow the query")));
-        }
-        if q.min_score.is_some_and(|s| !s.is_finite()) {
-            return Err(Error::BadQuery("min_score must be a number".into()));
-        }
+        q.validate()?;
         let dim = self.clip.info().embedding_dim;
         let mut combined = vec![0f32; dim];
         let mut positive = false;
@@ -666,12 +829,6 @@ fn plain_words(text: &str) -> String {
     crate::keyword::words(text)
 }
 
-/// Escapes every character but letters and digits as `\x{..}`, which means
-/// the character itself in any regex context.
-fn regex_escape(s: &str) -> String {
-    s.chars().map(|c| if c.is_alphanumeric() { c.to_string() } else { format!("\\x{{{:x}}}", c as u32) }).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -684,11 +841,6 @@ mod tests {
     }
 
     #[test]
-    fn folder_regex_escapes_everything_but_words() {
-        assert_eq!(regex_escape("a.b/c d"), "a\\x{2e}b\\x{2f}c\\x{20}d");
-    }
-
-    #[test]
     fn cache_keeps_the_recent() {
         let mut c = Cache::default();
         for i in 0..CACHE_SIZE + 10 {
@@ -697,6 +849,37 @@ mod tests {
         assert!(c.get("0").is_none());
         assert!(c.get(&format!("{}", CACHE_SIZE + 9)).is_some());
         assert_eq!(c.map.len(), CACHE_SIZE);
+    }
+
+    #[test]
+    fn queries_are_validated_in_one_place() {
+        let text = |w: f32| Term { kind: TermKind::Text("dog".into()), weight: w };
+        let ok = Query::new(vec![text(1.0)]);
+        assert!(ok.validate().is_ok());
+        for bad in [f32::NAN, f32::INFINITY, -f32::INFINITY, 1e9] {
+            assert!(Query::new(vec![text(bad)]).validate().is_err(), "weight {bad}");
+        }
+        let vector = Term { kind: TermKind::Vector(vec![0.5, f32::NAN]), weight: 1.0 };
+        assert!(Query::new(vec![vector]).validate().is_err());
+        let mut q = ok.clone();
+        q.offset = usize::MAX;
+        assert!(matches!(q.validate(), Err(Error::BadQuery(m)) if m.contains("past")));
+        let mut q = ok.clone();
+        q.min_score = Some(f32::NAN);
+        assert!(q.validate().is_err());
+        let mut q = ok.clone();
+        q.filters.folder = Some("a/".repeat(MAX_FILTER_CHARS));
+        assert!(q.validate().is_err());
+    }
+
+    #[test]
+    fn filter_dates_are_real_and_ordered() {
+        let f = |from: &str, to: &str| Filters { from: Some(from.into()), to: Some(to.into()), ..Default::default() };
+        assert!(f("2019-01-01", "2019-12-31").validate().is_ok());
+        assert!(f("2019-01-01", "2019-01-01").validate().is_ok());
+        for (from, to) in [("2019-02-30", ""), ("2019-13-01", ""), ("99999-01-01", ""), ("-001-01-01", ""), ("0001-01-01", ""), ("2019-01-01", "1999-01-01"), ("2019-1-1", ""), ("2019-01-01Tgarbage", "")] {
+            assert!(f(from, to).validate().is_err(), "{from} {to}");
+        }
     }
 
     #[test]

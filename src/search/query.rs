@@ -58,7 +58,7 @@ pub struct TermSpec {
 #[error("{0}")]
 pub struct ParseError(pub String);
 
-fn check_weight(w: f32) -> Result<f32, ParseError> {
+pub(crate) fn check_weight(w: f32) -> Result<f32, ParseError> {
     if !w.is_finite() || w.abs() > 100.0 {
         return Err(ParseError(format!("weight {w} is out of range (-100 to 100)")));
     }

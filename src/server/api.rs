@@ -349,27 +349,12 @@ pub async fn thumbnail(State(state): State<SharedState>, id: Result<Path<u64>, P
     responses(
         (status = 200, description = "The original file", content(("image/jpeg"), ("image/png"), ("image/webp"), ("image/gif"), ("image/bmp"), ("image/tiff"), ("application/octet-stream"))),
         (status = 404, description = "No such photo, or its file is gone", body = ErrorBody),
+        (status = 409, description = "The file changed since it was indexed (re-index)", body = ErrorBody),
     ))]
 pub async fn original(State(state): State<SharedState>, id: Result<Path<u64>, PathRejection>) -> ApiResult<Response> {
     let id = path_id(id)?;
     let engine = engine(&state)?;
-    let (bytes, format) = blocking(move || {
-        let record = engine.record(id)?;
-        // The path comes from the index, never from the request.
-        let path = engine.index().library().join(&record.path);
-        let bytes = std::fs::read(&path).map_err(|_| ApiError::not_found(format!("the file of photo {id} is gone; re-index")))?;
-        Ok((bytes, record.format))
-    })
-    .await?;
-    let mime = match format.as_str() {
-        "jpeg" => "image/jpeg",
-        "png" => "image/png",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "bmp" => "image/bmp",
-        "tiff" => "image/tiff",
-        _ => "application/octet-stream",
-    };
+    let (bytes, mime) = blocking(move || engine.original(id).map_err(ApiError::from)).await?;
     Ok(file_response(bytes, mime, "private, no-cache"))
 }
 

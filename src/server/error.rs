@@ -18,7 +18,8 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable machine-readable code: `bad_query`, `not_found`, `payload_too_large`,
-    /// `unsupported_media_type`, `conflict`, `not_ready`, `unauthorized`, `internal`.
+    /// `unsupported_media_type`, `conflict`, `not_ready`, `busy`, `unauthorized`,
+    /// `forbidden`, `method_not_allowed`, `internal`.
     pub code: String,
     pub message: String,
 }
@@ -28,11 +29,13 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds a client should wait before trying again (503 when busy).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), retry_after: None }
     }
     pub fn bad_query(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_query", message)
@@ -51,6 +54,16 @@ impl ApiError {
     }
     pub fn unsupported(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)
+    }
+    /// At a limit now; the same request may pass in `seconds`.
+    pub fn busy(message: impl Into<String>, seconds: u32) -> Self {
+        Self { retry_after: Some(seconds), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message) }
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+    pub fn method_not_allowed() -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not take that method")
     }
     pub fn unauthorized() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid token is required")
@@ -78,6 +91,9 @@ impl From<search::Error> for ApiError {
             search::Error::BadQuery(m) => Self::bad_query(m),
             search::Error::NotFound(m) => Self::not_found(m),
             search::Error::NotAnImage(m) => Self::unsupported(m),
+            search::Error::TooLarge(m) => Self::too_large(m),
+            search::Error::Busy(m) => Self::busy(m, 1),
+            search::Error::Changed(m) => Self::conflict(m),
             search::Error::Internal(m) => Self::internal(m),
         }
     }
@@ -86,7 +102,11 @@ impl From<search::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message } };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

@@ -5,17 +5,21 @@
 //!
 //! Safe by default: binds 127.0.0.1; any other address needs a token, checked
 //! on every request (`Authorization: Bearer`, a `clipdex_token` cookie, or
-//! `?token=` which also sets the cookie for the page's images); files are
-//! served by photo id only; bodies and queries are bounded; no CORS unless
-//! `--cors` names an origin.
+//! `?token=` which also sets the cookie for the page's images); without a
+//! token only loopback names (and `--allow-host` names) are accepted as
+//! `Host`, against DNS rebinding; state-changing requests from another
+//! origin are refused; files are served by photo id only; bodies, queries,
+//! header and body read times and open connections are bounded; no CORS
+//! unless `--cors` names an origin.
 
 pub mod api;
 pub mod error;
 pub mod state;
 mod web;
 
-use std::net::SocketAddr;
-use std::time::Instant;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -31,10 +35,17 @@ use error::ApiError;
 
 /// Largest JSON body (a query is small).
 const MAX_JSON_BODY: usize = 64 * 1024;
+/// A client must send a request's headers within this time.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request body must keep arriving: at most this long between two chunks...
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// ...and all of it within this time.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "clipdex", description = "Semantic image search over a photo library (CLIP)."),
+    modifiers(&Security),
     paths(
         api::search_get,
         api::search_post,
@@ -50,12 +61,52 @@ const MAX_JSON_BODY: usize = 64 * 1024;
 )]
 pub struct ApiDoc;
 
+/// The token scheme, required on every operation when the server has a
+/// token, and the answers every operation can give: 401 without a valid
+/// token, 403 for a refused host or origin, 503 while starting.
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+        use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("the server's --token")).build()),
+        );
+        components.add_security_scheme("cookie", SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new("clipdex_token"))));
+        // Either scheme, or none when the server runs without a token (loopback).
+        openapi.security = Some(vec![
+            SecurityRequirement::new("bearer", Vec::<String>::new()),
+            SecurityRequirement::new("cookie", Vec::<String>::new()),
+            SecurityRequirement::default(),
+        ]);
+        let error = |description: &str| -> RefOr<utoipa::openapi::Response> {
+            let content = ContentBuilder::new().schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody"))).build();
+            RefOr::T(ResponseBuilder::new().description(description).content("application/json", content).build())
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+                let responses = &mut op.responses.responses;
+                responses.entry("401".into()).or_insert_with(|| error("A token is required and was missing or wrong"));
+                responses.entry("403".into()).or_insert_with(|| error("Refused host name, or a state change from another origin"));
+                responses.entry("405".into()).or_insert_with(|| error("The endpoint does not take this method"));
+            }
+        }
+    }
+}
+
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
 async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
 }
 
 /// The router, with every layer.
@@ -76,16 +127,72 @@ pub fn app(state: SharedState) -> Router {
         .merge(api)
         .merge(web::routes())
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
 
-/// Token check and CORS, on every request.
+/// Whether `host` (a `Host` header) names this server: a loopback name or
+/// address, the address it is bound to, or a name given with `--allow-host`,
+/// and the port it listens on. A web page that rebinds its own domain to
+/// 127.0.0.1 still sends its domain here, and is refused.
+fn host_allowed(config: &ServerConfig, bound: Option<SocketAddr>, host: &str) -> bool {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !port.contains(']') => (name, Some(port)),
+        _ => (host, None),
+    };
+    if let (Some(bound), Some(port)) = (bound, port) {
+        if port.parse::<u16>().ok() != Some(bound.port()) {
+            return false;
+        }
+    }
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let ip = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok();
+    name == "localhost"
+        || ip.is_some_and(|ip| ip.is_loopback() || bound.is_some_and(|b| b.ip() == ip))
+        || config.allow_hosts.iter().any(|h| h.eq_ignore_ascii_case(&name))
+}
+
+/// Whether a request that changes state comes from the page itself (or the
+/// `--cors` origin): browsers name the origin of every cross-site POST.
+fn origin_allowed(config: &ServerConfig, request: &Request) -> bool {
+    let headers = request.headers();
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        // No Origin: not a browser's cross-site request (curl, the CLI), unless fetch metadata says so.
+        return headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) != Some("cross-site");
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let own = host.is_some_and(|h| origin.eq_ignore_ascii_case(&format!("http://{h}")) || origin.eq_ignore_ascii_case(&format!("https://{h}")));
+    // Behind a reverse proxy the page's origin is the proxy's name, given with --allow-host.
+    let origin_host = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://")).unwrap_or("");
+    let origin_name = origin_host.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(origin_host, |(n, _)| n);
+    let proxied = config.allow_hosts.iter().any(|h| h.eq_ignore_ascii_case(origin_name));
+    own || proxied || config.cors.as_deref().is_some_and(|c| c == origin)
+}
+
+/// Host, origin and token checks and CORS, on every request.
 async fn guard(State(state): State<SharedState>, request: Request, next: Next) -> Response {
     let cors = state.config.cors.clone();
     if request.method() == Method::OPTIONS && cors.is_some() {
         return with_cors(StatusCode::NO_CONTENT.into_response(), cors.as_deref());
+    }
+    // A client without Host (HTTP/1.0) is not a browser: rebinding needs one.
+    if state.config.token.is_none() || !state.config.allow_hosts.is_empty() {
+        if let Some(host) = request.headers().get(header::HOST) {
+            let ok = host.to_str().is_ok_and(|h| host_allowed(&state.config, state.local_addr(), h));
+            if !ok {
+                return with_cors(
+                    ApiError::forbidden("this server does not answer to that host name; add it with --allow-host").into_response(),
+                    cors.as_deref(),
+                );
+            }
+        }
+    }
+    let safe = matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe && !origin_allowed(&state.config, &request) {
+        return with_cors(ApiError::forbidden("cross-origin request refused").into_response(), cors.as_deref());
     }
     let mut set_cookie = None;
     if let Some(token) = state.config.token.as_deref() {
@@ -119,9 +226,42 @@ async fn guard(State(state): State<SharedState>, request: Request, next: Next) -
     with_cors(response, cors.as_deref())
 }
 
-/// Compares without an early exit, so timing does not reveal the token.
+/// Compares in time that depends on neither the token nor the guess (not
+/// even their lengths): both are hashed, and blake3 compares hashes in
+/// constant time.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    blake3::hash(a.as_bytes()) == blake3::hash(b.as_bytes())
+}
+
+/// Reads a request's body before the handler runs, within
+/// [`BODY_IDLE_TIMEOUT`] between chunks and [`BODY_TIMEOUT`] in all, and no
+/// more than the largest body any route takes: a client trickling a body
+/// cannot hold a connection and a handler forever.
+async fn read_body(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = request.into_parts();
+    let limit = state.config.max_upload.max(MAX_JSON_BODY) + 64 * 1024;
+    let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
+    let mut bytes = Vec::new();
+    loop {
+        let wait = BODY_IDLE_TIMEOUT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        match tokio::time::timeout(wait, body.frame()).await {
+            Err(_) => {
+                return ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", "the request body arrived too slowly").into_response();
+            }
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return ApiError::bad_query("the request body could not be read").into_response(),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if bytes.len() + data.len() > limit {
+                        return ApiError::too_large("the request body is too large").into_response();
+                    }
+                    bytes.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 fn percent_decode(s: &str) -> String {
@@ -177,17 +317,58 @@ pub fn is_local(addr: &SocketAddr) -> bool {
 }
 
 /// Serves until Ctrl-C.
+///
+/// HTTP/1.1 connections, each with a header read timeout
+/// ([`HEADER_TIMEOUT`]); at most `max_connections` open at once, further
+/// ones closed on accept. On Ctrl-C the server stops accepting and gives
+/// open requests a few seconds to finish.
 pub async fn serve(state: SharedState, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let _ = state.local_addr.set(listener.local_addr()?);
     let app = app(state.clone());
-    let shutdown = {
-        let state = state.clone();
-        async move {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("stopping");
-            state::stop_jobs(&state);
-        }
-    };
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    let slots = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let shutdown = tokio::signal::ctrl_c();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing a new connection");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+            drop(slot);
+        });
+    }
+    tracing::info!("stopping");
+    state::stop_jobs(&state);
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await.is_err() {
+        tracing::info!("closing the connections still open");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -199,9 +380,23 @@ mod tests {
         assert!(same("abc", "abc"));
         assert!(!same("abc", "abd"));
         assert!(!same("abc", "abcd"));
+        assert!(!same("", "a"));
         assert_eq!(percent_decode("a%20b+c%2F"), "a b c/");
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%4"), "%4");
         assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn hosts_are_loopback_names_or_allowed_ones() {
+        let mut config = ServerConfig::for_index("index".into());
+        config.allow_hosts = vec!["photos.lan".into()];
+        let bound: Option<SocketAddr> = Some("127.0.0.1:7878".parse().unwrap());
+        for ok in ["localhost:7878", "127.0.0.1:7878", "[::1]:7878", "LOCALHOST:7878", "localhost", "photos.lan:7878", "127.0.0.2:7878"] {
+            assert!(host_allowed(&config, bound, ok), "{ok}");
+        }
+        for bad in ["evil.example:7878", "localhost:80", "localhost.evil.example:7878", "127.0.0.1.nip.io:7878", "photos.lan.evil:7878", "[::1]:1", ""] {
+            assert!(!host_allowed(&config, bound, bad), "{bad}");
+        }
     }
 }

@@ -35,7 +35,36 @@ pub struct ServerConfig {
     pub max_upload: usize,
     /// Start a re-index once ready (implied by `library`).
     pub reindex_on_start: bool,
+    /// Host names accepted besides loopback ones (`--allow-host`), lower-case.
+    pub allow_hosts: Vec<String>,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// Decode memory all image uploads in flight may hold together, bytes.
+    pub decode_budget: u64,
 }
+
+impl ServerConfig {
+    /// Defaults for serving an existing index.
+    pub fn for_index(index: PathBuf) -> Self {
+        Self {
+            index,
+            library: None,
+            model: None,
+            hub: HubOptions::from_env(false, false),
+            run: RunOptions::default(),
+            token: None,
+            cors: None,
+            max_upload: 25 << 20,
+            reindex_on_start: false,
+            allow_hosts: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            decode_budget: crate::search::DEFAULT_DECODE_BUDGET,
+        }
+    }
+}
+
+/// Most connections open at once, by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 /// Where start-up stands.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -73,6 +102,8 @@ pub struct AppState {
     pub events: broadcast::Sender<JobEvent>,
     pub stop: AtomicBool,
     pub started: Instant,
+    /// The address the server listens on, once it does.
+    pub local_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -88,6 +119,7 @@ impl AppState {
             events,
             stop: AtomicBool::new(false),
             started: Instant::now(),
+            local_addr: std::sync::OnceLock::new(),
         })
     }
 
@@ -97,6 +129,10 @@ impl AppState {
         *state.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
         state.set_lifecycle(Lifecycle::Ready, None);
         state
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr.get().copied()
     }
 
     pub fn engine(&self) -> Option<Arc<Engine>> {
@@ -136,6 +172,29 @@ pub fn start(state: SharedState, addr: SocketAddr) {
         .expect("spawn start-up thread");
 }
 
+/// How often start-up tries again for an index another process holds.
+const LOCK_RETRY: Duration = Duration::from_secs(2);
+
+/// Runs `open` until the index is not held by another process (a `clipdex
+/// index` run, say), showing that on the page meanwhile; stops on shutdown.
+fn wait_for_lock<T>(state: &AppState, mut open: impl FnMut() -> indexer::Result<T>) -> indexer::Result<T> {
+    loop {
+        match open() {
+            Err(indexer::Error::InUse { holder, .. }) => {
+                if state.stop.load(Ordering::Relaxed) {
+                    return Err(indexer::Error::Stopped("stopped while waiting for the index".into()));
+                }
+                let (phase, _) = state.lifecycle();
+                let holder = holder.trim().trim_start_matches('(').trim_end_matches(')').trim().to_string();
+                let by = if holder.is_empty() { String::new() } else { format!(" ({holder})") };
+                state.set_lifecycle(phase, Some(format!("waiting for another clipdex process to release the index{by}")));
+                std::thread::sleep(LOCK_RETRY);
+            }
+            other => return other,
+        }
+    }
+}
+
 fn load(state: &SharedState, addr: SocketAddr) -> Result<(), String> {
     let config = &state.config;
     // The model named, else the index's own.
@@ -143,7 +202,8 @@ fn load(state: &SharedState, addr: SocketAddr) -> Result<(), String> {
     let model_id = match (&config.model, existing) {
         (Some(m), _) => m.clone(),
         (None, true) => {
-            let index = Index::open(&config.index).map_err(|e| e.to_string())?;
+            state.set_lifecycle(Lifecycle::OpeningIndex, Some("reading the index".into()));
+            let index = wait_for_lock(state, || Index::open(&config.index)).map_err(|e| e.to_string())?;
             let id = index.meta().model.id.clone();
             drop(index);
             id
@@ -154,11 +214,11 @@ fn load(state: &SharedState, addr: SocketAddr) -> Result<(), String> {
     let source = ModelSource::parse(&model_id).map_err(|e| e.to_string())?;
     let clip = Clip::load(&source, &config.hub).map_err(|e| format!("cannot load model {model_id}: {e}"))?;
     state.set_lifecycle(Lifecycle::OpeningIndex, Some("opening the index".into()));
-    let index = match &config.library {
+    let open = || match &config.library {
         Some(library) => Index::create_or_open(&config.index, library, clip.info()),
         None => Index::open(&config.index),
-    }
-    .map_err(|e| match e {
+    };
+    let index = wait_for_lock(state, open).map_err(|e| match e {
         indexer::Error::NotFound(_) => format!(
             "no index at {}: start with `clipdex serve --library <PHOTOS>` to create one",
             config.index.display()
@@ -166,7 +226,9 @@ fn load(state: &SharedState, addr: SocketAddr) -> Result<(), String> {
         other => other.to_string(),
     })?;
     index.set_holder(&format!("clipdex serve at http://{addr}"));
-    let engine = Engine::new(Arc::new(index), Arc::new(clip)).map_err(|e| e.to_string())?;
+    let engine = Engine::new(Arc::new(index), Arc::new(clip))
+        .map_err(|e| e.to_string())?
+        .with_upload_limits(config.run.limits, config.decode_budget);
     *state.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
     state.set_lifecycle(Lifecycle::Ready, None);
     tracing::info!("ready");
@@ -199,7 +261,19 @@ pub fn start_reindex(state: &SharedState) -> Result<(), crate::server::error::Ap
                     let _ = state.events.send(JobEvent::Progress { progress });
                 }
             };
-            let result = indexer::run(engine.index(), engine.clip(), &state.config.run, &mut callback, &state.stop);
+            // A panic inside the run (a bug) must not leave the job marked
+            // running forever: it is reported like any failure.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                indexer::run(engine.index(), engine.clip(), &state.config.run, &mut callback, &state.stop)
+            }))
+            .unwrap_or_else(|payload| {
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(indexer::Error::Stopped(format!("internal error: {message}")))
+            });
             let mut job = state.job();
             job.running = false;
             match result {

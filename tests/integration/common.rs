@@ -114,3 +114,58 @@ pub fn stdout(out: &Output) -> String {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A small JPEG whose EXIF block holds `date` as its DateTimeOriginal, byte
+/// for byte (any bytes: cameras and editors write what they like).
+pub fn jpeg_with_exif_date(date: &[u8]) -> Vec<u8> {
+    let mut jpeg = Vec::new();
+    let picture = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
+    picture.write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+    // TIFF, little-endian: IFD0 (one entry: the Exif IFD pointer) at 8, the
+    // Exif IFD (one entry: DateTimeOriginal, ASCII) at 26, the text at 44.
+    let mut tiff = b"II\x2a\x00\x08\x00\x00\x00".to_vec();
+    let entry = |tag: u16, kind: u16, count: u32, value: u32| {
+        [tag.to_le_bytes().as_slice(), &kind.to_le_bytes(), &count.to_le_bytes(), &value.to_le_bytes()].concat()
+    };
+    tiff.extend_from_slice(&1u16.to_le_bytes());
+    tiff.extend(entry(0x8769, 4, 1, 26));
+    tiff.extend_from_slice(&0u32.to_le_bytes());
+    tiff.extend_from_slice(&1u16.to_le_bytes());
+    let mut text = date.to_vec();
+    text.push(0);
+    if text.len() <= 4 {
+        text.resize(4, 0);
+        tiff.extend(entry(0x9003, 2, 4, u32::from_le_bytes(text[..4].try_into().unwrap())));
+        tiff.extend_from_slice(&0u32.to_le_bytes());
+    } else {
+        tiff.extend(entry(0x9003, 2, text.len() as u32, 44));
+        tiff.extend_from_slice(&0u32.to_le_bytes());
+        tiff.extend_from_slice(&text);
+    }
+    let mut app1 = vec![0xFF, 0xE1];
+    app1.extend_from_slice(&((2 + 6 + tiff.len()) as u16).to_be_bytes());
+    app1.extend_from_slice(b"Exif\0\0");
+    app1.extend_from_slice(&tiff);
+    [&jpeg[..2], &app1[..], &jpeg[2..]].concat()
+}
+
+/// A valid PNG of `width` x `height` pixels of one colour (compresses to little).
+pub fn flat_png(width: u32, height: u32) -> Vec<u8> {
+    let mut png = Vec::new();
+    let encoder = image::codecs::png::PngEncoder::new_with_quality(
+        &mut png,
+        image::codecs::png::CompressionType::Default,
+        image::codecs::png::FilterType::NoFilter,
+    );
+    let row = vec![120u8; width as usize * 3];
+    let pixels: Vec<u8> = std::iter::repeat_n(row.as_slice(), height as usize).flatten().copied().collect();
+    image::ImageEncoder::write_image(encoder, &pixels, width, height, image::ExtendedColorType::Rgb8).unwrap();
+    png
+}
+
+/// Makes a FIFO at `path`.
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
+}

@@ -22,6 +22,12 @@ const BAD: &[(&str, &str)] = &[
     ("bad/broken-link.jpg", "broken symbolic link"),
     ("bad/loop", "symbolic link loop"),
     ("bad/caf\u{fffd}.jpg", "not valid UTF-8"),
+    ("bad/strip.png", "aspect ratio over 100:1"),
+    ("bad/huge.jpg", "exceeds the limit of 1073741824 bytes"),
+    ("bad/pipe.jpg", "not a regular file (a FIFO)"),
+    ("bad/album.jpg", "a folder named like an image"),
+    ("bad/cycle1.jpg", "symbolic link loop"),
+    ("bad/cycle2.jpg", "symbolic link loop"),
 ];
 
 struct Library {
@@ -91,6 +97,21 @@ fn library(with_bad_files: bool) -> Library {
         std::os::unix::fs::symlink(&root, bad.join("loop")).unwrap();
         let name = std::ffi::OsStr::from_bytes(b"caf\xe9.jpg");
         std::fs::copy(fixtures().join("images/photo.png"), bad.join(name)).unwrap();
+        // 1 x 300,000 pixels in a few KB: resizing its short side to the
+        // model's input would take gigabytes.
+        std::fs::write(bad.join("strip.png"), crate::common::flat_png(1, 300_000)).unwrap();
+        // 2 GiB, sparse: refused before a byte is read.
+        std::fs::File::create(bad.join("huge.jpg")).unwrap().set_len(2 << 30).unwrap();
+        crate::common::mkfifo(&bad.join("pipe.jpg"));
+        std::fs::create_dir_all(bad.join("album.jpg")).unwrap();
+        std::os::unix::fs::symlink(bad.join("cycle2.jpg"), bad.join("cycle1.jpg")).unwrap();
+        std::os::unix::fs::symlink(bad.join("cycle1.jpg"), bad.join("cycle2.jpg")).unwrap();
+        // A date with a non-ASCII byte where a digit belongs (once a panic
+        // that stopped every run): indexed, without a date.
+        std::fs::write(bad.join("exif-date.jpg"), crate::common::jpeg_with_exif_date("2019:07:1\u{e9} 12:30:05".as_bytes())).unwrap();
+        good += 1;
+        // A 2 GiB sparse caption sidecar: only its start is read.
+        std::fs::File::create(bad.join("exif-date.txt")).unwrap().set_len(2 << 30).unwrap();
         // Not images at all: ignored, not reported.
         std::fs::write(bad.join("notes.md"), b"# notes").unwrap();
     }
@@ -175,6 +196,8 @@ fn index_skips_bad_files_with_reasons_and_keeps_metadata() {
     let recs = records(&lib);
     let fish = by_path(&recs, "sea/fishes/fish1.jpg");
     assert_eq!(fish.caption.as_deref(), Some("a striped fish near the reef"));
+    let dated = by_path(&recs, "bad/exif-date.jpg");
+    assert_eq!((dated.taken.as_deref(), dated.caption.as_deref()), (None, None));
     let turned = by_path(&recs, "formats/orientation6.jpg");
     assert_eq!((turned.width, turned.height, turned.orientation), (150, 100, 6));
     let ladybird = by_path(&recs, "wallpapers/LadyBird.jpg");
@@ -274,55 +297,191 @@ fn before_name_full(records: &[PhotoRecord], prefix: &str) -> String {
     paths[0].to_string()
 }
 
-#[test]
-fn killed_runs_resume_and_end_consistent() {
-    let lib = library(true);
-    // Slow the run down so that the kills land mid-way: full-size decodes of
-    // large photos, one worker, small batches.
-    let photos = shared_photos().join("wallpapers");
-    let mut extra = copy_photos(&photos.join("debian_mate-backgrounds_nature"), &lib.root.join("more"), 12);
-    extra += copy_photos(&photos.join("debian_lomiri-wallpapers-16.04"), &lib.root.join("large"), 13);
-    // LadyBird.jpg is in more/ too: a duplicate, which is a photo of its own.
-    let expected = lib.good + extra;
-    let m = model();
-    let args = [
-        "index", lib.root.to_str().unwrap(), "--index", lib.index.to_str().unwrap(), "--model", m.as_str(),
-        "--exact-decode", "--workers", "1", "--batch", "2",
-    ];
-    let mut state = 12345u64;
-    let mut kills = 0;
-    for _ in 0..10 {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let delay = 40 + (state >> 33) % 260;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_clipdex"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap(); // SIGKILL
-            kills += 1;
-            child.wait().unwrap();
-            // Whatever the moment of the kill, the index opens consistent.
-            if lib.index.join("db").exists() {
-                let s = status(&lib);
-                assert_eq!(s["check"]["consistent"], true, "after kill {kills}: {}", s["check"]);
-            }
-        } else {
-            child.wait().unwrap();
+/// The Tux Paint pictures in `../shared/datasets/tuxpaint` (643 small PNGs).
+fn tuxpaint_images() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/tuxpaint");
+    let pairs = std::fs::read_to_string(root.join("pairs.jsonl")).expect("../shared/datasets/tuxpaint/pairs.jsonl");
+    let mut images: Vec<PathBuf> = pairs
+        .lines()
+        .map(|l| root.join(serde_json::from_str::<serde_json::Value>(l).unwrap()["image"].as_str().unwrap()))
+        .collect();
+    images.sort();
+    images.dedup();
+    images
+}
+
+/// The progress file of a run, when `pid` wrote it.
+fn progress_of(index: &Path, pid: u32) -> Option<serde_json::Value> {
+    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(index.join("progress.json")).ok()?).ok()?;
+    (p["pid"].as_u64() == Some(pid as u64)).then_some(p)
+}
+
+/// The index holds exactly the library: the same paths, and for each the
+/// size, time and content hash of the file there now; vectors and keywords
+/// for exactly those photos.
+fn assert_index_is_library(index: &Path, root: &Path) {
+    let mut files = BTreeSet::new();
+    for entry in walkdir::WalkDir::new(root) {
+        let entry = entry.unwrap();
+        if entry.file_type().is_file() {
+            files.insert(entry.path().strip_prefix(root).unwrap().to_str().unwrap().to_string());
         }
     }
-    eprintln!("{kills} runs killed mid-way");
-    assert!(kills >= 3, "only {kills} runs were killed mid-way");
-    let out = clipdex(&args.iter().copied().chain(["--json"]).collect::<Vec<_>>());
-    assert!(out.status.success(), "{}", stderr(&out));
-    let recs = records(&lib);
-    let paths: BTreeSet<&str> = recs.iter().map(|r| r.path.as_str()).collect();
+    let index = Index::open(index).unwrap();
+    let recs: Vec<PhotoRecord> = index.store().records().collect::<Result<_, _>>().unwrap();
+    let paths: BTreeSet<String> = recs.iter().map(|r| r.path.clone()).collect();
     assert_eq!(paths.len(), recs.len(), "a path was indexed twice");
-    assert_eq!(recs.len(), expected, "photos indexed after resuming");
-    assert_consistent(&lib, expected);
+    assert_eq!(paths, files, "indexed paths differ from the library");
+    for r in &recs {
+        let path = root.join(&r.path);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(r.hash, blake3::hash(&bytes).to_hex().as_str(), "{}: content", r.path);
+        assert_eq!(r.sig, clipdex::library::scan::file_sig(&std::fs::metadata(&path).unwrap()), "{}: size and time", r.path);
+        assert!(index.store().vector(r.id).unwrap().is_some(), "{}: no vector", r.path);
+    }
+    let ids: BTreeSet<u64> = recs.iter().map(|r| r.id).collect();
+    assert_eq!(index.vectors().ids(), ids);
+    assert_eq!(index.keywords().ids().unwrap(), ids);
+}
+
+#[test]
+fn killed_runs_resume_and_end_consistent() {
+    // A library that changes between runs (new, changed, renamed, deleted
+    // files), indexed and re-indexed by processes killed at random points
+    // of their work. Each kill is made to land mid-run: the test waits for
+    // the run's own progress file to show a random number of files done,
+    // with files still to do, and only then sends SIGKILL.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("photos");
+    let index = dir.path().join("index");
+    std::fs::create_dir_all(root.join("a")).unwrap();
+    std::fs::create_dir_all(root.join("b")).unwrap();
+    let mut pool = tuxpaint_images().into_iter();
+    let mut next_name = 0;
+    let mut add = |n: usize, root: &Path| {
+        for src in pool.by_ref().take(n) {
+            next_name += 1;
+            std::fs::copy(&src, root.join(["a", "b"][next_name % 2]).join(format!("p{next_name:04}.png"))).unwrap();
+        }
+    };
+    add(60, &root);
+    let m = model();
+    let mut rng = 0x5eed_u64;
+    let mut random = |n: u64| {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (rng >> 33) % n
+    };
+    let mut kills = 0;
+    let mut finished = 0;
+    for round in 0..60 {
+        if kills >= 24 {
+            break;
+        }
+        if round > 0 {
+            // Change the library: new files, changed contents, renames, deletions.
+            add(14, &root);
+            let mut present: Vec<PathBuf> = walkdir::WalkDir::new(&root)
+                .into_iter()
+                .map(|e| e.unwrap().into_path())
+                .filter(|p| p.is_file())
+                .collect();
+            present.sort();
+            for _ in 0..2 {
+                let victim = present.remove(random(present.len() as u64) as usize);
+                std::fs::remove_file(victim).unwrap();
+            }
+            for _ in 0..2 {
+                let from = present.remove(random(present.len() as u64) as usize);
+                let other = if from.starts_with(root.join("a")) { "b" } else { "a" };
+                std::fs::rename(&from, root.join(other).join(format!("moved-{round}-{}", from.file_name().unwrap().to_str().unwrap()))).unwrap();
+            }
+            let changed = present.remove(random(present.len() as u64) as usize);
+            let mut bytes = std::fs::read(&changed).unwrap();
+            // A PNG with bytes after its end still decodes: new content, same picture.
+            bytes.extend_from_slice(format!("round {round}").as_bytes());
+            std::fs::write(&changed, bytes).unwrap();
+        }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clipdex"));
+        if round % 2 == 1 && index.join("db").exists() {
+            cmd.args(["reindex", "--index", index.to_str().unwrap()]);
+        } else {
+            cmd.args(["index", root.to_str().unwrap(), "--index", index.to_str().unwrap(), "--model", &m]);
+        }
+        cmd.args(["--workers", "1", "--batch", "2"]).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let target = 1 + random(10);
+        let killed = loop {
+            if child.try_wait().unwrap().is_some() {
+                break false;
+            }
+            let mid_run = progress_of(&index, child.id()).is_some_and(|p| {
+                p["phase"] == "indexing"
+                    && p["processed"].as_u64().unwrap_or(0) >= target.min(p["to_process"].as_u64().unwrap_or(0).saturating_sub(1))
+                    && p["processed"].as_u64() < p["to_process"].as_u64()
+            });
+            if mid_run {
+                child.kill().unwrap(); // SIGKILL
+                break true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        child.wait().unwrap();
+        if killed {
+            kills += 1;
+            // Whatever the moment of the kill, the index opens consistent.
+            let s = status_of(&index);
+            assert_eq!(s["check"]["consistent"], true, "after kill {kills}: {}", s["check"]);
+        } else {
+            finished += 1;
+        }
+    }
+    eprintln!("{kills} runs killed mid-way, {finished} finished");
+    assert!(kills >= 20, "only {kills} runs were killed mid-way");
+    let out = clipdex(&["reindex", "--index", index.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_index_is_library(&index, &root);
+    // And a run with nothing to do changes nothing.
+    let quiet: serde_json::Value =
+        serde_json::from_str(stdout(&clipdex(&["reindex", "--index", index.to_str().unwrap(), "--json"])).trim()).unwrap();
+    assert_eq!(quiet["embedded"], 0);
+    assert_eq!(quiet["removed"], 0);
+    assert_index_is_library(&index, &root);
+}
+
+fn status_of(index: &Path) -> serde_json::Value {
+    let out = clipdex(&["status", "--index", index.to_str().unwrap(), "--json", "--check"]);
+    assert!(out.status.success(), "status failed: {}\n{}", stderr(&out), stdout(&out));
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+#[test]
+fn a_panic_on_one_file_skips_that_file_and_the_run_goes_on() {
+    // The per-file step is run in-process with a fail point that panics on
+    // one file, standing for any parser bug met on a hostile file.
+    let lib = library(false);
+    let clip = clipdex::model::Clip::load(
+        &clipdex::model::ModelSource::Dir(fixture_model("openai-tiny")),
+        &clipdex::model::HubOptions { offline: true, progress: false },
+    )
+    .unwrap();
+    let index = Index::create_or_open(&lib.index, &lib.root, clip.info()).unwrap();
+    let mut opts = clipdex::indexer::RunOptions::default();
+    opts.fail_point = Some(|path: &str| {
+        if path == "formats/cmyk.jpg" {
+            panic!("injected failure on {path}");
+        }
+    });
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let summary = clipdex::indexer::run(&index, &clip, &opts, &mut |_| {}, &stop).unwrap();
+    assert_eq!(summary.skipped, 1, "{summary:?}");
+    assert_eq!(summary.added as usize, lib.good - 1);
+    let skipped = index.store().skipped().unwrap();
+    let (path, skip) = &skipped[0];
+    assert_eq!(path, "formats/cmyk.jpg");
+    assert!(skip.reason.contains("internal error") && skip.reason.contains("injected failure"), "{}", skip.reason);
+    // Recorded as skipped: the next run does not retry the unchanged file.
+    let again = clipdex::indexer::run(&index, &clip, &opts, &mut |_| {}, &stop).unwrap();
+    assert_eq!((again.skipped, again.added, again.unchanged as usize), (1, 0, lib.good - 1));
 }
 
 #[test]

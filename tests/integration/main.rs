@@ -3,6 +3,8 @@
 
 mod cli;
 mod common;
+mod fuzz;
+mod hardening;
 mod index;
 mod model_reference;
 mod preprocess;

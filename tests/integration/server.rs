@@ -47,15 +47,10 @@ pub fn indexed_library() -> Served {
 
 pub fn config(index: &Path) -> ServerConfig {
     ServerConfig {
-        index: index.to_path_buf(),
-        library: None,
-        model: None,
         hub: HubOptions { offline: true, progress: false },
         run: RunOptions::default(),
-        token: None,
-        cors: None,
         max_upload: 1 << 20,
-        reindex_on_start: false,
+        ..ServerConfig::for_index(index.to_path_buf())
     }
 }
 
@@ -65,7 +60,7 @@ pub fn engine(index: &Path) -> Engine {
     Engine::new(Arc::new(index), Arc::new(clip)).unwrap()
 }
 
-fn state(served: &Served, token: Option<&str>) -> SharedState {
+pub fn state(served: &Served, token: Option<&str>) -> SharedState {
     let mut c = config(&served.index);
     c.token = token.map(String::from);
     AppState::with_engine(c, engine(&served.index))
@@ -83,7 +78,7 @@ impl Reply {
     }
 }
 
-async fn call(state: &SharedState, request: Request<Body>) -> Reply {
+pub async fn call(state: &SharedState, request: Request<Body>) -> Reply {
     let response = server::app(state.clone()).oneshot(request).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
@@ -91,11 +86,11 @@ async fn call(state: &SharedState, request: Request<Body>) -> Reply {
     Reply { status, headers, body }
 }
 
-async fn get(state: &SharedState, uri: &str) -> Reply {
+pub async fn get(state: &SharedState, uri: &str) -> Reply {
     call(state, Request::get(uri).body(Body::empty()).unwrap()).await
 }
 
-async fn post_json(state: &SharedState, uri: &str, body: &str) -> Reply {
+pub async fn post_json(state: &SharedState, uri: &str, body: &str) -> Reply {
     call(state, Request::post(uri).header(header::CONTENT_TYPE, "application/json").body(Body::from(body.to_string())).unwrap()).await
 }
 
@@ -117,17 +112,17 @@ pub fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
-async fn post_multipart(state: &SharedState, parts: &[(&str, Option<&str>, &[u8])]) -> Reply {
+pub async fn post_multipart(state: &SharedState, parts: &[(&str, Option<&str>, &[u8])]) -> Reply {
     let (content_type, body) = multipart(parts);
     call(state, Request::post("/api/search/image").header(header::CONTENT_TYPE, content_type).body(Body::from(body)).unwrap()).await
 }
 
-fn hits(reply: &Reply) -> Vec<Value> {
+pub fn hits(reply: &Reply) -> Vec<Value> {
     assert_eq!(reply.status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply.body));
     reply.json()["hits"].as_array().unwrap().clone()
 }
 
-fn assert_error(reply: &Reply, status: StatusCode, code: &str, served: &Served) {
+pub fn assert_error(reply: &Reply, status: StatusCode, code: &str, served: &Served) {
     assert_eq!(reply.status, status, "{}", String::from_utf8_lossy(&reply.body));
     let body = reply.json();
     assert_eq!(body["error"]["code"], code, "{body}");
