@@ -31,7 +31,7 @@ use super::{io_err, now_secs, Error, Index, Result};
 use crate::library::meta::{caption, read_meta, PhotoMeta};
 use crate::library::scan::{scan, ScannedFile};
 use crate::library::thumb::{encode_thumbnail, thumb_path, write_thumbnail, THUMB_SIZE};
-use crate::library::{decode_bytes_scaled, read_file, DecodeError, DecodeLimits};
+use crate::library::{decode_bytes_scaled, read_and_hash, read_file, DecodeError, DecodeLimits};
 use crate::model::{Clip, Preprocessor, RgbView};
 use crate::store::{CaptionSource, Change, FileSig, PhotoRecord, RunSummary, SkipRecord};
 
@@ -159,8 +159,16 @@ impl Progress {
             decode_seconds: self.decode_seconds,
             embed_seconds: self.embed_seconds,
             elapsed_seconds: self.elapsed_seconds,
+            peak_memory_bytes: peak_memory_bytes().unwrap_or(0),
         }
     }
+}
+
+/// This process's peak resident memory so far (`VmHWM`), bytes.
+fn peak_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
 #[derive(Clone)]
@@ -242,27 +250,45 @@ fn read_and_decode(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
         seconds: 0.0,
         job,
     };
-    let bytes = match read_file(&done.job.file.abs, ctx.limits.max_file_bytes) {
-        Ok(b) => b,
-        Err(DecodeError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            done.outcome = Outcome::Failed("cannot read file: permission denied".into());
-            return done;
+    let unreadable = |e: DecodeError| match e {
+        DecodeError::Io(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            Outcome::Failed("cannot read file: permission denied".into())
         }
+        e => Outcome::Failed(e.to_string()),
+    };
+    let read = match read_and_hash(&done.job.file.abs, ctx.limits.max_file_bytes) {
+        Ok(read) => read,
         Err(e) => {
-            done.outcome = Outcome::Failed(e.to_string());
+            done.outcome = unreadable(e);
             return done;
         }
     };
-    done.bytes = bytes.len() as u64;
-    done.hash = blake3::hash(&bytes).to_hex().to_string();
-    done.meta = read_meta(&bytes);
+    done.bytes = read.size;
+    done.hash = read.hash.to_hex().to_string();
+    done.meta = read_meta(&read.bytes);
     done.caption = caption(done.job.file.sidecar.as_ref().map(|(p, _)| p.as_path()), &done.meta);
     let known = ctx.known.contains(&done.hash)
         || !ctx.claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(done.hash.clone());
-    if known && !force_decode && !bytes.is_empty() {
+    if known && !force_decode && read.size > 0 {
         done.seconds = start.elapsed().as_secs_f64();
         return done;
     }
+    // New content: a large file streamed for its hash is read whole now.
+    let bytes = if read.whole {
+        read.bytes
+    } else {
+        match read_file(&done.job.file.abs, ctx.limits.max_file_bytes) {
+            Ok(bytes) if blake3::hash(&bytes) == read.hash => bytes,
+            Ok(_) => {
+                done.outcome = Outcome::Failed("the file changed while it was read; it is retried next run".into());
+                return done;
+            }
+            Err(e) => {
+                done.outcome = unreadable(e);
+                return done;
+            }
+        }
+    };
     done.outcome = match decode_bytes_scaled(&bytes, &ctx.limits, ctx.min_side) {
         Err(e) => Outcome::Failed(e.to_string()),
         Ok(image) => {

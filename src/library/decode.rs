@@ -255,6 +255,52 @@ pub fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, DecodeError> {
     Ok(bytes)
 }
 
+/// Files larger than this are hashed as a stream, not held whole, unless
+/// they must be decoded.
+pub const STREAM_ABOVE: u64 = 64 << 20;
+/// How much of a streamed file is kept for its metadata (EXIF and XMP sit
+/// at the start of a JPEG, and near it in PNG, WebP and TIFF files).
+pub const META_HEAD: u64 = 16 << 20;
+
+/// A file as the indexer first reads it: content hash, size, and the bytes
+/// it keeps.
+#[derive(Debug)]
+pub struct FileRead {
+    pub hash: blake3::Hash,
+    pub size: u64,
+    /// The whole file when it is at most [`STREAM_ABOVE`] bytes; otherwise
+    /// its first [`META_HEAD`] bytes only.
+    pub bytes: Vec<u8>,
+    pub whole: bool,
+}
+
+/// Reads and hashes a regular file of at most `limit` bytes in one pass;
+/// a large one streams through the hasher, so a file whose content the
+/// index already has costs constant memory.
+pub fn read_and_hash(path: &Path, limit: u64) -> Result<FileRead, DecodeError> {
+    use std::io::Read;
+    let (file, meta) = open_regular(path)?;
+    if meta.len() > limit {
+        return Err(DecodeError::FileTooLarge { size: meta.len(), limit });
+    }
+    if meta.len() <= STREAM_ABOVE {
+        drop(file);
+        let bytes = read_file(path, limit)?;
+        return Ok(FileRead { hash: blake3::hash(&bytes), size: bytes.len() as u64, whole: true, bytes });
+    }
+    let mut file = file.take(limit + 1);
+    let mut head = Vec::with_capacity(META_HEAD as usize);
+    (&mut file).take(META_HEAD).read_to_end(&mut head)?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&head);
+    hasher.update_reader(&mut file)?;
+    let size = hasher.count();
+    if size > limit {
+        return Err(DecodeError::FileTooLarge { size, limit });
+    }
+    Ok(FileRead { hash: hasher.finalize(), size, bytes: head, whole: false })
+}
+
 /// Reads at most the first `limit` bytes of a regular file.
 pub fn read_prefix(path: &Path, limit: u64) -> Result<Vec<u8>, DecodeError> {
     use std::io::Read;
@@ -435,6 +481,21 @@ mod tests {
         assert_eq!(budget.in_use(), 100);
         drop((a, b));
         assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn large_files_are_hashed_as_a_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let (small, large) = (dir.path().join("small.png"), dir.path().join("large.tif"));
+        std::fs::write(&small, b"small").unwrap();
+        let content: Vec<u8> = (0..STREAM_ABOVE + 12345).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&large, &content).unwrap();
+        let read = read_and_hash(&small, 1 << 30).unwrap();
+        assert_eq!((read.hash, read.size, read.whole, read.bytes.as_slice()), (blake3::hash(b"small"), 5, true, &b"small"[..]));
+        let read = read_and_hash(&large, 1 << 30).unwrap();
+        assert_eq!((read.hash, read.size, read.whole), (blake3::hash(&content), content.len() as u64, false));
+        assert_eq!(read.bytes, content[..META_HEAD as usize]);
+        assert!(matches!(read_and_hash(&large, STREAM_ABOVE), Err(DecodeError::FileTooLarge { .. })));
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod scan;
 pub mod thumb;
 
 pub use decode::{
-    decode_bytes, decode_bytes_scaled, decode_file, open_regular, probe, read_file, read_prefix, BudgetError, BudgetPermit,
+    decode_bytes, decode_bytes_scaled, decode_file, open_regular, probe, read_and_hash, read_file, read_prefix, FileRead, BudgetError, BudgetPermit,
     DecodeBudget, DecodeError, DecodeLimits, DecodedImage, Probe, MAX_SIDECAR_BYTES,
 };
 

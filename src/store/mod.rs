@@ -192,6 +192,10 @@ pub struct RunSummary {
     /// Wall time of the run.
     #[serde(default)]
     pub elapsed_seconds: f64,
+    /// Peak resident memory of the process that ran it, bytes (0 where
+    /// the system does not say).
+    #[serde(default)]
+    pub peak_memory_bytes: u64,
 }
 
 /// One change to the store; a batch of them commits atomically.

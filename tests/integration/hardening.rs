@@ -478,3 +478,41 @@ fn a_closed_pipe_ends_the_cli_quietly() {
     assert!(ok.status.success(), "{}", stderr(&ok));
     assert!(stdout(&ok).contains("\"photos\""));
 }
+
+#[test]
+fn large_files_cost_memory_only_when_decoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("photos");
+    std::fs::create_dir_all(&root).unwrap();
+    // 8,000 x 8,000 BMP: 192 MB on disk, above the size hashed as a stream.
+    let mut bmp = Vec::new();
+    image::RgbImage::from_pixel(8000, 8000, image::Rgb([10, 120, 200]))
+        .write_to(&mut std::io::Cursor::new(&mut bmp), image::ImageFormat::Bmp)
+        .unwrap();
+    std::fs::write(root.join("big.bmp"), &bmp).unwrap();
+    drop(bmp);
+    std::fs::copy(crate::common::fixtures().join("images/photo.png"), root.join("small.png")).unwrap();
+    let index = dir.path().join("index");
+    let model = crate::common::fixture_model("openai-tiny");
+    // A run reports its process's peak memory (VmHWM; getrusage would
+    // count this test process's memory too, inherited across fork and exec).
+    let summary = |out: std::process::Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let first = summary(clipdex(&[
+        "index", root.to_str().unwrap(), "--index", index.to_str().unwrap(), "--model", model.to_str().unwrap(), "--json",
+    ]));
+    let first_peak = first["peak_memory_bytes"].as_u64().unwrap();
+    // Moved, and a 2 GiB (sparse) caption sidecar beside it: the content is
+    // known, so the file is only hashed as it streams by; the sidecar is
+    // read only as far as a caption goes.
+    std::fs::rename(root.join("big.bmp"), root.join("moved.bmp")).unwrap();
+    std::fs::File::create(root.join("moved.txt")).unwrap().set_len(2 << 30).unwrap();
+    let run = summary(clipdex(&["reindex", "--index", index.to_str().unwrap(), "--json"]));
+    let peak = run["peak_memory_bytes"].as_u64().unwrap();
+    assert_eq!((run["moved"].as_u64(), run["embedded"].as_u64()), (Some(1), Some(0)), "{run}");
+    eprintln!("peak memory: index with the decode {} MB, reindex of the moved file {} MB", first_peak >> 20, peak >> 20);
+    assert!(first_peak > 192 << 20, "the first run decoded the picture: {} MB", first_peak >> 20);
+    assert!(peak < 128 << 20, "hashing a known 192 MB file took {} MB", peak >> 20);
+}
