@@ -220,22 +220,25 @@ pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<DecodedImage, D
 /// Opens a regular file for reading, without blocking on a FIFO or a device
 /// swapped in where a photo was: the kind is checked on the open handle.
 pub fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), DecodeError> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
     let meta = file.metadata()?;
-    let kind = meta.file_type();
-    if !kind.is_file() {
-        return Err(DecodeError::NotAFile(if kind.is_dir() {
-            "a folder"
-        } else if kind.is_fifo() {
-            "a FIFO"
-        } else if kind.is_socket() {
-            "a socket"
-        } else {
-            "a device"
-        }));
+    if !meta.file_type().is_file() {
+        return Err(DecodeError::NotAFile(kind_name(meta.file_type())));
     }
     Ok((file, meta))
+}
+
+/// What a directory entry that is not a regular file is, in words.
+pub fn kind_name(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    match kind {
+        k if k.is_dir() => "a folder",
+        k if k.is_fifo() => "a FIFO",
+        k if k.is_socket() => "a socket",
+        k if k.is_symlink() => "a symbolic link",
+        _ => "a device",
+    }
 }
 
 /// Reads a whole regular file of at most `limit` bytes; a larger one is

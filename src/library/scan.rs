@@ -105,19 +105,12 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
             // Something named like a photo that is not a file: say so, and
             // never open it (a FIFO would block its reader forever).
             if entry.depth() > 0 && is_image(path) {
-                use std::os::unix::fs::FileTypeExt;
-                let kind = entry.file_type();
-                let what = if kind.is_dir() {
-                    "a folder named like an image (its contents are indexed)"
-                } else if kind.is_fifo() {
-                    "not a regular file (a FIFO)"
-                } else if kind.is_socket() {
-                    "not a regular file (a socket)"
-                } else {
-                    "not a regular file (a device)"
+                let reason = match entry.file_type() {
+                    k if k.is_dir() => "a folder named like an image (its contents are indexed)".to_string(),
+                    k => format!("not a regular file ({})", super::decode::kind_name(k)),
                 };
                 let rel = rel_path(root, path).unwrap_or_else(|lossy| lossy);
-                scan.problems.push(ScanProblem { rel, reason: what.into() });
+                scan.problems.push(ScanProblem { rel, reason });
             }
             continue;
         }

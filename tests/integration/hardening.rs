@@ -5,8 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -15,6 +14,7 @@ use clipdex::server::AppState;
 
 use crate::common::{clipdex, flat_png, stderr, stdout};
 use crate::server::{assert_error, call, config, engine, get, hits, indexed_library, post_multipart, state, Served};
+use crate::web::serve;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_number_and_date_from_a_client_is_validated() {
@@ -241,46 +241,6 @@ async fn a_reindex_job_that_dies_is_reported_and_can_run_again() {
     }
 }
 
-/// A `clipdex serve` process on a free port over an index; killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(index: &Path, extra: &[&str]) -> Server {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_clipdex"))
-        .args(["serve", "--index", index.to_str().unwrap(), "--bind", &addr, "--offline"])
-        .args(extra)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server { child, addr };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some((200, body)) = http(&server.addr, "GET", "/api/status", &[], b"") {
-            if body.contains("\"ready\"") {
-                return server;
-            }
-        }
-        assert!(Instant::now() < deadline, "the server did not get ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// One HTTP/1.1 request on a new connection; `None` if the connection fails.
 fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(addr).ok()?;
@@ -327,7 +287,7 @@ fn concurrent_worst_case_uploads_stay_within_the_memory_budget() {
     let (content_type, body) = crate::server::multipart(&[("file", Some("big.png"), &big)]);
     let statuses: Vec<u16> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..8)
-            .map(|_| scope.spawn(|| http(&server.addr, "POST", "/api/search/image", &[("Content-Type", &content_type)], &body)))
+            .map(|_| scope.spawn(|| http(server.addr(), "POST", "/api/search/image", &[("Content-Type", &content_type)], &body)))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap().map_or(0, |(status, _)| status)).collect()
     });
@@ -337,7 +297,7 @@ fn concurrent_worst_case_uploads_stay_within_the_memory_budget() {
     // The extreme strip costs nothing either.
     let strip = flat_png(1, 300_000);
     let (strip_type, strip_body) = crate::server::multipart(&[("file", Some("strip.png"), &strip)]);
-    assert_eq!(http(&server.addr, "POST", "/api/search/image", &[("Content-Type", &strip_type)], &strip_body).unwrap().0, 400);
+    assert_eq!(http(server.addr(), "POST", "/api/search/image", &[("Content-Type", &strip_type)], &strip_body).unwrap().0, 400);
     let (peak, _) = memory(server.child.id());
     let bound = idle + (DECODE_BUDGET_MB + SERVER_OVERHEAD_MB) * (1 << 20);
     eprintln!("server memory: idle {} MB, peak {} MB, bound {} MB", idle >> 20, peak >> 20, bound >> 20);
@@ -346,7 +306,7 @@ fn concurrent_worst_case_uploads_stay_within_the_memory_budget() {
     if statuses.contains(&503) {
         let reply = std::thread::scope(|scope| {
             let others: Vec<_> = (0..3)
-                .map(|_| scope.spawn(|| http(&server.addr, "POST", "/api/search/image", &[("Content-Type", &content_type)], &body)))
+                .map(|_| scope.spawn(|| http(server.addr(), "POST", "/api/search/image", &[("Content-Type", &content_type)], &body)))
                 .collect();
             others.into_iter().filter_map(|h| h.join().unwrap()).find(|(s, _)| *s == 503)
         });
@@ -363,7 +323,7 @@ fn concurrent_worst_case_uploads_stay_within_the_memory_budget() {
         }
         assert!(Instant::now() < deadline, "resident memory stayed at {} MB (idle {} MB)", now >> 20, idle >> 20);
         // Any request lets the runtime's threads run their allocator's purge.
-        let _ = http(&server.addr, "GET", "/api/status", &[], b"");
+        let _ = http(server.addr(), "GET", "/api/status", &[], b"");
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -375,7 +335,7 @@ fn slow_clients_are_cut_off_and_connections_are_capped() {
     let start = Instant::now();
     // One trickles its headers, one its body, both a byte every second.
     let trickle = |request: &'static [u8], split: usize| {
-        let addr = server.addr.clone();
+        let addr = server.addr().to_string();
         std::thread::spawn(move || {
             let mut s = TcpStream::connect(&addr).unwrap();
             s.write_all(&request[..split]).unwrap();
@@ -395,9 +355,9 @@ fn slow_clients_are_cut_off_and_connections_are_capped() {
     let slow_headers = trickle(headers, 10);
     let slow_body = trickle(body, 100);
     // Connections past the cap are closed at once.
-    let idle: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(&server.addr).unwrap()).collect();
+    let idle: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(server.addr()).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(300));
-    let mut extra = TcpStream::connect(&server.addr).unwrap();
+    let mut extra = TcpStream::connect(server.addr()).unwrap();
     extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = extra.write_all(b"GET /api/status HTTP/1.1\r\nHost: localhost\r\n\r\n");
     let mut buf = [0u8; 64];
@@ -408,7 +368,7 @@ fn slow_clients_are_cut_off_and_connections_are_capped() {
         let _ = c.read(&mut buf);
     }
     assert!(start.elapsed() < Duration::from_secs(25), "idle connections held for {:?}", start.elapsed());
-    assert_eq!(http(&server.addr, "GET", "/api/status", &[], b"").unwrap().0, 200);
+    assert_eq!(http(server.addr(), "GET", "/api/status", &[], b"").unwrap().0, 200);
     let (took, reply) = slow_headers.join().unwrap();
     assert!(took < Duration::from_secs(20), "a trickled header held its connection {took:?}: {reply}");
     let (took, reply) = slow_body.join().unwrap();
@@ -421,21 +381,10 @@ fn serve_waits_for_an_index_another_process_holds() {
     let served = indexed_library();
     // Hold the index the way `clipdex index` does: open it in this process.
     let held = clipdex::indexer::Index::open(&served.index).unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_clipdex"))
-        .args(["serve", "--index", served.index.to_str().unwrap(), "--bind", &addr, "--offline"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server { child, addr };
+    let server = crate::web::start(&served.index, &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let waiting = loop {
-        if let Some((200, body)) = http(&server.addr, "GET", "/api/status", &[], b"") {
+        if let Some((200, body)) = http(server.addr(), "GET", "/api/status", &[], b"") {
             if body.contains("waiting for another clipdex process") {
                 break body;
             }
@@ -448,7 +397,7 @@ fn serve_waits_for_an_index_another_process_holds() {
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some((200, body)) = http(&server.addr, "GET", "/api/status", &[], b"") {
+        if let Some((200, body)) = http(server.addr(), "GET", "/api/status", &[], b"") {
             if body.contains("\"ready\"") {
                 break;
             }

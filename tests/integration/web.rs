@@ -14,9 +14,17 @@ use crate::server::indexed_library;
 use crate::common::{clipdex, fixtures, stderr, stdout};
 
 /// A `clipdex serve` child process, killed on drop.
-struct Server {
-    child: Child,
-    url: String,
+pub struct Server {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Server {
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
 }
 
 impl Drop for Server {
@@ -26,7 +34,16 @@ impl Drop for Server {
     }
 }
 
-fn serve(index: &Path, extra: &[&str]) -> Server {
+/// Starts `clipdex serve` on a free port and waits until it is ready.
+pub fn serve(index: &Path, extra: &[&str]) -> Server {
+    let server = start(index, extra);
+    let token = extra.iter().position(|a| *a == "--token").map(|i| format!("?token={}", extra[i + 1])).unwrap_or_default();
+    wait_for(Duration::from_secs(60), || get_json(&server.url, &format!("/api/status{token}")).1["state"] == "ready");
+    server
+}
+
+/// Starts `clipdex serve` on a free port; returns once it listens.
+pub fn start(index: &Path, extra: &[&str]) -> Server {
     let bind = if extra.contains(&"--bind") { vec![] } else { vec!["--bind", "127.0.0.1:0"] };
     let mut child = Command::new(env!("CARGO_BIN_EXE_clipdex"))
         .args(["serve", "--index", index.to_str().unwrap(), "--offline"])
@@ -49,10 +66,7 @@ fn serve(index: &Path, extra: &[&str]) -> Server {
             break url.trim().to_string();
         }
     };
-    let server = Server { child, url };
-    let token = extra.iter().position(|a| *a == "--token").map(|i| format!("?token={}", extra[i + 1])).unwrap_or_default();
-    wait_for(Duration::from_secs(60), || get_json(&server.url, &format!("/api/status{token}")).1["state"] == "ready");
-    server
+    Server { child, url }
 }
 
 fn get_json(base: &str, path: &str) -> (u16, Value) {
