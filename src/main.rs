@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clipdex::cli::{self, Cli, Command};
+use clipdex::library::memory::MI_OPTION_PURGE_DELAY;
 use tracing_subscriber::EnvFilter;
 
 // Inference allocates and frees large tensors at a high rate; glibc returns
@@ -10,21 +11,15 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` (15 in mimalloc 2 and 3; libmimalloc-sys
-/// names the option after it, not this one).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = libmimalloc_sys::mi_option_use_numa_nodes - 1;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Keep freed pages instead of returning them to the kernel after 10 ms:
     // training and inference free and reallocate the same large buffers at
     // every step, and each return costs page faults (about 15% of a training
-    // step). The server returns them after a second instead: a spike (large
-    // uploads decoded at once) must not stay resident for its whole life,
-    // while a steady query load reuses its buffers well within a second.
-    let purge_delay_ms = if matches!(cli.command, Command::Serve(_)) { 1000 } else { -1 };
+    // step, 6% of the server's text-query throughput). The server gives back
+    // the memory of large decodes itself (`library::memory`).
     // SAFETY: a plain option setter, called before any other thread exists.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, purge_delay_ms) };
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     // Commands that print results end quietly when the reader goes away
     // (`clipdex status --json | head`), as Unix tools do, instead of
     // panicking on the failed write. Commands that change an index are left

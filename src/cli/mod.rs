@@ -201,8 +201,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1024)]
     pub max_decode_mb: u64,
 
-    /// A host name the server answers to besides localhost and its address
-    /// (the name a reverse proxy or your LAN uses); repeat for more.
+    /// A host name the server answers to besides localhost and its address,
+    /// and accepts as the page's origin (a reverse proxy's name, your LAN
+    /// name); repeat for more.
     #[arg(long = "allow-host", value_name = "NAME")]
     pub allow_hosts: Vec<String>,
 

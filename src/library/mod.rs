@@ -6,6 +6,7 @@
 
 pub mod decode;
 mod jpeg;
+pub mod memory;
 pub mod meta;
 pub mod scan;
 pub mod thumb;

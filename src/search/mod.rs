@@ -402,13 +402,6 @@ pub const DEFAULT_DECODE_BUDGET: u64 = 1 << 30;
 /// Decodes at least this large give their memory back to the system when done.
 const RELEASE_AFTER: u64 = 64 << 20;
 
-/// Returns freed memory to the system (mimalloc otherwise keeps it for reuse):
-/// after a large decode, a spike should not stay resident.
-fn release_memory() {
-    // SAFETY: mimalloc's collection entry point, valid from any thread at any time.
-    unsafe { libmimalloc_sys::mi_collect(true) };
-}
-
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -521,15 +514,15 @@ impl Engine {
             )),
             BudgetError::Busy => Error::Busy("the server is decoding other large pictures; try again in a moment".into()),
         })?;
+        // A large decode's memory goes back to the system as it is freed.
+        let release = (header.cost_bytes >= RELEASE_AFTER).then(crate::library::memory::ReleaseWindow::open);
         let result = decode_bytes_scaled(bytes, &self.limits, Some(min_side)).map_err(unusable).and_then(|image| {
             let view = RgbView::new(image.rgb.width() as usize, image.rgb.height() as usize, image.rgb.as_raw())
                 .map_err(internal)?;
             Ok(self.clip.embed_images(&[view]).map_err(internal)?.remove(0))
         });
+        drop(release);
         drop(permit);
-        if header.cost_bytes >= RELEASE_AFTER {
-            release_memory();
-        }
         result
     }
 

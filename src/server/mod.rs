@@ -37,9 +37,12 @@ use error::ApiError;
 const MAX_JSON_BODY: usize = 64 * 1024;
 /// A client must send a request's headers within this time.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// A request body must keep arriving: at most this long between two chunks...
+/// A request body must keep arriving: at most this long between two chunks,
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// ...and all of it within this time.
+/// past this grace time at least [`BODY_MIN_RATE`] bytes a second on average,
+pub const BODY_GRACE: Duration = Duration::from_secs(10);
+pub const BODY_MIN_RATE: u64 = 4096;
+/// and all of it within this time.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(OpenApi)]
@@ -178,8 +181,11 @@ async fn guard(State(state): State<SharedState>, request: Request, next: Next) -
     if request.method() == Method::OPTIONS && cors.is_some() {
         return with_cors(StatusCode::NO_CONTENT.into_response(), cors.as_deref());
     }
-    // A client without Host (HTTP/1.0) is not a browser: rebinding needs one.
-    if state.config.token.is_none() || !state.config.allow_hosts.is_empty() {
+    // Without a token, the Host name is what tells a page of ours from a
+    // page that rebound its own domain to this address. (A client without
+    // Host, HTTP/1.0, is not a browser: rebinding needs one.) With a token,
+    // rebinding gains nothing: the token is never sent to a foreign name.
+    if state.config.token.is_none() {
         if let Some(host) = request.headers().get(header::HOST) {
             let ok = host.to_str().is_ok_and(|h| host_allowed(&state.config, state.local_addr(), h));
             if !ok {
@@ -233,22 +239,29 @@ fn same(a: &str, b: &str) -> bool {
     blake3::hash(a.as_bytes()) == blake3::hash(b.as_bytes())
 }
 
-/// Reads a request's body before the handler runs, within
-/// [`BODY_IDLE_TIMEOUT`] between chunks and [`BODY_TIMEOUT`] in all, and no
-/// more than the largest body any route takes: a client trickling a body
-/// cannot hold a connection and a handler forever.
+/// Reads a request's body before the handler runs, and no more than the
+/// largest body any route takes. A client trickling a body cannot hold a
+/// connection and a handler: the body must keep coming ([`BODY_IDLE_TIMEOUT`]
+/// between chunks), at [`BODY_MIN_RATE`] on average once [`BODY_GRACE`] has
+/// passed, and end within [`BODY_TIMEOUT`].
 async fn read_body(State(state): State<SharedState>, request: Request, next: Next) -> Response {
     use http_body_util::BodyExt;
     let (parts, mut body) = request.into_parts();
     let limit = state.config.max_upload.max(MAX_JSON_BODY) + 64 * 1024;
-    let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
+    let start = tokio::time::Instant::now();
+    let deadline = start + BODY_TIMEOUT;
+    let too_slow = || ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", "the request body arrived too slowly").into_response();
     let mut bytes = Vec::new();
     loop {
-        let wait = BODY_IDLE_TIMEOUT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let elapsed = start.elapsed();
+        if elapsed > BODY_GRACE && (bytes.len() as u64) < BODY_MIN_RATE * elapsed.as_secs() {
+            return too_slow();
+        }
+        // Wake when the rate would fall below the minimum, if that comes first.
+        let rate_limit = Duration::from_secs((bytes.len() as u64 / BODY_MIN_RATE).max(BODY_GRACE.as_secs()) + 1).saturating_sub(elapsed);
+        let wait = BODY_IDLE_TIMEOUT.min(rate_limit).min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         match tokio::time::timeout(wait, body.frame()).await {
-            Err(_) => {
-                return ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", "the request body arrived too slowly").into_response();
-            }
+            Err(_) => return too_slow(),
             Ok(None) => break,
             Ok(Some(Err(_))) => return ApiError::bad_query("the request body could not be read").into_response(),
             Ok(Some(Ok(frame))) => {
@@ -331,6 +344,8 @@ pub async fn serve(state: SharedState, listener: tokio::net::TcpListener) -> std
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let shutdown = tokio::signal::ctrl_c();
     tokio::pin!(shutdown);
+    // Refused connections are reported at most every 10 s, not one line each.
+    let (mut refused, mut last_refusal_report) = (0u64, Instant::now() - Duration::from_secs(10));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -345,7 +360,11 @@ pub async fn serve(state: SharedState, listener: tokio::net::TcpListener) -> std
             _ = &mut shutdown => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; closing a new connection");
+            refused += 1;
+            if last_refusal_report.elapsed() >= Duration::from_secs(10) {
+                tracing::warn!(%peer, refused, "connection limit reached; closing new connections");
+                (refused, last_refusal_report) = (0, Instant::now());
+            }
             drop(stream);
             continue;
         };
