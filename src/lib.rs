@@ -3,6 +3,7 @@
 //! See `ARCHITECTURE.md` for a walk through the modules.
 
 pub mod cli;
+pub mod common;
 pub mod eval;
 pub mod indexer;
 pub mod keyword;

@@ -301,7 +301,7 @@ mod tests {
 
     #[test]
     fn linear_probe_separates_separable_data() {
-        let mut rng = crate::model::init::NormalRng::new(5);
+        let mut rng = crate::common::rng::NormalRng::new(5);
         let mut x = Vec::new();
         let mut y = Vec::new();
         for i in 0..300 {

@@ -331,7 +331,7 @@ impl Index {
         }
         for id in missing {
             if let Some(record) = self.store.get(id)? {
-                self.keywords.upsert(&record)?;
+                self.keywords.upsert(&keyword_doc(&record))?;
             }
         }
         if repair.keywords_added + repair.keywords_removed > 0 {
@@ -379,3 +379,15 @@ impl Index {
         vector::dir_size(&self.paths.root)
     }
 }
+/// What the keyword index holds of a photo record.
+pub(crate) fn keyword_doc(record: &PhotoRecord) -> keyword::Doc<'_> {
+    keyword::Doc {
+        id: record.id,
+        path: &record.path,
+        format: &record.format,
+        caption: record.caption.as_deref(),
+        camera: record.camera(),
+        taken: record.taken.as_deref(),
+    }
+}
+

@@ -528,7 +528,7 @@ impl Runner<'_> {
         for change in changes {
             match change {
                 Change::Put { record, vector, .. } => {
-                    self.index.keywords.upsert(&record)?;
+                    self.index.keywords.upsert(&super::keyword_doc(&record))?;
                     if let Some(v) = vector {
                         new_vectors.push((record.id, v));
                     }
@@ -557,7 +557,7 @@ impl Runner<'_> {
         self.progress.elapsed_seconds = self.started.elapsed().as_secs_f64();
         let path = self.index.paths.progress();
         let bytes = serde_json::to_vec_pretty(&self.progress).expect("progress serialises");
-        if let Err(e) = crate::vector::write_synced(&path, &bytes) {
+        if let Err(e) = crate::common::fs::write_synced(&path, &bytes) {
             tracing::warn!(error = %e, "cannot write progress.json");
         }
     }

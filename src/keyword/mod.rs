@@ -9,7 +9,42 @@ use std::path::Path;
 use tantivy::schema::{Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STORED, STRING};
 use tantivy::{doc, Index, IndexReader, IndexWriter, ReloadPolicy, Term};
 
-use crate::store::PhotoRecord;
+use std::collections::{HashMap, HashSet};
+use std::ops::Bound;
+
+use tantivy::collector::{DocSetCollector, TopDocs};
+use tantivy::query::{BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
+
+pub use crate::common::time::{parse_datetime, MAX_YEAR, MIN_YEAR};
+
+/// What the keyword index holds of one photo.
+#[derive(Clone, Debug)]
+pub struct Doc<'a> {
+    pub id: u64,
+    /// Path relative to the library, `/`-separated.
+    pub path: &'a str,
+    /// Image format, lower case.
+    pub format: &'a str,
+    pub caption: Option<&'a str>,
+    pub camera: Option<String>,
+    /// `YYYY-MM-DDTHH:MM:SS`.
+    pub taken: Option<&'a str>,
+}
+
+/// Which photos to select; every part given must hold.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// The folder, or below it.
+    pub folder: Option<String>,
+    /// Taken at or after, seconds since the epoch.
+    pub from: Option<i64>,
+    /// Taken at or before.
+    pub to: Option<i64>,
+    /// Any of these formats (lower case, `jpeg` not `jpg`).
+    pub formats: Vec<String>,
+    /// Every word of it in the camera's make or model.
+    pub camera: Option<String>,
+}
 
 /// Memory for the writer's in-flight segment.
 const WRITER_MEMORY: usize = 32 << 20;
@@ -57,7 +92,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The schema's fields.
 #[derive(Clone, Copy, Debug)]
-pub struct Fields {
+struct Fields {
     pub id: Field,
     /// Every folder name and the file name, as words.
     pub path: Field,
@@ -88,59 +123,6 @@ fn schema() -> (Schema, Fields) {
         format: b.add_text_field("format", STRING | FAST),
     };
     (b.build(), fields)
-}
-
-/// Earliest and latest years a date may have: the index stores times as
-/// nanoseconds in an `i64`, which reach from 1677 to 2262; photographs
-/// begin in the 1820s.
-pub const MIN_YEAR: i64 = 1800;
-pub const MAX_YEAR: i64 = 2200;
-
-/// `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SS` (a space for the `T` too) to
-/// seconds since the epoch; `None` for anything else: other lengths or
-/// separators, signs, impossible dates (February 30th), years outside
-/// [`MIN_YEAR`]..=[`MAX_YEAR`]. Reads the text as bytes, never slicing it.
-pub fn parse_datetime(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() != 10 && b.len() != 19 {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let digits = b.get(r)?;
-        digits.iter().all(u8::is_ascii_digit).then(|| digits.iter().fold(0i64, |n, d| n * 10 + (d - b'0') as i64))
-    };
-    if b[4] != b'-' || b[7] != b'-' {
-        return None;
-    }
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hh, mm, ss) = if b.len() == 19 {
-        if !matches!(b[10], b'T' | b' ') || b[13] != b':' || b[16] != b':' {
-            return None;
-        }
-        (num(11..13)?, num(14..16)?, num(17..19)?)
-    } else {
-        (0, 0, 0)
-    };
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let days_in_month = match m {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if leap => 29,
-        2 => 28,
-        _ => return None,
-    };
-    if !(MIN_YEAR..=MAX_YEAR).contains(&y) || !(1..=days_in_month).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
-        return None;
-    }
-    // Days from civil (H. Hinnant).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
 }
 
 /// The keyword index of one photo index.
@@ -175,53 +157,136 @@ impl KeywordIndex {
         Ok(Self { index, reader, writer, fields })
     }
 
-    pub fn fields(&self) -> Fields {
-        self.fields
-    }
-
-    pub fn reader(&self) -> &IndexReader {
-        &self.reader
-    }
-
-    pub fn index(&self) -> &Index {
-        &self.index
-    }
-
     fn writer(&self) -> Result<std::sync::MutexGuard<'_, IndexWriter>> {
         let writer = self.writer.as_ref().ok_or(Error::ReadOnly)?;
         Ok(writer.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Adds or replaces the document of a photo (applied at the next commit).
-    pub fn upsert(&self, record: &PhotoRecord) -> Result<()> {
+    pub fn upsert(&self, photo: &Doc) -> Result<()> {
         let f = &self.fields;
         let writer = self.writer()?;
-        writer.delete_term(Term::from_field_u64(f.id, record.id));
-        let (folder, name) = match record.path.rsplit_once('/') {
+        writer.delete_term(Term::from_field_u64(f.id, photo.id));
+        let (folder, name) = match photo.path.rsplit_once('/') {
             Some((folder, name)) => (folder, name),
-            None => ("", record.path.as_str()),
+            None => ("", photo.path),
         };
         let mut d = doc!(
-            f.id => record.id,
-            f.path => words(&record.path),
+            f.id => photo.id,
+            f.path => words(photo.path),
             f.name => words(name),
             f.folder => folder,
-            f.format => record.format.clone(),
+            f.format => photo.format.to_string(),
         );
-        if let Some(caption) = &record.caption {
+        if let Some(caption) = photo.caption {
             d.add_text(f.caption, caption);
         }
-        if let Some(camera) = record.camera() {
+        if let Some(camera) = &photo.camera {
             d.add_text(f.camera, camera);
         }
-        if let Some(secs) = record.taken.as_deref().and_then(parse_datetime) {
+        if let Some(secs) = photo.taken.and_then(parse_datetime) {
             d.add_date(f.taken, tantivy::DateTime::from_timestamp_secs(secs));
         }
         writer.add_document(d)?;
         Ok(())
     }
 
-    /// Removes a photo's document (applied at the next commit).
+    /// The ids of the photos a filter selects.
+    pub fn matching(&self, filter: &Filter) -> Result<HashSet<u64>> {
+        let Some(query) = self.filter_query(filter) else { return Ok(HashSet::new()) };
+        let searcher = self.reader.searcher();
+        let docs = searcher.search(&*query, &DocSetCollector)?;
+        let mut columns = HashMap::new();
+        let mut ids = HashSet::with_capacity(docs.len());
+        for doc in docs {
+            let column = match columns.entry(doc.segment_ord) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(searcher.segment_reader(doc.segment_ord).fast_fields().u64("id")?),
+            };
+            if let Some(id) = column.first(doc.doc_id) {
+                ids.insert(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// A filter as one tantivy query; `None` when it can match nothing.
+    fn filter_query(&self, f: &Filter) -> Option<Box<dyn Query>> {
+        let fields = &self.fields;
+        let mut must: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        if let Some(folder) = f.folder.as_deref().map(|s| s.trim().trim_matches('/')).filter(|s| !s.is_empty()) {
+            let exact = TermQuery::new(Term::from_field_text(fields.folder, folder), IndexRecordOption::Basic);
+            // Below the folder: every string from "folder/" up to, not
+            // including, "folder0" ('0' follows '/'), which is exactly the
+            // strings starting with "folder/". A range costs the same at any
+            // length (a regex grew with the name past its size limit).
+            let below = RangeQuery::new(
+                Bound::Included(Term::from_field_text(fields.folder, &format!("{folder}/"))),
+                Bound::Excluded(Term::from_field_text(fields.folder, &format!("{folder}0"))),
+            );
+            must.push((Occur::Must, Box::new(BooleanQuery::new(vec![(Occur::Should, Box::new(exact)), (Occur::Should, Box::new(below))]))));
+        }
+        if let (Some(a), Some(b)) = (f.from, f.to) {
+            if a > b {
+                return None;
+            }
+        }
+        if f.from.is_some() || f.to.is_some() {
+            let term = |secs: i64| Term::from_field_date_for_search(fields.taken, tantivy::DateTime::from_timestamp_secs(secs));
+            let lower = f.from.map_or(Bound::Unbounded, |s| Bound::Included(term(s)));
+            let upper = f.to.map_or(Bound::Unbounded, |s| Bound::Included(term(s)));
+            must.push((Occur::Must, Box::new(RangeQuery::new(lower, upper))));
+        }
+        if !f.formats.is_empty() {
+            let any: Vec<(Occur, Box<dyn Query>)> = f
+                .formats
+                .iter()
+                .map(|t| {
+                    let q: Box<dyn Query> = Box::new(TermQuery::new(Term::from_field_text(fields.format, t), IndexRecordOption::Basic));
+                    (Occur::Should, q)
+                })
+                .collect();
+            must.push((Occur::Must, Box::new(BooleanQuery::new(any))));
+        }
+        if let Some(camera) = f.camera.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            let mut parser = QueryParser::for_index(&self.index, vec![fields.camera]);
+            parser.set_conjunction_by_default();
+            let (q, _) = parser.parse_query_lenient(&words(camera));
+            must.push((Occur::Must, q));
+        }
+        Some(Box::new(BooleanQuery::new(must)))
+    }
+
+    /// Photos whose name, path, caption or camera hold every word of `text`,
+    /// best first (file name and caption weigh more), among `allowed`.
+    pub fn search_words(&self, text: &str, allowed: Option<&HashSet<u64>>, n: usize) -> Result<Vec<u64>> {
+        let words = words(text);
+        if words.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        let f = &self.fields;
+        let mut parser = QueryParser::for_index(&self.index, vec![f.name, f.path, f.caption, f.camera]);
+        parser.set_conjunction_by_default();
+        parser.set_field_boost(f.name, 2.0);
+        parser.set_field_boost(f.caption, 1.5);
+        let (query, _) = parser.parse_query_lenient(&words);
+        let searcher = self.reader.searcher();
+        // Over-fetch when a filter will drop some.
+        let limit = if allowed.is_some() { n * 4 + 50 } else { n };
+        let top = searcher.search(&query, &TopDocs::with_limit(limit).order_by_score())?;
+        let mut out = Vec::new();
+        for (_, addr) in top {
+            let column = searcher.segment_reader(addr.segment_ord).fast_fields().u64("id")?;
+            if let Some(id) = column.first(addr.doc_id) {
+                if allowed.is_none_or(|a| a.contains(&id)) {
+                    out.push(id);
+                }
+            }
+        }
+        out.truncate(n);
+        Ok(out)
+    }
+
     pub fn remove(&self, id: u64) -> Result<()> {
         self.writer()?.delete_term(Term::from_field_u64(self.fields.id, id));
         Ok(())
@@ -266,6 +331,8 @@ mod tests {
         assert_eq!(words("holidays/2019/IMG_2041.JPG"), "holidays 2019 IMG 2041 JPG");
         assert_eq!(words("fish23.jpg"), "fish 23 jpg");
         assert_eq!(words("  --café--  "), "café");
+        // The keyword query never sees tantivy's query syntax.
+        assert_eq!(words("a:b AND (c OR -d)"), "a b AND c OR d");
     }
 
     #[test]

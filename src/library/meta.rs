@@ -5,7 +5,7 @@
 use std::io::Cursor;
 use std::path::Path;
 
-use crate::store::CaptionSource;
+use crate::common::CaptionSource;
 
 /// Longest caption kept, in characters.
 const MAX_CAPTION: usize = 2000;
@@ -97,7 +97,7 @@ fn exif_date(s: &str) -> Option<String> {
         _ => "00:00:00".to_string(),
     };
     let out = format!("{y}-{m}-{d}T{time}");
-    crate::keyword::parse_datetime(&out).map(|_| out)
+    crate::common::time::parse_datetime(&out).map(|_| out)
 }
 
 /// The `dc:description` of an XMP packet embedded anywhere in the file.

@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use image::codecs::jpeg::JpegEncoder;
 use image::RgbImage;
 
-use crate::model::preprocess::{resample, Resample};
-use crate::model::RgbView;
+use crate::common::{resample, Resample, RgbView};
 
 /// Longest side of a thumbnail.
 pub const THUMB_SIZE: u32 = 256;

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
-use serde::Serialize;
 
 use super::checkpoint::{self, CheckpointFiles, HubOptions, ModelSource, TokenizerFiles, WeightsFile};
 use super::{load_weights, normalize, ClipConfig, ClipModel, ClipTokenizer, Error, Preprocessor, Result, RgbView};
@@ -14,18 +13,7 @@ use super::{load_weights, normalize, ClipConfig, ClipModel, ClipTokenizer, Error
 /// Texts embedded per forward pass.
 const TEXT_BATCH: usize = 64;
 
-/// What identifies a model: stored with an index so that a query embedded by
-/// another model is refused.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ModelInfo {
-    /// Hub id or canonical folder path.
-    pub id: String,
-    /// Hash of the architecture, preprocessing and a sample of the weights.
-    pub fingerprint: String,
-    pub embedding_dim: usize,
-    pub image_size: usize,
-    pub context_length: usize,
-}
+pub use crate::common::ModelInfo;
 
 /// A ready-to-use CLIP model.
 #[derive(Debug)]

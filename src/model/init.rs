@@ -11,47 +11,13 @@ use candle_core::{Device, Tensor};
 
 use super::{ClipConfig, Result};
 
-/// A small deterministic normal sampler.
-pub struct NormalRng {
-    state: u64,
-    spare: Option<f64>,
-}
+pub use crate::common::rng::NormalRng;
 
-impl NormalRng {
-    pub fn new(seed: u64) -> Self {
-        Self { state: seed ^ 0x9E37_79B9_7F4A_7C15, spare: None }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    /// Standard normal.
-    pub fn normal(&mut self) -> f64 {
-        if let Some(z) = self.spare.take() {
-            return z;
-        }
-        let (u, v) = (self.uniform(), self.uniform());
-        let r = (-2.0 * u.ln()).sqrt();
-        let theta = 2.0 * std::f64::consts::PI * v;
-        self.spare = Some(r * theta.sin());
-        r * theta.cos()
-    }
-
-    fn tensor(&mut self, shape: &[usize], std: f64, device: &Device) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| (self.normal() * std) as f32).collect();
-        Ok(Tensor::from_vec(data, shape, device)?)
-    }
+/// A tensor of normal samples with standard deviation `std`.
+fn normal_tensor(rng: &mut NormalRng, shape: &[usize], std: f64, device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
+    Ok(Tensor::from_vec(data, shape, device)?)
 }
 
 /// Every tensor of a `CLIPModel` checkpoint for `config`, freshly initialised.
@@ -75,12 +41,12 @@ pub fn init_weights(config: &ClipConfig, seed: u64, device: &Device) -> Result<H
         for i in 0..layers {
             let p = format!("{prefix}.encoder.layers.{i}");
             for (name, std) in [("q_proj", in_std), ("k_proj", in_std), ("v_proj", in_std), ("out_proj", out_std)] {
-                w.insert(format!("{p}.self_attn.{name}.weight"), rng.tensor(&[h, h], std, device)?);
+                w.insert(format!("{p}.self_attn.{name}.weight"), normal_tensor(rng, &[h, h], std, device)?);
                 w.insert(format!("{p}.self_attn.{name}.bias"), zeros(h)?);
             }
-            w.insert(format!("{p}.mlp.fc1.weight"), rng.tensor(&[inter, h], fc_std, device)?);
+            w.insert(format!("{p}.mlp.fc1.weight"), normal_tensor(rng, &[inter, h], fc_std, device)?);
             w.insert(format!("{p}.mlp.fc1.bias"), zeros(inter)?);
-            w.insert(format!("{p}.mlp.fc2.weight"), rng.tensor(&[h, inter], in_std, device)?);
+            w.insert(format!("{p}.mlp.fc2.weight"), normal_tensor(rng, &[h, inter], in_std, device)?);
             w.insert(format!("{p}.mlp.fc2.bias"), zeros(h)?);
             layer_norm(w, format!("{p}.layer_norm1"), h)?;
             layer_norm(w, format!("{p}.layer_norm2"), h)?;
@@ -89,33 +55,33 @@ pub fn init_weights(config: &ClipConfig, seed: u64, device: &Device) -> Result<H
     };
 
     let th = t.hidden_size;
-    w.insert("text_model.embeddings.token_embedding.weight".into(), rng.tensor(&[t.vocab_size, th], 0.02, device)?);
+    w.insert("text_model.embeddings.token_embedding.weight".into(), normal_tensor(&mut rng, &[t.vocab_size, th], 0.02, device)?);
     w.insert(
         "text_model.embeddings.position_embedding.weight".into(),
-        rng.tensor(&[t.max_position_embeddings, th], 0.02, device)?,
+        normal_tensor(&mut rng, &[t.max_position_embeddings, th], 0.02, device)?,
     );
     encoder(&mut w, &mut rng, "text_model", th, t.intermediate_size, t.num_hidden_layers)?;
     layer_norm(&mut w, "text_model.final_layer_norm".into(), th)?;
 
     let vh = v.hidden_size;
     let p = v.patch_size;
-    w.insert("vision_model.embeddings.class_embedding".into(), rng.tensor(&[vh], (vh as f64).powf(-0.5), device)?);
+    w.insert("vision_model.embeddings.class_embedding".into(), normal_tensor(&mut rng, &[vh], (vh as f64).powf(-0.5), device)?);
     w.insert(
         "vision_model.embeddings.patch_embedding.weight".into(),
-        rng.tensor(&[vh, v.num_channels, p, p], 0.02, device)?,
+        normal_tensor(&mut rng, &[vh, v.num_channels, p, p], 0.02, device)?,
     );
     w.insert(
         "vision_model.embeddings.position_embedding.weight".into(),
-        rng.tensor(&[v.num_positions(), vh], 0.02, device)?,
+        normal_tensor(&mut rng, &[v.num_positions(), vh], 0.02, device)?,
     );
     layer_norm(&mut w, "vision_model.pre_layrnorm".into(), vh)?;
     encoder(&mut w, &mut rng, "vision_model", vh, v.intermediate_size, v.num_hidden_layers)?;
     layer_norm(&mut w, "vision_model.post_layernorm".into(), vh)?;
 
-    w.insert("text_projection.weight".into(), rng.tensor(&[config.projection_dim, th], (th as f64).powf(-0.5), device)?);
+    w.insert("text_projection.weight".into(), normal_tensor(&mut rng, &[config.projection_dim, th], (th as f64).powf(-0.5), device)?);
     w.insert(
         "visual_projection.weight".into(),
-        rng.tensor(&[config.projection_dim, vh], (vh as f64).powf(-0.5), device)?,
+        normal_tensor(&mut rng, &[config.projection_dim, vh], (vh as f64).powf(-0.5), device)?,
     );
     w.insert("logit_scale".into(), Tensor::new(config.logit_scale_init_value as f32, device)?);
     Ok(w)

@@ -21,21 +21,16 @@
 pub mod query;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tantivy::collector::{DocSetCollector, TopDocs};
-use tantivy::query::{BooleanQuery, Occur, Query as TantivyQuery, QueryParser, RangeQuery, TermQuery};
-use tantivy::schema::IndexRecordOption;
-use tantivy::Term as TantivyTerm;
 use utoipa::ToSchema;
 
 pub use query::{parse, ParseError, Term, TermKind, TermSpec};
 
 use crate::indexer::Index;
-use crate::keyword::parse_datetime;
+use crate::keyword::{self, parse_datetime};
 use crate::library::{decode_bytes_scaled, probe, BudgetError, DecodeBudget, DecodeError, DecodeLimits};
 use crate::model::{Clip, RgbView};
 use crate::store::PhotoRecord;
@@ -150,6 +145,23 @@ impl Filters {
             }
         }
         Ok(())
+    }
+
+    /// The file types asked for, lower case, with their aliases resolved
+    /// (`jpg` is `jpeg`, `tif` is `tiff`).
+    fn formats(&self) -> Vec<String> {
+        self.types
+            .iter()
+            .flatten()
+            .flat_map(|t| t.split(','))
+            .map(|t| t.trim().to_lowercase())
+            .filter(|t| !t.is_empty())
+            .map(|t| match t.as_str() {
+                "jpg" | "jpe" | "jfif" => "jpeg".to_string(),
+                "tif" => "tiff".to_string(),
+                _ => t,
+            })
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -552,118 +564,19 @@ impl Engine {
         if filters.is_empty() {
             return Ok(None);
         }
-        let Some(query) = self.filter_query(filters)? else { return Ok(Some(HashSet::new())) };
-        let kw = self.index.keywords();
-        let searcher = kw.reader().searcher();
-        let docs = searcher.search(&*query, &DocSetCollector).map_err(internal)?;
-        let mut columns = HashMap::new();
-        let mut ids = HashSet::with_capacity(docs.len());
-        for doc in docs {
-            let column = match columns.entry(doc.segment_ord) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                    searcher.segment_reader(doc.segment_ord).fast_fields().u64("id").map_err(internal)?,
-                ),
-            };
-            if let Some(id) = column.first(doc.doc_id) {
-                ids.insert(id);
-            }
-        }
-        Ok(Some(ids))
-    }
-
-    /// The filters as one tantivy query; `None` when they can match nothing.
-    fn filter_query(&self, f: &Filters) -> Result<Option<Box<dyn TantivyQuery>>> {
-        let fields = self.index.keywords().fields();
-        let mut must: Vec<(Occur, Box<dyn TantivyQuery>)> = Vec::new();
-        if let Some(folder) = f.folder.as_deref().map(|s| s.trim().trim_matches('/')).filter(|s| !s.is_empty()) {
-            let exact = TermQuery::new(TantivyTerm::from_field_text(fields.folder, folder), IndexRecordOption::Basic);
-            // Below the folder: every string from "folder/" up to, not
-            // including, "folder0" ('0' follows '/'), which is exactly the
-            // strings starting with "folder/". A range costs the same at any
-            // length (a regex grew with the name past its size limit).
-            let below = RangeQuery::new(
-                Bound::Included(TantivyTerm::from_field_text(fields.folder, &format!("{folder}/"))),
-                Bound::Excluded(TantivyTerm::from_field_text(fields.folder, &format!("{folder}0"))),
-            );
-            must.push((
-                Occur::Must,
-                Box::new(BooleanQuery::new(vec![(Occur::Should, Box::new(exact)), (Occur::Should, Box::new(below))])),
-            ));
-        }
-        let (from, to) = (filter_date("from", &f.from, false)?, filter_date("to", &f.to, true)?);
-        if let (Some(a), Some(b)) = (from, to) {
-            if a > b {
-                return Ok(None);
-            }
-        }
-        if from.is_some() || to.is_some() {
-            let term = |secs: i64| TantivyTerm::from_field_date_for_search(fields.taken, tantivy::DateTime::from_timestamp_secs(secs));
-            let lower = from.map_or(Bound::Unbounded, |s| Bound::Included(term(s)));
-            let upper = to.map_or(Bound::Unbounded, |s| Bound::Included(term(s)));
-            must.push((Occur::Must, Box::new(RangeQuery::new(lower, upper))));
-        }
-        if let Some(types) = &f.types {
-            let types: Vec<String> = types
-                .iter()
-                .flat_map(|t| t.split(','))
-                .map(|t| t.trim().to_lowercase())
-                .filter(|t| !t.is_empty())
-                .map(|t| match t.as_str() {
-                    "jpg" | "jpe" | "jfif" => "jpeg".to_string(),
-                    "tif" => "tiff".to_string(),
-                    _ => t,
-                })
-                .collect();
-            if !types.is_empty() {
-                let any: Vec<(Occur, Box<dyn TantivyQuery>)> = types
-                    .iter()
-                    .map(|t| {
-                        let q: Box<dyn TantivyQuery> =
-                            Box::new(TermQuery::new(TantivyTerm::from_field_text(fields.format, t), IndexRecordOption::Basic));
-                        (Occur::Should, q)
-                    })
-                    .collect();
-                must.push((Occur::Must, Box::new(BooleanQuery::new(any))));
-            }
-        }
-        if let Some(camera) = f.camera.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-            let mut parser = QueryParser::for_index(self.index.keywords().index(), vec![fields.camera]);
-            parser.set_conjunction_by_default();
-            let (q, _) = parser.parse_query_lenient(&plain_words(camera));
-            must.push((Occur::Must, q));
-        }
-        Ok(Some(Box::new(BooleanQuery::new(must))))
+        let filter = keyword::Filter {
+            folder: filters.folder.clone(),
+            from: filter_date("from", &filters.from, false)?,
+            to: filter_date("to", &filters.to, true)?,
+            formats: filters.formats(),
+            camera: filters.camera.clone(),
+        };
+        Ok(Some(self.index.keywords().matching(&filter).map_err(internal)?))
     }
 
     /// Ranked keyword matches of `text` among `allowed`, best first.
     fn keyword_hits(&self, text: &str, allowed: Option<&HashSet<u64>>, n: usize) -> Result<Vec<u64>> {
-        let words = plain_words(text);
-        if words.trim().is_empty() {
-            return Ok(Vec::new());
-        }
-        let kw = self.index.keywords();
-        let f = kw.fields();
-        let mut parser = QueryParser::for_index(kw.index(), vec![f.name, f.path, f.caption, f.camera]);
-        parser.set_conjunction_by_default();
-        parser.set_field_boost(f.name, 2.0);
-        parser.set_field_boost(f.caption, 1.5);
-        let (query, _) = parser.parse_query_lenient(&words);
-        let searcher = kw.reader().searcher();
-        // Over-fetch when a filter will drop some.
-        let limit = if allowed.is_some() { n * 4 + 50 } else { n };
-        let top = searcher.search(&query, &TopDocs::with_limit(limit).order_by_score()).map_err(internal)?;
-        let mut out = Vec::new();
-        for (_, addr) in top {
-            let column = searcher.segment_reader(addr.segment_ord).fast_fields().u64("id").map_err(internal)?;
-            if let Some(id) = column.first(addr.doc_id) {
-                if allowed.is_none_or(|a| a.contains(&id)) {
-                    out.push(id);
-                }
-            }
-        }
-        out.truncate(n);
-        Ok(out)
+        self.index.keywords().search_words(text, allowed, n).map_err(internal)
     }
 
     /// Runs a query.
@@ -816,22 +729,9 @@ impl Engine {
     }
 }
 
-/// Words only, split as the keyword index splits them: the keyword query
-/// never sees tantivy's query syntax.
-fn plain_words(text: &str) -> String {
-    crate::keyword::words(text)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keyword_text_is_plain_words() {
-        assert_eq!(plain_words("IMG_2041.JPG"), "IMG 2041 JPG");
-        assert_eq!(plain_words("fish23"), "fish 23");
-        assert_eq!(plain_words("a:b AND (c OR -d)"), "a b AND c OR d");
-    }
 
     #[test]
     fn cache_keeps_the_recent() {

@@ -29,7 +29,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::ModelInfo;
+pub use crate::common::{CaptionSource, FileSig, ModelInfo};
 
 /// The on-disk format this build writes. See `migrations/`.
 pub const FORMAT_VERSION: u32 = migrate::LATEST;
@@ -51,26 +51,6 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Size and modification time: what decides whether a file must be read again.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileSig {
-    pub size: u64,
-    /// Nanoseconds since the Unix epoch.
-    pub mtime_ns: i64,
-}
-
-/// Where a caption came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CaptionSource {
-    /// A `.txt` file beside the image.
-    Sidecar,
-    /// EXIF ImageDescription.
-    Exif,
-    /// XMP dc:description.
-    Xmp,
-}
 
 /// One photo of the library.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -16,9 +16,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::library::{decode_file, DecodeLimits};
-use crate::model::init::NormalRng;
-use crate::model::preprocess::{resample, Resample};
-use crate::model::{Preprocessor, RgbView};
+use crate::common::rng::NormalRng;
+use crate::common::{resample, Resample, RgbView};
+use crate::model::Preprocessor;
 
 /// Prompt templates for class names (a subset of CLIP's ImageNet ensemble).
 pub const DEFAULT_TEMPLATES: &[&str] = &[

@@ -334,7 +334,7 @@ fn text_batch(tokens: &[Vec<u32>], pad: u32, eos: u32) -> Result<(Tensor, Vec<us
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::vector::write_synced(path, bytes).map_err(|e| Error::Io { path: path.display().to_string(), source: std::io::Error::other(e.to_string()) })
+    crate::common::fs::write_synced(path, bytes).map_err(|source| Error::Io { path: path.display().to_string(), source })
 }
 
 /// Trains; `callback` receives statistics after every step.

@@ -13,8 +13,8 @@
 //! (`1 - dot`); its `simdeez_f` implementation clamps rounding above 1 that
 //! would otherwise panic on a vector compared with itself.
 
+use crate::common::fs::{sync_dir, write_synced};
 use std::collections::{BTreeSet, HashSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -271,13 +271,15 @@ impl VectorIndex {
             files,
         };
         drop(state);
-        write_synced(&gen_dir.join("members.json"), &serde_json::to_vec(&members).expect("members serialise"))?;
+        let members_file = gen_dir.join("members.json");
+        write_synced(&members_file, &serde_json::to_vec(&members).expect("members serialise")).map_err(io(&members_file))?;
         for entry in std::fs::read_dir(&gen_dir).map_err(io(&gen_dir))? {
             let path = entry.map_err(io(&gen_dir))?.path();
             std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
         }
-        sync_dir(&gen_dir)?;
-        write_synced(&self.dir.join("CURRENT"), name.as_bytes())?;
+        sync_dir(&gen_dir).map_err(io(&gen_dir))?;
+        let current = self.dir.join("CURRENT");
+        write_synced(&current, name.as_bytes()).map_err(io(&current))?;
         {
             let mut state = self.write();
             state.generation = generation;
@@ -347,24 +349,6 @@ fn load_generation(dir: &Path, dim: usize) -> Result<(Hnsw<'static, f32, DistDot
     Ok((hnsw, members))
 }
 
-/// Writes a file through a temporary name, fsyncs it and renames it into place.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(parent) = path.parent() {
-        sync_dir(parent)?;
-    }
-    Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
-}
-
 pub(crate) fn dir_size(dir: &Path) -> u64 {
     walkdir::WalkDir::new(dir)
         .into_iter()
@@ -380,7 +364,7 @@ mod tests {
     use super::*;
 
     fn vectors(n: usize, dim: usize) -> Vec<(u64, Vec<f32>)> {
-        let mut rng = crate::model::init::NormalRng::new(3);
+        let mut rng = crate::common::rng::NormalRng::new(3);
         (0..n).map(|i| (i as u64 + 1, unit(&(0..dim).map(|_| rng.normal() as f32).collect::<Vec<_>>()))).collect()
     }
 
