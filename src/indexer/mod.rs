@@ -25,12 +25,13 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use run::{run, Phase, Progress, RunOptions};
+pub use crate::store::RunSummary;
 
 use crate::keyword::{self, KeywordIndex};
-use crate::model::ModelInfo;
+use crate::common::ModelInfo;
 use crate::store::{self, IndexMeta, PhotoRecord, Store, FORMAT_VERSION};
 use crate::vector::{self, VectorIndex, REBUILD_DEAD_FRACTION};
 
@@ -42,8 +43,8 @@ pub enum Error {
     Vector(#[from] vector::Error),
     #[error(transparent)]
     Keyword(#[from] keyword::Error),
-    #[error("the index at {path} is in use by another clipdex process{holder}; wait for it to finish or stop it")]
-    InUse { path: String, holder: String },
+    #[error("the index at {path} is in use by another clipdex process ({holder}); wait for it to finish or stop it")]
+    InUse { path: String, holder: Holder },
     #[error("no index at {0}: run `clipdex index <LIBRARY> --index {0}` first")]
     NotFound(String),
     #[error(
@@ -151,7 +152,7 @@ pub struct Index {
 fn lock(paths: &IndexPaths) -> Result<File> {
     std::fs::create_dir_all(&paths.root).map_err(io_err(&paths.root))?;
     let lock_path = paths.lock();
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
@@ -161,17 +162,44 @@ fn lock(paths: &IndexPaths) -> Result<File> {
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
-            let holder = std::fs::read_to_string(&lock_path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
-            return Err(Error::InUse {
-                path: paths.root.display().to_string(),
-                holder: holder.map(|h| format!(" ({h})")).unwrap_or_default(),
-            });
+            // Written by the holder just after it locked: a reader may find it empty.
+            let holder = std::fs::read(&lock_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            return Err(Error::InUse { path: paths.root.display().to_string(), holder });
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
     }
-    file.set_len(0).map_err(io_err(&lock_path))?;
-    let _ = write!(file, "pid {}", std::process::id());
+    write_holder(&file, &Holder { pid: std::process::id(), ..Holder::default() });
     Ok(file)
+}
+
+/// Who holds an index, as its lock file says (JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub pid: u32,
+    /// What it is doing (`clipdex serve`).
+    #[serde(default)]
+    pub what: Option<String>,
+    /// Where a server that holds it answers (`http://127.0.0.1:7878`).
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {}", self.pid)?;
+        match (&self.what, &self.url) {
+            (Some(what), Some(url)) => write!(f, ", {what} at {url}"),
+            (Some(what), None) => write!(f, ", {what}"),
+            (None, Some(url)) => write!(f, ", at {url}"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+fn write_holder(mut file: &File, holder: &Holder) {
+    use std::io::{Seek, SeekFrom};
+    let json = serde_json::to_vec(holder).expect("holder serialises");
+    let _ = file.set_len(0).and_then(|_| file.seek(SeekFrom::Start(0))).and_then(|_| file.write_all(&json));
 }
 
 fn now_secs() -> i64 {
@@ -244,10 +272,10 @@ impl Index {
     }
 
     /// Records who holds the index (shown to a second process that is refused).
-    pub fn set_holder(&self, who: &str) {
-        use std::io::{Seek, SeekFrom};
-        let mut f = &self._lock;
-        let _ = f.set_len(0).and_then(|_| f.seek(SeekFrom::Start(0))).and_then(|_| write!(f, "pid {}, {who}", std::process::id()));
+    /// Says in the lock file what holds the index and where it answers, so
+    /// that other commands can go through it.
+    pub fn set_holder(&self, what: &str, url: Option<&str>) {
+        write_holder(&self._lock, &Holder { pid: std::process::id(), what: Some(what.into()), url: url.map(Into::into) });
     }
 
     /// Refuses a model other than the one the index was built with.

@@ -18,7 +18,9 @@
 //! selected vectors exactly (faster than a filtered graph search, and always k
 //! results), a broad one filters inside the HNSW search.
 
+pub mod open;
 pub mod query;
+pub mod request;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -27,7 +29,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use open::{open, HubOptions, OpenError, OpenOptions, Step};
 pub use query::{parse, ParseError, Term, TermKind, TermSpec};
+pub use request::{check_weight, Request, DEFAULT_K, EXCLUDE_WEIGHT};
 
 use crate::indexer::Index;
 use crate::keyword::{self, parse_datetime};
@@ -45,6 +49,8 @@ const EXACT_SCAN_LIMIT: usize = 20_000;
 const RRF_K: f32 = 60.0;
 const CACHE_SIZE: usize = 512;
 
+/// Why a search failed: the first kinds are the client's to fix (the
+/// server maps them to 4xx), the last ones are the system's (5xx).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
@@ -62,15 +68,38 @@ pub enum Error {
     /// Not now: the server is at its limit; the same request may pass later.
     #[error("{0}")]
     Busy(String),
-    #[error("{0}")]
-    Internal(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+    #[error(transparent)]
+    Vectors(#[from] crate::vector::Error),
+    #[error(transparent)]
+    Keywords(#[from] crate::keyword::Error),
+    /// The model failed (shared: one failed batch answers several queries).
+    #[error("the model failed: {0}")]
+    Model(Arc<crate::model::Error>),
+    #[error(transparent)]
+    Pixels(#[from] crate::common::pixels::BadRgbBuffer),
+    #[error("the text batcher stopped")]
+    BatcherStopped,
+}
+
+impl Error {
+    /// Whether the client can fix it (a 4xx), as opposed to a failure of the system.
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            Error::BadQuery(_) | Error::NotFound(_) | Error::NotAnImage(_) | Error::TooLarge(_) | Error::Changed(_) | Error::Busy(_)
+        )
+    }
+}
+
+impl From<crate::model::Error> for Error {
+    fn from(e: crate::model::Error) -> Self {
+        Error::Model(Arc::new(e))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-fn internal(e: impl std::fmt::Display) -> Error {
-    Error::Internal(e.to_string())
-}
 
 impl From<ParseError> for Error {
     fn from(e: ParseError) -> Self {
@@ -375,8 +404,9 @@ impl TextBatcher {
                             }
                         }
                         Err(e) => {
+                            let e = Arc::new(e);
                             for (_, reply) in batch {
-                                let _ = reply.send(Err(internal(&e)));
+                                let _ = reply.send(Err(Error::Model(e.clone())));
                             }
                         }
                     }
@@ -392,8 +422,8 @@ impl TextBatcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .send((text.to_string(), reply))
-            .map_err(|_| Error::Internal("the text batcher stopped".into()))?;
-        answer.recv().map_err(|_| Error::Internal("the text batcher stopped".into()))?
+            .map_err(|_| Error::BatcherStopped)?;
+        answer.recv().map_err(|_| Error::BatcherStopped)?
     }
 }
 
@@ -419,8 +449,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 impl Engine {
-    pub fn new(index: Arc<Index>, clip: Arc<Clip>) -> Result<Self> {
-        index.check_model(clip.info()).map_err(internal)?;
+    pub fn new(index: Arc<Index>, clip: Arc<Clip>) -> crate::indexer::Result<Self> {
+        index.check_model(clip.info())?;
         let texts = TextBatcher::start(clip.clone());
         Ok(Self {
             index,
@@ -453,9 +483,14 @@ impl Engine {
         &self.clip
     }
 
+    /// The model the engine embeds queries with.
+    pub fn model_info(&self) -> &crate::common::ModelInfo {
+        self.clip.info()
+    }
+
     /// The record of a photo.
     pub fn record(&self, id: u64) -> Result<PhotoRecord> {
-        self.index.store().get(id).map_err(internal)?.ok_or_else(|| Error::NotFound(format!("no photo {id}")))
+        self.index.store().get(id)?.ok_or_else(|| Error::NotFound(format!("no photo {id}")))
     }
 
     pub fn photo(&self, id: u64) -> Result<Photo> {
@@ -530,8 +565,8 @@ impl Engine {
         let release = (header.cost_bytes >= RELEASE_AFTER).then(crate::library::memory::ReleaseWindow::open);
         let result = decode_bytes_scaled(bytes, &self.limits, Some(min_side)).map_err(unusable).and_then(|image| {
             let view = RgbView::new(image.rgb.width() as usize, image.rgb.height() as usize, image.rgb.as_raw())
-                .map_err(internal)?;
-            Ok(self.clip.embed_images(&[view]).map_err(internal)?.remove(0))
+                ?;
+            Ok(self.clip.embed_images(&[view])?.remove(0))
         });
         drop(release);
         drop(permit);
@@ -548,7 +583,7 @@ impl Engine {
                     .index
                     .store()
                     .id_for_path(path)
-                    .map_err(internal)?
+                    ?
                     .ok_or_else(|| Error::NotFound(format!("no photo at {path}")))?;
                 self.photo_vector(id).map(Arc::new)
             }
@@ -556,7 +591,7 @@ impl Engine {
     }
 
     fn photo_vector(&self, id: u64) -> Result<Vec<f32>> {
-        self.index.store().vector(id).map_err(internal)?.ok_or_else(|| Error::NotFound(format!("no photo {id}")))
+        self.index.store().vector(id)?.ok_or_else(|| Error::NotFound(format!("no photo {id}")))
     }
 
     /// The ids the filters allow, or `None` when there are no filters.
@@ -571,12 +606,12 @@ impl Engine {
             formats: filters.formats(),
             camera: filters.camera.clone(),
         };
-        Ok(Some(self.index.keywords().matching(&filter).map_err(internal)?))
+        Ok(Some(self.index.keywords().matching(&filter)?))
     }
 
     /// Ranked keyword matches of `text` among `allowed`, best first.
     fn keyword_hits(&self, text: &str, allowed: Option<&HashSet<u64>>, n: usize) -> Result<Vec<u64>> {
-        self.index.keywords().search_words(text, allowed, n).map_err(internal)
+        Ok(self.index.keywords().search_words(text, allowed, n)?)
     }
 
     /// Runs a query.
@@ -619,7 +654,7 @@ impl Engine {
                     if excluded.contains(&id) {
                         continue;
                     }
-                    if let Some(v) = self.index.store().vector(id).map_err(internal)? {
+                    if let Some(v) = self.index.store().vector(id)? {
                         scored.push((id, dot(&combined, &v)));
                     }
                 }
@@ -629,12 +664,12 @@ impl Engine {
             }
             Some(ids) => {
                 let allow = |id: u64| ids.contains(&id) && !excluded.contains(&id);
-                self.index.vectors().search(&combined, fetch, Some(&allow)).map_err(internal)?
+                self.index.vectors().search(&combined, fetch, Some(&allow))?
             }
-            None if excluded.is_empty() => self.index.vectors().search(&combined, fetch, None).map_err(internal)?,
+            None if excluded.is_empty() => self.index.vectors().search(&combined, fetch, None)?,
             None => {
                 let allow = |id: u64| !excluded.contains(&id);
-                self.index.vectors().search(&combined, fetch, Some(&allow)).map_err(internal)?
+                self.index.vectors().search(&combined, fetch, Some(&allow))?
             }
         };
 
@@ -682,7 +717,7 @@ impl Engine {
         let mut seen = 0;
         let mut more = false;
         for (id, score) in ranked {
-            let Some(record) = self.index.store().get(id).map_err(internal)? else { continue };
+            let Some(record) = self.index.store().get(id)? else { continue };
             seen += 1;
             if seen <= q.offset {
                 continue;
@@ -693,7 +728,7 @@ impl Engine {
             }
             let sim = match similarity.get(&id) {
                 Some(s) => *s,
-                None => match self.index.store().vector(id).map_err(internal)? {
+                None => match self.index.store().vector(id)? {
                     Some(v) => dot(&combined, &v),
                     None => continue,
                 },
@@ -718,12 +753,9 @@ impl Engine {
     }
 
     /// Photos like a stored one (itself excluded).
-    pub fn similar(&self, id: u64, k: usize, offset: usize, filters: Filters) -> Result<SearchResults> {
+    pub fn similar(&self, id: u64, request: Request) -> Result<SearchResults> {
         self.record(id)?;
-        let mut q = Query::new(vec![Term { kind: TermKind::Photo(id), weight: 1.0 }]);
-        q.k = k;
-        q.offset = offset;
-        q.filters = filters;
+        let mut q = request.into_query_with(vec![Term { kind: TermKind::Photo(id), weight: 1.0 }])?;
         q.exclude = vec![id];
         self.search(&q)
     }

@@ -37,7 +37,7 @@ pub struct Term {
 }
 
 /// One term of a structured (JSON) query: exactly one of `text`, `photo`, `path`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TermSpec {
     /// Text to embed.

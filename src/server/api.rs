@@ -19,10 +19,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::state::{self, JobEvent, Lifecycle, SharedState};
-use crate::search::{self, Engine, Filters, Photo, Query as SearchQuery, SearchResults, Term, TermKind, TermSpec};
+use crate::search::{self, Engine, Filters, Photo, Request, SearchResults, Term, TermKind};
 
-/// Default results per page.
-const DEFAULT_K: usize = 24;
 
 fn engine(state: &SharedState) -> ApiResult<Arc<Engine>> {
     state.engine().ok_or_else(|| {
@@ -71,26 +69,19 @@ pub struct SearchParams {
     pub hybrid: Option<bool>,
 }
 
-impl SearchParams {
-    fn filters(&self) -> Filters {
-        Filters {
-            folder: self.folder.clone(),
-            from: self.from.clone(),
-            to: self.to.clone(),
-            types: self.types.as_ref().map(|t| vec![t.clone()]),
-            camera: self.camera.clone(),
+impl From<SearchParams> for Request {
+    fn from(p: SearchParams) -> Self {
+        Request {
+            q: Some(p.q),
+            exclude: p.exclude,
+            filters: Some(Filters::from_flat(p.folder, p.from, p.to, p.types, p.camera)),
+            k: p.k,
+            offset: p.offset,
+            min_score: p.min_score,
+            hybrid: p.hybrid,
+            terms: None,
         }
     }
-}
-
-fn add_exclude(terms: &mut Vec<Term>, exclude: Option<&str>) -> ApiResult<()> {
-    if let Some(ex) = exclude.map(str::trim).filter(|s| !s.is_empty()) {
-        if ex.chars().count() > search::query::MAX_QUERY_CHARS {
-            return Err(ApiError::bad_query("the exclude text is too long"));
-        }
-        terms.push(Term { kind: TermKind::Text(ex.to_string()), weight: -0.5 });
-    }
-    Ok(())
 }
 
 #[utoipa::path(get, path = "/api/search", params(SearchParams),
@@ -105,43 +96,11 @@ pub async fn search_get(
 ) -> ApiResult<Json<SearchResults>> {
     let Query(p) = params.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
     let engine = engine(&state)?;
-    let mut terms = search::parse(&p.q).map_err(|e| ApiError::bad_query(e.0))?;
-    add_exclude(&mut terms, p.exclude.as_deref())?;
-    let mut q = SearchQuery::new(terms);
-    q.k = p.k.unwrap_or(DEFAULT_K);
-    q.offset = p.offset.unwrap_or(0);
-    q.min_score = p.min_score;
-    q.hybrid = p.hybrid.unwrap_or(true);
-    q.filters = p.filters();
+    let q = Request::from(p).into_query()?;
     Ok(Json(blocking(move || engine.search(&q).map_err(ApiError::from)).await?))
 }
 
-/// A structured query: the query language in `q`, or a list of weighted terms.
-#[derive(Debug, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SearchRequest {
-    /// The query language, as in `GET /api/search?q=`.
-    #[serde(default)]
-    pub q: Option<String>,
-    /// Weighted terms (texts, photos by id or path).
-    #[serde(default)]
-    pub terms: Option<Vec<TermSpec>>,
-    /// Text whose meaning results should avoid.
-    #[serde(default)]
-    pub exclude: Option<String>,
-    #[serde(default)]
-    pub filters: Option<Filters>,
-    #[serde(default)]
-    pub k: Option<usize>,
-    #[serde(default)]
-    pub offset: Option<usize>,
-    #[serde(default)]
-    pub min_score: Option<f32>,
-    #[serde(default)]
-    pub hybrid: Option<bool>,
-}
-
-#[utoipa::path(post, path = "/api/search", request_body = SearchRequest,
+#[utoipa::path(post, path = "/api/search", request_body = Request,
     responses(
         (status = 200, description = "Ranked photos", body = SearchResults),
         (status = 400, description = "Malformed query", body = ErrorBody),
@@ -151,27 +110,11 @@ pub struct SearchRequest {
     ))]
 pub async fn search_post(
     State(state): State<SharedState>,
-    body: Result<Json<SearchRequest>, JsonRejection>,
+    body: Result<Json<Request>, JsonRejection>,
 ) -> ApiResult<Json<SearchResults>> {
     let Json(r) = body.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
     let engine = engine(&state)?;
-    let mut terms = match (&r.q, &r.terms) {
-        (Some(q), None) => search::parse(q).map_err(|e| ApiError::bad_query(e.0))?,
-        (None, Some(specs)) => {
-            if specs.is_empty() || specs.len() > search::query::MAX_TERMS {
-                return Err(ApiError::bad_query(format!("give 1 to {} terms", search::query::MAX_TERMS)));
-            }
-            specs.iter().map(|t| t.to_term().map_err(|e| ApiError::bad_query(e.0))).collect::<ApiResult<_>>()?
-        }
-        _ => return Err(ApiError::bad_query("give exactly one of q and terms")),
-    };
-    add_exclude(&mut terms, r.exclude.as_deref())?;
-    let mut q = SearchQuery::new(terms);
-    q.k = r.k.unwrap_or(DEFAULT_K);
-    q.offset = r.offset.unwrap_or(0);
-    q.min_score = r.min_score;
-    q.hybrid = r.hybrid.unwrap_or(true);
-    q.filters = r.filters.unwrap_or_default();
+    let q = r.into_query()?;
     Ok(Json(blocking(move || engine.search(&q).map_err(ApiError::from)).await?))
 }
 
@@ -237,25 +180,26 @@ pub async fn search_image(State(state): State<SharedState>, multipart: Result<Mu
         Some(w) => w.trim().parse().map_err(|_| ApiError::bad_query("weight must be a number"))?,
         None => 1.0,
     };
-    let extra = match fields.get("q").map(|s| s.trim()).filter(|s| !s.is_empty()) {
-        Some(q) => search::parse(q).map_err(|e| ApiError::bad_query(e.0))?,
-        None => Vec::new(),
+    let request = Request {
+        q: fields.get("q").cloned(),
+        k: num("k")?,
+        offset: num("offset")?,
+        filters: Some(Filters::from_flat(
+            fields.get("folder").cloned(),
+            fields.get("from").cloned(),
+            fields.get("to").cloned(),
+            fields.get("type").cloned(),
+            fields.get("camera").cloned(),
+        )),
+        ..Request::default()
     };
-    let mut q = SearchQuery::new(Vec::new());
-    q.k = num("k")?.unwrap_or(DEFAULT_K);
-    q.offset = num("offset")?.unwrap_or(0);
-    q.filters = Filters {
-        folder: fields.get("folder").cloned(),
-        from: fields.get("from").cloned(),
-        to: fields.get("to").cloned(),
-        types: fields.get("type").map(|t| vec![t.clone()]),
-        camera: fields.get("camera").cloned(),
-    };
+    // The rules apply before the picture is decoded; its embedding takes
+    // the place held for it once it is made.
+    let picture = Term { kind: TermKind::Vector(Vec::new()), weight: search::check_weight(weight)? };
+    let mut q = request.into_query_with(vec![picture])?;
     Ok(Json(
         blocking(move || {
-            let v = engine.embed_image(&file)?;
-            q.terms = vec![Term { kind: TermKind::Vector(v), weight }];
-            q.terms.extend(extra);
+            q.terms[0].kind = TermKind::Vector(engine.embed_image(&file)?);
             engine.search(&q).map_err(ApiError::from)
         })
         .await?,
@@ -295,15 +239,13 @@ pub async fn similar(
     let id = path_id(id)?;
     let Query(p) = params.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
     let engine = engine(&state)?;
-    let filters = Filters {
-        folder: p.folder,
-        from: p.from,
-        to: p.to,
-        types: p.types.map(|t| vec![t]),
-        camera: p.camera,
+    let request = Request {
+        k: p.k,
+        offset: p.offset,
+        filters: Some(Filters::from_flat(p.folder, p.from, p.to, p.types, p.camera)),
+        ..Request::default()
     };
-    let (k, offset) = (p.k.unwrap_or(DEFAULT_K), p.offset.unwrap_or(0));
-    Ok(Json(blocking(move || engine.similar(id, k, offset, filters).map_err(ApiError::from)).await?))
+    Ok(Json(blocking(move || engine.similar(id, request).map_err(ApiError::from)).await?))
 }
 
 #[utoipa::path(get, path = "/api/photos/{id}", params(("id" = u64, Path, description = "Photo id")),
@@ -390,10 +332,10 @@ pub async fn status(State(state): State<SharedState>) -> ApiResult<Json<StatusRe
     let engine = state.engine();
     let (photos, library, model, dim) = match &engine {
         Some(e) => {
-            let e = e.clone();
-            let (n, lib) = blocking(move || Ok((e.index().store().count(), e.index().meta().library.clone()))).await?;
-            let info = state::model_info(&state);
-            (Some(n), Some(lib), info.as_ref().map(|i| i.id.clone()), info.map(|i| i.embedding_dim))
+            let engine = e.clone();
+            let (n, lib) = blocking(move || Ok((engine.index().store().count(), engine.index().meta().library.clone()))).await?;
+            let info = e.model_info();
+            (Some(n), Some(lib), Some(info.id.clone()), Some(info.embedding_dim))
         }
         None => (None, None, None, None),
     };

@@ -8,6 +8,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::state::JobError;
 use crate::search;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -31,11 +32,13 @@ pub struct ApiError {
     pub message: String,
     /// Seconds a client should wait before trying again (503 when busy).
     pub retry_after: Option<u32>,
+    /// What went wrong inside, for the log only (never sent).
+    detail: Option<String>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None }
+        Self { status, code, message: message.into(), retry_after: None, detail: None }
     }
     pub fn bad_query(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_query", message)
@@ -68,10 +71,13 @@ impl ApiError {
     pub fn unauthorized() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid token is required")
     }
-    /// An internal failure: logged in full, reported without details.
+    /// An internal failure: reported without details; `detail` goes to the
+    /// log when the response is made.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %detail, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
+        Self {
+            detail: Some(detail.to_string()),
+            ..Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
+        }
     }
 
     /// Maps a request body's or query's rejection by axum.
@@ -87,20 +93,35 @@ impl ApiError {
 
 impl From<search::Error> for ApiError {
     fn from(e: search::Error) -> Self {
+        use search::Error as E;
         match e {
-            search::Error::BadQuery(m) => Self::bad_query(m),
-            search::Error::NotFound(m) => Self::not_found(m),
-            search::Error::NotAnImage(m) => Self::unsupported(m),
-            search::Error::TooLarge(m) => Self::too_large(m),
-            search::Error::Busy(m) => Self::busy(m, 1),
-            search::Error::Changed(m) => Self::conflict(m),
-            search::Error::Internal(m) => Self::internal(m),
+            E::BadQuery(m) => Self::bad_query(m),
+            E::NotFound(m) => Self::not_found(m),
+            E::NotAnImage(m) => Self::unsupported(m),
+            E::TooLarge(m) => Self::too_large(m),
+            E::Busy(m) => Self::busy(m, 1),
+            E::Changed(m) => Self::conflict(m),
+            E::Store(_) | E::Vectors(_) | E::Keywords(_) | E::Model(_) | E::Pixels(_) | E::BatcherStopped => Self::internal(e),
+        }
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::NotReady => Self::not_ready(e.to_string()),
+            JobError::AlreadyRunning => Self::conflict(e.to_string()),
+            JobError::Spawn(_) => Self::internal(e),
         }
     }
 }
 
 impl IntoResponse for ApiError {
+    /// Logs a server failure here, once, with what the client is not told.
     fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = self.status.as_u16(), code = self.code, detail = self.detail.as_deref().unwrap_or(&self.message), "request failed");
+        }
         let body = ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message } };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(seconds) = self.retry_after {

@@ -12,10 +12,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
-use crate::indexer::{self, Index, Progress, RunOptions};
-use crate::model::{Clip, HubOptions, ModelInfo, ModelSource};
-use crate::search::Engine;
-use crate::store::RunSummary;
+use crate::indexer::{self, Progress, RunOptions, RunSummary};
+use crate::search::{self, Engine, HubOptions, OpenError, OpenOptions, Step};
 
 /// Settings of a running server.
 #[derive(Clone, Debug)]
@@ -158,95 +156,72 @@ pub fn start(state: SharedState, addr: SocketAddr) {
     std::thread::Builder::new()
         .name("clipdex-startup".into())
         .spawn(move || {
-            if let Err(message) = load(&state, addr) {
-                tracing::error!(%message, "start-up failed");
-                state.set_lifecycle(Lifecycle::Failed, Some(message));
+            if let Err(e) = load(&state, addr) {
+                // The log has it all; the page and the API get words without paths.
+                tracing::error!(error = %e, "start-up failed");
+                state.set_lifecycle(Lifecycle::Failed, Some(e.public_message()));
                 return;
             }
             if state.config.reindex_on_start || state.config.library.is_some() {
                 if let Err(e) = start_reindex(&state) {
-                    tracing::warn!(error = %e.message, "could not start indexing");
+                    tracing::warn!(error = %e, "could not start indexing");
                 }
             }
         })
         .expect("spawn start-up thread");
 }
 
-/// How often start-up tries again for an index another process holds.
-const LOCK_RETRY: Duration = Duration::from_secs(2);
-
-/// Runs `open` until the index is not held by another process (a `clipdex
-/// index` run, say), showing that on the page meanwhile; stops on shutdown.
-fn wait_for_lock<T>(state: &AppState, mut open: impl FnMut() -> indexer::Result<T>) -> indexer::Result<T> {
-    loop {
-        match open() {
-            Err(indexer::Error::InUse { holder, .. }) => {
-                if state.stop.load(Ordering::Relaxed) {
-                    return Err(indexer::Error::Stopped("stopped while waiting for the index".into()));
-                }
-                let (phase, _) = state.lifecycle();
-                let holder = holder.trim().trim_start_matches('(').trim_end_matches(')').trim().to_string();
-                let by = if holder.is_empty() { String::new() } else { format!(" ({holder})") };
-                state.set_lifecycle(phase, Some(format!("waiting for another clipdex process to release the index{by}")));
-                std::thread::sleep(LOCK_RETRY);
-            }
-            other => return other,
-        }
-    }
-}
-
-fn load(state: &SharedState, addr: SocketAddr) -> Result<(), String> {
+fn load(state: &SharedState, addr: SocketAddr) -> Result<(), OpenError> {
     let config = &state.config;
-    // The model named, else the index's own.
-    let existing = crate::indexer::IndexPaths::new(&config.index).exists();
-    let model_id = match (&config.model, existing) {
-        (Some(m), _) => m.clone(),
-        (None, true) => {
-            state.set_lifecycle(Lifecycle::OpeningIndex, Some("reading the index".into()));
-            let index = wait_for_lock(state, || Index::open(&config.index)).map_err(|e| e.to_string())?;
-            let id = index.meta().model.id.clone();
-            drop(index);
-            id
-        }
-        (None, false) => crate::model::DEFAULT_MODEL.to_string(),
+    let opts = OpenOptions {
+        index: &config.index,
+        library: config.library.as_deref(),
+        model: config.model.as_deref(),
+        hub: &config.hub,
+        wait: Some(&state.stop),
     };
-    state.set_lifecycle(Lifecycle::LoadingModel, Some(format!("loading model {model_id}")));
-    let source = ModelSource::parse(&model_id).map_err(|e| e.to_string())?;
-    let clip = Clip::load(&source, &config.hub).map_err(|e| format!("cannot load model {model_id}: {e}"))?;
-    state.set_lifecycle(Lifecycle::OpeningIndex, Some("opening the index".into()));
-    let open = || match &config.library {
-        Some(library) => Index::create_or_open(&config.index, library, clip.info()),
-        None => Index::open(&config.index),
-    };
-    let index = wait_for_lock(state, open).map_err(|e| match e {
-        indexer::Error::NotFound(_) => format!(
-            "no index at {}: start with `clipdex serve --library <PHOTOS>` to create one",
-            config.index.display()
-        ),
-        other => other.to_string(),
+    let engine = search::open(&opts, &mut |step| {
+        let (phase, message) = match step {
+            Step::ReadingIndex => (Lifecycle::OpeningIndex, "reading the index".to_string()),
+            Step::LoadingModel(id) => (Lifecycle::LoadingModel, format!("loading model {id}")),
+            Step::OpeningIndex => (Lifecycle::OpeningIndex, "opening the index".to_string()),
+            Step::WaitingFor(holder) => {
+                (state.lifecycle().0, format!("waiting for another clipdex process to release the index (pid {})", holder.pid))
+            }
+        };
+        state.set_lifecycle(phase, Some(message));
     })?;
-    index.set_holder(&format!("clipdex serve at http://{addr}"));
-    let engine = Engine::new(Arc::new(index), Arc::new(clip))
-        .map_err(|e| e.to_string())?
-        .with_upload_limits(config.run.limits, config.decode_budget);
+    engine.index().set_holder("clipdex serve", Some(&format!("http://{addr}")));
+    let engine = engine.with_upload_limits(config.run.limits, config.decode_budget);
     *state.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
     state.set_lifecycle(Lifecycle::Ready, None);
     tracing::info!("ready");
     Ok(())
 }
 
+/// Why a re-index could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("the index is not open yet")]
+    NotReady,
+    #[error("a re-index is already running")]
+    AlreadyRunning,
+    #[error("cannot start the re-index thread: {0}")]
+    Spawn(std::io::Error),
+}
+
 /// Starts a re-index on its own thread; one at a time.
-pub fn start_reindex(state: &SharedState) -> Result<(), crate::server::error::ApiError> {
-    use crate::server::error::ApiError;
-    let engine = state.engine().ok_or_else(|| ApiError::not_ready("the index is not open yet"))?;
+pub fn start_reindex(state: &SharedState) -> Result<(), JobError> {
+    let engine = state.engine().ok_or(JobError::NotReady)?;
     {
         let mut job = state.job();
         if job.running {
-            return Err(ApiError::conflict("a re-index is already running"));
+            return Err(JobError::AlreadyRunning);
         }
         job.running = true;
         job.last_error = None;
     }
+    let on_failure = state.clone();
     let state = state.clone();
     std::thread::Builder::new()
         .name("clipdex-reindex".into())
@@ -289,14 +264,11 @@ pub fn start_reindex(state: &SharedState) -> Result<(), crate::server::error::Ap
                 }
             }
         })
-        .map_err(|e| ApiError::internal(e))?;
+        .map_err(JobError::Spawn)
+        .inspect_err(|_| on_failure.job().running = false)?;
     Ok(())
 }
 
-/// The model of a ready engine.
-pub fn model_info(state: &AppState) -> Option<ModelInfo> {
-    state.engine().map(|e| e.clip().info().clone())
-}
 
 /// Asks a running job to stop after its current batch (on shutdown).
 pub fn stop_jobs(state: &AppState) {

@@ -14,6 +14,7 @@
 //! and augmentation depend only on the seed, the epoch and the sample.
 
 pub mod data;
+pub mod metrics;
 pub mod optim;
 
 use std::collections::HashMap;
@@ -36,6 +37,8 @@ use optim::{learning_rate, AdamW, AdamWConfig};
 pub enum Error {
     #[error(transparent)]
     Model(#[from] crate::model::Error),
+    #[error(transparent)]
+    Optimizer(#[from] optim::Error),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("{0}")]
@@ -636,7 +639,7 @@ fn validate(
     let t = Tensor::cat(&text_features, 0)?;
     let sim = i.matmul(&t.t()?)?.to_vec2::<f32>()?;
     let pairs: Vec<usize> = (0..n).collect();
-    let r = crate::eval::retrieval_from_similarity(&sim, &pairs);
+    let r = metrics::retrieval_from_similarity(&sim, &pairs);
     Ok(Some(Validation {
         epoch,
         loss: losses.iter().sum::<f32>() / losses.len().max(1) as f32,

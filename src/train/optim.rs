@@ -9,7 +9,17 @@ use std::path::Path;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use crate::model::Result;
+/// Why an optimiser step or its saved state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("optimizer: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// The saved state does not fit the parameters being trained.
+    #[error("optimizer state: {0}")]
+    State(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWConfig {
@@ -122,15 +132,15 @@ impl AdamW {
         let tensors = candle_core::safetensors::load(path, &device)?;
         for p in &mut self.params {
             let get = |k: String| {
-                tensors.get(&k).cloned().ok_or_else(|| crate::model::Error::Weights(format!("optimizer state lacks {k}")))
+                tensors.get(&k).cloned().ok_or_else(|| Error::State(format!("lacks {k}")))
             };
             p.m = get(format!("m.{}", p.name))?.to_vec1::<f32>()?;
             p.v = get(format!("v.{}", p.name))?.to_vec1::<f32>()?;
             if p.m.len() != p.var.elem_count() || p.v.len() != p.var.elem_count() {
-                return Err(crate::model::Error::Weights(format!("optimizer state for {} has the wrong size", p.name)));
+                return Err(Error::State(format!("{} has the wrong size", p.name)));
             }
         }
-        let step = tensors.get("step").ok_or_else(|| crate::model::Error::Weights("optimizer state lacks step".into()))?;
+        let step = tensors.get("step").ok_or_else(|| Error::State("lacks the step".into()))?;
         self.step = step.to_vec1::<f64>()?[0] as u64;
         Ok(())
     }

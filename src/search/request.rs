@@ -1,0 +1,119 @@
+//! A search as the front ends receive it, and the one place its rules are
+//! applied: the query language or structured terms, the exclude text and
+//! its weight, defaults, validation. The HTTP handlers and the CLI only
+//! translate their inputs into a [`Request`].
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::query::{self, MAX_QUERY_CHARS, MAX_TERMS};
+use super::{parse, Error, Filters, Query, Result, Term, TermKind, TermSpec};
+
+/// Results per page when a request does not say.
+pub const DEFAULT_K: usize = 24;
+/// Weight of the exclude text: results move away from its meaning.
+pub const EXCLUDE_WEIGHT: f32 = -0.5;
+
+/// A structured query: the query language in `q`, or a list of weighted terms.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// The query language, as in `GET /api/search?q=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    /// Weighted terms (texts, photos by id or path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terms: Option<Vec<TermSpec>>,
+    /// Text whose meaning results should avoid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filters: Option<Filters>,
+    /// Results per page (1-200, default 24).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k: Option<usize>,
+    /// Results to skip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
+    /// Minimum cosine similarity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_score: Option<f32>,
+    /// Fuse keyword matches (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hybrid: Option<bool>,
+}
+
+impl Request {
+    /// Applies every rule and gives the query to run.
+    pub fn into_query(self) -> Result<Query> {
+        self.into_query_with(Vec::new())
+    }
+
+    /// The same, after terms the front end brings itself (an uploaded
+    /// picture's embedding); with them, `q` and `terms` may both be absent.
+    pub fn into_query_with(self, mut terms: Vec<Term>) -> Result<Query> {
+        let q = self.q.as_deref().map(str::trim).filter(|q| !q.is_empty() || terms.is_empty());
+        match (q, &self.terms) {
+            (Some(q), None) => terms.extend(parse(q)?),
+            (None, Some(specs)) => {
+                if specs.is_empty() || specs.len() > MAX_TERMS {
+                    return Err(Error::BadQuery(format!("give 1 to {MAX_TERMS} terms")));
+                }
+                for spec in specs {
+                    terms.push(spec.to_term()?);
+                }
+            }
+            (None, None) if !terms.is_empty() => {}
+            _ => return Err(Error::BadQuery("give exactly one of q and terms".into())),
+        }
+        if let Some(exclude) = self.exclude.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            if exclude.chars().count() > MAX_QUERY_CHARS {
+                return Err(Error::BadQuery("the exclude text is too long".into()));
+            }
+            terms.push(Term { kind: TermKind::Text(exclude.to_string()), weight: EXCLUDE_WEIGHT });
+        }
+        let mut query = Query::new(terms);
+        query.k = self.k.unwrap_or(DEFAULT_K);
+        query.offset = self.offset.unwrap_or(0);
+        query.min_score = self.min_score;
+        query.hybrid = self.hybrid.unwrap_or(true);
+        query.filters = self.filters.unwrap_or_default();
+        query.validate()?;
+        Ok(query)
+    }
+}
+
+/// Checks a weight a front end parsed itself (an upload's `weight` field).
+pub fn check_weight(weight: f32) -> Result<f32> {
+    Ok(query::check_weight(weight)?)
+}
+
+impl Filters {
+    /// Filters from flat fields, as query strings, forms and the CLI give
+    /// them (`type` comma-separated).
+    pub fn from_flat(folder: Option<String>, from: Option<String>, to: Option<String>, types: Option<String>, camera: Option<String>) -> Self {
+        Filters { folder, from, to, types: types.map(|t| vec![t]), camera }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_apply_once_for_every_front_end() {
+        let r = Request { q: Some("dog".into()), exclude: Some(" cats ".into()), ..Default::default() };
+        let q = r.into_query().unwrap();
+        assert_eq!((q.k, q.offset, q.hybrid), (DEFAULT_K, 0, true));
+        assert_eq!(q.terms.len(), 2);
+        assert_eq!(q.terms[1], Term { kind: TermKind::Text("cats".into()), weight: EXCLUDE_WEIGHT });
+        assert!(Request::default().into_query().is_err());
+        let both = Request { q: Some("a".into()), terms: Some(vec![]), ..Default::default() };
+        assert!(both.into_query().is_err());
+        let upload = Term { kind: TermKind::Vector(vec![1.0]), weight: 1.0 };
+        let q = Request { q: Some("  ".into()), ..Default::default() }.into_query_with(vec![upload.clone()]).unwrap();
+        assert_eq!(q.terms, vec![upload]);
+        let bad_date = Request { q: Some("a".into()), filters: Some(Filters { from: Some("2019-02-30".into()), ..Default::default() }), ..Default::default() };
+        assert!(matches!(bad_date.into_query(), Err(Error::BadQuery(_))));
+    }
+}
