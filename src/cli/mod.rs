@@ -100,8 +100,8 @@ pub struct TrainArgs {
     pub val_percent: f64,
 
     /// Keep weights fixed: the image tower, the text tower, or both (only the projections learn).
-    #[arg(long, value_enum, default_value = "none")]
-    pub freeze: crate::train::Freeze,
+    #[arg(long, default_value = "none", value_parser = ["none", "image", "text", "towers"])]
+    pub freeze: String,
 
     /// Prompt templates for class names, one per line with {} (default: 8 of CLIP's).
     #[arg(long)]

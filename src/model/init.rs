@@ -110,6 +110,6 @@ mod tests {
         config.text_config.vocab_size = 100;
         let weights = init_weights(&config, 1, &Device::Cpu).unwrap();
         let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &Device::Cpu);
-        super::super::ClipModel::new(vb, &config).unwrap();
+        crate::model::ClipModel::new(vb, &config).unwrap();
     }
 }

@@ -71,7 +71,7 @@ pub enum Start {
 }
 
 /// Which weights stay fixed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Freeze {
     /// Everything learns.
@@ -82,6 +82,20 @@ pub enum Freeze {
     Text,
     /// Both towers are fixed; only the projections and the temperature learn.
     Towers,
+}
+
+impl std::str::FromStr for Freeze {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Freeze::None),
+            "image" => Ok(Freeze::Image),
+            "text" => Ok(Freeze::Text),
+            "towers" => Ok(Freeze::Towers),
+            other => Err(format!("{other:?} is not one of none, image, text, towers")),
+        }
+    }
 }
 
 impl Freeze {

@@ -6,6 +6,7 @@ mod common;
 mod fuzz;
 mod hardening;
 mod index;
+mod layers;
 mod model_reference;
 mod preprocess;
 mod server;
