@@ -181,8 +181,18 @@ struct Job {
 enum Outcome {
     /// Content the index already has: not decoded.
     Known,
-    Decoded { width: u32, height: u32, format: String, pixels: Vec<f32> },
+    Decoded(Decoded),
     Failed(String),
+}
+
+/// A picture ready for the model.
+struct Decoded {
+    /// Full size, upright.
+    width: u32,
+    height: u32,
+    format: String,
+    /// Preprocessed, channels first.
+    pixels: Vec<f32>,
 }
 
 struct Done {
@@ -316,7 +326,7 @@ fn read_and_decode(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
             ctx.preprocessor.normalize_into(&crop, &mut pixels);
             let format = image.format.extensions_str().first().copied().unwrap_or("image");
             let format = if format == "jpg" { "jpeg" } else { format };
-            Outcome::Decoded { width, height, format: format.to_string(), pixels }
+            Outcome::Decoded(Decoded { width, height, format: format.to_string(), pixels })
         }
     };
     done.seconds = start.elapsed().as_secs_f64();
@@ -327,19 +337,31 @@ fn sidecar_sig(file: &ScannedFile) -> Option<FileSig> {
     file.sidecar.as_ref().map(|(_, sig)| *sig)
 }
 
-/// Fills a record's file-dependent fields from a processed file.
+/// The record of a processed file, with the picture's size and format.
+fn describe(done: &Done, id: u64, width: u32, height: u32, format: String) -> PhotoRecord {
+    PhotoRecord {
+        id,
+        path: done.job.file.rel.clone(),
+        sig: done.job.file.sig,
+        hash: done.hash.clone(),
+        width,
+        height,
+        format,
+        taken: done.meta.taken.clone(),
+        camera_make: done.meta.camera_make.clone(),
+        camera_model: done.meta.camera_model.clone(),
+        orientation: done.meta.orientation,
+        caption: done.caption.0.clone(),
+        caption_source: done.caption.1,
+        sidecar: sidecar_sig(&done.job.file),
+        indexed_at: now_secs(),
+    }
+}
+
+/// Refreshes a record's file-dependent fields from a processed file of the
+/// same content (its id, size and format stay).
 fn fill(record: &mut PhotoRecord, done: &Done) {
-    record.path = done.job.file.rel.clone();
-    record.sig = done.job.file.sig;
-    record.hash = done.hash.clone();
-    record.taken = done.meta.taken.clone();
-    record.camera_make = done.meta.camera_make.clone();
-    record.camera_model = done.meta.camera_model.clone();
-    record.orientation = done.meta.orientation;
-    record.caption = done.caption.0.clone();
-    record.caption_source = done.caption.1;
-    record.sidecar = sidecar_sig(&done.job.file);
-    record.indexed_at = now_secs();
+    *record = describe(done, record.id, record.width, record.height, std::mem::take(&mut record.format));
 }
 
 /// The state of a run between batches.
@@ -353,7 +375,7 @@ struct Runner<'a> {
     /// Changes not yet committed.
     changes: Vec<Change>,
     /// Decoded images waiting for the model.
-    to_embed: Vec<Done>,
+    to_embed: Vec<(Done, Decoded)>,
     /// Records of paths no longer in the library, by content hash: moves consume them.
     gone: HashMap<String, Vec<PhotoRecord>>,
     /// Ids removed (or about to be) during this run.
@@ -389,13 +411,18 @@ impl Runner<'_> {
         self.changes.push(Change::Remove { record });
     }
 
-    /// Takes the result of one file.
-    fn handle(&mut self, done: Done, ctx: &WorkerContext) -> Result<()> {
+    /// Counts a file whose fate is settled.
+    fn count(&mut self, done: &Done) {
         self.progress.processed += 1;
         self.progress.bytes_read += done.bytes;
         self.progress.decode_seconds += done.seconds;
-        match done.outcome {
+    }
+
+    /// Takes the result of one file.
+    fn handle(&mut self, mut done: Done, ctx: &WorkerContext) -> Result<()> {
+        match std::mem::replace(&mut done.outcome, Outcome::Known) {
             Outcome::Failed(ref reason) => {
+                self.count(&done);
                 self.progress.skipped += 1;
                 tracing::warn!(path = %done.job.file.rel, reason = %reason, "skipping file");
                 let skip = SkipRecord { reason: reason.clone(), sig: Some(done.job.file.sig) };
@@ -405,7 +432,10 @@ impl Runner<'_> {
                     self.remove(old);
                 }
             }
-            Outcome::Decoded { .. } => self.to_embed.push(done),
+            Outcome::Decoded(decoded) => {
+                self.count(&done);
+                self.to_embed.push((done, decoded));
+            }
             Outcome::Known => self.resolve_known(done, ctx)?,
         }
         Ok(())
@@ -417,6 +447,7 @@ impl Runner<'_> {
         if let Some(old) = done.job.old.as_ref().filter(|old| old.hash == done.hash) {
             let mut record = old.clone();
             fill(&mut record, &done);
+            self.count(&done);
             self.progress.updated += 1;
             self.changes.push(Change::Put { record, vector: None, old_path: None });
             return Ok(());
@@ -425,6 +456,7 @@ impl Runner<'_> {
         if let Some(mut record) = self.gone.get_mut(&done.hash).and_then(Vec::pop) {
             let old_path = record.path.clone();
             fill(&mut record, &done);
+            self.count(&done);
             self.progress.moved += 1;
             self.changes.push(Change::Put { record, vector: None, old_path: Some(old_path) });
             if let Some(old) = done.job.old {
@@ -442,6 +474,7 @@ impl Runner<'_> {
                 let mut record = src.clone();
                 record.id = id;
                 fill(&mut record, &done);
+                self.count(&done);
                 self.progress.duplicates += 1;
                 self.changes.push(Change::Put { record, vector: Some(vector), old_path: None });
                 if let Some(old) = done.job.old {
@@ -452,16 +485,10 @@ impl Runner<'_> {
         }
         // Content another file of this run carries, not committed yet: wait for it.
         if !self.known_at_start.contains(&done.hash) && !self.finishing {
-            self.progress.processed -= 1;
-            self.progress.bytes_read -= done.bytes;
-            self.progress.decode_seconds -= done.seconds;
             self.deferred.push(done);
             return Ok(());
         }
         // The content's records went away (or never came): decode it after all.
-        self.progress.processed -= 1;
-        self.progress.bytes_read -= done.bytes;
-        self.progress.decode_seconds -= done.seconds;
         let redone = process(done.job, ctx, true);
         self.handle(redone, ctx)
     }
@@ -475,35 +502,15 @@ impl Runner<'_> {
         let n = batch.len();
         let s = self.clip.preprocessor().image_size();
         let mut data = Vec::with_capacity(n * 3 * s * s);
-        for done in &batch {
-            if let Outcome::Decoded { pixels, .. } = &done.outcome {
-                data.extend_from_slice(pixels);
-            }
+        for (_, decoded) in &batch {
+            data.extend_from_slice(&decoded.pixels);
         }
         let start = Instant::now();
         let vectors = self.clip.embed_pixels(data, n)?;
         self.progress.embed_seconds += start.elapsed().as_secs_f64();
         let first = self.index.store.reserve_ids(n as u64)?;
-        for (i, (done, vector)) in batch.into_iter().zip(vectors).enumerate() {
-            let Outcome::Decoded { width, height, ref format, .. } = done.outcome else { unreachable!() };
-            let mut record = PhotoRecord {
-                id: first + i as u64,
-                path: String::new(),
-                sig: FileSig::default(),
-                hash: String::new(),
-                width,
-                height,
-                format: format.clone(),
-                taken: None,
-                camera_make: None,
-                camera_model: None,
-                orientation: 1,
-                caption: None,
-                caption_source: None,
-                sidecar: None,
-                indexed_at: 0,
-            };
-            fill(&mut record, &done);
+        for (i, ((done, decoded), vector)) in batch.into_iter().zip(vectors).enumerate() {
+            let record = describe(&done, first + i as u64, decoded.width, decoded.height, decoded.format);
             self.changes.push(Change::Put { record, vector: Some(vector), old_path: None });
             match done.job.old {
                 Some(old) => {
@@ -563,6 +570,56 @@ impl Runner<'_> {
     }
 }
 
+/// What a run must do, from the store's records and skip list and a scan
+/// of the library: nothing of it touches the disk.
+#[derive(Default)]
+struct Plan {
+    /// New and changed files, to read.
+    jobs: Vec<Job>,
+    /// Skips to record (entries that cannot be indexed) and skips to drop
+    /// (entries gone from the library).
+    changes: Vec<Change>,
+    /// Records whose path is gone, by content hash: moves consume them, the
+    /// rest are removed at the end.
+    gone: HashMap<String, Vec<PhotoRecord>>,
+    unchanged: u64,
+    /// Files skipped before and unchanged since, plus the scan's problems.
+    skipped: u64,
+    /// The scan's problems, (path, reason), for the log.
+    problems: Vec<(String, String)>,
+}
+
+fn plan(records: Vec<PhotoRecord>, skipped: HashMap<String, SkipRecord>, scanned: crate::library::scan::Scan) -> Plan {
+    let mut plan = Plan::default();
+    let mut by_path: HashMap<String, PhotoRecord> = records.into_iter().map(|r| (r.path.clone(), r)).collect();
+    let mut seen: HashSet<String> = HashSet::new();
+    for file in scanned.files {
+        seen.insert(file.rel.clone());
+        match by_path.remove(&file.rel) {
+            Some(old) if old.sig == file.sig && old.sidecar == sidecar_sig(&file) => plan.unchanged += 1,
+            Some(old) => plan.jobs.push(Job { file, old: Some(old) }),
+            None => match skipped.get(&file.rel) {
+                Some(skip) if skip.sig == Some(file.sig) => plan.skipped += 1,
+                _ => plan.jobs.push(Job { file, old: None }),
+            },
+        }
+    }
+    for problem in scanned.problems {
+        seen.insert(problem.rel.clone());
+        plan.skipped += 1;
+        plan.problems.push((problem.rel.clone(), problem.reason.clone()));
+        plan.changes.push(Change::Skip { path: problem.rel, skip: SkipRecord { reason: problem.reason, sig: None } });
+    }
+    let mut gone_skips: Vec<String> = skipped.into_keys().filter(|path| !seen.contains(path)).collect();
+    gone_skips.sort();
+    plan.changes.extend(gone_skips.into_iter().map(|path| Change::Unskip { path }));
+    // What is left in by_path is no longer in the library (or unreadable now).
+    for (_, record) in by_path {
+        plan.gone.entry(record.hash.clone()).or_default().push(record);
+    }
+    plan
+}
+
 /// Brings `index` up to date with its library, embedding with `clip`.
 ///
 /// `callback` receives statistics after every file. Setting `stop` ends the
@@ -597,38 +654,14 @@ pub fn run(
     // 2. Compare with the store.
     let records = index.store.records().collect::<crate::store::Result<Vec<_>>>()?;
     let known: HashSet<String> = records.iter().map(|r| r.hash.clone()).collect();
-    let mut by_path: HashMap<String, PhotoRecord> = records.into_iter().map(|r| (r.path.clone(), r)).collect();
-    let mut jobs = Vec::new();
-    let mut changes = Vec::new();
-    let mut seen: HashSet<String> = HashSet::new();
-    for file in scanned.files {
-        seen.insert(file.rel.clone());
-        match by_path.remove(&file.rel) {
-            Some(old) if old.sig == file.sig && old.sidecar == sidecar_sig(&file) => progress.unchanged += 1,
-            Some(old) => jobs.push(Job { file, old: Some(old) }),
-            None => match index.store.skip_record(&file.rel)? {
-                Some(skip) if skip.sig == Some(file.sig) => progress.skipped += 1,
-                _ => jobs.push(Job { file, old: None }),
-            },
-        }
+    let plan = plan(records, index.store.skipped()?.into_iter().collect(), scanned);
+    progress.unchanged = plan.unchanged;
+    progress.skipped = plan.skipped;
+    progress.to_process = plan.jobs.len() as u64;
+    for (path, reason) in &plan.problems {
+        tracing::warn!(path = %path, reason = %reason, "skipping");
     }
-    for problem in scanned.problems {
-        seen.insert(problem.rel.clone());
-        progress.skipped += 1;
-        tracing::warn!(path = %problem.rel, reason = %problem.reason, "skipping");
-        changes.push(Change::Skip { path: problem.rel, skip: SkipRecord { reason: problem.reason, sig: None } });
-    }
-    for (path, _) in index.store.skipped()? {
-        if !seen.contains(&path) {
-            changes.push(Change::Unskip { path });
-        }
-    }
-    // What is left in by_path is no longer in the library (or unreadable now).
-    let mut gone: HashMap<String, Vec<PhotoRecord>> = HashMap::new();
-    for (_, record) in by_path {
-        gone.entry(record.hash.clone()).or_default().push(record);
-    }
-    progress.to_process = jobs.len() as u64;
+    let Plan { jobs, changes, gone, .. } = plan;
     progress.phase = Phase::Indexing;
 
     let min_side = (!opts.exact_decode).then(|| 2 * clip.preprocessor().image_size() as u32);
@@ -753,4 +786,89 @@ pub fn run(
     runner.write_progress();
     runner.tick();
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::library::scan::{Scan, ScanProblem};
+
+    fn sig(size: u64) -> FileSig {
+        FileSig { size, mtime_ns: 1_000 }
+    }
+
+    fn file(rel: &str, size: u64) -> ScannedFile {
+        ScannedFile { rel: rel.into(), abs: PathBuf::from("/lib").join(rel), sig: sig(size), sidecar: None }
+    }
+
+    fn record(id: u64, path: &str, size: u64, hash: &str) -> PhotoRecord {
+        PhotoRecord {
+            id,
+            path: path.into(),
+            sig: sig(size),
+            hash: hash.into(),
+            width: 10,
+            height: 10,
+            format: "png".into(),
+            taken: None,
+            camera_make: None,
+            camera_model: None,
+            orientation: 1,
+            caption: None,
+            caption_source: None,
+            sidecar: None,
+            indexed_at: 0,
+        }
+    }
+
+    #[test]
+    fn plan_sorts_every_path_into_one_fate() {
+        let records = vec![
+            record(1, "same.png", 10, "aa"),
+            record(2, "changed.png", 10, "bb"),
+            record(3, "gone.png", 10, "cc"),
+            record(4, "also-gone.png", 10, "cc"),
+        ];
+        let skip = |size| SkipRecord { reason: "corrupt".into(), sig: Some(sig(size)) };
+        let skipped: HashMap<String, SkipRecord> = [
+            ("bad-still.jpg".to_string(), skip(5)),
+            ("bad-fixed.jpg".to_string(), skip(5)),
+            ("bad-deleted.jpg".to_string(), skip(5)),
+        ]
+        .into_iter()
+        .collect();
+        let scan = Scan {
+            files: vec![file("same.png", 10), file("changed.png", 11), file("new.png", 7), file("bad-still.jpg", 5), file("bad-fixed.jpg", 6)],
+            problems: vec![ScanProblem { rel: "loop".into(), reason: "symbolic link loop".into() }],
+        };
+        let plan = plan(records, skipped, scan);
+        assert_eq!(plan.unchanged, 1);
+        // bad-still.jpg (unchanged since skipped) and the scan's problem.
+        assert_eq!(plan.skipped, 2);
+        let jobs: Vec<(&str, Option<u64>)> = plan.jobs.iter().map(|j| (j.file.rel.as_str(), j.old.as_ref().map(|r| r.id))).collect();
+        assert_eq!(jobs, vec![("changed.png", Some(2)), ("new.png", None), ("bad-fixed.jpg", None)]);
+        let mut gone: Vec<u64> = plan.gone["cc"].iter().map(|r| r.id).collect();
+        gone.sort();
+        assert_eq!(gone, vec![3, 4]);
+        assert_eq!(plan.gone.len(), 1);
+        let changes: Vec<String> = plan
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::Skip { path, skip } => format!("skip {path}: {}", skip.reason),
+                Change::Unskip { path } => format!("unskip {path}"),
+                _ => "other".into(),
+            })
+            .collect();
+        assert_eq!(changes, vec!["skip loop: symbolic link loop", "unskip bad-deleted.jpg"]);
+        assert_eq!(plan.problems, vec![("loop".to_string(), "symbolic link loop".to_string())]);
+    }
+
+    #[test]
+    fn a_changed_sidecar_makes_a_job() {
+        let mut with_caption = file("a.png", 10);
+        with_caption.sidecar = Some((PathBuf::from("/lib/a.txt"), sig(3)));
+        let plan = plan(vec![record(1, "a.png", 10, "aa")], HashMap::new(), Scan { files: vec![with_caption], problems: vec![] });
+        assert_eq!((plan.unchanged, plan.jobs.len()), (0, 1));
+    }
 }
