@@ -109,7 +109,29 @@ mod tests {
         config.vision_config.num_hidden_layers = 1;
         config.text_config.vocab_size = 100;
         let weights = init_weights(&config, 1, &Device::Cpu).unwrap();
+        // Scales as CLIPPreTrainedModel._init_weights sets them.
+        let std = |name: &str| {
+            let t = weights[name].flatten_all().unwrap();
+            let v: Vec<f32> = t.to_vec1().unwrap();
+            let mean = v.iter().sum::<f32>() / v.len() as f32;
+            (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt() as f64
+        };
+        let th = config.text_config.hidden_size as f64;
+        for (name, want) in [
+            ("text_model.embeddings.token_embedding.weight", 0.02),
+            ("text_projection.weight", th.powf(-0.5)),
+            ("text_model.encoder.layers.0.mlp.fc1.weight", (2.0 * th).powf(-0.5)),
+        ] {
+            let got = std(name);
+            assert!((got / want - 1.0).abs() < 0.05, "{name}: std {got}, want {want}");
+        }
         let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &Device::Cpu);
-        crate::model::ClipModel::new(vb, &config).unwrap();
+        let model = crate::model::ClipModel::new(vb, &config).unwrap();
+        // And the model they make embeds: finite features of the right size.
+        let ids = Tensor::new(&[[0u32, 5, 9, 99]], &Device::Cpu).unwrap();
+        let text = model.get_text_features(&ids, &[3]).unwrap();
+        assert_eq!(text.dims(), &[1, config.projection_dim]);
+        let values: Vec<f32> = text.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(values.iter().all(|v| v.is_finite()) && values.iter().any(|v| *v != 0.0));
     }
 }

@@ -404,10 +404,22 @@ async fn openapi_describes_the_real_responses() {
     check_against_doc(&doc, "/api/status", "get", &status);
 }
 
+/// Searches answered during the re-index of the test below; the run waits
+/// for eight of them at its first file, so they surely overlap it.
+static SEARCHES_DURING_RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_searches_during_a_reindex_stay_consistent() {
+    use std::sync::atomic::Ordering;
     let served = indexed_library();
-    let s = state(&served, None);
+    let mut c = config(&served.index);
+    c.run.fail_point = Some(|path: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !path.is_empty() && SEARCHES_DURING_RUN.load(Ordering::SeqCst) < 8 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    });
+    let s = AppState::with_engine(c, engine(&served.index));
     // Change the library: remove a folder, add and rename files.
     let removed: Vec<u64> = hits(&get(&s, "/api/search?q=x&k=50&folder=tools").await).iter().map(|h| h["id"].as_u64().unwrap()).collect();
     assert_eq!(removed.len(), 6);
@@ -435,6 +447,9 @@ async fn concurrent_searches_during_a_reindex_stay_consistent() {
                 let ids: std::collections::HashSet<u64> = hs.iter().map(|h| h["id"].as_u64().unwrap()).collect();
                 assert_eq!(ids.len(), hs.len(), "duplicate hits");
                 n += 1;
+                if running {
+                    SEARCHES_DURING_RUN.fetch_add(1, Ordering::SeqCst);
+                }
                 if !running {
                     break;
                 }
@@ -446,6 +461,7 @@ async fn concurrent_searches_during_a_reindex_stay_consistent() {
         searches += t.await.unwrap();
     }
     assert!(searches >= 8, "only {searches} searches ran");
+    assert!(SEARCHES_DURING_RUN.load(Ordering::SeqCst) >= 8, "the run did not wait for the searches");
     let summary = s.job().last_summary.clone().expect("re-index finished");
     assert_eq!((summary.added, summary.moved, summary.removed), (12, 10, 6));
     // Afterwards: removed photos are never returned, moved ones keep their ids.
