@@ -618,62 +618,68 @@ impl Engine {
     pub fn search(&self, q: &Query) -> Result<SearchResults> {
         let start = Instant::now();
         q.validate()?;
+        let query = self.combine(&q.terms)?;
+        let allowed = self.allowed(&q.filters)?;
+        let excluded: HashSet<u64> = q.exclude.iter().copied().collect();
+        // Both rankings are cut at a depth that does not depend on the page
+        // (it grows in steps of 256, one more than the page tells whether a
+        // next one exists): fusion then ranks the same way for every page,
+        // and pages neither overlap nor skip.
+        let pool = (q.offset + q.k + 1).div_ceil(256) * 256;
+        let by_meaning = self.rank_by_meaning(&query, allowed.as_ref(), &excluded, pool + excluded.len())?;
+        let by_words = self.rank_by_words(q, allowed.as_ref(), &excluded, pool)?;
+        let ranked = fuse(&by_meaning, &by_words, q.min_score);
+        let (hits, more) = self.page(ranked, &query, &by_meaning, &by_words, q.offset, q.k)?;
+        Ok(SearchResults { hits, offset: q.offset, k: q.k, more, took_ms: start.elapsed().as_secs_f64() * 1e3 })
+    }
+
+    /// The terms as one unit vector: the weighted sum of their embeddings.
+    fn combine(&self, terms: &[Term]) -> Result<Vec<f32>> {
         let dim = self.clip.info().embedding_dim;
         let mut combined = vec![0f32; dim];
-        let mut positive = false;
-        for term in &q.terms {
+        for term in terms {
             let v = self.term_vector(term)?;
             if v.len() != dim {
                 return Err(Error::BadQuery(format!("a term has {} dimensions, the index {dim}", v.len())));
             }
-            positive |= term.weight > 0.0;
             for (c, x) in combined.iter_mut().zip(v.iter()) {
                 *c += term.weight * x;
             }
         }
         let norm = combined.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if !positive || norm < 1e-6 {
+        if !terms.iter().any(|t| t.weight > 0.0) || norm < 1e-6 {
             return Err(Error::BadQuery("a query needs at least one term with a positive weight".into()));
         }
         combined.iter_mut().for_each(|x| *x /= norm);
+        Ok(combined)
+    }
 
-        let allowed = self.allowed(&q.filters)?;
-        let excluded: HashSet<u64> = q.exclude.iter().copied().collect();
-        let want = q.offset + q.k + 1; // one more tells whether a next page exists
-        // Both rankings are cut at a depth that does not depend on the page
-        // (it grows in steps of 256): fusion then ranks the same way for
-        // every page, and pages neither overlap nor skip.
-        let pool = want.div_ceil(256) * 256;
-        let fetch = pool + excluded.len();
-
-        // Vector ranking.
-        let vector_hits: Vec<(u64, f32)> = match &allowed {
-            Some(ids) if ids.len() <= EXACT_SCAN_LIMIT || ids.len() * 4 <= self.index.vectors().len() => {
+    /// The `n` photos closest to `query` among the allowed, by cosine
+    /// similarity: a selective filter is scanned exactly (always `n`
+    /// results), a broad one filters inside the graph search.
+    fn rank_by_meaning(&self, query: &[f32], allowed: Option<&HashSet<u64>>, excluded: &HashSet<u64>, n: usize) -> Result<Vec<(u64, f32)>> {
+        let vectors = self.index.vectors();
+        Ok(match allowed {
+            Some(ids) if ids.len() <= EXACT_SCAN_LIMIT || ids.len() * 4 <= vectors.len() => {
                 let mut scored = Vec::with_capacity(ids.len());
-                for &id in ids {
-                    if excluded.contains(&id) {
-                        continue;
-                    }
+                for &id in ids.iter().filter(|id| !excluded.contains(id)) {
                     if let Some(v) = self.index.store().vector(id)? {
-                        scored.push((id, dot(&combined, &v)));
+                        scored.push((id, dot(query, &v)));
                     }
                 }
                 scored.sort_by(|a, b| b.1.total_cmp(&a.1));
-                scored.truncate(fetch);
+                scored.truncate(n);
                 scored
             }
-            Some(ids) => {
-                let allow = |id: u64| ids.contains(&id) && !excluded.contains(&id);
-                self.index.vectors().search(&combined, fetch, Some(&allow))?
-            }
-            None if excluded.is_empty() => self.index.vectors().search(&combined, fetch, None)?,
-            None => {
-                let allow = |id: u64| !excluded.contains(&id);
-                self.index.vectors().search(&combined, fetch, Some(&allow))?
-            }
-        };
+            Some(ids) => vectors.search(query, n, Some(&|id: u64| ids.contains(&id) && !excluded.contains(&id)))?,
+            None if excluded.is_empty() => vectors.search(query, n, None)?,
+            None => vectors.search(query, n, Some(&|id: u64| !excluded.contains(&id)))?,
+        })
+    }
 
-        // Keyword ranking of the positive text terms.
+    /// Keyword matches of the positive text terms, best first (none when
+    /// the query is not hybrid or has no text).
+    fn rank_by_words(&self, q: &Query, allowed: Option<&HashSet<u64>>, excluded: &HashSet<u64>, n: usize) -> Result<Vec<u64>> {
         let text: Vec<&str> = q
             .terms
             .iter()
@@ -683,62 +689,51 @@ impl Engine {
                 _ => None,
             })
             .collect();
-        let keyword = if q.hybrid && !text.is_empty() {
-            let mut hits = self.keyword_hits(&text.join(" "), allowed.as_ref(), pool)?;
-            hits.retain(|id| !excluded.contains(id));
-            hits
-        } else {
-            Vec::new()
-        };
-
-        // Fusion.
-        let mut similarity: HashMap<u64, f32> = vector_hits.iter().copied().collect();
-        let keyword_rank: HashMap<u64, usize> = keyword.iter().enumerate().map(|(r, &id)| (id, r + 1)).collect();
-        let mut ranked: Vec<(u64, f32)> = if keyword.is_empty() {
-            vector_hits.clone()
-        } else {
-            let mut fused: HashMap<u64, f32> = HashMap::new();
-            for (rank, (id, _)) in vector_hits.iter().enumerate() {
-                *fused.entry(*id).or_default() += 1.0 / (RRF_K + rank as f32 + 1.0);
-            }
-            for (rank, id) in keyword.iter().enumerate() {
-                *fused.entry(*id).or_default() += 1.0 / (RRF_K + rank as f32 + 1.0);
-            }
-            let mut v: Vec<(u64, f32)> = fused.into_iter().collect();
-            v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            v
-        };
-        if let Some(min) = q.min_score {
-            ranked.retain(|(id, _)| keyword_rank.contains_key(id) || similarity.get(id).is_some_and(|s| *s >= min));
+        if !q.hybrid || text.is_empty() {
+            return Ok(Vec::new());
         }
+        let mut hits = self.keyword_hits(&text.join(" "), allowed, n)?;
+        hits.retain(|id| !excluded.contains(id));
+        Ok(hits)
+    }
 
-        // Hydrate the page; a photo removed since the vectors were read is skipped.
-        let mut hits = Vec::with_capacity(q.k);
+    /// The ranked ids from `offset` on, as hits; a photo removed since the
+    /// rankings were made is skipped, so results during a re-index stay
+    /// consistent. Says whether more follow.
+    fn page(
+        &self,
+        ranked: Vec<(u64, f32)>,
+        query: &[f32],
+        by_meaning: &[(u64, f32)],
+        by_words: &[u64],
+        offset: usize,
+        k: usize,
+    ) -> Result<(Vec<Hit>, bool)> {
+        let similarity: HashMap<u64, f32> = by_meaning.iter().copied().collect();
+        let keyword_rank: HashMap<u64, usize> = by_words.iter().enumerate().map(|(r, &id)| (id, r + 1)).collect();
+        let mut hits = Vec::with_capacity(k);
         let mut seen = 0;
-        let mut more = false;
         for (id, score) in ranked {
             let Some(record) = self.index.store().get(id)? else { continue };
             seen += 1;
-            if seen <= q.offset {
+            if seen <= offset {
                 continue;
             }
-            if hits.len() == q.k {
-                more = true;
-                break;
+            if hits.len() == k {
+                return Ok((hits, true));
             }
-            let sim = match similarity.get(&id) {
+            let similarity = match similarity.get(&id) {
                 Some(s) => *s,
                 None => match self.index.store().vector(id)? {
-                    Some(v) => dot(&combined, &v),
+                    Some(v) => dot(query, &v),
                     None => continue,
                 },
             };
-            similarity.insert(id, sim);
             hits.push(Hit {
                 id,
                 path: record.path.clone(),
                 score,
-                similarity: sim,
+                similarity,
                 keyword_rank: keyword_rank.get(&id).copied(),
                 width: record.width,
                 height: record.height,
@@ -749,7 +744,7 @@ impl Engine {
                 thumbnail: format!("/api/photos/{id}/thumbnail"),
             });
         }
-        Ok(SearchResults { hits, offset: q.offset, k: q.k, more, took_ms: start.elapsed().as_secs_f64() * 1e3 })
+        Ok((hits, false))
     }
 
     /// Photos like a stored one (itself excluded).
@@ -761,9 +756,50 @@ impl Engine {
     }
 }
 
+/// Reciprocal rank fusion of the meaning and keyword rankings (Cormack et
+/// al. 2009: `sum 1 / (60 + rank)`); without keyword matches, the meaning
+/// ranking and its cosine similarities as they are. `min_score` drops
+/// photos below that similarity, unless their words matched.
+fn fuse(by_meaning: &[(u64, f32)], by_words: &[u64], min_score: Option<f32>) -> Vec<(u64, f32)> {
+    let mut ranked: Vec<(u64, f32)> = if by_words.is_empty() {
+        by_meaning.to_vec()
+    } else {
+        let mut fused: HashMap<u64, f32> = HashMap::new();
+        let ids = by_meaning.iter().map(|(id, _)| *id);
+        for ranking in [ids.collect::<Vec<_>>(), by_words.to_vec()] {
+            for (rank, id) in ranking.into_iter().enumerate() {
+                *fused.entry(id).or_default() += 1.0 / (RRF_K + rank as f32 + 1.0);
+            }
+        }
+        let mut v: Vec<(u64, f32)> = fused.into_iter().collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        v
+    };
+    if let Some(min) = min_score {
+        let similarity: HashMap<u64, f32> = by_meaning.iter().copied().collect();
+        ranked.retain(|(id, _)| by_words.contains(id) || similarity.get(id).is_some_and(|s| *s >= min));
+    }
+    ranked
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fusion_rewards_agreement_and_keeps_word_matches() {
+        let meaning = vec![(1, 0.9), (2, 0.8), (3, 0.1)];
+        // Without words: the meaning ranking itself.
+        assert_eq!(fuse(&meaning, &[], None), meaning);
+        // 3 matched the words: it rises above 2, which did not.
+        let fused: Vec<u64> = fuse(&meaning, &[3, 1], None).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(fused, vec![1, 3, 2]);
+        // A cutoff drops low similarity, but not a word match.
+        let kept: Vec<u64> = fuse(&meaning, &[3], Some(0.5)).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(kept, vec![3, 1, 2]);
+        let cut: Vec<u64> = fuse(&meaning, &[], Some(0.85)).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(cut, vec![1]);
+    }
 
     #[test]
     fn cache_keeps_the_recent() {
