@@ -74,7 +74,7 @@ fn run(index: &Index, clip: &Clip, args: &RunArgs, json: bool) -> Result<()> {
                 "{:.1} files/s  embedded {}  skipped {}",
                 p.files_per_second(),
                 p.embedded(),
-                p.skipped
+                p.counts.skipped
             ));
         }
     };
@@ -94,10 +94,18 @@ fn print_summary(index: &Index, s: &RunSummary, json: bool) -> Result<()> {
     println!("{} is up to date in {} ({secs} s)", index.meta().library, index.paths().root.display());
     println!(
         "  {} files: {} added, {} replaced, {} moved, {} duplicates, {} updated, {} removed, {} skipped, {} unchanged",
-        s.files_seen, s.added, s.replaced, s.moved, s.duplicates, s.updated, s.removed, s.skipped, s.unchanged
+        s.counts.files_seen,
+        s.counts.added,
+        s.counts.replaced,
+        s.counts.moved,
+        s.counts.duplicates,
+        s.counts.updated,
+        s.counts.removed,
+        s.counts.skipped,
+        s.counts.unchanged
     );
     println!("  {} photos indexed", index.store().count());
-    if s.skipped > 0 {
+    if s.counts.skipped > 0 {
         println!("  skipped files and reasons: clipdex status --index {}", index.paths().root.display());
     }
     Ok(())
@@ -238,12 +246,12 @@ fn print_status(s: &Status) {
             iso_utc(r.finished_at),
             (r.finished_at - r.started_at).max(0),
             r.embedded,
-            r.moved,
-            r.duplicates,
-            r.updated,
-            r.removed,
-            r.skipped,
-            r.unchanged
+            r.counts.moved,
+            r.counts.duplicates,
+            r.counts.updated,
+            r.counts.removed,
+            r.counts.skipped,
+            r.counts.unchanged
         ),
         None => println!("last run none completed yet"),
     }

@@ -33,7 +33,7 @@ use crate::library::scan::{scan, ScannedFile};
 use crate::library::thumb::{encode_thumbnail, thumb_path, write_thumbnail, THUMB_SIZE};
 use crate::library::{decode_bytes_scaled, read_and_hash, read_file, DecodeError, DecodeLimits};
 use crate::model::{Clip, Preprocessor, RgbView};
-use crate::store::{CaptionSource, Change, FileSig, PhotoRecord, RunSummary, SkipRecord};
+use crate::store::{CaptionSource, Change, FileSig, PhotoRecord, RunCounts, RunSummary, SkipRecord};
 
 /// How a run works.
 #[derive(Clone, Debug)]
@@ -81,28 +81,11 @@ pub enum Phase {
 #[derive(Clone, Debug, Serialize)]
 pub struct Progress {
     pub phase: Phase,
-    /// Files found in the library (images and unreadable entries).
-    pub files_seen: u64,
     /// Files that need reading (new or changed).
     pub to_process: u64,
     pub processed: u64,
-    /// New photos embedded.
-    pub added: u64,
-    /// Photos whose content changed, embedded again.
-    pub replaced: u64,
-    pub moved: u64,
-    pub duplicates: u64,
-    /// Photos whose metadata or caption changed, not their pixels.
-    pub updated: u64,
-    pub removed: u64,
-    pub skipped: u64,
-    pub unchanged: u64,
-    pub bytes_read: u64,
-    /// Worker time spent reading, hashing, decoding and preprocessing, summed over workers.
-    pub decode_seconds: f64,
-    /// Time spent in the model.
-    pub embed_seconds: f64,
-    pub elapsed_seconds: f64,
+    #[serde(flatten)]
+    pub counts: RunCounts,
     pub started_at: i64,
     pub pid: u32,
 }
@@ -111,21 +94,9 @@ impl Progress {
     fn new() -> Self {
         Self {
             phase: Phase::Scanning,
-            files_seen: 0,
             to_process: 0,
             processed: 0,
-            added: 0,
-            replaced: 0,
-            moved: 0,
-            duplicates: 0,
-            updated: 0,
-            removed: 0,
-            skipped: 0,
-            unchanged: 0,
-            bytes_read: 0,
-            decode_seconds: 0.0,
-            embed_seconds: 0.0,
-            elapsed_seconds: 0.0,
+            counts: RunCounts::default(),
             started_at: now_secs(),
             pid: std::process::id(),
         }
@@ -133,32 +104,20 @@ impl Progress {
 
     /// Images embedded by the model this run.
     pub fn embedded(&self) -> u64 {
-        self.added + self.replaced
+        self.counts.added + self.counts.replaced
     }
 
     /// Files processed per second of the run so far.
     pub fn files_per_second(&self) -> f64 {
-        if self.elapsed_seconds > 0.0 { self.processed as f64 / self.elapsed_seconds } else { 0.0 }
+        if self.counts.elapsed_seconds > 0.0 { self.processed as f64 / self.counts.elapsed_seconds } else { 0.0 }
     }
 
     fn summary(&self) -> RunSummary {
         RunSummary {
             started_at: self.started_at,
             finished_at: now_secs(),
-            files_seen: self.files_seen,
             embedded: self.embedded(),
-            added: self.added,
-            replaced: self.replaced,
-            moved: self.moved,
-            duplicates: self.duplicates,
-            updated: self.updated,
-            removed: self.removed,
-            skipped: self.skipped,
-            unchanged: self.unchanged,
-            bytes_read: self.bytes_read,
-            decode_seconds: self.decode_seconds,
-            embed_seconds: self.embed_seconds,
-            elapsed_seconds: self.elapsed_seconds,
+            counts: self.counts.clone(),
             peak_memory_bytes: peak_memory_bytes().unwrap_or(0),
         }
     }
@@ -402,7 +361,7 @@ impl Runner<'_> {
     }
 
     fn tick(&mut self) {
-        self.progress.elapsed_seconds = self.started.elapsed().as_secs_f64();
+        self.progress.counts.elapsed_seconds = self.started.elapsed().as_secs_f64();
         (self.callback)(&self.progress);
     }
 
@@ -414,8 +373,8 @@ impl Runner<'_> {
     /// Counts a file whose fate is settled.
     fn count(&mut self, done: &Done) {
         self.progress.processed += 1;
-        self.progress.bytes_read += done.bytes;
-        self.progress.decode_seconds += done.seconds;
+        self.progress.counts.bytes_read += done.bytes;
+        self.progress.counts.decode_seconds += done.seconds;
     }
 
     /// Takes the result of one file.
@@ -423,12 +382,12 @@ impl Runner<'_> {
         match std::mem::replace(&mut done.outcome, Outcome::Known) {
             Outcome::Failed(ref reason) => {
                 self.count(&done);
-                self.progress.skipped += 1;
+                self.progress.counts.skipped += 1;
                 tracing::warn!(path = %done.job.file.rel, reason = %reason, "skipping file");
                 let skip = SkipRecord { reason: reason.clone(), sig: Some(done.job.file.sig) };
                 self.changes.push(Change::Skip { path: done.job.file.rel.clone(), skip });
                 if let Some(old) = done.job.old {
-                    self.progress.removed += 1;
+                    self.progress.counts.removed += 1;
                     self.remove(old);
                 }
             }
@@ -448,7 +407,7 @@ impl Runner<'_> {
             let mut record = old.clone();
             fill(&mut record, &done);
             self.count(&done);
-            self.progress.updated += 1;
+            self.progress.counts.updated += 1;
             self.changes.push(Change::Put { record, vector: None, old_path: None });
             return Ok(());
         }
@@ -457,10 +416,10 @@ impl Runner<'_> {
             let old_path = record.path.clone();
             fill(&mut record, &done);
             self.count(&done);
-            self.progress.moved += 1;
+            self.progress.counts.moved += 1;
             self.changes.push(Change::Put { record, vector: None, old_path: Some(old_path) });
             if let Some(old) = done.job.old {
-                self.progress.replaced += 1;
+                self.progress.counts.replaced += 1;
                 self.remove(old);
             }
             return Ok(());
@@ -475,7 +434,7 @@ impl Runner<'_> {
                 record.id = id;
                 fill(&mut record, &done);
                 self.count(&done);
-                self.progress.duplicates += 1;
+                self.progress.counts.duplicates += 1;
                 self.changes.push(Change::Put { record, vector: Some(vector), old_path: None });
                 if let Some(old) = done.job.old {
                     self.remove(old);
@@ -507,17 +466,17 @@ impl Runner<'_> {
         }
         let start = Instant::now();
         let vectors = self.clip.embed_pixels(data, n)?;
-        self.progress.embed_seconds += start.elapsed().as_secs_f64();
+        self.progress.counts.embed_seconds += start.elapsed().as_secs_f64();
         let first = self.index.store.reserve_ids(n as u64)?;
         for (i, ((done, decoded), vector)) in batch.into_iter().zip(vectors).enumerate() {
             let record = describe(&done, first + i as u64, decoded.width, decoded.height, decoded.format);
             self.changes.push(Change::Put { record, vector: Some(vector), old_path: None });
             match done.job.old {
                 Some(old) => {
-                    self.progress.replaced += 1;
+                    self.progress.counts.replaced += 1;
                     self.remove(old);
                 }
-                None => self.progress.added += 1,
+                None => self.progress.counts.added += 1,
             }
         }
         Ok(())
@@ -561,7 +520,7 @@ impl Runner<'_> {
     }
 
     fn write_progress(&mut self) {
-        self.progress.elapsed_seconds = self.started.elapsed().as_secs_f64();
+        self.progress.counts.elapsed_seconds = self.started.elapsed().as_secs_f64();
         let path = self.index.paths.progress();
         let bytes = serde_json::to_vec_pretty(&self.progress).expect("progress serialises");
         if let Err(e) = crate::common::fs::write_synced(&path, &bytes) {
@@ -649,14 +608,14 @@ pub fn run(
     // 1. Scan.
     let own = std::fs::canonicalize(&index.paths.root).map_err(io_err(&index.paths.root))?;
     let scanned = scan(&library, &[own]);
-    progress.files_seen = (scanned.files.len() + scanned.problems.len()) as u64;
+    progress.counts.files_seen = (scanned.files.len() + scanned.problems.len()) as u64;
 
     // 2. Compare with the store.
     let records = index.store.records().collect::<crate::store::Result<Vec<_>>>()?;
     let known: HashSet<String> = records.iter().map(|r| r.hash.clone()).collect();
     let plan = plan(records, index.store.skipped()?.into_iter().collect(), scanned);
-    progress.unchanged = plan.unchanged;
-    progress.skipped = plan.skipped;
+    progress.counts.unchanged = plan.unchanged;
+    progress.counts.skipped = plan.skipped;
     progress.to_process = plan.jobs.len() as u64;
     for (path, reason) in &plan.problems {
         tracing::warn!(path = %path, reason = %reason, "skipping");
@@ -761,7 +720,7 @@ pub fn run(
     let gone: Vec<PhotoRecord> = std::mem::take(&mut runner.gone).into_values().flatten().collect();
     for chunk in gone.chunks(512) {
         for record in chunk {
-            runner.progress.removed += 1;
+            runner.progress.counts.removed += 1;
             runner.remove(record.clone());
         }
         runner.commit()?;
@@ -779,7 +738,7 @@ pub fn run(
         runner.index.rebuild_vectors()?;
     }
     runner.index.vectors.save()?;
-    runner.progress.elapsed_seconds = runner.started.elapsed().as_secs_f64();
+    runner.progress.counts.elapsed_seconds = runner.started.elapsed().as_secs_f64();
     let summary = runner.progress.summary();
     runner.index.store.set_last_run(&summary)?;
     runner.progress.phase = Phase::Done;
@@ -802,23 +761,7 @@ mod tests {
     }
 
     fn record(id: u64, path: &str, size: u64, hash: &str) -> PhotoRecord {
-        PhotoRecord {
-            id,
-            path: path.into(),
-            sig: sig(size),
-            hash: hash.into(),
-            width: 10,
-            height: 10,
-            format: "png".into(),
-            taken: None,
-            camera_make: None,
-            camera_model: None,
-            orientation: 1,
-            caption: None,
-            caption_source: None,
-            sidecar: None,
-            indexed_at: 0,
-        }
+        PhotoRecord { sig: sig(size), ..crate::store::sample_record(id, path, hash) }
     }
 
     #[test]

@@ -142,20 +142,21 @@ pub struct IndexMeta {
     pub clipdex_version: String,
 }
 
-/// Counts of one completed indexing run.
+/// What an indexing run did, counted: the progress of a run in flight
+/// and the summary stored after it share these.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct RunSummary {
-    pub started_at: i64,
-    pub finished_at: i64,
+pub struct RunCounts {
+    /// Files found in the library (images and unreadable entries).
     pub files_seen: u64,
-    /// Images the model embedded (`added + replaced`).
-    pub embedded: u64,
+    /// New photos embedded.
     #[serde(default)]
     pub added: u64,
+    /// Photos whose content changed, embedded again.
     #[serde(default)]
     pub replaced: u64,
     pub moved: u64,
     pub duplicates: u64,
+    /// Photos whose metadata or caption changed, not their pixels.
     pub updated: u64,
     pub removed: u64,
     pub skipped: u64,
@@ -172,6 +173,17 @@ pub struct RunSummary {
     /// Wall time of the run.
     #[serde(default)]
     pub elapsed_seconds: f64,
+}
+
+/// One completed indexing run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub started_at: i64,
+    pub finished_at: i64,
+    /// Images the model embedded (`added + replaced`).
+    pub embedded: u64,
+    #[serde(flatten)]
+    pub counts: RunCounts,
     /// Peak resident memory of the process that ran it, bytes (0 where
     /// the system does not say).
     #[serde(default)]
@@ -434,6 +446,28 @@ impl Store {
     }
 }
 
+/// A record with every optional field empty, for tests of the layers above.
+#[cfg(test)]
+pub(crate) fn sample_record(id: u64, path: &str, hash: &str) -> PhotoRecord {
+    PhotoRecord {
+        id,
+        path: path.into(),
+        sig: FileSig::default(),
+        hash: hash.into(),
+        width: 10,
+        height: 10,
+        format: "png".into(),
+        taken: None,
+        camera_make: None,
+        camera_model: None,
+        orientation: 1,
+        caption: None,
+        caption_source: None,
+        sidecar: None,
+        indexed_at: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,23 +489,7 @@ mod tests {
     }
 
     fn record(id: u64, path: &str, hash: u8) -> PhotoRecord {
-        PhotoRecord {
-            id,
-            path: path.into(),
-            sig: FileSig { size: 1, mtime_ns: 2 },
-            hash: format!("{:02x}", hash).repeat(32),
-            width: 1,
-            height: 1,
-            format: "png".into(),
-            taken: None,
-            camera_make: None,
-            camera_model: None,
-            orientation: 1,
-            caption: None,
-            caption_source: None,
-            sidecar: None,
-            indexed_at: 0,
-        }
+        PhotoRecord { sig: FileSig { size: 1, mtime_ns: 2 }, ..sample_record(id, path, &format!("{:02x}", hash).repeat(32)) }
     }
 
     #[test]

@@ -473,15 +473,15 @@ fn a_panic_on_one_file_skips_that_file_and_the_run_goes_on() {
     });
     let stop = std::sync::atomic::AtomicBool::new(false);
     let summary = clipdex::indexer::run(&index, &clip, &opts, &mut |_| {}, &stop).unwrap();
-    assert_eq!(summary.skipped, 1, "{summary:?}");
-    assert_eq!(summary.added as usize, lib.good - 1);
+    assert_eq!(summary.counts.skipped, 1, "{summary:?}");
+    assert_eq!(summary.counts.added as usize, lib.good - 1);
     let skipped = index.store().skipped().unwrap();
     let (path, skip) = &skipped[0];
     assert_eq!(path, "formats/cmyk.jpg");
     assert!(skip.reason.contains("internal error") && skip.reason.contains("injected failure"), "{}", skip.reason);
     // Recorded as skipped: the next run does not retry the unchanged file.
     let again = clipdex::indexer::run(&index, &clip, &opts, &mut |_| {}, &stop).unwrap();
-    assert_eq!((again.skipped, again.added, again.unchanged as usize), (1, 0, lib.good - 1));
+    assert_eq!((again.counts.skipped, again.counts.added, again.counts.unchanged as usize), (1, 0, lib.good - 1));
 }
 
 #[test]

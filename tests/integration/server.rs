@@ -463,7 +463,7 @@ async fn concurrent_searches_during_a_reindex_stay_consistent() {
     assert!(searches >= 8, "only {searches} searches ran");
     assert!(SEARCHES_DURING_RUN.load(Ordering::SeqCst) >= 8, "the run did not wait for the searches");
     let summary = s.job().last_summary.clone().expect("re-index finished");
-    assert_eq!((summary.added, summary.moved, summary.removed), (12, 10, 6));
+    assert_eq!((summary.counts.added, summary.counts.moved, summary.counts.removed), (12, 10, 6));
     // Afterwards: removed photos are never returned, moved ones keep their ids.
     let all = hits(&get(&s, "/api/search?q=x&k=200").await);
     assert_eq!(all.len(), 27 - 6 + 12);
