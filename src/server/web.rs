@@ -12,6 +12,17 @@ const INDEX: &str = include_str!("../../web/index.html");
 const APP: &str = include_str!("../../web/app.js");
 const STYLE: &str = include_str!("../../web/style.css");
 const ICON: &str = include_str!("../../web/favicon.svg");
+/// The page's modules, `web/js/`, served under `/js/`.
+const MODULES: &[(&str, &str)] = &[
+    ("api.js", include_str!("../../web/js/api.js")),
+    ("dom.js", include_str!("../../web/js/dom.js")),
+    ("filters.js", include_str!("../../web/js/filters.js")),
+    ("grid.js", include_str!("../../web/js/grid.js")),
+    ("search.js", include_str!("../../web/js/search.js")),
+    ("state.js", include_str!("../../web/js/state.js")),
+    ("status.js", include_str!("../../web/js/status.js")),
+    ("viewer.js", include_str!("../../web/js/viewer.js")),
+];
 
 fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     (
@@ -25,7 +36,11 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
 }
 
 pub fn routes() -> Router<SharedState> {
-    Router::new()
+    let mut router = Router::new();
+    for (name, body) in MODULES {
+        router = router.route(&format!("/js/{name}"), get(|| async { asset("text/javascript; charset=utf-8", body) }));
+    }
+    router
         .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
         .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP) }))
         .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))

@@ -233,6 +233,12 @@ fn hash_key(hash: &[u8; 32], id: u64) -> [u8; 42] {
     k
 }
 
+/// The id at the end of a key; a key too short to hold one is a corrupt
+/// store, not photo 0.
+fn key_id(key: &[u8]) -> Result<u64> {
+    id_from_key(key).ok_or_else(|| Error::Corrupt { key: String::from_utf8_lossy(key).into_owned(), message: "the key holds no photo id".into() })
+}
+
 fn id_from_key(key: &[u8]) -> Option<u64> {
     key.get(key.len().checked_sub(8)?..).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
 }
@@ -334,7 +340,7 @@ impl Store {
     pub fn ids_with_hash(&self, hash: &[u8; 32]) -> Result<Vec<u64>> {
         let mut prefix = b"h:".to_vec();
         prefix.extend_from_slice(hash);
-        self.tree.scan_prefix(prefix).keys().map(|k| Ok(id_from_key(&k?).unwrap_or(0))).collect()
+        self.tree.scan_prefix(prefix).keys().map(|k| key_id(&k?)).collect()
     }
 
     pub fn vector(&self, id: u64) -> Result<Option<Vec<f32>>> {
@@ -353,13 +359,13 @@ impl Store {
     pub fn vectors(&self) -> impl Iterator<Item = Result<(u64, Vec<f32>)>> + '_ {
         self.tree.scan_prefix(b"v:").map(|kv| {
             let (k, v) = kv?;
-            Ok((id_from_key(&k).unwrap_or(0), vector_from_bytes(&v)))
+            Ok((key_id(&k)?, vector_from_bytes(&v)))
         })
     }
 
     /// Ids of all photos.
     pub fn ids(&self) -> Result<BTreeSet<u64>> {
-        self.tree.scan_prefix(b"p:").keys().map(|k| Ok(id_from_key(&k?).unwrap_or(0))).collect()
+        self.tree.scan_prefix(b"p:").keys().map(|k| key_id(&k?)).collect()
     }
 
     pub fn count(&self) -> usize {

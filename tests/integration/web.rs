@@ -306,12 +306,18 @@ fn the_page_in_a_real_browser() {
     browser.wait("results", "return document.querySelectorAll('#grid .tile').length >= 10");
     browser.wait("thumbnails", "return [...document.querySelectorAll('#grid .tile img')].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)");
     assert_eq!(browser.js("return document.getElementById('intro').hidden"), Value::Bool(true));
+    // Results are a list of buttons, each in its list item.
+    let listed = "return [...document.getElementById('grid').children].every(li => li.tagName === 'LI' && li.firstElementChild.matches('button.tile'))";
+    assert_eq!(browser.js(listed), Value::Bool(true));
 
     // Open a photo: the viewer shows its metadata.
     browser.click("#grid .tile");
     browser.wait("the viewer", "return document.getElementById('viewer').open && document.querySelectorAll('#v-meta dt').length > 0");
     browser.screenshot("browser-viewer.png");
     let title = browser.js("return document.getElementById('v-title').textContent");
+    // The dialog is named by the photo's title.
+    let label = browser.js("const v = document.getElementById('viewer'); return document.getElementById(v.getAttribute('aria-labelledby')).textContent");
+    assert_eq!(label, title);
     assert!(title.as_str().unwrap().ends_with(".jpg") || title.as_str().unwrap().ends_with(".png"), "{title}");
 
     // Find similar: results exclude the photo itself.

@@ -1,0 +1,92 @@
+// The result grid: tiles as list items, chips of the query, keyboard focus.
+
+import { $ } from "./dom.js";
+import { search } from "./search.js";
+import { state } from "./state.js";
+import { openViewer } from "./viewer.js";
+
+export function chip(label, thumb, onRemove, negative) {
+  const el = document.createElement("span");
+  el.className = "chip" + (negative ? " neg" : "");
+  if (thumb) {
+    const img = document.createElement("img");
+    img.src = thumb;
+    img.alt = "";
+    el.append(img);
+  }
+  el.append(document.createTextNode(label));
+  const x = document.createElement("button");
+  x.type = "button";
+  x.textContent = "×";
+  x.setAttribute("aria-label", "Remove " + label);
+  x.onclick = onRemove;
+  el.append(x);
+  return el;
+}
+
+export function renderChips() {
+  const chips = $("chips");
+  chips.replaceChildren();
+  if (state.upload) chips.append(chip("picture", state.upload.url, () => { state.upload = null; search(); }));
+  if (state.similarTo) chips.append(chip("like", state.similarTo.thumb, () => { state.similarTo = null; search(); }));
+  state.modifiers.forEach((m, i) => {
+    chips.append(chip(m.weight > 0 ? "more" : "less", m.thumb, () => { state.modifiers.splice(i, 1); search(); }, m.weight < 0));
+  });
+}
+
+export function tile(hit, index) {
+  const item = document.createElement("li");
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = "tile";
+  b.dataset.index = index;
+  b.title = hit.path;
+  const img = document.createElement("img");
+  img.loading = "lazy";
+  img.decoding = "async";
+  img.src = hit.thumbnail;
+  img.alt = hit.caption || hit.path;
+  b.append(img);
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = hit.similarity.toFixed(3);
+  b.append(score);
+  if (hit.keyword_rank) {
+    const kw = document.createElement("span");
+    kw.className = "kw";
+    kw.textContent = "name";
+    kw.title = "matched by file name, folder or caption";
+    b.append(kw);
+  }
+  b.onclick = () => openViewer(index);
+  item.append(b);
+  return item;
+}
+
+export function renderGrid(reset) {
+  const grid = $("grid");
+  if (reset) grid.replaceChildren();
+  appendTiles(state.hits, 0);
+}
+
+export function appendTiles(hits, start) {
+  const grid = $("grid");
+  const frag = document.createDocumentFragment();
+  hits.forEach((h, i) => frag.append(tile(h, start + i)));
+  grid.append(frag);
+}
+
+export function columns() {
+  const grid = $("grid");
+  const first = grid.querySelector(".tile");
+  if (!first) return 1;
+  return Math.max(1, Math.round(grid.clientWidth / first.getBoundingClientRect().width));
+}
+
+export function focusTile(i) {
+  const tiles = $("grid").querySelectorAll(".tile");
+  if (!tiles.length) return;
+  i = Math.max(0, Math.min(tiles.length - 1, i));
+  tiles[i].focus();
+  tiles[i].scrollIntoView({ block: "nearest" });
+}

@@ -1,0 +1,113 @@
+// Running searches: a first page, more pages, typing, searching by a picture.
+
+import { api } from "./api.js";
+import { $, showError } from "./dom.js";
+import { filters, hasQuery, queryString } from "./filters.js";
+import { appendTiles, renderChips, renderGrid } from "./grid.js";
+import { PAGE, state } from "./state.js";
+
+export async function fetchPage(offset) {
+  const f = filters();
+  const exclude = $("f-exclude").value.trim();
+  if (state.upload) {
+    const form = new FormData();
+    form.append("file", state.upload.file);
+    const q = queryString();
+    if (q) form.append("q", q);
+    form.append("k", PAGE);
+    form.append("offset", offset);
+    for (const [k, v] of Object.entries(f)) form.append(k, v);
+    return api("/api/search/image", { method: "POST", body: form });
+  }
+  if (state.similarTo && !state.text && !state.modifiers.length) {
+    const params = new URLSearchParams({ k: PAGE, offset, ...f });
+    return api(`/api/photos/${state.similarTo.id}/similar?${params}`);
+  }
+  let q = queryString();
+  if (state.similarTo) q = `image:${state.similarTo.id}` + (q ? " + " + q : "");
+  const params = new URLSearchParams({ q, k: PAGE, offset, ...f });
+  if (exclude) params.set("exclude", exclude);
+  return api(`/api/search?${params}`);
+}
+
+export async function search() {
+  const generation = ++state.generation;
+  showError(null);
+  renderChips();
+  if (!hasQuery()) {
+    state.hits = [];
+    renderGrid(true);
+    $("intro").hidden = false;
+    $("summary").hidden = true;
+    $("empty").hidden = true;
+    return;
+  }
+  $("intro").hidden = true;
+  state.loading = true;
+  try {
+    const page = await fetchPage(0);
+    if (generation !== state.generation) return;
+    state.hits = page.hits;
+    state.offset = page.hits.length;
+    state.more = page.more;
+    renderGrid(true);
+    $("summary").hidden = false;
+    $("summary").textContent = page.hits.length
+      ? `${page.more ? "Top results" : page.hits.length + " results"} · ${Math.round(page.took_ms)} ms`
+      : "";
+    $("empty").hidden = page.hits.length > 0;
+  } catch (e) {
+    if (generation === state.generation) showError(e.message);
+  } finally {
+    if (generation === state.generation) state.loading = false;
+  }
+}
+
+export async function loadMore() {
+  if (state.loading || !state.more || !hasQuery()) return;
+  const generation = state.generation;
+  state.loading = true;
+  try {
+    const page = await fetchPage(state.offset);
+    if (generation !== state.generation) return;
+    const seen = new Set(state.hits.map((h) => h.id));
+    const fresh = page.hits.filter((h) => !seen.has(h.id));
+    state.hits.push(...fresh);
+    state.offset += page.hits.length;
+    state.more = page.more && page.hits.length > 0;
+    appendTiles(fresh, state.hits.length - fresh.length);
+  } catch (e) {
+    showError(e.message);
+  } finally {
+    state.loading = false;
+  }
+}
+
+let typingTimer = null;
+
+// Stops a pending search-as-you-type.
+export function cancelTyping() {
+  clearTimeout(typingTimer);
+}
+
+export function onType() {
+  clearTimeout(typingTimer);
+  typingTimer = setTimeout(() => {
+    const text = $("q").value.trim();
+    if (text !== state.text) {
+      state.text = text;
+      search();
+    }
+  }, 250);
+}
+
+export function searchByImage(file) {
+  if (!file || !file.type.startsWith("image/")) {
+    showError("That is not an image.");
+    return;
+  }
+  if (state.upload) URL.revokeObjectURL(state.upload.url);
+  state.upload = { file, url: URL.createObjectURL(file) };
+  state.similarTo = null;
+  search();
+}
