@@ -156,7 +156,9 @@ struct Decoded {
 
 struct Done {
     job: Job,
+    /// blake3 of the file's bytes, hex (as records keep it); empty when unread.
     hash: String,
+    digest: Option<blake3::Hash>,
     meta: PhotoMeta,
     caption: (Option<String>, Option<CaptionSource>),
     outcome: Outcome,
@@ -194,6 +196,7 @@ fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
             tracing::error!(path = %keep.file.rel, %message, "internal error on a file; skipping it");
             Done {
                 hash: String::new(),
+                digest: None,
                 meta: PhotoMeta::default(),
                 caption: (None, None),
                 outcome: Outcome::Failed(format!("internal error while reading this file: {message}")),
@@ -212,6 +215,7 @@ fn read_and_decode(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
     }
     let mut done = Done {
         hash: String::new(),
+        digest: None,
         meta: PhotoMeta::default(),
         caption: (None, None),
         outcome: Outcome::Known,
@@ -234,6 +238,7 @@ fn read_and_decode(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
     };
     done.bytes = read.size;
     done.hash = read.hash.to_hex().to_string();
+    done.digest = Some(read.hash);
     done.meta = read_meta(&read.bytes);
     done.caption = caption(done.job.file.sidecar.as_ref().map(|(p, _)| p.as_path()), &done.meta);
     let known = ctx.known.contains(&done.hash)
@@ -425,8 +430,12 @@ impl Runner<'_> {
             return Ok(());
         }
         // Content of a photo still in the library: a duplicate.
-        let hash = crate::store::parse_hash(&done.hash).expect("blake3 hex");
-        let source = self.index.store.ids_with_hash(&hash)?.into_iter().find(|id| !self.removed_ids.contains(id));
+        // Known content was read, so it has a digest.
+        let ids = match done.digest {
+            Some(digest) => self.index.store.ids_with_hash(digest.as_bytes())?,
+            None => Vec::new(),
+        };
+        let source = ids.into_iter().find(|id| !self.removed_ids.contains(id));
         if let Some(source) = source {
             if let (Some(src), Some(vector)) = (self.index.store.get(source)?, self.index.store.vector(source)?) {
                 let id = self.index.store.reserve_ids(1)?;
@@ -654,97 +663,106 @@ pub fn run(
     runner.tick();
 
     // 3-4. Workers decode; this thread embeds and commits.
-    let workers = opts.workers.max(1);
-    let batch = opts.batch_size.max(1);
-    let result = std::thread::scope(|scope| -> Result<()> {
-        let (job_tx, job_rx) = bounded::<Job>(workers * 4);
-        let (done_tx, done_rx) = bounded::<Done>(batch * 2);
-        let ctx = &ctx;
-        for _ in 0..workers {
-            let (job_rx, done_tx) = (job_rx.clone(), done_tx.clone());
-            scope.spawn(move || {
-                for job in job_rx {
-                    if stop.load(Ordering::Relaxed) || done_tx.send(process(job, ctx, false)).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        drop((job_rx, done_tx));
-        scope.spawn(move || {
-            for job in jobs {
-                if stop.load(Ordering::Relaxed) || job_tx.send(job).is_err() {
-                    break;
-                }
-            }
-        });
-        // Owning the receiver here means an early return drops it, which
-        // ends the workers instead of leaving them blocked on a full queue.
-        let runner = &mut runner;
-        (move || -> Result<()> {
-            for done in done_rx {
-                runner.handle(done, ctx)?;
-                if runner.to_embed.len() >= batch {
-                    runner.embed()?;
-                    runner.commit()?;
-                    runner.retry_deferred(ctx)?;
-                } else if runner.changes.len() >= 256 || runner.last_commit.elapsed() > Duration::from_secs(2) {
-                    runner.commit()?;
-                }
-                runner.tick();
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-            Ok(())
-        })()
-    });
-    result?;
-    runner.embed()?;
-    runner.commit()?;
-    runner.retry_deferred(&ctx)?;
-    // What still waits decodes itself (its first copy failed, say).
-    runner.finishing = true;
-    runner.retry_deferred(&ctx)?;
-    runner.embed()?;
-    runner.commit()?;
+    runner.pipeline(jobs, &ctx, stop)?;
     if stop.load(Ordering::Relaxed) {
         runner.index.vectors.save()?;
         runner.write_progress();
         return Err(Error::Stopped("asked to stop; the work done so far is saved".into()));
     }
-
     // 5. Removals, clean-up, the graph.
-    runner.progress.phase = Phase::Finishing;
-    runner.tick();
-    let gone: Vec<PhotoRecord> = std::mem::take(&mut runner.gone).into_values().flatten().collect();
-    for chunk in gone.chunks(512) {
-        for record in chunk {
-            runner.progress.counts.removed += 1;
-            runner.remove(record.clone());
+    runner.finish()
+}
+
+impl Runner<'_> {
+    /// Steps 3 and 4: worker threads read and decode the jobs; this thread
+    /// embeds in batches and commits, until every job is settled (or `stop`).
+    fn pipeline(&mut self, jobs: Vec<Job>, ctx: &WorkerContext, stop: &AtomicBool) -> Result<()> {
+        let workers = self.opts.workers.max(1);
+        let batch = self.opts.batch_size.max(1);
+        std::thread::scope(|scope| -> Result<()> {
+            let (job_tx, job_rx) = bounded::<Job>(workers * 4);
+            let (done_tx, done_rx) = bounded::<Done>(batch * 2);
+            for _ in 0..workers {
+                let (job_rx, done_tx) = (job_rx.clone(), done_tx.clone());
+                scope.spawn(move || {
+                    for job in job_rx {
+                        if stop.load(Ordering::Relaxed) || done_tx.send(process(job, ctx, false)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop((job_rx, done_tx));
+            scope.spawn(move || {
+                for job in jobs {
+                    if stop.load(Ordering::Relaxed) || job_tx.send(job).is_err() {
+                        break;
+                    }
+                }
+            });
+            // Owning the receiver here means an early return drops it, which
+            // ends the workers instead of leaving them blocked on a full queue.
+            for done in done_rx {
+                self.handle(done, ctx)?;
+                if self.to_embed.len() >= batch {
+                    self.embed()?;
+                    self.commit()?;
+                    self.retry_deferred(ctx)?;
+                } else if self.changes.len() >= 256 || self.last_commit.elapsed() > Duration::from_secs(2) {
+                    self.commit()?;
+                }
+                self.tick();
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            Ok(())
+        })?;
+        self.embed()?;
+        self.commit()?;
+        self.retry_deferred(ctx)?;
+        // What still waits decodes itself (its first copy failed, say).
+        self.finishing = true;
+        self.retry_deferred(ctx)?;
+        self.embed()?;
+        self.commit()
+    }
+
+    /// Step 5: records of paths gone (and not moved) are removed with their
+    /// unused thumbnails, the graph is rebuilt if too much of it is dead,
+    /// saved, and the summary stored.
+    fn finish(mut self) -> Result<RunSummary> {
+        self.progress.phase = Phase::Finishing;
+        self.tick();
+        let gone: Vec<PhotoRecord> = std::mem::take(&mut self.gone).into_values().flatten().collect();
+        for chunk in gone.chunks(512) {
+            for record in chunk {
+                self.progress.counts.removed += 1;
+                self.remove(record.clone());
+            }
+            self.commit()?;
         }
-        runner.commit()?;
-    }
-    for hash in std::mem::take(&mut runner.removed_hashes) {
-        let still_used = crate::store::parse_hash(&hash)
-            .map(|h| runner.index.store.ids_with_hash(&h).map(|ids| !ids.is_empty()))
-            .transpose()?
-            .unwrap_or(true);
-        if !still_used {
-            let _ = std::fs::remove_file(thumb_path(&runner.index.paths.thumbs(), &hash));
+        for hash in std::mem::take(&mut self.removed_hashes) {
+            let still_used = crate::store::parse_hash(&hash)
+                .map(|h| self.index.store.ids_with_hash(&h).map(|ids| !ids.is_empty()))
+                .transpose()?
+                .unwrap_or(true);
+            if !still_used {
+                let _ = std::fs::remove_file(thumb_path(&self.index.paths.thumbs(), &hash));
+            }
         }
+        if self.index.vectors.dead_fraction() > crate::vector::REBUILD_DEAD_FRACTION {
+            self.index.rebuild_vectors()?;
+        }
+        self.index.vectors.save()?;
+        self.progress.counts.elapsed_seconds = self.started.elapsed().as_secs_f64();
+        let summary = self.progress.summary();
+        self.index.store.set_last_run(&summary)?;
+        self.progress.phase = Phase::Done;
+        self.write_progress();
+        self.tick();
+        Ok(summary)
     }
-    if runner.index.vectors.dead_fraction() > crate::vector::REBUILD_DEAD_FRACTION {
-        runner.index.rebuild_vectors()?;
-    }
-    runner.index.vectors.save()?;
-    runner.progress.counts.elapsed_seconds = runner.started.elapsed().as_secs_f64();
-    let summary = runner.progress.summary();
-    runner.index.store.set_last_run(&summary)?;
-    runner.progress.phase = Phase::Done;
-    runner.write_progress();
-    runner.tick();
-    Ok(summary)
 }
 
 #[cfg(test)]
