@@ -354,16 +354,21 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     crate::common::fs::write_synced(path, bytes).map_err(|source| Error::Io { path: path.display().to_string(), source })
 }
 
-/// Trains; `callback` receives statistics after every step.
-pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop: &AtomicBool) -> Result<TrainSummary> {
-    let started = Instant::now();
-    std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
-    let base = load_base(&opts.start, opts.seed, &opts.hub)?;
-    let config = base.config.clone();
-    let ctx = config.text_config.max_position_embeddings;
-    let tokenizer = tokenizer_from(&base.tokenizer_files, &opts.out, ctx)?;
+/// The training and validation pairs, their pictures and their tokens.
+struct Prepared {
+    train_samples: Vec<Sample>,
+    val_samples: Vec<Sample>,
+    train_images: ImageSet,
+    val_images: ImageSet,
+    train_tokens: Vec<Vec<u32>>,
+    val_tokens: Vec<Vec<u32>>,
+    /// Items left out, with the reason.
+    problems: Vec<data::Problem>,
+}
 
-    // Data.
+/// Reads the data, splits it (or reads the validation set), decodes the
+/// pictures once, tokenizes the captions, and writes the split it used.
+fn prepare_data(opts: &TrainOptions, preprocessor: &Preprocessor, tokenizer: &ClipTokenizer) -> Result<Prepared> {
     let load = |p: &Path| data::load(p, &opts.templates).map_err(|e| Error::Data(format!("cannot read {}: {e}", p.display())));
     let Dataset { samples, mut problems } = load(&opts.data)?;
     let (train_samples, val_samples) = match &opts.val {
@@ -374,10 +379,10 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
         }
         None => data::split(samples, opts.val_percent),
     };
-    let (train_images, kept, bad) = ImageSet::prepare(&train_samples, &base.preprocessor);
+    let (train_images, kept, bad) = ImageSet::prepare(&train_samples, preprocessor);
     problems.extend(bad);
     let train_samples: Vec<Sample> = kept.iter().map(|&i| train_samples[i].clone()).collect();
-    let (val_images, kept, bad) = ImageSet::prepare(&val_samples, &base.preprocessor);
+    let (val_images, kept, bad) = ImageSet::prepare(&val_samples, preprocessor);
     problems.extend(bad);
     let val_samples: Vec<Sample> = kept.iter().map(|&i| val_samples[i].clone()).collect();
     for p in &problems {
@@ -393,25 +398,13 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
     data::write_jsonl(&opts.out.join("train.jsonl"), &train_samples).map_err(io(&opts.out))?;
     data::write_jsonl(&opts.out.join("val.jsonl"), &val_samples).map_err(io(&opts.out))?;
     let tokens = |s: &[Sample]| s.iter().map(|x| tokenizer.encode(&x.caption)).collect::<crate::model::Result<Vec<_>>>();
-    let train_tokens = tokens(&train_samples)?;
-    let val_tokens = tokens(&val_samples)?;
+    let (train_tokens, val_tokens) = (tokens(&train_samples)?, tokens(&val_samples)?);
+    Ok(Prepared { train_samples, val_samples, train_images, val_images, train_tokens, val_tokens, problems })
+}
 
-    // Model.
-    let trained = build_model(&config, base.tensors, opts.freeze)?;
-    let (model, trainable, frozen_copy) = (trained.model, trained.trainable, trained.frozen);
-    let log_scale = trainable
-        .iter()
-        .find(|(k, _)| k == "logit_scale")
-        .map(|(_, v)| v.clone())
-        .ok_or_else(|| Error::Data("the temperature must be trainable".into()))?;
-    let mut optimizer = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: opts.weight_decay, ..Default::default() })?;
-    let total_params = optimizer.num_params() + frozen_copy.values().map(|t| t.elem_count()).sum::<usize>();
-
-    // Resume.
-    let steps_per_epoch = (train_samples.len() / opts.batch) as u64;
-    let total_steps = steps_per_epoch * opts.epochs as u64;
-    let warmup = opts.warmup.unwrap_or(total_steps / 20);
-    let run = RunKey {
+/// What makes a run the same run: a checkpoint of another is not resumed.
+fn run_key(opts: &TrainOptions, config: &ClipConfig) -> RunKey {
+    RunKey {
         data: std::fs::canonicalize(&opts.data).unwrap_or(opts.data.clone()).display().to_string(),
         val: opts.val.as_ref().map(|v| std::fs::canonicalize(v).unwrap_or(v.clone()).display().to_string()),
         val_percent: opts.val_percent,
@@ -428,30 +421,70 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
         seed: opts.seed,
         freeze: opts.freeze,
         templates: opts.templates.clone(),
-    };
-    let ckpt = opts.out.join("checkpoint");
-    let mut history: Vec<Validation> = Vec::new();
-    let mut step = 0u64;
-    if ckpt.join("state.json").is_file() {
-        let state: CheckpointState = serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).map_err(io(&ckpt))?)
-            .map_err(|e| Error::Resume(format!("checkpoint/state.json is unreadable: {e}")))?;
-        if state.run != run {
-            return Err(Error::Resume(format!(
-                "{} holds a checkpoint of another run (other data or settings); use another --out, or delete {}",
-                opts.out.display(),
-                ckpt.display()
-            )));
-        }
-        let saved = candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu)?;
-        for (name, var) in &trainable {
-            let t = saved.get(name).ok_or_else(|| Error::Resume(format!("checkpoint lacks {name}")))?;
-            var.set(t)?;
-        }
-        optimizer.load(&ckpt.join("optimizer.safetensors"))?;
-        step = state.step;
-        history = state.history;
-        tracing::info!(step, "resuming");
     }
+}
+
+/// Restores weights, optimiser state, step and history from the run's
+/// checkpoint, if there is one; `(0, [])` for a fresh run.
+fn resume(
+    opts: &TrainOptions,
+    ckpt: &Path,
+    run: &RunKey,
+    trainable: &[(String, Var)],
+    optimizer: &mut AdamW,
+) -> Result<(u64, Vec<Validation>)> {
+    if !ckpt.join("state.json").is_file() {
+        return Ok((0, Vec::new()));
+    }
+    let state: CheckpointState = serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).map_err(io(ckpt))?)
+        .map_err(|e| Error::Resume(format!("checkpoint/state.json is unreadable: {e}")))?;
+    if &state.run != run {
+        return Err(Error::Resume(format!(
+            "{} holds a checkpoint of another run (other data or settings); use another --out, or delete {}",
+            opts.out.display(),
+            ckpt.display()
+        )));
+    }
+    let saved = candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu)?;
+    for (name, var) in trainable {
+        let t = saved.get(name).ok_or_else(|| Error::Resume(format!("checkpoint lacks {name}")))?;
+        var.set(t)?;
+    }
+    optimizer.load(&ckpt.join("optimizer.safetensors"))?;
+    tracing::info!(step = state.step, "resuming");
+    Ok((state.step, state.history))
+}
+
+/// Trains; `callback` receives statistics after every step.
+pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop: &AtomicBool) -> Result<TrainSummary> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
+    let base = load_base(&opts.start, opts.seed, &opts.hub)?;
+    let config = base.config.clone();
+    let ctx = config.text_config.max_position_embeddings;
+    let tokenizer = tokenizer_from(&base.tokenizer_files, &opts.out, ctx)?;
+
+    let Prepared { train_samples, val_samples, train_images, val_images, train_tokens, val_tokens, problems } =
+        prepare_data(opts, &base.preprocessor, &tokenizer)?;
+
+    // Model.
+    let trained = build_model(&config, base.tensors, opts.freeze)?;
+    let (model, trainable, frozen_copy) = (trained.model, trained.trainable, trained.frozen);
+    let log_scale = trainable
+        .iter()
+        .find(|(k, _)| k == "logit_scale")
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| Error::Data("the temperature must be trainable".into()))?;
+    let mut optimizer = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: opts.weight_decay, ..Default::default() })?;
+    let total_params = optimizer.num_params() + frozen_copy.values().map(|t| t.elem_count()).sum::<usize>();
+
+    // Resume.
+    let steps_per_epoch = (train_samples.len() / opts.batch) as u64;
+    let total_steps = steps_per_epoch * opts.epochs as u64;
+    let warmup = opts.warmup.unwrap_or(total_steps / 20);
+    let run = run_key(opts, &config);
+    let ckpt = opts.out.join("checkpoint");
+    let (step, mut history) = resume(opts, &ckpt, &run, &trainable, &mut optimizer)?;
 
     let save_checkpoint = |step: u64, history: &[Validation], optimizer: &AdamW| -> Result<()> {
         let tmp = opts.out.join("checkpoint.tmp");
