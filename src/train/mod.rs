@@ -455,6 +455,54 @@ fn resume(
     Ok((state.step, state.history))
 }
 
+/// Saves weights, optimiser state and progress as `checkpoint/`, replaced
+/// whole: a kill at any moment leaves the old checkpoint or the new one.
+fn save_checkpoint(out: &Path, trainable: &[(String, Var)], optimizer: &AdamW, state: &CheckpointState) -> Result<()> {
+    let (tmp, ckpt) = (out.join("checkpoint.tmp"), out.join("checkpoint"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let tensors: HashMap<String, Tensor> = trainable.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
+    optimizer.save(&tmp.join("optimizer.safetensors"))?;
+    write_synced(&tmp.join("state.json"), &serde_json::to_vec_pretty(state).expect("state serialises"))?;
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        std::fs::File::open(tmp.join(f)).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+    }
+    let old = out.join("checkpoint.old");
+    let _ = std::fs::remove_dir_all(&old);
+    if ckpt.exists() {
+        std::fs::rename(&ckpt, &old).map_err(io(&ckpt))?;
+    }
+    std::fs::rename(&tmp, &ckpt).map_err(io(&ckpt))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Writes the model as a Hugging Face checkpoint in `out`.
+fn export(
+    out: &Path,
+    config: &ClipConfig,
+    preprocessor: &Preprocessor,
+    frozen: &HashMap<String, Tensor>,
+    trainable: &[(String, Var)],
+    history: &[Validation],
+) -> Result<()> {
+    let mut tensors: HashMap<String, Tensor> = frozen.clone();
+    for (k, v) in trainable {
+        tensors.insert(k.clone(), v.as_tensor().detach());
+    }
+    candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
+    write_synced(&out.join("config.json"), config.to_json().as_bytes())?;
+    write_synced(&out.join("preprocessor_config.json"), preprocessor.to_json().as_bytes())?;
+    let tok_config = serde_json::json!({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": config.text_config.max_position_embeddings,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"
+    });
+    write_synced(&out.join("tokenizer_config.json"), tok_config.to_string().as_bytes())?;
+    write_synced(&out.join("training.json"), &serde_json::to_vec_pretty(&history).expect("history serialises"))?;
+    Ok(())
+}
+
 /// Trains; `callback` receives statistics after every step.
 pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop: &AtomicBool) -> Result<TrainSummary> {
     let started = Instant::now();
@@ -487,42 +535,10 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
     let (step, mut history) = resume(opts, &ckpt, &run, &trainable, &mut optimizer)?;
 
     let save_checkpoint = |step: u64, history: &[Validation], optimizer: &AdamW| -> Result<()> {
-        let tmp = opts.out.join("checkpoint.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        let tensors: HashMap<String, Tensor> = trainable.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
-        optimizer.save(&tmp.join("optimizer.safetensors"))?;
         let state = CheckpointState { run: run.clone(), step, history: history.to_vec() };
-        write_synced(&tmp.join("state.json"), &serde_json::to_vec_pretty(&state).expect("state serialises"))?;
-        for f in ["model.safetensors", "optimizer.safetensors"] {
-            std::fs::File::open(tmp.join(f)).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
-        }
-        let old = opts.out.join("checkpoint.old");
-        let _ = std::fs::remove_dir_all(&old);
-        if ckpt.exists() {
-            std::fs::rename(&ckpt, &old).map_err(io(&ckpt))?;
-        }
-        std::fs::rename(&tmp, &ckpt).map_err(io(&ckpt))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        save_checkpoint(&opts.out, &trainable, optimizer, &state)
     };
-    let export = |history: &[Validation]| -> Result<()> {
-        let mut tensors: HashMap<String, Tensor> = frozen_copy.clone();
-        for (k, v) in &trainable {
-            tensors.insert(k.clone(), v.as_tensor().detach());
-        }
-        candle_core::safetensors::save(&tensors, opts.out.join("model.safetensors"))?;
-        write_synced(&opts.out.join("config.json"), config.to_json().as_bytes())?;
-        write_synced(&opts.out.join("preprocessor_config.json"), base.preprocessor.to_json().as_bytes())?;
-        let tok_config = serde_json::json!({
-            "tokenizer_class": "CLIPTokenizer", "model_max_length": ctx,
-            "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"
-        });
-        write_synced(&opts.out.join("tokenizer_config.json"), tok_config.to_string().as_bytes())?;
-        write_synced(&opts.out.join("training.json"), &serde_json::to_vec_pretty(&history).expect("history serialises"))?;
-        Ok(())
-    };
+    let export = |history: &[Validation]| export(&opts.out, &config, &base.preprocessor, &frozen_copy, &trainable, history);
 
     // Batches are built on another thread, one step ahead.
     let image_size = base.preprocessor.image_size();
