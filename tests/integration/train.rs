@@ -267,9 +267,14 @@ fn training_learns_and_eval_measures_it() {
     let summary = run_train(&train_cmd(&data, &out, &["--epochs", "8", "--lr", "1e-3", "--val-percent", "20"]));
     let history = summary["history"].as_array().unwrap();
     assert_eq!(history.len(), 8);
-    let first = history[0]["loss"].as_f64().unwrap();
-    let last = history[7]["loss"].as_f64().unwrap();
-    assert!(last < first, "validation loss went from {first} to {last}");
+    // Learning, measured against chance: a model that knows nothing has a
+    // contrastive loss of ln(n) over n validation pairs. (The last epoch
+    // against the first is no test: on 38 pairs the validation loss moves by
+    // a few hundredths from run to run as the model starts to overfit.)
+    let n = history[0]["samples"].as_f64().unwrap();
+    let losses: Vec<f64> = history.iter().map(|h| h["loss"].as_f64().unwrap()).collect();
+    let best = losses.iter().copied().fold(f64::INFINITY, f64::min);
+    assert!(best < 0.5 * n.ln(), "best validation loss {best} is not under half of chance ({}): {losses:?}", n.ln());
     // Zero-shot on the class folders: 12 classes, chance is 8.3%.
     let classes = dir.path().join("data/classes");
     let out_zs = clipdex(&["eval", "zero-shot", "--model", out.to_str().unwrap(), "--data", classes.to_str().unwrap(), "--json"]);
