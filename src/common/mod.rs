@@ -15,3 +15,13 @@ pub mod time;
 pub use file::{CaptionSource, FileSig};
 pub use model_id::ModelInfo;
 pub use pixels::{resample, Resample, RgbView};
+
+/// The message a panic carried (`panic!` with a literal or a formatted
+/// string), for reporting a caught panic as an error.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

@@ -188,11 +188,7 @@ fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_and_decode(job, ctx, force_decode))) {
         Ok(done) => done,
         Err(payload) => {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let message = crate::common::panic_message(&*payload);
             tracing::error!(path = %keep.file.rel, %message, "internal error on a file; skipping it");
             Done {
                 hash: String::new(),

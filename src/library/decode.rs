@@ -154,10 +154,6 @@ impl DecodeBudget {
         Self { total, used: std::sync::Mutex::new(0) }
     }
 
-    pub fn total(&self) -> u64 {
-        self.total
-    }
-
     /// Bytes currently held by permits.
     pub fn in_use(&self) -> u64 {
         *self.used.lock().unwrap_or_else(|p| p.into_inner())
@@ -174,12 +170,6 @@ impl DecodeBudget {
         }
         *used += bytes;
         Ok(BudgetPermit { budget: self, bytes })
-    }
-}
-
-impl BudgetPermit<'_> {
-    pub fn bytes(&self) -> u64 {
-        self.bytes
     }
 }
 
@@ -245,8 +235,13 @@ pub fn kind_name(kind: std::fs::FileType) -> &'static str {
 /// refused before its contents are read (and a file growing meanwhile is cut
 /// at the limit and refused too).
 pub fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, DecodeError> {
-    use std::io::Read;
     let (file, meta) = open_regular(path)?;
+    read_whole(file, &meta, limit)
+}
+
+/// Reads an open regular file whole, refusing one over `limit` bytes.
+fn read_whole(file: std::fs::File, meta: &std::fs::Metadata, limit: u64) -> Result<Vec<u8>, DecodeError> {
+    use std::io::Read;
     if meta.len() > limit {
         return Err(DecodeError::FileTooLarge { size: meta.len(), limit });
     }
@@ -287,8 +282,7 @@ pub fn read_and_hash(path: &Path, limit: u64) -> Result<FileRead, DecodeError> {
         return Err(DecodeError::FileTooLarge { size: meta.len(), limit });
     }
     if meta.len() <= STREAM_ABOVE {
-        drop(file);
-        let bytes = read_file(path, limit)?;
+        let bytes = read_whole(file, &meta, limit)?;
         return Ok(FileRead { hash: blake3::hash(&bytes), size: bytes.len() as u64, whole: true, bytes });
     }
     let mut file = file.take(limit + 1);

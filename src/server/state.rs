@@ -242,12 +242,7 @@ pub fn start_reindex(state: &SharedState) -> Result<(), JobError> {
                 indexer::run(engine.index(), engine.clip(), &state.config.run, &mut callback, &state.stop)
             }))
             .unwrap_or_else(|payload| {
-                let message = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(indexer::Error::Stopped(format!("internal error: {message}")))
+                Err(indexer::Error::Stopped(format!("internal error: {}", crate::common::panic_message(&*payload))))
             });
             let mut job = state.job();
             job.running = false;
