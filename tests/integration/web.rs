@@ -322,7 +322,8 @@ fn the_page_in_a_real_browser() {
 
     // Find similar: results exclude the photo itself.
     browser.click("#v-similar");
-    browser.wait("similar photos", "return !document.getElementById('viewer').open && document.querySelector('#chips .chip') !== null && document.querySelectorAll('#grid .tile').length > 0");
+    // The grid is busy until the similar photos replace the text results.
+    browser.wait("similar photos", "return !document.getElementById('viewer').open && document.querySelector('#chips .chip') !== null && document.getElementById('grid').getAttribute('aria-busy') === 'false' && document.querySelectorAll('#grid .tile').length > 0");
     let titles = browser.js("return [...document.querySelectorAll('#grid .tile')].map(t => t.title)");
     assert!(!titles.as_array().unwrap().contains(&title), "{title} is among its own similar photos");
 
@@ -353,7 +354,7 @@ fn the_page_in_a_real_browser() {
     // A phone screen: several columns, nothing wider than the screen.
     browser.post("/window/rect", json!({"width": 390, "height": 844}));
     browser.js("const q = document.getElementById('q'); q.value = 'a tool'; q.form.requestSubmit();");
-    browser.wait("results on a phone", "return document.querySelectorAll('#grid .tile').length > 0 && document.getElementById('error').hidden");
+    browser.wait("results on a phone", "return document.getElementById('grid').getAttribute('aria-busy') === 'false' && document.querySelectorAll('#grid .tile').length > 0 && document.getElementById('error').hidden");
     let fits = browser.js("const g = document.getElementById('grid'); const w = g.children[0].getBoundingClientRect().width; return document.documentElement.scrollWidth <= window.innerWidth + 1 && g.clientWidth / w >= 2.5");
     assert_eq!(fits, Value::Bool(true));
     browser.screenshot("browser-phone.png");

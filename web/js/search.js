@@ -44,6 +44,8 @@ export async function search() {
   }
   $("intro").hidden = true;
   state.loading = true;
+  // The old results stay on screen, marked stale, until the new ones arrive.
+  $("grid").setAttribute("aria-busy", "true");
   try {
     const page = await fetchPage(0);
     if (generation !== state.generation) return;
@@ -59,7 +61,10 @@ export async function search() {
   } catch (e) {
     if (generation === state.generation) showError(e.message);
   } finally {
-    if (generation === state.generation) state.loading = false;
+    if (generation === state.generation) {
+      state.loading = false;
+      $("grid").setAttribute("aria-busy", "false");
+    }
   }
 }
 
