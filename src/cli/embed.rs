@@ -22,9 +22,12 @@ struct Output<'a> {
     /// Cosine similarity, one row per image, one column per text.
     #[serde(skip_serializing_if = "Option::is_none")]
     similarity: Option<Vec<Vec<f32>>>,
-    /// `exp(t) * cosine`, as `CLIPModel`'s `logits_per_image`.
+    /// `exp(t) * cosine` (plus `b` for SigLIP), as the reference's `logits_per_image`.
     #[serde(skip_serializing_if = "Option::is_none")]
     logits_per_image: Option<Vec<Vec<f32>>>,
+    /// SigLIP: `sigmoid(logits_per_image)`, the match probability of each pair.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probability: Option<Vec<Vec<f32>>>,
 }
 
 #[derive(Serialize)]
@@ -32,6 +35,8 @@ struct ModelOutput<'a> {
     #[serde(flatten)]
     info: &'a ModelInfo,
     logit_scale: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logit_bias: Option<f32>,
 }
 
 #[derive(Serialize)]
@@ -81,15 +86,19 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         image.extend(clip.embed_images(&views).context("cannot embed the images")?);
     }
     let scale = clip.logit_scale()?;
+    let bias = clip.logit_bias()?;
+    let calibration = clip.calibration()?;
     let similarity = (!text.is_empty() && !image.is_empty()).then(|| {
         image.iter().map(|i| text.iter().map(|t| dot(i, t)).collect::<Vec<f32>>()).collect::<Vec<_>>()
     });
+    let each = |f: &dyn Fn(f32) -> f32| -> Option<Vec<Vec<f32>>> {
+        similarity.as_ref().map(|s| s.iter().map(|row| row.iter().map(|&c| f(c)).collect()).collect())
+    };
     let output = Output {
-        model: ModelOutput { info: clip.info(), logit_scale: scale },
+        model: ModelOutput { info: clip.info(), logit_scale: scale, logit_bias: bias },
         inputs: Inputs { text: &args.texts, image: args.images.iter().map(|p| p.display().to_string()).collect() },
-        logits_per_image: similarity
-            .as_ref()
-            .map(|s| s.iter().map(|row| row.iter().map(|c| c * scale).collect()).collect()),
+        logits_per_image: each(&|c| c * scale + bias.unwrap_or(0.0)),
+        probability: calibration.and_then(|cal| each(&|c| cal.probability(c))),
         similarity,
         text,
         image,
@@ -124,6 +133,22 @@ fn print_plain(out: &Output, paths: &[PathBuf]) {
         println!("image[{i}] {}\n          {}", p.display(), preview(v));
     }
     let (Some(sim), Some(logits)) = (&out.similarity, &out.logits_per_image) else { return };
+    if let Some(probability) = &out.probability {
+        println!("\ncosine similarity (SigLIP's match probability, sigmoid of the logit, in brackets):");
+        print!("{:>10}", "");
+        for j in 0..out.text.len() {
+            print!("{:>18}", format!("text[{j}]"));
+        }
+        println!();
+        for (i, (row, p_row)) in sim.iter().zip(probability).enumerate() {
+            print!("{:>10}", format!("image[{i}]"));
+            for (c, p) in row.iter().zip(p_row) {
+                print!("{:>18}", format!("{c:+.4} ({:5.1}%)", 100.0 * p));
+            }
+            println!();
+        }
+        return;
+    }
     println!("\ncosine similarity (softmax over texts, as CLIP zero-shot, in brackets):");
     print!("{:>10}", "");
     for j in 0..out.text.len() {

@@ -260,7 +260,8 @@ pub struct SearchArgs {
     #[arg(long)]
     pub exclude: Option<String>,
 
-    /// Drop results below this cosine similarity.
+    /// Drop results below this score: cosine similarity (-1 to 1) for CLIP
+    /// models, match probability (0 to 1) for SigLIP models.
     #[arg(long)]
     pub min_score: Option<f32>,
 

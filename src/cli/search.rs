@@ -67,7 +67,12 @@ fn print(results: &SearchResults, json: bool) -> Result<()> {
     }
     for (i, hit) in results.hits.iter().enumerate() {
         let mark = if hit.keyword_rank.is_some() { " (name/caption match)" } else { "" };
-        println!("{:>3}. {:.4}  {}  [id {}]{mark}", results.offset + i + 1, hit.similarity, hit.path, hit.id);
+        // SigLIP: the match probability; CLIP: the cosine similarity.
+        let score = match hit.probability {
+            Some(p) => format!("{:>5.1}%", p * 100.0),
+            None => format!("{:.4}", hit.similarity),
+        };
+        println!("{:>3}. {score}  {}  [id {}]{mark}", results.offset + i + 1, hit.path, hit.id);
     }
     Ok(())
 }

@@ -13,5 +13,12 @@ pub struct ModelInfo {
     pub embedding_dim: usize,
     pub image_size: usize,
     pub context_length: usize,
+    /// "clip" or "siglip" (indexes from before SigLIP are CLIP's).
+    #[serde(default = "clip_family")]
+    pub family: String,
+}
+
+fn clip_family() -> String {
+    "clip".into()
 }
 

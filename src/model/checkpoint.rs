@@ -2,8 +2,9 @@
 //! hub repository fetched through hf-hub's standard cache.
 //!
 //! A checkpoint is `config.json`, weights (`model.safetensors`, else
-//! `pytorch_model.bin`), a tokenizer (`tokenizer.json`, else `vocab.json` +
-//! `merges.txt`) and optionally `preprocessor_config.json`.
+//! `pytorch_model.bin`), a tokenizer (`tokenizer.json`, else `spiece.model`,
+//! else `vocab.json` + `merges.txt`) and optionally `tokenizer_config.json`
+//! and `preprocessor_config.json`.
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,8 @@ pub enum ModelSource {
 impl ModelSource {
     /// Reads a `--model` argument: an existing folder, else a hub id.
     pub fn parse(arg: &str) -> Result<Self> {
+        // open_clip writes hub ids as `hf-hub:owner/name`.
+        let arg = arg.strip_prefix("hf-hub:").unwrap_or(arg);
         let path = Path::new(arg);
         if path.is_dir() {
             return Ok(Self::Dir(path.to_path_buf()));
@@ -71,6 +74,8 @@ impl std::fmt::Display for ModelSource {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenizerFiles {
     Json(PathBuf),
+    /// A SentencePiece model (SigLIP).
+    SentencePiece(PathBuf),
     VocabMerges { vocab: PathBuf, merges: PathBuf },
 }
 
@@ -87,6 +92,7 @@ pub struct CheckpointFiles {
     pub config: PathBuf,
     pub weights: WeightsFile,
     pub tokenizer: TokenizerFiles,
+    pub tokenizer_config: Option<PathBuf>,
     pub preprocessor: Option<PathBuf>,
 }
 
@@ -107,8 +113,9 @@ impl HubOptions {
     }
 }
 
-const MISSING_HINT: &str = "a checkpoint folder needs config.json, model.safetensors (or pytorch_model.bin) and \
-                            tokenizer.json (or vocab.json and merges.txt); pass it with --model <DIR>";
+const MISSING_HINT: &str = "a checkpoint folder in Hugging Face layout needs config.json, model.safetensors (or \
+                            pytorch_model.bin) and tokenizer.json (or spiece.model, or vocab.json and merges.txt); \
+                            pass it with --model <DIR>";
 
 /// Resolves a source to local files, downloading from the hub when allowed.
 pub fn resolve(source: &ModelSource, hub: &HubOptions) -> Result<CheckpointFiles> {
@@ -178,21 +185,35 @@ fn resolve_with(location: &str, get: impl Fn(&str) -> Result<Option<PathBuf>>) -
         location: location.to_string(),
         hint: MISSING_HINT.to_string(),
     };
-    let config = get("config.json")?.ok_or_else(|| missing("config.json"))?;
+    let config = match get("config.json")? {
+        Some(path) => path,
+        None => {
+            // Name the layout that was found instead, if any.
+            if get("open_clip_config.json")?.is_some() {
+                return Err(Error::Checkpoint(format!(
+                    "{location} is an open_clip checkpoint (open_clip_config.json, no config.json); clipdex reads \
+                     Hugging Face layouts of CLIP (model_type \"clip\") and SigLIP (\"siglip\") so far"
+                )));
+            }
+            return Err(missing("config.json"));
+        }
+    };
     let weights = match get("model.safetensors")? {
         Some(path) => WeightsFile::Safetensors(path),
         None => WeightsFile::Pickle(get("pytorch_model.bin")?.ok_or_else(|| missing("model.safetensors"))?),
     };
-    let tokenizer = match get("tokenizer.json")? {
-        Some(path) => TokenizerFiles::Json(path),
-        None => {
+    let tokenizer = match (get("tokenizer.json")?, get("spiece.model")?) {
+        (Some(path), _) => TokenizerFiles::Json(path),
+        (None, Some(path)) => TokenizerFiles::SentencePiece(path),
+        (None, None) => {
             let vocab = get("vocab.json")?.ok_or_else(|| missing("tokenizer.json"))?;
             let merges = get("merges.txt")?.ok_or_else(|| missing("merges.txt"))?;
             TokenizerFiles::VocabMerges { vocab, merges }
         }
     };
+    let tokenizer_config = get("tokenizer_config.json")?;
     let preprocessor = get("preprocessor_config.json")?;
-    Ok(CheckpointFiles { config, weights, tokenizer, preprocessor })
+    Ok(CheckpointFiles { config, weights, tokenizer, tokenizer_config, preprocessor })
 }
 
 #[cfg(test)]
@@ -211,7 +232,11 @@ mod tests {
         );
         let dir = std::env::temp_dir();
         assert_eq!(ModelSource::parse(dir.to_str().unwrap()).unwrap(), ModelSource::Dir(dir.clone()));
-        for bad in ["no-such-folder", "./missing/model", "a/b/c", "/abs/missing"] {
+        assert_eq!(
+            ModelSource::parse("hf-hub:timm/ViT-B-16-SigLIP").unwrap(),
+            ModelSource::Hub { repo: "timm/ViT-B-16-SigLIP".into(), revision: None }
+        );
+        for bad in ["no-such-folder", "./missing/model", "a/b/c", "/abs/missing", "hf-hub:"] {
             assert!(matches!(ModelSource::parse(bad), Err(Error::Checkpoint(_))), "{bad}");
         }
     }

@@ -1,8 +1,11 @@
-//! CLIP configuration, read from a Hugging Face `config.json` (`CLIPConfig`).
+//! Model configuration, read from a Hugging Face `config.json`: `CLIPConfig`
+//! (`model_type: "clip"`) or `SiglipConfig` (`"siglip"`, SigLIP and the
+//! fixed-resolution SigLIP 2 checkpoints).
 //!
 //! Every architecture parameter comes from the file; the defaults are those of
-//! transformers' `CLIPTextConfig` / `CLIPVisionConfig`, so a config that omits a
-//! field means what it means to the reference implementation.
+//! transformers' `CLIPTextConfig` / `CLIPVisionConfig` or `SiglipTextConfig` /
+//! `SiglipVisionConfig`, so a config that omits a field means what it means to
+//! the reference implementation.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +29,29 @@ pub enum Activation {
     Silu,
 }
 
+/// Which dual encoder a config describes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Radford et al. 2021: class-token and end-token pooling, linear
+    /// projections, causal text attention, softmax contrastive loss.
+    #[default]
+    Clip,
+    /// Zhai et al. 2023: no class token, an attention-pooling head on the
+    /// image side, last-token pooling and a linear head on the text side,
+    /// bidirectional text attention, a learned logit bias, sigmoid loss.
+    Siglip,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Clip => "clip",
+            Family::Siglip => "siglip",
+        }
+    }
+}
+
 /// The text tower (`text_config`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -41,6 +67,9 @@ pub struct TextConfig {
     pub pad_token_id: Option<u32>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// SigLIP: the width of the text head's output (the hidden size when unset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub projection_size: Option<usize>,
 }
 
 impl Default for TextConfig {
@@ -57,6 +86,24 @@ impl Default for TextConfig {
             pad_token_id: Some(1),
             bos_token_id: Some(49406),
             eos_token_id: Some(49407),
+            projection_size: None,
+        }
+    }
+}
+
+impl TextConfig {
+    /// `SiglipTextConfig`'s defaults.
+    pub fn siglip_default() -> Self {
+        Self {
+            vocab_size: 32000,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 64,
+            hidden_act: Activation::GeluTanh,
+            layer_norm_eps: 1e-6,
+            ..Self::default()
         }
     }
 }
@@ -74,6 +121,13 @@ pub struct VisionConfig {
     pub patch_size: usize,
     pub hidden_act: Activation,
     pub layer_norm_eps: f64,
+    /// SigLIP: pool with the attention head (the only pooling clipdex embeds with).
+    #[serde(skip_serializing_if = "is_true")]
+    pub vision_use_head: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for VisionConfig {
@@ -88,25 +142,38 @@ impl Default for VisionConfig {
             patch_size: 32,
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
+            vision_use_head: true,
         }
     }
 }
 
 impl VisionConfig {
+    /// `SiglipVisionConfig`'s defaults.
+    pub fn siglip_default() -> Self {
+        Self { patch_size: 16, hidden_act: Activation::GeluTanh, layer_norm_eps: 1e-6, ..Self::default() }
+    }
+
     /// Patches along one side of the image.
     pub fn grid(&self) -> usize {
         self.image_size / self.patch_size
     }
 
-    /// Sequence length: one class token plus one token per patch.
+    /// Patches per image.
+    pub fn num_patches(&self) -> usize {
+        self.grid() * self.grid()
+    }
+
+    /// CLIP's sequence length: one class token plus one token per patch.
     pub fn num_positions(&self) -> usize {
-        self.grid() * self.grid() + 1
+        self.num_patches() + 1
     }
 }
 
-/// A whole CLIP model: both towers and the joint embedding space.
+/// A whole dual encoder: both towers and the joint embedding space.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClipConfig {
+    #[serde(default)]
+    pub family: Family,
     pub text_config: TextConfig,
     pub vision_config: VisionConfig,
     pub projection_dim: usize,
@@ -133,33 +200,67 @@ struct RawConfig {
     logit_scale_init_value: Option<f64>,
 }
 
+/// The `model_type`s clipdex reads, for error messages.
+pub const SUPPORTED_MODEL_TYPES: &str = "\"clip\" (CLIPModel) and \"siglip\" (SiglipModel: SigLIP, SigLIP 2 fixed resolution)";
+
 impl ClipConfig {
     /// Parses the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
-        if let Some(kind) = raw.model_type.as_deref() {
-            if kind != "clip" {
+        let family = match raw.model_type.as_deref() {
+            None | Some("clip") => Family::Clip,
+            Some("siglip") => Family::Siglip,
+            Some(kind) => {
+                let hint = match kind {
+                    "siglip2" => " (this is a SigLIP 2 NaFlex checkpoint; the fixed-resolution SigLIP 2 checkpoints, \
+                                  such as google/siglip2-base-patch16-256, load)",
+                    _ => "",
+                };
                 return Err(Error::Config(format!(
-                    "model_type is {kind:?}, clipdex reads CLIP checkpoints (model_type \"clip\")"
+                    "model_type is {kind:?}{hint}; clipdex reads {SUPPORTED_MODEL_TYPES}"
                 )));
             }
-        }
+        };
         // transformers rebuilds the sub-config from `*_config_dict` alone when present.
         let text = raw.text_config_dict.or(raw.text_config);
         let vision = raw.vision_config_dict.or(raw.vision_config);
-        let config = Self {
-            text_config: sub_config(text, "text_config")?,
-            vision_config: sub_config(vision, "vision_config")?,
-            projection_dim: raw.projection_dim.unwrap_or(512),
-            logit_scale_init_value: raw.logit_scale_init_value.unwrap_or(2.6592),
+        let config = match family {
+            Family::Clip => Self {
+                family,
+                text_config: sub_config(text, "text_config", TextConfig::default())?,
+                vision_config: sub_config(vision, "vision_config", VisionConfig::default())?,
+                projection_dim: raw.projection_dim.unwrap_or(512),
+                logit_scale_init_value: raw.logit_scale_init_value.unwrap_or(2.6592),
+            },
+            Family::Siglip => {
+                let text_config: TextConfig = sub_config(text, "text_config", TextConfig::siglip_default())?;
+                let vision_config: VisionConfig = sub_config(vision, "vision_config", VisionConfig::siglip_default())?;
+                Self {
+                    family,
+                    projection_dim: vision_config.hidden_size,
+                    text_config,
+                    vision_config,
+                    // SigLIP initialises t' = log 10 (and the bias at -10).
+                    logit_scale_init_value: 10f64.ln(),
+                }
+            }
         };
         config.validate()?;
         Ok(config)
     }
 
+    /// The width of the text tower's output: the projection (CLIP) or the head (SigLIP).
+    pub fn text_output_dim(&self) -> usize {
+        match self.family {
+            Family::Clip => self.projection_dim,
+            Family::Siglip => self.text_config.projection_size.unwrap_or(self.text_config.hidden_size),
+        }
+    }
+
     /// The ViT-B/32 architecture of `openai/clip-vit-base-patch32`.
     pub fn vit_base_patch32() -> Self {
         Self {
+            family: Family::Clip,
             text_config: TextConfig::default(),
             vision_config: VisionConfig::default(),
             projection_dim: 512,
@@ -177,6 +278,7 @@ impl ClipConfig {
     /// The ViT-L/14 architecture of `openai/clip-vit-large-patch14`.
     pub fn vit_large_patch14() -> Self {
         Self {
+            family: Family::Clip,
             text_config: TextConfig {
                 hidden_size: 768,
                 intermediate_size: 3072,
@@ -202,6 +304,7 @@ impl ClipConfig {
     pub fn small(image: usize, patch: usize, width: usize, layers: usize) -> Self {
         let heads = (width / 32).max(1);
         Self {
+            family: Family::Clip,
             text_config: TextConfig {
                 hidden_size: width,
                 intermediate_size: 4 * width,
@@ -246,14 +349,22 @@ impl ClipConfig {
 
     /// Writes the config in the layout transformers reads.
     pub fn to_json(&self) -> String {
-        let value = serde_json::json!({
-            "architectures": ["CLIPModel"],
-            "model_type": "clip",
-            "projection_dim": self.projection_dim,
-            "logit_scale_init_value": self.logit_scale_init_value,
-            "text_config": with_model_type(&self.text_config, "clip_text_model"),
-            "vision_config": with_model_type(&self.vision_config, "clip_vision_model"),
-        });
+        let value = match self.family {
+            Family::Clip => serde_json::json!({
+                "architectures": ["CLIPModel"],
+                "model_type": "clip",
+                "projection_dim": self.projection_dim,
+                "logit_scale_init_value": self.logit_scale_init_value,
+                "text_config": with_model_type(&self.text_config, "clip_text_model"),
+                "vision_config": with_model_type(&self.vision_config, "clip_vision_model"),
+            }),
+            Family::Siglip => serde_json::json!({
+                "architectures": ["SiglipModel"],
+                "model_type": "siglip",
+                "text_config": with_model_type(&self.text_config, "siglip_text_model"),
+                "vision_config": with_model_type(&self.vision_config, "siglip_vision_model"),
+            }),
+        };
         serde_json::to_string_pretty(&value).expect("a config always serialises")
     }
 
@@ -271,6 +382,10 @@ impl ClipConfig {
             (v.num_channels == 3, "only 3-channel (RGB) vision towers are supported"),
             (t.max_position_embeddings >= 2, "text max_position_embeddings must leave room for start and end tokens"),
             (self.projection_dim > 0, "projection_dim must be positive"),
+            (self.family == Family::Clip || v.vision_use_head,
+                "a SigLIP vision tower without its attention-pooling head (vision_use_head: false) has no image embedding"),
+            (self.family == Family::Clip || self.text_output_dim() == v.hidden_size,
+                "the SigLIP text head's width (projection_size) must equal the vision hidden_size"),
         ];
         for (ok, message) in checks {
             if !ok {
@@ -281,16 +396,20 @@ impl ClipConfig {
     }
 }
 
-fn sub_config<T: for<'de> Deserialize<'de> + Default>(value: Option<serde_json::Value>, name: &str) -> Result<T> {
+/// A sub-config: the file's fields over the family's defaults.
+fn sub_config<T: for<'de> Deserialize<'de> + Serialize>(value: Option<serde_json::Value>, name: &str, default: T) -> Result<T> {
     match value {
-        None | Some(serde_json::Value::Null) => Ok(T::default()),
-        Some(mut value) => {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(serde_json::Value::Object(map)) => {
+            let mut merged = match serde_json::to_value(default).expect("a config always serialises") {
+                serde_json::Value::Object(m) => m,
+                _ => unreachable!("configs serialise as objects"),
+            };
             // transformers writes nulls for unset optional fields; they mean "default".
-            if let serde_json::Value::Object(map) = &mut value {
-                map.retain(|_, v| !v.is_null());
-            }
-            serde_json::from_value(value).map_err(|e| Error::Config(format!("{name}: {e}")))
+            merged.extend(map.into_iter().filter(|(_, v)| !v.is_null()));
+            serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| Error::Config(format!("{name}: {e}")))
         }
+        Some(other) => Err(Error::Config(format!("{name} is {other}, not an object"))),
     }
 }
 
@@ -332,7 +451,9 @@ mod tests {
     #[test]
     fn rejects_bad_configs() {
         for text in [
-            r#"{"model_type": "siglip"}"#,
+            r#"{"model_type": "siglip2"}"#,
+            r#"{"model_type": "siglip", "vision_config": {"vision_use_head": false}}"#,
+            r#"{"model_type": "siglip", "text_config": {"projection_size": 512}}"#,
             r#"{"text_config": {"hidden_size": 30, "num_attention_heads": 4}}"#,
             r#"{"vision_config": {"hidden_act": "tanh"}}"#,
             r#"{"vision_config": {"patch_size": 0}}"#,
@@ -340,6 +461,26 @@ mod tests {
         ] {
             assert!(matches!(ClipConfig::from_json(text), Err(Error::Config(_))), "{text}");
         }
+    }
+
+    #[test]
+    fn siglip_defaults_are_siglip_base_patch16_224() {
+        let config = ClipConfig::from_json(r#"{"model_type": "siglip", "text_config": {"hidden_act": null}}"#).unwrap();
+        assert_eq!(config.family, Family::Siglip);
+        assert_eq!(config.text_config.vocab_size, 32000);
+        assert_eq!(config.text_config.max_position_embeddings, 64);
+        assert_eq!(config.text_config.hidden_act, Activation::GeluTanh);
+        assert_eq!(config.vision_config.patch_size, 16);
+        assert_eq!(config.vision_config.layer_norm_eps, 1e-6);
+        assert_eq!(config.projection_dim, 768);
+        assert_eq!(ClipConfig::from_json(&config.to_json()).unwrap(), config);
+    }
+
+    #[test]
+    fn clip_json_is_unchanged_by_the_siglip_fields() {
+        // Index fingerprints hash this text: it must not move for CLIP models.
+        let json = ClipConfig::vit_base_patch32().to_json();
+        assert!(!json.contains("projection_size") && !json.contains("vision_use_head") && !json.contains("family"));
     }
 
     #[test]

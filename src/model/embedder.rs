@@ -8,18 +8,19 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::checkpoint::{self, CheckpointFiles, HubOptions, ModelSource, TokenizerFiles, WeightsFile};
-use super::{load_weights, normalize, ClipConfig, ClipModel, ClipTokenizer, Error, Preprocessor, Result, RgbView};
+use super::tokenizer::{FixedTokenizer, TokenizerSettings};
+use super::{load_weights, normalize, ClipConfig, ClipModel, ClipTokenizer, Error, Family, Preprocessor, Result, RgbView, TextTokenizer};
 
 /// Texts embedded per forward pass.
 const TEXT_BATCH: usize = 64;
 
 pub use crate::common::ModelInfo;
 
-/// A ready-to-use CLIP model.
+/// A ready-to-use model of any family.
 #[derive(Debug)]
 pub struct Clip {
     model: ClipModel,
-    tokenizer: ClipTokenizer,
+    tokenizer: TextTokenizer,
     preprocessor: Preprocessor,
     info: ModelInfo,
     device: Device,
@@ -40,14 +41,40 @@ impl Clip {
         let config_text = read(&files.config)?;
         let config = ClipConfig::from_json(&config_text)?;
         let context = config.text_config.max_position_embeddings;
-        let tokenizer = match &files.tokenizer {
-            TokenizerFiles::Json(path) => ClipTokenizer::from_tokenizer_json(path, context)?,
-            TokenizerFiles::VocabMerges { vocab, merges } => ClipTokenizer::from_vocab_merges(vocab, merges, context)?,
+        let settings = match &files.tokenizer_config {
+            Some(path) => TokenizerSettings::from_json(&read(path)?)?,
+            None => TokenizerSettings::default(),
         };
-        if tokenizer.eos_id() as usize >= config.text_config.vocab_size {
+        let tokenizer = match (config.family, &files.tokenizer) {
+            (Family::Clip, TokenizerFiles::Json(path)) => {
+                TextTokenizer::Clip(ClipTokenizer::from_tokenizer_json(path, context)?)
+            }
+            (Family::Clip, TokenizerFiles::VocabMerges { vocab, merges }) => {
+                TextTokenizer::Clip(ClipTokenizer::from_vocab_merges(vocab, merges, context)?)
+            }
+            (Family::Siglip, TokenizerFiles::Json(path)) => {
+                TextTokenizer::Fixed(FixedTokenizer::from_tokenizer_json(path, &settings, context)?)
+            }
+            (Family::Siglip, TokenizerFiles::SentencePiece(path)) => {
+                TextTokenizer::Fixed(FixedTokenizer::from_spiece(path, &settings, context)?)
+            }
+            (family, files) => {
+                let found = match files {
+                    TokenizerFiles::Json(_) => "tokenizer.json",
+                    TokenizerFiles::SentencePiece(_) => "spiece.model",
+                    TokenizerFiles::VocabMerges { .. } => "vocab.json and merges.txt",
+                };
+                return Err(Error::Config(format!(
+                    "a {} model with {found} as its tokenizer: CLIP models take tokenizer.json or vocab.json and \
+                     merges.txt, SigLIP models spiece.model or tokenizer.json",
+                    family.name()
+                )));
+            }
+        };
+        if tokenizer.max_id() as usize >= config.text_config.vocab_size {
             return Err(Error::Config(format!(
-                "the tokenizer's end token {} is outside the model's vocabulary of {}",
-                tokenizer.eos_id(),
+                "the tokenizer has ids up to {}, outside the model's vocabulary of {}",
+                tokenizer.max_id(),
                 config.text_config.vocab_size
             )));
         }
@@ -57,7 +84,7 @@ impl Clip {
                 let text = read(path)?;
                 (Preprocessor::from_json(&text, image_size)?, text)
             }
-            None => (Preprocessor::clip_default(image_size), String::new()),
+            None => (Preprocessor::default_for(config.family, image_size), String::new()),
         };
         let device = Device::Cpu;
         let vb = load_weights(&files.weights, &device)?;
@@ -66,9 +93,10 @@ impl Clip {
         let info = ModelInfo {
             id,
             fingerprint,
-            embedding_dim: config.projection_dim,
+            embedding_dim: config.text_output_dim(),
             image_size,
             context_length: context,
+            family: config.family.name().into(),
         };
         Ok(Self { model, tokenizer, preprocessor, info, device })
     }
@@ -85,7 +113,7 @@ impl Clip {
         &self.model
     }
 
-    pub fn tokenizer(&self) -> &ClipTokenizer {
+    pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
     }
 
@@ -102,16 +130,34 @@ impl Clip {
         Ok(self.model.logit_scale().exp()?.to_scalar::<f32>()?)
     }
 
+    /// How a SigLIP model turns cosine similarity into a match probability;
+    /// none for CLIP, whose cosines are not calibrated.
+    pub fn calibration(&self) -> Result<Option<Calibration>> {
+        Ok(match self.logit_bias()? {
+            Some(bias) => Some(Calibration { scale: self.logit_scale()?, bias }),
+            None => None,
+        })
+    }
+
+    /// SigLIP's `b`, added to `exp(t) * cos` in the logits; none for CLIP.
+    pub fn logit_bias(&self) -> Result<Option<f32>> {
+        Ok(match self.model.logit_bias() {
+            Some(b) => Some(b.to_scalar::<f32>()?),
+            None => None,
+        })
+    }
+
     /// Projected, unnormalised features of tokenised texts, (batch, dim).
     ///
-    /// The batch is padded to its longest text only; the causal mask makes the
-    /// padding irrelevant, so short queries do not pay for 77 positions.
+    /// A CLIP batch is padded to its longest text only; the causal mask makes
+    /// the padding irrelevant, so short queries do not pay for 77 positions.
+    /// SigLIP rows come from the tokenizer at their fixed length.
     pub fn text_features(&self, batch: &[Vec<u32>]) -> Result<Tensor> {
         let len = batch.iter().map(Vec::len).max().unwrap_or(0);
         if len == 0 {
             return Err(Error::Input("no tokens to embed".into()));
         }
-        let pad = self.tokenizer.eos_id();
+        let pad = self.tokenizer.pad_id();
         let mut ids = Vec::with_capacity(batch.len() * len);
         let mut pool = Vec::with_capacity(batch.len());
         for row in batch {
@@ -167,6 +213,29 @@ impl Clip {
         }
         let features = self.image_features(&self.pixels(images)?)?;
         Ok(normalize(&features)?.to_vec2::<f32>()?)
+    }
+}
+
+/// SigLIP's sigmoid over its logits: `p = sigmoid(scale * cos + bias)`, the
+/// probability the model gives that an image and a text match (trained on
+/// pairs, so meaningful for text queries).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Calibration {
+    /// `exp(t)`.
+    pub scale: f32,
+    pub bias: f32,
+}
+
+impl Calibration {
+    pub fn probability(&self, cosine: f32) -> f32 {
+        1.0 / (1.0 + (-(self.scale * cosine + self.bias)).exp())
+    }
+
+    /// The cosine at which the probability is `p`: `(logit(p) - bias) / scale`
+    /// (minus infinity at 0, infinity at 1).
+    pub fn cosine_at(&self, p: f32) -> f32 {
+        let logit = (p as f64 / (1.0 - p as f64)).ln();
+        ((logit - self.bias as f64) / self.scale as f64) as f32
     }
 }
 

@@ -269,3 +269,60 @@ pub fn causal_mask(n: usize, device: &candle_core::Device) -> Result<Tensor> {
         .collect();
     Ok(Tensor::from_vec(mask, (n, n), device)?)
 }
+
+/// Multi-head attention pooling (SigLIP's `SiglipMultiheadAttentionPoolingHead`):
+/// one learned query ("probe") attends over every position through a
+/// `torch.nn.MultiheadAttention`, then a residual MLP block on its output.
+#[derive(Clone, Debug)]
+pub struct AttentionPool {
+    probe: Tensor,
+    q: Linear,
+    kv: Linear,
+    out_proj: Linear,
+    layernorm: LayerNorm,
+    mlp: Mlp,
+    num_heads: usize,
+}
+
+impl AttentionPool {
+    /// Loads `probe`, `attention.in_proj_{weight,bias}`, `attention.out_proj`,
+    /// `layernorm` and `mlp` under the head's prefix.
+    pub fn load(vb: VarBuilder, s: &EncoderShape) -> Result<Self> {
+        let h = s.hidden;
+        let attention = vb.pp("attention");
+        let w = attention.get((3 * h, h), "in_proj_weight")?;
+        let b = attention.get(3 * h, "in_proj_bias")?;
+        Ok(Self {
+            probe: vb.get((1, 1, h), "probe")?.reshape((1, h))?,
+            q: Linear::new(w.narrow(0, 0, h)?, Some(b.narrow(0, 0, h)?))?,
+            kv: Linear::new(w.narrow(0, h, 2 * h)?, Some(b.narrow(0, h, 2 * h)?))?,
+            out_proj: Linear::load(attention.pp("out_proj"), h, h, true)?,
+            layernorm: LayerNorm::load(vb.pp("layernorm"), h, s.eps)?,
+            mlp: Mlp::load(vb.pp("mlp"), h, s.intermediate, s.activation)?,
+            num_heads: s.heads,
+        })
+    }
+
+    /// (batch, seq, hidden) states to (batch, hidden).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, h) = x.dims3()?;
+        let (heads, d) = (self.num_heads, h / self.num_heads);
+        // The query is the same for every image: (heads, d, 1), scaled.
+        let q = (self.q.forward(&self.probe)?.reshape((heads, d, 1))? * (d as f64).powf(-0.5))?;
+        let kv = self.kv.forward(x)?.reshape((b, n, 2, heads, d))?.permute((2, 0, 3, 1, 4))?;
+        let k = kv.get(0)?.contiguous()?; // (b, heads, n, d)
+        let v = kv.get(1)?.contiguous()?;
+        let q = q.unsqueeze(0)?.broadcast_as((b, heads, d, 1))?.contiguous()?;
+        // Scores over positions, as a row per head: (b, heads, 1, n).
+        let scores = k.matmul(&q)?.transpose(2, 3)?;
+        let p = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
+        };
+        let out = p.matmul(&v)?.reshape((b, h))?;
+        let out = self.out_proj.forward(&out)?;
+        let mlp = self.mlp.forward(&self.layernorm.forward(&out)?)?;
+        Ok((out + mlp)?)
+    }
+}

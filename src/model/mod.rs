@@ -1,11 +1,14 @@
-//! CLIP in candle: config, tokenizer, preprocessing, the two towers, weight
-//! loading.
+//! CLIP and SigLIP in candle: config, tokenizers, preprocessing, the two
+//! towers, weight loading.
 //!
-//! The model is Radford et al. 2021, "Learning Transferable Visual Models From
-//! Natural Language Supervision" (<https://arxiv.org/abs/2103.00020>), laid out
-//! as transformers' `CLIPModel` (`models/clip/modeling_clip.py`) so that a
-//! Hugging Face checkpoint maps onto the code key for key. Outputs match the
-//! reference to 1e-4 (see `tests/`).
+//! The models are Radford et al. 2021, "Learning Transferable Visual Models
+//! From Natural Language Supervision" (<https://arxiv.org/abs/2103.00020>),
+//! laid out as transformers' `CLIPModel` (`models/clip/modeling_clip.py`), and
+//! Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training"
+//! (<https://arxiv.org/abs/2303.15343>), laid out as `SiglipModel`
+//! (`models/siglip/modeling_siglip.py`), so that a Hugging Face checkpoint
+//! maps onto the code key for key. `Family` says which; the towers share
+//! their layers. Outputs match the reference to 1e-4 (see `tests/`).
 //!
 //! This module knows nothing of files other than checkpoints, of image
 //! formats, or of indexes: it takes RGB buffers and strings.
@@ -18,6 +21,7 @@ pub mod layers;
 pub mod loss;
 pub mod ops;
 pub mod preprocess;
+pub mod sentencepiece;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;
@@ -26,10 +30,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use checkpoint::{HubOptions, ModelSource, DEFAULT_MODEL};
-pub use config::{Activation, ClipConfig, TextConfig, VisionConfig};
-pub use embedder::{Clip, ModelInfo};
+pub use config::{Activation, ClipConfig, Family, TextConfig, VisionConfig};
+pub use embedder::{Calibration, Clip, ModelInfo};
 pub use preprocess::{Preprocessor, RgbView};
-pub use tokenizer::ClipTokenizer;
+pub use tokenizer::{ClipTokenizer, TextTokenizer};
 
 use layers::Linear;
 use text::TextTransformer;
@@ -60,14 +64,17 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The two towers, their projections into the joint space, and the learned temperature.
+/// The two towers, their projections into the joint space, and the learned
+/// temperature (and, for SigLIP, bias).
 #[derive(Clone, Debug)]
 pub struct ClipModel {
     text_model: TextTransformer,
     vision_model: VisionTransformer,
-    text_projection: Linear,
-    visual_projection: Linear,
+    /// CLIP's projections; SigLIP's towers end in their own heads.
+    text_projection: Option<Linear>,
+    visual_projection: Option<Linear>,
     logit_scale: Tensor,
+    logit_bias: Option<Tensor>,
     config: ClipConfig,
 }
 
@@ -76,21 +83,30 @@ impl ClipModel {
     pub fn new(vb: VarBuilder, config: &ClipConfig) -> Result<Self> {
         let load = || -> Result<Self> {
             let (t, v) = (&config.text_config, &config.vision_config);
+            let family = config.family;
+            let scale_init = candle_nn::Init::Const(config.logit_scale_init_value);
+            let (text_projection, visual_projection, logit_scale, logit_bias) = match family {
+                Family::Clip => (
+                    Some(Linear::load(vb.pp("text_projection"), t.hidden_size, config.projection_dim, false)?),
+                    Some(Linear::load(vb.pp("visual_projection"), v.hidden_size, config.projection_dim, false)?),
+                    vb.get_with_hints((), "logit_scale", scale_init)?,
+                    None,
+                ),
+                // SigLIP stores both as one-element vectors.
+                Family::Siglip => (
+                    None,
+                    None,
+                    vb.get_with_hints(1, "logit_scale", scale_init)?.reshape(())?,
+                    Some(vb.get_with_hints(1, "logit_bias", candle_nn::Init::Const(-10.0))?.reshape(())?),
+                ),
+            };
             Ok(Self {
-                text_model: TextTransformer::load(vb.pp("text_model"), t)?,
-                vision_model: VisionTransformer::load(vb.pp("vision_model"), v)?,
-                text_projection: Linear::load(vb.pp("text_projection"), t.hidden_size, config.projection_dim, false)?,
-                visual_projection: Linear::load(
-                    vb.pp("visual_projection"),
-                    v.hidden_size,
-                    config.projection_dim,
-                    false,
-                )?,
-                logit_scale: vb.get_with_hints(
-                    (),
-                    "logit_scale",
-                    candle_nn::Init::Const(config.logit_scale_init_value),
-                )?,
+                text_model: TextTransformer::load(vb.pp("text_model"), t, family)?,
+                vision_model: VisionTransformer::load(vb.pp("vision_model"), v, family)?,
+                text_projection,
+                visual_projection,
+                logit_scale,
+                logit_bias,
                 config: config.clone(),
             })
         };
@@ -109,13 +125,19 @@ impl ClipModel {
     /// `ids` is (batch, seq) u32; `pool` the end-of-text position of each row.
     pub fn get_text_features(&self, ids: &Tensor, pool: &[usize]) -> Result<Tensor> {
         let pooled = self.text_model.forward(ids, pool)?;
-        self.text_projection.forward(&pooled)
+        match &self.text_projection {
+            Some(projection) => projection.forward(&pooled),
+            None => Ok(pooled),
+        }
     }
 
     /// Projected, unnormalised image features (`get_image_features`) of (batch, 3, s, s) pixels.
     pub fn get_image_features(&self, pixels: &Tensor) -> Result<Tensor> {
         let pooled = self.vision_model.forward(pixels)?;
-        self.visual_projection.forward(&pooled)
+        match &self.visual_projection {
+            Some(projection) => projection.forward(&pooled),
+            None => Ok(pooled),
+        }
     }
 
     /// The learned log-temperature `t`; logits are scaled by `exp(t)`.
@@ -123,12 +145,22 @@ impl ClipModel {
         &self.logit_scale
     }
 
-    /// (images, texts) logits from unnormalised features: `exp(t) * cos`.
+    /// SigLIP's learned bias `b`; logits are `exp(t) * cos + b`.
+    pub fn logit_bias(&self) -> Option<&Tensor> {
+        self.logit_bias.as_ref()
+    }
+
+    /// (images, texts) logits from unnormalised features: `exp(t) * cos`,
+    /// plus `b` for SigLIP.
     pub fn logits_per_image(&self, image_features: &Tensor, text_features: &Tensor) -> Result<Tensor> {
         let i = normalize(image_features)?;
         let t = normalize(text_features)?;
         let cos = i.matmul(&t.t()?)?;
-        Ok(cos.broadcast_mul(&self.logit_scale.exp()?)?)
+        let logits = cos.broadcast_mul(&self.logit_scale.exp()?)?;
+        match &self.logit_bias {
+            Some(bias) => Ok(logits.broadcast_add(bias)?),
+            None => Ok(logits),
+        }
     }
 }
 

@@ -56,6 +56,10 @@ enum ResizeTo {
 #[derive(Debug, Deserialize)]
 struct RawProcessorConfig {
     #[serde(default)]
+    image_processor_type: Option<String>,
+    #[serde(default)]
+    processor_class: Option<String>,
+    #[serde(default)]
     do_resize: Option<bool>,
     #[serde(default)]
     size: Option<SizeSpec>,
@@ -106,11 +110,35 @@ impl Preprocessor {
         }
     }
 
-    /// Reads a `preprocessor_config.json`; what it leaves out is CLIP's default.
+    /// `SiglipImageProcessor`'s defaults: squash to the model's square (no
+    /// crop), mean and std 0.5.
+    pub fn siglip_default(image_size: usize) -> Self {
+        Self {
+            resize: Some(ResizeTo::Exact { height: image_size, width: image_size }),
+            crop: None,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            ..Self::clip_default(image_size)
+        }
+    }
+
+    /// The defaults of a model family, for checkpoints without a `preprocessor_config.json`.
+    pub fn default_for(family: super::Family, image_size: usize) -> Self {
+        match family {
+            super::Family::Clip => Self::clip_default(image_size),
+            super::Family::Siglip => Self::siglip_default(image_size),
+        }
+    }
+
+    /// Reads a `preprocessor_config.json`; what it leaves out is the default
+    /// of the processor it names (SigLIP's or, for any other, CLIP's).
     pub fn from_json(text: &str, image_size: usize) -> Result<Self> {
         let raw: RawProcessorConfig =
             serde_json::from_str(text).map_err(|e| Error::Config(format!("preprocessor_config.json: {e}")))?;
-        let default = Self::clip_default(image_size);
+        let siglip = [&raw.image_processor_type, &raw.processor_class]
+            .iter()
+            .any(|name| name.as_deref().is_some_and(|n| n.starts_with("Siglip")));
+        let default = if siglip { Self::siglip_default(image_size) } else { Self::clip_default(image_size) };
         let resize = match (raw.do_resize.unwrap_or(true), raw.size) {
             (false, _) => None,
             (true, None) => default.resize,
@@ -121,7 +149,7 @@ impl Preprocessor {
             }
             (true, Some(other)) => return Err(Error::Config(format!("preprocessor size {other:?} is not supported"))),
         };
-        let crop = match (raw.do_center_crop.unwrap_or(true), raw.crop_size) {
+        let crop = match (raw.do_center_crop.unwrap_or(default.crop.is_some()), raw.crop_size) {
             (false, _) => None,
             (true, None) => default.crop,
             (true, Some(SizeSpec::Int(n))) => Some((n, n)),
@@ -136,7 +164,7 @@ impl Preprocessor {
                 Some(v) => Err(Error::Config(format!("{name} has {} values, expected 3", v.len()))),
             }
         };
-        let std = triple(raw.image_std, OPENAI_CLIP_STD, "image_std")?;
+        let std = triple(raw.image_std, default.std, "image_std")?;
         if std.iter().any(|&s| s == 0.0) {
             return Err(Error::Config("image_std has a zero".into()));
         }
@@ -145,7 +173,7 @@ impl Preprocessor {
             resample: raw.resample.map(resample_from_pil).transpose()?.unwrap_or(Resample::Bicubic),
             crop,
             rescale: if raw.do_rescale.unwrap_or(true) { Some(raw.rescale_factor.unwrap_or(1.0 / 255.0) as f32) } else { None },
-            mean: triple(raw.image_mean, OPENAI_CLIP_MEAN, "image_mean")?,
+            mean: triple(raw.image_mean, default.mean, "image_mean")?,
             std,
             normalize: raw.do_normalize.unwrap_or(true),
             image_size,
@@ -364,5 +392,8 @@ mod tests {
         assert_eq!(p.resample, Resample::Bilinear);
         assert!(Preprocessor::from_json(r#"{"size": {"shortest_edge": 64}, "crop_size": {"height": 32, "width": 32}}"#, 64).is_err());
         assert!(Preprocessor::from_json(r#"{"resample": 9}"#, 224).is_err());
+        // SigLIP's processor: what it leaves out is SigLIP's default, not CLIP's.
+        let p = Preprocessor::from_json(r#"{"image_processor_type": "SiglipImageProcessor", "size": {"height": 64, "width": 64}}"#, 64).unwrap();
+        assert_eq!(p, Preprocessor::siglip_default(64));
     }
 }

@@ -1,11 +1,15 @@
-//! The text tower (`CLIPTextTransformer`): token and position embeddings, a
-//! causal transformer, and the final layer norm at the end-of-text position.
+//! The text tower: token and position embeddings, a transformer, and the
+//! final layer norm at the pooled position.
+//!
+//! CLIP (`CLIPTextTransformer`) is causal and pools the end-of-text token.
+//! SigLIP (`SiglipTextTransformer`) attends both ways over a fixed-length,
+//! padded sequence, pools the last position and applies a linear head.
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::TextConfig;
-use super::layers::{causal_mask, Encoder, EncoderShape, LayerNorm};
+use super::config::{Family, TextConfig};
+use super::layers::{causal_mask, Encoder, EncoderShape, LayerNorm, Linear};
 use super::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -14,12 +18,15 @@ pub struct TextTransformer {
     position_embedding: Tensor,
     encoder: Encoder,
     final_layer_norm: LayerNorm,
+    /// SigLIP's head; CLIP projects outside the tower.
+    head: Option<Linear>,
+    causal: bool,
     max_positions: usize,
 }
 
 impl TextTransformer {
     /// Loads the weights under `text_model.` of a Hugging Face checkpoint.
-    pub fn load(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &TextConfig, family: Family) -> Result<Self> {
         let h = cfg.hidden_size;
         let embeddings = vb.pp("embeddings");
         let shape = EncoderShape {
@@ -35,17 +42,24 @@ impl TextTransformer {
             position_embedding: embeddings.pp("position_embedding").get((cfg.max_position_embeddings, h), "weight")?,
             encoder: Encoder::load(vb.pp("encoder"), &shape)?,
             final_layer_norm: LayerNorm::load(vb.pp("final_layer_norm"), h, cfg.layer_norm_eps)?,
+            head: match family {
+                Family::Clip => None,
+                Family::Siglip => Some(Linear::load(vb.pp("head"), h, cfg.projection_size.unwrap_or(h), true)?),
+            },
+            causal: family == Family::Clip,
             max_positions: cfg.max_position_embeddings,
         })
     }
 
-    /// Returns the pooled (batch, hidden) states at the given positions.
+    /// Returns the pooled (batch, hidden) states at the given positions,
+    /// through the head when the tower has one.
     ///
-    /// `ids` is (batch, seq) of u32, padded to the longest sequence of the
-    /// batch; `pool` holds, per row, the position of the end-of-text token.
-    /// The causal mask keeps padding after that position from having any
-    /// effect, so a batch padded to its longest text gives the same result as
-    /// the reference padded to 77 positions.
+    /// `ids` is (batch, seq) of u32; `pool` holds, per row, the position to
+    /// pool. For CLIP that is the end-of-text token, and rows may be padded to
+    /// the longest of the batch: the causal mask keeps padding after that
+    /// position from having any effect, so the result is the reference's at
+    /// 77 positions. SigLIP attends both ways, so its rows are the
+    /// tokenizer's fixed length and the pooled position is the last.
     pub fn forward(&self, ids: &Tensor, pool: &[usize]) -> Result<Tensor> {
         let (b, n) = ids.dims2()?;
         if n > self.max_positions {
@@ -62,12 +76,16 @@ impl TextTransformer {
         } else {
             tokens.broadcast_add(&positions)?
         };
-        let mask = causal_mask(n, ids.device())?;
-        let x = self.encoder.forward(&x, Some(&mask))?;
+        let mask = if self.causal { Some(causal_mask(n, ids.device())?) } else { None };
+        let x = self.encoder.forward(&x, mask.as_ref())?;
         // Layer norm is per position: normalising only the pooled rows is exact.
         let rows: Vec<u32> = pool.iter().enumerate().map(|(i, &p)| (i * n + p) as u32).collect();
         let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?.to_device(x.device())?;
         let pooled = x.reshape((b * n, h))?.index_select(&rows, 0)?;
-        self.final_layer_norm.forward(&pooled)
+        let pooled = self.final_layer_norm.forward(&pooled)?;
+        match &self.head {
+            Some(head) => head.forward(&pooled),
+            None => Ok(pooled),
+        }
     }
 }

@@ -1,3 +1,7 @@
+//! The text tokenizers: CLIP's byte-level BPE, and SigLIP's fixed-length ones
+//! (`spiece.model` as `SiglipTokenizer` runs it, or a `tokenizer.json` such as
+//! SigLIP 2's Gemma tokenizer).
+//!
 //! CLIP's byte-level BPE tokenizer, as transformers' `CLIPTokenizer` runs it.
 //!
 //! The pipeline is the one the reference builds: NFC, whitespace runs to one
@@ -11,6 +15,7 @@ use std::path::Path;
 
 use tokenizers::Tokenizer;
 
+use super::sentencepiece::SentencePiece;
 use super::{Error, Result};
 
 pub const START_OF_TEXT: &str = "<|startoftext|>";
@@ -145,4 +150,316 @@ fn tokenizer_json(vocab: serde_json::Value, merges: Vec<serde_json::Value>) -> s
                   "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false,
                   "ignore_merges": false, "vocab": vocab, "merges": merges}
     })
+}
+
+/// The settings of a `tokenizer_config.json` that change ids.
+#[derive(Clone, Debug, Default)]
+pub struct TokenizerSettings {
+    pub tokenizer_class: Option<String>,
+    pub eos_token: Option<String>,
+    pub unk_token: Option<String>,
+    pub pad_token: Option<String>,
+    /// Every special (added) token's text.
+    pub special_tokens: Vec<String>,
+    pub do_lower_case: Option<bool>,
+    pub padding_side: Option<String>,
+}
+
+impl TokenizerSettings {
+    /// Reads the text of a `tokenizer_config.json`.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::Tokenizer(format!("tokenizer_config.json is not valid JSON: {e}")))?;
+        // A token is a string or an `AddedToken` object with its `content`.
+        let token = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            _ => None,
+        };
+        let field = |name: &str| value.get(name).and_then(token);
+        let mut special: Vec<String> = Vec::new();
+        if let Some(map) = value.get("added_tokens_decoder").and_then(|v| v.as_object()) {
+            special.extend(map.values().filter(|t| t.get("special").and_then(|s| s.as_bool()) != Some(false)).filter_map(token));
+        }
+        for list in ["additional_special_tokens", "extra_special_tokens"] {
+            if let Some(items) = value.get(list).and_then(|v| v.as_array()) {
+                special.extend(items.iter().filter_map(token));
+            }
+        }
+        let settings = Self {
+            tokenizer_class: value.get("tokenizer_class").and_then(|v| v.as_str()).map(str::to_string),
+            eos_token: field("eos_token"),
+            unk_token: field("unk_token"),
+            pad_token: field("pad_token"),
+            special_tokens: special,
+            do_lower_case: value.get("do_lower_case").and_then(|v| v.as_bool()),
+            padding_side: value.get("padding_side").and_then(|v| v.as_str()).map(str::to_string),
+        };
+        if let Some(side) = settings.padding_side.as_deref() {
+            if side != "left" && side != "right" {
+                return Err(Error::Tokenizer(format!("tokenizer_config.json: padding_side {side:?} is neither left nor right")));
+            }
+        }
+        Ok(settings)
+    }
+}
+
+/// The tokenizer of a checkpoint: CLIP's BPE, or a fixed-length one for SigLIP.
+#[derive(Clone, Debug)]
+pub enum TextTokenizer {
+    /// Start and end tokens, at most 77 ids, unpadded; pooled at the end token.
+    Clip(ClipTokenizer),
+    /// Ids padded to exactly the model's context; pooled at the last position.
+    Fixed(FixedTokenizer),
+}
+
+impl TextTokenizer {
+    /// Ids of one text, ready for the text tower.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Self::Clip(t) => t.encode(text),
+            Self::Fixed(t) => t.encode(text),
+        }
+    }
+
+    /// The id rows of a batch are padded with.
+    pub fn pad_id(&self) -> u32 {
+        match self {
+            Self::Clip(t) => t.eos_id(),
+            Self::Fixed(t) => t.pad,
+        }
+    }
+
+    /// Where the text tower pools a row of ids.
+    pub fn pool_position(&self, ids: &[u32]) -> usize {
+        match self {
+            Self::Clip(t) => t.pool_position(ids),
+            Self::Fixed(_) => ids.len().saturating_sub(1),
+        }
+    }
+
+    /// The largest id it produces.
+    pub fn max_id(&self) -> u32 {
+        match self {
+            Self::Clip(t) => t.bos_id().max(t.eos_id()),
+            Self::Fixed(t) => t.max_id,
+        }
+    }
+
+    pub fn max_len(&self) -> usize {
+        match self {
+            Self::Clip(t) => t.max_len(),
+            Self::Fixed(t) => t.len,
+        }
+    }
+
+    /// The CLIP tokenizer, for what only CLIP models do (training).
+    pub fn as_clip(&self) -> Option<&ClipTokenizer> {
+        match self {
+            Self::Clip(t) => Some(t),
+            Self::Fixed(_) => None,
+        }
+    }
+}
+
+/// A tokenizer whose every output has the same length, as SigLIP's text
+/// tower takes it: truncated to `len` (its end token kept), then padded.
+#[derive(Clone)]
+pub struct FixedTokenizer {
+    kind: FixedKind,
+    len: usize,
+    pad: u32,
+    max_id: u32,
+}
+
+#[derive(Clone)]
+enum FixedKind {
+    /// A `tokenizer.json` (SigLIP 2's Gemma tokenizer): its own normaliser,
+    /// model and post-processor, with truncation and padding set here.
+    Json(Tokenizer),
+    /// `spiece.model` run as transformers' `SiglipTokenizer`.
+    Siglip(SiglipText),
+}
+
+impl std::fmt::Debug for FixedTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            FixedKind::Json(_) => "tokenizer.json",
+            FixedKind::Siglip(_) => "spiece.model",
+        };
+        f.debug_struct("FixedTokenizer").field("kind", &kind).field("len", &self.len).field("pad", &self.pad).finish()
+    }
+}
+
+impl FixedTokenizer {
+    /// Reads a `tokenizer.json`, padding on the side `tokenizer_config.json`
+    /// names (Gemma tokenizers default to the left, others to the right).
+    pub fn from_tokenizer_json(path: &Path, settings: &TokenizerSettings, len: usize) -> Result<Self> {
+        let mut inner = Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
+        let pad_token = settings.pad_token.clone().unwrap_or_else(|| "<pad>".into());
+        let pad = inner.token_to_id(&pad_token).ok_or_else(|| {
+            Error::Tokenizer(format!("the padding token {pad_token:?} of tokenizer_config.json is not in {}", path.display()))
+        })?;
+        let left = match settings.padding_side.as_deref() {
+            Some(side) => side == "left",
+            None => settings.tokenizer_class.as_deref().is_some_and(|c| c.starts_with("Gemma")),
+        };
+        inner
+            .with_truncation(Some(tokenizers::TruncationParams { max_length: len, ..Default::default() }))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inner.with_padding(Some(tokenizers::PaddingParams {
+            strategy: tokenizers::PaddingStrategy::Fixed(len),
+            direction: if left { tokenizers::PaddingDirection::Left } else { tokenizers::PaddingDirection::Right },
+            pad_id: pad,
+            pad_token,
+            ..Default::default()
+        }));
+        let max_id = inner.get_vocab_size(true).saturating_sub(1) as u32;
+        Ok(Self { kind: FixedKind::Json(inner), len, pad, max_id })
+    }
+
+    /// Reads a `spiece.model` as `SiglipTokenizer` uses it.
+    pub fn from_spiece(path: &Path, settings: &TokenizerSettings, len: usize) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
+        let sp = SentencePiece::from_bytes(&bytes)?;
+        let eos = settings.eos_token.clone().unwrap_or_else(|| "</s>".into());
+        let unk = settings.unk_token.clone().unwrap_or_else(|| "<unk>".into());
+        let pad = settings.pad_token.clone().unwrap_or_else(|| "</s>".into());
+        let mut specials: Vec<(String, u32)> = Vec::new();
+        for token in [&eos, &unk, &pad].into_iter().chain(&settings.special_tokens) {
+            if !specials.iter().any(|(t, _)| t == token) {
+                specials.push((token.clone(), sp.piece_to_id(token)));
+            }
+        }
+        let eos_id = sp.piece_to_id(&eos);
+        let pad_id = sp.piece_to_id(&pad);
+        let unk_pieces = sp.encode(&unk).len();
+        let max_id = sp.len().saturating_sub(1) as u32;
+        let text = SiglipText { sp, specials, eos: eos_id, unk, unk_pieces, lower: settings.do_lower_case.unwrap_or(true) };
+        Ok(Self { kind: FixedKind::Siglip(text), len, pad: pad_id, max_id })
+    }
+
+    /// Exactly `len` ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match &self.kind {
+            FixedKind::Json(inner) => {
+                let encoding = inner.encode_fast(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+                Ok(encoding.get_ids().to_vec())
+            }
+            FixedKind::Siglip(siglip) => {
+                let mut ids = siglip.ids(text);
+                // transformers truncates to leave room for the end token, then adds
+                // it unless the text's last id already is one.
+                ids.truncate(self.len - 1);
+                if ids.last() != Some(&siglip.eos) {
+                    ids.push(siglip.eos);
+                }
+                ids.resize(self.len, self.pad);
+                Ok(ids)
+            }
+        }
+    }
+}
+
+/// transformers' `SiglipTokenizer` over a SentencePiece model.
+#[derive(Clone, Debug)]
+struct SiglipText {
+    sp: SentencePiece,
+    /// Special tokens matched in the raw text, and their ids.
+    specials: Vec<(String, u32)>,
+    eos: u32,
+    unk: String,
+    /// Pieces of the unknown token's text, dropped after encoding `unk + text`.
+    unk_pieces: usize,
+    lower: bool,
+}
+
+impl SiglipText {
+    /// Ids before truncation and the end token.
+    ///
+    /// As the reference: "▁" is put before the text (and any "▁" in it becomes
+    /// a space); the text is split around special tokens; each other part is
+    /// lower-cased, stripped of ASCII punctuation, its whitespace runs made one
+    /// space and trimmed, then encoded behind the unknown token's text, whose
+    /// pieces are dropped (so that the part keeps its leading "▁").
+    fn ids(&self, text: &str) -> Vec<u32> {
+        let text = format!("{SPACE}{}", text.replace(SPACE, " "));
+        let mut out: Vec<(u32, bool)> = Vec::new();
+        let mut first_piece = None;
+        for (part, special) in split_on(&text, &self.specials) {
+            if part.is_empty() {
+                continue;
+            }
+            if let Some(id) = special {
+                out.push((id, true));
+                continue;
+            }
+            let canonical = canonicalize(part, self.lower);
+            let mut pieces = self.sp.encode(&format!("{}{canonical}", self.unk));
+            if pieces.len() >= self.unk_pieces {
+                pieces.drain(..self.unk_pieces);
+            }
+            if out.is_empty() {
+                first_piece = pieces.first().map(|(p, _)| p.clone());
+            }
+            out.extend(pieces.into_iter().map(|(piece, _)| (self.sp.piece_to_id(&piece), false)));
+        }
+        // A lone "▁" before a special token is dropped.
+        if out.len() > 1 && first_piece.as_deref() == Some(SPACE) && out[1].1 {
+            out.remove(0);
+        }
+        out.into_iter().map(|(id, _)| id).collect()
+    }
+}
+
+const SPACE: &str = "\u{2581}";
+
+/// Splits `text` around the special tokens, longest match first at the
+/// earliest position, as transformers' `Trie.split`.
+fn split_on<'a>(text: &'a str, specials: &[(String, u32)]) -> Vec<(&'a str, Option<u32>)> {
+    let mut parts = Vec::new();
+    let mut rest = text;
+    loop {
+        let found = specials
+            .iter()
+            .filter(|(t, _)| !t.is_empty())
+            .filter_map(|(t, id)| rest.find(t.as_str()).map(|at| (at, t.len(), *id)))
+            .min_by_key(|&(at, len, _)| (at, std::cmp::Reverse(len)));
+        match found {
+            Some((at, len, id)) => {
+                parts.push((&rest[..at], None));
+                parts.push((&rest[at..at + len], Some(id)));
+                rest = &rest[at + len..];
+            }
+            None => {
+                parts.push((rest, None));
+                return parts;
+            }
+        }
+    }
+}
+
+/// Python's `str.isspace`: Unicode White_Space plus the four ASCII separators.
+fn py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// `SiglipTokenizer.canonicalize_text`.
+fn canonicalize(text: &str, lower: bool) -> String {
+    let text = if lower { text.to_lowercase() } else { text.to_string() };
+    let mut out = String::with_capacity(text.len());
+    let mut space = false;
+    for c in text.chars().filter(|c| !c.is_ascii_punctuation()) {
+        if py_space(c) {
+            space = true;
+        } else {
+            if space && !out.is_empty() {
+                out.push(' ');
+            }
+            space = false;
+            out.push(c);
+        }
+    }
+    out
 }

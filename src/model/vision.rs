@@ -1,30 +1,39 @@
-//! The image tower (`CLIPVisionTransformer`): a ViT with patch embedding,
-//! class token, position embeddings, the extra layer norm before the
-//! transformer, and the post layer norm on the class token.
+//! The image tower: a ViT with patch embedding and position embeddings.
+//!
+//! CLIP (`CLIPVisionTransformer`) adds a class token and an extra layer norm
+//! before the transformer, and pools the class token through the post layer
+//! norm. SigLIP (`SiglipVisionTransformer`) has neither: its patch
+//! convolution has a bias, and it pools every patch through the post layer
+//! norm and a multi-head attention-pooling head (`SiglipMultiheadAttentionPoolingHead`).
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::config::VisionConfig;
-use super::layers::{repeat_rows, Encoder, EncoderShape, LayerNorm, Linear};
+use super::config::{Family, VisionConfig};
+use super::layers::{repeat_rows, AttentionPool, Encoder, EncoderShape, LayerNorm, Linear};
 use super::{Error, Result};
 
 #[derive(Clone, Debug)]
 pub struct VisionTransformer {
     /// The patch convolution as a dense layer over flattened patches.
     patch_embedding: Linear,
-    class_embedding: Tensor,
+    /// CLIP's class token; SigLIP has none.
+    class_embedding: Option<Tensor>,
     position_embedding: Tensor,
-    pre_layrnorm: LayerNorm,
+    /// CLIP's layer norm before the transformer.
+    pre_layrnorm: Option<LayerNorm>,
     encoder: Encoder,
     post_layernorm: LayerNorm,
+    /// SigLIP's attention-pooling head.
+    head: Option<AttentionPool>,
+    hidden: usize,
     image_size: usize,
     patch_size: usize,
 }
 
 impl VisionTransformer {
     /// Loads the weights under `vision_model.` of a Hugging Face checkpoint.
-    pub fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &VisionConfig, family: Family) -> Result<Self> {
         let h = cfg.hidden_size;
         let p = cfg.patch_size;
         let embeddings = vb.pp("embeddings");
@@ -37,14 +46,24 @@ impl VisionTransformer {
             activation: cfg.hidden_act,
             eps: cfg.layer_norm_eps,
         };
+        let patch = patch.reshape((h, cfg.num_channels * p * p))?;
+        let clip = family == Family::Clip;
         Ok(Self {
-            patch_embedding: Linear::new(patch.reshape((h, cfg.num_channels * p * p))?, None)?,
-            class_embedding: embeddings.get(h, "class_embedding")?,
-            position_embedding: embeddings.pp("position_embedding").get((cfg.num_positions(), h), "weight")?,
+            patch_embedding: if clip {
+                Linear::new(patch, None)?
+            } else {
+                Linear::new(patch, Some(embeddings.pp("patch_embedding").get(h, "bias")?))?
+            },
+            class_embedding: if clip { Some(embeddings.get(h, "class_embedding")?) } else { None },
+            position_embedding: embeddings
+                .pp("position_embedding")
+                .get((if clip { cfg.num_positions() } else { cfg.num_patches() }, h), "weight")?,
             // The misspelling is the checkpoint's key.
-            pre_layrnorm: LayerNorm::load(vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
+            pre_layrnorm: if clip { Some(LayerNorm::load(vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?) } else { None },
             encoder: Encoder::load(vb.pp("encoder"), &shape)?,
             post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
+            head: if clip { None } else { Some(AttentionPool::load(vb.pp("head"), &shape)?) },
+            hidden: h,
             image_size: cfg.image_size,
             patch_size: p,
         })
@@ -60,7 +79,7 @@ impl VisionTransformer {
             )));
         }
         let (p, g) = (self.patch_size, self.image_size / self.patch_size);
-        let h = self.class_embedding.dim(0)?;
+        let h = self.hidden;
         // A stride-p convolution with a p x p kernel is a matrix product over
         // non-overlapping patches: (b*g*g, 3*p*p) x (3*p*p, hidden). Pixels past
         // the last whole patch are dropped, as the convolution drops them.
@@ -71,16 +90,27 @@ impl VisionTransformer {
             .contiguous()?
             .reshape((b * g * g, c * p * p))?;
         let patches = self.patch_embedding.forward(&patches)?.reshape((b, g * g, h))?;
-        let x = if self.class_embedding.track_op() || self.position_embedding.track_op() {
-            let class = repeat_rows(&self.class_embedding, b)?.reshape((b, 1, h))?;
-            super::ops::add_rows(&Tensor::cat(&[&class, &patches], 1)?, &self.position_embedding)?
-        } else {
-            let class = self.class_embedding.reshape((1, 1, h))?.broadcast_as((b, 1, h))?;
-            Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?
+        let tokens = match &self.class_embedding {
+            Some(class) if class.track_op() => {
+                Tensor::cat(&[&repeat_rows(class, b)?.reshape((b, 1, h))?, &patches], 1)?
+            }
+            Some(class) => Tensor::cat(&[&class.reshape((1, 1, h))?.broadcast_as((b, 1, h))?, &patches], 1)?,
+            None => patches,
         };
-        let x = self.pre_layrnorm.forward(&x)?;
+        let x = if tokens.track_op() || self.position_embedding.track_op() {
+            super::ops::add_rows(&tokens, &self.position_embedding)?
+        } else {
+            tokens.broadcast_add(&self.position_embedding)?
+        };
+        let x = match &self.pre_layrnorm {
+            Some(norm) => norm.forward(&x)?,
+            None => x,
+        };
         let x = self.encoder.forward(&x, None)?;
-        let class = x.narrow(1, 0, 1)?.squeeze(1)?;
-        self.post_layernorm.forward(&class)
+        match &self.head {
+            // Layer norm is per position: normalising only the class token is exact.
+            None => self.post_layernorm.forward(&x.narrow(1, 0, 1)?.squeeze(1)?),
+            Some(head) => head.forward(&self.post_layernorm.forward(&x)?),
+        }
     }
 }

@@ -36,7 +36,7 @@ pub use request::{check_weight, Request, DEFAULT_K, EXCLUDE_WEIGHT};
 use crate::indexer::Index;
 use crate::keyword::{self, parse_datetime};
 use crate::library::{decode_bytes_scaled, probe, BudgetError, DecodeBudget, DecodeError, DecodeLimits};
-use crate::model::{Clip, RgbView};
+use crate::model::{Calibration, Clip, RgbView};
 use crate::store::PhotoRecord;
 
 /// Most results one page may ask for.
@@ -210,7 +210,8 @@ pub struct Query {
     pub filters: Filters,
     pub k: usize,
     pub offset: usize,
-    /// Drop hits below this cosine similarity (keyword matches are kept).
+    /// Drop hits below this score (keyword matches are kept): cosine
+    /// similarity for CLIP models, match probability (0 to 1) for SigLIP.
     pub min_score: Option<f32>,
     /// Fuse keyword matches of the text terms (default true).
     pub hybrid: bool,
@@ -263,6 +264,11 @@ pub struct Hit {
     pub score: f32,
     /// Cosine similarity between the photo and the query.
     pub similarity: f32,
+    /// SigLIP models: `sigmoid(exp(t) * similarity + b)`, the model's
+    /// probability that the photo matches the query (calibrated for text
+    /// queries). Absent for CLIP models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probability: Option<f32>,
     /// Rank among keyword matches (1 = best), when the photo matched the words.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keyword_rank: Option<usize>,
@@ -431,6 +437,8 @@ impl TextBatcher {
 pub struct Engine {
     index: Arc<Index>,
     clip: Arc<Clip>,
+    /// SigLIP's cosine-to-probability map; none for CLIP.
+    calibration: Option<Calibration>,
     cache: Mutex<Cache>,
     texts: TextBatcher,
     limits: DecodeLimits,
@@ -452,9 +460,11 @@ impl Engine {
     pub fn new(index: Arc<Index>, clip: Arc<Clip>) -> crate::indexer::Result<Self> {
         index.check_model(clip.info())?;
         let texts = TextBatcher::start(clip.clone());
+        let calibration = clip.calibration()?;
         Ok(Self {
             index,
             clip,
+            calibration,
             cache: Mutex::new(Cache::default()),
             texts,
             limits: DecodeLimits::default(),
@@ -628,7 +638,13 @@ impl Engine {
         let pool = (q.offset + q.k + 1).div_ceil(256) * 256;
         let by_meaning = self.rank_by_meaning(&query, allowed.as_ref(), &excluded, pool + excluded.len())?;
         let by_words = self.rank_by_words(q, allowed.as_ref(), &excluded, pool)?;
-        let ranked = fuse(&by_meaning, &by_words, q.min_score);
+        // A SigLIP model's cutoff is a probability: the cosine it corresponds to.
+        let min_cosine = match (q.min_score, self.calibration) {
+            (Some(p), Some(c)) => Some(c.cosine_at(p)),
+            (min, None) => min,
+            (None, _) => None,
+        };
+        let ranked = fuse(&by_meaning, &by_words, min_cosine);
         let (hits, more) = self.page(ranked, &query, &by_meaning, &by_words, q.offset, q.k)?;
         Ok(SearchResults { hits, offset: q.offset, k: q.k, more, took_ms: start.elapsed().as_secs_f64() * 1e3 })
     }
@@ -734,6 +750,7 @@ impl Engine {
                 path: record.path.clone(),
                 score,
                 similarity,
+                probability: self.calibration.map(|c| c.probability(similarity)),
                 keyword_rank: keyword_rank.get(&id).copied(),
                 width: record.width,
                 height: record.height,

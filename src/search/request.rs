@@ -35,7 +35,8 @@ pub struct Request {
     /// Results to skip.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<usize>,
-    /// Minimum cosine similarity.
+    /// Minimum score: cosine similarity (-1 to 1) for CLIP models, match
+    /// probability (0 to 1) for SigLIP models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_score: Option<f32>,
     /// Fuse keyword matches (default true).

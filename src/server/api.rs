@@ -63,7 +63,8 @@ pub struct SearchParams {
     pub types: Option<String>,
     /// Words of the camera make or model.
     pub camera: Option<String>,
-    /// Minimum cosine similarity.
+    /// Minimum score: cosine similarity (-1 to 1) for CLIP models, match
+    /// probability (0 to 1) for SigLIP models.
     pub min_score: Option<f32>,
     /// Fuse keyword matches (default true).
     pub hybrid: Option<bool>,

@@ -487,6 +487,7 @@ mod tests {
                 embedding_dim: 2,
                 image_size: 32,
                 context_length: 77,
+                family: "clip".into(),
             },
             library: "/lib".into(),
             created_at: 0,

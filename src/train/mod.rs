@@ -301,6 +301,12 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
             let files = checkpoint::resolve(source, hub)?;
             let read = |p: &Path| std::fs::read(p).map_err(io(p));
             let config = ClipConfig::from_json(&String::from_utf8_lossy(&read(&files.config)?))?;
+            if config.family != crate::model::Family::Clip {
+                return Err(Error::Data(format!(
+                    "{source} is a {} model; clipdex fine-tunes CLIP models (model_type \"clip\") so far",
+                    config.family.name()
+                )));
+            }
             let tensors = match &files.weights {
                 WeightsFile::Safetensors(p) => candle_core::safetensors::load(p, &device)?,
                 WeightsFile::Pickle(p) => candle_core::pickle::read_all(p)?.into_iter().collect(),
@@ -314,6 +320,9 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
                 TokenizerFiles::Json(p) => vec![("tokenizer.json".into(), read(p)?)],
                 TokenizerFiles::VocabMerges { vocab, merges } => {
                     vec![("vocab.json".into(), read(vocab)?), ("merges.txt".into(), read(merges)?)]
+                }
+                TokenizerFiles::SentencePiece(p) => {
+                    return Err(Error::Data(format!("{}: a CLIP model with a SentencePiece tokenizer", p.display())));
                 }
             };
             let image_size = config.vision_config.image_size;

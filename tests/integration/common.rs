@@ -68,6 +68,13 @@ pub struct Reference {
     pub texts: Vec<String>,
     pub token_ids: Vec<Vec<u32>>,
     pub photos: Vec<String>,
+    /// "clip" or "siglip".
+    pub family: String,
+}
+
+/// The fixture models of one family.
+pub fn fixture_models_of(family: &str) -> Vec<String> {
+    fixture_models().into_iter().filter(|name| reference(name).family == family).collect()
 }
 
 pub fn reference(name: &str) -> Reference {
@@ -84,7 +91,8 @@ pub fn reference(name: &str) -> Reference {
         .iter()
         .map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
         .collect();
-    Reference { tensors, texts: strings("texts"), token_ids, photos: strings("photos") }
+    let family = meta["family"].as_str().unwrap_or("clip").to_string();
+    Reference { tensors, texts: strings("texts"), token_ids, photos: strings("photos"), family }
 }
 
 /// Largest absolute difference between two tensors of the same shape.

@@ -10,6 +10,7 @@ mod layers;
 mod model_reference;
 mod preprocess;
 mod server;
+mod siglip;
 mod tokenizer;
 mod train;
 mod web;

@@ -6,7 +6,7 @@ use std::io::Read;
 use clipdex::model::checkpoint::{resolve, HubOptions, ModelSource, TokenizerFiles};
 use clipdex::model::ClipTokenizer;
 
-use crate::common::{fixture_model, fixture_models, fixtures};
+use crate::common::{fixture_model, fixture_models_of, fixtures};
 
 struct Case {
     text: String,
@@ -30,13 +30,14 @@ fn cases() -> Vec<Case> {
 }
 
 fn tokenizers() -> Vec<(String, ClipTokenizer)> {
-    fixture_models()
+    fixture_models_of("clip")
         .into_iter()
         .map(|name| {
             let files = resolve(&ModelSource::Dir(fixture_model(&name)), &HubOptions::default()).unwrap();
             let tok = match &files.tokenizer {
                 TokenizerFiles::Json(p) => ClipTokenizer::from_tokenizer_json(p, 77).unwrap(),
                 TokenizerFiles::VocabMerges { vocab, merges } => ClipTokenizer::from_vocab_merges(vocab, merges, 77).unwrap(),
+                TokenizerFiles::SentencePiece(p) => panic!("{}: a CLIP fixture with spiece.model", p.display()),
             };
             (name, tok)
         })

@@ -250,7 +250,7 @@ fn the_exported_checkpoint_loads_and_embeds_as_in_training() {
     let texts = captions(8);
     let ids: Vec<Vec<u32>> = texts.iter().map(|t| clip.tokenizer().encode(t).unwrap()).collect();
     let a = clip.text_features(&ids).unwrap();
-    let (tid, pool) = token_batch(clip.tokenizer(), &texts);
+    let (tid, pool) = token_batch(clip.tokenizer().as_clip().unwrap(), &texts);
     let b = m.model.get_text_features(&tid, &pool).unwrap();
     let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-4, "text features differ by {d}");

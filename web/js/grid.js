@@ -49,7 +49,8 @@ export function tile(hit, index) {
   b.append(img);
   const score = document.createElement("span");
   score.className = "score";
-  score.textContent = hit.similarity.toFixed(3);
+  // SigLIP models give a calibrated match probability; CLIP a cosine.
+  score.textContent = hit.probability == null ? hit.similarity.toFixed(3) : `${Math.round(hit.probability * 100)}%`;
   b.append(score);
   if (hit.keyword_rank) {
     const kw = document.createElement("span");

@@ -38,6 +38,7 @@ export async function openViewer(index) {
       ["Taken", p.taken ? p.taken.replace("T", " ") : null],
       ["Camera", [p.camera_make, p.camera_model].filter(Boolean).join(" ") || null],
       ["Size", `${p.width} × ${p.height} · ${p.format.toUpperCase()} · ${fmtBytes(p.size)}`],
+      ["Match", hit.probability == null ? null : `${(hit.probability * 100).toFixed(1)}%`],
       ["Similarity", hit.similarity.toFixed(4)],
       ["Id", String(p.id)],
     ];
