@@ -1,12 +1,14 @@
-//! Model speed on the full ViT-B/32 architecture (random weights): image
-//! embeddings per second at batch 1 and 16, and the latency of a 10-token text
-//! query, with a fixed number of threads.
+//! Model speed on a full-size architecture (random weights): image
+//! embeddings per second at batch 1 and 16, and the latency of an 8-word
+//! text query (10 CLIP tokens), with a fixed number of threads.
 //!
 //!     cargo bench --bench model -- [--threads 2] [--dir target/bench/vit-b-32] [--json]
 //!
-//! The checkpoint folder it writes (config, weights, tokenizer) is the one
-//! `scripts/reference/bench_model.py` loads into transformers' `CLIPModel`, so
-//! `scripts/bench/model.sh` compares both on the same weights in one run.
+//! Without a checkpoint in `--dir` it writes a ViT-B/32 one (config, weights,
+//! tokenizer); `scripts/reference/bench_model.py` loads the same folder into
+//! transformers' `CLIPModel`, so `scripts/bench/model.sh` compares both on the
+//! same weights in one run. Any other folder (the SigLIP one that
+//! `FAMILY=siglip scripts/bench/model.sh` writes) is measured as it is.
 
 use std::path::PathBuf;
 
@@ -91,13 +93,22 @@ fn main() {
     rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global().ok();
     write_checkpoint(&args.dir);
     let clip = Clip::load(&ModelSource::Dir(args.dir.clone()), &HubOptions { offline: true, progress: false }).unwrap();
-    let tokens = clip.tokenizer().encode(QUERY).unwrap().len();
-    assert_eq!(tokens, 10, "the query should be 10 tokens");
+    let tokenizer = clip.tokenizer();
+    let ids = tokenizer.encode(QUERY).unwrap();
+    // The query's own tokens; SigLIP pads every text to its fixed length.
+    let tokens = match tokenizer.as_clip() {
+        Some(_) => ids.len(),
+        None => ids.iter().filter(|&&t| t != tokenizer.pad_id()).count() + 1,
+    };
+    if tokenizer.as_clip().is_some() {
+        assert_eq!(tokens, 10, "the query should be 10 tokens");
+    }
 
     let mut rng = NormalRng::new(1);
+    let size = clip.preprocessor().image_size();
     let pixels = |b: usize, rng: &mut NormalRng| {
-        let data: Vec<f32> = (0..b * 3 * 224 * 224).map(|_| rng.normal() as f32).collect();
-        Tensor::from_vec(data, (b, 3, 224, 224), &Device::Cpu).unwrap()
+        let data: Vec<f32> = (0..b * 3 * size * size).map(|_| rng.normal() as f32).collect();
+        Tensor::from_vec(data, (b, 3, size, size), &Device::Cpu).unwrap()
     };
     let p1 = pixels(1, &mut rng);
     let p16 = pixels(16, &mut rng);
@@ -140,7 +151,7 @@ fn main() {
             })
         );
     } else {
-        println!("clipdex, ViT-B/32, {} threads", args.threads);
+        println!("clipdex, {}, {} threads", args.dir.display(), args.threads);
         println!("  images/s, batch 1:   {b1_rate:8.2}");
         println!("  images/s, batch 16:  {b16_rate:8.2}");
         println!("  text query ({tokens} tokens): p50 {:.2} ms, p90 {:.2} ms", text_p50 * 1e3, text_p90 * 1e3);

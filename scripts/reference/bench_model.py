@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
-"""transformers' CLIPModel on the same checkpoint and inputs as `cargo bench --bench model`.
+"""transformers' CLIPModel or SiglipModel on the same checkpoint and inputs as `cargo bench --bench model`.
 
     python scripts/reference/bench_model.py --dir target/bench/vit-b-32 [--threads 2] [--json]
+    python scripts/reference/bench_model.py --family siglip --dir target/bench/siglip-b-16 [--prepare]
+
+For SigLIP it first writes the checkpoint the Rust bench loads (random
+weights, google/siglip-base-patch16-224's architecture, the fixtures'
+SentencePiece tokenizer); `--prepare` stops there.
 
 Measures image embeddings per second at batch 1 and 16 (from pixel tensors,
 as the Rust bench does) and the latency of a 10-token text query (tokenizer,
@@ -14,8 +19,14 @@ import json
 import statistics
 import time
 
+import gzip
+import shutil
+from pathlib import Path
+
 import torch
-from transformers import CLIPModel, CLIPTokenizer
+from transformers import AutoTokenizer, CLIPModel, CLIPTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+ROOT = Path(__file__).resolve().parents[2]
 
 QUERY = "a photo of a dog on the beach"
 
@@ -31,34 +42,68 @@ def timed(warmup, runs, fn):
     return out
 
 
+def write_siglip(out: Path) -> None:
+    """A random SigLIP base-patch16-224 in Hugging Face layout."""
+    if (out / "model.safetensors").is_file():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fixture = ROOT / "tests/fixtures/models/siglip-tiny"
+    with gzip.open(fixture / "spiece.model.gz") as f:
+        (out / "spiece.model").write_bytes(f.read())
+    shutil.copy(fixture / "tokenizer_config.json", out / "tokenizer_config.json")
+    torch.manual_seed(0)
+    SiglipModel(SiglipConfig()).eval().save_pretrained(out, safe_serialization=True)
+    SiglipImageProcessor().save_pretrained(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dir", default="target/bench/vit-b-32")
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--family", choices=["clip", "siglip"], default="clip")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--prepare", action="store_true", help="write the SigLIP checkpoint and stop")
     args = ap.parse_args()
+    siglip = args.family == "siglip"
+    directory = args.dir or ("target/bench/siglip-b-16" if siglip else "target/bench/vit-b-32")
+    if siglip:
+        write_siglip(Path(directory))
+        if args.prepare:
+            return
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    model = CLIPModel.from_pretrained(args.dir, dtype=torch.float32).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(args.dir)
-    tokens = len(tokenizer(QUERY)["input_ids"])
-    assert tokens == 10, tokens
+    if siglip:
+        model = SiglipModel.from_pretrained(directory, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        # SigLIP's text tower takes the fixed length it was trained at.
+        encode = lambda: tokenizer([QUERY], padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+        tokens = len(tokenizer(QUERY)["input_ids"])
+        size = 224
+    else:
+        model = CLIPModel.from_pretrained(directory, dtype=torch.float32).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(directory)
+        encode = lambda: tokenizer([QUERY], return_tensors="pt")
+        tokens = len(tokenizer(QUERY)["input_ids"])
+        assert tokens == 10, tokens
+        size = 224
     g = torch.Generator().manual_seed(1)
-    p1 = torch.randn(1, 3, 224, 224, generator=g)
-    p16 = torch.randn(16, 3, 224, 224, generator=g)
+    p1 = torch.randn(1, 3, size, size, generator=g)
+    p16 = torch.randn(16, 3, size, size, generator=g)
 
     with torch.inference_mode():
         b1 = statistics.median(timed(3, 30, lambda: model.get_image_features(pixel_values=p1)))
         b16 = statistics.median(timed(1, 6, lambda: model.get_image_features(pixel_values=p16)))
 
         def query():
-            ids = tokenizer([QUERY], return_tensors="pt")
-            f = model.get_text_features(**ids).pooler_output
+            ids = encode()
+            f = model.get_text_features(input_ids=ids["input_ids"]).pooler_output if siglip else \
+                model.get_text_features(**ids).pooler_output
             return torch.nn.functional.normalize(f, dim=-1)
 
         text = sorted(timed(5, 100, query))
     result = {
         "impl": "transformers %s / torch %s" % (__import__("transformers").__version__, torch.__version__),
+        "model": "SigLIP B/16-224" if siglip else "ViT-B/32",
         "threads": args.threads,
         "image_per_s_batch1": 1.0 / b1,
         "image_per_s_batch16": 16.0 / b16,
@@ -69,7 +114,7 @@ def main():
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['impl']}, ViT-B/32, {args.threads} threads")
+        print(f"{result['impl']}, {result['model']}, {args.threads} threads")
         print(f"  images/s, batch 1:   {result['image_per_s_batch1']:8.2f}")
         print(f"  images/s, batch 16:  {result['image_per_s_batch16']:8.2f}")
         print(f"  text query ({tokens} tokens): p50 {result['text_ms_p50']:.2f} ms, p90 {result['text_ms_p90']:.2f} ms")
