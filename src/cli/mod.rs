@@ -99,9 +99,15 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 10.0)]
     pub val_percent: f64,
 
-    /// Keep weights fixed: the image tower, the text tower, or both (only the projections learn).
+    /// Keep weights fixed: the image tower, the text tower, or both (only the
+    /// projections, or SigLIP's heads, learn).
     #[arg(long, default_value = "none", value_parser = ["none", "image", "text", "towers"])]
     pub freeze: String,
+
+    /// The objective: CLIP's softmax contrastive loss, or SigLIP's pairwise
+    /// sigmoid loss with a learned bias. Default: the model family's own.
+    #[arg(long, value_parser = ["softmax", "sigmoid"])]
+    pub loss: Option<String>,
 
     /// Prompt templates for class names, one per line with {} (default: 8 of CLIP's).
     #[arg(long)]

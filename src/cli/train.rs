@@ -61,6 +61,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         weight_decay: args.weight_decay,
         seed: args.seed,
         freeze: args.freeze.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        loss: args.loss.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!(e))?,
         templates: templates(args.templates.as_deref())?,
         checkpoint_every: Duration::from_secs(args.checkpoint_every),
         hub: HubOptions::from_env(args.offline, true),

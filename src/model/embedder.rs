@@ -7,9 +7,9 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::checkpoint::{self, CheckpointFiles, HubOptions, ModelSource, TokenizerFiles, WeightsFile};
-use super::tokenizer::{FixedTokenizer, TokenizerSettings};
-use super::{load_weights, normalize, ClipConfig, ClipModel, ClipTokenizer, Error, Family, Preprocessor, Result, RgbView, TextTokenizer};
+use super::checkpoint::{self, CheckpointFiles, HubOptions, ModelSource, WeightsFile};
+use super::tokenizer::TokenizerSettings;
+use super::{load_weights, normalize, ClipConfig, ClipModel, Error, Preprocessor, Result, RgbView, TextTokenizer};
 
 /// Texts embedded per forward pass.
 const TEXT_BATCH: usize = 64;
@@ -45,32 +45,7 @@ impl Clip {
             Some(path) => TokenizerSettings::from_json(&read(path)?)?,
             None => TokenizerSettings::default(),
         };
-        let tokenizer = match (config.family, &files.tokenizer) {
-            (Family::Clip, TokenizerFiles::Json(path)) => {
-                TextTokenizer::Clip(ClipTokenizer::from_tokenizer_json(path, context)?)
-            }
-            (Family::Clip, TokenizerFiles::VocabMerges { vocab, merges }) => {
-                TextTokenizer::Clip(ClipTokenizer::from_vocab_merges(vocab, merges, context)?)
-            }
-            (Family::Siglip, TokenizerFiles::Json(path)) => {
-                TextTokenizer::Fixed(FixedTokenizer::from_tokenizer_json(path, &settings, context)?)
-            }
-            (Family::Siglip, TokenizerFiles::SentencePiece(path)) => {
-                TextTokenizer::Fixed(FixedTokenizer::from_spiece(path, &settings, context)?)
-            }
-            (family, files) => {
-                let found = match files {
-                    TokenizerFiles::Json(_) => "tokenizer.json",
-                    TokenizerFiles::SentencePiece(_) => "spiece.model",
-                    TokenizerFiles::VocabMerges { .. } => "vocab.json and merges.txt",
-                };
-                return Err(Error::Config(format!(
-                    "a {} model with {found} as its tokenizer: CLIP models take tokenizer.json or vocab.json and \
-                     merges.txt, SigLIP models spiece.model or tokenizer.json",
-                    family.name()
-                )));
-            }
-        };
+        let tokenizer = TextTokenizer::load(config.family, &files.tokenizer, &settings, context)?;
         if tokenizer.max_id() as usize >= config.text_config.vocab_size {
             return Err(Error::Config(format!(
                 "the tokenizer has ids up to {}, outside the model's vocabulary of {}",

@@ -15,8 +15,9 @@ use std::path::Path;
 
 use tokenizers::Tokenizer;
 
+use super::checkpoint::TokenizerFiles;
 use super::sentencepiece::SentencePiece;
-use super::{Error, Result};
+use super::{Error, Family, Result};
 
 pub const START_OF_TEXT: &str = "<|startoftext|>";
 pub const END_OF_TEXT: &str = "<|endoftext|>";
@@ -214,6 +215,34 @@ pub enum TextTokenizer {
 }
 
 impl TextTokenizer {
+    /// The tokenizer a model of `family` reads from these files.
+    pub fn load(family: Family, files: &TokenizerFiles, settings: &TokenizerSettings, context: usize) -> Result<Self> {
+        Ok(match (family, files) {
+            (Family::Clip, TokenizerFiles::Json(path)) => Self::Clip(ClipTokenizer::from_tokenizer_json(path, context)?),
+            (Family::Clip, TokenizerFiles::VocabMerges { vocab, merges }) => {
+                Self::Clip(ClipTokenizer::from_vocab_merges(vocab, merges, context)?)
+            }
+            (Family::Siglip, TokenizerFiles::Json(path)) => {
+                Self::Fixed(FixedTokenizer::from_tokenizer_json(path, settings, context)?)
+            }
+            (Family::Siglip, TokenizerFiles::SentencePiece(path)) => {
+                Self::Fixed(FixedTokenizer::from_spiece(path, settings, context)?)
+            }
+            (family, files) => {
+                let found = match files {
+                    TokenizerFiles::Json(_) => "tokenizer.json",
+                    TokenizerFiles::SentencePiece(_) => "spiece.model",
+                    TokenizerFiles::VocabMerges { .. } => "vocab.json and merges.txt",
+                };
+                return Err(Error::Config(format!(
+                    "a {} model with {found} as its tokenizer: CLIP models take tokenizer.json or vocab.json and \
+                     merges.txt, SigLIP models spiece.model or tokenizer.json",
+                    family.name()
+                )));
+            }
+        })
+    }
+
     /// Ids of one text, ready for the text tower.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {

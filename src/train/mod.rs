@@ -1,9 +1,11 @@
-//! Training and fine-tuning with CLIP's contrastive objective.
+//! Training and fine-tuning with CLIP's softmax contrastive objective or
+//! SigLIP's sigmoid one (`model::loss::Objective`).
 //!
-//! A model starts from a checkpoint (fine-tuning) or a config preset (from
-//! scratch, initialised as transformers does). Towers can be frozen: the image
-//! tower, the text tower, or both (only the projections and the temperature
-//! learn, in the spirit of locked-image tuning, Zhai et al. 2022). Frozen
+//! A model starts from a checkpoint (fine-tuning, CLIP or SigLIP) or a config
+//! preset (from scratch, initialised as transformers does). Towers can be
+//! frozen: the image tower, the text tower, or both (only the projections or
+//! SigLIP's heads, the temperature and the bias learn, in the spirit of
+//! locked-image tuning, Zhai et al. 2022). Frozen
 //! weights are plain tensors and take the fast inference path; trainable ones
 //! are candle `Var`s, whose layers use only differentiable operations.
 //!
@@ -28,8 +30,9 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::model::checkpoint::{self, HubOptions, ModelSource, TokenizerFiles, WeightsFile};
-use crate::model::loss::clip_loss;
-use crate::model::{init, ClipConfig, ClipModel, ClipTokenizer, Preprocessor};
+use crate::model::loss::{Objective, SIGMOID_INIT_BIAS, SIGMOID_INIT_LOG_SCALE};
+use crate::model::tokenizer::TokenizerSettings;
+use crate::model::{init, ClipConfig, ClipModel, Family, Preprocessor, TextTokenizer};
 use data::{Dataset, ImageSet, Problem, Sample};
 use optim::{learning_rate, AdamW, AdamWConfig};
 
@@ -99,12 +102,16 @@ impl std::str::FromStr for Freeze {
 }
 
 impl Freeze {
+    /// Whether a weight stays fixed. SigLIP's towers end in their heads
+    /// (`*.head.*`), which play the part of CLIP's projections and learn.
     fn frozen(self, name: &str) -> bool {
+        let image = name.starts_with("vision_model.") && !name.starts_with("vision_model.head.");
+        let text = name.starts_with("text_model.") && !name.starts_with("text_model.head.");
         match self {
             Freeze::None => false,
-            Freeze::Image => name.starts_with("vision_model."),
-            Freeze::Text => name.starts_with("text_model."),
-            Freeze::Towers => name.starts_with("vision_model.") || name.starts_with("text_model."),
+            Freeze::Image => image,
+            Freeze::Text => text,
+            Freeze::Towers => image || text,
         }
     }
 }
@@ -125,6 +132,9 @@ pub struct TrainOptions {
     pub weight_decay: f64,
     pub seed: u64,
     pub freeze: Freeze,
+    /// The objective; by default the model family's own (softmax for CLIP,
+    /// sigmoid for SigLIP).
+    pub loss: Option<Objective>,
     /// Templates that turn class names into captions.
     pub templates: Vec<String>,
     /// Save a resumable checkpoint at least this often.
@@ -181,7 +191,14 @@ struct RunKey {
     weight_decay: f64,
     seed: u64,
     freeze: Freeze,
+    #[serde(default = "softmax")]
+    loss: Objective,
     templates: Vec<String>,
+}
+
+/// Checkpoints from before the sigmoid loss trained with softmax.
+fn softmax() -> Objective {
+    Objective::Softmax
 }
 
 #[derive(Serialize, Deserialize)]
@@ -248,8 +265,25 @@ pub struct TrainableModel {
     pub frozen: HashMap<String, Tensor>,
 }
 
+/// The objective a run uses: the one asked for, else the family's.
+pub fn objective(config: &ClipConfig, asked: Option<Objective>) -> Objective {
+    asked.unwrap_or(match config.family {
+        Family::Clip => Objective::Softmax,
+        Family::Siglip => Objective::Sigmoid,
+    })
+}
+
 /// Builds a model for training from a checkpoint's tensors (Hugging Face names).
-pub fn build_model(config: &ClipConfig, tensors: HashMap<String, Tensor>, freeze: Freeze) -> Result<TrainableModel> {
+///
+/// A missing temperature is added (a sigmoid run of a model without a bias,
+/// a CLIP architecture, gets `logit_bias` too, initialised as SigLIP's paper
+/// says); SigLIP stores both as one-element vectors, CLIP its temperature as a scalar.
+pub fn build_model(
+    config: &ClipConfig,
+    tensors: HashMap<String, Tensor>,
+    freeze: Freeze,
+    objective: Objective,
+) -> Result<TrainableModel> {
     let mut weights = Weights { vars: HashMap::new(), frozen: HashMap::new() };
     for (name, t) in tensors {
         if freeze.frozen(&name) {
@@ -258,8 +292,15 @@ pub fn build_model(config: &ClipConfig, tensors: HashMap<String, Tensor>, freeze
             weights.vars.insert(name.clone(), Var::from_tensor(&t)?);
         }
     }
-    if !weights.vars.contains_key("logit_scale") && !weights.frozen.contains_key("logit_scale") {
-        weights.vars.insert("logit_scale".into(), Var::new(config.logit_scale_init_value as f32, &Device::Cpu)?);
+    let shape: &[usize] = if config.family == Family::Siglip { &[1] } else { &[] };
+    let fresh = |value: f64| Var::from_tensor(&Tensor::new(value as f32, &Device::Cpu)?.reshape(shape)?);
+    let sigmoid = objective == Objective::Sigmoid;
+    if !weights.contains_tensor("logit_scale") {
+        let init = if sigmoid { SIGMOID_INIT_LOG_SCALE } else { config.logit_scale_init_value };
+        weights.vars.insert("logit_scale".into(), fresh(init)?);
+    }
+    if (sigmoid || config.family == Family::Siglip) && !weights.contains_tensor("logit_bias") {
+        weights.vars.insert("logit_bias".into(), fresh(SIGMOID_INIT_BIAS)?);
     }
     let trainable: Vec<(String, Var)> = weights.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let frozen = weights.frozen.clone();
@@ -283,7 +324,8 @@ pub fn builtin_tokenizer_json() -> Vec<u8> {
 struct Base {
     config: ClipConfig,
     tensors: HashMap<String, Tensor>,
-    /// Tokenizer files to copy into the output: (name, bytes).
+    /// Tokenizer files to copy into the output: (name, bytes), the
+    /// checkpoint's `tokenizer_config.json` among them when it has one.
     tokenizer_files: Vec<(String, Vec<u8>)>,
     preprocessor: Preprocessor,
 }
@@ -301,12 +343,6 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
             let files = checkpoint::resolve(source, hub)?;
             let read = |p: &Path| std::fs::read(p).map_err(io(p));
             let config = ClipConfig::from_json(&String::from_utf8_lossy(&read(&files.config)?))?;
-            if config.family != crate::model::Family::Clip {
-                return Err(Error::Data(format!(
-                    "{source} is a {} model; clipdex fine-tunes CLIP models (model_type \"clip\") so far",
-                    config.family.name()
-                )));
-            }
             let tensors = match &files.weights {
                 WeightsFile::Safetensors(p) => candle_core::safetensors::load(p, &device)?,
                 WeightsFile::Pickle(p) => candle_core::pickle::read_all(p)?.into_iter().collect(),
@@ -316,45 +352,60 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
                 .filter(|(k, _)| !k.ends_with("position_ids"))
                 .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
                 .collect::<Result<HashMap<_, _>>>()?;
-            let tokenizer_files = match &files.tokenizer {
+            let mut tokenizer_files = match &files.tokenizer {
                 TokenizerFiles::Json(p) => vec![("tokenizer.json".into(), read(p)?)],
+                TokenizerFiles::SentencePiece(p) => vec![("spiece.model".into(), read(p)?)],
                 TokenizerFiles::VocabMerges { vocab, merges } => {
                     vec![("vocab.json".into(), read(vocab)?), ("merges.txt".into(), read(merges)?)]
                 }
-                TokenizerFiles::SentencePiece(p) => {
-                    return Err(Error::Data(format!("{}: a CLIP model with a SentencePiece tokenizer", p.display())));
-                }
             };
+            if let Some(p) = &files.tokenizer_config {
+                tokenizer_files.push(("tokenizer_config.json".into(), read(p)?));
+            }
             let image_size = config.vision_config.image_size;
             let preprocessor = match &files.preprocessor {
                 Some(p) => Preprocessor::from_json(&String::from_utf8_lossy(&read(p)?), image_size)?,
-                None => Preprocessor::clip_default(image_size),
+                None => Preprocessor::default_for(config.family, image_size),
             };
             Ok(Base { config, tensors, tokenizer_files, preprocessor })
         }
     }
 }
 
-fn tokenizer_from(files: &[(String, Vec<u8>)], dir: &Path, max_len: usize) -> Result<ClipTokenizer> {
+/// Writes the tokenizer files into `dir` (the output checkpoint) and loads them from there.
+fn tokenizer_from(files: &[(String, Vec<u8>)], dir: &Path, family: Family, max_len: usize) -> Result<TextTokenizer> {
     for (name, bytes) in files {
         std::fs::write(dir.join(name), bytes).map_err(io(dir))?;
     }
-    if files.iter().any(|(n, _)| n == "tokenizer.json") {
-        Ok(ClipTokenizer::from_tokenizer_json(&dir.join("tokenizer.json"), max_len)?)
+    let has = |name: &str| files.iter().any(|(n, _)| n == name);
+    let kind = if has("tokenizer.json") {
+        TokenizerFiles::Json(dir.join("tokenizer.json"))
+    } else if has("spiece.model") {
+        TokenizerFiles::SentencePiece(dir.join("spiece.model"))
     } else {
-        Ok(ClipTokenizer::from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt"), max_len)?)
-    }
+        TokenizerFiles::VocabMerges { vocab: dir.join("vocab.json"), merges: dir.join("merges.txt") }
+    };
+    let settings = match files.iter().find(|(n, _)| n == "tokenizer_config.json") {
+        Some((_, bytes)) => TokenizerSettings::from_json(&String::from_utf8_lossy(bytes))?,
+        None => TokenizerSettings::default(),
+    };
+    Ok(TextTokenizer::load(family, &kind, &settings, max_len)?)
+}
+
+/// A scalar of a one-element tensor (SigLIP's scale and bias are vectors of one).
+fn scalar(t: &Tensor) -> Result<f32> {
+    Ok(t.flatten_all()?.get(0)?.to_scalar::<f32>()?)
 }
 
 /// Tokenised captions, padded per batch.
-fn text_batch(tokens: &[Vec<u32>], pad: u32, eos: u32) -> Result<(Tensor, Vec<usize>)> {
+fn text_batch(tokens: &[Vec<u32>], tokenizer: &TextTokenizer) -> Result<(Tensor, Vec<usize>)> {
     let len = tokens.iter().map(Vec::len).max().unwrap_or(2);
     let mut ids = Vec::with_capacity(tokens.len() * len);
     let mut pool = Vec::with_capacity(tokens.len());
     for t in tokens {
         ids.extend_from_slice(t);
-        ids.extend(std::iter::repeat_n(pad, len - t.len()));
-        pool.push(t.iter().position(|&x| x == eos).unwrap_or(t.len() - 1));
+        ids.extend(std::iter::repeat_n(tokenizer.pad_id(), len - t.len()));
+        pool.push(tokenizer.pool_position(t));
     }
     Ok((Tensor::from_vec(ids, (tokens.len(), len), &Device::Cpu)?, pool))
 }
@@ -377,7 +428,7 @@ struct Prepared {
 
 /// Reads the data, splits it (or reads the validation set), decodes the
 /// pictures once, tokenizes the captions, and writes the split it used.
-fn prepare_data(opts: &TrainOptions, preprocessor: &Preprocessor, tokenizer: &ClipTokenizer) -> Result<Prepared> {
+fn prepare_data(opts: &TrainOptions, preprocessor: &Preprocessor, tokenizer: &TextTokenizer) -> Result<Prepared> {
     let load = |p: &Path| data::load(p, &opts.templates).map_err(|e| Error::Data(format!("cannot read {}: {e}", p.display())));
     let Dataset { samples, mut problems } = load(&opts.data)?;
     let (train_samples, val_samples) = match &opts.val {
@@ -412,7 +463,7 @@ fn prepare_data(opts: &TrainOptions, preprocessor: &Preprocessor, tokenizer: &Cl
 }
 
 /// What makes a run the same run: a checkpoint of another is not resumed.
-fn run_key(opts: &TrainOptions, config: &ClipConfig) -> RunKey {
+fn run_key(opts: &TrainOptions, config: &ClipConfig, loss: Objective) -> RunKey {
     RunKey {
         data: std::fs::canonicalize(&opts.data).unwrap_or(opts.data.clone()).display().to_string(),
         val: opts.val.as_ref().map(|v| std::fs::canonicalize(v).unwrap_or(v.clone()).display().to_string()),
@@ -429,6 +480,7 @@ fn run_key(opts: &TrainOptions, config: &ClipConfig) -> RunKey {
         weight_decay: opts.weight_decay,
         seed: opts.seed,
         freeze: opts.freeze,
+        loss,
         templates: opts.templates.clone(),
     }
 }
@@ -500,14 +552,22 @@ fn export(
     for (k, v) in trainable {
         tensors.insert(k.clone(), v.as_tensor().detach());
     }
+    // CLIPModel has no bias: a CLIP architecture trained with the sigmoid
+    // loss embeds (and ranks) without it.
+    if config.family == Family::Clip {
+        tensors.remove("logit_bias");
+    }
     candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
     write_synced(&out.join("config.json"), config.to_json().as_bytes())?;
     write_synced(&out.join("preprocessor_config.json"), preprocessor.to_json().as_bytes())?;
-    let tok_config = serde_json::json!({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": config.text_config.max_position_embeddings,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"
-    });
-    write_synced(&out.join("tokenizer_config.json"), tok_config.to_string().as_bytes())?;
+    // A checkpoint's own tokenizer_config.json was copied with its tokenizer.
+    if !out.join("tokenizer_config.json").is_file() {
+        let tok_config = serde_json::json!({
+            "tokenizer_class": "CLIPTokenizer", "model_max_length": config.text_config.max_position_embeddings,
+            "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"
+        });
+        write_synced(&out.join("tokenizer_config.json"), tok_config.to_string().as_bytes())?;
+    }
     write_synced(&out.join("training.json"), &serde_json::to_vec_pretty(&history).expect("history serialises"))?;
     Ok(())
 }
@@ -519,19 +579,21 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
     let base = load_base(&opts.start, opts.seed, &opts.hub)?;
     let config = base.config.clone();
     let ctx = config.text_config.max_position_embeddings;
-    let tokenizer = tokenizer_from(&base.tokenizer_files, &opts.out, ctx)?;
+    let tokenizer = tokenizer_from(&base.tokenizer_files, &opts.out, config.family, ctx)?;
+    let objective = objective(&config, opts.loss);
 
     let Prepared { train_samples, val_samples, train_images, val_images, train_tokens, val_tokens, problems } =
         prepare_data(opts, &base.preprocessor, &tokenizer)?;
 
     // Model.
-    let trained = build_model(&config, base.tensors, opts.freeze)?;
+    let trained = build_model(&config, base.tensors, opts.freeze, objective)?;
     let (model, trainable, frozen_copy) = (trained.model, trained.trainable, trained.frozen);
-    let log_scale = trainable
-        .iter()
-        .find(|(k, _)| k == "logit_scale")
-        .map(|(_, v)| v.clone())
-        .ok_or_else(|| Error::Data("the temperature must be trainable".into()))?;
+    let find = |name: &str| trainable.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let log_scale = find("logit_scale").ok_or_else(|| Error::Data("the temperature must be trainable".into()))?;
+    let bias = find("logit_bias");
+    if objective == Objective::Sigmoid && bias.is_none() {
+        return Err(Error::Data("the sigmoid loss's bias must be trainable".into()));
+    }
     let mut optimizer = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: opts.weight_decay, ..Default::default() })?;
     let total_params = optimizer.num_params() + frozen_copy.values().map(|t| t.elem_count()).sum::<usize>();
 
@@ -539,7 +601,7 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
     let steps_per_epoch = (train_samples.len() / opts.batch) as u64;
     let total_steps = steps_per_epoch * opts.epochs as u64;
     let warmup = opts.warmup.unwrap_or(total_steps / 20);
-    let run = run_key(opts, &config);
+    let run = run_key(opts, &config, objective);
     let ckpt = opts.out.join("checkpoint");
     let (step, mut history) = resume(opts, &ckpt, &run, &trainable, &mut optimizer)?;
 
@@ -554,7 +616,6 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
     let (tx, rx) = crossbeam_channel::bounded::<(u64, Vec<f32>, Vec<usize>)>(2);
     let n_train = train_samples.len();
     let (batch, seed) = (opts.batch, opts.seed);
-    let pad = tokenizer.eos_id();
     let mut last_checkpoint = Instant::now();
     let mut last = TrainProgress {
         epoch: (step / steps_per_epoch.max(1)) as usize,
@@ -563,7 +624,7 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
         total_steps,
         loss: f32::NAN,
         lr: 0.0,
-        temperature: log_scale.as_tensor().exp()?.to_scalar::<f32>()?,
+        temperature: scalar(&log_scale.as_tensor().exp()?)?,
         samples_per_second: 0.0,
         elapsed_seconds: 0.0,
         overhead_seconds: 0.0,
@@ -598,10 +659,11 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
         for (s, pixels, idx) in rx.iter() {
             let pixels = Tensor::from_vec(pixels, (batch, 3, image_size, image_size), &Device::Cpu)?;
             let toks: Vec<Vec<u32>> = idx.iter().map(|&i| train_tokens[i].clone()).collect();
-            let (ids, pool) = text_batch(&toks, pad, tokenizer.eos_id())?;
+            let (ids, pool) = text_batch(&toks, &tokenizer)?;
             let image_features = model.get_image_features(&pixels)?;
             let text_features = model.get_text_features(&ids, &pool)?;
-            let (loss, _) = clip_loss(&image_features, &text_features, log_scale.as_tensor())?;
+            let (loss, _) =
+                objective.loss(&image_features, &text_features, log_scale.as_tensor(), bias.as_ref().map(Var::as_tensor))?;
             let grads = loss.backward()?;
             if s == first_step {
                 let missing = optimizer.missing_gradients(&grads);
@@ -611,9 +673,16 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
             }
             let lr = learning_rate(s, opts.lr, warmup, total_steps);
             optimizer.step(&grads, lr)?;
-            // CLIP clips the temperature so that exp(t) stays at most 100.
-            let t = log_scale.as_tensor().clamp(0f32, 100f32.ln())?;
-            log_scale.set(&t)?;
+            // CLIP clips the temperature so that exp(t) stays at most 100;
+            // SigLIP leaves it free.
+            let t = match objective {
+                Objective::Softmax => {
+                    let t = log_scale.as_tensor().clamp(0f32, 100f32.ln())?;
+                    log_scale.set(&t)?;
+                    t
+                }
+                Objective::Sigmoid => log_scale.as_tensor().clone(),
+            };
             let done = s + 1;
             {
                 use std::io::Write;
@@ -624,14 +693,15 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
             last.epoch = (s / steps_per_epoch) as usize;
             last.loss = loss.to_scalar::<f32>()?;
             last.lr = lr;
-            last.temperature = t.exp()?.to_scalar::<f32>()?;
+            last.temperature = scalar(&t.exp()?)?;
             last.elapsed_seconds = loop_start.elapsed().as_secs_f64();
             last.samples_per_second =
                 ((done - first_step) * batch as u64) as f64 / (last.elapsed_seconds - last.overhead_seconds).max(1e-9);
             let overhead_start = Instant::now();
             let epoch_end = done % steps_per_epoch == 0;
             if epoch_end {
-                let v = validate(&model, log_scale.as_tensor(), &val_images, &val_tokens, batch, pad, tokenizer.eos_id(), last.epoch + 1)?;
+                let scoring = Scoring { objective, log_scale: log_scale.as_tensor(), bias: bias.as_ref().map(Var::as_tensor) };
+                let v = validate(&model, &scoring, &val_images, &val_tokens, batch, &tokenizer, last.epoch + 1)?;
                 if let Some(v) = v {
                     history.push(v.clone());
                     last.validation = Some(v);
@@ -670,16 +740,21 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
     })
 }
 
+/// What turns features into a loss: the objective, its temperature and bias.
+struct Scoring<'a> {
+    objective: Objective,
+    log_scale: &'a Tensor,
+    bias: Option<&'a Tensor>,
+}
+
 /// Validation loss and retrieval recall on (at most 2,000) held-out pairs.
-#[allow(clippy::too_many_arguments)]
 fn validate(
     model: &ClipModel,
-    log_scale: &Tensor,
+    scoring: &Scoring,
     images: &ImageSet,
     tokens: &[Vec<u32>],
     batch: usize,
-    pad: u32,
-    eos: u32,
+    tokenizer: &TextTokenizer,
     epoch: usize,
 ) -> Result<Option<Validation>> {
     let n = images.len().min(2000);
@@ -698,11 +773,13 @@ fn validate(
             images.centered(i, &mut pixels[k * plane..(k + 1) * plane]);
         }
         let pixels = Tensor::from_vec(pixels, (end - start, 3, s, s), &Device::Cpu)?;
-        let (ids, pool) = text_batch(&tokens[start..end], pad, eos)?;
+        let (ids, pool) = text_batch(&tokens[start..end], tokenizer)?;
         let i = model.get_image_features(&pixels)?.detach();
         let t = model.get_text_features(&ids, &pool)?.detach();
         if end - start > 1 {
-            losses.push(clip_loss(&i, &t, &log_scale.detach())?.0.to_scalar::<f32>()?);
+            let bias = scoring.bias.map(Tensor::detach);
+            let loss = scoring.objective.loss(&i, &t, &scoring.log_scale.detach(), bias.as_ref())?.0;
+            losses.push(loss.to_scalar::<f32>()?);
         }
         image_features.push(crate::model::normalize(&i)?);
         text_features.push(crate::model::normalize(&t)?);

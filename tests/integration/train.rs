@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use clipdex::model::init::{init_weights, NormalRng};
-use clipdex::model::loss::clip_loss;
+use clipdex::model::loss::{clip_loss, Objective};
 use clipdex::model::{Clip, ClipConfig, HubOptions, ModelSource};
 use clipdex::train::optim::{AdamW, AdamWConfig};
 use clipdex::train::{build_model, Freeze};
@@ -105,30 +105,61 @@ fn every_parameter_gets_a_gradient() {
         c.vision_config.hidden_act = clipdex::model::Activation::QuickGelu;
         c
     }] {
-        let weights = init_weights(&config, 0, &Device::Cpu).unwrap();
-        let count = weights.len();
-        let m = build_model(&config, weights, Freeze::None).unwrap();
-        assert_eq!(m.trainable.len(), count, "every tensor is trainable");
-        let tok = builtin_tokenizer(config.text_config.max_position_embeddings);
-        let (ids, pool) = token_batch(&tok, &captions(8));
-        let logit_scale = m.trainable.iter().find(|(k, _)| k == "logit_scale").unwrap().1.clone();
-        let (loss, _) = clip_loss(
-            &m.model.get_image_features(&pixels(dir.path(), 8, 32)).unwrap(),
+        for objective in [Objective::Softmax, Objective::Sigmoid] {
+            let weights = init_weights(&config, 0, &Device::Cpu).unwrap();
+            let count = weights.len() + usize::from(objective == Objective::Sigmoid);
+            let m = build_model(&config, weights, Freeze::None, objective).unwrap();
+            assert_eq!(m.trainable.len(), count, "every tensor is trainable, the sigmoid loss's bias too");
+            let tok = clipdex::model::TextTokenizer::Clip(builtin_tokenizer(config.text_config.max_position_embeddings));
+            assert_no_dead_parameters(&m, &tok, &pixels(dir.path(), 8, 32), objective);
+        }
+    }
+    // SigLIP, from a checkpoint: its own tokenizer, fixed-length text, the pooling head.
+    let model = fixture_model("siglip-tiny");
+    let clip = Clip::load(&ModelSource::Dir(model.clone()), &HubOptions { offline: true, progress: false }).unwrap();
+    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(candle_core::DType::F32).unwrap()))
+        .collect();
+    let count = tensors.len();
+    let m = build_model(clip.config(), tensors, Freeze::None, Objective::Sigmoid).unwrap();
+    assert_eq!(m.trainable.len(), count);
+    let size = clip.preprocessor().image_size();
+    assert_no_dead_parameters(&m, clip.tokenizer(), &pixels(dir.path(), 8, size), Objective::Sigmoid);
+}
+
+/// One step's loss reaches every trainable parameter with a non-zero gradient.
+fn assert_no_dead_parameters(m: &clipdex::train::TrainableModel, tok: &clipdex::model::TextTokenizer, px: &Tensor, objective: Objective) {
+    let texts = captions(px.dim(0).unwrap());
+    let rows: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
+    let len = rows.iter().map(Vec::len).max().unwrap();
+    let mut flat = Vec::new();
+    let mut pool = Vec::new();
+    for row in &rows {
+        flat.extend(row.iter().copied().chain(std::iter::repeat_n(tok.pad_id(), len - row.len())));
+        pool.push(tok.pool_position(row));
+    }
+    let ids = Tensor::from_vec(flat, (rows.len(), len), &Device::Cpu).unwrap();
+    let find = |name: &str| m.trainable.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_tensor().clone());
+    let (loss, _) = objective
+        .loss(
+            &m.model.get_image_features(px).unwrap(),
             &m.model.get_text_features(&ids, &pool).unwrap(),
-            logit_scale.as_tensor(),
+            &find("logit_scale").unwrap(),
+            find("logit_bias").as_ref(),
         )
         .unwrap();
-        let grads = loss.backward().unwrap();
-        let mut dead = Vec::new();
-        for (name, var) in &m.trainable {
-            match grads.get(var.as_tensor()) {
-                None => dead.push(format!("{name} (none)")),
-                Some(g) if g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() == 0.0 => dead.push(format!("{name} (zero)")),
-                Some(_) => {}
-            }
+    let grads = loss.backward().unwrap();
+    let mut dead = Vec::new();
+    for (name, var) in &m.trainable {
+        match grads.get(var.as_tensor()) {
+            None => dead.push(format!("{name} (none)")),
+            Some(g) if g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() == 0.0 => dead.push(format!("{name} (zero)")),
+            Some(_) => {}
         }
-        assert!(dead.is_empty(), "{} of {} parameters get no gradient: {dead:?}", dead.len(), m.trainable.len());
     }
+    assert!(dead.is_empty(), "{objective:?}: {} of {} parameters get no gradient: {dead:?}", dead.len(), m.trainable.len());
 }
 
 #[test]
@@ -136,7 +167,7 @@ fn a_tiny_model_overfits_a_fixed_batch() {
     let dir = tempfile::tempdir().unwrap();
     shapes(dir.path(), 12, 2);
     let config = ClipConfig::preset("tiny-32").unwrap();
-    let m = build_model(&config, init_weights(&config, 0, &Device::Cpu).unwrap(), Freeze::None).unwrap();
+    let m = build_model(&config, init_weights(&config, 0, &Device::Cpu).unwrap(), Freeze::None, Objective::Softmax).unwrap();
     let tok = builtin_tokenizer(32);
     let (ids, pool) = token_batch(&tok, &captions(12));
     let px = pixels(dir.path(), 12, 32);
@@ -152,7 +183,7 @@ fn a_tiny_model_overfits_a_fixed_batch() {
     // The forward pass sees the optimiser's updates: a model rebuilt from the
     // current weights computes the same features (no layer kept a copy).
     let current: HashMap<String, Tensor> = m.trainable.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
-    let rebuilt = build_model(&config, current, Freeze::None).unwrap();
+    let rebuilt = build_model(&config, current, Freeze::None, Objective::Softmax).unwrap();
     let a = m.model.get_image_features(&px).unwrap();
     let b = rebuilt.model.get_image_features(&px).unwrap();
     let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
@@ -241,7 +272,7 @@ fn the_exported_checkpoint_loads_and_embeds_as_in_training() {
     // The normal loader (inference path) against the training path on the same weights.
     let clip = Clip::load(&ModelSource::Dir(out.clone()), &HubOptions { offline: true, progress: false }).unwrap();
     let tensors = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
-    let m = build_model(clip.config(), tensors, Freeze::None).unwrap();
+    let m = build_model(clip.config(), tensors, Freeze::None, Objective::Softmax).unwrap();
     let px = pixels(&dir.path().join("data"), 8, 32);
     let a = clip.image_features(&px).unwrap();
     let b = m.model.get_image_features(&px).unwrap();
@@ -330,6 +361,55 @@ fn bad_rows_are_skipped_and_reported() {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = clipdex(&refs);
     assert!(!out.status.success() && stderr(&out).contains("fewer than one batch"), "{}", stderr(&out));
+}
+
+#[test]
+fn fine_tuning_siglip_with_the_sigmoid_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shapes(&dir.path().join("data"), 48, 9);
+    let init = fixture_model("siglip-tiny");
+    let out = dir.path().join("tuned");
+    let args: Vec<String> = ["train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--init", init.to_str().unwrap(), "--epochs", "3", "--batch", "8", "--lr", "1e-3", "--val-percent", "25"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let summary = run_train(&args);
+    // The family's own objective, learning: the validation loss falls.
+    let history = summary["history"].as_array().unwrap();
+    let (first, last) = (history[0]["loss"].as_f64().unwrap(), history.last().unwrap()["loss"].as_f64().unwrap());
+    assert!(last < first, "validation loss {first} -> {last}");
+    // The export is a SigLIP checkpoint with the init's tokenizer, and it
+    // embeds as the trained weights do.
+    assert!(out.join("spiece.model").is_file() && out.join("tokenizer_config.json").is_file());
+    let clip = Clip::load(&ModelSource::Dir(out.clone()), &HubOptions { offline: true, progress: false }).unwrap();
+    assert_eq!(clip.config().family, clipdex::model::Family::Siglip);
+    let before = candle_core::safetensors::load(init.join("model.safetensors"), &Device::Cpu).unwrap();
+    let after = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    for k in ["logit_bias", "vision_model.head.probe", "text_model.head.weight"] {
+        let a = before[k].to_dtype(candle_core::DType::F32).unwrap();
+        let d = (a - &after[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d > 0.0, "{k} did not move");
+    }
+    let emb = clipdex(&["embed", "--model", out.to_str().unwrap(), "--text", "a red square", "--image", data.parent().unwrap().join("img/0000.png").to_str().unwrap(), "--json"]);
+    assert!(emb.status.success(), "{}", stderr(&emb));
+    assert!(stdout(&emb).contains("\"probability\""));
+}
+
+#[test]
+fn a_clip_architecture_trains_with_the_sigmoid_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shapes(&dir.path().join("data"), 48, 10);
+    let out = dir.path().join("model");
+    let summary = run_train(&train_cmd(&data, &out, &["--epochs", "3", "--loss", "sigmoid", "--lr", "2e-3"]));
+    let history = summary["history"].as_array().unwrap();
+    let (first, last) = (history[0]["loss"].as_f64().unwrap(), history.last().unwrap()["loss"].as_f64().unwrap());
+    assert!(last < first, "validation loss {first} -> {last}");
+    // CLIPModel has no bias: the export leaves it out.
+    let exported = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(!exported.contains_key("logit_bias") && exported.contains_key("logit_scale"));
+    // Another objective is another run: its checkpoint is not resumed.
+    let again = clipdex(&train_cmd(&data, &out, &["--epochs", "3", "--loss", "softmax", "--lr", "2e-3"]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!again.status.success() && stderr(&again).contains("another run"), "{}", stderr(&again));
 }
 
 #[test]
