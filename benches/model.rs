@@ -86,7 +86,10 @@ fn main() {
     let args = args();
     // SAFETY: single-threaded here; candle reads this when it first multiplies.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string()) };
-    // As the clipdex binary does (src/main.rs).
+    // As the clipdex binary does (src/main.rs): keep freed pages (each
+    // return costs page faults on the next tensor), and spin less.
+    // SAFETY: a plain option setter, called before any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(clipdex::library::memory::MI_OPTION_PURGE_DELAY, -1) };
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000") };
     }

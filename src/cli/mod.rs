@@ -4,6 +4,7 @@
 
 mod embed;
 mod index;
+mod models;
 mod search;
 mod serve;
 mod train;
@@ -33,7 +34,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Embed texts and images with a CLIP model and print the vectors and their similarities.
+    /// Embed texts and images with a model and print the vectors and their similarities.
     Embed(EmbedArgs),
     /// Index a photo library: embed every image into a new or existing index.
     Index(IndexArgs),
@@ -51,6 +52,19 @@ pub enum Command {
     Train(TrainArgs),
     /// Evaluate a model: retrieval recall, zero-shot classification, linear probe.
     Eval(EvalArgs),
+    /// List the recommended models: family, size, languages, whether cached, speed here.
+    Models(ModelsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsArgs {
+    /// Time each model that is in the local hub cache on this machine.
+    #[arg(long)]
+    pub measure: bool,
+
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -445,5 +459,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Similar(args) => search::similar(&args),
         Command::Train(args) => train::train(&args),
         Command::Eval(args) => train::eval(&args),
+        Command::Models(args) => models::run(&args),
     }
 }

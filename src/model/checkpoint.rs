@@ -164,6 +164,14 @@ pub fn resolve(source: &ModelSource, hub: &HubOptions) -> Result<CheckpointFiles
     }
 }
 
+/// Whether a hub repository's checkpoint is in the local cache (config and
+/// weights), so that it loads offline.
+pub fn is_cached(repo: &str) -> bool {
+    let cached = hub_cache().repo(hf_hub::Repo::model(repo.to_string()));
+    cached.get("config.json").is_some()
+        && (cached.get("model.safetensors").is_some() || cached.get("pytorch_model.bin").is_some())
+}
+
 /// The hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
 fn hub_cache() -> hf_hub::Cache {
     match std::env::var_os("HF_HUB_CACHE") {

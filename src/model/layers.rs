@@ -118,7 +118,8 @@ impl Activation {
             Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
             Activation::Gelu if x.track_op() => super::ops::gelu_erf(x)?,
             Activation::Gelu => x.gelu_erf()?,
-            Activation::GeluTanh => x.gelu()?,
+            Activation::GeluTanh if x.track_op() => x.gelu()?,
+            Activation::GeluTanh => super::ops::gelu_tanh(x)?,
             Activation::Relu => x.relu()?,
             Activation::Silu => x.silu()?,
         })

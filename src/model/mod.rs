@@ -13,6 +13,7 @@
 //! This module knows nothing of files other than checkpoints, of image
 //! formats, or of indexes: it takes RGB buffers and strings.
 
+pub mod catalog;
 pub mod checkpoint;
 pub mod config;
 mod embedder;

@@ -78,6 +78,56 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(GeluErf)
 }
 
+/// tanh as a rational function (Eigen's `ptanh_float`: odd degree-13
+/// numerator, even degree-6 denominator, on x clamped to +-7.9 where f32 tanh
+/// is +-1): a few ulp from libm's, and plain arithmetic, so the loop over a
+/// slice vectorises, where libm's `tanhf` is a call per element.
+#[inline(always)]
+fn tanh_fast(x: f32) -> f32 {
+    let x = x.clamp(-7.905_311, 7.905_311);
+    let x2 = x * x;
+    let p = x2.mul_add(-2.760_768_5e-16, 2.000_187_9e-13);
+    let p = x2.mul_add(p, -8.604_671_5e-11);
+    let p = x2.mul_add(p, 5.122_297e-8);
+    let p = x2.mul_add(p, 1.485_722_4e-5);
+    let p = x2.mul_add(p, 6.372_619_3e-4);
+    let p = x2.mul_add(p, 4.893_524_6e-3);
+    let q = x2.mul_add(1.198_258_4e-6, 1.185_347e-4);
+    let q = x2.mul_add(q, 2.268_434_6e-3);
+    let q = x2.mul_add(q, 4.893_525e-3);
+    x * p / q
+}
+
+/// sqrt(2 / pi)
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+/// GELU's tanh approximation (`gelu_pytorch_tanh`, SigLIP's activation),
+/// inference only: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+struct GeluTanh;
+
+impl CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "clipdex-gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(8192).zip(x.par_chunks(8192)).for_each(|(y, x)| {
+            for (o, &v) in y.iter_mut().zip(x) {
+                let inner = SQRT_2_OVER_PI * v * (0.044_715 * v).mul_add(v, 1.0);
+                *o = 0.5 * v * (1.0 + tanh_fast(inner));
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+}
+
+/// GELU, tanh approximation, for inference (no backward pass).
+pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&GeluTanh)
+}
+
 /// The softmax's backward pass, given its output and the output's gradient.
 struct SoftmaxGrad;
 
@@ -574,6 +624,19 @@ mod tests {
         let mut rng = crate::model::init::NormalRng::new(seed);
         let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.normal() as f32 * 2.0).collect();
         Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn tanh_and_gelu_tanh_are_accurate() {
+        for i in -2000..=2000 {
+            let x = i as f32 / 100.0;
+            let (ours, libm) = (tanh_fast(x), x.tanh());
+            assert!((ours - libm).abs() <= 1e-6, "tanh({x}) = {ours} vs {libm}");
+        }
+        let x = Tensor::arange(-800i64, 800, &Device::Cpu).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+        let x = (x / 100.0).unwrap();
+        let d = max_diff(&gelu_tanh(&x).unwrap(), &x.gelu().unwrap());
+        assert!(d < 5e-6, "gelu tanh differs from candle's by {d}");
     }
 
     #[test]

@@ -158,3 +158,36 @@ fn index_search_and_embed_with_siglip() {
     assert!((logit - (calibration.scale * cos + calibration.bias)).abs() < 1e-5);
     assert!((json["probability"][0][0].as_f64().unwrap() as f32 - calibration.probability(cos)).abs() < 1e-6);
 }
+
+/// `clipdex models`: the catalogue, which entries are cached, and their speed here.
+#[test]
+fn models_lists_the_catalogue_and_measures_what_is_cached() {
+    let cache = tempfile::tempdir().unwrap();
+    // A hub cache holding one of the recommended ids (the SigLIP fixture stands in).
+    let repo = cache.path().join("models--google--siglip-base-patch16-224");
+    let snapshot = repo.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+    for entry in std::fs::read_dir(fixture_model("siglip-tiny")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, snapshot.join(path.file_name().unwrap())).unwrap();
+    }
+    let out = crate::common::clipdex_with_env(&["models", "--json", "--measure"], &[("HF_HUB_CACHE", cache.path().to_str().unwrap())]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(rows.len() >= 8);
+    for family in ["clip", "siglip"] {
+        assert!(rows.iter().any(|r| r["family"] == family), "{family}");
+    }
+    let cached: Vec<_> = rows.iter().filter(|r| r["cached"] == true).collect();
+    assert_eq!(cached.len(), 1, "{rows:?}");
+    assert_eq!(cached[0]["id"], "google/siglip-base-patch16-224");
+    let speed = &cached[0]["speed"];
+    assert!(speed["images_per_second"].as_f64().unwrap() > 0.0 && speed["query_ms"].as_f64().unwrap() > 0.0, "{speed}");
+    assert!(rows.iter().filter(|r| r["cached"] == false).all(|r| r.get("speed").is_none()));
+    // The table names the columns a user chooses by.
+    let out = crate::common::clipdex_with_env(&["models"], &[("HF_HUB_CACHE", cache.path().to_str().unwrap())]);
+    let text = stdout(&out);
+    assert!(text.contains("languages") && text.contains("download") && text.contains("multilingual"), "{text}");
+}
