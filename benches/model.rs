@@ -94,6 +94,17 @@ fn main() {
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000") };
     }
     rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global().ok();
+    if args.only.as_deref() == Some("gemm") {
+        // The matrix multiply alone, at an MLP's shape (16 images of 50 tokens).
+        let (m, k, n) = (800, 768, 3072);
+        let a = Tensor::ones((m, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::ones((k, n), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let t = median(time(3, 30, || {
+            a.matmul(&b).unwrap();
+        }));
+        println!("gemm {m}x{k}x{n}, {} threads: {:.1} GFLOP/s", args.threads, 2.0 * (m * k * n) as f64 / t / 1e9);
+        return;
+    }
     write_checkpoint(&args.dir);
     let clip = Clip::load(&ModelSource::Dir(args.dir.clone()), &HubOptions { offline: true, progress: false }).unwrap();
     let tokenizer = clip.tokenizer();

@@ -393,6 +393,21 @@ fn fine_tuning_siglip_with_the_sigmoid_loss() {
     let emb = clipdex(&["embed", "--model", out.to_str().unwrap(), "--text", "a red square", "--image", data.parent().unwrap().join("img/0000.png").to_str().unwrap(), "--json"]);
     assert!(emb.status.success(), "{}", stderr(&emb));
     assert!(stdout(&emb).contains("\"probability\""));
+    // The three evaluations run on it (the numbers of a 3-epoch tiny model mean little).
+    let m = out.to_str().unwrap();
+    let classes = dir.path().join("data/classes");
+    let classes = classes.to_str().unwrap();
+    let val = out.join("val.jsonl");
+    for args in [
+        vec!["eval", "zero-shot", "--model", m, "--data", classes, "--json"],
+        vec!["eval", "retrieval", "--model", m, "--data", val.to_str().unwrap(), "--json"],
+        vec!["eval", "linear-probe", "--model", m, "--train", classes, "--test", classes, "--json"],
+    ] {
+        let run = clipdex(&args);
+        assert!(run.status.success(), "{args:?}: {}", stderr(&run));
+        let v: Value = serde_json::from_str(stdout(&run).trim()).unwrap();
+        assert!(v["metrics"].is_object(), "{v}");
+    }
 }
 
 #[test]
