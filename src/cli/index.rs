@@ -37,6 +37,9 @@ pub fn index(args: &IndexArgs) -> Result<()> {
 }
 
 pub fn reindex(args: &ReindexArgs) -> Result<()> {
+    if let Some(model) = &args.model {
+        return switch_model(args, model);
+    }
     let index = Index::open(&args.index)?;
     let model_id = index.meta().model.id.clone();
     let source = ModelSource::parse(&model_id).with_context(|| {
@@ -45,6 +48,55 @@ pub fn reindex(args: &ReindexArgs) -> Result<()> {
     let hub = HubOptions::from_env(args.offline, true);
     let clip = Clip::load(&source, &hub).with_context(|| format!("cannot load the index's model {model_id}"))?;
     run(&index, &clip, &args.run, args.json)
+}
+
+/// `clipdex reindex --model M`: builds the next generation with `M` beside
+/// the index, then puts it in the index's place (see `indexer::generation`).
+fn switch_model(args: &ReindexArgs, model: &str) -> Result<()> {
+    let root = &args.index;
+    // The current index's library and model: from the index, or from the
+    // lock file of the process that holds it (which keeps answering).
+    let (library, fingerprint) = match Index::open(root) {
+        Ok(index) => (index.library(), index.meta().model.fingerprint.clone()),
+        Err(indexer::Error::InUse { holder, .. }) => match (holder.library.clone(), holder.fingerprint.clone()) {
+            (Some(library), Some(fingerprint)) => (PathBuf::from(library), fingerprint),
+            _ => bail!("{} is in use ({holder}), by a clipdex too old to say its library; stop it first", root.display()),
+        },
+        Err(e) => return Err(e.into()),
+    };
+    let source = ModelSource::parse(model)?;
+    let hub = HubOptions::from_env(args.offline, true);
+    let clip = Clip::load(&source, &hub).with_context(|| format!("cannot load model {source}"))?;
+    if clip.info().fingerprint == fingerprint {
+        eprintln!("{} already uses {source}; bringing it up to date", root.display());
+        let index = Index::open(root)?;
+        return run(&index, &clip, &args.run, args.json);
+    }
+    let next = indexer::generation::next_path(root);
+    // A next generation begun with another model is started over; one begun
+    // with this model resumes where it stopped.
+    if next.exists() {
+        let same = Index::open(&next).map(|n| n.meta().model.fingerprint == clip.info().fingerprint);
+        if !matches!(same, Ok(true)) {
+            std::fs::remove_dir_all(&next).with_context(|| format!("cannot remove {}", next.display()))?;
+        }
+    }
+    {
+        let index = Index::create_or_open(&next, &library, clip.info())?;
+        run(&index, &clip, &args.run, args.json)?;
+    }
+    indexer::generation::mark_ready(root)?;
+    match indexer::generation::settle(root) {
+        Ok(_) => eprintln!("{} now uses {source}", root.display()),
+        Err(indexer::Error::InUse { holder, .. }) => eprintln!(
+            "the index with {source} is ready in {}; it replaces {} when the index is next opened \
+             (it is in use now: {holder}; restart it to switch)",
+            next.display(),
+            root.display()
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
 }
 
 fn run(index: &Index, clip: &Clip, args: &RunArgs, json: bool) -> Result<()> {

@@ -380,7 +380,15 @@ pub struct ReindexArgs {
     #[arg(long, default_value = DEFAULT_INDEX, env = "CLIPDEX_INDEX")]
     pub index: PathBuf,
 
-    /// Never use the network for the index's model (also HF_HUB_OFFLINE=1).
+    /// Switch the index to another model (folder or hub id): every photo is
+    /// embedded again into a new generation built beside the index
+    /// (`INDEX.next`), which then replaces it in one atomic step. A server
+    /// holding the index keeps answering from the old one meanwhile; the new
+    /// one takes over when the index is next opened.
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+
+    /// Never use the network for the model (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
 

@@ -102,7 +102,7 @@ pub fn run(args: &ModelsArgs) -> Result<()> {
     for m in RECOMMENDED.iter().take(1) {
         println!("Best all-round: {} ({}).", m.id, m.note);
     }
-    println!("Use one with --model ID on index, serve, embed and eval; switch an index by building a new one.");
+    println!("Use one with --model ID on index, embed, train and eval; switch an index with `clipdex reindex --model ID`.");
     if !args.measure {
         println!("--measure times every cached model on this machine (images/s at batch 16, one query).");
     }

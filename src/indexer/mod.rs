@@ -18,6 +18,7 @@
 //! moment leaves an index that opens consistent, losing at most the batch it
 //! was committing.
 
+pub mod generation;
 mod run;
 
 use std::collections::BTreeSet;
@@ -182,6 +183,14 @@ pub struct Holder {
     /// Where a server that holds it answers (`http://127.0.0.1:7878`).
     #[serde(default)]
     pub url: Option<String>,
+    /// The index's library, and its model's id and fingerprint: what another
+    /// process needs to build the index's next generation while it is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub library: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 impl std::fmt::Display for Holder {
@@ -251,6 +260,13 @@ impl Index {
     /// its vector and keyword indexes with the store.
     pub fn open(root: &Path) -> Result<Self> {
         let paths = IndexPaths::new(root);
+        // A switch to another model that is ready (or was interrupted after
+        // its exchange) is finished first; held by someone, it waits.
+        match generation::settle(root) {
+            Ok(generation::Settled::Nothing) | Err(Error::InUse { .. }) => {}
+            Ok(done) => tracing::info!(?done, "finished switching the index to its next generation"),
+            Err(e) => return Err(e),
+        }
         if !paths.exists() {
             return Err(Error::NotFound(root.display().to_string()));
         }
@@ -264,6 +280,7 @@ impl Index {
         let vectors = VectorIndex::open(&paths.vectors(), meta.model.embedding_dim)?;
         let keywords = KeywordIndex::open(&paths.keyword(), true)?;
         let index = Self { paths, store, vectors, keywords, meta, _lock: lock };
+        index.set_holder_fields(None, None);
         let repair = index.reconcile()?;
         if !repair.is_empty() {
             tracing::info!(?repair, "index repaired after an interrupted run");
@@ -275,7 +292,19 @@ impl Index {
     /// Says in the lock file what holds the index and where it answers, so
     /// that other commands can go through it.
     pub fn set_holder(&self, what: &str, url: Option<&str>) {
-        write_holder(&self._lock, &Holder { pid: std::process::id(), what: Some(what.into()), url: url.map(Into::into) });
+        self.set_holder_fields(Some(what), url);
+    }
+
+    fn set_holder_fields(&self, what: Option<&str>, url: Option<&str>) {
+        let holder = Holder {
+            pid: std::process::id(),
+            what: what.map(Into::into),
+            url: url.map(Into::into),
+            library: Some(self.meta.library.clone()),
+            model: Some(self.meta.model.id.clone()),
+            fingerprint: Some(self.meta.model.fingerprint.clone()),
+        };
+        write_holder(&self._lock, &holder);
     }
 
     /// Refuses a model other than the one the index was built with.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use clipdex::indexer::Index;
+use clipdex::indexer::{self, Index};
 use clipdex::store::PhotoRecord;
 
 use crate::common::{clipdex, fixture_model, fixtures, shared_photos, stderr, stdout};
@@ -609,4 +609,94 @@ fn a_torn_vector_graph_is_rebuilt_from_the_store() {
     // And a missing CURRENT.
     std::fs::remove_file(vectors.join("CURRENT")).unwrap();
     assert_consistent(&lib, lib.good);
+}
+
+fn switch(lib: &Library, model: &str) -> std::process::Output {
+    clipdex(&["reindex", "--index", lib.index.to_str().unwrap(), "--model", model, "--json"])
+}
+
+fn family(lib: &Library) -> String {
+    status(lib)["model"]["family"].as_str().unwrap().to_string()
+}
+
+/// Searching works on the index at this moment, whatever its generation.
+fn searchable(lib: &Library) -> bool {
+    let out = clipdex(&["search", "a fish", "--index", lib.index.to_str().unwrap(), "--json", "-k", "3"]);
+    out.status.success() && stdout(&out).lines().count() == 3
+}
+
+#[test]
+fn switching_the_model_re_embeds_every_photo_into_a_new_generation() {
+    let lib = library(true);
+    assert!(index_cmd(&lib, &[]).status.success());
+    let before = status(&lib);
+    assert_eq!(family(&lib), "clip");
+    let siglip = fixture_model("siglip-tiny");
+    let out = switch(&lib, siglip.to_str().unwrap());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("now uses"), "{}", stderr(&out));
+    let after = status(&lib);
+    assert_eq!(after["model"]["family"], "siglip", "{after}");
+    assert_eq!(after["photos"].as_u64().unwrap(), before["photos"].as_u64().unwrap(), "every photo is in the new generation");
+    assert_consistent(&lib, lib.good);
+    assert!(!indexer::generation::next_path(&lib.index).exists(), "the old generation is gone");
+    // Its results carry SigLIP's probability; the skipped files are skipped again.
+    let out = clipdex(&["search", "a fish", "--index", lib.index.to_str().unwrap(), "--json", "-k", "3"]);
+    assert!(stdout(&out).lines().all(|l| l.contains("\"probability\"")), "{}", stdout(&out));
+    let skipped = |s: &serde_json::Value| s["skipped"].as_array().unwrap().len();
+    assert!(skipped(&before) > 0);
+    assert_eq!(skipped(&after), skipped(&before));
+    // Switching to the model it already uses is a plain re-index.
+    let out = switch(&lib, siglip.to_str().unwrap());
+    assert!(out.status.success() && stderr(&out).contains("already uses"), "{}", stderr(&out));
+    // And back.
+    assert!(switch(&lib, &model()).status.success());
+    assert_eq!(family(&lib), "clip");
+}
+
+#[test]
+fn a_killed_switch_leaves_a_searchable_index_and_resumes() {
+    let lib = library(false);
+    assert!(index_cmd(&lib, &[]).status.success());
+    let siglip = fixture_model("siglip-tiny");
+    let args = ["reindex", "--index", lib.index.to_str().unwrap(), "--model", siglip.to_str().unwrap(), "--batch", "2", "--workers", "1"];
+    for delay in [300, 700, 1200] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_clipdex"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let _ = child.kill();
+        child.wait().unwrap();
+        // Whatever the moment of the kill, the index answers (old or new).
+        assert!(searchable(&lib), "not searchable after a kill at {delay} ms");
+    }
+    let out = clipdex(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(family(&lib), "siglip");
+    assert_consistent(&lib, lib.good);
+    assert!(!indexer::generation::next_path(&lib.index).exists());
+}
+
+#[test]
+fn a_served_index_answers_while_its_next_generation_is_built() {
+    let lib = library(false);
+    assert!(index_cmd(&lib, &[]).status.success());
+    let server = crate::web::serve(&lib.index, &[]);
+    let siglip = fixture_model("siglip-tiny");
+    let out = switch(&lib, siglip.to_str().unwrap());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("in use now"), "{}", stderr(&out));
+    assert!(indexer::generation::pending(&lib.index));
+    // The server still answers, from the old generation.
+    let (code, body) = crate::web::get_json(&server.url, "/api/search?q=a%20fish&k=3");
+    assert_eq!(code, 200, "{body}");
+    assert!(body["hits"][0].get("probability").is_none(), "{body}");
+    drop(server);
+    // The next open switches.
+    assert_eq!(family(&lib), "siglip");
+    assert!(!indexer::generation::pending(&lib.index) && !indexer::generation::next_path(&lib.index).exists());
+    assert!(searchable(&lib));
 }

@@ -69,7 +69,7 @@ pub fn start(index: &Path, extra: &[&str]) -> Server {
     Server { child, url }
 }
 
-fn get_json(base: &str, path: &str) -> (u16, Value) {
+pub fn get_json(base: &str, path: &str) -> (u16, Value) {
     let mut r = ureq::get(&format!("{base}{path}")).config().http_status_as_error(false).build().call().unwrap();
     let status = r.status().as_u16();
     let body = r.body_mut().read_json::<Value>().unwrap_or(Value::Null);
