@@ -219,10 +219,13 @@ fn load_folder(root: &Path, templates: &[String]) -> Dataset {
 }
 
 /// Deterministic split: a sample goes to validation when the hash of its
-/// image path and caption falls in the first `percent` of the range.
-pub fn split(samples: Vec<Sample>, percent: f64) -> (Vec<Sample>, Vec<Sample>) {
+/// image path (relative to `base`, the dataset's folder, so that the split
+/// does not depend on where the dataset lives) and caption falls in the
+/// first `percent` of the range.
+pub fn split(samples: Vec<Sample>, percent: f64, base: &Path) -> (Vec<Sample>, Vec<Sample>) {
     samples.into_iter().partition(|s| {
-        let h = blake3::hash(format!("{}\u{0}{}", s.image.display(), s.caption).as_bytes());
+        let image = s.image.strip_prefix(base).unwrap_or(&s.image);
+        let h = blake3::hash(format!("{}\u{0}{}", image.display(), s.caption).as_bytes());
         let v = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
         ((v % 1_000_000) as f64) >= percent * 10_000.0
     })
@@ -429,9 +432,18 @@ mod tests {
     fn splits_and_orders_deterministically() {
         let samples: Vec<Sample> =
             (0..1000).map(|i| Sample { image: format!("{i}.png").into(), caption: format!("c{i}"), label: None }).collect();
-        let (train, val) = split(samples.clone(), 20.0);
+        let (train, val) = split(samples.clone(), 20.0, Path::new("/data"));
         assert!((150..250).contains(&val.len()), "{}", val.len());
-        assert_eq!(split(samples, 20.0).1, val);
+        assert_eq!(split(samples.clone(), 20.0, Path::new("/data")).1, val);
+        // The same dataset in another place splits the same way.
+        let moved = |root: &str| -> Vec<Sample> {
+            samples.iter().map(|s| Sample { image: Path::new(root).join(&s.image), ..s.clone() }).collect()
+        };
+        let names = |v: Vec<Sample>| v.into_iter().map(|s| s.caption).collect::<Vec<_>>();
+        assert_eq!(
+            names(split(moved("/a/data"), 20.0, Path::new("/a/data")).1),
+            names(split(moved("/elsewhere/x"), 20.0, Path::new("/elsewhere/x")).1)
+        );
         let a = epoch_order(100, 7, 3);
         assert_eq!(a, epoch_order(100, 7, 3));
         assert_ne!(a, epoch_order(100, 7, 4));

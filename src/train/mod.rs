@@ -437,7 +437,12 @@ fn prepare_data(opts: &TrainOptions, preprocessor: &Preprocessor, tokenizer: &Te
             problems.extend(d.problems);
             (samples, d.samples)
         }
-        None => data::split(samples, opts.val_percent),
+        None => {
+            // Image paths are the data file's folder (or the data folder) joined
+            // with what the data names; the split hashes what the data names.
+            let base = if opts.data.is_dir() { opts.data.as_path() } else { opts.data.parent().unwrap_or(Path::new("")) };
+            data::split(samples, opts.val_percent, base)
+        }
     };
     let (train_images, kept, bad) = ImageSet::prepare(&train_samples, preprocessor);
     problems.extend(bad);
