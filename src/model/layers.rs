@@ -68,9 +68,19 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_then(x, super::ops::Pointwise::Identity)
+    }
+
+    /// `f(x W^T + b)`; for inference, the bias and `f` are applied in one pass
+    /// over the product, in place.
+    fn forward_then(&self, x: &Tensor, f: super::ops::Pointwise) -> Result<Tensor> {
         if !self.transposed {
             // Training: one fused node with its own backward pass.
-            return Ok(super::ops::dense(x, &self.weight, self.bias.as_ref())?);
+            let y = super::ops::dense(x, &self.weight, self.bias.as_ref())?;
+            return match f {
+                super::ops::Pointwise::Identity => Ok(y),
+                _ => Err(super::Error::Input("fused activations are for inference".into())),
+            };
         }
         let dims = x.dims().to_vec();
         let (in_dim, lead) = dims.split_last().expect("linear input has at least one dimension");
@@ -81,8 +91,17 @@ impl Linear {
         let y = if self.transposed { x.matmul(&self.weight)? } else { x.matmul(&self.weight.t()?)? };
         let y = match &self.bias {
             Some(b) if b.track_op() => super::ops::add_rows(&y, b)?,
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+            // The product is a fresh buffer of its own: add in place.
+            Some(b) => {
+                super::ops::bias_in_place(&y, b, f)?;
+                y
+            }
+            None if f == super::ops::Pointwise::Identity => y,
+            None => {
+                let zeros = Tensor::zeros(self.out_dim()?, y.dtype(), y.device())?;
+                super::ops::bias_in_place(&y, &zeros, f)?;
+                y
+            }
         };
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_dim()?);
@@ -197,8 +216,18 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.fc1.forward(x)?;
-        let x = self.activation.forward(&x)?;
+        let fused = match self.activation {
+            _ if x.track_op() || self.fc1.weight.track_op() => None,
+            Activation::GeluTanh => Some(super::ops::Pointwise::GeluTanh),
+            Activation::Gelu => Some(super::ops::Pointwise::GeluErf),
+            Activation::QuickGelu => Some(super::ops::Pointwise::QuickGelu),
+            Activation::Relu | Activation::Silu => None,
+        };
+        let x = match fused {
+            // Inference: bias and activation in one pass over fc1's product.
+            Some(f) => self.fc1.forward_then(x, f)?,
+            None => self.activation.forward(&self.fc1.forward(x)?)?,
+        };
         self.fc2.forward(&x)
     }
 }

@@ -7,7 +7,7 @@
 //! these take one (two for the layer norm's backward), on rows in parallel.
 //! CPU and f32 only, which is where clipdex trains.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
@@ -121,6 +121,70 @@ impl CustomOp1 for GeluTanh {
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
+}
+
+/// A function applied element by element after a bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pointwise {
+    Identity,
+    /// GELU's tanh form.
+    GeluTanh,
+    /// Exact (erf) GELU.
+    GeluErf,
+    /// `x * sigmoid(1.702 x)`.
+    QuickGelu,
+}
+
+impl Pointwise {
+    #[inline(always)]
+    fn apply(self, v: f32) -> f32 {
+        match self {
+            Pointwise::Identity => v,
+            Pointwise::GeluTanh => 0.5 * v * (1.0 + tanh_fast(SQRT_2_OVER_PI * v * (0.044_715 * v).mul_add(v, 1.0))),
+            Pointwise::GeluErf => 0.5 * v * (1.0 + erf(v * SQRT_HALF)),
+            Pointwise::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
+        }
+    }
+}
+
+/// `y = f(y + b)` in place, `b` added to every row of `y`: a dense layer's
+/// bias and activation in one pass over its output, with no new buffer.
+struct BiasInPlace(Pointwise);
+
+impl InplaceOp2 for BiasInPlace {
+    fn name(&self) -> &'static str {
+        "clipdex-bias-in-place"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let b = slice(s2, l2, self.name())?;
+        let Some((start, end)) = l1.contiguous_offsets() else {
+            candle_core::bail!("{} needs contiguous input", self.name());
+        };
+        let CpuStorage::F32(y) = s1 else { candle_core::bail!("{} works on f32", self.name()) };
+        let y = &mut y[start..end];
+        let n = b.len();
+        if n == 0 || y.len() % n != 0 {
+            candle_core::bail!("{}: rows of {} do not fit {} elements", self.name(), n, y.len());
+        }
+        let f = self.0;
+        let rows_per_task = (8192 / n).max(1);
+        y.par_chunks_mut(rows_per_task * n).for_each(|chunk| {
+            for row in chunk.chunks_exact_mut(n) {
+                for (o, &bias) in row.iter_mut().zip(b) {
+                    *o = f.apply(*o + bias);
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Adds `b` to every row of `y` and applies `f`, in place. Inference only:
+/// `y` must be a fresh contiguous tensor no other tensor shares (a matrix
+/// product's output).
+pub fn bias_in_place(y: &Tensor, b: &Tensor, f: Pointwise) -> candle_core::Result<()> {
+    y.inplace_op2(&b.contiguous()?, &BiasInPlace(f))
 }
 
 /// GELU, tanh approximation, for inference (no backward pass).
@@ -624,6 +688,23 @@ mod tests {
         let mut rng = crate::model::init::NormalRng::new(seed);
         let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.normal() as f32 * 2.0).collect();
         Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn bias_and_activation_in_place_match_the_separate_ops() {
+        let x = input((6, 10), 3);
+        let b = input((1, 10), 4);
+        let sum = x.as_tensor().broadcast_add(b.as_tensor()).unwrap();
+        for (f, want) in [
+            (Pointwise::Identity, sum.clone()),
+            (Pointwise::GeluTanh, sum.gelu().unwrap()),
+            (Pointwise::GeluErf, sum.gelu_erf().unwrap()),
+            (Pointwise::QuickGelu, (&sum * candle_nn::ops::sigmoid(&(&sum * 1.702).unwrap()).unwrap()).unwrap()),
+        ] {
+            let y = x.as_tensor().copy().unwrap();
+            bias_in_place(&y, &b.as_tensor().reshape(10).unwrap(), f).unwrap();
+            assert!(max_diff(&y, &want) < 5e-6, "{f:?}: {}", max_diff(&y, &want));
+        }
     }
 
     #[test]
