@@ -264,10 +264,20 @@ impl EncoderLayer {
 
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let h = self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)?;
-        let x = (x + h)?;
+        let x = residual(h, x)?;
         let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
-        Ok((x + h)?)
+        residual(h, &x)
     }
+}
+
+/// `h + x` for a block's output `h`: in place in inference, where `h` is the
+/// fresh output of a dense layer; a graph node in training.
+fn residual(h: Tensor, x: &Tensor) -> Result<Tensor> {
+    if h.track_op() || x.track_op() || !h.is_contiguous() {
+        return Ok((x + h)?);
+    }
+    super::ops::add_in_place(&h, x)?;
+    Ok(h)
 }
 
 /// A stack of encoder layers (`CLIPEncoder`).

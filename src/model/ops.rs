@@ -187,6 +187,43 @@ pub fn bias_in_place(y: &Tensor, b: &Tensor, f: Pointwise) -> candle_core::Resul
     y.inplace_op2(&b.contiguous()?, &BiasInPlace(f))
 }
 
+/// `y += x` in place, element by element (same shapes): a residual
+/// connection without a new buffer.
+struct AddInPlace;
+
+impl InplaceOp2 for AddInPlace {
+    fn name(&self) -> &'static str {
+        "clipdex-add-in-place"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let x = slice(s2, l2, self.name())?;
+        let Some((start, end)) = l1.contiguous_offsets() else {
+            candle_core::bail!("{} needs contiguous input", self.name());
+        };
+        let CpuStorage::F32(y) = s1 else { candle_core::bail!("{} works on f32", self.name()) };
+        let y = &mut y[start..end];
+        if y.len() != x.len() {
+            candle_core::bail!("{}: {} and {} elements", self.name(), y.len(), x.len());
+        }
+        y.par_chunks_mut(8192).zip(x.par_chunks(8192)).for_each(|(y, x)| {
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o += v;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `y += x` in place. Inference only: `y` must be a fresh contiguous tensor
+/// no other tensor shares.
+pub fn add_in_place(y: &Tensor, x: &Tensor) -> candle_core::Result<()> {
+    if y.dims() != x.dims() {
+        candle_core::bail!("add_in_place: shapes {:?} and {:?}", y.dims(), x.dims());
+    }
+    y.inplace_op2(&x.contiguous()?, &AddInPlace)
+}
+
 /// GELU, tanh approximation, for inference (no backward pass).
 pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&GeluTanh)
@@ -705,6 +742,11 @@ mod tests {
             bias_in_place(&y, &b.as_tensor().reshape(10).unwrap(), f).unwrap();
             assert!(max_diff(&y, &want) < 5e-6, "{f:?}: {}", max_diff(&y, &want));
         }
+        let y = x.as_tensor().copy().unwrap();
+        let other = input((6, 10), 5);
+        add_in_place(&y, other.as_tensor()).unwrap();
+        assert_eq!(max_diff(&y, &(x.as_tensor() + other.as_tensor()).unwrap()), 0.0);
+        assert!(add_in_place(&y, b.as_tensor()).is_err());
     }
 
     #[test]
