@@ -84,17 +84,19 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
 /// slice vectorises, where libm's `tanhf` is a call per element.
 #[inline(always)]
 fn tanh_fast(x: f32) -> f32 {
+    // Plain multiply-adds: `mul_add` is a libm call without FMA enabled at
+    // compile time, and a call per element stops vectorisation.
     let x = x.clamp(-7.905_311, 7.905_311);
     let x2 = x * x;
-    let p = x2.mul_add(-2.760_768_5e-16, 2.000_187_9e-13);
-    let p = x2.mul_add(p, -8.604_671_5e-11);
-    let p = x2.mul_add(p, 5.122_297e-8);
-    let p = x2.mul_add(p, 1.485_722_4e-5);
-    let p = x2.mul_add(p, 6.372_619_3e-4);
-    let p = x2.mul_add(p, 4.893_524_6e-3);
-    let q = x2.mul_add(1.198_258_4e-6, 1.185_347e-4);
-    let q = x2.mul_add(q, 2.268_434_6e-3);
-    let q = x2.mul_add(q, 4.893_525e-3);
+    let p = x2 * -2.760_768_5e-16 + 2.000_187_9e-13;
+    let p = x2 * p - 8.604_671_5e-11;
+    let p = x2 * p + 5.122_297e-8;
+    let p = x2 * p + 1.485_722_4e-5;
+    let p = x2 * p + 6.372_619_3e-4;
+    let p = x2 * p + 4.893_524_6e-3;
+    let q = x2 * 1.198_258_4e-6 + 1.185_347e-4;
+    let q = x2 * q + 2.268_434_6e-3;
+    let q = x2 * q + 4.893_525e-3;
     x * p / q
 }
 
@@ -115,7 +117,7 @@ impl CustomOp1 for GeluTanh {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(8192).zip(x.par_chunks(8192)).for_each(|(y, x)| {
             for (o, &v) in y.iter_mut().zip(x) {
-                let inner = SQRT_2_OVER_PI * v * (0.044_715 * v).mul_add(v, 1.0);
+                let inner = SQRT_2_OVER_PI * v * (0.044_715 * v * v + 1.0);
                 *o = 0.5 * v * (1.0 + tanh_fast(inner));
             }
         });
@@ -140,7 +142,7 @@ impl Pointwise {
     fn apply(self, v: f32) -> f32 {
         match self {
             Pointwise::Identity => v,
-            Pointwise::GeluTanh => 0.5 * v * (1.0 + tanh_fast(SQRT_2_OVER_PI * v * (0.044_715 * v).mul_add(v, 1.0))),
+            Pointwise::GeluTanh => 0.5 * v * (1.0 + tanh_fast(SQRT_2_OVER_PI * v * (0.044_715 * v * v + 1.0))),
             Pointwise::GeluErf => 0.5 * v * (1.0 + erf(v * SQRT_HALF)),
             Pointwise::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
         }
