@@ -278,9 +278,16 @@ fn print_status(s: &Status) {
     println!("index    {}", s.index);
     println!("library  {}", s.library);
     println!(
-        "model    {} ({}-d, fingerprint {})",
-        s.model.id, s.model.embedding_dim, s.model.fingerprint
+        "model    {} ({}, {}-d, fingerprint {})",
+        s.model.id, s.model.family, s.model.embedding_dim, s.model.fingerprint
     );
+    let root = Path::new(&s.index);
+    if indexer::generation::pending(root) {
+        println!(
+            "next     a new generation is ready in {}; it replaces this index when the index is next opened",
+            indexer::generation::next_path(root).display()
+        );
+    }
     println!("format   {} (created {})", s.format_version, iso_utc(s.created_at));
     println!("photos   {} (vectors {}, keyword documents {})", s.photos, s.vectors, s.keywords);
     let d = &s.size_on_disk;
