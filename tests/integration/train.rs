@@ -224,6 +224,26 @@ fn step_losses(out: &Path) -> HashMap<u64, f32> {
         .collect()
 }
 
+/// `clipdex train` fine-tuning `init`, batches of 8.
+fn fine_tune_cmd(data: &Path, out: &Path, init: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--init", init.to_str().unwrap(), "--batch", "8"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// How far each weight moved from the `init` checkpoint to the `out` one (max abs).
+fn weight_change(init: &Path, out: &Path) -> impl Fn(&str) -> f32 {
+    let before = candle_core::safetensors::load(init.join("model.safetensors"), &Device::Cpu).unwrap();
+    let after = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    move |k: &str| {
+        let a = before[k].to_dtype(candle_core::DType::F32).unwrap();
+        (a - &after[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+}
+
 /// The mean training loss of a run's first and last four steps.
 fn loss_trend(out: &Path) -> (f32, f32) {
     let steps = step_losses(out);
@@ -380,11 +400,7 @@ fn fine_tuning_siglip_with_the_sigmoid_loss() {
     let data = shapes(&dir.path().join("data"), 48, 9);
     let init = fixture_model("siglip-tiny");
     let out = dir.path().join("tuned");
-    let args: Vec<String> = ["train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--init", init.to_str().unwrap(), "--epochs", "8", "--batch", "8", "--lr", "3e-3", "--val-percent", "25"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let summary = run_train(&args);
+    let summary = run_train(&fine_tune_cmd(&data, &out, &init, &["--epochs", "8", "--lr", "3e-3", "--val-percent", "25"]));
     // The family's own objective, learning: the training loss falls (the
     // validation set of 12 pairs is too small to show it every time).
     let (early, late) = loss_trend(&out);
@@ -396,12 +412,9 @@ fn fine_tuning_siglip_with_the_sigmoid_loss() {
     assert!(out.join("spiece.model").is_file() && out.join("tokenizer_config.json").is_file());
     let clip = Clip::load(&ModelSource::Dir(out.clone()), &HubOptions { offline: true, progress: false }).unwrap();
     assert_eq!(clip.config().family, clipdex::model::Family::Siglip);
-    let before = candle_core::safetensors::load(init.join("model.safetensors"), &Device::Cpu).unwrap();
-    let after = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let change = weight_change(&init, &out);
     for k in ["logit_bias", "vision_model.head.probe", "text_model.head.weight"] {
-        let a = before[k].to_dtype(candle_core::DType::F32).unwrap();
-        let d = (a - &after[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(d > 0.0, "{k} did not move");
+        assert!(change(k) > 0.0, "{k} did not move");
     }
     let emb = clipdex(&["embed", "--model", out.to_str().unwrap(), "--text", "a red square", "--image", data.parent().unwrap().join("img/0000.png").to_str().unwrap(), "--json"]);
     assert!(emb.status.success(), "{}", stderr(&emb));
@@ -450,18 +463,9 @@ fn fine_tuning_with_frozen_towers_moves_only_the_projections() {
     let data = shapes(&dir.path().join("data"), 32, 8);
     let init = fixture_model("openai-tiny");
     let out = dir.path().join("tuned");
-    let args: Vec<String> = ["train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--init", init.to_str().unwrap(), "--freeze", "towers", "--epochs", "2", "--batch", "8", "--lr", "1e-3"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let summary = run_train(&args);
+    let summary = run_train(&fine_tune_cmd(&data, &out, &init, &["--freeze", "towers", "--epochs", "2", "--lr", "1e-3"]));
     assert!(summary["trainable_parameters"].as_u64().unwrap() < summary["parameters"].as_u64().unwrap() / 10);
-    let before = candle_core::safetensors::load(init.join("model.safetensors"), &Device::Cpu).unwrap();
-    let after = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
-    let diff = |k: &str| {
-        let a = before[k].to_dtype(candle_core::DType::F32).unwrap();
-        (a - &after[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    };
+    let diff = weight_change(&init, &out);
     assert_eq!(diff("vision_model.encoder.layers.0.mlp.fc1.weight"), 0.0);
     assert_eq!(diff("text_model.embeddings.token_embedding.weight"), 0.0);
     assert!(diff("visual_projection.weight") > 0.0);
