@@ -51,6 +51,9 @@ export function tile(hit, index) {
   score.className = "score";
   // SigLIP models give a calibrated match probability; CLIP a cosine.
   score.textContent = hit.probability == null ? hit.similarity.toFixed(3) : `${Math.round(hit.probability * 100)}%`;
+  score.title = hit.probability == null
+    ? "cosine similarity to the query"
+    : "the model's probability that this photo matches the query";
   b.append(score);
   if (hit.keyword_rank) {
     const kw = document.createElement("span");
