@@ -347,17 +347,7 @@ def make_model(name: str, spec: dict, vocab, merges, tokenizer: CLIPTokenizer, p
             input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]
         ).pooler_output
         image_features = model.get_image_features(pixel_values=pixels).pooler_output
-    tensors = {
-        "input_ids": padded["input_ids"].numpy().astype(np.int64),
-        "pixel_values": pixels.numpy().astype(np.float32),
-        "text_features": text_features.numpy(),
-        "image_features": image_features.numpy(),
-        "text_embeds": full.text_embeds.numpy(),
-        "image_embeds": full.image_embeds.numpy(),
-        "logits_per_image": full.logits_per_image.numpy(),
-        "logit_scale": model.logit_scale.detach().reshape(1).numpy(),
-    }
-    save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "reference.safetensors"))
+    save_reference(out, model, padded["input_ids"], pixels, full, text_features, image_features)
     meta = {
         "texts": TEXTS,
         "token_ids": ids,
@@ -367,6 +357,23 @@ def make_model(name: str, spec: dict, vocab, merges, tokenizer: CLIPTokenizer, p
     }
     (out / "reference.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n")
     print(f"{name}: {sum(f.stat().st_size for f in out.iterdir()) / 1e6:.2f} MB")
+
+
+def save_reference(out: Path, model, input_ids, pixels, full, text_features, image_features) -> None:
+    """The reference's inputs and outputs as `reference.safetensors` (SigLIP's bias too)."""
+    tensors = {
+        "input_ids": input_ids.numpy().astype(np.int64),
+        "pixel_values": pixels.numpy().astype(np.float32),
+        "text_features": text_features.numpy(),
+        "image_features": image_features.numpy(),
+        "text_embeds": full.text_embeds.numpy(),
+        "image_embeds": full.image_embeds.numpy(),
+        "logits_per_image": full.logits_per_image.numpy(),
+        "logit_scale": model.logit_scale.detach().reshape(1).numpy(),
+    }
+    if getattr(model, "logit_bias", None) is not None:
+        tensors["logit_bias"] = model.logit_bias.detach().reshape(1).numpy()
+    save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "reference.safetensors"))
 
 
 def make_format_images(src_rel: str) -> list[tuple[str, Image.Image]]:

@@ -33,17 +33,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import sentencepiece as spm
 import torch
-from safetensors.numpy import save_file as save_numpy
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import AutoTokenizer, GemmaTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_fixtures import FIXTURES, TEXTS, gz_write, load_photo, resolve_photos, tokenizer_cases  # noqa: E402
+from make_fixtures import FIXTURES, TEXTS, gz_write, load_photo, resolve_photos, save_reference, tokenizer_cases  # noqa: E402
 
 CASE_SEED = 11
 CONTEXT = 64
@@ -168,18 +166,7 @@ def make_model(name: str, spec: dict, photos: list[str], tokenizers: dict) -> No
         full = model(input_ids=padded["input_ids"], pixel_values=pixels)
         text_features = model.get_text_features(input_ids=padded["input_ids"]).pooler_output
         image_features = model.get_image_features(pixel_values=pixels).pooler_output
-    tensors = {
-        "input_ids": padded["input_ids"].numpy().astype(np.int64),
-        "pixel_values": pixels.numpy().astype(np.float32),
-        "text_features": text_features.numpy(),
-        "image_features": image_features.numpy(),
-        "text_embeds": full.text_embeds.numpy(),
-        "image_embeds": full.image_embeds.numpy(),
-        "logits_per_image": full.logits_per_image.numpy(),
-        "logit_scale": model.logit_scale.detach().reshape(1).numpy(),
-        "logit_bias": model.logit_bias.detach().reshape(1).numpy(),
-    }
-    save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "reference.safetensors"))
+    save_reference(out, model, padded["input_ids"], pixels, full, text_features, image_features)
     meta = {
         "family": "siglip",
         "texts": TEXTS,

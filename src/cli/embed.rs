@@ -87,7 +87,7 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     }
     let scale = clip.logit_scale()?;
     let bias = clip.logit_bias()?;
-    let calibration = clip.calibration()?;
+    let calibration = bias.map(|bias| crate::model::Calibration { scale, bias });
     let similarity = (!text.is_empty() && !image.is_empty()).then(|| {
         image.iter().map(|i| text.iter().map(|t| dot(i, t)).collect::<Vec<f32>>()).collect::<Vec<_>>()
     });
@@ -133,36 +133,29 @@ fn print_plain(out: &Output, paths: &[PathBuf]) {
         println!("image[{i}] {}\n          {}", p.display(), preview(v));
     }
     let (Some(sim), Some(logits)) = (&out.similarity, &out.logits_per_image) else { return };
-    if let Some(probability) = &out.probability {
-        println!("\ncosine similarity (SigLIP's match probability, sigmoid of the logit, in brackets):");
-        print!("{:>10}", "");
-        for j in 0..out.text.len() {
-            print!("{:>18}", format!("text[{j}]"));
-        }
-        println!();
-        for (i, (row, p_row)) in sim.iter().zip(probability).enumerate() {
-            print!("{:>10}", format!("image[{i}]"));
-            for (c, p) in row.iter().zip(p_row) {
-                print!("{:>18}", format!("{c:+.4} ({:5.1}%)", 100.0 * p));
-            }
-            println!();
-        }
-        return;
-    }
-    println!("\ncosine similarity (softmax over texts, as CLIP zero-shot, in brackets):");
+    // In brackets, per pair: SigLIP's match probability, or CLIP's softmax over the texts.
+    let (label, shares) = match &out.probability {
+        Some(p) => ("SigLIP's match probability, sigmoid of the logit", p.clone()),
+        None => ("softmax over texts, as CLIP zero-shot", logits.iter().map(|row| softmax(row)).collect()),
+    };
+    println!("\ncosine similarity ({label}, in brackets):");
     print!("{:>10}", "");
     for j in 0..out.text.len() {
         print!("{:>18}", format!("text[{j}]"));
     }
     println!();
-    for (i, (row, logit_row)) in sim.iter().zip(logits).enumerate() {
-        let max = logit_row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let exp: Vec<f32> = logit_row.iter().map(|l| (l - max).exp()).collect();
-        let total: f32 = exp.iter().sum();
+    for (i, (row, share_row)) in sim.iter().zip(&shares).enumerate() {
         print!("{:>10}", format!("image[{i}]"));
-        for (c, e) in row.iter().zip(&exp) {
-            print!("{:>18}", format!("{c:+.4} ({:5.1}%)", 100.0 * e / total));
+        for (c, p) in row.iter().zip(share_row) {
+            print!("{:>18}", format!("{c:+.4} ({:5.1}%)", 100.0 * p));
         }
         println!();
     }
+}
+
+fn softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = row.iter().map(|l| (l - max).exp()).collect();
+    let total: f32 = exp.iter().sum();
+    exp.iter().map(|e| e / total).collect()
 }

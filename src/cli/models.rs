@@ -99,7 +99,7 @@ pub fn run(args: &ModelsArgs) -> Result<()> {
         );
     }
     println!();
-    for m in RECOMMENDED.iter().take(1) {
+    if let Some(m) = RECOMMENDED.first() {
         println!("Best all-round: {} ({}).", m.id, m.note);
     }
     println!("Use one with --model ID on index, embed, train and eval; switch an index with `clipdex reindex --model ID`.");

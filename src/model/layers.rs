@@ -89,19 +89,24 @@ impl Linear {
         // matrix, not a batch of small ones.
         let x = x.reshape((rows, *in_dim))?;
         let y = if self.transposed { x.matmul(&self.weight)? } else { x.matmul(&self.weight.t()?)? };
-        let y = match &self.bias {
-            Some(b) if b.track_op() => super::ops::add_rows(&y, b)?,
-            // The product is a fresh buffer of its own: add in place.
-            Some(b) => {
+        use super::ops::Pointwise::Identity;
+        let y = match (&self.bias, f) {
+            // Inference: the product is a fresh buffer of its own; the bias
+            // and `f` go in place, in one pass.
+            (Some(b), _) if !y.track_op() && !b.track_op() => {
                 super::ops::bias_in_place(&y, b, f)?;
                 y
             }
-            None if f == super::ops::Pointwise::Identity => y,
-            None => {
-                let zeros = Tensor::zeros(self.out_dim()?, y.dtype(), y.device())?;
-                super::ops::bias_in_place(&y, &zeros, f)?;
+            (None, Identity) => y,
+            (None, _) if !y.track_op() => {
+                super::ops::bias_in_place(&y, &Tensor::zeros(self.out_dim()?, y.dtype(), y.device())?, f)?;
                 y
             }
+            // The graph tracks it (a trainable bias, or a frozen layer fed by
+            // a trainable one): graph nodes.
+            (Some(b), Identity) if b.track_op() => super::ops::add_rows(&y, b)?,
+            (Some(b), Identity) => y.broadcast_add(b)?,
+            _ => return Err(super::Error::Input("fused activations are for inference".into())),
         };
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_dim()?);

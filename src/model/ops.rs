@@ -20,6 +20,17 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a
     }
 }
 
+/// The f32 elements of a contiguous storage, to write in place.
+fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a mut [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op} needs contiguous input");
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[start..end]),
+        _ => candle_core::bail!("{op} works on f32"),
+    }
+}
+
 /// erf with an absolute error under 1.5e-7 (Abramowitz and Stegun 7.1.26):
 /// enough for training, and several times faster than libm's.
 #[inline]
@@ -160,11 +171,7 @@ impl InplaceOp2 for BiasInPlace {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let b = slice(s2, l2, self.name())?;
-        let Some((start, end)) = l1.contiguous_offsets() else {
-            candle_core::bail!("{} needs contiguous input", self.name());
-        };
-        let CpuStorage::F32(y) = s1 else { candle_core::bail!("{} works on f32", self.name()) };
-        let y = &mut y[start..end];
+        let y = slice_mut(s1, l1, self.name())?;
         let n = b.len();
         if n == 0 || y.len() % n != 0 {
             candle_core::bail!("{}: rows of {} do not fit {} elements", self.name(), n, y.len());
@@ -200,11 +207,7 @@ impl InplaceOp2 for AddInPlace {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let x = slice(s2, l2, self.name())?;
-        let Some((start, end)) = l1.contiguous_offsets() else {
-            candle_core::bail!("{} needs contiguous input", self.name());
-        };
-        let CpuStorage::F32(y) = s1 else { candle_core::bail!("{} works on f32", self.name()) };
-        let y = &mut y[start..end];
+        let y = slice_mut(s1, l1, self.name())?;
         if y.len() != x.len() {
             candle_core::bail!("{}: {} and {} elements", self.name(), y.len(), x.len());
         }

@@ -115,18 +115,24 @@ fn every_parameter_gets_a_gradient() {
         }
     }
     // SigLIP, from a checkpoint: its own tokenizer, fixed-length text, the pooling head.
-    let model = fixture_model("siglip-tiny");
-    let clip = Clip::load(&ModelSource::Dir(model.clone()), &HubOptions { offline: true, progress: false }).unwrap();
-    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(k, t)| (k, t.to_dtype(candle_core::DType::F32).unwrap()))
-        .collect();
+    let (clip, tensors) = siglip_fixture();
     let count = tensors.len();
     let m = build_model(clip.config(), tensors, Freeze::None, Objective::Sigmoid).unwrap();
     assert_eq!(m.trainable.len(), count);
     let size = clip.preprocessor().image_size();
     assert_no_dead_parameters(&m, clip.tokenizer(), &pixels(dir.path(), 8, size), Objective::Sigmoid);
+}
+
+/// The SigLIP fixture loaded for inference, and its weights as f32 tensors for training.
+fn siglip_fixture() -> (Clip, HashMap<String, Tensor>) {
+    let model = fixture_model("siglip-tiny");
+    let clip = Clip::load(&ModelSource::Dir(model.clone()), &HubOptions { offline: true, progress: false }).unwrap();
+    let tensors = candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(candle_core::DType::F32).unwrap()))
+        .collect();
+    (clip, tensors)
 }
 
 /// One step's loss reaches every trainable parameter with a non-zero gradient.
@@ -479,13 +485,7 @@ fn fine_tuning_with_frozen_towers_moves_only_the_projections() {
 fn a_siglip_model_overfits_a_fixed_batch_with_the_sigmoid_loss() {
     let dir = tempfile::tempdir().unwrap();
     shapes(dir.path(), 12, 2);
-    let model = fixture_model("siglip-tiny");
-    let clip = Clip::load(&ModelSource::Dir(model.clone()), &HubOptions { offline: true, progress: false }).unwrap();
-    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(k, t)| (k, t.to_dtype(candle_core::DType::F32).unwrap()))
-        .collect();
+    let (clip, tensors) = siglip_fixture();
     let m = build_model(clip.config(), tensors, Freeze::None, Objective::Sigmoid).unwrap();
     let tok = clip.tokenizer();
     let rows: Vec<Vec<u32>> = captions(12).iter().map(|t| tok.encode(t).unwrap()).collect();
