@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""ONNX Runtime (fp32, ORT_ENABLE_ALL) on the same checkpoint and inputs as `cargo bench --bench model`.
+
+    python scripts/reference/bench_ort.py --family siglip --dir target/bench/siglip-b-16 [--threads 2] [--json]
+    python scripts/reference/bench_ort.py --family clip --dir target/bench/vit-b-32
+
+Exports the image tower (pixels -> image features) and the text tower (ids ->
+text features) of the transformers model with torch.onnx, then measures
+images/s at batch 1 and 16 and the latency of the 8-word query (tokenizer
+included), as bench_model.py does. Immich runs CLIP on ONNX Runtime: this is
+the strongest CPU peer.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from transformers import AutoTokenizer, CLIPModel, SiglipModel
+
+QUERY = "a photo of a dog on the beach"
+
+
+class Image(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels):
+        return self.model.get_image_features(pixel_values=pixels).pooler_output
+
+
+class Text(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model.get_text_features(input_ids=ids).pooler_output
+
+
+def timed(warmup, runs, fn):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--family", choices=["clip", "siglip"], default="clip")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    siglip = args.family == "siglip"
+    directory = args.dir or ("target/bench/siglip-b-16" if siglip else "target/bench/vit-b-32")
+    model = (SiglipModel if siglip else CLIPModel).from_pretrained(directory, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    encode = (lambda: tokenizer([QUERY], padding="max_length", max_length=64, truncation=True, return_tensors="np")) \
+        if siglip else (lambda: tokenizer([QUERY], return_tensors="np"))
+    size = model.config.vision_config.image_size
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory() as tmp:
+        image_path, text_path = Path(tmp) / "image.onnx", Path(tmp) / "text.onnx"
+        with torch.no_grad():
+            torch.onnx.export(Image(model), (torch.zeros(1, 3, size, size),), image_path, input_names=["pixels"],
+                              output_names=["features"], dynamic_axes={"pixels": {0: "batch"}}, dynamo=False,
+                              opset_version=17)
+            ids = torch.tensor(encode()["input_ids"], dtype=torch.int64)
+            torch.onnx.export(Text(model), (ids,), text_path, input_names=["ids"], output_names=["features"],
+                              dynamic_axes={"ids": {0: "batch", 1: "seq"}}, dynamo=False, opset_version=17)
+        image = ort.InferenceSession(str(image_path), options, providers=["CPUExecutionProvider"])
+        text = ort.InferenceSession(str(text_path), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    p1 = rng.standard_normal((1, 3, size, size), dtype=np.float32)
+    p16 = rng.standard_normal((16, 3, size, size), dtype=np.float32)
+    b1 = statistics.median(timed(3, 30, lambda: image.run(None, {"pixels": p1})))
+    b16 = statistics.median(timed(1, 6, lambda: image.run(None, {"pixels": p16})))
+
+    def query():
+        ids = encode()["input_ids"].astype(np.int64)
+        f = text.run(None, {"ids": ids})[0]
+        return f / np.linalg.norm(f, axis=-1, keepdims=True)
+
+    times = sorted(timed(5, 100, query))
+    result = {
+        "impl": "onnxruntime %s fp32" % ort.__version__,
+        "model": "SigLIP B/16-224" if siglip else "ViT-B/32",
+        "threads": args.threads,
+        "image_per_s_batch1": 1.0 / b1,
+        "image_per_s_batch16": 16.0 / b16,
+        "text_ms_p50": times[len(times) // 2] * 1e3,
+        "text_ms_p90": times[len(times) * 9 // 10] * 1e3,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['impl']}, {result['model']}, {args.threads} threads")
+        print(f"  images/s, batch 1:   {result['image_per_s_batch1']:8.2f}")
+        print(f"  images/s, batch 16:  {result['image_per_s_batch16']:8.2f}")
+        print(f"  text query: p50 {result['text_ms_p50']:.2f} ms, p90 {result['text_ms_p90']:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
