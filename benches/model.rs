@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clipdex::model::checkpoint::{HubOptions, ModelSource};
-use clipdex::model::init::{init_weights, NormalRng};
+use clipdex::model::init::{NormalRng, init_weights};
 use clipdex::model::{Clip, ClipConfig};
 
 /// Ten tokens with start and end: eight words of CLIP BPE.
@@ -33,7 +33,12 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { threads: 2, dir: PathBuf::from("target/bench/vit-b-32"), json: false, only: None };
+    let mut a = Args {
+        threads: 2,
+        dir: PathBuf::from("target/bench/vit-b-32"),
+        json: false,
+        only: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -58,7 +63,8 @@ fn write_checkpoint(dir: &PathBuf) {
     std::fs::write(dir.join("config.json"), config.to_json()).unwrap();
     let weights = init_weights(&config, 0, &Device::Cpu).unwrap();
     candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
-    let tokenizer = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/openai-tiny/tokenizer.json.gz");
+    let tokenizer = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models/openai-tiny/tokenizer.json.gz");
     let mut reader = flate2::read::GzDecoder::new(std::fs::File::open(tokenizer).unwrap());
     let mut out = std::fs::File::create(dir.join("tokenizer.json")).unwrap();
     std::io::copy(&mut reader, &mut out).unwrap();
@@ -93,7 +99,10 @@ fn main() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000") };
     }
-    rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global().ok();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build_global()
+        .ok();
     if args.only.as_deref() == Some("gemm") {
         // The matrix multiply alone, at an MLP's shape (16 images of 50 tokens).
         let (m, k, n) = (800, 768, 3072);
@@ -102,11 +111,22 @@ fn main() {
         let t = median(time(3, 30, || {
             a.matmul(&b).unwrap();
         }));
-        println!("gemm {m}x{k}x{n}, {} threads: {:.1} GFLOP/s", args.threads, 2.0 * (m * k * n) as f64 / t / 1e9);
+        println!(
+            "gemm {m}x{k}x{n}, {} threads: {:.1} GFLOP/s",
+            args.threads,
+            2.0 * (m * k * n) as f64 / t / 1e9
+        );
         return;
     }
     write_checkpoint(&args.dir);
-    let clip = Clip::load(&ModelSource::Dir(args.dir.clone()), &HubOptions { offline: true, progress: false }).unwrap();
+    let clip = Clip::load(
+        &ModelSource::Dir(args.dir.clone()),
+        &HubOptions {
+            offline: true,
+            progress: false,
+        },
+    )
+    .unwrap();
     let tokenizer = clip.tokenizer();
     let ids = tokenizer.encode(QUERY).unwrap();
     // The query's own tokens; SigLIP pads every text to its fixed length.
@@ -121,7 +141,9 @@ fn main() {
     let mut rng = NormalRng::new(1);
     let size = clip.preprocessor().image_size();
     let pixels = |b: usize, rng: &mut NormalRng| {
-        let data: Vec<f32> = (0..b * 3 * size * size).map(|_| rng.normal() as f32).collect();
+        let data: Vec<f32> = (0..b * 3 * size * size)
+            .map(|_| rng.normal() as f32)
+            .collect();
         Tensor::from_vec(data, (b, 3, size, size), &Device::Cpu).unwrap()
     };
     let p1 = pixels(1, &mut rng);
@@ -168,6 +190,10 @@ fn main() {
         println!("clipdex, {}, {} threads", args.dir.display(), args.threads);
         println!("  images/s, batch 1:   {b1_rate:8.2}");
         println!("  images/s, batch 16:  {b16_rate:8.2}");
-        println!("  text query ({tokens} tokens): p50 {:.2} ms, p90 {:.2} ms", text_p50 * 1e3, text_p90 * 1e3);
+        println!(
+            "  text query ({tokens} tokens): p50 {:.2} ms, p90 {:.2} ms",
+            text_p50 * 1e3,
+            text_p90 * 1e3
+        );
     }
 }

@@ -12,8 +12,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clipdex::model::init::NormalRng;
@@ -27,7 +27,11 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { clients: 32, seconds: 60, photos: 10_000 };
+    let mut a = Args {
+        clients: 32,
+        seconds: 60,
+        photos: 10_000,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -69,11 +73,18 @@ fn make_library(dir: &Path, n: usize) {
         let side = ((w.min(h) as f64) * (0.5 + 0.5 * rng.uniform())) as u32;
         let x = ((w - side) as f64 * rng.uniform()) as u32;
         let y = ((h - side) as f64 * rng.uniform()) as u32;
-        let mut im = src.crop_imm(x, y, side, side).resize_exact(320, 320, FilterType::Triangle).to_rgb8();
+        let mut im = src
+            .crop_imm(x, y, side, side)
+            .resize_exact(320, 320, FilterType::Triangle)
+            .to_rgb8();
         if rng.uniform() < 0.5 {
             image::imageops::flip_horizontal_in_place(&mut im);
         }
-        let tint = [0.85 + 0.3 * rng.uniform(), 0.85 + 0.3 * rng.uniform(), 0.85 + 0.3 * rng.uniform()];
+        let tint = [
+            0.85 + 0.3 * rng.uniform(),
+            0.85 + 0.3 * rng.uniform(),
+            0.85 + 0.3 * rng.uniform(),
+        ];
         for p in im.pixels_mut() {
             for c in 0..3 {
                 p[c] = (p[c] as f64 * tint[c]).min(255.0) as u8;
@@ -87,33 +98,57 @@ fn make_library(dir: &Path, n: usize) {
 }
 
 const NOUNS: &[&str] = &[
-    "dog", "cat", "beach", "mountain", "sunset", "car", "flower", "tree", "bridge", "river", "city", "fish",
-    "bird", "house", "boat", "snow", "forest", "road", "child", "tower", "field", "lake", "garden", "street",
+    "dog", "cat", "beach", "mountain", "sunset", "car", "flower", "tree", "bridge", "river",
+    "city", "fish", "bird", "house", "boat", "snow", "forest", "road", "child", "tower", "field",
+    "lake", "garden", "street",
 ];
-const ADJ: &[&str] = &["red", "old", "small", "bright", "dark", "green", "wet", "quiet", "busy", "tall", "blue", "sunny"];
+const ADJ: &[&str] = &[
+    "red", "old", "small", "bright", "dark", "green", "wet", "quiet", "busy", "tall", "blue",
+    "sunny",
+];
 
 struct Stats {
     latencies: Vec<f64>,
     errors: u64,
 }
 
-fn load(base: &str, clients: usize, seconds: u64, kind: &'static str, ids: Arc<Vec<u64>>) -> (f64, Stats) {
+fn load(
+    base: &str,
+    clients: usize,
+    seconds: u64,
+    kind: &'static str,
+    ids: Arc<Vec<u64>>,
+) -> (f64, Stats) {
     let stop = Arc::new(AtomicBool::new(false));
     let counter = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|c| {
-            let (stop, counter, base, ids) = (stop.clone(), counter.clone(), base.to_string(), ids.clone());
+            let (stop, counter, base, ids) =
+                (stop.clone(), counter.clone(), base.to_string(), ids.clone());
             std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
                 let mut rng = NormalRng::new(1000 + c as u64);
-                let mut stats = Stats { latencies: Vec::new(), errors: 0 };
+                let mut stats = Stats {
+                    latencies: Vec::new(),
+                    errors: 0,
+                };
                 while !stop.load(Ordering::Relaxed) {
                     let n = counter.fetch_add(1, Ordering::Relaxed);
                     let url = if kind == "text" {
                         // Every query is new: no cache hit, the text is embedded.
-                        let pick = |xs: &[&'static str], r: &mut NormalRng| xs[(r.uniform() * xs.len() as f64) as usize % xs.len()];
-                        let q = format!("a {} {} near the {} number {n}", pick(ADJ, &mut rng), pick(NOUNS, &mut rng), pick(NOUNS, &mut rng));
+                        let pick = |xs: &[&'static str], r: &mut NormalRng| {
+                            xs[(r.uniform() * xs.len() as f64) as usize % xs.len()]
+                        };
+                        let q = format!(
+                            "a {} {} near the {} number {n}",
+                            pick(ADJ, &mut rng),
+                            pick(NOUNS, &mut rng),
+                            pick(NOUNS, &mut rng)
+                        );
                         format!("{base}/api/search?k=24&q={}", q.replace(' ', "%20"))
                     } else {
                         let id = ids[(rng.uniform() * ids.len() as f64) as usize % ids.len()];
@@ -134,7 +169,10 @@ fn load(base: &str, clients: usize, seconds: u64, kind: &'static str, ids: Arc<V
         .collect();
     std::thread::sleep(Duration::from_secs(seconds));
     stop.store(true, Ordering::Relaxed);
-    let mut all = Stats { latencies: Vec::new(), errors: 0 };
+    let mut all = Stats {
+        latencies: Vec::new(),
+        errors: 0,
+    };
     for h in handles {
         let s = h.join().unwrap();
         all.latencies.extend(s.latencies);
@@ -155,21 +193,38 @@ fn main() {
     let binary = root().join("target/release/clipdex");
     assert!(binary.exists(), "build first: cargo build --release");
     let model = root().join("target/bench/vit-b-32");
-    assert!(model.join("model.safetensors").exists(), "run `cargo bench --bench model` first (it writes the ViT-B/32 checkpoint)");
+    assert!(
+        model.join("model.safetensors").exists(),
+        "run `cargo bench --bench model` first (it writes the ViT-B/32 checkpoint)"
+    );
     let library = root().join(format!("target/bench/library-{}", args.photos));
     let index = root().join(format!("target/bench/index-{}", args.photos));
     make_library(&library, args.photos);
     if !index.join("db").exists() || !index.join(".complete").exists() {
         eprintln!("indexing {} photos with ViT-B/32 (once)...", args.photos);
         let status = Command::new(&binary)
-            .args(["index", library.to_str().unwrap(), "--index", index.to_str().unwrap(), "--model", model.to_str().unwrap()])
+            .args([
+                "index",
+                library.to_str().unwrap(),
+                "--index",
+                index.to_str().unwrap(),
+                "--model",
+                model.to_str().unwrap(),
+            ])
             .status()
             .unwrap();
         assert!(status.success());
         std::fs::write(index.join(".complete"), b"").unwrap();
     }
     let mut server = Command::new(&binary)
-        .args(["serve", "--index", index.to_str().unwrap(), "--bind", "127.0.0.1:0", "--offline"])
+        .args([
+            "serve",
+            "--index",
+            index.to_str().unwrap(),
+            "--bind",
+            "127.0.0.1:0",
+            "--offline",
+        ])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -182,7 +237,10 @@ fn main() {
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
     loop {
         if let Ok(mut r) = agent.get(&format!("{base}/api/status")).call() {
             let v: serde_json::Value = r.body_mut().read_json().unwrap_or_default();
@@ -193,16 +251,36 @@ fn main() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // Photo ids to ask similar photos of.
-    let mut r = agent.get(&format!("{base}/api/search?q=photo&k=200")).call().unwrap();
+    let mut r = agent
+        .get(&format!("{base}/api/search?q=photo&k=200"))
+        .call()
+        .unwrap();
     let v: serde_json::Value = r.body_mut().read_json().unwrap();
-    let ids: Arc<Vec<u64>> = Arc::new(v["hits"].as_array().unwrap().iter().map(|h| h["id"].as_u64().unwrap()).collect());
+    let ids: Arc<Vec<u64>> = Arc::new(
+        v["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["id"].as_u64().unwrap())
+            .collect(),
+    );
 
-    println!("clipdex serve, {} photos (ViT-B/32), {} clients, {} s each:", args.photos, args.clients, args.seconds);
-    println!("{:<32}{:>10}{:>10}{:>10}{:>8}", "", "req/s", "p50 ms", "p99 ms", "errors");
+    println!(
+        "clipdex serve, {} photos (ViT-B/32), {} clients, {} s each:",
+        args.photos, args.clients, args.seconds
+    );
+    println!(
+        "{:<32}{:>10}{:>10}{:>10}{:>8}",
+        "", "req/s", "p50 ms", "p99 ms", "errors"
+    );
     for kind in ["text", "similar"] {
         let (secs, mut stats) = load(&base, args.clients, args.seconds, kind, ids.clone());
         stats.latencies.sort_by(f64::total_cmp);
-        let label = if kind == "text" { "text query (embedding included)" } else { "find-similar" };
+        let label = if kind == "text" {
+            "text query (embedding included)"
+        } else {
+            "find-similar"
+        };
         println!(
             "{label:<32}{:>10.1}{:>10.1}{:>10.1}{:>8}",
             stats.latencies.len() as f64 / secs,

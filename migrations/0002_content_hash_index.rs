@@ -14,7 +14,11 @@ pub fn up(tree: &sled::Tree) -> sled::Result<()> {
             // An unreadable record stays as it is; the store reports it when read.
             Err(_) => continue,
         };
-        let Some(hash) = record.get("hash").and_then(|h| h.as_str()).and_then(crate::store::parse_hash) else {
+        let Some(hash) = record
+            .get("hash")
+            .and_then(|h| h.as_str())
+            .and_then(crate::store::parse_hash)
+        else {
             continue;
         };
         let mut k = b"h:".to_vec();

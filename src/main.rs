@@ -24,7 +24,14 @@ fn main() -> ExitCode {
     // (`clipdex status --json | head`), as Unix tools do, instead of
     // panicking on the failed write. Commands that change an index are left
     // to finish their work (their output is progress, on stderr).
-    if matches!(cli.command, Command::Status(_) | Command::Search(_) | Command::Similar(_) | Command::Embed(_) | Command::Eval(_)) {
+    if matches!(
+        cli.command,
+        Command::Status(_)
+            | Command::Search(_)
+            | Command::Similar(_)
+            | Command::Embed(_)
+            | Command::Eval(_)
+    ) {
         // SAFETY: restores the default action before any other thread exists;
         // these commands write to sockets only through std, which passes
         // MSG_NOSIGNAL, so only a closed stdout ends them.
@@ -45,7 +52,10 @@ fn main() -> ExitCode {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string()) };
     }
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(&cli.log));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

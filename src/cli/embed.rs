@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 use serde::Serialize;
 
 use super::EmbedArgs;
-use crate::library::{decode_file, DecodeLimits};
+use crate::library::{DecodeLimits, decode_file};
 use crate::model::{Clip, ModelInfo, RgbView};
 
 /// Images per forward pass.
@@ -57,7 +57,11 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         }
     }
     let limits = DecodeLimits::default();
-    let decoded: Vec<_> = args.images.par_iter().map(|p| decode_file(p, &limits)).collect();
+    let decoded: Vec<_> = args
+        .images
+        .par_iter()
+        .map(|p| decode_file(p, &limits))
+        .collect();
     let mut images = Vec::new();
     for (i, (path, result)) in args.images.iter().zip(decoded).enumerate() {
         match result {
@@ -69,11 +73,16 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         for problem in &problems {
             eprintln!("error: {problem}");
         }
-        bail!("{} of {} inputs cannot be embedded", problems.len(), args.texts.len() + args.images.len());
+        bail!(
+            "{} of {} inputs cannot be embedded",
+            problems.len(),
+            args.texts.len() + args.images.len()
+        );
     }
 
     let source = args.model.source()?;
-    let clip = Clip::load(&source, &args.model.hub(true)).with_context(|| format!("cannot load model {source}"))?;
+    let clip = Clip::load(&source, &args.model.hub(true))
+        .with_context(|| format!("cannot load model {source}"))?;
 
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
     let text = clip.embed_texts(&texts).context("cannot embed the texts")?;
@@ -83,20 +92,41 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
             .iter()
             .map(|im| RgbView::new(im.width() as usize, im.height() as usize, im.as_raw()))
             .collect::<Result<Vec<_>, _>>()?;
-        image.extend(clip.embed_images(&views).context("cannot embed the images")?);
+        image.extend(
+            clip.embed_images(&views)
+                .context("cannot embed the images")?,
+        );
     }
     let scale = clip.logit_scale()?;
     let bias = clip.logit_bias()?;
     let calibration = bias.map(|bias| crate::model::Calibration { scale, bias });
     let similarity = (!text.is_empty() && !image.is_empty()).then(|| {
-        image.iter().map(|i| text.iter().map(|t| dot(i, t)).collect::<Vec<f32>>()).collect::<Vec<_>>()
+        image
+            .iter()
+            .map(|i| text.iter().map(|t| dot(i, t)).collect::<Vec<f32>>())
+            .collect::<Vec<_>>()
     });
     let each = |f: &dyn Fn(f32) -> f32| -> Option<Vec<Vec<f32>>> {
-        similarity.as_ref().map(|s| s.iter().map(|row| row.iter().map(|&c| f(c)).collect()).collect())
+        similarity.as_ref().map(|s| {
+            s.iter()
+                .map(|row| row.iter().map(|&c| f(c)).collect())
+                .collect()
+        })
     };
     let output = Output {
-        model: ModelOutput { info: clip.info(), logit_scale: scale, logit_bias: bias },
-        inputs: Inputs { text: &args.texts, image: args.images.iter().map(|p| p.display().to_string()).collect() },
+        model: ModelOutput {
+            info: clip.info(),
+            logit_scale: scale,
+            logit_bias: bias,
+        },
+        inputs: Inputs {
+            text: &args.texts,
+            image: args
+                .images
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+        },
         logits_per_image: each(&|c| c * scale + bias.unwrap_or(0.0)),
         probability: calibration.and_then(|cal| each(&|c| cal.probability(c))),
         similarity,
@@ -132,11 +162,19 @@ fn print_plain(out: &Output, paths: &[PathBuf]) {
     for (i, (p, v)) in paths.iter().zip(&out.image).enumerate() {
         println!("image[{i}] {}\n          {}", p.display(), preview(v));
     }
-    let (Some(sim), Some(logits)) = (&out.similarity, &out.logits_per_image) else { return };
+    let (Some(sim), Some(logits)) = (&out.similarity, &out.logits_per_image) else {
+        return;
+    };
     // In brackets, per pair: SigLIP's match probability, or CLIP's softmax over the texts.
     let (label, shares) = match &out.probability {
-        Some(p) => ("SigLIP's match probability, sigmoid of the logit", p.clone()),
-        None => ("softmax over texts, as CLIP zero-shot", logits.iter().map(|row| softmax(row)).collect()),
+        Some(p) => (
+            "SigLIP's match probability, sigmoid of the logit",
+            p.clone(),
+        ),
+        None => (
+            "softmax over texts, as CLIP zero-shot",
+            logits.iter().map(|row| softmax(row)).collect(),
+        ),
     };
     println!("\ncosine similarity ({label}, in brackets):");
     print!("{:>10}", "");

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -31,7 +31,8 @@ pub fn index(args: &IndexArgs) -> Result<()> {
         bail!("the library {} is not a folder", args.library.display());
     }
     let source = args.model.source()?;
-    let clip = Clip::load(&source, &args.model.hub(true)).with_context(|| format!("cannot load model {source}"))?;
+    let clip = Clip::load(&source, &args.model.hub(true))
+        .with_context(|| format!("cannot load model {source}"))?;
     let index = Index::create_or_open(&args.index, &args.library, clip.info())?;
     run(&index, &clip, &args.run, args.json)
 }
@@ -43,10 +44,13 @@ pub fn reindex(args: &ReindexArgs) -> Result<()> {
     let index = Index::open(&args.index)?;
     let model_id = index.meta().model.id.clone();
     let source = ModelSource::parse(&model_id).with_context(|| {
-        format!("the index's model {model_id} is no longer available; restore it, or build a new index")
+        format!(
+            "the index's model {model_id} is no longer available; restore it, or build a new index"
+        )
     })?;
     let hub = HubOptions::from_env(args.offline, true);
-    let clip = Clip::load(&source, &hub).with_context(|| format!("cannot load the index's model {model_id}"))?;
+    let clip = Clip::load(&source, &hub)
+        .with_context(|| format!("cannot load the index's model {model_id}"))?;
     run(&index, &clip, &args.run, args.json)
 }
 
@@ -58,17 +62,25 @@ fn switch_model(args: &ReindexArgs, model: &str) -> Result<()> {
     // lock file of the process that holds it (which keeps answering).
     let (library, fingerprint) = match Index::open(root) {
         Ok(index) => (index.library(), index.meta().model.fingerprint.clone()),
-        Err(indexer::Error::InUse { holder, .. }) => match (holder.library.clone(), holder.fingerprint.clone()) {
-            (Some(library), Some(fingerprint)) => (PathBuf::from(library), fingerprint),
-            _ => bail!("{} is in use ({holder}), by a clipdex too old to say its library; stop it first", root.display()),
-        },
+        Err(indexer::Error::InUse { holder, .. }) => {
+            match (holder.library.clone(), holder.fingerprint.clone()) {
+                (Some(library), Some(fingerprint)) => (PathBuf::from(library), fingerprint),
+                _ => bail!(
+                    "{} is in use ({holder}), by a clipdex too old to say its library; stop it first",
+                    root.display()
+                ),
+            }
+        }
         Err(e) => return Err(e.into()),
     };
     let source = ModelSource::parse(model)?;
     let hub = HubOptions::from_env(args.offline, true);
     let clip = Clip::load(&source, &hub).with_context(|| format!("cannot load model {source}"))?;
     if clip.info().fingerprint == fingerprint {
-        eprintln!("{} already uses {source}; bringing it up to date", root.display());
+        eprintln!(
+            "{} already uses {source}; bringing it up to date",
+            root.display()
+        );
         let index = Index::open(root)?;
         return run(&index, &clip, &args.run, args.json);
     }
@@ -76,9 +88,11 @@ fn switch_model(args: &ReindexArgs, model: &str) -> Result<()> {
     // A next generation begun with another model is started over; one begun
     // with this model resumes where it stopped.
     if next.exists() {
-        let same = Index::open(&next).map(|n| n.meta().model.fingerprint == clip.info().fingerprint);
+        let same =
+            Index::open(&next).map(|n| n.meta().model.fingerprint == clip.info().fingerprint);
         if !matches!(same, Ok(true)) {
-            std::fs::remove_dir_all(&next).with_context(|| format!("cannot remove {}", next.display()))?;
+            std::fs::remove_dir_all(&next)
+                .with_context(|| format!("cannot remove {}", next.display()))?;
         }
     }
     {
@@ -143,7 +157,11 @@ fn print_summary(index: &Index, s: &RunSummary, json: bool) -> Result<()> {
         return Ok(());
     }
     let secs = (s.finished_at - s.started_at).max(0);
-    println!("{} is up to date in {} ({secs} s)", index.meta().library, index.paths().root.display());
+    println!(
+        "{} is up to date in {} ({secs} s)",
+        index.meta().library,
+        index.paths().root.display()
+    );
     println!(
         "  {} files: {} added, {} replaced, {} moved, {} duplicates, {} updated, {} removed, {} skipped, {} unchanged",
         s.counts.files_seen,
@@ -158,7 +176,10 @@ fn print_summary(index: &Index, s: &RunSummary, json: bool) -> Result<()> {
     );
     println!("  {} photos indexed", index.store().count());
     if s.counts.skipped > 0 {
-        println!("  skipped files and reasons: clipdex status --index {}", index.paths().root.display());
+        println!(
+            "  skipped files and reasons: clipdex status --index {}",
+            index.paths().root.display()
+        );
     }
     Ok(())
 }
@@ -211,9 +232,16 @@ pub fn status(args: &StatusArgs) -> Result<()> {
         .store()
         .skipped()?
         .into_iter()
-        .map(|(path, s)| Skipped { path, reason: s.reason })
+        .map(|(path, s)| Skipped {
+            path,
+            reason: s.reason,
+        })
         .collect::<Vec<_>>();
-    let check = if args.check { Some(index.check()?) } else { None };
+    let check = if args.check {
+        Some(index.check()?)
+    } else {
+        None
+    };
     let status = Status {
         index: paths.root.display().to_string(),
         library: meta.library.clone(),
@@ -260,7 +288,12 @@ fn iso_utc(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn human_bytes(n: u64) -> String {
@@ -271,7 +304,11 @@ fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 fn print_status(s: &Status) {
@@ -288,8 +325,15 @@ fn print_status(s: &Status) {
             indexer::generation::next_path(root).display()
         );
     }
-    println!("format   {} (created {})", s.format_version, iso_utc(s.created_at));
-    println!("photos   {} (vectors {}, keyword documents {})", s.photos, s.vectors, s.keywords);
+    println!(
+        "format   {} (created {})",
+        s.format_version,
+        iso_utc(s.created_at)
+    );
+    println!(
+        "photos   {} (vectors {}, keyword documents {})",
+        s.photos, s.vectors, s.keywords
+    );
     let d = &s.size_on_disk;
     println!(
         "on disk  {} (store {}, vectors {}, keywords {}, thumbnails {})",
@@ -325,7 +369,11 @@ fn print_status(s: &Status) {
     if let Some(c) = &s.check {
         println!(
             "check    {}: {} records, {} vectors, {} keyword documents",
-            if c.consistent { "consistent" } else { "INCONSISTENT" },
+            if c.consistent {
+                "consistent"
+            } else {
+                "INCONSISTENT"
+            },
             c.records,
             c.vectors,
             c.keywords
@@ -336,12 +384,19 @@ fn print_status(s: &Status) {
 /// While another process indexes, report its progress file instead.
 fn status_in_use(root: &PathBuf, json: bool) -> Result<()> {
     let progress = std::fs::read_to_string(root.join("progress.json")).unwrap_or_default();
-    let value: serde_json::Value = serde_json::from_str(&progress).unwrap_or(serde_json::Value::Null);
+    let value: serde_json::Value =
+        serde_json::from_str(&progress).unwrap_or(serde_json::Value::Null);
     if json {
-        println!("{}", serde_json::json!({"index": root.display().to_string(), "in_use": true, "progress": value}));
+        println!(
+            "{}",
+            serde_json::json!({"index": root.display().to_string(), "in_use": true, "progress": value})
+        );
         return Ok(());
     }
-    println!("index    {} (in use by another clipdex process)", root.display());
+    println!(
+        "index    {} (in use by another clipdex process)",
+        root.display()
+    );
     if let Some(p) = value.as_object() {
         let n = |k: &str| p.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
         println!(

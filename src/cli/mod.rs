@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use crate::model::{HubOptions, ModelSource, DEFAULT_MODEL};
+use crate::model::{DEFAULT_MODEL, HubOptions, ModelSource};
 
 /// Self-hosted semantic image search with CLIP.
 #[derive(Debug, Parser)]

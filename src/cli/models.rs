@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::ModelsArgs;
-use crate::model::catalog::{Recommended, RECOMMENDED};
+use crate::model::catalog::{RECOMMENDED, Recommended};
 use crate::model::checkpoint::is_cached;
 use crate::model::{Clip, HubOptions, ModelSource};
 
@@ -44,11 +44,15 @@ fn measure(clip: &Clip) -> Result<Speed> {
     let mut times: Vec<f64> = (0..11)
         .map(|_| {
             let t = Instant::now();
-            clip.embed_texts(&["a photo of a dog on the beach"]).map(|_| t.elapsed().as_secs_f64() * 1e3)
+            clip.embed_texts(&["a photo of a dog on the beach"])
+                .map(|_| t.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<Result<_, _>>()?;
     times.sort_by(f64::total_cmp);
-    Ok(Speed { images_per_second, query_ms: times[times.len() / 2] })
+    Ok(Speed {
+        images_per_second,
+        query_ms: times[times.len() / 2],
+    })
 }
 
 pub fn run(args: &ModelsArgs) -> Result<()> {
@@ -57,13 +61,23 @@ pub fn run(args: &ModelsArgs) -> Result<()> {
         let cached = is_cached(model.id);
         let speed = if args.measure && cached {
             let source = ModelSource::parse(model.id)?;
-            let clip = Clip::load(&source, &HubOptions { offline: true, progress: false })
-                .with_context(|| format!("cannot load the cached {}", model.id))?;
+            let clip = Clip::load(
+                &source,
+                &HubOptions {
+                    offline: true,
+                    progress: false,
+                },
+            )
+            .with_context(|| format!("cannot load the cached {}", model.id))?;
             Some(measure(&clip)?)
         } else {
             None
         };
-        rows.push(Row { model: *model, cached, speed });
+        rows.push(Row {
+            model: *model,
+            cached,
+            speed,
+        });
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -78,7 +92,11 @@ pub fn run(args: &ModelsArgs) -> Result<()> {
         "languages",
         "download",
         "cached",
-        if args.measure { "  images/s  query ms" } else { "" }
+        if args.measure {
+            "  images/s  query ms"
+        } else {
+            ""
+        }
     );
     for row in &rows {
         let m = &row.model;
@@ -102,9 +120,13 @@ pub fn run(args: &ModelsArgs) -> Result<()> {
     if let Some(m) = RECOMMENDED.first() {
         println!("Best all-round: {} ({}).", m.id, m.note);
     }
-    println!("Use one with --model ID on index, embed, train and eval; switch an index with `clipdex reindex --model ID`.");
+    println!(
+        "Use one with --model ID on index, embed, train and eval; switch an index with `clipdex reindex --model ID`."
+    );
     if !args.measure {
-        println!("--measure times every cached model on this machine (images/s at batch 16, one query).");
+        println!(
+            "--measure times every cached model on this machine (images/s at batch 16, one query)."
+        );
     }
     Ok(())
 }

@@ -4,16 +4,25 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::{FilterArgs, SearchArgs, SimilarArgs};
 use crate::indexer;
-use crate::search::{self, Engine, Filters, HubOptions, OpenError, OpenOptions, Request, SearchResults, Term, TermKind};
+use crate::search::{
+    self, Engine, Filters, HubOptions, OpenError, OpenOptions, Request, SearchResults, Term,
+    TermKind,
+};
 
 impl From<&FilterArgs> for Filters {
     fn from(f: &FilterArgs) -> Self {
-        Filters::from_flat(f.folder.clone(), f.from.clone(), f.to.clone(), f.types.clone(), f.camera.clone())
+        Filters::from_flat(
+            f.folder.clone(),
+            f.from.clone(),
+            f.to.clone(),
+            f.types.clone(),
+            f.camera.clone(),
+        )
     }
 }
 
@@ -25,27 +34,52 @@ enum Backend {
 
 fn backend(index: &Path, offline: bool) -> Result<Backend> {
     let hub = HubOptions::from_env(offline, true);
-    let opts = OpenOptions { index, library: None, model: None, hub: &hub, wait: None };
+    let opts = OpenOptions {
+        index,
+        library: None,
+        model: None,
+        hub: &hub,
+        wait: None,
+    };
     match search::open(&opts, &mut |_| {}) {
         Ok(engine) => Ok(Backend::Local(engine)),
         // The lock file says where the server that holds the index answers.
-        Err(OpenError::Index(indexer::Error::InUse { holder: indexer::Holder { url: Some(url), .. }, .. })) => Ok(Backend::Remote(url)),
+        Err(OpenError::Index(indexer::Error::InUse {
+            holder: indexer::Holder { url: Some(url), .. },
+            ..
+        })) => Ok(Backend::Remote(url)),
         Err(e) => Err(e.into()),
     }
 }
 
 /// Sends a request to the server and reads its results.
-fn remote(request: ureq::RequestBuilder<ureq::typestate::WithBody>, body: &impl Serialize, base: &str) -> Result<SearchResults> {
+fn remote(
+    request: ureq::RequestBuilder<ureq::typestate::WithBody>,
+    body: &impl Serialize,
+    base: &str,
+) -> Result<SearchResults> {
     let request = match std::env::var("CLIPDEX_TOKEN") {
         Ok(token) => request.header("Authorization", &format!("Bearer {token}")),
         Err(_) => request,
     };
-    let mut response =
-        request.config().http_status_as_error(false).build().send_json(body).with_context(|| format!("cannot reach {base}"))?;
+    let mut response = request
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_json(body)
+        .with_context(|| format!("cannot reach {base}"))?;
     let status = response.status();
-    let answer: serde_json::Value = response.body_mut().read_json().context("bad answer from the server")?;
+    let answer: serde_json::Value = response
+        .body_mut()
+        .read_json()
+        .context("bad answer from the server")?;
     if !status.is_success() {
-        bail!("{}", answer["error"]["message"].as_str().unwrap_or("the server refused the query"));
+        bail!(
+            "{}",
+            answer["error"]["message"]
+                .as_str()
+                .unwrap_or("the server refused the query")
+        );
     }
     Ok(serde_json::from_value(answer)?)
 }
@@ -66,13 +100,22 @@ fn print(results: &SearchResults, json: bool) -> Result<()> {
         eprintln!("no photos match");
     }
     for (i, hit) in results.hits.iter().enumerate() {
-        let mark = if hit.keyword_rank.is_some() { " (name/caption match)" } else { "" };
+        let mark = if hit.keyword_rank.is_some() {
+            " (name/caption match)"
+        } else {
+            ""
+        };
         // SigLIP: the match probability; CLIP: the cosine similarity.
         let score = match hit.probability {
             Some(p) => format!("{:>5.1}%", p * 100.0),
             None => format!("{:.4}", hit.similarity),
         };
-        println!("{:>3}. {score}  {}  [id {}]{mark}", results.offset + i + 1, hit.path, hit.id);
+        println!(
+            "{:>3}. {score}  {}  [id {}]{mark}",
+            results.offset + i + 1,
+            hit.path,
+            hit.id
+        );
     }
     Ok(())
 }
@@ -97,28 +140,48 @@ pub fn search(args: &SearchArgs) -> Result<()> {
 
 pub fn similar(args: &SimilarArgs) -> Result<()> {
     let file = Path::new(&args.target);
-    let request = Request { k: Some(args.k), filters: Some(Filters::from(&args.filters)), ..Request::default() };
+    let request = Request {
+        k: Some(args.k),
+        filters: Some(Filters::from(&args.filters)),
+        ..Request::default()
+    };
     let results = match backend(&args.index, args.offline)? {
         Backend::Local(engine) => {
             let library = engine.index().library();
-            let in_library = std::fs::canonicalize(file)
-                .ok()
-                .and_then(|p| p.strip_prefix(&library).ok().map(|r| r.to_string_lossy().replace('\\', "/")));
+            let in_library = std::fs::canonicalize(file).ok().and_then(|p| {
+                p.strip_prefix(&library)
+                    .ok()
+                    .map(|r| r.to_string_lossy().replace('\\', "/"))
+            });
             let by_path = match &in_library {
                 Some(rel) => engine.index().store().id_for_path(rel)?,
-                None if !file.exists() => engine.index().store().id_for_path(args.target.trim_matches('/'))?,
+                None if !file.exists() => engine
+                    .index()
+                    .store()
+                    .id_for_path(args.target.trim_matches('/'))?,
                 None => None,
             };
-            let by_id = if file.exists() { None } else { args.target.parse::<u64>().ok() };
+            let by_id = if file.exists() {
+                None
+            } else {
+                args.target.parse::<u64>().ok()
+            };
             match by_path.or(by_id) {
                 Some(id) => engine.similar(id, request)?,
                 None if file.is_file() => {
                     // Any image file: query by picture.
-                    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-                    let picture = Term { kind: TermKind::Vector(engine.embed_image(&bytes)?), weight: 1.0 };
+                    let bytes = std::fs::read(file)
+                        .with_context(|| format!("cannot read {}", file.display()))?;
+                    let picture = Term {
+                        kind: TermKind::Vector(engine.embed_image(&bytes)?),
+                        weight: 1.0,
+                    };
                     engine.search(&request.into_query_with(vec![picture])?)?
                 }
-                None => bail!("{} is neither a photo of the index (id or path) nor an image file", args.target),
+                None => bail!(
+                    "{} is neither a photo of the index (id or path) nor an image file",
+                    args.target
+                ),
             }
         }
         Backend::Remote(base) => {
@@ -127,9 +190,16 @@ pub fn similar(args: &SimilarArgs) -> Result<()> {
                 Ok(id) if !file.exists() => format!("image:{id}"),
                 _ => format!("image:{}", args.target.trim_matches('/')),
             };
-            let request = Request { q: Some(target.clone()), k: Some(args.k + 1), hybrid: Some(false), ..request };
+            let request = Request {
+                q: Some(target.clone()),
+                k: Some(args.k + 1),
+                hybrid: Some(false),
+                ..request
+            };
             let mut results = remote_search(&base, &request)?;
-            let itself = results.hits.iter().position(|h| target == format!("image:{}", h.id) || target == format!("image:{}", h.path));
+            let itself = results.hits.iter().position(|h| {
+                target == format!("image:{}", h.id) || target == format!("image:{}", h.path)
+            });
             match itself {
                 Some(i) => drop(results.hits.remove(i)),
                 None => results.hits.truncate(args.k),

@@ -3,10 +3,10 @@
 
 use std::net::SocketAddr;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
-use super::index::run_options;
 use super::ServeArgs;
+use super::index::run_options;
 use crate::model::HubOptions;
 use crate::server::{self, AppState, ServerConfig};
 
@@ -16,7 +16,10 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .parse()
         .or_else(|_| {
             use std::net::ToSocketAddrs;
-            args.bind.to_socket_addrs().map_err(|e| e.to_string()).and_then(|mut a| a.next().ok_or_else(|| "no address".into()))
+            args.bind
+                .to_socket_addrs()
+                .map_err(|e| e.to_string())
+                .and_then(|mut a| a.next().ok_or_else(|| "no address".into()))
         })
         .map_err(|e| anyhow::anyhow!("cannot use --bind {}: {e}", args.bind))?;
     let token = args.token.clone().filter(|t| !t.is_empty());
@@ -41,21 +44,42 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         cors: args.cors.clone(),
         max_upload: args.max_upload_mb.max(1) << 20,
         reindex_on_start: args.reindex,
-        allow_hosts: args.allow_hosts.iter().map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase()).collect(),
+        allow_hosts: args
+            .allow_hosts
+            .iter()
+            .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+            .collect(),
         max_connections: args.max_connections.max(1),
         decode_budget: args.max_decode_mb.max(1) << 20,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
         let addr = listener.local_addr()?;
         let state = AppState::new(config);
         server::state::start(state.clone(), addr);
-        let shown = if addr.ip().is_unspecified() { format!("http://localhost:{}", addr.port()) } else { format!("http://{addr}") };
+        let shown = if addr.ip().is_unspecified() {
+            format!("http://localhost:{}", addr.port())
+        } else {
+            format!("http://{addr}")
+        };
         eprintln!("clipdex is up at {shown}");
         if args.library.is_some() {
-            eprintln!("indexing {} in the background; the page shows the progress", args.library.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+            eprintln!(
+                "indexing {} in the background; the page shows the progress",
+                args.library
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
         }
-        server::serve(state, listener).await.context("server failed")
+        server::serve(state, listener)
+            .await
+            .context("server failed")
     })
 }

@@ -4,23 +4,32 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{EvalArgs, EvalCommand, TrainArgs};
 use crate::eval;
 use crate::model::{Clip, ClipConfig, HubOptions, ModelSource};
-use crate::train::data::{self, ImageSet, DEFAULT_TEMPLATES};
+use crate::train::data::{self, DEFAULT_TEMPLATES, ImageSet};
 use crate::train::{self, Start, TrainOptions, TrainProgress};
 
 fn templates(file: Option<&Path>) -> Result<Vec<String>> {
     match file {
         None => Ok(DEFAULT_TEMPLATES.iter().map(|t| t.to_string()).collect()),
         Some(f) => {
-            let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
-            let t: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            let t: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect();
             if t.is_empty() || t.iter().any(|l| !l.contains("{}")) {
-                bail!("{}: one template per line, each with {{}} where the class name goes", f.display());
+                bail!(
+                    "{}: one template per line, each with {{}} where the class name goes",
+                    f.display()
+                );
             }
             Ok(t)
         }
@@ -29,7 +38,9 @@ fn templates(file: Option<&Path>) -> Result<Vec<String>> {
 
 fn start(args: &TrainArgs) -> Result<Start> {
     match (&args.init, &args.config) {
-        (Some(_), Some(_)) => bail!("give --init (fine-tune a checkpoint) or --config (train from scratch), not both"),
+        (Some(_), Some(_)) => {
+            bail!("give --init (fine-tune a checkpoint) or --config (train from scratch), not both")
+        }
         (Some(init), None) => Ok(Start::Checkpoint(ModelSource::parse(init)?)),
         (None, config) => {
             let name = config.as_deref().unwrap_or("small-32");
@@ -39,7 +50,10 @@ fn start(args: &TrainArgs) -> Result<Start> {
                     let text = std::fs::read_to_string(name)?;
                     Ok(Start::Scratch(ClipConfig::from_json(&text)?))
                 }
-                None => bail!("--config {name} is neither a preset ({}) nor a config.json", ClipConfig::PRESETS.join(", ")),
+                None => bail!(
+                    "--config {name} is neither a preset ({}) nor a config.json",
+                    ClipConfig::PRESETS.join(", ")
+                ),
             }
         }
     }
@@ -60,8 +74,16 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         warmup: args.warmup,
         weight_decay: args.weight_decay,
         seed: args.seed,
-        freeze: args.freeze.parse().map_err(|e: String| anyhow::anyhow!(e))?,
-        loss: args.loss.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!(e))?,
+        freeze: args
+            .freeze
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))?,
+        loss: args
+            .loss
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: String| anyhow::anyhow!(e))?,
         templates: templates(args.templates.as_deref())?,
         checkpoint_every: Duration::from_secs(args.checkpoint_every),
         hub: HubOptions::from_env(args.offline, true),
@@ -71,9 +93,11 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] step {pos}/{len}  {msg}  ETA {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{wide_bar}] step {pos}/{len}  {msg}  ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     let mut printed_epochs = 0;
     let json = args.json;
@@ -136,11 +160,17 @@ pub fn train(args: &TrainArgs) -> Result<()> {
 
 fn load_model(model: &str, offline: bool) -> Result<Clip> {
     let source = ModelSource::parse(model)?;
-    Clip::load(&source, &HubOptions::from_env(offline, true)).with_context(|| format!("cannot load model {source}"))
+    Clip::load(&source, &HubOptions::from_env(offline, true))
+        .with_context(|| format!("cannot load model {source}"))
 }
 
-fn load_images(clip: &Clip, path: &PathBuf, templates: &[String]) -> Result<(Vec<data::Sample>, ImageSet, usize)> {
-    let d = data::load(path, templates).with_context(|| format!("cannot read {}", path.display()))?;
+fn load_images(
+    clip: &Clip,
+    path: &PathBuf,
+    templates: &[String],
+) -> Result<(Vec<data::Sample>, ImageSet, usize)> {
+    let d =
+        data::load(path, templates).with_context(|| format!("cannot read {}", path.display()))?;
     let problems = d.problems.len();
     let (images, kept, bad) = ImageSet::prepare(&d.samples, clip.preprocessor());
     for p in d.problems.iter().chain(&bad) {
@@ -160,16 +190,34 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
             }
             let m = eval::retrieval(&clip, &samples, &images, args.batch)?;
             if args.json {
-                println!("{}", serde_json::json!({"task": "retrieval", "model": clip.info().id, "skipped": skipped, "metrics": m}));
+                println!(
+                    "{}",
+                    serde_json::json!({"task": "retrieval", "model": clip.info().id, "skipped": skipped, "metrics": m})
+                );
             } else {
-                println!("retrieval on {} images, {} texts ({skipped} skipped)", m.images, m.texts);
-                println!("{:<16}{:>8}{:>8}{:>8}{:>14}", "", "R@1", "R@5", "R@10", "median rank");
-                for (name, r) in [("image -> text", m.image_to_text), ("text -> image", m.text_to_image)] {
-                    println!("{name:<16}{:>8.2}{:>8.2}{:>8.2}{:>14.1}", r.r1, r.r5, r.r10, r.median_rank);
+                println!(
+                    "retrieval on {} images, {} texts ({skipped} skipped)",
+                    m.images, m.texts
+                );
+                println!(
+                    "{:<16}{:>8}{:>8}{:>8}{:>14}",
+                    "", "R@1", "R@5", "R@10", "median rank"
+                );
+                for (name, r) in [
+                    ("image -> text", m.image_to_text),
+                    ("text -> image", m.text_to_image),
+                ] {
+                    println!(
+                        "{name:<16}{:>8.2}{:>8.2}{:>8.2}{:>14.1}",
+                        r.r1, r.r5, r.r10, r.median_rank
+                    );
                 }
             }
         }
-        EvalCommand::ZeroShot { data, templates: file } => {
+        EvalCommand::ZeroShot {
+            data,
+            templates: file,
+        } => {
             let t = templates(file.as_deref())?;
             let (samples, images, skipped) = load_images(&clip, data, &t)?;
             let classes: Vec<String> = {
@@ -179,25 +227,47 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
                 c
             };
             if classes.len() < 2 {
-                bail!("{} needs labelled images of at least two classes (class sub-folders, or JSONL with \"label\")", data.display());
+                bail!(
+                    "{} needs labelled images of at least two classes (class sub-folders, or JSONL with \"label\")",
+                    data.display()
+                );
             }
             let labels: Vec<usize> = samples
                 .iter()
-                .map(|s| s.label.as_ref().and_then(|l| classes.iter().position(|c| c == l)).unwrap_or(0))
+                .map(|s| {
+                    s.label
+                        .as_ref()
+                        .and_then(|l| classes.iter().position(|c| c == l))
+                        .unwrap_or(0)
+                })
                 .collect();
             let class_emb = eval::class_embeddings(&clip, &classes, &t)?;
             let emb = eval::embed_samples(&clip, &images, args.batch)?;
             let m = eval::zero_shot_from_embeddings(&emb, &labels, &classes, &class_emb);
             if args.json {
-                println!("{}", serde_json::json!({"task": "zero-shot", "model": clip.info().id, "templates": t.len(), "skipped": skipped, "metrics": m}));
+                println!(
+                    "{}",
+                    serde_json::json!({"task": "zero-shot", "model": clip.info().id, "templates": t.len(), "skipped": skipped, "metrics": m})
+                );
             } else {
                 println!(
                     "zero-shot on {} images, {} classes, {} templates ({skipped} skipped): top-1 {:.2}%, top-5 {:.2}%",
-                    m.images, m.classes, t.len(), m.top1, m.top5
+                    m.images,
+                    m.classes,
+                    t.len(),
+                    m.top1,
+                    m.top5
                 );
-                println!("{:<24}{:>8}{:>10}  most often taken for", "class", "images", "accuracy");
+                println!(
+                    "{:<24}{:>8}{:>10}  most often taken for",
+                    "class", "images", "accuracy"
+                );
                 for c in &m.per_class {
-                    let conf = c.confused_with.as_ref().map(|(n, p)| format!("{n} ({p:.1}%)")).unwrap_or_default();
+                    let conf = c
+                        .confused_with
+                        .as_ref()
+                        .map(|(n, p)| format!("{n} ({p:.1}%)"))
+                        .unwrap_or_default();
                     println!("{:<24}{:>8}{:>9.1}%  {conf}", c.class, c.images, c.accuracy);
                 }
             }
@@ -205,24 +275,43 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         EvalCommand::LinearProbe { train, test } => {
             let (train_s, train_i, s1) = load_images(&clip, train, &[])?;
             let (test_s, test_i, s2) = load_images(&clip, test, &[])?;
-            let mut classes: Vec<String> = train_s.iter().chain(&test_s).filter_map(|s| s.label.clone()).collect();
+            let mut classes: Vec<String> = train_s
+                .iter()
+                .chain(&test_s)
+                .filter_map(|s| s.label.clone())
+                .collect();
             classes.sort();
             classes.dedup();
             if classes.len() < 2 {
-                bail!("the linear probe needs labelled images (class sub-folders, or JSONL with \"label\")");
+                bail!(
+                    "the linear probe needs labelled images (class sub-folders, or JSONL with \"label\")"
+                );
             }
-            let label = |s: &data::Sample| s.label.as_ref().and_then(|l| classes.iter().position(|c| c == l)).unwrap_or(0) as u32;
+            let label = |s: &data::Sample| {
+                s.label
+                    .as_ref()
+                    .and_then(|l| classes.iter().position(|c| c == l))
+                    .unwrap_or(0) as u32
+            };
             let ty: Vec<u32> = train_s.iter().map(label).collect();
             let vy: Vec<u32> = test_s.iter().map(label).collect();
             let tx = eval::embed_samples(&clip, &train_i, args.batch)?;
             let vx = eval::embed_samples(&clip, &test_i, args.batch)?;
             let m = eval::linear_probe(&tx, &ty, &vx, &vy, classes.len())?;
             if args.json {
-                println!("{}", serde_json::json!({"task": "linear-probe", "model": clip.info().id, "skipped": s1 + s2, "metrics": m}));
+                println!(
+                    "{}",
+                    serde_json::json!({"task": "linear-probe", "model": clip.info().id, "skipped": s1 + s2, "metrics": m})
+                );
             } else {
                 println!(
                     "linear probe: {} train and {} test images, {} classes ({} skipped): accuracy {:.2}% (L2 {:e})",
-                    m.train_images, m.test_images, m.classes, s1 + s2, m.accuracy, m.l2
+                    m.train_images,
+                    m.test_images,
+                    m.classes,
+                    s1 + s2,
+                    m.accuracy,
+                    m.l2
                 );
             }
         }

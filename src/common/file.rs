@@ -21,4 +21,3 @@ pub enum CaptionSource {
     /// XMP dc:description.
     Xmp,
 }
-

@@ -14,7 +14,7 @@ pub mod time;
 
 pub use file::{CaptionSource, FileSig};
 pub use model_id::ModelInfo;
-pub use pixels::{resample, Resample, RgbView};
+pub use pixels::{Resample, RgbView, resample};
 
 /// The message a panic carried (`panic!` with a literal or a formatted
 /// string), for reporting a caught panic as an error.

@@ -21,4 +21,3 @@ pub struct ModelInfo {
 fn clip_family() -> String {
     "clip".into()
 }
-

@@ -24,9 +24,17 @@ pub struct RgbView<'a> {
 impl<'a> RgbView<'a> {
     pub fn new(width: usize, height: usize, data: &'a [u8]) -> Result<Self, BadRgbBuffer> {
         if width == 0 || height == 0 || data.len() != width * height * 3 {
-            return Err(BadRgbBuffer { len: data.len(), width, height });
+            return Err(BadRgbBuffer {
+                len: data.len(),
+                width,
+                height,
+            });
         }
-        Ok(Self { width, height, data })
+        Ok(Self {
+            width,
+            height,
+            data,
+        })
     }
 }
 
@@ -82,7 +90,11 @@ impl Resample {
             }
         }
         fn lanczos(x: f64) -> f64 {
-            if (-3.0..3.0).contains(&x) { sinc(x) * sinc(x / 3.0) } else { 0.0 }
+            if (-3.0..3.0).contains(&x) {
+                sinc(x) * sinc(x / 3.0)
+            } else {
+                0.0
+            }
         }
         match self {
             Self::Nearest | Self::Box => (0.5, box_filter),
@@ -128,11 +140,19 @@ fn precompute_coeffs(in_size: usize, out_size: usize, resample: Resample) -> Coe
         for x in 0..count {
             let w = if ww != 0.0 { k[x] / ww } else { k[x] };
             let scaled = w * (1u32 << PRECISION_BITS) as f64;
-            weights[xx * ksize + x] = if w < 0.0 { (-0.5 + scaled) as i32 } else { (0.5 + scaled) as i32 };
+            weights[xx * ksize + x] = if w < 0.0 {
+                (-0.5 + scaled) as i32
+            } else {
+                (0.5 + scaled) as i32
+            };
         }
         bounds.push((xmin, count));
     }
-    Coeffs { bounds, ksize, weights }
+    Coeffs {
+        bounds,
+        ksize,
+        weights,
+    }
 }
 
 #[inline]
@@ -227,4 +247,3 @@ fn nearest(image: RgbView, out_w: usize, out_h: usize) -> Vec<u8> {
     }
     out
 }
-

@@ -9,7 +9,10 @@ pub struct NormalRng {
 
 impl NormalRng {
     pub fn new(seed: u64) -> Self {
-        Self { state: seed ^ 0x9E37_79B9_7F4A_7C15, spare: None }
+        Self {
+            state: seed ^ 0x9E37_79B9_7F4A_7C15,
+            spare: None,
+        }
     }
 
     fn next_u64(&mut self) -> u64 {

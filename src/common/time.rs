@@ -17,7 +17,10 @@ pub fn parse_datetime(s: &str) -> Option<i64> {
     }
     let num = |r: std::ops::Range<usize>| -> Option<i64> {
         let digits = b.get(r)?;
-        digits.iter().all(u8::is_ascii_digit).then(|| digits.iter().fold(0i64, |n, d| n * 10 + (d - b'0') as i64))
+        digits
+            .iter()
+            .all(u8::is_ascii_digit)
+            .then(|| digits.iter().fold(0i64, |n, d| n * 10 + (d - b'0') as i64))
     };
     if b[4] != b'-' || b[7] != b'-' {
         return None;
@@ -39,7 +42,12 @@ pub fn parse_datetime(s: &str) -> Option<i64> {
         2 => 28,
         _ => return None,
     };
-    if !(MIN_YEAR..=MAX_YEAR).contains(&y) || !(1..=days_in_month).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+    if !(MIN_YEAR..=MAX_YEAR).contains(&y)
+        || !(1..=days_in_month).contains(&d)
+        || hh > 23
+        || mm > 59
+        || ss > 60
+    {
         return None;
     }
     // Days from civil (H. Hinnant).
@@ -52,4 +60,3 @@ pub fn parse_datetime(s: &str) -> Option<i64> {
     let days = era * 146_097 + doe - 719_468;
     Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
 }
-

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::common::RgbView;
 use crate::model::Clip;
-use crate::train::data::{fill, ImageSet, Sample};
-pub use crate::train::metrics::{retrieval_from_similarity, Recall, RetrievalMetrics};
+use crate::train::data::{ImageSet, Sample, fill};
+pub use crate::train::metrics::{Recall, RetrievalMetrics, retrieval_from_similarity};
 
 /// Why an evaluation failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,9 +47,15 @@ pub fn embed_samples(clip: &Clip, images: &ImageSet, batch: usize) -> Result<Vec
 
 /// Retrieval over (image, caption) pairs: images are grouped by path, so an
 /// image with several captions counts once.
-pub fn retrieval(clip: &Clip, samples: &[Sample], images: &ImageSet, batch: usize) -> Result<RetrievalMetrics> {
+pub fn retrieval(
+    clip: &Clip,
+    samples: &[Sample],
+    images: &ImageSet,
+    batch: usize,
+) -> Result<RetrievalMetrics> {
     // One embedding per distinct image.
-    let mut first_of: std::collections::HashMap<&std::path::Path, usize> = std::collections::HashMap::new();
+    let mut first_of: std::collections::HashMap<&std::path::Path, usize> =
+        std::collections::HashMap::new();
     let mut image_of = Vec::with_capacity(samples.len());
     let mut distinct = Vec::new();
     for (i, s) in samples.iter().enumerate() {
@@ -64,7 +70,10 @@ pub fn retrieval(clip: &Clip, samples: &[Sample], images: &ImageSet, batch: usiz
     let image_emb: Vec<&Vec<f32>> = distinct.iter().map(|&i| &all[i]).collect();
     let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
     let text_emb = clip.embed_texts(&captions)?;
-    let sim: Vec<Vec<f32>> = image_emb.iter().map(|i| text_emb.iter().map(|t| dot(i, t)).collect()).collect();
+    let sim: Vec<Vec<f32>> = image_emb
+        .iter()
+        .map(|i| text_emb.iter().map(|t| dot(i, t)).collect())
+        .collect();
     Ok(retrieval_from_similarity(&sim, &image_of))
 }
 
@@ -80,7 +89,11 @@ fn unit(mut v: Vec<f32>) -> Vec<f32> {
 
 /// One classifier weight per class: the mean of the normalised embeddings of
 /// the class name in every template, normalised (CLIP's prompt ensembling).
-pub fn class_embeddings(clip: &Clip, classes: &[String], templates: &[String]) -> Result<Vec<Vec<f32>>> {
+pub fn class_embeddings(
+    clip: &Clip,
+    classes: &[String],
+    templates: &[String],
+) -> Result<Vec<Vec<f32>>> {
     classes
         .iter()
         .map(|c| {
@@ -117,7 +130,12 @@ pub struct ZeroShotMetrics {
 }
 
 /// Zero-shot accuracy of image embeddings against class embeddings.
-pub fn zero_shot_from_embeddings(images: &[Vec<f32>], labels: &[usize], classes: &[String], class_emb: &[Vec<f32>]) -> ZeroShotMetrics {
+pub fn zero_shot_from_embeddings(
+    images: &[Vec<f32>],
+    labels: &[usize],
+    classes: &[String],
+    class_emb: &[Vec<f32>],
+) -> ZeroShotMetrics {
     let k = classes.len();
     let mut confusion = vec![vec![0usize; k]; k];
     let (mut top1, mut top5) = (0usize, 0usize);
@@ -138,13 +156,22 @@ pub fn zero_shot_from_embeddings(images: &[Vec<f32>], labels: &[usize], classes:
                 class: classes[c].clone(),
                 images: total,
                 accuracy: 100.0 * confusion[c][c] as f32 / total.max(1) as f32,
-                confused_with: wrong
-                    .filter(|&o| confusion[c][o] > 0)
-                    .map(|o| (classes[o].clone(), 100.0 * confusion[c][o] as f32 / total.max(1) as f32)),
+                confused_with: wrong.filter(|&o| confusion[c][o] > 0).map(|o| {
+                    (
+                        classes[o].clone(),
+                        100.0 * confusion[c][o] as f32 / total.max(1) as f32,
+                    )
+                }),
             }
         })
         .collect();
-    ZeroShotMetrics { images: images.len(), classes: k, top1: 100.0 * top1 as f32 / n, top5: 100.0 * top5 as f32 / n, per_class }
+    ZeroShotMetrics {
+        images: images.len(),
+        classes: k,
+        top1: 100.0 * top1 as f32 / n,
+        top5: 100.0 * top5 as f32 / n,
+        per_class,
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -165,27 +192,44 @@ fn fit_logistic(x: &Tensor, y: &Tensor, classes: usize, l2: f64, steps: usize) -
     let b = Var::zeros(classes, candle_core::DType::F32, x.device())?;
     let mut opt = crate::train::optim::AdamW::new(
         vec![("w.weight".into(), w.clone()), ("b.bias".into(), b.clone())],
-        crate::train::optim::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        crate::train::optim::AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
     )?;
     for step in 0..steps {
         let logits = x.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
-        let loss = (candle_nn::loss::cross_entropy(&logits, y)? + (w.as_tensor().sqr()?.sum_all()? * l2)?)?;
+        let loss = (candle_nn::loss::cross_entropy(&logits, y)?
+            + (w.as_tensor().sqr()?.sum_all()? * l2)?)?;
         let grads = loss.backward()?;
         let lr = crate::train::optim::learning_rate(step as u64, 0.05, 10, steps as u64);
         opt.step(&grads, lr)?;
     }
-    Ok(Tensor::cat(&[w.as_tensor().detach(), b.as_tensor().detach().unsqueeze(0)?], 0)?)
+    Ok(Tensor::cat(
+        &[w.as_tensor().detach(), b.as_tensor().detach().unsqueeze(0)?],
+        0,
+    )?)
 }
 
 fn accuracy(x: &Tensor, y: &[u32], wb: &Tensor) -> Result<f32> {
     let d = x.dim(1)?;
-    let logits = x.matmul(&wb.narrow(0, 0, d)?)?.broadcast_add(&wb.narrow(0, d, 1)?)?;
+    let logits = x
+        .matmul(&wb.narrow(0, 0, d)?)?
+        .broadcast_add(&wb.narrow(0, d, 1)?)?;
     let pred = logits.argmax(1)?.to_vec1::<u32>()?;
     Ok(100.0 * pred.iter().zip(y).filter(|(p, t)| p == t).count() as f32 / y.len().max(1) as f32)
 }
 
 /// Logistic regression on frozen features, as the paper's linear probe.
-pub fn linear_probe(train_x: &[Vec<f32>], train_y: &[u32], test_x: &[Vec<f32>], test_y: &[u32], classes: usize) -> Result<ProbeMetrics> {
+pub fn linear_probe(
+    train_x: &[Vec<f32>],
+    train_y: &[u32],
+    test_x: &[Vec<f32>],
+    test_y: &[u32],
+    classes: usize,
+) -> Result<ProbeMetrics> {
     let dev = Device::Cpu;
     let d = train_x.first().map_or(0, Vec::len);
     // Standardise with the training statistics.
@@ -203,12 +247,21 @@ pub fn linear_probe(train_x: &[Vec<f32>], train_y: &[u32], test_x: &[Vec<f32>], 
     }
     let std: Vec<f32> = std.into_iter().map(|s| s.sqrt().max(1e-6)).collect();
     let to_tensor = |rows: &[Vec<f32>]| -> Result<Tensor> {
-        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().zip(&mean).zip(&std).map(|((v, m), s)| (v - m) / s)).collect();
+        let flat: Vec<f32> = rows
+            .iter()
+            .flat_map(|r| r.iter().zip(&mean).zip(&std).map(|((v, m), s)| (v - m) / s))
+            .collect();
         Ok(Tensor::from_vec(flat, (rows.len(), d), &dev)?)
     };
     // Hold out every fifth training image to pick the L2 strength.
-    let (fit_idx, held_idx): (Vec<usize>, Vec<usize>) = (0..train_x.len()).partition(|i| i % 5 != 0);
-    let pick = |idx: &[usize]| (idx.iter().map(|&i| train_x[i].clone()).collect::<Vec<_>>(), idx.iter().map(|&i| train_y[i]).collect::<Vec<_>>());
+    let (fit_idx, held_idx): (Vec<usize>, Vec<usize>) =
+        (0..train_x.len()).partition(|i| i % 5 != 0);
+    let pick = |idx: &[usize]| {
+        (
+            idx.iter().map(|&i| train_x[i].clone()).collect::<Vec<_>>(),
+            idx.iter().map(|&i| train_y[i]).collect::<Vec<_>>(),
+        )
+    };
     let (fx, fy) = pick(&fit_idx);
     let (hx, hy) = pick(&held_idx);
     let (fx, hx) = (to_tensor(&fx)?, to_tensor(&hx)?);
@@ -225,7 +278,13 @@ pub fn linear_probe(train_x: &[Vec<f32>], train_y: &[u32], test_x: &[Vec<f32>], 
     let y = Tensor::new(train_y, &dev)?;
     let wb = fit_logistic(&x, &y, classes, best.1, 500)?;
     let acc = accuracy(&to_tensor(test_x)?, test_y, &wb)?;
-    Ok(ProbeMetrics { train_images: train_x.len(), test_images: test_x.len(), classes, accuracy: acc, l2: best.1 })
+    Ok(ProbeMetrics {
+        train_images: train_x.len(),
+        test_images: test_x.len(),
+        classes,
+        accuracy: acc,
+        l2: best.1,
+    })
 }
 
 /// Embeds one decoded RGB image (for callers outside the batch pipeline).
@@ -240,7 +299,11 @@ mod tests {
     #[test]
     fn recall_on_a_known_matrix() {
         // 3 images, 4 texts; text 3 also describes image 0.
-        let sim = vec![vec![0.9, 0.1, 0.8, 0.2], vec![0.3, 0.2, 0.1, 0.0], vec![0.1, 0.5, 0.7, 0.1]];
+        let sim = vec![
+            vec![0.9, 0.1, 0.8, 0.2],
+            vec![0.3, 0.2, 0.1, 0.0],
+            vec![0.1, 0.5, 0.7, 0.1],
+        ];
         let image_of = [0, 1, 2, 0];
         let m = retrieval_from_similarity(&sim, &image_of);
         // Text to image ranks: t0 -> 1, t1 -> img1 0.2 vs img2 0.5 -> 2, t2 -> img2 0.7 vs img0 0.8 -> 2, t3 -> 1.
@@ -270,7 +333,11 @@ mod tests {
         let mut y = Vec::new();
         for i in 0..300 {
             let c = (i % 3) as u32;
-            x.push(vec![c as f32 * 3.0 + rng.normal() as f32, rng.normal() as f32, -(c as f32) + rng.normal() as f32 * 0.5]);
+            x.push(vec![
+                c as f32 * 3.0 + rng.normal() as f32,
+                rng.normal() as f32,
+                -(c as f32) + rng.normal() as f32 * 0.5,
+            ]);
             y.push(c);
         }
         let m = linear_probe(&x[..240], &y[..240], &x[240..], &y[240..], 3).unwrap();

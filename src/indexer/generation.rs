@@ -18,14 +18,17 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{io_err, lock, Error, IndexPaths, Result};
+use super::{Error, IndexPaths, Result, io_err, lock};
 
 /// The mark of a complete next generation.
 const READY: &str = "generation-ready";
 
 /// Where the next generation of the index at `root` is built.
 pub fn next_path(root: &Path) -> PathBuf {
-    let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "index".into());
+    let name = root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "index".into());
     root.with_file_name(format!("{name}.next"))
 }
 
@@ -70,7 +73,10 @@ pub fn settle(root: &Path) -> Result<Settled> {
         exchange(root, &next)?;
         // The locks are files inside the folders just exchanged; they go with them.
     }
-    let parent = root.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = root
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     crate::common::fs::sync_dir(parent).map_err(io_err(parent))?;
     remove_old(root, &next)?;
     Ok(Settled::Switched)
@@ -97,13 +103,23 @@ fn remove_old(root: &Path, next: &Path) -> Result<()> {
 fn exchange(a: &Path, b: &Path) -> Result<()> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Io {
-        path: p.display().to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "a path with a NUL byte"),
-    });
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Io {
+            path: p.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "a path with a NUL byte"),
+        })
+    };
     let (ca, cb) = (c(a)?, c(b)?);
     // SAFETY: two valid NUL-terminated paths relative to the working directory.
-    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
     if rc != 0 {
         return Err(io_err(a)(std::io::Error::last_os_error()));
     }

@@ -28,13 +28,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use run::{run, Phase, Progress, RunOptions};
 pub use crate::store::RunSummary;
+pub use run::{Phase, Progress, RunOptions, run};
 
-use crate::keyword::{self, KeywordIndex};
 use crate::common::ModelInfo;
-use crate::store::{self, IndexMeta, PhotoRecord, Store, FORMAT_VERSION};
-use crate::vector::{self, VectorIndex, REBUILD_DEAD_FRACTION};
+use crate::keyword::{self, KeywordIndex};
+use crate::store::{self, FORMAT_VERSION, IndexMeta, PhotoRecord, Store};
+use crate::vector::{self, REBUILD_DEAD_FRACTION, VectorIndex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -44,7 +44,9 @@ pub enum Error {
     Vector(#[from] vector::Error),
     #[error(transparent)]
     Keyword(#[from] keyword::Error),
-    #[error("the index at {path} is in use by another clipdex process ({holder}); wait for it to finish or stop it")]
+    #[error(
+        "the index at {path} is in use by another clipdex process ({holder}); wait for it to finish or stop it"
+    )]
     InUse { path: String, holder: Holder },
     #[error("no index at {0}: run `clipdex index <LIBRARY> --index {0}` first")]
     NotFound(String),
@@ -60,10 +62,19 @@ pub enum Error {
         asked_model: String,
         asked_fingerprint: String,
     },
-    #[error("the index at {path} belongs to the library {indexed}, not {asked}; use another --index folder")]
-    LibraryMismatch { path: String, indexed: String, asked: String },
+    #[error(
+        "the index at {path} belongs to the library {indexed}, not {asked}; use another --index folder"
+    )]
+    LibraryMismatch {
+        path: String,
+        indexed: String,
+        asked: String,
+    },
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("model: {0}")]
     Model(#[from] crate::model::Error),
     #[error("indexing stopped: {0}")]
@@ -73,7 +84,10 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.display().to_string(), source }
+    move |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// The files and folders of an index.
@@ -84,7 +98,9 @@ pub struct IndexPaths {
 
 impl IndexPaths {
     pub fn new(root: &Path) -> Self {
-        Self { root: root.to_path_buf() }
+        Self {
+            root: root.to_path_buf(),
+        }
     }
     pub fn db(&self) -> PathBuf {
         self.root.join("db")
@@ -164,12 +180,24 @@ fn lock(paths: &IndexPaths) -> Result<File> {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             // Written by the holder just after it locked: a reader may find it empty.
-            let holder = std::fs::read(&lock_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-            return Err(Error::InUse { path: paths.root.display().to_string(), holder });
+            let holder = std::fs::read(&lock_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            return Err(Error::InUse {
+                path: paths.root.display().to_string(),
+                holder,
+            });
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
     }
-    write_holder(&file, &Holder { pid: std::process::id(), ..Holder::default() });
+    write_holder(
+        &file,
+        &Holder {
+            pid: std::process::id(),
+            ..Holder::default()
+        },
+    );
     Ok(file)
 }
 
@@ -208,11 +236,16 @@ impl std::fmt::Display for Holder {
 fn write_holder(mut file: &File, holder: &Holder) {
     use std::io::{Seek, SeekFrom};
     let json = serde_json::to_vec(holder).expect("holder serialises");
-    let _ = file.set_len(0).and_then(|_| file.seek(SeekFrom::Start(0))).and_then(|_| file.write_all(&json));
+    let _ = file
+        .set_len(0)
+        .and_then(|_| file.seek(SeekFrom::Start(0)))
+        .and_then(|_| file.write_all(&json));
 }
 
 fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl Index {
@@ -225,7 +258,10 @@ impl Index {
         if !library.is_dir() {
             return Err(Error::Io {
                 path: library.display().to_string(),
-                source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "the library must be a folder"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    "the library must be a folder",
+                ),
             });
         }
         let existing = match paths.exists().then(|| Self::open(root)) {
@@ -264,7 +300,9 @@ impl Index {
         // its exchange) is finished first; held by someone, it waits.
         match generation::settle(root) {
             Ok(generation::Settled::Nothing) | Err(Error::InUse { .. }) => {}
-            Ok(done) => tracing::info!(?done, "finished switching the index to its next generation"),
+            Ok(done) => {
+                tracing::info!(?done, "finished switching the index to its next generation")
+            }
             Err(e) => return Err(e),
         }
         if !paths.exists() {
@@ -279,7 +317,14 @@ impl Index {
         let meta = store.meta()?;
         let vectors = VectorIndex::open(&paths.vectors(), meta.model.embedding_dim)?;
         let keywords = KeywordIndex::open(&paths.keyword(), true)?;
-        let index = Self { paths, store, vectors, keywords, meta, _lock: lock };
+        let index = Self {
+            paths,
+            store,
+            vectors,
+            keywords,
+            meta,
+            _lock: lock,
+        };
         index.set_holder_fields(None, None);
         let repair = index.reconcile()?;
         if !repair.is_empty() {
@@ -409,8 +454,13 @@ impl Index {
         let ids = self.store.ids()?;
         let vec_ids = self.vectors.ids();
         let kw_ids = self.keywords.ids()?;
-        let with_vectors: BTreeSet<u64> = self.store.vectors().map(|r| r.map(|(id, _)| id)).collect::<store::Result<_>>()?;
-        let diff = |a: &BTreeSet<u64>, b: &BTreeSet<u64>| a.difference(b).copied().collect::<Vec<_>>();
+        let with_vectors: BTreeSet<u64> = self
+            .store
+            .vectors()
+            .map(|r| r.map(|(id, _)| id))
+            .collect::<store::Result<_>>()?;
+        let diff =
+            |a: &BTreeSet<u64>, b: &BTreeSet<u64>| a.difference(b).copied().collect::<Vec<_>>();
         let c = Consistency {
             records: ids.len(),
             vectors: vec_ids.len(),
@@ -447,4 +497,3 @@ pub(crate) fn keyword_doc(record: &PhotoRecord) -> keyword::Doc<'_> {
         taken: record.taken.as_deref(),
     }
 }
-

@@ -27,13 +27,15 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 
-use super::{io_err, now_secs, Error, Index, Result};
-use crate::library::meta::{caption, read_meta, PhotoMeta};
-use crate::library::scan::{scan, ScannedFile};
-use crate::library::thumb::{encode_thumbnail, thumb_path, write_thumbnail, THUMB_SIZE};
-use crate::library::{decode_bytes_scaled, read_and_hash, read_file, DecodeError, DecodeLimits};
+use super::{Error, Index, Result, io_err, now_secs};
+use crate::library::meta::{PhotoMeta, caption, read_meta};
+use crate::library::scan::{ScannedFile, scan};
+use crate::library::thumb::{THUMB_SIZE, encode_thumbnail, thumb_path, write_thumbnail};
+use crate::library::{DecodeError, DecodeLimits, decode_bytes_scaled, read_and_hash, read_file};
 use crate::model::{Clip, Preprocessor, RgbView};
-use crate::store::{CaptionSource, Change, FileSig, PhotoRecord, RunCounts, RunSummary, SkipRecord};
+use crate::store::{
+    CaptionSource, Change, FileSig, PhotoRecord, RunCounts, RunSummary, SkipRecord,
+};
 
 /// How a run works.
 #[derive(Clone, Debug)]
@@ -109,7 +111,11 @@ impl Progress {
 
     /// Files processed per second of the run so far.
     pub fn files_per_second(&self) -> f64 {
-        if self.counts.elapsed_seconds > 0.0 { self.processed as f64 / self.counts.elapsed_seconds } else { 0.0 }
+        if self.counts.elapsed_seconds > 0.0 {
+            self.processed as f64 / self.counts.elapsed_seconds
+        } else {
+            0.0
+        }
     }
 
     fn summary(&self) -> RunSummary {
@@ -185,7 +191,9 @@ struct WorkerContext<'a> {
 fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
     let start = Instant::now();
     let keep = job.clone();
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_and_decode(job, ctx, force_decode))) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_and_decode(job, ctx, force_decode)
+    })) {
         Ok(done) => done,
         Err(payload) => {
             let message = crate::common::panic_message(&*payload);
@@ -195,7 +203,9 @@ fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
                 digest: None,
                 meta: PhotoMeta::default(),
                 caption: (None, None),
-                outcome: Outcome::Failed(format!("internal error while reading this file: {message}")),
+                outcome: Outcome::Failed(format!(
+                    "internal error while reading this file: {message}"
+                )),
                 bytes: 0,
                 seconds: start.elapsed().as_secs_f64(),
                 job: keep,
@@ -236,9 +246,16 @@ fn read_and_decode(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
     done.hash = read.hash.to_hex().to_string();
     done.digest = Some(read.hash);
     done.meta = read_meta(&read.bytes);
-    done.caption = caption(done.job.file.sidecar.as_ref().map(|(p, _)| p.as_path()), &done.meta);
+    done.caption = caption(
+        done.job.file.sidecar.as_ref().map(|(p, _)| p.as_path()),
+        &done.meta,
+    );
     let known = ctx.known.contains(&done.hash)
-        || !ctx.claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(done.hash.clone());
+        || !ctx
+            .claimed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(done.hash.clone());
     if known && !force_decode && read.size > 0 {
         done.seconds = start.elapsed().as_secs_f64();
         return done;
@@ -250,7 +267,9 @@ fn read_and_decode(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
         match read_file(&done.job.file.abs, ctx.limits.max_file_bytes) {
             Ok(bytes) if blake3::hash(&bytes) == read.hash => bytes,
             Ok(_) => {
-                done.outcome = Outcome::Failed("the file changed while it was read; it is retried next run".into());
+                done.outcome = Outcome::Failed(
+                    "the file changed while it was read; it is retried next run".into(),
+                );
                 return done;
             }
             Err(e) => {
@@ -263,30 +282,54 @@ fn read_and_decode(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
         Err(e) => Outcome::Failed(e.to_string()),
         Ok(image) => {
             let (width, height) = image.upright_size();
-            let full = RgbView::new(image.rgb.width() as usize, image.rgb.height() as usize, image.rgb.as_raw())
-                .expect("a decoded image is a valid view");
+            let full = RgbView::new(
+                image.rgb.width() as usize,
+                image.rgb.height() as usize,
+                image.rgb.as_raw(),
+            )
+            .expect("a decoded image is a valid view");
             // Resize once; the thumbnail comes from the resized image, not
             // from a second pass over the original.
             let resized = ctx.preprocessor.resize(full);
             let small = match &resized {
-                Some((data, w, h)) => RgbView { width: *w, height: *h, data },
+                Some((data, w, h)) => RgbView {
+                    width: *w,
+                    height: *h,
+                    data,
+                },
                 None => full,
             };
-            let thumb_source = if small.width.max(small.height) >= THUMB_SIZE as usize { small } else { full };
+            let thumb_source = if small.width.max(small.height) >= THUMB_SIZE as usize {
+                small
+            } else {
+                full
+            };
             match encode_thumbnail(thumb_source) {
                 Ok(jpeg) => {
                     if let Err(e) = write_thumbnail(&ctx.thumbs, &done.hash, &jpeg) {
                         tracing::warn!(path = %done.job.file.rel, error = %e, "cannot write thumbnail");
                     }
                 }
-                Err(e) => tracing::warn!(path = %done.job.file.rel, error = %e, "cannot encode thumbnail"),
+                Err(e) => {
+                    tracing::warn!(path = %done.job.file.rel, error = %e, "cannot encode thumbnail")
+                }
             }
             let crop = ctx.preprocessor.crop(small);
             let mut pixels = vec![0f32; crop.len()];
             ctx.preprocessor.normalize_into(&crop, &mut pixels);
-            let format = image.format.extensions_str().first().copied().unwrap_or("image");
+            let format = image
+                .format
+                .extensions_str()
+                .first()
+                .copied()
+                .unwrap_or("image");
             let format = if format == "jpg" { "jpeg" } else { format };
-            Outcome::Decoded(Decoded { width, height, format: format.to_string(), pixels })
+            Outcome::Decoded(Decoded {
+                width,
+                height,
+                format: format.to_string(),
+                pixels,
+            })
         }
     };
     done.seconds = start.elapsed().as_secs_f64();
@@ -321,7 +364,13 @@ fn describe(done: &Done, id: u64, width: u32, height: u32, format: String) -> Ph
 /// Refreshes a record's file-dependent fields from a processed file of the
 /// same content (its id, size and format stay).
 fn fill(record: &mut PhotoRecord, done: &Done) {
-    *record = describe(done, record.id, record.width, record.height, std::mem::take(&mut record.format));
+    *record = describe(
+        done,
+        record.id,
+        record.width,
+        record.height,
+        std::mem::take(&mut record.format),
+    );
 }
 
 /// The state of a run between batches.
@@ -385,8 +434,14 @@ impl Runner<'_> {
                 self.count(&done);
                 self.progress.counts.skipped += 1;
                 tracing::warn!(path = %done.job.file.rel, reason = %reason, "skipping file");
-                let skip = SkipRecord { reason: reason.clone(), sig: Some(done.job.file.sig) };
-                self.changes.push(Change::Skip { path: done.job.file.rel.clone(), skip });
+                let skip = SkipRecord {
+                    reason: reason.clone(),
+                    sig: Some(done.job.file.sig),
+                };
+                self.changes.push(Change::Skip {
+                    path: done.job.file.rel.clone(),
+                    skip,
+                });
                 if let Some(old) = done.job.old {
                     self.progress.counts.removed += 1;
                     self.remove(old);
@@ -409,7 +464,11 @@ impl Runner<'_> {
             fill(&mut record, &done);
             self.count(&done);
             self.progress.counts.updated += 1;
-            self.changes.push(Change::Put { record, vector: None, old_path: None });
+            self.changes.push(Change::Put {
+                record,
+                vector: None,
+                old_path: None,
+            });
             return Ok(());
         }
         // Content of a path that disappeared: a move or rename.
@@ -418,7 +477,11 @@ impl Runner<'_> {
             fill(&mut record, &done);
             self.count(&done);
             self.progress.counts.moved += 1;
-            self.changes.push(Change::Put { record, vector: None, old_path: Some(old_path) });
+            self.changes.push(Change::Put {
+                record,
+                vector: None,
+                old_path: Some(old_path),
+            });
             if let Some(old) = done.job.old {
                 self.progress.counts.replaced += 1;
                 self.remove(old);
@@ -433,14 +496,21 @@ impl Runner<'_> {
         };
         let source = ids.into_iter().find(|id| !self.removed_ids.contains(id));
         if let Some(source) = source {
-            if let (Some(src), Some(vector)) = (self.index.store.get(source)?, self.index.store.vector(source)?) {
+            if let (Some(src), Some(vector)) = (
+                self.index.store.get(source)?,
+                self.index.store.vector(source)?,
+            ) {
                 let id = self.index.store.reserve_ids(1)?;
                 let mut record = src.clone();
                 record.id = id;
                 fill(&mut record, &done);
                 self.count(&done);
                 self.progress.counts.duplicates += 1;
-                self.changes.push(Change::Put { record, vector: Some(vector), old_path: None });
+                self.changes.push(Change::Put {
+                    record,
+                    vector: Some(vector),
+                    old_path: None,
+                });
                 if let Some(old) = done.job.old {
                     self.remove(old);
                 }
@@ -474,8 +544,18 @@ impl Runner<'_> {
         self.progress.counts.embed_seconds += start.elapsed().as_secs_f64();
         let first = self.index.store.reserve_ids(n as u64)?;
         for (i, ((done, decoded), vector)) in batch.into_iter().zip(vectors).enumerate() {
-            let record = describe(&done, first + i as u64, decoded.width, decoded.height, decoded.format);
-            self.changes.push(Change::Put { record, vector: Some(vector), old_path: None });
+            let record = describe(
+                &done,
+                first + i as u64,
+                decoded.width,
+                decoded.height,
+                decoded.format,
+            );
+            self.changes.push(Change::Put {
+                record,
+                vector: Some(vector),
+                old_path: None,
+            });
             match done.job.old {
                 Some(old) => {
                     self.progress.counts.replaced += 1;
@@ -553,15 +633,25 @@ struct Plan {
     problems: Vec<(String, String)>,
 }
 
-fn plan(records: Vec<PhotoRecord>, skipped: HashMap<String, SkipRecord>, scanned: crate::library::scan::Scan) -> Plan {
+fn plan(
+    records: Vec<PhotoRecord>,
+    skipped: HashMap<String, SkipRecord>,
+    scanned: crate::library::scan::Scan,
+) -> Plan {
     let mut plan = Plan::default();
-    let mut by_path: HashMap<String, PhotoRecord> = records.into_iter().map(|r| (r.path.clone(), r)).collect();
+    let mut by_path: HashMap<String, PhotoRecord> =
+        records.into_iter().map(|r| (r.path.clone(), r)).collect();
     let mut seen: HashSet<String> = HashSet::new();
     for file in scanned.files {
         seen.insert(file.rel.clone());
         match by_path.remove(&file.rel) {
-            Some(old) if old.sig == file.sig && old.sidecar == sidecar_sig(&file) => plan.unchanged += 1,
-            Some(old) => plan.jobs.push(Job { file, old: Some(old) }),
+            Some(old) if old.sig == file.sig && old.sidecar == sidecar_sig(&file) => {
+                plan.unchanged += 1
+            }
+            Some(old) => plan.jobs.push(Job {
+                file,
+                old: Some(old),
+            }),
             None => match skipped.get(&file.rel) {
                 Some(skip) if skip.sig == Some(file.sig) => plan.skipped += 1,
                 _ => plan.jobs.push(Job { file, old: None }),
@@ -571,15 +661,29 @@ fn plan(records: Vec<PhotoRecord>, skipped: HashMap<String, SkipRecord>, scanned
     for problem in scanned.problems {
         seen.insert(problem.rel.clone());
         plan.skipped += 1;
-        plan.problems.push((problem.rel.clone(), problem.reason.clone()));
-        plan.changes.push(Change::Skip { path: problem.rel, skip: SkipRecord { reason: problem.reason, sig: None } });
+        plan.problems
+            .push((problem.rel.clone(), problem.reason.clone()));
+        plan.changes.push(Change::Skip {
+            path: problem.rel,
+            skip: SkipRecord {
+                reason: problem.reason,
+                sig: None,
+            },
+        });
     }
-    let mut gone_skips: Vec<String> = skipped.into_keys().filter(|path| !seen.contains(path)).collect();
+    let mut gone_skips: Vec<String> = skipped
+        .into_keys()
+        .filter(|path| !seen.contains(path))
+        .collect();
     gone_skips.sort();
-    plan.changes.extend(gone_skips.into_iter().map(|path| Change::Unskip { path }));
+    plan.changes
+        .extend(gone_skips.into_iter().map(|path| Change::Unskip { path }));
     // What is left in by_path is no longer in the library (or unreadable now).
     for (_, record) in by_path {
-        plan.gone.entry(record.hash.clone()).or_default().push(record);
+        plan.gone
+            .entry(record.hash.clone())
+            .or_default()
+            .push(record);
     }
     plan
 }
@@ -616,16 +720,28 @@ pub fn run(
     progress.counts.files_seen = (scanned.files.len() + scanned.problems.len()) as u64;
 
     // 2. Compare with the store.
-    let records = index.store.records().collect::<crate::store::Result<Vec<_>>>()?;
+    let records = index
+        .store
+        .records()
+        .collect::<crate::store::Result<Vec<_>>>()?;
     let known: HashSet<String> = records.iter().map(|r| r.hash.clone()).collect();
-    let plan = plan(records, index.store.skipped()?.into_iter().collect(), scanned);
+    let plan = plan(
+        records,
+        index.store.skipped()?.into_iter().collect(),
+        scanned,
+    );
     progress.counts.unchanged = plan.unchanged;
     progress.counts.skipped = plan.skipped;
     progress.to_process = plan.jobs.len() as u64;
     for (path, reason) in &plan.problems {
         tracing::warn!(path = %path, reason = %reason, "skipping");
     }
-    let Plan { jobs, changes, gone, .. } = plan;
+    let Plan {
+        jobs,
+        changes,
+        gone,
+        ..
+    } = plan;
     progress.phase = Phase::Indexing;
 
     let min_side = (!opts.exact_decode).then(|| 2 * clip.preprocessor().image_size() as u32);
@@ -663,7 +779,9 @@ pub fn run(
     if stop.load(Ordering::Relaxed) {
         runner.index.vectors.save()?;
         runner.write_progress();
-        return Err(Error::Stopped("asked to stop; the work done so far is saved".into()));
+        return Err(Error::Stopped(
+            "asked to stop; the work done so far is saved".into(),
+        ));
     }
     // 5. Removals, clean-up, the graph.
     runner.finish()
@@ -682,7 +800,9 @@ impl Runner<'_> {
                 let (job_rx, done_tx) = (job_rx.clone(), done_tx.clone());
                 scope.spawn(move || {
                     for job in job_rx {
-                        if stop.load(Ordering::Relaxed) || done_tx.send(process(job, ctx, false)).is_err() {
+                        if stop.load(Ordering::Relaxed)
+                            || done_tx.send(process(job, ctx, false)).is_err()
+                        {
                             break;
                         }
                     }
@@ -704,7 +824,9 @@ impl Runner<'_> {
                     self.embed()?;
                     self.commit()?;
                     self.retry_deferred(ctx)?;
-                } else if self.changes.len() >= 256 || self.last_commit.elapsed() > Duration::from_secs(2) {
+                } else if self.changes.len() >= 256
+                    || self.last_commit.elapsed() > Duration::from_secs(2)
+                {
                     self.commit()?;
                 }
                 self.tick();
@@ -730,7 +852,10 @@ impl Runner<'_> {
     fn finish(mut self) -> Result<RunSummary> {
         self.progress.phase = Phase::Finishing;
         self.tick();
-        let gone: Vec<PhotoRecord> = std::mem::take(&mut self.gone).into_values().flatten().collect();
+        let gone: Vec<PhotoRecord> = std::mem::take(&mut self.gone)
+            .into_values()
+            .flatten()
+            .collect();
         for chunk in gone.chunks(512) {
             for record in chunk {
                 self.progress.counts.removed += 1;
@@ -740,7 +865,12 @@ impl Runner<'_> {
         }
         for hash in std::mem::take(&mut self.removed_hashes) {
             let still_used = crate::store::parse_hash(&hash)
-                .map(|h| self.index.store.ids_with_hash(&h).map(|ids| !ids.is_empty()))
+                .map(|h| {
+                    self.index
+                        .store
+                        .ids_with_hash(&h)
+                        .map(|ids| !ids.is_empty())
+                })
                 .transpose()?
                 .unwrap_or(true);
             if !still_used {
@@ -767,15 +897,26 @@ mod tests {
     use crate::library::scan::{Scan, ScanProblem};
 
     fn sig(size: u64) -> FileSig {
-        FileSig { size, mtime_ns: 1_000 }
+        FileSig {
+            size,
+            mtime_ns: 1_000,
+        }
     }
 
     fn file(rel: &str, size: u64) -> ScannedFile {
-        ScannedFile { rel: rel.into(), abs: PathBuf::from("/lib").join(rel), sig: sig(size), sidecar: None }
+        ScannedFile {
+            rel: rel.into(),
+            abs: PathBuf::from("/lib").join(rel),
+            sig: sig(size),
+            sidecar: None,
+        }
     }
 
     fn record(id: u64, path: &str, size: u64, hash: &str) -> PhotoRecord {
-        PhotoRecord { sig: sig(size), ..crate::store::sample_record(id, path, hash) }
+        PhotoRecord {
+            sig: sig(size),
+            ..crate::store::sample_record(id, path, hash)
+        }
     }
 
     #[test]
@@ -786,7 +927,10 @@ mod tests {
             record(3, "gone.png", 10, "cc"),
             record(4, "also-gone.png", 10, "cc"),
         ];
-        let skip = |size| SkipRecord { reason: "corrupt".into(), sig: Some(sig(size)) };
+        let skip = |size| SkipRecord {
+            reason: "corrupt".into(),
+            sig: Some(sig(size)),
+        };
         let skipped: HashMap<String, SkipRecord> = [
             ("bad-still.jpg".to_string(), skip(5)),
             ("bad-fixed.jpg".to_string(), skip(5)),
@@ -795,15 +939,35 @@ mod tests {
         .into_iter()
         .collect();
         let scan = Scan {
-            files: vec![file("same.png", 10), file("changed.png", 11), file("new.png", 7), file("bad-still.jpg", 5), file("bad-fixed.jpg", 6)],
-            problems: vec![ScanProblem { rel: "loop".into(), reason: "symbolic link loop".into() }],
+            files: vec![
+                file("same.png", 10),
+                file("changed.png", 11),
+                file("new.png", 7),
+                file("bad-still.jpg", 5),
+                file("bad-fixed.jpg", 6),
+            ],
+            problems: vec![ScanProblem {
+                rel: "loop".into(),
+                reason: "symbolic link loop".into(),
+            }],
         };
         let plan = plan(records, skipped, scan);
         assert_eq!(plan.unchanged, 1);
         // bad-still.jpg (unchanged since skipped) and the scan's problem.
         assert_eq!(plan.skipped, 2);
-        let jobs: Vec<(&str, Option<u64>)> = plan.jobs.iter().map(|j| (j.file.rel.as_str(), j.old.as_ref().map(|r| r.id))).collect();
-        assert_eq!(jobs, vec![("changed.png", Some(2)), ("new.png", None), ("bad-fixed.jpg", None)]);
+        let jobs: Vec<(&str, Option<u64>)> = plan
+            .jobs
+            .iter()
+            .map(|j| (j.file.rel.as_str(), j.old.as_ref().map(|r| r.id)))
+            .collect();
+        assert_eq!(
+            jobs,
+            vec![
+                ("changed.png", Some(2)),
+                ("new.png", None),
+                ("bad-fixed.jpg", None)
+            ]
+        );
         let mut gone: Vec<u64> = plan.gone["cc"].iter().map(|r| r.id).collect();
         gone.sort();
         assert_eq!(gone, vec![3, 4]);
@@ -817,15 +981,28 @@ mod tests {
                 _ => "other".into(),
             })
             .collect();
-        assert_eq!(changes, vec!["skip loop: symbolic link loop", "unskip bad-deleted.jpg"]);
-        assert_eq!(plan.problems, vec![("loop".to_string(), "symbolic link loop".to_string())]);
+        assert_eq!(
+            changes,
+            vec!["skip loop: symbolic link loop", "unskip bad-deleted.jpg"]
+        );
+        assert_eq!(
+            plan.problems,
+            vec![("loop".to_string(), "symbolic link loop".to_string())]
+        );
     }
 
     #[test]
     fn a_changed_sidecar_makes_a_job() {
         let mut with_caption = file("a.png", 10);
         with_caption.sidecar = Some((PathBuf::from("/lib/a.txt"), sig(3)));
-        let plan = plan(vec![record(1, "a.png", 10, "aa")], HashMap::new(), Scan { files: vec![with_caption], problems: vec![] });
+        let plan = plan(
+            vec![record(1, "a.png", 10, "aa")],
+            HashMap::new(),
+            Scan {
+                files: vec![with_caption],
+                problems: vec![],
+            },
+        );
         assert_eq!((plan.unchanged, plan.jobs.len()), (0, 1));
     }
 }

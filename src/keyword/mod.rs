@@ -6,8 +6,10 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use tantivy::schema::{Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STORED, STRING};
-use tantivy::{doc, Index, IndexReader, IndexWriter, ReloadPolicy, Term};
+use tantivy::schema::{
+    FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions,
+};
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Term, doc};
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
@@ -15,7 +17,7 @@ use std::ops::Bound;
 use tantivy::collector::{DocSetCollector, TopDocs};
 use tantivy::query::{BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
 
-pub use crate::common::time::{parse_datetime, MAX_YEAR, MIN_YEAR};
+pub use crate::common::time::{MAX_YEAR, MIN_YEAR, parse_datetime};
 
 /// What the keyword index holds of one photo.
 #[derive(Clone, Debug)]
@@ -83,7 +85,10 @@ pub enum Error {
     #[error("keyword index: {0}")]
     Tantivy(#[from] tantivy::TantivyError),
     #[error("keyword index at {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("keyword index was opened read-only")]
     ReadOnly,
 }
@@ -109,7 +114,9 @@ struct Fields {
 fn schema() -> (Schema, Fields) {
     // English stemming, so "fishes" finds "fish" and "running" finds "run".
     let stemmed = TextOptions::default().set_indexing_options(
-        TextFieldIndexing::default().set_tokenizer("en_stem").set_index_option(IndexRecordOption::WithFreqsAndPositions),
+        TextFieldIndexing::default()
+            .set_tokenizer("en_stem")
+            .set_index_option(IndexRecordOption::WithFreqsAndPositions),
     );
     let mut b = Schema::builder();
     let fields = Fields {
@@ -136,11 +143,19 @@ pub struct KeywordIndex {
 impl KeywordIndex {
     /// Opens or creates the index in `dir`; `writable` takes tantivy's writer lock.
     pub fn open(dir: &Path, writable: bool) -> Result<Self> {
-        let io = |source| Error::Io { path: dir.display().to_string(), source };
+        let io = |source| Error::Io {
+            path: dir.display().to_string(),
+            source,
+        };
         let version_file = dir.join(SCHEMA_FILE);
-        let version = std::fs::read_to_string(&version_file).ok().and_then(|v| v.trim().parse::<u32>().ok());
+        let version = std::fs::read_to_string(&version_file)
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok());
         if dir.join("meta.json").exists() && version != Some(SCHEMA_VERSION) {
-            tracing::info!(?version, "keyword index has another schema; rebuilding it from the store");
+            tracing::info!(
+                ?version,
+                "keyword index has another schema; rebuilding it from the store"
+            );
             std::fs::remove_dir_all(dir).map_err(io)?;
         }
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -151,10 +166,23 @@ impl KeywordIndex {
         let directory = tantivy::directory::MmapDirectory::open(dir)
             .map_err(|e| Error::Tantivy(tantivy::TantivyError::from(e)))?;
         let index = Index::open_or_create(directory, schema)?;
-        let writer =
-            if writable { Some(std::sync::Mutex::new(index.writer_with_num_threads(1, WRITER_MEMORY)?)) } else { None };
-        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
-        Ok(Self { index, reader, writer, fields })
+        let writer = if writable {
+            Some(std::sync::Mutex::new(
+                index.writer_with_num_threads(1, WRITER_MEMORY)?,
+            ))
+        } else {
+            None
+        };
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()?;
+        Ok(Self {
+            index,
+            reader,
+            writer,
+            fields,
+        })
     }
 
     fn writer(&self) -> Result<std::sync::MutexGuard<'_, IndexWriter>> {
@@ -193,7 +221,9 @@ impl KeywordIndex {
 
     /// The ids of the photos a filter selects.
     pub fn matching(&self, filter: &Filter) -> Result<HashSet<u64>> {
-        let Some(query) = self.filter_query(filter) else { return Ok(HashSet::new()) };
+        let Some(query) = self.filter_query(filter) else {
+            return Ok(HashSet::new());
+        };
         let searcher = self.reader.searcher();
         let docs = searcher.search(&*query, &DocSetCollector)?;
         let mut columns = HashMap::new();
@@ -201,7 +231,12 @@ impl KeywordIndex {
         for doc in docs {
             let column = match columns.entry(doc.segment_ord) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(searcher.segment_reader(doc.segment_ord).fast_fields().u64("id")?),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                    searcher
+                        .segment_reader(doc.segment_ord)
+                        .fast_fields()
+                        .u64("id")?,
+                ),
             };
             if let Some(id) = column.first(doc.doc_id) {
                 ids.insert(id);
@@ -214,8 +249,16 @@ impl KeywordIndex {
     fn filter_query(&self, f: &Filter) -> Option<Box<dyn Query>> {
         let fields = &self.fields;
         let mut must: Vec<(Occur, Box<dyn Query>)> = Vec::new();
-        if let Some(folder) = f.folder.as_deref().map(|s| s.trim().trim_matches('/')).filter(|s| !s.is_empty()) {
-            let exact = TermQuery::new(Term::from_field_text(fields.folder, folder), IndexRecordOption::Basic);
+        if let Some(folder) = f
+            .folder
+            .as_deref()
+            .map(|s| s.trim().trim_matches('/'))
+            .filter(|s| !s.is_empty())
+        {
+            let exact = TermQuery::new(
+                Term::from_field_text(fields.folder, folder),
+                IndexRecordOption::Basic,
+            );
             // Below the folder: every string from "folder/" up to, not
             // including, "folder0" ('0' follows '/'), which is exactly the
             // strings starting with "folder/". A range costs the same at any
@@ -224,7 +267,13 @@ impl KeywordIndex {
                 Bound::Included(Term::from_field_text(fields.folder, &format!("{folder}/"))),
                 Bound::Excluded(Term::from_field_text(fields.folder, &format!("{folder}0"))),
             );
-            must.push((Occur::Must, Box::new(BooleanQuery::new(vec![(Occur::Should, Box::new(exact)), (Occur::Should, Box::new(below))]))));
+            must.push((
+                Occur::Must,
+                Box::new(BooleanQuery::new(vec![
+                    (Occur::Should, Box::new(exact)),
+                    (Occur::Should, Box::new(below)),
+                ])),
+            ));
         }
         if let (Some(a), Some(b)) = (f.from, f.to) {
             if a > b {
@@ -232,8 +281,15 @@ impl KeywordIndex {
             }
         }
         if f.from.is_some() || f.to.is_some() {
-            let term = |secs: i64| Term::from_field_date_for_search(fields.taken, tantivy::DateTime::from_timestamp_secs(secs));
-            let lower = f.from.map_or(Bound::Unbounded, |s| Bound::Included(term(s)));
+            let term = |secs: i64| {
+                Term::from_field_date_for_search(
+                    fields.taken,
+                    tantivy::DateTime::from_timestamp_secs(secs),
+                )
+            };
+            let lower = f
+                .from
+                .map_or(Bound::Unbounded, |s| Bound::Included(term(s)));
             let upper = f.to.map_or(Bound::Unbounded, |s| Bound::Included(term(s)));
             must.push((Occur::Must, Box::new(RangeQuery::new(lower, upper))));
         }
@@ -242,7 +298,10 @@ impl KeywordIndex {
                 .formats
                 .iter()
                 .map(|t| {
-                    let q: Box<dyn Query> = Box::new(TermQuery::new(Term::from_field_text(fields.format, t), IndexRecordOption::Basic));
+                    let q: Box<dyn Query> = Box::new(TermQuery::new(
+                        Term::from_field_text(fields.format, t),
+                        IndexRecordOption::Basic,
+                    ));
                     (Occur::Should, q)
                 })
                 .collect();
@@ -259,13 +318,19 @@ impl KeywordIndex {
 
     /// Photos whose name, path, caption or camera hold every word of `text`,
     /// best first (file name and caption weigh more), among `allowed`.
-    pub fn search_words(&self, text: &str, allowed: Option<&HashSet<u64>>, n: usize) -> Result<Vec<u64>> {
+    pub fn search_words(
+        &self,
+        text: &str,
+        allowed: Option<&HashSet<u64>>,
+        n: usize,
+    ) -> Result<Vec<u64>> {
         let words = words(text);
         if words.trim().is_empty() {
             return Ok(Vec::new());
         }
         let f = &self.fields;
-        let mut parser = QueryParser::for_index(&self.index, vec![f.name, f.path, f.caption, f.camera]);
+        let mut parser =
+            QueryParser::for_index(&self.index, vec![f.name, f.path, f.caption, f.camera]);
         parser.set_conjunction_by_default();
         parser.set_field_boost(f.name, 2.0);
         parser.set_field_boost(f.caption, 1.5);
@@ -276,7 +341,10 @@ impl KeywordIndex {
         let top = searcher.search(&query, &TopDocs::with_limit(limit).order_by_score())?;
         let mut out = Vec::new();
         for (_, addr) in top {
-            let column = searcher.segment_reader(addr.segment_ord).fast_fields().u64("id")?;
+            let column = searcher
+                .segment_reader(addr.segment_ord)
+                .fast_fields()
+                .u64("id")?;
             if let Some(id) = column.first(addr.doc_id) {
                 if allowed.is_none_or(|a| a.contains(&id)) {
                     out.push(id);
@@ -288,7 +356,8 @@ impl KeywordIndex {
     }
 
     pub fn remove(&self, id: u64) -> Result<()> {
-        self.writer()?.delete_term(Term::from_field_u64(self.fields.id, id));
+        self.writer()?
+            .delete_term(Term::from_field_u64(self.fields.id, id));
         Ok(())
     }
 
@@ -328,7 +397,10 @@ mod tests {
 
     #[test]
     fn words_split_letters_from_digits() {
-        assert_eq!(words("holidays/2019/IMG_2041.JPG"), "holidays 2019 IMG 2041 JPG");
+        assert_eq!(
+            words("holidays/2019/IMG_2041.JPG"),
+            "holidays 2019 IMG 2041 JPG"
+        );
         assert_eq!(words("fish23.jpg"), "fish 23 jpg");
         assert_eq!(words("  --café--  "), "café");
         // The keyword query never sees tantivy's query syntax.

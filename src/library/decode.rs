@@ -24,7 +24,9 @@ pub enum DecodeError {
     UnknownFormat,
     #[error("image of {width}x{height} pixels exceeds the limit of {limit} pixels")]
     TooLarge { width: u32, height: u32, limit: u64 },
-    #[error("image of {width}x{height} pixels is too narrow for its length (aspect ratio over {limit}:1)")]
+    #[error(
+        "image of {width}x{height} pixels is too narrow for its length (aspect ratio over {limit}:1)"
+    )]
     AspectRatio { width: u32, height: u32, limit: u32 },
     #[error("file of {size} bytes exceeds the limit of {limit} bytes")]
     FileTooLarge { size: u64, limit: u64 },
@@ -71,11 +73,19 @@ impl DecodeLimits {
     /// Checks a picture's stored size against the limits, before any pixel is decoded.
     pub fn check(&self, width: u32, height: u32) -> Result<(), DecodeError> {
         if width as u64 * height as u64 > self.max_pixels {
-            return Err(DecodeError::TooLarge { width, height, limit: self.max_pixels });
+            return Err(DecodeError::TooLarge {
+                width,
+                height,
+                limit: self.max_pixels,
+            });
         }
         let (long, short) = (width.max(height) as u64, width.min(height) as u64);
         if short > 0 && long > short * self.max_aspect_ratio as u64 {
-            return Err(DecodeError::AspectRatio { width, height, limit: self.max_aspect_ratio });
+            return Err(DecodeError::AspectRatio {
+                width,
+                height,
+                limit: self.max_aspect_ratio,
+            });
         }
         Ok(())
     }
@@ -94,7 +104,11 @@ pub struct Probe {
 
 /// Reads a picture's header: format, size and decode cost, with the limits
 /// checked. Decodes no pixels.
-pub fn probe(bytes: &[u8], limits: &DecodeLimits, min_side: Option<u32>) -> Result<Probe, DecodeError> {
+pub fn probe(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    min_side: Option<u32>,
+) -> Result<Probe, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -103,17 +117,29 @@ pub fn probe(bytes: &[u8], limits: &DecodeLimits, min_side: Option<u32>) -> Resu
     let corrupt = |e: image::ImageError| match e {
         image::ImageError::Unsupported(u) => DecodeError::Unsupported(u.to_string()),
         image::ImageError::Limits(l) => DecodeError::Limits(l.to_string()),
-        other => DecodeError::Corrupt { format: format_name(format), message: other.to_string() },
+        other => DecodeError::Corrupt {
+            format: format_name(format),
+            message: other.to_string(),
+        },
     };
     let header = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        reader.into_decoder().map(|d| (d.dimensions(), d.color_type().bytes_per_pixel() as u64))
+        reader
+            .into_decoder()
+            .map(|d| (d.dimensions(), d.color_type().bytes_per_pixel() as u64))
     }));
     let ((width, height), bytes_per_pixel) = header
-        .unwrap_or_else(|_| Err(image::ImageError::Decoding(image::error::DecodingError::from_format_hint(format.into()))))
+        .unwrap_or_else(|_| {
+            Err(image::ImageError::Decoding(
+                image::error::DecodingError::from_format_hint(format.into()),
+            ))
+        })
         .map_err(corrupt)?;
     limits.check(width, height)?;
     if width == 0 || height == 0 {
-        return Err(DecodeError::Corrupt { format: format_name(format), message: "zero-sized image".into() });
+        return Err(DecodeError::Corrupt {
+            format: format_name(format),
+            message: "zero-sized image".into(),
+        });
     }
     let (mut w, mut h) = (width as u64, height as u64);
     if let (ImageFormat::Jpeg, Some(target)) = (format, min_side) {
@@ -121,7 +147,12 @@ pub fn probe(bytes: &[u8], limits: &DecodeLimits, min_side: Option<u32>) -> Resu
         (w, h) = ((w * n).div_ceil(8), (h * n).div_ceil(8));
     }
     let cost_bytes = w * h * (bytes_per_pixel + 3);
-    Ok(Probe { format, width, height, cost_bytes })
+    Ok(Probe {
+        format,
+        width,
+        height,
+        cost_bytes,
+    })
 }
 
 /// A shared allowance of decode memory: callers that decode concurrently
@@ -151,7 +182,10 @@ pub enum BudgetError {
 
 impl DecodeBudget {
     pub fn new(total: u64) -> Self {
-        Self { total, used: std::sync::Mutex::new(0) }
+        Self {
+            total,
+            used: std::sync::Mutex::new(0),
+        }
     }
 
     /// Bytes currently held by permits.
@@ -162,14 +196,20 @@ impl DecodeBudget {
     /// Takes `bytes` from the budget without waiting.
     pub fn try_acquire(&self, bytes: u64) -> Result<BudgetPermit<'_>, BudgetError> {
         if bytes > self.total {
-            return Err(BudgetError::Exceeds { needed: bytes, total: self.total });
+            return Err(BudgetError::Exceeds {
+                needed: bytes,
+                total: self.total,
+            });
         }
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         if *used + bytes > self.total {
             return Err(BudgetError::Busy);
         }
         *used += bytes;
-        Ok(BudgetPermit { budget: self, bytes })
+        Ok(BudgetPermit {
+            budget: self,
+            bytes,
+        })
     }
 }
 
@@ -197,7 +237,11 @@ impl DecodedImage {
     /// Full-resolution size once upright (`rgb` may be smaller when the
     /// decoder scaled it down).
     pub fn upright_size(&self) -> (u32, u32) {
-        if self.orientation >= 5 { (self.stored_height, self.stored_width) } else { (self.stored_width, self.stored_height) }
+        if self.orientation >= 5 {
+            (self.stored_height, self.stored_width)
+        } else {
+            (self.stored_width, self.stored_height)
+        }
     }
 }
 
@@ -211,7 +255,10 @@ pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<DecodedImage, D
 /// swapped in where a photo was: the kind is checked on the open handle.
 pub fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), DecodeError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
         return Err(DecodeError::NotAFile(kind_name(meta.file_type())));
@@ -240,15 +287,25 @@ pub fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, DecodeError> {
 }
 
 /// Reads an open regular file whole, refusing one over `limit` bytes.
-fn read_whole(file: std::fs::File, meta: &std::fs::Metadata, limit: u64) -> Result<Vec<u8>, DecodeError> {
+fn read_whole(
+    file: std::fs::File,
+    meta: &std::fs::Metadata,
+    limit: u64,
+) -> Result<Vec<u8>, DecodeError> {
     use std::io::Read;
     if meta.len() > limit {
-        return Err(DecodeError::FileTooLarge { size: meta.len(), limit });
+        return Err(DecodeError::FileTooLarge {
+            size: meta.len(),
+            limit,
+        });
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(limit + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
-        return Err(DecodeError::FileTooLarge { size: bytes.len() as u64, limit });
+        return Err(DecodeError::FileTooLarge {
+            size: bytes.len() as u64,
+            limit,
+        });
     }
     Ok(bytes)
 }
@@ -279,11 +336,19 @@ pub fn read_and_hash(path: &Path, limit: u64) -> Result<FileRead, DecodeError> {
     use std::io::Read;
     let (file, meta) = open_regular(path)?;
     if meta.len() > limit {
-        return Err(DecodeError::FileTooLarge { size: meta.len(), limit });
+        return Err(DecodeError::FileTooLarge {
+            size: meta.len(),
+            limit,
+        });
     }
     if meta.len() <= STREAM_ABOVE {
         let bytes = read_whole(file, &meta, limit)?;
-        return Ok(FileRead { hash: blake3::hash(&bytes), size: bytes.len() as u64, whole: true, bytes });
+        return Ok(FileRead {
+            hash: blake3::hash(&bytes),
+            size: bytes.len() as u64,
+            whole: true,
+            bytes,
+        });
     }
     let mut file = file.take(limit + 1);
     let mut head = Vec::with_capacity(META_HEAD as usize);
@@ -295,7 +360,12 @@ pub fn read_and_hash(path: &Path, limit: u64) -> Result<FileRead, DecodeError> {
     if size > limit {
         return Err(DecodeError::FileTooLarge { size, limit });
     }
-    Ok(FileRead { hash: hasher.finalize(), size, bytes: head, whole: false })
+    Ok(FileRead {
+        hash: hasher.finalize(),
+        size,
+        bytes: head,
+        whole: false,
+    })
 }
 
 /// Reads at most the first `limit` bytes of a regular file.
@@ -345,37 +415,53 @@ pub fn decode_bytes_scaled(
     let corrupt = |e: image::ImageError| match e {
         image::ImageError::Unsupported(u) => DecodeError::Unsupported(u.to_string()),
         image::ImageError::Limits(l) => DecodeError::Limits(l.to_string()),
-        other => DecodeError::Corrupt { format: format_name(format), message: other.to_string() },
+        other => DecodeError::Corrupt {
+            format: format_name(format),
+            message: other.to_string(),
+        },
     };
     // The format decoders are other people's parsers of untrusted bytes: a
     // panic in one (a bug met on a hostile file) is this file's error, not
     // the caller's crash.
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<DecodedImage, DecodeError> {
-        let mut decoder = reader.into_decoder().map_err(corrupt)?;
-        let (width, height) = decoder.dimensions();
-        limits.check(width, height)?;
-        if width == 0 || height == 0 {
-            return Err(DecodeError::Corrupt { format: format_name(format), message: "zero-sized image".into() });
-        }
-        // A broken EXIF block is no reason to lose the picture: keep it as stored.
-        let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-        let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
-        image.apply_orientation(orientation);
-        Ok(DecodedImage {
-            rgb: to_rgb(image),
-            format,
-            stored_width: width,
-            stored_height: height,
-            orientation: orientation.to_exif(),
-        })
-    }));
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+        || -> Result<DecodedImage, DecodeError> {
+            let mut decoder = reader.into_decoder().map_err(corrupt)?;
+            let (width, height) = decoder.dimensions();
+            limits.check(width, height)?;
+            if width == 0 || height == 0 {
+                return Err(DecodeError::Corrupt {
+                    format: format_name(format),
+                    message: "zero-sized image".into(),
+                });
+            }
+            // A broken EXIF block is no reason to lose the picture: keep it as stored.
+            let orientation = decoder
+                .orientation()
+                .unwrap_or(image::metadata::Orientation::NoTransforms);
+            let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+            image.apply_orientation(orientation);
+            Ok(DecodedImage {
+                rgb: to_rgb(image),
+                format,
+                stored_width: width,
+                stored_height: height,
+                orientation: orientation.to_exif(),
+            })
+        },
+    ));
     decoded.unwrap_or_else(|_| {
-        Err(DecodeError::Corrupt { format: format_name(format), message: "the decoder failed on this file".into() })
+        Err(DecodeError::Corrupt {
+            format: format_name(format),
+            message: "the decoder failed on this file".into(),
+        })
     })
 }
 
 fn format_name(format: ImageFormat) -> String {
-    format.extensions_str().first().map_or_else(|| format!("{format:?}"), |e| e.to_uppercase())
+    format
+        .extensions_str()
+        .first()
+        .map_or_else(|| format!("{format:?}"), |e| e.to_uppercase())
 }
 
 /// Converts to 8-bit RGB, compositing transparency onto white.
@@ -419,7 +505,13 @@ mod tests {
             assert_eq!(composite_on_white(c, 0), 255);
         }
         // Values Pillow 13's alpha_composite gives over white.
-        for (c, a, pillow) in [(0, 128, 127), (10, 37, 219), (200, 99, 234), (33, 1, 254), (77, 254, 78)] {
+        for (c, a, pillow) in [
+            (0, 128, 127),
+            (10, 37, 219),
+            (200, 99, 234),
+            (33, 1, 254),
+            (77, 254, 78),
+        ] {
             assert_eq!(composite_on_white(c, a), pillow, "c={c} a={a}");
         }
     }
@@ -427,23 +519,50 @@ mod tests {
     #[test]
     fn rejects_non_images() {
         let limits = DecodeLimits::default();
-        assert!(matches!(decode_bytes(b"", &limits), Err(DecodeError::Empty)));
-        assert!(matches!(decode_bytes(b"hello, not an image", &limits), Err(DecodeError::UnknownFormat)));
+        assert!(matches!(
+            decode_bytes(b"", &limits),
+            Err(DecodeError::Empty)
+        ));
+        assert!(matches!(
+            decode_bytes(b"hello, not an image", &limits),
+            Err(DecodeError::UnknownFormat)
+        ));
     }
 
     #[test]
     fn caps_pixels_before_decoding() {
         let image = RgbImage::new(300, 200);
         let mut png = Vec::new();
-        image.write_to(&mut Cursor::new(&mut png), ImageFormat::Png).unwrap();
-        let err = decode_bytes(&png, &DecodeLimits { max_pixels: 10_000, ..Default::default() }).unwrap_err();
-        assert!(matches!(err, DecodeError::TooLarge { width: 300, height: 200, .. }), "{err}");
+        image
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        let err = decode_bytes(
+            &png,
+            &DecodeLimits {
+                max_pixels: 10_000,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecodeError::TooLarge {
+                    width: 300,
+                    height: 200,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(decode_bytes(&png, &DecodeLimits::default()).is_ok());
     }
 
     fn png(width: u32, height: u32) -> Vec<u8> {
         let mut png = Vec::new();
-        RgbImage::new(width, height).write_to(&mut Cursor::new(&mut png), ImageFormat::Png).unwrap();
+        RgbImage::new(width, height)
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
         png
     }
 
@@ -453,8 +572,14 @@ mod tests {
         for (w, h) in [(1, 300_000), (200_000, 3), (10_100, 100)] {
             let strip = png(w, h);
             let err = decode_bytes(&strip, &limits).unwrap_err();
-            assert!(matches!(err, DecodeError::AspectRatio { .. }), "{w}x{h}: {err}");
-            assert!(matches!(probe(&strip, &limits, None), Err(DecodeError::AspectRatio { .. })));
+            assert!(
+                matches!(err, DecodeError::AspectRatio { .. }),
+                "{w}x{h}: {err}"
+            );
+            assert!(matches!(
+                probe(&strip, &limits, None),
+                Err(DecodeError::AspectRatio { .. })
+            ));
         }
         // A wide panorama is fine.
         assert!(decode_bytes(&png(2400, 100), &limits).is_ok());
@@ -465,7 +590,10 @@ mod tests {
         let p = probe(&png(400, 300), &DecodeLimits::default(), None).unwrap();
         assert_eq!((p.format, p.width, p.height), (ImageFormat::Png, 400, 300));
         assert_eq!(p.cost_bytes, 400 * 300 * 6);
-        assert!(matches!(probe(b"nope", &DecodeLimits::default(), None), Err(DecodeError::UnknownFormat)));
+        assert!(matches!(
+            probe(b"nope", &DecodeLimits::default(), None),
+            Err(DecodeError::UnknownFormat)
+        ));
     }
 
     #[test]
@@ -473,7 +601,13 @@ mod tests {
         let budget = DecodeBudget::new(100);
         let a = budget.try_acquire(60).unwrap();
         assert_eq!(budget.try_acquire(50).unwrap_err(), BudgetError::Busy);
-        assert_eq!(budget.try_acquire(101).unwrap_err(), BudgetError::Exceeds { needed: 101, total: 100 });
+        assert_eq!(
+            budget.try_acquire(101).unwrap_err(),
+            BudgetError::Exceeds {
+                needed: 101,
+                total: 100
+            }
+        );
         let b = budget.try_acquire(40).unwrap();
         assert_eq!(budget.in_use(), 100);
         drop((a, b));
@@ -488,11 +622,20 @@ mod tests {
         let content: Vec<u8> = (0..STREAM_ABOVE + 12345).map(|i| (i % 251) as u8).collect();
         std::fs::write(&large, &content).unwrap();
         let read = read_and_hash(&small, 1 << 30).unwrap();
-        assert_eq!((read.hash, read.size, read.whole, read.bytes.as_slice()), (blake3::hash(b"small"), 5, true, &b"small"[..]));
+        assert_eq!(
+            (read.hash, read.size, read.whole, read.bytes.as_slice()),
+            (blake3::hash(b"small"), 5, true, &b"small"[..])
+        );
         let read = read_and_hash(&large, 1 << 30).unwrap();
-        assert_eq!((read.hash, read.size, read.whole), (blake3::hash(&content), content.len() as u64, false));
+        assert_eq!(
+            (read.hash, read.size, read.whole),
+            (blake3::hash(&content), content.len() as u64, false)
+        );
         assert_eq!(read.bytes, content[..META_HEAD as usize]);
-        assert!(matches!(read_and_hash(&large, STREAM_ABOVE), Err(DecodeError::FileTooLarge { .. })));
+        assert!(matches!(
+            read_and_hash(&large, STREAM_ABOVE),
+            Err(DecodeError::FileTooLarge { .. })
+        ));
     }
 
     #[test]
@@ -501,14 +644,26 @@ mod tests {
         let file = dir.path().join("a.jpg");
         std::fs::write(&file, vec![7u8; 1000]).unwrap();
         assert_eq!(read_file(&file, 1000).unwrap().len(), 1000);
-        assert!(matches!(read_file(&file, 999), Err(DecodeError::FileTooLarge { size: 1000, limit: 999 })));
+        assert!(matches!(
+            read_file(&file, 999),
+            Err(DecodeError::FileTooLarge {
+                size: 1000,
+                limit: 999
+            })
+        ));
         assert_eq!(read_prefix(&file, 10).unwrap(), vec![7u8; 10]);
-        assert!(matches!(read_file(dir.path(), 1000), Err(DecodeError::NotAFile("a folder"))));
+        assert!(matches!(
+            read_file(dir.path(), 1000),
+            Err(DecodeError::NotAFile("a folder"))
+        ));
         let fifo = dir.path().join("pipe.jpg");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         // Returns at once: the FIFO is never read.
-        assert!(matches!(read_file(&fifo, 1000), Err(DecodeError::NotAFile("a FIFO"))));
+        assert!(matches!(
+            read_file(&fifo, 1000),
+            Err(DecodeError::NotAFile("a FIFO"))
+        ));
     }
 }

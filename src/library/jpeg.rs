@@ -7,8 +7,8 @@
 //! levels. It can also decode at 1/2, 1/4 or 1/8 size in the DCT, which the
 //! indexer uses on large photos.
 
-use image::metadata::Orientation;
 use image::RgbImage;
+use image::metadata::Orientation;
 
 use super::decode::{DecodeError, DecodeLimits};
 
@@ -41,7 +41,9 @@ fn scan_markers(bytes: &[u8]) -> Markers<'_> {
             continue;
         }
         let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
-        let body = bytes.get(i + 4..(i + 2 + len).min(bytes.len())).unwrap_or(&[]);
+        let body = bytes
+            .get(i + 4..(i + 2 + len).min(bytes.len()))
+            .unwrap_or(&[]);
         match marker {
             0xDA => {
                 m.scan_start = Some(i);
@@ -83,24 +85,39 @@ fn cmyk_to_rgb(c: u8, k: u8) -> u8 {
 /// The DCT scale `n` (the image decodes at `n/8` of its size) that keeps the
 /// shorter side at least `target`: scaled sizes are `ceil(size * n / 8)`.
 pub(crate) fn scale_numerator(short: u64, target: u32) -> u64 {
-    (1..=8u64).find(|&n| (short * n).div_ceil(8) >= target as u64).unwrap_or(8)
+    (1..=8u64)
+        .find(|&n| (short * n).div_ceil(8) >= target as u64)
+        .unwrap_or(8)
 }
 
 /// Decodes a JPEG. `scale_to` asks for DCT-domain downscaling: the result is
 /// the smallest of 1/8 .. 8/8 whose shorter side is still at least `scale_to`.
-pub fn decode(bytes: &[u8], limits: &DecodeLimits, scale_to: Option<u32>) -> Result<Jpeg, DecodeError> {
-    let corrupt = |message: String| DecodeError::Corrupt { format: "JPEG".into(), message };
+pub fn decode(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    scale_to: Option<u32>,
+) -> Result<Jpeg, DecodeError> {
+    let corrupt = |message: String| DecodeError::Corrupt {
+        format: "JPEG".into(),
+        message,
+    };
     let markers = scan_markers(bytes);
-    let scan_start = markers.scan_start.ok_or_else(|| corrupt("no image data (missing start of scan)".into()))?;
+    let scan_start = markers
+        .scan_start
+        .ok_or_else(|| corrupt("no image data (missing start of scan)".into()))?;
     if !has_end_marker(bytes, scan_start) {
         return Err(corrupt("file ends early (no end-of-image marker)".into()));
     }
-    let orientation = markers.exif.and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
+    let orientation = markers
+        .exif
+        .and_then(Orientation::from_exif_chunk)
+        .unwrap_or(Orientation::NoTransforms);
 
     // libjpeg reports fatal errors by unwinding (mozjpeg's error manager);
     // catch them here so a bad file is an error, never a crash.
     let result = std::panic::catch_unwind(|| -> Result<Jpeg, DecodeError> {
-        let mut decompress = mozjpeg::Decompress::new_mem(bytes).map_err(|e| corrupt(e.to_string()))?;
+        let mut decompress =
+            mozjpeg::Decompress::new_mem(bytes).map_err(|e| corrupt(e.to_string()))?;
         let (width, height) = decompress.size();
         let (stored_width, stored_height) = (width as u32, height as u32);
         limits.check(stored_width, stored_height)?;
@@ -113,33 +130,49 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits, scale_to: Option<u32>) -> Res
         let (rgb, w, h) = match decompress.image().map_err(|e| corrupt(e.to_string()))? {
             mozjpeg::decompress::Format::RGB(mut d) => {
                 let (w, h) = (d.width(), d.height());
-                let data = d.read_scanlines::<[u8; 3]>().map_err(|e| corrupt(e.to_string()))?;
+                let data = d
+                    .read_scanlines::<[u8; 3]>()
+                    .map_err(|e| corrupt(e.to_string()))?;
                 d.finish().map_err(|e| corrupt(e.to_string()))?;
                 (data.into_iter().flatten().collect::<Vec<u8>>(), w, h)
             }
             mozjpeg::decompress::Format::Gray(mut d) => {
                 let (w, h) = (d.width(), d.height());
-                let data = d.read_scanlines::<u8>().map_err(|e| corrupt(e.to_string()))?;
+                let data = d
+                    .read_scanlines::<u8>()
+                    .map_err(|e| corrupt(e.to_string()))?;
                 d.finish().map_err(|e| corrupt(e.to_string()))?;
                 (data.into_iter().flat_map(|g| [g, g, g]).collect(), w, h)
             }
             mozjpeg::decompress::Format::CMYK(mut d) => {
                 let (w, h) = (d.width(), d.height());
-                let data = d.read_scanlines::<[u8; 4]>().map_err(|e| corrupt(e.to_string()))?;
+                let data = d
+                    .read_scanlines::<[u8; 4]>()
+                    .map_err(|e| corrupt(e.to_string()))?;
                 d.finish().map_err(|e| corrupt(e.to_string()))?;
                 let invert = markers.adobe;
                 let rgb = data
                     .into_iter()
                     .flat_map(|p| {
                         let p = if invert { p.map(|v| 255 - v) } else { p };
-                        [cmyk_to_rgb(p[0], p[3]), cmyk_to_rgb(p[1], p[3]), cmyk_to_rgb(p[2], p[3])]
+                        [
+                            cmyk_to_rgb(p[0], p[3]),
+                            cmyk_to_rgb(p[1], p[3]),
+                            cmyk_to_rgb(p[2], p[3]),
+                        ]
                     })
                     .collect();
                 (rgb, w, h)
             }
         };
-        let rgb = RgbImage::from_raw(w as u32, h as u32, rgb).ok_or_else(|| corrupt("short pixel buffer".into()))?;
-        Ok(Jpeg { rgb, orientation, stored_width, stored_height })
+        let rgb = RgbImage::from_raw(w as u32, h as u32, rgb)
+            .ok_or_else(|| corrupt("short pixel buffer".into()))?;
+        Ok(Jpeg {
+            rgb,
+            orientation,
+            stored_width,
+            stored_height,
+        })
     });
     match result {
         Ok(r) => r,
@@ -149,7 +182,11 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits, scale_to: Option<u32>) -> Res
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "decoder failed".into());
-            Err(corrupt(message.trim_start_matches("libjpeg fatal error: ").to_string()))
+            Err(corrupt(
+                message
+                    .trim_start_matches("libjpeg fatal error: ")
+                    .to_string(),
+            ))
         }
     }
 }
@@ -172,7 +209,9 @@ mod tests {
     #[test]
     fn finds_markers_and_end() {
         // SOI, APP14 Adobe, SOS with stuffed data, EOI.
-        let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xEE, 0x00, 0x07, b'A', b'd', b'o', b'b', b'e'];
+        let mut jpeg = vec![
+            0xFF, 0xD8, 0xFF, 0xEE, 0x00, 0x07, b'A', b'd', b'o', b'b', b'e',
+        ];
         let sos = jpeg.len();
         jpeg.extend([0xFF, 0xDA, 0x00, 0x02, 0x12, 0xFF, 0x00, 0x34]);
         let m = scan_markers(&jpeg);

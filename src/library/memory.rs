@@ -12,7 +12,8 @@ use std::sync::Mutex;
 
 /// `mi_option_purge_delay` (15 in mimalloc 2 and 3; libmimalloc-sys names
 /// the option after it, not this one).
-pub const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = libmimalloc_sys::mi_option_use_numa_nodes - 1;
+pub const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t =
+    libmimalloc_sys::mi_option_use_numa_nodes - 1;
 
 /// Open windows, and the purge delay to restore when the last one closes.
 static WINDOWS: Mutex<(usize, i64)> = Mutex::new((0, 0));

@@ -40,24 +40,36 @@ pub struct PhotoMeta {
 
 fn clean(s: &str) -> Option<String> {
     let s = s.trim_matches(|c: char| c == '\0' || c.is_whitespace());
-    let s: String = s.chars().filter(|c| !c.is_control() || *c == '\n').take(MAX_CAPTION).collect();
+    let s: String = s
+        .chars()
+        .filter(|c| !c.is_control() || *c == '\n')
+        .take(MAX_CAPTION)
+        .collect();
     (!s.is_empty()).then_some(s)
 }
 
 fn ascii(field: &exif::Field) -> Option<String> {
     match &field.value {
         exif::Value::Ascii(parts) => {
-            let text: Vec<String> = parts.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+            let text: Vec<String> = parts
+                .iter()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect();
             clean(&text.join(" "))
         }
-        exif::Value::Undefined(bytes, _) | exif::Value::Byte(bytes) => clean(&String::from_utf8_lossy(bytes)),
+        exif::Value::Undefined(bytes, _) | exif::Value::Byte(bytes) => {
+            clean(&String::from_utf8_lossy(bytes))
+        }
         _ => None,
     }
 }
 
 /// Reads EXIF and XMP from a file's bytes; absent or broken metadata gives defaults.
 pub fn read_meta(bytes: &[u8]) -> PhotoMeta {
-    let mut meta = PhotoMeta { orientation: 1, ..Default::default() };
+    let mut meta = PhotoMeta {
+        orientation: 1,
+        ..Default::default()
+    };
     if let Ok(exif) = exif::Reader::new().read_from_container(&mut Cursor::new(bytes)) {
         let get = |tag| exif.get_field(tag, exif::In::PRIMARY);
         meta.taken = get(exif::Tag::DateTimeOriginal)
@@ -85,9 +97,17 @@ pub fn read_meta(bytes: &[u8]) -> PhotoMeta {
 /// read character by character, never sliced at a byte offset.
 fn exif_date(s: &str) -> Option<String> {
     let chars: Vec<char> = s.trim().chars().take(19).collect();
-    let digits = |r: std::ops::Range<usize>| chars.get(r).filter(|c| c.iter().all(char::is_ascii_digit)).map(|c| c.iter().collect::<String>());
+    let digits = |r: std::ops::Range<usize>| {
+        chars
+            .get(r)
+            .filter(|c| c.iter().all(char::is_ascii_digit))
+            .map(|c| c.iter().collect::<String>())
+    };
     // Separators are ':' by the standard; some writers use '-', '/' or '.'.
-    let separated = |at: &[usize]| at.iter().all(|&i| chars.get(i).is_some_and(char::is_ascii_punctuation));
+    let separated = |at: &[usize]| {
+        at.iter()
+            .all(|&i| chars.get(i).is_some_and(char::is_ascii_punctuation))
+    };
     let (y, m, d) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
     if y == "0000" || !separated(&[4, 7]) {
         return None;
@@ -115,14 +135,24 @@ fn xmp_description(bytes: &[u8]) -> Option<String> {
 }
 
 fn unescape_xml(s: &str) -> String {
-    s.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&amp;", "&")
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
 }
 
 /// The caption of a photo: its sidecar file, else XMP, else EXIF.
-pub fn caption(sidecar: Option<&Path>, meta: &PhotoMeta) -> (Option<String>, Option<CaptionSource>) {
+pub fn caption(
+    sidecar: Option<&Path>,
+    meta: &PhotoMeta,
+) -> (Option<String>, Option<CaptionSource>) {
     // Only the start of a sidecar is read: a multi-GB `.txt` costs no more than a short one.
     let read = |p: &Path| super::decode::read_prefix(p, super::decode::MAX_SIDECAR_BYTES).ok();
-    if let Some(text) = sidecar.and_then(read).and_then(|b| clean(&String::from_utf8_lossy(&b))) {
+    if let Some(text) = sidecar
+        .and_then(read)
+        .and_then(|b| clean(&String::from_utf8_lossy(&b)))
+    {
         return (Some(text), Some(CaptionSource::Sidecar));
     }
     if let Some(text) = &meta.xmp_description {
@@ -140,17 +170,29 @@ mod tests {
 
     #[test]
     fn exif_dates_become_iso() {
-        assert_eq!(exif_date("2019:07:14 12:30:05").as_deref(), Some("2019-07-14T12:30:05"));
-        assert_eq!(exif_date("2019:07:14").as_deref(), Some("2019-07-14T00:00:00"));
+        assert_eq!(
+            exif_date("2019:07:14 12:30:05").as_deref(),
+            Some("2019-07-14T12:30:05")
+        );
+        assert_eq!(
+            exif_date("2019:07:14").as_deref(),
+            Some("2019-07-14T00:00:00")
+        );
         assert_eq!(exif_date("0000:00:00 00:00:00"), None);
         assert_eq!(exif_date("    :  :     :  :  "), None);
         // Non-ASCII where a separator or digit should be: once a panic.
         assert_eq!(exif_date("2019é07:14 12:30:05"), None);
         assert_eq!(exif_date("20é:07:14 12:30:05"), None);
         assert_eq!(exif_date("2019:07:1é 12:30:05"), None);
-        assert_eq!(exif_date("2019:07:14 12:3é:05").as_deref(), Some("2019-07-14T00:00:00"));
+        assert_eq!(
+            exif_date("2019:07:14 12:3é:05").as_deref(),
+            Some("2019-07-14T00:00:00")
+        );
         assert_eq!(exif_date("2019:02:30 00:00:00"), None);
-        assert_eq!(exif_date("2019/07/14 12.30.05").as_deref(), Some("2019-07-14T12:30:05"));
+        assert_eq!(
+            exif_date("2019/07/14 12.30.05").as_deref(),
+            Some("2019-07-14T12:30:05")
+        );
     }
 
     #[test]
@@ -166,9 +208,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let side = dir.path().join("a.txt");
         std::fs::write(&side, "  a red kite over the sea \n").unwrap();
-        let meta = PhotoMeta { exif_description: Some("exif".into()), ..Default::default() };
-        assert_eq!(caption(Some(&side), &meta), (Some("a red kite over the sea".into()), Some(CaptionSource::Sidecar)));
-        assert_eq!(caption(None, &meta), (Some("exif".into()), Some(CaptionSource::Exif)));
+        let meta = PhotoMeta {
+            exif_description: Some("exif".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            caption(Some(&side), &meta),
+            (
+                Some("a red kite over the sea".into()),
+                Some(CaptionSource::Sidecar)
+            )
+        );
+        assert_eq!(
+            caption(None, &meta),
+            (Some("exif".into()), Some(CaptionSource::Exif))
+        );
         // A huge sidecar is read only as far as a caption needs.
         std::fs::write(&side, "word ".repeat(1_000_000)).unwrap();
         let (text, _) = caption(Some(&side), &meta);

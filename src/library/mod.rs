@@ -12,8 +12,9 @@ pub mod scan;
 pub mod thumb;
 
 pub use decode::{
-    decode_bytes, decode_bytes_scaled, decode_file, open_regular, probe, read_and_hash, read_file, read_prefix, FileRead, BudgetError, BudgetPermit,
-    DecodeBudget, DecodeError, DecodeLimits, DecodedImage, Probe, MAX_SIDECAR_BYTES,
+    BudgetError, BudgetPermit, DecodeBudget, DecodeError, DecodeLimits, DecodedImage, FileRead,
+    MAX_SIDECAR_BYTES, Probe, decode_bytes, decode_bytes_scaled, decode_file, open_regular, probe,
+    read_and_hash, read_file, read_prefix,
 };
 
 /// The MIME type of a format name as the index stores it (`jpeg`, `png`, ...).

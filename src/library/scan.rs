@@ -9,7 +9,9 @@ use std::time::UNIX_EPOCH;
 use crate::common::FileSig;
 
 /// File extensions indexed as images (compared lower-case).
-pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "jpe", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff"];
+pub const IMAGE_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "jpe", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff",
+];
 
 /// An image file found in the library.
 #[derive(Clone, Debug)]
@@ -42,7 +44,10 @@ pub fn file_sig(meta: &std::fs::Metadata) -> FileSig {
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_nanos().min(i64::MAX as u128) as i64)
         .unwrap_or(0);
-    FileSig { size: meta.len(), mtime_ns }
+    FileSig {
+        size: meta.len(),
+        mtime_ns,
+    }
 }
 
 fn is_image(path: &Path) -> bool {
@@ -69,7 +74,10 @@ fn rel_path(root: &Path, path: &Path) -> Result<String, String> {
 pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
     let mut scan = Scan::default();
     let mut sidecars: HashMap<String, (PathBuf, FileSig)> = HashMap::new();
-    let walker = walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name().into_iter();
+    let walker = walkdir::WalkDir::new(root)
+        .follow_links(true)
+        .sort_by_file_name()
+        .into_iter();
     let walker = walker.filter_entry(|e| {
         let hidden = e.depth() > 0 && e.file_name().to_str().is_some_and(|n| n.starts_with('.'));
         !hidden && !exclude.iter().any(|x| e.path() == x)
@@ -78,9 +86,13 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
         let entry = match entry {
             Ok(entry) => entry,
             Err(err) => {
-                let path = err.path().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf());
+                let path = err
+                    .path()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| root.to_path_buf());
                 let rel = rel_path(root, &path).unwrap_or_else(|lossy| lossy);
-                let link_loop = err.io_error().and_then(std::io::Error::raw_os_error) == Some(libc::ELOOP);
+                let link_loop =
+                    err.io_error().and_then(std::io::Error::raw_os_error) == Some(libc::ELOOP);
                 let reason = if err.loop_ancestor().is_some() || link_loop {
                     "symbolic link loop".to_string()
                 } else if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink())
@@ -106,7 +118,9 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
             // never open it (a FIFO would block its reader forever).
             if entry.depth() > 0 && is_image(path) {
                 let reason = match entry.file_type() {
-                    k if k.is_dir() => "a folder named like an image (its contents are indexed)".to_string(),
+                    k if k.is_dir() => {
+                        "a folder named like an image (its contents are indexed)".to_string()
+                    }
                     k => format!("not a regular file ({})", super::decode::kind_name(k)),
                 };
                 let rel = rel_path(root, path).unwrap_or_else(|lossy| lossy);
@@ -114,7 +128,10 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
             }
             continue;
         }
-        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
         let is_txt = ext.as_deref() == Some("txt");
         if !is_image(path) && !is_txt {
             continue;
@@ -123,7 +140,10 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
             Ok(rel) => rel,
             Err(lossy) => {
                 if !is_txt {
-                    scan.problems.push(ScanProblem { rel: lossy, reason: "file name is not valid UTF-8".into() });
+                    scan.problems.push(ScanProblem {
+                        rel: lossy,
+                        reason: "file name is not valid UTF-8".into(),
+                    });
                 }
                 continue;
             }
@@ -133,7 +153,10 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
             Err(e) => {
                 if !is_txt {
                     let reason = e.io_error().map(io_reason).unwrap_or_else(|| e.to_string());
-                    scan.problems.push(ScanProblem { rel, reason: format!("cannot read: {reason}") });
+                    scan.problems.push(ScanProblem {
+                        rel,
+                        reason: format!("cannot read: {reason}"),
+                    });
                 }
                 continue;
             }
@@ -141,11 +164,19 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
         if is_txt {
             sidecars.insert(rel, (path.to_path_buf(), file_sig(&meta)));
         } else {
-            scan.files.push(ScannedFile { rel, abs: path.to_path_buf(), sig: file_sig(&meta), sidecar: None });
+            scan.files.push(ScannedFile {
+                rel,
+                abs: path.to_path_buf(),
+                sig: file_sig(&meta),
+                sidecar: None,
+            });
         }
     }
     for file in &mut scan.files {
-        let stem = file.rel.rsplit_once('.').map_or(file.rel.as_str(), |(s, _)| s);
+        let stem = file
+            .rel
+            .rsplit_once('.')
+            .map_or(file.rel.as_str(), |(s, _)| s);
         file.sidecar = sidecars
             .get(&format!("{}.txt", file.rel))
             .or_else(|| sidecars.get(&format!("{stem}.txt")))
@@ -190,13 +221,41 @@ mod tests {
         let scan = scan(root, &[]);
         let rels: Vec<&str> = scan.files.iter().map(|f| f.rel.as_str()).collect();
         assert_eq!(rels, vec!["a/b/one.JPG", "album.jpg/inside.png", "two.png"]);
-        assert!(scan.files.iter().all(|f| f.sidecar.is_some() == !f.rel.starts_with("album.jpg/")));
-        let reasons: Vec<(&str, &str)> = scan.problems.iter().map(|p| (p.rel.as_str(), p.reason.as_str())).collect();
-        assert!(reasons.contains(&("broken.jpg", "broken symbolic link")), "{reasons:?}");
-        assert!(reasons.contains(&("a/loop", "symbolic link loop")), "{reasons:?}");
-        assert!(reasons.contains(&("cycle1.jpg", "symbolic link loop")), "{reasons:?}");
-        assert!(reasons.contains(&("cycle2.jpg", "symbolic link loop")), "{reasons:?}");
-        assert!(reasons.contains(&("pipe.jpg", "not a regular file (a FIFO)")), "{reasons:?}");
-        assert!(reasons.iter().any(|(p, r)| *p == "album.jpg" && r.starts_with("a folder")), "{reasons:?}");
+        assert!(
+            scan.files
+                .iter()
+                .all(|f| f.sidecar.is_some() == !f.rel.starts_with("album.jpg/"))
+        );
+        let reasons: Vec<(&str, &str)> = scan
+            .problems
+            .iter()
+            .map(|p| (p.rel.as_str(), p.reason.as_str()))
+            .collect();
+        assert!(
+            reasons.contains(&("broken.jpg", "broken symbolic link")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.contains(&("a/loop", "symbolic link loop")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.contains(&("cycle1.jpg", "symbolic link loop")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.contains(&("cycle2.jpg", "symbolic link loop")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.contains(&("pipe.jpg", "not a regular file (a FIFO)")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|(p, r)| *p == "album.jpg" && r.starts_with("a folder")),
+            "{reasons:?}"
+        );
     }
 }

@@ -5,10 +5,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use image::codecs::jpeg::JpegEncoder;
 use image::RgbImage;
+use image::codecs::jpeg::JpegEncoder;
 
-use crate::common::{resample, Resample, RgbView};
+use crate::common::{Resample, RgbView, resample};
 
 /// Longest side of a thumbnail.
 pub const THUMB_SIZE: u32 = 256;
@@ -25,8 +25,15 @@ pub fn encode_thumbnail(image: RgbView) -> Result<Vec<u8>, image::ImageError> {
     let (w, h) = (image.width as u32, image.height as u32);
     let scale = THUMB_SIZE as f64 / w.max(h) as f64;
     let small = if scale < 1.0 {
-        let (tw, th) = (((w as f64 * scale).round() as u32).max(1), ((h as f64 * scale).round() as u32).max(1));
-        RgbImage::from_raw(tw, th, resample(image, tw as usize, th as usize, Resample::Bicubic))
+        let (tw, th) = (
+            ((w as f64 * scale).round() as u32).max(1),
+            ((h as f64 * scale).round() as u32).max(1),
+        );
+        RgbImage::from_raw(
+            tw,
+            th,
+            resample(image, tw as usize, th as usize, Resample::Bicubic),
+        )
     } else {
         RgbImage::from_raw(w, h, image.data.to_vec())
     };

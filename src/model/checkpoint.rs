@@ -19,7 +19,10 @@ pub enum ModelSource {
     /// A local folder.
     Dir(PathBuf),
     /// A hub repository id (`owner/name`), at an optional revision (`owner/name@rev`).
-    Hub { repo: String, revision: Option<String> },
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
 }
 
 impl ModelSource {
@@ -40,10 +43,17 @@ impl ModelSource {
             Some((repo, rev)) if !rev.is_empty() => (repo, Some(rev.to_string())),
             _ => (arg, None),
         };
-        let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
         match repo.split_once('/') {
             Some((owner, name)) if valid(owner) && valid(name) && !arg.starts_with('.') => {
-                Ok(Self::Hub { repo: repo.to_string(), revision })
+                Ok(Self::Hub {
+                    repo: repo.to_string(),
+                    revision,
+                })
             }
             _ => Err(Error::Checkpoint(format!(
                 "no folder named {arg}, and it is not a hub id (owner/name such as {DEFAULT_MODEL})"
@@ -54,9 +64,18 @@ impl ModelSource {
     /// A stable name for the model: the hub id, or the folder's canonical path.
     pub fn id(&self) -> String {
         match self {
-            Self::Dir(dir) => std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()).display().to_string(),
-            Self::Hub { repo, revision: Some(rev) } => format!("{repo}@{rev}"),
-            Self::Hub { repo, revision: None } => repo.clone(),
+            Self::Dir(dir) => std::fs::canonicalize(dir)
+                .unwrap_or_else(|_| dir.clone())
+                .display()
+                .to_string(),
+            Self::Hub {
+                repo,
+                revision: Some(rev),
+            } => format!("{repo}@{rev}"),
+            Self::Hub {
+                repo,
+                revision: None,
+            } => repo.clone(),
         }
     }
 }
@@ -76,7 +95,10 @@ pub enum TokenizerFiles {
     Json(PathBuf),
     /// A SentencePiece model (SigLIP).
     SentencePiece(PathBuf),
-    VocabMerges { vocab: PathBuf, merges: PathBuf },
+    VocabMerges {
+        vocab: PathBuf,
+        merges: PathBuf,
+    },
 }
 
 /// Weights, in the formats clipdex reads.
@@ -108,8 +130,12 @@ pub struct HubOptions {
 impl HubOptions {
     /// `HF_HUB_OFFLINE=1` (as the Python hub client reads it) forces offline mode.
     pub fn from_env(offline: bool, progress: bool) -> Self {
-        let env = std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"));
-        Self { offline: offline || env.unwrap_or(false), progress }
+        let env = std::env::var("HF_HUB_OFFLINE")
+            .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"));
+        Self {
+            offline: offline || env.unwrap_or(false),
+            progress,
+        }
     }
 }
 
@@ -127,7 +153,9 @@ pub fn resolve(source: &ModelSource, hub: &HubOptions) -> Result<CheckpointFiles
         ModelSource::Hub { repo, revision } => {
             let cache = hub_cache();
             let hub_repo = match revision {
-                Some(rev) => hf_hub::Repo::with_revision(repo.clone(), hf_hub::RepoType::Model, rev.clone()),
+                Some(rev) => {
+                    hf_hub::Repo::with_revision(repo.clone(), hf_hub::RepoType::Model, rev.clone())
+                }
                 None => hf_hub::Repo::model(repo.clone()),
             };
             if hub.offline {
@@ -150,7 +178,9 @@ pub fn resolve(source: &ModelSource, hub: &HubOptions) -> Result<CheckpointFiles
                 Ok(endpoint) => api.with_endpoint(endpoint),
                 Err(_) => api,
             };
-            let api = api.build().map_err(|e| Error::Download(format!("cannot start the hub client: {e}")))?;
+            let api = api
+                .build()
+                .map_err(|e| Error::Download(format!("cannot start the hub client: {e}")))?;
             let api_repo = api.repo(hub_repo);
             resolve_with(&source.to_string(), |name| match api_repo.get(name) {
                 Ok(path) => Ok(Some(path)),
@@ -187,7 +217,10 @@ fn is_not_found(e: &hf_hub::api::sync::ApiError) -> bool {
 
 /// Picks the files of a checkpoint through `get`, which answers "this file's
 /// local path", "no such file", or an error.
-fn resolve_with(location: &str, get: impl Fn(&str) -> Result<Option<PathBuf>>) -> Result<CheckpointFiles> {
+fn resolve_with(
+    location: &str,
+    get: impl Fn(&str) -> Result<Option<PathBuf>>,
+) -> Result<CheckpointFiles> {
     let missing = |file: &str| Error::MissingFile {
         file: file.to_string(),
         location: location.to_string(),
@@ -208,7 +241,9 @@ fn resolve_with(location: &str, get: impl Fn(&str) -> Result<Option<PathBuf>>) -
     };
     let weights = match get("model.safetensors")? {
         Some(path) => WeightsFile::Safetensors(path),
-        None => WeightsFile::Pickle(get("pytorch_model.bin")?.ok_or_else(|| missing("model.safetensors"))?),
+        None => WeightsFile::Pickle(
+            get("pytorch_model.bin")?.ok_or_else(|| missing("model.safetensors"))?,
+        ),
     };
     let tokenizer = match (get("tokenizer.json")?, get("spiece.model")?) {
         (Some(path), _) => TokenizerFiles::Json(path),
@@ -221,7 +256,13 @@ fn resolve_with(location: &str, get: impl Fn(&str) -> Result<Option<PathBuf>>) -
     };
     let tokenizer_config = get("tokenizer_config.json")?;
     let preprocessor = get("preprocessor_config.json")?;
-    Ok(CheckpointFiles { config, weights, tokenizer, tokenizer_config, preprocessor })
+    Ok(CheckpointFiles {
+        config,
+        weights,
+        tokenizer,
+        tokenizer_config,
+        preprocessor,
+    })
 }
 
 #[cfg(test)]
@@ -232,20 +273,41 @@ mod tests {
     fn parses_model_arguments() {
         assert_eq!(
             ModelSource::parse("openai/clip-vit-base-patch32").unwrap(),
-            ModelSource::Hub { repo: "openai/clip-vit-base-patch32".into(), revision: None }
+            ModelSource::Hub {
+                repo: "openai/clip-vit-base-patch32".into(),
+                revision: None
+            }
         );
         assert_eq!(
             ModelSource::parse("laion/CLIP-ViT-B-32-laion2B-s34B-b79K@main").unwrap(),
-            ModelSource::Hub { repo: "laion/CLIP-ViT-B-32-laion2B-s34B-b79K".into(), revision: Some("main".into()) }
+            ModelSource::Hub {
+                repo: "laion/CLIP-ViT-B-32-laion2B-s34B-b79K".into(),
+                revision: Some("main".into())
+            }
         );
         let dir = std::env::temp_dir();
-        assert_eq!(ModelSource::parse(dir.to_str().unwrap()).unwrap(), ModelSource::Dir(dir.clone()));
+        assert_eq!(
+            ModelSource::parse(dir.to_str().unwrap()).unwrap(),
+            ModelSource::Dir(dir.clone())
+        );
         assert_eq!(
             ModelSource::parse("hf-hub:timm/ViT-B-16-SigLIP").unwrap(),
-            ModelSource::Hub { repo: "timm/ViT-B-16-SigLIP".into(), revision: None }
+            ModelSource::Hub {
+                repo: "timm/ViT-B-16-SigLIP".into(),
+                revision: None
+            }
         );
-        for bad in ["no-such-folder", "./missing/model", "a/b/c", "/abs/missing", "hf-hub:"] {
-            assert!(matches!(ModelSource::parse(bad), Err(Error::Checkpoint(_))), "{bad}");
+        for bad in [
+            "no-such-folder",
+            "./missing/model",
+            "a/b/c",
+            "/abs/missing",
+            "hf-hub:",
+        ] {
+            assert!(
+                matches!(ModelSource::parse(bad), Err(Error::Checkpoint(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -263,7 +325,10 @@ mod tests {
         assert!(err.to_string().contains("merges.txt"), "{err}");
         std::fs::write(dir.join("merges.txt"), "").unwrap();
         let files = resolve(&source, &HubOptions::default()).unwrap();
-        assert!(matches!(files.tokenizer, TokenizerFiles::VocabMerges { .. }));
+        assert!(matches!(
+            files.tokenizer,
+            TokenizerFiles::VocabMerges { .. }
+        ));
         assert!(files.preprocessor.is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -150,7 +150,12 @@ impl Default for VisionConfig {
 impl VisionConfig {
     /// `SiglipVisionConfig`'s defaults.
     pub fn siglip_default() -> Self {
-        Self { patch_size: 16, hidden_act: Activation::GeluTanh, layer_norm_eps: 1e-6, ..Self::default() }
+        Self {
+            patch_size: 16,
+            hidden_act: Activation::GeluTanh,
+            layer_norm_eps: 1e-6,
+            ..Self::default()
+        }
     }
 
     /// Patches along one side of the image.
@@ -201,19 +206,23 @@ struct RawConfig {
 }
 
 /// The `model_type`s clipdex reads, for error messages.
-pub const SUPPORTED_MODEL_TYPES: &str = "\"clip\" (CLIPModel) and \"siglip\" (SiglipModel: SigLIP, SigLIP 2 fixed resolution)";
+pub const SUPPORTED_MODEL_TYPES: &str =
+    "\"clip\" (CLIPModel) and \"siglip\" (SiglipModel: SigLIP, SigLIP 2 fixed resolution)";
 
 impl ClipConfig {
     /// Parses the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
         let family = match raw.model_type.as_deref() {
             None | Some("clip") => Family::Clip,
             Some("siglip") => Family::Siglip,
             Some(kind) => {
                 let hint = match kind {
-                    "siglip2" => " (this is a SigLIP 2 NaFlex checkpoint; the fixed-resolution SigLIP 2 checkpoints, \
-                                  such as google/siglip2-base-patch16-256, load)",
+                    "siglip2" => {
+                        " (this is a SigLIP 2 NaFlex checkpoint; the fixed-resolution SigLIP 2 checkpoints, \
+                                  such as google/siglip2-base-patch16-256, load)"
+                    }
                     _ => "",
                 };
                 return Err(Error::Config(format!(
@@ -233,8 +242,10 @@ impl ClipConfig {
                 logit_scale_init_value: raw.logit_scale_init_value.unwrap_or(2.6592),
             },
             Family::Siglip => {
-                let text_config: TextConfig = sub_config(text, "text_config", TextConfig::siglip_default())?;
-                let vision_config: VisionConfig = sub_config(vision, "vision_config", VisionConfig::siglip_default())?;
+                let text_config: TextConfig =
+                    sub_config(text, "text_config", TextConfig::siglip_default())?;
+                let vision_config: VisionConfig =
+                    sub_config(vision, "vision_config", VisionConfig::siglip_default())?;
                 Self {
                     family,
                     projection_dim: vision_config.hidden_size,
@@ -253,7 +264,10 @@ impl ClipConfig {
     pub fn text_output_dim(&self) -> usize {
         match self.family {
             Family::Clip => self.projection_dim,
-            Family::Siglip => self.text_config.projection_size.unwrap_or(self.text_config.hidden_size),
+            Family::Siglip => self
+                .text_config
+                .projection_size
+                .unwrap_or(self.text_config.hidden_size),
         }
     }
 
@@ -330,7 +344,9 @@ impl ClipConfig {
     }
 
     /// Names of the presets, for help texts.
-    pub const PRESETS: &'static [&'static str] = &["tiny-32", "small-32", "small-64", "vit-b-32", "vit-b-16", "vit-l-14"];
+    pub const PRESETS: &'static [&'static str] = &[
+        "tiny-32", "small-32", "small-64", "vit-b-32", "vit-b-16", "vit-l-14",
+    ];
 
     /// Looks up a named preset.
     pub fn preset(name: &str) -> Option<Self> {
@@ -372,20 +388,43 @@ impl ClipConfig {
         let t = &self.text_config;
         let v = &self.vision_config;
         let checks = [
-            (t.hidden_size > 0 && t.num_attention_heads > 0, "text hidden_size and num_attention_heads must be positive"),
-            (t.num_attention_heads == 0 || t.hidden_size % t.num_attention_heads == 0,
-                "text hidden_size must be a multiple of num_attention_heads"),
-            (v.hidden_size > 0 && v.num_attention_heads > 0, "vision hidden_size and num_attention_heads must be positive"),
-            (v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads == 0,
-                "vision hidden_size must be a multiple of num_attention_heads"),
-            (v.patch_size > 0 && v.image_size >= v.patch_size, "vision patch_size must be positive and at most image_size"),
-            (v.num_channels == 3, "only 3-channel (RGB) vision towers are supported"),
-            (t.max_position_embeddings >= 2, "text max_position_embeddings must leave room for start and end tokens"),
+            (
+                t.hidden_size > 0 && t.num_attention_heads > 0,
+                "text hidden_size and num_attention_heads must be positive",
+            ),
+            (
+                t.num_attention_heads == 0 || t.hidden_size % t.num_attention_heads == 0,
+                "text hidden_size must be a multiple of num_attention_heads",
+            ),
+            (
+                v.hidden_size > 0 && v.num_attention_heads > 0,
+                "vision hidden_size and num_attention_heads must be positive",
+            ),
+            (
+                v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads == 0,
+                "vision hidden_size must be a multiple of num_attention_heads",
+            ),
+            (
+                v.patch_size > 0 && v.image_size >= v.patch_size,
+                "vision patch_size must be positive and at most image_size",
+            ),
+            (
+                v.num_channels == 3,
+                "only 3-channel (RGB) vision towers are supported",
+            ),
+            (
+                t.max_position_embeddings >= 2,
+                "text max_position_embeddings must leave room for start and end tokens",
+            ),
             (self.projection_dim > 0, "projection_dim must be positive"),
-            (self.family == Family::Clip || v.vision_use_head,
-                "a SigLIP vision tower without its attention-pooling head (vision_use_head: false) has no image embedding"),
-            (self.family == Family::Clip || self.text_output_dim() == v.hidden_size,
-                "the SigLIP text head's width (projection_size) must equal the vision hidden_size"),
+            (
+                self.family == Family::Clip || v.vision_use_head,
+                "a SigLIP vision tower without its attention-pooling head (vision_use_head: false) has no image embedding",
+            ),
+            (
+                self.family == Family::Clip || self.text_output_dim() == v.hidden_size,
+                "the SigLIP text head's width (projection_size) must equal the vision hidden_size",
+            ),
         ];
         for (ok, message) in checks {
             if !ok {
@@ -397,17 +436,23 @@ impl ClipConfig {
 }
 
 /// A sub-config: the file's fields over the family's defaults.
-fn sub_config<T: for<'de> Deserialize<'de> + Serialize>(value: Option<serde_json::Value>, name: &str, default: T) -> Result<T> {
+fn sub_config<T: for<'de> Deserialize<'de> + Serialize>(
+    value: Option<serde_json::Value>,
+    name: &str,
+    default: T,
+) -> Result<T> {
     match value {
         None | Some(serde_json::Value::Null) => Ok(default),
         Some(serde_json::Value::Object(map)) => {
-            let mut merged = match serde_json::to_value(default).expect("a config always serialises") {
-                serde_json::Value::Object(m) => m,
-                _ => unreachable!("configs serialise as objects"),
-            };
+            let mut merged =
+                match serde_json::to_value(default).expect("a config always serialises") {
+                    serde_json::Value::Object(m) => m,
+                    _ => unreachable!("configs serialise as objects"),
+                };
             // transformers writes nulls for unset optional fields; they mean "default".
             merged.extend(map.into_iter().filter(|(_, v)| !v.is_null()));
-            serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| Error::Config(format!("{name}: {e}")))
+            serde_json::from_value(serde_json::Value::Object(merged))
+                .map_err(|e| Error::Config(format!("{name}: {e}")))
         }
         Some(other) => Err(Error::Config(format!("{name} is {other}, not an object"))),
     }
@@ -459,13 +504,19 @@ mod tests {
             r#"{"vision_config": {"patch_size": 0}}"#,
             r#"not json"#,
         ] {
-            assert!(matches!(ClipConfig::from_json(text), Err(Error::Config(_))), "{text}");
+            assert!(
+                matches!(ClipConfig::from_json(text), Err(Error::Config(_))),
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn siglip_defaults_are_siglip_base_patch16_224() {
-        let config = ClipConfig::from_json(r#"{"model_type": "siglip", "text_config": {"hidden_act": null}}"#).unwrap();
+        let config = ClipConfig::from_json(
+            r#"{"model_type": "siglip", "text_config": {"hidden_act": null}}"#,
+        )
+        .unwrap();
         assert_eq!(config.family, Family::Siglip);
         assert_eq!(config.text_config.vocab_size, 32000);
         assert_eq!(config.text_config.max_position_embeddings, 64);
@@ -480,7 +531,11 @@ mod tests {
     fn clip_json_is_unchanged_by_the_siglip_fields() {
         // Index fingerprints hash this text: it must not move for CLIP models.
         let json = ClipConfig::vit_base_patch32().to_json();
-        assert!(!json.contains("projection_size") && !json.contains("vision_use_head") && !json.contains("family"));
+        assert!(
+            !json.contains("projection_size")
+                && !json.contains("vision_use_head")
+                && !json.contains("family")
+        );
     }
 
     #[test]

@@ -9,7 +9,10 @@ use rayon::prelude::*;
 
 use super::checkpoint::{self, CheckpointFiles, HubOptions, ModelSource, WeightsFile};
 use super::tokenizer::TokenizerSettings;
-use super::{load_weights, normalize, ClipConfig, ClipModel, Error, Preprocessor, Result, RgbView, TextTokenizer};
+use super::{
+    ClipConfig, ClipModel, Error, Preprocessor, Result, RgbView, TextTokenizer, load_weights,
+    normalize,
+};
 
 /// Texts embedded per forward pass.
 const TEXT_BATCH: usize = 64;
@@ -36,7 +39,10 @@ impl Clip {
     /// Loads a model from resolved checkpoint files.
     pub fn from_files(files: &CheckpointFiles, id: String) -> Result<Self> {
         let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|source| Error::Io { path: p.display().to_string(), source })
+            std::fs::read_to_string(p).map_err(|source| Error::Io {
+                path: p.display().to_string(),
+                source,
+            })
         };
         let config_text = read(&files.config)?;
         let config = ClipConfig::from_json(&config_text)?;
@@ -59,7 +65,10 @@ impl Clip {
                 let text = read(path)?;
                 (Preprocessor::from_json(&text, image_size)?, text)
             }
-            None => (Preprocessor::default_for(config.family, image_size), String::new()),
+            None => (
+                Preprocessor::default_for(config.family, image_size),
+                String::new(),
+            ),
         };
         let device = Device::Cpu;
         let vb = load_weights(&files.weights, &device)?;
@@ -73,7 +82,13 @@ impl Clip {
             context_length: context,
             family: config.family.name().into(),
         };
-        Ok(Self { model, tokenizer, preprocessor, info, device })
+        Ok(Self {
+            model,
+            tokenizer,
+            preprocessor,
+            info,
+            device,
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -109,7 +124,10 @@ impl Clip {
     /// none for CLIP, whose cosines are not calibrated.
     pub fn calibration(&self) -> Result<Option<Calibration>> {
         Ok(match self.logit_bias()? {
-            Some(bias) => Some(Calibration { scale: self.logit_scale()?, bias }),
+            Some(bias) => Some(Calibration {
+                scale: self.logit_scale()?,
+                bias,
+            }),
             None => None,
         })
     }
@@ -148,11 +166,17 @@ impl Clip {
     pub fn pixels(&self, images: &[RgbView]) -> Result<Tensor> {
         let s = self.preprocessor.image_size();
         let mut data = vec![0f32; images.len() * 3 * s * s];
-        data.par_chunks_mut(3 * s * s).zip(images.par_iter()).for_each(|(out, image)| {
-            let crop = self.preprocessor.resize_and_crop(*image);
-            self.preprocessor.normalize_into(&crop, out);
-        });
-        Ok(Tensor::from_vec(data, (images.len(), 3, s, s), &self.device)?)
+        data.par_chunks_mut(3 * s * s)
+            .zip(images.par_iter())
+            .for_each(|(out, image)| {
+                let crop = self.preprocessor.resize_and_crop(*image);
+                self.preprocessor.normalize_into(&crop, out);
+            });
+        Ok(Tensor::from_vec(
+            data,
+            (images.len(), 3, s, s),
+            &self.device,
+        )?)
     }
 
     /// Projected, unnormalised features of preprocessed pixels, (batch, dim).
@@ -173,7 +197,10 @@ impl Clip {
 
     /// L2-normalised embeddings of texts.
     pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
-        let ids = texts.iter().map(|t| self.tokenizer.encode(t)).collect::<Result<Vec<_>>>()?;
+        let ids = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t))
+            .collect::<Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(texts.len());
         for chunk in ids.chunks(TEXT_BATCH) {
             out.extend(normalize(&self.text_features(chunk)?)?.to_vec2::<f32>()?);
@@ -225,7 +252,10 @@ fn fingerprint(config: &ClipConfig, preprocessor: &str, weights: &WeightsFile) -
     let path = match weights {
         WeightsFile::Safetensors(p) | WeightsFile::Pickle(p) => p,
     };
-    let io = |source| Error::Io { path: path.display().to_string(), source };
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let mut file = std::fs::File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
     hasher.update(&len.to_le_bytes());

@@ -14,14 +14,23 @@ use super::{ClipConfig, Result};
 pub use crate::common::rng::NormalRng;
 
 /// A tensor of normal samples with standard deviation `std`.
-fn normal_tensor(rng: &mut NormalRng, shape: &[usize], std: f64, device: &Device) -> Result<Tensor> {
+fn normal_tensor(
+    rng: &mut NormalRng,
+    shape: &[usize],
+    std: f64,
+    device: &Device,
+) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let data: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
     Ok(Tensor::from_vec(data, shape, device)?)
 }
 
 /// Every tensor of a `CLIPModel` checkpoint for `config`, freshly initialised.
-pub fn init_weights(config: &ClipConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn init_weights(
+    config: &ClipConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let mut rng = NormalRng::new(seed);
     let mut w = HashMap::new();
     let t = &config.text_config;
@@ -34,19 +43,39 @@ pub fn init_weights(config: &ClipConfig, seed: u64, device: &Device) -> Result<H
         w.insert(format!("{prefix}.bias"), zeros(h)?);
         Ok(())
     };
-    let encoder = |w: &mut HashMap<String, Tensor>, rng: &mut NormalRng, prefix: &str, h: usize, inter: usize, layers: usize| -> Result<()> {
+    let encoder = |w: &mut HashMap<String, Tensor>,
+                   rng: &mut NormalRng,
+                   prefix: &str,
+                   h: usize,
+                   inter: usize,
+                   layers: usize|
+     -> Result<()> {
         let in_std = (h as f64).powf(-0.5) * ((2 * layers) as f64).powf(-0.5);
         let out_std = (h as f64).powf(-0.5);
         let fc_std = ((2 * h) as f64).powf(-0.5);
         for i in 0..layers {
             let p = format!("{prefix}.encoder.layers.{i}");
-            for (name, std) in [("q_proj", in_std), ("k_proj", in_std), ("v_proj", in_std), ("out_proj", out_std)] {
-                w.insert(format!("{p}.self_attn.{name}.weight"), normal_tensor(rng, &[h, h], std, device)?);
+            for (name, std) in [
+                ("q_proj", in_std),
+                ("k_proj", in_std),
+                ("v_proj", in_std),
+                ("out_proj", out_std),
+            ] {
+                w.insert(
+                    format!("{p}.self_attn.{name}.weight"),
+                    normal_tensor(rng, &[h, h], std, device)?,
+                );
                 w.insert(format!("{p}.self_attn.{name}.bias"), zeros(h)?);
             }
-            w.insert(format!("{p}.mlp.fc1.weight"), normal_tensor(rng, &[inter, h], fc_std, device)?);
+            w.insert(
+                format!("{p}.mlp.fc1.weight"),
+                normal_tensor(rng, &[inter, h], fc_std, device)?,
+            );
             w.insert(format!("{p}.mlp.fc1.bias"), zeros(inter)?);
-            w.insert(format!("{p}.mlp.fc2.weight"), normal_tensor(rng, &[h, inter], in_std, device)?);
+            w.insert(
+                format!("{p}.mlp.fc2.weight"),
+                normal_tensor(rng, &[h, inter], in_std, device)?,
+            );
             w.insert(format!("{p}.mlp.fc2.bias"), zeros(h)?);
             layer_norm(w, format!("{p}.layer_norm1"), h)?;
             layer_norm(w, format!("{p}.layer_norm2"), h)?;
@@ -55,17 +84,30 @@ pub fn init_weights(config: &ClipConfig, seed: u64, device: &Device) -> Result<H
     };
 
     let th = t.hidden_size;
-    w.insert("text_model.embeddings.token_embedding.weight".into(), normal_tensor(&mut rng, &[t.vocab_size, th], 0.02, device)?);
+    w.insert(
+        "text_model.embeddings.token_embedding.weight".into(),
+        normal_tensor(&mut rng, &[t.vocab_size, th], 0.02, device)?,
+    );
     w.insert(
         "text_model.embeddings.position_embedding.weight".into(),
         normal_tensor(&mut rng, &[t.max_position_embeddings, th], 0.02, device)?,
     );
-    encoder(&mut w, &mut rng, "text_model", th, t.intermediate_size, t.num_hidden_layers)?;
+    encoder(
+        &mut w,
+        &mut rng,
+        "text_model",
+        th,
+        t.intermediate_size,
+        t.num_hidden_layers,
+    )?;
     layer_norm(&mut w, "text_model.final_layer_norm".into(), th)?;
 
     let vh = v.hidden_size;
     let p = v.patch_size;
-    w.insert("vision_model.embeddings.class_embedding".into(), normal_tensor(&mut rng, &[vh], (vh as f64).powf(-0.5), device)?);
+    w.insert(
+        "vision_model.embeddings.class_embedding".into(),
+        normal_tensor(&mut rng, &[vh], (vh as f64).powf(-0.5), device)?,
+    );
     w.insert(
         "vision_model.embeddings.patch_embedding.weight".into(),
         normal_tensor(&mut rng, &[vh, v.num_channels, p, p], 0.02, device)?,
@@ -75,15 +117,38 @@ pub fn init_weights(config: &ClipConfig, seed: u64, device: &Device) -> Result<H
         normal_tensor(&mut rng, &[v.num_positions(), vh], 0.02, device)?,
     );
     layer_norm(&mut w, "vision_model.pre_layrnorm".into(), vh)?;
-    encoder(&mut w, &mut rng, "vision_model", vh, v.intermediate_size, v.num_hidden_layers)?;
+    encoder(
+        &mut w,
+        &mut rng,
+        "vision_model",
+        vh,
+        v.intermediate_size,
+        v.num_hidden_layers,
+    )?;
     layer_norm(&mut w, "vision_model.post_layernorm".into(), vh)?;
 
-    w.insert("text_projection.weight".into(), normal_tensor(&mut rng, &[config.projection_dim, th], (th as f64).powf(-0.5), device)?);
+    w.insert(
+        "text_projection.weight".into(),
+        normal_tensor(
+            &mut rng,
+            &[config.projection_dim, th],
+            (th as f64).powf(-0.5),
+            device,
+        )?,
+    );
     w.insert(
         "visual_projection.weight".into(),
-        normal_tensor(&mut rng, &[config.projection_dim, vh], (vh as f64).powf(-0.5), device)?,
+        normal_tensor(
+            &mut rng,
+            &[config.projection_dim, vh],
+            (vh as f64).powf(-0.5),
+            device,
+        )?,
     );
-    w.insert("logit_scale".into(), Tensor::new(config.logit_scale_init_value as f32, device)?);
+    w.insert(
+        "logit_scale".into(),
+        Tensor::new(config.logit_scale_init_value as f32, device)?,
+    );
     Ok(w)
 }
 
@@ -97,7 +162,10 @@ mod tests {
         let xs: Vec<f64> = (0..20_000).map(|_| rng.normal()).collect();
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "mean {mean} var {var}"
+        );
         assert_eq!(NormalRng::new(7).normal(), xs[0]);
         assert_ne!(NormalRng::new(8).normal(), xs[0]);
     }
@@ -120,12 +188,19 @@ mod tests {
         for (name, want) in [
             ("text_model.embeddings.token_embedding.weight", 0.02),
             ("text_projection.weight", th.powf(-0.5)),
-            ("text_model.encoder.layers.0.mlp.fc1.weight", (2.0 * th).powf(-0.5)),
+            (
+                "text_model.encoder.layers.0.mlp.fc1.weight",
+                (2.0 * th).powf(-0.5),
+            ),
         ] {
             let got = std(name);
-            assert!((got / want - 1.0).abs() < 0.05, "{name}: std {got}, want {want}");
+            assert!(
+                (got / want - 1.0).abs() < 0.05,
+                "{name}: std {got}, want {want}"
+            );
         }
-        let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &Device::Cpu);
+        let vb =
+            candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &Device::Cpu);
         let model = crate::model::ClipModel::new(vb, &config).unwrap();
         // And the model they make embeds: finite features of the right size.
         let ids = Tensor::new(&[[0u32, 5, 9, 99]], &Device::Cpu).unwrap();

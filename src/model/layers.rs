@@ -9,8 +9,8 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::config::Activation;
 use super::Result;
+use super::config::Activation;
 
 /// `t` repeated as `rows` rows: (rows, t's elements), as `ones(rows, 1) x t`.
 ///
@@ -42,21 +42,37 @@ impl Linear {
         // itself, and a transposed copy of it would freeze the forward pass
         // at its initial value while the optimiser moves the variable.
         if weight.track_op() {
-            Ok(Self { weight, transposed: false, bias })
+            Ok(Self {
+                weight,
+                transposed: false,
+                bias,
+            })
         } else {
-            Ok(Self { weight: weight.t()?.contiguous()?, transposed: true, bias })
+            Ok(Self {
+                weight: weight.t()?.contiguous()?,
+                transposed: true,
+                bias,
+            })
         }
     }
 
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
         Self::new(weight, bias)
     }
 
     /// The (out, in) weight.
     pub fn weight(&self) -> Result<Tensor> {
-        if self.transposed { Ok(self.weight.t()?) } else { Ok(self.weight.clone()) }
+        if self.transposed {
+            Ok(self.weight.t()?)
+        } else {
+            Ok(self.weight.clone())
+        }
     }
 
     fn out_dim(&self) -> Result<usize> {
@@ -79,16 +95,24 @@ impl Linear {
             let y = super::ops::dense(x, &self.weight, self.bias.as_ref())?;
             return match f {
                 super::ops::Pointwise::Identity => Ok(y),
-                _ => Err(super::Error::Input("fused activations are for inference".into())),
+                _ => Err(super::Error::Input(
+                    "fused activations are for inference".into(),
+                )),
             };
         }
         let dims = x.dims().to_vec();
-        let (in_dim, lead) = dims.split_last().expect("linear input has at least one dimension");
+        let (in_dim, lead) = dims
+            .split_last()
+            .expect("linear input has at least one dimension");
         let rows: usize = lead.iter().product();
         // One (rows x in) by (in x out) product: gemm is fastest on one big
         // matrix, not a batch of small ones.
         let x = x.reshape((rows, *in_dim))?;
-        let y = if self.transposed { x.matmul(&self.weight)? } else { x.matmul(&self.weight.t()?)? };
+        let y = if self.transposed {
+            x.matmul(&self.weight)?
+        } else {
+            x.matmul(&self.weight.t()?)?
+        };
         use super::ops::Pointwise::Identity;
         let y = match (&self.bias, f) {
             // Inference: the product is a fresh buffer of its own; the bias
@@ -99,14 +123,22 @@ impl Linear {
             }
             (None, Identity) => y,
             (None, _) if !y.track_op() => {
-                super::ops::bias_in_place(&y, &Tensor::zeros(self.out_dim()?, y.dtype(), y.device())?, f)?;
+                super::ops::bias_in_place(
+                    &y,
+                    &Tensor::zeros(self.out_dim()?, y.dtype(), y.device())?,
+                    f,
+                )?;
                 y
             }
             // The graph tracks it (a trainable bias, or a frozen layer fed by
             // a trainable one): graph nodes.
             (Some(b), Identity) if b.track_op() => super::ops::add_rows(&y, b)?,
             (Some(b), Identity) => y.broadcast_add(b)?,
-            _ => return Err(super::Error::Input("fused activations are for inference".into())),
+            _ => {
+                return Err(super::Error::Input(
+                    "fused activations are for inference".into(),
+                ));
+            }
         };
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_dim()?);
@@ -124,14 +156,28 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.track_op() || self.weight.track_op() {
-            Ok(super::ops::layer_norm(x, &self.weight, &self.bias, self.eps)?)
+            Ok(super::ops::layer_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?)
         } else {
-            Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
+            Ok(candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            )?)
         }
     }
 }
@@ -170,18 +216,29 @@ pub struct Attention {
 impl Attention {
     pub fn load(vb: VarBuilder, hidden: usize, num_heads: usize) -> Result<Self> {
         let get = |name: &str| -> Result<(Tensor, Tensor)> {
-            Ok((vb.pp(name).get((hidden, hidden), "weight")?, vb.pp(name).get(hidden, "bias")?))
+            Ok((
+                vb.pp(name).get((hidden, hidden), "weight")?,
+                vb.pp(name).get(hidden, "bias")?,
+            ))
         };
         let (q, k, v) = (get("q_proj")?, get("k_proj")?, get("v_proj")?);
         let qkv = if q.0.track_op() {
-            Qkv::Separate { q: Linear::new(q.0, Some(q.1))?, k: Linear::new(k.0, Some(k.1))?, v: Linear::new(v.0, Some(v.1))? }
+            Qkv::Separate {
+                q: Linear::new(q.0, Some(q.1))?,
+                k: Linear::new(k.0, Some(k.1))?,
+                v: Linear::new(v.0, Some(v.1))?,
+            }
         } else {
             let w = Tensor::cat(&[&q.0, &k.0, &v.0], 0)?;
             let b = Tensor::cat(&[&q.1, &k.1, &v.1], 0)?;
             Qkv::Fused(Linear::new(w, Some(b))?)
         };
         let out_proj = Linear::load(vb.pp("out_proj"), hidden, hidden, true)?;
-        Ok(Self { qkv, out_proj, num_heads })
+        Ok(Self {
+            qkv,
+            out_proj,
+            num_heads,
+        })
     }
 
     /// `x` is (batch, seq, hidden); `mask` is an additive (seq, seq) mask.
@@ -194,8 +251,14 @@ impl Attention {
             // fused node with its own backward pass.
             Qkv::Separate { q, k, v } => {
                 let w = Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?;
-                let b = [&q.bias, &k.bias, &v.bias].map(|b| b.clone().expect("attention has biases"));
-                let qkv = Linear { weight: w, transposed: false, bias: Some(Tensor::cat(&b, 0)?) }.forward(x)?;
+                let b =
+                    [&q.bias, &k.bias, &v.bias].map(|b| b.clone().expect("attention has biases"));
+                let qkv = Linear {
+                    weight: w,
+                    transposed: false,
+                    bias: Some(Tensor::cat(&b, 0)?),
+                }
+                .forward(x)?;
                 super::ops::attention(&qkv, self.num_heads, mask)?
             }
         };
@@ -212,7 +275,12 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(vb: VarBuilder, hidden: usize, intermediate: usize, activation: Activation) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        hidden: usize,
+        intermediate: usize,
+        activation: Activation,
+    ) -> Result<Self> {
         Ok(Self {
             fc1: Linear::load(vb.pp("fc1"), hidden, intermediate, true)?,
             fc2: Linear::load(vb.pp("fc2"), intermediate, hidden, true)?,
@@ -268,7 +336,9 @@ impl EncoderLayer {
     }
 
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)?;
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, mask)?;
         let x = residual(h, x)?;
         let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
         residual(h, &x)
@@ -294,7 +364,9 @@ pub struct Encoder {
 impl Encoder {
     pub fn load(vb: VarBuilder, s: &EncoderShape) -> Result<Self> {
         let vb = vb.pp("layers");
-        let layers = (0..s.layers).map(|i| EncoderLayer::load(vb.pp(i), s)).collect::<Result<_>>()?;
+        let layers = (0..s.layers)
+            .map(|i| EncoderLayer::load(vb.pp(i), s))
+            .collect::<Result<_>>()?;
         Ok(Self { layers })
     }
 
@@ -354,10 +426,17 @@ impl AttentionPool {
         let (heads, d) = (self.num_heads, h / self.num_heads);
         // The query is the same for every image: (heads, d, 1), scaled.
         let q = (self.q.forward(&self.probe)?.reshape((heads, d, 1))? * (d as f64).powf(-0.5))?;
-        let kv = self.kv.forward(x)?.reshape((b, n, 2, heads, d))?.permute((2, 0, 3, 1, 4))?;
+        let kv = self
+            .kv
+            .forward(x)?
+            .reshape((b, n, 2, heads, d))?
+            .permute((2, 0, 3, 1, 4))?;
         let k = kv.get(0)?.contiguous()?; // (b, heads, n, d)
         let v = kv.get(1)?.contiguous()?;
-        let q = q.unsqueeze(0)?.broadcast_as((b, heads, d, 1))?.contiguous()?;
+        let q = q
+            .unsqueeze(0)?
+            .broadcast_as((b, heads, d, 1))?
+            .contiguous()?;
         // Scores over positions, as a row per head: (b, heads, 1, n).
         let scores = k.matmul(&q)?.transpose(2, 3)?;
         let p = if scores.track_op() {

@@ -30,7 +30,7 @@ pub mod vision;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-pub use checkpoint::{HubOptions, ModelSource, DEFAULT_MODEL};
+pub use checkpoint::{DEFAULT_MODEL, HubOptions, ModelSource};
 pub use config::{Activation, ClipConfig, Family, TextConfig, VisionConfig};
 pub use embedder::{Calibration, Clip, ModelInfo};
 pub use preprocess::{Preprocessor, RgbView};
@@ -48,7 +48,11 @@ pub enum Error {
     #[error("{0}")]
     Checkpoint(String),
     #[error("{file} not found in {location}: {hint}")]
-    MissingFile { file: String, location: String, hint: String },
+    MissingFile {
+        file: String,
+        location: String,
+        hint: String,
+    },
     #[error("download failed: {0}")]
     Download(String),
     #[error("tokenizer: {0}")]
@@ -56,7 +60,10 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Input(String),
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("weights do not fit the config: {0}")]
     Weights(String),
     #[error(transparent)]
@@ -88,8 +95,18 @@ impl ClipModel {
             let scale_init = candle_nn::Init::Const(config.logit_scale_init_value);
             let (text_projection, visual_projection, logit_scale, logit_bias) = match family {
                 Family::Clip => (
-                    Some(Linear::load(vb.pp("text_projection"), t.hidden_size, config.projection_dim, false)?),
-                    Some(Linear::load(vb.pp("visual_projection"), v.hidden_size, config.projection_dim, false)?),
+                    Some(Linear::load(
+                        vb.pp("text_projection"),
+                        t.hidden_size,
+                        config.projection_dim,
+                        false,
+                    )?),
+                    Some(Linear::load(
+                        vb.pp("visual_projection"),
+                        v.hidden_size,
+                        config.projection_dim,
+                        false,
+                    )?),
                     vb.get_with_hints((), "logit_scale", scale_init)?,
                     None,
                 ),
@@ -97,8 +114,12 @@ impl ClipModel {
                 Family::Siglip => (
                     None,
                     None,
-                    vb.get_with_hints(1, "logit_scale", scale_init)?.reshape(())?,
-                    Some(vb.get_with_hints(1, "logit_bias", candle_nn::Init::Const(-10.0))?.reshape(())?),
+                    vb.get_with_hints(1, "logit_scale", scale_init)?
+                        .reshape(())?,
+                    Some(
+                        vb.get_with_hints(1, "logit_bias", candle_nn::Init::Const(-10.0))?
+                            .reshape(())?,
+                    ),
                 ),
             };
             Ok(Self {
@@ -153,7 +174,11 @@ impl ClipModel {
 
     /// (images, texts) logits from unnormalised features: `exp(t) * cos`,
     /// plus `b` for SigLIP.
-    pub fn logits_per_image(&self, image_features: &Tensor, text_features: &Tensor) -> Result<Tensor> {
+    pub fn logits_per_image(
+        &self,
+        image_features: &Tensor,
+        text_features: &Tensor,
+    ) -> Result<Tensor> {
         let i = normalize(image_features)?;
         let t = normalize(text_features)?;
         let cos = i.matmul(&t.t()?)?;
@@ -171,7 +196,10 @@ pub fn normalize(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Opens a weights file as a `VarBuilder` producing f32 tensors on `device`.
-pub fn load_weights(weights: &checkpoint::WeightsFile, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn load_weights(
+    weights: &checkpoint::WeightsFile,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     match weights {
         checkpoint::WeightsFile::Safetensors(path) => {
             // Safety: the file is memory-mapped read-only; clipdex never writes a

@@ -21,7 +21,11 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a
 }
 
 /// The f32 elements of a contiguous storage, to write in place.
-fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a mut [f32]> {
+fn slice_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a mut [f32]> {
     let Some((start, end)) = l.contiguous_offsets() else {
         candle_core::bail!("{op} needs contiguous input");
     };
@@ -37,7 +41,9 @@ fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> candle_core::Re
 fn erf(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
     (1.0 - poly * (-a * a).exp()).copysign(x)
 }
 
@@ -54,13 +60,26 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let y: Vec<f32> = x.par_iter().with_min_len(4096).map(|&x| 0.5 * x * (1.0 + erf(x * SQRT_HALF))).collect();
+        let y: Vec<f32> = x
+            .par_iter()
+            .with_min_len(4096)
+            .map(|&x| 0.5 * x * (1.0 + erf(x * SQRT_HALF)))
+            .collect();
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         // Detached: a gradient must not carry the forward graph along.
-        Ok(Some(arg.detach().contiguous()?.apply_op2(&grad.detach().contiguous()?, GeluErfGrad)?))
+        Ok(Some(
+            arg.detach()
+                .contiguous()?
+                .apply_op2(&grad.detach().contiguous()?, GeluErfGrad)?,
+        ))
     }
 }
 
@@ -71,14 +90,22 @@ impl CustomOp2 for GeluErfGrad {
         "clipdex-gelu-erf-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, self.name())?;
         let dy = slice(s2, l2, self.name())?;
         let dx: Vec<f32> = x
             .par_iter()
             .zip(dy.par_iter())
             .with_min_len(4096)
-            .map(|(&x, &g)| g * (0.5 * (1.0 + erf(x * SQRT_HALF)) + x * INV_SQRT_2PI * (-0.5 * x * x).exp()))
+            .map(|(&x, &g)| {
+                g * (0.5 * (1.0 + erf(x * SQRT_HALF)) + x * INV_SQRT_2PI * (-0.5 * x * x).exp())
+            })
             .collect();
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -126,12 +153,14 @@ impl CustomOp1 for GeluTanh {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(8192).zip(x.par_chunks(8192)).for_each(|(y, x)| {
-            for (o, &v) in y.iter_mut().zip(x) {
-                let inner = SQRT_2_OVER_PI * v * (0.044_715 * v * v + 1.0);
-                *o = 0.5 * v * (1.0 + tanh_fast(inner));
-            }
-        });
+        y.par_chunks_mut(8192)
+            .zip(x.par_chunks(8192))
+            .for_each(|(y, x)| {
+                for (o, &v) in y.iter_mut().zip(x) {
+                    let inner = SQRT_2_OVER_PI * v * (0.044_715 * v * v + 1.0);
+                    *o = 0.5 * v * (1.0 + tanh_fast(inner));
+                }
+            });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 }
@@ -153,7 +182,9 @@ impl Pointwise {
     fn apply(self, v: f32) -> f32 {
         match self {
             Pointwise::Identity => v,
-            Pointwise::GeluTanh => 0.5 * v * (1.0 + tanh_fast(SQRT_2_OVER_PI * v * (0.044_715 * v * v + 1.0))),
+            Pointwise::GeluTanh => {
+                0.5 * v * (1.0 + tanh_fast(SQRT_2_OVER_PI * v * (0.044_715 * v * v + 1.0)))
+            }
             Pointwise::GeluErf => 0.5 * v * (1.0 + erf(v * SQRT_HALF)),
             Pointwise::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
         }
@@ -169,12 +200,23 @@ impl InplaceOp2 for BiasInPlace {
         "clipdex-bias-in-place"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
         let b = slice(s2, l2, self.name())?;
         let y = slice_mut(s1, l1, self.name())?;
         let n = b.len();
         if n == 0 || y.len() % n != 0 {
-            candle_core::bail!("{}: rows of {} do not fit {} elements", self.name(), n, y.len());
+            candle_core::bail!(
+                "{}: rows of {} do not fit {} elements",
+                self.name(),
+                n,
+                y.len()
+            );
         }
         let f = self.0;
         let rows_per_task = (8192 / n).max(1);
@@ -205,17 +247,25 @@ impl InplaceOp2 for AddInPlace {
         "clipdex-add-in-place"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
         let x = slice(s2, l2, self.name())?;
         let y = slice_mut(s1, l1, self.name())?;
         if y.len() != x.len() {
             candle_core::bail!("{}: {} and {} elements", self.name(), y.len(), x.len());
         }
-        y.par_chunks_mut(8192).zip(x.par_chunks(8192)).for_each(|(y, x)| {
-            for (o, &v) in y.iter_mut().zip(x) {
-                *o += v;
-            }
-        });
+        y.par_chunks_mut(8192)
+            .zip(x.par_chunks(8192))
+            .for_each(|(y, x)| {
+                for (o, &v) in y.iter_mut().zip(x) {
+                    *o += v;
+                }
+            });
         Ok(())
     }
 }
@@ -243,17 +293,26 @@ impl CustomOp2 for SoftmaxGrad {
     }
 
     /// dx = y * (dy - sum(dy * y)), per row.
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let y = slice(s1, l1, self.name())?;
         let dy = slice(s2, l2, self.name())?;
         let n = *l1.dims().last().unwrap_or(&1);
         let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).with_min_len(64).for_each(|(dx, (y, dy))| {
-            let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
-            for ((o, &y), &g) in dx.iter_mut().zip(y).zip(dy) {
-                *o = y * (g - dot);
-            }
-        });
+        dx.par_chunks_mut(n)
+            .zip(y.par_chunks(n).zip(dy.par_chunks(n)))
+            .with_min_len(64)
+            .for_each(|(dx, (y, dy))| {
+                let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+                for ((o, &y), &g) in dx.iter_mut().zip(y).zip(dy) {
+                    *o = y * (g - dot);
+                }
+            });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -265,25 +324,48 @@ impl CustomOp2 for AddRows {
         "clipdex-add-rows"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, self.name())?;
         let b = slice(s2, l2, self.name())?;
         let n = b.len();
         if n == 0 || x.len() % n != 0 {
-            candle_core::bail!("{}: rows of {} do not fit {} elements", self.name(), n, x.len());
+            candle_core::bail!(
+                "{}: rows of {} do not fit {} elements",
+                self.name(),
+                n,
+                x.len()
+            );
         }
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(16).for_each(|(y, x)| {
-            for i in 0..n {
-                y[i] = x[i] + b[i];
-            }
-        });
+        y.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .with_min_len(16)
+            .for_each(|(y, x)| {
+                for i in 0..n {
+                    y[i] = x[i] + b[i];
+                }
+            });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let n = b.elem_count();
-        let sums = grad.detach().contiguous()?.apply_op1_no_bwd(&SumRows { n })?;
+        let sums = grad
+            .detach()
+            .contiguous()?
+            .apply_op1_no_bwd(&SumRows { n })?;
         Ok((Some(grad.clone()), Some(sums.reshape(b.shape())?)))
     }
 }
@@ -301,7 +383,9 @@ impl CustomOp1 for SumRows {
         let x = slice(s, l, self.name())?;
         let n = self.n;
         let rows = x.len() / n.max(1);
-        let block = rows.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+        let block = rows
+            .div_ceil(rayon::current_num_threads().max(1) * 4)
+            .max(1);
         let partial: Vec<Vec<f32>> = (0..rows.div_ceil(block))
             .into_par_iter()
             .map(|k| {
@@ -361,12 +445,15 @@ impl CustomOp3 for LayerNorm {
         let b = slice(s3, l3, self.name())?;
         let h = w.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(h).zip(x.par_chunks(h)).with_min_len(32).for_each(|(y, x)| {
-            let (mean, rstd) = moments(x, self.eps);
-            for i in 0..h {
-                y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-            }
-        });
+        y.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .with_min_len(32)
+            .for_each(|(y, x)| {
+                let (mean, rstd) = moments(x, self.eps);
+                for i in 0..h {
+                    y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                }
+            });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -378,7 +465,11 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, w, grad) = (x.detach().contiguous()?, w.detach().contiguous()?, grad.detach().contiguous()?);
+        let (x, w, grad) = (
+            x.detach().contiguous()?,
+            w.detach().contiguous()?,
+            grad.detach().contiguous()?,
+        );
         let dx = x.apply_op3(&w, &grad, LayerNormGradInput { eps: self.eps })?;
         let params = x.apply_op2(&grad, LayerNormGradParams { eps: self.eps })?;
         Ok((Some(dx), Some(params.get(0)?), Some(params.get(1)?)))
@@ -409,20 +500,23 @@ impl CustomOp3 for LayerNormGradInput {
         let dy = slice(s3, l3, self.name())?;
         let h = w.len();
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(h).zip(x.par_chunks(h).zip(dy.par_chunks(h))).with_min_len(32).for_each(|(dx, (x, dy))| {
-            let (mean, rstd) = moments(x, self.eps);
-            let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-            for i in 0..h {
-                let g = dy[i] * w[i];
-                sum_g += g;
-                sum_gx += g * (x[i] - mean) * rstd;
-            }
-            let (mean_g, mean_gx) = (sum_g / h as f32, sum_gx / h as f32);
-            for i in 0..h {
-                let xhat = (x[i] - mean) * rstd;
-                dx[i] = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gx);
-            }
-        });
+        dx.par_chunks_mut(h)
+            .zip(x.par_chunks(h).zip(dy.par_chunks(h)))
+            .with_min_len(32)
+            .for_each(|(dx, (x, dy))| {
+                let (mean, rstd) = moments(x, self.eps);
+                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                for i in 0..h {
+                    let g = dy[i] * w[i];
+                    sum_g += g;
+                    sum_gx += g * (x[i] - mean) * rstd;
+                }
+                let (mean_g, mean_gx) = (sum_g / h as f32, sum_gx / h as f32);
+                for i in 0..h {
+                    let xhat = (x[i] - mean) * rstd;
+                    dx[i] = rstd * (dy[i] * w[i] - mean_g - xhat * mean_gx);
+                }
+            });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -437,13 +531,21 @@ impl CustomOp2 for LayerNormGradParams {
     }
 
     /// (2, h): row 0 the gain's gradient sum(dy * xhat), row 1 the bias's sum(dy).
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, self.name())?;
         let dy = slice(s2, l2, self.name())?;
         let h = *l1.dims().last().unwrap_or(&1);
         let rows = x.len() / h.max(1);
         // Sum over rows in blocks, each block on one thread, then the blocks.
-        let block = rows.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+        let block = rows
+            .div_ceil(rayon::current_num_threads().max(1) * 4)
+            .max(1);
         let partial: Vec<Vec<f32>> = (0..rows.div_ceil(block))
             .into_par_iter()
             .map(|k| {
@@ -470,7 +572,11 @@ impl CustomOp2 for LayerNormGradParams {
 /// Layer normalisation over the last dimension, with a backward pass for
 /// the input, the gain and the bias.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps: eps as f32 })
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
 }
 
 /// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)` with gemm, the kernel
@@ -488,7 +594,11 @@ fn gemm_f32(
     assert!(dst.len() >= m * n && lhs.len() > (m.max(1) - 1) * lhs_rs + (k.max(1) - 1) * lhs_cs);
     assert!(rhs.len() > (k.max(1) - 1) * rhs_rs + (n.max(1) - 1) * rhs_cs);
     let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: the asserts above keep every index gemm computes from these
     // sizes and strides inside the slices; dst does not alias lhs or rhs.
     unsafe {
@@ -523,13 +633,24 @@ fn gemm_f32(
 struct Dense;
 
 impl Dense {
-    fn forward(x: &[f32], w: &[f32], out_dim: usize, b: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
+    fn forward(
+        x: &[f32],
+        w: &[f32],
+        out_dim: usize,
+        b: Option<&[f32]>,
+    ) -> candle_core::Result<Vec<f32>> {
         if out_dim == 0 || w.len() % out_dim != 0 {
-            candle_core::bail!("dense: weight of {} elements is not {out_dim} rows", w.len());
+            candle_core::bail!(
+                "dense: weight of {} elements is not {out_dim} rows",
+                w.len()
+            );
         }
         let in_dim = w.len() / out_dim;
         if in_dim == 0 || x.len() % in_dim != 0 {
-            candle_core::bail!("dense: input of {} elements is not rows of {in_dim}", x.len());
+            candle_core::bail!(
+                "dense: input of {} elements is not rows of {in_dim}",
+                x.len()
+            );
         }
         let rows = x.len() / in_dim;
         if rows == 0 {
@@ -537,10 +658,20 @@ impl Dense {
         }
         let mut y = vec![0f32; rows * out_dim];
         if let Some(b) = b {
-            y.par_chunks_mut(out_dim).with_min_len(64).for_each(|r| r.copy_from_slice(b));
+            y.par_chunks_mut(out_dim)
+                .with_min_len(64)
+                .for_each(|r| r.copy_from_slice(b));
         }
         // x (rows x in) times W^T: W^T[i][j] = W[j][i], so row stride 1, column stride in.
-        gemm_f32((rows, out_dim, in_dim), &mut y, b.is_some(), x, (in_dim, 1), w, (1, in_dim));
+        gemm_f32(
+            (rows, out_dim, in_dim),
+            &mut y,
+            b.is_some(),
+            x,
+            (in_dim, 1),
+            w,
+            (1, in_dim),
+        );
         Ok(y)
     }
 
@@ -555,13 +686,33 @@ impl Dense {
     }
 
     /// Gradients for x, W and b from the output's gradient.
-    fn backward(x: &Tensor, w: &Tensor, grad: &Tensor, bias: bool) -> candle_core::Result<[Option<Tensor>; 3]> {
+    fn backward(
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+        bias: bool,
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
         let (out_dim, in_dim) = w.dims2()?;
         let rows = x.elem_count() / in_dim.max(1);
         let g = grad.detach().contiguous()?.reshape((rows, out_dim))?;
-        let dx = if x.track_op() { Some(g.matmul(&w.detach())?.reshape(x.shape())?) } else { None };
-        let dw = if w.track_op() { Some(g.t()?.matmul(&x.detach().contiguous()?.reshape((rows, in_dim))?)?) } else { None };
-        let db = if bias { Some(g.apply_op1_no_bwd(&SumRows { n: out_dim })?) } else { None };
+        let dx = if x.track_op() {
+            Some(g.matmul(&w.detach())?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(
+                g.t()?
+                    .matmul(&x.detach().contiguous()?.reshape((rows, in_dim))?)?,
+            )
+        } else {
+            None
+        };
+        let db = if bias {
+            Some(g.apply_op1_no_bwd(&SumRows { n: out_dim })?)
+        } else {
+            None
+        };
         Ok([dx, dw, db])
     }
 }
@@ -571,13 +722,30 @@ impl CustomOp2 for Dense {
         "clipdex-dense"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let shape = Self::shape(l1, l2)?;
-        let y = Self::forward(slice(s1, l1, "dense")?, slice(s2, l2, "dense")?, l2.dims()[0], None)?;
+        let y = Self::forward(
+            slice(s1, l1, "dense")?,
+            slice(s2, l2, "dense")?,
+            l2.dims()[0],
+            None,
+        )?;
         Ok((CpuStorage::F32(y), shape))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let [dx, dw, _] = Self::backward(x, w, grad, false)?;
         Ok((dx, dw))
     }
@@ -602,7 +770,12 @@ impl CustomOp3 for Dense {
         if b.len() != l2.dims()[0] {
             candle_core::bail!("dense: bias of {} for {} outputs", b.len(), l2.dims()[0]);
         }
-        let y = Self::forward(slice(s1, l1, "dense")?, slice(s2, l2, "dense")?, l2.dims()[0], Some(b))?;
+        let y = Self::forward(
+            slice(s1, l1, "dense")?,
+            slice(s2, l2, "dense")?,
+            l2.dims()[0],
+            Some(b),
+        )?;
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -648,7 +821,9 @@ impl Attention {
         let (b, n, three_hidden) = shape.dims3()?;
         let h = self.heads;
         if h == 0 || three_hidden % (3 * h) != 0 {
-            candle_core::bail!("attention: {three_hidden} does not split into q, k, v of {h} heads");
+            candle_core::bail!(
+                "attention: {three_hidden} does not split into q, k, v of {h} heads"
+            );
         }
         Ok((b, n, h, three_hidden / (3 * h)))
     }
@@ -665,23 +840,43 @@ impl CustomOp1 for Attention {
         let qkv = Tensor::from_slice(x, (b, n, 3 * h * hd), &candle_core::Device::Cpu)?;
         let (out, saved) = attend(&qkv, h, self.mask.as_ref())?;
         let out = out.flatten_all()?.to_vec1::<f32>()?;
-        *self.saved.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))? = Some(saved);
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))? = Some(saved);
         Ok((CpuStorage::F32(out), Shape::from((b, n, h * hd))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (b, n, h, hd) = self.dims(arg.shape())?;
-        let saved = self.saved.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))?.clone();
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))?
+            .clone();
         let Some([q, k, v, p]) = saved else {
             candle_core::bail!("attention: backward pass before the forward pass")
         };
-        let d_out = grad.detach().reshape((b, n, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * h, n, hd))?;
+        let d_out = grad
+            .detach()
+            .reshape((b, n, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * h, n, hd))?;
         let dv = p.t()?.matmul(&d_out)?;
         let dp = d_out.matmul(&v.t()?)?;
         let ds = p.apply_op2_no_bwd(&dp, &SoftmaxGrad)?;
         let dq = (ds.matmul(&k)? * (hd as f64).powf(-0.5))?;
         let dk = ds.t()?.matmul(&q)?;
-        let d = Tensor::stack(&[dq, dk, dv], 0)?.reshape((3, b, h, n, hd))?.permute((1, 3, 0, 2, 4))?.contiguous()?;
+        let d = Tensor::stack(&[dq, dk, dv], 0)?
+            .reshape((3, b, h, n, hd))?
+            .permute((1, 3, 0, 2, 4))?
+            .contiguous()?;
         Ok(Some(d.reshape((b, n, 3 * h * hd))?))
     }
 }
@@ -692,11 +887,18 @@ impl CustomOp1 for Attention {
 /// (batch, seq, hidden) output, and the scaled q, k, v as (batch * heads,
 /// seq, head_dim) with the attention weights, which that node's backward
 /// pass reuses.
-pub fn attend(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> candle_core::Result<(Tensor, [Tensor; 4])> {
+pub fn attend(
+    qkv: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, [Tensor; 4])> {
     let (b, n, three_hidden) = qkv.dims3()?;
     let (h, hd) = (heads, three_hidden / (3 * heads));
     // (b, n, 3, h, hd) -> (3, b, h, n, hd)
-    let qkv = qkv.reshape((b, n, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+    let qkv = qkv
+        .reshape((b, n, 3, h, hd))?
+        .permute((2, 0, 3, 1, 4))?
+        .contiguous()?;
     let q = (qkv.get(0)?.reshape((b * h, n, hd))? * (hd as f64).powf(-0.5))?;
     let k = qkv.get(1)?.reshape((b * h, n, hd))?;
     let v = qkv.get(2)?.reshape((b * h, n, hd))?;
@@ -705,7 +907,12 @@ pub fn attend(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> candle_core:
         scores = scores.broadcast_add(mask)?;
     }
     let p = candle_nn::ops::softmax_last_dim(&scores)?;
-    let out = p.matmul(&v)?.reshape((b, h, n, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, n, h * hd))?;
+    let out = p
+        .matmul(&v)?
+        .reshape((b, h, n, hd))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, n, h * hd))?;
     Ok((out, [q, k, v, p]))
 }
 
@@ -713,22 +920,37 @@ pub fn attend(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> candle_core:
 /// (batch, seq, 3 * hidden), with an optional additive (seq, seq) mask;
 /// returns (batch, seq, hidden). Differentiable with respect to `qkv`.
 pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let op = Attention { heads, mask: mask.map(|m| m.detach()), saved: std::sync::Mutex::new(None) };
+    let op = Attention {
+        heads,
+        mask: mask.map(|m| m.detach()),
+        saved: std::sync::Mutex::new(None),
+    };
     qkv.contiguous()?.apply_op1(op)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
+    use candle_core::{D, Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     fn input(shape: (usize, usize), seed: u64) -> Var {
         let mut rng = crate::model::init::NormalRng::new(seed);
-        let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.normal() as f32 * 2.0).collect();
+        let data: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| rng.normal() as f32 * 2.0)
+            .collect();
         Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
     }
 
@@ -741,7 +963,10 @@ mod tests {
             (Pointwise::Identity, sum.clone()),
             (Pointwise::GeluTanh, sum.gelu().unwrap()),
             (Pointwise::GeluErf, sum.gelu_erf().unwrap()),
-            (Pointwise::QuickGelu, (&sum * candle_nn::ops::sigmoid(&(&sum * 1.702).unwrap()).unwrap()).unwrap()),
+            (
+                Pointwise::QuickGelu,
+                (&sum * candle_nn::ops::sigmoid(&(&sum * 1.702).unwrap()).unwrap()).unwrap(),
+            ),
         ] {
             let y = x.as_tensor().copy().unwrap();
             bias_in_place(&y, &b.as_tensor().reshape(10).unwrap(), f).unwrap();
@@ -750,7 +975,10 @@ mod tests {
         let y = x.as_tensor().copy().unwrap();
         let other = input((6, 10), 5);
         add_in_place(&y, other.as_tensor()).unwrap();
-        assert_eq!(max_diff(&y, &(x.as_tensor() + other.as_tensor()).unwrap()), 0.0);
+        assert_eq!(
+            max_diff(&y, &(x.as_tensor() + other.as_tensor()).unwrap()),
+            0.0
+        );
         assert!(add_in_place(&y, b.as_tensor()).is_err());
     }
 
@@ -761,7 +989,10 @@ mod tests {
             let (ours, libm) = (tanh_fast(x), x.tanh());
             assert!((ours - libm).abs() <= 1e-6, "tanh({x}) = {ours} vs {libm}");
         }
-        let x = Tensor::arange(-800i64, 800, &Device::Cpu).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+        let x = Tensor::arange(-800i64, 800, &Device::Cpu)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
         let x = (x / 100.0).unwrap();
         let d = max_diff(&gelu_tanh(&x).unwrap(), &x.gelu().unwrap());
         assert!(d < 5e-6, "gelu tanh differs from candle's by {d}");
@@ -772,7 +1003,11 @@ mod tests {
         for i in -400..=400 {
             let x = i as f32 / 100.0;
             let want = libm_erf(x);
-            assert!((erf(x) - want).abs() < 5e-7, "erf({x}) = {} vs {want}", erf(x));
+            assert!(
+                (erf(x) - want).abs() < 5e-7,
+                "erf({x}) = {} vs {want}",
+                erf(x)
+            );
         }
     }
 
@@ -780,7 +1015,11 @@ mod tests {
         // candle's gelu_erf is 0.5 x (1 + erf(x / sqrt 2)); invert it at x * sqrt 2.
         let t = Tensor::new(&[x * std::f32::consts::SQRT_2], &Device::Cpu).unwrap();
         let g = t.gelu_erf().unwrap().to_vec1::<f32>().unwrap()[0];
-        if x == 0.0 { 0.0 } else { 2.0 * g / (x * std::f32::consts::SQRT_2) - 1.0 }
+        if x == 0.0 {
+            0.0
+        } else {
+            2.0 * g / (x * std::f32::consts::SQRT_2) - 1.0
+        }
     }
 
     /// The fused dense layer against candle's composition, with and without bias.
@@ -800,11 +1039,28 @@ mod tests {
             let fused = dense(&x3, w.as_tensor(), bias).unwrap();
             assert_eq!(fused.dims(), &[2, 5, 4]);
             assert!(max_diff(&fused, &composed) < 1e-5);
-            let g1 = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let vars: &[&Var] = if bias.is_some() { &[&x, &w, &b] } else { &[&x, &w] };
+            let g1 = (fused * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (composed * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let vars: &[&Var] = if bias.is_some() {
+                &[&x, &w, &b]
+            } else {
+                &[&x, &w]
+            };
             for v in vars {
-                let d = max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                let d = max_diff(
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
                 assert!(d < 1e-4, "dense gradient differs by {d}");
             }
         }
@@ -817,12 +1073,23 @@ mod tests {
         let (b, n, h, hd) = (3, 7, 2, 4);
         let qkv = input((b * n, 3 * h * hd), 5);
         let qkv3 = qkv.as_tensor().reshape((b, n, 3 * h * hd)).unwrap();
-        let probe = input((b * n, h * hd), 6).as_tensor().reshape((b, n, h * hd)).unwrap();
+        let probe = input((b * n, h * hd), 6)
+            .as_tensor()
+            .reshape((b, n, h * hd))
+            .unwrap();
         let mask = crate::model::layers::causal_mask(n, &Device::Cpu).unwrap();
         for mask in [None, Some(&mask)] {
             let composed = {
-                let t = qkv3.reshape((b, n, 3, h, hd)).unwrap().permute((2, 0, 3, 1, 4)).unwrap().contiguous().unwrap();
-                let q = (t.get(0).unwrap().reshape((b * h, n, hd)).unwrap() * (hd as f64).powf(-0.5)).unwrap();
+                let t = qkv3
+                    .reshape((b, n, 3, h, hd))
+                    .unwrap()
+                    .permute((2, 0, 3, 1, 4))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                let q = (t.get(0).unwrap().reshape((b * h, n, hd)).unwrap()
+                    * (hd as f64).powf(-0.5))
+                .unwrap();
                 let k = t.get(1).unwrap().reshape((b * h, n, hd)).unwrap();
                 let v = t.get(2).unwrap().reshape((b * h, n, hd)).unwrap();
                 let mut s = q.matmul(&k.t().unwrap()).unwrap();
@@ -830,13 +1097,33 @@ mod tests {
                     s = s.broadcast_add(m).unwrap();
                 }
                 let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
-                p.matmul(&v).unwrap().reshape((b, h, n, hd)).unwrap().transpose(1, 2).unwrap().reshape((b, n, h * hd)).unwrap()
+                p.matmul(&v)
+                    .unwrap()
+                    .reshape((b, h, n, hd))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, n, h * hd))
+                    .unwrap()
             };
             let fused = attention(&qkv3, h, mask).unwrap();
             assert!(max_diff(&fused, &composed) < 1e-6);
-            let g1 = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let d = max_diff(g1.get(qkv.as_tensor()).unwrap(), g2.get(qkv.as_tensor()).unwrap());
+            let g1 = (fused * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (composed * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let d = max_diff(
+                g1.get(qkv.as_tensor()).unwrap(),
+                g2.get(qkv.as_tensor()).unwrap(),
+            );
             assert!(d < 1e-5, "attention gradient differs by {d}");
         }
     }
@@ -853,29 +1140,75 @@ mod tests {
         let ours = gelu_erf(x.as_tensor()).unwrap();
         let theirs = x.as_tensor().gelu_erf().unwrap();
         assert!(max_diff(&ours, &theirs) < 1e-5);
-        let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(max_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-5);
+        let g1 = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(
+            max_diff(
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap()
+            ) < 1e-5
+        );
 
         // Adding a row to every row.
         let ours = add_rows(x.as_tensor(), w.as_tensor()).unwrap();
         let theirs = x.as_tensor().broadcast_add(w.as_tensor()).unwrap();
         assert_eq!(max_diff(&ours, &theirs), 0.0);
-        let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g1 = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for v in [&x, &w] {
-            assert!(max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-4);
+            assert!(
+                max_diff(
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap()
+                ) < 1e-4
+            );
         }
 
         // Layer norm.
-        let (wv, bv) = (w.as_tensor().squeeze(0).unwrap(), b.as_tensor().squeeze(0).unwrap());
+        let (wv, bv) = (
+            w.as_tensor().squeeze(0).unwrap(),
+            b.as_tensor().squeeze(0).unwrap(),
+        );
         let ours = layer_norm(x.as_tensor(), &wv, &bv, 1e-5).unwrap();
         let theirs = candle_nn::ops::layer_norm_slow(x.as_tensor(), &wv, &bv, 1e-5).unwrap();
         assert!(max_diff(&ours, &theirs) < 1e-5);
-        let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g1 = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for v in [&x, &w, &b] {
-            let d = max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+            let d = max_diff(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
             assert!(d < 1e-4, "layer norm gradient differs by {d}");
         }
     }

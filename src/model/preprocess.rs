@@ -14,7 +14,7 @@
 use serde::Deserialize;
 
 use super::{Error, Result};
-pub use crate::common::pixels::{resample, Resample, RgbView};
+pub use crate::common::pixels::{Resample, RgbView, resample};
 
 pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
@@ -114,7 +114,10 @@ impl Preprocessor {
     /// crop), mean and std 0.5.
     pub fn siglip_default(image_size: usize) -> Self {
         Self {
-            resize: Some(ResizeTo::Exact { height: image_size, width: image_size }),
+            resize: Some(ResizeTo::Exact {
+                height: image_size,
+                width: image_size,
+            }),
             crop: None,
             mean: [0.5; 3],
             std: [0.5; 3],
@@ -133,35 +136,71 @@ impl Preprocessor {
     /// Reads a `preprocessor_config.json`; what it leaves out is the default
     /// of the processor it names (SigLIP's or, for any other, CLIP's).
     pub fn from_json(text: &str, image_size: usize) -> Result<Self> {
-        let raw: RawProcessorConfig =
-            serde_json::from_str(text).map_err(|e| Error::Config(format!("preprocessor_config.json: {e}")))?;
+        let raw: RawProcessorConfig = serde_json::from_str(text)
+            .map_err(|e| Error::Config(format!("preprocessor_config.json: {e}")))?;
         let siglip = [&raw.image_processor_type, &raw.processor_class]
             .iter()
             .any(|name| name.as_deref().is_some_and(|n| n.starts_with("Siglip")));
-        let default = if siglip { Self::siglip_default(image_size) } else { Self::clip_default(image_size) };
+        let default = if siglip {
+            Self::siglip_default(image_size)
+        } else {
+            Self::clip_default(image_size)
+        };
         let resize = match (raw.do_resize.unwrap_or(true), raw.size) {
             (false, _) => None,
             (true, None) => default.resize,
             (true, Some(SizeSpec::Int(n))) => Some(ResizeTo::ShortestEdge(n)),
-            (true, Some(SizeSpec::Dict { shortest_edge: Some(n), .. })) => Some(ResizeTo::ShortestEdge(n)),
-            (true, Some(SizeSpec::Dict { height: Some(height), width: Some(width), .. })) => {
-                Some(ResizeTo::Exact { height, width })
+            (
+                true,
+                Some(SizeSpec::Dict {
+                    shortest_edge: Some(n),
+                    ..
+                }),
+            ) => Some(ResizeTo::ShortestEdge(n)),
+            (
+                true,
+                Some(SizeSpec::Dict {
+                    height: Some(height),
+                    width: Some(width),
+                    ..
+                }),
+            ) => Some(ResizeTo::Exact { height, width }),
+            (true, Some(other)) => {
+                return Err(Error::Config(format!(
+                    "preprocessor size {other:?} is not supported"
+                )));
             }
-            (true, Some(other)) => return Err(Error::Config(format!("preprocessor size {other:?} is not supported"))),
         };
-        let crop = match (raw.do_center_crop.unwrap_or(default.crop.is_some()), raw.crop_size) {
+        let crop = match (
+            raw.do_center_crop.unwrap_or(default.crop.is_some()),
+            raw.crop_size,
+        ) {
             (false, _) => None,
             (true, None) => default.crop,
             (true, Some(SizeSpec::Int(n))) => Some((n, n)),
-            (true, Some(SizeSpec::Dict { height: Some(h), width: Some(w), .. })) => Some((h, w)),
-            (true, Some(other)) => return Err(Error::Config(format!("preprocessor crop_size {other:?} is not supported"))),
+            (
+                true,
+                Some(SizeSpec::Dict {
+                    height: Some(h),
+                    width: Some(w),
+                    ..
+                }),
+            ) => Some((h, w)),
+            (true, Some(other)) => {
+                return Err(Error::Config(format!(
+                    "preprocessor crop_size {other:?} is not supported"
+                )));
+            }
         };
         let triple = |v: Option<Vec<f32>>, d: [f32; 3], name: &str| -> Result<[f32; 3]> {
             match v {
                 None => Ok(d),
                 Some(v) if v.len() == 3 => Ok([v[0], v[1], v[2]]),
                 Some(v) if v.len() == 1 => Ok([v[0]; 3]),
-                Some(v) => Err(Error::Config(format!("{name} has {} values, expected 3", v.len()))),
+                Some(v) => Err(Error::Config(format!(
+                    "{name} has {} values, expected 3",
+                    v.len()
+                ))),
             }
         };
         let std = triple(raw.image_std, default.std, "image_std")?;
@@ -170,9 +209,17 @@ impl Preprocessor {
         }
         let processor = Self {
             resize,
-            resample: raw.resample.map(resample_from_pil).transpose()?.unwrap_or(Resample::Bicubic),
+            resample: raw
+                .resample
+                .map(resample_from_pil)
+                .transpose()?
+                .unwrap_or(Resample::Bicubic),
             crop,
-            rescale: if raw.do_rescale.unwrap_or(true) { Some(raw.rescale_factor.unwrap_or(1.0 / 255.0) as f32) } else { None },
+            rescale: if raw.do_rescale.unwrap_or(true) {
+                Some(raw.rescale_factor.unwrap_or(1.0 / 255.0) as f32)
+            } else {
+                None
+            },
             mean: triple(raw.image_mean, default.mean, "image_mean")?,
             std,
             normalize: raw.do_normalize.unwrap_or(true),
@@ -198,7 +245,9 @@ impl Preprocessor {
     pub fn to_json(&self) -> String {
         let (size, do_resize) = match self.resize {
             Some(ResizeTo::ShortestEdge(n)) => (serde_json::json!({"shortest_edge": n}), true),
-            Some(ResizeTo::Exact { height, width }) => (serde_json::json!({"height": height, "width": width}), true),
+            Some(ResizeTo::Exact { height, width }) => {
+                (serde_json::json!({"height": height, "width": width}), true)
+            }
             None => (serde_json::json!({"shortest_edge": self.image_size}), false),
         };
         let resample = match self.resample {
@@ -242,9 +291,17 @@ impl Preprocessor {
             Some(ResizeTo::Exact { height, width }) => (width, height),
             Some(ResizeTo::ShortestEdge(size)) => {
                 // transformers' get_resize_output_image_size: int(size * long / short).
-                let (short, long) = if width <= height { (width, height) } else { (height, width) };
+                let (short, long) = if width <= height {
+                    (width, height)
+                } else {
+                    (height, width)
+                };
                 let new_long = ((size * long) as f64 / short as f64) as usize;
-                if width <= height { (size, new_long) } else { (new_long, size) }
+                if width <= height {
+                    (size, new_long)
+                } else {
+                    (new_long, size)
+                }
             }
         }
     }
@@ -260,7 +317,11 @@ impl Preprocessor {
     /// Resizes and centre-crops: the 8-bit stage of the pipeline, (h, w, 3) interleaved.
     pub fn resize_and_crop(&self, image: RgbView) -> Vec<u8> {
         match self.resize(image) {
-            Some((data, width, height)) => self.crop(RgbView { width, height, data: &data }),
+            Some((data, width, height)) => self.crop(RgbView {
+                width,
+                height,
+                data: &data,
+            }),
             None => self.crop(image),
         }
     }
@@ -270,7 +331,8 @@ impl Preprocessor {
     pub fn resize(&self, image: RgbView) -> Option<(Vec<u8>, usize, usize)> {
         let (rw, rh) = self.resized_size(image.width, image.height);
         let (rw, rh) = (rw.max(1), rh.max(1));
-        ((rw, rh) != (image.width, image.height)).then(|| (resample(image, rw, rh, self.resample), rw, rh))
+        ((rw, rh) != (image.width, image.height))
+            .then(|| (resample(image, rw, rh, self.resample), rw, rh))
     }
 
     /// The crop step alone, on a resized image.
@@ -330,7 +392,9 @@ mod tests {
     use super::*;
 
     fn gradient(w: usize, h: usize) -> Vec<u8> {
-        (0..w * h * 3).map(|i| ((i * 37 + i / 7) % 256) as u8).collect()
+        (0..w * h * 3)
+            .map(|i| ((i * 37 + i / 7) % 256) as u8)
+            .collect()
     }
 
     #[test]
@@ -346,7 +410,13 @@ mod tests {
     fn constant_image_stays_constant() {
         let data = vec![77u8; 300 * 200 * 3];
         let view = RgbView::new(300, 200, &data).unwrap();
-        for filter in [Resample::Bicubic, Resample::Bilinear, Resample::Lanczos, Resample::Box, Resample::Hamming] {
+        for filter in [
+            Resample::Bicubic,
+            Resample::Bilinear,
+            Resample::Lanczos,
+            Resample::Box,
+            Resample::Hamming,
+        ] {
             let out = resample(view, 97, 61, filter);
             assert!(out.iter().all(|&v| v == 77), "{filter:?}");
         }
@@ -388,9 +458,19 @@ mod tests {
     fn reads_processor_configs() {
         let p = Preprocessor::from_json(r#"{"size": 224, "crop_size": 224, "image_mean": [0.5,0.5,0.5], "image_std": [0.5,0.5,0.5]}"#, 224).unwrap();
         assert_eq!(p.mean(), [0.5; 3]);
-        let p = Preprocessor::from_json(r#"{"size": {"height": 64, "width": 64}, "do_center_crop": false, "resample": 2}"#, 64).unwrap();
+        let p = Preprocessor::from_json(
+            r#"{"size": {"height": 64, "width": 64}, "do_center_crop": false, "resample": 2}"#,
+            64,
+        )
+        .unwrap();
         assert_eq!(p.resample, Resample::Bilinear);
-        assert!(Preprocessor::from_json(r#"{"size": {"shortest_edge": 64}, "crop_size": {"height": 32, "width": 32}}"#, 64).is_err());
+        assert!(
+            Preprocessor::from_json(
+                r#"{"size": {"shortest_edge": 64}, "crop_size": {"height": 32, "width": 32}}"#,
+                64
+            )
+            .is_err()
+        );
         assert!(Preprocessor::from_json(r#"{"resample": 9}"#, 224).is_err());
         // SigLIP's processor: what it leaves out is SigLIP's default, not CLIP's.
         let p = Preprocessor::from_json(r#"{"image_processor_type": "SiglipImageProcessor", "size": {"height": 64, "width": 64}}"#, 64).unwrap();

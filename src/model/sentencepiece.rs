@@ -52,7 +52,9 @@ const SPACE: &str = "\u{2581}";
 impl SentencePiece {
     /// Parses the bytes of a `spiece.model` (a serialised `ModelProto`).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let bad = |what: &str| Error::Tokenizer(format!("spiece.model is not a SentencePiece model: {what}"));
+        let bad = |what: &str| {
+            Error::Tokenizer(format!("spiece.model is not a SentencePiece model: {what}"))
+        };
         let mut pieces = Vec::new();
         let mut model_type = 1u64;
         let mut byte_fallback = false;
@@ -65,10 +67,22 @@ impl SentencePiece {
                 (2, Value::Bytes(b)) => {
                     for f in Fields::new(b) {
                         match f.map_err(|e| bad(e))? {
-                            Field { number: 3, value: Value::Varint(v) } => model_type = v,
-                            Field { number: 35, value: Value::Varint(v) } => byte_fallback = v != 0,
-                            Field { number: 40, value: Value::Varint(v) } => unk_id = v,
-                            Field { number: 24, value: Value::Varint(v) } if v != 0 => {
+                            Field {
+                                number: 3,
+                                value: Value::Varint(v),
+                            } => model_type = v,
+                            Field {
+                                number: 35,
+                                value: Value::Varint(v),
+                            } => byte_fallback = v != 0,
+                            Field {
+                                number: 40,
+                                value: Value::Varint(v),
+                            } => unk_id = v,
+                            Field {
+                                number: 24,
+                                value: Value::Varint(v),
+                            } if v != 0 => {
                                 return Err(Error::Tokenizer(
                                     "spiece.model treats whitespace as a suffix, which clipdex does not support".into(),
                                 ));
@@ -113,7 +127,17 @@ impl SentencePiece {
             }
         }
         let longest_piece = lookup.keys().map(String::len).max().unwrap_or(1);
-        Ok(Self { pieces, lookup, ids, longest_piece, unk_id, min_score, max_score, byte_fallback, normalizer })
+        Ok(Self {
+            pieces,
+            lookup,
+            ids,
+            longest_piece,
+            unk_id,
+            min_score,
+            max_score,
+            byte_fallback,
+            normalizer,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -145,7 +169,10 @@ impl SentencePiece {
             if is_unk && self.byte_fallback {
                 for b in piece.bytes() {
                     let name = format!("<0x{b:02X}>");
-                    out.push((name.clone(), self.ids.get(&name).copied().unwrap_or(self.unk_id)));
+                    out.push((
+                        name.clone(),
+                        self.ids.get(&name).copied().unwrap_or(self.unk_id),
+                    ));
                 }
             } else if is_unk && prev_unk {
                 out.last_mut().expect("a previous piece").0.push_str(piece);
@@ -172,7 +199,14 @@ impl SentencePiece {
             start: Option<usize>,
         }
         let n = text.len();
-        let mut best = vec![Best { id: 0, score: 0.0, start: None }; n + 1];
+        let mut best = vec![
+            Best {
+                id: 0,
+                score: 0.0,
+                start: None
+            };
+            n + 1
+        ];
         let unk_score = self.min_score - UNK_PENALTY;
         let mut start = 0;
         while start < n {
@@ -185,7 +219,9 @@ impl SentencePiece {
                 if end - start > self.longest_piece {
                     break;
                 }
-                let Some(&id) = self.lookup.get(&text[start..end]) else { continue };
+                let Some(&id) = self.lookup.get(&text[start..end]) else {
+                    continue;
+                };
                 let piece = &self.pieces[id as usize];
                 if piece.kind == Kind::Unused {
                     continue;
@@ -198,7 +234,11 @@ impl SentencePiece {
                 let candidate = (score + here as f64) as f32;
                 let target = &mut best[end];
                 if target.start.is_none() || candidate > target.score {
-                    *target = Best { id, score: candidate, start: Some(start) };
+                    *target = Best {
+                        id,
+                        score: candidate,
+                        start: Some(start),
+                    };
                 }
                 single |= end - start == char_len;
             }
@@ -206,7 +246,11 @@ impl SentencePiece {
                 let target = &mut best[start + char_len];
                 let candidate = unk_score + here;
                 if target.start.is_none() || candidate > target.score {
-                    *target = Best { id: self.unk_id, score: candidate, start: Some(start) };
+                    *target = Best {
+                        id: self.unk_id,
+                        score: candidate,
+                        start: Some(start),
+                    };
                 }
             }
             start += char_len;
@@ -225,14 +269,27 @@ impl SentencePiece {
 }
 
 fn parse_piece(bytes: &[u8]) -> Result<Piece, &'static str> {
-    let mut piece = Piece { text: String::new(), score: 0.0, kind: Kind::Normal };
+    let mut piece = Piece {
+        text: String::new(),
+        score: 0.0,
+        kind: Kind::Normal,
+    };
     for field in Fields::new(bytes) {
         match field? {
-            Field { number: 1, value: Value::Bytes(b) } => {
+            Field {
+                number: 1,
+                value: Value::Bytes(b),
+            } => {
                 piece.text = String::from_utf8(b.to_vec()).map_err(|_| "a piece is not UTF-8")?;
             }
-            Field { number: 2, value: Value::Fixed32(v) } => piece.score = f32::from_bits(v),
-            Field { number: 3, value: Value::Varint(v) } => {
+            Field {
+                number: 2,
+                value: Value::Fixed32(v),
+            } => piece.score = f32::from_bits(v),
+            Field {
+                number: 3,
+                value: Value::Varint(v),
+            } => {
                 piece.kind = match v {
                     1 => Kind::Normal,
                     2 => Kind::Unknown,
@@ -260,7 +317,12 @@ struct Normalizer {
 
 impl Default for Normalizer {
     fn default() -> Self {
-        Self { map: None, add_dummy_prefix: true, remove_extra_whitespaces: true, escape_whitespaces: true }
+        Self {
+            map: None,
+            add_dummy_prefix: true,
+            remove_extra_whitespaces: true,
+            escape_whitespaces: true,
+        }
     }
 }
 
@@ -269,10 +331,22 @@ impl Normalizer {
         let mut n = Self::default();
         for field in Fields::new(bytes) {
             match field? {
-                Field { number: 2, value: Value::Bytes(b) } if !b.is_empty() => n.map = Some(CharsMap::parse(b)?),
-                Field { number: 3, value: Value::Varint(v) } => n.add_dummy_prefix = v != 0,
-                Field { number: 4, value: Value::Varint(v) } => n.remove_extra_whitespaces = v != 0,
-                Field { number: 5, value: Value::Varint(v) } => n.escape_whitespaces = v != 0,
+                Field {
+                    number: 2,
+                    value: Value::Bytes(b),
+                } if !b.is_empty() => n.map = Some(CharsMap::parse(b)?),
+                Field {
+                    number: 3,
+                    value: Value::Varint(v),
+                } => n.add_dummy_prefix = v != 0,
+                Field {
+                    number: 4,
+                    value: Value::Varint(v),
+                } => n.remove_extra_whitespaces = v != 0,
+                Field {
+                    number: 5,
+                    value: Value::Varint(v),
+                } => n.escape_whitespaces = v != 0,
                 _ => {}
             }
         }
@@ -310,7 +384,11 @@ impl Normalizer {
         if input.is_empty() {
             return String::new();
         }
-        let space: &[u8] = if self.escape_whitespaces { SPACE.as_bytes() } else { b" " };
+        let space: &[u8] = if self.escape_whitespaces {
+            SPACE.as_bytes()
+        } else {
+            b" "
+        };
         if self.add_dummy_prefix {
             out.extend_from_slice(space);
         }
@@ -341,7 +419,8 @@ impl Normalizer {
             }
         }
         // The map's outputs are UTF-8, and so is every copied character.
-        String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 }
 
@@ -367,13 +446,26 @@ struct CharsMap {
 
 impl CharsMap {
     fn parse(b: &[u8]) -> Result<Self, String> {
-        let size = u32::from_le_bytes(b.get(..4).ok_or("short character map")?.try_into().expect("4 bytes")) as usize;
-        let trie = b.get(4..4 + size).ok_or("character map trie past the end")?;
+        let size = u32::from_le_bytes(
+            b.get(..4)
+                .ok_or("short character map")?
+                .try_into()
+                .expect("4 bytes"),
+        ) as usize;
+        let trie = b
+            .get(4..4 + size)
+            .ok_or("character map trie past the end")?;
         if size % 4 != 0 || size == 0 {
             return Err("character map trie size is not whole units".into());
         }
-        let units = trie.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
-        Ok(Self { units, normalized: b[4 + size..].to_vec() })
+        let units = trie
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        Ok(Self {
+            units,
+            normalized: b[4 + size..].to_vec(),
+        })
     }
 
     /// darts-clone's `commonPrefixSearch`, keeping the longest match: (value, length).
@@ -468,10 +560,15 @@ impl<'a> Iterator for Fields<'a> {
                     let n = self.varint()? as usize;
                     Value::Bytes(self.take(n)?)
                 }
-                5 => Value::Fixed32(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes"))),
+                5 => Value::Fixed32(u32::from_le_bytes(
+                    self.take(4)?.try_into().expect("4 bytes"),
+                )),
                 _ => return Err("unsupported wire type"),
             };
-            Ok(Field { number: key >> 3, value })
+            Ok(Field {
+                number: key >> 3,
+                value,
+            })
         };
         let out = field();
         if out.is_err() {
@@ -487,7 +584,12 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_model() {
-        for bytes in [&b""[..], b"\x0a\xff", b"not a protobuf at all", &[0x0a, 0x02, 0x0a, 0x00]] {
+        for bytes in [
+            &b""[..],
+            b"\x0a\xff",
+            b"not a protobuf at all",
+            &[0x0a, 0x02, 0x0a, 0x00],
+        ] {
             assert!(SentencePiece::from_bytes(bytes).is_err());
         }
     }
@@ -495,7 +597,13 @@ mod tests {
     #[test]
     fn fields_survive_garbage() {
         let fields: Vec<_> = Fields::new(&[0x08, 0x96, 0x01, 0x12, 0x05, b'a']).collect();
-        assert!(matches!(fields[0], Ok(Field { number: 1, value: Value::Varint(150) })));
+        assert!(matches!(
+            fields[0],
+            Ok(Field {
+                number: 1,
+                value: Value::Varint(150)
+            })
+        ));
         assert!(fields[1].is_err());
         assert_eq!(fields.len(), 2);
     }

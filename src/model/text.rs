@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Family, TextConfig};
-use super::layers::{causal_mask, Encoder, EncoderShape, LayerNorm, Linear};
+use super::layers::{Encoder, EncoderShape, LayerNorm, Linear, causal_mask};
 use super::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -38,13 +38,22 @@ impl TextTransformer {
             eps: cfg.layer_norm_eps,
         };
         Ok(Self {
-            token_embedding: embeddings.pp("token_embedding").get((cfg.vocab_size, h), "weight")?,
-            position_embedding: embeddings.pp("position_embedding").get((cfg.max_position_embeddings, h), "weight")?,
+            token_embedding: embeddings
+                .pp("token_embedding")
+                .get((cfg.vocab_size, h), "weight")?,
+            position_embedding: embeddings
+                .pp("position_embedding")
+                .get((cfg.max_position_embeddings, h), "weight")?,
             encoder: Encoder::load(vb.pp("encoder"), &shape)?,
             final_layer_norm: LayerNorm::load(vb.pp("final_layer_norm"), h, cfg.layer_norm_eps)?,
             head: match family {
                 Family::Clip => None,
-                Family::Siglip => Some(Linear::load(vb.pp("head"), h, cfg.projection_size.unwrap_or(h), true)?),
+                Family::Siglip => Some(Linear::load(
+                    vb.pp("head"),
+                    h,
+                    cfg.projection_size.unwrap_or(h),
+                    true,
+                )?),
             },
             causal: family == Family::Clip,
             max_positions: cfg.max_position_embeddings,
@@ -63,23 +72,39 @@ impl TextTransformer {
     pub fn forward(&self, ids: &Tensor, pool: &[usize]) -> Result<Tensor> {
         let (b, n) = ids.dims2()?;
         if n > self.max_positions {
-            return Err(Error::Input(format!("{n} tokens, the model takes at most {}", self.max_positions)));
+            return Err(Error::Input(format!(
+                "{n} tokens, the model takes at most {}",
+                self.max_positions
+            )));
         }
         if pool.len() != b || pool.iter().any(|&p| p >= n) {
-            return Err(Error::Input("pooling positions do not match the token batch".into()));
+            return Err(Error::Input(
+                "pooling positions do not match the token batch".into(),
+            ));
         }
         let h = self.token_embedding.dim(1)?;
-        let tokens = self.token_embedding.embedding(&ids.flatten_all()?)?.reshape((b, n, h))?;
+        let tokens = self
+            .token_embedding
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, n, h))?;
         let positions = self.position_embedding.narrow(0, 0, n)?;
         let x = if positions.track_op() {
             super::ops::add_rows(&tokens, &positions)?
         } else {
             tokens.broadcast_add(&positions)?
         };
-        let mask = if self.causal { Some(causal_mask(n, ids.device())?) } else { None };
+        let mask = if self.causal {
+            Some(causal_mask(n, ids.device())?)
+        } else {
+            None
+        };
         let x = self.encoder.forward(&x, mask.as_ref())?;
         // Layer norm is per position: normalising only the pooled rows is exact.
-        let rows: Vec<u32> = pool.iter().enumerate().map(|(i, &p)| (i * n + p) as u32).collect();
+        let rows: Vec<u32> = pool
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (i * n + p) as u32)
+            .collect();
         let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?.to_device(x.device())?;
         let pooled = x.reshape((b * n, h))?.index_select(&rows, 0)?;
         let pooled = self.final_layer_norm.forward(&pooled)?;

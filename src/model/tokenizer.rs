@@ -32,7 +32,10 @@ pub struct ClipTokenizer {
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClipTokenizer").field("bos", &self.bos).field("eos", &self.eos).finish()
+        f.debug_struct("ClipTokenizer")
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .finish()
     }
 }
 
@@ -47,7 +50,8 @@ impl ClipTokenizer {
     /// Builds the tokenizer from `vocab.json` and `merges.txt`.
     pub fn from_vocab_merges(vocab: &Path, merges: &Path, max_len: usize) -> Result<Self> {
         let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", p.display())))
+            std::fs::read_to_string(p)
+                .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", p.display())))
         };
         let vocab: serde_json::Value = serde_json::from_str(&read(vocab)?)
             .map_err(|e| Error::Tokenizer(format!("vocab.json is not valid JSON: {e}")))?;
@@ -58,33 +62,52 @@ impl ClipTokenizer {
                 let mut parts = l.split(' ');
                 match (parts.next(), parts.next(), parts.next()) {
                     (Some(a), Some(b), None) => Ok(serde_json::json!([a, b])),
-                    _ => Err(Error::Tokenizer(format!("merges.txt has a malformed line: {l:?}"))),
+                    _ => Err(Error::Tokenizer(format!(
+                        "merges.txt has a malformed line: {l:?}"
+                    ))),
                 }
             })
             .collect::<Result<_>>()?;
         let json = tokenizer_json(vocab, merges);
-        let inner = Tokenizer::from_bytes(json.to_string().as_bytes())
-            .map_err(|e| Error::Tokenizer(format!("cannot build tokenizer from vocab.json and merges.txt: {e}")))?;
+        let inner = Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| {
+            Error::Tokenizer(format!(
+                "cannot build tokenizer from vocab.json and merges.txt: {e}"
+            ))
+        })?;
         Self::new(inner, max_len)
     }
 
     fn new(mut inner: Tokenizer, max_len: usize) -> Result<Self> {
         let id = |t: &str| {
-            inner.token_to_id(t).ok_or_else(|| Error::Tokenizer(format!("the vocabulary has no {t} token")))
+            inner
+                .token_to_id(t)
+                .ok_or_else(|| Error::Tokenizer(format!("the vocabulary has no {t} token")))
         };
         let (bos, eos) = (id(START_OF_TEXT)?, id(END_OF_TEXT)?);
         if max_len < 2 {
-            return Err(Error::Tokenizer(format!("a context of {max_len} tokens leaves no room for start and end")));
+            return Err(Error::Tokenizer(format!(
+                "a context of {max_len} tokens leaves no room for start and end"
+            )));
         }
         // Start, end and truncation are added here, not by the file's settings.
-        inner.with_truncation(None).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         inner.with_padding(None);
-        Ok(Self { inner, bos, eos, max_len })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            max_len,
+        })
     }
 
     /// BPE ids of a text, without start and end tokens or truncation.
     pub fn encode_words(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let encoding = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -115,7 +138,9 @@ impl ClipTokenizer {
     /// Where the text tower pools: the first end-of-text token, as the
     /// reference does (a literal `<|endoftext|>` inside a text ends it early).
     pub fn pool_position(&self, ids: &[u32]) -> usize {
-        ids.iter().position(|&t| t == self.eos).unwrap_or(ids.len().saturating_sub(1))
+        ids.iter()
+            .position(|&t| t == self.eos)
+            .unwrap_or(ids.len().saturating_sub(1))
     }
 }
 
@@ -127,8 +152,14 @@ fn tokenizer_json(vocab: serde_json::Value, merges: Vec<serde_json::Value>) -> s
             "rstrip": false, "normalized": false, "special": true
         })
     };
-    let bos = vocab.get(START_OF_TEXT).cloned().unwrap_or(serde_json::Value::Null);
-    let eos = vocab.get(END_OF_TEXT).cloned().unwrap_or(serde_json::Value::Null);
+    let bos = vocab
+        .get(START_OF_TEXT)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    let eos = vocab
+        .get(END_OF_TEXT)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
     serde_json::json!({
         "version": "1.0",
         "truncation": null,
@@ -169,18 +200,29 @@ pub struct TokenizerSettings {
 impl TokenizerSettings {
     /// Reads the text of a `tokenizer_config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| Error::Tokenizer(format!("tokenizer_config.json is not valid JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            Error::Tokenizer(format!("tokenizer_config.json is not valid JSON: {e}"))
+        })?;
         // A token is a string or an `AddedToken` object with its `content`.
         let token = |v: &serde_json::Value| match v {
             serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            serde_json::Value::Object(o) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
             _ => None,
         };
         let field = |name: &str| value.get(name).and_then(token);
         let mut special: Vec<String> = Vec::new();
-        if let Some(map) = value.get("added_tokens_decoder").and_then(|v| v.as_object()) {
-            special.extend(map.values().filter(|t| t.get("special").and_then(|s| s.as_bool()) != Some(false)).filter_map(token));
+        if let Some(map) = value
+            .get("added_tokens_decoder")
+            .and_then(|v| v.as_object())
+        {
+            special.extend(
+                map.values()
+                    .filter(|t| t.get("special").and_then(|s| s.as_bool()) != Some(false))
+                    .filter_map(token),
+            );
         }
         for list in ["additional_special_tokens", "extra_special_tokens"] {
             if let Some(items) = value.get(list).and_then(|v| v.as_array()) {
@@ -188,17 +230,25 @@ impl TokenizerSettings {
             }
         }
         let settings = Self {
-            tokenizer_class: value.get("tokenizer_class").and_then(|v| v.as_str()).map(str::to_string),
+            tokenizer_class: value
+                .get("tokenizer_class")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
             eos_token: field("eos_token"),
             unk_token: field("unk_token"),
             pad_token: field("pad_token"),
             special_tokens: special,
             do_lower_case: value.get("do_lower_case").and_then(|v| v.as_bool()),
-            padding_side: value.get("padding_side").and_then(|v| v.as_str()).map(str::to_string),
+            padding_side: value
+                .get("padding_side")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
         };
         if let Some(side) = settings.padding_side.as_deref() {
             if side != "left" && side != "right" {
-                return Err(Error::Tokenizer(format!("tokenizer_config.json: padding_side {side:?} is neither left nor right")));
+                return Err(Error::Tokenizer(format!(
+                    "tokenizer_config.json: padding_side {side:?} is neither left nor right"
+                )));
             }
         }
         Ok(settings)
@@ -216,15 +266,22 @@ pub enum TextTokenizer {
 
 impl TextTokenizer {
     /// The tokenizer a model of `family` reads from these files.
-    pub fn load(family: Family, files: &TokenizerFiles, settings: &TokenizerSettings, context: usize) -> Result<Self> {
+    pub fn load(
+        family: Family,
+        files: &TokenizerFiles,
+        settings: &TokenizerSettings,
+        context: usize,
+    ) -> Result<Self> {
         Ok(match (family, files) {
-            (Family::Clip, TokenizerFiles::Json(path)) => Self::Clip(ClipTokenizer::from_tokenizer_json(path, context)?),
+            (Family::Clip, TokenizerFiles::Json(path)) => {
+                Self::Clip(ClipTokenizer::from_tokenizer_json(path, context)?)
+            }
             (Family::Clip, TokenizerFiles::VocabMerges { vocab, merges }) => {
                 Self::Clip(ClipTokenizer::from_vocab_merges(vocab, merges, context)?)
             }
-            (Family::Siglip, TokenizerFiles::Json(path)) => {
-                Self::Fixed(FixedTokenizer::from_tokenizer_json(path, settings, context)?)
-            }
+            (Family::Siglip, TokenizerFiles::Json(path)) => Self::Fixed(
+                FixedTokenizer::from_tokenizer_json(path, settings, context)?,
+            ),
             (Family::Siglip, TokenizerFiles::SentencePiece(path)) => {
                 Self::Fixed(FixedTokenizer::from_spiece(path, settings, context)?)
             }
@@ -316,47 +373,77 @@ impl std::fmt::Debug for FixedTokenizer {
             FixedKind::Json(_) => "tokenizer.json",
             FixedKind::Siglip(_) => "spiece.model",
         };
-        f.debug_struct("FixedTokenizer").field("kind", &kind).field("len", &self.len).field("pad", &self.pad).finish()
+        f.debug_struct("FixedTokenizer")
+            .field("kind", &kind)
+            .field("len", &self.len)
+            .field("pad", &self.pad)
+            .finish()
     }
 }
 
 impl FixedTokenizer {
     /// Reads a `tokenizer.json`, padding on the side `tokenizer_config.json`
     /// names (Gemma tokenizers default to the left, others to the right).
-    pub fn from_tokenizer_json(path: &Path, settings: &TokenizerSettings, len: usize) -> Result<Self> {
+    pub fn from_tokenizer_json(
+        path: &Path,
+        settings: &TokenizerSettings,
+        len: usize,
+    ) -> Result<Self> {
         let mut inner = Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
         let pad_token = settings.pad_token.clone().unwrap_or_else(|| "<pad>".into());
         let pad = inner.token_to_id(&pad_token).ok_or_else(|| {
-            Error::Tokenizer(format!("the padding token {pad_token:?} of tokenizer_config.json is not in {}", path.display()))
+            Error::Tokenizer(format!(
+                "the padding token {pad_token:?} of tokenizer_config.json is not in {}",
+                path.display()
+            ))
         })?;
         let left = match settings.padding_side.as_deref() {
             Some(side) => side == "left",
-            None => settings.tokenizer_class.as_deref().is_some_and(|c| c.starts_with("Gemma")),
+            None => settings
+                .tokenizer_class
+                .as_deref()
+                .is_some_and(|c| c.starts_with("Gemma")),
         };
         inner
-            .with_truncation(Some(tokenizers::TruncationParams { max_length: len, ..Default::default() }))
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: len,
+                ..Default::default()
+            }))
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         inner.with_padding(Some(tokenizers::PaddingParams {
             strategy: tokenizers::PaddingStrategy::Fixed(len),
-            direction: if left { tokenizers::PaddingDirection::Left } else { tokenizers::PaddingDirection::Right },
+            direction: if left {
+                tokenizers::PaddingDirection::Left
+            } else {
+                tokenizers::PaddingDirection::Right
+            },
             pad_id: pad,
             pad_token,
             ..Default::default()
         }));
         let max_id = inner.get_vocab_size(true).saturating_sub(1) as u32;
-        Ok(Self { kind: FixedKind::Json(inner), len, pad, max_id })
+        Ok(Self {
+            kind: FixedKind::Json(inner),
+            len,
+            pad,
+            max_id,
+        })
     }
 
     /// Reads a `spiece.model` as `SiglipTokenizer` uses it.
     pub fn from_spiece(path: &Path, settings: &TokenizerSettings, len: usize) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
         let sp = SentencePiece::from_bytes(&bytes)?;
         let eos = settings.eos_token.clone().unwrap_or_else(|| "</s>".into());
         let unk = settings.unk_token.clone().unwrap_or_else(|| "<unk>".into());
         let pad = settings.pad_token.clone().unwrap_or_else(|| "</s>".into());
         let mut specials: Vec<(String, u32)> = Vec::new();
-        for token in [&eos, &unk, &pad].into_iter().chain(&settings.special_tokens) {
+        for token in [&eos, &unk, &pad]
+            .into_iter()
+            .chain(&settings.special_tokens)
+        {
             if !specials.iter().any(|(t, _)| t == token) {
                 specials.push((token.clone(), sp.piece_to_id(token)));
             }
@@ -365,15 +452,29 @@ impl FixedTokenizer {
         let pad_id = sp.piece_to_id(&pad);
         let unk_pieces = sp.encode(&unk).len();
         let max_id = sp.len().saturating_sub(1) as u32;
-        let text = SiglipText { sp, specials, eos: eos_id, unk, unk_pieces, lower: settings.do_lower_case.unwrap_or(true) };
-        Ok(Self { kind: FixedKind::Siglip(text), len, pad: pad_id, max_id })
+        let text = SiglipText {
+            sp,
+            specials,
+            eos: eos_id,
+            unk,
+            unk_pieces,
+            lower: settings.do_lower_case.unwrap_or(true),
+        };
+        Ok(Self {
+            kind: FixedKind::Siglip(text),
+            len,
+            pad: pad_id,
+            max_id,
+        })
     }
 
     /// Exactly `len` ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match &self.kind {
             FixedKind::Json(inner) => {
-                let encoding = inner.encode_fast(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+                let encoding = inner
+                    .encode_fast(text, true)
+                    .map_err(|e| Error::Tokenizer(e.to_string()))?;
                 Ok(encoding.get_ids().to_vec())
             }
             FixedKind::Siglip(siglip) => {
@@ -432,7 +533,11 @@ impl SiglipText {
             if out.is_empty() {
                 first_piece = pieces.first().map(|(p, _)| p.clone());
             }
-            out.extend(pieces.into_iter().map(|(piece, _)| (self.sp.piece_to_id(&piece), false)));
+            out.extend(
+                pieces
+                    .into_iter()
+                    .map(|(piece, _)| (self.sp.piece_to_id(&piece), false)),
+            );
         }
         // A lone "▁" before a special token is dropped.
         if out.len() > 1 && first_piece.as_deref() == Some(SPACE) && out[1].1 {
@@ -476,7 +581,11 @@ fn py_space(c: char) -> bool {
 
 /// `SiglipTokenizer.canonicalize_text`.
 fn canonicalize(text: &str, lower: bool) -> String {
-    let text = if lower { text.to_lowercase() } else { text.to_string() };
+    let text = if lower {
+        text.to_lowercase()
+    } else {
+        text.to_string()
+    };
     let mut out = String::with_capacity(text.len());
     let mut space = false;
     for c in text.chars().filter(|c| !c.is_ascii_punctuation()) {

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::config::{Family, VisionConfig};
-use super::layers::{repeat_rows, AttentionPool, Encoder, EncoderShape, LayerNorm, Linear};
+use super::layers::{AttentionPool, Encoder, EncoderShape, LayerNorm, Linear, repeat_rows};
 use super::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -37,7 +37,9 @@ impl VisionTransformer {
         let h = cfg.hidden_size;
         let p = cfg.patch_size;
         let embeddings = vb.pp("embeddings");
-        let patch = embeddings.pp("patch_embedding").get((h, cfg.num_channels, p, p), "weight")?;
+        let patch = embeddings
+            .pp("patch_embedding")
+            .get((h, cfg.num_channels, p, p), "weight")?;
         let shape = EncoderShape {
             hidden: h,
             intermediate: cfg.intermediate_size,
@@ -52,17 +54,44 @@ impl VisionTransformer {
             patch_embedding: if clip {
                 Linear::new(patch, None)?
             } else {
-                Linear::new(patch, Some(embeddings.pp("patch_embedding").get(h, "bias")?))?
+                Linear::new(
+                    patch,
+                    Some(embeddings.pp("patch_embedding").get(h, "bias")?),
+                )?
             },
-            class_embedding: if clip { Some(embeddings.get(h, "class_embedding")?) } else { None },
-            position_embedding: embeddings
-                .pp("position_embedding")
-                .get((if clip { cfg.num_positions() } else { cfg.num_patches() }, h), "weight")?,
+            class_embedding: if clip {
+                Some(embeddings.get(h, "class_embedding")?)
+            } else {
+                None
+            },
+            position_embedding: embeddings.pp("position_embedding").get(
+                (
+                    if clip {
+                        cfg.num_positions()
+                    } else {
+                        cfg.num_patches()
+                    },
+                    h,
+                ),
+                "weight",
+            )?,
             // The misspelling is the checkpoint's key.
-            pre_layrnorm: if clip { Some(LayerNorm::load(vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?) } else { None },
+            pre_layrnorm: if clip {
+                Some(LayerNorm::load(
+                    vb.pp("pre_layrnorm"),
+                    h,
+                    cfg.layer_norm_eps,
+                )?)
+            } else {
+                None
+            },
             encoder: Encoder::load(vb.pp("encoder"), &shape)?,
             post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
-            head: if clip { None } else { Some(AttentionPool::load(vb.pp("head"), &shape)?) },
+            head: if clip {
+                None
+            } else {
+                Some(AttentionPool::load(vb.pp("head"), &shape)?)
+            },
             hidden: h,
             image_size: cfg.image_size,
             patch_size: p,
@@ -89,12 +118,21 @@ impl VisionTransformer {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * g * g, c * p * p))?;
-        let patches = self.patch_embedding.forward(&patches)?.reshape((b, g * g, h))?;
+        let patches = self
+            .patch_embedding
+            .forward(&patches)?
+            .reshape((b, g * g, h))?;
         let tokens = match &self.class_embedding {
             Some(class) if class.track_op() => {
                 Tensor::cat(&[&repeat_rows(class, b)?.reshape((b, 1, h))?, &patches], 1)?
             }
-            Some(class) => Tensor::cat(&[&class.reshape((1, 1, h))?.broadcast_as((b, 1, h))?, &patches], 1)?,
+            Some(class) => Tensor::cat(
+                &[
+                    &class.reshape((1, 1, h))?.broadcast_as((b, 1, h))?,
+                    &patches,
+                ],
+                1,
+            )?,
             None => patches,
         };
         let x = if tokens.track_op() || self.position_embedding.track_op() {

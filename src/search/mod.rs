@@ -29,13 +29,15 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-pub use open::{open, HubOptions, OpenError, OpenOptions, Step};
-pub use query::{parse, ParseError, Term, TermKind, TermSpec};
-pub use request::{check_weight, Request, DEFAULT_K, EXCLUDE_WEIGHT};
+pub use open::{HubOptions, OpenError, OpenOptions, Step, open};
+pub use query::{ParseError, Term, TermKind, TermSpec, parse};
+pub use request::{DEFAULT_K, EXCLUDE_WEIGHT, Request, check_weight};
 
 use crate::indexer::Index;
 use crate::keyword::{self, parse_datetime};
-use crate::library::{decode_bytes_scaled, probe, BudgetError, DecodeBudget, DecodeError, DecodeLimits};
+use crate::library::{
+    BudgetError, DecodeBudget, DecodeError, DecodeLimits, decode_bytes_scaled, probe,
+};
 use crate::model::{Calibration, Clip, RgbView};
 use crate::store::PhotoRecord;
 
@@ -88,7 +90,12 @@ impl Error {
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            Error::BadQuery(_) | Error::NotFound(_) | Error::NotAnImage(_) | Error::TooLarge(_) | Error::Changed(_) | Error::Busy(_)
+            Error::BadQuery(_)
+                | Error::NotFound(_)
+                | Error::NotAnImage(_)
+                | Error::TooLarge(_)
+                | Error::Changed(_)
+                | Error::Busy(_)
         )
     }
 }
@@ -136,7 +143,9 @@ const MAX_TYPES: usize = 32;
 /// A filter date as seconds since the epoch; `end_of_day` moves a date
 /// without a time to its last second.
 fn filter_date(name: &str, s: &Option<String>, end_of_day: bool) -> Result<Option<i64>> {
-    let Some(s) = s.as_deref().map(str::trim).filter(|s| !s.is_empty()) else { return Ok(None) };
+    let Some(s) = s.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
     let secs = parse_datetime(s).ok_or_else(|| {
         let shown: String = s.chars().take(40).collect();
         Error::BadQuery(format!(
@@ -145,7 +154,11 @@ fn filter_date(name: &str, s: &Option<String>, end_of_day: bool) -> Result<Optio
             crate::keyword::MAX_YEAR
         ))
     })?;
-    Ok(Some(if end_of_day && s.len() == 10 { secs + 86_399 } else { secs }))
+    Ok(Some(if end_of_day && s.len() == 10 {
+        secs + 86_399
+    } else {
+        secs
+    }))
 }
 
 impl Filters {
@@ -155,20 +168,26 @@ impl Filters {
     pub fn validate(&self) -> Result<()> {
         let long = |name: &str, s: &Option<String>| -> Result<()> {
             match s {
-                Some(s) if s.chars().count() > MAX_FILTER_CHARS => {
-                    Err(Error::BadQuery(format!("the {name} filter is longer than {MAX_FILTER_CHARS} characters")))
-                }
+                Some(s) if s.chars().count() > MAX_FILTER_CHARS => Err(Error::BadQuery(format!(
+                    "the {name} filter is longer than {MAX_FILTER_CHARS} characters"
+                ))),
                 _ => Ok(()),
             }
         };
         long("folder", &self.folder)?;
         long("camera", &self.camera)?;
         if let Some(types) = &self.types {
-            if types.len() > MAX_TYPES || types.iter().any(|t| t.chars().count() > MAX_FILTER_CHARS) {
-                return Err(Error::BadQuery(format!("the type filter lists too much (at most {MAX_TYPES} types)")));
+            if types.len() > MAX_TYPES || types.iter().any(|t| t.chars().count() > MAX_FILTER_CHARS)
+            {
+                return Err(Error::BadQuery(format!(
+                    "the type filter lists too much (at most {MAX_TYPES} types)"
+                )));
             }
         }
-        if let (Some(from), Some(to)) = (filter_date("from", &self.from, false)?, filter_date("to", &self.to, true)?) {
+        if let (Some(from), Some(to)) = (
+            filter_date("from", &self.from, false)?,
+            filter_date("to", &self.to, true)?,
+        ) {
             if from > to {
                 return Err(Error::BadQuery("the from date is after the to date".into()));
             }
@@ -199,7 +218,10 @@ impl Filters {
             && blank(&self.from)
             && blank(&self.to)
             && blank(&self.camera)
-            && self.types.as_ref().is_none_or(|t| t.iter().all(|t| t.trim().is_empty()))
+            && self
+                .types
+                .as_ref()
+                .is_none_or(|t| t.iter().all(|t| t.trim().is_empty()))
     }
 }
 
@@ -221,7 +243,15 @@ pub struct Query {
 
 impl Query {
     pub fn new(terms: Vec<Term>) -> Self {
-        Self { terms, filters: Filters::default(), k: 24, offset: 0, min_score: None, hybrid: true, exclude: Vec::new() }
+        Self {
+            terms,
+            filters: Filters::default(),
+            k: 24,
+            offset: 0,
+            min_score: None,
+            hybrid: true,
+            exclude: Vec::new(),
+        }
     }
 
     /// Checks every parameter; `Engine::search` calls it, so each front end
@@ -231,24 +261,40 @@ impl Query {
             return Err(Error::BadQuery("the query is empty".into()));
         }
         if self.terms.len() > query::MAX_TERMS + 1 {
-            return Err(Error::BadQuery(format!("too many terms (at most {})", query::MAX_TERMS)));
+            return Err(Error::BadQuery(format!(
+                "too many terms (at most {})",
+                query::MAX_TERMS
+            )));
         }
         for term in &self.terms {
             query::check_weight(term.weight)?;
             if let TermKind::Vector(v) = &term.kind {
                 if v.iter().any(|x| !x.is_finite()) {
-                    return Err(Error::BadQuery("an embedding holds a value that is not a number".into()));
+                    return Err(Error::BadQuery(
+                        "an embedding holds a value that is not a number".into(),
+                    ));
                 }
             }
         }
         if self.k == 0 || self.k > MAX_K {
             return Err(Error::BadQuery(format!("k must be between 1 and {MAX_K}")));
         }
-        if self.offset.checked_add(self.k).is_none_or(|end| end > MAX_DEPTH) {
-            return Err(Error::BadQuery(format!("results past {MAX_DEPTH} are not available; narrow the query")));
+        if self
+            .offset
+            .checked_add(self.k)
+            .is_none_or(|end| end > MAX_DEPTH)
+        {
+            return Err(Error::BadQuery(format!(
+                "results past {MAX_DEPTH} are not available; narrow the query"
+            )));
         }
-        if self.min_score.is_some_and(|s| !s.is_finite() || !(-1.0..=1.0).contains(&s)) {
-            return Err(Error::BadQuery("min_score must be a number from -1 to 1".into()));
+        if self
+            .min_score
+            .is_some_and(|s| !s.is_finite() || !(-1.0..=1.0).contains(&s))
+        {
+            return Err(Error::BadQuery(
+                "min_score must be a number from -1 to 1".into(),
+            ));
         }
         self.filters.validate()
     }
@@ -389,7 +435,8 @@ const TEXT_BATCH: usize = 32;
 
 impl TextBatcher {
     fn start(clip: Arc<Clip>) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<(String, std::sync::mpsc::Sender<Result<Vec<f32>>>)>();
+        let (tx, rx) =
+            std::sync::mpsc::channel::<(String, std::sync::mpsc::Sender<Result<Vec<f32>>>)>();
         std::thread::Builder::new()
             .name("clipdex-text-batcher".into())
             .spawn(move || {
@@ -419,7 +466,9 @@ impl TextBatcher {
                 }
             })
             .expect("spawn the text batcher");
-        Self { queue: Mutex::new(tx) }
+        Self {
+            queue: Mutex::new(tx),
+        }
     }
 
     fn embed(&self, text: &str) -> Result<Vec<f32>> {
@@ -500,7 +549,10 @@ impl Engine {
 
     /// The record of a photo.
     pub fn record(&self, id: u64) -> Result<PhotoRecord> {
-        self.index.store().get(id)?.ok_or_else(|| Error::NotFound(format!("no photo {id}")))
+        self.index
+            .store()
+            .get(id)?
+            .ok_or_else(|| Error::NotFound(format!("no photo {id}")))
     }
 
     pub fn photo(&self, id: u64) -> Result<Photo> {
@@ -525,25 +577,45 @@ impl Engine {
         let as_indexed = crate::library::scan::file_sig(&meta) == record.sig;
         // Another size is other content: refused unread.
         if meta.len() != record.sig.size {
-            return Err(Error::Changed(format!("the file of photo {id} changed since it was indexed; re-index")));
+            return Err(Error::Changed(format!(
+                "the file of photo {id} changed since it was indexed; re-index"
+            )));
         }
         let mut bytes = Vec::with_capacity(meta.len() as usize);
-        file.take(meta.len()).read_to_end(&mut bytes).map_err(|_| gone())?;
-        if !(as_indexed && real.starts_with(&root)) && blake3::hash(&bytes).to_hex().as_str() != record.hash {
+        file.take(meta.len())
+            .read_to_end(&mut bytes)
+            .map_err(|_| gone())?;
+        if !(as_indexed && real.starts_with(&root))
+            && blake3::hash(&bytes).to_hex().as_str() != record.hash
+        {
             tracing::warn!(id, "refusing to serve a file that is not the one indexed");
-            return Err(Error::Changed(format!("the file of photo {id} changed since it was indexed; re-index")));
+            return Err(Error::Changed(format!(
+                "the file of photo {id} changed since it was indexed; re-index"
+            )));
         }
         Ok((bytes, crate::library::mime_type(&record.format)))
     }
 
     /// The embedding of a text, cached.
     pub fn embed_text(&self, text: &str) -> Result<Arc<Vec<f32>>> {
-        let key = text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
-        if let Some(v) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        let key = text
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase();
+        if let Some(v) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
             return Ok(v);
         }
         let v = Arc::new(self.texts.embed(text)?);
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(key, v.clone());
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(key, v.clone());
         Ok(v)
     }
 
@@ -556,7 +628,9 @@ impl Engine {
     pub fn embed_image(&self, bytes: &[u8]) -> Result<Vec<f32>> {
         let min_side = 2 * self.clip.preprocessor().image_size() as u32;
         let unusable = |e: DecodeError| match e {
-            DecodeError::Empty | DecodeError::UnknownFormat => Error::NotAnImage(format!("not an image: {e}")),
+            DecodeError::Empty | DecodeError::UnknownFormat => {
+                Error::NotAnImage(format!("not an image: {e}"))
+            }
             DecodeError::Unsupported(_) => Error::NotAnImage(e.to_string()),
             other => Error::BadQuery(format!("cannot use this image: {other}")),
         };
@@ -572,12 +646,18 @@ impl Engine {
             BudgetError::Busy => Error::Busy("the server is decoding other large pictures; try again in a moment".into()),
         })?;
         // A large decode's memory goes back to the system as it is freed.
-        let release = (header.cost_bytes >= RELEASE_AFTER).then(crate::library::memory::ReleaseWindow::open);
-        let result = decode_bytes_scaled(bytes, &self.limits, Some(min_side)).map_err(unusable).and_then(|image| {
-            let view = RgbView::new(image.rgb.width() as usize, image.rgb.height() as usize, image.rgb.as_raw())
-                ?;
-            Ok(self.clip.embed_images(&[view])?.remove(0))
-        });
+        let release =
+            (header.cost_bytes >= RELEASE_AFTER).then(crate::library::memory::ReleaseWindow::open);
+        let result = decode_bytes_scaled(bytes, &self.limits, Some(min_side))
+            .map_err(unusable)
+            .and_then(|image| {
+                let view = RgbView::new(
+                    image.rgb.width() as usize,
+                    image.rgb.height() as usize,
+                    image.rgb.as_raw(),
+                )?;
+                Ok(self.clip.embed_images(&[view])?.remove(0))
+            });
         drop(release);
         drop(permit);
         result
@@ -592,8 +672,7 @@ impl Engine {
                 let id = self
                     .index
                     .store()
-                    .id_for_path(path)
-                    ?
+                    .id_for_path(path)?
                     .ok_or_else(|| Error::NotFound(format!("no photo at {path}")))?;
                 self.photo_vector(id).map(Arc::new)
             }
@@ -601,7 +680,10 @@ impl Engine {
     }
 
     fn photo_vector(&self, id: u64) -> Result<Vec<f32>> {
-        self.index.store().vector(id)?.ok_or_else(|| Error::NotFound(format!("no photo {id}")))
+        self.index
+            .store()
+            .vector(id)?
+            .ok_or_else(|| Error::NotFound(format!("no photo {id}")))
     }
 
     /// The ids the filters allow, or `None` when there are no filters.
@@ -620,7 +702,12 @@ impl Engine {
     }
 
     /// Ranked keyword matches of `text` among `allowed`, best first.
-    fn keyword_hits(&self, text: &str, allowed: Option<&HashSet<u64>>, n: usize) -> Result<Vec<u64>> {
+    fn keyword_hits(
+        &self,
+        text: &str,
+        allowed: Option<&HashSet<u64>>,
+        n: usize,
+    ) -> Result<Vec<u64>> {
         Ok(self.index.keywords().search_words(text, allowed, n)?)
     }
 
@@ -636,7 +723,8 @@ impl Engine {
         // next one exists): fusion then ranks the same way for every page,
         // and pages neither overlap nor skip.
         let pool = (q.offset + q.k + 1).div_ceil(256) * 256;
-        let by_meaning = self.rank_by_meaning(&query, allowed.as_ref(), &excluded, pool + excluded.len())?;
+        let by_meaning =
+            self.rank_by_meaning(&query, allowed.as_ref(), &excluded, pool + excluded.len())?;
         let by_words = self.rank_by_words(q, allowed.as_ref(), &excluded, pool)?;
         // A SigLIP model's cutoff is a probability: the cosine it corresponds to.
         let min_cosine = match (q.min_score, self.calibration) {
@@ -646,7 +734,13 @@ impl Engine {
         };
         let ranked = fuse(&by_meaning, &by_words, min_cosine);
         let (hits, more) = self.page(ranked, &query, &by_meaning, &by_words, q.offset, q.k)?;
-        Ok(SearchResults { hits, offset: q.offset, k: q.k, more, took_ms: start.elapsed().as_secs_f64() * 1e3 })
+        Ok(SearchResults {
+            hits,
+            offset: q.offset,
+            k: q.k,
+            more,
+            took_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
     }
 
     /// The terms as one unit vector: the weighted sum of their embeddings.
@@ -656,7 +750,10 @@ impl Engine {
         for term in terms {
             let v = self.term_vector(term)?;
             if v.len() != dim {
-                return Err(Error::BadQuery(format!("a term has {} dimensions, the index {dim}", v.len())));
+                return Err(Error::BadQuery(format!(
+                    "a term has {} dimensions, the index {dim}",
+                    v.len()
+                )));
             }
             for (c, x) in combined.iter_mut().zip(v.iter()) {
                 *c += term.weight * x;
@@ -664,7 +761,9 @@ impl Engine {
         }
         let norm = combined.iter().map(|x| x * x).sum::<f32>().sqrt();
         if !terms.iter().any(|t| t.weight > 0.0) || norm < 1e-6 {
-            return Err(Error::BadQuery("a query needs at least one term with a positive weight".into()));
+            return Err(Error::BadQuery(
+                "a query needs at least one term with a positive weight".into(),
+            ));
         }
         combined.iter_mut().for_each(|x| *x /= norm);
         Ok(combined)
@@ -673,7 +772,13 @@ impl Engine {
     /// The `n` photos closest to `query` among the allowed, by cosine
     /// similarity: a selective filter is scanned exactly (always `n`
     /// results), a broad one filters inside the graph search.
-    fn rank_by_meaning(&self, query: &[f32], allowed: Option<&HashSet<u64>>, excluded: &HashSet<u64>, n: usize) -> Result<Vec<(u64, f32)>> {
+    fn rank_by_meaning(
+        &self,
+        query: &[f32],
+        allowed: Option<&HashSet<u64>>,
+        excluded: &HashSet<u64>,
+        n: usize,
+    ) -> Result<Vec<(u64, f32)>> {
         let vectors = self.index.vectors();
         Ok(match allowed {
             Some(ids) if ids.len() <= EXACT_SCAN_LIMIT || ids.len() * 4 <= vectors.len() => {
@@ -687,7 +792,11 @@ impl Engine {
                 scored.truncate(n);
                 scored
             }
-            Some(ids) => vectors.search(query, n, Some(&|id: u64| ids.contains(&id) && !excluded.contains(&id)))?,
+            Some(ids) => vectors.search(
+                query,
+                n,
+                Some(&|id: u64| ids.contains(&id) && !excluded.contains(&id)),
+            )?,
             None if excluded.is_empty() => vectors.search(query, n, None)?,
             None => vectors.search(query, n, Some(&|id: u64| !excluded.contains(&id)))?,
         })
@@ -695,7 +804,13 @@ impl Engine {
 
     /// Keyword matches of the positive text terms, best first (none when
     /// the query is not hybrid or has no text).
-    fn rank_by_words(&self, q: &Query, allowed: Option<&HashSet<u64>>, excluded: &HashSet<u64>, n: usize) -> Result<Vec<u64>> {
+    fn rank_by_words(
+        &self,
+        q: &Query,
+        allowed: Option<&HashSet<u64>>,
+        excluded: &HashSet<u64>,
+        n: usize,
+    ) -> Result<Vec<u64>> {
         let text: Vec<&str> = q
             .terms
             .iter()
@@ -726,11 +841,17 @@ impl Engine {
         k: usize,
     ) -> Result<(Vec<Hit>, bool)> {
         let similarity: HashMap<u64, f32> = by_meaning.iter().copied().collect();
-        let keyword_rank: HashMap<u64, usize> = by_words.iter().enumerate().map(|(r, &id)| (id, r + 1)).collect();
+        let keyword_rank: HashMap<u64, usize> = by_words
+            .iter()
+            .enumerate()
+            .map(|(r, &id)| (id, r + 1))
+            .collect();
         let mut hits = Vec::with_capacity(k);
         let mut seen = 0;
         for (id, score) in ranked {
-            let Some(record) = self.index.store().get(id)? else { continue };
+            let Some(record) = self.index.store().get(id)? else {
+                continue;
+            };
             seen += 1;
             if seen <= offset {
                 continue;
@@ -767,7 +888,10 @@ impl Engine {
     /// Photos like a stored one (itself excluded).
     pub fn similar(&self, id: u64, request: Request) -> Result<SearchResults> {
         self.record(id)?;
-        let mut q = request.into_query_with(vec![Term { kind: TermKind::Photo(id), weight: 1.0 }])?;
+        let mut q = request.into_query_with(vec![Term {
+            kind: TermKind::Photo(id),
+            weight: 1.0,
+        }])?;
         q.exclude = vec![id];
         self.search(&q)
     }
@@ -794,7 +918,9 @@ fn fuse(by_meaning: &[(u64, f32)], by_words: &[u64], min_score: Option<f32>) -> 
     };
     if let Some(min) = min_score {
         let similarity: HashMap<u64, f32> = by_meaning.iter().copied().collect();
-        ranked.retain(|(id, _)| by_words.contains(id) || similarity.get(id).is_some_and(|s| *s >= min));
+        ranked.retain(|(id, _)| {
+            by_words.contains(id) || similarity.get(id).is_some_and(|s| *s >= min)
+        });
     }
     ranked
 }
@@ -809,12 +935,21 @@ mod tests {
         // Without words: the meaning ranking itself.
         assert_eq!(fuse(&meaning, &[], None), meaning);
         // 3 matched the words: it rises above 2, which did not.
-        let fused: Vec<u64> = fuse(&meaning, &[3, 1], None).into_iter().map(|(id, _)| id).collect();
+        let fused: Vec<u64> = fuse(&meaning, &[3, 1], None)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         assert_eq!(fused, vec![1, 3, 2]);
         // A cutoff drops low similarity, but not a word match.
-        let kept: Vec<u64> = fuse(&meaning, &[3], Some(0.5)).into_iter().map(|(id, _)| id).collect();
+        let kept: Vec<u64> = fuse(&meaning, &[3], Some(0.5))
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         assert_eq!(kept, vec![3, 1, 2]);
-        let cut: Vec<u64> = fuse(&meaning, &[], Some(0.85)).into_iter().map(|(id, _)| id).collect();
+        let cut: Vec<u64> = fuse(&meaning, &[], Some(0.85))
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         assert_eq!(cut, vec![1]);
     }
 
@@ -831,13 +966,22 @@ mod tests {
 
     #[test]
     fn queries_are_validated_in_one_place() {
-        let text = |w: f32| Term { kind: TermKind::Text("dog".into()), weight: w };
+        let text = |w: f32| Term {
+            kind: TermKind::Text("dog".into()),
+            weight: w,
+        };
         let ok = Query::new(vec![text(1.0)]);
         assert!(ok.validate().is_ok());
         for bad in [f32::NAN, f32::INFINITY, -f32::INFINITY, 1e9] {
-            assert!(Query::new(vec![text(bad)]).validate().is_err(), "weight {bad}");
+            assert!(
+                Query::new(vec![text(bad)]).validate().is_err(),
+                "weight {bad}"
+            );
         }
-        let vector = Term { kind: TermKind::Vector(vec![0.5, f32::NAN]), weight: 1.0 };
+        let vector = Term {
+            kind: TermKind::Vector(vec![0.5, f32::NAN]),
+            weight: 1.0,
+        };
         assert!(Query::new(vec![vector]).validate().is_err());
         let mut q = ok.clone();
         q.offset = usize::MAX;
@@ -852,10 +996,23 @@ mod tests {
 
     #[test]
     fn filter_dates_are_real_and_ordered() {
-        let f = |from: &str, to: &str| Filters { from: Some(from.into()), to: Some(to.into()), ..Default::default() };
+        let f = |from: &str, to: &str| Filters {
+            from: Some(from.into()),
+            to: Some(to.into()),
+            ..Default::default()
+        };
         assert!(f("2019-01-01", "2019-12-31").validate().is_ok());
         assert!(f("2019-01-01", "2019-01-01").validate().is_ok());
-        for (from, to) in [("2019-02-30", ""), ("2019-13-01", ""), ("99999-01-01", ""), ("-001-01-01", ""), ("0001-01-01", ""), ("2019-01-01", "1999-01-01"), ("2019-1-1", ""), ("2019-01-01Tgarbage", "")] {
+        for (from, to) in [
+            ("2019-02-30", ""),
+            ("2019-13-01", ""),
+            ("99999-01-01", ""),
+            ("-001-01-01", ""),
+            ("0001-01-01", ""),
+            ("2019-01-01", "1999-01-01"),
+            ("2019-1-1", ""),
+            ("2019-01-01Tgarbage", ""),
+        ] {
             assert!(f(from, to).validate().is_err(), "{from} {to}");
         }
     }
@@ -863,7 +1020,20 @@ mod tests {
     #[test]
     fn empty_filters_are_empty() {
         assert!(Filters::default().is_empty());
-        assert!(Filters { folder: Some("  ".into()), types: Some(vec![]), ..Default::default() }.is_empty());
-        assert!(!Filters { camera: Some("canon".into()), ..Default::default() }.is_empty());
+        assert!(
+            Filters {
+                folder: Some("  ".into()),
+                types: Some(vec![]),
+                ..Default::default()
+            }
+            .is_empty()
+        );
+        assert!(
+            !Filters {
+                camera: Some("canon".into()),
+                ..Default::default()
+            }
+            .is_empty()
+        );
     }
 }

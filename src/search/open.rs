@@ -3,14 +3,14 @@
 //! need them. Waits while another process holds the index, if asked to.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::Engine;
 use crate::indexer::{self, Holder, Index, IndexPaths};
-use crate::model::{Clip, ModelSource, DEFAULT_MODEL};
 pub use crate::model::HubOptions;
+use crate::model::{Clip, DEFAULT_MODEL, ModelSource};
 
 /// Where an engine comes from.
 #[derive(Clone, Debug)]
@@ -39,10 +39,15 @@ pub enum Step {
 /// Why an engine could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("no index yet: index a library first (`clipdex serve --library <PHOTOS>` or `clipdex index <PHOTOS>`)")]
+    #[error(
+        "no index yet: index a library first (`clipdex serve --library <PHOTOS>` or `clipdex index <PHOTOS>`)"
+    )]
     NoIndex,
     #[error("the index's model {id} cannot be loaded: {source}")]
-    Model { id: String, source: crate::model::Error },
+    Model {
+        id: String,
+        source: crate::model::Error,
+    },
     #[error(transparent)]
     Index(#[from] indexer::Error),
     #[error("stopped while waiting for the index")]
@@ -54,12 +59,22 @@ impl OpenError {
     pub fn public_message(&self) -> String {
         match self {
             OpenError::NoIndex | OpenError::Stopped => self.to_string(),
-            OpenError::Model { id, .. } => format!("the model {id} cannot be loaded; see the server log"),
-            OpenError::Index(indexer::Error::InUse { holder, .. }) => format!("another clipdex process holds the index ({holder})"),
-            OpenError::Index(indexer::Error::ModelMismatch { index_model, asked_model, .. }) => {
+            OpenError::Model { id, .. } => {
+                format!("the model {id} cannot be loaded; see the server log")
+            }
+            OpenError::Index(indexer::Error::InUse { holder, .. }) => {
+                format!("another clipdex process holds the index ({holder})")
+            }
+            OpenError::Index(indexer::Error::ModelMismatch {
+                index_model,
+                asked_model,
+                ..
+            }) => {
                 format!("the index was built with model {index_model}, not {asked_model}")
             }
-            OpenError::Index(indexer::Error::LibraryMismatch { .. }) => "the index belongs to another library".into(),
+            OpenError::Index(indexer::Error::LibraryMismatch { .. }) => {
+                "the index belongs to another library".into()
+            }
             OpenError::Index(_) => "the index cannot be opened; see the server log".into(),
         }
     }
@@ -69,7 +84,11 @@ impl OpenError {
 const LOCK_RETRY: Duration = Duration::from_secs(2);
 
 /// Runs `open` until the index is free (or fails at once without `wait`).
-fn unlocked<T>(wait: Option<&AtomicBool>, on_step: &mut dyn FnMut(Step), mut open: impl FnMut() -> indexer::Result<T>) -> Result<T, OpenError> {
+fn unlocked<T>(
+    wait: Option<&AtomicBool>,
+    on_step: &mut dyn FnMut(Step),
+    mut open: impl FnMut() -> indexer::Result<T>,
+) -> Result<T, OpenError> {
     loop {
         match (open(), wait) {
             (Err(indexer::Error::InUse { holder, .. }), Some(stop)) => {
@@ -92,13 +111,20 @@ pub fn open(opts: &OpenOptions, on_step: &mut dyn FnMut(Step)) -> Result<Engine,
         (Some(m), _) => m.to_string(),
         (None, true) => {
             on_step(Step::ReadingIndex);
-            unlocked(opts.wait, on_step, || Index::open(opts.index))?.meta().model.id.clone()
+            unlocked(opts.wait, on_step, || Index::open(opts.index))?
+                .meta()
+                .model
+                .id
+                .clone()
         }
         (None, false) if opts.library.is_some() => DEFAULT_MODEL.to_string(),
         (None, false) => return Err(OpenError::NoIndex),
     };
     on_step(Step::LoadingModel(model_id.clone()));
-    let model_error = |source| OpenError::Model { id: model_id.clone(), source };
+    let model_error = |source| OpenError::Model {
+        id: model_id.clone(),
+        source,
+    };
     let source = ModelSource::parse(&model_id).map_err(model_error)?;
     let clip = Clip::load(&source, opts.hub).map_err(model_error)?;
     on_step(Step::OpeningIndex);

@@ -60,7 +60,9 @@ pub struct ParseError(pub String);
 
 pub(crate) fn check_weight(w: f32) -> Result<f32, ParseError> {
     if !w.is_finite() || w.abs() > 100.0 {
-        return Err(ParseError(format!("weight {w} is out of range (-100 to 100)")));
+        return Err(ParseError(format!(
+            "weight {w} is out of range (-100 to 100)"
+        )));
     }
     Ok(w)
 }
@@ -75,13 +77,19 @@ impl TermSpec {
                     return Err(ParseError("a text term is empty".into()));
                 }
                 if t.chars().count() > MAX_QUERY_CHARS {
-                    return Err(ParseError(format!("a text term is longer than {MAX_QUERY_CHARS} characters")));
+                    return Err(ParseError(format!(
+                        "a text term is longer than {MAX_QUERY_CHARS} characters"
+                    )));
                 }
                 TermKind::Text(t.to_string())
             }
             (None, Some(id), None) => TermKind::Photo(id),
             (None, None, Some(p)) => TermKind::PhotoPath(p.trim_matches('/').to_string()),
-            _ => return Err(ParseError("each term needs exactly one of text, photo or path".into())),
+            _ => {
+                return Err(ParseError(
+                    "each term needs exactly one of text, photo or path".into(),
+                ));
+            }
         };
         Ok(Term { kind, weight })
     }
@@ -91,7 +99,9 @@ impl TermSpec {
 pub fn parse(input: &str) -> Result<Vec<Term>, ParseError> {
     let chars = input.chars().count();
     if chars > MAX_QUERY_CHARS {
-        return Err(ParseError(format!("query too long ({chars} characters, at most {MAX_QUERY_CHARS})")));
+        return Err(ParseError(format!(
+            "query too long ({chars} characters, at most {MAX_QUERY_CHARS})"
+        )));
     }
     let s: Vec<char> = input.chars().collect();
     let mut i = 0;
@@ -104,7 +114,10 @@ pub fn parse(input: &str) -> Result<Vec<Term>, ParseError> {
     };
     skip_ws(&mut i);
     let mut leading = false;
-    if i < s.len() && (s[i] == '+' || s[i] == '-') && s.get(i + 1).is_some_and(|c| c.is_whitespace() || *c == '"') {
+    if i < s.len()
+        && (s[i] == '+' || s[i] == '-')
+        && s.get(i + 1).is_some_and(|c| c.is_whitespace() || *c == '"')
+    {
         sign = if s[i] == '-' { -1.0 } else { 1.0 };
         i += 1;
         leading = true;
@@ -131,7 +144,9 @@ pub fn parse(input: &str) -> Result<Vec<Term>, ParseError> {
             }
             if k < s.len() && s[k] == '*' {
                 let number: String = s[i..j].iter().collect();
-                weight = number.parse().map_err(|_| ParseError(format!("bad weight {number:?}")))?;
+                weight = number
+                    .parse()
+                    .map_err(|_| ParseError(format!("bad weight {number:?}")))?;
                 i = k + 1;
                 skip_ws(&mut i);
             }
@@ -139,7 +154,11 @@ pub fn parse(input: &str) -> Result<Vec<Term>, ParseError> {
         // The atom.
         let kind = if i < s.len() && s[i] == '"' {
             let start = i + 1;
-            let end = s[start..].iter().position(|&c| c == '"').map(|p| start + p).ok_or_else(|| ParseError("unclosed quote".into()))?;
+            let end = s[start..]
+                .iter()
+                .position(|&c| c == '"')
+                .map(|p| start + p)
+                .ok_or_else(|| ParseError("unclosed quote".into()))?;
             let text: String = s[start..end].iter().collect();
             i = end + 1;
             let text = text.trim().to_string();
@@ -156,7 +175,10 @@ pub fn parse(input: &str) -> Result<Vec<Term>, ParseError> {
                     while k < s.len() && s[k].is_whitespace() {
                         k += 1;
                     }
-                    if k < s.len() && (s[k] == '+' || s[k] == '-') && s.get(k + 1).is_none_or(|c| c.is_whitespace() || *c == '"') {
+                    if k < s.len()
+                        && (s[k] == '+' || s[k] == '-')
+                        && s.get(k + 1).is_none_or(|c| c.is_whitespace() || *c == '"')
+                    {
                         break;
                     }
                 }
@@ -167,14 +189,19 @@ pub fn parse(input: &str) -> Result<Vec<Term>, ParseError> {
                 return Err(ParseError("a term is missing".into()));
             }
             match text.strip_prefix("image:") {
-                Some(rest) if !rest.is_empty() && !rest.contains(char::is_whitespace) => match rest.parse::<u64>() {
-                    Ok(id) => TermKind::Photo(id),
-                    Err(_) => TermKind::PhotoPath(rest.trim_matches('/').to_string()),
-                },
+                Some(rest) if !rest.is_empty() && !rest.contains(char::is_whitespace) => {
+                    match rest.parse::<u64>() {
+                        Ok(id) => TermKind::Photo(id),
+                        Err(_) => TermKind::PhotoPath(rest.trim_matches('/').to_string()),
+                    }
+                }
                 _ => TermKind::Text(text),
             }
         };
-        terms.push(Term { kind, weight: check_weight(sign * weight)? });
+        terms.push(Term {
+            kind,
+            weight: check_weight(sign * weight)?,
+        });
         if terms.len() > MAX_TERMS {
             return Err(ParseError(format!("too many terms (at most {MAX_TERMS})")));
         }
@@ -185,7 +212,11 @@ pub fn parse(input: &str) -> Result<Vec<Term>, ParseError> {
         sign = match s[i] {
             '+' => 1.0,
             '-' => -1.0,
-            c => return Err(ParseError(format!("expected + or - between terms, found {c:?}"))),
+            c => {
+                return Err(ParseError(format!(
+                    "expected + or - between terms, found {c:?}"
+                )));
+            }
         };
         i += 1;
         after_operator = true;
@@ -201,24 +232,52 @@ mod tests {
     use super::*;
 
     fn text(t: &str, w: f32) -> Term {
-        Term { kind: TermKind::Text(t.into()), weight: w }
+        Term {
+            kind: TermKind::Text(t.into()),
+            weight: w,
+        }
     }
 
     #[test]
     fn parses_the_query_language() {
-        assert_eq!(parse("golden retriever").unwrap(), vec![text("golden retriever", 1.0)]);
+        assert_eq!(
+            parse("golden retriever").unwrap(),
+            vec![text("golden retriever", 1.0)]
+        );
         assert_eq!(
             parse(r#""golden retriever" + 0.5*image:42 - "people""#).unwrap(),
-            vec![text("golden retriever", 1.0), Term { kind: TermKind::Photo(42), weight: 0.5 }, text("people", -1.0)]
+            vec![
+                text("golden retriever", 1.0),
+                Term {
+                    kind: TermKind::Photo(42),
+                    weight: 0.5
+                },
+                text("people", -1.0)
+            ]
         );
-        assert_eq!(parse("dog - cat").unwrap(), vec![text("dog", 1.0), text("cat", -1.0)]);
-        assert_eq!(parse("a red t-shirt").unwrap(), vec![text("a red t-shirt", 1.0)]);
-        assert_eq!(parse("2 * beach + 3 dogs").unwrap(), vec![text("beach", 2.0), text("3 dogs", 1.0)]);
+        assert_eq!(
+            parse("dog - cat").unwrap(),
+            vec![text("dog", 1.0), text("cat", -1.0)]
+        );
+        assert_eq!(
+            parse("a red t-shirt").unwrap(),
+            vec![text("a red t-shirt", 1.0)]
+        );
+        assert_eq!(
+            parse("2 * beach + 3 dogs").unwrap(),
+            vec![text("beach", 2.0), text("3 dogs", 1.0)]
+        );
         assert_eq!(
             parse("image:holidays/IMG_2041.jpg").unwrap(),
-            vec![Term { kind: TermKind::PhotoPath("holidays/IMG_2041.jpg".into()), weight: 1.0 }]
+            vec![Term {
+                kind: TermKind::PhotoPath("holidays/IMG_2041.jpg".into()),
+                weight: 1.0
+            }]
         );
-        assert_eq!(parse(r#"- "people" + sea"#).unwrap(), vec![text("people", -1.0), text("sea", 1.0)]);
+        assert_eq!(
+            parse(r#"- "people" + sea"#).unwrap(),
+            vec![text("people", -1.0), text("sea", 1.0)]
+        );
     }
 
     #[test]
@@ -226,18 +285,40 @@ mod tests {
         for bad in ["", "   ", r#""unclosed"#, "dog +", r#""""#, r#""a" "b""#] {
             assert!(parse(bad).is_err(), "{bad:?} parsed");
         }
-        assert!(parse(&"x".repeat(MAX_QUERY_CHARS + 1)).unwrap_err().0.contains("too long"));
+        assert!(
+            parse(&"x".repeat(MAX_QUERY_CHARS + 1))
+                .unwrap_err()
+                .0
+                .contains("too long")
+        );
         assert!(parse(&vec!["a"; MAX_TERMS + 1].join(" + ")).is_err());
         assert!(parse("500*dog").is_err());
     }
 
     #[test]
     fn structured_terms_need_one_kind() {
-        assert!(TermSpec { text: Some("x".into()), photo: Some(1), ..Default::default() }.to_term().is_err());
+        assert!(
+            TermSpec {
+                text: Some("x".into()),
+                photo: Some(1),
+                ..Default::default()
+            }
+            .to_term()
+            .is_err()
+        );
         assert!(TermSpec::default().to_term().is_err());
         assert_eq!(
-            TermSpec { photo: Some(3), weight: Some(-0.5), ..Default::default() }.to_term().unwrap(),
-            Term { kind: TermKind::Photo(3), weight: -0.5 }
+            TermSpec {
+                photo: Some(3),
+                weight: Some(-0.5),
+                ..Default::default()
+            }
+            .to_term()
+            .unwrap(),
+            Term {
+                kind: TermKind::Photo(3),
+                weight: -0.5
+            }
         );
     }
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::query::{self, MAX_QUERY_CHARS, MAX_TERMS};
-use super::{parse, Error, Filters, Query, Result, Term, TermKind, TermSpec};
+use super::{Error, Filters, Query, Result, Term, TermKind, TermSpec, parse};
 
 /// Results per page when a request does not say.
 pub const DEFAULT_K: usize = 24;
@@ -53,7 +53,11 @@ impl Request {
     /// The same, after terms the front end brings itself (an uploaded
     /// picture's embedding); with them, `q` and `terms` may both be absent.
     pub fn into_query_with(self, mut terms: Vec<Term>) -> Result<Query> {
-        let q = self.q.as_deref().map(str::trim).filter(|q| !q.is_empty() || terms.is_empty());
+        let q = self
+            .q
+            .as_deref()
+            .map(str::trim)
+            .filter(|q| !q.is_empty() || terms.is_empty());
         match (q, &self.terms) {
             (Some(q), None) => terms.extend(parse(q)?),
             (None, Some(specs)) => {
@@ -67,11 +71,19 @@ impl Request {
             (None, None) if !terms.is_empty() => {}
             _ => return Err(Error::BadQuery("give exactly one of q and terms".into())),
         }
-        if let Some(exclude) = self.exclude.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        if let Some(exclude) = self
+            .exclude
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             if exclude.chars().count() > MAX_QUERY_CHARS {
                 return Err(Error::BadQuery("the exclude text is too long".into()));
             }
-            terms.push(Term { kind: TermKind::Text(exclude.to_string()), weight: EXCLUDE_WEIGHT });
+            terms.push(Term {
+                kind: TermKind::Text(exclude.to_string()),
+                weight: EXCLUDE_WEIGHT,
+            });
         }
         let mut query = Query::new(terms);
         query.k = self.k.unwrap_or(DEFAULT_K);
@@ -92,8 +104,20 @@ pub fn check_weight(weight: f32) -> Result<f32> {
 impl Filters {
     /// Filters from flat fields, as query strings, forms and the CLI give
     /// them (`type` comma-separated).
-    pub fn from_flat(folder: Option<String>, from: Option<String>, to: Option<String>, types: Option<String>, camera: Option<String>) -> Self {
-        Filters { folder, from, to, types: types.map(|t| vec![t]), camera }
+    pub fn from_flat(
+        folder: Option<String>,
+        from: Option<String>,
+        to: Option<String>,
+        types: Option<String>,
+        camera: Option<String>,
+    ) -> Self {
+        Filters {
+            folder,
+            from,
+            to,
+            types: types.map(|t| vec![t]),
+            camera,
+        }
     }
 }
 
@@ -103,18 +127,47 @@ mod tests {
 
     #[test]
     fn rules_apply_once_for_every_front_end() {
-        let r = Request { q: Some("dog".into()), exclude: Some(" cats ".into()), ..Default::default() };
+        let r = Request {
+            q: Some("dog".into()),
+            exclude: Some(" cats ".into()),
+            ..Default::default()
+        };
         let q = r.into_query().unwrap();
         assert_eq!((q.k, q.offset, q.hybrid), (DEFAULT_K, 0, true));
         assert_eq!(q.terms.len(), 2);
-        assert_eq!(q.terms[1], Term { kind: TermKind::Text("cats".into()), weight: EXCLUDE_WEIGHT });
+        assert_eq!(
+            q.terms[1],
+            Term {
+                kind: TermKind::Text("cats".into()),
+                weight: EXCLUDE_WEIGHT
+            }
+        );
         assert!(Request::default().into_query().is_err());
-        let both = Request { q: Some("a".into()), terms: Some(vec![]), ..Default::default() };
+        let both = Request {
+            q: Some("a".into()),
+            terms: Some(vec![]),
+            ..Default::default()
+        };
         assert!(both.into_query().is_err());
-        let upload = Term { kind: TermKind::Vector(vec![1.0]), weight: 1.0 };
-        let q = Request { q: Some("  ".into()), ..Default::default() }.into_query_with(vec![upload.clone()]).unwrap();
+        let upload = Term {
+            kind: TermKind::Vector(vec![1.0]),
+            weight: 1.0,
+        };
+        let q = Request {
+            q: Some("  ".into()),
+            ..Default::default()
+        }
+        .into_query_with(vec![upload.clone()])
+        .unwrap();
         assert_eq!(q.terms, vec![upload]);
-        let bad_date = Request { q: Some("a".into()), filters: Some(Filters { from: Some("2019-02-30".into()), ..Default::default() }), ..Default::default() };
+        let bad_date = Request {
+            q: Some("a".into()),
+            filters: Some(Filters {
+                from: Some("2019-02-30".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         assert!(matches!(bad_date.into_query(), Err(Error::BadQuery(_))));
     }
 }

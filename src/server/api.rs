@@ -4,23 +4,22 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Multipart, Path, Query, State};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
-use axum::Json;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
-use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
+use tokio_stream::wrappers::BroadcastStream;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::state::{self, JobEvent, Lifecycle, SharedState};
 use crate::search::{self, Engine, Filters, Photo, Request, SearchResults, Term, TermKind};
-
 
 fn engine(state: &SharedState) -> ApiResult<Arc<Engine>> {
     state.engine().ok_or_else(|| {
@@ -36,8 +35,12 @@ fn engine(state: &SharedState) -> ApiResult<Arc<Engine>> {
 }
 
 /// Runs blocking work (model inference, file and index I/O) off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -75,7 +78,9 @@ impl From<SearchParams> for Request {
         Request {
             q: Some(p.q),
             exclude: p.exclude,
-            filters: Some(Filters::from_flat(p.folder, p.from, p.to, p.types, p.camera)),
+            filters: Some(Filters::from_flat(
+                p.folder, p.from, p.to, p.types, p.camera,
+            )),
             k: p.k,
             offset: p.offset,
             min_score: p.min_score,
@@ -98,7 +103,9 @@ pub async fn search_get(
     let Query(p) = params.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
     let engine = engine(&state)?;
     let q = Request::from(p).into_query()?;
-    Ok(Json(blocking(move || engine.search(&q).map_err(ApiError::from)).await?))
+    Ok(Json(
+        blocking(move || engine.search(&q).map_err(ApiError::from)).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/api/search", request_body = Request,
@@ -116,7 +123,9 @@ pub async fn search_post(
     let Json(r) = body.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
     let engine = engine(&state)?;
     let q = r.into_query()?;
-    Ok(Json(blocking(move || engine.search(&q).map_err(ApiError::from)).await?))
+    Ok(Json(
+        blocking(move || engine.search(&q).map_err(ApiError::from)).await?,
+    ))
 }
 
 /// Multipart fields of an image search.
@@ -148,7 +157,10 @@ pub struct ImageSearchForm {
         (status = 415, description = "Not an image", body = ErrorBody),
         (status = 503, description = "Model or index still loading", body = ErrorBody),
     ))]
-pub async fn search_image(State(state): State<SharedState>, multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>) -> ApiResult<Json<SearchResults>> {
+pub async fn search_image(
+    State(state): State<SharedState>,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> ApiResult<Json<SearchResults>> {
     let mut multipart = multipart.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
     let engine = engine(&state)?;
     let mut file: Option<Vec<u8>> = None;
@@ -160,25 +172,44 @@ pub async fn search_image(State(state): State<SharedState>, multipart: Result<Mu
             Err(e) => return Err(ApiError::rejected(e.status(), e.body_text())),
         };
         let name = field.name().unwrap_or("").to_string();
-        let data = field.bytes().await.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
+        let data = field
+            .bytes()
+            .await
+            .map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
         if name == "file" {
             file = Some(data.to_vec());
-        } else if ["q", "weight", "k", "offset", "folder", "from", "to", "type", "camera"].contains(&name.as_str()) {
-            let text = String::from_utf8(data.to_vec()).map_err(|_| ApiError::bad_query(format!("field {name} is not text")))?;
+        } else if [
+            "q", "weight", "k", "offset", "folder", "from", "to", "type", "camera",
+        ]
+        .contains(&name.as_str())
+        {
+            let text = String::from_utf8(data.to_vec())
+                .map_err(|_| ApiError::bad_query(format!("field {name} is not text")))?;
             fields.insert(name, text);
         } else {
             return Err(ApiError::bad_query(format!("unknown field {name:?}")));
         }
     }
-    let file = file.ok_or_else(|| ApiError::bad_query("the form needs a file field with the picture"))?;
+    let file =
+        file.ok_or_else(|| ApiError::bad_query("the form needs a file field with the picture"))?;
     if file.is_empty() {
         return Err(ApiError::unsupported("the uploaded file is empty"));
     }
     let num = |name: &str| -> ApiResult<Option<usize>> {
-        fields.get(name).map(|v| v.trim().parse().map_err(|_| ApiError::bad_query(format!("{name} must be a number")))).transpose()
+        fields
+            .get(name)
+            .map(|v| {
+                v.trim()
+                    .parse()
+                    .map_err(|_| ApiError::bad_query(format!("{name} must be a number")))
+            })
+            .transpose()
     };
     let weight: f32 = match fields.get("weight") {
-        Some(w) => w.trim().parse().map_err(|_| ApiError::bad_query("weight must be a number"))?,
+        Some(w) => w
+            .trim()
+            .parse()
+            .map_err(|_| ApiError::bad_query("weight must be a number"))?,
         None => 1.0,
     };
     let request = Request {
@@ -196,7 +227,10 @@ pub async fn search_image(State(state): State<SharedState>, multipart: Result<Mu
     };
     // The rules apply before the picture is decoded; its embedding takes
     // the place held for it once it is made.
-    let picture = Term { kind: TermKind::Vector(Vec::new()), weight: search::check_weight(weight)? };
+    let picture = Term {
+        kind: TermKind::Vector(Vec::new()),
+        weight: search::check_weight(weight)?,
+    };
     let mut q = request.into_query_with(vec![picture])?;
     Ok(Json(
         blocking(move || {
@@ -222,7 +256,8 @@ pub struct SimilarParams {
 }
 
 fn path_id(p: Result<Path<u64>, PathRejection>) -> ApiResult<u64> {
-    p.map(|Path(id)| id).map_err(|_| ApiError::bad_query("a photo id is a whole number"))
+    p.map(|Path(id)| id)
+        .map_err(|_| ApiError::bad_query("a photo id is a whole number"))
 }
 
 #[utoipa::path(get, path = "/api/photos/{id}/similar", params(("id" = u64, Path, description = "Photo id"), SimilarParams),
@@ -243,10 +278,14 @@ pub async fn similar(
     let request = Request {
         k: p.k,
         offset: p.offset,
-        filters: Some(Filters::from_flat(p.folder, p.from, p.to, p.types, p.camera)),
+        filters: Some(Filters::from_flat(
+            p.folder, p.from, p.to, p.types, p.camera,
+        )),
         ..Request::default()
     };
-    Ok(Json(blocking(move || engine.similar(id, request).map_err(ApiError::from)).await?))
+    Ok(Json(
+        blocking(move || engine.similar(id, request).map_err(ApiError::from)).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/api/photos/{id}", params(("id" = u64, Path, description = "Photo id")),
@@ -256,18 +295,33 @@ pub async fn similar(
         (status = 404, description = "No such photo", body = ErrorBody),
         (status = 503, description = "Index still loading", body = ErrorBody),
     ))]
-pub async fn photo(State(state): State<SharedState>, id: Result<Path<u64>, PathRejection>) -> ApiResult<Json<Photo>> {
+pub async fn photo(
+    State(state): State<SharedState>,
+    id: Result<Path<u64>, PathRejection>,
+) -> ApiResult<Json<Photo>> {
     let id = path_id(id)?;
     let engine = engine(&state)?;
-    Ok(Json(blocking(move || engine.photo(id).map_err(ApiError::from)).await?))
+    Ok(Json(
+        blocking(move || engine.photo(id).map_err(ApiError::from)).await?,
+    ))
 }
 
 fn file_response(bytes: Vec<u8>, content_type: &str, cache: &str) -> Response {
     let mut r = Response::new(Body::from(bytes));
     let headers = r.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_str(cache).unwrap_or(HeaderValue::from_static("no-cache")));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_str(cache).unwrap_or(HeaderValue::from_static("no-cache")),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     r
 }
 
@@ -276,12 +330,16 @@ fn file_response(bytes: Vec<u8>, content_type: &str, cache: &str) -> Response {
         (status = 200, description = "JPEG thumbnail, 256 px on the longest side", content_type = "image/jpeg"),
         (status = 404, description = "No such photo", body = ErrorBody),
     ))]
-pub async fn thumbnail(State(state): State<SharedState>, id: Result<Path<u64>, PathRejection>) -> ApiResult<Response> {
+pub async fn thumbnail(
+    State(state): State<SharedState>,
+    id: Result<Path<u64>, PathRejection>,
+) -> ApiResult<Response> {
     let id = path_id(id)?;
     let engine = engine(&state)?;
     let bytes = blocking(move || {
         let record = engine.record(id)?;
-        std::fs::read(engine.index().thumbnail_path(&record)).map_err(|_| ApiError::not_found(format!("no thumbnail for photo {id}")))
+        std::fs::read(engine.index().thumbnail_path(&record))
+            .map_err(|_| ApiError::not_found(format!("no thumbnail for photo {id}")))
     })
     .await?;
     // Thumbnails are content-addressed: a photo id's thumbnail only changes with a new id.
@@ -294,7 +352,10 @@ pub async fn thumbnail(State(state): State<SharedState>, id: Result<Path<u64>, P
         (status = 404, description = "No such photo, or its file is gone", body = ErrorBody),
         (status = 409, description = "The file changed since it was indexed (re-index)", body = ErrorBody),
     ))]
-pub async fn original(State(state): State<SharedState>, id: Result<Path<u64>, PathRejection>) -> ApiResult<Response> {
+pub async fn original(
+    State(state): State<SharedState>,
+    id: Result<Path<u64>, PathRejection>,
+) -> ApiResult<Response> {
     let id = path_id(id)?;
     let engine = engine(&state)?;
     let (bytes, mime) = blocking(move || engine.original(id).map_err(ApiError::from)).await?;
@@ -334,17 +395,34 @@ pub async fn status(State(state): State<SharedState>) -> ApiResult<Json<StatusRe
     let (photos, library, model, dim) = match &engine {
         Some(e) => {
             let engine = e.clone();
-            let (n, lib) = blocking(move || Ok((engine.index().store().count(), engine.index().meta().library.clone()))).await?;
+            let (n, lib) = blocking(move || {
+                Ok((
+                    engine.index().store().count(),
+                    engine.index().meta().library.clone(),
+                ))
+            })
+            .await?;
             let info = e.model_info();
-            (Some(n), Some(lib), Some(info.id.clone()), Some(info.embedding_dim))
+            (
+                Some(n),
+                Some(lib),
+                Some(info.id.clone()),
+                Some(info.embedding_dim),
+            )
         }
         None => (None, None, None, None),
     };
     let job = state.job();
     let reindex = ReindexStatus {
         running: job.running,
-        progress: job.progress.as_ref().map(|p| serde_json::to_value(p).unwrap_or_default()),
-        last: job.last_summary.as_ref().map(|s| serde_json::to_value(s).unwrap_or_default()),
+        progress: job
+            .progress
+            .as_ref()
+            .map(|p| serde_json::to_value(p).unwrap_or_default()),
+        last: job
+            .last_summary
+            .as_ref()
+            .map(|s| serde_json::to_value(s).unwrap_or_default()),
         last_error: job.last_error.clone(),
     };
     drop(job);
@@ -371,20 +449,26 @@ pub struct ReindexStarted {
         (status = 409, description = "A re-index is already running", body = ErrorBody),
         (status = 503, description = "Index still loading", body = ErrorBody),
     ))]
-pub async fn reindex(State(state): State<SharedState>) -> ApiResult<(StatusCode, Json<ReindexStarted>)> {
+pub async fn reindex(
+    State(state): State<SharedState>,
+) -> ApiResult<(StatusCode, Json<ReindexStarted>)> {
     state::start_reindex(&state)?;
     Ok((StatusCode::ACCEPTED, Json(ReindexStarted { started: true })))
 }
 
 #[utoipa::path(get, path = "/api/reindex/events",
     responses((status = 200, description = "Server-sent events: `progress`, `done`, `failed` (JSON data)", content_type = "text/event-stream")))]
-pub async fn reindex_events(State(state): State<SharedState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+pub async fn reindex_events(
+    State(state): State<SharedState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let rx = state.events.subscribe();
     // Start with where the job stands, so a page opened mid-run shows it at once.
     let first = {
         let job = state.job();
         match (&job.progress, job.running) {
-            (Some(p), true) => Some(JobEvent::Progress { progress: serde_json::to_value(p).unwrap_or_default() }),
+            (Some(p), true) => Some(JobEvent::Progress {
+                progress: serde_json::to_value(p).unwrap_or_default(),
+            }),
             _ => None,
         }
     };
@@ -397,7 +481,10 @@ pub async fn reindex_events(State(state): State<SharedState>) -> Sse<impl Stream
                 JobEvent::Done { .. } => "done",
                 JobEvent::Failed { .. } => "failed",
             };
-            Ok(Event::default().event(name).json_data(&e).unwrap_or_else(|_| Event::default().event(name)))
+            Ok(Event::default()
+                .event(name)
+                .json_data(&e)
+                .unwrap_or_else(|_| Event::default().event(name)))
         });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

@@ -2,9 +2,9 @@
 //! Clients get a short message and a stable code, never a backtrace or a path
 //! on the server; the details go to the log.
 
+use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -38,7 +38,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None, detail: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+            detail: None,
+        }
     }
     pub fn bad_query(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_query", message)
@@ -56,27 +62,46 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
     }
     pub fn unsupported(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            message,
+        )
     }
     /// At a limit now; the same request may pass in `seconds`.
     pub fn busy(message: impl Into<String>, seconds: u32) -> Self {
-        Self { retry_after: Some(seconds), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message) }
+        Self {
+            retry_after: Some(seconds),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
+        }
     }
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
     pub fn method_not_allowed() -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not take that method")
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this endpoint does not take that method",
+        )
     }
     pub fn unauthorized() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid token is required")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid token is required",
+        )
     }
     /// An internal failure: reported without details; `detail` goes to the
     /// log when the response is made.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         Self {
             detail: Some(detail.to_string()),
-            ..Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
+            ..Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; see the server log",
+            )
         }
     }
 
@@ -101,7 +126,12 @@ impl From<search::Error> for ApiError {
             E::TooLarge(m) => Self::too_large(m),
             E::Busy(m) => Self::busy(m, 1),
             E::Changed(m) => Self::conflict(m),
-            E::Store(_) | E::Vectors(_) | E::Keywords(_) | E::Model(_) | E::Pixels(_) | E::BatcherStopped => Self::internal(e),
+            E::Store(_)
+            | E::Vectors(_)
+            | E::Keywords(_)
+            | E::Model(_)
+            | E::Pixels(_)
+            | E::BatcherStopped => Self::internal(e),
         }
     }
 }
@@ -120,12 +150,24 @@ impl IntoResponse for ApiError {
     /// Logs a server failure here, once, with what the client is not told.
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::error!(status = self.status.as_u16(), code = self.code, detail = self.detail.as_deref().unwrap_or(&self.message), "request failed");
+            tracing::error!(
+                status = self.status.as_u16(),
+                code = self.code,
+                detail = self.detail.as_deref().unwrap_or(&self.message),
+                "request failed"
+            );
         }
-        let body = ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message } };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(seconds) = self.retry_after {
-            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
         }
         response
     }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -71,14 +71,24 @@ struct Security;
 
 impl utoipa::Modify for Security {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
         use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("the server's --token")).build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("the server's --token"))
+                    .build(),
+            ),
         );
-        components.add_security_scheme("cookie", SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new("clipdex_token"))));
+        components.add_security_scheme(
+            "cookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new("clipdex_token"))),
+        );
         // Either scheme, or none when the server runs without a token (loopback).
         openapi.security = Some(vec![
             SecurityRequirement::new("bearer", Vec::<String>::new()),
@@ -86,15 +96,28 @@ impl utoipa::Modify for Security {
             SecurityRequirement::default(),
         ]);
         let error = |description: &str| -> RefOr<utoipa::openapi::Response> {
-            let content = ContentBuilder::new().schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody"))).build();
-            RefOr::T(ResponseBuilder::new().description(description).content("application/json", content).build())
+            let content = ContentBuilder::new()
+                .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                .build();
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content("application/json", content)
+                    .build(),
+            )
         };
         for item in openapi.paths.paths.values_mut() {
             for op in [&mut item.get, &mut item.post].into_iter().flatten() {
                 let responses = &mut op.responses.responses;
-                responses.entry("401".into()).or_insert_with(|| error("A token is required and was missing or wrong"));
-                responses.entry("403".into()).or_insert_with(|| error("Refused host name, or a state change from another origin"));
-                responses.entry("405".into()).or_insert_with(|| error("The endpoint does not take this method"));
+                responses
+                    .entry("401".into())
+                    .or_insert_with(|| error("A token is required and was missing or wrong"));
+                responses.entry("403".into()).or_insert_with(|| {
+                    error("Refused host name, or a state change from another origin")
+                });
+                responses
+                    .entry("405".into())
+                    .or_insert_with(|| error("The endpoint does not take this method"));
             }
         }
     }
@@ -116,8 +139,16 @@ async fn method_not_allowed() -> ApiError {
 pub fn app(state: SharedState) -> Router {
     let upload_limit = state.config.max_upload;
     let api = Router::new()
-        .route("/api/search", get(api::search_get).post(api::search_post).layer(DefaultBodyLimit::max(MAX_JSON_BODY)))
-        .route("/api/search/image", post(api::search_image).layer(DefaultBodyLimit::max(upload_limit)))
+        .route(
+            "/api/search",
+            get(api::search_get)
+                .post(api::search_post)
+                .layer(DefaultBodyLimit::max(MAX_JSON_BODY)),
+        )
+        .route(
+            "/api/search/image",
+            post(api::search_image).layer(DefaultBodyLimit::max(upload_limit)),
+        )
         .route("/api/photos/{id}", get(api::photo))
         .route("/api/photos/{id}/similar", get(api::similar))
         .route("/api/photos/{id}/thumbnail", get(api::thumbnail))
@@ -152,10 +183,17 @@ fn host_allowed(config: &ServerConfig, bound: Option<SocketAddr>, host: &str) ->
         }
     }
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    let ip = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok();
+    let ip = name
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .ok();
     name == "localhost"
         || ip.is_some_and(|ip| ip.is_loopback() || bound.is_some_and(|b| b.ip() == ip))
-        || config.allow_hosts.iter().any(|h| h.eq_ignore_ascii_case(&name))
+        || config
+            .allow_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&name))
 }
 
 /// Whether a request that changes state comes from the page itself (or the
@@ -167,11 +205,23 @@ fn origin_allowed(config: &ServerConfig, request: &Request) -> bool {
         return headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) != Some("cross-site");
     };
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    let own = host.is_some_and(|h| origin.eq_ignore_ascii_case(&format!("http://{h}")) || origin.eq_ignore_ascii_case(&format!("https://{h}")));
+    let own = host.is_some_and(|h| {
+        origin.eq_ignore_ascii_case(&format!("http://{h}"))
+            || origin.eq_ignore_ascii_case(&format!("https://{h}"))
+    });
     // Behind a reverse proxy the page's origin is the proxy's name, given with --allow-host.
-    let origin_host = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://")).unwrap_or("");
-    let origin_name = origin_host.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(origin_host, |(n, _)| n);
-    let proxied = config.allow_hosts.iter().any(|h| h.eq_ignore_ascii_case(origin_name));
+    let origin_host = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .unwrap_or("");
+    let origin_name = origin_host
+        .rsplit_once(':')
+        .filter(|(_, p)| p.parse::<u16>().is_ok())
+        .map_or(origin_host, |(n, _)| n);
+    let proxied = config
+        .allow_hosts
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(origin_name));
     own || proxied || config.cors.as_deref().is_some_and(|c| c == origin)
 }
 
@@ -187,18 +237,29 @@ async fn guard(State(state): State<SharedState>, request: Request, next: Next) -
     // rebinding gains nothing: the token is never sent to a foreign name.
     if state.config.token.is_none() {
         if let Some(host) = request.headers().get(header::HOST) {
-            let ok = host.to_str().is_ok_and(|h| host_allowed(&state.config, state.local_addr(), h));
+            let ok = host
+                .to_str()
+                .is_ok_and(|h| host_allowed(&state.config, state.local_addr(), h));
             if !ok {
                 return with_cors(
-                    ApiError::forbidden("this server does not answer to that host name; add it with --allow-host").into_response(),
+                    ApiError::forbidden(
+                        "this server does not answer to that host name; add it with --allow-host",
+                    )
+                    .into_response(),
                     cors.as_deref(),
                 );
             }
         }
     }
-    let safe = matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let safe = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
     if !safe && !origin_allowed(&state.config, &request) {
-        return with_cors(ApiError::forbidden("cross-origin request refused").into_response(), cors.as_deref());
+        return with_cors(
+            ApiError::forbidden("cross-origin request refused").into_response(),
+            cors.as_deref(),
+        );
     }
     let mut set_cookie = None;
     if let Some(token) = state.config.token.as_deref() {
@@ -207,9 +268,15 @@ async fn guard(State(state): State<SharedState>, request: Request, next: Next) -
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let from_cookie = request.headers().get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|c| {
-            c.split(';').find_map(|kv| kv.trim().strip_prefix("clipdex_token="))
-        });
+        let from_cookie = request
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|c| {
+                c.split(';')
+                    .find_map(|kv| kv.trim().strip_prefix("clipdex_token="))
+            });
         let from_query = request
             .uri()
             .query()
@@ -222,7 +289,9 @@ async fn guard(State(state): State<SharedState>, request: Request, next: Next) -
             return with_cors(ApiError::unauthorized().into_response(), cors.as_deref());
         }
         if from_query.is_some() {
-            set_cookie = Some(format!("clipdex_token={token}; Path=/; HttpOnly; SameSite=Strict"));
+            set_cookie = Some(format!(
+                "clipdex_token={token}; Path=/; HttpOnly; SameSite=Strict"
+            ));
         }
     }
     let mut response = next.run(request).await;
@@ -250,7 +319,14 @@ async fn read_body(State(state): State<SharedState>, request: Request, next: Nex
     let limit = state.config.max_upload.max(MAX_JSON_BODY) + 64 * 1024;
     let start = tokio::time::Instant::now();
     let deadline = start + BODY_TIMEOUT;
-    let too_slow = || ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", "the request body arrived too slowly").into_response();
+    let too_slow = || {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            "the request body arrived too slowly",
+        )
+        .into_response()
+    };
     let mut bytes = Vec::new();
     loop {
         let elapsed = start.elapsed();
@@ -258,23 +334,31 @@ async fn read_body(State(state): State<SharedState>, request: Request, next: Nex
             return too_slow();
         }
         // Wake when the rate would fall below the minimum, if that comes first.
-        let rate_limit = Duration::from_secs((bytes.len() as u64 / BODY_MIN_RATE).max(BODY_GRACE.as_secs()) + 1).saturating_sub(elapsed);
-        let wait = BODY_IDLE_TIMEOUT.min(rate_limit).min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let rate_limit =
+            Duration::from_secs((bytes.len() as u64 / BODY_MIN_RATE).max(BODY_GRACE.as_secs()) + 1)
+                .saturating_sub(elapsed);
+        let wait = BODY_IDLE_TIMEOUT
+            .min(rate_limit)
+            .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         match tokio::time::timeout(wait, body.frame()).await {
             Err(_) => return too_slow(),
             Ok(None) => break,
-            Ok(Some(Err(_))) => return ApiError::bad_query("the request body could not be read").into_response(),
+            Ok(Some(Err(_))) => {
+                return ApiError::bad_query("the request body could not be read").into_response();
+            }
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     if bytes.len() + data.len() > limit {
-                        return ApiError::too_large("the request body is too large").into_response();
+                        return ApiError::too_large("the request body is too large")
+                            .into_response();
                     }
                     bytes.extend_from_slice(&data);
                 }
             }
         }
     }
-    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 fn percent_decode(s: &str) -> String {
@@ -283,7 +367,9 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+            let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
             if let Some(v) = hex {
                 out.push(v);
                 i += 3;
@@ -300,8 +386,14 @@ fn with_cors(mut response: Response, origin: Option<&str>) -> Response {
     if let Some(origin) = origin.and_then(|o| HeaderValue::from_str(o).ok()) {
         let h = response.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type"),
+        );
     }
     response
 }
@@ -340,7 +432,9 @@ pub async fn serve(state: SharedState, listener: tokio::net::TcpListener) -> std
     use hyper_util::service::TowerToHyperService;
     let _ = state.local_addr.set(listener.local_addr()?);
     let app = app(state.clone());
-    let slots = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections.max(1)));
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        state.config.max_connections.max(1),
+    ));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let shutdown = tokio::signal::ctrl_c();
     tokio::pin!(shutdown);
@@ -371,7 +465,9 @@ pub async fn serve(state: SharedState, listener: tokio::net::TcpListener) -> std
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
         let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT);
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -384,7 +480,10 @@ pub async fn serve(state: SharedState, listener: tokio::net::TcpListener) -> std
     tracing::info!("stopping");
     state::stop_jobs(&state);
     drop(listener);
-    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::info!("closing the connections still open");
     }
     Ok(())
@@ -411,10 +510,26 @@ mod tests {
         let mut config = ServerConfig::for_index("index".into());
         config.allow_hosts = vec!["photos.lan".into()];
         let bound: Option<SocketAddr> = Some("127.0.0.1:7878".parse().unwrap());
-        for ok in ["localhost:7878", "127.0.0.1:7878", "[::1]:7878", "LOCALHOST:7878", "localhost", "photos.lan:7878", "127.0.0.2:7878"] {
+        for ok in [
+            "localhost:7878",
+            "127.0.0.1:7878",
+            "[::1]:7878",
+            "LOCALHOST:7878",
+            "localhost",
+            "photos.lan:7878",
+            "127.0.0.2:7878",
+        ] {
             assert!(host_allowed(&config, bound, ok), "{ok}");
         }
-        for bad in ["evil.example:7878", "localhost:80", "localhost.evil.example:7878", "127.0.0.1.nip.io:7878", "photos.lan.evil:7878", "[::1]:1", ""] {
+        for bad in [
+            "evil.example:7878",
+            "localhost:80",
+            "localhost.evil.example:7878",
+            "127.0.0.1.nip.io:7878",
+            "photos.lan.evil:7878",
+            "[::1]:1",
+            "",
+        ] {
             assert!(!host_allowed(&config, bound, bad), "{bad}");
         }
     }

@@ -134,11 +134,17 @@ impl AppState {
     }
 
     pub fn engine(&self) -> Option<Arc<Engine>> {
-        self.engine.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.engine
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn lifecycle(&self) -> (Lifecycle, Option<String>) {
-        self.lifecycle.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn set_lifecycle(&self, phase: Lifecycle, message: Option<String>) {
@@ -185,13 +191,19 @@ fn load(state: &SharedState, addr: SocketAddr) -> Result<(), OpenError> {
             Step::ReadingIndex => (Lifecycle::OpeningIndex, "reading the index".to_string()),
             Step::LoadingModel(id) => (Lifecycle::LoadingModel, format!("loading model {id}")),
             Step::OpeningIndex => (Lifecycle::OpeningIndex, "opening the index".to_string()),
-            Step::WaitingFor(holder) => {
-                (state.lifecycle().0, format!("waiting for another clipdex process to release the index (pid {})", holder.pid))
-            }
+            Step::WaitingFor(holder) => (
+                state.lifecycle().0,
+                format!(
+                    "waiting for another clipdex process to release the index (pid {})",
+                    holder.pid
+                ),
+            ),
         };
         state.set_lifecycle(phase, Some(message));
     })?;
-    engine.index().set_holder("clipdex serve", Some(&format!("http://{addr}")));
+    engine
+        .index()
+        .set_holder("clipdex serve", Some(&format!("http://{addr}")));
     let engine = engine.with_upload_limits(config.run.limits, config.decode_budget);
     *state.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
     state.set_lifecycle(Lifecycle::Ready, None);
@@ -230,7 +242,9 @@ pub fn start_reindex(state: &SharedState) -> Result<(), JobError> {
             let mut callback = |p: &Progress| {
                 state.job().progress = Some(p.clone());
                 // At most 10 events a second, and every phase change.
-                if last_sent.elapsed() >= Duration::from_millis(100) || p.phase != indexer::Phase::Indexing {
+                if last_sent.elapsed() >= Duration::from_millis(100)
+                    || p.phase != indexer::Phase::Indexing
+                {
                     last_sent = Instant::now();
                     let progress = serde_json::to_value(p).unwrap_or_default();
                     let _ = state.events.send(JobEvent::Progress { progress });
@@ -239,16 +253,27 @@ pub fn start_reindex(state: &SharedState) -> Result<(), JobError> {
             // A panic inside the run (a bug) must not leave the job marked
             // running forever: it is reported like any failure.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                indexer::run(engine.index(), engine.clip(), &state.config.run, &mut callback, &state.stop)
+                indexer::run(
+                    engine.index(),
+                    engine.clip(),
+                    &state.config.run,
+                    &mut callback,
+                    &state.stop,
+                )
             }))
             .unwrap_or_else(|payload| {
-                Err(indexer::Error::Stopped(format!("internal error: {}", crate::common::panic_message(&*payload))))
+                Err(indexer::Error::Stopped(format!(
+                    "internal error: {}",
+                    crate::common::panic_message(&*payload)
+                )))
             });
             let mut job = state.job();
             job.running = false;
             match result {
                 Ok(summary) => {
-                    let _ = state.events.send(JobEvent::Done { summary: serde_json::to_value(&summary).unwrap_or_default() });
+                    let _ = state.events.send(JobEvent::Done {
+                        summary: serde_json::to_value(&summary).unwrap_or_default(),
+                    });
                     job.last_summary = Some(summary);
                 }
                 Err(e) => {
@@ -263,7 +288,6 @@ pub fn start_reindex(state: &SharedState) -> Result<(), JobError> {
         .inspect_err(|_| on_failure.job().running = false)?;
     Ok(())
 }
-
 
 /// Asks a running job to stop after its current batch (on shutdown).
 pub fn stop_jobs(state: &AppState) {

@@ -1,10 +1,10 @@
 //! The web page, embedded in the binary from `web/`: no separate front-end
 //! server and no build step.
 
+use axum::Router;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Router;
 
 use super::SharedState;
 
@@ -38,11 +38,26 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
 pub fn routes() -> Router<SharedState> {
     let mut router = Router::new();
     for (name, body) in MODULES {
-        router = router.route(&format!("/js/{name}"), get(|| async { asset("text/javascript; charset=utf-8", body) }));
+        router = router.route(
+            &format!("/js/{name}"),
+            get(|| async { asset("text/javascript; charset=utf-8", body) }),
+        );
     }
     router
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
-        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP) }))
-        .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
-        .route("/favicon.svg", get(|| async { asset("image/svg+xml", ICON) }))
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+        )
+        .route(
+            "/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP) }),
+        )
+        .route(
+            "/style.css",
+            get(|| async { asset("text/css; charset=utf-8", STYLE) }),
+        )
+        .route(
+            "/favicon.svg",
+            get(|| async { asset("image/svg+xml", ICON) }),
+        )
 }

@@ -20,7 +20,10 @@ pub fn run(tree: &sled::Tree, from: u32) -> Result<()> {
     for &(version, up) in MIGRATIONS {
         if version > from {
             tracing::info!(version, "migrating index");
-            up(tree).map_err(|e| Error::Migration { version, message: e.to_string() })?;
+            up(tree).map_err(|e| Error::Migration {
+                version,
+                message: e.to_string(),
+            })?;
         }
     }
     Ok(())

@@ -103,7 +103,9 @@ impl PhotoRecord {
     /// The camera as one string ("Canon EOS 5D"), without repeating the make.
     pub fn camera(&self) -> Option<String> {
         match (&self.camera_make, &self.camera_model) {
-            (Some(make), Some(model)) if model.to_lowercase().starts_with(&make.to_lowercase()) => Some(model.clone()),
+            (Some(make), Some(model)) if model.to_lowercase().starts_with(&make.to_lowercase()) => {
+                Some(model.clone())
+            }
             (Some(make), Some(model)) => Some(format!("{make} {model}")),
             (Some(one), None) | (None, Some(one)) => Some(one.clone()),
             (None, None) => None,
@@ -195,11 +197,22 @@ pub struct RunSummary {
 pub enum Change {
     /// Insert or update a record; `vector` is written when given. `old_path`
     /// is the path the same id had before (a move), whose lookup is dropped.
-    Put { record: PhotoRecord, vector: Option<Vec<f32>>, old_path: Option<String> },
+    Put {
+        record: PhotoRecord,
+        vector: Option<Vec<f32>>,
+        old_path: Option<String>,
+    },
     /// Remove a photo and everything keyed by it.
-    Remove { record: PhotoRecord },
-    Skip { path: String, skip: SkipRecord },
-    Unskip { path: String },
+    Remove {
+        record: PhotoRecord,
+    },
+    Skip {
+        path: String,
+        skip: SkipRecord,
+    },
+    Unskip {
+        path: String,
+    },
 }
 
 /// The sled store of one index.
@@ -236,11 +249,15 @@ fn hash_key(hash: &[u8; 32], id: u64) -> [u8; 42] {
 /// The id at the end of a key; a key too short to hold one is a corrupt
 /// store, not photo 0.
 fn key_id(key: &[u8]) -> Result<u64> {
-    id_from_key(key).ok_or_else(|| Error::Corrupt { key: String::from_utf8_lossy(key).into_owned(), message: "the key holds no photo id".into() })
+    id_from_key(key).ok_or_else(|| Error::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: "the key holds no photo id".into(),
+    })
 }
 
 fn id_from_key(key: &[u8]) -> Option<u64> {
-    key.get(key.len().checked_sub(8)?..).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+    key.get(key.len().checked_sub(8)?..)
+        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
 }
 
 fn json<T: for<'de> Deserialize<'de>>(key: &[u8], value: &[u8]) -> Result<T> {
@@ -255,13 +272,18 @@ pub fn vector_to_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 pub fn vector_from_bytes(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect()
 }
 
 impl Store {
     /// Opens (creating if needed) the database folder; does not check the format.
     fn open_db(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).cache_capacity(64 << 20).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 << 20)
+            .open()?;
         let tree = db.open_tree("index")?;
         Ok(Self { db, tree })
     }
@@ -275,7 +297,10 @@ impl Store {
         let mut meta = meta.clone();
         meta.format_version = FORMAT_VERSION;
         store.tree.insert(b"m:next_id", &1u64.to_be_bytes())?;
-        store.tree.insert(b"m:meta", serde_json::to_vec(&meta).expect("meta serialises"))?;
+        store.tree.insert(
+            b"m:meta",
+            serde_json::to_vec(&meta).expect("meta serialises"),
+        )?;
         store.db.flush()?;
         Ok(store)
     }
@@ -285,7 +310,10 @@ impl Store {
         let store = Self::open_db(dir)?;
         let meta = store.meta()?;
         if meta.format_version > FORMAT_VERSION {
-            return Err(Error::TooNew { found: meta.format_version, supported: FORMAT_VERSION });
+            return Err(Error::TooNew {
+                found: meta.format_version,
+                supported: FORMAT_VERSION,
+            });
         }
         if meta.format_version < FORMAT_VERSION {
             migrate::run(&store.tree, meta.format_version)?;
@@ -304,17 +332,26 @@ impl Store {
     }
 
     pub fn set_meta(&self, meta: &IndexMeta) -> Result<()> {
-        self.tree.insert(b"m:meta", serde_json::to_vec(meta).expect("meta serialises"))?;
+        self.tree.insert(
+            b"m:meta",
+            serde_json::to_vec(meta).expect("meta serialises"),
+        )?;
         self.db.flush()?;
         Ok(())
     }
 
     pub fn last_run(&self) -> Result<Option<RunSummary>> {
-        self.tree.get(b"m:last_run")?.map(|v| json(b"m:last_run", &v)).transpose()
+        self.tree
+            .get(b"m:last_run")?
+            .map(|v| json(b"m:last_run", &v))
+            .transpose()
     }
 
     pub fn set_last_run(&self, run: &RunSummary) -> Result<()> {
-        self.tree.insert(b"m:last_run", serde_json::to_vec(run).expect("summary serialises"))?;
+        self.tree.insert(
+            b"m:last_run",
+            serde_json::to_vec(run).expect("summary serialises"),
+        )?;
         self.db.flush()?;
         Ok(())
     }
@@ -322,10 +359,14 @@ impl Store {
     /// Reserves `n` consecutive ids; they are persisted with the next commit.
     pub fn reserve_ids(&self, n: u64) -> Result<u64> {
         let old = self.tree.fetch_and_update(b"m:next_id", |v| {
-            let cur = v.map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))).unwrap_or(1);
+            let cur = v
+                .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+                .unwrap_or(1);
             Some(cur.saturating_add(n).to_be_bytes().to_vec())
         })?;
-        Ok(old.map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8]))).unwrap_or(1))
+        Ok(old
+            .map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
+            .unwrap_or(1))
     }
 
     pub fn get(&self, id: u64) -> Result<Option<PhotoRecord>> {
@@ -334,17 +375,27 @@ impl Store {
     }
 
     pub fn id_for_path(&self, path: &str) -> Result<Option<u64>> {
-        Ok(self.tree.get(str_key(b'f', path))?.and_then(|v| id_from_key(&v)))
+        Ok(self
+            .tree
+            .get(str_key(b'f', path))?
+            .and_then(|v| id_from_key(&v)))
     }
 
     pub fn ids_with_hash(&self, hash: &[u8; 32]) -> Result<Vec<u64>> {
         let mut prefix = b"h:".to_vec();
         prefix.extend_from_slice(hash);
-        self.tree.scan_prefix(prefix).keys().map(|k| key_id(&k?)).collect()
+        self.tree
+            .scan_prefix(prefix)
+            .keys()
+            .map(|k| key_id(&k?))
+            .collect()
     }
 
     pub fn vector(&self, id: u64) -> Result<Option<Vec<f32>>> {
-        Ok(self.tree.get(id_key(b'v', id))?.map(|v| vector_from_bytes(&v)))
+        Ok(self
+            .tree
+            .get(id_key(b'v', id))?
+            .map(|v| vector_from_bytes(&v)))
     }
 
     /// Every record, in id order.
@@ -365,7 +416,11 @@ impl Store {
 
     /// Ids of all photos.
     pub fn ids(&self) -> Result<BTreeSet<u64>> {
-        self.tree.scan_prefix(b"p:").keys().map(|k| key_id(&k?)).collect()
+        self.tree
+            .scan_prefix(b"p:")
+            .keys()
+            .map(|k| key_id(&k?))
+            .collect()
     }
 
     pub fn count(&self) -> usize {
@@ -402,13 +457,20 @@ impl Store {
         let mut batch = sled::Batch::default();
         for change in changes {
             match change {
-                Change::Put { record, vector, old_path } => {
+                Change::Put {
+                    record,
+                    vector,
+                    old_path,
+                } => {
                     if let Some(old) = old_path {
                         if !put_paths.contains(old.as_str()) {
                             batch.remove(str_key(b'f', old));
                         }
                     }
-                    batch.insert(&id_key(b'p', record.id), serde_json::to_vec(record).expect("record serialises"));
+                    batch.insert(
+                        &id_key(b'p', record.id),
+                        serde_json::to_vec(record).expect("record serialises"),
+                    );
                     batch.insert(str_key(b'f', &record.path), &id_key(b'p', record.id));
                     batch.insert(hash_key(&record.hash_bytes()?, record.id).to_vec(), &[]);
                     batch.remove(str_key(b's', &record.path));
@@ -421,12 +483,17 @@ impl Store {
                     batch.remove(&id_key(b'v', record.id));
                     batch.remove(hash_key(&record.hash_bytes()?, record.id).to_vec());
                     // The path may already belong to a newer record (a replaced file).
-                    if !put_paths.contains(record.path.as_str()) && self.id_for_path(&record.path)? == Some(record.id) {
+                    if !put_paths.contains(record.path.as_str())
+                        && self.id_for_path(&record.path)? == Some(record.id)
+                    {
                         batch.remove(str_key(b'f', &record.path));
                     }
                 }
                 Change::Skip { path, skip } => {
-                    batch.insert(str_key(b's', path), serde_json::to_vec(skip).expect("skip serialises"));
+                    batch.insert(
+                        str_key(b's', path),
+                        serde_json::to_vec(skip).expect("skip serialises"),
+                    );
                 }
                 Change::Unskip { path } => batch.remove(str_key(b's', path)),
             }
@@ -496,7 +563,13 @@ mod tests {
     }
 
     fn record(id: u64, path: &str, hash: u8) -> PhotoRecord {
-        PhotoRecord { sig: FileSig { size: 1, mtime_ns: 2 }, ..sample_record(id, path, &format!("{:02x}", hash).repeat(32)) }
+        PhotoRecord {
+            sig: FileSig {
+                size: 1,
+                mtime_ns: 2,
+            },
+            ..sample_record(id, path, &format!("{:02x}", hash).repeat(32))
+        }
     }
 
     #[test]
@@ -510,14 +583,31 @@ mod tests {
         let b = record(first + 1, "dir/b.png", 1);
         store
             .commit(&[
-                Change::Put { record: a.clone(), vector: Some(vec![1.0, 0.0]), old_path: None },
-                Change::Put { record: b.clone(), vector: Some(vec![0.0, 1.0]), old_path: None },
-                Change::Skip { path: "bad.jpg".into(), skip: SkipRecord { reason: "empty file".into(), sig: None } },
+                Change::Put {
+                    record: a.clone(),
+                    vector: Some(vec![1.0, 0.0]),
+                    old_path: None,
+                },
+                Change::Put {
+                    record: b.clone(),
+                    vector: Some(vec![0.0, 1.0]),
+                    old_path: None,
+                },
+                Change::Skip {
+                    path: "bad.jpg".into(),
+                    skip: SkipRecord {
+                        reason: "empty file".into(),
+                        sig: None,
+                    },
+                },
             ])
             .unwrap();
         assert_eq!(store.get(a.id).unwrap(), Some(a.clone()));
         assert_eq!(store.id_for_path("dir/b.png").unwrap(), Some(b.id));
-        assert_eq!(store.ids_with_hash(&a.hash_bytes().unwrap()).unwrap(), vec![a.id, b.id]);
+        assert_eq!(
+            store.ids_with_hash(&a.hash_bytes().unwrap()).unwrap(),
+            vec![a.id, b.id]
+        );
         assert_eq!(store.vector(b.id).unwrap(), Some(vec![0.0, 1.0]));
         assert_eq!(store.skipped().unwrap().len(), 1);
 
@@ -526,16 +616,26 @@ mod tests {
         moved.path = "c.png".into();
         store
             .commit(&[
-                Change::Put { record: moved.clone(), vector: None, old_path: Some(b.path.clone()) },
+                Change::Put {
+                    record: moved.clone(),
+                    vector: None,
+                    old_path: Some(b.path.clone()),
+                },
                 Change::Remove { record: a.clone() },
             ])
             .unwrap();
         assert_eq!(store.id_for_path("dir/b.png").unwrap(), None);
         assert_eq!(store.id_for_path("c.png").unwrap(), Some(b.id));
         assert_eq!(store.vector(b.id).unwrap(), Some(vec![0.0, 1.0]));
-        assert_eq!(store.ids().unwrap().into_iter().collect::<Vec<_>>(), vec![b.id]);
+        assert_eq!(
+            store.ids().unwrap().into_iter().collect::<Vec<_>>(),
+            vec![b.id]
+        );
         assert_eq!(store.vector(a.id).unwrap(), None);
-        assert_eq!(store.ids_with_hash(&a.hash_bytes().unwrap()).unwrap(), vec![b.id]);
+        assert_eq!(
+            store.ids_with_hash(&a.hash_bytes().unwrap()).unwrap(),
+            vec![b.id]
+        );
     }
 
     #[test]

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::library::{decode_file, DecodeLimits};
 use crate::common::rng::NormalRng;
-use crate::common::{resample, Resample, RgbView};
+use crate::common::{Resample, RgbView, resample};
+use crate::library::{DecodeLimits, decode_file};
 use crate::model::Preprocessor;
 
 /// Prompt templates for class names (a subset of CLIP's ImageNet ensemble).
@@ -60,7 +60,11 @@ pub struct Dataset {
 impl Dataset {
     /// Sorted distinct labels.
     pub fn classes(&self) -> Vec<String> {
-        let mut c: Vec<String> = self.samples.iter().filter_map(|s| s.label.clone()).collect();
+        let mut c: Vec<String> = self
+            .samples
+            .iter()
+            .filter_map(|s| s.label.clone())
+            .collect();
         c.sort();
         c.dedup();
         c
@@ -68,14 +72,18 @@ impl Dataset {
 }
 
 fn is_image(p: &Path) -> bool {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| crate::library::scan::IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        crate::library::scan::IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
+    })
 }
 
 /// A class folder's name as words: `ankle_boot` -> `ankle boot`.
 pub fn class_name(folder: &str) -> String {
-    folder.replace(['_', '-'], " ").split_whitespace().collect::<Vec<_>>().join(" ")
+    folder
+        .replace(['_', '-'], " ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Fills a template with a class name.
@@ -90,7 +98,11 @@ pub fn load(path: &Path, templates: &[String]) -> std::io::Result<Dataset> {
     }
     let text = std::fs::read_to_string(path)?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     Ok(match ext.as_str() {
         "csv" | "tsv" => load_csv(&text, base),
         _ => load_jsonl(&text, base, templates),
@@ -99,7 +111,11 @@ pub fn load(path: &Path, templates: &[String]) -> std::io::Result<Dataset> {
 
 fn resolve(base: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
-    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
 }
 
 fn load_jsonl(text: &str, base: &Path, templates: &[String]) -> Dataset {
@@ -118,23 +134,43 @@ fn load_jsonl(text: &str, base: &Path, templates: &[String]) -> Dataset {
         let row: Row = match serde_json::from_str(line) {
             Ok(r) => r,
             Err(e) => {
-                d.problems.push(Problem { item, reason: format!("not a JSON object: {e}") });
+                d.problems.push(Problem {
+                    item,
+                    reason: format!("not a JSON object: {e}"),
+                });
                 continue;
             }
         };
         let Some(image) = row.image.filter(|s| !s.trim().is_empty()) else {
-            d.problems.push(Problem { item, reason: "no \"image\"".into() });
+            d.problems.push(Problem {
+                item,
+                reason: "no \"image\"".into(),
+            });
             continue;
         };
-        let caption = match (row.caption.map(|c| c.trim().to_string()).filter(|c| !c.is_empty()), &row.label) {
+        let caption = match (
+            row.caption
+                .map(|c| c.trim().to_string())
+                .filter(|c| !c.is_empty()),
+            &row.label,
+        ) {
             (Some(c), _) => c,
-            (None, Some(label)) if !templates.is_empty() => fill(&templates[n % templates.len()], label),
+            (None, Some(label)) if !templates.is_empty() => {
+                fill(&templates[n % templates.len()], label)
+            }
             _ => {
-                d.problems.push(Problem { item, reason: "no \"caption\"".into() });
+                d.problems.push(Problem {
+                    item,
+                    reason: "no \"caption\"".into(),
+                });
                 continue;
             }
         };
-        d.samples.push(Sample { image: resolve(base, &image), caption, label: row.label });
+        d.samples.push(Sample {
+            image: resolve(base, &image),
+            caption,
+            label: row.label,
+        });
     }
     d
 }
@@ -166,9 +202,18 @@ fn load_csv(text: &str, base: &Path) -> Dataset {
     let Some(header) = lines.next() else { return d };
     let sep = if header.contains('\t') { '\t' } else { ',' };
     let cols = csv_fields(header, sep);
-    let find = |names: &[&str]| cols.iter().position(|c| names.contains(&c.trim().to_ascii_lowercase().as_str()));
-    let (Some(fi), Some(ti)) = (find(&["filepath", "image", "path"]), find(&["title", "caption", "text"])) else {
-        d.problems.push(Problem { item: "header".into(), reason: "needs filepath and title columns".into() });
+    let find = |names: &[&str]| {
+        cols.iter()
+            .position(|c| names.contains(&c.trim().to_ascii_lowercase().as_str()))
+    };
+    let (Some(fi), Some(ti)) = (
+        find(&["filepath", "image", "path"]),
+        find(&["title", "caption", "text"]),
+    ) else {
+        d.problems.push(Problem {
+            item: "header".into(),
+            reason: "needs filepath and title columns".into(),
+        });
         return d;
     };
     for (n, line) in lines.enumerate() {
@@ -177,10 +222,23 @@ fn load_csv(text: &str, base: &Path) -> Dataset {
         }
         let f = csv_fields(line, sep);
         let item = format!("row {}", n + 2);
-        match (f.get(fi).map(|s| s.trim()).filter(|s| !s.is_empty()), f.get(ti).map(|s| s.trim()).filter(|s| !s.is_empty())) {
-            (Some(path), Some(title)) => d.samples.push(Sample { image: resolve(base, path), caption: title.to_string(), label: None }),
-            (None, _) => d.problems.push(Problem { item, reason: "no file path".into() }),
-            (_, None) => d.problems.push(Problem { item, reason: "no title".into() }),
+        match (
+            f.get(fi).map(|s| s.trim()).filter(|s| !s.is_empty()),
+            f.get(ti).map(|s| s.trim()).filter(|s| !s.is_empty()),
+        ) {
+            (Some(path), Some(title)) => d.samples.push(Sample {
+                image: resolve(base, path),
+                caption: title.to_string(),
+                label: None,
+            }),
+            (None, _) => d.problems.push(Problem {
+                item,
+                reason: "no file path".into(),
+            }),
+            (_, None) => d.problems.push(Problem {
+                item,
+                reason: "no title".into(),
+            }),
         }
     }
     d
@@ -202,17 +260,44 @@ fn load_folder(root: &Path, templates: &[String]) -> Dataset {
         // Class sub-folders.
         for (i, p) in images.into_iter().enumerate() {
             let rel = p.strip_prefix(root).unwrap_or(&p);
-            let class = rel.components().next().map(|c| class_name(&c.as_os_str().to_string_lossy())).unwrap_or_default();
-            let caption = if templates.is_empty() { class.clone() } else { fill(&templates[i % templates.len()], &class) };
-            d.samples.push(Sample { image: p, caption, label: Some(class) });
+            let class = rel
+                .components()
+                .next()
+                .map(|c| class_name(&c.as_os_str().to_string_lossy()))
+                .unwrap_or_default();
+            let caption = if templates.is_empty() {
+                class.clone()
+            } else {
+                fill(&templates[i % templates.len()], &class)
+            };
+            d.samples.push(Sample {
+                image: p,
+                caption,
+                label: Some(class),
+            });
         }
         return d;
     }
     for p in images {
-        let side = [p.with_extension("txt"), PathBuf::from(format!("{}.txt", p.display()))];
-        match side.iter().find_map(|s| std::fs::read_to_string(s).ok()).map(|c| c.trim().to_string()).filter(|c| !c.is_empty()) {
-            Some(caption) => d.samples.push(Sample { image: p, caption, label: None }),
-            None => d.problems.push(Problem { item: p.display().to_string(), reason: "no caption (.txt beside it)".into() }),
+        let side = [
+            p.with_extension("txt"),
+            PathBuf::from(format!("{}.txt", p.display())),
+        ];
+        match side
+            .iter()
+            .find_map(|s| std::fs::read_to_string(s).ok())
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+        {
+            Some(caption) => d.samples.push(Sample {
+                image: p,
+                caption,
+                label: None,
+            }),
+            None => d.problems.push(Problem {
+                item: p.display().to_string(),
+                reason: "no caption (.txt beside it)".into(),
+            }),
         }
     }
     d
@@ -243,7 +328,11 @@ pub fn write_jsonl(path: &Path, samples: &[Sample]) -> std::io::Result<()> {
 
 enum Pixels {
     /// Resized to the augmentation base, kept in memory.
-    Cached { data: Vec<u8>, width: usize, height: usize },
+    Cached {
+        data: Vec<u8>,
+        width: usize,
+        height: usize,
+    },
     /// Decoded again for every batch (the cache would not fit).
     Lazy(PathBuf),
 }
@@ -261,7 +350,11 @@ fn base_side(image_size: usize) -> usize {
 
 fn resize_short(view: RgbView, side: usize) -> (Vec<u8>, usize, usize) {
     let (w, h) = (view.width, view.height);
-    let (nw, nh) = if w <= h { (side, ((side * h) as f64 / w as f64).round() as usize) } else { (((side * w) as f64 / h as f64).round() as usize, side) };
+    let (nw, nh) = if w <= h {
+        (side, ((side * h) as f64 / w as f64).round() as usize)
+    } else {
+        (((side * w) as f64 / h as f64).round() as usize, side)
+    };
     let (nw, nh) = (nw.max(side), nh.max(side));
     if (nw, nh) == (w, h) {
         return (view.data.to_vec(), w, h);
@@ -272,7 +365,10 @@ fn resize_short(view: RgbView, side: usize) -> (Vec<u8>, usize, usize) {
 impl ImageSet {
     /// Decodes every sample's image in parallel; returns the usable ones
     /// (with their sample indices) and a problem for each that is not.
-    pub fn prepare(samples: &[Sample], preprocessor: &Preprocessor) -> (ImageSet, Vec<usize>, Vec<Problem>) {
+    pub fn prepare(
+        samples: &[Sample],
+        preprocessor: &Preprocessor,
+    ) -> (ImageSet, Vec<usize>, Vec<Problem>) {
         let base = base_side(preprocessor.image_size());
         let limits = DecodeLimits::default();
         let cache = samples.len().saturating_mul(base * base * 3 * 3 / 2) <= CACHE_BUDGET;
@@ -283,10 +379,18 @@ impl ImageSet {
                 if !cache {
                     return Ok(Pixels::Lazy(s.image.clone()));
                 }
-                let view = RgbView::new(img.rgb.width() as usize, img.rgb.height() as usize, img.rgb.as_raw())
-                    .map_err(|e| e.to_string())?;
+                let view = RgbView::new(
+                    img.rgb.width() as usize,
+                    img.rgb.height() as usize,
+                    img.rgb.as_raw(),
+                )
+                .map_err(|e| e.to_string())?;
                 let (data, width, height) = resize_short(view, base);
-                Ok(Pixels::Cached { data, width, height })
+                Ok(Pixels::Cached {
+                    data,
+                    width,
+                    height,
+                })
             })
             .collect();
         let mut items = Vec::new();
@@ -298,10 +402,21 @@ impl ImageSet {
                     items.push(p);
                     kept.push(i);
                 }
-                Err(reason) => problems.push(Problem { item: samples[i].image.display().to_string(), reason }),
+                Err(reason) => problems.push(Problem {
+                    item: samples[i].image.display().to_string(),
+                    reason,
+                }),
             }
         }
-        (ImageSet { items, preprocessor: preprocessor.clone(), base }, kept, problems)
+        (
+            ImageSet {
+                items,
+                preprocessor: preprocessor.clone(),
+                base,
+            },
+            kept,
+            problems,
+        )
     }
 
     pub fn len(&self) -> usize {
@@ -314,18 +429,30 @@ impl ImageSet {
 
     fn base_image(&self, i: usize) -> (std::borrow::Cow<'_, [u8]>, usize, usize) {
         match &self.items[i] {
-            Pixels::Cached { data, width, height } => (std::borrow::Cow::Borrowed(data), *width, *height),
+            Pixels::Cached {
+                data,
+                width,
+                height,
+            } => (std::borrow::Cow::Borrowed(data), *width, *height),
             Pixels::Lazy(path) => {
                 let img = decode_file(path, &DecodeLimits::default());
                 match img {
                     Ok(img) => {
-                        let view = RgbView::new(img.rgb.width() as usize, img.rgb.height() as usize, img.rgb.as_raw())
-                            .expect("decoded image is a valid view");
+                        let view = RgbView::new(
+                            img.rgb.width() as usize,
+                            img.rgb.height() as usize,
+                            img.rgb.as_raw(),
+                        )
+                        .expect("decoded image is a valid view");
                         let (d, w, h) = resize_short(view, self.base);
                         (std::borrow::Cow::Owned(d), w, h)
                     }
                     // Read fine when prepared; gone since: a grey square keeps the batch whole.
-                    Err(_) => (std::borrow::Cow::Owned(vec![128; self.base * self.base * 3]), self.base, self.base),
+                    Err(_) => (
+                        std::borrow::Cow::Owned(vec![128; self.base * self.base * 3]),
+                        self.base,
+                        self.base,
+                    ),
                 }
             }
         }
@@ -347,7 +474,11 @@ impl ImageSet {
     /// Item `i` preprocessed as for inference (centre crop), as (3, s, s) floats.
     pub fn centered(&self, i: usize, out: &mut [f32]) {
         let (data, w, h) = self.base_image(i);
-        let view = RgbView { width: w, height: h, data: &data };
+        let view = RgbView {
+            width: w,
+            height: h,
+            data: &data,
+        };
         let crop = self.preprocessor.resize_and_crop(view);
         self.preprocessor.normalize_into(&crop, out);
     }
@@ -359,7 +490,9 @@ pub fn sample_rng(seed: u64, epoch: usize, index: usize) -> NormalRng {
     h.update(&seed.to_le_bytes());
     h.update(&(epoch as u64).to_le_bytes());
     h.update(&(index as u64).to_le_bytes());
-    NormalRng::new(u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes")))
+    NormalRng::new(u64::from_le_bytes(
+        h.finalize().as_bytes()[..8].try_into().expect("8 bytes"),
+    ))
 }
 
 /// The order of the samples in an epoch.
@@ -397,9 +530,20 @@ mod tests {
         assert_eq!(d.samples.len(), 1);
         assert_eq!(d.samples[0].image, p.join("x.png"));
         assert_eq!(d.problems.len(), 3);
-        std::fs::write(p.join("b.csv"), "filepath,title\nimg/1.jpg,\"a dog, running\"\n,empty\nimg/2.jpg,\n").unwrap();
+        std::fs::write(
+            p.join("b.csv"),
+            "filepath,title\nimg/1.jpg,\"a dog, running\"\n,empty\nimg/2.jpg,\n",
+        )
+        .unwrap();
         let d = load(&p.join("b.csv"), &[]).unwrap();
-        assert_eq!(d.samples, vec![Sample { image: p.join("img/1.jpg"), caption: "a dog, running".into(), label: None }]);
+        assert_eq!(
+            d.samples,
+            vec![Sample {
+                image: p.join("img/1.jpg"),
+                caption: "a dog, running".into(),
+                label: None
+            }]
+        );
         assert_eq!(d.problems.len(), 2);
         std::fs::write(p.join("c.csv"), "title\tfilepath\ta sunset\tsun.jpg\n").unwrap();
         let d = load(&p.join("c.csv"), &[]).unwrap();
@@ -430,14 +574,25 @@ mod tests {
 
     #[test]
     fn splits_and_orders_deterministically() {
-        let samples: Vec<Sample> =
-            (0..1000).map(|i| Sample { image: format!("{i}.png").into(), caption: format!("c{i}"), label: None }).collect();
+        let samples: Vec<Sample> = (0..1000)
+            .map(|i| Sample {
+                image: format!("{i}.png").into(),
+                caption: format!("c{i}"),
+                label: None,
+            })
+            .collect();
         let (train, val) = split(samples.clone(), 20.0, Path::new("/data"));
         assert!((150..250).contains(&val.len()), "{}", val.len());
         assert_eq!(split(samples.clone(), 20.0, Path::new("/data")).1, val);
         // The same dataset in another place splits the same way.
         let moved = |root: &str| -> Vec<Sample> {
-            samples.iter().map(|s| Sample { image: Path::new(root).join(&s.image), ..s.clone() }).collect()
+            samples
+                .iter()
+                .map(|s| Sample {
+                    image: Path::new(root).join(&s.image),
+                    ..s.clone()
+                })
+                .collect()
         };
         let names = |v: Vec<Sample>| v.into_iter().map(|s| s.caption).collect::<Vec<_>>();
         assert_eq!(

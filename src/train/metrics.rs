@@ -30,8 +30,17 @@ fn recall(ranks: &mut [usize]) -> Recall {
     let ranks = &*ranks;
     let within = |k: usize| 100.0 * ranks.iter().filter(|&&r| r <= k).count() as f32 / n;
     let m = ranks.len();
-    let median = if m % 2 == 1 { ranks[m / 2] as f32 } else { (ranks[m / 2 - 1] + ranks[m / 2]) as f32 / 2.0 };
-    Recall { r1: within(1), r5: within(5), r10: within(10), median_rank: median }
+    let median = if m % 2 == 1 {
+        ranks[m / 2] as f32
+    } else {
+        (ranks[m / 2 - 1] + ranks[m / 2]) as f32 / 2.0
+    };
+    Recall {
+        r1: within(1),
+        r5: within(5),
+        r10: within(10),
+        median_rank: median,
+    }
 }
 
 /// Retrieval metrics from an (images x texts) similarity matrix; `image_of[t]`
@@ -49,13 +58,24 @@ pub fn retrieval_from_similarity(sim: &[Vec<f32>], image_of: &[usize]) -> Retrie
     // Image to text: rank of its best-ranked text.
     let mut i2t: Vec<usize> = (0..n_images)
         .filter_map(|i| {
-            let best = (0..n_texts).filter(|&t| image_of[t] == i).map(|t| sim[i][t]).fold(f32::NEG_INFINITY, f32::max);
+            let best = (0..n_texts)
+                .filter(|&t| image_of[t] == i)
+                .map(|t| sim[i][t])
+                .fold(f32::NEG_INFINITY, f32::max);
             if best == f32::NEG_INFINITY {
                 return None;
             }
-            Some(1 + (0..n_texts).filter(|&t| image_of[t] != i && sim[i][t] > best).count())
+            Some(
+                1 + (0..n_texts)
+                    .filter(|&t| image_of[t] != i && sim[i][t] > best)
+                    .count(),
+            )
         })
         .collect();
-    RetrievalMetrics { images: n_images, texts: n_texts, image_to_text: recall(&mut i2t), text_to_image: recall(&mut t2i) }
+    RetrievalMetrics {
+        images: n_images,
+        texts: n_texts,
+        image_to_text: recall(&mut i2t),
+        text_to_image: recall(&mut t2i),
+    }
 }
-

@@ -25,16 +25,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
-use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::model::checkpoint::{self, HubOptions, ModelSource, TokenizerFiles, WeightsFile};
 use crate::model::loss::{Objective, SIGMOID_INIT_BIAS, SIGMOID_INIT_LOG_SCALE};
 use crate::model::tokenizer::TokenizerSettings;
-use crate::model::{init, ClipConfig, ClipModel, Family, Preprocessor, TextTokenizer};
+use crate::model::{ClipConfig, ClipModel, Family, Preprocessor, TextTokenizer, init};
 use data::{Dataset, ImageSet, Problem, Sample};
-use optim::{learning_rate, AdamW, AdamWConfig};
+use optim::{AdamW, AdamWConfig, learning_rate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,7 +43,10 @@ pub enum Error {
     #[error(transparent)]
     Optimizer(#[from] optim::Error),
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Data(String),
     #[error("{0}")]
@@ -61,7 +64,37 @@ impl From<candle_core::Error> for Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.display().to_string(), source }
+    move |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Keeps the step log's whole lines up to `step` (where a resumed run
+/// restarts): a killed run may have left a torn last line, and steps past
+/// its last checkpoint are run again.
+fn trim_steps_log(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(path)(e)),
+    };
+    let mut kept = Vec::with_capacity(text.len());
+    for line in text
+        .split_inclusive(|&b| b == b'\n')
+        .filter(|l| l.ends_with(b"\n"))
+    {
+        let done = serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["step"].as_u64());
+        if done.is_some_and(|d| d <= step) {
+            kept.extend_from_slice(line);
+        }
+    }
+    if kept.len() != text.len() {
+        crate::common::fs::write_synced(path, &kept).map_err(io(path))?;
+    }
+    Ok(())
 }
 
 /// Where the weights start.
@@ -235,10 +268,20 @@ struct Weights {
 }
 
 impl SimpleBackend for Weights {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        _: DType,
+        _: &Device,
+    ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, DType::F32, &Device::Cpu)?;
         if t.shape() != &s {
-            candle_core::bail!("shape mismatch for {name}: the config wants {s:?}, the weights have {:?}", t.shape());
+            candle_core::bail!(
+                "shape mismatch for {name}: the config wants {s:?}, the weights have {:?}",
+                t.shape()
+            );
         }
         Ok(t)
     }
@@ -284,7 +327,10 @@ pub fn build_model(
     freeze: Freeze,
     objective: Objective,
 ) -> Result<TrainableModel> {
-    let mut weights = Weights { vars: HashMap::new(), frozen: HashMap::new() };
+    let mut weights = Weights {
+        vars: HashMap::new(),
+        frozen: HashMap::new(),
+    };
     for (name, t) in tensors {
         if freeze.frozen(&name) {
             weights.frozen.insert(name, t);
@@ -292,21 +338,40 @@ pub fn build_model(
             weights.vars.insert(name.clone(), Var::from_tensor(&t)?);
         }
     }
-    let shape: &[usize] = if config.family == Family::Siglip { &[1] } else { &[] };
-    let fresh = |value: f64| Var::from_tensor(&Tensor::new(value as f32, &Device::Cpu)?.reshape(shape)?);
+    let shape: &[usize] = if config.family == Family::Siglip {
+        &[1]
+    } else {
+        &[]
+    };
+    let fresh =
+        |value: f64| Var::from_tensor(&Tensor::new(value as f32, &Device::Cpu)?.reshape(shape)?);
     let sigmoid = objective == Objective::Sigmoid;
     if !weights.contains_tensor("logit_scale") {
-        let init = if sigmoid { SIGMOID_INIT_LOG_SCALE } else { config.logit_scale_init_value };
+        let init = if sigmoid {
+            SIGMOID_INIT_LOG_SCALE
+        } else {
+            config.logit_scale_init_value
+        };
         weights.vars.insert("logit_scale".into(), fresh(init)?);
     }
     if (sigmoid || config.family == Family::Siglip) && !weights.contains_tensor("logit_bias") {
-        weights.vars.insert("logit_bias".into(), fresh(SIGMOID_INIT_BIAS)?);
+        weights
+            .vars
+            .insert("logit_bias".into(), fresh(SIGMOID_INIT_BIAS)?);
     }
-    let trainable: Vec<(String, Var)> = weights.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let trainable: Vec<(String, Var)> = weights
+        .vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let frozen = weights.frozen.clone();
     let vb = VarBuilder::from_backend(Box::new(weights), DType::F32, Device::Cpu);
     let model = ClipModel::new(vb, config)?;
-    Ok(TrainableModel { model, trainable, frozen })
+    Ok(TrainableModel {
+        model,
+        trainable,
+        frozen,
+    })
 }
 
 /// The CLIP BPE tokenizer shipped with clipdex (OpenAI's vocabulary), for
@@ -356,7 +421,10 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
                 TokenizerFiles::Json(p) => vec![("tokenizer.json".into(), read(p)?)],
                 TokenizerFiles::SentencePiece(p) => vec![("spiece.model".into(), read(p)?)],
                 TokenizerFiles::VocabMerges { vocab, merges } => {
-                    vec![("vocab.json".into(), read(vocab)?), ("merges.txt".into(), read(merges)?)]
+                    vec![
+                        ("vocab.json".into(), read(vocab)?),
+                        ("merges.txt".into(), read(merges)?),
+                    ]
                 }
             };
             if let Some(p) = &files.tokenizer_config {
@@ -364,16 +432,28 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
             }
             let image_size = config.vision_config.image_size;
             let preprocessor = match &files.preprocessor {
-                Some(p) => Preprocessor::from_json(&String::from_utf8_lossy(&read(p)?), image_size)?,
+                Some(p) => {
+                    Preprocessor::from_json(&String::from_utf8_lossy(&read(p)?), image_size)?
+                }
                 None => Preprocessor::default_for(config.family, image_size),
             };
-            Ok(Base { config, tensors, tokenizer_files, preprocessor })
+            Ok(Base {
+                config,
+                tensors,
+                tokenizer_files,
+                preprocessor,
+            })
         }
     }
 }
 
 /// Writes the tokenizer files into `dir` (the output checkpoint) and loads them from there.
-fn tokenizer_from(files: &[(String, Vec<u8>)], dir: &Path, family: Family, max_len: usize) -> Result<TextTokenizer> {
+fn tokenizer_from(
+    files: &[(String, Vec<u8>)],
+    dir: &Path,
+    family: Family,
+    max_len: usize,
+) -> Result<TextTokenizer> {
     for (name, bytes) in files {
         std::fs::write(dir.join(name), bytes).map_err(io(dir))?;
     }
@@ -383,7 +463,10 @@ fn tokenizer_from(files: &[(String, Vec<u8>)], dir: &Path, family: Family, max_l
     } else if has("spiece.model") {
         TokenizerFiles::SentencePiece(dir.join("spiece.model"))
     } else {
-        TokenizerFiles::VocabMerges { vocab: dir.join("vocab.json"), merges: dir.join("merges.txt") }
+        TokenizerFiles::VocabMerges {
+            vocab: dir.join("vocab.json"),
+            merges: dir.join("merges.txt"),
+        }
     };
     let settings = match files.iter().find(|(n, _)| n == "tokenizer_config.json") {
         Some((_, bytes)) => TokenizerSettings::from_json(&String::from_utf8_lossy(bytes))?,
@@ -407,11 +490,17 @@ fn text_batch(tokens: &[Vec<u32>], tokenizer: &TextTokenizer) -> Result<(Tensor,
         ids.extend(std::iter::repeat_n(tokenizer.pad_id(), len - t.len()));
         pool.push(tokenizer.pool_position(t));
     }
-    Ok((Tensor::from_vec(ids, (tokens.len(), len), &Device::Cpu)?, pool))
+    Ok((
+        Tensor::from_vec(ids, (tokens.len(), len), &Device::Cpu)?,
+        pool,
+    ))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::common::fs::write_synced(path, bytes).map_err(|source| Error::Io { path: path.display().to_string(), source })
+    crate::common::fs::write_synced(path, bytes).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// The training and validation pairs, their pictures and their tokens.
@@ -428,9 +517,19 @@ struct Prepared {
 
 /// Reads the data, splits it (or reads the validation set), decodes the
 /// pictures once, tokenizes the captions, and writes the split it used.
-fn prepare_data(opts: &TrainOptions, preprocessor: &Preprocessor, tokenizer: &TextTokenizer) -> Result<Prepared> {
-    let load = |p: &Path| data::load(p, &opts.templates).map_err(|e| Error::Data(format!("cannot read {}: {e}", p.display())));
-    let Dataset { samples, mut problems } = load(&opts.data)?;
+fn prepare_data(
+    opts: &TrainOptions,
+    preprocessor: &Preprocessor,
+    tokenizer: &TextTokenizer,
+) -> Result<Prepared> {
+    let load = |p: &Path| {
+        data::load(p, &opts.templates)
+            .map_err(|e| Error::Data(format!("cannot read {}: {e}", p.display())))
+    };
+    let Dataset {
+        samples,
+        mut problems,
+    } = load(&opts.data)?;
     let (train_samples, val_samples) = match &opts.val {
         Some(v) => {
             let d = load(v)?;
@@ -440,7 +539,11 @@ fn prepare_data(opts: &TrainOptions, preprocessor: &Preprocessor, tokenizer: &Te
         None => {
             // Image paths are the data file's folder (or the data folder) joined
             // with what the data names; the split hashes what the data names.
-            let base = if opts.data.is_dir() { opts.data.as_path() } else { opts.data.parent().unwrap_or(Path::new("")) };
+            let base = if opts.data.is_dir() {
+                opts.data.as_path()
+            } else {
+                opts.data.parent().unwrap_or(Path::new(""))
+            };
             data::split(samples, opts.val_percent, base)
         }
     };
@@ -462,16 +565,36 @@ fn prepare_data(opts: &TrainOptions, preprocessor: &Preprocessor, tokenizer: &Te
     }
     data::write_jsonl(&opts.out.join("train.jsonl"), &train_samples).map_err(io(&opts.out))?;
     data::write_jsonl(&opts.out.join("val.jsonl"), &val_samples).map_err(io(&opts.out))?;
-    let tokens = |s: &[Sample]| s.iter().map(|x| tokenizer.encode(&x.caption)).collect::<crate::model::Result<Vec<_>>>();
+    let tokens = |s: &[Sample]| {
+        s.iter()
+            .map(|x| tokenizer.encode(&x.caption))
+            .collect::<crate::model::Result<Vec<_>>>()
+    };
     let (train_tokens, val_tokens) = (tokens(&train_samples)?, tokens(&val_samples)?);
-    Ok(Prepared { train_samples, val_samples, train_images, val_images, train_tokens, val_tokens, problems })
+    Ok(Prepared {
+        train_samples,
+        val_samples,
+        train_images,
+        val_images,
+        train_tokens,
+        val_tokens,
+        problems,
+    })
 }
 
 /// What makes a run the same run: a checkpoint of another is not resumed.
 fn run_key(opts: &TrainOptions, config: &ClipConfig, loss: Objective) -> RunKey {
     RunKey {
-        data: std::fs::canonicalize(&opts.data).unwrap_or(opts.data.clone()).display().to_string(),
-        val: opts.val.as_ref().map(|v| std::fs::canonicalize(v).unwrap_or(v.clone()).display().to_string()),
+        data: std::fs::canonicalize(&opts.data)
+            .unwrap_or(opts.data.clone())
+            .display()
+            .to_string(),
+        val: opts.val.as_ref().map(|v| {
+            std::fs::canonicalize(v)
+                .unwrap_or(v.clone())
+                .display()
+                .to_string()
+        }),
         val_percent: opts.val_percent,
         start: match &opts.start {
             Start::Checkpoint(s) => s.id(),
@@ -502,8 +625,9 @@ fn resume(
     if !ckpt.join("state.json").is_file() {
         return Ok((0, Vec::new()));
     }
-    let state: CheckpointState = serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).map_err(io(ckpt))?)
-        .map_err(|e| Error::Resume(format!("checkpoint/state.json is unreadable: {e}")))?;
+    let state: CheckpointState =
+        serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).map_err(io(ckpt))?)
+            .map_err(|e| Error::Resume(format!("checkpoint/state.json is unreadable: {e}")))?;
     if &state.run != run {
         return Err(Error::Resume(format!(
             "{} holds a checkpoint of another run (other data or settings); use another --out, or delete {}",
@@ -513,7 +637,9 @@ fn resume(
     }
     let saved = candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu)?;
     for (name, var) in trainable {
-        let t = saved.get(name).ok_or_else(|| Error::Resume(format!("checkpoint lacks {name}")))?;
+        let t = saved
+            .get(name)
+            .ok_or_else(|| Error::Resume(format!("checkpoint lacks {name}")))?;
         var.set(t)?;
     }
     optimizer.load(&ckpt.join("optimizer.safetensors"))?;
@@ -523,16 +649,29 @@ fn resume(
 
 /// Saves weights, optimiser state and progress as `checkpoint/`, replaced
 /// whole: a kill at any moment leaves the old checkpoint or the new one.
-fn save_checkpoint(out: &Path, trainable: &[(String, Var)], optimizer: &AdamW, state: &CheckpointState) -> Result<()> {
+fn save_checkpoint(
+    out: &Path,
+    trainable: &[(String, Var)],
+    optimizer: &AdamW,
+    state: &CheckpointState,
+) -> Result<()> {
     let (tmp, ckpt) = (out.join("checkpoint.tmp"), out.join("checkpoint"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let tensors: HashMap<String, Tensor> = trainable.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let tensors: HashMap<String, Tensor> = trainable
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
     candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
     optimizer.save(&tmp.join("optimizer.safetensors"))?;
-    write_synced(&tmp.join("state.json"), &serde_json::to_vec_pretty(state).expect("state serialises"))?;
+    write_synced(
+        &tmp.join("state.json"),
+        &serde_json::to_vec_pretty(state).expect("state serialises"),
+    )?;
     for f in ["model.safetensors", "optimizer.safetensors"] {
-        std::fs::File::open(tmp.join(f)).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+        std::fs::File::open(tmp.join(f))
+            .and_then(|f| f.sync_all())
+            .map_err(io(&tmp))?;
     }
     let old = out.join("checkpoint.old");
     let _ = std::fs::remove_dir_all(&old);
@@ -564,21 +703,34 @@ fn export(
     }
     candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
     write_synced(&out.join("config.json"), config.to_json().as_bytes())?;
-    write_synced(&out.join("preprocessor_config.json"), preprocessor.to_json().as_bytes())?;
+    write_synced(
+        &out.join("preprocessor_config.json"),
+        preprocessor.to_json().as_bytes(),
+    )?;
     // A checkpoint's own tokenizer_config.json was copied with its tokenizer.
     if !out.join("tokenizer_config.json").is_file() {
         let tok_config = serde_json::json!({
             "tokenizer_class": "CLIPTokenizer", "model_max_length": config.text_config.max_position_embeddings,
             "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"
         });
-        write_synced(&out.join("tokenizer_config.json"), tok_config.to_string().as_bytes())?;
+        write_synced(
+            &out.join("tokenizer_config.json"),
+            tok_config.to_string().as_bytes(),
+        )?;
     }
-    write_synced(&out.join("training.json"), &serde_json::to_vec_pretty(&history).expect("history serialises"))?;
+    write_synced(
+        &out.join("training.json"),
+        &serde_json::to_vec_pretty(&history).expect("history serialises"),
+    )?;
     Ok(())
 }
 
 /// Trains; `callback` receives statistics after every step.
-pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop: &AtomicBool) -> Result<TrainSummary> {
+pub fn train(
+    opts: &TrainOptions,
+    callback: &mut dyn FnMut(&TrainProgress),
+    stop: &AtomicBool,
+) -> Result<TrainSummary> {
     let started = Instant::now();
     std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
     let base = load_base(&opts.start, opts.seed, &opts.hub)?;
@@ -587,20 +739,42 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
     let tokenizer = tokenizer_from(&base.tokenizer_files, &opts.out, config.family, ctx)?;
     let objective = objective(&config, opts.loss);
 
-    let Prepared { train_samples, val_samples, train_images, val_images, train_tokens, val_tokens, problems } =
-        prepare_data(opts, &base.preprocessor, &tokenizer)?;
+    let Prepared {
+        train_samples,
+        val_samples,
+        train_images,
+        val_images,
+        train_tokens,
+        val_tokens,
+        problems,
+    } = prepare_data(opts, &base.preprocessor, &tokenizer)?;
 
     // Model.
     let trained = build_model(&config, base.tensors, opts.freeze, objective)?;
     let (model, trainable, frozen_copy) = (trained.model, trained.trainable, trained.frozen);
-    let find = |name: &str| trainable.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    let log_scale = find("logit_scale").ok_or_else(|| Error::Data("the temperature must be trainable".into()))?;
+    let find = |name: &str| {
+        trainable
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let log_scale = find("logit_scale")
+        .ok_or_else(|| Error::Data("the temperature must be trainable".into()))?;
     let bias = find("logit_bias");
     if objective == Objective::Sigmoid && bias.is_none() {
-        return Err(Error::Data("the sigmoid loss's bias must be trainable".into()));
+        return Err(Error::Data(
+            "the sigmoid loss's bias must be trainable".into(),
+        ));
     }
-    let mut optimizer = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: opts.weight_decay, ..Default::default() })?;
-    let total_params = optimizer.num_params() + frozen_copy.values().map(|t| t.elem_count()).sum::<usize>();
+    let mut optimizer = AdamW::new(
+        trainable.clone(),
+        AdamWConfig {
+            weight_decay: opts.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let total_params =
+        optimizer.num_params() + frozen_copy.values().map(|t| t.elem_count()).sum::<usize>();
 
     // Resume.
     let steps_per_epoch = (train_samples.len() / opts.batch) as u64;
@@ -611,10 +785,23 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
     let (step, mut history) = resume(opts, &ckpt, &run, &trainable, &mut optimizer)?;
 
     let save_checkpoint = |step: u64, history: &[Validation], optimizer: &AdamW| -> Result<()> {
-        let state = CheckpointState { run: run.clone(), step, history: history.to_vec() };
+        let state = CheckpointState {
+            run: run.clone(),
+            step,
+            history: history.to_vec(),
+        };
         save_checkpoint(&opts.out, &trainable, optimizer, &state)
     };
-    let export = |history: &[Validation]| export(&opts.out, &config, &base.preprocessor, &frozen_copy, &trainable, history);
+    let export = |history: &[Validation]| {
+        export(
+            &opts.out,
+            &config,
+            &base.preprocessor,
+            &frozen_copy,
+            &trainable,
+            history,
+        )
+    };
 
     // Batches are built on another thread, one step ahead.
     let image_size = base.preprocessor.image_size();
@@ -639,8 +826,12 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
     let first_step = step;
     // One line per step: the loss curve, and what a resumed run is checked against.
     let steps_log = opts.out.join("steps.jsonl");
-    let mut steps_file =
-        std::fs::OpenOptions::new().create(true).append(true).open(&steps_log).map_err(io(&steps_log))?;
+    trim_steps_log(&steps_log, first_step)?;
+    let mut steps_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&steps_log)
+        .map_err(io(&steps_log))?;
     let result = std::thread::scope(|scope| -> Result<()> {
         let images = &train_images;
         scope.spawn(move || {
@@ -652,28 +843,39 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
                 let plane = 3 * image_size * image_size;
                 let mut pixels = vec![0f32; batch * plane];
                 use rayon::prelude::*;
-                pixels.par_chunks_mut(plane).zip(idx.par_iter()).for_each(|(out, &i)| {
-                    let mut rng = data::sample_rng(seed, epoch, i);
-                    images.augmented(i, &mut rng, out);
-                });
+                pixels
+                    .par_chunks_mut(plane)
+                    .zip(idx.par_iter())
+                    .for_each(|(out, &i)| {
+                        let mut rng = data::sample_rng(seed, epoch, i);
+                        images.augmented(i, &mut rng, out);
+                    });
                 if tx.send((s, pixels, idx)).is_err() {
                     break;
                 }
             }
         });
         for (s, pixels, idx) in rx.iter() {
-            let pixels = Tensor::from_vec(pixels, (batch, 3, image_size, image_size), &Device::Cpu)?;
+            let pixels =
+                Tensor::from_vec(pixels, (batch, 3, image_size, image_size), &Device::Cpu)?;
             let toks: Vec<Vec<u32>> = idx.iter().map(|&i| train_tokens[i].clone()).collect();
             let (ids, pool) = text_batch(&toks, &tokenizer)?;
             let image_features = model.get_image_features(&pixels)?;
             let text_features = model.get_text_features(&ids, &pool)?;
-            let (loss, _) =
-                objective.loss(&image_features, &text_features, log_scale.as_tensor(), bias.as_ref().map(Var::as_tensor))?;
+            let (loss, _) = objective.loss(
+                &image_features,
+                &text_features,
+                log_scale.as_tensor(),
+                bias.as_ref().map(Var::as_tensor),
+            )?;
             let grads = loss.backward()?;
             if s == first_step {
                 let missing = optimizer.missing_gradients(&grads);
                 if !missing.is_empty() {
-                    return Err(Error::Data(format!("no gradient reaches {}", missing.join(", "))));
+                    return Err(Error::Data(format!(
+                        "no gradient reaches {}",
+                        missing.join(", ")
+                    )));
                 }
             }
             let lr = learning_rate(s, opts.lr, warmup, total_steps);
@@ -691,8 +893,15 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
             let done = s + 1;
             {
                 use std::io::Write;
-                let line = serde_json::json!({"step": done, "loss": loss.to_scalar::<f32>()?, "lr": lr});
-                writeln!(steps_file, "{line}").map_err(io(&steps_log))?;
+                // One write per line: a kill leaves whole lines or a torn
+                // last one, never a line split across two runs.
+                let mut line =
+                    serde_json::json!({"step": done, "loss": loss.to_scalar::<f32>()?, "lr": lr})
+                        .to_string();
+                line.push('\n');
+                steps_file
+                    .write_all(line.as_bytes())
+                    .map_err(io(&steps_log))?;
             }
             last.step = done;
             last.epoch = (s / steps_per_epoch) as usize;
@@ -700,13 +909,25 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
             last.lr = lr;
             last.temperature = scalar(&t.exp()?)?;
             last.elapsed_seconds = loop_start.elapsed().as_secs_f64();
-            last.samples_per_second =
-                ((done - first_step) * batch as u64) as f64 / (last.elapsed_seconds - last.overhead_seconds).max(1e-9);
+            last.samples_per_second = ((done - first_step) * batch as u64) as f64
+                / (last.elapsed_seconds - last.overhead_seconds).max(1e-9);
             let overhead_start = Instant::now();
             let epoch_end = done % steps_per_epoch == 0;
             if epoch_end {
-                let scoring = Scoring { objective, log_scale: log_scale.as_tensor(), bias: bias.as_ref().map(Var::as_tensor) };
-                let v = validate(&model, &scoring, &val_images, &val_tokens, batch, &tokenizer, last.epoch + 1)?;
+                let scoring = Scoring {
+                    objective,
+                    log_scale: log_scale.as_tensor(),
+                    bias: bias.as_ref().map(Var::as_tensor),
+                };
+                let v = validate(
+                    &model,
+                    &scoring,
+                    &val_images,
+                    &val_tokens,
+                    batch,
+                    &tokenizer,
+                    last.epoch + 1,
+                )?;
                 if let Some(v) = v {
                     history.push(v.clone());
                     last.validation = Some(v);
@@ -714,7 +935,11 @@ pub fn train(opts: &TrainOptions, callback: &mut dyn FnMut(&TrainProgress), stop
                 export(&history)?;
             }
             callback(&last);
-            if epoch_end || last_checkpoint.elapsed() >= opts.checkpoint_every || done == total_steps || stop.load(Ordering::Relaxed) {
+            if epoch_end
+                || last_checkpoint.elapsed() >= opts.checkpoint_every
+                || done == total_steps
+                || stop.load(Ordering::Relaxed)
+            {
                 save_checkpoint(done, &history, &optimizer)?;
                 last_checkpoint = Instant::now();
             }
@@ -783,7 +1008,10 @@ fn validate(
         let t = model.get_text_features(&ids, &pool)?.detach();
         if end - start > 1 {
             let bias = scoring.bias.map(Tensor::detach);
-            let loss = scoring.objective.loss(&i, &t, &scoring.log_scale.detach(), bias.as_ref())?.0;
+            let loss = scoring
+                .objective
+                .loss(&i, &t, &scoring.log_scale.detach(), bias.as_ref())?
+                .0;
             losses.push(loss.to_scalar::<f32>()?);
         }
         image_features.push(crate::model::normalize(&i)?);
@@ -803,4 +1031,25 @@ fn validate(
         text_to_image_r5: r.text_to_image.r5,
         samples: n,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_log_keeps_whole_lines_up_to_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("steps.jsonl");
+        std::fs::write(&path, "{\"step\":1,\"loss\":2.0}\n{\"step\":2,\"loss\":1.5}\n{\"step\":3,\"loss\":1.2}\n{\"st").unwrap();
+        trim_steps_log(&path, 2).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"step\":1,\"loss\":2.0}\n{\"step\":2,\"loss\":1.5}\n"
+        );
+        // A log already in order is left alone; a missing one is fine.
+        trim_steps_log(&path, 5).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+        trim_steps_log(&dir.path().join("none.jsonl"), 0).unwrap();
+    }
 }

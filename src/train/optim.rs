@@ -32,7 +32,12 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     fn default() -> Self {
         // CLIP's values for ViTs (Radford et al. 2021, appendix F).
-        Self { beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.2 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-6,
+            weight_decay: 0.2,
+        }
     }
 }
 
@@ -40,7 +45,10 @@ impl Default for AdamWConfig {
 /// embeddings or the temperature (one-dimensional tensors, and names that
 /// say so).
 pub fn decays(name: &str, var: &Var) -> bool {
-    var.rank() >= 2 && !name.contains("embedding") && !name.contains("logit_scale") && !name.ends_with("bias")
+    var.rank() >= 2
+        && !name.contains("embedding")
+        && !name.contains("logit_scale")
+        && !name.ends_with("bias")
 }
 
 struct Param {
@@ -69,10 +77,20 @@ impl AdamW {
             .map(|(name, var)| {
                 let n = var.elem_count();
                 let decay = decays(&name, &var);
-                Ok(Param { name, m: vec![0.0; n], v: vec![0.0; n], var, decay })
+                Ok(Param {
+                    name,
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                    var,
+                    decay,
+                })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { params, config, step: 0 })
+        Ok(Self {
+            params,
+            config,
+            step: 0,
+        })
     }
 
     pub fn num_params(&self) -> usize {
@@ -81,7 +99,11 @@ impl AdamW {
 
     /// Names of parameters without a gradient in `grads`.
     pub fn missing_gradients(&self, grads: &GradStore) -> Vec<String> {
-        self.params.iter().filter(|p| grads.get(p.var.as_tensor()).is_none()).map(|p| p.name.clone()).collect()
+        self.params
+            .iter()
+            .filter(|p| grads.get(p.var.as_tensor()).is_none())
+            .map(|p| p.name.clone())
+            .collect()
     }
 
     /// One update at learning rate `lr`.
@@ -94,9 +116,15 @@ impl AdamW {
         let (b1, b2, eps, lr32) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32, lr as f32);
         let (c1, c2) = (correction1 as f32, correction2 as f32);
         for p in &mut self.params {
-            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
             let g = g.contiguous()?;
-            let shrink = if p.decay { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 };
+            let shrink = if p.decay {
+                (1.0 - lr * c.weight_decay) as f32
+            } else {
+                1.0
+            };
             let update = Update {
                 moments: std::cell::RefCell::new((&mut p.m, &mut p.v)),
                 b1,
@@ -118,10 +146,19 @@ impl AdamW {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for p in &self.params {
             let dev = p.var.device();
-            tensors.insert(format!("m.{}", p.name), Tensor::from_slice(&p.m, p.m.len(), dev)?);
-            tensors.insert(format!("v.{}", p.name), Tensor::from_slice(&p.v, p.v.len(), dev)?);
+            tensors.insert(
+                format!("m.{}", p.name),
+                Tensor::from_slice(&p.m, p.m.len(), dev)?,
+            );
+            tensors.insert(
+                format!("v.{}", p.name),
+                Tensor::from_slice(&p.v, p.v.len(), dev)?,
+            );
         }
-        tensors.insert("step".into(), Tensor::new(&[self.step as f64], p_device(&self.params))?);
+        tensors.insert(
+            "step".into(),
+            Tensor::new(&[self.step as f64], p_device(&self.params))?,
+        );
         candle_core::safetensors::save(&tensors, path)?;
         Ok(())
     }
@@ -132,7 +169,10 @@ impl AdamW {
         let tensors = candle_core::safetensors::load(path, &device)?;
         for p in &mut self.params {
             let get = |k: String| {
-                tensors.get(&k).cloned().ok_or_else(|| Error::State(format!("lacks {k}")))
+                tensors
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| Error::State(format!("lacks {k}")))
             };
             p.m = get(format!("m.{}", p.name))?.to_vec1::<f32>()?;
             p.v = get(format!("v.{}", p.name))?.to_vec1::<f32>()?;
@@ -140,7 +180,9 @@ impl AdamW {
                 return Err(Error::State(format!("{} has the wrong size", p.name)));
             }
         }
-        let step = tensors.get("step").ok_or_else(|| Error::State("lacks the step".into()))?;
+        let step = tensors
+            .get("step")
+            .ok_or_else(|| Error::State("lacks the step".into()))?;
         self.step = step.to_vec1::<f64>()?[0] as u64;
         Ok(())
     }
@@ -174,7 +216,8 @@ impl candle_core::InplaceOp2 for Update<'_> {
         let (CpuStorage::F32(theta), CpuStorage::F32(g)) = (s1, s2) else {
             candle_core::bail!("adamw-update: weights and gradients must be f32")
         };
-        let (Some((t0, t1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        let (Some((t0, t1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
             candle_core::bail!("adamw-update: weights and gradients must be contiguous")
         };
         let (theta, g) = (&mut theta[t0..t1], &g[g0..g1]);
@@ -183,7 +226,16 @@ impl candle_core::InplaceOp2 for Update<'_> {
         if theta.len() != g.len() || theta.len() != m.len() || theta.len() != v.len() {
             candle_core::bail!("adamw-update: weights, gradient and moments differ in size")
         }
-        let Self { b1, b2, eps, lr, c1, c2, shrink, .. } = *self;
+        let Self {
+            b1,
+            b2,
+            eps,
+            lr,
+            c1,
+            c2,
+            shrink,
+            ..
+        } = *self;
         use rayon::prelude::*;
         theta
             .par_chunks_mut(8192)
@@ -203,7 +255,10 @@ impl candle_core::InplaceOp2 for Update<'_> {
 }
 
 fn p_device(params: &[Param]) -> &candle_core::Device {
-    params.first().map(|p| p.var.device()).unwrap_or(&candle_core::Device::Cpu)
+    params
+        .first()
+        .map(|p| p.var.device())
+        .unwrap_or(&candle_core::Device::Cpu)
 }
 
 /// Linear warm-up over `warmup` steps to `peak`, then cosine decay to 0 at `total`.
@@ -235,9 +290,18 @@ mod tests {
         let dev = Device::Cpu;
         let matrix = Var::zeros((2, 2), candle_core::DType::F32, &dev).unwrap();
         let vector = Var::zeros(2, candle_core::DType::F32, &dev).unwrap();
-        assert!(decays("text_model.encoder.layers.0.mlp.fc1.weight", &matrix));
-        assert!(!decays("text_model.embeddings.token_embedding.weight", &matrix));
-        assert!(!decays("text_model.encoder.layers.0.layer_norm1.weight", &vector));
+        assert!(decays(
+            "text_model.encoder.layers.0.mlp.fc1.weight",
+            &matrix
+        ));
+        assert!(!decays(
+            "text_model.embeddings.token_embedding.weight",
+            &matrix
+        ));
+        assert!(!decays(
+            "text_model.encoder.layers.0.layer_norm1.weight",
+            &vector
+        ));
         assert!(!decays("visual_projection.bias", &vector));
     }
 
@@ -245,19 +309,33 @@ mod tests {
     fn matches_a_hand_computed_adamw_step() {
         let dev = Device::Cpu;
         let w = Var::new(&[[1.0f32, -2.0]], &dev).unwrap();
-        let mut opt = AdamW::new(vec![("w.weight".into(), w.clone())], AdamWConfig { weight_decay: 0.1, ..Default::default() }).unwrap();
+        let mut opt = AdamW::new(
+            vec![("w.weight".into(), w.clone())],
+            AdamWConfig {
+                weight_decay: 0.1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         // loss = sum(w^2) -> grad = 2w
         let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         opt.step(&grads, 0.01).unwrap();
         // First step: m_hat = g, v_hat = g^2, update = g/(|g|+eps) ~ sign(g).
         let got = w.as_tensor().to_vec2::<f32>().unwrap();
-        let want = [1.0 * (1.0 - 0.01 * 0.1) - 0.01, -2.0 * (1.0 - 0.01 * 0.1) + 0.01];
-        assert!((got[0][0] - want[0]).abs() < 1e-6 && (got[0][1] - want[1]).abs() < 1e-6, "{got:?}");
+        let want = [
+            1.0 * (1.0 - 0.01 * 0.1) - 0.01,
+            -2.0 * (1.0 - 0.01 * 0.1) + 0.01,
+        ];
+        assert!(
+            (got[0][0] - want[0]).abs() < 1e-6 && (got[0][1] - want[1]).abs() < 1e-6,
+            "{got:?}"
+        );
         // State round-trips.
         let dir = tempfile::tempdir().unwrap();
         opt.save(&dir.path().join("o.safetensors")).unwrap();
-        let mut other = AdamW::new(vec![("w.weight".into(), w.clone())], AdamWConfig::default()).unwrap();
+        let mut other =
+            AdamW::new(vec![("w.weight".into(), w.clone())], AdamWConfig::default()).unwrap();
         other.load(&dir.path().join("o.safetensors")).unwrap();
         assert_eq!(other.step, 1);
     }

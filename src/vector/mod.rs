@@ -33,7 +33,10 @@ const BASENAME: &str = "clipdex";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("vector index I/O at {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("vector index: {0}")]
     Hnsw(String),
     #[error("vector of dimension {got}, the index holds {want}")]
@@ -43,14 +46,21 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.display().to_string(), source }
+    move |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Scales a vector to unit length (in f64, so a stored vector's dot with
 /// itself stays within the rounding hnsw_rs tolerates).
 pub fn unit(v: &[f32]) -> Vec<f32> {
     let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-    if norm == 0.0 { v.to_vec() } else { v.iter().map(|&x| (x as f64 / norm) as f32).collect() }
+    if norm == 0.0 {
+        v.to_vec()
+    } else {
+        v.iter().map(|&x| (x as f64 / norm) as f32).collect()
+    }
 }
 
 /// Ids in the saved graph, and checksums of its files, next to it.
@@ -67,7 +77,10 @@ struct Members {
 
 fn checksum(path: &Path) -> Result<(u64, String)> {
     let bytes = std::fs::read(path).map_err(io(path))?;
-    Ok((bytes.len() as u64, blake3::hash(&bytes).to_hex().to_string()))
+    Ok((
+        bytes.len() as u64,
+        blake3::hash(&bytes).to_hex().to_string(),
+    ))
 }
 
 /// The mutable part of the index, behind one lock.
@@ -89,7 +102,13 @@ pub struct VectorIndex {
 }
 
 fn new_hnsw(capacity: usize) -> Hnsw<'static, f32, DistDot> {
-    Hnsw::new(MAX_CONNECTIONS, capacity.max(10_000), MAX_LAYERS, EF_CONSTRUCTION, DistDot {})
+    Hnsw::new(
+        MAX_CONNECTIONS,
+        capacity.max(10_000),
+        MAX_LAYERS,
+        EF_CONSTRUCTION,
+        DistDot {},
+    )
 }
 
 impl VectorIndex {
@@ -98,11 +117,19 @@ impl VectorIndex {
     /// store), never an error that loses the index.
     pub fn open(dir: &Path, dim: usize) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let mut state =
-            State { hnsw: new_hnsw(0), live: HashSet::new(), dead: HashSet::new(), generation: 0, changed: false };
+        let mut state = State {
+            hnsw: new_hnsw(0),
+            live: HashSet::new(),
+            dead: HashSet::new(),
+            generation: 0,
+            changed: false,
+        };
         if let Ok(name) = std::fs::read_to_string(dir.join("CURRENT")) {
             let name = name.trim();
-            state.generation = name.strip_prefix("gen-").and_then(|g| g.parse().ok()).unwrap_or(0);
+            state.generation = name
+                .strip_prefix("gen-")
+                .and_then(|g| g.parse().ok())
+                .unwrap_or(0);
             match load_generation(&dir.join(name), dim) {
                 Ok((hnsw, members)) => {
                     state.hnsw = hnsw;
@@ -115,7 +142,11 @@ impl VectorIndex {
                 }
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), dim, state: RwLock::new(state) })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            dim,
+            state: RwLock::new(state),
+        })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -150,7 +181,11 @@ impl VectorIndex {
     pub fn dead_fraction(&self) -> f64 {
         let s = self.read();
         let total = s.live.len() + s.dead.len();
-        if total == 0 { 0.0 } else { s.dead.len() as f64 / total as f64 }
+        if total == 0 {
+            0.0
+        } else {
+            s.dead.len() as f64 / total as f64
+        }
     }
 
     /// Whether there are changes not yet saved.
@@ -162,7 +197,10 @@ impl VectorIndex {
     /// the store never reuses an id, so this only happens when re-filling.
     pub fn insert_batch(&self, items: &[(u64, Vec<f32>)]) -> Result<()> {
         if let Some((_, v)) = items.iter().find(|(_, v)| v.len() != self.dim) {
-            return Err(Error::Dimension { got: v.len(), want: self.dim });
+            return Err(Error::Dimension {
+                got: v.len(),
+                want: self.dim,
+            });
         }
         let mut state = self.write();
         let fresh: Vec<(Vec<f32>, u64)> = items
@@ -192,9 +230,17 @@ impl VectorIndex {
 
     /// The `k` nearest live vectors as (id, cosine similarity), best first.
     /// `allow` restricts the result to ids it accepts.
-    pub fn search(&self, query: &[f32], k: usize, allow: Option<&dyn Fn(u64) -> bool>) -> Result<Vec<(u64, f32)>> {
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        allow: Option<&dyn Fn(u64) -> bool>,
+    ) -> Result<Vec<(u64, f32)>> {
         if query.len() != self.dim {
-            return Err(Error::Dimension { got: query.len(), want: self.dim });
+            return Err(Error::Dimension {
+                got: query.len(),
+                want: self.dim,
+            });
         }
         let state = self.read();
         if k == 0 || state.live.is_empty() {
@@ -228,9 +274,13 @@ impl VectorIndex {
     /// new graph is built without holding the lock; searches continue on the
     /// old one until the swap.
     pub fn rebuild(&self, vectors: impl IntoIterator<Item = (u64, Vec<f32>)>) -> Result<()> {
-        let items: Vec<(Vec<f32>, u64)> = vectors.into_iter().map(|(id, v)| (unit(&v), id)).collect();
+        let items: Vec<(Vec<f32>, u64)> =
+            vectors.into_iter().map(|(id, v)| (unit(&v), id)).collect();
         if let Some((v, _)) = items.iter().find(|(v, _)| v.len() != self.dim) {
-            return Err(Error::Dimension { got: v.len(), want: self.dim });
+            return Err(Error::Dimension {
+                got: v.len(),
+                want: self.dim,
+            });
         }
         let hnsw = new_hnsw(items.len() * 2);
         insert_into(&hnsw, &items)?;
@@ -257,7 +307,10 @@ impl VectorIndex {
         std::fs::create_dir_all(&gen_dir).map_err(io(&gen_dir))?;
         let mut files = Vec::new();
         if !state.live.is_empty() || !state.dead.is_empty() {
-            state.hnsw.file_dump(&gen_dir, BASENAME).map_err(|e| Error::Hnsw(format!("dump failed: {e}")))?;
+            state
+                .hnsw
+                .file_dump(&gen_dir, BASENAME)
+                .map_err(|e| Error::Hnsw(format!("dump failed: {e}")))?;
             for ext in ["hnsw.graph", "hnsw.data"] {
                 let name = format!("{BASENAME}.{ext}");
                 let (size, hash) = checksum(&gen_dir.join(&name))?;
@@ -272,10 +325,16 @@ impl VectorIndex {
         };
         drop(state);
         let members_file = gen_dir.join("members.json");
-        write_synced(&members_file, &serde_json::to_vec(&members).expect("members serialise")).map_err(io(&members_file))?;
+        write_synced(
+            &members_file,
+            &serde_json::to_vec(&members).expect("members serialise"),
+        )
+        .map_err(io(&members_file))?;
         for entry in std::fs::read_dir(&gen_dir).map_err(io(&gen_dir))? {
             let path = entry.map_err(io(&gen_dir))?.path();
-            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&path))?;
         }
         sync_dir(&gen_dir).map_err(io(&gen_dir))?;
         let current = self.dir.join("CURRENT");
@@ -286,7 +345,10 @@ impl VectorIndex {
             state.changed = false;
         }
         // Older generations are no longer referenced.
-        for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))?.flatten() {
+        for entry in std::fs::read_dir(&self.dir)
+            .map_err(io(&self.dir))?
+            .flatten()
+        {
             let file = entry.file_name();
             let file = file.to_string_lossy();
             if file.starts_with("gen-") && file != name {
@@ -318,9 +380,13 @@ fn insert_into(hnsw: &Hnsw<'static, f32, DistDot>, items: &[(Vec<f32>, u64)]) ->
 
 fn load_generation(dir: &Path, dim: usize) -> Result<(Hnsw<'static, f32, DistDot>, Members)> {
     let text = std::fs::read(dir.join("members.json")).map_err(io(dir))?;
-    let members: Members = serde_json::from_slice(&text).map_err(|e| Error::Hnsw(format!("members: {e}")))?;
+    let members: Members =
+        serde_json::from_slice(&text).map_err(|e| Error::Hnsw(format!("members: {e}")))?;
     if members.dim != dim {
-        return Err(Error::Dimension { got: members.dim, want: dim });
+        return Err(Error::Dimension {
+            got: members.dim,
+            want: dim,
+        });
     }
     if members.live.is_empty() && members.dead.is_empty() {
         return Ok((new_hnsw(0), members));
@@ -340,9 +406,11 @@ fn load_generation(dir: &Path, dim: usize) -> Result<(Hnsw<'static, f32, DistDot
         loader.load_hnsw::<f32, DistDot>()
     }
     let mut slot = Some(loader);
-    let hnsw = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(slot.take().expect("called once"))))
-        .map_err(|_| Error::Hnsw("graph files are corrupt".into()))?
-        .map_err(|e| Error::Hnsw(format!("cannot load graph: {e}")))?;
+    let hnsw = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        load(slot.take().expect("called once"))
+    }))
+    .map_err(|_| Error::Hnsw("graph files are corrupt".into()))?
+    .map_err(|e| Error::Hnsw(format!("cannot load graph: {e}")))?;
     if hnsw.get_nb_point() != members.live.len() + members.dead.len() {
         return Err(Error::Hnsw("graph and member list disagree".into()));
     }
@@ -365,7 +433,14 @@ mod tests {
 
     fn vectors(n: usize, dim: usize) -> Vec<(u64, Vec<f32>)> {
         let mut rng = crate::common::rng::NormalRng::new(3);
-        (0..n).map(|i| (i as u64 + 1, unit(&(0..dim).map(|_| rng.normal() as f32).collect::<Vec<_>>()))).collect()
+        (0..n)
+            .map(|i| {
+                (
+                    i as u64 + 1,
+                    unit(&(0..dim).map(|_| rng.normal() as f32).collect::<Vec<_>>()),
+                )
+            })
+            .collect()
     }
 
     #[test]
@@ -375,11 +450,18 @@ mod tests {
         let vs = vectors(300, 32);
         index.insert_batch(&vs).unwrap();
         // Exact duplicates too (the same photo at two paths).
-        let dup: Vec<_> = vs.iter().take(20).map(|(id, v)| (id + 1000, v.clone())).collect();
+        let dup: Vec<_> = vs
+            .iter()
+            .take(20)
+            .map(|(id, v)| (id + 1000, v.clone()))
+            .collect();
         index.insert_batch(&dup).unwrap();
         for (id, v) in &vs {
             let hits = index.search(v, 3, None).unwrap();
-            assert!(hits.iter().any(|(h, _)| h == id), "{id} not found in {hits:?}");
+            assert!(
+                hits.iter().any(|(h, _)| h == id),
+                "{id} not found in {hits:?}"
+            );
             assert!(hits[0].1 > 0.999);
         }
     }
@@ -414,7 +496,9 @@ mod tests {
             index.insert_batch(&vectors(50, 8)).unwrap();
             index.save().unwrap();
         }
-        let current = dir.path().join(std::fs::read_to_string(dir.path().join("CURRENT")).unwrap());
+        let current = dir
+            .path()
+            .join(std::fs::read_to_string(dir.path().join("CURRENT")).unwrap());
         let data = current.join(format!("{BASENAME}.hnsw.data"));
         let bytes = std::fs::read(&data).unwrap();
         std::fs::write(&data, &bytes[..bytes.len() / 2]).unwrap();

@@ -5,7 +5,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
-use crate::common::{clipdex, clipdex_with_env, fixture_model, fixture_models, reference, shared_photos, stderr, stdout};
+use crate::common::{
+    clipdex, clipdex_with_env, fixture_model, fixture_models, reference, shared_photos, stderr,
+    stdout,
+};
 
 fn photo(rel: &str) -> String {
     shared_photos().join(rel).display().to_string()
@@ -16,7 +19,12 @@ fn embed_json_matches_reference_embeddings() {
     for name in fixture_models() {
         let dir = fixture_model(&name);
         let r = reference(&name);
-        let mut args = vec!["embed".to_string(), "--model".into(), dir.display().to_string(), "--json".into()];
+        let mut args = vec![
+            "embed".to_string(),
+            "--model".into(),
+            dir.display().to_string(),
+            "--json".into(),
+        ];
         for text in &r.texts {
             args.extend(["--text".into(), text.clone()]);
         }
@@ -27,17 +35,28 @@ fn embed_json_matches_reference_embeddings() {
         let out = clipdex(&args);
         assert!(out.status.success(), "{name}: {}", stderr(&out));
         let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-        let matrix = |key: &str| -> Vec<Vec<f32>> { serde_json::from_value(json[key].clone()).unwrap() };
+        let matrix =
+            |key: &str| -> Vec<Vec<f32>> { serde_json::from_value(json[key].clone()).unwrap() };
         let text = matrix("text");
         let image = matrix("image");
         let want_text = r.tensors["text_embeds"].to_vec2::<f32>().unwrap();
         let want_image = r.tensors["image_embeds"].to_vec2::<f32>().unwrap();
         let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
-            a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+            a.iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
         };
         assert_eq!(text.len(), r.texts.len());
-        assert!(max_diff(&text, &want_text) <= 1e-4, "{name}: text embeddings");
-        assert!(max_diff(&image, &want_image) <= 1e-3, "{name}: image embeddings");
+        assert!(
+            max_diff(&text, &want_text) <= 1e-4,
+            "{name}: text embeddings"
+        );
+        assert!(
+            max_diff(&image, &want_image) <= 1e-3,
+            "{name}: image embeddings"
+        );
         for v in text.iter().chain(&image) {
             let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-5);
@@ -54,13 +73,22 @@ fn embed_json_matches_reference_embeddings() {
 fn embed_plain_output_shows_similarities() {
     let dir = fixture_model("openai-tiny");
     let out = clipdex(&[
-        "embed", "--model", dir.to_str().unwrap(),
-        "--text", "a cat", "--text", "the moon",
-        "--image", &photo("wallpapers/pypi_scikit-image/chelsea.jpg"),
+        "embed",
+        "--model",
+        dir.to_str().unwrap(),
+        "--text",
+        "a cat",
+        "--text",
+        "the moon",
+        "--image",
+        &photo("wallpapers/pypi_scikit-image/chelsea.jpg"),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.contains("text[1]") && text.contains("image[0]") && text.contains("cosine similarity"), "{text}");
+    assert!(
+        text.contains("text[1]") && text.contains("image[0]") && text.contains("cosine similarity"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -69,18 +97,39 @@ fn every_bad_input_is_reported_and_nothing_is_printed() {
     let images = crate::common::fixtures().join("images");
     let img = |n: &str| images.join(n).display().to_string();
     let out = clipdex(&[
-        "embed", "--model", dir.to_str().unwrap(),
-        "--text", "fine", "--text", "   ",
-        "--image", &img("photo.jpg"),
-        "--image", &img("empty.jpg"),
-        "--image", &img("truncated.jpg"),
-        "--image", &img("text.jpg"),
-        "--image", &img("missing.jpg"),
+        "embed",
+        "--model",
+        dir.to_str().unwrap(),
+        "--text",
+        "fine",
+        "--text",
+        "   ",
+        "--image",
+        &img("photo.jpg"),
+        "--image",
+        &img("empty.jpg"),
+        "--image",
+        &img("truncated.jpg"),
+        "--image",
+        &img("text.jpg"),
+        "--image",
+        &img("missing.jpg"),
     ]);
     assert!(!out.status.success());
     assert!(stdout(&out).is_empty());
     let err = stderr(&out);
-    for expected in ["text 1: empty text", "image 1", "empty file", "image 2", "file ends early", "image 3", "not an image", "image 4", "cannot read", "5 of 7 inputs"] {
+    for expected in [
+        "text 1: empty text",
+        "image 1",
+        "empty file",
+        "image 2",
+        "file ends early",
+        "image 3",
+        "not an image",
+        "image 4",
+        "cannot read",
+        "5 of 7 inputs",
+    ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
     assert!(!err.contains("panicked"), "{err}");
@@ -93,15 +142,29 @@ fn model_errors_are_clear() {
     assert!(!none.status.success() && stderr(&none).contains("nothing to embed"));
 
     let out = clipdex(&["embed", "--model", "./no/such/dir", "--text", "x"]);
-    assert!(!out.status.success() && stderr(&out).contains("no folder named ./no/such/dir"), "{}", stderr(&out));
+    assert!(
+        !out.status.success() && stderr(&out).contains("no folder named ./no/such/dir"),
+        "{}",
+        stderr(&out)
+    );
 
     let cache = tempfile::tempdir().unwrap();
     let out = clipdex_with_env(
-        &["embed", "--model", "someone/some-model", "--offline", "--text", "x"],
+        &[
+            "embed",
+            "--model",
+            "someone/some-model",
+            "--offline",
+            "--text",
+            "x",
+        ],
         &[("HF_HUB_CACHE", cache.path().to_str().unwrap())],
     );
     let err = stderr(&out);
-    assert!(!out.status.success() && err.contains("config.json not found") && err.contains("offline"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("config.json not found") && err.contains("offline"),
+        "{err}"
+    );
 
     // A folder missing its weights names the missing file.
     let dir = tempfile::tempdir().unwrap();
@@ -109,19 +172,52 @@ fn model_errors_are_clear() {
     for f in ["config.json", "tokenizer.json"] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
-    let out = clipdex(&["embed", "--model", dir.path().to_str().unwrap(), "--text", "x"]);
-    assert!(stderr(&out).contains("model.safetensors not found"), "{}", stderr(&out));
+    let out = clipdex(&[
+        "embed",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--text",
+        "x",
+    ]);
+    assert!(
+        stderr(&out).contains("model.safetensors not found"),
+        "{}",
+        stderr(&out)
+    );
 
     // Weights of another architecture: an error naming the tensor, no panic.
-    std::fs::copy(fixture_model("laion-tiny").join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
-    let out = clipdex(&["embed", "--model", dir.path().to_str().unwrap(), "--text", "x"]);
+    std::fs::copy(
+        fixture_model("laion-tiny").join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let out = clipdex(&[
+        "embed",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--text",
+        "x",
+    ]);
     let err = stderr(&out);
-    assert!(!out.status.success() && err.contains("weights do not fit the config"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("weights do not fit the config"),
+        "{err}"
+    );
 
     // A corrupt weights file.
     std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
-    let out = clipdex(&["embed", "--model", dir.path().to_str().unwrap(), "--text", "x"]);
-    assert!(!out.status.success() && !stderr(&out).contains("panicked"), "{}", stderr(&out));
+    let out = clipdex(&[
+        "embed",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--text",
+        "x",
+    ]);
+    assert!(
+        !out.status.success() && !stderr(&out).contains("panicked"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// Serves a folder the way huggingface.co serves `/{repo}/resolve/{revision}/{file}`.
@@ -155,7 +251,9 @@ fn serve_hub(root: PathBuf, repo: &'static str) -> (String, std::thread::JoinHan
             let file = path.strip_prefix(&prefix).map(|f| root.join(f));
             match file.filter(|f| f.is_file()) {
                 None => {
-                    let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
                 }
                 Some(f) => {
                     let data = std::fs::read(&f).unwrap();
@@ -193,24 +291,69 @@ fn hub_download_then_offline_from_cache() {
     let cache = tempfile::tempdir().unwrap();
     let cache_dir = cache.path().to_str().unwrap();
     let (endpoint, server) = serve_hub(fixture_model("laion-tiny"), "clipdex-test/laion-tiny");
-    let env = [("HF_ENDPOINT", endpoint.as_str()), ("HF_HUB_CACHE", cache_dir)];
-    let local = clipdex(&["embed", "--model", fixture_model("laion-tiny").to_str().unwrap(), "--text", "a dog", "--json"]);
-    let out = clipdex_with_env(&["embed", "--model", "clipdex-test/laion-tiny", "--text", "a dog", "--json"], &env);
+    let env = [
+        ("HF_ENDPOINT", endpoint.as_str()),
+        ("HF_HUB_CACHE", cache_dir),
+    ];
+    let local = clipdex(&[
+        "embed",
+        "--model",
+        fixture_model("laion-tiny").to_str().unwrap(),
+        "--text",
+        "a dog",
+        "--json",
+    ]);
+    let out = clipdex_with_env(
+        &[
+            "embed",
+            "--model",
+            "clipdex-test/laion-tiny",
+            "--text",
+            "a dog",
+            "--json",
+        ],
+        &env,
+    );
     assert!(out.status.success(), "{}", stderr(&out));
-    let vector = |o: &std::process::Output| -> serde_json::Value { serde_json::from_str::<serde_json::Value>(&stdout(o)).unwrap()["text"].clone() };
+    let vector = |o: &std::process::Output| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&stdout(o)).unwrap()["text"].clone()
+    };
     assert_eq!(vector(&out), vector(&local));
-    assert!(Path::new(cache_dir).join("models--clipdex-test--laion-tiny").is_dir());
+    assert!(
+        Path::new(cache_dir)
+            .join("models--clipdex-test--laion-tiny")
+            .is_dir()
+    );
 
     // A repository the hub does not have: the first missing file is named.
-    let out = clipdex_with_env(&["embed", "--model", "clipdex-test/absent", "--text", "a dog"], &env);
-    assert!(!out.status.success() && stderr(&out).contains("config.json not found"), "{}", stderr(&out));
+    let out = clipdex_with_env(
+        &["embed", "--model", "clipdex-test/absent", "--text", "a dog"],
+        &env,
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("config.json not found"),
+        "{}",
+        stderr(&out)
+    );
 
     // Stop the server: offline mode must not need it.
-    let _ = std::net::TcpStream::connect(endpoint.trim_start_matches("http://")).and_then(|mut s| s.write_all(b"GET /quit HTTP/1.1\r\n\r\n"));
+    let _ = std::net::TcpStream::connect(endpoint.trim_start_matches("http://"))
+        .and_then(|mut s| s.write_all(b"GET /quit HTTP/1.1\r\n\r\n"));
     server.join().unwrap();
     let out = clipdex_with_env(
-        &["embed", "--model", "clipdex-test/laion-tiny", "--text", "a dog", "--json"],
-        &[("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache_dir), ("HF_ENDPOINT", "http://127.0.0.1:9")],
+        &[
+            "embed",
+            "--model",
+            "clipdex-test/laion-tiny",
+            "--text",
+            "a dog",
+            "--json",
+        ],
+        &[
+            ("HF_HUB_OFFLINE", "1"),
+            ("HF_HUB_CACHE", cache_dir),
+            ("HF_ENDPOINT", "http://127.0.0.1:9"),
+        ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(vector(&out), vector(&local));

@@ -15,7 +15,11 @@ pub fn fixtures() -> PathBuf {
 /// `../shared/datasets/photos`, which the tests read in place.
 pub fn shared_photos() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/photos");
-    assert!(dir.is_dir(), "shared photos not found at {}: the tests need ../shared/datasets", dir.display());
+    assert!(
+        dir.is_dir(),
+        "shared photos not found at {}: the tests need ../shared/datasets",
+        dir.display()
+    );
     dir
 }
 
@@ -26,7 +30,10 @@ pub fn fixture_models() -> Vec<String> {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert!(names.len() >= 2, "expected at least two fixture models, found {names:?}");
+    assert!(
+        names.len() >= 2,
+        "expected at least two fixture models, found {names:?}"
+    );
     names
 }
 
@@ -39,7 +46,9 @@ pub fn fixture_model(name: &str) -> PathBuf {
         return dir.clone();
     }
     let src = fixtures().join("models").join(name);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("models-{}", std::process::id())).join(name);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("models-{}", std::process::id()))
+        .join(name);
     std::fs::create_dir_all(&dir).unwrap();
     for entry in std::fs::read_dir(&src).unwrap() {
         let path = entry.unwrap().path();
@@ -74,31 +83,62 @@ pub struct Reference {
 
 /// The fixture models of one family.
 pub fn fixture_models_of(family: &str) -> Vec<String> {
-    fixture_models().into_iter().filter(|name| reference(name).family == family).collect()
+    fixture_models()
+        .into_iter()
+        .filter(|name| reference(name).family == family)
+        .collect()
 }
 
 pub fn reference(name: &str) -> Reference {
     let dir = fixtures().join("models").join(name);
-    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
     let strings = |key: &str| -> Vec<String> {
-        meta[key].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+        meta[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
     };
     let token_ids = meta["token_ids"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        })
         .collect();
     let family = meta["family"].as_str().unwrap_or("clip").to_string();
-    Reference { tensors, texts: strings("texts"), token_ids, photos: strings("photos"), family }
+    Reference {
+        tensors,
+        texts: strings("texts"),
+        token_ids,
+        photos: strings("photos"),
+        family,
+    }
 }
 
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Runs the clipdex binary.
@@ -108,7 +148,10 @@ pub fn clipdex(args: &[&str]) -> Output {
 
 pub fn clipdex_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_clipdex"));
-    cmd.args(args).env_remove("RUST_LOG").env_remove("CLIPDEX_MODEL").env("HF_HUB_OFFLINE", "0");
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("CLIPDEX_MODEL")
+        .env("HF_HUB_OFFLINE", "0");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -127,13 +170,26 @@ pub fn stderr(out: &Output) -> String {
 /// for byte (any bytes: cameras and editors write what they like).
 pub fn jpeg_with_exif_date(date: &[u8]) -> Vec<u8> {
     let mut jpeg = Vec::new();
-    let picture = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
-    picture.write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+    let picture = image::RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, 90])
+    });
+    picture
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
     // TIFF, little-endian: IFD0 (one entry: the Exif IFD pointer) at 8, the
     // Exif IFD (one entry: DateTimeOriginal, ASCII) at 26, the text at 44.
     let mut tiff = b"II\x2a\x00\x08\x00\x00\x00".to_vec();
     let entry = |tag: u16, kind: u16, count: u32, value: u32| {
-        [tag.to_le_bytes().as_slice(), &kind.to_le_bytes(), &count.to_le_bytes(), &value.to_le_bytes()].concat()
+        [
+            tag.to_le_bytes().as_slice(),
+            &kind.to_le_bytes(),
+            &count.to_le_bytes(),
+            &value.to_le_bytes(),
+        ]
+        .concat()
     };
     tiff.extend_from_slice(&1u16.to_le_bytes());
     tiff.extend(entry(0x8769, 4, 1, 26));
@@ -143,7 +199,12 @@ pub fn jpeg_with_exif_date(date: &[u8]) -> Vec<u8> {
     text.push(0);
     if text.len() <= 4 {
         text.resize(4, 0);
-        tiff.extend(entry(0x9003, 2, 4, u32::from_le_bytes(text[..4].try_into().unwrap())));
+        tiff.extend(entry(
+            0x9003,
+            2,
+            4,
+            u32::from_le_bytes(text[..4].try_into().unwrap()),
+        ));
         tiff.extend_from_slice(&0u32.to_le_bytes());
     } else {
         tiff.extend(entry(0x9003, 2, text.len() as u32, 44));
@@ -166,8 +227,18 @@ pub fn flat_png(width: u32, height: u32) -> Vec<u8> {
         image::codecs::png::FilterType::NoFilter,
     );
     let row = vec![120u8; width as usize * 3];
-    let pixels: Vec<u8> = std::iter::repeat_n(row.as_slice(), height as usize).flatten().copied().collect();
-    image::ImageEncoder::write_image(encoder, &pixels, width, height, image::ExtendedColorType::Rgb8).unwrap();
+    let pixels: Vec<u8> = std::iter::repeat_n(row.as_slice(), height as usize)
+        .flatten()
+        .copied()
+        .collect();
+    image::ImageEncoder::write_image(
+        encoder,
+        &pixels,
+        width,
+        height,
+        image::ExtendedColorType::Rgb8,
+    )
+    .unwrap();
     png
 }
 
@@ -175,5 +246,10 @@ pub fn flat_png(width: u32, height: u32) -> Vec<u8> {
 pub fn mkfifo(path: &Path) {
     let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {}",
+        path.display()
+    );
 }

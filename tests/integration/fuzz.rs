@@ -10,12 +10,12 @@
 use std::path::{Path, PathBuf};
 
 use axum::body::Body;
-use axum::http::{header, Request};
+use axum::http::{Request, header};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use clipdex::library::{decode_bytes, probe, DecodeLimits};
-use clipdex::search::{parse, Filters};
+use clipdex::library::{DecodeLimits, decode_bytes, probe};
+use clipdex::search::{Filters, parse};
 
 use crate::common::{fixtures, jpeg_with_exif_date};
 
@@ -26,12 +26,19 @@ fn corpus() -> PathBuf {
 /// The lines of a seed file, as bytes.
 fn seed_lines(name: &str) -> Vec<Vec<u8>> {
     let bytes = std::fs::read(corpus().join(name)).unwrap();
-    bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect()
+    bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
 }
 
 /// The fixture pictures, every format clipdex reads and some broken ones.
 fn seed_images() -> Vec<Vec<u8>> {
-    let mut paths: Vec<_> = std::fs::read_dir(fixtures().join("images")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut paths: Vec<_> = std::fs::read_dir(fixtures().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     paths.sort();
     let mut images: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
     images.push(jpeg_with_exif_date(b"2019:07:14 12:30:05"));
@@ -96,8 +103,15 @@ fn mutated(seeds: Vec<Vec<u8>>, max_edits: usize) -> impl Strategy<Value = Vec<u
 }
 
 fn runner(cases: u32) -> TestRunner {
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(cases);
-    TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() })
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(cases);
+    TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    })
 }
 
 #[test]
@@ -141,17 +155,26 @@ fn query_language_and_filters_never_panic() {
             Ok(())
         })
         .unwrap();
-    let dates: Vec<Vec<u8>> = ["2019-07-14", "2019-07-14T12:30:05", "2000-02-29 00:00:00", "1800-01-01", "2200-12-31T23:59:60"]
-        .iter()
-        .map(|s| s.as_bytes().to_vec())
-        .collect();
+    let dates: Vec<Vec<u8>> = [
+        "2019-07-14",
+        "2019-07-14T12:30:05",
+        "2000-02-29 00:00:00",
+        "1800-01-01",
+        "2200-12-31T23:59:60",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
     let strings = (mutated(dates, 4), ".{0,40}", ".{0,40}");
     runner(20000)
         .run(&strings, |(date, folder, camera)| {
             let date = String::from_utf8_lossy(&date).into_owned();
             if let Some(secs) = clipdex::keyword::parse_datetime(&date) {
                 // Within the years the index can store.
-                prop_assert!((-5_364_662_400..=7_289_654_400).contains(&secs), "{date}: {secs}");
+                prop_assert!(
+                    (-5_364_662_400..=7_289_654_400).contains(&secs),
+                    "{date}: {secs}"
+                );
             }
             let filters = Filters {
                 folder: Some(folder),
@@ -168,7 +191,10 @@ fn query_language_and_filters_never_panic() {
 
 #[test]
 fn image_headers_and_decoders_never_panic() {
-    let limits = DecodeLimits { max_pixels: 4 << 20, ..Default::default() };
+    let limits = DecodeLimits {
+        max_pixels: 4 << 20,
+        ..Default::default()
+    };
     runner(4000)
         .run(&mutated(seed_images(), 6), |bytes| {
             let header = probe(&bytes, &limits, Some(64));
@@ -185,53 +211,80 @@ fn image_headers_and_decoders_never_panic() {
 #[test]
 fn library_file_names_never_panic() {
     use std::os::unix::ffi::OsStrExt;
-    let name = prop::collection::vec(any::<u8>().prop_filter("no slash or NUL", |b| *b != b'/' && *b != 0), 1..40);
+    let name = prop::collection::vec(
+        any::<u8>().prop_filter("no slash or NUL", |b| *b != b'/' && *b != 0),
+        1..40,
+    );
     runner(400)
-        .run(&prop::collection::vec((name, any::<bool>()), 1..6), |names| {
-            let dir = tempfile::tempdir().unwrap();
-            let mut made = 0;
-            for (n, image) in &names {
-                let mut n = n.clone();
-                if *image {
-                    n.extend_from_slice(b".jpg");
+        .run(
+            &prop::collection::vec((name, any::<bool>()), 1..6),
+            |names| {
+                let dir = tempfile::tempdir().unwrap();
+                let mut made = 0;
+                for (n, image) in &names {
+                    let mut n = n.clone();
+                    if *image {
+                        n.extend_from_slice(b".jpg");
+                    }
+                    let path = dir.path().join(std::ffi::OsStr::from_bytes(&n));
+                    if std::fs::write(&path, b"x").is_ok() {
+                        made += 1;
+                    }
                 }
-                let path = dir.path().join(std::ffi::OsStr::from_bytes(&n));
-                if std::fs::write(&path, b"x").is_ok() {
-                    made += 1;
+                let scan = clipdex::library::scan::scan(dir.path(), &[]);
+                for f in &scan.files {
+                    prop_assert!(!f.rel.is_empty() && !f.rel.starts_with('/'));
                 }
-            }
-            let scan = clipdex::library::scan::scan(dir.path(), &[]);
-            for f in &scan.files {
-                prop_assert!(!f.rel.is_empty() && !f.rel.starts_with('/'));
-            }
-            prop_assert!(scan.files.len() + scan.problems.len() <= made);
-            Ok(())
-        })
+                prop_assert!(scan.files.len() + scan.problems.len() <= made);
+                Ok(())
+            },
+        )
         .unwrap();
 }
 
 /// Percent-encodes all but unreserved characters.
 fn url_encode(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// Sends each generated request through the router; no answer may be 5xx.
 fn never_5xx(cases: u32, requests: impl Strategy<Value = Request<Body>>) {
     let served = crate::server::indexed_library();
     let state = crate::server::state(&served, None);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let count = std::sync::atomic::AtomicUsize::new(0);
     runner(cases)
         .run(&requests, |request| {
             count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (method, uri) = (request.method().clone(), request.uri().clone());
             let reply = rt.block_on(crate::server::call(&state, request));
-            prop_assert!(!reply.status.is_server_error(), "{method} {uri}: {} {}", reply.status, String::from_utf8_lossy(&reply.body));
+            prop_assert!(
+                !reply.status.is_server_error(),
+                "{method} {uri}: {} {}",
+                reply.status,
+                String::from_utf8_lossy(&reply.body)
+            );
             if !reply.status.is_success() {
                 // Errors are JSON with a code, and leak no path.
                 let body = reply.json();
                 prop_assert!(body["error"]["code"].is_string(), "{body}");
-                prop_assert!(!body.to_string().contains(served.dir.path().to_str().unwrap()));
+                prop_assert!(
+                    !body
+                        .to_string()
+                        .contains(served.dir.path().to_str().unwrap())
+                );
             }
             Ok(())
         })
@@ -242,9 +295,25 @@ fn never_5xx(cases: u32, requests: impl Strategy<Value = Request<Body>>) {
 #[test]
 fn json_bodies_and_query_strings_never_give_5xx() {
     let bodies = mutated(seed_lines("json/seeds.txt"), 6).prop_map(|body| {
-        Request::post("/api/search").header(header::CONTENT_TYPE, "application/json").body(Body::from(body)).unwrap()
+        Request::post("/api/search")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap()
     });
-    let params = ["q", "k", "offset", "folder", "from", "to", "type", "camera", "min_score", "hybrid", "exclude", "token"];
+    let params = [
+        "q",
+        "k",
+        "offset",
+        "folder",
+        "from",
+        "to",
+        "type",
+        "camera",
+        "min_score",
+        "hybrid",
+        "exclude",
+        "token",
+    ];
     let value = prop_oneof![
         Just("cat".to_string()),
         Just("18446744073709551616".to_string()),
@@ -254,12 +323,19 @@ fn json_bodies_and_query_strings_never_give_5xx() {
         "\\PC{0,12}".prop_map(|s| s.bytes().map(|b| format!("%{b:02X}")).collect()),
     ];
     let queries = (
-        prop::sample::select(vec!["/api/search", "/api/photos/1/similar", "/api/photos/1", "/api/photos/99999999999999999999/similar"]),
+        prop::sample::select(vec![
+            "/api/search",
+            "/api/photos/1/similar",
+            "/api/photos/1",
+            "/api/photos/99999999999999999999/similar",
+        ]),
         prop::collection::vec((prop::sample::select(params.to_vec()), value), 0..5),
     )
         .prop_map(|(path, pairs)| {
             let q: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            Request::get(format!("{path}?{}", q.join("&"))).body(Body::empty()).unwrap()
+            Request::get(format!("{path}?{}", q.join("&")))
+                .body(Body::empty())
+                .unwrap()
         });
     never_5xx(5000, prop_oneof![bodies, queries]);
 }
@@ -289,13 +365,25 @@ fn multipart_uploads_never_give_5xx() {
         "[ -~]{0,20}".prop_map(String::into_bytes),
     ];
     let form = prop::collection::vec((field, value), 1..4).prop_map(|parts| {
-        let parts: Vec<(&str, Option<&str>, &[u8])> =
-            parts.iter().map(|(name, data)| (*name, (*name == "file").then_some("upload.png"), data.as_slice())).collect();
+        let parts: Vec<(&str, Option<&str>, &[u8])> = parts
+            .iter()
+            .map(|(name, data)| {
+                (
+                    *name,
+                    (*name == "file").then_some("upload.png"),
+                    data.as_slice(),
+                )
+            })
+            .collect();
         crate::server::multipart(&parts)
     });
     // Sometimes the body is cut or edited after it was framed.
-    let requests = (form, prop::collection::vec(edit(), 0..2)).prop_map(|((content_type, body), edits)| {
-        Request::post("/api/search/image").header(header::CONTENT_TYPE, content_type).body(Body::from(apply(body, &edits))).unwrap()
-    });
+    let requests =
+        (form, prop::collection::vec(edit(), 0..2)).prop_map(|((content_type, body), edits)| {
+            Request::post("/api/search/image")
+                .header(header::CONTENT_TYPE, content_type)
+                .body(Body::from(apply(body, &edits)))
+                .unwrap()
+        });
     never_5xx(3000, requests);
 }

@@ -45,7 +45,9 @@ fn model() -> String {
 /// A PNG that claims to be 30,000 x 30,000 pixels (900 megapixels).
 fn bomb_png() -> Vec<u8> {
     let mut png = Vec::new();
-    image::RgbImage::new(8, 8).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    image::RgbImage::new(8, 8)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
     // IHDR data starts at byte 16: width, height (big-endian), then its CRC at 29.
     png[16..20].copy_from_slice(&30_000u32.to_be_bytes());
     png[20..24].copy_from_slice(&30_000u32.to_be_bytes());
@@ -57,7 +59,10 @@ fn bomb_png() -> Vec<u8> {
 
 fn copy_photos(from: &Path, to: &Path, take: usize) -> usize {
     std::fs::create_dir_all(to).unwrap();
-    let mut names: Vec<_> = std::fs::read_dir(from).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut names: Vec<_> = std::fs::read_dir(from)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     names.sort();
     for p in names.iter().take(take) {
         std::fs::copy(p, to.join(p.file_name().unwrap())).unwrap();
@@ -70,21 +75,46 @@ fn library(with_bad_files: bool) -> Library {
     let root = dir.path().join("photos");
     let photos = shared_photos();
     let mut good = 0;
-    good += copy_photos(&photos.join("gcompris/fishes"), &root.join("sea/fishes"), 12);
-    good += copy_photos(&photos.join("gcompris/monuments"), &root.join("travel/monuments"), 12);
+    good += copy_photos(
+        &photos.join("gcompris/fishes"),
+        &root.join("sea/fishes"),
+        12,
+    );
+    good += copy_photos(
+        &photos.join("gcompris/monuments"),
+        &root.join("travel/monuments"),
+        12,
+    );
     good += copy_photos(&photos.join("gcompris/tools"), &root.join("tools"), 8);
     std::fs::create_dir_all(root.join("wallpapers")).unwrap();
-    for w in ["debian_mate-backgrounds_nature/LadyBird.jpg", "pypi_scikit-image/camera.jpg"] {
+    for w in [
+        "debian_mate-backgrounds_nature/LadyBird.jpg",
+        "pypi_scikit-image/camera.jpg",
+    ] {
         let src = photos.join("wallpapers").join(w);
         std::fs::copy(&src, root.join("wallpapers").join(src.file_name().unwrap())).unwrap();
         good += 1;
     }
-    for f in ["alpha.png", "palette.gif", "photo.webp", "orientation6.jpg", "cmyk.jpg"] {
+    for f in [
+        "alpha.png",
+        "palette.gif",
+        "photo.webp",
+        "orientation6.jpg",
+        "cmyk.jpg",
+    ] {
         std::fs::create_dir_all(root.join("formats")).unwrap();
-        std::fs::copy(fixtures().join("images").join(f), root.join("formats").join(f)).unwrap();
+        std::fs::copy(
+            fixtures().join("images").join(f),
+            root.join("formats").join(f),
+        )
+        .unwrap();
         good += 1;
     }
-    std::fs::write(root.join("sea/fishes/fish1.txt"), "a striped fish near the reef").unwrap();
+    std::fs::write(
+        root.join("sea/fishes/fish1.txt"),
+        "a striped fish near the reef",
+    )
+    .unwrap();
     if with_bad_files {
         let bad = root.join("bad");
         std::fs::create_dir_all(&bad).unwrap();
@@ -101,26 +131,46 @@ fn library(with_bad_files: bool) -> Library {
         // model's input would take gigabytes.
         std::fs::write(bad.join("strip.png"), crate::common::flat_png(1, 300_000)).unwrap();
         // 2 GiB, sparse: refused before a byte is read.
-        std::fs::File::create(bad.join("huge.jpg")).unwrap().set_len(2 << 30).unwrap();
+        std::fs::File::create(bad.join("huge.jpg"))
+            .unwrap()
+            .set_len(2 << 30)
+            .unwrap();
         crate::common::mkfifo(&bad.join("pipe.jpg"));
         std::fs::create_dir_all(bad.join("album.jpg")).unwrap();
         std::os::unix::fs::symlink(bad.join("cycle2.jpg"), bad.join("cycle1.jpg")).unwrap();
         std::os::unix::fs::symlink(bad.join("cycle1.jpg"), bad.join("cycle2.jpg")).unwrap();
         // A date with a non-ASCII byte where a digit belongs (once a panic
         // that stopped every run): indexed, without a date.
-        std::fs::write(bad.join("exif-date.jpg"), crate::common::jpeg_with_exif_date("2019:07:1\u{e9} 12:30:05".as_bytes())).unwrap();
+        std::fs::write(
+            bad.join("exif-date.jpg"),
+            crate::common::jpeg_with_exif_date("2019:07:1\u{e9} 12:30:05".as_bytes()),
+        )
+        .unwrap();
         good += 1;
         // A 2 GiB sparse caption sidecar: only its start is read.
-        std::fs::File::create(bad.join("exif-date.txt")).unwrap().set_len(2 << 30).unwrap();
+        std::fs::File::create(bad.join("exif-date.txt"))
+            .unwrap()
+            .set_len(2 << 30)
+            .unwrap();
         // Not images at all: ignored, not reported.
         std::fs::write(bad.join("notes.md"), b"# notes").unwrap();
     }
     let index = dir.path().join("index");
-    Library { root, index, good, _dir: dir }
+    Library {
+        root,
+        index,
+        good,
+        _dir: dir,
+    }
 }
 
 fn index_cmd(lib: &Library, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["index", lib.root.to_str().unwrap(), "--index", lib.index.to_str().unwrap()];
+    let mut args = vec![
+        "index",
+        lib.root.to_str().unwrap(),
+        "--index",
+        lib.index.to_str().unwrap(),
+    ];
     let m = model();
     args.extend(["--model", m.as_str(), "--json"]);
     args.extend(extra);
@@ -134,30 +184,65 @@ fn reindex(lib: &Library) -> serde_json::Value {
 }
 
 fn status(lib: &Library) -> serde_json::Value {
-    let out = clipdex(&["status", "--index", lib.index.to_str().unwrap(), "--json", "--check"]);
-    assert!(out.status.success(), "status failed: {}\n{}", stderr(&out), stdout(&out));
+    let out = clipdex(&[
+        "status",
+        "--index",
+        lib.index.to_str().unwrap(),
+        "--json",
+        "--check",
+    ]);
+    assert!(
+        out.status.success(),
+        "status failed: {}\n{}",
+        stderr(&out),
+        stdout(&out)
+    );
     serde_json::from_str(&stdout(&out)).unwrap()
 }
 
 fn records(lib: &Library) -> Vec<PhotoRecord> {
     let index = Index::open(&lib.index).unwrap();
-    index.store().records().collect::<Result<Vec<_>, _>>().unwrap()
+    index
+        .store()
+        .records()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
 }
 
 fn by_path<'a>(records: &'a [PhotoRecord], path: &str) -> &'a PhotoRecord {
-    records.iter().find(|r| r.path == path).unwrap_or_else(|| panic!("no record for {path}"))
+    records
+        .iter()
+        .find(|r| r.path == path)
+        .unwrap_or_else(|| panic!("no record for {path}"))
 }
 
 fn counts(run: &serde_json::Value) -> [u64; 8] {
-    let n = |k: &str| run[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {run}"));
-    [n("added"), n("replaced"), n("moved"), n("duplicates"), n("updated"), n("removed"), n("skipped"), n("unchanged")]
+    let n = |k: &str| {
+        run[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} missing in {run}"))
+    };
+    [
+        n("added"),
+        n("replaced"),
+        n("moved"),
+        n("duplicates"),
+        n("updated"),
+        n("removed"),
+        n("skipped"),
+        n("unchanged"),
+    ]
 }
 
 fn assert_consistent(lib: &Library, photos: usize) {
     let s = status(lib);
     let check = &s["check"];
     assert_eq!(check["consistent"], true, "{check}");
-    assert_eq!(check["records"].as_u64().unwrap() as usize, photos, "{check}");
+    assert_eq!(
+        check["records"].as_u64().unwrap() as usize,
+        photos,
+        "{check}"
+    );
     assert_eq!(check["vectors"], check["records"]);
     assert_eq!(check["keywords"], check["records"]);
 }
@@ -167,7 +252,11 @@ fn index_skips_bad_files_with_reasons_and_keeps_metadata() {
     let lib = library(true);
     // The same photo twice in the first run: embedded once, listed twice.
     std::fs::create_dir_all(lib.root.join("copies")).unwrap();
-    std::fs::copy(lib.root.join("wallpapers/LadyBird.jpg"), lib.root.join("copies/LadyBird.jpg")).unwrap();
+    std::fs::copy(
+        lib.root.join("wallpapers/LadyBird.jpg"),
+        lib.root.join("copies/LadyBird.jpg"),
+    )
+    .unwrap();
     let out = index_cmd(&lib, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let run: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
@@ -182,26 +271,49 @@ fn index_skips_bad_files_with_reasons_and_keeps_metadata() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|k| (k["path"].as_str().unwrap().to_string(), k["reason"].as_str().unwrap().to_string()))
+        .map(|k| {
+            (
+                k["path"].as_str().unwrap().to_string(),
+                k["reason"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     for (path, why) in BAD {
         let found = skipped.iter().find(|(p, _)| p == path);
         let (_, reason) = found.unwrap_or_else(|| panic!("{path} not reported in {skipped:?}"));
-        assert!(reason.contains(why), "{path}: {reason:?} should mention {why:?}");
+        assert!(
+            reason.contains(why),
+            "{path}: {reason:?} should mention {why:?}"
+        );
     }
-    assert_eq!(s["library"].as_str().unwrap(), std::fs::canonicalize(&lib.root).unwrap().to_str().unwrap());
+    assert_eq!(
+        s["library"].as_str().unwrap(),
+        std::fs::canonicalize(&lib.root).unwrap().to_str().unwrap()
+    );
     assert!(s["model"]["fingerprint"].as_str().unwrap().len() == 16);
     assert!(s["size_on_disk"]["thumbnails"].as_u64().unwrap() > 0);
 
     let recs = records(&lib);
     let fish = by_path(&recs, "sea/fishes/fish1.jpg");
-    assert_eq!(fish.caption.as_deref(), Some("a striped fish near the reef"));
+    assert_eq!(
+        fish.caption.as_deref(),
+        Some("a striped fish near the reef")
+    );
     let dated = by_path(&recs, "bad/exif-date.jpg");
-    assert_eq!((dated.taken.as_deref(), dated.caption.as_deref()), (None, None));
+    assert_eq!(
+        (dated.taken.as_deref(), dated.caption.as_deref()),
+        (None, None)
+    );
     let turned = by_path(&recs, "formats/orientation6.jpg");
-    assert_eq!((turned.width, turned.height, turned.orientation), (150, 100, 6));
+    assert_eq!(
+        (turned.width, turned.height, turned.orientation),
+        (150, 100, 6)
+    );
     let ladybird = by_path(&recs, "wallpapers/LadyBird.jpg");
-    assert_eq!((ladybird.width, ladybird.height, ladybird.format.as_str()), (2560, 1600, "jpeg"));
+    assert_eq!(
+        (ladybird.width, ladybird.height, ladybird.format.as_str()),
+        (2560, 1600, "jpeg")
+    );
     // Thumbnails exist for every photo and fit 256 px.
     let index = Index::open(&lib.index).unwrap();
     for r in &recs {
@@ -219,7 +331,10 @@ fn index_skips_bad_files_with_reasons_and_keeps_metadata() {
 
     // Nothing changed: nothing embedded, bad files not retried.
     let again = reindex(&lib);
-    assert_eq!(counts(&again), [0, 0, 0, 0, 0, 0, BAD.len() as u64, photos as u64]);
+    assert_eq!(
+        counts(&again),
+        [0, 0, 0, 0, 0, 0, BAD.len() as u64, photos as u64]
+    );
 }
 
 #[test]
@@ -231,10 +346,24 @@ fn reindex_finds_exactly_what_changed() {
     let root = &lib.root;
 
     // New file.
-    std::fs::copy(photos.join("gcompris/others").read_dir().unwrap().next().unwrap().unwrap().path(), root.join("new.jpg"))
-        .unwrap();
+    std::fs::copy(
+        photos
+            .join("gcompris/others")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+        root.join("new.jpg"),
+    )
+    .unwrap();
     // Content changed at the same path.
-    std::fs::copy(photos.join("wallpapers/pypi_scikit-image/coffee.jpg"), root.join("tools").join(&before_name(&before, "tools/"))).unwrap();
+    std::fs::copy(
+        photos.join("wallpapers/pypi_scikit-image/coffee.jpg"),
+        root.join("tools").join(&before_name(&before, "tools/")),
+    )
+    .unwrap();
     // Deleted.
     let deleted = before_name_full(&before, "travel/monuments/");
     std::fs::remove_file(root.join(&deleted)).unwrap();
@@ -243,12 +372,20 @@ fn reindex_finds_exactly_what_changed() {
     std::fs::create_dir_all(root.join("archive")).unwrap();
     std::fs::rename(root.join(&renamed), root.join("archive/renamed.jpg")).unwrap();
     // Duplicate: the same content at a second path.
-    std::fs::copy(root.join("wallpapers/camera.jpg"), root.join("wallpapers/camera-copy.jpg")).unwrap();
+    std::fs::copy(
+        root.join("wallpapers/camera.jpg"),
+        root.join("wallpapers/camera-copy.jpg"),
+    )
+    .unwrap();
     // Caption edited; another file only touched.
     std::fs::write(root.join("sea/fishes/fish1.txt"), "an orange fish").unwrap();
     let touched = root.join("formats/photo.webp");
-    let f = std::fs::File::options().append(true).open(&touched).unwrap();
-    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5)).unwrap();
+    let f = std::fs::File::options()
+        .append(true)
+        .open(&touched)
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
     drop(f);
 
     let run = reindex(&lib);
@@ -258,18 +395,30 @@ fn reindex_finds_exactly_what_changed() {
     assert_eq!(run["embedded"], 2);
 
     let after = records(&lib);
-    assert_eq!(after.len(), lib.good + 1 /*new*/ + 1 /*duplicate*/ - 1 /*deleted*/);
+    assert_eq!(
+        after.len(),
+        lib.good + 1 /*new*/ + 1 /*duplicate*/ - 1 /*deleted*/
+    );
     // The renamed photo kept its id; the changed one got a new id.
     let old = by_path(&before, &renamed);
     let moved = by_path(&after, "archive/renamed.jpg");
     assert_eq!((moved.id, &moved.hash), (old.id, &old.hash));
     let changed_path = format!("tools/{}", before_name(&before, "tools/"));
-    assert_ne!(by_path(&after, &changed_path).id, by_path(&before, &changed_path).id);
+    assert_ne!(
+        by_path(&after, &changed_path).id,
+        by_path(&before, &changed_path).id
+    );
     assert!(after.iter().all(|r| r.path != deleted));
-    let (a, b) = (by_path(&after, "wallpapers/camera.jpg"), by_path(&after, "wallpapers/camera-copy.jpg"));
+    let (a, b) = (
+        by_path(&after, "wallpapers/camera.jpg"),
+        by_path(&after, "wallpapers/camera-copy.jpg"),
+    );
     assert_eq!(a.hash, b.hash);
     assert_ne!(a.id, b.id);
-    assert_eq!(by_path(&after, "sea/fishes/fish1.jpg").caption.as_deref(), Some("an orange fish"));
+    assert_eq!(
+        by_path(&after, "sea/fishes/fish1.jpg").caption.as_deref(),
+        Some("an orange fish")
+    );
     // Removed and replaced ids are gone from every part of the index.
     let index = Index::open(&lib.index).unwrap();
     let ids: BTreeSet<u64> = after.iter().map(|r| r.id).collect();
@@ -277,7 +426,10 @@ fn reindex_finds_exactly_what_changed() {
     assert_eq!(index.keywords().ids().unwrap(), ids);
     let gone = by_path(&before, &changed_path).id;
     let v = by_path(&after, &changed_path);
-    let hits = index.vectors().search(&index.store().vector(v.id).unwrap().unwrap(), 50, None).unwrap();
+    let hits = index
+        .vectors()
+        .search(&index.store().vector(v.id).unwrap().unwrap(), 50, None)
+        .unwrap();
     assert!(hits.iter().all(|(id, _)| *id != gone));
     drop(index);
 
@@ -288,11 +440,19 @@ fn reindex_finds_exactly_what_changed() {
 }
 
 fn before_name(records: &[PhotoRecord], prefix: &str) -> String {
-    before_name_full(records, prefix).rsplit('/').next().unwrap().to_string()
+    before_name_full(records, prefix)
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 fn before_name_full(records: &[PhotoRecord], prefix: &str) -> String {
-    let mut paths: Vec<&str> = records.iter().map(|r| r.path.as_str()).filter(|p| p.starts_with(prefix)).collect();
+    let mut paths: Vec<&str> = records
+        .iter()
+        .map(|r| r.path.as_str())
+        .filter(|p| p.starts_with(prefix))
+        .collect();
     paths.sort();
     paths[0].to_string()
 }
@@ -300,10 +460,17 @@ fn before_name_full(records: &[PhotoRecord], prefix: &str) -> String {
 /// The Tux Paint pictures in `../shared/datasets/tuxpaint` (643 small PNGs).
 fn tuxpaint_images() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/tuxpaint");
-    let pairs = std::fs::read_to_string(root.join("pairs.jsonl")).expect("../shared/datasets/tuxpaint/pairs.jsonl");
+    let pairs = std::fs::read_to_string(root.join("pairs.jsonl"))
+        .expect("../shared/datasets/tuxpaint/pairs.jsonl");
     let mut images: Vec<PathBuf> = pairs
         .lines()
-        .map(|l| root.join(serde_json::from_str::<serde_json::Value>(l).unwrap()["image"].as_str().unwrap()))
+        .map(|l| {
+            root.join(
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["image"]
+                    .as_str()
+                    .unwrap(),
+            )
+        })
         .collect();
     images.sort();
     images.dedup();
@@ -312,7 +479,8 @@ fn tuxpaint_images() -> Vec<PathBuf> {
 
 /// The progress file of a run, when `pid` wrote it.
 fn progress_of(index: &Path, pid: u32) -> Option<serde_json::Value> {
-    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(index.join("progress.json")).ok()?).ok()?;
+    let p: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(index.join("progress.json")).ok()?).ok()?;
     (p["pid"].as_u64() == Some(pid as u64)).then_some(p)
 }
 
@@ -324,7 +492,15 @@ fn assert_index_is_library(index: &Path, root: &Path) {
     for entry in walkdir::WalkDir::new(root) {
         let entry = entry.unwrap();
         if entry.file_type().is_file() {
-            files.insert(entry.path().strip_prefix(root).unwrap().to_str().unwrap().to_string());
+            files.insert(
+                entry
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            );
         }
     }
     let index = Index::open(index).unwrap();
@@ -335,9 +511,23 @@ fn assert_index_is_library(index: &Path, root: &Path) {
     for r in &recs {
         let path = root.join(&r.path);
         let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(r.hash, blake3::hash(&bytes).to_hex().as_str(), "{}: content", r.path);
-        assert_eq!(r.sig, clipdex::library::scan::file_sig(&std::fs::metadata(&path).unwrap()), "{}: size and time", r.path);
-        assert!(index.store().vector(r.id).unwrap().is_some(), "{}: no vector", r.path);
+        assert_eq!(
+            r.hash,
+            blake3::hash(&bytes).to_hex().as_str(),
+            "{}: content",
+            r.path
+        );
+        assert_eq!(
+            r.sig,
+            clipdex::library::scan::file_sig(&std::fs::metadata(&path).unwrap()),
+            "{}: size and time",
+            r.path
+        );
+        assert!(
+            index.store().vector(r.id).unwrap().is_some(),
+            "{}: no vector",
+            r.path
+        );
     }
     let ids: BTreeSet<u64> = recs.iter().map(|r| r.id).collect();
     assert_eq!(index.vectors().ids(), ids);
@@ -361,14 +551,21 @@ fn killed_runs_resume_and_end_consistent() {
     let mut add = |n: usize, root: &Path| {
         for src in pool.by_ref().take(n) {
             next_name += 1;
-            std::fs::copy(&src, root.join(["a", "b"][next_name % 2]).join(format!("p{next_name:04}.png"))).unwrap();
+            std::fs::copy(
+                &src,
+                root.join(["a", "b"][next_name % 2])
+                    .join(format!("p{next_name:04}.png")),
+            )
+            .unwrap();
         }
     };
     add(60, &root);
     let m = model();
     let mut rng = 0x5eed_u64;
     let mut random = |n: u64| {
-        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (rng >> 33) % n
     };
     let mut kills = 0;
@@ -392,8 +589,19 @@ fn killed_runs_resume_and_end_consistent() {
             }
             for _ in 0..2 {
                 let from = present.remove(random(present.len() as u64) as usize);
-                let other = if from.starts_with(root.join("a")) { "b" } else { "a" };
-                std::fs::rename(&from, root.join(other).join(format!("moved-{round}-{}", from.file_name().unwrap().to_str().unwrap()))).unwrap();
+                let other = if from.starts_with(root.join("a")) {
+                    "b"
+                } else {
+                    "a"
+                };
+                std::fs::rename(
+                    &from,
+                    root.join(other).join(format!(
+                        "moved-{round}-{}",
+                        from.file_name().unwrap().to_str().unwrap()
+                    )),
+                )
+                .unwrap();
             }
             let changed = present.remove(random(present.len() as u64) as usize);
             let mut bytes = std::fs::read(&changed).unwrap();
@@ -405,9 +613,18 @@ fn killed_runs_resume_and_end_consistent() {
         if round % 2 == 1 && index.join("db").exists() {
             cmd.args(["reindex", "--index", index.to_str().unwrap()]);
         } else {
-            cmd.args(["index", root.to_str().unwrap(), "--index", index.to_str().unwrap(), "--model", &m]);
+            cmd.args([
+                "index",
+                root.to_str().unwrap(),
+                "--index",
+                index.to_str().unwrap(),
+                "--model",
+                &m,
+            ]);
         }
-        cmd.args(["--workers", "1", "--batch", "2"]).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.args(["--workers", "1", "--batch", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let mut child = cmd.spawn().unwrap();
         let target = 1 + random(10);
         let killed = loop {
@@ -416,7 +633,8 @@ fn killed_runs_resume_and_end_consistent() {
             }
             let mid_run = progress_of(&index, child.id()).is_some_and(|p| {
                 p["phase"] == "indexing"
-                    && p["processed"].as_u64().unwrap_or(0) >= target.min(p["to_process"].as_u64().unwrap_or(0).saturating_sub(1))
+                    && p["processed"].as_u64().unwrap_or(0)
+                        >= target.min(p["to_process"].as_u64().unwrap_or(0).saturating_sub(1))
                     && p["processed"].as_u64() < p["to_process"].as_u64()
             });
             if mid_run {
@@ -430,7 +648,11 @@ fn killed_runs_resume_and_end_consistent() {
             kills += 1;
             // Whatever the moment of the kill, the index opens consistent.
             let s = status_of(&index);
-            assert_eq!(s["check"]["consistent"], true, "after kill {kills}: {}", s["check"]);
+            assert_eq!(
+                s["check"]["consistent"], true,
+                "after kill {kills}: {}",
+                s["check"]
+            );
         } else {
             finished += 1;
         }
@@ -441,16 +663,35 @@ fn killed_runs_resume_and_end_consistent() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_index_is_library(&index, &root);
     // And a run with nothing to do changes nothing.
-    let quiet: serde_json::Value =
-        serde_json::from_str(stdout(&clipdex(&["reindex", "--index", index.to_str().unwrap(), "--json"])).trim()).unwrap();
+    let quiet: serde_json::Value = serde_json::from_str(
+        stdout(&clipdex(&[
+            "reindex",
+            "--index",
+            index.to_str().unwrap(),
+            "--json",
+        ]))
+        .trim(),
+    )
+    .unwrap();
     assert_eq!(quiet["embedded"], 0);
     assert_eq!(quiet["removed"], 0);
     assert_index_is_library(&index, &root);
 }
 
 fn status_of(index: &Path) -> serde_json::Value {
-    let out = clipdex(&["status", "--index", index.to_str().unwrap(), "--json", "--check"]);
-    assert!(out.status.success(), "status failed: {}\n{}", stderr(&out), stdout(&out));
+    let out = clipdex(&[
+        "status",
+        "--index",
+        index.to_str().unwrap(),
+        "--json",
+        "--check",
+    ]);
+    assert!(
+        out.status.success(),
+        "status failed: {}\n{}",
+        stderr(&out),
+        stdout(&out)
+    );
     serde_json::from_str(&stdout(&out)).unwrap()
 }
 
@@ -461,7 +702,10 @@ fn a_panic_on_one_file_skips_that_file_and_the_run_goes_on() {
     let lib = library(false);
     let clip = clipdex::model::Clip::load(
         &clipdex::model::ModelSource::Dir(fixture_model("openai-tiny")),
-        &clipdex::model::HubOptions { offline: true, progress: false },
+        &clipdex::model::HubOptions {
+            offline: true,
+            progress: false,
+        },
     )
     .unwrap();
     let index = Index::create_or_open(&lib.index, &lib.root, clip.info()).unwrap();
@@ -478,10 +722,21 @@ fn a_panic_on_one_file_skips_that_file_and_the_run_goes_on() {
     let skipped = index.store().skipped().unwrap();
     let (path, skip) = &skipped[0];
     assert_eq!(path, "formats/cmyk.jpg");
-    assert!(skip.reason.contains("internal error") && skip.reason.contains("injected failure"), "{}", skip.reason);
+    assert!(
+        skip.reason.contains("internal error") && skip.reason.contains("injected failure"),
+        "{}",
+        skip.reason
+    );
     // Recorded as skipped: the next run does not retry the unchanged file.
     let again = clipdex::indexer::run(&index, &clip, &opts, &mut |_| {}, &stop).unwrap();
-    assert_eq!((again.counts.skipped, again.counts.added, again.counts.unchanged as usize), (1, 0, lib.good - 1));
+    assert_eq!(
+        (
+            again.counts.skipped,
+            again.counts.added,
+            again.counts.unchanged as usize
+        ),
+        (1, 0, lib.good - 1)
+    );
 }
 
 #[test]
@@ -491,12 +746,24 @@ fn a_second_process_is_refused_while_the_index_is_open() {
     let held = Index::open(&lib.index).unwrap();
     let out = clipdex(&["reindex", "--index", lib.index.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("in use by another clipdex process"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("in use by another clipdex process"),
+        "{}",
+        stderr(&out)
+    );
     let out = index_cmd(&lib, &[]);
-    assert!(!out.status.success() && stderr(&out).contains("in use"), "{}", stderr(&out));
+    assert!(
+        !out.status.success() && stderr(&out).contains("in use"),
+        "{}",
+        stderr(&out)
+    );
     // status reports the run in progress instead of failing.
     let out = clipdex(&["status", "--index", lib.index.to_str().unwrap()]);
-    assert!(out.status.success() && stdout(&out).contains("in use"), "{}", stdout(&out));
+    assert!(
+        out.status.success() && stdout(&out).contains("in use"),
+        "{}",
+        stdout(&out)
+    );
     drop(held);
     assert_consistent(&lib, lib.good);
 }
@@ -506,12 +773,24 @@ fn unreadable_files_are_skipped() {
     let lib = library(false);
     let secret = lib.root.join("secret.jpg");
     std::fs::copy(fixtures().join("images/photo.jpg"), &secret).unwrap();
-    let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(m)).unwrap();
+    let mode = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(m)).unwrap()
+    };
     mode(&secret, 0o000);
-    let root_user = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap().trim() == "0";
+    let root_user = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        == "0";
     let m = model();
-    let args =
-        ["index", lib.root.to_str().unwrap(), "--index", lib.index.to_str().unwrap(), "--model", m.as_str(), "--json"];
+    let args = [
+        "index",
+        lib.root.to_str().unwrap(),
+        "--index",
+        lib.index.to_str().unwrap(),
+        "--model",
+        m.as_str(),
+        "--json",
+    ];
     let out = if root_user {
         // Root reads everything: run as nobody, with the folders opened up to it.
         let top = lib.root.parent().unwrap();
@@ -522,7 +801,12 @@ fn unreadable_files_are_skipped() {
             }
         }
         Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_clipdex")])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                env!("CARGO_BIN_EXE_clipdex"),
+            ])
             .args(args)
             .output()
             .unwrap()
@@ -536,7 +820,11 @@ fn unreadable_files_are_skipped() {
     let index = Index::open(&lib.index).unwrap();
     let skipped = index.store().skipped().unwrap();
     assert_eq!(skipped.len(), 1);
-    assert!(skipped[0].1.reason.contains("permission denied"), "{:?}", skipped[0]);
+    assert!(
+        skipped[0].1.reason.contains("permission denied"),
+        "{:?}",
+        skipped[0]
+    );
 }
 
 #[test]
@@ -559,13 +847,20 @@ fn opens_an_index_of_the_previous_format() {
     // A rename needs the hash lookup that migration 2 rebuilds.
     let before = records(&lib);
     let old = by_path(&before, "wallpapers/camera.jpg").clone();
-    std::fs::rename(lib.root.join("wallpapers/camera.jpg"), lib.root.join("wallpapers/cameraman.jpg")).unwrap();
+    std::fs::rename(
+        lib.root.join("wallpapers/camera.jpg"),
+        lib.root.join("wallpapers/cameraman.jpg"),
+    )
+    .unwrap();
     let run = reindex(&lib);
     assert_eq!(run["moved"], 1, "{run}");
     assert_eq!(run["embedded"], 0, "{run}");
     let s = status(&lib);
     assert_eq!(s["format_version"], 2);
-    assert_eq!(by_path(&records(&lib), "wallpapers/cameraman.jpg").id, old.id);
+    assert_eq!(
+        by_path(&records(&lib), "wallpapers/cameraman.jpg").id,
+        old.id
+    );
 }
 
 #[test]
@@ -573,13 +868,36 @@ fn newer_formats_and_other_models_are_refused() {
     let lib = library(false);
     assert!(index_cmd(&lib, &[]).status.success());
     let laion = fixture_model("laion-tiny").display().to_string();
-    let out = clipdex(&["index", lib.root.to_str().unwrap(), "--index", lib.index.to_str().unwrap(), "--model", &laion]);
+    let out = clipdex(&[
+        "index",
+        lib.root.to_str().unwrap(),
+        "--index",
+        lib.index.to_str().unwrap(),
+        "--model",
+        &laion,
+    ]);
     let err = stderr(&out);
-    assert!(!out.status.success() && err.contains("was built with model") && err.contains("another space"), "{err}");
+    assert!(
+        !out.status.success()
+            && err.contains("was built with model")
+            && err.contains("another space"),
+        "{err}"
+    );
 
     let other = tempfile::tempdir().unwrap();
-    let out = clipdex(&["index", other.path().to_str().unwrap(), "--index", lib.index.to_str().unwrap(), "--model", &model()]);
-    assert!(!out.status.success() && stderr(&out).contains("belongs to the library"), "{}", stderr(&out));
+    let out = clipdex(&[
+        "index",
+        other.path().to_str().unwrap(),
+        "--index",
+        lib.index.to_str().unwrap(),
+        "--model",
+        &model(),
+    ]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("belongs to the library"),
+        "{}",
+        stderr(&out)
+    );
 
     {
         let index = Index::open(&lib.index).unwrap();
@@ -588,10 +906,18 @@ fn newer_formats_and_other_models_are_refused() {
         index.store().set_meta(&meta).unwrap();
     }
     let out = clipdex(&["status", "--index", lib.index.to_str().unwrap()]);
-    assert!(!out.status.success() && stderr(&out).contains("newer than this clipdex"), "{}", stderr(&out));
+    assert!(
+        !out.status.success() && stderr(&out).contains("newer than this clipdex"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = clipdex(&["reindex", "--index", "/no/such/index"]);
-    assert!(!out.status.success() && stderr(&out).contains("no index at"), "{}", stderr(&out));
+    assert!(
+        !out.status.success() && stderr(&out).contains("no index at"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -612,7 +938,14 @@ fn a_torn_vector_graph_is_rebuilt_from_the_store() {
 }
 
 fn switch(lib: &Library, model: &str) -> std::process::Output {
-    clipdex(&["reindex", "--index", lib.index.to_str().unwrap(), "--model", model, "--json"])
+    clipdex(&[
+        "reindex",
+        "--index",
+        lib.index.to_str().unwrap(),
+        "--model",
+        model,
+        "--json",
+    ])
 }
 
 fn family(lib: &Library) -> String {
@@ -621,7 +954,15 @@ fn family(lib: &Library) -> String {
 
 /// Searching works on the index at this moment, whatever its generation.
 fn searchable(lib: &Library) -> bool {
-    let out = clipdex(&["search", "a fish", "--index", lib.index.to_str().unwrap(), "--json", "-k", "3"]);
+    let out = clipdex(&[
+        "search",
+        "a fish",
+        "--index",
+        lib.index.to_str().unwrap(),
+        "--json",
+        "-k",
+        "3",
+    ]);
     out.status.success() && stdout(&out).lines().count() == 3
 }
 
@@ -637,18 +978,41 @@ fn switching_the_model_re_embeds_every_photo_into_a_new_generation() {
     assert!(stderr(&out).contains("now uses"), "{}", stderr(&out));
     let after = status(&lib);
     assert_eq!(after["model"]["family"], "siglip", "{after}");
-    assert_eq!(after["photos"].as_u64().unwrap(), before["photos"].as_u64().unwrap(), "every photo is in the new generation");
+    assert_eq!(
+        after["photos"].as_u64().unwrap(),
+        before["photos"].as_u64().unwrap(),
+        "every photo is in the new generation"
+    );
     assert_consistent(&lib, lib.good);
-    assert!(!indexer::generation::next_path(&lib.index).exists(), "the old generation is gone");
+    assert!(
+        !indexer::generation::next_path(&lib.index).exists(),
+        "the old generation is gone"
+    );
     // Its results carry SigLIP's probability; the skipped files are skipped again.
-    let out = clipdex(&["search", "a fish", "--index", lib.index.to_str().unwrap(), "--json", "-k", "3"]);
-    assert!(stdout(&out).lines().all(|l| l.contains("\"probability\"")), "{}", stdout(&out));
+    let out = clipdex(&[
+        "search",
+        "a fish",
+        "--index",
+        lib.index.to_str().unwrap(),
+        "--json",
+        "-k",
+        "3",
+    ]);
+    assert!(
+        stdout(&out).lines().all(|l| l.contains("\"probability\"")),
+        "{}",
+        stdout(&out)
+    );
     let skipped = |s: &serde_json::Value| s["skipped"].as_array().unwrap().len();
     assert!(skipped(&before) > 0);
     assert_eq!(skipped(&after), skipped(&before));
     // Switching to the model it already uses is a plain re-index.
     let out = switch(&lib, siglip.to_str().unwrap());
-    assert!(out.status.success() && stderr(&out).contains("already uses"), "{}", stderr(&out));
+    assert!(
+        out.status.success() && stderr(&out).contains("already uses"),
+        "{}",
+        stderr(&out)
+    );
     // And back.
     assert!(switch(&lib, &model()).status.success());
     assert_eq!(family(&lib), "clip");
@@ -659,7 +1023,17 @@ fn a_killed_switch_leaves_a_searchable_index_and_resumes() {
     let lib = library(false);
     assert!(index_cmd(&lib, &[]).status.success());
     let siglip = fixture_model("siglip-tiny");
-    let args = ["reindex", "--index", lib.index.to_str().unwrap(), "--model", siglip.to_str().unwrap(), "--batch", "2", "--workers", "1"];
+    let args = [
+        "reindex",
+        "--index",
+        lib.index.to_str().unwrap(),
+        "--model",
+        siglip.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--workers",
+        "1",
+    ];
     for delay in [300, 700, 1200] {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_clipdex"))
             .args(args)
@@ -671,7 +1045,10 @@ fn a_killed_switch_leaves_a_searchable_index_and_resumes() {
         let _ = child.kill();
         child.wait().unwrap();
         // Whatever the moment of the kill, the index answers (old or new).
-        assert!(searchable(&lib), "not searchable after a kill at {delay} ms");
+        assert!(
+            searchable(&lib),
+            "not searchable after a kill at {delay} ms"
+        );
     }
     let out = clipdex(&args);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -697,6 +1074,9 @@ fn a_served_index_answers_while_its_next_generation_is_built() {
     drop(server);
     // The next open switches.
     assert_eq!(family(&lib), "siglip");
-    assert!(!indexer::generation::pending(&lib.index) && !indexer::generation::next_path(&lib.index).exists());
+    assert!(
+        !indexer::generation::pending(&lib.index)
+            && !indexer::generation::next_path(&lib.index).exists()
+    );
     assert!(searchable(&lib));
 }

@@ -2,11 +2,13 @@
 //! token ids, features, embeddings and logits, batched and one at a time.
 
 use candle_core::{DType, Device, Tensor};
-use clipdex::library::{decode_file, DecodeLimits};
+use clipdex::library::{DecodeLimits, decode_file};
 use clipdex::model::checkpoint::{self, HubOptions, ModelSource};
-use clipdex::model::{normalize, Clip, RgbView};
+use clipdex::model::{Clip, RgbView, normalize};
 
-use crate::common::{fixture_model, fixture_models, fixture_models_of, max_abs_diff, reference, shared_photos};
+use crate::common::{
+    fixture_model, fixture_models, fixture_models_of, max_abs_diff, reference, shared_photos,
+};
 
 /// Model outputs against the reference, from the same token ids and pixels.
 const EXACT: f32 = 1e-4;
@@ -15,7 +17,14 @@ const PIPELINE: f32 = 1e-3;
 
 fn load(name: &str) -> Clip {
     let source = ModelSource::Dir(fixture_model(name));
-    Clip::load(&source, &HubOptions { offline: true, progress: false }).unwrap()
+    Clip::load(
+        &source,
+        &HubOptions {
+            offline: true,
+            progress: false,
+        },
+    )
+    .unwrap()
 }
 
 fn rows(t: &Tensor, i: usize) -> Tensor {
@@ -28,7 +37,11 @@ fn token_ids_match_reference() {
         let clip = load(&name);
         let r = reference(&name);
         for (text, ids) in r.texts.iter().zip(&r.token_ids) {
-            assert_eq!(&clip.tokenizer().encode(text).unwrap(), ids, "{name}: {text:?}");
+            assert_eq!(
+                &clip.tokenizer().encode(text).unwrap(),
+                ids,
+                "{name}: {text:?}"
+            );
         }
     }
 }
@@ -82,14 +95,21 @@ fn short_texts_unpadded_match_padded_to_full_context() {
         let clip = load(&name);
         let r = reference(&name);
         // The reference's own padded ids: 77 positions each.
-        let padded = r.tensors["input_ids"].to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap();
+        let padded = r.tensors["input_ids"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec2::<u32>()
+            .unwrap();
         assert!(padded.iter().all(|row| row.len() == 77));
         let full = clip.text_features(&padded).unwrap();
         let short = clip.text_features(&r.token_ids).unwrap();
         let d = max_abs_diff(&full, &short);
         assert!(d <= 1e-5, "{name}: padding changes text features by {d}");
         let d = max_abs_diff(&full, &r.tensors["text_features"]);
-        assert!(d <= EXACT, "{name}: padded text features differ from the reference by {d}");
+        assert!(
+            d <= EXACT,
+            "{name}: padded text features differ from the reference by {d}"
+        );
     }
 }
 
@@ -100,10 +120,21 @@ fn real_photos_through_our_pipeline_match_reference_embeddings() {
         let clip = load(&name);
         let r = reference(&name);
         let limits = DecodeLimits::default();
-        let decoded: Vec<_> = r.photos.iter().map(|p| decode_file(&photos.join(p), &limits).unwrap()).collect();
+        let decoded: Vec<_> = r
+            .photos
+            .iter()
+            .map(|p| decode_file(&photos.join(p), &limits).unwrap())
+            .collect();
         let views: Vec<RgbView> = decoded
             .iter()
-            .map(|d| RgbView::new(d.rgb.width() as usize, d.rgb.height() as usize, d.rgb.as_raw()).unwrap())
+            .map(|d| {
+                RgbView::new(
+                    d.rgb.width() as usize,
+                    d.rgb.height() as usize,
+                    d.rgb.as_raw(),
+                )
+                .unwrap()
+            })
             .collect();
         let pixels = clip.pixels(&views).unwrap();
         let pixel_diff = max_abs_diff(&pixels, &r.tensors["pixel_values"]);
@@ -111,8 +142,13 @@ fn real_photos_through_our_pipeline_match_reference_embeddings() {
         let ours = Tensor::new(ours, &Device::Cpu).unwrap();
         let want = &r.tensors["image_embeds"];
         let d = max_abs_diff(&ours, want);
-        eprintln!("{name}: real photos: pixel max diff {pixel_diff:.4}, embedding max diff {d:.2e}");
-        assert!(d <= PIPELINE, "{name}: embeddings of real photos differ by {d} (pixels by {pixel_diff})");
+        eprintln!(
+            "{name}: real photos: pixel max diff {pixel_diff:.4}, embedding max diff {d:.2e}"
+        );
+        assert!(
+            d <= PIPELINE,
+            "{name}: embeddings of real photos differ by {d} (pixels by {pixel_diff})"
+        );
     }
 }
 
@@ -122,17 +158,27 @@ fn vocab_merges_and_tokenizer_json_give_the_same_model_outputs() {
     let kinds: Vec<_> = fixture_models_of("clip")
         .iter()
         .map(|name| {
-            let files = checkpoint::resolve(&ModelSource::Dir(fixture_model(name)), &HubOptions::default()).unwrap();
+            let files = checkpoint::resolve(
+                &ModelSource::Dir(fixture_model(name)),
+                &HubOptions::default(),
+            )
+            .unwrap();
             matches!(files.tokenizer, checkpoint::TokenizerFiles::Json(_))
         })
         .collect();
-    assert!(kinds.contains(&true) && kinds.contains(&false), "fixtures should cover both tokenizer layouts");
+    assert!(
+        kinds.contains(&true) && kinds.contains(&false),
+        "fixtures should cover both tokenizer layouts"
+    );
 }
 
 #[test]
 fn pytorch_pickle_weights_load_like_safetensors() {
     let src = fixture_model("laion-tiny");
-    assert!(src.join("pytorch_model.bin").is_file(), "the laion-tiny fixture ships a pickle too");
+    assert!(
+        src.join("pytorch_model.bin").is_file(),
+        "the laion-tiny fixture ships a pickle too"
+    );
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(&src).unwrap() {
         let path = entry.unwrap().path();
@@ -140,13 +186,23 @@ fn pytorch_pickle_weights_load_like_safetensors() {
             std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
         }
     }
-    let files = checkpoint::resolve(&ModelSource::Dir(dir.path().to_path_buf()), &HubOptions::default()).unwrap();
+    let files = checkpoint::resolve(
+        &ModelSource::Dir(dir.path().to_path_buf()),
+        &HubOptions::default(),
+    )
+    .unwrap();
     assert!(matches!(files.weights, checkpoint::WeightsFile::Pickle(_)));
     let clip = Clip::from_files(&files, "pickle".into()).unwrap();
     let r = reference("laion-tiny");
-    let d = max_abs_diff(&clip.text_features(&r.token_ids).unwrap(), &r.tensors["text_features"]);
+    let d = max_abs_diff(
+        &clip.text_features(&r.token_ids).unwrap(),
+        &r.tensors["text_features"],
+    );
     assert!(d <= EXACT, "pickle text features differ by {d}");
-    let d = max_abs_diff(&clip.image_features(&r.tensors["pixel_values"]).unwrap(), &r.tensors["image_features"]);
+    let d = max_abs_diff(
+        &clip.image_features(&r.tensors["pixel_values"]).unwrap(),
+        &r.tensors["image_features"],
+    );
     assert!(d <= EXACT, "pickle image features differ by {d}");
 }
 
@@ -165,19 +221,34 @@ fn reduced_size_jpeg_decoding_stays_close_to_exact() {
         for p in &r.photos {
             let bytes = std::fs::read(photos.join(p)).unwrap();
             let exact = clipdex::library::decode_bytes(&bytes, &limits).unwrap();
-            let scaled = clipdex::library::decode_bytes_scaled(&bytes, &limits, Some(min_side)).unwrap();
-            assert!(scaled.rgb.width().min(scaled.rgb.height()) >= min_side.min(exact.rgb.width().min(exact.rgb.height())));
+            let scaled =
+                clipdex::library::decode_bytes_scaled(&bytes, &limits, Some(min_side)).unwrap();
+            assert!(
+                scaled.rgb.width().min(scaled.rgb.height())
+                    >= min_side.min(exact.rgb.width().min(exact.rgb.height()))
+            );
             fn view(d: &clipdex::library::DecodedImage) -> RgbView<'_> {
-                RgbView::new(d.rgb.width() as usize, d.rgb.height() as usize, d.rgb.as_raw()).unwrap()
+                RgbView::new(
+                    d.rgb.width() as usize,
+                    d.rgb.height() as usize,
+                    d.rgb.as_raw(),
+                )
+                .unwrap()
             }
             let a = clip.embed_images(&[view(&exact)]).unwrap().remove(0);
             let b = clip.embed_images(&[view(&scaled)]).unwrap().remove(0);
             let cos: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            let abs = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let abs = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             worst_cos = worst_cos.min(cos);
             worst_abs = worst_abs.max(abs);
         }
-        eprintln!("{name}: DCT-scaled decoding: worst cosine to exact {worst_cos:.5}, worst max abs {worst_abs:.4}");
+        eprintln!(
+            "{name}: DCT-scaled decoding: worst cosine to exact {worst_cos:.5}, worst max abs {worst_abs:.4}"
+        );
         // Random tiny towers at 32-64 px amplify pixel differences (0.988 to
         // 0.9996 here); the bound catches a scaling that loses the picture.
         assert!(worst_cos > 0.985, "{name}: cosine {worst_cos}");

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{header, Method, Request, StatusCode};
+use axum::http::{Method, Request, StatusCode, header};
 use clipdex::indexer::{Index, RunOptions};
 use clipdex::model::{Clip, HubOptions, ModelSource};
 use clipdex::search::Engine;
@@ -29,25 +29,50 @@ pub fn indexed_library() -> Served {
     for (folder, take) in [("fishes", 10), ("monuments", 10), ("tools", 6)] {
         let to = library.join(folder);
         std::fs::create_dir_all(&to).unwrap();
-        let mut names: Vec<_> = std::fs::read_dir(photos.join(folder)).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut names: Vec<_> = std::fs::read_dir(photos.join(folder))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         names.sort();
         for p in names.iter().take(take) {
             std::fs::copy(p, to.join(p.file_name().unwrap())).unwrap();
         }
     }
     std::fs::create_dir_all(library.join("misc")).unwrap();
-    std::fs::copy(fixtures().join("images/photo.png"), library.join("misc/IMG_2041.png")).unwrap();
-    std::fs::write(library.join("monuments/IndiaGate.txt"), "a war memorial arch in New Delhi").unwrap();
+    std::fs::copy(
+        fixtures().join("images/photo.png"),
+        library.join("misc/IMG_2041.png"),
+    )
+    .unwrap();
+    std::fs::write(
+        library.join("monuments/IndiaGate.txt"),
+        "a war memorial arch in New Delhi",
+    )
+    .unwrap();
     let index = dir.path().join("index");
     let m = fixture_model("openai-tiny").display().to_string();
-    let out = clipdex(&["index", library.to_str().unwrap(), "--index", index.to_str().unwrap(), "--model", &m]);
+    let out = clipdex(&[
+        "index",
+        library.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+        "--model",
+        &m,
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    Served { dir, library, index }
+    Served {
+        dir,
+        library,
+        index,
+    }
 }
 
 pub fn config(index: &Path) -> ServerConfig {
     ServerConfig {
-        hub: HubOptions { offline: true, progress: false },
+        hub: HubOptions {
+            offline: true,
+            progress: false,
+        },
         run: RunOptions::default(),
         max_upload: 1 << 20,
         ..ServerConfig::for_index(index.to_path_buf())
@@ -56,7 +81,14 @@ pub fn config(index: &Path) -> ServerConfig {
 
 pub fn engine(index: &Path) -> Engine {
     let index = Index::open(index).unwrap();
-    let clip = Clip::load(&ModelSource::Dir(fixture_model("openai-tiny")), &HubOptions { offline: true, progress: false }).unwrap();
+    let clip = Clip::load(
+        &ModelSource::Dir(fixture_model("openai-tiny")),
+        &HubOptions {
+            offline: true,
+            progress: false,
+        },
+    )
+    .unwrap();
     Engine::new(Arc::new(index), Arc::new(clip)).unwrap()
 }
 
@@ -74,7 +106,8 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 }
 
@@ -82,8 +115,15 @@ pub async fn call(state: &SharedState, request: Request<Body>) -> Reply {
     let response = server::app(state.clone()).oneshot(request).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
-    let body = axum::body::to_bytes(response.into_body(), 64 << 20).await.unwrap().to_vec();
-    Reply { status, headers, body }
+    let body = axum::body::to_bytes(response.into_body(), 64 << 20)
+        .await
+        .unwrap()
+        .to_vec();
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 pub async fn get(state: &SharedState, uri: &str) -> Reply {
@@ -91,7 +131,14 @@ pub async fn get(state: &SharedState, uri: &str) -> Reply {
 }
 
 pub async fn post_json(state: &SharedState, uri: &str, body: &str) -> Reply {
-    call(state, Request::post(uri).header(header::CONTENT_TYPE, "application/json").body(Body::from(body.to_string())).unwrap()).await
+    call(
+        state,
+        Request::post(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+    )
+    .await
 }
 
 pub fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
@@ -114,21 +161,41 @@ pub fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
 
 pub async fn post_multipart(state: &SharedState, parts: &[(&str, Option<&str>, &[u8])]) -> Reply {
     let (content_type, body) = multipart(parts);
-    call(state, Request::post("/api/search/image").header(header::CONTENT_TYPE, content_type).body(Body::from(body)).unwrap()).await
+    call(
+        state,
+        Request::post("/api/search/image")
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Body::from(body))
+            .unwrap(),
+    )
+    .await
 }
 
 pub fn hits(reply: &Reply) -> Vec<Value> {
-    assert_eq!(reply.status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
     reply.json()["hits"].as_array().unwrap().clone()
 }
 
 pub fn assert_error(reply: &Reply, status: StatusCode, code: &str, served: &Served) {
-    assert_eq!(reply.status, status, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(
+        reply.status,
+        status,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
     let body = reply.json();
     assert_eq!(body["error"]["code"], code, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     let dir = served.dir.path().to_str().unwrap();
-    assert!(!message.contains(dir) && !message.contains("panicked") && !message.contains("/work/"), "leaks: {message}");
+    assert!(
+        !message.contains(dir) && !message.contains("panicked") && !message.contains("/work/"),
+        "leaks: {message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +215,11 @@ async fn search_endpoints_return_ranked_photos() {
     }
     // Pages do not overlap and carry on where the last stopped.
     let page2 = hits(&get(&s, "/api/search?q=fish&k=5&offset=5").await);
-    let ids = |v: &[Value]| v.iter().map(|h| h["id"].as_u64().unwrap()).collect::<Vec<_>>();
+    let ids = |v: &[Value]| {
+        v.iter()
+            .map(|h| h["id"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
     let all = hits(&get(&s, "/api/search?q=fish&k=10").await);
     assert_eq!([ids(&found), ids(&page2)].concat(), ids(&all));
 
@@ -162,7 +233,11 @@ async fn search_endpoints_return_ranked_photos() {
     // Filters: folder prefix and type.
     let in_tools = hits(&get(&s, "/api/search?q=a%20photo&k=50&folder=tools").await);
     assert_eq!(in_tools.len(), 6);
-    assert!(in_tools.iter().all(|h| h["path"].as_str().unwrap().starts_with("tools/")));
+    assert!(
+        in_tools
+            .iter()
+            .all(|h| h["path"].as_str().unwrap().starts_with("tools/"))
+    );
     let pngs = hits(&get(&s, "/api/search?q=a%20photo&k=50&type=png").await);
     assert_eq!(pngs.len(), 1);
     let none = hits(&get(&s, "/api/search?q=a%20photo&from=2030-01-01").await);
@@ -175,22 +250,34 @@ async fn search_endpoints_return_ranked_photos() {
     assert_eq!(photo.json()["id"], id);
     let original = get(&s, &format!("/api/photos/{id}/original")).await;
     assert_eq!(original.status, StatusCode::OK);
-    assert_eq!(original.body, std::fs::read(served.library.join(photo.json()["path"].as_str().unwrap())).unwrap());
+    assert_eq!(
+        original.body,
+        std::fs::read(served.library.join(photo.json()["path"].as_str().unwrap())).unwrap()
+    );
     let similar = hits(&get(&s, &format!("/api/photos/{id}/similar?k=5")).await);
     assert_eq!(similar.len(), 5);
     assert!(similar.iter().all(|h| h["id"].as_u64().unwrap() != id));
 
     // Structured and mixed queries.
-    let body = format!(r#"{{"terms": [{{"text": "a fish", "weight": 1}}, {{"photo": {id}, "weight": 0.5}}, {{"text": "a hammer", "weight": -0.5}}], "k": 4}}"#);
+    let body = format!(
+        r#"{{"terms": [{{"text": "a fish", "weight": 1}}, {{"photo": {id}, "weight": 0.5}}, {{"text": "a hammer", "weight": -0.5}}], "k": 4}}"#
+    );
     assert_eq!(hits(&post_json(&s, "/api/search", &body).await).len(), 4);
-    let q = format!(r#"{{"q": "\"a fish\" + 0.5*image:{id} - \"a hammer\"", "k": 4, "filters": {{"folder": "fishes"}}}}"#);
+    let q = format!(
+        r#"{{"q": "\"a fish\" + 0.5*image:{id} - \"a hammer\"", "k": 4, "filters": {{"folder": "fishes"}}}}"#
+    );
     let mixed = hits(&post_json(&s, "/api/search", &q).await);
-    assert!(mixed.iter().all(|h| h["path"].as_str().unwrap().starts_with("fishes/")));
+    assert!(
+        mixed
+            .iter()
+            .all(|h| h["path"].as_str().unwrap().starts_with("fishes/"))
+    );
 
     // Search by an uploaded picture: a photo of the library finds itself first.
     let path = served.library.join(photo.json()["path"].as_str().unwrap());
     let bytes = std::fs::read(&path).unwrap();
-    let by_image = hits(&post_multipart(&s, &[("file", Some("x.jpg"), &bytes), ("k", None, b"3")]).await);
+    let by_image =
+        hits(&post_multipart(&s, &[("file", Some("x.jpg"), &bytes), ("k", None, b"3")]).await);
     assert_eq!(by_image[0]["id"], id);
     assert!(by_image[0]["similarity"].as_f64().unwrap() > 0.99);
 
@@ -204,59 +291,254 @@ async fn errors_are_json_with_the_right_status() {
     let served = indexed_library();
     let s = state(&served, None);
     use StatusCode as S;
-    assert_error(&get(&s, "/api/search?q=").await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&get(&s, "/api/search").await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&get(&s, "/api/search?q=cat&k=0").await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&get(&s, "/api/search?q=cat&k=100000").await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&get(&s, "/api/search?q=cat&k=abc").await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&get(&s, "/api/search?q=cat&from=yesterday").await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&get(&s, "/api/search?q=%22unclosed").await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&get(&s, "/api/search?q=image:99999").await, S::NOT_FOUND, "not_found", &served);
-    assert_error(&get(&s, "/api/search?q=image:no/such.jpg").await, S::NOT_FOUND, "not_found", &served);
-    assert_error(&get(&s, "/api/search?q=-%20%22only%20negative%22").await, S::BAD_REQUEST, "bad_query", &served);
+    assert_error(
+        &get(&s, "/api/search?q=").await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/search").await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/search?q=cat&k=0").await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/search?q=cat&k=100000").await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/search?q=cat&k=abc").await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/search?q=cat&from=yesterday").await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/search?q=%22unclosed").await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/search?q=image:99999").await,
+        S::NOT_FOUND,
+        "not_found",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/search?q=image:no/such.jpg").await,
+        S::NOT_FOUND,
+        "not_found",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/search?q=-%20%22only%20negative%22").await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
     // A query far over the limit (a URI cannot hold 1 MB; see the TCP test).
     let long = format!("/api/search?q={}", "a".repeat(60_000));
     assert_error(&get(&s, &long).await, S::BAD_REQUEST, "bad_query", &served);
     let long_json = format!(r#"{{"q": "{}"}}"#, "a".repeat(1 << 20));
-    assert_error(&post_json(&s, "/api/search", &long_json).await, S::PAYLOAD_TOO_LARGE, "payload_too_large", &served);
-    assert_error(&post_json(&s, "/api/search", "{not json").await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&post_json(&s, "/api/search", r#"{"q": "x", "bogus": 1}"#).await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&post_json(&s, "/api/search", r#"{"q": "x", "terms": [{"text": "y"}]}"#).await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&post_json(&s, "/api/search", r#"{"terms": [{"text": "y", "photo": 1}]}"#).await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&post_json(&s, "/api/search", r#"{"terms": [{"text": "y", "weight": 1e30}]}"#).await, S::BAD_REQUEST, "bad_query", &served);
-    let no_type = call(&s, Request::post("/api/search").body(Body::from(r#"{"q":"x"}"#)).unwrap()).await;
-    assert_error(&no_type, S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", &served);
+    assert_error(
+        &post_json(&s, "/api/search", &long_json).await,
+        S::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        &served,
+    );
+    assert_error(
+        &post_json(&s, "/api/search", "{not json").await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &post_json(&s, "/api/search", r#"{"q": "x", "bogus": 1}"#).await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &post_json(&s, "/api/search", r#"{"q": "x", "terms": [{"text": "y"}]}"#).await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &post_json(
+            &s,
+            "/api/search",
+            r#"{"terms": [{"text": "y", "photo": 1}]}"#,
+        )
+        .await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &post_json(
+            &s,
+            "/api/search",
+            r#"{"terms": [{"text": "y", "weight": 1e30}]}"#,
+        )
+        .await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    let no_type = call(
+        &s,
+        Request::post("/api/search")
+            .body(Body::from(r#"{"q":"x"}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_error(
+        &no_type,
+        S::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        &served,
+    );
     // Ids.
-    assert_error(&get(&s, "/api/photos/424242").await, S::NOT_FOUND, "not_found", &served);
-    assert_error(&get(&s, "/api/photos/424242/thumbnail").await, S::NOT_FOUND, "not_found", &served);
-    assert_error(&get(&s, "/api/photos/424242/original").await, S::NOT_FOUND, "not_found", &served);
-    assert_error(&get(&s, "/api/photos/424242/similar").await, S::NOT_FOUND, "not_found", &served);
-    assert_error(&get(&s, "/api/photos/-1").await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&get(&s, "/api/photos/..%2F..%2Fetc%2Fpasswd/original").await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&get(&s, "/api/nothing/here").await, S::NOT_FOUND, "not_found", &served);
+    assert_error(
+        &get(&s, "/api/photos/424242").await,
+        S::NOT_FOUND,
+        "not_found",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/photos/424242/thumbnail").await,
+        S::NOT_FOUND,
+        "not_found",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/photos/424242/original").await,
+        S::NOT_FOUND,
+        "not_found",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/photos/424242/similar").await,
+        S::NOT_FOUND,
+        "not_found",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/photos/-1").await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/photos/..%2F..%2Fetc%2Fpasswd/original").await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &get(&s, "/api/nothing/here").await,
+        S::NOT_FOUND,
+        "not_found",
+        &served,
+    );
     // Uploads.
     let big = vec![0u8; 2 << 20];
-    assert_error(&post_multipart(&s, &[("file", Some("big.jpg"), &big)]).await, S::PAYLOAD_TOO_LARGE, "payload_too_large", &served);
-    assert_error(&post_multipart(&s, &[("file", Some("a.jpg"), b"not an image")]).await, S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", &served);
-    assert_error(&post_multipart(&s, &[("file", Some("a.jpg"), b"")]).await, S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", &served);
+    assert_error(
+        &post_multipart(&s, &[("file", Some("big.jpg"), &big)]).await,
+        S::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        &served,
+    );
+    assert_error(
+        &post_multipart(&s, &[("file", Some("a.jpg"), b"not an image")]).await,
+        S::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        &served,
+    );
+    assert_error(
+        &post_multipart(&s, &[("file", Some("a.jpg"), b"")]).await,
+        S::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        &served,
+    );
     let truncated = std::fs::read(fixtures().join("images/truncated.jpg")).unwrap();
-    assert_error(&post_multipart(&s, &[("file", Some("t.jpg"), &truncated)]).await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&post_multipart(&s, &[("k", None, b"3")]).await, S::BAD_REQUEST, "bad_query", &served);
-    assert_error(&post_multipart(&s, &[("evil", None, b"3")]).await, S::BAD_REQUEST, "bad_query", &served);
-    let garbage = call(&s, Request::post("/api/search/image").header(header::CONTENT_TYPE, "multipart/form-data; boundary=x").body(Body::from("garbage")).unwrap()).await;
+    assert_error(
+        &post_multipart(&s, &[("file", Some("t.jpg"), &truncated)]).await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &post_multipart(&s, &[("k", None, b"3")]).await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    assert_error(
+        &post_multipart(&s, &[("evil", None, b"3")]).await,
+        S::BAD_REQUEST,
+        "bad_query",
+        &served,
+    );
+    let garbage = call(
+        &s,
+        Request::post("/api/search/image")
+            .header(header::CONTENT_TYPE, "multipart/form-data; boundary=x")
+            .body(Body::from("garbage"))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(garbage.status, S::BAD_REQUEST);
     // Re-index: one at a time.
-    let first = call(&s, Request::post("/api/reindex").body(Body::empty()).unwrap()).await;
+    let first = call(
+        &s,
+        Request::post("/api/reindex").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(first.status, S::ACCEPTED);
-    let second = call(&s, Request::post("/api/reindex").body(Body::empty()).unwrap()).await;
+    let second = call(
+        &s,
+        Request::post("/api/reindex").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_error(&second, S::CONFLICT, "conflict", &served);
     while s.job().running {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     // Not ready yet: 503.
     let cold = AppState::new(config(&served.index));
-    assert_error(&get(&cold, "/api/search?q=cat").await, S::SERVICE_UNAVAILABLE, "not_ready", &served);
-    assert_error(&call(&cold, Request::post("/api/reindex").body(Body::empty()).unwrap()).await, S::SERVICE_UNAVAILABLE, "not_ready", &served);
+    assert_error(
+        &get(&cold, "/api/search?q=cat").await,
+        S::SERVICE_UNAVAILABLE,
+        "not_ready",
+        &served,
+    );
+    assert_error(
+        &call(
+            &cold,
+            Request::post("/api/reindex").body(Body::empty()).unwrap(),
+        )
+        .await,
+        S::SERVICE_UNAVAILABLE,
+        "not_ready",
+        &served,
+    );
     assert_eq!(get(&cold, "/api/status").await.json()["state"], "starting");
 }
 
@@ -264,29 +546,71 @@ async fn errors_are_json_with_the_right_status() {
 async fn a_token_guards_every_request() {
     let served = indexed_library();
     let s = state(&served, Some("s3cr3t-token"));
-    for uri in ["/", "/api/status", "/api/search?q=fish", "/api/photos/1/thumbnail", "/api/openapi.json"] {
+    for uri in [
+        "/",
+        "/api/status",
+        "/api/search?q=fish",
+        "/api/photos/1/thumbnail",
+        "/api/openapi.json",
+    ] {
         let r = get(&s, uri).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{uri}");
         assert_eq!(r.json()["error"]["code"], "unauthorized");
     }
-    assert_eq!(get(&s, "/api/status?token=wrong").await.status, StatusCode::UNAUTHORIZED);
-    let bearer = call(&s, Request::get("/api/status").header(header::AUTHORIZATION, "Bearer s3cr3t-token").body(Body::empty()).unwrap()).await;
+    assert_eq!(
+        get(&s, "/api/status?token=wrong").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let bearer = call(
+        &s,
+        Request::get("/api/status")
+            .header(header::AUTHORIZATION, "Bearer s3cr3t-token")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(bearer.status, StatusCode::OK);
     let page = get(&s, "/?token=s3cr3t-token").await;
     assert_eq!(page.status, StatusCode::OK);
-    let cookie = page.headers[header::SET_COOKIE].to_str().unwrap().to_string();
+    let cookie = page.headers[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(cookie.contains("HttpOnly"));
     let pair = cookie.split(';').next().unwrap().to_string();
-    let with_cookie = call(&s, Request::get("/api/search?q=fish").header(header::COOKIE, pair).body(Body::empty()).unwrap()).await;
+    let with_cookie = call(
+        &s,
+        Request::get("/api/search?q=fish")
+            .header(header::COOKIE, pair)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(with_cookie.status, StatusCode::OK);
     // No CORS headers unless asked for.
-    assert!(bearer.headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
+    assert!(
+        bearer
+            .headers
+            .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .is_none()
+    );
     let mut c = config(&served.index);
     c.cors = Some("https://photos.example".into());
     drop(s);
     let cors = AppState::with_engine(c, engine(&served.index));
-    let pre = call(&cors, Request::builder().method(Method::OPTIONS).uri("/api/search").body(Body::empty()).unwrap()).await;
-    assert_eq!(pre.headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "https://photos.example");
+    let pre = call(
+        &cors,
+        Request::builder()
+            .method(Method::OPTIONS)
+            .uri("/api/search")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        pre.headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://photos.example"
+    );
 }
 
 /// Checks a JSON value against an OpenAPI 3.1 schema; objects may not carry
@@ -326,15 +650,24 @@ fn validate(value: &Value, schema: &Value, doc: &Value, at: &str) -> Result<(), 
     if !ok {
         return Err(format!("{at}: {value} is not {types:?}"));
     }
-    if let (Value::Object(map), Some(props)) = (value, schema.get("properties").and_then(Value::as_object)) {
-        for req in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+    if let (Value::Object(map), Some(props)) =
+        (value, schema.get("properties").and_then(Value::as_object))
+    {
+        for req in schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let req = req.as_str().unwrap();
             if !map.contains_key(req) {
                 return Err(format!("{at}: missing required {req}"));
             }
         }
         for (k, v) in map {
-            let sub = props.get(k).ok_or_else(|| format!("{at}: field {k} is not documented"))?;
+            let sub = props
+                .get(k)
+                .ok_or_else(|| format!("{at}: field {k} is not documented"))?;
             validate(v, sub, doc, &format!("{at}.{k}"))?;
         }
     }
@@ -351,16 +684,40 @@ fn check_against_doc(doc: &Value, path: &str, method: &str, reply: &Reply) {
     assert!(op.is_object(), "{method} {path} is not documented");
     let status = reply.status.as_u16().to_string();
     let response = &op["responses"][&status];
-    assert!(response.is_object(), "{method} {path} answered {status}, which is not documented");
+    assert!(
+        response.is_object(),
+        "{method} {path} answered {status}, which is not documented"
+    );
     let content = &response["content"];
-    let content_type = reply.headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let content_type = reply
+        .headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
     if content_type.starts_with("application/json") {
         let schema = &content["application/json"]["schema"];
-        assert!(schema.is_object(), "{method} {path} {status}: no JSON schema documented");
-        validate(&reply.json(), schema, doc, &format!("{method} {path} {status}")).unwrap();
+        assert!(
+            schema.is_object(),
+            "{method} {path} {status}: no JSON schema documented"
+        );
+        validate(
+            &reply.json(),
+            schema,
+            doc,
+            &format!("{method} {path} {status}"),
+        )
+        .unwrap();
     } else {
-        let documented: Vec<&String> = content.as_object().map(|m| m.keys().collect()).unwrap_or_default();
-        assert!(documented.iter().any(|d| content_type.starts_with(d.as_str())), "{method} {path} {status}: {content_type} not in {documented:?}");
+        let documented: Vec<&String> = content
+            .as_object()
+            .map(|m| m.keys().collect())
+            .unwrap_or_default();
+        assert!(
+            documented
+                .iter()
+                .any(|d| content_type.starts_with(d.as_str())),
+            "{method} {path} {status}: {content_type} not in {documented:?}"
+        );
     }
 }
 
@@ -370,22 +727,77 @@ async fn openapi_describes_the_real_responses() {
     let s = state(&served, None);
     let doc = get(&s, "/api/openapi.json").await.json();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-    let id = hits(&get(&s, "/api/search?q=fish&k=1").await)[0]["id"].as_u64().unwrap();
+    let id = hits(&get(&s, "/api/search?q=fish&k=1").await)[0]["id"]
+        .as_u64()
+        .unwrap();
     let bytes = std::fs::read(fixtures().join("images/photo.jpg")).unwrap();
     let cases: Vec<(&str, &str, Reply)> = vec![
-        ("/api/search", "get", get(&s, "/api/search?q=IMG_2041&k=3").await),
+        (
+            "/api/search",
+            "get",
+            get(&s, "/api/search?q=IMG_2041&k=3").await,
+        ),
         ("/api/search", "get", get(&s, "/api/search?q=").await),
-        ("/api/search", "post", post_json(&s, "/api/search", r#"{"terms": [{"text": "tools"}], "k": 2}"#).await),
-        ("/api/search", "post", post_json(&s, "/api/search", r#"{"q": "image:31337"}"#).await),
-        ("/api/search/image", "post", post_multipart(&s, &[("file", Some("p.jpg"), &bytes), ("k", None, b"2")]).await),
-        ("/api/search/image", "post", post_multipart(&s, &[("file", Some("p.jpg"), b"nope")]).await),
-        ("/api/photos/{id}", "get", get(&s, &format!("/api/photos/{id}")).await),
-        ("/api/photos/{id}", "get", get(&s, "/api/photos/999999").await),
-        ("/api/photos/{id}/similar", "get", get(&s, &format!("/api/photos/{id}/similar?k=2")).await),
-        ("/api/photos/{id}/thumbnail", "get", get(&s, &format!("/api/photos/{id}/thumbnail")).await),
-        ("/api/photos/{id}/original", "get", get(&s, &format!("/api/photos/{id}/original")).await),
+        (
+            "/api/search",
+            "post",
+            post_json(
+                &s,
+                "/api/search",
+                r#"{"terms": [{"text": "tools"}], "k": 2}"#,
+            )
+            .await,
+        ),
+        (
+            "/api/search",
+            "post",
+            post_json(&s, "/api/search", r#"{"q": "image:31337"}"#).await,
+        ),
+        (
+            "/api/search/image",
+            "post",
+            post_multipart(&s, &[("file", Some("p.jpg"), &bytes), ("k", None, b"2")]).await,
+        ),
+        (
+            "/api/search/image",
+            "post",
+            post_multipart(&s, &[("file", Some("p.jpg"), b"nope")]).await,
+        ),
+        (
+            "/api/photos/{id}",
+            "get",
+            get(&s, &format!("/api/photos/{id}")).await,
+        ),
+        (
+            "/api/photos/{id}",
+            "get",
+            get(&s, "/api/photos/999999").await,
+        ),
+        (
+            "/api/photos/{id}/similar",
+            "get",
+            get(&s, &format!("/api/photos/{id}/similar?k=2")).await,
+        ),
+        (
+            "/api/photos/{id}/thumbnail",
+            "get",
+            get(&s, &format!("/api/photos/{id}/thumbnail")).await,
+        ),
+        (
+            "/api/photos/{id}/original",
+            "get",
+            get(&s, &format!("/api/photos/{id}/original")).await,
+        ),
         ("/api/status", "get", get(&s, "/api/status").await),
-        ("/api/reindex", "post", call(&s, Request::post("/api/reindex").body(Body::empty()).unwrap()).await),
+        (
+            "/api/reindex",
+            "post",
+            call(
+                &s,
+                Request::post("/api/reindex").body(Body::empty()).unwrap(),
+            )
+            .await,
+        ),
     ];
     for (path, method, reply) in &cases {
         check_against_doc(&doc, path, method, reply);
@@ -394,7 +806,10 @@ async fn openapi_describes_the_real_responses() {
     let documented: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
     for p in documented {
         if p != "/api/reindex/events" {
-            assert!(cases.iter().any(|(path, _, _)| path == p), "{p} is documented but not checked");
+            assert!(
+                cases.iter().any(|(path, _, _)| path == p),
+                "{p} is documented but not checked"
+            );
         }
     }
     while s.job().running {
@@ -415,13 +830,19 @@ async fn concurrent_searches_during_a_reindex_stay_consistent() {
     let mut c = config(&served.index);
     c.run.fail_point = Some(|path: &str| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !path.is_empty() && SEARCHES_DURING_RUN.load(Ordering::SeqCst) < 8 && std::time::Instant::now() < deadline {
+        while !path.is_empty()
+            && SEARCHES_DURING_RUN.load(Ordering::SeqCst) < 8
+            && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
     });
     let s = AppState::with_engine(c, engine(&served.index));
     // Change the library: remove a folder, add and rename files.
-    let removed: Vec<u64> = hits(&get(&s, "/api/search?q=x&k=50&folder=tools").await).iter().map(|h| h["id"].as_u64().unwrap()).collect();
+    let removed: Vec<u64> = hits(&get(&s, "/api/search?q=x&k=50&folder=tools").await)
+        .iter()
+        .map(|h| h["id"].as_u64().unwrap())
+        .collect();
     assert_eq!(removed.len(), 6);
     std::fs::remove_dir_all(served.library.join("tools")).unwrap();
     std::fs::rename(served.library.join("fishes"), served.library.join("sea")).unwrap();
@@ -429,9 +850,20 @@ async fn concurrent_searches_during_a_reindex_stay_consistent() {
     std::fs::create_dir_all(served.library.join("renewable")).unwrap();
     for e in std::fs::read_dir(&extra).unwrap().take(12) {
         let p = e.unwrap().path();
-        std::fs::copy(&p, served.library.join("renewable").join(p.file_name().unwrap())).unwrap();
+        std::fs::copy(
+            &p,
+            served
+                .library
+                .join("renewable")
+                .join(p.file_name().unwrap()),
+        )
+        .unwrap();
     }
-    let start = call(&s, Request::post("/api/reindex").body(Body::empty()).unwrap()).await;
+    let start = call(
+        &s,
+        Request::post("/api/reindex").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(start.status, StatusCode::ACCEPTED);
     let mut searches = 0;
     let mut tasks = Vec::new();
@@ -441,10 +873,20 @@ async fn concurrent_searches_during_a_reindex_stay_consistent() {
             let mut n = 0;
             loop {
                 let running = s.job().running;
-                let r = get(&s, &format!("/api/search?q={}&k=20", query.replace(' ', "%20"))).await;
-                assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+                let r = get(
+                    &s,
+                    &format!("/api/search?q={}&k=20", query.replace(' ', "%20")),
+                )
+                .await;
+                assert_eq!(
+                    r.status,
+                    StatusCode::OK,
+                    "{}",
+                    String::from_utf8_lossy(&r.body)
+                );
                 let hs = r.json()["hits"].as_array().unwrap().clone();
-                let ids: std::collections::HashSet<u64> = hs.iter().map(|h| h["id"].as_u64().unwrap()).collect();
+                let ids: std::collections::HashSet<u64> =
+                    hs.iter().map(|h| h["id"].as_u64().unwrap()).collect();
                 assert_eq!(ids.len(), hs.len(), "duplicate hits");
                 n += 1;
                 if running {
@@ -461,15 +903,31 @@ async fn concurrent_searches_during_a_reindex_stay_consistent() {
         searches += t.await.unwrap();
     }
     assert!(searches >= 8, "only {searches} searches ran");
-    assert!(SEARCHES_DURING_RUN.load(Ordering::SeqCst) >= 8, "the run did not wait for the searches");
+    assert!(
+        SEARCHES_DURING_RUN.load(Ordering::SeqCst) >= 8,
+        "the run did not wait for the searches"
+    );
     let summary = s.job().last_summary.clone().expect("re-index finished");
-    assert_eq!((summary.counts.added, summary.counts.moved, summary.counts.removed), (12, 10, 6));
+    assert_eq!(
+        (
+            summary.counts.added,
+            summary.counts.moved,
+            summary.counts.removed
+        ),
+        (12, 10, 6)
+    );
     // Afterwards: removed photos are never returned, moved ones keep their ids.
     let all = hits(&get(&s, "/api/search?q=x&k=200").await);
     assert_eq!(all.len(), 27 - 6 + 12);
-    assert!(all.iter().all(|h| !removed.contains(&h["id"].as_u64().unwrap())));
+    assert!(
+        all.iter()
+            .all(|h| !removed.contains(&h["id"].as_u64().unwrap()))
+    );
     for id in &removed {
-        assert_eq!(get(&s, &format!("/api/photos/{id}")).await.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            get(&s, &format!("/api/photos/{id}")).await.status,
+            StatusCode::NOT_FOUND
+        );
     }
     let sea = hits(&get(&s, "/api/search?q=x&k=50&folder=sea").await);
     assert_eq!(sea.len(), 10);

@@ -9,10 +9,19 @@ use std::io::Read;
 use clipdex::model::checkpoint::{HubOptions, ModelSource};
 use clipdex::model::{Clip, Family};
 
-use crate::common::{clipdex, fixture_model, fixture_models_of, fixtures, reference, stderr, stdout};
+use crate::common::{
+    clipdex, fixture_model, fixture_models_of, fixtures, reference, stderr, stdout,
+};
 
 fn load(name: &str) -> Clip {
-    Clip::load(&ModelSource::Dir(fixture_model(name)), &HubOptions { offline: true, progress: false }).unwrap()
+    Clip::load(
+        &ModelSource::Dir(fixture_model(name)),
+        &HubOptions {
+            offline: true,
+            progress: false,
+        },
+    )
+    .unwrap()
 }
 
 struct Cases {
@@ -23,30 +32,52 @@ struct Cases {
 
 fn cases() -> Cases {
     let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(fixtures().join("siglip-tokenizer-cases.json.gz")).unwrap())
-        .read_to_string(&mut text)
-        .unwrap();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(fixtures().join("siglip-tokenizer-cases.json.gz")).unwrap(),
+    )
+    .read_to_string(&mut text)
+    .unwrap();
     let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let texts = value["cases"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let texts = value["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     Cases { texts, ids: value }
 }
 
 #[test]
 fn tokenizer_ids_match_reference_on_varied_strings() {
     let cases = cases();
-    assert!(cases.texts.len() >= 1000, "only {} cases", cases.texts.len());
+    assert!(
+        cases.texts.len() >= 1000,
+        "only {} cases",
+        cases.texts.len()
+    );
     for (model, key) in [("siglip-tiny", "spiece"), ("siglip2-tiny", "gemma")] {
         let clip = load(model);
         let want = cases.ids[key].as_array().unwrap();
         let mut wrong = Vec::new();
         for (text, want) in cases.texts.iter().zip(want) {
-            let want: Vec<u32> = want.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let want: Vec<u32> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
             let got = clip.tokenizer().encode(text).unwrap();
             if got != want {
                 wrong.push(format!("{text:?}\n  ours {got:?}\n  want {want:?}"));
             }
         }
-        assert!(wrong.is_empty(), "{model}: {} of {} differ, first:\n{}", wrong.len(), cases.texts.len(), wrong[..wrong.len().min(3)].join("\n"));
+        assert!(
+            wrong.is_empty(),
+            "{model}: {} of {} differ, first:\n{}",
+            wrong.len(),
+            cases.texts.len(),
+            wrong[..wrong.len().min(3)].join("\n")
+        );
     }
 }
 
@@ -59,7 +90,10 @@ fn siglip_fixtures_are_siglip_with_their_bias() {
         assert_eq!(clip.config().family, Family::Siglip);
         let r = reference(&name);
         let bias = r.tensors["logit_bias"].to_vec1::<f32>().unwrap()[0];
-        assert!((clip.logit_bias().unwrap().unwrap() - bias).abs() < 1e-6, "{name}");
+        assert!(
+            (clip.logit_bias().unwrap().unwrap() - bias).abs() < 1e-6,
+            "{name}"
+        );
         // Every text is padded to the context the checkpoint was trained at.
         let ids = clip.tokenizer().encode("a").unwrap();
         assert_eq!(ids.len(), clip.config().text_config.max_position_embeddings);
@@ -71,7 +105,9 @@ fn unknown_layouts_are_named() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("open_clip_config.json"), "{}").unwrap();
     std::fs::write(dir.path().join("open_clip_model.safetensors"), "").unwrap();
-    let err = Clip::load(&ModelSource::Dir(dir.path().into()), &HubOptions::default()).unwrap_err().to_string();
+    let err = Clip::load(&ModelSource::Dir(dir.path().into()), &HubOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("open_clip"), "{err}");
 
     // A SigLIP 2 NaFlex config, and a model type from elsewhere.
@@ -83,9 +119,18 @@ fn unknown_layouts_are_named() {
             std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
         }
         let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
-        std::fs::write(dir.path().join("config.json"), config.replace("\"siglip\"", &format!("\"{model_type}\""))).unwrap();
-        let err = Clip::load(&ModelSource::Dir(dir.path().into()), &HubOptions::default()).unwrap_err().to_string();
-        assert!(err.contains(says) && err.contains("siglip") && err.contains("clip"), "{err}");
+        std::fs::write(
+            dir.path().join("config.json"),
+            config.replace("\"siglip\"", &format!("\"{model_type}\"")),
+        )
+        .unwrap();
+        let err = Clip::load(&ModelSource::Dir(dir.path().into()), &HubOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(says) && err.contains("siglip") && err.contains("clip"),
+            "{err}"
+        );
     }
 
     // A SigLIP config with CLIP's BPE files.
@@ -95,8 +140,13 @@ fn unknown_layouts_are_named() {
         std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
     }
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
-    let err = Clip::load(&ModelSource::Dir(dir.path().into()), &HubOptions::default()).unwrap_err().to_string();
-    assert!(err.contains("siglip model with vocab.json and merges.txt"), "{err}");
+    let err = Clip::load(&ModelSource::Dir(dir.path().into()), &HubOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("siglip model with vocab.json and merges.txt"),
+        "{err}"
+    );
 }
 
 /// Index, search, find similar and embed with a SigLIP model, as a user runs them.
@@ -108,22 +158,48 @@ fn index_search_and_embed_with_siglip() {
     let (root, index) = (dir.path().join("lib"), dir.path().join("index"));
     std::fs::create_dir_all(&root).unwrap();
     let fishes = crate::common::shared_photos().join("gcompris/fishes");
-    let mut names: Vec<_> = std::fs::read_dir(&fishes).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut names: Vec<_> = std::fs::read_dir(&fishes)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     names.sort();
     for path in names.iter().take(8) {
         std::fs::copy(path, root.join(path.file_name().unwrap())).unwrap();
     }
-    let out = clipdex(&["index", root.to_str().unwrap(), "--index", index.to_str().unwrap(), "--model", model]);
+    let out = clipdex(&[
+        "index",
+        root.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+        "--model",
+        model,
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let status: serde_json::Value = serde_json::from_str(&stdout(&clipdex(&["status", "--index", index.to_str().unwrap(), "--json"]))).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&stdout(&clipdex(&[
+        "status",
+        "--index",
+        index.to_str().unwrap(),
+        "--json",
+    ])))
+    .unwrap();
     assert_eq!(status["model"]["family"], "siglip", "{status}");
 
     let search = |extra: &[&str]| -> Vec<serde_json::Value> {
-        let mut args = vec!["search", "a fish", "--index", index.to_str().unwrap(), "--json", "--no-keywords"];
+        let mut args = vec![
+            "search",
+            "a fish",
+            "--index",
+            index.to_str().unwrap(),
+            "--json",
+            "--no-keywords",
+        ];
         args.extend_from_slice(extra);
         let out = clipdex(&args);
         assert!(out.status.success(), "{}", stderr(&out));
-        stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     };
     let hits = search(&[]);
     assert_eq!(hits.len(), 8);
@@ -131,8 +207,14 @@ fn index_search_and_embed_with_siglip() {
     let calibration = clip.calibration().unwrap().unwrap();
     let mut probabilities = Vec::new();
     for hit in &hits {
-        let (cos, p) = (hit["similarity"].as_f64().unwrap() as f32, hit["probability"].as_f64().unwrap() as f32);
-        assert!((calibration.probability(cos) - p).abs() < 1e-6 && (0.0..=1.0).contains(&p), "{hit}");
+        let (cos, p) = (
+            hit["similarity"].as_f64().unwrap() as f32,
+            hit["probability"].as_f64().unwrap() as f32,
+        );
+        assert!(
+            (calibration.probability(cos) - p).abs() < 1e-6 && (0.0..=1.0).contains(&p),
+            "{hit}"
+        );
         probabilities.push(p);
     }
     // min_score is a probability for SigLIP: a cutoff between two hits keeps those above it.
@@ -140,23 +222,41 @@ fn index_search_and_embed_with_siglip() {
     let cut = (probabilities[2] + probabilities[3]) / 2.0;
     let kept = search(&["--min-score", &cut.to_string()]);
     assert_eq!(kept.len(), 3, "cut at {cut}: {probabilities:?}");
-    assert!(kept.iter().all(|h| h["probability"].as_f64().unwrap() as f32 >= cut));
+    assert!(
+        kept.iter()
+            .all(|h| h["probability"].as_f64().unwrap() as f32 >= cut)
+    );
 
     // Find similar: the photo itself is never among its similar photos.
     let first = hits[0]["id"].as_u64().unwrap().to_string();
-    let out = clipdex(&["similar", &first, "--index", index.to_str().unwrap(), "--json"]);
+    let out = clipdex(&[
+        "similar",
+        &first,
+        "--index",
+        index.to_str().unwrap(),
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).lines().all(|l| !l.contains(&format!("\"id\":{first},"))));
+    assert!(
+        stdout(&out)
+            .lines()
+            .all(|l| !l.contains(&format!("\"id\":{first},")))
+    );
 
     // Embed: logits with the bias, probabilities as the reference's sigmoid.
     let photo = names[0].to_str().unwrap();
-    let out = clipdex(&["embed", "--model", model, "--text", "a fish", "--image", photo, "--json"]);
+    let out = clipdex(&[
+        "embed", "--model", model, "--text", "a fish", "--image", photo, "--json",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     let cos = json["similarity"][0][0].as_f64().unwrap() as f32;
     let logit = json["logits_per_image"][0][0].as_f64().unwrap() as f32;
     assert!((logit - (calibration.scale * cos + calibration.bias)).abs() < 1e-5);
-    assert!((json["probability"][0][0].as_f64().unwrap() as f32 - calibration.probability(cos)).abs() < 1e-6);
+    assert!(
+        (json["probability"][0][0].as_f64().unwrap() as f32 - calibration.probability(cos)).abs()
+            < 1e-6
+    );
 }
 
 /// `clipdex models`: the catalogue, which entries are cached, and their speed here.
@@ -173,7 +273,10 @@ fn models_lists_the_catalogue_and_measures_what_is_cached() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, snapshot.join(path.file_name().unwrap())).unwrap();
     }
-    let out = crate::common::clipdex_with_env(&["models", "--json", "--measure"], &[("HF_HUB_CACHE", cache.path().to_str().unwrap())]);
+    let out = crate::common::clipdex_with_env(
+        &["models", "--json", "--measure"],
+        &[("HF_HUB_CACHE", cache.path().to_str().unwrap())],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&out)).unwrap();
     assert!(rows.len() >= 8);
@@ -184,10 +287,24 @@ fn models_lists_the_catalogue_and_measures_what_is_cached() {
     assert_eq!(cached.len(), 1, "{rows:?}");
     assert_eq!(cached[0]["id"], "google/siglip-base-patch16-224");
     let speed = &cached[0]["speed"];
-    assert!(speed["images_per_second"].as_f64().unwrap() > 0.0 && speed["query_ms"].as_f64().unwrap() > 0.0, "{speed}");
-    assert!(rows.iter().filter(|r| r["cached"] == false).all(|r| r.get("speed").is_none()));
+    assert!(
+        speed["images_per_second"].as_f64().unwrap() > 0.0
+            && speed["query_ms"].as_f64().unwrap() > 0.0,
+        "{speed}"
+    );
+    assert!(
+        rows.iter()
+            .filter(|r| r["cached"] == false)
+            .all(|r| r.get("speed").is_none())
+    );
     // The table names the columns a user chooses by.
-    let out = crate::common::clipdex_with_env(&["models"], &[("HF_HUB_CACHE", cache.path().to_str().unwrap())]);
+    let out = crate::common::clipdex_with_env(
+        &["models"],
+        &[("HF_HUB_CACHE", cache.path().to_str().unwrap())],
+    );
     let text = stdout(&out);
-    assert!(text.contains("languages") && text.contains("download") && text.contains("multilingual"), "{text}");
+    assert!(
+        text.contains("languages") && text.contains("download") && text.contains("multilingual"),
+        "{text}"
+    );
 }

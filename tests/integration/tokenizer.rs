@@ -3,8 +3,8 @@
 
 use std::io::Read;
 
-use clipdex::model::checkpoint::{resolve, HubOptions, ModelSource, TokenizerFiles};
 use clipdex::model::ClipTokenizer;
+use clipdex::model::checkpoint::{HubOptions, ModelSource, TokenizerFiles, resolve};
 
 use crate::common::{fixture_model, fixture_models_of, fixtures};
 
@@ -16,16 +16,28 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(fixtures().join("tokenizer-cases.json.gz")).unwrap())
-        .read_to_string(&mut text)
-        .unwrap();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(fixtures().join("tokenizer-cases.json.gz")).unwrap(),
+    )
+    .read_to_string(&mut text)
+    .unwrap();
     let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let ids = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
     value["cases"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| Case { text: c["text"].as_str().unwrap().to_string(), ids: ids(&c["ids"]), full: ids(&c["full"]) })
+        .map(|c| Case {
+            text: c["text"].as_str().unwrap().to_string(),
+            ids: ids(&c["ids"]),
+            full: ids(&c["full"]),
+        })
         .collect()
 }
 
@@ -33,11 +45,19 @@ fn tokenizers() -> Vec<(String, ClipTokenizer)> {
     fixture_models_of("clip")
         .into_iter()
         .map(|name| {
-            let files = resolve(&ModelSource::Dir(fixture_model(&name)), &HubOptions::default()).unwrap();
+            let files = resolve(
+                &ModelSource::Dir(fixture_model(&name)),
+                &HubOptions::default(),
+            )
+            .unwrap();
             let tok = match &files.tokenizer {
                 TokenizerFiles::Json(p) => ClipTokenizer::from_tokenizer_json(p, 77).unwrap(),
-                TokenizerFiles::VocabMerges { vocab, merges } => ClipTokenizer::from_vocab_merges(vocab, merges, 77).unwrap(),
-                TokenizerFiles::SentencePiece(p) => panic!("{}: a CLIP fixture with spiece.model", p.display()),
+                TokenizerFiles::VocabMerges { vocab, merges } => {
+                    ClipTokenizer::from_vocab_merges(vocab, merges, 77).unwrap()
+                }
+                TokenizerFiles::SentencePiece(p) => {
+                    panic!("{}: a CLIP fixture with spiece.model", p.display())
+                }
             };
             (name, tok)
         })
@@ -62,12 +82,26 @@ fn ids_match_reference_on_varied_strings() {
                 wrong.push(format!("(untruncated) {}", case.text));
             }
         }
-        assert!(wrong.is_empty(), "{name}: {} of {} cases differ, first: {:?}", wrong.len(), cases.len(), &wrong[..wrong.len().min(5)]);
+        assert!(
+            wrong.is_empty(),
+            "{name}: {} of {} cases differ, first: {:?}",
+            wrong.len(),
+            cases.len(),
+            &wrong[..wrong.len().min(5)]
+        );
     }
     // The varied set exercises truncation, special tokens and non-Latin text.
-    assert!(cases.iter().any(|c| c.full.len() > 77 && c.ids.len() == 77 && c.ids[76] == 49407));
+    assert!(
+        cases
+            .iter()
+            .any(|c| c.full.len() > 77 && c.ids.len() == 77 && c.ids[76] == 49407)
+    );
     assert!(cases.iter().any(|c| c.text.contains("<|endoftext|>")));
-    assert!(cases.iter().any(|c| c.text.chars().any(|ch| ('\u{4e00}'..='\u{9fff}').contains(&ch))));
+    assert!(cases.iter().any(|c| {
+        c.text
+            .chars()
+            .any(|ch| ('\u{4e00}'..='\u{9fff}').contains(&ch))
+    }));
 }
 
 #[test]

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
-use crate::server::indexed_library;
 use crate::common::{clipdex, fixtures, stderr, stdout};
+use crate::server::indexed_library;
 
 /// A `clipdex serve` child process, killed on drop.
 pub struct Server {
@@ -37,14 +37,24 @@ impl Drop for Server {
 /// Starts `clipdex serve` on a free port and waits until it is ready.
 pub fn serve(index: &Path, extra: &[&str]) -> Server {
     let server = start(index, extra);
-    let token = extra.iter().position(|a| *a == "--token").map(|i| format!("?token={}", extra[i + 1])).unwrap_or_default();
-    wait_for(Duration::from_secs(60), || get_json(&server.url, &format!("/api/status{token}")).1["state"] == "ready");
+    let token = extra
+        .iter()
+        .position(|a| *a == "--token")
+        .map(|i| format!("?token={}", extra[i + 1]))
+        .unwrap_or_default();
+    wait_for(Duration::from_secs(60), || {
+        get_json(&server.url, &format!("/api/status{token}")).1["state"] == "ready"
+    });
     server
 }
 
 /// Starts `clipdex serve` on a free port; returns once it listens.
 pub fn start(index: &Path, extra: &[&str]) -> Server {
-    let bind = if extra.contains(&"--bind") { vec![] } else { vec!["--bind", "127.0.0.1:0"] };
+    let bind = if extra.contains(&"--bind") {
+        vec![]
+    } else {
+        vec!["--bind", "127.0.0.1:0"]
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_clipdex"))
         .args(["serve", "--index", index.to_str().unwrap(), "--offline"])
         .args(bind)
@@ -61,7 +71,9 @@ pub fn start(index: &Path, extra: &[&str]) -> Server {
         }
     });
     let url = loop {
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("serve printed no address");
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("serve printed no address");
         if let Some(url) = line.strip_prefix("clipdex is up at ") {
             break url.trim().to_string();
         }
@@ -70,7 +82,12 @@ pub fn start(index: &Path, extra: &[&str]) -> Server {
 }
 
 pub fn get_json(base: &str, path: &str) -> (u16, Value) {
-    let mut r = ureq::get(&format!("{base}{path}")).config().http_status_as_error(false).build().call().unwrap();
+    let mut r = ureq::get(&format!("{base}{path}"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap();
     let status = r.status().as_u16();
     let body = r.body_mut().read_json::<Value>().unwrap_or(Value::Null);
     (status, body)
@@ -97,14 +114,27 @@ fn serves_over_tcp_and_the_cli_goes_through_it() {
     {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(server.addr()).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let head = format!("GET /api/search?q={} HTTP/1.1\r\nHost: {}\r\n\r\n", "a".repeat(1 << 20), server.addr());
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let head = format!(
+            "GET /api/search?q={} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            "a".repeat(1 << 20),
+            server.addr()
+        );
         // The server may close before the whole line is sent; the answer is what counts.
         let _ = stream.write_all(head.as_bytes());
         let mut reply = Vec::new();
         let _ = stream.read_to_end(&mut reply);
-        let status_line = String::from_utf8_lossy(&reply).lines().next().unwrap_or("").to_string();
-        assert!(status_line.starts_with("HTTP/1.1 431") || status_line.starts_with("HTTP/1.1 414"), "answer to a 1 MB query: {status_line:?}");
+        let status_line = String::from_utf8_lossy(&reply)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        assert!(
+            status_line.starts_with("HTTP/1.1 431") || status_line.starts_with("HTTP/1.1 414"),
+            "answer to a 1 MB query: {status_line:?}"
+        );
     }
     assert_eq!(get_json(&server.url, "/api/status").0, 200);
 
@@ -119,16 +149,29 @@ fn serves_over_tcp_and_the_cli_goes_through_it() {
     assert_eq!(stdout(&out).lines().count(), 2);
     // Writing is refused while the server holds the index, naming the server.
     let out = clipdex(&["reindex", "--index", idx]);
-    assert!(!out.status.success() && stderr(&out).contains("clipdex serve at http://127.0.0.1:"), "{}", stderr(&out));
+    assert!(
+        !out.status.success() && stderr(&out).contains("clipdex serve at http://127.0.0.1:"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn a_public_address_needs_a_token() {
     let served = indexed_library();
-    let out = clipdex(&["serve", "--index", served.index.to_str().unwrap(), "--bind", "0.0.0.0:0"]);
+    let out = clipdex(&[
+        "serve",
+        "--index",
+        served.index.to_str().unwrap(),
+        "--bind",
+        "0.0.0.0:0",
+    ]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--token"), "{}", stderr(&out));
-    let server = serve(&served.index, &["--bind", "0.0.0.0:0", "--token", "letmein"]);
+    let server = serve(
+        &served.index,
+        &["--bind", "0.0.0.0:0", "--token", "letmein"],
+    );
     let port = server.url.rsplit(':').next().unwrap();
     let base = format!("http://127.0.0.1:{port}");
     assert_eq!(get_json(&base, "/api/status").0, 401);
@@ -142,31 +185,88 @@ fn cli_search_and_similar_on_a_closed_index() {
     let out = clipdex(&["search", "IMG_2041", "--index", idx, "-k", "3"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.lines().next().unwrap().contains("misc/IMG_2041.png"), "{text}");
+    assert!(
+        text.lines().next().unwrap().contains("misc/IMG_2041.png"),
+        "{text}"
+    );
     assert_eq!(text.lines().count(), 3);
 
-    let out = clipdex(&["search", "a photo", "--index", idx, "--folder", "tools", "--json", "-k", "50"]);
-    let lines: Vec<Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let out = clipdex(&[
+        "search", "a photo", "--index", idx, "--folder", "tools", "--json", "-k", "50",
+    ]);
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 6);
-    assert!(lines.iter().all(|h| h["path"].as_str().unwrap().starts_with("tools/")));
+    assert!(
+        lines
+            .iter()
+            .all(|h| h["path"].as_str().unwrap().starts_with("tools/"))
+    );
 
     // Similar by library path, by id, and by a file outside the library.
-    let by_path = clipdex(&["similar", served.library.join("misc/IMG_2041.png").to_str().unwrap(), "--index", idx, "--json", "-k", "3"]);
+    let by_path = clipdex(&[
+        "similar",
+        served.library.join("misc/IMG_2041.png").to_str().unwrap(),
+        "--index",
+        idx,
+        "--json",
+        "-k",
+        "3",
+    ]);
     assert!(by_path.status.success(), "{}", stderr(&by_path));
-    let id = serde_json::from_str::<Value>(stdout(&clipdex(&["search", "IMG_2041", "--index", idx, "--json", "-k", "1"])).lines().next().unwrap()).unwrap()["id"].clone();
-    let by_id = clipdex(&["similar", &id.to_string(), "--index", idx, "--json", "-k", "3"]);
+    let id = serde_json::from_str::<Value>(
+        stdout(&clipdex(&[
+            "search", "IMG_2041", "--index", idx, "--json", "-k", "1",
+        ]))
+        .lines()
+        .next()
+        .unwrap(),
+    )
+    .unwrap()["id"]
+        .clone();
+    let by_id = clipdex(&[
+        "similar",
+        &id.to_string(),
+        "--index",
+        idx,
+        "--json",
+        "-k",
+        "3",
+    ]);
     assert_eq!(stdout(&by_id), stdout(&by_path));
-    assert!(stdout(&by_id).lines().all(|l| serde_json::from_str::<Value>(l).unwrap()["id"] != id));
-    let outside = clipdex(&["similar", fixtures().join("images/photo.png").to_str().unwrap(), "--index", idx, "--json", "-k", "1"]);
+    assert!(
+        stdout(&by_id)
+            .lines()
+            .all(|l| serde_json::from_str::<Value>(l).unwrap()["id"] != id)
+    );
+    let outside = clipdex(&[
+        "similar",
+        fixtures().join("images/photo.png").to_str().unwrap(),
+        "--index",
+        idx,
+        "--json",
+        "-k",
+        "1",
+    ]);
     let top: Value = serde_json::from_str(stdout(&outside).lines().next().unwrap()).unwrap();
     assert_eq!(top["path"], "misc/IMG_2041.png"); // the same picture
     assert!(top["similarity"].as_f64().unwrap() > 0.99);
 
-    for bad in [vec!["search", "\"unclosed"], vec!["similar", "no/such/photo.jpg"], vec!["search", "x", "--from", "soon"]] {
+    for bad in [
+        vec!["search", "\"unclosed"],
+        vec!["similar", "no/such/photo.jpg"],
+        vec!["search", "x", "--from", "soon"],
+    ] {
         let mut args = bad.clone();
         args.extend(["--index", idx]);
         let out = clipdex(&args);
-        assert!(!out.status.success() && !stderr(&out).contains("panicked"), "{bad:?}: {}", stderr(&out));
+        assert!(
+            !out.status.success() && !stderr(&out).contains("panicked"),
+            "{bad:?}: {}",
+            stderr(&out)
+        );
     }
 }
 
@@ -182,19 +282,36 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 impl Browser {
     fn start() -> Option<Self> {
-        let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| Path::new(p).exists());
-        let driver_bin = ["/usr/bin/chromedriver"].into_iter().find(|p| Path::new(p).exists());
+        let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        let driver_bin = ["/usr/bin/chromedriver"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
         let (Some(chromium), Some(driver_bin)) = (chromium, driver_bin) else {
             if std::env::var("CLIPDEX_SKIP_BROWSER").as_deref() == Ok("1") {
                 eprintln!("browser test skipped (CLIPDEX_SKIP_BROWSER=1)");
                 return None;
             }
-            panic!("the browser test needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver), or CLIPDEX_SKIP_BROWSER=1");
+            panic!(
+                "the browser test needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver), or CLIPDEX_SKIP_BROWSER=1"
+            );
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let driver = Command::new(driver_bin).arg(format!("--port={port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Command::new(driver_bin)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let base = format!("http://127.0.0.1:{port}");
-        wait_for(Duration::from_secs(20), || ureq::get(&format!("{base}/status")).call().is_ok());
+        wait_for(Duration::from_secs(20), || {
+            ureq::get(&format!("{base}/status")).call().is_ok()
+        });
         let profile = tempfile::tempdir().unwrap();
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
@@ -204,15 +321,29 @@ impl Browser {
                 "--window-size=1280,900", format!("--user-data-dir={}", profile.path().display()),
             ]}
         }}});
-        let mut b = Browser { base, session: String::new(), driver, _profile: profile };
+        let mut b = Browser {
+            base,
+            session: String::new(),
+            driver,
+            _profile: profile,
+        };
         let created = b.post("/session", caps);
         b.session = created["sessionId"].as_str().expect("session").to_string();
         Some(b)
     }
 
     fn post(&self, path: &str, body: Value) -> Value {
-        let url = if path == "/session" { format!("{}{path}", self.base) } else { format!("{}/session/{}{path}", self.base, self.session) };
-        let mut r = ureq::post(&url).config().http_status_as_error(false).build().send_json(body).unwrap();
+        let url = if path == "/session" {
+            format!("{}{path}", self.base)
+        } else {
+            format!("{}/session/{}{path}", self.base, self.session)
+        };
+        let mut r = ureq::post(&url)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send_json(body)
+            .unwrap();
         let v: Value = r.body_mut().read_json().unwrap();
         assert!(r.status().is_success(), "{path}: {v}");
         v["value"].clone()
@@ -220,7 +351,12 @@ impl Browser {
 
     fn screenshot(&self, name: &str) -> std::path::PathBuf {
         let url = format!("{}/session/{}/screenshot", self.base, self.session);
-        let png: Value = ureq::get(&url).call().unwrap().body_mut().read_json().unwrap();
+        let png: Value = ureq::get(&url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap();
         let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
         std::fs::write(&path, base64_decode(png["value"].as_str().unwrap_or(""))).unwrap();
         path
@@ -231,7 +367,10 @@ impl Browser {
     }
 
     fn find(&self, css: &str) -> String {
-        self.post("/element", json!({"using": "css selector", "value": css}))[ELEMENT].as_str().unwrap().to_string()
+        self.post("/element", json!({"using": "css selector", "value": css}))[ELEMENT]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     fn click(&self, css: &str) {
@@ -252,7 +391,10 @@ impl Browser {
             }
             if start.elapsed() > Duration::from_secs(20) {
                 let shot = self.screenshot("browser-failure.png");
-                panic!("timed out waiting for {what}; screenshot at {}", shot.display());
+                panic!(
+                    "timed out waiting for {what}; screenshot at {}",
+                    shot.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -295,17 +437,28 @@ fn base64_decode(s: &str) -> Vec<u8> {
 
 #[test]
 fn the_page_in_a_real_browser() {
-    let Some(browser) = Browser::start() else { return };
+    let Some(browser) = Browser::start() else {
+        return;
+    };
     let served = indexed_library();
     let server = serve(&served.index, &[]);
     browser.post("/url", json!({"url": format!("{}/", server.url)}));
-    browser.wait("the status line", "return document.getElementById('status-text').textContent.includes('27 photos')");
+    browser.wait(
+        "the status line",
+        "return document.getElementById('status-text').textContent.includes('27 photos')",
+    );
 
     // Type a query, see results with loaded thumbnails.
     browser.type_into("#q", "a fish");
-    browser.wait("results", "return document.querySelectorAll('#grid .tile').length >= 10");
+    browser.wait(
+        "results",
+        "return document.querySelectorAll('#grid .tile').length >= 10",
+    );
     browser.wait("thumbnails", "return [...document.querySelectorAll('#grid .tile img')].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)");
-    assert_eq!(browser.js("return document.getElementById('intro').hidden"), Value::Bool(true));
+    assert_eq!(
+        browser.js("return document.getElementById('intro').hidden"),
+        Value::Bool(true)
+    );
     // Results are a list of buttons, each in its list item.
     let listed = "return [...document.getElementById('grid').children].every(li => li.tagName === 'LI' && li.firstElementChild.matches('button.tile'))";
     assert_eq!(browser.js(listed), Value::Bool(true));
@@ -318,42 +471,67 @@ fn the_page_in_a_real_browser() {
     // The dialog is named by the photo's title.
     let label = browser.js("const v = document.getElementById('viewer'); return document.getElementById(v.getAttribute('aria-labelledby')).textContent");
     assert_eq!(label, title);
-    assert!(title.as_str().unwrap().ends_with(".jpg") || title.as_str().unwrap().ends_with(".png"), "{title}");
+    assert!(
+        title.as_str().unwrap().ends_with(".jpg") || title.as_str().unwrap().ends_with(".png"),
+        "{title}"
+    );
 
     // Find similar: results exclude the photo itself.
     browser.click("#v-similar");
     // The grid is busy until the similar photos replace the text results.
     browser.wait("similar photos", "return !document.getElementById('viewer').open && document.querySelector('#chips .chip') !== null && document.getElementById('grid').getAttribute('aria-busy') === 'false' && document.querySelectorAll('#grid .tile').length > 0");
-    let titles = browser.js("return [...document.querySelectorAll('#grid .tile')].map(t => t.title)");
-    assert!(!titles.as_array().unwrap().contains(&title), "{title} is among its own similar photos");
+    let titles =
+        browser.js("return [...document.querySelectorAll('#grid .tile')].map(t => t.title)");
+    assert!(
+        !titles.as_array().unwrap().contains(&title),
+        "{title} is among its own similar photos"
+    );
 
     // Search by an uploaded image: the same picture comes first.
     let file = served.library.join("misc/IMG_2041.png");
     let input = browser.find("#file");
-    browser.post(&format!("/element/{input}/value"), json!({"text": file.to_str().unwrap()}));
+    browser.post(
+        &format!("/element/{input}/value"),
+        json!({"text": file.to_str().unwrap()}),
+    );
     browser.wait("image results", "return document.querySelector('#chips .chip')?.textContent.includes('picture') && document.querySelector('#grid .tile')?.title === 'misc/IMG_2041.png'");
 
     // Keyboard: from the search box, arrow down into the grid, Enter opens.
     browser.js("document.getElementById('q').focus()");
-    browser.post("/actions", json!({"actions": [{"type": "key", "id": "kb", "actions": [
-        {"type": "keyDown", "value": "\u{E015}"}, {"type": "keyUp", "value": "\u{E015}"},
-        {"type": "keyDown", "value": "\u{E014}"}, {"type": "keyUp", "value": "\u{E014}"},
-        {"type": "keyDown", "value": "\u{E007}"}, {"type": "keyUp", "value": "\u{E007}"}
-    ]}]}));
-    browser.wait("keyboard open", "return document.getElementById('viewer').open");
-    browser.post("/actions", json!({"actions": [{"type": "key", "id": "kb2", "actions": [
-        {"type": "keyDown", "value": "\u{E00C}"}, {"type": "keyUp", "value": "\u{E00C}"}
-    ]}]}));
-    browser.wait("Escape closes", "return !document.getElementById('viewer').open");
+    browser.post(
+        "/actions",
+        json!({"actions": [{"type": "key", "id": "kb", "actions": [
+            {"type": "keyDown", "value": "\u{E015}"}, {"type": "keyUp", "value": "\u{E015}"},
+            {"type": "keyDown", "value": "\u{E014}"}, {"type": "keyUp", "value": "\u{E014}"},
+            {"type": "keyDown", "value": "\u{E007}"}, {"type": "keyUp", "value": "\u{E007}"}
+        ]}]}),
+    );
+    browser.wait(
+        "keyboard open",
+        "return document.getElementById('viewer').open",
+    );
+    browser.post(
+        "/actions",
+        json!({"actions": [{"type": "key", "id": "kb2", "actions": [
+            {"type": "keyDown", "value": "\u{E00C}"}, {"type": "keyUp", "value": "\u{E00C}"}
+        ]}]}),
+    );
+    browser.wait(
+        "Escape closes",
+        "return !document.getElementById('viewer').open",
+    );
 
     // An error state: a malformed query shows a message, not a blank page.
     browser.js("document.querySelectorAll('#chips button').forEach(b => b.click())");
-    browser.js("const q = document.getElementById('q'); q.value = '\"unclosed'; q.form.requestSubmit();");
+    browser.js(
+        "const q = document.getElementById('q'); q.value = '\"unclosed'; q.form.requestSubmit();",
+    );
     browser.wait("an error message", "return !document.getElementById('error').hidden && document.getElementById('error').textContent.includes('quote')");
 
     // A phone screen: several columns, nothing wider than the screen.
     browser.post("/window/rect", json!({"width": 390, "height": 844}));
-    browser.js("const q = document.getElementById('q'); q.value = 'a tool'; q.form.requestSubmit();");
+    browser
+        .js("const q = document.getElementById('q'); q.value = 'a tool'; q.form.requestSubmit();");
     browser.wait("results on a phone", "return document.getElementById('grid').getAttribute('aria-busy') === 'false' && document.querySelectorAll('#grid .tile').length > 0 && document.getElementById('error').hidden");
     let fits = browser.js("const g = document.getElementById('grid'); const w = g.children[0].getBoundingClientRect().width; return document.documentElement.scrollWidth <= window.innerWidth + 1 && g.clientWidth / w >= 2.5");
     assert_eq!(fits, Value::Bool(true));
