@@ -19,7 +19,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use clipdex::model::checkpoint::{HubOptions, ModelSource};
 use clipdex::model::init::{NormalRng, init_weights};
-use clipdex::model::{Clip, ClipConfig};
+use clipdex::model::{Clip, ClipConfig, TextTokenizer};
 
 /// Ten tokens with start and end: eight words of CLIP BPE.
 pub const QUERY: &str = "a photo of a dog on the beach";
@@ -55,7 +55,7 @@ fn args() -> Args {
 
 /// Writes a random-weight ViT-B/32 checkpoint with the real CLIP tokenizer.
 fn write_checkpoint(dir: &PathBuf) {
-    if dir.join("model.safetensors").is_file() {
+    if dir.join("model.safetensors").is_file() || dir.join("open_clip_config.json").is_file() {
         return;
     }
     std::fs::create_dir_all(dir).unwrap();
@@ -130,11 +130,11 @@ fn main() {
     let tokenizer = clip.tokenizer();
     let ids = tokenizer.encode(QUERY).unwrap();
     // The query's own tokens; SigLIP pads every text to its fixed length.
-    let tokens = match tokenizer.as_clip() {
-        Some(_) => ids.len(),
-        None => ids.iter().filter(|&&t| t != tokenizer.pad_id()).count() + 1,
+    let tokens = match tokenizer {
+        TextTokenizer::Clip(_) | TextTokenizer::OpenClip(_) => ids.len(),
+        TextTokenizer::Fixed(_) => ids.iter().filter(|&&t| t != tokenizer.pad_id()).count() + 1,
     };
-    if tokenizer.as_clip().is_some() {
+    if !matches!(tokenizer, TextTokenizer::Fixed(_)) {
         assert_eq!(tokens, 10, "the query should be 10 tokens");
     }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# clipdex against transformers' CLIPModel (or SiglipModel) on the same random
+# clipdex against transformers' CLIPModel (or SiglipModel, or open_clip) on the same random
 # checkpoint, same inputs, same thread count, measured in one run.
 #   scripts/bench/model.sh            ViT-B/32 (THREADS=2 by default)
 #   FAMILY=siglip scripts/bench/model.sh   SigLIP base-patch16-224
+#   FAMILY=open_clip_rn50 scripts/bench/model.sh   open_clip's RN50 (the paper's ResNet) against open_clip
 # Needs the reference venv: scripts/reference/setup-venv.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,6 +14,9 @@ mkdir -p target/bench
 if [ "$FAMILY" = siglip ]; then
   DIR=target/bench/siglip-b-16
   "$PY" scripts/reference/bench_model.py --family siglip --dir "$DIR" --prepare 2>/dev/null
+elif [ "$FAMILY" = open_clip_rn50 ]; then
+  DIR=target/bench/rn50
+  "$PY" scripts/reference/bench_model.py --family open_clip_rn50 --dir "$DIR" --prepare 2>/dev/null
 else
   DIR=target/bench/vit-b-32
 fi

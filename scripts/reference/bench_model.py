@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""transformers' CLIPModel or SiglipModel on the same checkpoint and inputs as `cargo bench --bench model`.
+"""transformers' CLIPModel or SiglipModel, or open_clip's RN50, on the same checkpoint and inputs as
+`cargo bench --bench model`.
 
     python scripts/reference/bench_model.py --dir target/bench/vit-b-32 [--threads 2] [--json]
     python scripts/reference/bench_model.py --family siglip --dir target/bench/siglip-b-16 [--prepare]
+    python scripts/reference/bench_model.py --family open_clip_rn50 --dir target/bench/rn50 [--prepare]
 
 For SigLIP it first writes the checkpoint the Rust bench loads (random
 weights, google/siglip-base-patch16-224's architecture, the fixtures'
@@ -56,23 +58,66 @@ def write_siglip(out: Path) -> None:
     SiglipImageProcessor().save_pretrained(out)
 
 
+# open_clip's RN50 (model_configs/RN50-quickgelu.json, as timm/resnet50_clip.openai ships it).
+RN50 = {
+    "embed_dim": 1024,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": [3, 4, 6, 3], "width": 64, "patch_size": None},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
+}
+
+
+def write_open_clip_rn50(out: Path) -> None:
+    """A random open_clip RN50 in open_clip's hub layout (no tokenizer file, as timm's repositories)."""
+    if (out / "open_clip_model.safetensors").is_file():
+        return
+    import open_clip
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**RN50).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    cfg = {"model_cfg": RN50, "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN),
+                                                 "std": list(open_clip.OPENAI_DATASET_STD),
+                                                 "interpolation": "bicubic", "resize_mode": "shortest"}}
+    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default=None)
-    ap.add_argument("--family", choices=["clip", "siglip"], default="clip")
+    ap.add_argument("--family", choices=["clip", "siglip", "open_clip_rn50"], default="clip")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--prepare", action="store_true", help="write the SigLIP checkpoint and stop")
+    ap.add_argument("--prepare", action="store_true", help="write the SigLIP or RN50 checkpoint and stop")
     args = ap.parse_args()
     siglip = args.family == "siglip"
-    directory = args.dir or ("target/bench/siglip-b-16" if siglip else "target/bench/vit-b-32")
-    if siglip:
-        write_siglip(Path(directory))
+    rn50 = args.family == "open_clip_rn50"
+    directory = args.dir or ("target/bench/siglip-b-16" if siglip else "target/bench/rn50" if rn50 else "target/bench/vit-b-32")
+    if siglip or rn50:
+        (write_siglip if siglip else write_open_clip_rn50)(Path(directory))
         if args.prepare:
             return
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    if siglip:
+    if rn50:
+        import open_clip
+        from safetensors.torch import load_file
+
+        clip = open_clip.model.CLIP(**RN50).eval()
+        clip.load_state_dict(load_file(str(Path(directory) / "open_clip_model.safetensors")))
+        tokenizer = open_clip.get_tokenizer("RN50")
+        encode = lambda: tokenizer([QUERY])
+        tokens = int((tokenizer([QUERY]) != 0).sum())
+        size = 224
+
+        class Features:
+            """open_clip's encoders under transformers' method names."""
+            get_image_features = staticmethod(lambda pixel_values: clip.encode_image(pixel_values))
+
+        model = Features()
+    elif siglip:
         model = SiglipModel.from_pretrained(directory, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(directory)
         # SigLIP's text tower takes the fixed length it was trained at.
@@ -96,14 +141,19 @@ def main():
 
         def query():
             ids = encode()
-            f = model.get_text_features(input_ids=ids["input_ids"]).pooler_output if siglip else \
-                model.get_text_features(**ids).pooler_output
+            if rn50:
+                f = clip.encode_text(ids)
+            elif siglip:
+                f = model.get_text_features(input_ids=ids["input_ids"]).pooler_output
+            else:
+                f = model.get_text_features(**ids).pooler_output
             return torch.nn.functional.normalize(f, dim=-1)
 
         text = sorted(timed(5, 100, query))
     result = {
-        "impl": "transformers %s / torch %s" % (__import__("transformers").__version__, torch.__version__),
-        "model": "SigLIP B/16-224" if siglip else "ViT-B/32",
+        "impl": ("open_clip %s" % __import__("open_clip").__version__ if rn50 else
+                 "transformers %s" % __import__("transformers").__version__) + " / torch %s" % torch.__version__,
+        "model": "SigLIP B/16-224" if siglip else "open_clip RN50" if rn50 else "ViT-B/32",
         "threads": args.threads,
         "image_per_s_batch1": 1.0 / b1,
         "image_per_s_batch16": 16.0 / b16,

@@ -80,6 +80,15 @@ pub const RECOMMENDED: &[Recommended] = &[
         note: "the default's speed, trained on LAION-2B: better retrieval",
     },
     Recommended {
+        id: "timm/resnet50_clip.openai",
+        family: Family::Clip,
+        architecture: "ResNet-50 (the paper's), 224 px",
+        embedding_dim: 1024,
+        languages: "en",
+        download_mb: 410,
+        note: "the paper's modified ResNet, in open_clip's layout",
+    },
+    Recommended {
         id: "openai/clip-vit-base-patch16",
         family: Family::Clip,
         architecture: "ViT-B/16, 224 px",

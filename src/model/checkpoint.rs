@@ -93,6 +93,12 @@ impl std::fmt::Display for ModelSource {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenizerFiles {
     Json(PathBuf),
+    /// BPE merges alone (open_clip builds its vocabulary from them).
+    Merges(PathBuf),
+    /// OpenAI's BPE as clipdex ships it (`model/clip_tokenizer.json.gz`):
+    /// open_clip checkpoints that bring no tokenizer use it, as open_clip
+    /// uses the copy in its package.
+    OpenAiBuiltin,
     /// A SentencePiece model (SigLIP).
     SentencePiece(PathBuf),
     VocabMerges {
@@ -108,14 +114,36 @@ pub enum WeightsFile {
     Pickle(PathBuf),
 }
 
+/// How a checkpoint's files are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// transformers': `config.json`, `model.safetensors`, tokenizer files.
+    HuggingFace,
+    /// open_clip's: `open_clip_config.json`, `open_clip_model.safetensors`;
+    /// the tokenizer is OpenAI's BPE unless the folder has merges.
+    OpenClip,
+}
+
 /// Local paths of every file a model needs.
 #[derive(Clone, Debug)]
 pub struct CheckpointFiles {
+    pub layout: Layout,
+    /// `config.json`, or `open_clip_config.json`.
     pub config: PathBuf,
     pub weights: WeightsFile,
     pub tokenizer: TokenizerFiles,
     pub tokenizer_config: Option<PathBuf>,
     pub preprocessor: Option<PathBuf>,
+    /// open_clip with a Hugging Face text tower: that model's files.
+    pub hf_text: Option<HfTextFiles>,
+}
+
+/// The `config.json` of the text model an open_clip checkpoint names
+/// (`hf_model_name`) and the `tokenizer.json` of its tokenizer (`hf_tokenizer_name`).
+#[derive(Clone, Debug)]
+pub struct HfTextFiles {
+    pub config: PathBuf,
+    pub tokenizer: PathBuf,
 }
 
 /// How to reach the hub.
@@ -141,15 +169,20 @@ impl HubOptions {
 
 const MISSING_HINT: &str = "a checkpoint folder in Hugging Face layout needs config.json, model.safetensors (or \
                             pytorch_model.bin) and tokenizer.json (or spiece.model, or vocab.json and merges.txt); \
-                            pass it with --model <DIR>";
+                            one in open_clip's layout open_clip_config.json and open_clip_model.safetensors (or \
+                            open_clip_pytorch_model.bin); pass it with --model <DIR>";
 
 /// Resolves a source to local files, downloading from the hub when allowed.
 pub fn resolve(source: &ModelSource, hub: &HubOptions) -> Result<CheckpointFiles> {
     match source {
-        ModelSource::Dir(dir) => resolve_with(&source.to_string(), |name| {
-            let path = dir.join(name);
-            Ok(path.is_file().then_some(path))
-        }),
+        ModelSource::Dir(dir) => resolve_with(
+            &source.to_string(),
+            |name| {
+                let path = dir.join(name);
+                Ok(path.is_file().then_some(path))
+            },
+            hub,
+        ),
         ModelSource::Hub { repo, revision } => {
             let cache = hub_cache();
             let hub_repo = match revision {
@@ -160,7 +193,7 @@ pub fn resolve(source: &ModelSource, hub: &HubOptions) -> Result<CheckpointFiles
             };
             if hub.offline {
                 let cached = cache.repo(hub_repo);
-                return resolve_with(&source.to_string(), |name| Ok(cached.get(name))).map_err(|e| match e {
+                return resolve_with(&source.to_string(), |name| Ok(cached.get(name)), hub).map_err(|e| match e {
                     Error::MissingFile { file, .. } => Error::MissingFile {
                         file,
                         location: format!("the hub cache ({}) for {source}", cache.path().display()),
@@ -171,26 +204,51 @@ pub fn resolve(source: &ModelSource, hub: &HubOptions) -> Result<CheckpointFiles
                     other => other,
                 });
             }
-            let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
-                .with_progress(hub.progress)
-                .with_retries(2);
-            let api = match std::env::var("HF_ENDPOINT") {
-                Ok(endpoint) => api.with_endpoint(endpoint),
-                Err(_) => api,
-            };
-            let api = api
-                .build()
-                .map_err(|e| Error::Download(format!("cannot start the hub client: {e}")))?;
-            let api_repo = api.repo(hub_repo);
-            resolve_with(&source.to_string(), |name| match api_repo.get(name) {
-                Ok(path) => Ok(Some(path)),
-                Err(e) if is_not_found(&e) => Ok(None),
-                Err(e) => Err(Error::Download(format!(
-                    "cannot fetch {name} of {source}: {e}; check the network, or use --offline with a cached \
-                     model, or pass a local checkpoint folder with --model <DIR>"
-                ))),
-            })
+            let api_repo = hub_api(hub)?.repo(hub_repo);
+            resolve_with(
+                &source.to_string(),
+                |name| match api_repo.get(name) {
+                    Ok(path) => Ok(Some(path)),
+                    Err(e) if is_not_found(&e) => Ok(None),
+                    Err(e) => Err(Error::Download(format!(
+                        "cannot fetch {name} of {source}: {e}; check the network, or use --offline with a cached \
+                         model, or pass a local checkpoint folder with --model <DIR>"
+                    ))),
+                },
+                hub,
+            )
         }
+    }
+}
+
+/// The hub client, on the standard cache, `HF_ENDPOINT` if set.
+fn hub_api(hub: &HubOptions) -> Result<hf_hub::api::sync::Api> {
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(hub_cache())
+        .with_progress(hub.progress)
+        .with_retries(2);
+    let api = match std::env::var("HF_ENDPOINT") {
+        Ok(endpoint) => api.with_endpoint(endpoint),
+        Err(_) => api,
+    };
+    api.build()
+        .map_err(|e| Error::Download(format!("cannot start the hub client: {e}")))
+}
+
+/// One file of a hub repository: from the cache, else (online) downloaded.
+fn hub_file(repo: &str, name: &str, hub: &HubOptions) -> Result<Option<PathBuf>> {
+    let model = || hf_hub::Repo::model(repo.to_string());
+    if let Some(path) = hub_cache().repo(model()).get(name) {
+        return Ok(Some(path));
+    }
+    if hub.offline {
+        return Ok(None);
+    }
+    match hub_api(hub)?.repo(model()).get(name) {
+        Ok(path) => Ok(Some(path)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(Error::Download(format!(
+            "cannot fetch {name} of {repo}: {e}; check the network, or use --offline with a cached model"
+        ))),
     }
 }
 
@@ -198,8 +256,10 @@ pub fn resolve(source: &ModelSource, hub: &HubOptions) -> Result<CheckpointFiles
 /// weights), so that it loads offline.
 pub fn is_cached(repo: &str) -> bool {
     let cached = hub_cache().repo(hf_hub::Repo::model(repo.to_string()));
-    cached.get("config.json").is_some()
-        && (cached.get("model.safetensors").is_some() || cached.get("pytorch_model.bin").is_some())
+    let has = |name: &str| cached.get(name).is_some();
+    (has("config.json") && (has("model.safetensors") || has("pytorch_model.bin")))
+        || (has("open_clip_config.json")
+            && (has("open_clip_model.safetensors") || has("open_clip_pytorch_model.bin")))
 }
 
 /// The hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
@@ -217,9 +277,11 @@ fn is_not_found(e: &hf_hub::api::sync::ApiError) -> bool {
 
 /// Picks the files of a checkpoint through `get`, which answers "this file's
 /// local path", "no such file", or an error.
+/// (Hub repositories of LAION's models have both layouts; the Hugging Face one is read.)
 fn resolve_with(
     location: &str,
     get: impl Fn(&str) -> Result<Option<PathBuf>>,
+    hub: &HubOptions,
 ) -> Result<CheckpointFiles> {
     let missing = |file: &str| Error::MissingFile {
         file: file.to_string(),
@@ -228,16 +290,10 @@ fn resolve_with(
     };
     let config = match get("config.json")? {
         Some(path) => path,
-        None => {
-            // Name the layout that was found instead, if any.
-            if get("open_clip_config.json")?.is_some() {
-                return Err(Error::Checkpoint(format!(
-                    "{location} is an open_clip checkpoint (open_clip_config.json, no config.json); clipdex reads \
-                     Hugging Face layouts of CLIP (model_type \"clip\") and SigLIP (\"siglip\") so far"
-                )));
-            }
-            return Err(missing("config.json"));
-        }
+        None => match get("open_clip_config.json")? {
+            Some(config) => return resolve_open_clip(location, config, &get, hub),
+            None => return Err(missing("config.json")),
+        },
     };
     let weights = match get("model.safetensors")? {
         Some(path) => WeightsFile::Safetensors(path),
@@ -257,12 +313,96 @@ fn resolve_with(
     let tokenizer_config = get("tokenizer_config.json")?;
     let preprocessor = get("preprocessor_config.json")?;
     Ok(CheckpointFiles {
+        layout: Layout::HuggingFace,
         config,
         weights,
         tokenizer,
         tokenizer_config,
         preprocessor,
+        hf_text: None,
     })
+}
+
+/// The files of an open_clip checkpoint.
+fn resolve_open_clip(
+    location: &str,
+    config: PathBuf,
+    get: &impl Fn(&str) -> Result<Option<PathBuf>>,
+    hub: &HubOptions,
+) -> Result<CheckpointFiles> {
+    let hint = "an open_clip checkpoint needs open_clip_config.json and open_clip_model.safetensors (or \
+                open_clip_pytorch_model.bin)";
+    let weights = match get("open_clip_model.safetensors")? {
+        Some(path) => WeightsFile::Safetensors(path),
+        None => WeightsFile::Pickle(get("open_clip_pytorch_model.bin")?.ok_or_else(|| {
+            Error::MissingFile {
+                file: "open_clip_model.safetensors".into(),
+                location: location.to_string(),
+                hint: hint.into(),
+            }
+        })?),
+    };
+    let tokenizer = match (get("merges.txt")?, get("tokenizer.json")?) {
+        (Some(path), _) => TokenizerFiles::Merges(path),
+        (None, Some(path)) => TokenizerFiles::Json(path),
+        // open_clip's own tokenizer file is OpenAI's BPE, which clipdex ships.
+        (None, None) => TokenizerFiles::OpenAiBuiltin,
+    };
+    let hf_text = hf_text_files(location, &config, hub)?;
+    Ok(CheckpointFiles {
+        layout: Layout::OpenClip,
+        config,
+        weights,
+        tokenizer,
+        tokenizer_config: None,
+        preprocessor: None,
+        hf_text,
+    })
+}
+
+/// The files of the Hugging Face text model an open_clip config names, if any.
+fn hf_text_files(location: &str, config: &Path, hub: &HubOptions) -> Result<Option<HfTextFiles>> {
+    let text = std::fs::read_to_string(config).map_err(|source| Error::Io {
+        path: config.display().to_string(),
+        source,
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("open_clip_config.json of {location}: {e}")))?;
+    let text_cfg = &value["model_cfg"]["text_cfg"];
+    let Some(model) = text_cfg["hf_model_name"].as_str() else {
+        return Ok(None);
+    };
+    let tokenizer = text_cfg["hf_tokenizer_name"].as_str().unwrap_or(model);
+    let need = |repo: &str, name: &str| -> Result<PathBuf> {
+        // A local folder wins over a hub id, as transformers' from_pretrained
+        // has it (relative to the checkpoint's folder).
+        let folder = config.parent().map(|p| p.join(repo)).filter(|p| p.is_dir());
+        if let Some(folder) = folder {
+            let path = folder.join(name);
+            return match path.is_file() {
+                true => Ok(path),
+                false => Err(Error::MissingFile {
+                    file: name.to_string(),
+                    location: folder.display().to_string(),
+                    hint: format!("the text tower of {location} is read from that folder"),
+                }),
+            };
+        }
+        let repo = repo.strip_prefix("hf-hub:").unwrap_or(repo);
+        hub_file(repo, name, hub)?.ok_or_else(|| Error::MissingFile {
+            file: name.to_string(),
+            location: format!("the hub repository {repo} (the text tower {location} names)"),
+            hint: if hub.offline {
+                "offline mode reads only the hub cache: run once online".into()
+            } else {
+                "the repository has no such file".into()
+            },
+        })
+    };
+    Ok(Some(HfTextFiles {
+        config: need(model, "config.json")?,
+        tokenizer: need(tokenizer, "tokenizer.json")?,
+    }))
 }
 
 #[cfg(test)]

@@ -70,6 +70,48 @@ pub struct TextConfig {
     /// SigLIP: the width of the text head's output (the hidden size when unset).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub projection_size: Option<usize>,
+    /// open_clip's `no_causal_mask`: a CLIP text tower that attends both
+    /// ways, over the whole padded context.
+    #[serde(skip_serializing_if = "is_false")]
+    pub no_causal_mask: bool,
+    /// open_clip's Hugging Face text tower (`hf_model_name`): XLM-RoBERTa
+    /// or RoBERTa in place of CLIP's text transformer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hf_tower: Option<HfTextTower>,
+}
+
+/// A BERT-style text tower as open_clip's `HFTextEncoder` runs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HfTextTower {
+    /// transformers' `model_type`: "xlm-roberta" or "roberta".
+    pub model_type: String,
+    pub pooler: TextPooler,
+    pub projection: TextProjection,
+    pub type_vocab_size: usize,
+    /// Tokens per text (open_clip's `context_length`); the position table
+    /// (`max_position_embeddings`) is longer.
+    pub context_length: usize,
+}
+
+/// How open_clip pools a Hugging Face text tower's states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextPooler {
+    /// `mean_pooler`: the mean of the non-padding states.
+    Mean,
+    /// `cls_last_hidden_state_pooler`: the first token's state.
+    Cls,
+}
+
+/// open_clip's `hf_proj_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextProjection {
+    /// Linear, GELU, linear to the embedding, no biases.
+    Mlp,
+    Linear,
+    /// The tower's width is the embedding's.
+    None,
 }
 
 impl Default for TextConfig {
@@ -87,6 +129,8 @@ impl Default for TextConfig {
             bos_token_id: Some(49406),
             eos_token_id: Some(49407),
             projection_size: None,
+            no_causal_mask: false,
+            hf_tower: None,
         }
     }
 }
@@ -124,10 +168,59 @@ pub struct VisionConfig {
     /// SigLIP: pool with the attention head (the only pooling clipdex embeds with).
     #[serde(skip_serializing_if = "is_true")]
     pub vision_use_head: bool,
+    /// open_clip's `pool_type`: the class token (CLIP's) or the mean of the
+    /// patch tokens.
+    #[serde(skip_serializing_if = "is_default")]
+    pub pool_type: VisionPool,
+    /// open_clip's `final_ln_after_pool`: the post layer norm after pooling
+    /// rather than before (the same for class-token pooling).
+    #[serde(skip_serializing_if = "is_false")]
+    pub final_ln_after_pool: bool,
+    /// open_clip's `no_ln_pre`: no layer norm before the transformer.
+    #[serde(skip_serializing_if = "is_false")]
+    pub no_ln_pre: bool,
+    /// The paper's modified ResNet in place of the ViT (open_clip's
+    /// `ModifiedResNet`); the ViT fields are then unused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resnet: Option<ResNetConfig>,
+}
+
+/// How a ViT pools its tokens into one vector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VisionPool {
+    /// The class token.
+    #[default]
+    Tok,
+    /// The mean of the patch tokens.
+    Avg,
+}
+
+/// Radford et al.'s modified ResNet: a stem of three 3x3 convolutions and an
+/// average pool, four stages of bottleneck blocks whose strided blocks
+/// downsample by average pooling, and attention pooling (a query at the mean
+/// of the positions) into the embedding space.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResNetConfig {
+    /// Bottleneck blocks per stage (RN50: 3, 4, 6, 3).
+    pub layers: [usize; 4],
+    /// Channels of the stem; stage `i` has `width * 2^i` planes, four times
+    /// that out.
+    pub width: usize,
+    /// Heads of the attention pooling over `width * 32` channels.
+    pub heads: usize,
 }
 
 fn is_true(b: &bool) -> bool {
     *b
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl Default for VisionConfig {
@@ -143,6 +236,10 @@ impl Default for VisionConfig {
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
             vision_use_head: true,
+            pool_type: VisionPool::Tok,
+            final_ln_after_pool: false,
+            no_ln_pre: false,
+            resnet: None,
         }
     }
 }
@@ -183,6 +280,9 @@ pub struct ClipConfig {
     pub vision_config: VisionConfig,
     pub projection_dim: usize,
     pub logit_scale_init_value: f64,
+    /// open_clip's `proj_bias`: the text projection has a bias.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub text_projection_bias: bool,
 }
 
 /// The file as written: sub-configs may be missing, null, or (older
@@ -203,6 +303,8 @@ struct RawConfig {
     projection_dim: Option<usize>,
     #[serde(default)]
     logit_scale_init_value: Option<f64>,
+    #[serde(default)]
+    text_projection_bias: bool,
 }
 
 /// The `model_type`s clipdex reads, for error messages.
@@ -240,6 +342,7 @@ impl ClipConfig {
                 vision_config: sub_config(vision, "vision_config", VisionConfig::default())?,
                 projection_dim: raw.projection_dim.unwrap_or(512),
                 logit_scale_init_value: raw.logit_scale_init_value.unwrap_or(2.6592),
+                text_projection_bias: raw.text_projection_bias,
             },
             Family::Siglip => {
                 let text_config: TextConfig =
@@ -253,6 +356,7 @@ impl ClipConfig {
                     vision_config,
                     // SigLIP initialises t' = log 10 (and the bias at -10).
                     logit_scale_init_value: 10f64.ln(),
+                    text_projection_bias: false,
                 }
             }
         };
@@ -279,6 +383,7 @@ impl ClipConfig {
             vision_config: VisionConfig::default(),
             projection_dim: 512,
             logit_scale_init_value: 2.6592,
+            text_projection_bias: false,
         }
     }
 
@@ -309,6 +414,7 @@ impl ClipConfig {
             },
             projection_dim: 768,
             logit_scale_init_value: 2.6592,
+            text_projection_bias: false,
         }
     }
 
@@ -340,6 +446,7 @@ impl ClipConfig {
             },
             projection_dim: width,
             logit_scale_init_value: (1.0f64 / 0.07).ln(),
+            text_projection_bias: false,
         }
     }
 
@@ -366,14 +473,20 @@ impl ClipConfig {
     /// Writes the config in the layout transformers reads.
     pub fn to_json(&self) -> String {
         let value = match self.family {
-            Family::Clip => serde_json::json!({
-                "architectures": ["CLIPModel"],
-                "model_type": "clip",
-                "projection_dim": self.projection_dim,
-                "logit_scale_init_value": self.logit_scale_init_value,
-                "text_config": with_model_type(&self.text_config, "clip_text_model"),
-                "vision_config": with_model_type(&self.vision_config, "clip_vision_model"),
-            }),
+            Family::Clip => {
+                let mut value = serde_json::json!({
+                    "architectures": ["CLIPModel"],
+                    "model_type": "clip",
+                    "projection_dim": self.projection_dim,
+                    "logit_scale_init_value": self.logit_scale_init_value,
+                    "text_config": with_model_type(&self.text_config, "clip_text_model"),
+                    "vision_config": with_model_type(&self.vision_config, "clip_vision_model"),
+                });
+                if self.text_projection_bias {
+                    value["text_projection_bias"] = true.into();
+                }
+                value
+            }
             Family::Siglip => serde_json::json!({
                 "architectures": ["SiglipModel"],
                 "model_type": "siglip",
@@ -430,6 +543,28 @@ impl ClipConfig {
             if !ok {
                 return Err(Error::Config(message.to_string()));
             }
+        }
+        if let Some(r) = &v.resnet {
+            let embed = r.width * 32;
+            if r.layers.contains(&0) || r.width == 0 || r.heads == 0 || embed % r.heads != 0 {
+                return Err(Error::Config(format!(
+                    "a ResNet tower needs blocks in every stage and a width whose 32-fold ({embed}) divides into                      heads ({}): got layers {:?}, width {}",
+                    r.heads, r.layers, r.width
+                )));
+            }
+            if v.image_size % 32 != 0 {
+                return Err(Error::Config(format!(
+                    "a ResNet tower downsamples 32-fold: image_size {} is not a multiple of 32",
+                    v.image_size
+                )));
+            }
+        }
+        if self.family == Family::Siglip
+            && (v.resnet.is_some() || t.no_causal_mask || self.text_projection_bias)
+        {
+            return Err(Error::Config(
+                "open_clip's tower options apply to CLIP models only".into(),
+            ));
         }
         Ok(())
     }

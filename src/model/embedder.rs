@@ -4,14 +4,19 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::checkpoint::{self, CheckpointFiles, HubOptions, ModelSource, WeightsFile};
-use super::tokenizer::TokenizerSettings;
+use super::checkpoint::{
+    self, CheckpointFiles, HubOptions, Layout, ModelSource, TokenizerFiles, WeightsFile,
+};
+use super::open_clip::{self, OpenClipConfig};
+use super::simple_tokenizer::SimpleTokenizer;
+use super::tokenizer::{HfTokenizer, TokenizerSettings};
 use super::{
-    ClipConfig, ClipModel, Error, Preprocessor, Result, RgbView, TextTokenizer, load_weights,
-    normalize,
+    ClipConfig, ClipModel, Error, Family, Preprocessor, Result, RgbView, TextTokenizer,
+    load_weights, normalize,
 };
 
 /// Texts embedded per forward pass.
@@ -45,13 +50,42 @@ impl Clip {
             })
         };
         let config_text = read(&files.config)?;
-        let config = ClipConfig::from_json(&config_text)?;
+        let open_clip = match files.layout {
+            Layout::HuggingFace => None,
+            Layout::OpenClip => {
+                let hf_text = files
+                    .hf_text
+                    .as_ref()
+                    .map(|f| read(&f.config))
+                    .transpose()?;
+                Some(OpenClipConfig::from_json(&config_text, hf_text.as_deref())?)
+            }
+        };
+        let config = match &open_clip {
+            Some(o) => o.config.clone(),
+            None => ClipConfig::from_json(&config_text)?,
+        };
         let context = config.text_config.max_position_embeddings;
         let settings = match &files.tokenizer_config {
             Some(path) => TokenizerSettings::from_json(&read(path)?)?,
             None => TokenizerSettings::default(),
         };
-        let tokenizer = TextTokenizer::load(config.family, &files.tokenizer, &settings, context)?;
+        let tokenizer = match (&open_clip, &files.tokenizer) {
+            (Some(_), _)
+                if let (Some(hf), Some(files)) = (&config.text_config.hf_tower, &files.hf_text) =>
+            {
+                TextTokenizer::Hf(HfTokenizer::from_file(
+                    &files.tokenizer,
+                    hf.context_length,
+                    config.text_config.pad_token_id.unwrap_or(1),
+                )?)
+            }
+            (Some(_), TokenizerFiles::Merges(path) | TokenizerFiles::Json(path)) => {
+                TextTokenizer::OpenClip(SimpleTokenizer::from_file(path, context)?)
+            }
+            (Some(_), _) => TextTokenizer::OpenClip(SimpleTokenizer::openai(context)?),
+            _ => TextTokenizer::load(config.family, &files.tokenizer, &settings, context)?,
+        };
         if tokenizer.max_id() as usize >= config.text_config.vocab_size {
             return Err(Error::Config(format!(
                 "the tokenizer has ids up to {}, outside the model's vocabulary of {}",
@@ -60,18 +94,25 @@ impl Clip {
             )));
         }
         let image_size = config.vision_config.image_size;
-        let (preprocessor, preprocessor_text) = match &files.preprocessor {
-            Some(path) => {
+        let (preprocessor, preprocessor_text) = match (&open_clip, &files.preprocessor) {
+            (Some(o), _) => (o.preprocess.clone(), o.preprocess_text.clone()),
+            (None, Some(path)) => {
                 let text = read(path)?;
                 (Preprocessor::from_json(&text, image_size)?, text)
             }
-            None => (
+            (None, None) => (
                 Preprocessor::default_for(config.family, image_size),
                 String::new(),
             ),
         };
         let device = Device::Cpu;
-        let vb = load_weights(&files.weights, &device)?;
+        let vb = match files.layout {
+            Layout::HuggingFace => load_weights(&files.weights, &device)?,
+            Layout::OpenClip => {
+                let tensors = open_clip::remap(open_clip::read_tensors(&files.weights)?, &config)?;
+                VarBuilder::from_tensors(tensors, DType::F32, &device)
+            }
+        };
         let model = ClipModel::new(vb, &config)?;
         let fingerprint = fingerprint(&config, &preprocessor_text, &files.weights)?;
         let info = ModelInfo {
@@ -79,7 +120,7 @@ impl Clip {
             fingerprint,
             embedding_dim: config.text_output_dim(),
             image_size,
-            context_length: context,
+            context_length: tokenizer.max_len(),
             family: config.family.name().into(),
         };
         Ok(Self {
@@ -146,9 +187,15 @@ impl Clip {
     /// the padding irrelevant, so short queries do not pay for 77 positions.
     /// SigLIP rows come from the tokenizer at their fixed length.
     pub fn text_features(&self, batch: &[Vec<u32>]) -> Result<Tensor> {
-        let len = batch.iter().map(Vec::len).max().unwrap_or(0);
+        let mut len = batch.iter().map(Vec::len).max().unwrap_or(0);
         if len == 0 {
             return Err(Error::Input("no tokens to embed".into()));
+        }
+        // open_clip's text towers without a causal mask attend over the
+        // padding too: rows are the whole context, as the reference's are.
+        let text = &self.config().text_config;
+        if self.config().family == Family::Clip && text.no_causal_mask {
+            len = len.max(text.max_position_embeddings);
         }
         let pad = self.tokenizer.pad_id();
         let mut ids = Vec::with_capacity(batch.len() * len);

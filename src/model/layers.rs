@@ -89,7 +89,7 @@ impl Linear {
 
     /// `f(x W^T + b)`; for inference, the bias and `f` are applied in one pass
     /// over the product, in place.
-    fn forward_then(&self, x: &Tensor, f: super::ops::Pointwise) -> Result<Tensor> {
+    pub(super) fn forward_then(&self, x: &Tensor, f: super::ops::Pointwise) -> Result<Tensor> {
         if !self.transposed {
             // Training: one fused node with its own backward pass.
             let y = super::ops::dense(x, &self.weight, self.bias.as_ref())?;

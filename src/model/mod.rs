@@ -20,10 +20,16 @@ mod embedder;
 pub mod init;
 pub mod layers;
 pub mod loss;
+pub mod open_clip;
 pub mod ops;
 pub mod preprocess;
+pub mod resnet;
+pub mod roberta;
 pub mod sentencepiece;
+pub mod simple_tokenizer;
 pub mod text;
+mod text_clean;
+mod text_tables;
 pub mod tokenizer;
 pub mod vision;
 
@@ -31,12 +37,16 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use checkpoint::{DEFAULT_MODEL, HubOptions, ModelSource};
-pub use config::{Activation, ClipConfig, Family, TextConfig, VisionConfig};
+pub use config::{
+    Activation, ClipConfig, Family, ResNetConfig, TextConfig, VisionConfig, VisionPool,
+};
 pub use embedder::{Calibration, Clip, ModelInfo};
 pub use preprocess::{Preprocessor, RgbView};
 pub use tokenizer::{ClipTokenizer, TextTokenizer};
 
 use layers::Linear;
+use resnet::ModifiedResNet;
+use roberta::HfTextTransformer;
 use text::TextTransformer;
 use vision::VisionTransformer;
 
@@ -72,12 +82,29 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The image tower: a ViT (CLIP, SigLIP) or the paper's modified ResNet.
+#[derive(Clone, Debug)]
+enum ImageTower {
+    Vit(VisionTransformer),
+    /// Ends in its attention pooling's projection: no separate projection.
+    ResNet(ModifiedResNet),
+}
+
+/// The text tower: CLIP's or SigLIP's transformer, or a Hugging Face
+/// encoder inside an open_clip model.
+#[derive(Clone, Debug)]
+enum TextTower {
+    Clip(TextTransformer),
+    /// Pools and projects itself.
+    Hf(HfTextTransformer),
+}
+
 /// The two towers, their projections into the joint space, and the learned
 /// temperature (and, for SigLIP, bias).
 #[derive(Clone, Debug)]
 pub struct ClipModel {
-    text_model: TextTransformer,
-    vision_model: VisionTransformer,
+    text_model: TextTower,
+    vision_model: ImageTower,
     /// CLIP's projections; SigLIP's towers end in their own heads.
     text_projection: Option<Linear>,
     visual_projection: Option<Linear>,
@@ -95,18 +122,24 @@ impl ClipModel {
             let scale_init = candle_nn::Init::Const(config.logit_scale_init_value);
             let (text_projection, visual_projection, logit_scale, logit_bias) = match family {
                 Family::Clip => (
-                    Some(Linear::load(
-                        vb.pp("text_projection"),
-                        t.hidden_size,
-                        config.projection_dim,
-                        false,
-                    )?),
-                    Some(Linear::load(
-                        vb.pp("visual_projection"),
-                        v.hidden_size,
-                        config.projection_dim,
-                        false,
-                    )?),
+                    match t.hf_tower {
+                        Some(_) => None,
+                        None => Some(Linear::load(
+                            vb.pp("text_projection"),
+                            t.hidden_size,
+                            config.projection_dim,
+                            config.text_projection_bias,
+                        )?),
+                    },
+                    match v.resnet {
+                        Some(_) => None,
+                        None => Some(Linear::load(
+                            vb.pp("visual_projection"),
+                            v.hidden_size,
+                            config.projection_dim,
+                            false,
+                        )?),
+                    },
                     vb.get_with_hints((), "logit_scale", scale_init)?,
                     None,
                 ),
@@ -123,8 +156,26 @@ impl ClipModel {
                 ),
             };
             Ok(Self {
-                text_model: TextTransformer::load(vb.pp("text_model"), t, family)?,
-                vision_model: VisionTransformer::load(vb.pp("vision_model"), v, family)?,
+                text_model: match &t.hf_tower {
+                    Some(hf) => TextTower::Hf(HfTextTransformer::load(
+                        vb.clone(),
+                        t,
+                        hf,
+                        config.projection_dim,
+                    )?),
+                    None => TextTower::Clip(TextTransformer::load(vb.pp("text_model"), t, family)?),
+                },
+                vision_model: match &v.resnet {
+                    Some(r) => ImageTower::ResNet(ModifiedResNet::load(
+                        vb.pp("vision_model"),
+                        v,
+                        r,
+                        config.projection_dim,
+                    )?),
+                    None => {
+                        ImageTower::Vit(VisionTransformer::load(vb.pp("vision_model"), v, family)?)
+                    }
+                },
                 text_projection,
                 visual_projection,
                 logit_scale,
@@ -146,7 +197,10 @@ impl ClipModel {
     ///
     /// `ids` is (batch, seq) u32; `pool` the end-of-text position of each row.
     pub fn get_text_features(&self, ids: &Tensor, pool: &[usize]) -> Result<Tensor> {
-        let pooled = self.text_model.forward(ids, pool)?;
+        let pooled = match &self.text_model {
+            TextTower::Clip(tower) => tower.forward(ids, pool)?,
+            TextTower::Hf(tower) => tower.forward(ids)?,
+        };
         match &self.text_projection {
             Some(projection) => projection.forward(&pooled),
             None => Ok(pooled),
@@ -155,7 +209,10 @@ impl ClipModel {
 
     /// Projected, unnormalised image features (`get_image_features`) of (batch, 3, s, s) pixels.
     pub fn get_image_features(&self, pixels: &Tensor) -> Result<Tensor> {
-        let pooled = self.vision_model.forward(pixels)?;
+        let pooled = match &self.vision_model {
+            ImageTower::Vit(vit) => vit.forward(pixels)?,
+            ImageTower::ResNet(resnet) => resnet.forward(pixels)?,
+        };
         match &self.visual_projection {
             Some(projection) => projection.forward(&pooled),
             None => Ok(pooled),

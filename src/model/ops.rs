@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+pub(super) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let Some((start, end)) = l.contiguous_offsets() else {
         candle_core::bail!("{op} needs contiguous input");
     };
@@ -175,6 +175,7 @@ pub enum Pointwise {
     GeluErf,
     /// `x * sigmoid(1.702 x)`.
     QuickGelu,
+    Relu,
 }
 
 impl Pointwise {
@@ -187,6 +188,7 @@ impl Pointwise {
             }
             Pointwise::GeluErf => 0.5 * v * (1.0 + erf(v * SQRT_HALF)),
             Pointwise::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
+            Pointwise::Relu => v.max(0.0),
         }
     }
 }

@@ -79,6 +79,10 @@ struct RawProcessorConfig {
     image_mean: Option<Vec<f32>>,
     #[serde(default)]
     image_std: Option<Vec<f32>>,
+    /// clipdex's own key: "round_half_even" for torchvision's centre crop
+    /// (open_clip models fine-tuned and exported here).
+    #[serde(default)]
+    crop_offset: Option<String>,
 }
 
 /// The preprocessing a checkpoint asks for.
@@ -91,8 +95,36 @@ pub struct Preprocessor {
     mean: [f32; 3],
     std: [f32; 3],
     normalize: bool,
+    /// Where a centre crop starts when the margin is odd.
+    crop_offset: CropOffset,
     /// The model's input side; the pipeline must produce exactly this.
     image_size: usize,
+}
+
+/// How a centre crop places an odd margin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CropOffset {
+    /// transformers: `(size - crop) // 2`.
+    Floor,
+    /// torchvision's `CenterCrop`: `int(round((size - crop) / 2))`, halves to even.
+    RoundHalfEven,
+}
+
+impl CropOffset {
+    fn of(self, margin: usize) -> usize {
+        match self {
+            CropOffset::Floor => margin / 2,
+            // Python rounds x.5 to the even neighbour: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2.
+            CropOffset::RoundHalfEven => {
+                let half = margin / 2;
+                if margin % 2 == 1 && half % 2 == 1 {
+                    half + 1
+                } else {
+                    half
+                }
+            }
+        }
+    }
 }
 
 impl Preprocessor {
@@ -106,7 +138,39 @@ impl Preprocessor {
             mean: OPENAI_CLIP_MEAN,
             std: OPENAI_CLIP_STD,
             normalize: true,
+            crop_offset: CropOffset::Floor,
             image_size,
+        }
+    }
+
+    /// open_clip's eval transform (torchvision on PIL images): resize the
+    /// shortest side and centre-crop, or squash to the square; then
+    /// `ToTensor` and `Normalize`.
+    pub fn torchvision(
+        image_size: usize,
+        squash: bool,
+        resample: Resample,
+        mean: [f32; 3],
+        std: [f32; 3],
+    ) -> Self {
+        let base = Self {
+            resample,
+            mean,
+            std,
+            crop_offset: CropOffset::RoundHalfEven,
+            ..Self::clip_default(image_size)
+        };
+        if squash {
+            Self {
+                resize: Some(ResizeTo::Exact {
+                    height: image_size,
+                    width: image_size,
+                }),
+                crop: None,
+                ..base
+            }
+        } else {
+            base
         }
     }
 
@@ -223,6 +287,15 @@ impl Preprocessor {
             mean: triple(raw.image_mean, default.mean, "image_mean")?,
             std,
             normalize: raw.do_normalize.unwrap_or(true),
+            crop_offset: match raw.crop_offset.as_deref() {
+                None | Some("floor") => CropOffset::Floor,
+                Some("round_half_even") => CropOffset::RoundHalfEven,
+                Some(other) => {
+                    return Err(Error::Config(format!(
+                        "preprocessor crop_offset {other:?} is not supported"
+                    )));
+                }
+            },
             image_size,
         };
         // Check the pipeline yields what the model takes, whatever the image.
@@ -259,7 +332,7 @@ impl Preprocessor {
             Resample::Hamming => 5,
         };
         let (ch, cw) = self.crop.unwrap_or((self.image_size, self.image_size));
-        serde_json::to_string_pretty(&serde_json::json!({
+        let mut value = serde_json::json!({
             "image_processor_type": "CLIPImageProcessor",
             "do_resize": do_resize,
             "size": size,
@@ -272,8 +345,11 @@ impl Preprocessor {
             "image_mean": self.mean,
             "image_std": self.std,
             "do_convert_rgb": true,
-        }))
-        .expect("a preprocessor serialises")
+        });
+        if self.crop_offset == CropOffset::RoundHalfEven {
+            value["crop_offset"] = "round_half_even".into();
+        }
+        serde_json::to_string_pretty(&value).expect("a preprocessor serialises")
     }
 
     pub fn mean(&self) -> [f32; 3] {
@@ -338,7 +414,14 @@ impl Preprocessor {
     /// The crop step alone, on a resized image.
     pub fn crop(&self, resized: RgbView) -> Vec<u8> {
         match self.crop {
-            Some((ch, cw)) => center_crop(resized.data, resized.width, resized.height, cw, ch),
+            Some((ch, cw)) => center_crop(
+                resized.data,
+                resized.width,
+                resized.height,
+                cw,
+                ch,
+                self.crop_offset,
+            ),
             None => resized.data.to_vec(),
         }
     }
@@ -371,13 +454,24 @@ impl Preprocessor {
 }
 
 /// Centre crop, padding with black where the crop is larger (torchvision's rule).
-fn center_crop(data: &[u8], width: usize, height: usize, cw: usize, ch: usize) -> Vec<u8> {
+fn center_crop(
+    data: &[u8],
+    width: usize,
+    height: usize,
+    cw: usize,
+    ch: usize,
+    offset: CropOffset,
+) -> Vec<u8> {
     let mut out = vec![0u8; cw * ch * 3];
     // Offsets of the crop in the (possibly padded) image.
     let pad_left = if cw > width { (cw - width) / 2 } else { 0 };
     let pad_top = if ch > height { (ch - height) / 2 } else { 0 };
-    let left = if cw > width { 0 } else { (width - cw) / 2 };
-    let top = if ch > height { 0 } else { (height - ch) / 2 };
+    let left = if cw > width { 0 } else { offset.of(width - cw) };
+    let top = if ch > height {
+        0
+    } else {
+        offset.of(height - ch)
+    };
     let copy_w = cw.min(width);
     for y in 0..ch.min(height) {
         let src = ((top + y) * width + left) * 3;
@@ -427,14 +521,14 @@ mod tests {
         let data = gradient(10, 6);
         let view = RgbView::new(10, 6, &data).unwrap();
         assert_eq!(resample(view, 10, 6, Resample::Bicubic), data);
-        let crop = center_crop(&data, 10, 6, 4, 2);
+        let crop = center_crop(&data, 10, 6, 4, 2, CropOffset::Floor);
         assert_eq!(&crop[..12], &data[(2 * 10 + 3) * 3..(2 * 10 + 7) * 3]);
     }
 
     #[test]
     fn crop_larger_than_image_pads_black() {
         let data = vec![200u8; 2 * 2 * 3];
-        let crop = center_crop(&data, 2, 2, 4, 4);
+        let crop = center_crop(&data, 2, 2, 4, 4, CropOffset::Floor);
         assert_eq!(crop[(4 + 1) * 3], 200);
         assert_eq!(crop[0], 0);
     }

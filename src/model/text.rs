@@ -55,7 +55,7 @@ impl TextTransformer {
                     true,
                 )?),
             },
-            causal: family == Family::Clip,
+            causal: family == Family::Clip && !cfg.no_causal_mask,
             max_positions: cfg.max_position_embeddings,
         })
     }

@@ -17,6 +17,7 @@ use tokenizers::Tokenizer;
 
 use super::checkpoint::TokenizerFiles;
 use super::sentencepiece::SentencePiece;
+use super::simple_tokenizer::SimpleTokenizer;
 use super::{Error, Family, Result};
 
 pub const START_OF_TEXT: &str = "<|startoftext|>";
@@ -144,6 +145,17 @@ impl ClipTokenizer {
     }
 }
 
+/// OpenAI's CLIP tokenizer as a `tokenizer.json`, shipped inside clipdex
+/// (models trained from scratch, open_clip checkpoints without tokenizer files).
+pub fn builtin_clip_tokenizer_json() -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(&include_bytes!("clip_tokenizer.json.gz")[..])
+        .read_to_end(&mut out)
+        .expect("the built-in tokenizer is valid gzip");
+    out
+}
+
 /// The `tokenizer.json` that transformers' `CLIPTokenizer` builds from a vocabulary and merges.
 fn tokenizer_json(vocab: serde_json::Value, merges: Vec<serde_json::Value>) -> serde_json::Value {
     let special = |id: &serde_json::Value, content: &str| {
@@ -262,6 +274,12 @@ pub enum TextTokenizer {
     Clip(ClipTokenizer),
     /// Ids padded to exactly the model's context; pooled at the last position.
     Fixed(FixedTokenizer),
+    /// open_clip's own: CLIP's vocabulary, its cleaning and special tokens,
+    /// pooled at the largest id.
+    OpenClip(SimpleTokenizer),
+    /// A Hugging Face tokenizer inside an open_clip model (`HFTokenizer`):
+    /// XLM-RoBERTa's; unpadded rows, the tower masks and mean-pools.
+    Hf(HfTokenizer),
 }
 
 impl TextTokenizer {
@@ -289,6 +307,8 @@ impl TextTokenizer {
                 let found = match files {
                     TokenizerFiles::Json(_) => "tokenizer.json",
                     TokenizerFiles::SentencePiece(_) => "spiece.model",
+                    TokenizerFiles::Merges(_) => "merges.txt alone",
+                    TokenizerFiles::OpenAiBuiltin => "none",
                     TokenizerFiles::VocabMerges { .. } => "vocab.json and merges.txt",
                 };
                 return Err(Error::Config(format!(
@@ -305,6 +325,8 @@ impl TextTokenizer {
         match self {
             Self::Clip(t) => t.encode(text),
             Self::Fixed(t) => t.encode(text),
+            Self::OpenClip(t) => t.encode(text),
+            Self::Hf(t) => t.encode(text),
         }
     }
 
@@ -313,6 +335,8 @@ impl TextTokenizer {
         match self {
             Self::Clip(t) => t.eos_id(),
             Self::Fixed(t) => t.pad,
+            Self::OpenClip(_) => 0,
+            Self::Hf(t) => t.pad,
         }
     }
 
@@ -321,6 +345,9 @@ impl TextTokenizer {
         match self {
             Self::Clip(t) => t.pool_position(ids),
             Self::Fixed(_) => ids.len().saturating_sub(1),
+            Self::OpenClip(t) => t.pool_position(ids),
+            // The tower pools over its own mask.
+            Self::Hf(_) => ids.len().saturating_sub(1),
         }
     }
 
@@ -329,6 +356,8 @@ impl TextTokenizer {
         match self {
             Self::Clip(t) => t.bos_id().max(t.eos_id()),
             Self::Fixed(t) => t.max_id,
+            Self::OpenClip(t) => t.max_id(),
+            Self::Hf(t) => t.max_id,
         }
     }
 
@@ -336,6 +365,8 @@ impl TextTokenizer {
         match self {
             Self::Clip(t) => t.max_len(),
             Self::Fixed(t) => t.len,
+            Self::OpenClip(t) => t.context(),
+            Self::Hf(t) => t.len,
         }
     }
 
@@ -343,8 +374,59 @@ impl TextTokenizer {
     pub fn as_clip(&self) -> Option<&ClipTokenizer> {
         match self {
             Self::Clip(t) => Some(t),
-            Self::Fixed(_) => None,
+            Self::Fixed(_) | Self::OpenClip(_) | Self::Hf(_) => None,
         }
+    }
+}
+
+/// open_clip's `HFTokenizer`: its cleaning (ftfy, HTML entities, whitespace;
+/// no lower case), then the Hugging Face tokenizer with its special tokens,
+/// truncated to the context (the end token kept).
+#[derive(Clone)]
+pub struct HfTokenizer {
+    inner: Tokenizer,
+    len: usize,
+    pad: u32,
+    max_id: u32,
+}
+
+impl std::fmt::Debug for HfTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HfTokenizer")
+            .field("len", &self.len)
+            .field("pad", &self.pad)
+            .finish()
+    }
+}
+
+impl HfTokenizer {
+    /// Reads a `tokenizer.json`; `pad` is the text model's `pad_token_id`.
+    pub fn from_file(path: &Path, len: usize, pad: u32) -> Result<Self> {
+        let mut inner = Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
+        inner
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: len,
+                ..Default::default()
+            }))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inner.with_padding(None);
+        let max_id = inner.get_vocab_size(true).saturating_sub(1) as u32;
+        Ok(Self {
+            inner,
+            len,
+            pad,
+            max_id,
+        })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let clean = super::text_clean::open_clip_clean_whitespace(text);
+        let encoding = self
+            .inner
+            .encode_fast(clean, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
     }
 }
 

@@ -9,7 +9,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::config::{Family, VisionConfig};
+use super::config::{Family, VisionConfig, VisionPool};
 use super::layers::{AttentionPool, Encoder, EncoderShape, LayerNorm, Linear, repeat_rows};
 use super::{Error, Result};
 
@@ -26,6 +26,9 @@ pub struct VisionTransformer {
     post_layernorm: LayerNorm,
     /// SigLIP's attention-pooling head.
     head: Option<AttentionPool>,
+    /// open_clip's pooling options (CLIP pools the normalised class token).
+    pool: VisionPool,
+    final_ln_after_pool: bool,
     hidden: usize,
     image_size: usize,
     patch_size: usize,
@@ -76,7 +79,7 @@ impl VisionTransformer {
                 "weight",
             )?,
             // The misspelling is the checkpoint's key.
-            pre_layrnorm: if clip {
+            pre_layrnorm: if clip && !cfg.no_ln_pre {
                 Some(LayerNorm::load(
                     vb.pp("pre_layrnorm"),
                     h,
@@ -92,6 +95,8 @@ impl VisionTransformer {
             } else {
                 Some(AttentionPool::load(vb.pp("head"), &shape)?)
             },
+            pool: cfg.pool_type,
+            final_ln_after_pool: cfg.final_ln_after_pool,
             hidden: h,
             image_size: cfg.image_size,
             patch_size: p,
@@ -145,10 +150,23 @@ impl VisionTransformer {
             None => x,
         };
         let x = self.encoder.forward(&x, None)?;
-        match &self.head {
+        match (&self.head, self.pool) {
             // Layer norm is per position: normalising only the class token is exact.
-            None => self.post_layernorm.forward(&x.narrow(1, 0, 1)?.squeeze(1)?),
-            Some(head) => head.forward(&self.post_layernorm.forward(&x)?),
+            (None, VisionPool::Tok) => self.post_layernorm.forward(&x.narrow(1, 0, 1)?.squeeze(1)?),
+            (None, VisionPool::Avg) => {
+                let n = x.dim(1)?;
+                if self.final_ln_after_pool {
+                    self.post_layernorm
+                        .forward(&x.narrow(1, 1, n - 1)?.mean(1)?)
+                } else {
+                    Ok(self
+                        .post_layernorm
+                        .forward(&x)?
+                        .narrow(1, 1, n - 1)?
+                        .mean(1)?)
+                }
+            }
+            (Some(head), _) => head.forward(&self.post_layernorm.forward(&x)?),
         }
     }
 }

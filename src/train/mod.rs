@@ -377,12 +377,7 @@ pub fn build_model(
 /// The CLIP BPE tokenizer shipped with clipdex (OpenAI's vocabulary), for
 /// models trained from scratch.
 pub fn builtin_tokenizer_json() -> Vec<u8> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(&include_bytes!("../model/clip_tokenizer.json.gz")[..])
-        .read_to_end(&mut out)
-        .expect("the built-in tokenizer is valid gzip");
-    out
+    crate::model::tokenizer::builtin_clip_tokenizer_json()
 }
 
 /// The base model's parts.
@@ -406,6 +401,12 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
         }),
         Start::Checkpoint(source) => {
             let files = checkpoint::resolve(source, hub)?;
+            if files.layout == checkpoint::Layout::OpenClip {
+                return Err(Error::Data(format!(
+                    "{source} is an open_clip checkpoint: fine-tuning reads Hugging Face layouts (config.json) so far; \
+                     LAION's hub repositories have both"
+                )));
+            }
             let read = |p: &Path| std::fs::read(p).map_err(io(p));
             let config = ClipConfig::from_json(&String::from_utf8_lossy(&read(&files.config)?))?;
             let tensors = match &files.weights {
@@ -420,6 +421,10 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
             let mut tokenizer_files = match &files.tokenizer {
                 TokenizerFiles::Json(p) => vec![("tokenizer.json".into(), read(p)?)],
                 TokenizerFiles::SentencePiece(p) => vec![("spiece.model".into(), read(p)?)],
+                TokenizerFiles::Merges(p) => vec![("merges.txt".into(), read(p)?)],
+                TokenizerFiles::OpenAiBuiltin => {
+                    vec![("tokenizer.json".into(), builtin_tokenizer_json())]
+                }
                 TokenizerFiles::VocabMerges { vocab, merges } => {
                     vec![
                         ("vocab.json".into(), read(vocab)?),

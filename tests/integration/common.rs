@@ -67,8 +67,63 @@ pub fn fixture_model(name: &str) -> PathBuf {
             }
         }
     }
+    // The text model an open_clip fixture names by hub id, beside it as a
+    // folder of that name (a local folder wins over the hub, as in open_clip).
+    for (repo, files) in fixture_hub_repos(name) {
+        unpack(&files, &dir.join(&repo));
+    }
     made.insert(name.to_string(), dir.clone());
     dir
+}
+
+/// The hub repositories a fixture names (`"hub"` in its reference.json):
+/// repository id and the folder of its files under tests/fixtures.
+pub fn fixture_hub_repos(name: &str) -> Vec<(String, PathBuf)> {
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("models").join(name).join("reference.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    meta["hub"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(repo, path)| (repo.clone(), fixtures().join(path.as_str().unwrap())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Copies a fixture folder's files, gzipped ones unpacked.
+pub fn unpack(src: &Path, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_str().unwrap().to_string();
+        match file.strip_suffix(".gz") {
+            Some(plain) => {
+                let mut reader = flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap());
+                let mut out = std::fs::File::create(dir.join(plain)).unwrap();
+                std::io::copy(&mut reader, &mut out).unwrap();
+            }
+            None => {
+                std::fs::copy(&path, dir.join(&file)).unwrap();
+            }
+        }
+    }
+}
+
+/// A Hugging Face hub cache (`HF_HUB_CACHE` layout: refs/main and a
+/// snapshot) holding the hub repositories fixtures name.
+pub fn fixture_hub_cache(root: &Path, name: &str) -> PathBuf {
+    for (repo, files) in fixture_hub_repos(name) {
+        let base = root.join(format!("models--{}", repo.replace('/', "--")));
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        std::fs::create_dir_all(base.join("refs")).unwrap();
+        std::fs::write(base.join("refs/main"), commit).unwrap();
+        unpack(&files, &base.join("snapshots").join(commit));
+    }
+    root.to_path_buf()
 }
 
 /// The reference outputs of a fixture model.

@@ -8,6 +8,7 @@ mod hardening;
 mod index;
 mod layers;
 mod model_reference;
+mod open_clip;
 mod preprocess;
 mod server;
 mod siglip;

@@ -1,0 +1,497 @@
+//! The CLIP paper's modified ResNet image tower, as open_clip's
+//! `ModifiedResNet` (`modified_resnet.py`) lays it out.
+//!
+//! Three changes to ResNet-D (Radford et al. 2021, section 2.4): a stem of
+//! three 3x3 convolutions with an average pool in place of the max pool;
+//! strided blocks that downsample by average pooling before the convolution
+//! (anti-aliasing, Zhang 2019), on the residual path too; and attention
+//! pooling in place of global average pooling, one query at the mean of the
+//! positions attending over all of them.
+//!
+//! Batch normalisation runs in inference mode, so each is folded into the
+//! convolution before it at load time: `w' = w * g / sqrt(var + eps)`,
+//! `b' = beta - mean * g / sqrt(var + eps)`.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use super::ops::Pointwise;
+
+use super::config::{ResNetConfig, VisionConfig};
+use super::layers::Linear;
+use super::{Error, Result};
+
+/// `torch.nn.BatchNorm2d`'s default epsilon.
+const BN_EPS: f64 = 1e-5;
+
+/// Activations channels last: `data` is (n * h * w, c), one row per
+/// position, so a 1x1 convolution is one matrix product and a 3x3 one a
+/// product over gathered patches (gemm is fastest on one big matrix).
+#[derive(Clone, Debug)]
+struct Map {
+    data: Tensor,
+    n: usize,
+    h: usize,
+    w: usize,
+}
+
+/// A bias-free convolution followed by batch normalisation, folded into one
+/// dense layer over (ky, kx, channel) patches.
+#[derive(Clone, Debug)]
+struct ConvBn {
+    dense: Linear,
+    k: usize,
+    stride: usize,
+}
+
+impl ConvBn {
+    /// Loads `conv` (weights only) and `bn` (weight, bias, running stats).
+    fn load(
+        conv: VarBuilder,
+        bn: VarBuilder,
+        (cin, cout, k): (usize, usize, usize),
+        stride: usize,
+    ) -> Result<Self> {
+        let w = conv.get((cout, cin, k, k), "weight")?;
+        let gamma = bn.get(cout, "weight")?;
+        let beta = bn.get(cout, "bias")?;
+        let mean = bn.get(cout, "running_mean")?;
+        let var = bn.get(cout, "running_var")?;
+        let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
+        let w = w.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
+        let bias = (beta - (mean * &scale)?)?;
+        // (out, in, ky, kx) to (out, ky * kx * in): the patch layout of `Im2Col`.
+        let w = w
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .reshape((cout, k * k * cin))?;
+        Ok(Self {
+            dense: Linear::new(w, Some(bias))?,
+            k,
+            stride,
+        })
+    }
+
+    /// The convolution (padding `k / 2`), then `f`.
+    fn forward(&self, x: &Map, f: Pointwise) -> Result<Map> {
+        let (k, s, p) = (self.k, self.stride, self.k / 2);
+        let (h, w) = ((x.h + 2 * p - k) / s + 1, (x.w + 2 * p - k) / s + 1);
+        let patches = if k == 1 && s == 1 {
+            x.data.clone()
+        } else {
+            x.data.apply_op1_no_bwd(&Im2Col {
+                n: x.n,
+                h: x.h,
+                w: x.w,
+                k,
+                stride: s,
+            })?
+        };
+        Ok(Map {
+            data: self.dense.forward_then(&patches, f)?,
+            n: x.n,
+            h,
+            w,
+        })
+    }
+}
+
+/// Gathers every k x k patch (stride `stride`, zero padding `k / 2`) of a
+/// channels-last map into one row: (n * h' * w', k * k * c).
+struct Im2Col {
+    n: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "clipdex-im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = super::ops::slice(storage, layout, self.name())?;
+        let Self { n, h, w, k, stride } = *self;
+        let c = x.len() / (n * h * w);
+        let p = k / 2;
+        let (oh, ow) = ((h + 2 * p - k) / stride + 1, (w + 2 * p - k) / stride + 1);
+        let row = k * k * c;
+        let mut out = vec![0f32; n * oh * ow * row];
+        out.par_chunks_mut(ow * row)
+            .enumerate()
+            .for_each(|(line, out)| {
+                let (img, oy) = (line / oh, line % oh);
+                for ox in 0..ow {
+                    let dst = &mut out[ox * row..(ox + 1) * row];
+                    for ky in 0..k {
+                        let y = (oy * stride + ky) as isize - p as isize;
+                        if y < 0 || y >= h as isize {
+                            continue;
+                        }
+                        for kx in 0..k {
+                            let xx = (ox * stride + kx) as isize - p as isize;
+                            if xx < 0 || xx >= w as isize {
+                                continue;
+                            }
+                            let src = ((img * h + y as usize) * w + xx as usize) * c;
+                            let at = (ky * k + kx) * c;
+                            dst[at..at + c].copy_from_slice(&x[src..src + c]);
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n * oh * ow, row))))
+    }
+}
+
+/// `nn.AvgPool2d(k)` (stride k, no padding) over a channels-last map.
+struct AvgPool {
+    n: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+}
+
+impl CustomOp1 for AvgPool {
+    fn name(&self) -> &'static str {
+        "clipdex-avg-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = super::ops::slice(storage, layout, self.name())?;
+        let Self { n, h, w, k } = *self;
+        let c = x.len() / (n * h * w);
+        let (oh, ow) = (h / k, w / k);
+        let scale = 1.0 / (k * k) as f32;
+        let mut out = vec![0f32; n * oh * ow * c];
+        out.par_chunks_mut(ow * c)
+            .enumerate()
+            .for_each(|(line, out)| {
+                let (img, oy) = (line / oh, line % oh);
+                for ox in 0..ow {
+                    let dst = &mut out[ox * c..(ox + 1) * c];
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let src = ((img * h + oy * k + ky) * w + ox * k + kx) * c;
+                            for (d, &v) in dst.iter_mut().zip(&x[src..src + c]) {
+                                *d += v;
+                            }
+                        }
+                    }
+                    dst.iter_mut().for_each(|d| *d *= scale);
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n * oh * ow, c))))
+    }
+}
+
+/// `nn.AvgPool2d(k)`; the identity for k = 1.
+fn pool(x: &Map, k: usize) -> Result<Map> {
+    if k == 1 {
+        return Ok(x.clone());
+    }
+    Ok(Map {
+        data: x.data.apply_op1_no_bwd(&AvgPool {
+            n: x.n,
+            h: x.h,
+            w: x.w,
+            k,
+        })?,
+        n: x.n,
+        h: x.h / k,
+        w: x.w / k,
+    })
+}
+
+/// open_clip's `Bottleneck`: 1x1, 3x3, (average pool), 1x1 with four times
+/// the planes; the residual path average-pools and projects when the shape
+/// changes.
+#[derive(Clone, Debug)]
+struct Bottleneck {
+    conv1: ConvBn,
+    conv2: ConvBn,
+    conv3: ConvBn,
+    stride: usize,
+    downsample: Option<ConvBn>,
+}
+
+impl Bottleneck {
+    fn load(vb: VarBuilder, inplanes: usize, planes: usize, stride: usize) -> Result<Self> {
+        let out = planes * 4;
+        Ok(Self {
+            conv1: ConvBn::load(vb.pp("conv1"), vb.pp("bn1"), (inplanes, planes, 1), 1)?,
+            conv2: ConvBn::load(vb.pp("conv2"), vb.pp("bn2"), (planes, planes, 3), 1)?,
+            conv3: ConvBn::load(vb.pp("conv3"), vb.pp("bn3"), (planes, out, 1), 1)?,
+            stride,
+            downsample: if stride > 1 || inplanes != out {
+                let d = vb.pp("downsample");
+                Some(ConvBn::load(d.pp("0"), d.pp("1"), (inplanes, out, 1), 1)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: &Map) -> Result<Map> {
+        let out = self.conv1.forward(x, Pointwise::Relu)?;
+        let out = self.conv2.forward(&out, Pointwise::Relu)?;
+        let out = pool(&out, self.stride)?;
+        let out = self.conv3.forward(&out, Pointwise::Identity)?;
+        let identity = match &self.downsample {
+            Some(d) => d.forward(&pool(x, self.stride)?, Pointwise::Identity)?.data,
+            None => x.data.clone(),
+        };
+        // The product is a fresh buffer: the residual and ReLU go in place.
+        super::ops::add_in_place(&out.data, &identity)?;
+        let c = out.data.dim(1)?;
+        super::ops::bias_in_place(
+            &out.data,
+            &Tensor::zeros(c, DType::F32, out.data.device())?,
+            Pointwise::Relu,
+        )?;
+        Ok(out)
+    }
+}
+
+/// open_clip's `AttentionPool2d`: the mean of the positions is prepended,
+/// position embeddings added, and that first token's query attends over all
+/// of them; `c_proj` maps into the embedding space.
+#[derive(Clone, Debug)]
+struct AttentionPool2d {
+    positional_embedding: Tensor,
+    q: Linear,
+    /// k and v stacked: one matrix multiply.
+    kv: Linear,
+    c_proj: Linear,
+    heads: usize,
+}
+
+impl AttentionPool2d {
+    fn load(vb: VarBuilder, grid: usize, embed: usize, heads: usize, out: usize) -> Result<Self> {
+        let k = Linear::load(vb.pp("k_proj"), embed, embed, true)?;
+        let v = Linear::load(vb.pp("v_proj"), embed, embed, true)?;
+        let (kb, vb_) = (
+            k.bias()
+                .ok_or_else(|| Error::Weights("k_proj has no bias".into()))?,
+            v.bias()
+                .ok_or_else(|| Error::Weights("v_proj has no bias".into()))?,
+        );
+        let kv = Linear::new(
+            Tensor::cat(&[&k.weight()?, &v.weight()?], 0)?,
+            Some(Tensor::cat(&[kb, vb_], 0)?),
+        )?;
+        Ok(Self {
+            positional_embedding: vb.get((grid * grid + 1, embed), "positional_embedding")?,
+            q: Linear::load(vb.pp("q_proj"), embed, embed, true)?,
+            kv,
+            c_proj: Linear::load(vb.pp("c_proj"), embed, out, true)?,
+            heads,
+        })
+    }
+
+    /// A channels-last map to (batch, out).
+    fn forward(&self, x: &Map) -> Result<Tensor> {
+        let (b, hw, c) = (x.n, x.h * x.w, x.data.dim(1)?);
+        let (heads, d) = (self.heads, c / self.heads);
+        let tokens = x.data.reshape((b, hw, c))?;
+        let x = Tensor::cat(&[&tokens.mean_keepdim(1)?, &tokens], 1)?;
+        let x = x.broadcast_add(&self.positional_embedding)?;
+        let n = hw + 1;
+        let q = (self
+            .q
+            .forward(&x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?)?
+            * (d as f64).powf(-0.5))?
+        .reshape((b, heads, 1, d))?;
+        let kv = self
+            .kv
+            .forward(&x)?
+            .reshape((b, n, 2, heads, d))?
+            .permute((2, 0, 3, 1, 4))?;
+        let k = kv.get(0)?.contiguous()?; // (b, heads, n, d)
+        let v = kv.get(1)?.contiguous()?;
+        let scores = q.contiguous()?.matmul(&k.t()?)?; // (b, heads, 1, n)
+        let p = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+        let out = p.matmul(&v)?.reshape((b, c))?;
+        self.c_proj.forward(&out)
+    }
+}
+
+/// The whole tower: stem, four stages, attention pooling.
+#[derive(Clone, Debug)]
+pub struct ModifiedResNet {
+    stem: [ConvBn; 3],
+    stages: Vec<Vec<Bottleneck>>,
+    attnpool: AttentionPool2d,
+    image_size: usize,
+}
+
+impl ModifiedResNet {
+    /// Loads open_clip's `visual.` weights (under whatever prefix `vb` has);
+    /// `output_dim` is the embedding size.
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &VisionConfig,
+        r: &ResNetConfig,
+        output_dim: usize,
+    ) -> Result<Self> {
+        let w = r.width;
+        let stem = [
+            ConvBn::load(vb.pp("conv1"), vb.pp("bn1"), (3, w / 2, 3), 2)?,
+            ConvBn::load(vb.pp("conv2"), vb.pp("bn2"), (w / 2, w / 2, 3), 1)?,
+            ConvBn::load(vb.pp("conv3"), vb.pp("bn3"), (w / 2, w, 3), 1)?,
+        ];
+        let mut inplanes = w;
+        let mut stages = Vec::with_capacity(4);
+        for (i, &blocks) in r.layers.iter().enumerate() {
+            let planes = w << i;
+            let layer = vb.pp(format!("layer{}", i + 1));
+            let mut stage = Vec::with_capacity(blocks);
+            for j in 0..blocks {
+                let stride = if i > 0 && j == 0 { 2 } else { 1 };
+                stage.push(Bottleneck::load(layer.pp(j), inplanes, planes, stride)?);
+                inplanes = planes * 4;
+            }
+            stages.push(stage);
+        }
+        Ok(Self {
+            stem,
+            stages,
+            attnpool: AttentionPool2d::load(
+                vb.pp("attnpool"),
+                cfg.image_size / 32,
+                w * 32,
+                r.heads,
+                output_dim,
+            )?,
+            image_size: cfg.image_size,
+        })
+    }
+
+    /// (batch, 3, size, size) pixels to (batch, output_dim) features.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (_, c, height, width) = pixels.dims4()?;
+        if height != self.image_size || width != self.image_size || c != 3 {
+            return Err(Error::Input(format!(
+                "pixel batch is {c}x{height}x{width}, the model takes 3x{s}x{s}",
+                s = self.image_size
+            )));
+        }
+        let (n, s) = (pixels.dim(0)?, self.image_size);
+        let data = pixels
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .reshape((n * s * s, 3))?;
+        let mut x = Map {
+            data,
+            n,
+            h: s,
+            w: s,
+        };
+        for conv in &self.stem {
+            x = conv.forward(&x, Pointwise::Relu)?;
+        }
+        x = pool(&x, 2)?;
+        for block in self.stages.iter().flatten() {
+            x = block.forward(&x)?;
+        }
+        self.attnpool.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn channels_last_convolution_with_folded_batch_norm_is_conv2d_then_normalisation() {
+        let dev = Device::Cpu;
+        let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &dev).unwrap();
+        let mut map = std::collections::HashMap::new();
+        map.insert(
+            "c.weight".to_string(),
+            t(
+                (0..2 * 3 * 9).map(|i| (i as f32 * 0.37).sin()).collect(),
+                &[2, 3, 3, 3],
+            ),
+        );
+        map.insert("b.weight".to_string(), t(vec![1.5, 0.5], &[2]));
+        map.insert("b.bias".to_string(), t(vec![0.1, -0.2], &[2]));
+        map.insert("b.running_mean".to_string(), t(vec![0.3, -0.4], &[2]));
+        map.insert("b.running_var".to_string(), t(vec![2.0, 0.25], &[2]));
+        let vb = VarBuilder::from_tensors(map.clone(), DType::F32, &dev);
+        let bn = |y: &Tensor| {
+            let p = |k: &str| map[k].reshape((1, 2, 1, 1)).unwrap();
+            let sd = (p("b.running_var") + BN_EPS).unwrap().sqrt().unwrap();
+            y.broadcast_sub(&p("b.running_mean"))
+                .unwrap()
+                .broadcast_div(&sd)
+                .unwrap()
+                .broadcast_mul(&p("b.weight"))
+                .unwrap()
+                .broadcast_add(&p("b.bias"))
+                .unwrap()
+        };
+        let x = t(
+            (0..2 * 3 * 25).map(|i| (i as f32 * 0.11).cos()).collect(),
+            &[2, 3, 5, 5],
+        );
+        let nhwc = Map {
+            data: x
+                .permute((0, 2, 3, 1))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((50, 3))
+                .unwrap(),
+            n: 2,
+            h: 5,
+            w: 5,
+        };
+        for stride in [1, 2] {
+            let conv = ConvBn::load(vb.pp("c"), vb.pp("b"), (3, 2, 3), stride).unwrap();
+            let got = conv.forward(&nhwc, Pointwise::Identity).unwrap();
+            let got = got
+                .data
+                .reshape((2, got.h, got.w, 2))
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap();
+            let want = bn(&x.conv2d(&map["c.weight"], 1, stride, 1, 1).unwrap());
+            assert!(max_diff(&got, &want) < 1e-5, "stride {stride}");
+        }
+        // Average pooling, channels last, against candle's NCHW one.
+        let got = pool(&nhwc, 2).unwrap();
+        let got = got
+            .data
+            .reshape((2, 2, 2, 3))
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap();
+        assert!(max_diff(&got, &x.avg_pool2d(2).unwrap()) < 1e-6);
+    }
+}
