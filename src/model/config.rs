@@ -450,9 +450,44 @@ impl ClipConfig {
         }
     }
 
+    /// `small`'s text tower with the paper's modified ResNet of `width`
+    /// (stages of `layers` bottlenecks) on `image` px images.
+    pub fn small_resnet(
+        image: usize,
+        width: usize,
+        layers: [usize; 4],
+        text_width: usize,
+        text_layers: usize,
+    ) -> Self {
+        let mut config = Self::small(image, 32.min(image), text_width, text_layers);
+        let embed = width * 32;
+        let heads = embed / 64;
+        config.vision_config = VisionConfig {
+            hidden_size: embed,
+            intermediate_size: embed * 4,
+            num_attention_heads: heads,
+            image_size: image,
+            patch_size: 32,
+            resnet: Some(ResNetConfig {
+                layers,
+                width,
+                heads,
+            }),
+            ..config.vision_config
+        };
+        config
+    }
+
     /// Names of the presets, for help texts.
     pub const PRESETS: &'static [&'static str] = &[
-        "tiny-32", "small-32", "small-64", "vit-b-32", "vit-b-16", "vit-l-14",
+        "tiny-32",
+        "small-32",
+        "small-64",
+        "rn-tiny-64",
+        "rn-small-64",
+        "vit-b-32",
+        "vit-b-16",
+        "vit-l-14",
     ];
 
     /// Looks up a named preset.
@@ -463,6 +498,10 @@ impl ClipConfig {
             // About 1.6 M / 1.6 M parameters per tower: Fashion-MNIST-sized data.
             "small-32" => Some(Self::small(32, 4, 128, 4)),
             "small-64" => Some(Self::small(64, 8, 128, 4)),
+            // The paper's ResNet, one bottleneck per stage, 256-d pooling: for tests.
+            "rn-tiny-64" => Some(Self::small_resnet(64, 8, [1, 1, 1, 1], 64, 2)),
+            // Two per stage, 512-d pooling: Fashion-MNIST-sized data.
+            "rn-small-64" => Some(Self::small_resnet(64, 16, [2, 2, 2, 2], 128, 4)),
             "vit-b-32" | "ViT-B-32" | "ViT-B/32" => Some(Self::vit_base_patch32()),
             "vit-b-16" | "ViT-B-16" | "ViT-B/16" => Some(Self::vit_base_patch16()),
             "vit-l-14" | "ViT-L-14" | "ViT-L/14" => Some(Self::vit_large_patch14()),

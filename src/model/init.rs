@@ -102,6 +102,30 @@ pub fn init_weights(
     )?;
     layer_norm(&mut w, "text_model.final_layer_norm".into(), th)?;
 
+    if let Some(r) = &v.resnet {
+        resnet_weights(
+            &mut w,
+            &mut rng,
+            v.image_size,
+            r,
+            config.projection_dim,
+            device,
+        )?;
+        w.insert(
+            "text_projection.weight".into(),
+            normal_tensor(
+                &mut rng,
+                &[config.projection_dim, th],
+                (th as f64).powf(-0.5),
+                device,
+            )?,
+        );
+        w.insert(
+            "logit_scale".into(),
+            Tensor::new(config.logit_scale_init_value as f32, device)?,
+        );
+        return Ok(w);
+    }
     let vh = v.hidden_size;
     let p = v.patch_size;
     w.insert(
@@ -150,6 +174,151 @@ pub fn init_weights(
         Tensor::new(config.logit_scale_init_value as f32, device)?,
     );
     Ok(w)
+}
+
+/// A tensor of uniform samples in (-bound, bound).
+fn uniform_tensor(
+    rng: &mut NormalRng,
+    shape: &[usize],
+    bound: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+        .collect();
+    Ok(Tensor::from_vec(data, shape, device)?)
+}
+
+/// The modified ResNet as open_clip initialises it: PyTorch's default
+/// convolutions (uniform within 1/sqrt(fan_in)), batch normalisation at the
+/// identity with the last one of each block at zero (each block starts as
+/// its shortcut), the attention pooling's projections normal with std
+/// 1/sqrt(width).
+fn resnet_weights(
+    w: &mut HashMap<String, Tensor>,
+    rng: &mut NormalRng,
+    image_size: usize,
+    r: &super::ResNetConfig,
+    output_dim: usize,
+    device: &Device,
+) -> Result<()> {
+    let mut conv_bn = |w: &mut HashMap<String, Tensor>,
+                       conv: &str,
+                       bn: &str,
+                       (cin, cout, k): (usize, usize, usize),
+                       zero: bool|
+     -> Result<()> {
+        let bound = ((cin * k * k) as f64).powf(-0.5);
+        w.insert(
+            format!("{conv}.weight"),
+            uniform_tensor(rng, &[cout, cin, k, k], bound, device)?,
+        );
+        let gamma = if zero {
+            Tensor::zeros(cout, candle_core::DType::F32, device)?
+        } else {
+            Tensor::ones(cout, candle_core::DType::F32, device)?
+        };
+        w.insert(format!("{bn}.weight"), gamma);
+        w.insert(
+            format!("{bn}.bias"),
+            Tensor::zeros(cout, candle_core::DType::F32, device)?,
+        );
+        w.insert(
+            format!("{bn}.running_mean"),
+            Tensor::zeros(cout, candle_core::DType::F32, device)?,
+        );
+        w.insert(
+            format!("{bn}.running_var"),
+            Tensor::ones(cout, candle_core::DType::F32, device)?,
+        );
+        Ok(())
+    };
+    let v = "vision_model";
+    let width = r.width;
+    conv_bn(
+        w,
+        &format!("{v}.conv1"),
+        &format!("{v}.bn1"),
+        (3, width / 2, 3),
+        false,
+    )?;
+    conv_bn(
+        w,
+        &format!("{v}.conv2"),
+        &format!("{v}.bn2"),
+        (width / 2, width / 2, 3),
+        false,
+    )?;
+    conv_bn(
+        w,
+        &format!("{v}.conv3"),
+        &format!("{v}.bn3"),
+        (width / 2, width, 3),
+        false,
+    )?;
+    let mut inplanes = width;
+    for (i, &blocks) in r.layers.iter().enumerate() {
+        let planes = width << i;
+        for j in 0..blocks {
+            let p = format!("{v}.layer{}.{j}", i + 1);
+            conv_bn(
+                w,
+                &format!("{p}.conv1"),
+                &format!("{p}.bn1"),
+                (inplanes, planes, 1),
+                false,
+            )?;
+            conv_bn(
+                w,
+                &format!("{p}.conv2"),
+                &format!("{p}.bn2"),
+                (planes, planes, 3),
+                false,
+            )?;
+            conv_bn(
+                w,
+                &format!("{p}.conv3"),
+                &format!("{p}.bn3"),
+                (planes, planes * 4, 1),
+                true,
+            )?;
+            if (i > 0 && j == 0) || inplanes != planes * 4 {
+                conv_bn(
+                    w,
+                    &format!("{p}.downsample.0"),
+                    &format!("{p}.downsample.1"),
+                    (inplanes, planes * 4, 1),
+                    false,
+                )?;
+            }
+            inplanes = planes * 4;
+        }
+    }
+    let embed = width * 32;
+    let grid = image_size / 32;
+    let std = (embed as f64).powf(-0.5);
+    let a = format!("{v}.attnpool");
+    w.insert(
+        format!("{a}.positional_embedding"),
+        normal_tensor(rng, &[grid * grid + 1, embed], std, device)?,
+    );
+    for (name, out) in [
+        ("q_proj", embed),
+        ("k_proj", embed),
+        ("v_proj", embed),
+        ("c_proj", output_dim),
+    ] {
+        w.insert(
+            format!("{a}.{name}.weight"),
+            normal_tensor(rng, &[out, embed], std, device)?,
+        );
+        w.insert(
+            format!("{a}.{name}.bias"),
+            uniform_tensor(rng, &[out], std, device)?,
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ pub use preprocess::{Preprocessor, RgbView};
 pub use tokenizer::{ClipTokenizer, TextTokenizer};
 
 use layers::Linear;
-use resnet::ModifiedResNet;
+use resnet::{ModifiedResNet, TrainableResNet};
 use roberta::HfTextTransformer;
 use text::TextTransformer;
 use vision::VisionTransformer;
@@ -88,6 +88,8 @@ enum ImageTower {
     Vit(VisionTransformer),
     /// Ends in its attention pooling's projection: no separate projection.
     ResNet(ModifiedResNet),
+    /// The same with trainable weights and batch statistics.
+    TrainResNet(TrainableResNet),
 }
 
 /// The text tower: CLIP's or SigLIP's transformer, or a Hugging Face
@@ -166,6 +168,20 @@ impl ClipModel {
                     None => TextTower::Clip(TextTransformer::load(vb.pp("text_model"), t, family)?),
                 },
                 vision_model: match &v.resnet {
+                    // Trainable weights (training) need batch statistics and
+                    // gradients; fixed ones fold batch normalisation away.
+                    Some(r)
+                        if vb
+                            .get((r.width / 2, 3, 3, 3), "vision_model.conv1.weight")?
+                            .track_op() =>
+                    {
+                        ImageTower::TrainResNet(TrainableResNet::load(
+                            vb.pp("vision_model"),
+                            v,
+                            r,
+                            config.projection_dim,
+                        )?)
+                    }
                     Some(r) => ImageTower::ResNet(ModifiedResNet::load(
                         vb.pp("vision_model"),
                         v,
@@ -212,10 +228,29 @@ impl ClipModel {
         let pooled = match &self.vision_model {
             ImageTower::Vit(vit) => vit.forward(pixels)?,
             ImageTower::ResNet(resnet) => resnet.forward(pixels)?,
+            ImageTower::TrainResNet(resnet) => resnet.forward(pixels)?,
         };
         match &self.visual_projection {
             Some(projection) => projection.forward(&pooled),
             None => Ok(pooled),
+        }
+    }
+
+    /// Training mode: batch normalisation (the ResNet's, when trainable)
+    /// uses the batch's statistics and updates its running ones; otherwise
+    /// the running ones. Other layers behave the same either way.
+    pub fn set_training(&self, training: bool) {
+        if let ImageTower::TrainResNet(resnet) = &self.vision_model {
+            resnet.set_training(training);
+        }
+    }
+
+    /// State that is not a weight but is saved with them: batch
+    /// normalisation's running statistics, by checkpoint name.
+    pub fn buffers(&self) -> Vec<(String, candle_core::Var)> {
+        match &self.vision_model {
+            ImageTower::TrainResNet(resnet) => resnet.buffers(),
+            _ => Vec::new(),
         }
     }
 

@@ -12,7 +12,10 @@
 //! convolution before it at load time: `w' = w * g / sqrt(var + eps)`,
 //! `b' = beta - mean * g / sqrt(var + eps)`.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, Var};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -300,12 +303,11 @@ impl AttentionPool2d {
         })
     }
 
-    /// A channels-last map to (batch, out).
-    fn forward(&self, x: &Map) -> Result<Tensor> {
-        let (b, hw, c) = (x.n, x.h * x.w, x.data.dim(1)?);
+    /// (batch, positions, channels) tokens to (batch, out).
+    fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, hw, c) = tokens.dims3()?;
         let (heads, d) = (self.heads, c / self.heads);
-        let tokens = x.data.reshape((b, hw, c))?;
-        let x = Tensor::cat(&[&tokens.mean_keepdim(1)?, &tokens], 1)?;
+        let x = Tensor::cat(&[&tokens.mean_keepdim(1)?, tokens], 1)?;
         let x = x.broadcast_add(&self.positional_embedding)?;
         let n = hw + 1;
         let q = (self
@@ -321,7 +323,12 @@ impl AttentionPool2d {
         let k = kv.get(0)?.contiguous()?; // (b, heads, n, d)
         let v = kv.get(1)?.contiguous()?;
         let scores = q.contiguous()?.matmul(&k.t()?)?; // (b, heads, 1, n)
-        let p = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+        // candle's fused softmax has no backward pass.
+        let p = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
+        };
         let out = p.matmul(&v)?.reshape((b, c))?;
         self.c_proj.forward(&out)
     }
@@ -405,7 +412,254 @@ impl ModifiedResNet {
         for block in self.stages.iter().flatten() {
             x = block.forward(&x)?;
         }
-        self.attnpool.forward(&x)
+        let c = x.data.dim(1)?;
+        self.attnpool.forward(&x.data.reshape((n, x.h * x.w, c))?)
+    }
+}
+
+/// Trainable weights of a convolution and its batch normalisation, with the
+/// running statistics batch normalisation keeps for inference.
+#[derive(Clone, Debug)]
+struct TrainConvBn {
+    weight: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    /// Where the statistics are saved (`...bn1`).
+    bn_name: String,
+    stride: usize,
+    padding: usize,
+}
+
+/// `torch.nn.BatchNorm2d`'s default momentum.
+const BN_MOMENTUM: f64 = 0.1;
+
+impl TrainConvBn {
+    fn load(
+        conv: VarBuilder,
+        bn: VarBuilder,
+        (cin, cout, k): (usize, usize, usize),
+        stride: usize,
+    ) -> Result<Self> {
+        // The statistics are buffers, never optimised: served as plain tensors, kept here as variables to update.
+        let stat =
+            |name: &str| -> Result<Var> { Ok(Var::from_tensor(&bn.get(cout, name)?.detach())?) };
+        Ok(Self {
+            weight: conv.get((cout, cin, k, k), "weight")?,
+            gamma: bn.get(cout, "weight")?,
+            beta: bn.get(cout, "bias")?,
+            running_mean: stat("running_mean")?,
+            running_var: stat("running_var")?,
+            bn_name: bn.prefix(),
+            stride,
+            padding: k / 2,
+        })
+    }
+
+    /// Convolution then batch normalisation: over the batch's statistics
+    /// (updating the running ones) when training, over the running ones otherwise.
+    fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let (n, c, h, w) = y.dims4()?;
+        let shape = (1, c, 1, 1);
+        let (mean, var) = if training {
+            let flat = y.transpose(0, 1)?.contiguous()?.reshape((c, n * h * w))?;
+            let mean = flat.mean_keepdim(1)?;
+            let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+            // PyTorch keeps the unbiased variance.
+            let count = (n * h * w) as f64;
+            let unbiased = (var.detach() * (count / (count - 1.0).max(1.0)))?;
+            let m = BN_MOMENTUM;
+            self.running_mean.set(
+                &((self.running_mean.as_tensor() * (1.0 - m))?
+                    + (mean.detach().flatten_all()? * m)?)?,
+            )?;
+            self.running_var.set(
+                &((self.running_var.as_tensor() * (1.0 - m))? + (unbiased.flatten_all()? * m)?)?,
+            )?;
+            (mean.reshape(shape)?, var.reshape(shape)?)
+        } else {
+            (
+                self.running_mean.as_tensor().detach().reshape(shape)?,
+                self.running_var.as_tensor().detach().reshape(shape)?,
+            )
+        };
+        let norm = y
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
+        Ok(norm
+            .broadcast_mul(&self.gamma.reshape(shape)?)?
+            .broadcast_add(&self.beta.reshape(shape)?)?)
+    }
+
+    fn buffers(&self, out: &mut Vec<(String, Var)>) {
+        out.push((
+            format!("{}.running_mean", self.bn_name),
+            self.running_mean.clone(),
+        ));
+        out.push((
+            format!("{}.running_var", self.bn_name),
+            self.running_var.clone(),
+        ));
+    }
+}
+
+#[derive(Clone, Debug)]
+struct TrainBottleneck {
+    conv1: TrainConvBn,
+    conv2: TrainConvBn,
+    conv3: TrainConvBn,
+    stride: usize,
+    downsample: Option<TrainConvBn>,
+}
+
+impl TrainBottleneck {
+    fn load(vb: VarBuilder, inplanes: usize, planes: usize, stride: usize) -> Result<Self> {
+        let out = planes * 4;
+        Ok(Self {
+            conv1: TrainConvBn::load(vb.pp("conv1"), vb.pp("bn1"), (inplanes, planes, 1), 1)?,
+            conv2: TrainConvBn::load(vb.pp("conv2"), vb.pp("bn2"), (planes, planes, 3), 1)?,
+            conv3: TrainConvBn::load(vb.pp("conv3"), vb.pp("bn3"), (planes, out, 1), 1)?,
+            stride,
+            downsample: if stride > 1 || inplanes != out {
+                let d = vb.pp("downsample");
+                Some(TrainConvBn::load(
+                    d.pp("0"),
+                    d.pp("1"),
+                    (inplanes, out, 1),
+                    1,
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+        let pool = |t: Tensor| -> Result<Tensor> {
+            Ok(if self.stride > 1 {
+                t.avg_pool2d(self.stride)?
+            } else {
+                t
+            })
+        };
+        let out = self.conv1.forward(x, training)?.relu()?;
+        let out = pool(self.conv2.forward(&out, training)?.relu()?)?;
+        let out = self.conv3.forward(&out, training)?;
+        let identity = match &self.downsample {
+            Some(d) => d.forward(&pool(x.clone())?, training)?,
+            None => x.clone(),
+        };
+        Ok((out + identity)?.relu()?)
+    }
+
+    fn convs(&self) -> impl Iterator<Item = &TrainConvBn> {
+        [&self.conv1, &self.conv2, &self.conv3]
+            .into_iter()
+            .chain(self.downsample.as_ref())
+    }
+}
+
+/// The modified ResNet for training: channels first through candle's
+/// differentiable convolutions and pools, batch normalisation over the
+/// batch (`set_training(true)`, the default) or the running statistics.
+#[derive(Clone, Debug)]
+pub struct TrainableResNet {
+    stem: [TrainConvBn; 3],
+    stages: Vec<Vec<TrainBottleneck>>,
+    attnpool: AttentionPool2d,
+    image_size: usize,
+    training: Arc<AtomicBool>,
+}
+
+impl TrainableResNet {
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &VisionConfig,
+        r: &ResNetConfig,
+        output_dim: usize,
+    ) -> Result<Self> {
+        let w = r.width;
+        let stem = [
+            TrainConvBn::load(vb.pp("conv1"), vb.pp("bn1"), (3, w / 2, 3), 2)?,
+            TrainConvBn::load(vb.pp("conv2"), vb.pp("bn2"), (w / 2, w / 2, 3), 1)?,
+            TrainConvBn::load(vb.pp("conv3"), vb.pp("bn3"), (w / 2, w, 3), 1)?,
+        ];
+        let mut inplanes = w;
+        let mut stages = Vec::with_capacity(4);
+        for (i, &blocks) in r.layers.iter().enumerate() {
+            let planes = w << i;
+            let layer = vb.pp(format!("layer{}", i + 1));
+            let mut stage = Vec::with_capacity(blocks);
+            for j in 0..blocks {
+                let stride = if i > 0 && j == 0 { 2 } else { 1 };
+                stage.push(TrainBottleneck::load(
+                    layer.pp(j),
+                    inplanes,
+                    planes,
+                    stride,
+                )?);
+                inplanes = planes * 4;
+            }
+            stages.push(stage);
+        }
+        Ok(Self {
+            stem,
+            stages,
+            attnpool: AttentionPool2d::load(
+                vb.pp("attnpool"),
+                cfg.image_size / 32,
+                w * 32,
+                r.heads,
+                output_dim,
+            )?,
+            image_size: cfg.image_size,
+            training: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
+    /// Batch statistics (training) or running ones (evaluation).
+    pub fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed);
+    }
+
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (n, c, height, width) = pixels.dims4()?;
+        if height != self.image_size || width != self.image_size || c != 3 {
+            return Err(Error::Input(format!(
+                "pixel batch is {c}x{height}x{width}, the model takes 3x{s}x{s}",
+                s = self.image_size
+            )));
+        }
+        let training = self.training.load(Ordering::Relaxed);
+        let mut x = pixels.clone();
+        for conv in &self.stem {
+            x = conv.forward(&x, training)?.relu()?;
+        }
+        x = x.avg_pool2d(2)?;
+        for block in self.stages.iter().flatten() {
+            x = block.forward(&x, training)?;
+        }
+        let (_, c, h, w) = x.dims4()?;
+        let tokens = x.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        self.attnpool.forward(&tokens)
+    }
+
+    /// The running statistics by checkpoint name, to save with the weights
+    /// (and to restore when a run resumes).
+    pub fn buffers(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        let convs = self.stem.iter().chain(
+            self.stages
+                .iter()
+                .flatten()
+                .flat_map(TrainBottleneck::convs),
+        );
+        for conv in convs {
+            conv.buffers(&mut out);
+        }
+        out
     }
 }
 

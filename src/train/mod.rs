@@ -332,7 +332,10 @@ pub fn build_model(
         frozen: HashMap::new(),
     };
     for (name, t) in tensors {
-        if freeze.frozen(&name) {
+        // Batch normalisation's running statistics are state, not weights:
+        // the model updates them itself.
+        let buffer = name.ends_with(".running_mean") || name.ends_with(".running_var");
+        if freeze.frozen(&name) || buffer {
             weights.frozen.insert(name, t);
         } else {
             weights.vars.insert(name.clone(), Var::from_tensor(&t)?);
@@ -618,13 +621,14 @@ fn run_key(opts: &TrainOptions, config: &ClipConfig, loss: Objective) -> RunKey 
     }
 }
 
-/// Restores weights, optimiser state, step and history from the run's
-/// checkpoint, if there is one; `(0, [])` for a fresh run.
+/// Restores weights (and the model's state, `vars`), optimiser state, step
+/// and history from the run's checkpoint, if there is one; `(0, [])` for a
+/// fresh run.
 fn resume(
     opts: &TrainOptions,
     ckpt: &Path,
     run: &RunKey,
-    trainable: &[(String, Var)],
+    vars: &[(String, Var)],
     optimizer: &mut AdamW,
 ) -> Result<(u64, Vec<Validation>)> {
     if !ckpt.join("state.json").is_file() {
@@ -641,7 +645,7 @@ fn resume(
         )));
     }
     let saved = candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu)?;
-    for (name, var) in trainable {
+    for (name, var) in vars {
         let t = saved
             .get(name)
             .ok_or_else(|| Error::Resume(format!("checkpoint lacks {name}")))?;
@@ -656,14 +660,14 @@ fn resume(
 /// whole: a kill at any moment leaves the old checkpoint or the new one.
 fn save_checkpoint(
     out: &Path,
-    trainable: &[(String, Var)],
+    vars: &[(String, Var)],
     optimizer: &AdamW,
     state: &CheckpointState,
 ) -> Result<()> {
     let (tmp, ckpt) = (out.join("checkpoint.tmp"), out.join("checkpoint"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let tensors: HashMap<String, Tensor> = trainable
+    let tensors: HashMap<String, Tensor> = vars
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
@@ -694,11 +698,11 @@ fn export(
     config: &ClipConfig,
     preprocessor: &Preprocessor,
     frozen: &HashMap<String, Tensor>,
-    trainable: &[(String, Var)],
+    vars: &[(String, Var)],
     history: &[Validation],
 ) -> Result<()> {
     let mut tensors: HashMap<String, Tensor> = frozen.clone();
-    for (k, v) in trainable {
+    for (k, v) in vars {
         tensors.insert(k.clone(), v.as_tensor().detach());
     }
     // CLIPModel has no bias: a CLIP architecture trained with the sigmoid
@@ -787,7 +791,9 @@ pub fn train(
     let warmup = opts.warmup.unwrap_or(total_steps / 20);
     let run = run_key(opts, &config, objective);
     let ckpt = opts.out.join("checkpoint");
-    let (step, mut history) = resume(opts, &ckpt, &run, &trainable, &mut optimizer)?;
+    // What a checkpoint holds: the weights and the model's own state.
+    let saved: Vec<(String, Var)> = trainable.iter().cloned().chain(model.buffers()).collect();
+    let (step, mut history) = resume(opts, &ckpt, &run, &saved, &mut optimizer)?;
 
     let save_checkpoint = |step: u64, history: &[Validation], optimizer: &AdamW| -> Result<()> {
         let state = CheckpointState {
@@ -795,7 +801,7 @@ pub fn train(
             step,
             history: history.to_vec(),
         };
-        save_checkpoint(&opts.out, &trainable, optimizer, &state)
+        save_checkpoint(&opts.out, &saved, optimizer, &state)
     };
     let export = |history: &[Validation]| {
         export(
@@ -803,7 +809,7 @@ pub fn train(
             &config,
             &base.preprocessor,
             &frozen_copy,
-            &trainable,
+            &saved,
             history,
         )
     };
@@ -924,6 +930,8 @@ pub fn train(
                     log_scale: log_scale.as_tensor(),
                     bias: bias.as_ref().map(Var::as_tensor),
                 };
+                // Batch normalisation on its running statistics, as the exported model runs.
+                model.set_training(false);
                 let v = validate(
                     &model,
                     &scoring,
@@ -932,7 +940,9 @@ pub fn train(
                     batch,
                     &tokenizer,
                     last.epoch + 1,
-                )?;
+                );
+                model.set_training(true);
+                let v = v?;
                 if let Some(v) = v {
                     history.push(v.clone());
                     last.validation = Some(v);

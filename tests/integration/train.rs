@@ -146,6 +146,33 @@ fn every_parameter_gets_a_gradient() {
             assert_no_dead_parameters(&m, &tok, &pixels(dir.path(), 8, 32), objective);
         }
     }
+    // The paper's ResNet: every convolution, batch-norm gain and bias, the
+    // attention pooling. Its running statistics are state, not parameters.
+    let config = ClipConfig::preset("rn-tiny-64").unwrap();
+    for objective in [Objective::Softmax, Objective::Sigmoid] {
+        let mut weights = init_weights(&config, 0, &Device::Cpu).unwrap();
+        // open_clip starts each block's last gain at zero (the block is its
+        // shortcut), which leaves the block's convolutions without a gradient
+        // on the first step only; any other gain shows them all reached.
+        for (name, t) in weights.iter_mut() {
+            if name.ends_with("bn3.weight") {
+                *t = t.ones_like().unwrap();
+            }
+        }
+        let buffers = weights
+            .keys()
+            .filter(|k| k.ends_with(".running_mean") || k.ends_with(".running_var"))
+            .count();
+        assert!(buffers > 0);
+        let count = weights.len() - buffers + usize::from(objective == Objective::Sigmoid);
+        let m = build_model(&config, weights, Freeze::None, objective).unwrap();
+        assert_eq!(m.trainable.len(), count);
+        assert_eq!(m.model.buffers().len(), buffers);
+        let tok = clipdex::model::TextTokenizer::Clip(builtin_tokenizer(
+            config.text_config.max_position_embeddings,
+        ));
+        assert_no_dead_parameters(&m, &tok, &pixels(dir.path(), 8, 64), objective);
+    }
     // SigLIP, from a checkpoint: its own tokenizer, fixed-length text, the pooling head.
     let (clip, tensors) = siglip_fixture();
     let count = tensors.len();
@@ -574,6 +601,79 @@ fn the_exported_checkpoint_loads_and_embeds_as_in_training() {
             .unwrap(),
     ]);
     assert!(emb.status.success(), "{}", stderr(&emb));
+}
+
+/// The paper's ResNet trains from scratch: batch statistics while training,
+/// running statistics saved with the weights, and the exported checkpoint
+/// (batch normalisation folded into the convolutions) embeds as the trained
+/// model does in evaluation mode.
+#[test]
+fn the_papers_resnet_trains_from_scratch_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shapes(&dir.path().join("data"), 48, 11);
+    let out = dir.path().join("model");
+    let args: Vec<String> = [
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        "rn-tiny-64",
+        "--batch",
+        "8",
+        "--seed",
+        "3",
+        "--epochs",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let summary = run_train(&args);
+    assert!(summary["steps"].as_u64().unwrap() >= 8, "{summary}");
+    let clip = Clip::load(
+        &ModelSource::Dir(out.clone()),
+        &HubOptions {
+            offline: true,
+            progress: false,
+        },
+    )
+    .unwrap();
+    assert!(clip.config().vision_config.resnet.is_some());
+    let tensors =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    // Training moved the running statistics away from their start (0 and 1),
+    // and the resumable checkpoint holds them as the export does.
+    let var = tensors["vision_model.bn1.running_var"]
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(var.iter().any(|v| (v - 1.0).abs() > 1e-3), "{var:?}");
+    let ckpt =
+        candle_core::safetensors::load(out.join("checkpoint/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(
+        ckpt["vision_model.bn1.running_var"]
+            .to_vec1::<f32>()
+            .unwrap(),
+        var
+    );
+    let m = build_model(clip.config(), tensors, Freeze::None, Objective::Softmax).unwrap();
+    m.model.set_training(false);
+    let px = pixels(&dir.path().join("data"), 8, 64);
+    let a = clip.image_features(&px).unwrap();
+    let b = m.model.get_image_features(&px).unwrap();
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-4, "image features differ by {d}");
 }
 
 #[test]
