@@ -131,11 +131,14 @@ fn main() {
     let ids = tokenizer.encode(QUERY).unwrap();
     // The query's own tokens; SigLIP pads every text to its fixed length.
     let tokens = match tokenizer {
-        TextTokenizer::Clip(_) | TextTokenizer::OpenClip(_) => ids.len(),
+        TextTokenizer::Clip(_) | TextTokenizer::OpenClip(_) | TextTokenizer::Hf(_) => ids.len(),
         TextTokenizer::Fixed(_) => ids.iter().filter(|&&t| t != tokenizer.pad_id()).count() + 1,
     };
-    if !matches!(tokenizer, TextTokenizer::Fixed(_)) {
-        assert_eq!(tokens, 10, "the query should be 10 tokens");
+    if matches!(
+        tokenizer,
+        TextTokenizer::Clip(_) | TextTokenizer::OpenClip(_)
+    ) {
+        assert_eq!(tokens, 10, "the query should be 10 CLIP tokens");
     }
 
     let mut rng = NormalRng::new(1);

@@ -4,6 +4,7 @@
 #   scripts/bench/model.sh            ViT-B/32 (THREADS=2 by default)
 #   FAMILY=siglip scripts/bench/model.sh   SigLIP base-patch16-224
 #   FAMILY=open_clip_rn50 scripts/bench/model.sh   open_clip's RN50 (the paper's ResNet) against open_clip
+#   FAMILY=open_clip_xlmr scripts/bench/model.sh   open_clip's xlm-roberta-base-ViT-B-32 (multilingual) against open_clip
 # Needs the reference venv: scripts/reference/setup-venv.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,6 +18,9 @@ if [ "$FAMILY" = siglip ]; then
 elif [ "$FAMILY" = open_clip_rn50 ]; then
   DIR=target/bench/rn50
   "$PY" scripts/reference/bench_model.py --family open_clip_rn50 --dir "$DIR" --prepare 2>/dev/null
+elif [ "$FAMILY" = open_clip_xlmr ]; then
+  DIR=target/bench/xlmr-b-32
+  "$PY" scripts/reference/bench_model.py --family open_clip_xlmr --dir "$DIR" --prepare 2>/dev/null
 else
   DIR=target/bench/vit-b-32
 fi

@@ -84,32 +84,86 @@ def write_open_clip_rn50(out: Path) -> None:
     (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
 
 
+# open_clip's xlm-roberta-base-ViT-B-32 (LAION's multilingual model) with xlm-roberta-base's text
+# architecture; the tokenizer is the fixture's small SentencePiece one (no hub here), the same on both sides.
+XLMR_TEXT = {
+    "model_type": "xlm-roberta", "vocab_size": 1502, "hidden_size": 768, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu", "max_position_embeddings": 514,
+    "type_vocab_size": 1, "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+}
+XLMR = {
+    "embed_dim": 512,
+    "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+    "text_cfg": {"hf_model_name": "xlmr-text", "hf_tokenizer_name": "xlmr-text", "hf_pooler_type": "mean_pooler",
+                 "hf_proj_type": "mlp", "hf_model_pretrained": False},
+}
+
+
+def xlmr_cfg(directory: Path) -> dict:
+    """XLMR with the text model's folder as an absolute path, as open_clip in Python needs it."""
+    cfg = json.loads(json.dumps(XLMR))
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        cfg["text_cfg"][key] = str((directory / "xlmr-text").resolve())
+    return cfg
+
+
+def write_open_clip_xlmr(out: Path) -> None:
+    """A random xlm-roberta-base-ViT-B-32 in open_clip's layout, its text model in the subfolder it names."""
+    if (out / "open_clip_model.safetensors").is_file():
+        return
+    import open_clip
+    from safetensors.torch import save_file
+
+    text = out / "xlmr-text"
+    text.mkdir(parents=True, exist_ok=True)
+    (text / "config.json").write_text(json.dumps(XLMR_TEXT, indent=2))
+    hub = ROOT / "tests/fixtures/hub/clipdex-fixtures--xlm-roberta-tiny"
+    with gzip.open(hub / "tokenizer.json.gz") as f:
+        (text / "tokenizer.json").write_bytes(f.read())
+    shutil.copy(hub / "tokenizer_config.json", text / "tokenizer_config.json")
+    torch.manual_seed(0)
+    model = open_clip.model.CustomTextCLIP(**xlmr_cfg(out)).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    cfg = {"model_cfg": XLMR, "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN),
+                                                 "std": list(open_clip.OPENAI_DATASET_STD),
+                                                 "interpolation": "bicubic", "resize_mode": "shortest"}}
+    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default=None)
-    ap.add_argument("--family", choices=["clip", "siglip", "open_clip_rn50"], default="clip")
+    ap.add_argument("--family", choices=["clip", "siglip", "open_clip_rn50", "open_clip_xlmr"], default="clip")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--prepare", action="store_true", help="write the SigLIP or RN50 checkpoint and stop")
     args = ap.parse_args()
     siglip = args.family == "siglip"
     rn50 = args.family == "open_clip_rn50"
-    directory = args.dir or ("target/bench/siglip-b-16" if siglip else "target/bench/rn50" if rn50 else "target/bench/vit-b-32")
-    if siglip or rn50:
-        (write_siglip if siglip else write_open_clip_rn50)(Path(directory))
+    xlmr = args.family == "open_clip_xlmr"
+    directory = args.dir or {"siglip": "target/bench/siglip-b-16", "open_clip_rn50": "target/bench/rn50",
+                             "open_clip_xlmr": "target/bench/xlmr-b-32"}.get(args.family, "target/bench/vit-b-32")
+    if siglip or rn50 or xlmr:
+        writer = write_siglip if siglip else write_open_clip_rn50 if rn50 else write_open_clip_xlmr
+        writer(Path(directory))
         if args.prepare:
             return
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    if rn50:
+    if rn50 or xlmr:
         import open_clip
         from safetensors.torch import load_file
 
-        clip = open_clip.model.CLIP(**RN50).eval()
+        if rn50:
+            clip = open_clip.model.CLIP(**RN50).eval()
+            tokenizer = open_clip.get_tokenizer("RN50")
+            tokens = int((tokenizer([QUERY]) != 0).sum())
+        else:
+            clip = open_clip.model.CustomTextCLIP(**xlmr_cfg(Path(directory))).eval()
+            tokenizer = open_clip.tokenizer.HFTokenizer(str((Path(directory) / "xlmr-text").resolve()))
+            tokens = int((tokenizer([QUERY]) != 1).sum())
         clip.load_state_dict(load_file(str(Path(directory) / "open_clip_model.safetensors")))
-        tokenizer = open_clip.get_tokenizer("RN50")
         encode = lambda: tokenizer([QUERY])
-        tokens = int((tokenizer([QUERY]) != 0).sum())
         size = 224
 
         class Features:
@@ -141,7 +195,7 @@ def main():
 
         def query():
             ids = encode()
-            if rn50:
+            if rn50 or xlmr:
                 f = clip.encode_text(ids)
             elif siglip:
                 f = model.get_text_features(input_ids=ids["input_ids"]).pooler_output
@@ -151,9 +205,10 @@ def main():
 
         text = sorted(timed(5, 100, query))
     result = {
-        "impl": ("open_clip %s" % __import__("open_clip").__version__ if rn50 else
+        "impl": ("open_clip %s" % __import__("open_clip").__version__ if rn50 or xlmr else
                  "transformers %s" % __import__("transformers").__version__) + " / torch %s" % torch.__version__,
-        "model": "SigLIP B/16-224" if siglip else "open_clip RN50" if rn50 else "ViT-B/32",
+        "model": "SigLIP B/16-224" if siglip else "open_clip RN50" if rn50 else
+                 "open_clip xlm-roberta-base-ViT-B-32" if xlmr else "ViT-B/32",
         "threads": args.threads,
         "image_per_s_batch1": 1.0 / b1,
         "image_per_s_batch16": 16.0 / b16,

@@ -304,11 +304,13 @@ fn resolve_with(
     let tokenizer = match (get("tokenizer.json")?, get("spiece.model")?) {
         (Some(path), _) => TokenizerFiles::Json(path),
         (None, Some(path)) => TokenizerFiles::SentencePiece(path),
-        (None, None) => {
-            let vocab = get("vocab.json")?.ok_or_else(|| missing("tokenizer.json"))?;
-            let merges = get("merges.txt")?.ok_or_else(|| missing("merges.txt"))?;
-            TokenizerFiles::VocabMerges { vocab, merges }
-        }
+        (None, None) => match (get("vocab.json")?, get("merges.txt")?) {
+            (Some(vocab), Some(merges)) => TokenizerFiles::VocabMerges { vocab, merges },
+            // open_clip's tokenizer (a model fine-tuned from an open_clip checkpoint).
+            (None, Some(merges)) => TokenizerFiles::Merges(merges),
+            (Some(_), None) => return Err(missing("merges.txt")),
+            (None, None) => return Err(missing("tokenizer.json")),
+        },
     };
     let tokenizer_config = get("tokenizer_config.json")?;
     let preprocessor = get("preprocessor_config.json")?;
@@ -349,6 +351,11 @@ fn resolve_open_clip(
         (None, None) => TokenizerFiles::OpenAiBuiltin,
     };
     let hf_text = hf_text_files(location, &config, hub)?;
+    // A Hugging Face text tower brings its own tokenizer.
+    let tokenizer = match &hf_text {
+        Some(files) => TokenizerFiles::Json(files.tokenizer.clone()),
+        None => tokenizer,
+    };
     Ok(CheckpointFiles {
         layout: Layout::OpenClip,
         config,

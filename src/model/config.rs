@@ -283,6 +283,20 @@ pub struct ClipConfig {
     /// open_clip's `proj_bias`: the text projection has a bias.
     #[serde(default, skip_serializing_if = "is_false")]
     pub text_projection_bias: bool,
+    /// The tokenizer the text tower was trained with, when it is not the
+    /// family's own (open_clip models, and what is fine-tuned from them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<TokenizerKind>,
+}
+
+/// Tokenizers other than the family's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerKind {
+    /// open_clip's `SimpleTokenizer` over CLIP's BPE.
+    OpenClip,
+    /// open_clip's `HFTokenizer` over a Hugging Face tokenizer (XLM-RoBERTa's).
+    OpenClipHf,
 }
 
 /// The file as written: sub-configs may be missing, null, or (older
@@ -305,6 +319,8 @@ struct RawConfig {
     logit_scale_init_value: Option<f64>,
     #[serde(default)]
     text_projection_bias: bool,
+    #[serde(default)]
+    tokenizer: Option<TokenizerKind>,
 }
 
 /// The `model_type`s clipdex reads, for error messages.
@@ -343,6 +359,7 @@ impl ClipConfig {
                 projection_dim: raw.projection_dim.unwrap_or(512),
                 logit_scale_init_value: raw.logit_scale_init_value.unwrap_or(2.6592),
                 text_projection_bias: raw.text_projection_bias,
+                tokenizer: raw.tokenizer,
             },
             Family::Siglip => {
                 let text_config: TextConfig =
@@ -357,6 +374,7 @@ impl ClipConfig {
                     // SigLIP initialises t' = log 10 (and the bias at -10).
                     logit_scale_init_value: 10f64.ln(),
                     text_projection_bias: false,
+                    tokenizer: None,
                 }
             }
         };
@@ -384,6 +402,7 @@ impl ClipConfig {
             projection_dim: 512,
             logit_scale_init_value: 2.6592,
             text_projection_bias: false,
+            tokenizer: None,
         }
     }
 
@@ -415,6 +434,7 @@ impl ClipConfig {
             projection_dim: 768,
             logit_scale_init_value: 2.6592,
             text_projection_bias: false,
+            tokenizer: None,
         }
     }
 
@@ -447,6 +467,7 @@ impl ClipConfig {
             projection_dim: width,
             logit_scale_init_value: (1.0f64 / 0.07).ln(),
             text_projection_bias: false,
+            tokenizer: None,
         }
     }
 
@@ -523,6 +544,10 @@ impl ClipConfig {
                 });
                 if self.text_projection_bias {
                     value["text_projection_bias"] = true.into();
+                }
+                if let Some(kind) = self.tokenizer {
+                    value["tokenizer"] =
+                        serde_json::to_value(kind).expect("a tokenizer kind serialises");
                 }
                 value
             }

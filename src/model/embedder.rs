@@ -8,12 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::checkpoint::{
-    self, CheckpointFiles, HubOptions, Layout, ModelSource, TokenizerFiles, WeightsFile,
-};
+use super::checkpoint::{self, CheckpointFiles, HubOptions, Layout, ModelSource, WeightsFile};
 use super::open_clip::{self, OpenClipConfig};
-use super::simple_tokenizer::SimpleTokenizer;
-use super::tokenizer::{HfTokenizer, TokenizerSettings};
+use super::tokenizer::TokenizerSettings;
 use super::{
     ClipConfig, ClipModel, Error, Family, Preprocessor, Result, RgbView, TextTokenizer,
     load_weights, normalize,
@@ -65,27 +62,11 @@ impl Clip {
             Some(o) => o.config.clone(),
             None => ClipConfig::from_json(&config_text)?,
         };
-        let context = config.text_config.max_position_embeddings;
         let settings = match &files.tokenizer_config {
             Some(path) => TokenizerSettings::from_json(&read(path)?)?,
             None => TokenizerSettings::default(),
         };
-        let tokenizer = match (&open_clip, &files.tokenizer) {
-            (Some(_), _)
-                if let (Some(hf), Some(files)) = (&config.text_config.hf_tower, &files.hf_text) =>
-            {
-                TextTokenizer::Hf(HfTokenizer::from_file(
-                    &files.tokenizer,
-                    hf.context_length,
-                    config.text_config.pad_token_id.unwrap_or(1),
-                )?)
-            }
-            (Some(_), TokenizerFiles::Merges(path) | TokenizerFiles::Json(path)) => {
-                TextTokenizer::OpenClip(SimpleTokenizer::from_file(path, context)?)
-            }
-            (Some(_), _) => TextTokenizer::OpenClip(SimpleTokenizer::openai(context)?),
-            _ => TextTokenizer::load(config.family, &files.tokenizer, &settings, context)?,
-        };
+        let tokenizer = TextTokenizer::for_config(&config, &files.tokenizer, &settings)?;
         if tokenizer.max_id() as usize >= config.text_config.vocab_size {
             return Err(Error::Config(format!(
                 "the tokenizer has ids up to {}, outside the model's vocabulary of {}",

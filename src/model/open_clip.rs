@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use super::config::{
     Activation, ClipConfig, Family, HfTextTower, ResNetConfig, TextConfig, TextPooler,
-    TextProjection, VisionConfig, VisionPool,
+    TextProjection, TokenizerKind, VisionConfig, VisionPool,
 };
 use super::preprocess::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocessor, Resample};
 use super::{Error, Result};
@@ -263,10 +263,14 @@ impl OpenClipConfig {
             };
         let config = ClipConfig {
             family: Family::Clip,
-            text_config,
             vision_config,
             projection_dim: embed_dim,
             logit_scale_init_value: top.get("init_logit_scale", (1.0f64 / 0.07).ln())?,
+            tokenizer: Some(match text_config.hf_tower {
+                Some(_) => TokenizerKind::OpenClipHf,
+                None => TokenizerKind::OpenClip,
+            }),
+            text_config,
             text_projection_bias,
         };
         let config = ClipConfig::from_json(&config.to_json())?;

@@ -16,9 +16,10 @@ use std::path::Path;
 use tokenizers::Tokenizer;
 
 use super::checkpoint::TokenizerFiles;
+use super::config::TokenizerKind;
 use super::sentencepiece::SentencePiece;
 use super::simple_tokenizer::SimpleTokenizer;
-use super::{Error, Family, Result};
+use super::{ClipConfig, Error, Family, Result};
 
 pub const START_OF_TEXT: &str = "<|startoftext|>";
 pub const END_OF_TEXT: &str = "<|endoftext|>";
@@ -318,6 +319,38 @@ impl TextTokenizer {
                 )));
             }
         })
+    }
+
+    /// The tokenizer a model with `config` reads from these files: the one
+    /// its config names (open_clip's), else its family's.
+    pub fn for_config(
+        config: &ClipConfig,
+        files: &TokenizerFiles,
+        settings: &TokenizerSettings,
+    ) -> Result<Self> {
+        let t = &config.text_config;
+        let context = t.max_position_embeddings;
+        match (config.tokenizer, files) {
+            (None, files) => Self::load(config.family, files, settings, context),
+            (
+                Some(TokenizerKind::OpenClip),
+                TokenizerFiles::Merges(p) | TokenizerFiles::Json(p),
+            ) => Ok(Self::OpenClip(SimpleTokenizer::from_file(p, context)?)),
+            (Some(TokenizerKind::OpenClip), TokenizerFiles::OpenAiBuiltin) => {
+                Ok(Self::OpenClip(SimpleTokenizer::openai(context)?))
+            }
+            (Some(TokenizerKind::OpenClipHf), TokenizerFiles::Json(p)) => {
+                let len = t.hf_tower.as_ref().map_or(context, |hf| hf.context_length);
+                Ok(Self::Hf(HfTokenizer::from_file(
+                    p,
+                    len,
+                    t.pad_token_id.unwrap_or(1),
+                )?))
+            }
+            (Some(kind), files) => Err(Error::Config(format!(
+                "the model's tokenizer is {kind:?}, but the checkpoint's tokenizer files are {files:?}"
+            ))),
+        }
     }
 
     /// Ids of one text, ready for the text tower.

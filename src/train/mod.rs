@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::checkpoint::{self, HubOptions, ModelSource, TokenizerFiles, WeightsFile};
 use crate::model::loss::{Objective, SIGMOID_INIT_BIAS, SIGMOID_INIT_LOG_SCALE};
+use crate::model::open_clip::{self, OpenClipConfig};
 use crate::model::tokenizer::TokenizerSettings;
 use crate::model::{ClipConfig, ClipModel, Family, Preprocessor, TextTokenizer, init};
 use data::{Dataset, ImageSet, Problem, Sample};
@@ -404,17 +405,36 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
         }),
         Start::Checkpoint(source) => {
             let files = checkpoint::resolve(source, hub)?;
-            if files.layout == checkpoint::Layout::OpenClip {
-                return Err(Error::Data(format!(
-                    "{source} is an open_clip checkpoint: fine-tuning reads Hugging Face layouts (config.json) so far; \
-                     LAION's hub repositories have both"
-                )));
-            }
             let read = |p: &Path| std::fs::read(p).map_err(io(p));
-            let config = ClipConfig::from_json(&String::from_utf8_lossy(&read(&files.config)?))?;
-            let tensors = match &files.weights {
-                WeightsFile::Safetensors(p) => candle_core::safetensors::load(p, &device)?,
-                WeightsFile::Pickle(p) => candle_core::pickle::read_all(p)?.into_iter().collect(),
+            let text = |p: &Path| -> Result<String> {
+                Ok(String::from_utf8_lossy(&read(p)?).into_owned())
+            };
+            // An open_clip checkpoint becomes the same model in Hugging Face
+            // names (its config says which tokenizer and towers it has).
+            let open_clip = match files.layout {
+                checkpoint::Layout::HuggingFace => None,
+                checkpoint::Layout::OpenClip => {
+                    let hf_text = files
+                        .hf_text
+                        .as_ref()
+                        .map(|f| text(&f.config))
+                        .transpose()?;
+                    Some(OpenClipConfig::from_json(
+                        &text(&files.config)?,
+                        hf_text.as_deref(),
+                    )?)
+                }
+            };
+            let config = match &open_clip {
+                Some(o) => o.config.clone(),
+                None => ClipConfig::from_json(&text(&files.config)?)?,
+            };
+            let tensors = match (&open_clip, &files.weights) {
+                (Some(_), weights) => open_clip::remap(open_clip::read_tensors(weights)?, &config)?,
+                (None, WeightsFile::Safetensors(p)) => candle_core::safetensors::load(p, &device)?,
+                (None, WeightsFile::Pickle(p)) => {
+                    candle_core::pickle::read_all(p)?.into_iter().collect()
+                }
             };
             let tensors = tensors
                 .into_iter()
@@ -439,11 +459,10 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
                 tokenizer_files.push(("tokenizer_config.json".into(), read(p)?));
             }
             let image_size = config.vision_config.image_size;
-            let preprocessor = match &files.preprocessor {
-                Some(p) => {
-                    Preprocessor::from_json(&String::from_utf8_lossy(&read(p)?), image_size)?
-                }
-                None => Preprocessor::default_for(config.family, image_size),
+            let preprocessor = match (&open_clip, &files.preprocessor) {
+                (Some(o), _) => o.preprocess.clone(),
+                (None, Some(p)) => Preprocessor::from_json(&text(p)?, image_size)?,
+                (None, None) => Preprocessor::default_for(config.family, image_size),
             };
             Ok(Base {
                 config,
@@ -459,8 +478,7 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
 fn tokenizer_from(
     files: &[(String, Vec<u8>)],
     dir: &Path,
-    family: Family,
-    max_len: usize,
+    config: &ClipConfig,
 ) -> Result<TextTokenizer> {
     for (name, bytes) in files {
         std::fs::write(dir.join(name), bytes).map_err(io(dir))?;
@@ -470,6 +488,8 @@ fn tokenizer_from(
         TokenizerFiles::Json(dir.join("tokenizer.json"))
     } else if has("spiece.model") {
         TokenizerFiles::SentencePiece(dir.join("spiece.model"))
+    } else if !has("vocab.json") {
+        TokenizerFiles::Merges(dir.join("merges.txt"))
     } else {
         TokenizerFiles::VocabMerges {
             vocab: dir.join("vocab.json"),
@@ -480,7 +500,7 @@ fn tokenizer_from(
         Some((_, bytes)) => TokenizerSettings::from_json(&String::from_utf8_lossy(bytes))?,
         None => TokenizerSettings::default(),
     };
-    Ok(TextTokenizer::load(family, &kind, &settings, max_len)?)
+    Ok(TextTokenizer::for_config(config, &kind, &settings)?)
 }
 
 /// A scalar of a one-element tensor (SigLIP's scale and bias are vectors of one).
@@ -744,8 +764,7 @@ pub fn train(
     std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
     let base = load_base(&opts.start, opts.seed, &opts.hub)?;
     let config = base.config.clone();
-    let ctx = config.text_config.max_position_embeddings;
-    let tokenizer = tokenizer_from(&base.tokenizer_files, &opts.out, config.family, ctx)?;
+    let tokenizer = tokenizer_from(&base.tokenizer_files, &opts.out, &config)?;
     let objective = objective(&config, opts.loss);
 
     let Prepared {
