@@ -104,18 +104,27 @@ fn main() {
         .build_global()
         .ok();
     if args.only.as_deref() == Some("gemm") {
-        // The matrix multiply alone, at an MLP's shape (16 images of 50 tokens).
-        let (m, k, n) = (800, 768, 3072);
-        let a = Tensor::ones((m, k), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let b = Tensor::ones((k, n), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let t = median(time(3, 30, || {
-            a.matmul(&b).unwrap();
-        }));
-        println!(
-            "gemm {m}x{k}x{n}, {} threads: {:.1} GFLOP/s",
-            args.threads,
-            2.0 * (m * k * n) as f64 / t / 1e9
-        );
+        // The matrix multiply alone, at an MLP's shape, for as many rows as
+        // 16 ViT-B/16 or B/32 images, one image, a SigLIP text, a query;
+        // weights stored (in, out) as clipdex stores them, and (out, in) read
+        // transposed. (Alone, the second is faster at 32 to 150 rows; inside
+        // the towers it made SigLIP queries and batch-1 images slower.)
+        for m in [3152, 800, 197, 64, 50, 10, 1] {
+            let (k, n) = (768, 3072);
+            let a = Tensor::ones((m, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let b = Tensor::ones((k, n), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let bt = Tensor::ones((n, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+            for (label, rhs) in [("(in, out)", b), ("(out, in)^T", bt.t().unwrap())] {
+                let t = median(time(3, 30, || {
+                    a.matmul(&rhs).unwrap();
+                }));
+                println!(
+                    "gemm {m}x{k}x{n}, weights {label}, {} threads: {:.1} GFLOP/s",
+                    args.threads,
+                    2.0 * (m * k * n) as f64 / t / 1e9
+                );
+            }
+        }
         return;
     }
     write_checkpoint(&args.dir);
