@@ -109,8 +109,11 @@ fn main() {
         // weights stored (in, out) as clipdex stores them, and (out, in) read
         // transposed. (Alone, the second is faster at 32 to 150 rows; inside
         // the towers it made SigLIP queries and batch-1 images slower.)
-        for m in [3152, 800, 197, 64, 50, 10, 1] {
-            let (k, n) = (768, 3072);
+        let shapes = [(768, 3072), (3072, 768), (768, 2304), (768, 768)];
+        for (m, (k, n)) in [3152, 800, 197, 64, 50, 10, 1]
+            .into_iter()
+            .flat_map(|m| shapes.into_iter().map(move |s| (m, s)))
+        {
             let a = Tensor::ones((m, k), candle_core::DType::F32, &Device::Cpu).unwrap();
             let b = Tensor::ones((k, n), candle_core::DType::F32, &Device::Cpu).unwrap();
             let bt = Tensor::ones((n, k), candle_core::DType::F32, &Device::Cpu).unwrap();

@@ -44,7 +44,15 @@ impl TextTransformer {
             position_embedding: embeddings
                 .pp("position_embedding")
                 .get((cfg.max_position_embeddings, h), "weight")?,
-            encoder: Encoder::load(vb.pp("encoder"), &shape)?,
+            encoder: {
+                let mut encoder = Encoder::load(vb.pp("encoder"), &shape)?;
+                // SigLIP's rows are its fixed context (64); CLIP's a query's
+                // own tokens, a dozen or so.
+                if family == Family::Siglip {
+                    encoder.lay_out_for(cfg.max_position_embeddings)?;
+                }
+                encoder
+            },
             final_layer_norm: LayerNorm::load(vb.pp("final_layer_norm"), h, cfg.layer_norm_eps)?,
             head: match family {
                 Family::Clip => None,

@@ -53,6 +53,13 @@ impl VisionTransformer {
         };
         let patch = patch.reshape((h, cfg.num_channels * p * p))?;
         let clip = family == Family::Clip;
+        // One image's tokens: the rows of an interactive (batch-1) product.
+        let mut encoder = Encoder::load(vb.pp("encoder"), &shape)?;
+        encoder.lay_out_for(if clip {
+            cfg.num_positions()
+        } else {
+            cfg.num_patches()
+        })?;
         Ok(Self {
             patch_embedding: if clip {
                 Linear::new(patch, None)?
@@ -88,7 +95,7 @@ impl VisionTransformer {
             } else {
                 None
             },
-            encoder: Encoder::load(vb.pp("encoder"), &shape)?,
+            encoder,
             post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
             head: if clip {
                 None
