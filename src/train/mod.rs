@@ -736,8 +736,9 @@ fn export(
         &out.join("preprocessor_config.json"),
         preprocessor.to_json().as_bytes(),
     )?;
-    // A checkpoint's own tokenizer_config.json was copied with its tokenizer.
-    if !out.join("tokenizer_config.json").is_file() {
+    // A checkpoint's own tokenizer_config.json was copied with its tokenizer;
+    // open_clip's tokenizers are named by the config and take none.
+    if !out.join("tokenizer_config.json").is_file() && config.tokenizer.is_none() {
         let tok_config = serde_json::json!({
             "tokenizer_class": "CLIPTokenizer", "model_max_length": config.text_config.max_position_embeddings,
             "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"

@@ -442,6 +442,8 @@ fn open_clip_checkpoints_fine_tune() {
             before.config().tokenizer,
             "{name}"
         );
+        // No CLIPTokenizer settings are written for a tokenizer they do not describe.
+        assert!(!out.join("tokenizer_config.json").exists(), "{name}");
         assert_eq!(
             after.config().vision_config.resnet,
             before.config().vision_config.resnet,
