@@ -128,6 +128,37 @@ fn main() {
                 );
             }
         }
+        // Cold weights, as a tower streams them: 12 layers' worth in turn.
+        for m in [64, 50] {
+            let (k, n) = (768, 3072);
+            let a = Tensor::ones((m, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let bs: Vec<Tensor> = (0..12)
+                .map(|_| Tensor::ones((k, n), candle_core::DType::F32, &Device::Cpu).unwrap())
+                .collect();
+            let t = median(time(2, 10, || {
+                for b in &bs {
+                    a.matmul(b).unwrap();
+                }
+            }));
+            println!(
+                "gemm {m}x{k}x{n}, 12 cold weights (in, out), {} threads: {:.1} GFLOP/s",
+                args.threads,
+                12.0 * 2.0 * (m * k * n) as f64 / t / 1e9
+            );
+            let t = median(time(2, 10, || {
+                for b in &bs {
+                    let (l, r) = rayon::join(|| a.matmul(&b.narrow(1, 0, n / 2).unwrap()).unwrap(), || {
+                        a.matmul(&b.narrow(1, n / 2, n / 2).unwrap()).unwrap()
+                    });
+                    Tensor::cat(&[l, r], 1).unwrap();
+                }
+            }));
+            println!(
+                "gemm {m}x{k}x{n}, 12 cold weights (in, out), split in columns, {} threads: {:.1} GFLOP/s",
+                args.threads,
+                12.0 * 2.0 * (m * k * n) as f64 / t / 1e9
+            );
+        }
         return;
     }
     write_checkpoint(&args.dir);
