@@ -147,9 +147,10 @@ fn main() {
             );
             let t = median(time(2, 10, || {
                 for b in &bs {
-                    let (l, r) = rayon::join(|| a.matmul(&b.narrow(1, 0, n / 2).unwrap()).unwrap(), || {
-                        a.matmul(&b.narrow(1, n / 2, n / 2).unwrap()).unwrap()
-                    });
+                    let (l, r) = rayon::join(
+                        || a.matmul(&b.narrow(1, 0, n / 2).unwrap()).unwrap(),
+                        || a.matmul(&b.narrow(1, n / 2, n / 2).unwrap()).unwrap(),
+                    );
                     Tensor::cat(&[l, r], 1).unwrap();
                 }
             }));

@@ -257,10 +257,8 @@ fn resnet_weights(
         (width / 2, width, 3),
         false,
     )?;
-    let mut inplanes = width;
-    for (i, &blocks) in r.layers.iter().enumerate() {
-        let planes = width << i;
-        for j in 0..blocks {
+    for (i, stage) in super::resnet::blocks(r).into_iter().enumerate() {
+        for (j, (inplanes, planes, stride)) in stage.into_iter().enumerate() {
             let p = format!("{v}.layer{}.{j}", i + 1);
             conv_bn(
                 w,
@@ -283,7 +281,7 @@ fn resnet_weights(
                 (planes, planes * 4, 1),
                 true,
             )?;
-            if (i > 0 && j == 0) || inplanes != planes * 4 {
+            if stride > 1 || inplanes != planes * 4 {
                 conv_bn(
                     w,
                     &format!("{p}.downsample.0"),
@@ -292,7 +290,6 @@ fn resnet_weights(
                     false,
                 )?;
             }
-            inplanes = planes * 4;
         }
     }
     let embed = width * 32;

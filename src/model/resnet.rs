@@ -48,8 +48,20 @@ struct ConvBn {
     stride: usize,
 }
 
-impl ConvBn {
-    /// Loads `conv` (weights only) and `bn` (weight, bias, running stats).
+/// A convolution with its batch normalisation, as one of the two towers
+/// holds it: they share the tower's shape and loading.
+trait Conv: Sized {
+    /// Loads `conv` (weights only) and `bn` (gain, bias, running statistics)
+    /// of a `k` x `k` convolution from `cin` to `cout` channels.
+    fn load(
+        conv: VarBuilder,
+        bn: VarBuilder,
+        shape: (usize, usize, usize),
+        stride: usize,
+    ) -> Result<Self>;
+}
+
+impl Conv for ConvBn {
     fn load(
         conv: VarBuilder,
         bn: VarBuilder,
@@ -75,7 +87,9 @@ impl ConvBn {
             stride,
         })
     }
+}
 
+impl ConvBn {
     /// The convolution (padding `k / 2`), then `f`.
     fn forward(&self, x: &Map, f: Pointwise) -> Result<Map> {
         let (k, s, p) = (self.k, self.stride, self.k / 2);
@@ -221,31 +235,122 @@ fn pool(x: &Map, k: usize) -> Result<Map> {
 /// the planes; the residual path average-pools and projects when the shape
 /// changes.
 #[derive(Clone, Debug)]
-struct Bottleneck {
-    conv1: ConvBn,
-    conv2: ConvBn,
-    conv3: ConvBn,
+struct Bottleneck<C> {
+    conv1: C,
+    conv2: C,
+    conv3: C,
     stride: usize,
-    downsample: Option<ConvBn>,
+    downsample: Option<C>,
 }
 
-impl Bottleneck {
+impl<C: Conv> Bottleneck<C> {
     fn load(vb: VarBuilder, inplanes: usize, planes: usize, stride: usize) -> Result<Self> {
         let out = planes * 4;
         Ok(Self {
-            conv1: ConvBn::load(vb.pp("conv1"), vb.pp("bn1"), (inplanes, planes, 1), 1)?,
-            conv2: ConvBn::load(vb.pp("conv2"), vb.pp("bn2"), (planes, planes, 3), 1)?,
-            conv3: ConvBn::load(vb.pp("conv3"), vb.pp("bn3"), (planes, out, 1), 1)?,
+            conv1: C::load(vb.pp("conv1"), vb.pp("bn1"), (inplanes, planes, 1), 1)?,
+            conv2: C::load(vb.pp("conv2"), vb.pp("bn2"), (planes, planes, 3), 1)?,
+            conv3: C::load(vb.pp("conv3"), vb.pp("bn3"), (planes, out, 1), 1)?,
             stride,
             downsample: if stride > 1 || inplanes != out {
                 let d = vb.pp("downsample");
-                Some(ConvBn::load(d.pp("0"), d.pp("1"), (inplanes, out, 1), 1)?)
+                Some(C::load(d.pp("0"), d.pp("1"), (inplanes, out, 1), 1)?)
             } else {
                 None
             },
         })
     }
 
+    fn convs(&self) -> impl Iterator<Item = &C> {
+        [&self.conv1, &self.conv2, &self.conv3]
+            .into_iter()
+            .chain(self.downsample.as_ref())
+    }
+}
+
+/// The tower's layers, as open_clip builds them: a stem of three
+/// convolutions (the first strided), then stages of bottlenecks whose first
+/// block (after the first stage) downsamples, then attention pooling.
+#[derive(Clone, Debug)]
+struct Layers<C> {
+    stem: [C; 3],
+    stages: Vec<Vec<Bottleneck<C>>>,
+    attnpool: AttentionPool2d,
+    image_size: usize,
+}
+
+impl<C: Conv> Layers<C> {
+    fn load(
+        vb: VarBuilder,
+        cfg: &VisionConfig,
+        r: &ResNetConfig,
+        output_dim: usize,
+    ) -> Result<Self> {
+        let w = r.width;
+        let stem = [
+            C::load(vb.pp("conv1"), vb.pp("bn1"), (3, w / 2, 3), 2)?,
+            C::load(vb.pp("conv2"), vb.pp("bn2"), (w / 2, w / 2, 3), 1)?,
+            C::load(vb.pp("conv3"), vb.pp("bn3"), (w / 2, w, 3), 1)?,
+        ];
+        let stages = blocks(r)
+            .into_iter()
+            .enumerate()
+            .map(|(i, stage)| {
+                let layer = vb.pp(format!("layer{}", i + 1));
+                stage
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, (inplanes, planes, stride))| {
+                        Bottleneck::load(layer.pp(j), inplanes, planes, stride)
+                    })
+                    .collect()
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            stem,
+            stages,
+            attnpool: AttentionPool2d::load(
+                vb.pp("attnpool"),
+                cfg.image_size / 32,
+                w * 32,
+                r.heads,
+                output_dim,
+            )?,
+            image_size: cfg.image_size,
+        })
+    }
+
+    fn check(&self, pixels: &Tensor) -> Result<()> {
+        let (_, c, height, width) = pixels.dims4()?;
+        if height != self.image_size || width != self.image_size || c != 3 {
+            return Err(Error::Input(format!(
+                "pixel batch is {c}x{height}x{width}, the model takes 3x{s}x{s}",
+                s = self.image_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Each stage's bottlenecks as (input channels, planes, stride).
+pub fn blocks(r: &ResNetConfig) -> Vec<Vec<(usize, usize, usize)>> {
+    let mut inplanes = r.width;
+    r.layers
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let planes = r.width << i;
+            (0..n)
+                .map(|j| {
+                    let block = (inplanes, planes, if i > 0 && j == 0 { 2 } else { 1 });
+                    inplanes = planes * 4;
+                    block
+                })
+                .collect()
+        })
+        .collect()
+}
+
+impl Bottleneck<ConvBn> {
     fn forward(&self, x: &Map) -> Result<Map> {
         let out = self.conv1.forward(x, Pointwise::Relu)?;
         let out = self.conv2.forward(&out, Pointwise::Relu)?;
@@ -334,14 +439,9 @@ impl AttentionPool2d {
     }
 }
 
-/// The whole tower: stem, four stages, attention pooling.
+/// The whole tower for inference: stem, four stages, attention pooling.
 #[derive(Clone, Debug)]
-pub struct ModifiedResNet {
-    stem: [ConvBn; 3],
-    stages: Vec<Vec<Bottleneck>>,
-    attnpool: AttentionPool2d,
-    image_size: usize,
-}
+pub struct ModifiedResNet(Layers<ConvBn>);
 
 impl ModifiedResNet {
     /// Loads open_clip's `visual.` weights (under whatever prefix `vb` has);
@@ -352,49 +452,14 @@ impl ModifiedResNet {
         r: &ResNetConfig,
         output_dim: usize,
     ) -> Result<Self> {
-        let w = r.width;
-        let stem = [
-            ConvBn::load(vb.pp("conv1"), vb.pp("bn1"), (3, w / 2, 3), 2)?,
-            ConvBn::load(vb.pp("conv2"), vb.pp("bn2"), (w / 2, w / 2, 3), 1)?,
-            ConvBn::load(vb.pp("conv3"), vb.pp("bn3"), (w / 2, w, 3), 1)?,
-        ];
-        let mut inplanes = w;
-        let mut stages = Vec::with_capacity(4);
-        for (i, &blocks) in r.layers.iter().enumerate() {
-            let planes = w << i;
-            let layer = vb.pp(format!("layer{}", i + 1));
-            let mut stage = Vec::with_capacity(blocks);
-            for j in 0..blocks {
-                let stride = if i > 0 && j == 0 { 2 } else { 1 };
-                stage.push(Bottleneck::load(layer.pp(j), inplanes, planes, stride)?);
-                inplanes = planes * 4;
-            }
-            stages.push(stage);
-        }
-        Ok(Self {
-            stem,
-            stages,
-            attnpool: AttentionPool2d::load(
-                vb.pp("attnpool"),
-                cfg.image_size / 32,
-                w * 32,
-                r.heads,
-                output_dim,
-            )?,
-            image_size: cfg.image_size,
-        })
+        Ok(Self(Layers::load(vb, cfg, r, output_dim)?))
     }
 
     /// (batch, 3, size, size) pixels to (batch, output_dim) features.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (_, c, height, width) = pixels.dims4()?;
-        if height != self.image_size || width != self.image_size || c != 3 {
-            return Err(Error::Input(format!(
-                "pixel batch is {c}x{height}x{width}, the model takes 3x{s}x{s}",
-                s = self.image_size
-            )));
-        }
-        let (n, s) = (pixels.dim(0)?, self.image_size);
+        let t = &self.0;
+        t.check(pixels)?;
+        let (n, s) = (pixels.dim(0)?, t.image_size);
         let data = pixels
             .permute((0, 2, 3, 1))?
             .contiguous()?
@@ -405,15 +470,15 @@ impl ModifiedResNet {
             h: s,
             w: s,
         };
-        for conv in &self.stem {
+        for conv in &t.stem {
             x = conv.forward(&x, Pointwise::Relu)?;
         }
         x = pool(&x, 2)?;
-        for block in self.stages.iter().flatten() {
+        for block in t.stages.iter().flatten() {
             x = block.forward(&x)?;
         }
         let c = x.data.dim(1)?;
-        self.attnpool.forward(&x.data.reshape((n, x.h * x.w, c))?)
+        t.attnpool.forward(&x.data.reshape((n, x.h * x.w, c))?)
     }
 }
 
@@ -435,7 +500,7 @@ struct TrainConvBn {
 /// `torch.nn.BatchNorm2d`'s default momentum.
 const BN_MOMENTUM: f64 = 0.1;
 
-impl TrainConvBn {
+impl Conv for TrainConvBn {
     fn load(
         conv: VarBuilder,
         bn: VarBuilder,
@@ -456,7 +521,9 @@ impl TrainConvBn {
             padding: k / 2,
         })
     }
+}
 
+impl TrainConvBn {
     /// Convolution then batch normalisation: over the batch's statistics
     /// (updating the running ones) when training, over the running ones otherwise.
     fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
@@ -505,37 +572,7 @@ impl TrainConvBn {
     }
 }
 
-#[derive(Clone, Debug)]
-struct TrainBottleneck {
-    conv1: TrainConvBn,
-    conv2: TrainConvBn,
-    conv3: TrainConvBn,
-    stride: usize,
-    downsample: Option<TrainConvBn>,
-}
-
-impl TrainBottleneck {
-    fn load(vb: VarBuilder, inplanes: usize, planes: usize, stride: usize) -> Result<Self> {
-        let out = planes * 4;
-        Ok(Self {
-            conv1: TrainConvBn::load(vb.pp("conv1"), vb.pp("bn1"), (inplanes, planes, 1), 1)?,
-            conv2: TrainConvBn::load(vb.pp("conv2"), vb.pp("bn2"), (planes, planes, 3), 1)?,
-            conv3: TrainConvBn::load(vb.pp("conv3"), vb.pp("bn3"), (planes, out, 1), 1)?,
-            stride,
-            downsample: if stride > 1 || inplanes != out {
-                let d = vb.pp("downsample");
-                Some(TrainConvBn::load(
-                    d.pp("0"),
-                    d.pp("1"),
-                    (inplanes, out, 1),
-                    1,
-                )?)
-            } else {
-                None
-            },
-        })
-    }
-
+impl Bottleneck<TrainConvBn> {
     fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
         let pool = |t: Tensor| -> Result<Tensor> {
             Ok(if self.stride > 1 {
@@ -553,12 +590,6 @@ impl TrainBottleneck {
         };
         Ok((out + identity)?.relu()?)
     }
-
-    fn convs(&self) -> impl Iterator<Item = &TrainConvBn> {
-        [&self.conv1, &self.conv2, &self.conv3]
-            .into_iter()
-            .chain(self.downsample.as_ref())
-    }
 }
 
 /// The modified ResNet for training: channels first through candle's
@@ -566,10 +597,7 @@ impl TrainBottleneck {
 /// batch (`set_training(true)`, the default) or the running statistics.
 #[derive(Clone, Debug)]
 pub struct TrainableResNet {
-    stem: [TrainConvBn; 3],
-    stages: Vec<Vec<TrainBottleneck>>,
-    attnpool: AttentionPool2d,
-    image_size: usize,
+    layers: Layers<TrainConvBn>,
     training: Arc<AtomicBool>,
 }
 
@@ -580,41 +608,8 @@ impl TrainableResNet {
         r: &ResNetConfig,
         output_dim: usize,
     ) -> Result<Self> {
-        let w = r.width;
-        let stem = [
-            TrainConvBn::load(vb.pp("conv1"), vb.pp("bn1"), (3, w / 2, 3), 2)?,
-            TrainConvBn::load(vb.pp("conv2"), vb.pp("bn2"), (w / 2, w / 2, 3), 1)?,
-            TrainConvBn::load(vb.pp("conv3"), vb.pp("bn3"), (w / 2, w, 3), 1)?,
-        ];
-        let mut inplanes = w;
-        let mut stages = Vec::with_capacity(4);
-        for (i, &blocks) in r.layers.iter().enumerate() {
-            let planes = w << i;
-            let layer = vb.pp(format!("layer{}", i + 1));
-            let mut stage = Vec::with_capacity(blocks);
-            for j in 0..blocks {
-                let stride = if i > 0 && j == 0 { 2 } else { 1 };
-                stage.push(TrainBottleneck::load(
-                    layer.pp(j),
-                    inplanes,
-                    planes,
-                    stride,
-                )?);
-                inplanes = planes * 4;
-            }
-            stages.push(stage);
-        }
         Ok(Self {
-            stem,
-            stages,
-            attnpool: AttentionPool2d::load(
-                vb.pp("attnpool"),
-                cfg.image_size / 32,
-                w * 32,
-                r.heads,
-                output_dim,
-            )?,
-            image_size: cfg.image_size,
+            layers: Layers::load(vb, cfg, r, output_dim)?,
             training: Arc::new(AtomicBool::new(true)),
         })
     }
@@ -625,37 +620,32 @@ impl TrainableResNet {
     }
 
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (n, c, height, width) = pixels.dims4()?;
-        if height != self.image_size || width != self.image_size || c != 3 {
-            return Err(Error::Input(format!(
-                "pixel batch is {c}x{height}x{width}, the model takes 3x{s}x{s}",
-                s = self.image_size
-            )));
-        }
+        let t = &self.layers;
+        t.check(pixels)?;
+        let n = pixels.dim(0)?;
         let training = self.training.load(Ordering::Relaxed);
         let mut x = pixels.clone();
-        for conv in &self.stem {
+        for conv in &t.stem {
             x = conv.forward(&x, training)?.relu()?;
         }
         x = x.avg_pool2d(2)?;
-        for block in self.stages.iter().flatten() {
+        for block in t.stages.iter().flatten() {
             x = block.forward(&x, training)?;
         }
         let (_, c, h, w) = x.dims4()?;
         let tokens = x.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        self.attnpool.forward(&tokens)
+        t.attnpool.forward(&tokens)
     }
 
     /// The running statistics by checkpoint name, to save with the weights
     /// (and to restore when a run resumes).
     pub fn buffers(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
-        let convs = self.stem.iter().chain(
-            self.stages
-                .iter()
-                .flatten()
-                .flat_map(TrainBottleneck::convs),
-        );
+        let t = &self.layers;
+        let convs = t
+            .stem
+            .iter()
+            .chain(t.stages.iter().flatten().flat_map(Bottleneck::convs));
         for conv in convs {
             conv.buffers(&mut out);
         }
