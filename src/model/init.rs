@@ -102,54 +102,42 @@ pub fn init_weights(
     )?;
     layer_norm(&mut w, "text_model.final_layer_norm".into(), th)?;
 
-    if let Some(r) = &v.resnet {
-        resnet_weights(
+    let vh = v.hidden_size;
+    match &v.resnet {
+        Some(r) => resnet_weights(
             &mut w,
             &mut rng,
             v.image_size,
             r,
             config.projection_dim,
             device,
-        )?;
-        w.insert(
-            "text_projection.weight".into(),
-            normal_tensor(
+        )?,
+        None => {
+            let p = v.patch_size;
+            w.insert(
+                "vision_model.embeddings.class_embedding".into(),
+                normal_tensor(&mut rng, &[vh], (vh as f64).powf(-0.5), device)?,
+            );
+            w.insert(
+                "vision_model.embeddings.patch_embedding.weight".into(),
+                normal_tensor(&mut rng, &[vh, v.num_channels, p, p], 0.02, device)?,
+            );
+            w.insert(
+                "vision_model.embeddings.position_embedding.weight".into(),
+                normal_tensor(&mut rng, &[v.num_positions(), vh], 0.02, device)?,
+            );
+            layer_norm(&mut w, "vision_model.pre_layrnorm".into(), vh)?;
+            encoder(
+                &mut w,
                 &mut rng,
-                &[config.projection_dim, th],
-                (th as f64).powf(-0.5),
-                device,
-            )?,
-        );
-        w.insert(
-            "logit_scale".into(),
-            Tensor::new(config.logit_scale_init_value as f32, device)?,
-        );
-        return Ok(w);
+                "vision_model",
+                vh,
+                v.intermediate_size,
+                v.num_hidden_layers,
+            )?;
+            layer_norm(&mut w, "vision_model.post_layernorm".into(), vh)?;
+        }
     }
-    let vh = v.hidden_size;
-    let p = v.patch_size;
-    w.insert(
-        "vision_model.embeddings.class_embedding".into(),
-        normal_tensor(&mut rng, &[vh], (vh as f64).powf(-0.5), device)?,
-    );
-    w.insert(
-        "vision_model.embeddings.patch_embedding.weight".into(),
-        normal_tensor(&mut rng, &[vh, v.num_channels, p, p], 0.02, device)?,
-    );
-    w.insert(
-        "vision_model.embeddings.position_embedding.weight".into(),
-        normal_tensor(&mut rng, &[v.num_positions(), vh], 0.02, device)?,
-    );
-    layer_norm(&mut w, "vision_model.pre_layrnorm".into(), vh)?;
-    encoder(
-        &mut w,
-        &mut rng,
-        "vision_model",
-        vh,
-        v.intermediate_size,
-        v.num_hidden_layers,
-    )?;
-    layer_norm(&mut w, "vision_model.post_layernorm".into(), vh)?;
 
     w.insert(
         "text_projection.weight".into(),
@@ -160,15 +148,18 @@ pub fn init_weights(
             device,
         )?,
     );
-    w.insert(
-        "visual_projection.weight".into(),
-        normal_tensor(
-            &mut rng,
-            &[config.projection_dim, vh],
-            (vh as f64).powf(-0.5),
-            device,
-        )?,
-    );
+    // The ResNet's attention pooling projects into the embedding itself.
+    if v.resnet.is_none() {
+        w.insert(
+            "visual_projection.weight".into(),
+            normal_tensor(
+                &mut rng,
+                &[config.projection_dim, vh],
+                (vh as f64).powf(-0.5),
+                device,
+            )?,
+        );
+    }
     w.insert(
         "logit_scale".into(),
         Tensor::new(config.logit_scale_init_value as f32, device)?,
