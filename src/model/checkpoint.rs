@@ -6,9 +6,13 @@
 //! else `vocab.json` + `merges.txt`) and optionally `tokenizer_config.json`
 //! and `preprocessor_config.json`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::{Error, Result};
+use candle_core::{Device, Tensor};
+
+use super::open_clip::{self, OpenClipConfig};
+use super::{ClipConfig, Error, Preprocessor, Result};
 
 /// The model used when none is named.
 pub const DEFAULT_MODEL: &str = "openai/clip-vit-base-patch32";
@@ -144,6 +148,91 @@ pub struct CheckpointFiles {
 pub struct HfTextFiles {
     pub config: PathBuf,
     pub tokenizer: PathBuf,
+}
+
+/// What a checkpoint's configuration says.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub config: ClipConfig,
+    /// open_clip's `preprocess_cfg`, read with the model's config, and its text.
+    open_clip_preprocess: Option<(Preprocessor, String)>,
+}
+
+impl WeightsFile {
+    /// Every tensor of the file (safetensors or a PyTorch pickle), in memory.
+    pub fn read_all(&self) -> Result<HashMap<String, Tensor>> {
+        match self {
+            WeightsFile::Safetensors(path) => candle_core::safetensors::load(path, &Device::Cpu)
+                .map_err(|e| Error::Weights(format!("{}: {e}", path.display()))),
+            WeightsFile::Pickle(path) => Ok(candle_core::pickle::read_all(path)
+                .map_err(|e| Error::Weights(format!("{}: {e}", path.display())))?
+                .into_iter()
+                .collect()),
+        }
+    }
+}
+
+impl CheckpointFiles {
+    /// The architecture, from `config.json` or from open_clip's
+    /// `open_clip_config.json` (and its text model's `config.json`).
+    pub fn read_config(&self) -> Result<ModelConfig> {
+        let text = read_text(&self.config)?;
+        if self.layout == Layout::OpenClip {
+            let hf_text = self
+                .hf_text
+                .as_ref()
+                .map(|f| read_text(&f.config))
+                .transpose()?;
+            let o = OpenClipConfig::from_json(&text, hf_text.as_deref())?;
+            return Ok(ModelConfig {
+                config: o.config,
+                open_clip_preprocess: Some((o.preprocess, o.preprocess_text)),
+            });
+        }
+        Ok(ModelConfig {
+            config: ClipConfig::from_json(&text)?,
+            open_clip_preprocess: None,
+        })
+    }
+
+    /// The preprocessing: `preprocessor_config.json` (the family's defaults
+    /// without one) or open_clip's `preprocess_cfg`; and its text as written
+    /// (empty for defaults), part of the model's fingerprint.
+    pub fn read_preprocessor(&self, model: &ModelConfig) -> Result<(Preprocessor, String)> {
+        if let Some(p) = &model.open_clip_preprocess {
+            return Ok(p.clone());
+        }
+        let config = &model.config;
+        let image_size = config.vision_config.image_size;
+        Ok(match &self.preprocessor {
+            Some(path) => {
+                let text = read_text(path)?;
+                (Preprocessor::from_json(&text, image_size)?, text)
+            }
+            None => (
+                Preprocessor::default_for(config.family, image_size),
+                String::new(),
+            ),
+        })
+    }
+
+    /// Every weight in memory, under the names the towers load (open_clip's
+    /// renamed).
+    pub fn read_tensors(&self, config: &ClipConfig) -> Result<HashMap<String, Tensor>> {
+        let tensors = self.weights.read_all()?;
+        match self.layout {
+            Layout::HuggingFace => Ok(tensors),
+            Layout::OpenClip => open_clip::remap(tensors, config),
+        }
+    }
+}
+
+/// A text file of a checkpoint.
+pub(super) fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// How to reach the hub.
@@ -369,11 +458,7 @@ fn resolve_open_clip(
 
 /// The files of the Hugging Face text model an open_clip config names, if any.
 fn hf_text_files(location: &str, config: &Path, hub: &HubOptions) -> Result<Option<HfTextFiles>> {
-    let text = std::fs::read_to_string(config).map_err(|source| Error::Io {
-        path: config.display().to_string(),
-        source,
-    })?;
-    let value: serde_json::Value = serde_json::from_str(&text)
+    let value: serde_json::Value = serde_json::from_str(&read_text(config)?)
         .map_err(|e| Error::Config(format!("open_clip_config.json of {location}: {e}")))?;
     let text_cfg = &value["model_cfg"]["text_cfg"];
     let Some(model) = text_cfg["hf_model_name"].as_str() else {

@@ -2,14 +2,12 @@
 //! object the rest of clipdex embeds texts and images with.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::checkpoint::{self, CheckpointFiles, HubOptions, Layout, ModelSource, WeightsFile};
-use super::open_clip::{self, OpenClipConfig};
 use super::tokenizer::TokenizerSettings;
 use super::{
     ClipConfig, ClipModel, Error, Family, Preprocessor, Result, RgbView, TextTokenizer,
@@ -40,33 +38,13 @@ impl Clip {
 
     /// Loads a model from resolved checkpoint files.
     pub fn from_files(files: &CheckpointFiles, id: String) -> Result<Self> {
-        let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|source| Error::Io {
-                path: p.display().to_string(),
-                source,
-            })
-        };
-        let config_text = read(&files.config)?;
-        let open_clip = match files.layout {
-            Layout::HuggingFace => None,
-            Layout::OpenClip => {
-                let hf_text = files
-                    .hf_text
-                    .as_ref()
-                    .map(|f| read(&f.config))
-                    .transpose()?;
-                Some(OpenClipConfig::from_json(&config_text, hf_text.as_deref())?)
-            }
-        };
-        let config = match &open_clip {
-            Some(o) => o.config.clone(),
-            None => ClipConfig::from_json(&config_text)?,
-        };
+        let model_config = files.read_config()?;
+        let config = &model_config.config;
         let settings = match &files.tokenizer_config {
-            Some(path) => TokenizerSettings::from_json(&read(path)?)?,
+            Some(path) => TokenizerSettings::from_json(&checkpoint::read_text(path)?)?,
             None => TokenizerSettings::default(),
         };
-        let tokenizer = TextTokenizer::for_config(&config, &files.tokenizer, &settings)?;
+        let tokenizer = TextTokenizer::for_config(config, &files.tokenizer, &settings)?;
         if tokenizer.max_id() as usize >= config.text_config.vocab_size {
             return Err(Error::Config(format!(
                 "the tokenizer has ids up to {}, outside the model's vocabulary of {}",
@@ -74,28 +52,18 @@ impl Clip {
                 config.text_config.vocab_size
             )));
         }
+        let (preprocessor, preprocessor_text) = files.read_preprocessor(&model_config)?;
         let image_size = config.vision_config.image_size;
-        let (preprocessor, preprocessor_text) = match (&open_clip, &files.preprocessor) {
-            (Some(o), _) => (o.preprocess.clone(), o.preprocess_text.clone()),
-            (None, Some(path)) => {
-                let text = read(path)?;
-                (Preprocessor::from_json(&text, image_size)?, text)
-            }
-            (None, None) => (
-                Preprocessor::default_for(config.family, image_size),
-                String::new(),
-            ),
-        };
         let device = Device::Cpu;
         let vb = match files.layout {
             Layout::HuggingFace => load_weights(&files.weights, &device)?,
+            // Renamed weights: in memory, not mapped.
             Layout::OpenClip => {
-                let tensors = open_clip::remap(open_clip::read_tensors(&files.weights)?, &config)?;
-                VarBuilder::from_tensors(tensors, DType::F32, &device)
+                VarBuilder::from_tensors(files.read_tensors(config)?, DType::F32, &device)
             }
         };
-        let model = ClipModel::new(vb, &config)?;
-        let fingerprint = fingerprint(&config, &preprocessor_text, &files.weights)?;
+        let model = ClipModel::new(vb, config)?;
+        let fingerprint = fingerprint(config, &preprocessor_text, &files.weights)?;
         let info = ModelInfo {
             id,
             fingerprint,

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -887,18 +887,5 @@ fn blocks(pending: &mut Vec<(String, String, Transform)>, from: &str, to: &str, 
             format!("{t}.self_attn.{{qkv}}.bias"),
             Transform::SplitQkv,
         ));
-    }
-}
-
-/// Reads every tensor of a weights file (safetensors or a PyTorch pickle) into memory.
-pub fn read_tensors(weights: &super::checkpoint::WeightsFile) -> Result<HashMap<String, Tensor>> {
-    use super::checkpoint::WeightsFile;
-    match weights {
-        WeightsFile::Safetensors(path) => candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| Error::Weights(format!("{}: {e}", path.display()))),
-        WeightsFile::Pickle(path) => Ok(candle_core::pickle::read_all(path)
-            .map_err(|e| Error::Weights(format!("{}: {e}", path.display())))?
-            .into_iter()
-            .collect()),
     }
 }

@@ -29,9 +29,8 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use serde::{Deserialize, Serialize};
 
-use crate::model::checkpoint::{self, HubOptions, ModelSource, TokenizerFiles, WeightsFile};
+use crate::model::checkpoint::{self, HubOptions, ModelSource, TokenizerFiles};
 use crate::model::loss::{Objective, SIGMOID_INIT_BIAS, SIGMOID_INIT_LOG_SCALE};
-use crate::model::open_clip::{self, OpenClipConfig};
 use crate::model::tokenizer::TokenizerSettings;
 use crate::model::{ClipConfig, ClipModel, Family, Preprocessor, TextTokenizer, init};
 use data::{Dataset, ImageSet, Problem, Sample};
@@ -406,36 +405,10 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
         Start::Checkpoint(source) => {
             let files = checkpoint::resolve(source, hub)?;
             let read = |p: &Path| std::fs::read(p).map_err(io(p));
-            let text = |p: &Path| -> Result<String> {
-                Ok(String::from_utf8_lossy(&read(p)?).into_owned())
-            };
             // An open_clip checkpoint becomes the same model in Hugging Face
             // names (its config says which tokenizer and towers it has).
-            let open_clip = match files.layout {
-                checkpoint::Layout::HuggingFace => None,
-                checkpoint::Layout::OpenClip => {
-                    let hf_text = files
-                        .hf_text
-                        .as_ref()
-                        .map(|f| text(&f.config))
-                        .transpose()?;
-                    Some(OpenClipConfig::from_json(
-                        &text(&files.config)?,
-                        hf_text.as_deref(),
-                    )?)
-                }
-            };
-            let config = match &open_clip {
-                Some(o) => o.config.clone(),
-                None => ClipConfig::from_json(&text(&files.config)?)?,
-            };
-            let tensors = match (&open_clip, &files.weights) {
-                (Some(_), weights) => open_clip::remap(open_clip::read_tensors(weights)?, &config)?,
-                (None, WeightsFile::Safetensors(p)) => candle_core::safetensors::load(p, &device)?,
-                (None, WeightsFile::Pickle(p)) => {
-                    candle_core::pickle::read_all(p)?.into_iter().collect()
-                }
-            };
+            let model_config = files.read_config()?;
+            let tensors = files.read_tensors(&model_config.config)?;
             let tensors = tensors
                 .into_iter()
                 .filter(|(k, _)| !k.ends_with("position_ids"))
@@ -458,14 +431,9 @@ fn load_base(start: &Start, seed: u64, hub: &HubOptions) -> Result<Base> {
             if let Some(p) = &files.tokenizer_config {
                 tokenizer_files.push(("tokenizer_config.json".into(), read(p)?));
             }
-            let image_size = config.vision_config.image_size;
-            let preprocessor = match (&open_clip, &files.preprocessor) {
-                (Some(o), _) => o.preprocess.clone(),
-                (None, Some(p)) => Preprocessor::from_json(&text(p)?, image_size)?,
-                (None, None) => Preprocessor::default_for(config.family, image_size),
-            };
+            let (preprocessor, _) = files.read_preprocessor(&model_config)?;
             Ok(Base {
-                config,
+                config: model_config.config,
                 tensors,
                 tokenizer_files,
                 preprocessor,
