@@ -420,6 +420,17 @@ impl Encoder {
     }
 }
 
+/// Softmax over the last dimension: candle's fused one for inference, its
+/// differentiable composition when the graph tracks `x` (the fused one has
+/// no backward pass).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        Ok(candle_nn::ops::softmax(x, candle_core::D::Minus1)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
+    }
+}
+
 /// An additive causal mask: 0 on and below the diagonal, -inf above.
 pub fn causal_mask(n: usize, device: &candle_core::Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..n)
@@ -480,11 +491,7 @@ impl AttentionPool {
             .contiguous()?;
         // Scores over positions, as a row per head: (b, heads, 1, n).
         let scores = k.matmul(&q)?.transpose(2, 3)?;
-        let p = if scores.track_op() {
-            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
-        };
+        let p = softmax_last(&scores)?;
         let out = p.matmul(&v)?.reshape((b, h))?;
         let out = self.out_proj.forward(&out)?;
         let mlp = self.mlp.forward(&self.layernorm.forward(&out)?)?;

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use super::ops::Pointwise;
 
 use super::config::{ResNetConfig, VisionConfig};
-use super::layers::Linear;
+use super::layers::{Linear, softmax_last};
 use super::{Error, Result};
 
 /// `torch.nn.BatchNorm2d`'s default epsilon.
@@ -428,12 +428,7 @@ impl AttentionPool2d {
         let k = kv.get(0)?.contiguous()?; // (b, heads, n, d)
         let v = kv.get(1)?.contiguous()?;
         let scores = q.contiguous()?.matmul(&k.t()?)?; // (b, heads, 1, n)
-        // candle's fused softmax has no backward pass.
-        let p = if scores.track_op() {
-            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
-        };
+        let p = softmax_last(&scores)?;
         let out = p.matmul(&v)?.reshape((b, c))?;
         self.c_proj.forward(&out)
     }
