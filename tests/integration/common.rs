@@ -308,3 +308,22 @@ pub fn mkfifo(path: &Path) {
         path.display()
     );
 }
+
+/// Copies the first `take` files of `from` (by name) into `to`; returns the copies.
+pub fn copy_photos(from: &Path, to: &Path, take: usize) -> Vec<PathBuf> {
+    std::fs::create_dir_all(to).unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(from)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .take(take)
+        .map(|p| {
+            let copy = to.join(p.file_name().unwrap());
+            std::fs::copy(p, &copy).unwrap();
+            copy
+        })
+        .collect()
+}

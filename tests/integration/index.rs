@@ -11,7 +11,7 @@ use std::time::Duration;
 use clipdex::indexer::{self, Index};
 use clipdex::store::PhotoRecord;
 
-use crate::common::{clipdex, fixture_model, fixtures, shared_photos, stderr, stdout};
+use crate::common::{clipdex, copy_photos, fixture_model, fixtures, shared_photos, stderr, stdout};
 
 /// Files of the test library that must be skipped, with words of their reason.
 const BAD: &[(&str, &str)] = &[
@@ -57,19 +57,6 @@ fn bomb_png() -> Vec<u8> {
     png
 }
 
-fn copy_photos(from: &Path, to: &Path, take: usize) -> usize {
-    std::fs::create_dir_all(to).unwrap();
-    let mut names: Vec<_> = std::fs::read_dir(from)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    names.sort();
-    for p in names.iter().take(take) {
-        std::fs::copy(p, to.join(p.file_name().unwrap())).unwrap();
-    }
-    take.min(names.len())
-}
-
 fn library(with_bad_files: bool) -> Library {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("photos");
@@ -79,13 +66,15 @@ fn library(with_bad_files: bool) -> Library {
         &photos.join("gcompris/fishes"),
         &root.join("sea/fishes"),
         12,
-    );
+    )
+    .len();
     good += copy_photos(
         &photos.join("gcompris/monuments"),
         &root.join("travel/monuments"),
         12,
-    );
-    good += copy_photos(&photos.join("gcompris/tools"), &root.join("tools"), 8);
+    )
+    .len();
+    good += copy_photos(&photos.join("gcompris/tools"), &root.join("tools"), 8).len();
     std::fs::create_dir_all(root.join("wallpapers")).unwrap();
     for w in [
         "debian_mate-backgrounds_nature/LadyBird.jpg",

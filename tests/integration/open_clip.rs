@@ -194,16 +194,11 @@ fn index_and_search_with_an_open_clip_resnet() {
     let model = model.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (root, index) = (dir.path().join("lib"), dir.path().join("index"));
-    std::fs::create_dir_all(&root).unwrap();
-    let fishes = crate::common::shared_photos().join("gcompris/fishes");
-    let mut names: Vec<_> = std::fs::read_dir(&fishes)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    names.sort();
-    for path in names.iter().take(6) {
-        std::fs::copy(path, root.join(path.file_name().unwrap())).unwrap();
-    }
+    crate::common::copy_photos(
+        &crate::common::shared_photos().join("gcompris/fishes"),
+        &root,
+        6,
+    );
     let index_arg = index.to_str().unwrap();
     let out = clipdex(&[
         "index",

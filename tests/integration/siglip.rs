@@ -156,16 +156,11 @@ fn index_search_and_embed_with_siglip() {
     let model = model.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (root, index) = (dir.path().join("lib"), dir.path().join("index"));
-    std::fs::create_dir_all(&root).unwrap();
-    let fishes = crate::common::shared_photos().join("gcompris/fishes");
-    let mut names: Vec<_> = std::fs::read_dir(&fishes)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    names.sort();
-    for path in names.iter().take(8) {
-        std::fs::copy(path, root.join(path.file_name().unwrap())).unwrap();
-    }
+    let names = crate::common::copy_photos(
+        &crate::common::shared_photos().join("gcompris/fishes"),
+        &root,
+        8,
+    );
     let out = clipdex(&[
         "index",
         root.to_str().unwrap(),
