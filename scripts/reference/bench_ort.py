@@ -3,6 +3,7 @@
 
     python scripts/reference/bench_ort.py --family siglip --dir target/bench/siglip-b-16 [--threads 2] [--json]
     python scripts/reference/bench_ort.py --family clip --dir target/bench/vit-b-32
+    python scripts/reference/bench_ort.py --family open_clip_rn50 --dir target/bench/rn50
 
 Exports the image tower (pixels -> image features) and the text tower (ids ->
 text features) of the transformers model with torch.onnx, then measures
@@ -18,10 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import sys
+
 import numpy as np
 import onnxruntime as ort
 import torch
 from transformers import AutoTokenizer, CLIPModel, SiglipModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 QUERY = "a photo of a dog on the beach"
 
@@ -32,6 +37,8 @@ class Image(torch.nn.Module):
         self.model = model
 
     def forward(self, pixels):
+        if hasattr(self.model, "encode_image"):
+            return self.model.encode_image(pixels)
         return self.model.get_image_features(pixel_values=pixels).pooler_output
 
 
@@ -41,6 +48,8 @@ class Text(torch.nn.Module):
         self.model = model
 
     def forward(self, ids):
+        if hasattr(self.model, "encode_text"):
+            return self.model.encode_text(ids)
         return self.model.get_text_features(input_ids=ids).pooler_output
 
 
@@ -58,17 +67,32 @@ def timed(warmup, runs, fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default=None)
-    ap.add_argument("--family", choices=["clip", "siglip"], default="clip")
+    ap.add_argument("--family", choices=["clip", "siglip", "open_clip_rn50"], default="clip")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     siglip = args.family == "siglip"
-    directory = args.dir or ("target/bench/siglip-b-16" if siglip else "target/bench/vit-b-32")
-    model = (SiglipModel if siglip else CLIPModel).from_pretrained(directory, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    encode = (lambda: tokenizer([QUERY], padding="max_length", max_length=64, truncation=True, return_tensors="np")) \
-        if siglip else (lambda: tokenizer([QUERY], return_tensors="np"))
-    size = model.config.vision_config.image_size
+    rn50 = args.family == "open_clip_rn50"
+    directory = args.dir or {"siglip": "target/bench/siglip-b-16", "open_clip_rn50": "target/bench/rn50"}.get(
+        args.family, "target/bench/vit-b-32")
+    if rn50:
+        # open_clip's RN50 as bench_model.py writes it (prepare it with that script first).
+        import open_clip
+        from safetensors.torch import load_file
+        from bench_model import RN50
+
+        model = open_clip.model.CLIP(**RN50).eval()
+        model.load_state_dict(load_file(str(Path(directory) / "open_clip_model.safetensors")))
+        simple = open_clip.get_tokenizer("RN50")
+        # open_clip pads to 77 with 0; the causal mask makes the padding irrelevant.
+        encode = lambda: {"input_ids": simple([QUERY]).numpy()}
+        size = 224
+    else:
+        model = (SiglipModel if siglip else CLIPModel).from_pretrained(directory, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        encode = (lambda: tokenizer([QUERY], padding="max_length", max_length=64, truncation=True,
+                                    return_tensors="np")) if siglip else (lambda: tokenizer([QUERY], return_tensors="np"))
+        size = model.config.vision_config.image_size
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
@@ -98,7 +122,7 @@ def main():
     times = sorted(timed(5, 100, query))
     result = {
         "impl": "onnxruntime %s fp32" % ort.__version__,
-        "model": "SigLIP B/16-224" if siglip else "ViT-B/32",
+        "model": "SigLIP B/16-224" if siglip else "open_clip RN50" if rn50 else "ViT-B/32",
         "threads": args.threads,
         "image_per_s_batch1": 1.0 / b1,
         "image_per_s_batch16": 16.0 / b16,
