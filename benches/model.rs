@@ -30,6 +30,8 @@ struct Args {
     json: bool,
     /// Run one measurement only (`batch1`, `batch16` or `text`), for profiling.
     only: Option<String>,
+    /// candle's matrix product instead of the packed kernel (`model::gemm`).
+    unpacked: bool,
 }
 
 fn args() -> Args {
@@ -38,6 +40,7 @@ fn args() -> Args {
         dir: PathBuf::from("target/bench/vit-b-32"),
         json: false,
         only: None,
+        unpacked: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -45,6 +48,7 @@ fn args() -> Args {
             "--threads" => a.threads = it.next().and_then(|v| v.parse().ok()).expect("--threads N"),
             "--dir" => a.dir = PathBuf::from(it.next().expect("--dir DIR")),
             "--json" => a.json = true,
+            "--unpacked" => a.unpacked = true,
             "--only" => a.only = it.next(),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -117,6 +121,23 @@ fn main() {
             let a = Tensor::ones((m, k), candle_core::DType::F32, &Device::Cpu).unwrap();
             let b = Tensor::ones((k, n), candle_core::DType::F32, &Device::Cpu).unwrap();
             let bt = Tensor::ones((n, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+            if let Some(packed) = clipdex::model::gemm::PackedMatrix::new(&bt).unwrap() {
+                let packed = std::sync::Arc::new(packed);
+                let t = median(time(3, 30, || {
+                    clipdex::model::gemm::dense(
+                        &a,
+                        &packed,
+                        None,
+                        clipdex::model::ops::Pointwise::Identity,
+                    )
+                    .unwrap();
+                }));
+                println!(
+                    "gemm {m}x{k}x{n}, weights packed, {} threads: {:.1} GFLOP/s",
+                    args.threads,
+                    2.0 * (m * k * n) as f64 / t / 1e9
+                );
+            }
             for (label, rhs) in [("(in, out)", b), ("(out, in)^T", bt.t().unwrap())] {
                 let t = median(time(3, 30, || {
                     a.matmul(&rhs).unwrap();
@@ -129,7 +150,7 @@ fn main() {
             }
         }
         // Cold weights, as a tower streams them: 12 layers' worth in turn.
-        for m in [64, 50] {
+        for m in [800, 64, 50] {
             let (k, n) = (768, 3072);
             let a = Tensor::ones((m, k), candle_core::DType::F32, &Device::Cpu).unwrap();
             let bs: Vec<Tensor> = (0..12)
@@ -145,6 +166,29 @@ fn main() {
                 args.threads,
                 12.0 * 2.0 * (m * k * n) as f64 / t / 1e9
             );
+            let packed: Vec<_> = bs
+                .iter()
+                .filter_map(|b| clipdex::model::gemm::PackedMatrix::new(&b.t().unwrap()).unwrap())
+                .map(std::sync::Arc::new)
+                .collect();
+            if !packed.is_empty() {
+                let t = median(time(2, 10, || {
+                    for p in &packed {
+                        clipdex::model::gemm::dense(
+                            &a,
+                            p,
+                            None,
+                            clipdex::model::ops::Pointwise::Identity,
+                        )
+                        .unwrap();
+                    }
+                }));
+                println!(
+                    "gemm {m}x{k}x{n}, 12 cold weights packed, {} threads: {:.1} GFLOP/s",
+                    args.threads,
+                    12.0 * 2.0 * (m * k * n) as f64 / t / 1e9
+                );
+            }
             let t = median(time(2, 10, || {
                 for b in &bs {
                     let (l, r) = rayon::join(
@@ -163,6 +207,7 @@ fn main() {
         return;
     }
     write_checkpoint(&args.dir);
+    clipdex::model::gemm::set_enabled(!args.unpacked);
     let clip = Clip::load(
         &ModelSource::Dir(args.dir.clone()),
         &HubOptions {

@@ -6,8 +6,12 @@
 //! layer norm and softmax, and one matrix multiply for the query, key and
 //! value projections.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
+
+use super::gemm::PackedMatrix;
 
 use super::Result;
 use super::config::Activation;
@@ -34,15 +38,25 @@ pub enum WeightLayout {
     OutIn,
 }
 
+/// How a dense layer holds its weight.
+#[derive(Clone, Debug)]
+enum Weight {
+    /// (out, in), in the autograd graph: a trainable variable, or a frozen
+    /// layer that must keep its own layout for the fused training node.
+    Graph(Tensor),
+    /// For inference through candle's product, stored as `WeightLayout` says,
+    /// so gemm reads it in place instead of repacking a copy on every call
+    /// (5x faster for a short text query than the checkpoint's layout).
+    Plain(Tensor, WeightLayout),
+    /// For inference through [`super::gemm`]: packed once, where the CPU
+    /// has the kernel.
+    Packed(Arc<PackedMatrix>),
+}
+
 /// A dense layer, `x W^T + b`, over the last dimension of any-rank input.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    /// (out, in) when trainable; for inference as `layout` says, so gemm
-    /// reads the weights in place instead of repacking a copy on every call
-    /// (5x faster for a short text query).
-    weight: Tensor,
-    /// `None` when trainable.
-    layout: Option<WeightLayout>,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
@@ -52,28 +66,24 @@ impl Linear {
         // `track_op`, not `is_variable`: a reshaped variable is no variable
         // itself, and a transposed copy of it would freeze the forward pass
         // at its initial value while the optimiser moves the variable.
-        if weight.track_op() {
-            Ok(Self {
-                weight,
-                layout: None,
-                bias,
-            })
+        let weight = if weight.track_op() {
+            Weight::Graph(weight)
+        } else if let Some(packed) = PackedMatrix::new(&weight)? {
+            Weight::Packed(Arc::new(packed))
         } else {
-            Ok(Self {
-                weight: weight.t()?.contiguous()?,
-                layout: Some(WeightLayout::InOut),
-                bias,
-            })
-        }
+            Weight::Plain(weight.t()?.contiguous()?, WeightLayout::InOut)
+        };
+        Ok(Self { weight, bias })
     }
 
-    /// Stores an inference layer's weight in `layout` (trainable layers keep theirs).
+    /// Stores an inference layer's weight for candle's product in `layout`
+    /// (trainable and packed layers keep theirs).
     pub fn relayout(&mut self, layout: WeightLayout) -> Result<()> {
-        if let Some(current) = self.layout
-            && current != layout
+        if let Weight::Plain(w, current) = &mut self.weight
+            && *current != layout
         {
-            self.weight = self.weight.t()?.contiguous()?;
-            self.layout = Some(layout);
+            *w = w.t()?.contiguous()?;
+            *current = layout;
         }
         Ok(())
     }
@@ -90,17 +100,24 @@ impl Linear {
 
     /// The (out, in) weight.
     pub fn weight(&self) -> Result<Tensor> {
-        match self.layout {
-            Some(WeightLayout::InOut) => Ok(self.weight.t()?),
-            _ => Ok(self.weight.clone()),
+        match &self.weight {
+            Weight::Plain(w, WeightLayout::InOut) => Ok(w.t()?),
+            Weight::Graph(w) | Weight::Plain(w, WeightLayout::OutIn) => Ok(w.clone()),
+            Weight::Packed(p) => Ok(p.unpack()?),
         }
     }
 
+    /// Whether the layer is part of a training graph.
+    fn trainable(&self) -> bool {
+        matches!(&self.weight, Weight::Graph(w) if w.track_op())
+    }
+
     fn out_dim(&self) -> Result<usize> {
-        Ok(self.weight.dim(match self.layout {
-            Some(WeightLayout::InOut) => 1,
-            _ => 0,
-        })?)
+        Ok(match &self.weight {
+            Weight::Plain(w, WeightLayout::InOut) => w.dim(1)?,
+            Weight::Graph(w) | Weight::Plain(w, WeightLayout::OutIn) => w.dim(0)?,
+            Weight::Packed(p) => p.dims().0,
+        })
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -114,16 +131,38 @@ impl Linear {
     /// `f(x W^T + b)`; for inference, the bias and `f` are applied in one pass
     /// over the product, in place.
     pub(super) fn forward_then(&self, x: &Tensor, f: super::ops::Pointwise) -> Result<Tensor> {
-        let Some(layout) = self.layout else {
-            // Training: one fused node with its own backward pass.
-            let y = super::ops::dense(x, &self.weight, self.bias.as_ref())?;
-            return match f {
-                super::ops::Pointwise::Identity => Ok(y),
-                _ => Err(super::Error::Input(
-                    "fused activations are for inference".into(),
-                )),
-            };
+        use super::ops::Pointwise::Identity;
+        let layout = match &self.weight {
+            Weight::Graph(w) => {
+                // Training: one fused node with its own backward pass.
+                let y = super::ops::dense(x, w, self.bias.as_ref())?;
+                return match f {
+                    Identity => Ok(y),
+                    _ => Err(super::Error::Input(
+                        "fused activations are for inference".into(),
+                    )),
+                };
+            }
+            Weight::Packed(p)
+                if !x.track_op() && !self.bias.as_ref().is_some_and(|b| b.track_op()) =>
+            {
+                return Ok(super::gemm::dense(x, p, self.bias.as_ref(), f)?);
+            }
+            // A frozen packed layer inside a training graph (fed by a
+            // trainable one): candle's product, which has a backward pass.
+            Weight::Packed(p) => return self.forward_graph(x, &p.unpack()?.t()?, f),
+            Weight::Plain(w, layout) => (w, *layout),
         };
+        let w = match layout.1 {
+            WeightLayout::InOut => layout.0.clone(),
+            WeightLayout::OutIn => layout.0.t()?,
+        };
+        self.forward_graph(x, &w, f)
+    }
+
+    /// `f(x w + b)` with candle's product, for a weight `w` as (in, out).
+    fn forward_graph(&self, x: &Tensor, w: &Tensor, f: super::ops::Pointwise) -> Result<Tensor> {
+        use super::ops::Pointwise::Identity;
         let dims = x.dims().to_vec();
         let (in_dim, lead) = dims
             .split_last()
@@ -132,11 +171,7 @@ impl Linear {
         // One (rows x in) by (in x out) product: gemm is fastest on one big
         // matrix, not a batch of small ones.
         let x = x.reshape((rows, *in_dim))?;
-        let y = match layout {
-            WeightLayout::InOut => x.matmul(&self.weight)?,
-            WeightLayout::OutIn => x.matmul(&self.weight.t()?)?,
-        };
-        use super::ops::Pointwise::Identity;
+        let y = x.matmul(w)?;
         let y = match (&self.bias, f) {
             // Inference: the product is a fresh buffer of its own; the bias
             // and `f` go in place, in one pass.
@@ -273,12 +308,11 @@ impl Attention {
             // arrives in one piece instead of three to add up. Then one
             // fused node with its own backward pass.
             Qkv::Separate { q, k, v } => {
-                let w = Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?;
+                let w = Tensor::cat(&[&q.weight()?, &k.weight()?, &v.weight()?], 0)?;
                 let b =
                     [&q.bias, &k.bias, &v.bias].map(|b| b.clone().expect("attention has biases"));
                 let qkv = Linear {
-                    weight: w,
-                    layout: None,
+                    weight: Weight::Graph(w),
                     bias: Some(Tensor::cat(&b, 0)?),
                 }
                 .forward(x)?;
@@ -313,7 +347,7 @@ impl Mlp {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let fused = match self.activation {
-            _ if x.track_op() || self.fc1.weight.track_op() => None,
+            _ if x.track_op() || self.fc1.trainable() => None,
             Activation::GeluTanh => Some(super::ops::Pointwise::GeluTanh),
             Activation::Gelu => Some(super::ops::Pointwise::GeluErf),
             Activation::QuickGelu => Some(super::ops::Pointwise::QuickGelu),
@@ -496,5 +530,57 @@ impl AttentionPool {
         let out = self.out_proj.forward(&out)?;
         let mlp = self.mlp.forward(&self.layernorm.forward(&out)?)?;
         Ok((out + mlp)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::Pointwise;
+    use candle_core::Device;
+
+    fn random(dims: &[usize], seed: u64) -> Tensor {
+        let mut rng = crate::model::init::NormalRng::new(seed);
+        let n = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    /// The packed kernel (where the CPU has it) and candle's product give one
+    /// layer the same output, with every fused activation, and the packed
+    /// layer gives its weight back exactly.
+    #[test]
+    fn packed_and_plain_layers_agree() {
+        let (w, b) = (random(&[45, 70], 1), random(&[45], 2));
+        let packed = Linear::new(w.clone(), Some(b.clone())).unwrap();
+        crate::model::gemm::set_enabled(false);
+        let plain = Linear::new(w.clone(), Some(b));
+        crate::model::gemm::set_enabled(true);
+        let plain = plain.unwrap();
+        assert!(matches!(plain.weight, Weight::Plain(..)));
+        if crate::model::gemm::available() {
+            assert!(matches!(packed.weight, Weight::Packed(_)));
+        }
+        assert_eq!(
+            packed.weight().unwrap().to_vec2::<f32>().unwrap(),
+            w.to_vec2::<f32>().unwrap()
+        );
+        assert_eq!(packed.out_dim().unwrap(), 45);
+        let x = random(&[3, 17, 70], 3);
+        for f in [
+            Pointwise::Identity,
+            Pointwise::GeluTanh,
+            Pointwise::GeluErf,
+            Pointwise::QuickGelu,
+            Pointwise::Relu,
+        ] {
+            let (a, p) = (
+                packed.forward_then(&x, f).unwrap(),
+                plain.forward_then(&x, f).unwrap(),
+            );
+            assert_eq!(a.dims(), &[3, 17, 45]);
+            let err = (a - p).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(err.to_scalar::<f32>().unwrap() < 1e-4, "{f:?}: {err}");
+        }
     }
 }

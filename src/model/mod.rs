@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod checkpoint;
 pub mod config;
 mod embedder;
+pub mod gemm;
 pub mod init;
 pub mod layers;
 pub mod loss;

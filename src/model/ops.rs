@@ -180,7 +180,7 @@ pub enum Pointwise {
 
 impl Pointwise {
     #[inline(always)]
-    fn apply(self, v: f32) -> f32 {
+    pub(crate) fn apply(self, v: f32) -> f32 {
         match self {
             Pointwise::Identity => v,
             Pointwise::GeluTanh => {
