@@ -276,36 +276,10 @@ fn matmul_unpacked(
     // SAFETY: every row of B was written above.
     unsafe { b.set_len(k * n) };
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: y is m x n (row stride n, written, not read), x is m x k (row
-    // stride k), b is k x n (row stride n), all f32 and in bounds.
+    // SAFETY: y has room for m x n (written, not read); x is m x k and b is
+    // k x n, row-major.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+        super::ops::gemm_f32_raw((m, n, k), y.as_mut_ptr(), false, x, (k, 1), &b, (n, 1));
         y.set_len(m * n);
     }
     if bias.is_some() || f != Pointwise::Identity {
@@ -665,6 +639,11 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap()
+    }
+
     fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
         let mut rng = crate::model::init::NormalRng::new(seed);
         let v: Vec<f32> = (0..rows * cols).map(|_| rng.normal() as f32).collect();
@@ -703,14 +682,7 @@ mod tests {
                 .broadcast_add(&b)
                 .unwrap();
             let got = dense(&x, &packed, Some(&b), Pointwise::Identity).unwrap();
-            let err = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_diff(&got, &want);
             assert!(
                 err < 1e-3 * (k as f32).sqrt(),
                 "{m}x{k}x{n}: max error {err}"
@@ -724,14 +696,7 @@ mod tests {
             .unwrap();
             assert_eq!(relu.dims(), &[1, m, n]);
             let want = x.matmul(&w.t().unwrap()).unwrap().relu().unwrap();
-            let err = (relu.squeeze(0).unwrap() - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_diff(&relu.squeeze(0).unwrap(), &want);
             assert!(
                 err < 1e-3 * (k as f32).sqrt(),
                 "{m}x{k}x{n} relu: max error {err}"

@@ -629,20 +629,49 @@ fn gemm_f32(
 ) {
     assert!(dst.len() >= m * n && lhs.len() > (m.max(1) - 1) * lhs_rs + (k.max(1) - 1) * lhs_cs);
     assert!(rhs.len() > (k.max(1) - 1) * rhs_rs + (n.max(1) - 1) * rhs_cs);
+    // SAFETY: the asserts above keep every index gemm computes from these
+    // sizes and strides inside the slices; dst does not alias lhs or rhs.
+    unsafe {
+        gemm_f32_raw(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            accumulate,
+            lhs,
+            (lhs_rs, lhs_cs),
+            rhs,
+            (rhs_rs, rhs_cs),
+        )
+    }
+}
+
+/// [`gemm_f32`] into a row-major m x n buffer that may be uninitialised
+/// (written, not read, unless `accumulate`), with candle's thread count.
+///
+/// # Safety
+/// `dst` is valid for m x n values and aliases neither input; `lhs` and
+/// `rhs` hold every element their sizes and strides reach.
+pub(crate) unsafe fn gemm_f32_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above keep every index gemm computes from these
-    // sizes and strides inside the slices; dst does not alias lhs or rhs.
+    // SAFETY: the caller's bounds.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,
