@@ -75,6 +75,9 @@ pub struct PackedMatrix {
     /// Output features.
     n: usize,
     data: Vec<f32>,
+    /// The weight as (in, out) for candle's product, made the first time a
+    /// training graph runs through this frozen layer ([`Self::plain`]).
+    plain: std::sync::OnceLock<Tensor>,
 }
 
 impl PackedMatrix {
@@ -89,7 +92,12 @@ impl PackedMatrix {
         let panels = n.div_ceil(NR);
         let mut data = vec![0f32; panels * k * NR];
         if k == 0 {
-            return Ok(Some(Self { k, n, data }));
+            return Ok(Some(Self {
+                k,
+                n,
+                data,
+                plain: Default::default(),
+            }));
         }
         data.par_chunks_mut(k * NR)
             .enumerate()
@@ -101,7 +109,12 @@ impl PackedMatrix {
                     }
                 }
             });
-        Ok(Some(Self { k, n, data }))
+        Ok(Some(Self {
+            k,
+            n,
+            data,
+            plain: Default::default(),
+        }))
     }
 
     /// (out, in).
@@ -120,6 +133,17 @@ impl PackedMatrix {
             }
         }
         Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)
+    }
+
+    /// The weight as an (in, out) view for candle's product, unpacked once:
+    /// for a frozen layer inside a training graph, where the product needs a
+    /// backward pass for its input.
+    pub fn plain(&self) -> candle_core::Result<Tensor> {
+        if let Some(t) = self.plain.get() {
+            return Ok(t.clone());
+        }
+        let t = self.unpack()?.t()?;
+        Ok(self.plain.get_or_init(|| t).clone())
     }
 
     fn panels(&self) -> usize {

@@ -150,7 +150,7 @@ impl Linear {
             }
             // A frozen packed layer inside a training graph (fed by a
             // trainable one): candle's product, which has a backward pass.
-            Weight::Packed(p) => return self.forward_graph(x, &p.unpack()?.t()?, f),
+            Weight::Packed(p) => return self.forward_graph(x, &p.plain()?, f),
             Weight::Plain(w, layout) => (w, *layout),
         };
         let w = match layout.1 {
@@ -567,6 +567,27 @@ mod tests {
         );
         assert_eq!(packed.out_dim().unwrap(), 45);
         let x = random(&[3, 17, 70], 3);
+        // A frozen packed layer fed by a trainable one: candle's product, so
+        // the input gets its gradient.
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let y = packed.forward(var.as_tensor()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let dx = grads
+            .get(var.as_tensor())
+            .expect("the input has a gradient");
+        let want = w.sum(0).unwrap().broadcast_as((3, 17, 70)).unwrap();
+        let err = (dx - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(err.to_scalar::<f32>().unwrap() < 1e-4, "gradient: {err}");
+        let err = (y - plain.forward(&x).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(
+            err.to_scalar::<f32>().unwrap() < 1e-4,
+            "graph forward: {err}"
+        );
         for f in [
             Pointwise::Identity,
             Pointwise::GeluTanh,
