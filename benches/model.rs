@@ -3,6 +3,11 @@
 //! text query (10 CLIP tokens), with a fixed number of threads.
 //!
 //!     cargo bench --bench model -- [--threads 2] [--dir target/bench/vit-b-32] [--json]
+//!         [--only batch1|batch16|text|gemm] [--unpacked]
+//!
+//! `--unpacked` loads the model with candle's matrix product instead of the
+//! packed-weight kernel (`model::gemm`), to compare the two in one run;
+//! `--only gemm` times single products both ways at the towers' shapes.
 //!
 //! Without a checkpoint in `--dir` it writes a ViT-B/32 one (config, weights,
 //! tokenizer); `scripts/reference/bench_model.py` loads the same folder into
