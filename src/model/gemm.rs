@@ -661,17 +661,12 @@ mod sse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::Tensor;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        d.to_scalar::<f32>().unwrap()
-    }
+    use crate::model::test_support::max_abs_diff as max_diff;
 
     fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
-        let mut rng = crate::model::init::NormalRng::new(seed);
-        let v: Vec<f32> = (0..rows * cols).map(|_| rng.normal() as f32).collect();
-        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+        crate::model::test_support::random(&[rows, cols], seed)
     }
 
     /// Every tail: rows not a multiple of MR or MC, columns not of NR, depth

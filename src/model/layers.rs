@@ -537,14 +537,7 @@ impl AttentionPool {
 mod tests {
     use super::*;
     use crate::model::ops::Pointwise;
-    use candle_core::Device;
-
-    fn random(dims: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::model::init::NormalRng::new(seed);
-        let n = dims.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
+    use crate::model::test_support::{max_abs_diff, random};
 
     /// The packed kernel (where the CPU has it) and candle's product give one
     /// layer the same output, with every fused activation, and the packed
@@ -576,18 +569,10 @@ mod tests {
             .get(var.as_tensor())
             .expect("the input has a gradient");
         let want = w.sum(0).unwrap().broadcast_as((3, 17, 70)).unwrap();
-        let err = (dx - want).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(err.to_scalar::<f32>().unwrap() < 1e-4, "gradient: {err}");
-        let err = (y - plain.forward(&x).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(
-            err.to_scalar::<f32>().unwrap() < 1e-4,
-            "graph forward: {err}"
-        );
+        let err = max_abs_diff(&dx, &want);
+        assert!(err < 1e-4, "gradient: {err}");
+        let err = max_abs_diff(&y, &plain.forward(&x).unwrap());
+        assert!(err < 1e-4, "graph forward: {err}");
         for f in [
             Pointwise::Identity,
             Pointwise::GeluTanh,
@@ -600,8 +585,8 @@ mod tests {
                 plain.forward_then(&x, f).unwrap(),
             );
             assert_eq!(a.dims(), &[3, 17, 45]);
-            let err = (a - p).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(err.to_scalar::<f32>().unwrap() < 1e-4, "{f:?}: {err}");
+            let err = max_abs_diff(&a, &p);
+            assert!(err < 1e-4, "{f:?}: {err}");
         }
     }
 }

@@ -28,6 +28,8 @@ pub mod resnet;
 pub mod roberta;
 pub mod sentencepiece;
 pub mod simple_tokenizer;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod text;
 mod text_clean;
 mod text_tables;

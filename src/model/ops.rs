@@ -998,18 +998,7 @@ mod tests {
     use super::*;
     use candle_core::{D, Device, Var};
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::model::test_support::max_abs_diff as max_diff;
 
     fn input(shape: (usize, usize), seed: u64) -> Var {
         let mut rng = crate::model::init::NormalRng::new(seed);

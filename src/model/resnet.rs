@@ -653,18 +653,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::model::test_support::max_abs_diff as max_diff;
 
     #[test]
     fn channels_last_convolution_with_folded_batch_norm_is_conv2d_then_normalisation() {

@@ -289,16 +289,7 @@ fn xlm_roberta_tokenizer_matches_open_clip() {
         .unwrap()
         .narrow(0, 0, 1)
         .unwrap();
-    let d = (alone - batch)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = crate::common::max_abs_diff(&alone, &batch);
     assert!(d < 1e-5, "{d}");
 }
 

@@ -320,32 +320,14 @@ fn a_tiny_model_overfits_a_fixed_batch() {
     let rebuilt = build_model(&config, current, Freeze::None, Objective::Softmax).unwrap();
     let a = m.model.get_image_features(&px).unwrap();
     let b = rebuilt.model.get_image_features(&px).unwrap();
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = crate::common::max_abs_diff(&a, &b);
     assert!(
         d < 1e-5,
         "the trained model's image features differ from its weights' by {d}"
     );
     let a = m.model.get_text_features(&ids, &pool).unwrap();
     let b = rebuilt.model.get_text_features(&ids, &pool).unwrap();
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = crate::common::max_abs_diff(&a, &b);
     assert!(
         d < 1e-5,
         "the trained model's text features differ from its weights' by {d}"
@@ -512,16 +494,7 @@ fn a_killed_run_resumes_exactly() {
     let wb =
         candle_core::safetensors::load(resumed.join("model.safetensors"), &Device::Cpu).unwrap();
     for (k, t) in &wa {
-        let d = (t - &wb[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::common::max_abs_diff(&t, &wb[k]);
         assert_eq!(d, 0.0, "{k} differs");
     }
 }
@@ -556,16 +529,7 @@ fn the_exported_checkpoint_loads_and_embeds_as_in_training() {
     let px = pixels(&dir.path().join("data"), 8, 32);
     let a = clip.image_features(&px).unwrap();
     let b = m.model.get_image_features(&px).unwrap();
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = crate::common::max_abs_diff(&a, &b);
     assert!(d < 1e-4, "image features differ by {d}");
     let texts = captions(8);
     let ids: Vec<Vec<u32>> = texts
@@ -575,16 +539,7 @@ fn the_exported_checkpoint_loads_and_embeds_as_in_training() {
     let a = clip.text_features(&ids).unwrap();
     let (tid, pool) = token_batch(clip.tokenizer().as_clip().unwrap(), &texts);
     let b = m.model.get_text_features(&tid, &pool).unwrap();
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = crate::common::max_abs_diff(&a, &b);
     assert!(d < 1e-4, "text features differ by {d}");
     // It indexes and embeds like any checkpoint.
     let emb = clipdex(&[
@@ -663,16 +618,7 @@ fn the_papers_resnet_trains_from_scratch_and_exports() {
     let px = pixels(&dir.path().join("data"), 8, 64);
     let a = clip.image_features(&px).unwrap();
     let b = m.model.get_image_features(&px).unwrap();
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = crate::common::max_abs_diff(&a, &b);
     assert!(d < 1e-4, "image features differ by {d}");
 }
 
