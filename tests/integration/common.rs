@@ -196,6 +196,40 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// The texts `tokenizer` encodes to other ids than the reference's (`want`:
+/// one JSON array of ids per text), by index, each with both lists.
+pub fn token_id_mismatches<'a>(
+    tokenizer: &clipdex::model::TextTokenizer,
+    texts: impl IntoIterator<Item = &'a str>,
+    want: &[serde_json::Value],
+) -> Vec<(usize, String)> {
+    let mut wrong = Vec::new();
+    for (i, (text, want)) in texts.into_iter().zip(want).enumerate() {
+        let want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tokenizer.encode(text).unwrap();
+        if got != want {
+            wrong.push((i, format!("{text:?}\n  ours {got:?}\n  want {want:?}")));
+        }
+    }
+    wrong
+}
+
+/// Fails with the first few of `wrong` (of `total` texts), if any.
+pub fn assert_no_token_mismatches(label: &str, wrong: &[(usize, String)], total: usize) {
+    let first: Vec<&str> = wrong.iter().take(3).map(|(_, w)| w.as_str()).collect();
+    assert!(
+        wrong.is_empty(),
+        "{label}: {} of {total} differ, first:\n{}",
+        wrong.len(),
+        first.join("\n")
+    );
+}
+
 /// Runs the clipdex binary.
 pub fn clipdex(args: &[&str]) -> Output {
     clipdex_with_env(args, &[])

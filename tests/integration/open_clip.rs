@@ -73,36 +73,15 @@ fn tokenizer_ids_match_open_clip_on_varied_strings() {
     // Both tokenizer sources: the folder's merges.txt, and the copy clipdex ships.
     for name in ["openclip-vit-tiny", "openclip-rn-tiny"] {
         let clip = load(&fixture_model(name)).unwrap();
-        let (mut wrong, mut repaired_wrong) = (Vec::new(), 0);
-        for ((case, want), broken) in cases
-            .iter()
-            .zip(value["ids"].as_array().unwrap())
-            .zip(mojibake)
-        {
-            let case = case.as_str().unwrap();
-            let want: Vec<u32> = want
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
-            let got = clip.tokenizer().encode(case).unwrap();
-            if got != want {
-                // ftfy's mojibake repair (fix_encoding) is not reproduced: counted, not failed.
-                if broken.as_bool().unwrap() {
-                    repaired_wrong += 1;
-                } else {
-                    wrong.push(format!("{case:?}\n  ours {got:?}\n  want {want:?}"));
-                }
-            }
-        }
-        assert!(
-            wrong.is_empty(),
-            "{name}: {} of {} differ, first:\n{}",
-            wrong.len(),
-            cases.len(),
-            wrong[..wrong.len().min(3)].join("\n")
-        );
+        let texts = cases.iter().map(|c| c.as_str().unwrap());
+        let ids = value["ids"].as_array().unwrap();
+        // ftfy's mojibake repair (fix_encoding) is not reproduced: counted, not failed.
+        let (repaired, wrong): (Vec<_>, Vec<_>) =
+            crate::common::token_id_mismatches(clip.tokenizer(), texts, ids)
+                .into_iter()
+                .partition(|(i, _)| mojibake[*i].as_bool().unwrap());
+        let repaired_wrong = repaired.len();
+        crate::common::assert_no_token_mismatches(name, &wrong, cases.len());
         let flagged = mojibake.iter().filter(|m| m.as_bool().unwrap()).count();
         assert!(repaired_wrong <= flagged, "{name}");
     }
@@ -261,26 +240,13 @@ fn xlm_roberta_tokenizer_matches_open_clip() {
     .unwrap();
     let cases = meta["tokenizer_cases"].as_array().unwrap();
     assert!(cases.len() >= 300);
-    let mut wrong = Vec::new();
-    for (case, want) in cases.iter().zip(meta["tokenizer_ids"].as_array().unwrap()) {
-        let case = case.as_str().unwrap();
-        let want: Vec<u32> = want
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        let got = clip.tokenizer().encode(case).unwrap();
-        if got != want {
-            wrong.push(format!("{case:?}\n  ours {got:?}\n  want {want:?}"));
-        }
-    }
-    assert!(
-        wrong.is_empty(),
-        "{} differ, first:\n{}",
-        wrong.len(),
-        wrong[..wrong.len().min(3)].join("\n")
+    let texts = cases.iter().map(|c| c.as_str().unwrap());
+    let wrong = crate::common::token_id_mismatches(
+        clip.tokenizer(),
+        texts,
+        meta["tokenizer_ids"].as_array().unwrap(),
     );
+    crate::common::assert_no_token_mismatches("openclip-xlmr-tiny", &wrong, cases.len());
     // Padding inside a batch is masked: a short text alone and beside a long one embed alike.
     let r = reference("openclip-xlmr-tiny");
     let alone = clip.text_features(&r.token_ids[..1]).unwrap();

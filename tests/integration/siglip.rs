@@ -58,26 +58,9 @@ fn tokenizer_ids_match_reference_on_varied_strings() {
     for (model, key) in [("siglip-tiny", "spiece"), ("siglip2-tiny", "gemma")] {
         let clip = load(model);
         let want = cases.ids[key].as_array().unwrap();
-        let mut wrong = Vec::new();
-        for (text, want) in cases.texts.iter().zip(want) {
-            let want: Vec<u32> = want
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
-            let got = clip.tokenizer().encode(text).unwrap();
-            if got != want {
-                wrong.push(format!("{text:?}\n  ours {got:?}\n  want {want:?}"));
-            }
-        }
-        assert!(
-            wrong.is_empty(),
-            "{model}: {} of {} differ, first:\n{}",
-            wrong.len(),
-            cases.texts.len(),
-            wrong[..wrong.len().min(3)].join("\n")
-        );
+        let texts = cases.texts.iter().map(String::as_str);
+        let wrong = crate::common::token_id_mismatches(clip.tokenizer(), texts, want);
+        crate::common::assert_no_token_mismatches(model, &wrong, cases.texts.len());
     }
 }
 

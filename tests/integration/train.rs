@@ -409,16 +409,7 @@ fn weight_change(init: &Path, out: &Path) -> impl Fn(&str) -> f32 {
         candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
     move |k: &str| {
         let a = before[k].to_dtype(candle_core::DType::F32).unwrap();
-        (a - &after[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        crate::common::max_abs_diff(&a, &after[k])
     }
 }
 
