@@ -2,17 +2,19 @@
 //! query language, dates and filters, image headers and decoders, multipart
 //! and JSON bodies and query strings through the router, file names in a
 //! library. Each starts from the seed corpora in `tests/corpus/` (and the
-//! fixture pictures) and mutates them; the number of cases is bounded so
-//! the whole module runs in a few seconds here (`PROPTEST_CASES` raises it
-//! for a longer hunt). The properties: nothing panics, a server never
-//! answers 5xx, and what parses is within the documented limits.
+//! fixture pictures) and mutates them. The module runs for a bounded time,
+//! a minute in all by default (`CLIPDEX_FUZZ_SECONDS`), each target in
+//! batches with seeds of their own; `PROPTEST_CASES=N` instead runs exactly
+//! N cases per target from fixed seeds. The properties: nothing panics, a
+//! server never answers 5xx, and what parses is within the documented
+//! limits.
 
 use std::path::{Path, PathBuf};
 
 use axum::body::Body;
 use axum::http::{Request, header};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
 use clipdex::library::{DecodeLimits, decode_bytes, probe};
 use clipdex::search::{Filters, parse};
@@ -102,59 +104,97 @@ fn mutated(seeds: Vec<Vec<u8>>, max_edits: usize) -> impl Strategy<Value = Vec<u
     ]
 }
 
-fn runner(cases: u32) -> TestRunner {
-    let cases = std::env::var("PROPTEST_CASES")
+/// How many fuzz runs the module makes (some tests make two); each gets an
+/// equal share of the time budget.
+const RUNS: u32 = 8;
+
+/// Runs `test` on inputs drawn from `strategy` and fails with the smallest
+/// failing input proptest finds. With `PROPTEST_CASES` set, exactly that
+/// many cases (a fixed seed: a longer, reproducible hunt). Otherwise batches
+/// of `cases`, each from its own seed (the first the same in every run),
+/// until this run's share of `CLIPDEX_FUZZ_SECONDS` (default 60 for the
+/// whole module) is spent; at least one batch always runs. Returns the
+/// number of cases run.
+fn fuzz<S: Strategy>(
+    name: &str,
+    cases: u32,
+    strategy: &S,
+    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) -> u64 {
+    let fixed = std::env::var("PROPTEST_CASES")
         .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(cases);
-    TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    })
+        .and_then(|c| c.parse().ok());
+    let seconds: f64 = std::env::var("CLIPDEX_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60.0);
+    let budget = std::time::Duration::from_secs_f64(seconds.max(0.0) / RUNS as f64);
+    let start = std::time::Instant::now();
+    let mut total = 0u64;
+    for batch in 0u64.. {
+        let seed = blake3::hash(format!("{name}/{batch}").as_bytes());
+        let rng = TestRng::from_seed(RngAlgorithm::ChaCha, seed.as_bytes());
+        let config = Config {
+            cases: fixed.unwrap_or(cases),
+            failure_persistence: None,
+            ..Config::default()
+        };
+        let cases = config.cases;
+        TestRunner::new_with_rng(config, rng)
+            .run(strategy, &test)
+            .unwrap_or_else(|e| panic!("{name}, batch {batch}: {e}"));
+        total += u64::from(cases);
+        if fixed.is_some() || start.elapsed() >= budget {
+            break;
+        }
+    }
+    eprintln!(
+        "{name}: {total} cases in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    total
 }
 
 #[test]
 fn metadata_parsing_never_panics() {
     // EXIF dates of any bytes, inside a valid EXIF block.
     let dates = seed_lines("exif/dates.txt");
-    runner(8000)
-        .run(&mutated(dates, 6), |date| {
-            let meta = clipdex::library::meta::read_meta(&jpeg_with_exif_date(&date));
-            if let Some(taken) = &meta.taken {
-                prop_assert!(clipdex::keyword::parse_datetime(taken).is_some(), "{taken}");
-            }
-            Ok(())
-        })
-        .unwrap();
+    fuzz("EXIF dates", 8000, &mutated(dates, 6), |date| {
+        let meta = clipdex::library::meta::read_meta(&jpeg_with_exif_date(&date));
+        if let Some(taken) = &meta.taken {
+            prop_assert!(clipdex::keyword::parse_datetime(taken).is_some(), "{taken}");
+        }
+        Ok(())
+    });
     // Whole files, mutated anywhere (EXIF blocks, XMP packets, containers).
     let mut seeds = seed_images();
     seeds.push(br#"<x:xmpmeta><dc:description><rdf:Alt><rdf:li xml:lang="x-default">caf&#233; &amp; tea</rdf:li></rdf:Alt></dc:description>"#.to_vec());
-    runner(8000)
-        .run(&mutated(seeds, 8), |bytes| {
+    fuzz(
+        "metadata of whole files",
+        8000,
+        &mutated(seeds, 8),
+        |bytes| {
             let meta = clipdex::library::meta::read_meta(&bytes);
             prop_assert!((1..=8).contains(&meta.orientation));
             Ok(())
-        })
-        .unwrap();
+        },
+    );
 }
 
 #[test]
 fn query_language_and_filters_never_panic() {
     let queries = seed_lines("queries/seeds.txt");
-    runner(20000)
-        .run(&mutated(queries, 6), |bytes| {
-            let text = String::from_utf8_lossy(&bytes);
-            if let Ok(terms) = parse(&text) {
-                prop_assert!(!terms.is_empty() && terms.len() <= clipdex::search::query::MAX_TERMS);
-                for t in &terms {
-                    prop_assert!(t.weight.is_finite() && t.weight.abs() <= 100.0);
-                }
+    fuzz("query language", 20000, &mutated(queries, 6), |bytes| {
+        let text = String::from_utf8_lossy(&bytes);
+        if let Ok(terms) = parse(&text) {
+            prop_assert!(!terms.is_empty() && terms.len() <= clipdex::search::query::MAX_TERMS);
+            for t in &terms {
+                prop_assert!(t.weight.is_finite() && t.weight.abs() <= 100.0);
             }
-            let _ = clipdex::keyword::words(&text);
-            Ok(())
-        })
-        .unwrap();
+        }
+        let _ = clipdex::keyword::words(&text);
+        Ok(())
+    });
     let dates: Vec<Vec<u8>> = [
         "2019-07-14",
         "2019-07-14T12:30:05",
@@ -166,8 +206,11 @@ fn query_language_and_filters_never_panic() {
     .map(|s| s.as_bytes().to_vec())
     .collect();
     let strings = (mutated(dates, 4), ".{0,40}", ".{0,40}");
-    runner(20000)
-        .run(&strings, |(date, folder, camera)| {
+    fuzz(
+        "dates and filters",
+        20000,
+        &strings,
+        |(date, folder, camera)| {
             let date = String::from_utf8_lossy(&date).into_owned();
             if let Some(secs) = clipdex::keyword::parse_datetime(&date) {
                 // Within the years the index can store.
@@ -185,8 +228,8 @@ fn query_language_and_filters_never_panic() {
             };
             let _ = filters.validate();
             Ok(())
-        })
-        .unwrap();
+        },
+    );
 }
 
 #[test]
@@ -195,8 +238,11 @@ fn image_headers_and_decoders_never_panic() {
         max_pixels: 4 << 20,
         ..Default::default()
     };
-    runner(4000)
-        .run(&mutated(seed_images(), 6), |bytes| {
+    fuzz(
+        "image headers and decoders",
+        4000,
+        &mutated(seed_images(), 6),
+        |bytes| {
             let header = probe(&bytes, &limits, Some(64));
             let decoded = decode_bytes(&bytes, &limits);
             if let (Ok(h), Ok(d)) = (&header, &decoded) {
@@ -204,8 +250,8 @@ fn image_headers_and_decoders_never_panic() {
                 prop_assert!(d.rgb.width() > 0 && d.rgb.height() > 0);
             }
             Ok(())
-        })
-        .unwrap();
+        },
+    );
 }
 
 #[test]
@@ -215,31 +261,31 @@ fn library_file_names_never_panic() {
         any::<u8>().prop_filter("no slash or NUL", |b| *b != b'/' && *b != 0),
         1..40,
     );
-    runner(400)
-        .run(
-            &prop::collection::vec((name, any::<bool>()), 1..6),
-            |names| {
-                let dir = tempfile::tempdir().unwrap();
-                let mut made = 0;
-                for (n, image) in &names {
-                    let mut n = n.clone();
-                    if *image {
-                        n.extend_from_slice(b".jpg");
-                    }
-                    let path = dir.path().join(std::ffi::OsStr::from_bytes(&n));
-                    if std::fs::write(&path, b"x").is_ok() {
-                        made += 1;
-                    }
+    fuzz(
+        "library file names",
+        400,
+        &prop::collection::vec((name, any::<bool>()), 1..6),
+        |names| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut made = 0;
+            for (n, image) in &names {
+                let mut n = n.clone();
+                if *image {
+                    n.extend_from_slice(b".jpg");
                 }
-                let scan = clipdex::library::scan::scan(dir.path(), &[]);
-                for f in &scan.files {
-                    prop_assert!(!f.rel.is_empty() && !f.rel.starts_with('/'));
+                let path = dir.path().join(std::ffi::OsStr::from_bytes(&n));
+                if std::fs::write(&path, b"x").is_ok() {
+                    made += 1;
                 }
-                prop_assert!(scan.files.len() + scan.problems.len() <= made);
-                Ok(())
-            },
-        )
-        .unwrap();
+            }
+            let scan = clipdex::library::scan::scan(dir.path(), &[]);
+            for f in &scan.files {
+                prop_assert!(!f.rel.is_empty() && !f.rel.starts_with('/'));
+            }
+            prop_assert!(scan.files.len() + scan.problems.len() <= made);
+            Ok(())
+        },
+    );
 }
 
 /// Percent-encodes all but unreserved characters.
@@ -256,7 +302,7 @@ fn url_encode(s: &str) -> String {
 }
 
 /// Sends each generated request through the router; no answer may be 5xx.
-fn never_5xx(cases: u32, requests: impl Strategy<Value = Request<Body>>) {
+fn never_5xx(name: &str, cases: u32, requests: impl Strategy<Value = Request<Body>>) {
     let served = crate::server::indexed_library();
     let state = crate::server::state(&served, None);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -264,32 +310,27 @@ fn never_5xx(cases: u32, requests: impl Strategy<Value = Request<Body>>) {
         .enable_all()
         .build()
         .unwrap();
-    let count = std::sync::atomic::AtomicUsize::new(0);
-    runner(cases)
-        .run(&requests, |request| {
-            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let (method, uri) = (request.method().clone(), request.uri().clone());
-            let reply = rt.block_on(crate::server::call(&state, request));
+    fuzz(name, cases, &requests, |request| {
+        let (method, uri) = (request.method().clone(), request.uri().clone());
+        let reply = rt.block_on(crate::server::call(&state, request));
+        prop_assert!(
+            !reply.status.is_server_error(),
+            "{method} {uri}: {} {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body)
+        );
+        if !reply.status.is_success() {
+            // Errors are JSON with a code, and leak no path.
+            let body = reply.json();
+            prop_assert!(body["error"]["code"].is_string(), "{body}");
             prop_assert!(
-                !reply.status.is_server_error(),
-                "{method} {uri}: {} {}",
-                reply.status,
-                String::from_utf8_lossy(&reply.body)
+                !body
+                    .to_string()
+                    .contains(served.dir.path().to_str().unwrap())
             );
-            if !reply.status.is_success() {
-                // Errors are JSON with a code, and leak no path.
-                let body = reply.json();
-                prop_assert!(body["error"]["code"].is_string(), "{body}");
-                prop_assert!(
-                    !body
-                        .to_string()
-                        .contains(served.dir.path().to_str().unwrap())
-                );
-            }
-            Ok(())
-        })
-        .unwrap();
-    eprintln!("{} requests", count.into_inner());
+        }
+        Ok(())
+    });
 }
 
 #[test]
@@ -337,7 +378,11 @@ fn json_bodies_and_query_strings_never_give_5xx() {
                 .body(Body::empty())
                 .unwrap()
         });
-    never_5xx(5000, prop_oneof![bodies, queries]);
+    never_5xx(
+        "JSON bodies and query strings",
+        5000,
+        prop_oneof![bodies, queries],
+    );
 }
 
 #[test]
@@ -385,5 +430,5 @@ fn multipart_uploads_never_give_5xx() {
                 .body(Body::from(apply(body, &edits)))
                 .unwrap()
         });
-    never_5xx(3000, requests);
+    never_5xx("multipart uploads", 3000, requests);
 }
