@@ -3,7 +3,10 @@
 //! text query (10 CLIP tokens), with a fixed number of threads.
 //!
 //!     cargo bench --bench model -- [--threads 2] [--dir target/bench/vit-b-32] [--json]
-//!         [--only batch1|batch16|text|gemm] [--unpacked]
+//!         [--only batch1|batch16|text|gemm] [--unpacked] [--precision exact|fast]
+//!
+//! `--precision fast` measures the bf16 towers (`model::bf16`), and prints
+//! the smallest cosine between their embeddings and exact ones.
 //!
 //! `--unpacked` loads the model with candle's matrix product instead of the
 //! packed-weight kernel (`model::gemm`), to compare the two in one run;
@@ -24,7 +27,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use clipdex::model::checkpoint::{HubOptions, ModelSource};
 use clipdex::model::init::{NormalRng, init_weights};
-use clipdex::model::{Clip, ClipConfig, TextTokenizer};
+use clipdex::model::{Clip, ClipConfig, Precision, TextTokenizer};
 
 /// Ten tokens with start and end: eight words of CLIP BPE.
 pub const QUERY: &str = "a photo of a dog on the beach";
@@ -37,6 +40,7 @@ struct Args {
     only: Option<String>,
     /// candle's matrix product instead of the packed kernel (`model::gemm`).
     unpacked: bool,
+    precision: Precision,
 }
 
 fn args() -> Args {
@@ -46,6 +50,7 @@ fn args() -> Args {
         json: false,
         only: None,
         unpacked: false,
+        precision: Precision::Exact,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -55,6 +60,9 @@ fn args() -> Args {
             "--json" => a.json = true,
             "--unpacked" => a.unpacked = true,
             "--only" => a.only = it.next(),
+            "--precision" => {
+                a.precision = it.next().and_then(|v| v.parse().ok()).expect("--precision exact|fast")
+            }
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -213,14 +221,18 @@ fn main() {
     }
     write_checkpoint(&args.dir);
     clipdex::model::gemm::set_enabled(!args.unpacked);
-    let clip = Clip::load(
-        &ModelSource::Dir(args.dir.clone()),
-        &HubOptions {
-            offline: true,
-            progress: false,
-        },
-    )
-    .unwrap();
+    let load = || {
+        Clip::load(
+            &ModelSource::Dir(args.dir.clone()),
+            &HubOptions {
+                offline: true,
+                progress: false,
+            },
+        )
+        .unwrap()
+    };
+    let mut clip = load();
+    clip.set_precision(args.precision).unwrap();
     let tokenizer = clip.tokenizer();
     let ids = tokenizer.encode(QUERY).unwrap();
     // The query's own tokens; SigLIP pads every text to its fixed length.
@@ -245,6 +257,27 @@ fn main() {
     };
     let p1 = pixels(1, &mut rng);
     let p16 = pixels(16, &mut rng);
+    if args.precision != Precision::Exact && args.only.is_none() {
+        let exact = load();
+        let cosines = |a: Tensor, b: Tensor| -> f32 {
+            let (a, b) = (
+                clipdex::model::normalize(&a).unwrap(),
+                clipdex::model::normalize(&b).unwrap(),
+            );
+            (a * b).unwrap().sum(1).unwrap().min(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        let image = cosines(clip.image_features(&p16).unwrap(), exact.image_features(&p16).unwrap());
+        let (t_fast, t_exact) = (
+            clip.embed_texts(&[QUERY, "a diagram of a bicycle"]).unwrap(),
+            exact.embed_texts(&[QUERY, "a diagram of a bicycle"]).unwrap(),
+        );
+        let text = t_fast
+            .iter()
+            .zip(&t_exact)
+            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>())
+            .fold(f32::INFINITY, f32::min);
+        println!("{} against exact: smallest cosine {image:.5} (16 images), {text:.5} (2 texts)", args.precision);
+    }
     let want = |name: &str| args.only.as_deref().is_none_or(|only| only == name);
     let b1 = if want("batch1") {
         median(time(3, 30, || {

@@ -81,8 +81,9 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     }
 
     let source = args.model.source()?;
-    let clip = Clip::load(&source, &args.model.hub(true))
+    let mut clip = Clip::load(&source, &args.model.hub(true))
         .with_context(|| format!("cannot load model {source}"))?;
+    clip.set_precision(args.model.precision.unwrap_or_default())?;
 
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
     let text = clip.embed_texts(&texts).context("cannot embed the texts")?;
@@ -153,8 +154,8 @@ fn preview(v: &[f32]) -> String {
 fn print_plain(out: &Output, paths: &[PathBuf]) {
     let info = out.model.info;
     println!(
-        "model {} ({}-d, {} px, fingerprint {})",
-        info.id, info.embedding_dim, info.image_size, info.fingerprint
+        "model {} ({}-d, {} px, {} precision, fingerprint {})",
+        info.id, info.embedding_dim, info.image_size, info.precision, info.fingerprint
     );
     for (i, (t, v)) in out.inputs.text.iter().zip(&out.text).enumerate() {
         println!("text[{i}]  {t:?}\n          {}", preview(v));

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{IndexArgs, ReindexArgs, RunArgs, StatusArgs};
 use crate::indexer::{self, Index, Phase, Progress, RunOptions};
-use crate::model::{Clip, HubOptions, ModelSource};
+use crate::model::{Clip, HubOptions, ModelSource, Precision};
 use crate::store::RunSummary;
 
 pub(super) fn run_options(args: &RunArgs) -> RunOptions {
@@ -31,32 +31,54 @@ pub fn index(args: &IndexArgs) -> Result<()> {
         bail!("the library {} is not a folder", args.library.display());
     }
     let source = args.model.source()?;
-    let clip = Clip::load(&source, &args.model.hub(true))
+    // Continuing an index keeps its precision unless another is asked for
+    // (which the index then refuses, naming `reindex --precision`).
+    let precision = match args.model.precision {
+        Some(p) => p,
+        None => stored_precision(&args.index).unwrap_or_default(),
+    };
+    let mut clip = Clip::load(&source, &args.model.hub(true))
         .with_context(|| format!("cannot load model {source}"))?;
+    clip.set_precision(precision)?;
     let index = Index::create_or_open(&args.index, &args.library, clip.info())?;
     run(&index, &clip, &args.run, args.json)
 }
 
+/// The precision of the index at `root`, if there is one to read.
+fn stored_precision(root: &Path) -> Option<Precision> {
+    if !indexer::IndexPaths::new(root).exists() {
+        return None;
+    }
+    Index::open(root).ok().map(|i| i.meta().model.precision)
+}
+
 pub fn reindex(args: &ReindexArgs) -> Result<()> {
     if let Some(model) = &args.model {
-        return switch_model(args, model);
+        return switch_model(args, model, args.precision.unwrap_or_default());
     }
     let index = Index::open(&args.index)?;
     let model_id = index.meta().model.id.clone();
+    let precision = index.meta().model.precision;
+    if let Some(asked) = args.precision.filter(|&p| p != precision) {
+        drop(index);
+        return switch_model(args, &model_id, asked);
+    }
     let source = ModelSource::parse(&model_id).with_context(|| {
         format!(
             "the index's model {model_id} is no longer available; restore it, or build a new index"
         )
     })?;
     let hub = HubOptions::from_env(args.offline, true);
-    let clip = Clip::load(&source, &hub)
+    let mut clip = Clip::load(&source, &hub)
         .with_context(|| format!("cannot load the index's model {model_id}"))?;
+    clip.set_precision(precision)?;
     run(&index, &clip, &args.run, args.json)
 }
 
-/// `clipdex reindex --model M`: builds the next generation with `M` beside
-/// the index, then puts it in the index's place (see `indexer::generation`).
-fn switch_model(args: &ReindexArgs, model: &str) -> Result<()> {
+/// `clipdex reindex --model M` (or `--precision P`): builds the next
+/// generation with `M` at `precision` beside the index, then puts it in the
+/// index's place (see `indexer::generation`).
+fn switch_model(args: &ReindexArgs, model: &str, precision: Precision) -> Result<()> {
     let root = &args.index;
     // The current index's library and model: from the index, or from the
     // lock file of the process that holds it (which keeps answering).
@@ -75,7 +97,13 @@ fn switch_model(args: &ReindexArgs, model: &str) -> Result<()> {
     };
     let source = ModelSource::parse(model)?;
     let hub = HubOptions::from_env(args.offline, true);
-    let clip = Clip::load(&source, &hub).with_context(|| format!("cannot load model {source}"))?;
+    let mut clip =
+        Clip::load(&source, &hub).with_context(|| format!("cannot load model {source}"))?;
+    clip.set_precision(precision)?;
+    let source = match precision {
+        Precision::Exact => source.to_string(),
+        Precision::Fast => format!("{source} ({precision} precision)"),
+    };
     if clip.info().fingerprint == fingerprint {
         eprintln!(
             "{} already uses {source}; bringing it up to date",
@@ -315,8 +343,8 @@ fn print_status(s: &Status) {
     println!("index    {}", s.index);
     println!("library  {}", s.library);
     println!(
-        "model    {} ({}, {}-d, fingerprint {})",
-        s.model.id, s.model.family, s.model.embedding_dim, s.model.fingerprint
+        "model    {} ({}, {}-d, {} precision, fingerprint {})",
+        s.model.id, s.model.family, s.model.embedding_dim, s.model.precision, s.model.fingerprint
     );
     let root = Path::new(&s.index);
     if indexer::generation::pending(root) {

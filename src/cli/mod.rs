@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use crate::model::{DEFAULT_MODEL, HubOptions, ModelSource};
+use crate::model::{DEFAULT_MODEL, HubOptions, ModelSource, Precision};
 
 /// Self-hosted semantic image search with CLIP.
 #[derive(Debug, Parser)]
@@ -155,6 +155,12 @@ pub struct EvalArgs {
     #[arg(long, global = true)]
     pub offline: bool,
 
+    /// How the model computes: exact (f32, the reference's numbers) or fast
+    /// (the encoders' dense layers in bf16, on AMX where the CPU has it).
+    /// An index keeps the precision its vectors were made with.
+    #[arg(long, global = true, value_name = "exact|fast", default_value = "exact", env = "CLIPDEX_PRECISION")]
+    pub precision: Precision,
+
     /// Print a JSON record.
     #[arg(long, global = true)]
     pub json: bool,
@@ -239,6 +245,13 @@ pub struct ServeArgs {
     #[arg(long)]
     pub offline: bool,
 
+    /// How the model computes: exact (f32, the reference's numbers) or fast
+    /// (the encoders' dense layers in bf16, on AMX where the CPU has it).
+    /// An index keeps the precision its vectors were made with.
+    /// An existing index uses its own unless this asks for it.
+    #[arg(long, value_name = "exact|fast", env = "CLIPDEX_PRECISION")]
+    pub precision: Option<Precision>,
+
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -300,6 +313,11 @@ pub struct SearchArgs {
     #[arg(long)]
     pub offline: bool,
 
+    /// The precision queries are embedded with; the index's own by default
+    /// (another one is refused: its vectors would not match).
+    #[arg(long, value_name = "exact|fast")]
+    pub precision: Option<Precision>,
+
     /// Print JSON lines, one per result.
     #[arg(long)]
     pub json: bool,
@@ -324,6 +342,11 @@ pub struct SimilarArgs {
     /// Never use the network for the model.
     #[arg(long)]
     pub offline: bool,
+
+    /// The precision queries are embedded with; the index's own by default
+    /// (another one is refused: its vectors would not match).
+    #[arg(long, value_name = "exact|fast")]
+    pub precision: Option<Precision>,
 
     /// Print JSON lines, one per result.
     #[arg(long)]
@@ -388,6 +411,11 @@ pub struct ReindexArgs {
     #[arg(long, short = 'm')]
     pub model: Option<String>,
 
+    /// Switch the index to another precision, exact (f32) or fast (bf16):
+    /// every photo is embedded again, as with --model.
+    #[arg(long, value_name = "exact|fast")]
+    pub precision: Option<Precision>,
+
     /// Never use the network for the model (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
@@ -425,6 +453,12 @@ pub struct ModelArgs {
     /// Never use the network: read hub models from the local cache only (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
+
+    /// How the model computes: exact (f32, the reference's numbers) or fast
+    /// (the encoders' dense layers in bf16, on AMX where the CPU has it).
+    /// An index keeps the precision its vectors were made with.
+    #[arg(long, value_name = "exact|fast", env = "CLIPDEX_PRECISION")]
+    pub precision: Option<Precision>,
 }
 
 impl ModelArgs {

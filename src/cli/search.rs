@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::{FilterArgs, SearchArgs, SimilarArgs};
 use crate::indexer;
+use crate::model::Precision;
 use crate::search::{
     self, Engine, Filters, HubOptions, OpenError, OpenOptions, Request, SearchResults, Term,
     TermKind,
@@ -32,22 +33,44 @@ enum Backend {
     Remote(String),
 }
 
-fn backend(index: &Path, offline: bool) -> Result<Backend> {
+fn backend(index: &Path, offline: bool, precision: Option<Precision>) -> Result<Backend> {
     let hub = HubOptions::from_env(offline, true);
     let opts = OpenOptions {
         index,
         library: None,
         model: None,
+        precision,
         hub: &hub,
         wait: None,
     };
     match search::open(&opts, &mut |_| {}) {
         Ok(engine) => Ok(Backend::Local(engine)),
-        // The lock file says where the server that holds the index answers.
+        // The lock file says where the server that holds the index answers,
+        // and its fingerprint the precision it embeds with.
         Err(OpenError::Index(indexer::Error::InUse {
-            holder: indexer::Holder { url: Some(url), .. },
+            holder:
+                indexer::Holder {
+                    url: Some(url),
+                    fingerprint,
+                    ..
+                },
             ..
-        })) => Ok(Backend::Remote(url)),
+        })) => {
+            if let (Some(asked), Some(fingerprint)) = (precision, &fingerprint) {
+                let serving = if fingerprint.ends_with("/fast") {
+                    Precision::Fast
+                } else {
+                    Precision::Exact
+                };
+                if serving != asked {
+                    bail!(
+                        "the server at {url} embeds queries with {serving} precision, as its index \
+                         was made; --precision {asked} would not match"
+                    );
+                }
+            }
+            Ok(Backend::Remote(url))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -131,7 +154,7 @@ pub fn search(args: &SearchArgs) -> Result<()> {
         hybrid: Some(!args.no_keywords),
         terms: None,
     };
-    let results = match backend(&args.index, args.offline)? {
+    let results = match backend(&args.index, args.offline, args.precision)? {
         Backend::Local(engine) => engine.search(&request.into_query()?)?,
         Backend::Remote(base) => remote_search(&base, &request)?,
     };
@@ -145,7 +168,7 @@ pub fn similar(args: &SimilarArgs) -> Result<()> {
         filters: Some(Filters::from(&args.filters)),
         ..Request::default()
     };
-    let results = match backend(&args.index, args.offline)? {
+    let results = match backend(&args.index, args.offline, args.precision)? {
         Backend::Local(engine) => {
             let library = engine.index().library();
             let in_library = std::fs::canonicalize(file).ok().and_then(|p| {

@@ -38,6 +38,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         index: args.index.clone(),
         library: args.library.clone(),
         model: args.model.clone(),
+        precision: args.precision,
         hub: HubOptions::from_env(args.offline, false),
         run: run_options(&args.run),
         token,

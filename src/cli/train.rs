@@ -181,7 +181,8 @@ fn load_images(
 }
 
 pub fn eval(args: &EvalArgs) -> Result<()> {
-    let clip = load_model(&args.model, args.offline)?;
+    let mut clip = load_model(&args.model, args.offline)?;
+    clip.set_precision(args.precision)?;
     match &args.command {
         EvalCommand::Retrieval { data } => {
             let (samples, images, skipped) = load_images(&clip, data, &[])?;

@@ -13,7 +13,7 @@ pub mod rng;
 pub mod time;
 
 pub use file::{CaptionSource, FileSig};
-pub use model_id::ModelInfo;
+pub use model_id::{ModelInfo, Precision};
 pub use pixels::{Resample, RgbView, resample};
 
 /// The message a panic carried (`panic!` with a literal or a formatted

@@ -16,6 +16,49 @@ pub struct ModelInfo {
     /// "clip" or "siglip" (indexes from before SigLIP are CLIP's).
     #[serde(default = "clip_family")]
     pub family: String,
+    /// How the vectors were computed (indexes from before `--precision`
+    /// are exact).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// How a model's towers compute (`--precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout: the reference implementation's numbers.
+    #[default]
+    Exact,
+    /// The encoders' dense layers in bf16 (on AMX where the CPU has it),
+    /// sums in f32; embeddings within a cosine of 0.995 of exact ones.
+    Fast,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Exact => "exact",
+            Precision::Fast => "fast",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "exact" => Ok(Precision::Exact),
+            "fast" => Ok(Precision::Fast),
+            other => Err(format!("unknown precision {other:?}: exact or fast")),
+        }
+    }
 }
 
 fn clip_family() -> String {

@@ -63,6 +63,17 @@ pub enum Error {
         asked_fingerprint: String,
     },
     #[error(
+        "the index at {path} holds {index_precision}-precision embeddings of {model}, which {asked_precision} \
+         ones would not match; use --precision {index_precision}, or switch the index with \
+         `clipdex reindex --precision {asked_precision}`"
+    )]
+    PrecisionMismatch {
+        path: String,
+        model: String,
+        index_precision: crate::model::Precision,
+        asked_precision: crate::model::Precision,
+    },
+    #[error(
         "the index at {path} belongs to the library {indexed}, not {asked}; use another --index folder"
     )]
     LibraryMismatch {
@@ -355,6 +366,16 @@ impl Index {
     /// Refuses a model other than the one the index was built with.
     pub fn check_model(&self, model: &ModelInfo) -> Result<()> {
         let built = &self.meta.model;
+        // The same weights at another precision: say so, and how to switch.
+        let base = |f: &str| f.split('/').next().unwrap_or_default().to_string();
+        if built.precision != model.precision && base(&built.fingerprint) == base(&model.fingerprint) {
+            return Err(Error::PrecisionMismatch {
+                path: self.paths.root.display().to_string(),
+                model: built.id.clone(),
+                index_precision: built.precision,
+                asked_precision: model.precision,
+            });
+        }
         if built.fingerprint != model.fingerprint || built.embedding_dim != model.embedding_dim {
             return Err(Error::ModelMismatch {
                 path: self.paths.root.display().to_string(),

@@ -17,7 +17,7 @@ use super::{
 /// Texts embedded per forward pass.
 const TEXT_BATCH: usize = 64;
 
-pub use crate::common::ModelInfo;
+pub use crate::common::{ModelInfo, Precision};
 
 /// A ready-to-use model of any family.
 #[derive(Debug)]
@@ -71,6 +71,7 @@ impl Clip {
             image_size,
             context_length: tokenizer.max_len(),
             family: config.family.name().into(),
+            precision: Precision::Exact,
         };
         Ok(Self {
             model,
@@ -83,6 +84,24 @@ impl Clip {
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Switches the towers to `precision` (from exact, as loaded; a model
+    /// is switched once). The fingerprint then names the precision too
+    /// (`<hash>/fast`).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if precision == self.info.precision {
+            return Ok(());
+        }
+        if precision == Precision::Exact {
+            return Err(Error::Input("a fast model cannot go back to exact: load it again".into()));
+        }
+        self.model.to_bf16()?;
+        self.info.precision = precision;
+        // Vectors of another precision are another model's to an index:
+        // every check that compares fingerprints refuses to mix them.
+        self.info.fingerprint = format!("{}/{precision}", self.info.fingerprint);
+        Ok(())
     }
 
     pub fn config(&self) -> &ClipConfig {

@@ -203,7 +203,7 @@ impl CustomOp1 for Dense {
 
 /// A raw output pointer tasks share; each writes its own rows and columns.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(super) struct Out(pub(super) *mut f32);
 // SAFETY: tasks write disjoint tiles of one buffer that outlives them.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
@@ -214,7 +214,7 @@ impl Out {
     ///
     /// # Safety
     /// `offset` is inside the buffer.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
+    pub(super) unsafe fn at(self, offset: usize) -> *mut f32 {
         unsafe { self.0.add(offset) }
     }
 }
@@ -454,7 +454,7 @@ fn pack_block(
 
 /// `row = f(row + bias)`.
 #[inline]
-fn epilogue(row: &mut [f32], bias: Option<&[f32]>, f: Pointwise) {
+pub(super) fn epilogue(row: &mut [f32], bias: Option<&[f32]>, f: Pointwise) {
     // SAFETY: epilogues run only on products with packed weights, which
     // exist only where AVX-512F was detected.
     #[cfg(target_arch = "x86_64")]

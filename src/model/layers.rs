@@ -8,9 +8,10 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use super::bf16::Bf16Matrix;
 use super::gemm::PackedMatrix;
 
 use super::Result;
@@ -51,6 +52,9 @@ enum Weight {
     /// For inference through [`super::gemm`]: packed once, where the CPU
     /// has the kernel.
     Packed(Arc<PackedMatrix>),
+    /// For inference in bf16 ([`super::bf16`], `--precision fast`), where
+    /// the CPU has AMX.
+    Bf16(Arc<Bf16Matrix>),
 }
 
 /// A dense layer, `x W^T + b`, over the last dimension of any-rank input.
@@ -88,6 +92,35 @@ impl Linear {
         Ok(())
     }
 
+    /// Rounds an inference layer's weight to bf16 for `--precision fast`:
+    /// multiplied on AMX where the CPU has it, else kept in f32 (rounded, so
+    /// that the layer computes nearly the same either way). Trainable layers
+    /// keep their weight.
+    pub fn to_bf16(&mut self) -> Result<()> {
+        self.to_bf16_with(super::bf16::available())
+    }
+
+    /// [`Self::to_bf16`] with the AMX kernel (`amx`, where available) or
+    /// without it.
+    fn to_bf16_with(&mut self, amx: bool) -> Result<()> {
+        if matches!(self.weight, Weight::Graph(_) | Weight::Bf16(_)) {
+            return Ok(());
+        }
+        let w = self.weight()?;
+        let matrix = match amx {
+            true => Bf16Matrix::new(&w)?,
+            false => None,
+        };
+        self.weight = match matrix {
+            Some(m) => Weight::Bf16(Arc::new(m)),
+            None => {
+                let rounded = w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+                Self::new(rounded, None)?.weight
+            }
+        };
+        Ok(())
+    }
+
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias {
@@ -104,6 +137,7 @@ impl Linear {
             Weight::Plain(w, WeightLayout::InOut) => Ok(w.t()?),
             Weight::Graph(w) | Weight::Plain(w, WeightLayout::OutIn) => Ok(w.clone()),
             Weight::Packed(p) => Ok(p.unpack()?),
+            Weight::Bf16(p) => Ok(p.unpack()?),
         }
     }
 
@@ -117,6 +151,7 @@ impl Linear {
             Weight::Plain(w, WeightLayout::InOut) => w.dim(1)?,
             Weight::Graph(w) | Weight::Plain(w, WeightLayout::OutIn) => w.dim(0)?,
             Weight::Packed(p) => p.dims().0,
+            Weight::Bf16(p) => p.dims().0,
         })
     }
 
@@ -151,6 +186,12 @@ impl Linear {
             // A frozen packed layer inside a training graph (fed by a
             // trainable one): candle's product, which has a backward pass.
             Weight::Packed(p) => return self.forward_graph(x, &p.plain()?, f),
+            Weight::Bf16(p)
+                if !x.track_op() && !self.bias.as_ref().is_some_and(|b| b.track_op()) =>
+            {
+                return Ok(super::bf16::dense(x, p, self.bias.as_ref(), f)?);
+            }
+            Weight::Bf16(p) => return self.forward_graph(x, &p.plain()?, f),
             Weight::Plain(w, layout) => (w, *layout),
         };
         let w = match layout.1 {
@@ -321,6 +362,19 @@ impl Attention {
         };
         self.out_proj.forward(&out)
     }
+
+    /// The projections in bf16 ([`Linear::to_bf16`]).
+    pub fn to_bf16(&mut self) -> Result<()> {
+        match &mut self.qkv {
+            Qkv::Fused(qkv) => qkv.to_bf16()?,
+            Qkv::Separate { q, k, v } => {
+                q.to_bf16()?;
+                k.to_bf16()?;
+                v.to_bf16()?;
+            }
+        }
+        self.out_proj.to_bf16()
+    }
 }
 
 /// The two-layer feed-forward block (`CLIPMLP`).
@@ -359,6 +413,12 @@ impl Mlp {
             None => self.activation.forward(&self.fc1.forward(x)?)?,
         };
         self.fc2.forward(&x)
+    }
+
+    /// Both layers in bf16 ([`Linear::to_bf16`]).
+    pub fn to_bf16(&mut self) -> Result<()> {
+        self.fc1.to_bf16()?;
+        self.fc2.to_bf16()
     }
 }
 
@@ -400,6 +460,13 @@ impl EncoderLayer {
         let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
         residual(h, &x)
     }
+
+    /// The attention's and the MLP's dense layers in bf16; the layer norms
+    /// stay f32.
+    pub fn to_bf16(&mut self) -> Result<()> {
+        self.self_attn.to_bf16()?;
+        self.mlp.to_bf16()
+    }
 }
 
 /// `h + x` for a block's output `h`: in place in inference, where `h` is the
@@ -433,6 +500,11 @@ impl Encoder {
             x = layer.forward(&x, mask)?;
         }
         Ok(x)
+    }
+
+    /// Every layer's dense layers in bf16 ([`EncoderLayer::to_bf16`]).
+    pub fn to_bf16(&mut self) -> Result<()> {
+        self.layers.iter_mut().try_for_each(EncoderLayer::to_bf16)
     }
 
     /// Lays the inference weights out for products of about `rows` rows.
@@ -538,6 +610,53 @@ mod tests {
     use super::*;
     use crate::model::ops::Pointwise;
     use crate::model::test_support::{max_abs_diff, random};
+
+    /// A bf16 layer computes the same on AMX as without it (weights rounded
+    /// alike; only AMX rounds the input too), gives back its rounded weight,
+    /// and passes gradients to a trainable input.
+    #[test]
+    fn bf16_layers_agree_with_and_without_amx() {
+        let (w, b) = (random(&[45, 70], 1), random(&[45], 2));
+        let mut amx = Linear::new(w.clone(), Some(b.clone())).unwrap();
+        amx.to_bf16().unwrap();
+        let mut portable = Linear::new(w.clone(), Some(b.clone())).unwrap();
+        let exact = Linear::new(w.clone(), Some(b)).unwrap();
+        portable.to_bf16_with(false).unwrap();
+        assert!(!matches!(portable.weight, Weight::Bf16(_)));
+        if crate::model::bf16::available() {
+            assert!(matches!(amx.weight, Weight::Bf16(_)));
+        }
+        let rounded = w
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        for layer in [&amx, &portable] {
+            assert_eq!(
+                layer.weight().unwrap().to_vec2::<f32>().unwrap(),
+                rounded.to_vec2::<f32>().unwrap()
+            );
+        }
+        let x = random(&[3, 17, 70], 3);
+        for f in [Pointwise::Identity, Pointwise::QuickGelu] {
+            let (a, p) = (
+                amx.forward_then(&x, f).unwrap(),
+                portable.forward_then(&x, f).unwrap(),
+            );
+            // Inputs of about 1 over 70 terms: bf16's relative 2^-9 per input.
+            let err = max_abs_diff(&a, &p);
+            assert!(err < 0.1, "{f:?}: {err}");
+            assert!(max_abs_diff(&p, &exact.forward_then(&x, f).unwrap()) > 1e-4);
+        }
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let y = amx.forward(var.as_tensor()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let dx = grads
+            .get(var.as_tensor())
+            .expect("the input has a gradient");
+        let want = rounded.sum(0).unwrap().broadcast_as((3, 17, 70)).unwrap();
+        assert!(max_abs_diff(&dx, &want) < 1e-4);
+    }
 
     /// The packed kernel (where the CPU has it) and candle's product give one
     /// layer the same output, with every fused activation, and the packed

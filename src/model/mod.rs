@@ -13,6 +13,7 @@
 //! This module knows nothing of files other than checkpoints, of image
 //! formats, or of indexes: it takes RGB buffers and strings.
 
+pub mod bf16;
 pub mod catalog;
 pub mod checkpoint;
 pub mod config;
@@ -43,7 +44,7 @@ pub use checkpoint::{DEFAULT_MODEL, HubOptions, ModelSource};
 pub use config::{
     Activation, ClipConfig, Family, ResNetConfig, TextConfig, VisionConfig, VisionPool,
 };
-pub use embedder::{Calibration, Clip, ModelInfo};
+pub use embedder::{Calibration, Clip, ModelInfo, Precision};
 pub use preprocess::{Preprocessor, RgbView};
 pub use tokenizer::{ClipTokenizer, TextTokenizer};
 
@@ -236,6 +237,21 @@ impl ClipModel {
         match &self.visual_projection {
             Some(projection) => projection.forward(&pooled),
             None => Ok(pooled),
+        }
+    }
+
+    /// The towers' encoder layers in bf16 for `--precision fast` (patch
+    /// embedding or stem, layer norms, pooling and projections stay f32).
+    /// Trainable towers are left as they are.
+    pub fn to_bf16(&mut self) -> Result<()> {
+        match &mut self.text_model {
+            TextTower::Clip(tower) => tower.to_bf16()?,
+            TextTower::Hf(tower) => tower.to_bf16()?,
+        }
+        match &mut self.vision_model {
+            ImageTower::Vit(vit) => vit.to_bf16(),
+            ImageTower::ResNet(resnet) => resnet.to_bf16(),
+            ImageTower::TrainResNet(_) => Ok(()),
         }
     }
 

@@ -450,6 +450,20 @@ impl ModifiedResNet {
         Ok(Self(Layers::load(vb, cfg, r, output_dim)?))
     }
 
+    /// The stages' convolutions in bf16 ([`Linear::to_bf16`]); the stem,
+    /// which sees the pixels, and the attention pooling stay f32.
+    pub fn to_bf16(&mut self) -> Result<()> {
+        for block in self.0.stages.iter_mut().flatten() {
+            for conv in [&mut block.conv1, &mut block.conv2, &mut block.conv3]
+                .into_iter()
+                .chain(block.downsample.as_mut())
+            {
+                conv.dense.to_bf16()?;
+            }
+        }
+        Ok(())
+    }
+
     /// (batch, 3, size, size) pixels to (batch, output_dim) features.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let t = &self.0;

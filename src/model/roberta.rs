@@ -48,6 +48,11 @@ impl PostNormLayer {
             .forward(&(self.attention.forward(x, Some(mask))? + x)?)?;
         self.norm2.forward(&(self.mlp.forward(&h)? + &h)?)
     }
+
+    fn to_bf16(&mut self) -> Result<()> {
+        self.attention.to_bf16()?;
+        self.mlp.to_bf16()
+    }
 }
 
 /// The projection open_clip puts after the pooled state.
@@ -133,6 +138,12 @@ impl HfTextTransformer {
     }
 
     /// (batch, seq) ids, each row padded with the pad id, to (batch, output) features.
+    /// The encoder layers' dense layers in bf16; embeddings, layer norms
+    /// and the projection stay f32.
+    pub fn to_bf16(&mut self) -> Result<()> {
+        self.layers.iter_mut().try_for_each(PostNormLayer::to_bf16)
+    }
+
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, n) = ids.dims2()?;
         let rows = ids.to_vec2::<u32>()?;

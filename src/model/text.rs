@@ -77,6 +77,12 @@ impl TextTransformer {
     /// position from having any effect, so the result is the reference's at
     /// 77 positions. SigLIP attends both ways, so its rows are the
     /// tokenizer's fixed length and the pooled position is the last.
+    /// The encoder's dense layers in bf16; embeddings, layer norms and the
+    /// head stay f32.
+    pub fn to_bf16(&mut self) -> Result<()> {
+        self.encoder.to_bf16()
+    }
+
     pub fn forward(&self, ids: &Tensor, pool: &[usize]) -> Result<Tensor> {
         let (b, n) = ids.dims2()?;
         if n > self.max_positions {

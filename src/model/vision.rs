@@ -111,6 +111,12 @@ impl VisionTransformer {
     }
 
     /// Returns the pooled (batch, hidden) class-token states of (batch, 3, size, size) pixels.
+    /// The encoder's dense layers in bf16; the patch embedding, layer norms
+    /// and pooling head stay f32.
+    pub fn to_bf16(&mut self) -> Result<()> {
+        self.encoder.to_bf16()
+    }
+
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let (b, c, height, width) = pixels.dims4()?;
         if height != self.image_size || width != self.image_size || c != 3 {

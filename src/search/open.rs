@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::Engine;
 use crate::indexer::{self, Holder, Index, IndexPaths};
 pub use crate::model::HubOptions;
-use crate::model::{Clip, DEFAULT_MODEL, ModelSource};
+use crate::model::{Clip, DEFAULT_MODEL, ModelSource, Precision};
 
 /// Where an engine comes from.
 #[derive(Clone, Debug)]
@@ -20,6 +20,9 @@ pub struct OpenOptions<'a> {
     pub library: Option<&'a Path>,
     /// The model of a new index; an existing one uses its own.
     pub model: Option<&'a str>,
+    /// The model's precision; an existing index uses its own, and refuses
+    /// another.
+    pub precision: Option<Precision>,
     pub hub: &'a HubOptions,
     /// While another process holds the index: `Some(stop)` waits (until
     /// `stop` is set), `None` fails at once with `InUse`.
@@ -72,6 +75,13 @@ impl OpenError {
             }) => {
                 format!("the index was built with model {index_model}, not {asked_model}")
             }
+            OpenError::Index(indexer::Error::PrecisionMismatch {
+                index_precision,
+                asked_precision,
+                ..
+            }) => format!(
+                "the index holds {index_precision}-precision embeddings, not {asked_precision}"
+            ),
             OpenError::Index(indexer::Error::LibraryMismatch { .. }) => {
                 "the index belongs to another library".into()
             }
@@ -107,17 +117,17 @@ fn unlocked<T>(
 /// Opens (or, with a library, creates) the index and loads its model.
 pub fn open(opts: &OpenOptions, on_step: &mut dyn FnMut(Step)) -> Result<Engine, OpenError> {
     // The model named, else the index's own, else the default for a new index.
-    let model_id = match (opts.model, IndexPaths::new(opts.index).exists()) {
-        (Some(m), _) => m.to_string(),
+    let (model_id, precision) = match (opts.model, IndexPaths::new(opts.index).exists()) {
+        (Some(m), _) => (m.to_string(), opts.precision.unwrap_or_default()),
         (None, true) => {
             on_step(Step::ReadingIndex);
-            unlocked(opts.wait, on_step, || Index::open(opts.index))?
-                .meta()
-                .model
-                .id
-                .clone()
+            let index = unlocked(opts.wait, on_step, || Index::open(opts.index))?;
+            let built = &index.meta().model;
+            (built.id.clone(), opts.precision.unwrap_or(built.precision))
         }
-        (None, false) if opts.library.is_some() => DEFAULT_MODEL.to_string(),
+        (None, false) if opts.library.is_some() => {
+            (DEFAULT_MODEL.to_string(), opts.precision.unwrap_or_default())
+        }
         (None, false) => return Err(OpenError::NoIndex),
     };
     on_step(Step::LoadingModel(model_id.clone()));
@@ -126,7 +136,8 @@ pub fn open(opts: &OpenOptions, on_step: &mut dyn FnMut(Step)) -> Result<Engine,
         source,
     };
     let source = ModelSource::parse(&model_id).map_err(model_error)?;
-    let clip = Clip::load(&source, opts.hub).map_err(model_error)?;
+    let mut clip = Clip::load(&source, opts.hub).map_err(model_error)?;
+    clip.set_precision(precision).map_err(model_error)?;
     on_step(Step::OpeningIndex);
     let index = unlocked(opts.wait, on_step, || match opts.library {
         Some(library) => Index::create_or_open(opts.index, library, clip.info()),

@@ -373,6 +373,9 @@ pub struct StatusResponse {
     pub library: Option<String>,
     pub model: Option<String>,
     pub embedding_dim: Option<usize>,
+    /// How the model computes: `exact` (f32) or `fast` (bf16).
+    #[schema(value_type = Option<String>)]
+    pub precision: Option<crate::model::Precision>,
     pub reindex: ReindexStatus,
 }
 
@@ -392,7 +395,7 @@ pub struct ReindexStatus {
 pub async fn status(State(state): State<SharedState>) -> ApiResult<Json<StatusResponse>> {
     let (phase, message) = state.lifecycle();
     let engine = state.engine();
-    let (photos, library, model, dim) = match &engine {
+    let (photos, library, model, dim, precision) = match &engine {
         Some(e) => {
             let engine = e.clone();
             let (n, lib) = blocking(move || {
@@ -408,9 +411,10 @@ pub async fn status(State(state): State<SharedState>) -> ApiResult<Json<StatusRe
                 Some(lib),
                 Some(info.id.clone()),
                 Some(info.embedding_dim),
+                Some(info.precision),
             )
         }
-        None => (None, None, None, None),
+        None => (None, None, None, None, None),
     };
     let job = state.job();
     let reindex = ReindexStatus {
@@ -434,6 +438,7 @@ pub async fn status(State(state): State<SharedState>) -> ApiResult<Json<StatusRe
         library,
         model,
         embedding_dim: dim,
+        precision,
         reindex,
     }))
 }

@@ -23,6 +23,8 @@ pub struct ServerConfig {
     pub library: Option<PathBuf>,
     /// Model to use; `None` takes the index's.
     pub model: Option<String>,
+    /// The model's precision; `None` takes the index's (exact for a new one).
+    pub precision: Option<crate::model::Precision>,
     pub hub: HubOptions,
     pub run: RunOptions,
     /// Required on every request when set.
@@ -48,6 +50,7 @@ impl ServerConfig {
             index,
             library: None,
             model: None,
+            precision: None,
             hub: HubOptions::from_env(false, false),
             run: RunOptions::default(),
             token: None,
@@ -183,6 +186,7 @@ fn load(state: &SharedState, addr: SocketAddr) -> Result<(), OpenError> {
         index: &config.index,
         library: config.library.as_deref(),
         model: config.model.as_deref(),
+        precision: config.precision,
         hub: &config.hub,
         wait: Some(&state.stop),
     };

@@ -555,6 +555,7 @@ mod tests {
                 image_size: 32,
                 context_length: 77,
                 family: "clip".into(),
+                precision: Default::default(),
             },
             library: "/lib".into(),
             created_at: 0,

@@ -9,6 +9,7 @@ mod index;
 mod layers;
 mod model_reference;
 mod open_clip;
+mod precision;
 mod preprocess;
 mod server;
 mod siglip;

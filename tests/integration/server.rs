@@ -284,6 +284,7 @@ async fn search_endpoints_return_ranked_photos() {
     let status = get(&s, "/api/status").await.json();
     assert_eq!(status["state"], "ready");
     assert_eq!(status["photos"], 27);
+    assert_eq!(status["precision"], "exact");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,184 @@
+//! `--precision fast`: bf16 towers against exact ones on every fixture
+//! model, and an index that keeps the precision its vectors were made with.
+
+use clipdex::common::RgbView;
+use clipdex::library::{DecodeLimits, decode_file};
+use clipdex::model::checkpoint::{HubOptions, ModelSource};
+use clipdex::model::{Clip, Precision};
+
+use crate::common::{
+    clipdex, copy_photos, fixture_model, fixture_models, reference, shared_photos, stderr, stdout,
+};
+
+/// The fidelity bar: every fast embedding within this cosine of
+/// its exact one.
+const FIDELITY: f32 = 0.995;
+
+fn load(name: &str, precision: Precision) -> Clip {
+    let mut clip = Clip::load(
+        &ModelSource::Dir(fixture_model(name)),
+        &HubOptions {
+            offline: true,
+            progress: false,
+        },
+    )
+    .unwrap();
+    clip.set_precision(precision).unwrap();
+    clip
+}
+
+/// Cosine of each row pair (rows are normalised embeddings).
+fn cosines(a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<f32> {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum())
+        .collect()
+}
+
+#[test]
+fn fast_embeddings_stay_within_the_fidelity_bar_on_every_fixture() {
+    // Every shared photo, decoded once.
+    let mut paths = Vec::new();
+    for dir in ["gcompris", "wallpapers"] {
+        for entry in walkdir::WalkDir::new(shared_photos().join(dir)).sort_by_file_name() {
+            let path = entry.unwrap().into_path();
+            if path
+                .extension()
+                .is_some_and(|e| e == "jpg" || e == "png" || e == "jpeg")
+            {
+                paths.push(path);
+            }
+        }
+    }
+    let decoded: Vec<_> = paths
+        .iter()
+        .map(|p| decode_file(p, &DecodeLimits::default()).unwrap())
+        .collect();
+    let views: Vec<RgbView> = decoded
+        .iter()
+        .map(|d| {
+            RgbView::new(
+                d.rgb.width() as usize,
+                d.rgb.height() as usize,
+                d.rgb.as_raw(),
+            )
+            .unwrap()
+        })
+        .collect();
+    assert!(views.len() > 100, "{} shared photos", views.len());
+    for name in fixture_models() {
+        let texts = reference(&name).texts;
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let (exact, fast) = (load(&name, Precision::Exact), load(&name, Precision::Fast));
+        assert_eq!(fast.info().precision, Precision::Fast);
+        assert!(fast.info().fingerprint.ends_with("/fast"));
+        assert_ne!(exact.info().fingerprint, fast.info().fingerprint);
+        let mut image = Vec::new();
+        for chunk in views.chunks(32) {
+            image.extend(cosines(
+                &fast.embed_images(chunk).unwrap(),
+                &exact.embed_images(chunk).unwrap(),
+            ));
+        }
+        let text = cosines(
+            &fast.embed_texts(&texts).unwrap(),
+            &exact.embed_texts(&texts).unwrap(),
+        );
+        let min = |v: &[f32]| v.iter().copied().fold(f32::INFINITY, f32::min);
+        let (min_image, min_text) = (min(&image), min(&text));
+        eprintln!(
+            "{name}: fast against exact, smallest cosine {min_image:.5} over {} photos, {min_text:.5} over {} texts",
+            image.len(),
+            text.len()
+        );
+        assert!(
+            min_image >= FIDELITY,
+            "{name}: an image at cosine {min_image}"
+        );
+        assert!(min_text >= FIDELITY, "{name}: a text at cosine {min_text}");
+        // The fast towers really are another computation.
+        assert!(
+            image.iter().chain(&text).any(|&c| c < 1.0 - 1e-6),
+            "{name}: fast embeddings are exactly the exact ones"
+        );
+    }
+}
+
+#[test]
+fn an_index_keeps_the_precision_its_vectors_were_made_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("lib");
+    copy_photos(&shared_photos().join("gcompris/fishes"), &lib, 12);
+    let index = dir.path().join("index");
+    let (lib, index) = (lib.to_str().unwrap(), index.to_str().unwrap());
+    let model = fixture_model("openai-tiny");
+    let model = model.to_str().unwrap();
+    let out = clipdex(&[
+        "index",
+        lib,
+        "--index",
+        index,
+        "--model",
+        model,
+        "--precision",
+        "fast",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = |index: &str| -> serde_json::Value {
+        let out = clipdex(&["status", "--index", index, "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    assert_eq!(status(index)["model"]["precision"], "fast");
+
+    // Queries are embedded as the index was: fast by default, exact refused.
+    let out = clipdex(&["search", "a cat", "--index", index, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let hits = stdout(&out).lines().count();
+    assert!(hits > 0);
+    let out = clipdex(&["search", "a cat", "--index", index, "--precision", "exact"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("reindex --precision exact"),
+        "{}",
+        stderr(&out)
+    );
+    // Continuing the index keeps its precision; asking for another is refused.
+    let out = clipdex(&["index", lib, "--index", index, "--model", model]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = clipdex(&[
+        "index",
+        lib,
+        "--index",
+        index,
+        "--model",
+        model,
+        "--precision",
+        "exact",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("fast-precision embeddings"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Switching re-embeds every photo into exact vectors.
+    let out = clipdex(&["reindex", "--index", index, "--precision", "exact"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = status(index);
+    assert_eq!(s["model"]["precision"], "exact");
+    assert!(!s["model"]["fingerprint"].as_str().unwrap().contains('/'));
+    assert_eq!(s["photos"], 12);
+    let out = clipdex(&[
+        "search",
+        "a cat",
+        "--index",
+        index,
+        "--precision",
+        "exact",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), hits);
+}
