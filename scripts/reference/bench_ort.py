@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""ONNX Runtime (fp32, ORT_ENABLE_ALL) on the same checkpoint and inputs as `cargo bench --bench model`.
+"""ONNX Runtime (fp32, ORT_ENABLE_ALL; and dynamic int8) on the same checkpoint and inputs as
+`cargo bench --bench model`.
 
     python scripts/reference/bench_ort.py --family siglip --dir target/bench/siglip-b-16 [--threads 2] [--json]
+        [--int8]
     python scripts/reference/bench_ort.py --family clip --dir target/bench/vit-b-32
     python scripts/reference/bench_ort.py --family open_clip_rn50 --dir target/bench/rn50
 
@@ -10,6 +12,11 @@ text features) of the transformers model with torch.onnx, then measures
 images/s at batch 1 and 16 and the latency of the 8-word query (tokenizer
 included), as bench_model.py does. Immich runs CLIP on ONNX Runtime: this is
 the strongest CPU peer.
+
+`--int8` also measures the same graphs after ONNX Runtime's dynamic
+quantization (`quantize_dynamic`, per-channel int8 weights, activations
+quantized per tensor at run time), in the same run, and prints the smallest
+cosine between its embeddings and fp32's.
 """
 
 import argparse
@@ -70,6 +77,7 @@ def main():
     ap.add_argument("--family", choices=["clip", "siglip", "open_clip_rn50"], default="clip")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--int8", action="store_true", help="also measure quantize_dynamic's int8 graphs")
     args = ap.parse_args()
     siglip = args.family == "siglip"
     rn50 = args.family == "open_clip_rn50"
@@ -106,36 +114,61 @@ def main():
             ids = torch.tensor(encode()["input_ids"], dtype=torch.int64)
             torch.onnx.export(Text(model), (ids,), text_path, input_names=["ids"], output_names=["features"],
                               dynamic_axes={"ids": {0: "batch", 1: "seq"}}, dynamo=False, opset_version=17)
-        image = ort.InferenceSession(str(image_path), options, providers=["CPUExecutionProvider"])
-        text = ort.InferenceSession(str(text_path), options, providers=["CPUExecutionProvider"])
+        sessions = {"fp32": (image_path, text_path)}
+        if args.int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized = []
+            for path in (image_path, text_path):
+                out = path.with_suffix(".int8.onnx")
+                quantize_dynamic(str(path), str(out), per_channel=True, weight_type=QuantType.QInt8)
+                quantized.append(out)
+            sessions["int8"] = tuple(quantized)
+        sessions = {
+            kind: tuple(ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths)
+            for kind, paths in sessions.items()
+        }
     rng = np.random.default_rng(1)
     p1 = rng.standard_normal((1, 3, size, size), dtype=np.float32)
     p16 = rng.standard_normal((16, 3, size, size), dtype=np.float32)
-    b1 = statistics.median(timed(3, 30, lambda: image.run(None, {"pixels": p1})))
-    b16 = statistics.median(timed(1, 6, lambda: image.run(None, {"pixels": p16})))
+    results = []
+    for kind, (image, text) in sessions.items():
+        b1 = statistics.median(timed(3, 30, lambda: image.run(None, {"pixels": p1})))
+        b16 = statistics.median(timed(1, 6, lambda: image.run(None, {"pixels": p16})))
 
-    def query():
-        ids = encode()["input_ids"].astype(np.int64)
-        f = text.run(None, {"ids": ids})[0]
-        return f / np.linalg.norm(f, axis=-1, keepdims=True)
+        def query():
+            ids = encode()["input_ids"].astype(np.int64)
+            f = text.run(None, {"ids": ids})[0]
+            return f / np.linalg.norm(f, axis=-1, keepdims=True)
 
-    times = sorted(timed(5, 100, query))
-    result = {
-        "impl": "onnxruntime %s fp32" % ort.__version__,
-        "model": "SigLIP B/16-224" if siglip else "open_clip RN50" if rn50 else "ViT-B/32",
-        "threads": args.threads,
-        "image_per_s_batch1": 1.0 / b1,
-        "image_per_s_batch16": 16.0 / b16,
-        "text_ms_p50": times[len(times) // 2] * 1e3,
-        "text_ms_p90": times[len(times) * 9 // 10] * 1e3,
-    }
-    if args.json:
-        print(json.dumps(result))
-    else:
+        times = sorted(timed(5, 100, query))
+        result = {
+            "impl": "onnxruntime %s %s" % (ort.__version__, kind),
+            "model": "SigLIP B/16-224" if siglip else "open_clip RN50" if rn50 else "ViT-B/32",
+            "threads": args.threads,
+            "image_per_s_batch1": 1.0 / b1,
+            "image_per_s_batch16": 16.0 / b16,
+            "text_ms_p50": times[len(times) // 2] * 1e3,
+            "text_ms_p90": times[len(times) * 9 // 10] * 1e3,
+        }
+        if kind != "fp32":
+            def unit(f):
+                return f / np.linalg.norm(f, axis=-1, keepdims=True)
+
+            ref = unit(sessions["fp32"][0].run(None, {"pixels": p16})[0])
+            got = unit(image.run(None, {"pixels": p16})[0])
+            result["min_cosine_to_fp32"] = float((ref * got).sum(-1).min())
+        results.append(result)
+    for result in results:
+        if args.json:
+            print(json.dumps(result))
+            continue
         print(f"{result['impl']}, {result['model']}, {args.threads} threads")
         print(f"  images/s, batch 1:   {result['image_per_s_batch1']:8.2f}")
         print(f"  images/s, batch 16:  {result['image_per_s_batch16']:8.2f}")
         print(f"  text query: p50 {result['text_ms_p50']:.2f} ms, p90 {result['text_ms_p90']:.2f} ms")
+        if "min_cosine_to_fp32" in result:
+            print(f"  smallest cosine to fp32 (16 images): {result['min_cosine_to_fp32']:.5f}")
 
 
 if __name__ == "__main__":

@@ -219,43 +219,101 @@ impl CustomOp1 for Dense {
     }
 }
 
-/// `x` (m x k) rounded to bf16, `kp` values a row, rows rounded up to
-/// [`BLOCK`], padding zero.
+/// `x` (m x k) rounded to bf16, `kp` values a row (the padding zero).
 fn activations(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
-    let mp = m.next_multiple_of(BLOCK);
-    let mut a = vec![0u16; mp * kp];
-    a[..m * kp]
-        .par_chunks_mut(kp * 16)
-        .zip(x.par_chunks(k * 16))
-        .for_each(|(dst, src)| {
-            for (d, s) in dst.chunks_exact_mut(kp).zip(src.chunks_exact(k)) {
-                round_row(&s[..k], &mut d[..k]);
+    let mut a: Vec<u16> = Vec::with_capacity(m * kp);
+    let dst = Out16(a.as_mut_ptr());
+    let convert = |rows: std::ops::Range<usize>| {
+        for r in rows {
+            // SAFETY: row r of the m x kp buffer, written by this call only.
+            unsafe {
+                let row = dst.at(r * kp);
+                round_row(&x[r * k..(r + 1) * k], row);
+                std::ptr::write_bytes(row.add(k), 0, kp - k);
             }
-        });
+        }
+    };
+    // Small inputs on this thread: a parallel pass costs more than it saves.
+    const ROWS: usize = 16;
+    if m * k < 64 * 1024 {
+        convert(0..m);
+    } else {
+        (0..m.div_ceil(ROWS))
+            .into_par_iter()
+            .for_each(|b| convert(b * ROWS..m.min((b + 1) * ROWS)));
+    }
+    // SAFETY: every row was written above.
+    unsafe { a.set_len(m * kp) };
     a
 }
 
-fn round_row(src: &[f32], dst: &mut [u16]) {
+/// A raw bf16 output pointer tasks share; each writes its own rows.
+#[derive(Clone, Copy)]
+struct Out16(*mut u16);
+// SAFETY: tasks write disjoint rows of one buffer that outlives them.
+unsafe impl Send for Out16 {}
+unsafe impl Sync for Out16 {}
+
+impl Out16 {
+    /// The element at `offset` (a method, so closures capture the `Out16`).
+    ///
+    /// # Safety
+    /// `offset` is inside the buffer.
+    unsafe fn at(self, offset: usize) -> *mut u16 {
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// Writes `src` rounded to bf16 at `dst`.
+///
+/// # Safety
+/// `dst` is valid for `src.len()` writes.
+unsafe fn round_row(src: &[f32], dst: *mut u16) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AMX products exist only where AMX (and so AVX-512) was found.
     unsafe {
         round_row_avx512(src, dst)
     }
     #[cfg(not(target_arch = "x86_64"))]
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = to_bf16(s);
+    for (i, &s) in src.iter().enumerate() {
+        unsafe { dst.add(i).write(to_bf16(s)) };
     }
 }
 
+/// [`to_bf16`] 16 values at a time.
+///
 /// # Safety
-/// The CPU has AVX-512F and BW.
+/// The CPU has AVX-512F and BW; `dst` is valid for `src.len()` writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn round_row_avx512(src: &[f32], dst: &mut [u16]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = to_bf16(s);
+unsafe fn round_row_avx512(src: &[f32], dst: *mut u16) {
+    use std::arch::x86_64::*;
+    let whole = src.len() / 16 * 16;
+    let round = _mm512_set1_epi32(0x7fff);
+    let one = _mm512_set1_epi32(1);
+    let magnitude = _mm512_set1_epi32(0x7fff_ffff);
+    let infinity = _mm512_set1_epi32(0x7f80_0000);
+    let nan = _mm512_set1_epi32(0x7fc0);
+    for i in (0..whole).step_by(16) {
+        // SAFETY: 16 values from i < whole are in `src` and `dst`.
+        unsafe {
+            let b = _mm512_loadu_si512(src.as_ptr().add(i).cast());
+            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
+            let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(round, odd)));
+            let is_nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(b, magnitude), infinity);
+            let r = _mm512_mask_mov_epi32(r, is_nan, nan);
+            _mm256_storeu_si256(dst.add(i).cast(), _mm512_cvtepi32_epi16(r));
+        }
+    }
+    for (i, &s) in src.iter().enumerate().skip(whole) {
+        // SAFETY: i < src.len().
+        unsafe { dst.add(i).write(to_bf16(s)) };
     }
 }
+
+/// Products below this many multiply-adds run on the calling thread: handing
+/// them to the pool costs more than the second core gives back.
+const PARALLEL_WORK: usize = 1 << 20;
 
 /// `f(x W^T + b)` for `x` (m x k, row-major): a fresh (m x n) buffer.
 fn matmul(x: &[f32], m: usize, w: &Bf16Matrix, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
@@ -265,7 +323,10 @@ fn matmul(x: &[f32], m: usize, w: &Bf16Matrix, bias: Option<&[f32]>, f: Pointwis
         return y;
     }
     let a = activations(x, m, w.k, w.kp);
-    let threads = rayon::current_num_threads().max(1);
+    let threads = match m * w.np * w.kp {
+        work if work < PARALLEL_WORK => 1,
+        _ => rayon::current_num_threads().max(1),
+    };
     // Row blocks of whole 32-row blocks, as even as that allows.
     let mc = m.div_ceil(m.div_ceil(MC)).next_multiple_of(BLOCK);
     let m_blocks = m.div_ceil(mc);
@@ -274,26 +335,36 @@ fn matmul(x: &[f32], m: usize, w: &Bf16Matrix, bias: Option<&[f32]>, f: Pointwis
     if m_blocks * chunks < 4 * threads {
         chunks = chunks.div_ceil(threads) * threads;
     }
-    let chunks = chunks.clamp(1, col_blocks);
+    let chunks = if threads == 1 {
+        1
+    } else {
+        chunks.clamp(1, col_blocks)
+    };
     let out = Out(y.as_mut_ptr());
-    (0..m_blocks * chunks).into_par_iter().for_each(|t| {
+    let run = |t: usize| {
         let (mb, chunk) = (t / chunks, t % chunks);
         let rows = mb * mc..m.min((mb + 1) * mc);
         let cols = chunk * col_blocks / chunks..(chunk + 1) * col_blocks / chunks;
         // SAFETY: the task writes `rows` x the columns of `cols` only, inside
-        // the m x n buffer; `a` is padded to whole blocks of rows and depth.
-        unsafe { task(&a, w, rows, cols, bias, f, out, m) };
-    });
+        // the m x n buffer; `a` holds m rows of the padded depth.
+        unsafe { task(&a, w, rows, cols, bias, f, out) };
+    };
+    match threads {
+        1 => (0..m_blocks * chunks).for_each(run),
+        _ => (0..m_blocks * chunks).into_par_iter().for_each(run),
+    }
     // SAFETY: the tasks wrote every element.
     unsafe { y.set_len(m * n) };
     y
 }
 
-/// One task: `rows` of the output by the column blocks `cols`.
+/// One task: `rows` of the output by the column blocks `cols`, 32 rows at a
+/// time (the tiles configured for exactly the rows there are), each row
+/// block then given its bias and activation across all the task's columns.
 ///
 /// # Safety
-/// `out` points at an m x n buffer; no other thread writes these elements.
-#[allow(clippy::too_many_arguments)]
+/// `out` points at an m x n buffer that `rows` and `cols` lie within; no
+/// other thread writes these elements.
 unsafe fn task(
     a: &[u16],
     w: &Bf16Matrix,
@@ -302,52 +373,69 @@ unsafe fn task(
     bias: Option<&[f32]>,
     f: Pointwise,
     out: Out,
-    m: usize,
 ) {
     let (n, kp) = (w.n, w.kp);
     let steps = kp / TK;
     let mut tile = [0f32; BLOCK * BLOCK];
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: AMX was detected and permitted before any matrix was made.
-    unsafe {
-        amx::configure()
-    };
-    for cb in cols {
-        let col0 = cb * BLOCK;
-        if col0 >= n {
-            break;
-        }
-        let ncols = BLOCK.min(n - col0);
-        let b0 = &w.tiles[(2 * cb) * steps * T * TK..];
-        let b1 = &w.tiles[(2 * cb + 1) * steps * T * TK..];
-        for r0 in rows.clone().step_by(BLOCK) {
-            let nrows = BLOCK.min(m - r0).min(rows.end - r0);
-            let a = &a[r0 * kp..];
-            let full = nrows == BLOCK && ncols == BLOCK;
-            // A whole block goes straight to the output; an edge one through
+    let span = cols.start * BLOCK..n.min(cols.end * BLOCK);
+    if span.is_empty() {
+        return;
+    }
+    for r0 in rows.clone().step_by(BLOCK) {
+        let nrows = BLOCK.min(rows.end - r0);
+        let (top, bottom) = (nrows.min(T), nrows.saturating_sub(T));
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AMX was detected and permitted before any matrix was made.
+        unsafe {
+            amx::configure(top, bottom)
+        };
+        let a = &a[r0 * kp..];
+        for cb in cols.clone() {
+            let col0 = cb * BLOCK;
+            if col0 >= n {
+                break;
+            }
+            let ncols = BLOCK.min(n - col0);
+            let b0 = &w.tiles[(2 * cb) * steps * T * TK..];
+            let b1 = &w.tiles[(2 * cb + 1) * steps * T * TK..];
+            // Whole columns go straight to the output; an edge block through
             // `tile`.
-            let (c, ldc) = if full {
-                // SAFETY: rows r0..r0+32, columns col0..col0+32 are in bounds.
+            let (c, ldc) = if ncols == BLOCK {
+                // SAFETY: rows r0..r0 + nrows, columns col0..col0 + 32 are in
+                // bounds.
                 (unsafe { out.at(r0 * n + col0) }, n)
             } else {
                 (tile.as_mut_ptr(), BLOCK)
             };
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `a` holds 32 rows of kp values from here (padded),
-            // `b0`/`b1` `steps` tiles each; `c` has 32 rows of 32, `ldc` apart.
+            // SAFETY: `a` holds `nrows` rows of kp values from here, `b0` and
+            // `b1` `steps` tiles each, `c` room for nrows rows of 32, `ldc`
+            // apart; the tiles were configured for these rows.
             unsafe {
-                amx::block(a.as_ptr(), kp, b0.as_ptr(), b1.as_ptr(), steps, c, ldc)
+                let (a, b0, b1) = (a.as_ptr(), b0.as_ptr(), b1.as_ptr());
+                match bottom {
+                    0 => amx::block1(a, kp, b0, b1, steps, c, ldc),
+                    _ => amx::block2(a, kp, b0, b1, steps, c, ldc),
+                }
             };
-            for i in 0..nrows {
-                // SAFETY: row r0 + i, columns col0..col0 + ncols: in bounds.
-                let row =
-                    unsafe { std::slice::from_raw_parts_mut(out.at((r0 + i) * n + col0), ncols) };
-                if !full {
+            if ncols < BLOCK {
+                for i in 0..nrows {
+                    // SAFETY: row r0 + i, columns col0..col0 + ncols: in bounds.
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(out.at((r0 + i) * n + col0), ncols)
+                    };
                     row.copy_from_slice(&tile[i * BLOCK..i * BLOCK + ncols]);
                 }
-                if bias.is_some() || f != Pointwise::Identity {
-                    epilogue(row, bias.map(|b| &b[col0..col0 + ncols]), f);
-                }
+            }
+        }
+        if bias.is_some() || f != Pointwise::Identity {
+            for i in r0..r0 + nrows {
+                // SAFETY: row i across the task's columns: in bounds, this
+                // task's own.
+                let row = unsafe {
+                    std::slice::from_raw_parts_mut(out.at(i * n + span.start), span.len())
+                };
+                epilogue(row, bias.map(|b| &b[span.clone()]), f);
             }
         }
     }
@@ -364,8 +452,9 @@ mod amx {
 
     use super::{T, TK};
 
-    /// The tile configuration: palette 1, all eight tiles 16 rows of 64
-    /// bytes (tmm0-3 the f32 results, tmm4-5 activations, tmm6-7 weights).
+    /// A tile configuration (palette 1): tmm0-1 the f32 results of the top
+    /// rows, tmm2-3 of the bottom rows, tmm4-5 their activations, tmm6-7
+    /// weights; every row 64 bytes.
     #[repr(C, align(64))]
     struct Config {
         palette: u8,
@@ -374,14 +463,6 @@ mod amx {
         colsb: [u16; 16],
         rows: [u8; 16],
     }
-
-    static CONFIG: Config = Config {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
-        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
-    };
 
     /// CPUID says AMX-TILE and AMX-BF16, and Linux grants this process the
     /// tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`).
@@ -412,12 +493,30 @@ mod amx {
         granted == 0
     }
 
-    /// Loads the tile configuration on this thread.
+    /// Configures this thread's tiles for `top` (1 to 16) rows and `bottom`
+    /// (0 to 16) more.
     ///
     /// # Safety
     /// [`detect`] returned true.
-    pub unsafe fn configure() {
-        unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+    pub unsafe fn configure(top: usize, bottom: usize) {
+        let (top, bottom) = (top as u8, bottom as u8);
+        let width = |rows: u8| if rows == 0 { 0 } else { 64 };
+        let mut config = Config {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for (tile, rows) in [top, top, bottom, bottom, top, bottom, 16, 16]
+            .into_iter()
+            .enumerate()
+        {
+            config.rows[tile] = rows;
+            config.colsb[tile] = width(rows);
+        }
+        // SAFETY: a valid palette-1 configuration.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly)) };
     }
 
     /// Releases this thread's tile state.
@@ -428,14 +527,15 @@ mod amx {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
-    /// `c[0..32, 0..32] = a[0..32, 0..32 steps] * [b0 b1]`: `a` is 32 rows of
-    /// `kp` bf16 values, `b0` and `b1` `steps` weight tiles each (16 columns
-    /// apiece), `c` f32 rows `ldc` values apart.
+    /// `c[0..top + 16, 0..32] = a[.., 0..32 steps] * [b0 b1]`: `a` rows of
+    /// `kp` bf16 values (16, then `bottom` as configured), `b0` and `b1`
+    /// `steps` weight tiles each (16 columns apiece), `c` f32 rows `ldc`
+    /// values apart.
     ///
     /// # Safety
-    /// [`configure`] ran on this thread; the pointers are valid for those
-    /// extents; `steps > 0`.
-    pub unsafe fn block(
+    /// [`configure`] ran on this thread with `bottom > 0`; the pointers are
+    /// valid for those extents; `steps > 0`.
+    pub unsafe fn block2(
         a: *const u16,
         kp: usize,
         b0: *const u16,
@@ -444,8 +544,6 @@ mod amx {
         c: *mut f32,
         ldc: usize,
     ) {
-        let sa = kp * 2;
-        let sc = ldc * 4;
         unsafe {
             asm!(
                 "tilezero tmm0",
@@ -476,14 +574,60 @@ mod amx {
                 b0 = inout(reg) b0 => _,
                 b1 = inout(reg) b1 => _,
                 n = inout(reg) steps => _,
-                sa = in(reg) sa,
+                sa = in(reg) kp * 2,
                 sb = in(reg) 64usize,
                 tb = in(reg) T * TK * 2,
                 c = in(reg) c,
                 c1 = in(reg) c.add(T),
                 c2 = in(reg) c.add(T * ldc),
                 c3 = in(reg) c.add(T * ldc + T),
-                sc = in(reg) sc,
+                sc = in(reg) ldc * 4,
+                options(nostack),
+            );
+        }
+    }
+
+    /// [`block2`] for the top rows only (1 to 16, as configured).
+    ///
+    /// # Safety
+    /// [`configure`] ran on this thread; the pointers are valid for those
+    /// extents; `steps > 0`.
+    pub unsafe fn block1(
+        a: *const u16,
+        kp: usize,
+        b0: *const u16,
+        b1: *const u16,
+        steps: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "2:",
+                "tileloadd tmm4, [{a} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "add {a}, 64",
+                "add {b0}, {tb}",
+                "add {b1}, {tb}",
+                "dec {n}",
+                "jnz 2b",
+                "tilestored [{c} + {sc}*1], tmm0",
+                "tilestored [{c1} + {sc}*1], tmm1",
+                a = inout(reg) a => _,
+                b0 = inout(reg) b0 => _,
+                b1 = inout(reg) b1 => _,
+                n = inout(reg) steps => _,
+                sa = in(reg) kp * 2,
+                sb = in(reg) 64usize,
+                tb = in(reg) T * TK * 2,
+                c = in(reg) c,
+                c1 = in(reg) c.add(T),
+                sc = in(reg) ldc * 4,
                 options(nostack),
             );
         }
