@@ -3,9 +3,10 @@
 //! text query (10 CLIP tokens), with a fixed number of threads.
 //!
 //!     cargo bench --bench model -- [--threads 2] [--dir target/bench/vit-b-32] [--json]
-//!         [--only batch1|batch16|text|gemm] [--unpacked] [--precision exact|fast]
+//!         [--only batch1|batch16|text|gemm|bf16] [--unpacked] [--precision exact|fast]
 //!
-//! `--precision fast` measures the bf16 towers (`model::bf16`), and prints
+//! `--only bf16` times the bf16 AMX product alone, weights in cache and
+//! streamed. `--precision fast` measures the bf16 towers (`model::bf16`), and prints
 //! the smallest cosine between their embeddings and exact ones.
 //!
 //! `--unpacked` loads the model with candle's matrix product instead of the
@@ -100,6 +101,50 @@ fn time<F: FnMut()>(warmup: usize, runs: usize, mut f: F) -> Vec<f64> {
         .collect()
 }
 
+/// The bf16 AMX product alone (`--only bf16`), on the pool's threads: one
+/// weight used again and again (in cache), and 12 in turn (streamed from
+/// memory, as a tower's layers are).
+fn bf16_products(threads: usize) {
+    use clipdex::model::bf16::{Bf16Matrix, dense};
+    use clipdex::model::ops::Pointwise;
+    let shapes = [(768, 3072), (3072, 768), (768, 2304), (768, 768)];
+    for m in [800, 64, 50, 10] {
+        for (k, n) in shapes {
+            let a = Tensor::ones((m, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let ws: Vec<_> = (0..12)
+                .filter_map(|_| {
+                    let w = Tensor::ones((n, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+                    Bf16Matrix::new(&w).unwrap().map(std::sync::Arc::new)
+                })
+                .collect();
+            if ws.is_empty() {
+                println!("no AMX here");
+                return;
+            }
+            let flop = 2.0 * (m * k * n) as f64;
+            let hot = median(time(3, 30, || {
+                rayon::join(|| dense(&a, &ws[0], None, Pointwise::Identity).unwrap(), || ());
+            }));
+            let cold = median(time(2, 10, || {
+                rayon::join(
+                    || {
+                        for w in &ws {
+                            dense(&a, w, None, Pointwise::Identity).unwrap();
+                        }
+                    },
+                    || (),
+                );
+            })) / 12.0;
+            println!(
+                "bf16 {m}x{k}x{n}, {threads} threads: {:.0} GFLOP/s in cache, {:.0} streamed ({:.1} GB/s of weights)",
+                flop / hot / 1e9,
+                flop / cold / 1e9,
+                (2 * k * n) as f64 / cold / 1e9
+            );
+        }
+    }
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
@@ -120,6 +165,10 @@ fn main() {
         .num_threads(args.threads)
         .build_global()
         .ok();
+    if args.only.as_deref() == Some("bf16") {
+        bf16_products(args.threads);
+        return;
+    }
     if args.only.as_deref() == Some("gemm") {
         // The matrix multiply alone, at an MLP's shape, for as many rows as
         // 16 ViT-B/16 or B/32 images, one image, a SigLIP text, a query;

@@ -358,9 +358,11 @@ fn matmul(x: &[f32], m: usize, w: &Bf16Matrix, bias: Option<&[f32]>, f: Pointwis
     y
 }
 
-/// One task: `rows` of the output by the column blocks `cols`, 32 rows at a
-/// time (the tiles configured for exactly the rows there are), each row
-/// block then given its bias and activation across all the task's columns.
+/// One task: `rows` of the output by the column blocks `cols`. Each pair of
+/// weight tiles is read from memory once and passes over all the task's rows
+/// (32 at a time, the tiles configured for the rows there are) while it is
+/// in cache; then the rows get their bias and activation in one pass across
+/// the task's columns.
 ///
 /// # Safety
 /// `out` points at an m x n buffer that `rows` and `cols` lie within; no
@@ -381,23 +383,27 @@ unsafe fn task(
     if span.is_empty() {
         return;
     }
-    for r0 in rows.clone().step_by(BLOCK) {
-        let nrows = BLOCK.min(rows.end - r0);
-        let (top, bottom) = (nrows.min(T), nrows.saturating_sub(T));
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AMX was detected and permitted before any matrix was made.
-        unsafe {
-            amx::configure(top, bottom)
-        };
-        let a = &a[r0 * kp..];
-        for cb in cols.clone() {
-            let col0 = cb * BLOCK;
-            if col0 >= n {
-                break;
+    let mut configured = (0, 0);
+    for cb in cols.clone() {
+        let col0 = cb * BLOCK;
+        if col0 >= n {
+            break;
+        }
+        let ncols = BLOCK.min(n - col0);
+        let b0 = &w.tiles[(2 * cb) * steps * T * TK..];
+        let b1 = &w.tiles[(2 * cb + 1) * steps * T * TK..];
+        for r0 in rows.clone().step_by(BLOCK) {
+            let nrows = BLOCK.min(rows.end - r0);
+            let shape = (nrows.min(T), nrows.saturating_sub(T));
+            if shape != configured {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AMX was detected and permitted before any matrix
+                // was made.
+                unsafe {
+                    amx::configure(shape.0, shape.1)
+                };
+                configured = shape;
             }
-            let ncols = BLOCK.min(n - col0);
-            let b0 = &w.tiles[(2 * cb) * steps * T * TK..];
-            let b1 = &w.tiles[(2 * cb + 1) * steps * T * TK..];
             // Whole columns go straight to the output; an edge block through
             // `tile`.
             let (c, ldc) = if ncols == BLOCK {
@@ -408,12 +414,12 @@ unsafe fn task(
                 (tile.as_mut_ptr(), BLOCK)
             };
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `a` holds `nrows` rows of kp values from here, `b0` and
-            // `b1` `steps` tiles each, `c` room for nrows rows of 32, `ldc`
-            // apart; the tiles were configured for these rows.
+            // SAFETY: `a` holds `nrows` rows of kp values from row r0, `b0`
+            // and `b1` `steps` tiles each, `c` room for nrows rows of 32,
+            // `ldc` apart; the tiles were configured for these rows.
             unsafe {
-                let (a, b0, b1) = (a.as_ptr(), b0.as_ptr(), b1.as_ptr());
-                match bottom {
+                let (a, b0, b1) = (a[r0 * kp..].as_ptr(), b0.as_ptr(), b1.as_ptr());
+                match shape.1 {
                     0 => amx::block1(a, kp, b0, b1, steps, c, ldc),
                     _ => amx::block2(a, kp, b0, b1, steps, c, ldc),
                 }
@@ -428,22 +434,21 @@ unsafe fn task(
                 }
             }
         }
-        if bias.is_some() || f != Pointwise::Identity {
-            for i in r0..r0 + nrows {
-                // SAFETY: row i across the task's columns: in bounds, this
-                // task's own.
-                let row = unsafe {
-                    std::slice::from_raw_parts_mut(out.at(i * n + span.start), span.len())
-                };
-                epilogue(row, bias.map(|b| &b[span.clone()]), f);
-            }
-        }
     }
     #[cfg(target_arch = "x86_64")]
     // SAFETY: releases the tile state this task configured.
     unsafe {
         amx::release()
     };
+    if bias.is_some() || f != Pointwise::Identity {
+        for i in rows {
+            // SAFETY: row i across the task's columns: in bounds, this task's
+            // own.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(out.at(i * n + span.start), span.len()) };
+            epilogue(row, bias.map(|b| &b[span.clone()]), f);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -527,10 +532,10 @@ mod amx {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
-    /// `c[0..top + 16, 0..32] = a[.., 0..32 steps] * [b0 b1]`: `a` rows of
-    /// `kp` bf16 values (16, then `bottom` as configured), `b0` and `b1`
-    /// `steps` weight tiles each (16 columns apiece), `c` f32 rows `ldc`
-    /// values apart.
+    /// `c[0..16 + bottom, 0..32] = a * [b0 b1]`: `a` rows of `kp` bf16
+    /// values (16, then `bottom` as configured), `b0` and `b1` `steps`
+    /// weight tiles each (16 columns apiece), `c` f32 rows `ldc` values
+    /// apart.
     ///
     /// # Safety
     /// [`configure`] ran on this thread with `bottom > 0`; the pointers are
