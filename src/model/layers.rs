@@ -343,7 +343,9 @@ impl Attention {
     /// `x` is (batch, seq, hidden); `mask` is an additive (seq, seq) mask.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let out = match &self.qkv {
-            Qkv::Fused(qkv) => super::ops::attend(&qkv.forward(x)?, self.num_heads, mask)?.0,
+            Qkv::Fused(qkv) => {
+                super::ops::attend_inference(&qkv.forward(x)?, self.num_heads, mask)?
+            }
             // One product with the three weights stacked (stacking is
             // differentiable): the input is read once, and its gradient
             // arrives in one piece instead of three to add up. Then one

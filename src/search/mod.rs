@@ -29,6 +29,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use crate::model::Precision;
 pub use open::{HubOptions, OpenError, OpenOptions, Step, open};
 pub use query::{ParseError, Term, TermKind, TermSpec, parse};
 pub use request::{DEFAULT_K, EXCLUDE_WEIGHT, Request, check_weight};

@@ -375,7 +375,7 @@ pub struct StatusResponse {
     pub embedding_dim: Option<usize>,
     /// How the model computes: `exact` (f32) or `fast` (bf16).
     #[schema(value_type = Option<String>)]
-    pub precision: Option<crate::model::Precision>,
+    pub precision: Option<crate::search::Precision>,
     pub reindex: ReindexStatus,
 }
 

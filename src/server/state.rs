@@ -24,7 +24,7 @@ pub struct ServerConfig {
     /// Model to use; `None` takes the index's.
     pub model: Option<String>,
     /// The model's precision; `None` takes the index's (exact for a new one).
-    pub precision: Option<crate::model::Precision>,
+    pub precision: Option<crate::search::Precision>,
     pub hub: HubOptions,
     pub run: RunOptions,
     /// Required on every request when set.
