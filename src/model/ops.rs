@@ -1161,15 +1161,20 @@ unsafe fn attend_one_with(
     }
     for i in 0..n {
         #[cfg(target_arch = "x86_64")]
-        let in_registers = n <= 64 && std::arch::is_x86_feature_detected!("avx512f");
+        let in_registers = std::arch::is_x86_feature_detected!("avx512f");
         #[cfg(not(target_arch = "x86_64"))]
         let in_registers = false;
         if in_registers {
-            // SAFETY: AVX-512F is present; kt holds hd rows of n, scores n.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                register_rows::axpys(row(i, 0), scale, kt, n, scores)
-            };
+            // 64 scores at a time, each chunk summed in registers.
+            for c0 in (0..n).step_by(64) {
+                let len = 64.min(n - c0);
+                // SAFETY: AVX-512F is present; kt holds hd rows of n from
+                // which columns c0..c0 + len are read, into as many scores.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    register_rows::axpys(row(i, 0), scale, &kt[c0..], n, len, &mut scores[c0..])
+                };
+            }
         } else {
             scores.fill(0.0);
             for (d, &q) in row(i, 0).iter().enumerate() {
@@ -1236,18 +1241,27 @@ mod register_rows {
     }
 
     /// `out = sum_d (q_d * scale) * rows[d]`, rows of `n` (at most 64)
-    /// values, `rows[d]` at `d * n`.
+    /// values, `rows[d]` at `d * stride`.
     ///
     /// # Safety
-    /// AVX-512F; `rows` holds `q.len()` rows of `n`, `out` `n`; `n <= 64`.
+    /// AVX-512F; `rows` holds `q.len()` rows of `n`, `stride` apart; `out`
+    /// holds `n`; `n <= 64`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn axpys(q: &[f32], scale: f32, rows: &[f32], n: usize, out: &mut [f32]) {
-        debug_assert!(n <= 64 && rows.len() >= q.len() * n && out.len() >= n);
+    pub unsafe fn axpys(
+        q: &[f32],
+        scale: f32,
+        rows: &[f32],
+        stride: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        debug_assert!(n <= 64 && out.len() >= n);
+        debug_assert!(q.is_empty() || rows.len() >= (q.len() - 1) * stride + n);
         let mut acc = [_mm512_setzero_ps(); 4];
         let m: [__mmask16; 4] = std::array::from_fn(|c| lanes(n, c));
         for (d, &qd) in q.iter().enumerate() {
             let qd = _mm512_set1_ps(qd * scale);
-            let base = rows.as_ptr().wrapping_add(d * n);
+            let base = rows.as_ptr().wrapping_add(d * stride);
             for c in 0..4 {
                 if m[c] != 0 {
                     // SAFETY: the masked lanes lie inside row d.
@@ -1595,13 +1609,19 @@ mod fast_math_tests {
     #[test]
     fn inference_attention_matches_the_composed_one() {
         use crate::model::test_support::random;
-        for (b, n, heads, hd) in [(2, 50, 3, 64), (1, 10, 4, 16), (2, 77, 2, 24), (1, 7, 1, 80)] {
+        for (b, n, heads, hd) in [
+            (2, 50, 3, 64),
+            (1, 10, 4, 16),
+            (2, 77, 2, 24),
+            (1, 7, 1, 80),
+        ] {
             let qkv = random(&[b, n, 3 * heads * hd], 11);
             let causal = crate::model::layers::causal_mask(n, &candle_core::Device::Cpu).unwrap();
             let keys: Vec<f32> = (0..b * heads * n)
                 .map(|i| if i % n >= n - 3 { f32::MIN } else { 0.0 })
                 .collect();
-            let keys = Tensor::from_vec(keys, (b * heads, 1, n), &candle_core::Device::Cpu).unwrap();
+            let keys =
+                Tensor::from_vec(keys, (b * heads, 1, n), &candle_core::Device::Cpu).unwrap();
             for mask in [None, Some(&causal), Some(&keys)] {
                 let want = attend(&qkv, heads, mask).unwrap().0;
                 let got = attend_inference(&qkv, heads, mask).unwrap();
