@@ -38,6 +38,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--python", default=os.path.join(ROOT, ".venv-ref", "bin", "python"))
     ap.add_argument("--exact-decode", action="store_true", help="clipdex decodes JPEGs at full size too")
+    ap.add_argument("--precision", choices=["exact", "fast"], default="exact",
+                    help="clipdex's --precision (fast: bf16 on AMX)")
     args = ap.parse_args()
     binary = os.path.join(ROOT, "target", "release", "clipdex")
     if not os.path.exists(os.path.join(args.model, "model.safetensors")):
@@ -46,7 +48,7 @@ def main():
         index = os.path.join(tmp, "index")
         env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
         cmd = [binary, "index", args.library, "--index", index, "--model", args.model, "--json",
-               "--threads", str(args.threads), "--workers", str(args.threads)]
+               "--threads", str(args.threads), "--workers", str(args.threads), "--precision", args.precision]
         if args.exact_decode:
             cmd.append("--exact-decode")
         ours, ours_mem = run(cmd, env)
@@ -63,7 +65,7 @@ def main():
         ("files/s, embed", n / ours["embed_seconds"], m / theirs["embed_seconds"]),
         ("peak memory, MiB", ours_mem, theirs_mem),
     ]
-    print(f"indexing {args.library}: clipdex vs {theirs['impl']}, {args.threads} threads, ViT-B/32")
+    print(f"indexing {args.library}: clipdex ({args.precision}) vs {theirs['impl']}, {args.threads} threads, ViT-B/32")
     print(f"{'':48}{'clipdex':>10}{'python':>10}{'ratio':>8}")
     for label, a, b in rows:
         print(f"{label:48}{a:10.2f}{b:10.2f}{a / b:7.2f}x")
