@@ -116,12 +116,20 @@ def main():
                               dynamic_axes={"ids": {0: "batch", 1: "seq"}}, dynamo=False, opset_version=17)
         sessions = {"fp32": (image_path, text_path)}
         if args.int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+            from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
             quantized = []
             for path in (image_path, text_path):
                 out = path.with_suffix(".int8.onnx")
-                quantize_dynamic(str(path), str(out), per_channel=True, weight_type=QuantType.QInt8)
+                # ONNX Runtime's recommended pre-processing (shape inference,
+                # graph optimisation): it folds the ResNet's batch norms into
+                # its convolutions' weights, which quantize_dynamic needs as
+                # initializers.
+                # Symbolic shape inference fails on the ResNet's attention
+                # pooling reshape; ONNX's own shape inference does not.
+                pre = path.with_suffix(".pre.onnx")
+                quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+                quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8)
                 quantized.append(out)
             sessions["int8"] = tuple(quantized)
         sessions = {
