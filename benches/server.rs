@@ -2,7 +2,10 @@
 //! index, text queries (each one new, so each is embedded) and find-similar.
 //!
 //!     cargo build --release && cargo bench --bench model && cargo bench --bench server
-//!     cargo bench --bench server -- [--clients 32] [--seconds 60] [--photos 10000]
+//!     cargo bench --bench server -- [--clients 32] [--seconds 60] [--photos 10000] [--precision exact|fast]
+//!
+//! `--precision fast` indexes (once, into its own folder) and serves with the
+//! bf16 towers.
 //!
 //! The first run writes a library of distinct pictures (crops, flips and
 //! tints of the shared photos, 320 px) under target/bench/library-N and
@@ -24,6 +27,7 @@ struct Args {
     clients: usize,
     seconds: u64,
     photos: usize,
+    precision: String,
 }
 
 fn args() -> Args {
@@ -31,6 +35,7 @@ fn args() -> Args {
         clients: 32,
         seconds: 60,
         photos: 10_000,
+        precision: "exact".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -38,6 +43,7 @@ fn args() -> Args {
             "--clients" => a.clients = it.next().and_then(|v| v.parse().ok()).expect("--clients N"),
             "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds N"),
             "--photos" => a.photos = it.next().and_then(|v| v.parse().ok()).expect("--photos N"),
+            "--precision" => a.precision = it.next().expect("--precision exact|fast"),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -198,7 +204,10 @@ fn main() {
         "run `cargo bench --bench model` first (it writes the ViT-B/32 checkpoint)"
     );
     let library = root().join(format!("target/bench/library-{}", args.photos));
-    let index = root().join(format!("target/bench/index-{}", args.photos));
+    let index = root().join(match args.precision.as_str() {
+        "exact" => format!("target/bench/index-{}", args.photos),
+        other => format!("target/bench/index-{}-{other}", args.photos),
+    });
     make_library(&library, args.photos);
     if !index.join("db").exists() || !index.join(".complete").exists() {
         eprintln!("indexing {} photos with ViT-B/32 (once)...", args.photos);
@@ -210,6 +219,8 @@ fn main() {
                 index.to_str().unwrap(),
                 "--model",
                 model.to_str().unwrap(),
+                "--precision",
+                &args.precision,
             ])
             .status()
             .unwrap();
