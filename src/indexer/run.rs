@@ -282,12 +282,7 @@ fn read_and_decode(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
         Err(e) => Outcome::Failed(e.to_string()),
         Ok(image) => {
             let (width, height) = image.upright_size();
-            let full = RgbView::new(
-                image.rgb.width() as usize,
-                image.rgb.height() as usize,
-                image.rgb.as_raw(),
-            )
-            .expect("a decoded image is a valid view");
+            let full = image.view();
             // Resize once; the thumbnail comes from the resized image, not
             // from a second pass over the original.
             let resized = ctx.preprocessor.resize(full);

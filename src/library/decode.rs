@@ -12,6 +12,7 @@ use std::io::Cursor;
 use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+use crate::common::RgbView;
 
 /// Why a file could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +235,16 @@ pub struct DecodedImage {
 }
 
 impl DecodedImage {
+    /// The pixels as the model's preprocessing reads them.
+    pub fn view(&self) -> RgbView<'_> {
+        RgbView::new(
+            self.rgb.width() as usize,
+            self.rgb.height() as usize,
+            self.rgb.as_raw(),
+        )
+        .expect("an RgbImage holds width x height x 3 bytes")
+    }
+
     /// Full-resolution size once upright (`rgb` may be smaller when the
     /// decoder scaled it down).
     pub fn upright_size(&self) -> (u32, u32) {

@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{Out, epilogue};
@@ -168,6 +168,18 @@ impl Bf16Matrix {
     }
 }
 
+impl super::gemm::Prepacked for Bf16Matrix {
+    const NAME: &'static str = "clipdex-bf16-dense";
+
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
+        matmul(x, m, self, bias, f)
+    }
+}
+
 /// `f(x W^T + b)` over the last dimension of `x` (any rank, f32, CPU), with
 /// `x` rounded to bf16.
 pub fn dense(
@@ -176,53 +188,13 @@ pub fn dense(
     bias: Option<&Tensor>,
     f: Pointwise,
 ) -> candle_core::Result<Tensor> {
-    let bias = match bias {
-        Some(b) => Some(b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
-        None => None,
-    };
-    x.contiguous()?.apply_op1_no_bwd(&Dense {
-        w: w.clone(),
-        bias,
-        f,
-    })
-}
-
-struct Dense {
-    w: Arc<Bf16Matrix>,
-    bias: Option<Vec<f32>>,
-    f: Pointwise,
-}
-
-impl CustomOp1 for Dense {
-    fn name(&self) -> &'static str {
-        "clipdex-bf16-dense"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = super::ops::slice(s, l, self.name())?;
-        let dims = l.shape().dims();
-        let Some((&k, lead)) = dims.split_last() else {
-            candle_core::bail!("{}: a scalar input", self.name());
-        };
-        if k != self.w.k {
-            candle_core::bail!(
-                "{}: input has {k} features, the weight {}",
-                self.name(),
-                self.w.k
-            );
-        }
-        let m: usize = lead.iter().product();
-        let y = matmul(x, m, &self.w, self.bias.as_deref(), self.f);
-        let mut out = lead.to_vec();
-        out.push(self.w.n);
-        Ok((CpuStorage::F32(y), Shape::from(out)))
-    }
+    super::gemm::dense_with(x, w, bias, f)
 }
 
 /// `x` (m x k) rounded to bf16, `kp` values a row (the padding zero).
 fn activations(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
     let mut a: Vec<u16> = Vec::with_capacity(m * kp);
-    let dst = Out16(a.as_mut_ptr());
+    let dst = Out(a.as_mut_ptr());
     let convert = |rows: std::ops::Range<usize>| {
         for r in rows {
             // SAFETY: row r of the m x kp buffer, written by this call only.
@@ -245,23 +217,6 @@ fn activations(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
     // SAFETY: every row was written above.
     unsafe { a.set_len(m * kp) };
     a
-}
-
-/// A raw bf16 output pointer tasks share; each writes its own rows.
-#[derive(Clone, Copy)]
-struct Out16(*mut u16);
-// SAFETY: tasks write disjoint rows of one buffer that outlives them.
-unsafe impl Send for Out16 {}
-unsafe impl Sync for Out16 {}
-
-impl Out16 {
-    /// The element at `offset` (a method, so closures capture the `Out16`).
-    ///
-    /// # Safety
-    /// `offset` is inside the buffer.
-    unsafe fn at(self, offset: usize) -> *mut u16 {
-        unsafe { self.0.add(offset) }
-    }
 }
 
 /// Writes `src` rounded to bf16 at `dst`.

@@ -151,10 +151,43 @@ impl PackedMatrix {
     }
 }
 
+/// A weight laid out once at load for one inference kernel: this module's
+/// f32 panels, or `bf16`'s AMX tiles.
+pub(super) trait Prepacked: std::fmt::Debug + Send + Sync + 'static {
+    /// The custom op's name.
+    const NAME: &'static str;
+    /// (out, in).
+    fn dims(&self) -> (usize, usize);
+    /// `f(x W^T + b)` for `x` (m x in, row-major): a fresh (m x out) buffer.
+    fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32>;
+}
+
+impl Prepacked for PackedMatrix {
+    const NAME: &'static str = "clipdex-packed-dense";
+
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
+        matmul(x, m, self, bias, f)
+    }
+}
+
 /// `f(x W^T + b)` over the last dimension of `x` (any rank, f32, CPU).
 pub fn dense(
     x: &Tensor,
     w: &Arc<PackedMatrix>,
+    bias: Option<&Tensor>,
+    f: Pointwise,
+) -> candle_core::Result<Tensor> {
+    dense_with(x, w, bias, f)
+}
+
+/// [`dense`] for any prepacked weight.
+pub(super) fn dense_with<W: Prepacked>(
+    x: &Tensor,
+    w: &Arc<W>,
     bias: Option<&Tensor>,
     f: Pointwise,
 ) -> candle_core::Result<Tensor> {
@@ -169,15 +202,15 @@ pub fn dense(
     })
 }
 
-struct Dense {
-    w: Arc<PackedMatrix>,
+struct Dense<W> {
+    w: Arc<W>,
     bias: Option<Vec<f32>>,
     f: Pointwise,
 }
 
-impl CustomOp1 for Dense {
+impl<W: Prepacked> CustomOp1 for Dense<W> {
     fn name(&self) -> &'static str {
-        "clipdex-packed-dense"
+        W::NAME
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -186,35 +219,40 @@ impl CustomOp1 for Dense {
         let Some((&k, lead)) = dims.split_last() else {
             candle_core::bail!("{}: a scalar input", self.name());
         };
-        if k != self.w.k {
-            candle_core::bail!(
-                "{}: input has {k} features, the weight {}",
-                self.name(),
-                self.w.k
-            );
+        let (n, want) = self.w.dims();
+        if k != want {
+            candle_core::bail!("{}: input has {k} features, the weight {want}", self.name());
         }
         let m: usize = lead.iter().product();
-        let y = matmul(x, m, &self.w, self.bias.as_deref(), self.f);
+        let y = self.w.product(x, m, self.bias.as_deref(), self.f);
         let mut out = lead.to_vec();
-        out.push(self.w.n);
+        out.push(n);
         Ok((CpuStorage::F32(y), Shape::from(out)))
     }
 }
 
-/// A raw output pointer tasks share; each writes its own rows and columns.
-#[derive(Clone, Copy)]
-pub(super) struct Out(pub(super) *mut f32);
-// SAFETY: tasks write disjoint tiles of one buffer that outlives them.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+/// A raw output pointer tasks share; each writes its own rows and columns
+/// (of f32 products here and in `bf16`, of bf16 activations, of attention
+/// heads in `ops`).
+pub(super) struct Out<T = f32>(pub(super) *mut T);
 
-impl Out {
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Out<T> {}
+// SAFETY: tasks write disjoint parts of one buffer that outlives them.
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
+
+impl<T> Out<T> {
     /// The element at `offset` (a method, so closures capture the `Out`, not
     /// its bare pointer).
     ///
     /// # Safety
     /// `offset` is inside the buffer.
-    pub(super) unsafe fn at(self, offset: usize) -> *mut f32 {
+    pub(super) unsafe fn at(self, offset: usize) -> *mut T {
         unsafe { self.0.add(offset) }
     }
 }

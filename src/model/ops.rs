@@ -1034,7 +1034,7 @@ impl CustomOp1 for AttendInference {
         let hidden = three_hidden / 3;
         let hd = hidden / self.heads;
         let mut out: Vec<f32> = Vec::with_capacity(b * n * hidden);
-        let dst = SharedOut(out.as_mut_ptr());
+        let dst = super::gemm::Out(out.as_mut_ptr());
         (0..b * self.heads).into_par_iter().for_each(|task| {
             let mask = self.mask.as_ref().map(|(m, per_head)| match per_head {
                 true => (&m[task * n..(task + 1) * n], true),
@@ -1061,21 +1061,6 @@ impl CustomOp1 for AttendInference {
     }
 }
 
-/// A raw output pointer attention tasks share.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint columns of one buffer that outlives them.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// # Safety
-    /// `offset` is inside the buffer.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        unsafe { self.0.add(offset) }
-    }
-}
-
 thread_local! {
     /// Per-thread scratch of [`attend_one`]: k transposed, then the scores.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -1096,7 +1081,7 @@ unsafe fn attend_one(
     hidden: usize,
     hd: usize,
     mask: Option<(&[f32], bool)>,
-    out: SharedOut,
+    out: super::gemm::Out,
 ) {
     SCRATCH.with_borrow_mut(|scratch| {
         scratch.resize(hd * n + n + hd, 0.0);
@@ -1124,7 +1109,7 @@ unsafe fn attend_one_avx512(
     hidden: usize,
     hd: usize,
     mask: Option<(&[f32], bool)>,
-    out: SharedOut,
+    out: super::gemm::Out,
     scratch: &mut [f32],
 ) {
     unsafe { attend_one_with(x, seq, head, n, hidden, hd, mask, out, scratch) }
@@ -1142,7 +1127,7 @@ unsafe fn attend_one_with(
     hidden: usize,
     hd: usize,
     mask: Option<(&[f32], bool)>,
-    out: SharedOut,
+    out: super::gemm::Out,
     scratch: &mut [f32],
 ) {
     let row = |i: usize, part: usize| {
@@ -1172,7 +1157,12 @@ unsafe fn attend_one_with(
                 // which columns c0..c0 + len are read, into as many scores.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    register_rows::axpys(row(i, 0), scale, &kt[c0..], n, len, &mut scores[c0..])
+                    register_rows::weighted_rows(
+                        row(i, 0).iter().map(|&q| q * scale),
+                        |d| kt[d * n + c0..].as_ptr(),
+                        len,
+                        &mut scores[c0..],
+                    )
                 };
             }
         } else {
@@ -1205,7 +1195,12 @@ unsafe fn attend_one_with(
             // SAFETY: AVX-512F is present; rows of v hold hd values, acc hd.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                register_rows::weighted_sum(scores, |j| row(j, 2), hd, acc)
+                register_rows::weighted_rows(
+                    scores.iter().copied(),
+                    |j| row(j, 2).as_ptr(),
+                    hd,
+                    acc,
+                )
             };
         } else {
             acc.fill(0.0);
@@ -1226,8 +1221,8 @@ unsafe fn attend_one_with(
     }
 }
 
-/// Sums of up to 64 values a row kept in four AVX-512 registers, for
-/// attention's short rows (the compiler's loops store and reload them at
+/// Weighted sums of rows of up to 64 values kept in four AVX-512 registers,
+/// for attention's short rows (the compiler's loops store and reload them at
 /// every step).
 #[cfg(target_arch = "x86_64")]
 mod register_rows {
@@ -1240,66 +1235,30 @@ mod register_rows {
         ((1u32 << valid) - 1) as __mmask16
     }
 
-    /// `out = sum_d (q_d * scale) * rows[d]`, rows of `n` (at most 64)
-    /// values, `rows[d]` at `d * stride`.
+    /// `out = sum_t c_t * row(t)` over the coefficients `c`, each row `len`
+    /// (at most 64) values from the pointer `row(t)` gives.
     ///
     /// # Safety
-    /// AVX-512F; `rows` holds `q.len()` rows of `n`, `stride` apart; `out`
-    /// holds `n`; `n <= 64`.
+    /// AVX-512F; every `row(t)` points at `len` readable values; `out` holds
+    /// `len`; `len <= 64`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn axpys(
-        q: &[f32],
-        scale: f32,
-        rows: &[f32],
-        stride: usize,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        debug_assert!(n <= 64 && out.len() >= n);
-        debug_assert!(q.is_empty() || rows.len() >= (q.len() - 1) * stride + n);
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let m: [__mmask16; 4] = std::array::from_fn(|c| lanes(n, c));
-        for (d, &qd) in q.iter().enumerate() {
-            let qd = _mm512_set1_ps(qd * scale);
-            let base = rows.as_ptr().wrapping_add(d * stride);
-            for c in 0..4 {
-                if m[c] != 0 {
-                    // SAFETY: the masked lanes lie inside row d.
-                    let k = unsafe { _mm512_maskz_loadu_ps(m[c], base.add(16 * c)) };
-                    acc[c] = _mm512_fmadd_ps(qd, k, acc[c]);
-                }
-            }
-        }
-        for c in 0..4 {
-            if m[c] != 0 {
-                // SAFETY: the masked lanes lie inside `out`.
-                unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(16 * c), m[c], acc[c]) };
-            }
-        }
-    }
-
-    /// `out = sum_j p_j * row(j)`, rows of `len` (at most 64) values.
-    ///
-    /// # Safety
-    /// AVX-512F; every `row(j)` and `out` hold `len` values; `len <= 64`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn weighted_sum<'a>(
-        p: &[f32],
-        row: impl Fn(usize) -> &'a [f32],
+    pub unsafe fn weighted_rows(
+        c: impl Iterator<Item = f32>,
+        row: impl Fn(usize) -> *const f32,
         len: usize,
         out: &mut [f32],
     ) {
         debug_assert!(len <= 64 && out.len() >= len);
         let mut acc = [_mm512_setzero_ps(); 4];
         let m: [__mmask16; 4] = std::array::from_fn(|c| lanes(len, c));
-        for (j, &pj) in p.iter().enumerate() {
-            let pj = _mm512_set1_ps(pj);
-            let v = row(j).as_ptr();
+        for (t, ct) in c.enumerate() {
+            let ct = _mm512_set1_ps(ct);
+            let r = row(t);
             for c in 0..4 {
                 if m[c] != 0 {
-                    // SAFETY: the masked lanes lie inside row j.
-                    let x = unsafe { _mm512_maskz_loadu_ps(m[c], v.add(16 * c)) };
-                    acc[c] = _mm512_fmadd_ps(pj, x, acc[c]);
+                    // SAFETY: the masked lanes lie inside row t.
+                    let x = unsafe { _mm512_maskz_loadu_ps(m[c], r.add(16 * c)) };
+                    acc[c] = _mm512_fmadd_ps(ct, x, acc[c]);
                 }
             }
         }

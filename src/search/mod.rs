@@ -39,7 +39,7 @@ use crate::keyword::{self, parse_datetime};
 use crate::library::{
     BudgetError, DecodeBudget, DecodeError, DecodeLimits, decode_bytes_scaled, probe,
 };
-use crate::model::{Calibration, Clip, RgbView};
+use crate::model::{Calibration, Clip};
 use crate::store::PhotoRecord;
 
 /// Most results one page may ask for.
@@ -652,12 +652,7 @@ impl Engine {
         let result = decode_bytes_scaled(bytes, &self.limits, Some(min_side))
             .map_err(unusable)
             .and_then(|image| {
-                let view = RgbView::new(
-                    image.rgb.width() as usize,
-                    image.rgb.height() as usize,
-                    image.rgb.as_raw(),
-                )?;
-                Ok(self.clip.embed_images(&[view])?.remove(0))
+                Ok(self.clip.embed_images(&[image.view()])?.remove(0))
             });
         drop(release);
         drop(permit);

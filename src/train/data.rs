@@ -379,13 +379,7 @@ impl ImageSet {
                 if !cache {
                     return Ok(Pixels::Lazy(s.image.clone()));
                 }
-                let view = RgbView::new(
-                    img.rgb.width() as usize,
-                    img.rgb.height() as usize,
-                    img.rgb.as_raw(),
-                )
-                .map_err(|e| e.to_string())?;
-                let (data, width, height) = resize_short(view, base);
+                let (data, width, height) = resize_short(img.view(), base);
                 Ok(Pixels::Cached {
                     data,
                     width,
@@ -438,13 +432,7 @@ impl ImageSet {
                 let img = decode_file(path, &DecodeLimits::default());
                 match img {
                     Ok(img) => {
-                        let view = RgbView::new(
-                            img.rgb.width() as usize,
-                            img.rgb.height() as usize,
-                            img.rgb.as_raw(),
-                        )
-                        .expect("decoded image is a valid view");
-                        let (d, w, h) = resize_short(view, self.base);
+                        let (d, w, h) = resize_short(img.view(), self.base);
                         (std::borrow::Cow::Owned(d), w, h)
                     }
                     // Read fine when prepared; gone since: a grey square keeps the batch whole.

@@ -125,17 +125,7 @@ fn real_photos_through_our_pipeline_match_reference_embeddings() {
             .iter()
             .map(|p| decode_file(&photos.join(p), &limits).unwrap())
             .collect();
-        let views: Vec<RgbView> = decoded
-            .iter()
-            .map(|d| {
-                RgbView::new(
-                    d.rgb.width() as usize,
-                    d.rgb.height() as usize,
-                    d.rgb.as_raw(),
-                )
-                .unwrap()
-            })
-            .collect();
+        let views: Vec<RgbView> = decoded.iter().map(|d| d.view()).collect();
         let pixels = clip.pixels(&views).unwrap();
         let pixel_diff = max_abs_diff(&pixels, &r.tensors["pixel_values"]);
         let ours = clip.embed_images(&views).unwrap();
@@ -227,16 +217,8 @@ fn reduced_size_jpeg_decoding_stays_close_to_exact() {
                 scaled.rgb.width().min(scaled.rgb.height())
                     >= min_side.min(exact.rgb.width().min(exact.rgb.height()))
             );
-            fn view(d: &clipdex::library::DecodedImage) -> RgbView<'_> {
-                RgbView::new(
-                    d.rgb.width() as usize,
-                    d.rgb.height() as usize,
-                    d.rgb.as_raw(),
-                )
-                .unwrap()
-            }
-            let a = clip.embed_images(&[view(&exact)]).unwrap().remove(0);
-            let b = clip.embed_images(&[view(&scaled)]).unwrap().remove(0);
+            let a = clip.embed_images(&[exact.view()]).unwrap().remove(0);
+            let b = clip.embed_images(&[scaled.view()]).unwrap().remove(0);
             let cos: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             let abs = a
                 .iter()

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use clipdex::model::checkpoint::{HubOptions, Layout, ModelSource, resolve};
-use clipdex::model::{Clip, RgbView, TextTokenizer};
+use clipdex::model::{Clip, TextTokenizer};
 
 use crate::common::{
     clipdex, clipdex_with_env, fixture_hub_cache, fixture_model, fixtures, reference, stderr,
@@ -209,12 +209,7 @@ fn index_and_search_with_an_open_clip_resnet() {
     let photo = root.join(top["path"].as_str().unwrap().rsplit('/').next().unwrap());
     let image =
         clipdex::library::decode_file(&photo, &clipdex::library::DecodeLimits::default()).unwrap();
-    let view = RgbView::new(
-        image.rgb.width() as usize,
-        image.rgb.height() as usize,
-        image.rgb.as_raw(),
-    )
-    .unwrap();
+    let view = image.view();
     let embedding = &clip.embed_images(&[view]).unwrap()[0];
     let cos: f32 = query.iter().zip(embedding).map(|(a, b)| a * b).sum();
     assert!(

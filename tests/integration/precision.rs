@@ -54,17 +54,7 @@ fn fast_embeddings_stay_within_the_fidelity_bar_on_every_fixture() {
         .iter()
         .map(|p| decode_file(p, &DecodeLimits::default()).unwrap())
         .collect();
-    let views: Vec<RgbView> = decoded
-        .iter()
-        .map(|d| {
-            RgbView::new(
-                d.rgb.width() as usize,
-                d.rgb.height() as usize,
-                d.rgb.as_raw(),
-            )
-            .unwrap()
-        })
-        .collect();
+    let views: Vec<RgbView> = decoded.iter().map(|d| d.view()).collect();
     assert!(views.len() > 100, "{} shared photos", views.len());
     for name in fixture_models() {
         let texts = reference(&name).texts;

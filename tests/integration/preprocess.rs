@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use candle_core::Device;
 use clipdex::library::{DecodeError, DecodeLimits, decode_bytes, decode_file};
-use clipdex::model::{Preprocessor, RgbView};
+use clipdex::model::Preprocessor;
 
 use crate::common::{fixtures, shared_photos};
 
@@ -58,12 +58,7 @@ fn preprocessing_matches_reference() {
             fixtures().join("images").join(&name)
         };
         let decoded = decode_file(&path, &limits).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let view = RgbView::new(
-            decoded.rgb.width() as usize,
-            decoded.rgb.height() as usize,
-            decoded.rgb.as_raw(),
-        )
-        .unwrap();
+        let view = decoded.view();
         let ours = Preprocessor::clip_default(size).resize_and_crop(view);
         let want = tensors[&key]
             .flatten_all()
