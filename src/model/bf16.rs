@@ -84,7 +84,7 @@ pub struct Bf16Matrix {
     np: usize,
     tiles: Vec<u16>,
     /// The rounded weight as (in, out), for candle's product in a training
-    /// graph ([`Self::plain`]).
+    /// graph (`Prepacked::plain`).
     plain: OnceLock<Tensor>,
 }
 
@@ -120,9 +120,7 @@ impl Bf16Matrix {
                     }
                     let row = &w[o * k..(o + 1) * k];
                     for (kk, &v) in row.iter().enumerate() {
-                        let (step, within) = (kk / TK, kk % TK);
-                        block[step * T * TK + (within / 2) * 2 * T + 2 * c + within % 2] =
-                            to_bf16(v);
+                        block[Self::offset(kk, c)] = to_bf16(v);
                     }
                 }
             });
@@ -136,40 +134,22 @@ impl Bf16Matrix {
         }
     }
 
-    /// (out, in).
-    pub fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-
-    /// The (out, in) weight, as rounded to bf16, in f32.
-    pub fn unpack(&self) -> candle_core::Result<Tensor> {
-        let (n, k) = (self.n, self.k);
-        let steps = self.kp / TK;
-        let mut w = vec![0f32; n * k];
-        for (o, row) in w.chunks_exact_mut(k.max(1)).enumerate().take(n) {
-            let block = &self.tiles[(o / T) * steps * T * TK..];
-            let c = o % T;
-            for (kk, v) in row.iter_mut().enumerate() {
-                let (step, within) = (kk / TK, kk % TK);
-                *v = from_bf16(block[step * T * TK + (within / 2) * 2 * T + 2 * c + within % 2]);
-            }
-        }
-        Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)
-    }
-
-    /// The rounded weight as an (in, out) view for candle's product, unpacked
-    /// once (a frozen layer inside a training graph).
-    pub fn plain(&self) -> candle_core::Result<Tensor> {
-        if let Some(t) = self.plain.get() {
-            return Ok(t.clone());
-        }
-        let t = self.unpack()?.t()?;
-        Ok(self.plain.get_or_init(|| t).clone())
+    /// Where weight `(o, kk)` is in its column block's tiles: tile
+    /// `kk / TK`, row `kk % TK / 2` (the pair of depths), column `o % T`.
+    fn offset(kk: usize, c: usize) -> usize {
+        let (step, within) = (kk / TK, kk % TK);
+        step * T * TK + (within / 2) * 2 * T + 2 * c + within % 2
     }
 }
 
 impl super::gemm::Prepacked for Bf16Matrix {
-    const NAME: &'static str = "clipdex-bf16-dense";
+    fn name(&self) -> &'static str {
+        "clipdex-bf16-dense"
+    }
+
+    fn is_bf16(&self) -> bool {
+        true
+    }
 
     fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
@@ -177,6 +157,24 @@ impl super::gemm::Prepacked for Bf16Matrix {
 
     fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
         matmul(x, m, self, bias, f)
+    }
+
+    /// The weight as rounded to bf16, in f32.
+    fn unpack(&self) -> candle_core::Result<Tensor> {
+        let (n, k) = (self.n, self.k);
+        let steps = self.kp / TK;
+        let mut w = vec![0f32; n * k];
+        for (o, row) in w.chunks_exact_mut(k.max(1)).enumerate().take(n) {
+            let block = &self.tiles[(o / T) * steps * T * TK..];
+            for (kk, v) in row.iter_mut().enumerate() {
+                *v = from_bf16(block[Self::offset(kk, o % T)]);
+            }
+        }
+        Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)
+    }
+
+    fn plain_cell(&self) -> &OnceLock<Tensor> {
+        &self.plain
     }
 }
 
@@ -188,7 +186,7 @@ pub fn dense(
     bias: Option<&Tensor>,
     f: Pointwise,
 ) -> candle_core::Result<Tensor> {
-    super::gemm::dense_with(x, w, bias, f)
+    super::gemm::dense_with(x, w.clone(), bias, f)
 }
 
 /// `x` (m x k) rounded to bf16, `kp` values a row (the padding zero).
@@ -597,6 +595,7 @@ mod amx {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::gemm::Prepacked;
     use crate::model::test_support::{max_abs_diff, random};
 
     /// The product as AMX computes it: inputs rounded to bf16, sums in f64.

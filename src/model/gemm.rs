@@ -76,7 +76,7 @@ pub struct PackedMatrix {
     n: usize,
     data: Vec<f32>,
     /// The weight as (in, out) for candle's product, made the first time a
-    /// training graph runs through this frozen layer ([`Self::plain`]).
+    /// training graph runs through this frozen layer (`Prepacked::plain`).
     plain: std::sync::OnceLock<Tensor>,
 }
 
@@ -117,13 +117,54 @@ impl PackedMatrix {
         }))
     }
 
+    fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+}
+
+/// A weight laid out once at load for one inference kernel: this module's
+/// f32 panels, or `bf16`'s AMX tiles. Dense layers hold either as one.
+pub trait Prepacked: std::fmt::Debug + Send + Sync {
+    /// The custom op's name.
+    fn name(&self) -> &'static str;
+    /// Whether products round to bf16 (`--precision fast`).
+    fn is_bf16(&self) -> bool {
+        false
+    }
     /// (out, in).
-    pub fn dims(&self) -> (usize, usize) {
+    fn dims(&self) -> (usize, usize);
+    /// `f(x W^T + b)` for `x` (m x in, row-major): a fresh (m x out) buffer.
+    fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32>;
+    /// The (out, in) weight back as a tensor, as the kernel holds it.
+    fn unpack(&self) -> candle_core::Result<Tensor>;
+    /// Where [`Self::plain`] keeps its tensor.
+    fn plain_cell(&self) -> &std::sync::OnceLock<Tensor>;
+    /// The weight as an (in, out) view for candle's product, unpacked once:
+    /// for a frozen layer inside a training graph, where the product needs a
+    /// backward pass for its input.
+    fn plain(&self) -> candle_core::Result<Tensor> {
+        if let Some(t) = self.plain_cell().get() {
+            return Ok(t.clone());
+        }
+        let t = self.unpack()?.t()?;
+        Ok(self.plain_cell().get_or_init(|| t).clone())
+    }
+}
+
+impl Prepacked for PackedMatrix {
+    fn name(&self) -> &'static str {
+        "clipdex-packed-dense"
+    }
+
+    fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
     }
 
-    /// The (out, in) weight back as a tensor.
-    pub fn unpack(&self) -> candle_core::Result<Tensor> {
+    fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
+        matmul(x, m, self, bias, f)
+    }
+
+    fn unpack(&self) -> candle_core::Result<Tensor> {
         let (n, k) = (self.n, self.k);
         let mut w = vec![0f32; n * k];
         for (o, row) in w.chunks_exact_mut(k).enumerate() {
@@ -135,42 +176,8 @@ impl PackedMatrix {
         Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)
     }
 
-    /// The weight as an (in, out) view for candle's product, unpacked once:
-    /// for a frozen layer inside a training graph, where the product needs a
-    /// backward pass for its input.
-    pub fn plain(&self) -> candle_core::Result<Tensor> {
-        if let Some(t) = self.plain.get() {
-            return Ok(t.clone());
-        }
-        let t = self.unpack()?.t()?;
-        Ok(self.plain.get_or_init(|| t).clone())
-    }
-
-    fn panels(&self) -> usize {
-        self.n.div_ceil(NR)
-    }
-}
-
-/// A weight laid out once at load for one inference kernel: this module's
-/// f32 panels, or `bf16`'s AMX tiles.
-pub(super) trait Prepacked: std::fmt::Debug + Send + Sync + 'static {
-    /// The custom op's name.
-    const NAME: &'static str;
-    /// (out, in).
-    fn dims(&self) -> (usize, usize);
-    /// `f(x W^T + b)` for `x` (m x in, row-major): a fresh (m x out) buffer.
-    fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32>;
-}
-
-impl Prepacked for PackedMatrix {
-    const NAME: &'static str = "clipdex-packed-dense";
-
-    fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-
-    fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
-        matmul(x, m, self, bias, f)
+    fn plain_cell(&self) -> &std::sync::OnceLock<Tensor> {
+        &self.plain
     }
 }
 
@@ -181,13 +188,13 @@ pub fn dense(
     bias: Option<&Tensor>,
     f: Pointwise,
 ) -> candle_core::Result<Tensor> {
-    dense_with(x, w, bias, f)
+    dense_with(x, w.clone(), bias, f)
 }
 
 /// [`dense`] for any prepacked weight.
-pub(super) fn dense_with<W: Prepacked>(
+pub(super) fn dense_with(
     x: &Tensor,
-    w: &Arc<W>,
+    w: Arc<dyn Prepacked>,
     bias: Option<&Tensor>,
     f: Pointwise,
 ) -> candle_core::Result<Tensor> {
@@ -195,22 +202,18 @@ pub(super) fn dense_with<W: Prepacked>(
         Some(b) => Some(b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
         None => None,
     };
-    x.contiguous()?.apply_op1_no_bwd(&Dense {
-        w: w.clone(),
-        bias,
-        f,
-    })
+    x.contiguous()?.apply_op1_no_bwd(&Dense { w, bias, f })
 }
 
-struct Dense<W> {
-    w: Arc<W>,
+struct Dense {
+    w: Arc<dyn Prepacked>,
     bias: Option<Vec<f32>>,
     f: Pointwise,
 }
 
-impl<W: Prepacked> CustomOp1 for Dense<W> {
+impl CustomOp1 for Dense {
     fn name(&self) -> &'static str {
-        W::NAME
+        self.w.name()
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {

@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::bf16::Bf16Matrix;
-use super::gemm::PackedMatrix;
+use super::gemm::{PackedMatrix, Prepacked};
 
 use super::Result;
 use super::config::Activation;
@@ -49,12 +49,10 @@ enum Weight {
     /// so gemm reads it in place instead of repacking a copy on every call
     /// (5x faster for a short text query than the checkpoint's layout).
     Plain(Tensor, WeightLayout),
-    /// For inference through [`super::gemm`]: packed once, where the CPU
-    /// has the kernel.
-    Packed(Arc<PackedMatrix>),
-    /// For inference in bf16 ([`super::bf16`], `--precision fast`), where
-    /// the CPU has AMX.
-    Bf16(Arc<Bf16Matrix>),
+    /// For inference through a kernel with its own layout, made once at
+    /// load: [`super::gemm`]'s f32 panels where the CPU has AVX-512,
+    /// [`super::bf16`]'s AMX tiles for `--precision fast`.
+    Prepacked(Arc<dyn Prepacked>),
 }
 
 /// A dense layer, `x W^T + b`, over the last dimension of any-rank input.
@@ -73,7 +71,7 @@ impl Linear {
         let weight = if weight.track_op() {
             Weight::Graph(weight)
         } else if let Some(packed) = PackedMatrix::new(&weight)? {
-            Weight::Packed(Arc::new(packed))
+            Weight::Prepacked(Arc::new(packed))
         } else {
             Weight::Plain(weight.t()?.contiguous()?, WeightLayout::InOut)
         };
@@ -103,8 +101,10 @@ impl Linear {
     /// [`Self::to_bf16`] with the AMX kernel (`amx`, where available) or
     /// without it.
     fn to_bf16_with(&mut self, amx: bool) -> Result<()> {
-        if matches!(self.weight, Weight::Graph(_) | Weight::Bf16(_)) {
-            return Ok(());
+        match &self.weight {
+            Weight::Graph(_) => return Ok(()),
+            Weight::Prepacked(p) if p.is_bf16() => return Ok(()),
+            _ => {}
         }
         let w = self.weight()?;
         let matrix = match amx {
@@ -112,7 +112,7 @@ impl Linear {
             false => None,
         };
         self.weight = match matrix {
-            Some(m) => Weight::Bf16(Arc::new(m)),
+            Some(m) => Weight::Prepacked(Arc::new(m)),
             None => {
                 let rounded = w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
                 Self::new(rounded, None)?.weight
@@ -136,8 +136,7 @@ impl Linear {
         match &self.weight {
             Weight::Plain(w, WeightLayout::InOut) => Ok(w.t()?),
             Weight::Graph(w) | Weight::Plain(w, WeightLayout::OutIn) => Ok(w.clone()),
-            Weight::Packed(p) => Ok(p.unpack()?),
-            Weight::Bf16(p) => Ok(p.unpack()?),
+            Weight::Prepacked(p) => Ok(p.unpack()?),
         }
     }
 
@@ -150,8 +149,7 @@ impl Linear {
         Ok(match &self.weight {
             Weight::Plain(w, WeightLayout::InOut) => w.dim(1)?,
             Weight::Graph(w) | Weight::Plain(w, WeightLayout::OutIn) => w.dim(0)?,
-            Weight::Packed(p) => p.dims().0,
-            Weight::Bf16(p) => p.dims().0,
+            Weight::Prepacked(p) => p.dims().0,
         })
     }
 
@@ -178,20 +176,19 @@ impl Linear {
                     )),
                 };
             }
-            Weight::Packed(p)
+            Weight::Prepacked(p)
                 if !x.track_op() && !self.bias.as_ref().is_some_and(|b| b.track_op()) =>
             {
-                return Ok(super::gemm::dense(x, p, self.bias.as_ref(), f)?);
+                return Ok(super::gemm::dense_with(
+                    x,
+                    p.clone(),
+                    self.bias.as_ref(),
+                    f,
+                )?);
             }
             // A frozen packed layer inside a training graph (fed by a
             // trainable one): candle's product, which has a backward pass.
-            Weight::Packed(p) => return self.forward_graph(x, &p.plain()?, f),
-            Weight::Bf16(p)
-                if !x.track_op() && !self.bias.as_ref().is_some_and(|b| b.track_op()) =>
-            {
-                return Ok(super::bf16::dense(x, p, self.bias.as_ref(), f)?);
-            }
-            Weight::Bf16(p) => return self.forward_graph(x, &p.plain()?, f),
+            Weight::Prepacked(p) => return self.forward_graph(x, &p.plain()?, f),
             Weight::Plain(w, layout) => (w, *layout),
         };
         let w = match layout.1 {
@@ -624,9 +621,9 @@ mod tests {
         let mut portable = Linear::new(w.clone(), Some(b.clone())).unwrap();
         let exact = Linear::new(w.clone(), Some(b)).unwrap();
         portable.to_bf16_with(false).unwrap();
-        assert!(!matches!(portable.weight, Weight::Bf16(_)));
+        assert!(!matches!(&portable.weight, Weight::Prepacked(p) if p.is_bf16()));
         if crate::model::bf16::available() {
-            assert!(matches!(amx.weight, Weight::Bf16(_)));
+            assert!(matches!(&amx.weight, Weight::Prepacked(p) if p.is_bf16()));
         }
         let rounded = w
             .to_dtype(DType::BF16)
@@ -673,7 +670,7 @@ mod tests {
         let plain = plain.unwrap();
         assert!(matches!(plain.weight, Weight::Plain(..)));
         if crate::model::gemm::available() {
-            assert!(matches!(packed.weight, Weight::Packed(_)));
+            assert!(matches!(&packed.weight, Weight::Prepacked(p) if !p.is_bf16()));
         }
         assert_eq!(
             packed.weight().unwrap().to_vec2::<f32>().unwrap(),

@@ -1043,16 +1043,16 @@ impl CustomOp1 for AttendInference {
             // SAFETY: this task writes columns [head * hd, head * hd + hd) of
             // the n rows of its sequence, which no other task writes.
             unsafe {
-                attend_one(
+                attend_one(HeadTask {
                     x,
-                    task / self.heads,
-                    task % self.heads,
+                    seq: task / self.heads,
+                    head: task % self.heads,
                     n,
                     hidden,
                     hd,
                     mask,
-                    dst,
-                )
+                    out: dst,
+                })
             };
         });
         // SAFETY: every (sequence, head) wrote its columns of every row.
@@ -1066,70 +1066,66 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// One sequence's one head: `out[i, head] = softmax(q_i k^T / sqrt(hd) +
-/// mask_i) v`.
-///
-/// # Safety
-/// `out` holds (sequences, n, hidden) values; no other thread writes this
-/// head's columns of this sequence.
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_one(
-    x: &[f32],
+/// One sequence's one head of [`AttendInference`]: where q, k, v are read
+/// and the output written.
+#[derive(Clone, Copy)]
+struct HeadTask<'a> {
+    /// The fused projection's output, (sequences, n, 3 * hidden).
+    x: &'a [f32],
     seq: usize,
     head: usize,
     n: usize,
     hidden: usize,
     hd: usize,
-    mask: Option<(&[f32], bool)>,
+    /// The additive mask: (n, n), or this head's n keys (`true`).
+    mask: Option<(&'a [f32], bool)>,
+    /// The (sequences, n, hidden) output.
     out: super::gemm::Out,
-) {
+}
+
+/// `out[i, head] = softmax(q_i k^T / sqrt(hd) + mask_i) v` for one task.
+///
+/// # Safety
+/// `t.out` holds (sequences, n, hidden) values; no other thread writes this
+/// head's columns of this sequence.
+unsafe fn attend_one(t: HeadTask) {
     SCRATCH.with_borrow_mut(|scratch| {
-        scratch.resize(hd * n + n + hd, 0.0);
+        scratch.resize(t.hd * t.n + t.n + t.hd, 0.0);
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F; the caller's guarantees.
-            return unsafe { attend_one_avx512(x, seq, head, n, hidden, hd, mask, out, scratch) };
+            return unsafe { attend_one_avx512(t, scratch) };
         }
-        unsafe { attend_one_with(x, seq, head, n, hidden, hd, mask, out, scratch) }
+        // SAFETY: the caller's guarantees; no AVX-512 asked for.
+        unsafe { attend_one_with(t, scratch, false) }
     })
 }
 
-/// [`attend_one_with`] compiled for AVX-512, where its loops vectorise.
+/// [`attend_one_with`] compiled for AVX-512, where its loops vectorise, and
+/// with the sums held in registers.
 ///
 /// # Safety
 /// As [`attend_one`]; the CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_one_avx512(
-    x: &[f32],
-    seq: usize,
-    head: usize,
-    n: usize,
-    hidden: usize,
-    hd: usize,
-    mask: Option<(&[f32], bool)>,
-    out: super::gemm::Out,
-    scratch: &mut [f32],
-) {
-    unsafe { attend_one_with(x, seq, head, n, hidden, hd, mask, out, scratch) }
+unsafe fn attend_one_avx512(t: HeadTask, scratch: &mut [f32]) {
+    unsafe { attend_one_with(t, scratch, true) }
 }
 
 /// # Safety
-/// As [`attend_one`].
+/// As [`attend_one`]; with `registers`, the CPU has AVX-512F.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_one_with(
-    x: &[f32],
-    seq: usize,
-    head: usize,
-    n: usize,
-    hidden: usize,
-    hd: usize,
-    mask: Option<(&[f32], bool)>,
-    out: super::gemm::Out,
-    scratch: &mut [f32],
-) {
+unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
+    let HeadTask {
+        x,
+        seq,
+        head,
+        n,
+        hidden,
+        hd,
+        mask,
+        out,
+    } = t;
     let row = |i: usize, part: usize| {
         let at = (seq * n + i) * 3 * hidden + part * hidden + head * hd;
         &x[at..at + hd]
@@ -1145,11 +1141,7 @@ unsafe fn attend_one_with(
         }
     }
     for i in 0..n {
-        #[cfg(target_arch = "x86_64")]
-        let in_registers = std::arch::is_x86_feature_detected!("avx512f");
-        #[cfg(not(target_arch = "x86_64"))]
-        let in_registers = false;
-        if in_registers {
+        if registers {
             // 64 scores at a time, each chunk summed in registers.
             for c0 in (0..n).step_by(64) {
                 let len = 64.min(n - c0);
@@ -1187,11 +1179,7 @@ unsafe fn attend_one_with(
             *s = exp_fast(*s - max);
         }
         let inv = 1.0 / scores.iter().sum::<f32>();
-        #[cfg(target_arch = "x86_64")]
-        let in_registers = hd <= 64 && std::arch::is_x86_feature_detected!("avx512f");
-        #[cfg(not(target_arch = "x86_64"))]
-        let in_registers = false;
-        if in_registers {
+        if registers && hd <= 64 {
             // SAFETY: AVX-512F is present; rows of v hold hd values, acc hd.
             #[cfg(target_arch = "x86_64")]
             unsafe {
