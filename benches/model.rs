@@ -62,7 +62,10 @@ fn args() -> Args {
             "--unpacked" => a.unpacked = true,
             "--only" => a.only = it.next(),
             "--precision" => {
-                a.precision = it.next().and_then(|v| v.parse().ok()).expect("--precision exact|fast")
+                a.precision = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--precision exact|fast")
             }
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -123,7 +126,10 @@ fn bf16_products(threads: usize) {
             }
             let flop = 2.0 * (m * k * n) as f64;
             let hot = median(time(3, 30, || {
-                rayon::join(|| dense(&a, &ws[0], None, Pointwise::Identity).unwrap(), || ());
+                rayon::join(
+                    || dense(&a, &ws[0], None, Pointwise::Identity).unwrap(),
+                    || (),
+                );
             }));
             let cold = median(time(2, 10, || {
                 rayon::join(
@@ -313,19 +319,35 @@ fn main() {
                 clipdex::model::normalize(&a).unwrap(),
                 clipdex::model::normalize(&b).unwrap(),
             );
-            (a * b).unwrap().sum(1).unwrap().min(0).unwrap().to_scalar::<f32>().unwrap()
+            (a * b)
+                .unwrap()
+                .sum(1)
+                .unwrap()
+                .min(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
-        let image = cosines(clip.image_features(&p16).unwrap(), exact.image_features(&p16).unwrap());
+        let image = cosines(
+            clip.image_features(&p16).unwrap(),
+            exact.image_features(&p16).unwrap(),
+        );
         let (t_fast, t_exact) = (
-            clip.embed_texts(&[QUERY, "a diagram of a bicycle"]).unwrap(),
-            exact.embed_texts(&[QUERY, "a diagram of a bicycle"]).unwrap(),
+            clip.embed_texts(&[QUERY, "a diagram of a bicycle"])
+                .unwrap(),
+            exact
+                .embed_texts(&[QUERY, "a diagram of a bicycle"])
+                .unwrap(),
         );
         let text = t_fast
             .iter()
             .zip(&t_exact)
             .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>())
             .fold(f32::INFINITY, f32::min);
-        println!("{} against exact: smallest cosine {image:.5} (16 images), {text:.5} (2 texts)", args.precision);
+        println!(
+            "{} against exact: smallest cosine {image:.5} (16 images), {text:.5} (2 texts)",
+            args.precision
+        );
     }
     let want = |name: &str| args.only.as_deref().is_none_or(|only| only == name);
     let b1 = if want("batch1") {

@@ -17,12 +17,12 @@ pub fn up(tree: &sled::Tree) -> sled::Result<()> {
         let Some(hash) = record
             .get("hash")
             .and_then(|h| h.as_str())
-            .and_then(crate::store::parse_hash)
+            .and_then(|h| h.parse::<crate::store::ContentHash>().ok())
         else {
             continue;
         };
         let mut k = b"h:".to_vec();
-        k.extend_from_slice(&hash);
+        k.extend_from_slice(hash.as_bytes());
         k.extend_from_slice(id);
         batch.insert(k, &[]);
     }

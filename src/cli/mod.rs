@@ -158,7 +158,13 @@ pub struct EvalArgs {
     /// How the model computes: exact (f32, the reference's numbers) or fast
     /// (the encoders' dense layers in bf16, on AMX where the CPU has it).
     /// An index keeps the precision its vectors were made with.
-    #[arg(long, global = true, value_name = "exact|fast", default_value = "exact", env = "CLIPDEX_PRECISION")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "exact|fast",
+        default_value = "exact",
+        env = "CLIPDEX_PRECISION"
+    )]
     pub precision: Precision,
 
     /// Print a JSON record.
@@ -305,6 +311,17 @@ pub struct SearchArgs {
     #[command(flatten)]
     pub filters: FilterArgs,
 
+    #[command(flatten)]
+    pub query_index: QueryTarget,
+
+    /// Print JSON lines, one per result.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The index a query goes to, and how its model is found.
+#[derive(Debug, Args)]
+pub struct QueryTarget {
     /// The index folder.
     #[arg(long, default_value = DEFAULT_INDEX, env = "CLIPDEX_INDEX")]
     pub index: PathBuf,
@@ -317,10 +334,6 @@ pub struct SearchArgs {
     /// (another one is refused: its vectors would not match).
     #[arg(long, value_name = "exact|fast")]
     pub precision: Option<Precision>,
-
-    /// Print JSON lines, one per result.
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -335,18 +348,8 @@ pub struct SimilarArgs {
     #[command(flatten)]
     pub filters: FilterArgs,
 
-    /// The index folder.
-    #[arg(long, default_value = DEFAULT_INDEX, env = "CLIPDEX_INDEX")]
-    pub index: PathBuf,
-
-    /// Never use the network for the model.
-    #[arg(long)]
-    pub offline: bool,
-
-    /// The precision queries are embedded with; the index's own by default
-    /// (another one is refused: its vectors would not match).
-    #[arg(long, value_name = "exact|fast")]
-    pub precision: Option<Precision>,
+    #[command(flatten)]
+    pub query_index: QueryTarget,
 
     /// Print JSON lines, one per result.
     #[arg(long)]

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use super::{FilterArgs, SearchArgs, SimilarArgs};
+use super::{FilterArgs, QueryTarget, SearchArgs, SimilarArgs};
 use crate::indexer;
 use crate::model::Precision;
 use crate::search::{
@@ -33,8 +33,14 @@ enum Backend {
     Remote(String),
 }
 
-fn backend(index: &Path, offline: bool, precision: Option<Precision>) -> Result<Backend> {
-    let hub = HubOptions::from_env(offline, true);
+fn backend(target: &QueryTarget) -> Result<Backend> {
+    let QueryTarget {
+        index,
+        offline,
+        precision,
+    } = target;
+    let precision = *precision;
+    let hub = HubOptions::from_env(*offline, true);
     let opts = OpenOptions {
         index,
         library: None,
@@ -154,7 +160,7 @@ pub fn search(args: &SearchArgs) -> Result<()> {
         hybrid: Some(!args.no_keywords),
         terms: None,
     };
-    let results = match backend(&args.index, args.offline, args.precision)? {
+    let results = match backend(&args.query_index)? {
         Backend::Local(engine) => engine.search(&request.into_query()?)?,
         Backend::Remote(base) => remote_search(&base, &request)?,
     };
@@ -168,7 +174,7 @@ pub fn similar(args: &SimilarArgs) -> Result<()> {
         filters: Some(Filters::from(&args.filters)),
         ..Request::default()
     };
-    let results = match backend(&args.index, args.offline, args.precision)? {
+    let results = match backend(&args.query_index)? {
         Backend::Local(engine) => {
             let library = engine.index().library();
             let in_library = std::fs::canonicalize(file).ok().and_then(|p| {

@@ -1,6 +1,6 @@
 //! `clipdex train` and `clipdex eval`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -166,7 +166,7 @@ fn load_model(model: &str, offline: bool) -> Result<Clip> {
 
 fn load_images(
     clip: &Clip,
-    path: &PathBuf,
+    path: &Path,
     templates: &[String],
 ) -> Result<(Vec<data::Sample>, ImageSet, usize)> {
     let d =
@@ -184,138 +184,139 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let mut clip = load_model(&args.model, args.offline)?;
     clip.set_precision(args.precision)?;
     match &args.command {
-        EvalCommand::Retrieval { data } => {
-            let (samples, images, skipped) = load_images(&clip, data, &[])?;
-            if samples.len() < 2 {
-                bail!("{} has fewer than two usable pairs", data.display());
-            }
-            let m = eval::retrieval(&clip, &samples, &images, args.batch)?;
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"task": "retrieval", "model": clip.info().id, "skipped": skipped, "metrics": m})
-                );
-            } else {
-                println!(
-                    "retrieval on {} images, {} texts ({skipped} skipped)",
-                    m.images, m.texts
-                );
-                println!(
-                    "{:<16}{:>8}{:>8}{:>8}{:>14}",
-                    "", "R@1", "R@5", "R@10", "median rank"
-                );
-                for (name, r) in [
-                    ("image -> text", m.image_to_text),
-                    ("text -> image", m.text_to_image),
-                ] {
-                    println!(
-                        "{name:<16}{:>8.2}{:>8.2}{:>8.2}{:>14.1}",
-                        r.r1, r.r5, r.r10, r.median_rank
-                    );
-                }
-            }
-        }
+        EvalCommand::Retrieval { data } => eval_retrieval(args, &clip, data),
         EvalCommand::ZeroShot {
             data,
             templates: file,
-        } => {
-            let t = templates(file.as_deref())?;
-            let (samples, images, skipped) = load_images(&clip, data, &t)?;
-            let classes: Vec<String> = {
-                let mut c: Vec<String> = samples.iter().filter_map(|s| s.label.clone()).collect();
-                c.sort();
-                c.dedup();
-                c
-            };
-            if classes.len() < 2 {
-                bail!(
-                    "{} needs labelled images of at least two classes (class sub-folders, or JSONL with \"label\")",
-                    data.display()
-                );
-            }
-            let labels: Vec<usize> = samples
-                .iter()
-                .map(|s| {
-                    s.label
-                        .as_ref()
-                        .and_then(|l| classes.iter().position(|c| c == l))
-                        .unwrap_or(0)
-                })
-                .collect();
-            let class_emb = eval::class_embeddings(&clip, &classes, &t)?;
-            let emb = eval::embed_samples(&clip, &images, args.batch)?;
-            let m = eval::zero_shot_from_embeddings(&emb, &labels, &classes, &class_emb);
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"task": "zero-shot", "model": clip.info().id, "templates": t.len(), "skipped": skipped, "metrics": m})
-                );
-            } else {
-                println!(
-                    "zero-shot on {} images, {} classes, {} templates ({skipped} skipped): top-1 {:.2}%, top-5 {:.2}%",
-                    m.images,
-                    m.classes,
-                    t.len(),
-                    m.top1,
-                    m.top5
-                );
-                println!(
-                    "{:<24}{:>8}{:>10}  most often taken for",
-                    "class", "images", "accuracy"
-                );
-                for c in &m.per_class {
-                    let conf = c
-                        .confused_with
-                        .as_ref()
-                        .map(|(n, p)| format!("{n} ({p:.1}%)"))
-                        .unwrap_or_default();
-                    println!("{:<24}{:>8}{:>9.1}%  {conf}", c.class, c.images, c.accuracy);
-                }
-            }
-        }
-        EvalCommand::LinearProbe { train, test } => {
-            let (train_s, train_i, s1) = load_images(&clip, train, &[])?;
-            let (test_s, test_i, s2) = load_images(&clip, test, &[])?;
-            let mut classes: Vec<String> = train_s
-                .iter()
-                .chain(&test_s)
-                .filter_map(|s| s.label.clone())
-                .collect();
-            classes.sort();
-            classes.dedup();
-            if classes.len() < 2 {
-                bail!(
-                    "the linear probe needs labelled images (class sub-folders, or JSONL with \"label\")"
-                );
-            }
-            let label = |s: &data::Sample| {
-                s.label
-                    .as_ref()
-                    .and_then(|l| classes.iter().position(|c| c == l))
-                    .unwrap_or(0) as u32
-            };
-            let ty: Vec<u32> = train_s.iter().map(label).collect();
-            let vy: Vec<u32> = test_s.iter().map(label).collect();
-            let tx = eval::embed_samples(&clip, &train_i, args.batch)?;
-            let vx = eval::embed_samples(&clip, &test_i, args.batch)?;
-            let m = eval::linear_probe(&tx, &ty, &vx, &vy, classes.len())?;
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"task": "linear-probe", "model": clip.info().id, "skipped": s1 + s2, "metrics": m})
-                );
-            } else {
-                println!(
-                    "linear probe: {} train and {} test images, {} classes ({} skipped): accuracy {:.2}% (L2 {:e})",
-                    m.train_images,
-                    m.test_images,
-                    m.classes,
-                    s1 + s2,
-                    m.accuracy,
-                    m.l2
-                );
-            }
-        }
+        } => eval_zero_shot(args, &clip, data, file.as_deref()),
+        EvalCommand::LinearProbe { train, test } => eval_linear_probe(args, &clip, train, test),
     }
+}
+
+/// The sorted class names of labelled samples, and each sample's class index.
+fn classes_of<'s>(
+    samples: impl Iterator<Item = &'s data::Sample> + Clone,
+) -> (Vec<String>, Vec<u32>) {
+    let mut classes: Vec<String> = samples.clone().filter_map(|s| s.label.clone()).collect();
+    classes.sort();
+    classes.dedup();
+    let labels = samples
+        .map(|s| {
+            s.label
+                .as_ref()
+                .and_then(|l| classes.binary_search(l).ok())
+                .unwrap_or(0) as u32
+        })
+        .collect();
+    (classes, labels)
+}
+
+fn eval_retrieval(args: &EvalArgs, clip: &Clip, data: &Path) -> Result<()> {
+    let (samples, images, skipped) = load_images(clip, data, &[])?;
+    if samples.len() < 2 {
+        bail!("{} has fewer than two usable pairs", data.display());
+    }
+    let m = eval::retrieval(clip, &samples, &images, args.batch)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"task": "retrieval", "model": clip.info().id, "skipped": skipped, "metrics": m})
+        );
+        return Ok(());
+    }
+    println!(
+        "retrieval on {} images, {} texts ({skipped} skipped)",
+        m.images, m.texts
+    );
+    println!(
+        "{:<16}{:>8}{:>8}{:>8}{:>14}",
+        "", "R@1", "R@5", "R@10", "median rank"
+    );
+    for (name, r) in [
+        ("image -> text", m.image_to_text),
+        ("text -> image", m.text_to_image),
+    ] {
+        println!(
+            "{name:<16}{:>8.2}{:>8.2}{:>8.2}{:>14.1}",
+            r.r1, r.r5, r.r10, r.median_rank
+        );
+    }
+    Ok(())
+}
+
+fn eval_zero_shot(args: &EvalArgs, clip: &Clip, data: &Path, file: Option<&Path>) -> Result<()> {
+    let t = templates(file)?;
+    let (samples, images, skipped) = load_images(clip, data, &t)?;
+    let (classes, labels) = classes_of(samples.iter());
+    if classes.len() < 2 {
+        bail!(
+            "{} needs labelled images of at least two classes (class sub-folders, or JSONL with \"label\")",
+            data.display()
+        );
+    }
+    let labels: Vec<usize> = labels.into_iter().map(|l| l as usize).collect();
+    let class_emb = eval::class_embeddings(clip, &classes, &t)?;
+    let emb = eval::embed_samples(clip, &images, args.batch)?;
+    let m = eval::zero_shot_from_embeddings(&emb, &labels, &classes, &class_emb);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"task": "zero-shot", "model": clip.info().id, "templates": t.len(), "skipped": skipped, "metrics": m})
+        );
+        return Ok(());
+    }
+    println!(
+        "zero-shot on {} images, {} classes, {} templates ({skipped} skipped): top-1 {:.2}%, top-5 {:.2}%",
+        m.images,
+        m.classes,
+        t.len(),
+        m.top1,
+        m.top5
+    );
+    println!(
+        "{:<24}{:>8}{:>10}  most often taken for",
+        "class", "images", "accuracy"
+    );
+    for c in &m.per_class {
+        let conf = c
+            .confused_with
+            .as_ref()
+            .map(|(n, p)| format!("{n} ({p:.1}%)"))
+            .unwrap_or_default();
+        println!("{:<24}{:>8}{:>9.1}%  {conf}", c.class, c.images, c.accuracy);
+    }
+    Ok(())
+}
+
+fn eval_linear_probe(args: &EvalArgs, clip: &Clip, train: &Path, test: &Path) -> Result<()> {
+    let (train_s, train_i, s1) = load_images(clip, train, &[])?;
+    let (test_s, test_i, s2) = load_images(clip, test, &[])?;
+    let (classes, mut labels) = classes_of(train_s.iter().chain(&test_s));
+    if classes.len() < 2 {
+        bail!(
+            "the linear probe needs labelled images (class sub-folders, or JSONL with \"label\")"
+        );
+    }
+    let vy = labels.split_off(train_s.len());
+    let ty = labels;
+    let tx = eval::embed_samples(clip, &train_i, args.batch)?;
+    let vx = eval::embed_samples(clip, &test_i, args.batch)?;
+    let m = eval::linear_probe(&tx, &ty, &vx, &vy, classes.len())?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"task": "linear-probe", "model": clip.info().id, "skipped": s1 + s2, "metrics": m})
+        );
+        return Ok(());
+    }
+    println!(
+        "linear probe: {} train and {} test images, {} classes ({} skipped): accuracy {:.2}% (L2 {:e})",
+        m.train_images,
+        m.test_images,
+        m.classes,
+        s1 + s2,
+        m.accuracy,
+        m.l2
+    );
     Ok(())
 }

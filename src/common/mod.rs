@@ -1,18 +1,20 @@
 //! Small types and helpers that every layer may use, and that belong to
 //! none of them: an RGB view and Pillow's resampler (model preprocessing,
-//! thumbnails, training crops), a file's signature and caption source
-//! (library and store), dates (metadata, filters, the keyword index),
+//! thumbnails, training crops), a file's signature, content hash and
+//! caption source (library and store), dates (metadata, filters, the keyword index),
 //! crash-safe file writes, a seeded random source, and a model's identity
 //! (model and store). Nothing here knows about models, indexes or HTTP.
 
 pub mod file;
 pub mod fs;
+pub mod hash;
 pub mod model_id;
 pub mod pixels;
 pub mod rng;
 pub mod time;
 
 pub use file::{CaptionSource, FileSig};
+pub use hash::ContentHash;
 pub use model_id::{ModelInfo, Precision};
 pub use pixels::{Resample, RgbView, resample};
 

@@ -368,7 +368,9 @@ impl Index {
         let built = &self.meta.model;
         // The same weights at another precision: say so, and how to switch.
         let base = |f: &str| f.split('/').next().unwrap_or_default().to_string();
-        if built.precision != model.precision && base(&built.fingerprint) == base(&model.fingerprint) {
+        if built.precision != model.precision
+            && base(&built.fingerprint) == base(&model.fingerprint)
+        {
             return Err(Error::PrecisionMismatch {
                 path: self.paths.root.display().to_string(),
                 model: built.id.clone(),

@@ -34,7 +34,7 @@ use crate::library::thumb::{THUMB_SIZE, encode_thumbnail, thumb_path, write_thum
 use crate::library::{DecodeError, DecodeLimits, decode_bytes_scaled, read_and_hash, read_file};
 use crate::model::{Clip, Preprocessor, RgbView};
 use crate::store::{
-    CaptionSource, Change, FileSig, PhotoRecord, RunCounts, RunSummary, SkipRecord,
+    CaptionSource, Change, ContentHash, FileSig, PhotoRecord, RunCounts, RunSummary, SkipRecord,
 };
 
 /// How a run works.
@@ -145,13 +145,14 @@ struct Job {
 
 enum Outcome {
     /// Content the index already has: not decoded.
-    Known,
+    Known(ContentHash),
     Decoded(Decoded),
     Failed(String),
 }
 
 /// A picture ready for the model.
 struct Decoded {
+    hash: ContentHash,
     /// Full size, upright.
     width: u32,
     height: u32,
@@ -160,24 +161,34 @@ struct Decoded {
     pixels: Vec<f32>,
 }
 
+/// What reading a file found besides its picture; its [`Outcome`] travels
+/// next to it.
 struct Done {
     job: Job,
-    /// blake3 of the file's bytes, hex (as records keep it); empty when unread.
-    hash: String,
-    digest: Option<blake3::Hash>,
     meta: PhotoMeta,
     caption: (Option<String>, Option<CaptionSource>),
-    outcome: Outcome,
     bytes: u64,
     seconds: f64,
 }
 
+impl Done {
+    fn unread(job: Job, seconds: f64) -> Self {
+        Self {
+            job,
+            meta: PhotoMeta::default(),
+            caption: (None, None),
+            bytes: 0,
+            seconds,
+        }
+    }
+}
+
 /// What a worker needs.
 struct WorkerContext<'a> {
-    known: &'a HashSet<String>,
+    known: &'a HashSet<ContentHash>,
     /// Content hashes a worker has taken on this run: a second file with the
     /// same content waits for the first one's embedding instead of decoding.
-    claimed: std::sync::Mutex<HashSet<String>>,
+    claimed: std::sync::Mutex<HashSet<ContentHash>>,
     preprocessor: &'a Preprocessor,
     thumbs: PathBuf,
     limits: DecodeLimits,
@@ -188,160 +199,145 @@ struct WorkerContext<'a> {
 /// Reads, hashes and decodes one file. A panic in any of it (a parser bug
 /// met on a hostile file) is caught: the file is skipped with the reason and
 /// the run goes on.
-fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
+fn process(job: Job, ctx: &WorkerContext, force_decode: bool) -> (Done, Outcome) {
     let start = Instant::now();
     let keep = job.clone();
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         read_and_decode(job, ctx, force_decode)
     })) {
-        Ok(done) => done,
+        Ok(processed) => processed,
         Err(payload) => {
             let message = crate::common::panic_message(&*payload);
             tracing::error!(path = %keep.file.rel, %message, "internal error on a file; skipping it");
-            Done {
-                hash: String::new(),
-                digest: None,
-                meta: PhotoMeta::default(),
-                caption: (None, None),
-                outcome: Outcome::Failed(format!(
-                    "internal error while reading this file: {message}"
-                )),
-                bytes: 0,
-                seconds: start.elapsed().as_secs_f64(),
-                job: keep,
-            }
+            (
+                Done::unread(keep, start.elapsed().as_secs_f64()),
+                Outcome::Failed(format!("internal error while reading this file: {message}")),
+            )
         }
     }
 }
 
-fn read_and_decode(job: Job, ctx: &WorkerContext, force_decode: bool) -> Done {
+fn read_and_decode(job: Job, ctx: &WorkerContext, force_decode: bool) -> (Done, Outcome) {
     let start = Instant::now();
     if let Some(fail) = ctx.fail_point {
         fail(&job.file.rel);
     }
-    let mut done = Done {
-        hash: String::new(),
-        digest: None,
-        meta: PhotoMeta::default(),
-        caption: (None, None),
-        outcome: Outcome::Known,
-        bytes: 0,
-        seconds: 0.0,
-        job,
-    };
     let unreadable = |e: DecodeError| match e {
         DecodeError::Io(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             Outcome::Failed("cannot read file: permission denied".into())
         }
         e => Outcome::Failed(e.to_string()),
     };
-    let read = match read_and_hash(&done.job.file.abs, ctx.limits.max_file_bytes) {
+    let read = match read_and_hash(&job.file.abs, ctx.limits.max_file_bytes) {
         Ok(read) => read,
-        Err(e) => {
-            done.outcome = unreadable(e);
-            return done;
-        }
+        Err(e) => return (Done::unread(job, 0.0), unreadable(e)),
     };
-    done.bytes = read.size;
-    done.hash = read.hash.to_hex().to_string();
-    done.digest = Some(read.hash);
-    done.meta = read_meta(&read.bytes);
-    done.caption = caption(
-        done.job.file.sidecar.as_ref().map(|(p, _)| p.as_path()),
-        &done.meta,
-    );
-    let known = ctx.known.contains(&done.hash)
+    let meta = read_meta(&read.bytes);
+    let caption = caption(job.file.sidecar.as_ref().map(|(p, _)| p.as_path()), &meta);
+    let mut done = Done {
+        job,
+        meta,
+        caption,
+        bytes: read.size,
+        seconds: 0.0,
+    };
+    let hash = read.hash;
+    let known = ctx.known.contains(&hash)
         || !ctx
             .claimed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(done.hash.clone());
-    if known && !force_decode && read.size > 0 {
-        done.seconds = start.elapsed().as_secs_f64();
-        return done;
-    }
-    // New content: a large file streamed for its hash is read whole now.
-    let bytes = if read.whole {
-        read.bytes
+            .insert(hash);
+    let outcome = if known && !force_decode && read.size > 0 {
+        Outcome::Known(hash)
+    } else if read.whole {
+        decode(&done.job.file.rel, read.bytes, hash, ctx)
     } else {
+        // New content: a large file streamed for its hash is read whole now.
         match read_file(&done.job.file.abs, ctx.limits.max_file_bytes) {
-            Ok(bytes) if blake3::hash(&bytes) == read.hash => bytes,
+            Ok(bytes) if ContentHash::of(&bytes) == hash => {
+                decode(&done.job.file.rel, bytes, hash, ctx)
+            }
             Ok(_) => {
-                done.outcome = Outcome::Failed(
-                    "the file changed while it was read; it is retried next run".into(),
-                );
-                return done;
+                Outcome::Failed("the file changed while it was read; it is retried next run".into())
             }
-            Err(e) => {
-                done.outcome = unreadable(e);
-                return done;
-            }
-        }
-    };
-    done.outcome = match decode_bytes_scaled(&bytes, &ctx.limits, ctx.min_side) {
-        Err(e) => Outcome::Failed(e.to_string()),
-        Ok(image) => {
-            let (width, height) = image.upright_size();
-            let full = image.view();
-            // Resize once; the thumbnail comes from the resized image, not
-            // from a second pass over the original.
-            let resized = ctx.preprocessor.resize(full);
-            let small = match &resized {
-                Some((data, w, h)) => RgbView {
-                    width: *w,
-                    height: *h,
-                    data,
-                },
-                None => full,
-            };
-            let thumb_source = if small.width.max(small.height) >= THUMB_SIZE as usize {
-                small
-            } else {
-                full
-            };
-            match encode_thumbnail(thumb_source) {
-                Ok(jpeg) => {
-                    if let Err(e) = write_thumbnail(&ctx.thumbs, &done.hash, &jpeg) {
-                        tracing::warn!(path = %done.job.file.rel, error = %e, "cannot write thumbnail");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(path = %done.job.file.rel, error = %e, "cannot encode thumbnail")
-                }
-            }
-            let crop = ctx.preprocessor.crop(small);
-            let mut pixels = vec![0f32; crop.len()];
-            ctx.preprocessor.normalize_into(&crop, &mut pixels);
-            let format = image
-                .format
-                .extensions_str()
-                .first()
-                .copied()
-                .unwrap_or("image");
-            let format = if format == "jpg" { "jpeg" } else { format };
-            Outcome::Decoded(Decoded {
-                width,
-                height,
-                format: format.to_string(),
-                pixels,
-            })
+            Err(e) => unreadable(e),
         }
     };
     done.seconds = start.elapsed().as_secs_f64();
-    done
+    (done, outcome)
+}
+
+/// Decodes new content for the model, writing its thumbnail on the way.
+fn decode(rel: &str, bytes: Vec<u8>, hash: ContentHash, ctx: &WorkerContext) -> Outcome {
+    let image = match decode_bytes_scaled(&bytes, &ctx.limits, ctx.min_side) {
+        Ok(image) => image,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    let (width, height) = image.upright_size();
+    let full = image.view();
+    // Resize once; the thumbnail comes from the resized image, not
+    // from a second pass over the original.
+    let resized = ctx.preprocessor.resize(full);
+    let small = match &resized {
+        Some((data, w, h)) => RgbView {
+            width: *w,
+            height: *h,
+            data,
+        },
+        None => full,
+    };
+    let thumb_source = if small.width.max(small.height) >= THUMB_SIZE as usize {
+        small
+    } else {
+        full
+    };
+    match encode_thumbnail(thumb_source) {
+        Ok(jpeg) => {
+            if let Err(e) = write_thumbnail(&ctx.thumbs, &hash, &jpeg) {
+                tracing::warn!(path = %rel, error = %e, "cannot write thumbnail");
+            }
+        }
+        Err(e) => tracing::warn!(path = %rel, error = %e, "cannot encode thumbnail"),
+    }
+    let crop = ctx.preprocessor.crop(small);
+    let mut pixels = vec![0f32; crop.len()];
+    ctx.preprocessor.normalize_into(&crop, &mut pixels);
+    let format = image
+        .format
+        .extensions_str()
+        .first()
+        .copied()
+        .unwrap_or("image");
+    let format = if format == "jpg" { "jpeg" } else { format };
+    Outcome::Decoded(Decoded {
+        hash,
+        width,
+        height,
+        format: format.to_string(),
+        pixels,
+    })
 }
 
 fn sidecar_sig(file: &ScannedFile) -> Option<FileSig> {
     file.sidecar.as_ref().map(|(_, sig)| *sig)
 }
 
-/// The record of a processed file, with the picture's size and format.
-fn describe(done: &Done, id: u64, width: u32, height: u32, format: String) -> PhotoRecord {
+/// The record of a processed file of content `hash`, with the picture's size
+/// and format.
+fn describe(
+    done: &Done,
+    hash: ContentHash,
+    id: u64,
+    width: u32,
+    height: u32,
+    format: String,
+) -> PhotoRecord {
     PhotoRecord {
         id,
         path: done.job.file.rel.clone(),
         sig: done.job.file.sig,
-        hash: done.hash.clone(),
+        hash,
         width,
         height,
         format,
@@ -357,10 +353,11 @@ fn describe(done: &Done, id: u64, width: u32, height: u32, format: String) -> Ph
 }
 
 /// Refreshes a record's file-dependent fields from a processed file of the
-/// same content (its id, size and format stay).
+/// same content (its id, hash, size and format stay).
 fn fill(record: &mut PhotoRecord, done: &Done) {
     *record = describe(
         done,
+        record.hash,
         record.id,
         record.width,
         record.height,
@@ -381,17 +378,17 @@ struct Runner<'a> {
     /// Decoded images waiting for the model.
     to_embed: Vec<(Done, Decoded)>,
     /// Records of paths no longer in the library, by content hash: moves consume them.
-    gone: HashMap<String, Vec<PhotoRecord>>,
+    gone: HashMap<ContentHash, Vec<PhotoRecord>>,
     /// Ids removed (or about to be) during this run.
     removed_ids: HashSet<u64>,
     /// Content hashes whose records were removed, for thumbnail clean-up.
-    removed_hashes: HashSet<String>,
+    removed_hashes: HashSet<ContentHash>,
     last_commit: Instant,
     last_save: Instant,
     /// Hashes the index had when the run started.
-    known_at_start: &'a HashSet<String>,
+    known_at_start: &'a HashSet<ContentHash>,
     /// Files whose content another file of this run is bringing in.
-    deferred: Vec<Done>,
+    deferred: Vec<(Done, ContentHash)>,
     /// Set once no more embeddings are coming: deferred files decode themselves.
     finishing: bool,
 }
@@ -399,8 +396,8 @@ struct Runner<'a> {
 impl Runner<'_> {
     /// Retries files waiting for their content's first copy to be committed.
     fn retry_deferred(&mut self, ctx: &WorkerContext) -> Result<()> {
-        for done in std::mem::take(&mut self.deferred) {
-            self.handle(done, ctx)?;
+        for (done, hash) in std::mem::take(&mut self.deferred) {
+            self.handle(done, Outcome::Known(hash), ctx)?;
         }
         Ok(())
     }
@@ -423,14 +420,14 @@ impl Runner<'_> {
     }
 
     /// Takes the result of one file.
-    fn handle(&mut self, mut done: Done, ctx: &WorkerContext) -> Result<()> {
-        match std::mem::replace(&mut done.outcome, Outcome::Known) {
-            Outcome::Failed(ref reason) => {
+    fn handle(&mut self, done: Done, outcome: Outcome, ctx: &WorkerContext) -> Result<()> {
+        match outcome {
+            Outcome::Failed(reason) => {
                 self.count(&done);
                 self.progress.counts.skipped += 1;
                 tracing::warn!(path = %done.job.file.rel, reason = %reason, "skipping file");
                 let skip = SkipRecord {
-                    reason: reason.clone(),
+                    reason,
                     sig: Some(done.job.file.sig),
                 };
                 self.changes.push(Change::Skip {
@@ -446,15 +443,15 @@ impl Runner<'_> {
                 self.count(&done);
                 self.to_embed.push((done, decoded));
             }
-            Outcome::Known => self.resolve_known(done, ctx)?,
+            Outcome::Known(hash) => self.resolve_known(done, hash, ctx)?,
         }
         Ok(())
     }
 
     /// A file whose content the index had when the run started.
-    fn resolve_known(&mut self, done: Done, ctx: &WorkerContext) -> Result<()> {
+    fn resolve_known(&mut self, done: Done, hash: ContentHash, ctx: &WorkerContext) -> Result<()> {
         // Its own content: only the time, metadata or caption changed.
-        if let Some(old) = done.job.old.as_ref().filter(|old| old.hash == done.hash) {
+        if let Some(old) = done.job.old.as_ref().filter(|old| old.hash == hash) {
             let mut record = old.clone();
             fill(&mut record, &done);
             self.count(&done);
@@ -467,7 +464,7 @@ impl Runner<'_> {
             return Ok(());
         }
         // Content of a path that disappeared: a move or rename.
-        if let Some(mut record) = self.gone.get_mut(&done.hash).and_then(Vec::pop) {
+        if let Some(mut record) = self.gone.get_mut(&hash).and_then(Vec::pop) {
             let old_path = record.path.clone();
             fill(&mut record, &done);
             self.count(&done);
@@ -484,11 +481,7 @@ impl Runner<'_> {
             return Ok(());
         }
         // Content of a photo still in the library: a duplicate.
-        // Known content was read, so it has a digest.
-        let ids = match done.digest {
-            Some(digest) => self.index.store.ids_with_hash(digest.as_bytes())?,
-            None => Vec::new(),
-        };
+        let ids = self.index.store.ids_with_hash(&hash)?;
         let source = ids.into_iter().find(|id| !self.removed_ids.contains(id));
         if let Some(source) = source {
             if let (Some(src), Some(vector)) = (
@@ -513,13 +506,13 @@ impl Runner<'_> {
             }
         }
         // Content another file of this run carries, not committed yet: wait for it.
-        if !self.known_at_start.contains(&done.hash) && !self.finishing {
-            self.deferred.push(done);
+        if !self.known_at_start.contains(&hash) && !self.finishing {
+            self.deferred.push((done, hash));
             return Ok(());
         }
         // The content's records went away (or never came): decode it after all.
-        let redone = process(done.job, ctx, true);
-        self.handle(redone, ctx)
+        let (redone, outcome) = process(done.job, ctx, true);
+        self.handle(redone, outcome, ctx)
     }
 
     /// Embeds the waiting images and queues their records.
@@ -541,6 +534,7 @@ impl Runner<'_> {
         for (i, ((done, decoded), vector)) in batch.into_iter().zip(vectors).enumerate() {
             let record = describe(
                 &done,
+                decoded.hash,
                 first + i as u64,
                 decoded.width,
                 decoded.height,
@@ -620,7 +614,7 @@ struct Plan {
     changes: Vec<Change>,
     /// Records whose path is gone, by content hash: moves consume them, the
     /// rest are removed at the end.
-    gone: HashMap<String, Vec<PhotoRecord>>,
+    gone: HashMap<ContentHash, Vec<PhotoRecord>>,
     unchanged: u64,
     /// Files skipped before and unchanged since, plus the scan's problems.
     skipped: u64,
@@ -675,10 +669,7 @@ fn plan(
         .extend(gone_skips.into_iter().map(|path| Change::Unskip { path }));
     // What is left in by_path is no longer in the library (or unreadable now).
     for (_, record) in by_path {
-        plan.gone
-            .entry(record.hash.clone())
-            .or_default()
-            .push(record);
+        plan.gone.entry(record.hash).or_default().push(record);
     }
     plan
 }
@@ -719,7 +710,7 @@ pub fn run(
         .store
         .records()
         .collect::<crate::store::Result<Vec<_>>>()?;
-    let known: HashSet<String> = records.iter().map(|r| r.hash.clone()).collect();
+    let known: HashSet<ContentHash> = records.iter().map(|r| r.hash).collect();
     let plan = plan(
         records,
         index.store.skipped()?.into_iter().collect(),
@@ -790,7 +781,7 @@ impl Runner<'_> {
         let batch = self.opts.batch_size.max(1);
         std::thread::scope(|scope| -> Result<()> {
             let (job_tx, job_rx) = bounded::<Job>(workers * 4);
-            let (done_tx, done_rx) = bounded::<Done>(batch * 2);
+            let (done_tx, done_rx) = bounded::<(Done, Outcome)>(batch * 2);
             for _ in 0..workers {
                 let (job_rx, done_tx) = (job_rx.clone(), done_tx.clone());
                 scope.spawn(move || {
@@ -813,8 +804,8 @@ impl Runner<'_> {
             });
             // Owning the receiver here means an early return drops it, which
             // ends the workers instead of leaving them blocked on a full queue.
-            for done in done_rx {
-                self.handle(done, ctx)?;
+            for (done, outcome) in done_rx {
+                self.handle(done, outcome, ctx)?;
                 if self.to_embed.len() >= batch {
                     self.embed()?;
                     self.commit()?;
@@ -859,16 +850,7 @@ impl Runner<'_> {
             self.commit()?;
         }
         for hash in std::mem::take(&mut self.removed_hashes) {
-            let still_used = crate::store::parse_hash(&hash)
-                .map(|h| {
-                    self.index
-                        .store
-                        .ids_with_hash(&h)
-                        .map(|ids| !ids.is_empty())
-                })
-                .transpose()?
-                .unwrap_or(true);
-            if !still_used {
+            if self.index.store.ids_with_hash(&hash)?.is_empty() {
                 let _ = std::fs::remove_file(thumb_path(&self.index.paths.thumbs(), &hash));
             }
         }
@@ -963,7 +945,10 @@ mod tests {
                 ("bad-fixed.jpg", None)
             ]
         );
-        let mut gone: Vec<u64> = plan.gone["cc"].iter().map(|r| r.id).collect();
+        let mut gone: Vec<u64> = plan.gone[&ContentHash::of(b"cc")]
+            .iter()
+            .map(|r| r.id)
+            .collect();
         gone.sort();
         assert_eq!(gone, vec![3, 4]);
         assert_eq!(plan.gone.len(), 1);

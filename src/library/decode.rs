@@ -11,8 +11,8 @@
 use std::io::Cursor;
 use std::path::Path;
 
+use crate::common::{ContentHash, RgbView};
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
-use crate::common::RgbView;
 
 /// Why a file could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -332,7 +332,7 @@ pub const META_HEAD: u64 = 16 << 20;
 /// it keeps.
 #[derive(Debug)]
 pub struct FileRead {
-    pub hash: blake3::Hash,
+    pub hash: ContentHash,
     pub size: u64,
     /// The whole file when it is at most [`STREAM_ABOVE`] bytes; otherwise
     /// its first [`META_HEAD`] bytes only.
@@ -355,7 +355,7 @@ pub fn read_and_hash(path: &Path, limit: u64) -> Result<FileRead, DecodeError> {
     if meta.len() <= STREAM_ABOVE {
         let bytes = read_whole(file, &meta, limit)?;
         return Ok(FileRead {
-            hash: blake3::hash(&bytes),
+            hash: ContentHash::of(&bytes),
             size: bytes.len() as u64,
             whole: true,
             bytes,
@@ -372,7 +372,7 @@ pub fn read_and_hash(path: &Path, limit: u64) -> Result<FileRead, DecodeError> {
         return Err(DecodeError::FileTooLarge { size, limit });
     }
     Ok(FileRead {
-        hash: hasher.finalize(),
+        hash: hasher.finalize().into(),
         size,
         bytes: head,
         whole: false,
@@ -635,12 +635,12 @@ mod tests {
         let read = read_and_hash(&small, 1 << 30).unwrap();
         assert_eq!(
             (read.hash, read.size, read.whole, read.bytes.as_slice()),
-            (blake3::hash(b"small"), 5, true, &b"small"[..])
+            (ContentHash::of(b"small"), 5, true, &b"small"[..])
         );
         let read = read_and_hash(&large, 1 << 30).unwrap();
         assert_eq!(
             (read.hash, read.size, read.whole),
-            (blake3::hash(&content), content.len() as u64, false)
+            (ContentHash::of(&content), content.len() as u64, false)
         );
         assert_eq!(read.bytes, content[..META_HEAD as usize]);
         assert!(matches!(

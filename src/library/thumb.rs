@@ -8,16 +8,16 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 use image::codecs::jpeg::JpegEncoder;
 
-use crate::common::{Resample, RgbView, resample};
+use crate::common::{ContentHash, Resample, RgbView, resample};
 
 /// Longest side of a thumbnail.
 pub const THUMB_SIZE: u32 = 256;
 const QUALITY: u8 = 82;
 
-/// Where the thumbnail of content `hash` (hex) lives under `thumbs`.
-pub fn thumb_path(thumbs: &Path, hash: &str) -> PathBuf {
-    let shard: String = hash.chars().take(2).collect();
-    thumbs.join(shard).join(format!("{hash}.jpg"))
+/// Where the thumbnail of content `hash` lives under `thumbs`.
+pub fn thumb_path(thumbs: &Path, hash: &ContentHash) -> PathBuf {
+    let hex = hash.to_string();
+    thumbs.join(&hex[..2]).join(format!("{hex}.jpg"))
 }
 
 /// Encodes a thumbnail of an upright RGB image.
@@ -44,7 +44,7 @@ pub fn encode_thumbnail(image: RgbView) -> Result<Vec<u8>, image::ImageError> {
 }
 
 /// Writes a thumbnail atomically (temporary file, rename); an existing one is kept.
-pub fn write_thumbnail(thumbs: &Path, hash: &str, jpeg: &[u8]) -> std::io::Result<PathBuf> {
+pub fn write_thumbnail(thumbs: &Path, hash: &ContentHash, jpeg: &[u8]) -> std::io::Result<PathBuf> {
     let path = thumb_path(thumbs, hash);
     if path.exists() {
         return Ok(path);

@@ -94,7 +94,9 @@ impl Clip {
             return Ok(());
         }
         if precision == Precision::Exact {
-            return Err(Error::Input("a fast model cannot go back to exact: load it again".into()));
+            return Err(Error::Input(
+                "a fast model cannot go back to exact: load it again".into(),
+            ));
         }
         self.model.to_bf16()?;
         self.info.precision = precision;

@@ -388,7 +388,7 @@ impl Photo {
                 }
                 .to_string()
             }),
-            hash: r.hash.clone(),
+            hash: r.hash.to_string(),
             thumbnail: format!("/api/photos/{}/thumbnail", r.id),
             original: format!("/api/photos/{}/original", r.id),
         }
@@ -587,7 +587,7 @@ impl Engine {
             .read_to_end(&mut bytes)
             .map_err(|_| gone())?;
         if !(as_indexed && real.starts_with(&root))
-            && blake3::hash(&bytes).to_hex().as_str() != record.hash
+            && crate::store::ContentHash::of(&bytes) != record.hash
         {
             tracing::warn!(id, "refusing to serve a file that is not the one indexed");
             return Err(Error::Changed(format!(
@@ -651,9 +651,7 @@ impl Engine {
             (header.cost_bytes >= RELEASE_AFTER).then(crate::library::memory::ReleaseWindow::open);
         let result = decode_bytes_scaled(bytes, &self.limits, Some(min_side))
             .map_err(unusable)
-            .and_then(|image| {
-                Ok(self.clip.embed_images(&[image.view()])?.remove(0))
-            });
+            .and_then(|image| Ok(self.clip.embed_images(&[image.view()])?.remove(0)));
         drop(release);
         drop(permit);
         result

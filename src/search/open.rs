@@ -125,9 +125,10 @@ pub fn open(opts: &OpenOptions, on_step: &mut dyn FnMut(Step)) -> Result<Engine,
             let built = &index.meta().model;
             (built.id.clone(), opts.precision.unwrap_or(built.precision))
         }
-        (None, false) if opts.library.is_some() => {
-            (DEFAULT_MODEL.to_string(), opts.precision.unwrap_or_default())
-        }
+        (None, false) if opts.library.is_some() => (
+            DEFAULT_MODEL.to_string(),
+            opts.precision.unwrap_or_default(),
+        ),
         (None, false) => return Err(OpenError::NoIndex),
     };
     on_step(Step::LoadingModel(model_id.clone()));

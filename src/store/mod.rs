@@ -29,7 +29,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::common::{CaptionSource, FileSig, ModelInfo};
+pub use crate::common::{CaptionSource, ContentHash, FileSig, ModelInfo};
 
 /// The on-disk format this build writes. See `migrations/`.
 pub const FORMAT_VERSION: u32 = migrate::LATEST;
@@ -60,8 +60,8 @@ pub struct PhotoRecord {
     /// Path relative to the library root, `/`-separated.
     pub path: String,
     pub sig: FileSig,
-    /// blake3 of the file's bytes, hex.
-    pub hash: String,
+    /// blake3 of the file's bytes.
+    pub hash: ContentHash,
     /// Upright size (after EXIF orientation), full resolution.
     pub width: u32,
     pub height: u32,
@@ -93,13 +93,6 @@ fn default_orientation() -> u8 {
 }
 
 impl PhotoRecord {
-    pub fn hash_bytes(&self) -> Result<[u8; 32]> {
-        parse_hash(&self.hash).ok_or_else(|| Error::Corrupt {
-            key: format!("p:{}", self.id),
-            message: format!("bad content hash {:?}", self.hash),
-        })
-    }
-
     /// The camera as one string ("Canon EOS 5D"), without repeating the make.
     pub fn camera(&self) -> Option<String> {
         match (&self.camera_make, &self.camera_model) {
@@ -111,17 +104,6 @@ impl PhotoRecord {
             (None, None) => None,
         }
     }
-}
-
-pub fn parse_hash(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// A file that could not be indexed, and why.
@@ -237,11 +219,11 @@ fn str_key(prefix: u8, s: &str) -> Vec<u8> {
     k
 }
 
-fn hash_key(hash: &[u8; 32], id: u64) -> [u8; 42] {
+fn hash_key(hash: &ContentHash, id: u64) -> [u8; 42] {
     let mut k = [0u8; 42];
     k[0] = b'h';
     k[1] = b':';
-    k[2..34].copy_from_slice(hash);
+    k[2..34].copy_from_slice(hash.as_bytes());
     k[34..].copy_from_slice(&id.to_be_bytes());
     k
 }
@@ -381,9 +363,9 @@ impl Store {
             .and_then(|v| id_from_key(&v)))
     }
 
-    pub fn ids_with_hash(&self, hash: &[u8; 32]) -> Result<Vec<u64>> {
+    pub fn ids_with_hash(&self, hash: &ContentHash) -> Result<Vec<u64>> {
         let mut prefix = b"h:".to_vec();
-        prefix.extend_from_slice(hash);
+        prefix.extend_from_slice(hash.as_bytes());
         self.tree
             .scan_prefix(prefix)
             .keys()
@@ -472,7 +454,7 @@ impl Store {
                         serde_json::to_vec(record).expect("record serialises"),
                     );
                     batch.insert(str_key(b'f', &record.path), &id_key(b'p', record.id));
-                    batch.insert(hash_key(&record.hash_bytes()?, record.id).to_vec(), &[]);
+                    batch.insert(hash_key(&record.hash, record.id).to_vec(), &[]);
                     batch.remove(str_key(b's', &record.path));
                     if let Some(v) = vector {
                         batch.insert(&id_key(b'v', record.id), vector_to_bytes(v));
@@ -481,7 +463,7 @@ impl Store {
                 Change::Remove { record } => {
                     batch.remove(&id_key(b'p', record.id));
                     batch.remove(&id_key(b'v', record.id));
-                    batch.remove(hash_key(&record.hash_bytes()?, record.id).to_vec());
+                    batch.remove(hash_key(&record.hash, record.id).to_vec());
                     // The path may already belong to a newer record (a replaced file).
                     if !put_paths.contains(record.path.as_str())
                         && self.id_for_path(&record.path)? == Some(record.id)
@@ -519,14 +501,15 @@ impl Store {
     }
 }
 
-/// A record with every optional field empty, for tests of the layers above.
+/// A record with every optional field empty, for tests of the layers above;
+/// its content hash is that of `content`.
 #[cfg(test)]
-pub(crate) fn sample_record(id: u64, path: &str, hash: &str) -> PhotoRecord {
+pub(crate) fn sample_record(id: u64, path: &str, content: &str) -> PhotoRecord {
     PhotoRecord {
         id,
         path: path.into(),
         sig: FileSig::default(),
-        hash: hash.into(),
+        hash: ContentHash::of(content.as_bytes()),
         width: 10,
         height: 10,
         format: "png".into(),
@@ -569,7 +552,7 @@ mod tests {
                 size: 1,
                 mtime_ns: 2,
             },
-            ..sample_record(id, path, &format!("{:02x}", hash).repeat(32))
+            ..sample_record(id, path, &hash.to_string())
         }
     }
 
@@ -605,10 +588,7 @@ mod tests {
             .unwrap();
         assert_eq!(store.get(a.id).unwrap(), Some(a.clone()));
         assert_eq!(store.id_for_path("dir/b.png").unwrap(), Some(b.id));
-        assert_eq!(
-            store.ids_with_hash(&a.hash_bytes().unwrap()).unwrap(),
-            vec![a.id, b.id]
-        );
+        assert_eq!(store.ids_with_hash(&a.hash).unwrap(), vec![a.id, b.id]);
         assert_eq!(store.vector(b.id).unwrap(), Some(vec![0.0, 1.0]));
         assert_eq!(store.skipped().unwrap().len(), 1);
 
@@ -633,10 +613,7 @@ mod tests {
             vec![b.id]
         );
         assert_eq!(store.vector(a.id).unwrap(), None);
-        assert_eq!(
-            store.ids_with_hash(&a.hash_bytes().unwrap()).unwrap(),
-            vec![b.id]
-        );
+        assert_eq!(store.ids_with_hash(&a.hash).unwrap(), vec![b.id]);
     }
 
     #[test]

@@ -732,245 +732,396 @@ pub fn train(
     let started = Instant::now();
     std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
     let base = load_base(&opts.start, opts.seed, &opts.hub)?;
-    let config = base.config.clone();
-    let tokenizer = tokenizer_from(&base.tokenizer_files, &opts.out, &config)?;
-    let objective = objective(&config, opts.loss);
-
-    let Prepared {
-        train_samples,
-        val_samples,
-        train_images,
-        val_images,
-        train_tokens,
-        val_tokens,
-        problems,
-    } = prepare_data(opts, &base.preprocessor, &tokenizer)?;
-
-    // Model.
-    let trained = build_model(&config, base.tensors, opts.freeze, objective)?;
-    let (model, trainable, frozen_copy) = (trained.model, trained.trainable, trained.frozen);
-    let find = |name: &str| {
-        trainable
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
-    let log_scale = find("logit_scale")
-        .ok_or_else(|| Error::Data("the temperature must be trainable".into()))?;
-    let bias = find("logit_bias");
-    if objective == Objective::Sigmoid && bias.is_none() {
-        return Err(Error::Data(
-            "the sigmoid loss's bias must be trainable".into(),
-        ));
+    let tokenizer = tokenizer_from(&base.tokenizer_files, &opts.out, &base.config)?;
+    let data = prepare_data(opts, &base.preprocessor, &tokenizer)?;
+    let mut session = Session::new(opts, base, tokenizer, data.train_samples.len())?;
+    let resumed_at = session.progress.step;
+    session.run_steps(&data, callback, stop)?;
+    if session.schedule.total_steps == resumed_at {
+        session.export()?;
     }
-    let mut optimizer = AdamW::new(
-        trainable.clone(),
-        AdamWConfig {
-            weight_decay: opts.weight_decay,
-            ..Default::default()
-        },
-    )?;
-    let total_params =
-        optimizer.num_params() + frozen_copy.values().map(|t| t.elem_count()).sum::<usize>();
-
-    // Resume.
-    let steps_per_epoch = (train_samples.len() / opts.batch) as u64;
-    let total_steps = steps_per_epoch * opts.epochs as u64;
-    let warmup = opts.warmup.unwrap_or(total_steps / 20);
-    let run = run_key(opts, &config, objective);
-    let ckpt = opts.out.join("checkpoint");
-    // What a checkpoint holds: the weights and the model's own state.
-    let saved: Vec<(String, Var)> = trainable.iter().cloned().chain(model.buffers()).collect();
-    let (step, mut history) = resume(opts, &ckpt, &run, &saved, &mut optimizer)?;
-
-    let save_checkpoint = |step: u64, history: &[Validation], optimizer: &AdamW| -> Result<()> {
-        let state = CheckpointState {
-            run: run.clone(),
-            step,
-            history: history.to_vec(),
-        };
-        save_checkpoint(&opts.out, &saved, optimizer, &state)
-    };
-    let export = |history: &[Validation]| {
-        export(
-            &opts.out,
-            &config,
-            &base.preprocessor,
-            &frozen_copy,
-            &saved,
-            history,
-        )
-    };
-
-    // Batches are built on another thread, one step ahead.
-    let image_size = base.preprocessor.image_size();
-    let (tx, rx) = crossbeam_channel::bounded::<(u64, Vec<f32>, Vec<usize>)>(2);
-    let n_train = train_samples.len();
-    let (batch, seed) = (opts.batch, opts.seed);
-    let mut last_checkpoint = Instant::now();
-    let mut last = TrainProgress {
-        epoch: (step / steps_per_epoch.max(1)) as usize,
-        epochs: opts.epochs,
-        step,
-        total_steps,
-        loss: f32::NAN,
-        lr: 0.0,
-        temperature: scalar(&log_scale.as_tensor().exp()?)?,
-        samples_per_second: 0.0,
-        elapsed_seconds: 0.0,
-        overhead_seconds: 0.0,
-        validation: history.last().cloned(),
-    };
-    let loop_start = Instant::now();
-    let first_step = step;
-    // One line per step: the loss curve, and what a resumed run is checked against.
-    let steps_log = opts.out.join("steps.jsonl");
-    trim_steps_log(&steps_log, first_step)?;
-    let mut steps_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&steps_log)
-        .map_err(io(&steps_log))?;
-    let result = std::thread::scope(|scope| -> Result<()> {
-        let images = &train_images;
-        scope.spawn(move || {
-            for s in first_step..total_steps {
-                let epoch = (s / steps_per_epoch) as usize;
-                let order = data::epoch_order(n_train, seed, epoch);
-                let at = ((s % steps_per_epoch) as usize) * batch;
-                let idx: Vec<usize> = order[at..at + batch].to_vec();
-                let plane = 3 * image_size * image_size;
-                let mut pixels = vec![0f32; batch * plane];
-                use rayon::prelude::*;
-                pixels
-                    .par_chunks_mut(plane)
-                    .zip(idx.par_iter())
-                    .for_each(|(out, &i)| {
-                        let mut rng = data::sample_rng(seed, epoch, i);
-                        images.augmented(i, &mut rng, out);
-                    });
-                if tx.send((s, pixels, idx)).is_err() {
-                    break;
-                }
-            }
-        });
-        for (s, pixels, idx) in rx.iter() {
-            let pixels =
-                Tensor::from_vec(pixels, (batch, 3, image_size, image_size), &Device::Cpu)?;
-            let toks: Vec<Vec<u32>> = idx.iter().map(|&i| train_tokens[i].clone()).collect();
-            let (ids, pool) = text_batch(&toks, &tokenizer)?;
-            let image_features = model.get_image_features(&pixels)?;
-            let text_features = model.get_text_features(&ids, &pool)?;
-            let (loss, _) = objective.loss(
-                &image_features,
-                &text_features,
-                log_scale.as_tensor(),
-                bias.as_ref().map(Var::as_tensor),
-            )?;
-            let grads = loss.backward()?;
-            if s == first_step {
-                let missing = optimizer.missing_gradients(&grads);
-                if !missing.is_empty() {
-                    return Err(Error::Data(format!(
-                        "no gradient reaches {}",
-                        missing.join(", ")
-                    )));
-                }
-            }
-            let lr = learning_rate(s, opts.lr, warmup, total_steps);
-            optimizer.step(&grads, lr)?;
-            // CLIP clips the temperature so that exp(t) stays at most 100;
-            // SigLIP leaves it free.
-            let t = match objective {
-                Objective::Softmax => {
-                    let t = log_scale.as_tensor().clamp(0f32, 100f32.ln())?;
-                    log_scale.set(&t)?;
-                    t
-                }
-                Objective::Sigmoid => log_scale.as_tensor().clone(),
-            };
-            let done = s + 1;
-            {
-                use std::io::Write;
-                // One write per line: a kill leaves whole lines or a torn
-                // last one, never a line split across two runs.
-                let mut line =
-                    serde_json::json!({"step": done, "loss": loss.to_scalar::<f32>()?, "lr": lr})
-                        .to_string();
-                line.push('\n');
-                steps_file
-                    .write_all(line.as_bytes())
-                    .map_err(io(&steps_log))?;
-            }
-            last.step = done;
-            last.epoch = (s / steps_per_epoch) as usize;
-            last.loss = loss.to_scalar::<f32>()?;
-            last.lr = lr;
-            last.temperature = scalar(&t.exp()?)?;
-            last.elapsed_seconds = loop_start.elapsed().as_secs_f64();
-            last.samples_per_second = ((done - first_step) * batch as u64) as f64
-                / (last.elapsed_seconds - last.overhead_seconds).max(1e-9);
-            let overhead_start = Instant::now();
-            let epoch_end = done % steps_per_epoch == 0;
-            if epoch_end {
-                let scoring = Scoring {
-                    objective,
-                    log_scale: log_scale.as_tensor(),
-                    bias: bias.as_ref().map(Var::as_tensor),
-                };
-                // Batch normalisation on its running statistics, as the exported model runs.
-                model.set_training(false);
-                let v = validate(
-                    &model,
-                    &scoring,
-                    &val_images,
-                    &val_tokens,
-                    batch,
-                    &tokenizer,
-                    last.epoch + 1,
-                );
-                model.set_training(true);
-                let v = v?;
-                if let Some(v) = v {
-                    history.push(v.clone());
-                    last.validation = Some(v);
-                }
-                export(&history)?;
-            }
-            callback(&last);
-            if epoch_end
-                || last_checkpoint.elapsed() >= opts.checkpoint_every
-                || done == total_steps
-                || stop.load(Ordering::Relaxed)
-            {
-                save_checkpoint(done, &history, &optimizer)?;
-                last_checkpoint = Instant::now();
-            }
-            last.overhead_seconds += overhead_start.elapsed().as_secs_f64();
-            if stop.load(Ordering::Relaxed) {
-                return Err(Error::Stopped);
-            }
-        }
-        Ok(())
-    });
-    result?;
-    if total_steps == first_step {
-        export(&history)?;
-    }
-    let trainable_parameters = optimizer.num_params();
     Ok(TrainSummary {
         out: opts.out.clone(),
-        train_samples: n_train,
-        val_samples: val_samples.len(),
-        skipped: problems,
-        steps: total_steps,
-        parameters: total_params,
-        trainable_parameters,
-        samples_per_second: last.samples_per_second,
+        train_samples: data.train_samples.len(),
+        val_samples: data.val_samples.len(),
+        skipped: data.problems,
+        steps: session.schedule.total_steps,
+        parameters: session.optimizer.num_params()
+            + session
+                .frozen
+                .values()
+                .map(|t| t.elem_count())
+                .sum::<usize>(),
+        trainable_parameters: session.optimizer.num_params(),
+        samples_per_second: session.progress.samples_per_second,
         seconds: started.elapsed().as_secs_f64(),
-        overhead_seconds: last.overhead_seconds,
-        history,
+        overhead_seconds: session.progress.overhead_seconds,
+        history: session.history,
     })
+}
+
+/// How many steps a run takes, and its learning-rate warm-up.
+struct Schedule {
+    steps_per_epoch: u64,
+    total_steps: u64,
+    warmup: u64,
+}
+
+impl Schedule {
+    fn new(opts: &TrainOptions, train_samples: usize) -> Self {
+        let steps_per_epoch = (train_samples / opts.batch) as u64;
+        let total_steps = steps_per_epoch * opts.epochs as u64;
+        Self {
+            steps_per_epoch,
+            total_steps,
+            warmup: opts.warmup.unwrap_or(total_steps / 20),
+        }
+    }
+
+    /// The epoch (from 0) that step `s` (from 0) belongs to.
+    fn epoch(&self, s: u64) -> usize {
+        (s / self.steps_per_epoch.max(1)) as usize
+    }
+}
+
+/// A run between two steps: the model, its optimiser, and what it reports.
+struct Session<'a> {
+    opts: &'a TrainOptions,
+    config: ClipConfig,
+    preprocessor: Preprocessor,
+    tokenizer: TextTokenizer,
+    objective: Objective,
+    model: ClipModel,
+    /// The temperature, log-parameterised, and the sigmoid loss's bias.
+    log_scale: Var,
+    bias: Option<Var>,
+    optimizer: AdamW,
+    /// What a checkpoint holds: the weights that learn and the model's own state.
+    saved: Vec<(String, Var)>,
+    frozen: HashMap<String, Tensor>,
+    run: RunKey,
+    schedule: Schedule,
+    history: Vec<Validation>,
+    /// What the callback last received; `step` is the steps completed.
+    progress: TrainProgress,
+}
+
+impl<'a> Session<'a> {
+    /// Builds the model from the base, and restores the run's checkpoint if
+    /// there is one.
+    fn new(
+        opts: &'a TrainOptions,
+        base: Base,
+        tokenizer: TextTokenizer,
+        train_samples: usize,
+    ) -> Result<Self> {
+        let Base {
+            config,
+            tensors,
+            preprocessor,
+            ..
+        } = base;
+        let objective = objective(&config, opts.loss);
+        let trained = build_model(&config, tensors, opts.freeze, objective)?;
+        let find = |name: &str| {
+            trained
+                .trainable
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let log_scale = find("logit_scale")
+            .ok_or_else(|| Error::Data("the temperature must be trainable".into()))?;
+        let bias = find("logit_bias");
+        if objective == Objective::Sigmoid && bias.is_none() {
+            return Err(Error::Data(
+                "the sigmoid loss's bias must be trainable".into(),
+            ));
+        }
+        let mut optimizer = AdamW::new(
+            trained.trainable.clone(),
+            AdamWConfig {
+                weight_decay: opts.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        let saved: Vec<(String, Var)> = trained
+            .trainable
+            .into_iter()
+            .chain(trained.model.buffers())
+            .collect();
+        let schedule = Schedule::new(opts, train_samples);
+        let run = run_key(opts, &config, objective);
+        let (step, history) = resume(
+            opts,
+            &opts.out.join("checkpoint"),
+            &run,
+            &saved,
+            &mut optimizer,
+        )?;
+        let progress = TrainProgress {
+            epoch: schedule.epoch(step),
+            epochs: opts.epochs,
+            step,
+            total_steps: schedule.total_steps,
+            loss: f32::NAN,
+            lr: 0.0,
+            temperature: scalar(&log_scale.as_tensor().exp()?)?,
+            samples_per_second: 0.0,
+            elapsed_seconds: 0.0,
+            overhead_seconds: 0.0,
+            validation: history.last().cloned(),
+        };
+        Ok(Self {
+            opts,
+            config,
+            preprocessor,
+            tokenizer,
+            objective,
+            model: trained.model,
+            log_scale,
+            bias,
+            optimizer,
+            saved,
+            frozen: trained.frozen,
+            run,
+            schedule,
+            history,
+            progress,
+        })
+    }
+
+    /// The steps left: batches are built on another thread, one step ahead;
+    /// each epoch ends with validation and an export; checkpoints are saved
+    /// at epoch ends, every `checkpoint_every`, at the end and on `stop`.
+    fn run_steps(
+        &mut self,
+        data: &Prepared,
+        callback: &mut dyn FnMut(&TrainProgress),
+        stop: &AtomicBool,
+    ) -> Result<()> {
+        let first_step = self.progress.step;
+        let mut log = StepLog::open(&self.opts.out.join("steps.jsonl"), first_step)?;
+        let loop_start = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        std::thread::scope(|scope| -> Result<()> {
+            let (tx, rx) = crossbeam_channel::bounded::<Batch>(2);
+            let producer = BatchProducer {
+                images: &data.train_images,
+                image_size: self.preprocessor.image_size(),
+                batch: self.opts.batch,
+                seed: self.opts.seed,
+                steps_per_epoch: self.schedule.steps_per_epoch,
+            };
+            let total = self.schedule.total_steps;
+            scope.spawn(move || producer.send(first_step..total, &tx));
+            for batch in rx.iter() {
+                let s = batch.step;
+                let (loss, lr) = self.train_step(batch, &data.train_tokens, s == first_step)?;
+                let done = s + 1;
+                log.append(done, loss, lr)?;
+                let p = &mut self.progress;
+                p.step = done;
+                p.epoch = self.schedule.epoch(s);
+                p.loss = loss;
+                p.lr = lr;
+                p.temperature = scalar(&self.log_scale.as_tensor().exp()?)?;
+                p.elapsed_seconds = loop_start.elapsed().as_secs_f64();
+                p.samples_per_second = ((done - first_step) * self.opts.batch as u64) as f64
+                    / (p.elapsed_seconds - p.overhead_seconds).max(1e-9);
+                let overhead_start = Instant::now();
+                let epoch_end = done % self.schedule.steps_per_epoch == 0;
+                if epoch_end {
+                    self.end_epoch(&data.val_images, &data.val_tokens)?;
+                }
+                callback(&self.progress);
+                if epoch_end
+                    || last_checkpoint.elapsed() >= self.opts.checkpoint_every
+                    || done == total
+                    || stop.load(Ordering::Relaxed)
+                {
+                    self.checkpoint()?;
+                    last_checkpoint = Instant::now();
+                }
+                self.progress.overhead_seconds += overhead_start.elapsed().as_secs_f64();
+                if stop.load(Ordering::Relaxed) {
+                    return Err(Error::Stopped);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// One optimisation step (step `batch.step`, from 0): the loss, its
+    /// gradients, the update, and CLIP's temperature clip. Returns the loss
+    /// before the update and the learning rate used.
+    fn train_step(&mut self, batch: Batch, tokens: &[Vec<u32>], first: bool) -> Result<(f32, f64)> {
+        let s = self.preprocessor.image_size();
+        let pixels = Tensor::from_vec(batch.pixels, (batch.samples.len(), 3, s, s), &Device::Cpu)?;
+        let toks: Vec<Vec<u32>> = batch.samples.iter().map(|&i| tokens[i].clone()).collect();
+        let (ids, pool) = text_batch(&toks, &self.tokenizer)?;
+        let image_features = self.model.get_image_features(&pixels)?;
+        let text_features = self.model.get_text_features(&ids, &pool)?;
+        let (loss, _) = self.objective.loss(
+            &image_features,
+            &text_features,
+            self.log_scale.as_tensor(),
+            self.bias.as_ref().map(Var::as_tensor),
+        )?;
+        let grads = loss.backward()?;
+        if first {
+            let missing = self.optimizer.missing_gradients(&grads);
+            if !missing.is_empty() {
+                return Err(Error::Data(format!(
+                    "no gradient reaches {}",
+                    missing.join(", ")
+                )));
+            }
+        }
+        let lr = learning_rate(
+            batch.step,
+            self.opts.lr,
+            self.schedule.warmup,
+            self.schedule.total_steps,
+        );
+        self.optimizer.step(&grads, lr)?;
+        // CLIP clips the temperature so that exp(t) stays at most 100;
+        // SigLIP leaves it free.
+        if self.objective == Objective::Softmax {
+            let t = self.log_scale.as_tensor().clamp(0f32, 100f32.ln())?;
+            self.log_scale.set(&t)?;
+        }
+        Ok((loss.to_scalar::<f32>()?, lr))
+    }
+
+    /// Validates on the held-out pairs and exports the model as it is now.
+    fn end_epoch(&mut self, images: &ImageSet, tokens: &[Vec<u32>]) -> Result<()> {
+        let scoring = Scoring {
+            objective: self.objective,
+            log_scale: self.log_scale.as_tensor(),
+            bias: self.bias.as_ref().map(Var::as_tensor),
+        };
+        // Batch normalisation on its running statistics, as the exported model runs.
+        self.model.set_training(false);
+        let validation = validate(
+            &self.model,
+            &scoring,
+            images,
+            tokens,
+            self.opts.batch,
+            &self.tokenizer,
+            self.progress.epoch + 1,
+        );
+        self.model.set_training(true);
+        if let Some(v) = validation? {
+            self.history.push(v.clone());
+            self.progress.validation = Some(v);
+        }
+        self.export()
+    }
+
+    fn checkpoint(&self) -> Result<()> {
+        let state = CheckpointState {
+            run: self.run.clone(),
+            step: self.progress.step,
+            history: self.history.clone(),
+        };
+        save_checkpoint(&self.opts.out, &self.saved, &self.optimizer, &state)
+    }
+
+    fn export(&self) -> Result<()> {
+        export(
+            &self.opts.out,
+            &self.config,
+            &self.preprocessor,
+            &self.frozen,
+            &self.saved,
+            &self.history,
+        )
+    }
+}
+
+/// One step's training pictures (augmented, channels first) and the
+/// indexes of its samples.
+struct Batch {
+    step: u64,
+    pixels: Vec<f32>,
+    samples: Vec<usize>,
+}
+
+/// Builds the batches of a run: the order of each epoch and every
+/// augmentation follow from the seed, the epoch and the sample alone.
+struct BatchProducer<'a> {
+    images: &'a ImageSet,
+    image_size: usize,
+    batch: usize,
+    seed: u64,
+    steps_per_epoch: u64,
+}
+
+impl BatchProducer<'_> {
+    /// Sends the batches of `steps` until the receiver hangs up.
+    fn send(&self, steps: std::ops::Range<u64>, tx: &crossbeam_channel::Sender<Batch>) {
+        use rayon::prelude::*;
+        let plane = 3 * self.image_size * self.image_size;
+        for step in steps {
+            let epoch = (step / self.steps_per_epoch) as usize;
+            let order = data::epoch_order(self.images.len(), self.seed, epoch);
+            let at = ((step % self.steps_per_epoch) as usize) * self.batch;
+            let samples = order[at..at + self.batch].to_vec();
+            let mut pixels = vec![0f32; self.batch * plane];
+            pixels
+                .par_chunks_mut(plane)
+                .zip(samples.par_iter())
+                .for_each(|(out, &i)| {
+                    let mut rng = data::sample_rng(self.seed, epoch, i);
+                    self.images.augmented(i, &mut rng, out);
+                });
+            if tx
+                .send(Batch {
+                    step,
+                    pixels,
+                    samples,
+                })
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+}
+
+/// `steps.jsonl`, one line per step: the loss curve, and what a resumed run
+/// is checked against.
+struct StepLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl StepLog {
+    /// Opens the log for appending after step `from`, dropping what a killed
+    /// run wrote past it.
+    fn open(path: &Path, from: u64) -> Result<Self> {
+        trim_steps_log(path, from)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io(path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    fn append(&mut self, step: u64, loss: f32, lr: f64) -> Result<()> {
+        use std::io::Write;
+        // One write per line: a kill leaves whole lines or a torn last one,
+        // never a line split across two runs.
+        let mut line = serde_json::json!({"step": step, "loss": loss, "lr": lr}).to_string();
+        line.push('\n');
+        self.file.write_all(line.as_bytes()).map_err(io(&self.path))
+    }
 }
 
 /// What turns features into a loss: the objective, its temperature and bias.

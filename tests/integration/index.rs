@@ -502,7 +502,7 @@ fn assert_index_is_library(index: &Path, root: &Path) {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(
             r.hash,
-            blake3::hash(&bytes).to_hex().as_str(),
+            clipdex::store::ContentHash::of(&bytes),
             "{}: content",
             r.path
         );

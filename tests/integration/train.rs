@@ -424,6 +424,17 @@ fn loss_trend(out: &Path) -> (f32, f32) {
     (mean(&losses[..4]), mean(&losses[losses.len() - 4..]))
 }
 
+/// The last whole step line of a run's `steps.jsonl` (0 before any).
+fn last_logged_step(out: &Path) -> u64 {
+    std::fs::read_to_string(out.join("steps.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["step"].as_u64())
+        .last()
+        .unwrap_or(0)
+}
+
 #[test]
 fn a_killed_run_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -441,17 +452,28 @@ fn a_killed_run_resumes_exactly() {
     let summary = run_train(&train_cmd(&data, &whole, &common));
     let steps = summary["steps"].as_u64().unwrap();
     assert!(steps >= 40, "{summary}");
-    // Killed mid-way (more than once), then resumed.
+    // Killed mid-way (twice, at a third and at two thirds of the steps), then resumed.
     let resumed = dir.path().join("resumed");
     let args = train_cmd(&data, &resumed, &common);
-    for delay in [900, 700] {
+    for target in [steps / 3, 2 * steps / 3] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_clipdex"))
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(delay));
+        // Killed as soon as its log reaches the target step: the moment
+        // depends on the run's progress, not on how fast this machine is.
+        loop {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before step {target}"
+            );
+            if last_logged_step(&resumed) >= target {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         child.kill().unwrap();
         child.wait().unwrap();
     }
@@ -460,7 +482,7 @@ fn a_killed_run_resumes_exactly() {
             .unwrap();
     let at = state["step"].as_u64().unwrap();
     assert!(
-        at > 0 && at < steps,
+        at >= 2 * steps / 3 - 1 && at < steps,
         "the kills should land mid-run (checkpoint at step {at} of {steps})"
     );
     run_train(&args);
