@@ -247,7 +247,7 @@ impl Query {
         Self {
             terms,
             filters: Filters::default(),
-            k: 24,
+            k: DEFAULT_K,
             offset: 0,
             min_score: None,
             hybrid: true,
