@@ -231,6 +231,25 @@ pub fn assert_no_token_mismatches(label: &str, wrong: &[(usize, String)], total:
 }
 
 /// Runs the clipdex binary.
+/// Opens an index in this process. A lock that this process itself still
+/// holds is waited for (up to a minute): a child that another test is
+/// starting holds copies of this process's descriptors, the lock of an index
+/// dropped a moment ago among them, from its fork until its exec, and on a
+/// loaded machine that can outlast the drop.
+pub fn open_index(index: &Path) -> clipdex::indexer::Index {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match clipdex::indexer::Index::open(index) {
+            Err(clipdex::indexer::Error::InUse { holder, .. })
+                if holder.pid == std::process::id() && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            opened => return opened.unwrap(),
+        }
+    }
+}
+
 pub fn clipdex(args: &[&str]) -> Output {
     clipdex_with_env(args, &[])
 }

@@ -679,7 +679,7 @@ fn slow_clients_are_cut_off_and_connections_are_capped() {
 fn serve_waits_for_an_index_another_process_holds() {
     let served = indexed_library();
     // Hold the index the way `clipdex index` does: open it in this process.
-    let held = clipdex::indexer::Index::open(&served.index).unwrap();
+    let held = crate::common::open_index(&served.index);
     let server = crate::web::start(&served.index, &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let waiting = loop {

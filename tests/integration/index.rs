@@ -190,7 +190,7 @@ fn status(lib: &Library) -> serde_json::Value {
 }
 
 fn records(lib: &Library) -> Vec<PhotoRecord> {
-    let index = Index::open(&lib.index).unwrap();
+    let index = crate::common::open_index(&lib.index);
     index
         .store()
         .records()
@@ -304,7 +304,7 @@ fn index_skips_bad_files_with_reasons_and_keeps_metadata() {
         (2560, 1600, "jpeg")
     );
     // Thumbnails exist for every photo and fit 256 px.
-    let index = Index::open(&lib.index).unwrap();
+    let index = crate::common::open_index(&lib.index);
     for r in &recs {
         let thumb = image::open(index.thumbnail_path(r)).unwrap();
         assert!(thumb.width().max(thumb.height()) <= 256, "{}", r.path);
@@ -409,7 +409,7 @@ fn reindex_finds_exactly_what_changed() {
         Some("an orange fish")
     );
     // Removed and replaced ids are gone from every part of the index.
-    let index = Index::open(&lib.index).unwrap();
+    let index = crate::common::open_index(&lib.index);
     let ids: BTreeSet<u64> = after.iter().map(|r| r.id).collect();
     assert_eq!(index.vectors().ids(), ids);
     assert_eq!(index.keywords().ids().unwrap(), ids);
@@ -492,7 +492,7 @@ fn assert_index_is_library(index: &Path, root: &Path) {
             );
         }
     }
-    let index = Index::open(index).unwrap();
+    let index = crate::common::open_index(index);
     let recs: Vec<PhotoRecord> = index.store().records().collect::<Result<_, _>>().unwrap();
     let paths: BTreeSet<String> = recs.iter().map(|r| r.path.clone()).collect();
     assert_eq!(paths.len(), recs.len(), "a path was indexed twice");
@@ -732,7 +732,7 @@ fn a_panic_on_one_file_skips_that_file_and_the_run_goes_on() {
 fn a_second_process_is_refused_while_the_index_is_open() {
     let lib = library(false);
     assert!(index_cmd(&lib, &[]).status.success());
-    let held = Index::open(&lib.index).unwrap();
+    let held = crate::common::open_index(&lib.index);
     let out = clipdex(&["reindex", "--index", lib.index.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(
@@ -806,7 +806,7 @@ fn unreadable_files_are_skipped() {
     let run: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(run["skipped"], 1);
     assert_eq!(run["added"].as_u64().unwrap() as usize, lib.good);
-    let index = Index::open(&lib.index).unwrap();
+    let index = crate::common::open_index(&lib.index);
     let skipped = index.store().skipped().unwrap();
     assert_eq!(skipped.len(), 1);
     assert!(
@@ -822,7 +822,7 @@ fn opens_an_index_of_the_previous_format() {
     assert!(index_cmd(&lib, &[]).status.success());
     // Turn it into a format-1 index: no content-hash lookup, version 1.
     {
-        let index = Index::open(&lib.index).unwrap();
+        let index = crate::common::open_index(&lib.index);
         let tree = index.store().raw_tree();
         let keys: Vec<_> = tree.scan_prefix(b"h:").keys().map(|k| k.unwrap()).collect();
         assert!(!keys.is_empty());
@@ -889,7 +889,7 @@ fn newer_formats_and_other_models_are_refused() {
     );
 
     {
-        let index = Index::open(&lib.index).unwrap();
+        let index = crate::common::open_index(&lib.index);
         let mut meta = index.store().meta().unwrap();
         meta.format_version = 99;
         index.store().set_meta(&meta).unwrap();

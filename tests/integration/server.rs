@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
-use clipdex::indexer::{Index, RunOptions};
+use clipdex::indexer::RunOptions;
 use clipdex::model::{Clip, HubOptions, ModelSource};
 use clipdex::search::Engine;
 use clipdex::server::{self, AppState, ServerConfig, SharedState};
@@ -80,7 +80,7 @@ pub fn config(index: &Path) -> ServerConfig {
 }
 
 pub fn engine(index: &Path) -> Engine {
-    let index = Index::open(index).unwrap();
+    let index = crate::common::open_index(index);
     let clip = Clip::load(
         &ModelSource::Dir(fixture_model("openai-tiny")),
         &HubOptions {
