@@ -49,7 +49,7 @@ fn stored_precision(root: &Path) -> Option<Precision> {
     if !indexer::IndexPaths::new(root).exists() {
         return None;
     }
-    Index::open(root).ok().map(|i| i.meta().model.precision)
+    Index::read_meta(root).ok().map(|m| m.model.precision)
 }
 
 pub fn reindex(args: &ReindexArgs) -> Result<()> {

@@ -306,9 +306,24 @@ impl Index {
     /// Opens an existing index (migrating an older format), and reconciles
     /// its vector and keyword indexes with the store.
     pub fn open(root: &Path) -> Result<Self> {
+        let (paths, store, lock) = Self::open_store(root)?;
+        Self::assemble(paths, store, lock)
+    }
+
+    /// What the index at `root` records about itself (its model and
+    /// precision among it), read without opening its vector and keyword
+    /// indexes: for choosing the model before opening it. Locks as
+    /// [`Self::open`] does, for the moment of the read.
+    pub fn read_meta(root: &Path) -> Result<IndexMeta> {
+        let (_, store, _lock) = Self::open_store(root)?;
+        Ok(store.meta()?)
+    }
+
+    /// The locked store of the index at `root`, after finishing a switch to
+    /// another model that is ready (or was interrupted after its exchange);
+    /// held by someone, that waits.
+    fn open_store(root: &Path) -> Result<(IndexPaths, Store, File)> {
         let paths = IndexPaths::new(root);
-        // A switch to another model that is ready (or was interrupted after
-        // its exchange) is finished first; held by someone, it waits.
         match generation::settle(root) {
             Ok(generation::Settled::Nothing) | Err(Error::InUse { .. }) => {}
             Ok(done) => {
@@ -321,7 +336,7 @@ impl Index {
         }
         let lock = lock(&paths)?;
         let store = Store::open(&paths.db())?;
-        Self::assemble(paths, store, lock)
+        Ok((paths, store, lock))
     }
 
     fn assemble(paths: IndexPaths, store: Store, lock: File) -> Result<Self> {

@@ -121,9 +121,9 @@ pub fn open(opts: &OpenOptions, on_step: &mut dyn FnMut(Step)) -> Result<Engine,
         (Some(m), _) => (m.to_string(), opts.precision.unwrap_or_default()),
         (None, true) => {
             on_step(Step::ReadingIndex);
-            let index = unlocked(opts.wait, on_step, || Index::open(opts.index))?;
-            let built = &index.meta().model;
-            (built.id.clone(), opts.precision.unwrap_or(built.precision))
+            let meta = unlocked(opts.wait, on_step, || Index::read_meta(opts.index))?;
+            let built = meta.model;
+            (built.id, opts.precision.unwrap_or(built.precision))
         }
         (None, false) if opts.library.is_some() => (
             DEFAULT_MODEL.to_string(),
