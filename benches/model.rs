@@ -4,10 +4,15 @@
 //!
 //!     cargo bench --bench model -- [--threads 2] [--dir target/bench/vit-b-32] [--json]
 //!         [--only batch1|batch16|text|gemm|bf16] [--unpacked] [--precision exact|fast]
+//!         [--layers KIND,KIND,...|none] [--photos DIR]
 //!
 //! `--only bf16` times the bf16 AMX product alone, weights in cache and
 //! streamed. `--precision fast` measures the bf16 towers (`model::bf16`), and prints
-//! the smallest cosine between their embeddings and exact ones.
+//! the smallest cosine between their embeddings and exact ones: on random
+//! pixels, and with `--photos DIR` on every picture under DIR and a set of
+//! captions. `--layers` converts only the layer kinds named (`patch`, `qkv`,
+//! `attn-out`, `mlp-up`, `mlp-down`, `conv`, `projection`; `none`), for the
+//! per-layer table of BENCHMARKS.md (`scripts/bench/precision_layers.sh`).
 //!
 //! `--unpacked` loads the model with candle's matrix product instead of the
 //! packed-weight kernel (`model::gemm`), to compare the two in one run;
@@ -42,7 +47,35 @@ struct Args {
     /// candle's matrix product instead of the packed kernel (`model::gemm`).
     unpacked: bool,
     precision: Precision,
+    /// The layer kinds `fast` converts (`model::bf16::LayerKind` names).
+    layers: Option<String>,
+    /// Pictures to measure fidelity on.
+    photos: Option<PathBuf>,
 }
+
+/// Captions for the text side of the fidelity measurement.
+const CAPTIONS: &[&str] = &[
+    QUERY,
+    "a diagram of a bicycle",
+    "two children playing football in a park",
+    "a red car parked in front of a house",
+    "a bowl of soup on a wooden table",
+    "the night sky full of stars",
+    "a cat sleeping on a sofa",
+    "a map of the city centre",
+    "a screenshot of a spreadsheet",
+    "snow on the mountains at sunrise",
+    "a wind turbine on a hill",
+    "an old black and white portrait of a woman",
+    "fish swimming in a coral reef",
+    "a hammer and a screwdriver",
+    "a birthday cake with candles",
+    "a crowded train station",
+    "a handwritten letter",
+    "a close-up of a sunflower",
+    "a bridge over a river at night",
+    "a dog catching a frisbee",
+];
 
 fn args() -> Args {
     let mut a = Args {
@@ -52,6 +85,8 @@ fn args() -> Args {
         only: None,
         unpacked: false,
         precision: Precision::Exact,
+        layers: None,
+        photos: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -61,6 +96,8 @@ fn args() -> Args {
             "--json" => a.json = true,
             "--unpacked" => a.unpacked = true,
             "--only" => a.only = it.next(),
+            "--layers" => a.layers = Some(it.next().expect("--layers KIND,KIND,...|none")),
+            "--photos" => a.photos = Some(PathBuf::from(it.next().expect("--photos DIR"))),
             "--precision" => {
                 a.precision = it
                     .next()
@@ -286,6 +323,23 @@ fn main() {
         )
         .unwrap()
     };
+    if let Some(list) = &args.layers {
+        use clipdex::model::bf16::LayerKind;
+        let kinds: Vec<LayerKind> = list
+            .split(',')
+            .filter(|n| *n != "none")
+            .map(|n| {
+                LayerKind::from_name(n).unwrap_or_else(|| {
+                    let names: Vec<&str> = LayerKind::ALL.iter().map(|k| k.name()).collect();
+                    panic!(
+                        "--layers: no kind {n:?}; the kinds are {}",
+                        names.join(", ")
+                    )
+                })
+            })
+            .collect();
+        clipdex::model::bf16::set_converted(&kinds);
+    }
     let mut clip = load();
     clip.set_precision(args.precision).unwrap();
     let tokenizer = clip.tokenizer();
@@ -312,42 +366,33 @@ fn main() {
     };
     let p1 = pixels(1, &mut rng);
     let p16 = pixels(16, &mut rng);
+    let mut fidelity = serde_json::Map::new();
     if args.precision != Precision::Exact && args.only.is_none() {
         let exact = load();
-        let cosines = |a: Tensor, b: Tensor| -> f32 {
-            let (a, b) = (
-                clipdex::model::normalize(&a).unwrap(),
-                clipdex::model::normalize(&b).unwrap(),
-            );
-            (a * b)
-                .unwrap()
-                .sum(1)
-                .unwrap()
-                .min(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        let image = cosines(
-            clip.image_features(&p16).unwrap(),
-            exact.image_features(&p16).unwrap(),
+        let image = smallest_cosine(
+            &rows(&clip.image_features(&p16).unwrap()),
+            &rows(&exact.image_features(&p16).unwrap()),
         );
-        let (t_fast, t_exact) = (
-            clip.embed_texts(&[QUERY, "a diagram of a bicycle"])
-                .unwrap(),
-            exact
-                .embed_texts(&[QUERY, "a diagram of a bicycle"])
-                .unwrap(),
+        let text = smallest_cosine(
+            &clip.embed_texts(&CAPTIONS[..2]).unwrap(),
+            &exact.embed_texts(&CAPTIONS[..2]).unwrap(),
         );
-        let text = t_fast
-            .iter()
-            .zip(&t_exact)
-            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>())
-            .fold(f32::INFINITY, f32::min);
         println!(
-            "{} against exact: smallest cosine {image:.5} (16 images), {text:.5} (2 texts)",
+            "{} against exact: smallest cosine {image:.6} (16 random images), {text:.6} (2 texts)",
             args.precision
         );
+        if let Some(dir) = &args.photos {
+            let (images, texts) = photo_fidelity(&clip, &exact, dir);
+            println!(
+                "{} against exact on {} photos: cosine min {:.6} mean {:.7}; on {} captions: min {:.6} mean {:.7}",
+                args.precision, images.0, images.1, images.2, texts.0, texts.1, texts.2
+            );
+            fidelity.insert("photos".into(), images.0.into());
+            fidelity.insert("photo_cosine_min".into(), images.1.into());
+            fidelity.insert("photo_cosine_mean".into(), images.2.into());
+            fidelity.insert("text_cosine_min".into(), texts.1.into());
+            fidelity.insert("text_cosine_mean".into(), texts.2.into());
+        }
     }
     let want = |name: &str| args.only.as_deref().is_none_or(|only| only == name);
     let b1 = if want("batch1") {
@@ -385,6 +430,7 @@ fn main() {
                 "impl": "clipdex", "threads": args.threads,
                 "image_per_s_batch1": b1_rate, "image_per_s_batch16": b16_rate,
                 "text_ms_p50": text_p50 * 1e3, "text_ms_p90": text_p90 * 1e3, "query_tokens": tokens,
+                "precision": args.precision.to_string(), "layers": args.layers, "fidelity": fidelity,
             })
         );
     } else {
@@ -397,4 +443,65 @@ fn main() {
             text_p90 * 1e3
         );
     }
+}
+
+/// The rows of a (n, d) tensor, L2-normalised.
+fn rows(features: &Tensor) -> Vec<Vec<f32>> {
+    clipdex::model::normalize(features)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+fn cosines(a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<f32> {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum())
+        .collect()
+}
+
+fn smallest_cosine(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    cosines(a, b).into_iter().fold(f32::INFINITY, f32::min)
+}
+
+/// (count, smallest, mean) cosine between `fast` and `exact` embeddings of
+/// every picture under `dir`, and of [`CAPTIONS`].
+fn photo_fidelity(
+    fast: &Clip,
+    exact: &Clip,
+    dir: &std::path::Path,
+) -> ((usize, f32, f32), (usize, f32, f32)) {
+    use clipdex::library::{DecodeLimits, decode_file};
+    let summary = |c: Vec<f32>| {
+        let min = c.iter().copied().fold(f32::INFINITY, f32::min);
+        (c.len(), min, c.iter().sum::<f32>() / c.len().max(1) as f32)
+    };
+    let mut all = Vec::new();
+    let mut paths: Vec<PathBuf> = walkdir::WalkDir::new(dir)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_map(|e| e.ok().map(|e| e.into_path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+        })
+        .collect();
+    paths.sort();
+    for chunk in paths.chunks(16) {
+        let decoded: Vec<_> = chunk
+            .iter()
+            .filter_map(|p| decode_file(p, &DecodeLimits::default()).ok())
+            .collect();
+        let views: Vec<_> = decoded.iter().map(|d| d.view()).collect();
+        all.extend(cosines(
+            &fast.embed_images(&views).unwrap(),
+            &exact.embed_images(&views).unwrap(),
+        ));
+    }
+    let texts = cosines(
+        &fast.embed_texts(CAPTIONS).unwrap(),
+        &exact.embed_texts(CAPTIONS).unwrap(),
+    );
+    (summary(all), summary(texts))
 }

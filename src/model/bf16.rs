@@ -12,6 +12,7 @@
 //! `None`, and the caller keeps an f32 layer with bf16-rounded weights, so
 //! that `fast` embeddings are close to the same wherever they are made.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use candle_core::Tensor;
@@ -31,6 +32,87 @@ const BLOCK: usize = 2 * T;
 const MC: usize = 128;
 /// Column blocks (of [`BLOCK`]) per task when there are rows enough to share.
 const TASK_BLOCKS: usize = 16;
+
+/// The kinds of dense layer `--precision fast` can hold in bf16, for
+/// measuring what each costs in fidelity and gains in speed
+/// (`cargo bench --bench model -- --precision fast --layers KINDS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    /// The ViT's patch embedding (a convolution as a product over patches).
+    PatchEmbedding,
+    /// Attention's query, key and value projections.
+    Qkv,
+    /// Attention's output projection.
+    AttentionOut,
+    /// The MLP's expansion.
+    MlpUp,
+    /// The MLP's contraction.
+    MlpDown,
+    /// The ResNet's stage convolutions.
+    Conv,
+    /// The final projections into the joint space.
+    Projection,
+}
+
+impl LayerKind {
+    pub const ALL: [LayerKind; 7] = [
+        LayerKind::PatchEmbedding,
+        LayerKind::Qkv,
+        LayerKind::AttentionOut,
+        LayerKind::MlpUp,
+        LayerKind::MlpDown,
+        LayerKind::Conv,
+        LayerKind::Projection,
+    ];
+
+    /// The kinds `fast` converts: all but the final projections, which are
+    /// one row per embedding (no time to win) and feed the scores directly.
+    pub const DEFAULT: [LayerKind; 6] = [
+        LayerKind::PatchEmbedding,
+        LayerKind::Qkv,
+        LayerKind::AttentionOut,
+        LayerKind::MlpUp,
+        LayerKind::MlpDown,
+        LayerKind::Conv,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerKind::PatchEmbedding => "patch",
+            LayerKind::Qkv => "qkv",
+            LayerKind::AttentionOut => "attn-out",
+            LayerKind::MlpUp => "mlp-up",
+            LayerKind::MlpDown => "mlp-down",
+            LayerKind::Conv => "conv",
+            LayerKind::Projection => "projection",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    fn bit(self) -> u32 {
+        1 << self as u32
+    }
+}
+
+static CONVERTED: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// Sets the kinds that layers switched to bf16 afterwards convert (the
+/// others stay f32); [`LayerKind::DEFAULT`] until changed.
+pub fn set_converted(kinds: &[LayerKind]) {
+    let mask = kinds.iter().fold(0, |m, k| m | k.bit());
+    CONVERTED.store(mask, Ordering::Relaxed);
+}
+
+/// Whether a layer of `kind` goes to bf16 under `--precision fast`.
+pub fn converts(kind: LayerKind) -> bool {
+    match CONVERTED.load(Ordering::Relaxed) {
+        u32::MAX => LayerKind::DEFAULT.contains(&kind),
+        mask => mask & kind.bit() != 0,
+    }
+}
 
 /// `x` rounded to the nearest bf16, ties to even (a NaN stays a NaN).
 #[inline(always)]

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::open_clip::{self, OpenClipConfig};
 use super::{ClipConfig, Error, Preprocessor, Result};
@@ -162,8 +162,9 @@ impl WeightsFile {
     /// Every tensor of the file (safetensors or a PyTorch pickle), in memory.
     pub fn read_all(&self) -> Result<HashMap<String, Tensor>> {
         match self {
-            WeightsFile::Safetensors(path) => candle_core::safetensors::load(path, &Device::Cpu)
-                .map_err(|e| Error::Weights(format!("{}: {e}", path.display()))),
+            WeightsFile::Safetensors(path) => {
+                super::tensor_file::TensorFile::open(path)?.read_all()
+            }
             WeightsFile::Pickle(path) => Ok(candle_core::pickle::read_all(path)
                 .map_err(|e| Error::Weights(format!("{}: {e}", path.display())))?
                 .into_iter()

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::bf16::Bf16Matrix;
+use super::bf16::{Bf16Matrix, LayerKind};
 use super::gemm::{PackedMatrix, Prepacked};
 
 use super::Result;
@@ -92,9 +92,13 @@ impl Linear {
 
     /// Rounds an inference layer's weight to bf16 for `--precision fast`:
     /// multiplied on AMX where the CPU has it, else kept in f32 (rounded, so
-    /// that the layer computes nearly the same either way). Trainable layers
-    /// keep their weight.
-    pub fn to_bf16(&mut self) -> Result<()> {
+    /// that the layer computes nearly the same either way). Trainable layers,
+    /// and layers of a kind that stays f32 ([`super::bf16::converts`]), keep
+    /// their weight.
+    pub fn to_bf16(&mut self, kind: LayerKind) -> Result<()> {
+        if !super::bf16::converts(kind) {
+            return Ok(());
+        }
         self.to_bf16_with(super::bf16::available())
     }
 
@@ -365,14 +369,14 @@ impl Attention {
     /// The projections in bf16 ([`Linear::to_bf16`]).
     pub fn to_bf16(&mut self) -> Result<()> {
         match &mut self.qkv {
-            Qkv::Fused(qkv) => qkv.to_bf16()?,
+            Qkv::Fused(qkv) => qkv.to_bf16(LayerKind::Qkv)?,
             Qkv::Separate { q, k, v } => {
-                q.to_bf16()?;
-                k.to_bf16()?;
-                v.to_bf16()?;
+                q.to_bf16(LayerKind::Qkv)?;
+                k.to_bf16(LayerKind::Qkv)?;
+                v.to_bf16(LayerKind::Qkv)?;
             }
         }
-        self.out_proj.to_bf16()
+        self.out_proj.to_bf16(LayerKind::AttentionOut)
     }
 }
 
@@ -416,8 +420,8 @@ impl Mlp {
 
     /// Both layers in bf16 ([`Linear::to_bf16`]).
     pub fn to_bf16(&mut self) -> Result<()> {
-        self.fc1.to_bf16()?;
-        self.fc2.to_bf16()
+        self.fc1.to_bf16(LayerKind::MlpUp)?;
+        self.fc2.to_bf16(LayerKind::MlpDown)
     }
 }
 
@@ -617,7 +621,7 @@ mod tests {
     fn bf16_layers_agree_with_and_without_amx() {
         let (w, b) = (random(&[45, 70], 1), random(&[45], 2));
         let mut amx = Linear::new(w.clone(), Some(b.clone())).unwrap();
-        amx.to_bf16().unwrap();
+        amx.to_bf16(LayerKind::Qkv).unwrap();
         let mut portable = Linear::new(w.clone(), Some(b.clone())).unwrap();
         let exact = Linear::new(w.clone(), Some(b)).unwrap();
         portable.to_bf16_with(false).unwrap();

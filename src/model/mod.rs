@@ -29,6 +29,7 @@ pub mod resnet;
 pub mod roberta;
 pub mod sentencepiece;
 pub mod simple_tokenizer;
+pub mod tensor_file;
 #[cfg(test)]
 pub(crate) mod test_support;
 pub mod text;
@@ -240,13 +241,21 @@ impl ClipModel {
         }
     }
 
-    /// The towers' encoder layers in bf16 for `--precision fast` (patch
-    /// embedding or stem, layer norms, pooling and projections stay f32).
-    /// Trainable towers are left as they are.
+    /// The towers' dense layers in bf16 for `--precision fast`, those of the
+    /// kinds [`bf16::converts`] names: by default the encoder layers, the
+    /// ViT's patch embedding and the ResNet's stage convolutions; the stem,
+    /// layer norms, attention's softmax, pooling and the final projections
+    /// stay f32. Trainable towers are left as they are.
     pub fn to_bf16(&mut self) -> Result<()> {
         match &mut self.text_model {
             TextTower::Clip(tower) => tower.to_bf16()?,
             TextTower::Hf(tower) => tower.to_bf16()?,
+        }
+        for projection in [&mut self.text_projection, &mut self.visual_projection]
+            .into_iter()
+            .flatten()
+        {
+            projection.to_bf16(bf16::LayerKind::Projection)?;
         }
         match &mut self.vision_model {
             ImageTower::Vit(vit) => vit.to_bf16(),
@@ -312,12 +321,11 @@ pub fn load_weights(
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
     match weights {
-        checkpoint::WeightsFile::Safetensors(path) => {
-            // Safety: the file is memory-mapped read-only; clipdex never writes a
-            // checkpoint while reading it.
-            unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
-                .map_err(|e| Error::Weights(format!("{}: {e}", path.display())))
-        }
+        checkpoint::WeightsFile::Safetensors(path) => Ok(VarBuilder::from_backend(
+            Box::new(tensor_file::TensorFile::open(path)?),
+            DType::F32,
+            device.clone(),
+        )),
         checkpoint::WeightsFile::Pickle(path) => VarBuilder::from_pth(path, DType::F32, device)
             .map_err(|e| Error::Weights(format!("{}: {e}", path.display()))),
     }

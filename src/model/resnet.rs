@@ -458,7 +458,7 @@ impl ModifiedResNet {
                 .into_iter()
                 .chain(block.downsample.as_mut())
             {
-                conv.dense.to_bf16()?;
+                conv.dense.to_bf16(super::bf16::LayerKind::Conv)?;
             }
         }
         Ok(())

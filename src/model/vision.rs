@@ -114,7 +114,8 @@ impl VisionTransformer {
     /// The encoder's dense layers in bf16; the patch embedding, layer norms
     /// and pooling head stay f32.
     pub fn to_bf16(&mut self) -> Result<()> {
-        self.patch_embedding.to_bf16()?;
+        self.patch_embedding
+            .to_bf16(super::bf16::LayerKind::PatchEmbedding)?;
         self.encoder.to_bf16()
     }
 
