@@ -313,16 +313,18 @@ fn main() {
     }
     write_checkpoint(&args.dir);
     clipdex::model::gemm::set_enabled(!args.unpacked);
-    let load = || {
-        Clip::load(
+    let load_with = |precision| {
+        Clip::load_with(
             &ModelSource::Dir(args.dir.clone()),
             &HubOptions {
                 offline: true,
                 progress: false,
             },
+            precision,
         )
         .unwrap()
     };
+    let load = || load_with(Precision::Exact);
     if let Some(list) = &args.layers {
         use clipdex::model::bf16::LayerKind;
         let kinds: Vec<LayerKind> = list
@@ -340,8 +342,7 @@ fn main() {
             .collect();
         clipdex::model::bf16::set_converted(&kinds);
     }
-    let mut clip = load();
-    clip.set_precision(args.precision).unwrap();
+    let clip = load_with(args.precision);
     let tokenizer = clip.tokenizer();
     let ids = tokenizer.encode(QUERY).unwrap();
     // The query's own tokens; SigLIP pads every text to its fixed length.

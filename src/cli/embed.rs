@@ -81,9 +81,12 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     }
 
     let source = args.model.source()?;
-    let mut clip = Clip::load(&source, &args.model.hub(true))
-        .with_context(|| format!("cannot load model {source}"))?;
-    clip.set_precision(args.model.precision.unwrap_or_default())?;
+    let clip = Clip::load_with(
+        &source,
+        &args.model.hub(true),
+        args.model.precision.unwrap_or_default(),
+    )
+    .with_context(|| format!("cannot load model {source}"))?;
 
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
     let text = clip.embed_texts(&texts).context("cannot embed the texts")?;

@@ -37,9 +37,8 @@ pub fn index(args: &IndexArgs) -> Result<()> {
         Some(p) => p,
         None => stored_precision(&args.index).unwrap_or_default(),
     };
-    let mut clip = Clip::load(&source, &args.model.hub(true))
+    let clip = Clip::load_with(&source, &args.model.hub(true), precision)
         .with_context(|| format!("cannot load model {source}"))?;
-    clip.set_precision(precision)?;
     let index = Index::create_or_open(&args.index, &args.library, clip.info())?;
     run(&index, &clip, &args.run, args.json)
 }
@@ -69,9 +68,8 @@ pub fn reindex(args: &ReindexArgs) -> Result<()> {
         )
     })?;
     let hub = HubOptions::from_env(args.offline, true);
-    let mut clip = Clip::load(&source, &hub)
+    let clip = Clip::load_with(&source, &hub, precision)
         .with_context(|| format!("cannot load the index's model {model_id}"))?;
-    clip.set_precision(precision)?;
     run(&index, &clip, &args.run, args.json)
 }
 
@@ -97,9 +95,8 @@ fn switch_model(args: &ReindexArgs, model: &str, precision: Precision) -> Result
     };
     let source = ModelSource::parse(model)?;
     let hub = HubOptions::from_env(args.offline, true);
-    let mut clip =
-        Clip::load(&source, &hub).with_context(|| format!("cannot load model {source}"))?;
-    clip.set_precision(precision)?;
+    let clip = Clip::load_with(&source, &hub, precision)
+        .with_context(|| format!("cannot load model {source}"))?;
     let source = match precision {
         Precision::Exact => source.to_string(),
         Precision::Fast => format!("{source} ({precision} precision)"),

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{EvalArgs, EvalCommand, TrainArgs};
 use crate::eval;
-use crate::model::{Clip, ClipConfig, HubOptions, ModelSource};
+use crate::model::{Clip, ClipConfig, HubOptions, ModelSource, Precision};
 use crate::train::data::{self, DEFAULT_TEMPLATES, ImageSet};
 use crate::train::{self, Start, TrainOptions, TrainProgress};
 
@@ -158,9 +158,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_model(model: &str, offline: bool) -> Result<Clip> {
+fn load_model(model: &str, offline: bool, precision: Precision) -> Result<Clip> {
     let source = ModelSource::parse(model)?;
-    Clip::load(&source, &HubOptions::from_env(offline, true))
+    Clip::load_with(&source, &HubOptions::from_env(offline, true), precision)
         .with_context(|| format!("cannot load model {source}"))
 }
 
@@ -181,8 +181,7 @@ fn load_images(
 }
 
 pub fn eval(args: &EvalArgs) -> Result<()> {
-    let mut clip = load_model(&args.model, args.offline)?;
-    clip.set_precision(args.precision)?;
+    let clip = load_model(&args.model, args.offline, args.precision)?;
     match &args.command {
         EvalCommand::Retrieval { data } => eval_retrieval(args, &clip, data),
         EvalCommand::ZeroShot {

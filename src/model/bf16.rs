@@ -114,6 +114,29 @@ pub fn converts(kind: LayerKind) -> bool {
     }
 }
 
+thread_local! {
+    static CONVERT_ON_LOAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `load` with every encoder layer converted to bf16 as soon as it is
+/// loaded, so that a `fast` model never holds all its weights in f32 at once.
+pub(super) fn converting_on_load<T>(load: impl FnOnce() -> T) -> T {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CONVERT_ON_LOAD.with(|c| c.set(false));
+        }
+    }
+    CONVERT_ON_LOAD.with(|c| c.set(true));
+    let _reset = Reset;
+    load()
+}
+
+/// Whether layers loaded now go to bf16 at once ([`converting_on_load`]).
+pub(super) fn convert_on_load() -> bool {
+    CONVERT_ON_LOAD.with(|c| c.get())
+}
+
 /// `x` rounded to the nearest bf16, ties to even (a NaN stays a NaN).
 #[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {

@@ -36,6 +36,18 @@ impl Clip {
         Self::from_files(&files, source.id())
     }
 
+    /// Loads a model in `precision`. A `fast` one has its encoder layers
+    /// converted to bf16 one by one as they load, so that loading peaks near
+    /// the bf16 model's size rather than the f32 one's.
+    pub fn load_with(source: &ModelSource, hub: &HubOptions, precision: Precision) -> Result<Self> {
+        let mut clip = match precision {
+            Precision::Exact => Self::load(source, hub)?,
+            Precision::Fast => super::bf16::converting_on_load(|| Self::load(source, hub))?,
+        };
+        clip.set_precision(precision)?;
+        Ok(clip)
+    }
+
     /// Loads a model from resolved checkpoint files.
     pub fn from_files(files: &CheckpointFiles, id: String) -> Result<Self> {
         let model_config = files.read_config()?;

@@ -492,7 +492,13 @@ impl Encoder {
     pub fn load(vb: VarBuilder, s: &EncoderShape) -> Result<Self> {
         let vb = vb.pp("layers");
         let layers = (0..s.layers)
-            .map(|i| EncoderLayer::load(vb.pp(i), s))
+            .map(|i| {
+                let mut layer = EncoderLayer::load(vb.pp(i), s)?;
+                if super::bf16::convert_on_load() {
+                    layer.to_bf16()?;
+                }
+                Ok(layer)
+            })
             .collect::<Result<_>>()?;
         Ok(Self { layers })
     }

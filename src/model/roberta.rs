@@ -104,7 +104,13 @@ impl HfTextTransformer {
             eps: cfg.layer_norm_eps,
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| PostNormLayer::load(t.pp("encoder").pp("layers").pp(i), &shape))
+            .map(|i| {
+                let mut layer = PostNormLayer::load(t.pp("encoder").pp("layers").pp(i), &shape)?;
+                if super::bf16::convert_on_load() {
+                    layer.to_bf16()?;
+                }
+                Ok(layer)
+            })
             .collect::<Result<Vec<_>>>()?;
         let p = vb.pp("text_projection");
         let projection = match hf.projection {

@@ -137,8 +137,7 @@ pub fn open(opts: &OpenOptions, on_step: &mut dyn FnMut(Step)) -> Result<Engine,
         source,
     };
     let source = ModelSource::parse(&model_id).map_err(model_error)?;
-    let mut clip = Clip::load(&source, opts.hub).map_err(model_error)?;
-    clip.set_precision(precision).map_err(model_error)?;
+    let clip = Clip::load_with(&source, opts.hub, precision).map_err(model_error)?;
     on_step(Step::OpeningIndex);
     let index = unlocked(opts.wait, on_step, || match opts.library {
         Some(library) => Index::create_or_open(opts.index, library, clip.info()),

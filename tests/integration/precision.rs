@@ -91,6 +91,27 @@ fn fast_embeddings_stay_within_the_fidelity_bar_on_every_fixture() {
             image.iter().chain(&text).any(|&c| c < 1.0 - 1e-6),
             "{name}: fast embeddings are exactly the exact ones"
         );
+        // Converted layer by layer while loading, or after: the same model.
+        let loaded_fast = Clip::load_with(
+            &ModelSource::Dir(fixture_model(&name)),
+            &HubOptions {
+                offline: true,
+                progress: false,
+            },
+            Precision::Fast,
+        )
+        .unwrap();
+        assert_eq!(loaded_fast.info(), fast.info(), "{name}");
+        assert_eq!(
+            loaded_fast.embed_images(&views[..8]).unwrap(),
+            fast.embed_images(&views[..8]).unwrap(),
+            "{name}: images"
+        );
+        assert_eq!(
+            loaded_fast.embed_texts(&texts).unwrap(),
+            fast.embed_texts(&texts).unwrap(),
+            "{name}: texts"
+        );
     }
 }
 
