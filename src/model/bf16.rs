@@ -65,16 +65,12 @@ impl LayerKind {
         LayerKind::Projection,
     ];
 
-    /// The kinds `fast` converts: all but the final projections, which are
-    /// one row per embedding (no time to win) and feed the scores directly.
-    pub const DEFAULT: [LayerKind; 6] = [
-        LayerKind::PatchEmbedding,
-        LayerKind::Qkv,
-        LayerKind::AttentionOut,
-        LayerKind::MlpUp,
-        LayerKind::MlpDown,
-        LayerKind::Conv,
-    ];
+    /// Whether `fast` converts this kind unless told otherwise: every kind
+    /// but the final projections, which are one row per embedding (no time
+    /// to win) and feed the scores directly.
+    pub fn by_default(self) -> bool {
+        self != LayerKind::Projection
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -100,7 +96,7 @@ impl LayerKind {
 static CONVERTED: AtomicU32 = AtomicU32::new(u32::MAX);
 
 /// Sets the kinds that layers switched to bf16 afterwards convert (the
-/// others stay f32); [`LayerKind::DEFAULT`] until changed.
+/// others stay f32); those [`LayerKind::by_default`] until changed.
 pub fn set_converted(kinds: &[LayerKind]) {
     let mask = kinds.iter().fold(0, |m, k| m | k.bit());
     CONVERTED.store(mask, Ordering::Relaxed);
@@ -109,7 +105,7 @@ pub fn set_converted(kinds: &[LayerKind]) {
 /// Whether a layer of `kind` goes to bf16 under `--precision fast`.
 pub fn converts(kind: LayerKind) -> bool {
     match CONVERTED.load(Ordering::Relaxed) {
-        u32::MAX => LayerKind::DEFAULT.contains(&kind),
+        u32::MAX => kind.by_default(),
         mask => mask & kind.bit() != 0,
     }
 }
@@ -755,6 +751,20 @@ mod tests {
             let rounded: Vec<f32> = w.iter().map(|&v| round(v)).collect();
             assert_eq!(back, rounded, "{n} x {k}");
         }
+    }
+
+    #[test]
+    fn layer_kinds_round_trip_by_name() {
+        for kind in LayerKind::ALL {
+            assert_eq!(LayerKind::from_name(kind.name()), Some(kind));
+        }
+        assert_eq!(LayerKind::from_name("layernorm"), None);
+        let defaults: Vec<_> = LayerKind::ALL
+            .into_iter()
+            .filter(|k| k.by_default())
+            .collect();
+        assert_eq!(defaults.len(), LayerKind::ALL.len() - 1);
+        assert!(!LayerKind::Projection.by_default());
     }
 
     #[test]
