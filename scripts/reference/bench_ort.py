@@ -6,6 +6,7 @@
         [--int8]
     python scripts/reference/bench_ort.py --family clip --dir target/bench/vit-b-32
     python scripts/reference/bench_ort.py --family open_clip_rn50 --dir target/bench/rn50
+    python scripts/reference/bench_ort.py --family open_clip_xlmr --dir target/bench/xlmr-b-32
 
 Exports the image tower (pixels -> image features) and the text tower (ids ->
 text features) of the transformers model with torch.onnx, then measures
@@ -20,6 +21,7 @@ cosine between its embeddings and fp32's.
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -74,16 +76,29 @@ def timed(warmup, runs, fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default=None)
-    ap.add_argument("--family", choices=["clip", "siglip", "open_clip_rn50"], default="clip")
+    ap.add_argument("--family", choices=["clip", "siglip", "open_clip_rn50", "open_clip_xlmr"], default="clip")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--int8", action="store_true", help="also measure quantize_dynamic's int8 graphs")
     args = ap.parse_args()
     siglip = args.family == "siglip"
     rn50 = args.family == "open_clip_rn50"
-    directory = args.dir or {"siglip": "target/bench/siglip-b-16", "open_clip_rn50": "target/bench/rn50"}.get(
-        args.family, "target/bench/vit-b-32")
-    if rn50:
+    xlmr = args.family == "open_clip_xlmr"
+    directory = args.dir or {"siglip": "target/bench/siglip-b-16", "open_clip_rn50": "target/bench/rn50",
+                             "open_clip_xlmr": "target/bench/xlmr-b-32"}.get(args.family, "target/bench/vit-b-32")
+    if xlmr:
+        # open_clip's xlm-roberta-base-ViT-B-32 as bench_model.py writes it: a ViT-B/32 image tower and
+        # an XLM-RoBERTa text tower through HFTextEncoder (mean pooling over the non-padding tokens).
+        import open_clip
+        from safetensors.torch import load_file
+        from bench_model import xlmr_cfg
+
+        model = open_clip.model.CustomTextCLIP(**xlmr_cfg(Path(directory))).eval()
+        model.load_state_dict(load_file(str(Path(directory) / "open_clip_model.safetensors")))
+        hf = open_clip.tokenizer.HFTokenizer(str((Path(directory) / "xlmr-text").resolve()))
+        encode = lambda: {"input_ids": hf([QUERY]).numpy()}
+        size = 224
+    elif rn50:
         # open_clip's RN50 as bench_model.py writes it (prepare it with that script first).
         import open_clip
         from safetensors.torch import load_file
@@ -107,7 +122,9 @@ def main():
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with tempfile.TemporaryDirectory() as tmp:
         image_path, text_path = Path(tmp) / "image.onnx", Path(tmp) / "text.onnx"
-        with torch.no_grad():
+        # nn.MultiheadAttention (open_clip's ViT) takes a fused fast path that ONNX cannot export
+        # when autograd is off; with it on (nothing is differentiated) it traces as plain ops.
+        with torch.no_grad() if not xlmr else contextlib.nullcontext():
             torch.onnx.export(Image(model), (torch.zeros(1, 3, size, size),), image_path, input_names=["pixels"],
                               output_names=["features"], dynamic_axes={"pixels": {0: "batch"}}, dynamo=False,
                               opset_version=17)
@@ -152,7 +169,8 @@ def main():
         times = sorted(timed(5, 100, query))
         result = {
             "impl": "onnxruntime %s %s" % (ort.__version__, kind),
-            "model": "SigLIP B/16-224" if siglip else "open_clip RN50" if rn50 else "ViT-B/32",
+            "model": "SigLIP B/16-224" if siglip else "open_clip RN50" if rn50 else
+                     "open_clip xlm-roberta-base-ViT-B-32" if xlmr else "ViT-B/32",
             "threads": args.threads,
             "image_per_s_batch1": 1.0 / b1,
             "image_per_s_batch16": 16.0 / b16,
