@@ -111,8 +111,9 @@ impl VisionTransformer {
     }
 
     /// Returns the pooled (batch, hidden) class-token states of (batch, 3, size, size) pixels.
-    /// The encoder's dense layers in bf16; the patch embedding, layer norms
-    /// and pooling head stay f32.
+    /// The patch embedding and the encoder's dense layers in bf16 (those of
+    /// the kinds [`super::bf16::converts`] names); layer norms and the
+    /// pooling head stay f32.
     pub fn to_bf16(&mut self) -> Result<()> {
         self.patch_embedding
             .to_bf16(super::bf16::LayerKind::PatchEmbedding)?;
