@@ -3,8 +3,8 @@
 //! text query (10 CLIP tokens), with a fixed number of threads.
 //!
 //!     cargo bench --bench model -- [--threads 2] [--dir target/bench/vit-b-32] [--json]
-//!         [--only batch1|batch16|text|gemm|bf16] [--unpacked] [--precision exact|fast]
-//!         [--layers KIND,KIND,...|none] [--photos DIR]
+//!         [--only batch1|batch16|text|fidelity|gemm|bf16] [--unpacked] [--precision exact|fast]
+//!         [--layers KIND,KIND,...|none] [--int8 KIND,KIND,...|none] [--photos DIR] [--repeat N]
 //!
 //! `--only bf16` times the bf16 AMX product alone, weights in cache and
 //! streamed. `--precision fast` measures the bf16 towers (`model::bf16`), and prints
@@ -17,6 +17,7 @@
 //! `--unpacked` loads the model with candle's matrix product instead of the
 //! packed-weight kernel (`model::gemm`), to compare the two in one run;
 //! `--only gemm` times single products both ways at the towers' shapes.
+//! `--repeat N` times N times as many runs, for a profile of one measurement.
 //!
 //! Without a checkpoint in `--dir` it writes a ViT-B/32 one (config, weights,
 //! tokenizer); `scripts/reference/bench_model.py` loads the same folder into
@@ -49,8 +50,12 @@ struct Args {
     precision: Precision,
     /// The layer kinds `fast` converts (`model::bf16::LayerKind` names).
     layers: Option<String>,
+    /// The converted layer kinds that go to int8 instead of bf16.
+    int8: Option<String>,
     /// Pictures to measure fidelity on.
     photos: Option<PathBuf>,
+    /// Times as many timed runs as usual, for profiling (`--repeat N`).
+    repeat: usize,
 }
 
 /// Captions for the text side of the fidelity measurement.
@@ -87,6 +92,8 @@ fn args() -> Args {
         precision: Precision::Exact,
         layers: None,
         photos: None,
+        int8: None,
+        repeat: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -97,6 +104,7 @@ fn args() -> Args {
             "--unpacked" => a.unpacked = true,
             "--only" => a.only = it.next(),
             "--layers" => a.layers = Some(it.next().expect("--layers KIND,KIND,...|none")),
+            "--int8" => a.int8 = Some(it.next().expect("--int8 KIND,KIND,...|none")),
             "--photos" => a.photos = Some(PathBuf::from(it.next().expect("--photos DIR"))),
             "--precision" => {
                 a.precision = it
@@ -104,6 +112,7 @@ fn args() -> Args {
                     .and_then(|v| v.parse().ok())
                     .expect("--precision exact|fast")
             }
+            "--repeat" => a.repeat = it.next().and_then(|v| v.parse().ok()).expect("--repeat N"),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -228,7 +237,7 @@ fn main() {
             let bt = Tensor::ones((n, k), candle_core::DType::F32, &Device::Cpu).unwrap();
             if let Some(packed) = clipdex::model::gemm::PackedMatrix::new(&bt).unwrap() {
                 let packed = std::sync::Arc::new(packed);
-                let t = median(time(3, 30, || {
+                let t = median(time(3, 30 * args.repeat, || {
                     clipdex::model::gemm::dense(
                         &a,
                         &packed,
@@ -244,7 +253,7 @@ fn main() {
                 );
             }
             for (label, rhs) in [("(in, out)", b), ("(out, in)^T", bt.t().unwrap())] {
-                let t = median(time(3, 30, || {
+                let t = median(time(3, 30 * args.repeat, || {
                     a.matmul(&rhs).unwrap();
                 }));
                 println!(
@@ -326,21 +335,10 @@ fn main() {
     };
     let load = || load_with(Precision::Exact);
     if let Some(list) = &args.layers {
-        use clipdex::model::bf16::LayerKind;
-        let kinds: Vec<LayerKind> = list
-            .split(',')
-            .filter(|n| *n != "none")
-            .map(|n| {
-                LayerKind::from_name(n).unwrap_or_else(|| {
-                    let names: Vec<&str> = LayerKind::ALL.iter().map(|k| k.name()).collect();
-                    panic!(
-                        "--layers: no kind {n:?}; the kinds are {}",
-                        names.join(", ")
-                    )
-                })
-            })
-            .collect();
-        clipdex::model::bf16::set_converted(&kinds);
+        clipdex::model::bf16::set_converted(&layer_kinds("--layers", list));
+    }
+    if let Some(list) = &args.int8 {
+        clipdex::model::bf16::set_int8(&layer_kinds("--int8", list));
     }
     let clip = load_with(args.precision);
     let tokenizer = clip.tokenizer();
@@ -368,7 +366,7 @@ fn main() {
     let p1 = pixels(1, &mut rng);
     let p16 = pixels(16, &mut rng);
     let mut fidelity = serde_json::Map::new();
-    if args.precision != Precision::Exact && args.only.is_none() {
+    if args.precision != Precision::Exact && args.only.as_deref().is_none_or(|o| o == "fidelity") {
         let exact = load();
         let image = smallest_cosine(
             &rows(&clip.image_features(&p16).unwrap()),
@@ -382,6 +380,8 @@ fn main() {
             "{} against exact: smallest cosine {image:.6} (16 random images), {text:.6} (2 texts)",
             args.precision
         );
+        fidelity.insert("random_image_cosine_min".into(), image.into());
+        fidelity.insert("random_text_cosine_min".into(), text.into());
         if let Some(dir) = &args.photos {
             let (images, texts) = photo_fidelity(&clip, &exact, dir);
             println!(
@@ -397,21 +397,21 @@ fn main() {
     }
     let want = |name: &str| args.only.as_deref().is_none_or(|only| only == name);
     let b1 = if want("batch1") {
-        median(time(3, 30, || {
+        median(time(3, 30 * args.repeat, || {
             clip.image_features(&p1).unwrap();
         }))
     } else {
         f64::NAN
     };
     let b16 = if want("batch16") {
-        median(time(1, 6, || {
+        median(time(1, 6 * args.repeat, || {
             clip.image_features(&p16).unwrap();
         }))
     } else {
         f64::NAN
     };
     let text = if want("text") {
-        time(5, 100, || {
+        time(5, 100 * args.repeat, || {
             clip.embed_texts(&[QUERY]).unwrap();
         })
     } else {
@@ -444,6 +444,20 @@ fn main() {
             text_p90 * 1e3
         );
     }
+}
+
+/// The layer kinds a comma-separated list names (`none` for none).
+fn layer_kinds(flag: &str, list: &str) -> Vec<clipdex::model::bf16::LayerKind> {
+    use clipdex::model::bf16::LayerKind;
+    list.split(',')
+        .filter(|n| *n != "none")
+        .map(|n| {
+            LayerKind::from_name(n).unwrap_or_else(|| {
+                let names: Vec<&str> = LayerKind::ALL.iter().map(|k| k.name()).collect();
+                panic!("{flag}: no kind {n:?}; the kinds are {}", names.join(", "))
+            })
+        })
+        .collect()
 }
 
 /// The rows of a (n, d) tensor, L2-normalised.

@@ -2,10 +2,10 @@
 //! index, text queries (each one new, so each is embedded) and find-similar.
 //!
 //!     cargo build --release && cargo bench --bench model && cargo bench --bench server
-//!     cargo bench --bench server -- [--clients 32] [--seconds 60] [--photos 10000] [--precision exact|fast]
+//!     cargo bench --bench server -- [--clients 32] [--seconds 60] [--photos 10000] [--precision exact|fast|int8]
 //!
-//! `--precision fast` indexes (once, into its own folder) and serves with the
-//! bf16 towers.
+//! `--precision fast` or `int8` indexes (once, into its own folder) and
+//! serves with the bf16 or int8 towers.
 //!
 //! The first run writes a library of distinct pictures (crops, flips and
 //! tints of the shared photos, 320 px) under target/bench/library-N and
@@ -43,7 +43,7 @@ fn args() -> Args {
             "--clients" => a.clients = it.next().and_then(|v| v.parse().ok()).expect("--clients N"),
             "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds N"),
             "--photos" => a.photos = it.next().and_then(|v| v.parse().ok()).expect("--photos N"),
-            "--precision" => a.precision = it.next().expect("--precision exact|fast"),
+            "--precision" => a.precision = it.next().expect("--precision exact|fast|int8"),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }

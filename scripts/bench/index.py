@@ -38,8 +38,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--python", default=os.path.join(ROOT, ".venv-ref", "bin", "python"))
     ap.add_argument("--exact-decode", action="store_true", help="clipdex decodes JPEGs at full size too")
-    ap.add_argument("--precision", choices=["exact", "fast"], default="exact",
-                    help="clipdex's --precision (fast: bf16 on AMX)")
+    ap.add_argument("--precision", choices=["exact", "fast", "int8"], default="exact",
+                    help="clipdex's --precision (fast: bf16 on AMX; int8: int8 on AMX)")
     args = ap.parse_args()
     binary = os.path.join(ROOT, "target", "release", "clipdex")
     if not os.path.exists(os.path.join(args.model, "model.safetensors")):

@@ -2,13 +2,13 @@
 """Ranking fidelity of `--precision fast`: the top-10 of 200 text queries
 on an index made with fast against the same library indexed exact.
 
-    python3 scripts/bench/precision_overlap.py [--photos 3000]
-    python3 scripts/bench/precision_overlap.py --library DIR --model M
+    python3 scripts/bench/precision_overlap.py [--photos 3000] [--precision fast|int8]
+    python3 scripts/bench/precision_overlap.py --library DIR --model M [--precision fast|int8]
 
 The first form uses the benchmark library and indexes of `cargo bench
 --bench server` (random ViT-B/32 weights; target/bench/index-N and
-index-N-fast: run that bench once with and once without `--precision fast`
-first), with 200 varied queries. The second indexes a library of class
+index-N-fast or -int8: run that bench once without and once with
+`--precision fast` or `int8` first), with 200 varied queries. The second indexes a library of class
 folders (such as target/data/fashion-mnist/test) with a trained model both
 ways, once, under target/bench/overlap-*, and asks 200 queries made from
 the class names. Starts `clipdex serve` on each index, sends the same
@@ -66,12 +66,12 @@ PHRASES = ["a photo of a {}", "a picture of a {}", "an image of a {}", "a close-
            "a bright {}", "a black and white photo of a {}", "a blurry photo of a {}", "a {} on a white background"]
 
 
-def index_both(library, model):
-    """The library indexed with `model` exact and fast (once): their folders."""
+def index_both(library, model, reduced):
+    """The library indexed with `model` exact and `reduced` (once): their folders."""
     binary = os.path.join(ROOT, "target", "release", "clipdex")
     name = os.path.basename(os.path.normpath(model)) + "-" + os.path.basename(os.path.normpath(library))
     folders = []
-    for precision in ("exact", "fast"):
+    for precision in ("exact", reduced):
         index = os.path.join(ROOT, "target", "bench", f"overlap-{name}-{precision}")
         if not os.path.exists(os.path.join(index, ".complete")):
             subprocess.run([binary, "index", library, "--index", index, "--model", model,
@@ -86,15 +86,16 @@ def main():
     ap.add_argument("--photos", type=int, default=3000)
     ap.add_argument("--library", help="a folder of class folders to index both ways")
     ap.add_argument("--model", help="the (trained) model to index it with")
+    ap.add_argument("--precision", choices=["fast", "int8"], default="fast", help="the precision to compare with exact")
     args = ap.parse_args()
     if args.library:
-        exact_index, fast_index = index_both(args.library, args.model)
+        exact_index, fast_index = index_both(args.library, args.model, args.precision)
         classes = sorted(d for d in os.listdir(args.library) if os.path.isdir(os.path.join(args.library, d)))
         queries = [p.format(c) for c, p in itertools.product(classes, PHRASES)][:200]
         size = sum(len(fs) for _, _, fs in os.walk(args.library))
     else:
         exact_index = os.path.join(ROOT, "target", "bench", f"index-{args.photos}")
-        fast_index = exact_index + "-fast"
+        fast_index = exact_index + "-" + args.precision
         queries = [f"{s} {t}" for s, t in itertools.product(SUBJECTS, SETTINGS)]
         random.Random(0).shuffle(queries)
         queries = queries[:200]
@@ -108,7 +109,7 @@ def main():
     finally:
         for proc, _ in servers:
             proc.terminate()
-    print(f"{len(queries)} queries, {size} photos: top-10 overlap fast vs exact: "
+    print(f"{len(queries)} queries, {size} photos: top-10 overlap {args.precision} vs exact: "
           f"mean {sum(overlaps) / len(overlaps):.3f}, smallest {min(overlaps):.1f}, "
           f"identical lists {sum(o == 1.0 for o in overlaps)}")
 

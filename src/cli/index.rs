@@ -35,7 +35,7 @@ pub fn index(args: &IndexArgs) -> Result<()> {
     // (which the index then refuses, naming `reindex --precision`).
     let precision = match args.model.precision {
         Some(p) => p,
-        None => stored_precision(&args.index).unwrap_or_default(),
+        None => stored_precision(&args.index).unwrap_or_else(crate::model::default_precision),
     };
     let clip = Clip::load_with(&source, &args.model.hub(true), precision)
         .with_context(|| format!("cannot load model {source}"))?;
@@ -53,7 +53,12 @@ fn stored_precision(root: &Path) -> Option<Precision> {
 
 pub fn reindex(args: &ReindexArgs) -> Result<()> {
     if let Some(model) = &args.model {
-        return switch_model(args, model, args.precision.unwrap_or_default());
+        // A new model keeps the index's precision unless told otherwise.
+        let precision = args
+            .precision
+            .or_else(|| stored_precision(&args.index))
+            .unwrap_or_else(crate::model::default_precision);
+        return switch_model(args, model, precision);
     }
     let index = Index::open(&args.index)?;
     let model_id = index.meta().model.id.clone();
@@ -99,7 +104,7 @@ fn switch_model(args: &ReindexArgs, model: &str, precision: Precision) -> Result
         .with_context(|| format!("cannot load model {source}"))?;
     let source = match precision {
         Precision::Exact => source.to_string(),
-        Precision::Fast => format!("{source} ({precision} precision)"),
+        Precision::Fast | Precision::Int8 => format!("{source} ({precision} precision)"),
     };
     if clip.info().fingerprint == fingerprint {
         eprintln!(

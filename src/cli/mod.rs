@@ -155,13 +155,15 @@ pub struct EvalArgs {
     #[arg(long, global = true)]
     pub offline: bool,
 
-    /// How the model computes: exact (f32, the reference's numbers) or fast
-    /// (the encoders' dense layers in bf16, on AMX where the CPU has it).
+    /// How the model computes: exact (f32, the reference's numbers), fast
+    /// (the encoders' dense layers in bf16, on AMX where the CPU has it) or
+    /// int8 (those layers in int8 on AMX-INT8: faster still, a little
+    /// further from exact).
     /// An index keeps the precision its vectors were made with.
     #[arg(
         long,
         global = true,
-        value_name = "exact|fast",
+        value_name = "exact|fast|int8",
         default_value = "exact",
         env = "CLIPDEX_PRECISION"
     )]
@@ -251,11 +253,13 @@ pub struct ServeArgs {
     #[arg(long)]
     pub offline: bool,
 
-    /// How the model computes: exact (f32, the reference's numbers) or fast
-    /// (the encoders' dense layers in bf16, on AMX where the CPU has it).
+    /// How the model computes: exact (f32, the reference's numbers), fast
+    /// (the encoders' dense layers in bf16, on AMX where the CPU has it) or
+    /// int8 (those layers in int8 on AMX-INT8: faster still, a little
+    /// further from exact).
     /// An index keeps the precision its vectors were made with.
     /// An existing index uses its own unless this asks for it.
-    #[arg(long, value_name = "exact|fast", env = "CLIPDEX_PRECISION")]
+    #[arg(long, value_name = "exact|fast|int8", env = "CLIPDEX_PRECISION")]
     pub precision: Option<Precision>,
 
     #[command(flatten)]
@@ -332,7 +336,7 @@ pub struct QueryTarget {
 
     /// The precision queries are embedded with; the index's own by default
     /// (another one is refused: its vectors would not match).
-    #[arg(long, value_name = "exact|fast")]
+    #[arg(long, value_name = "exact|fast|int8")]
     pub precision: Option<Precision>,
 }
 
@@ -414,9 +418,10 @@ pub struct ReindexArgs {
     #[arg(long, short = 'm')]
     pub model: Option<String>,
 
-    /// Switch the index to another precision, exact (f32) or fast (bf16):
+    /// Switch the index to another precision, exact (f32), fast (bf16) or
+    /// int8:
     /// every photo is embedded again, as with --model.
-    #[arg(long, value_name = "exact|fast")]
+    #[arg(long, value_name = "exact|fast|int8")]
     pub precision: Option<Precision>,
 
     /// Never use the network for the model (also HF_HUB_OFFLINE=1).
@@ -457,10 +462,12 @@ pub struct ModelArgs {
     #[arg(long)]
     pub offline: bool,
 
-    /// How the model computes: exact (f32, the reference's numbers) or fast
-    /// (the encoders' dense layers in bf16, on AMX where the CPU has it).
+    /// How the model computes: exact (f32, the reference's numbers), fast
+    /// (the encoders' dense layers in bf16, on AMX where the CPU has it) or
+    /// int8 (those layers in int8 on AMX-INT8: faster still, a little
+    /// further from exact).
     /// An index keeps the precision its vectors were made with.
-    #[arg(long, value_name = "exact|fast", env = "CLIPDEX_PRECISION")]
+    #[arg(long, value_name = "exact|fast|int8", env = "CLIPDEX_PRECISION")]
     pub precision: Option<Precision>,
 }
 

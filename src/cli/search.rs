@@ -63,11 +63,10 @@ fn backend(target: &QueryTarget) -> Result<Backend> {
             ..
         })) => {
             if let (Some(asked), Some(fingerprint)) = (precision, &fingerprint) {
-                let serving = if fingerprint.ends_with("/fast") {
-                    Precision::Fast
-                } else {
-                    Precision::Exact
-                };
+                let serving = fingerprint
+                    .rsplit_once('/')
+                    .and_then(|(_, p)| p.parse().ok())
+                    .unwrap_or(Precision::Exact);
                 if serving != asked {
                     bail!(
                         "the server at {url} embeds queries with {serving} precision, as its index \

@@ -18,23 +18,16 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::amx::{self, BLOCK, Format, T, Weights};
 use super::gemm::{Out, epilogue};
 use super::ops::Pointwise;
+use crate::common::Precision;
 
 /// Depth of one tile step: a 64-byte tile row of bf16 values.
-const TK: usize = 32;
-/// Rows and columns of one f32 result tile.
-const T: usize = 16;
-/// Rows and columns of the block one kernel call computes (2 x 2 tiles).
-const BLOCK: usize = 2 * T;
-/// Most rows per task: their bf16 activations (a few hundred KB) stay in L2
-/// while the task's weight tiles pass over them.
-const MC: usize = 128;
-/// Column blocks (of [`BLOCK`]) per task when there are rows enough to share.
-const TASK_BLOCKS: usize = 16;
+const TK: usize = Format::Bf16.depth();
 
-/// The kinds of dense layer `--precision fast` can hold in bf16, for
-/// measuring what each costs in fidelity and gains in speed
+/// The kinds of dense layer `--precision fast` can hold in bf16 (and `int8`
+/// in int8), for measuring what each costs in fidelity and gains in speed
 /// (`cargo bench --bench model -- --precision fast --layers KINDS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayerKind {
@@ -102,6 +95,24 @@ pub fn set_converted(kinds: &[LayerKind]) {
     CONVERTED.store(mask, Ordering::Relaxed);
 }
 
+static INT8_KINDS: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// Sets the converted kinds that go to int8 ([`super::int8`]) rather than
+/// bf16 under `--precision int8` where the CPU has AMX-INT8; every
+/// converted kind until changed.
+pub fn set_int8(kinds: &[LayerKind]) {
+    let mask = kinds.iter().fold(0, |m, k| m | k.bit());
+    INT8_KINDS.store(mask, Ordering::Relaxed);
+}
+
+/// Whether a converted layer of `kind` goes to int8 rather than bf16.
+pub fn int8_for(kind: LayerKind) -> bool {
+    match INT8_KINDS.load(Ordering::Relaxed) {
+        u32::MAX => true,
+        mask => mask & kind.bit() != 0,
+    }
+}
+
 /// Whether a layer of `kind` goes to bf16 under `--precision fast`.
 pub fn converts(kind: LayerKind) -> bool {
     match CONVERTED.load(Ordering::Relaxed) {
@@ -112,11 +123,32 @@ pub fn converts(kind: LayerKind) -> bool {
 
 thread_local! {
     static CONVERT_ON_LOAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static INT8: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `load` with every encoder layer converted to bf16 as soon as it is
-/// loaded, so that a `fast` model never holds all its weights in f32 at once.
-pub(super) fn converting_on_load<T>(load: impl FnOnce() -> T) -> T {
+/// Runs `convert` with the layers it converts going to `precision`'s format:
+/// int8 ([`super::int8`], for the kinds [`int8_for`] names) for
+/// [`Precision::Int8`], bf16 otherwise.
+pub(super) fn in_format<T>(precision: Precision, convert: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            INT8.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(INT8.with(|c| c.replace(precision == Precision::Int8)));
+    convert()
+}
+
+/// Whether layers converted now go to int8 ([`in_format`]).
+pub(super) fn int8_now() -> bool {
+    INT8.with(|c| c.get())
+}
+
+/// Runs `load` with every encoder layer converted to `precision` as soon as
+/// it is loaded, so that a reduced model never holds all its weights in f32
+/// at once.
+pub(super) fn converting_on_load<T>(precision: Precision, load: impl FnOnce() -> T) -> T {
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -125,10 +157,10 @@ pub(super) fn converting_on_load<T>(load: impl FnOnce() -> T) -> T {
     }
     CONVERT_ON_LOAD.with(|c| c.set(true));
     let _reset = Reset;
-    load()
+    in_format(precision, load)
 }
 
-/// Whether layers loaded now go to bf16 at once ([`converting_on_load`]).
+/// Whether layers loaded now are converted at once ([`converting_on_load`]).
 pub(super) fn convert_on_load() -> bool {
     CONVERT_ON_LOAD.with(|c| c.get())
 }
@@ -156,17 +188,7 @@ pub fn round(x: f32) -> f32 {
 
 /// Whether this CPU and kernel run AMX bf16 products (checked once).
 pub fn available() -> bool {
-    static AMX: OnceLock<bool> = OnceLock::new();
-    *AMX.get_or_init(|| {
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        {
-            amx::detect()
-        }
-        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-        {
-            false
-        }
-    })
+    amx::available(Format::Bf16)
 }
 
 /// A weight `W` (out x in) in bf16 for `x W^T`, as AMX `B` tiles: for each
@@ -235,11 +257,9 @@ impl Bf16Matrix {
         }
     }
 
-    /// Where weight `(o, kk)` is in its column block's tiles: tile
-    /// `kk / TK`, row `kk % TK / 2` (the pair of depths), column `o % T`.
-    fn offset(kk: usize, c: usize) -> usize {
-        let (step, within) = (kk / TK, kk % TK);
-        step * T * TK + (within / 2) * 2 * T + 2 * c + within % 2
+    /// Where weight `(o, kk)` is in its column block's tiles.
+    fn offset(kk: usize, o: usize) -> usize {
+        Format::Bf16.offset(kk, o)
     }
 }
 
@@ -248,7 +268,7 @@ impl super::gemm::Prepacked for Bf16Matrix {
         "clipdex-bf16-dense"
     }
 
-    fn is_bf16(&self) -> bool {
+    fn is_reduced(&self) -> bool {
         true
     }
 
@@ -365,332 +385,35 @@ unsafe fn round_row_avx512(src: &[f32], dst: *mut u16) {
     }
 }
 
-/// Products below this many multiply-adds run on the calling thread: handing
-/// them to the pool costs more than the second core gives back.
-const PARALLEL_WORK: usize = 1 << 20;
-
 /// `f(x W^T + b)` for `x` (m x k, row-major): a fresh (m x n) buffer.
 fn matmul(x: &[f32], m: usize, w: &Bf16Matrix, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
-    let n = w.n;
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    if m == 0 || n == 0 {
-        return y;
-    }
     let a = activations(x, m, w.k, w.kp);
-    let threads = match m * w.np * w.kp {
-        work if work < PARALLEL_WORK => 1,
-        _ => rayon::current_num_threads().max(1),
+    let weights = Weights {
+        format: Format::Bf16,
+        n: w.n,
+        np: w.np,
+        steps: w.kp / TK,
+        tiles: as_bytes(&w.tiles),
     };
-    // Row blocks of whole 32-row blocks, as even as that allows.
-    let mc = m.div_ceil(m.div_ceil(MC)).next_multiple_of(BLOCK);
-    let m_blocks = m.div_ceil(mc);
-    let col_blocks = w.np / BLOCK;
-    let mut chunks = col_blocks.div_ceil(TASK_BLOCKS);
-    if m_blocks * chunks < 4 * threads {
-        chunks = chunks.div_ceil(threads) * threads;
-    }
-    let chunks = if threads == 1 {
-        1
-    } else {
-        chunks.clamp(1, col_blocks)
-    };
-    let out = Out(y.as_mut_ptr());
-    let run = |t: usize| {
-        let (mb, chunk) = (t / chunks, t % chunks);
-        let rows = mb * mc..m.min((mb + 1) * mc);
-        let cols = chunk * col_blocks / chunks..(chunk + 1) * col_blocks / chunks;
-        // SAFETY: the task writes `rows` x the columns of `cols` only, inside
-        // the m x n buffer; `a` holds m rows of the padded depth.
-        unsafe { task(&a, w, rows, cols, bias, f, out) };
-    };
-    match threads {
-        1 => (0..m_blocks * chunks).for_each(run),
-        _ => (0..m_blocks * chunks).into_par_iter().for_each(run),
-    }
-    // SAFETY: the tasks wrote every element.
-    unsafe { y.set_len(m * n) };
-    y
-}
-
-/// One task: `rows` of the output by the column blocks `cols`. Each pair of
-/// weight tiles is read from memory once and passes over all the task's rows
-/// (32 at a time, the tiles configured for the rows there are) while it is
-/// in cache; then the rows get their bias and activation in one pass across
-/// the task's columns.
-///
-/// # Safety
-/// `out` points at an m x n buffer that `rows` and `cols` lie within; no
-/// other thread writes these elements.
-unsafe fn task(
-    a: &[u16],
-    w: &Bf16Matrix,
-    rows: std::ops::Range<usize>,
-    cols: std::ops::Range<usize>,
-    bias: Option<&[f32]>,
-    f: Pointwise,
-    out: Out,
-) {
-    let (n, kp) = (w.n, w.kp);
-    let steps = kp / TK;
-    let mut tile = [0f32; BLOCK * BLOCK];
-    let span = cols.start * BLOCK..n.min(cols.end * BLOCK);
-    if span.is_empty() {
-        return;
-    }
-    let mut configured = (0, 0);
-    for cb in cols.clone() {
-        let col0 = cb * BLOCK;
-        if col0 >= n {
-            break;
+    let n = w.n;
+    amx::product(as_bytes(&a), m, &weights, |rows, span, out| {
+        if bias.is_none() && f == Pointwise::Identity {
+            return;
         }
-        let ncols = BLOCK.min(n - col0);
-        let b0 = &w.tiles[(2 * cb) * steps * T * TK..];
-        let b1 = &w.tiles[(2 * cb + 1) * steps * T * TK..];
-        for r0 in rows.clone().step_by(BLOCK) {
-            let nrows = BLOCK.min(rows.end - r0);
-            let shape = (nrows.min(T), nrows.saturating_sub(T));
-            if shape != configured {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AMX was detected and permitted before any matrix
-                // was made.
-                unsafe {
-                    amx::configure(shape.0, shape.1)
-                };
-                configured = shape;
-            }
-            // Whole columns go straight to the output; an edge block through
-            // `tile`.
-            let (c, ldc) = if ncols == BLOCK {
-                // SAFETY: rows r0..r0 + nrows, columns col0..col0 + 32 are in
-                // bounds.
-                (unsafe { out.at(r0 * n + col0) }, n)
-            } else {
-                (tile.as_mut_ptr(), BLOCK)
-            };
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `a` holds `nrows` rows of kp values from row r0, `b0`
-            // and `b1` `steps` tiles each, `c` room for nrows rows of 32,
-            // `ldc` apart; the tiles were configured for these rows.
-            unsafe {
-                let (a, b0, b1) = (a[r0 * kp..].as_ptr(), b0.as_ptr(), b1.as_ptr());
-                match shape.1 {
-                    0 => amx::block1(a, kp, b0, b1, steps, c, ldc),
-                    _ => amx::block2(a, kp, b0, b1, steps, c, ldc),
-                }
-            };
-            if ncols < BLOCK {
-                for i in 0..nrows {
-                    // SAFETY: row r0 + i, columns col0..col0 + ncols: in bounds.
-                    let row = unsafe {
-                        std::slice::from_raw_parts_mut(out.at((r0 + i) * n + col0), ncols)
-                    };
-                    row.copy_from_slice(&tile[i * BLOCK..i * BLOCK + ncols]);
-                }
-            }
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: releases the tile state this task configured.
-    unsafe {
-        amx::release()
-    };
-    if bias.is_some() || f != Pointwise::Identity {
         for i in rows {
-            // SAFETY: row i across the task's columns: in bounds, this task's
-            // own.
+            // SAFETY: row i across the task's columns: in bounds, this
+            // task's own.
             let row =
                 unsafe { std::slice::from_raw_parts_mut(out.at(i * n + span.start), span.len()) };
             epilogue(row, bias.map(|b| &b[span.clone()]), f);
         }
-    }
+    })
 }
 
-#[cfg(target_arch = "x86_64")]
-mod amx {
-    use std::arch::asm;
-
-    use super::{T, TK};
-
-    /// A tile configuration (palette 1): tmm0-1 the f32 results of the top
-    /// rows, tmm2-3 of the bottom rows, tmm4-5 their activations, tmm6-7
-    /// weights; every row 64 bytes.
-    #[repr(C, align(64))]
-    struct Config {
-        palette: u8,
-        start_row: u8,
-        reserved: [u8; 14],
-        colsb: [u16; 16],
-        rows: [u8; 16],
-    }
-
-    /// CPUID says AMX-TILE and AMX-BF16, and Linux grants this process the
-    /// tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`).
-    #[cfg(target_os = "linux")]
-    pub fn detect() -> bool {
-        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-        const XFEATURE_XTILEDATA: libc::c_long = 18;
-        if !std::arch::is_x86_feature_detected!("avx512f")
-            || !std::arch::is_x86_feature_detected!("avx512bw")
-        {
-            return false;
-        }
-        // CPUID leaf 7 exists on every CPU with AVX-512.
-        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-        let (tile, bf16) = (leaf7.edx & (1 << 24) != 0, leaf7.edx & (1 << 22) != 0);
-        if !(tile && bf16) {
-            return false;
-        }
-        // SAFETY: a plain system call; it fails (non-zero) where the kernel
-        // does not support or allow tile data.
-        let granted = unsafe {
-            libc::syscall(
-                libc::SYS_arch_prctl,
-                ARCH_REQ_XCOMP_PERM,
-                XFEATURE_XTILEDATA,
-            )
-        };
-        granted == 0
-    }
-
-    /// Configures this thread's tiles for `top` (1 to 16) rows and `bottom`
-    /// (0 to 16) more.
-    ///
-    /// # Safety
-    /// [`detect`] returned true.
-    pub unsafe fn configure(top: usize, bottom: usize) {
-        let (top, bottom) = (top as u8, bottom as u8);
-        let width = |rows: u8| if rows == 0 { 0 } else { 64 };
-        let mut config = Config {
-            palette: 1,
-            start_row: 0,
-            reserved: [0; 14],
-            colsb: [0; 16],
-            rows: [0; 16],
-        };
-        for (tile, rows) in [top, top, bottom, bottom, top, bottom, 16, 16]
-            .into_iter()
-            .enumerate()
-        {
-            config.rows[tile] = rows;
-            config.colsb[tile] = width(rows);
-        }
-        // SAFETY: a valid palette-1 configuration.
-        unsafe { asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly)) };
-    }
-
-    /// Releases this thread's tile state.
-    ///
-    /// # Safety
-    /// [`detect`] returned true.
-    pub unsafe fn release() {
-        unsafe { asm!("tilerelease", options(nostack, nomem)) };
-    }
-
-    /// `c[0..16 + bottom, 0..32] = a * [b0 b1]`: `a` rows of `kp` bf16
-    /// values (16, then `bottom` as configured), `b0` and `b1` `steps`
-    /// weight tiles each (16 columns apiece), `c` f32 rows `ldc` values
-    /// apart.
-    ///
-    /// # Safety
-    /// [`configure`] ran on this thread with `bottom > 0`; the pointers are
-    /// valid for those extents; `steps > 0`.
-    pub unsafe fn block2(
-        a: *const u16,
-        kp: usize,
-        b0: *const u16,
-        b1: *const u16,
-        steps: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        unsafe {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "2:",
-                "tileloadd tmm4, [{a} + {sa}*1]",
-                "tileloadd tmm6, [{b0} + {sb}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a2} + {sa}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "add {a}, 64",
-                "add {a2}, 64",
-                "add {b0}, {tb}",
-                "add {b1}, {tb}",
-                "dec {n}",
-                "jnz 2b",
-                "tilestored [{c} + {sc}*1], tmm0",
-                "tilestored [{c1} + {sc}*1], tmm1",
-                "tilestored [{c2} + {sc}*1], tmm2",
-                "tilestored [{c3} + {sc}*1], tmm3",
-                a = inout(reg) a => _,
-                a2 = inout(reg) a.add(T * kp) => _,
-                b0 = inout(reg) b0 => _,
-                b1 = inout(reg) b1 => _,
-                n = inout(reg) steps => _,
-                sa = in(reg) kp * 2,
-                sb = in(reg) 64usize,
-                tb = in(reg) T * TK * 2,
-                c = in(reg) c,
-                c1 = in(reg) c.add(T),
-                c2 = in(reg) c.add(T * ldc),
-                c3 = in(reg) c.add(T * ldc + T),
-                sc = in(reg) ldc * 4,
-                options(nostack),
-            );
-        }
-    }
-
-    /// [`block2`] for the top rows only (1 to 16, as configured).
-    ///
-    /// # Safety
-    /// [`configure`] ran on this thread; the pointers are valid for those
-    /// extents; `steps > 0`.
-    pub unsafe fn block1(
-        a: *const u16,
-        kp: usize,
-        b0: *const u16,
-        b1: *const u16,
-        steps: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        unsafe {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "2:",
-                "tileloadd tmm4, [{a} + {sa}*1]",
-                "tileloadd tmm6, [{b0} + {sb}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "add {a}, 64",
-                "add {b0}, {tb}",
-                "add {b1}, {tb}",
-                "dec {n}",
-                "jnz 2b",
-                "tilestored [{c} + {sc}*1], tmm0",
-                "tilestored [{c1} + {sc}*1], tmm1",
-                a = inout(reg) a => _,
-                b0 = inout(reg) b0 => _,
-                b1 = inout(reg) b1 => _,
-                n = inout(reg) steps => _,
-                sa = in(reg) kp * 2,
-                sb = in(reg) 64usize,
-                tb = in(reg) T * TK * 2,
-                c = in(reg) c,
-                c1 = in(reg) c.add(T),
-                sc = in(reg) ldc * 4,
-                options(nostack),
-            );
-        }
-    }
+/// The bytes of bf16 values, as the tile loads read them.
+fn as_bytes(v: &[u16]) -> &[u8] {
+    // SAFETY: any u16 is two initialised bytes; u8 has no alignment.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
 }
 
 #[cfg(test)]

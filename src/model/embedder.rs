@@ -42,7 +42,9 @@ impl Clip {
     pub fn load_with(source: &ModelSource, hub: &HubOptions, precision: Precision) -> Result<Self> {
         let mut clip = match precision {
             Precision::Exact => Self::load(source, hub)?,
-            Precision::Fast => super::bf16::converting_on_load(|| Self::load(source, hub))?,
+            Precision::Fast | Precision::Int8 => {
+                super::bf16::converting_on_load(precision, || Self::load(source, hub))?
+            }
         };
         clip.set_precision(precision)?;
         Ok(clip)
@@ -105,12 +107,13 @@ impl Clip {
         if precision == self.info.precision {
             return Ok(());
         }
-        if precision == Precision::Exact {
-            return Err(Error::Input(
-                "a fast model cannot go back to exact: load it again".into(),
-            ));
+        if self.info.precision != Precision::Exact {
+            return Err(Error::Input(format!(
+                "a {} model cannot change to {precision}: load it again",
+                self.info.precision
+            )));
         }
-        self.model.to_bf16()?;
+        super::bf16::in_format(precision, || self.model.to_bf16())?;
         self.info.precision = precision;
         // Vectors of another precision are another model's to an index:
         // every check that compares fingerprints refuses to mix them.

@@ -127,8 +127,9 @@ impl PackedMatrix {
 pub trait Prepacked: std::fmt::Debug + Send + Sync {
     /// The custom op's name.
     fn name(&self) -> &'static str;
-    /// Whether products round to bf16 (`--precision fast`).
-    fn is_bf16(&self) -> bool {
+    /// Whether products run in reduced precision (bf16 or int8, `--precision
+    /// fast`).
+    fn is_reduced(&self) -> bool {
         false
     }
     /// (out, in).

@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 
 use super::bf16::{Bf16Matrix, LayerKind};
 use super::gemm::{PackedMatrix, Prepacked};
+use super::int8::Int8Matrix;
 
 use super::Result;
 use super::config::Activation;
@@ -99,24 +100,30 @@ impl Linear {
         if !super::bf16::converts(kind) {
             return Ok(());
         }
-        self.to_bf16_with(super::bf16::available())
+        self.to_bf16_with(kind, super::bf16::available())
     }
 
     /// [`Self::to_bf16`] with the AMX kernel (`amx`, where available) or
     /// without it.
-    fn to_bf16_with(&mut self, amx: bool) -> Result<()> {
+    fn to_bf16_with(&mut self, kind: LayerKind, amx: bool) -> Result<()> {
         match &self.weight {
             Weight::Graph(_) => return Ok(()),
-            Weight::Prepacked(p) if p.is_bf16() => return Ok(()),
+            Weight::Prepacked(p) if p.is_reduced() => return Ok(()),
             _ => {}
         }
         let w = self.weight()?;
-        let matrix = match amx {
-            true => Bf16Matrix::new(&w)?,
+        let int8 = amx && super::bf16::int8_now() && super::bf16::int8_for(kind);
+        let matrix: Option<Arc<dyn Prepacked>> = match int8 {
+            true => Int8Matrix::new(&w)?.map(|m| Arc::new(m) as _),
             false => None,
         };
+        let matrix = match (matrix, amx) {
+            (Some(m), _) => Some(m),
+            (None, true) => Bf16Matrix::new(&w)?.map(|m| Arc::new(m) as _),
+            (None, false) => None,
+        };
         self.weight = match matrix {
-            Some(m) => Weight::Prepacked(Arc::new(m)),
+            Some(m) => Weight::Prepacked(m),
             None => {
                 let rounded = w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
                 Self::new(rounded, None)?.weight
@@ -630,10 +637,10 @@ mod tests {
         amx.to_bf16(LayerKind::Qkv).unwrap();
         let mut portable = Linear::new(w.clone(), Some(b.clone())).unwrap();
         let exact = Linear::new(w.clone(), Some(b)).unwrap();
-        portable.to_bf16_with(false).unwrap();
-        assert!(!matches!(&portable.weight, Weight::Prepacked(p) if p.is_bf16()));
+        portable.to_bf16_with(LayerKind::Qkv, false).unwrap();
+        assert!(!matches!(&portable.weight, Weight::Prepacked(p) if p.is_reduced()));
         if crate::model::bf16::available() {
-            assert!(matches!(&amx.weight, Weight::Prepacked(p) if p.is_bf16()));
+            assert!(matches!(&amx.weight, Weight::Prepacked(p) if p.is_reduced()));
         }
         let rounded = w
             .to_dtype(DType::BF16)
@@ -680,7 +687,7 @@ mod tests {
         let plain = plain.unwrap();
         assert!(matches!(plain.weight, Weight::Plain(..)));
         if crate::model::gemm::available() {
-            assert!(matches!(&packed.weight, Weight::Prepacked(p) if !p.is_bf16()));
+            assert!(matches!(&packed.weight, Weight::Prepacked(p) if !p.is_reduced()));
         }
         assert_eq!(
             packed.weight().unwrap().to_vec2::<f32>().unwrap(),

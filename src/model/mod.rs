@@ -13,6 +13,7 @@
 //! This module knows nothing of files other than checkpoints, of image
 //! formats, or of indexes: it takes RGB buffers and strings.
 
+mod amx;
 pub mod bf16;
 pub mod catalog;
 pub mod checkpoint;
@@ -20,6 +21,7 @@ pub mod config;
 mod embedder;
 pub mod gemm;
 pub mod init;
+pub mod int8;
 pub mod layers;
 pub mod loss;
 pub mod open_clip;
@@ -45,6 +47,17 @@ pub use checkpoint::{DEFAULT_MODEL, HubOptions, ModelSource};
 pub use config::{
     Activation, ClipConfig, Family, ResNetConfig, TextConfig, VisionConfig, VisionPool,
 };
+/// The precision a new index is made with unless told: `fast` where the CPU
+/// multiplies bf16 on AMX (2.5 to 3.5 times exact's images/s there, every
+/// embedding within a cosine of 0.9999 of exact's), `exact` elsewhere, where
+/// `fast` would gain nothing.
+pub fn default_precision() -> Precision {
+    match bf16::available() {
+        true => Precision::Fast,
+        false => Precision::Exact,
+    }
+}
+
 pub use embedder::{Calibration, Clip, ModelInfo, Precision};
 pub use preprocess::{Preprocessor, RgbView};
 pub use tokenizer::{ClipTokenizer, TextTokenizer};

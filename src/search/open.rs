@@ -116,20 +116,24 @@ fn unlocked<T>(
 
 /// Opens (or, with a library, creates) the index and loads its model.
 pub fn open(opts: &OpenOptions, on_step: &mut dyn FnMut(Step)) -> Result<Engine, OpenError> {
-    // The model named, else the index's own, else the default for a new index.
-    let (model_id, precision) = match (opts.model, IndexPaths::new(opts.index).exists()) {
-        (Some(m), _) => (m.to_string(), opts.precision.unwrap_or_default()),
-        (None, true) => {
+    // The model named, else the index's own, else the default for a new
+    // index; the precision asked, else the index's, else the default.
+    let built = match IndexPaths::new(opts.index).exists() {
+        true => {
             on_step(Step::ReadingIndex);
-            let meta = unlocked(opts.wait, on_step, || Index::read_meta(opts.index))?;
-            let built = meta.model;
-            (built.id, opts.precision.unwrap_or(built.precision))
+            Some(unlocked(opts.wait, on_step, || Index::read_meta(opts.index))?.model)
         }
-        (None, false) if opts.library.is_some() => (
-            DEFAULT_MODEL.to_string(),
-            opts.precision.unwrap_or_default(),
-        ),
-        (None, false) => return Err(OpenError::NoIndex),
+        false => None,
+    };
+    let precision = opts
+        .precision
+        .or(built.as_ref().map(|b| b.precision))
+        .unwrap_or_else(crate::model::default_precision);
+    let model_id = match (opts.model, built) {
+        (Some(m), _) => m.to_string(),
+        (None, Some(built)) => built.id,
+        (None, None) if opts.library.is_some() => DEFAULT_MODEL.to_string(),
+        (None, None) => return Err(OpenError::NoIndex),
     };
     on_step(Step::LoadingModel(model_id.clone()));
     let model_error = |source| OpenError::Model {

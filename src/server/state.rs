@@ -23,7 +23,8 @@ pub struct ServerConfig {
     pub library: Option<PathBuf>,
     /// Model to use; `None` takes the index's.
     pub model: Option<String>,
-    /// The model's precision; `None` takes the index's (exact for a new one).
+    /// The model's precision; `None` takes the index's (for a new one,
+    /// `model::default_precision`).
     pub precision: Option<crate::search::Precision>,
     pub hub: HubOptions,
     pub run: RunOptions,

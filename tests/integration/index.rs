@@ -279,7 +279,14 @@ fn index_skips_bad_files_with_reasons_and_keeps_metadata() {
         s["library"].as_str().unwrap(),
         std::fs::canonicalize(&lib.root).unwrap().to_str().unwrap()
     );
-    assert!(s["model"]["fingerprint"].as_str().unwrap().len() == 16);
+    // 16 hex digits, then the precision unless exact.
+    let fingerprint = s["model"]["fingerprint"].as_str().unwrap();
+    let (hash, precision) = fingerprint
+        .split_once('/')
+        .unwrap_or((fingerprint, "exact"));
+    assert!(hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(precision, s["model"]["precision"]);
+    assert_eq!(precision, clipdex::model::default_precision().name());
     assert!(s["size_on_disk"]["thumbnails"].as_u64().unwrap() > 0);
 
     let recs = records(&lib);

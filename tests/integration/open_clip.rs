@@ -202,8 +202,17 @@ fn index_and_search_with_an_open_clip_resnet() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(hits.len(), 6);
-    // The scores are the model's own cosines: embed the query and a hit's photo directly.
-    let clip = load(Path::new(model)).unwrap();
+    // The scores are the model's own cosines: embed the query and a hit's
+    // photo directly, at the precision a new index is made with.
+    let clip = Clip::load_with(
+        &ModelSource::Dir(model.into()),
+        &HubOptions {
+            offline: true,
+            progress: false,
+        },
+        clipdex::model::default_precision(),
+    )
+    .unwrap();
     let query = &clip.embed_texts(&["a fish &amp; a reef"]).unwrap()[0];
     let top = &hits[0];
     let photo = root.join(top["path"].as_str().unwrap().rsplit('/').next().unwrap());

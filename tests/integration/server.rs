@@ -79,14 +79,17 @@ pub fn config(index: &Path) -> ServerConfig {
     }
 }
 
+/// The index with the fixture model at the precision its vectors were made
+/// with (the CPU's default for a new index, unless a test asked for one).
 pub fn engine(index: &Path) -> Engine {
     let index = crate::common::open_index(index);
-    let clip = Clip::load(
+    let clip = Clip::load_with(
         &ModelSource::Dir(fixture_model("openai-tiny")),
         &HubOptions {
             offline: true,
             progress: false,
         },
+        index.meta().model.precision,
     )
     .unwrap();
     Engine::new(Arc::new(index), Arc::new(clip)).unwrap()
@@ -284,7 +287,11 @@ async fn search_endpoints_return_ranked_photos() {
     let status = get(&s, "/api/status").await.json();
     assert_eq!(status["state"], "ready");
     assert_eq!(status["photos"], 27);
-    assert_eq!(status["precision"], "exact");
+    // A new index is made at the CPU's default precision.
+    assert_eq!(
+        status["precision"],
+        clipdex::model::default_precision().name()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,464 @@
+//! The Intel AMX tile product shared by the reduced-precision layers of
+//! `--precision fast`: bf16 ([`super::bf16`], `TDPBF16PS`, f32 sums) and
+//! int8 ([`super::int8`], `TDPBUSD`, i32 sums).
+//!
+//! Both formats fill a 64-byte tile row: 32 bf16 or 64 int8 values of depth.
+//! A weight is laid out once, at load, as `B` tiles: for each block of [`T`]
+//! output columns, the whole depth in 1 KB tiles, one per 64 bytes of depth
+//! ([`Format::offset`]). A product turns its activations into rows of the
+//! same format (`a`, 64 bytes of depth per tile step) and runs 32 x 32
+//! blocks of output, two by two tiles, each pair of weight tiles loaded once
+//! per 32 rows.
+//!
+//! AMX is detected at run time (CPUID, and the kernel's permission to use
+//! tile data, asked once per process).
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::gemm::Out;
+
+/// Rows and columns of one result tile (f32 or i32).
+pub(super) const T: usize = 16;
+/// Bytes of depth in one tile row.
+pub(super) const ROW_BYTES: usize = 64;
+/// Bytes of one tile (16 rows of 64).
+pub(super) const TILE_BYTES: usize = T * ROW_BYTES;
+/// Rows and columns of the block one kernel call computes (2 x 2 tiles).
+pub(super) const BLOCK: usize = 2 * T;
+/// Most rows per task: their activations (a few hundred KB) stay in L2 while
+/// the task's weight tiles pass over them.
+const MC: usize = 128;
+/// Column blocks (of [`BLOCK`]) per task when there are rows enough to share.
+const TASK_BLOCKS: usize = 16;
+/// Products below this many bytes of multiply-adds (rows x padded columns x
+/// padded depth in bytes) run on the calling thread: handing them to the
+/// pool costs more than the second core gives back.
+const PARALLEL_WORK: usize = 2 << 20;
+
+/// What a tile element is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Format {
+    /// bf16 pairs, f32 sums (`TDPBF16PS`).
+    Bf16,
+    /// Int8 quadruples, activations unsigned and weights signed, i32 sums
+    /// (`TDPBUSD`).
+    Int8,
+}
+
+impl Format {
+    /// Values of depth per element group of a `B` tile row (2 or 4).
+    const fn group(self) -> usize {
+        match self {
+            Format::Bf16 => 2,
+            Format::Int8 => 4,
+        }
+    }
+
+    /// Values of depth in one tile step.
+    pub(super) const fn depth(self) -> usize {
+        match self {
+            Format::Bf16 => ROW_BYTES / 2,
+            Format::Int8 => ROW_BYTES,
+        }
+    }
+
+    /// Where weight `(o, kk)` is among its column block's elements, counted
+    /// in elements (u16 or i8): tile `kk / depth`, row `kk % depth / group`,
+    /// column `o % T`, place `kk % group` within the column's group.
+    pub(super) fn offset(self, kk: usize, o: usize) -> usize {
+        let (depth, group) = (self.depth(), self.group());
+        let (step, within) = (kk / depth, kk % depth);
+        step * T * depth + (within / group) * group * T + group * (o % T) + within % group
+    }
+}
+
+/// Whether this CPU and kernel run AMX products in `format` (checked once).
+pub(super) fn available(format: Format) -> bool {
+    static AMX: OnceLock<(bool, bool)> = OnceLock::new();
+    let (bf16, int8) = *AMX.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            tiles::detect()
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        {
+            (false, false)
+        }
+    });
+    match format {
+        Format::Bf16 => bf16,
+        Format::Int8 => int8,
+    }
+}
+
+/// A weight as `B` tiles: `tiles` holds, for each block of [`T`] output
+/// columns of `np` (a multiple of [`BLOCK`]), `steps` tiles of depth.
+pub(super) struct Weights<'a> {
+    pub format: Format,
+    /// Output features.
+    pub n: usize,
+    /// `n` rounded up to [`BLOCK`].
+    pub np: usize,
+    /// Tiles of depth per column block.
+    pub steps: usize,
+    pub tiles: &'a [u8],
+}
+
+/// `x W` with `a` holding `m` rows of activations in `w`'s format, each
+/// `steps * 64` bytes: raw sums (f32 for bf16, i32 bits for int8) in a fresh
+/// (m x n) buffer. `finish(rows, columns, out)` runs once per task, after
+/// its tiles, on the rows and output columns the task wrote (to add the
+/// bias, scale, apply the activation).
+pub(super) fn product(
+    a: &[u8],
+    m: usize,
+    w: &Weights,
+    finish: impl Fn(Range<usize>, Range<usize>, Out) + Sync,
+) -> Vec<f32> {
+    let n = w.n;
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    if m == 0 || n == 0 {
+        return y;
+    }
+    let row_bytes = w.steps * ROW_BYTES;
+    let threads = match m * w.np * row_bytes {
+        work if work < PARALLEL_WORK => 1,
+        _ => rayon::current_num_threads().max(1),
+    };
+    // Row blocks of whole 32-row blocks, as even as that allows.
+    let mc = m.div_ceil(m.div_ceil(MC)).next_multiple_of(BLOCK);
+    let m_blocks = m.div_ceil(mc);
+    let col_blocks = w.np / BLOCK;
+    let mut chunks = col_blocks.div_ceil(TASK_BLOCKS);
+    if m_blocks * chunks < 4 * threads {
+        chunks = chunks.div_ceil(threads) * threads;
+    }
+    let chunks = if threads == 1 {
+        1
+    } else {
+        chunks.clamp(1, col_blocks)
+    };
+    let out = Out(y.as_mut_ptr());
+    let run = |t: usize| {
+        let (mb, chunk) = (t / chunks, t % chunks);
+        let rows = mb * mc..m.min((mb + 1) * mc);
+        let cols = chunk * col_blocks / chunks..(chunk + 1) * col_blocks / chunks;
+        let span = cols.start * BLOCK..n.min(cols.end * BLOCK);
+        if span.is_empty() {
+            return;
+        }
+        // SAFETY: the task writes `rows` x the columns of `cols` only, inside
+        // the m x n buffer; `a` holds m rows of `row_bytes`.
+        unsafe { task(a, row_bytes, w, rows.clone(), cols, out) };
+        finish(rows, span, out);
+    };
+    match threads {
+        1 => (0..m_blocks * chunks).for_each(run),
+        _ => (0..m_blocks * chunks).into_par_iter().for_each(run),
+    }
+    // SAFETY: the tasks wrote every element.
+    unsafe { y.set_len(m * n) };
+    y
+}
+
+/// One task: `rows` of the output by the column blocks `cols`. Each pair of
+/// weight tiles is read from memory once and passes over all the task's rows
+/// (32 at a time, the tiles configured for the rows there are) while it is
+/// in cache.
+///
+/// # Safety
+/// `out` points at an m x n buffer that `rows` and `cols` lie within; no
+/// other thread writes these elements; AMX was detected for `w.format`.
+unsafe fn task(
+    a: &[u8],
+    row_bytes: usize,
+    w: &Weights,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    out: Out,
+) {
+    let (n, steps) = (w.n, w.steps);
+    let mut tile = [0f32; BLOCK * BLOCK];
+    let mut configured = (0, 0);
+    for cb in cols {
+        let col0 = cb * BLOCK;
+        if col0 >= n {
+            break;
+        }
+        let ncols = BLOCK.min(n - col0);
+        let b0 = &w.tiles[(2 * cb) * steps * TILE_BYTES..];
+        let b1 = &w.tiles[(2 * cb + 1) * steps * TILE_BYTES..];
+        for r0 in rows.clone().step_by(BLOCK) {
+            let nrows = BLOCK.min(rows.end - r0);
+            let shape = (nrows.min(T), nrows.saturating_sub(T));
+            if shape != configured {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AMX was detected and permitted before any matrix
+                // was made.
+                unsafe {
+                    tiles::configure(shape.0, shape.1)
+                };
+                configured = shape;
+            }
+            // Whole columns go straight to the output; an edge block through
+            // `tile`.
+            let (c, ldc) = if ncols == BLOCK {
+                // SAFETY: rows r0..r0 + nrows, columns col0..col0 + 32 are in
+                // bounds.
+                (unsafe { out.at(r0 * n + col0) }, n)
+            } else {
+                (tile.as_mut_ptr(), BLOCK)
+            };
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `a` holds `nrows` rows of `row_bytes` from row r0,
+            // `b0` and `b1` `steps` tiles each, `c` room for nrows rows of
+            // 32, `ldc` apart; the tiles were configured for these rows.
+            unsafe {
+                let (a, b0, b1) = (a[r0 * row_bytes..].as_ptr(), b0.as_ptr(), b1.as_ptr());
+                let c = c.cast::<u8>();
+                match (w.format, shape.1) {
+                    (Format::Bf16, 0) => tiles::bf16_block1(a, row_bytes, b0, b1, steps, c, ldc),
+                    (Format::Bf16, _) => tiles::bf16_block2(a, row_bytes, b0, b1, steps, c, ldc),
+                    (Format::Int8, 0) => tiles::int8_block1(a, row_bytes, b0, b1, steps, c, ldc),
+                    (Format::Int8, _) => tiles::int8_block2(a, row_bytes, b0, b1, steps, c, ldc),
+                }
+            };
+            if ncols < BLOCK {
+                for i in 0..nrows {
+                    // SAFETY: row r0 + i, columns col0..col0 + ncols: in bounds.
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(out.at((r0 + i) * n + col0), ncols)
+                    };
+                    row.copy_from_slice(&tile[i * BLOCK..i * BLOCK + ncols]);
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: releases the tile state this task configured.
+    unsafe {
+        tiles::release()
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod tiles {
+    use std::arch::asm;
+
+    use super::{ROW_BYTES, T, TILE_BYTES};
+
+    /// A tile configuration (palette 1): tmm0-1 the sums of the top rows,
+    /// tmm2-3 of the bottom rows, tmm4-5 their activations, tmm6-7 weights;
+    /// every row 64 bytes.
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// CPUID says AMX-TILE and AMX-BF16 (first) and AMX-INT8 (second), and
+    /// Linux grants this process the tile data state
+    /// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`).
+    #[cfg(target_os = "linux")]
+    pub fn detect() -> (bool, bool) {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        if !std::arch::is_x86_feature_detected!("avx512f")
+            || !std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            return (false, false);
+        }
+        // CPUID leaf 7 exists on every CPU with AVX-512.
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let bit = |b: u32| leaf7.edx & (1 << b) != 0;
+        let (tile, bf16, int8) = (bit(24), bit(22), bit(25));
+        if !tile || !(bf16 || int8) {
+            return (false, false);
+        }
+        // SAFETY: a plain system call; it fails (non-zero) where the kernel
+        // does not support or allow tile data.
+        let granted = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        } == 0;
+        (granted && bf16, granted && int8)
+    }
+
+    /// Configures this thread's tiles for `top` (1 to 16) rows and `bottom`
+    /// (0 to 16) more.
+    ///
+    /// # Safety
+    /// [`detect`] found AMX.
+    pub unsafe fn configure(top: usize, bottom: usize) {
+        let (top, bottom) = (top as u8, bottom as u8);
+        let width = |rows: u8| if rows == 0 { 0 } else { ROW_BYTES as u16 };
+        let mut config = Config {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for (tile, rows) in [top, top, bottom, bottom, top, bottom, 16, 16]
+            .into_iter()
+            .enumerate()
+        {
+            config.rows[tile] = rows;
+            config.colsb[tile] = width(rows);
+        }
+        // SAFETY: a valid palette-1 configuration.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly)) };
+    }
+
+    /// Releases this thread's tile state.
+    ///
+    /// # Safety
+    /// [`detect`] found AMX.
+    pub unsafe fn release() {
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// The two kernels of one instruction: `NAME2` computes
+    /// `c[0..16 + bottom, 0..32] = a * [b0 b1]` from `a` rows of `sa` bytes
+    /// (16, then `bottom` as configured) and `b0`, `b1` `steps` weight
+    /// tiles each (16 columns apiece), into 4-byte sums in rows `ldc`
+    /// elements apart; `NAME1` the same for the top rows only.
+    macro_rules! kernels {
+        ($name1:ident, $name2:ident, $op:literal) => {
+            /// # Safety
+            /// [`configure`] ran on this thread with `bottom > 0`; the
+            /// pointers are valid for those extents; `steps > 0`; the CPU
+            /// has the instruction.
+            pub unsafe fn $name2(
+                a: *const u8,
+                sa: usize,
+                b0: *const u8,
+                b1: *const u8,
+                steps: usize,
+                c: *mut u8,
+                ldc: usize,
+            ) {
+                unsafe {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        "2:",
+                        "tileloadd tmm4, [{a} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        concat!($op, " tmm0, tmm4, tmm6"),
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        concat!($op, " tmm1, tmm4, tmm7"),
+                        "tileloadd tmm5, [{a2} + {sa}*1]",
+                        concat!($op, " tmm2, tmm5, tmm6"),
+                        concat!($op, " tmm3, tmm5, tmm7"),
+                        "add {a}, 64",
+                        "add {a2}, 64",
+                        "add {b0}, {tb}",
+                        "add {b1}, {tb}",
+                        "dec {n}",
+                        "jnz 2b",
+                        "tilestored [{c} + {sc}*1], tmm0",
+                        "tilestored [{c1} + {sc}*1], tmm1",
+                        "tilestored [{c2} + {sc}*1], tmm2",
+                        "tilestored [{c3} + {sc}*1], tmm3",
+                        a = inout(reg) a => _,
+                        a2 = inout(reg) a.add(T * sa) => _,
+                        b0 = inout(reg) b0 => _,
+                        b1 = inout(reg) b1 => _,
+                        n = inout(reg) steps => _,
+                        sa = in(reg) sa,
+                        sb = in(reg) ROW_BYTES,
+                        tb = in(reg) TILE_BYTES,
+                        c = in(reg) c,
+                        c1 = in(reg) c.add(4 * T),
+                        c2 = in(reg) c.add(4 * T * ldc),
+                        c3 = in(reg) c.add(4 * (T * ldc + T)),
+                        sc = in(reg) ldc * 4,
+                        options(nostack),
+                    );
+                }
+            }
+
+            /// # Safety
+            /// [`configure`] ran on this thread; the pointers are valid for
+            /// those extents; `steps > 0`; the CPU has the instruction.
+            pub unsafe fn $name1(
+                a: *const u8,
+                sa: usize,
+                b0: *const u8,
+                b1: *const u8,
+                steps: usize,
+                c: *mut u8,
+                ldc: usize,
+            ) {
+                unsafe {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "2:",
+                        "tileloadd tmm4, [{a} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        concat!($op, " tmm0, tmm4, tmm6"),
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        concat!($op, " tmm1, tmm4, tmm7"),
+                        "add {a}, 64",
+                        "add {b0}, {tb}",
+                        "add {b1}, {tb}",
+                        "dec {n}",
+                        "jnz 2b",
+                        "tilestored [{c} + {sc}*1], tmm0",
+                        "tilestored [{c1} + {sc}*1], tmm1",
+                        a = inout(reg) a => _,
+                        b0 = inout(reg) b0 => _,
+                        b1 = inout(reg) b1 => _,
+                        n = inout(reg) steps => _,
+                        sa = in(reg) sa,
+                        sb = in(reg) ROW_BYTES,
+                        tb = in(reg) TILE_BYTES,
+                        c = in(reg) c,
+                        c1 = in(reg) c.add(4 * T),
+                        sc = in(reg) ldc * 4,
+                        options(nostack),
+                    );
+                }
+            }
+        };
+    }
+
+    kernels!(bf16_block1, bf16_block2, "tdpbf16ps");
+    kernels!(int8_block1, int8_block2, "tdpbusd");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_cover_each_tile_once() {
+        for format in [Format::Bf16, Format::Int8] {
+            let depth = format.depth();
+            let mut seen = vec![false; T * depth];
+            for kk in 0..depth {
+                for o in 0..T {
+                    let at = format.offset(kk, o);
+                    assert!(!seen[at], "{format:?} ({kk}, {o})");
+                    seen[at] = true;
+                }
+            }
+            assert!(seen.iter().all(|&s| s));
+            // The next tile of depth starts a tile further on.
+            assert_eq!(format.offset(depth, 0), T * depth);
+        }
+    }
+}

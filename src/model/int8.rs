@@ -1,0 +1,623 @@
+//! Dense layers in int8 on Intel AMX, for `--precision fast`.
+//!
+//! A weight is quantized once, at load, per output channel (symmetric: a
+//! scale per column, values -127 to 127) and laid out as AMX tiles
+//! ([`Int8Matrix`]). Each product quantizes its activations per row (per
+//! token, at run time) to unsigned 0 to 255 over the row's own range, zero
+//! included (a scale and a zero point: twice the steps of a symmetric
+//! code for a row that is mostly one sign, as after a GELU), multiplies with
+//! `TDPBUSD` (i32 sums, so exact), and turns each sum back with its row's
+//! and column's scales, less the zero point times the column's sum of
+//! weights, before the bias and the activation. Half the bytes of bf16 per
+//! weight and twice its multiply-adds per instruction.
+//!
+//! Without AMX-INT8 [`Int8Matrix::new`] returns `None`, and the caller keeps
+//! the layer in bf16 ([`super::bf16`]).
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use super::amx::{self, BLOCK, Format, T, Weights};
+use super::gemm::{Out, epilogue};
+use super::ops::Pointwise;
+
+/// Depth of one tile step: a 64-byte tile row of int8 values.
+const TK: usize = Format::Int8.depth();
+
+/// Whether this CPU and kernel run AMX int8 products (checked once).
+pub fn available() -> bool {
+    amx::available(Format::Int8)
+}
+
+/// A weight `W` (out x in) quantized per output channel, as AMX `B` tiles
+/// ([`amx`]'s layout); depth and columns zero-padded.
+#[derive(Debug)]
+pub struct Int8Matrix {
+    /// Input features.
+    k: usize,
+    /// Output features.
+    n: usize,
+    /// `k` rounded up to [`TK`].
+    kp: usize,
+    /// `n` rounded up to [`BLOCK`].
+    np: usize,
+    tiles: Vec<i8>,
+    /// Each output channel's scale: weight `(o, kk)` is `tiles[..] * scales[o]`.
+    scales: Vec<f32>,
+    /// Each output channel's sum of quantized weights, for the activations'
+    /// zero points.
+    sums: Vec<i32>,
+    /// The quantized weight as (in, out), for candle's product in a training
+    /// graph (`Prepacked::plain`).
+    plain: OnceLock<Tensor>,
+}
+
+impl Int8Matrix {
+    /// Quantizes and lays out an (out, in) f32 weight, or `None` without
+    /// AMX-INT8.
+    pub fn new(weight: &Tensor) -> candle_core::Result<Option<Self>> {
+        if !available() || !weight.device().is_cpu() {
+            return Ok(None);
+        }
+        let (n, k) = weight.dims2()?;
+        let w = weight
+            .to_dtype(candle_core::DType::F32)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Some(Self::from_rows(&w, n, k)))
+    }
+
+    fn from_rows(w: &[f32], n: usize, k: usize) -> Self {
+        let kp = k.next_multiple_of(TK).max(TK);
+        let np = n.next_multiple_of(BLOCK).max(BLOCK);
+        let steps = kp / TK;
+        let mut tiles = vec![0i8; np * kp];
+        // Column block `cb` holds `steps` tiles of T x TK values; each task
+        // gives back its columns' scales and sums.
+        let blocks: Vec<[(f32, i32); T]> = tiles
+            .par_chunks_mut(steps * T * TK)
+            .enumerate()
+            .map(|(cb, block)| {
+                let mut columns = [(0f32, 0i32); T];
+                for (c, column) in columns.iter_mut().enumerate() {
+                    let o = cb * T + c;
+                    if o >= n {
+                        break;
+                    }
+                    let row = &w[o * k..(o + 1) * k];
+                    let scale = scale_of(row);
+                    let inverse = inverse(scale);
+                    let mut sum = 0;
+                    for (kk, &v) in row.iter().enumerate() {
+                        let q = quantize(v, inverse);
+                        block[Format::Int8.offset(kk, c)] = q;
+                        sum += i32::from(q);
+                    }
+                    *column = (scale, sum);
+                }
+                columns
+            })
+            .collect();
+        let (scales, sums) = blocks.into_iter().flatten().take(n).unzip();
+        Self {
+            k,
+            n,
+            kp,
+            np,
+            tiles,
+            scales,
+            sums,
+            plain: OnceLock::new(),
+        }
+    }
+}
+
+/// The symmetric scale of `values`: the largest magnitude over 127; 0 for
+/// all zeros, NaN where any value is not finite (so that whatever it touches
+/// is NaN too, as in f32).
+fn scale_of(values: &[f32]) -> f32 {
+    let mut largest = 0f32;
+    for &v in values {
+        if !v.is_finite() {
+            return f32::NAN;
+        }
+        largest = largest.max(v.abs());
+    }
+    largest / 127.0
+}
+
+/// What to multiply by to quantize with `scale`.
+fn inverse(scale: f32) -> f32 {
+    if scale > 0.0 { 1.0 / scale } else { 0.0 }
+}
+
+/// `v * inverse` rounded to the nearest integer (ties to even) in -127..=127.
+#[inline(always)]
+fn quantize(v: f32, inverse: f32) -> i8 {
+    nearest((v * inverse).clamp(-127.0, 127.0)) as i8
+}
+
+/// `x` (at most 2^22 in magnitude) rounded to the nearest integer, ties to
+/// even: adding and taking away 1.5 * 2^23 leaves no bits below the point,
+/// in two instructions where `round_ties_even` may be a library call.
+#[inline(always)]
+fn nearest(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
+    (x + SHIFT) - SHIFT
+}
+
+impl super::gemm::Prepacked for Int8Matrix {
+    fn name(&self) -> &'static str {
+        "clipdex-int8-dense"
+    }
+
+    fn is_reduced(&self) -> bool {
+        true
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
+        matmul(x, m, self, bias, f)
+    }
+
+    /// The weight as quantized, in f32.
+    fn unpack(&self) -> candle_core::Result<Tensor> {
+        let (n, k) = (self.n, self.k);
+        let steps = self.kp / TK;
+        let mut w = vec![0f32; n * k];
+        for (o, row) in w.chunks_exact_mut(k.max(1)).enumerate().take(n) {
+            let block = &self.tiles[(o / T) * steps * T * TK..];
+            for (kk, v) in row.iter_mut().enumerate() {
+                *v = f32::from(block[Format::Int8.offset(kk, o)]) * self.scales[o];
+            }
+        }
+        Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)
+    }
+
+    fn plain_cell(&self) -> &OnceLock<Tensor> {
+        &self.plain
+    }
+}
+
+/// `f(x W^T + b)` over the last dimension of `x` (any rank, f32, CPU), with
+/// `x` quantized per row.
+pub fn dense(
+    x: &Tensor,
+    w: &Arc<Int8Matrix>,
+    bias: Option<&Tensor>,
+    f: Pointwise,
+) -> candle_core::Result<Tensor> {
+    super::gemm::dense_with(x, w.clone(), bias, f)
+}
+
+/// `f(x W^T + b)` for `x` (m x k, row-major): a fresh (m x n) buffer.
+fn matmul(x: &[f32], m: usize, w: &Int8Matrix, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
+    let (a, codes) = activations(x, m, w.k, w.kp);
+    let weights = Weights {
+        format: Format::Int8,
+        n: w.n,
+        np: w.np,
+        steps: w.kp / TK,
+        tiles: as_bytes(&w.tiles),
+    };
+    let n = w.n;
+    amx::product(&a, m, &weights, |rows, span, out| {
+        let columns = Columns {
+            scales: &w.scales[span.clone()],
+            sums: &w.sums[span.clone()],
+            bias: bias.map(|b| &b[span.clone()]),
+        };
+        for i in rows {
+            // SAFETY: row i across the task's columns: in bounds, this
+            // task's own, its sums written by the task.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(out.at(i * n + span.start), span.len()) };
+            rescale(row, codes[i], &columns);
+            if f != Pointwise::Identity {
+                epilogue(row, None, f);
+            }
+        }
+    })
+}
+
+/// The bytes of int8 values, as the tile loads read them.
+fn as_bytes(v: &[i8]) -> &[u8] {
+    // SAFETY: i8 and u8 have the same size and alignment, every bit pattern
+    // valid.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+}
+
+/// How a row of activations was quantized: value `q` stands for
+/// `(q - zero) * scale`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Code {
+    scale: f32,
+    zero: i32,
+}
+
+impl Code {
+    /// The code of a row with a value that is not finite: its outputs are
+    /// NaN, as in f32.
+    const UNDEFINED: Code = Code {
+        scale: f32::NAN,
+        zero: 0,
+    };
+
+    /// The code of a row whose values lie in `lo..=hi` (0 included): 255
+    /// steps over the range.
+    fn of_range(lo: f32, hi: f32) -> Self {
+        let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+        let scale = (hi - lo) / 255.0;
+        if !scale.is_finite() {
+            return Code::UNDEFINED;
+        }
+        if scale == 0.0 {
+            return Code::default();
+        }
+        let zero = nearest((-lo / scale).clamp(0.0, 255.0)) as i32;
+        Code { scale, zero }
+    }
+
+    /// What to multiply by before adding the zero point.
+    fn inverse(self) -> f32 {
+        inverse(self.scale)
+    }
+
+    /// `v`'s code.
+    #[inline(always)]
+    fn quantize(self, v: f32, inverse: f32) -> u8 {
+        (nearest((v * inverse).clamp(-256.0, 256.0)) as i32 + self.zero).clamp(0, 255) as u8
+    }
+}
+
+/// `x` (m x k) quantized per row, `kp` values a row (the padding zero, whose
+/// weights are zero), and each row's code.
+fn activations(x: &[f32], m: usize, k: usize, kp: usize) -> (Vec<u8>, Vec<Code>) {
+    let mut a: Vec<u8> = Vec::with_capacity(m * kp);
+    let mut codes = vec![Code::default(); m];
+    let dst = Out(a.as_mut_ptr());
+    let code_out = Out(codes.as_mut_ptr());
+    let convert = |rows: std::ops::Range<usize>| {
+        for r in rows {
+            // SAFETY: row r of the m x kp buffer and code r, written by this
+            // call only.
+            unsafe {
+                let row = dst.at(r * kp);
+                code_out
+                    .at(r)
+                    .write(quantize_row(&x[r * k..(r + 1) * k], row));
+                std::ptr::write_bytes(row.add(k), 0, kp - k);
+            }
+        }
+    };
+    // Small inputs on this thread: a parallel pass costs more than it saves.
+    const ROWS: usize = 16;
+    if m * k < 64 * 1024 {
+        convert(0..m);
+    } else {
+        (0..m.div_ceil(ROWS))
+            .into_par_iter()
+            .for_each(|b| convert(b * ROWS..m.min((b + 1) * ROWS)));
+    }
+    // SAFETY: every row was written above.
+    unsafe { a.set_len(m * kp) };
+    (a, codes)
+}
+
+/// Writes `src` quantized with its own code at `dst`, and returns the code.
+///
+/// # Safety
+/// `dst` is valid for `src.len()` writes.
+unsafe fn quantize_row(src: &[f32], dst: *mut u8) -> Code {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AMX-INT8 products exist only where AMX (and so AVX-512) was
+    // found.
+    unsafe {
+        quantize_row_avx512(src, dst)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe {
+        quantize_row_with(src, dst)
+    }
+}
+
+/// [`quantize_row`] one value at a time.
+///
+/// # Safety
+/// `dst` is valid for `src.len()` writes.
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+unsafe fn quantize_row_with(src: &[f32], dst: *mut u8) -> Code {
+    let mut range = (0f32, 0f32);
+    let mut finite = true;
+    for &v in src {
+        finite &= v.is_finite();
+        range = (range.0.min(v), range.1.max(v));
+    }
+    let code = match finite {
+        true => Code::of_range(range.0, range.1),
+        false => Code::UNDEFINED,
+    };
+    let inverse = code.inverse();
+    for (i, &v) in src.iter().enumerate() {
+        // SAFETY: i < src.len().
+        unsafe { dst.add(i).write(code.quantize(v, inverse)) };
+    }
+    code
+}
+
+/// [`quantize_row`] 16 values at a time.
+///
+/// # Safety
+/// The CPU has AVX-512F and BW; `dst` is valid for `src.len()` writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_row_avx512(src: &[f32], dst: *mut u8) -> Code {
+    use std::arch::x86_64::*;
+    let whole = src.len() / 16 * 16;
+    let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut unordered = 0u16;
+    for i in (0..whole).step_by(16) {
+        // SAFETY: 16 values from i < whole are in `src`.
+        let v = unsafe { _mm512_loadu_ps(src.as_ptr().add(i)) };
+        unordered |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        lo = _mm512_min_ps(lo, v);
+        hi = _mm512_max_ps(hi, v);
+    }
+    let (mut lo, mut hi) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+    let mut finite = unordered == 0;
+    for &v in &src[whole..] {
+        finite &= v.is_finite();
+        (lo, hi) = (lo.min(v), hi.max(v));
+    }
+    let code = match finite {
+        true => Code::of_range(lo, hi),
+        false => Code::UNDEFINED,
+    };
+    let inverse = code.inverse();
+    let (by, zero, none) = (
+        _mm512_set1_ps(inverse),
+        _mm512_set1_epi32(code.zero),
+        _mm512_setzero_si512(),
+    );
+    for i in (0..whole).step_by(16) {
+        // SAFETY: 16 values from i < whole are in `src` and `dst`. The
+        // conversion rounds to nearest even (the default rounding mode); the
+        // codes are clamped below at 0 and saturate at 255.
+        unsafe {
+            let v = _mm512_loadu_ps(src.as_ptr().add(i));
+            let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, by)), zero);
+            let q = _mm512_max_epi32(q, none);
+            _mm_storeu_si128(dst.add(i).cast(), _mm512_cvtusepi32_epi8(q));
+        }
+    }
+    for (i, &v) in src.iter().enumerate().skip(whole) {
+        // SAFETY: i < src.len().
+        unsafe { dst.add(i).write(code.quantize(v, inverse)) };
+    }
+    code
+}
+
+/// What turns a task's columns of sums back into values.
+struct Columns<'a> {
+    scales: &'a [f32],
+    sums: &'a [i32],
+    bias: Option<&'a [f32]>,
+}
+
+/// Turns a row of i32 sums (as f32 bits) of codes `row` into
+/// `(sum - zero * sums[j]) * scale * scales[j] + bias[j]`.
+fn rescale(out: &mut [f32], row: Code, columns: &Columns) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AMX-INT8 products exist only where AVX-512F was found.
+    unsafe {
+        rescale_avx512(out, row, columns)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    rescale_with(out, row, columns)
+}
+
+/// [`rescale_with`] compiled for AVX-512, where its loops vectorise.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rescale_avx512(out: &mut [f32], row: Code, columns: &Columns) {
+    rescale_with(out, row, columns)
+}
+
+#[inline(always)]
+fn rescale_with(out: &mut [f32], row: Code, columns: &Columns) {
+    let Code { scale, zero } = row;
+    let value = |v: f32, s: f32, sum: i32| (v.to_bits() as i32 - zero * sum) as f32 * (scale * s);
+    match columns.bias {
+        Some(b) => {
+            for (((o, &s), &sum), &b) in out.iter_mut().zip(columns.scales).zip(columns.sums).zip(b)
+            {
+                *o = value(*o, s, sum) + b;
+            }
+        }
+        None => {
+            for ((o, &s), &sum) in out.iter_mut().zip(columns.scales).zip(columns.sums) {
+                *o = value(*o, s, sum);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gemm::Prepacked;
+    use crate::model::test_support::{max_abs_diff, random};
+
+    /// The product as the int8 kernel computes it: both inputs quantized
+    /// (weights per column, activations per row), sums in f64.
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let qrow = |v: &[f32]| {
+            let s = scale_of(v);
+            let inv = inverse(s);
+            v.iter()
+                .map(|&x| f64::from(quantize(x, inv)) * f64::from(s))
+                .collect::<Vec<f64>>()
+        };
+        let qcode = |v: &[f32]| {
+            let lo = v.iter().copied().fold(0f32, f32::min);
+            let hi = v.iter().copied().fold(0f32, f32::max);
+            let code = Code::of_range(lo, hi);
+            v.iter()
+                .map(|&x| {
+                    let q = i32::from(code.quantize(x, code.inverse()));
+                    f64::from(q - code.zero) * f64::from(code.scale)
+                })
+                .collect::<Vec<f64>>()
+        };
+        let xs: Vec<Vec<f64>> = (0..m).map(|i| qcode(&x[i * k..(i + 1) * k])).collect();
+        let ws: Vec<Vec<f64>> = (0..n).map(|o| qrow(&w[o * k..(o + 1) * k])).collect();
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for o in 0..n {
+                let s: f64 = xs[i].iter().zip(&ws[o]).map(|(a, b)| a * b).sum();
+                y[i * n + o] = s as f32 + bias.map_or(0.0, |b| b[o]);
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn layout_gives_back_the_quantized_weight() {
+        for (n, k) in [(1, 1), (16, 64), (33, 47), (70, 130)] {
+            let w = random(&[n, k], 3)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let m = Int8Matrix::from_rows(&w, n, k);
+            let back = m
+                .unpack()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for o in 0..n {
+                let row = &w[o * k..(o + 1) * k];
+                let s = scale_of(row);
+                for kk in 0..k {
+                    let want = f32::from(quantize(row[kk], inverse(s))) * s;
+                    assert_eq!(back[o * k + kk], want, "{n} x {k} at ({o}, {kk})");
+                    // Within half a step of the weight.
+                    assert!((back[o * k + kk] - row[kk]).abs() <= s * 0.5 + 1e-7);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_quantize_the_same_both_ways() {
+        let x = random(&[3, 100], 7)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let positive: Vec<f32> = x.iter().map(|v| v.abs() + 0.5).collect();
+        let rows = x.chunks(100).chain(positive.chunks(37)).chain([
+            &[0f32; 20][..],
+            &[1.0, f32::NAN, 2.0][..],
+            &[f32::INFINITY; 17][..],
+        ]);
+        for row in rows {
+            let (mut fast, mut plain) = (vec![0u8; row.len()], vec![0u8; row.len()]);
+            // SAFETY: both buffers hold row.len() values.
+            let (a, b) = unsafe {
+                (
+                    quantize_row(row, fast.as_mut_ptr()),
+                    quantize_row_with(row, plain.as_mut_ptr()),
+                )
+            };
+            assert!(
+                a == b || (a.scale.is_nan() && b.scale.is_nan()),
+                "{a:?} {b:?}"
+            );
+            assert_eq!(fast, plain);
+            if a.scale.is_finite() {
+                // Every value within half a step of its code's value; zero
+                // exactly at the zero point.
+                for (&v, &q) in row.iter().zip(&fast) {
+                    let back = (i32::from(q) - a.zero) as f32 * a.scale;
+                    assert!((back - v).abs() <= a.scale * 0.5001, "{v} -> {back}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_match_the_quantized_reference() {
+        if !available() {
+            eprintln!("no AMX-INT8 here: the int8 kernel is not tested");
+            return;
+        }
+        for (m, n, k) in [
+            (1, 1, 1),
+            (10, 512, 512),
+            (32, 32, 64),
+            (50, 768, 768),
+            (77, 40, 33),
+            (300, 96, 200),
+        ] {
+            let x = random(&[m, k], 1);
+            let w = random(&[n, k], 2);
+            let b = random(&[n], 5);
+            let packed = Arc::new(Int8Matrix::new(&w).unwrap().unwrap());
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let bs = b.to_vec1::<f32>().unwrap();
+            let want = reference(&xs, &ws, m, n, k, Some(&bs));
+            let want = Tensor::from_vec(want, (m, n), &candle_core::Device::Cpu).unwrap();
+            let got = dense(&x, &packed, Some(&b), Pointwise::Identity).unwrap();
+            // The sums are exact; only the two scale products round.
+            let tol = 1e-5 * (k as f32).sqrt() * 4.0;
+            assert!(
+                max_abs_diff(&got, &want) < tol,
+                "{m} x {n} x {k}: {}",
+                max_abs_diff(&got, &want)
+            );
+            let relu = dense(&x, &packed, Some(&b), Pointwise::Relu).unwrap();
+            assert!(max_abs_diff(&relu, &want.relu().unwrap()) < tol);
+        }
+    }
+
+    #[test]
+    fn a_row_with_a_nan_gives_nans() {
+        if !available() {
+            return;
+        }
+        let packed = Arc::new(Int8Matrix::new(&random(&[8, 16], 1)).unwrap().unwrap());
+        let mut x = random(&[2, 16], 2)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        x[20] = f32::NAN;
+        let x = Tensor::from_vec(x, (2, 16), &candle_core::Device::Cpu).unwrap();
+        let y = dense(&x, &packed, None, Pointwise::Identity)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(y[0].iter().all(|v| v.is_finite()));
+        assert!(y[1].iter().all(|v| v.is_nan()));
+    }
+}
