@@ -94,6 +94,159 @@ pub(super) fn available(format: Format) -> bool {
     }
 }
 
+/// A tile element: plain bytes (u16 for bf16, i8 for int8), any bit
+/// pattern a value.
+pub(super) trait Element: Copy + Default + Send + Sync + std::fmt::Debug {}
+impl Element for u16 {}
+impl Element for i8 {}
+impl Element for u8 {}
+
+/// The bytes of tile elements, as the tile loads read them.
+fn bytes<E: Element>(v: &[E]) -> &[u8] {
+    // SAFETY: `Element`s are integers: initialised bytes, no padding; u8
+    // has no alignment.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+/// An (out x in) weight laid out as `B` tiles of one format: for each block
+/// of [`T`] output columns, the whole depth in tiles of 64 bytes of depth;
+/// depth and columns zero-padded.
+#[derive(Debug)]
+pub(super) struct TileMatrix<E> {
+    pub format: Format,
+    /// Input features.
+    pub k: usize,
+    /// Output features.
+    pub n: usize,
+    /// `k` rounded up to the format's depth per tile.
+    kp: usize,
+    /// `n` rounded up to [`BLOCK`].
+    np: usize,
+    tiles: Vec<E>,
+    /// The weight as the tiles hold it, as (in, out), for candle's product
+    /// in a training graph (`Prepacked::plain`).
+    pub plain: OnceLock<candle_core::Tensor>,
+}
+
+impl<E: Element> TileMatrix<E> {
+    /// Lays out the row-major (n x k) weight `w`: `channel(row, put)`
+    /// converts one output channel's row, calling `put(depth, value)` for
+    /// each value, and returns what the channel keeps besides (a scale);
+    /// those come back in channel order.
+    pub fn new<X: Copy + Default + Send>(
+        format: Format,
+        w: &[f32],
+        n: usize,
+        k: usize,
+        channel: impl Fn(&[f32], &mut dyn FnMut(usize, E)) -> X + Sync,
+    ) -> (Self, Vec<X>) {
+        let depth = format.depth();
+        let kp = k.next_multiple_of(depth).max(depth);
+        let np = n.next_multiple_of(BLOCK).max(BLOCK);
+        let mut tiles = vec![E::default(); np * kp];
+        // Column block `cb` holds the tiles of T columns.
+        let blocks: Vec<[X; T]> = tiles
+            .par_chunks_mut(kp * T)
+            .enumerate()
+            .map(|(cb, block)| {
+                let mut kept = [X::default(); T];
+                for (c, kept) in kept.iter_mut().enumerate() {
+                    let o = cb * T + c;
+                    if o >= n {
+                        break;
+                    }
+                    *kept = channel(&w[o * k..(o + 1) * k], &mut |kk, v| {
+                        block[format.offset(kk, c)] = v
+                    });
+                }
+                kept
+            })
+            .collect();
+        let kept = blocks.into_iter().flatten().take(n).collect();
+        let matrix = Self {
+            format,
+            k,
+            n,
+            kp,
+            np,
+            tiles,
+            plain: OnceLock::new(),
+        };
+        (matrix, kept)
+    }
+
+    /// The (n x k) weight back, `value(channel, element)` each.
+    pub fn unpack(
+        &self,
+        value: impl Fn(usize, E) -> f32,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let (n, k) = (self.n, self.k);
+        let mut w = vec![0f32; n * k];
+        for (o, row) in w.chunks_exact_mut(k.max(1)).enumerate().take(n) {
+            let block = &self.tiles[(o / T) * self.kp * T..];
+            for (kk, v) in row.iter_mut().enumerate() {
+                *v = value(o, block[self.format.offset(kk, o)]);
+            }
+        }
+        candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)
+    }
+
+    /// `x W` for `a`, `m` rows of activations in this format, each the
+    /// padded depth long: see [`product`].
+    pub fn product<A: Element>(
+        &self,
+        a: &[A],
+        m: usize,
+        finish: impl Fn(Range<usize>, Range<usize>, Out) + Sync,
+    ) -> Vec<f32> {
+        let weights = Weights {
+            format: self.format,
+            n: self.n,
+            np: self.np,
+            steps: self.kp / self.format.depth(),
+            tiles: bytes(&self.tiles),
+        };
+        product(bytes(a), m, &weights, finish)
+    }
+
+    /// `x` (m x k, row-major) converted a row at a time by `row(src, dst)`
+    /// into this matrix's padded depth (the padding zero): the rows, and
+    /// what `row` returned for each. Large inputs convert on the pool.
+    pub fn activations<A: Element, X: Copy + Default + Send>(
+        &self,
+        x: &[f32],
+        m: usize,
+        row: impl Fn(&[f32], &mut [A]) -> X + Sync,
+    ) -> (Vec<A>, Vec<X>) {
+        let (k, kp) = (self.k, self.kp);
+        let mut a = vec![A::default(); m * kp];
+        let mut kept = vec![X::default(); m];
+        // Small inputs on this thread: a parallel pass costs more than it
+        // saves.
+        const ROWS: usize = 16;
+        let convert = |(r, (dst, kept)): (usize, (&mut [A], &mut X))| {
+            *kept = row(&x[r * k..(r + 1) * k], &mut dst[..k]);
+        };
+        if m * k < 64 * 1024 {
+            a.chunks_mut(kp)
+                .zip(kept.iter_mut())
+                .enumerate()
+                .for_each(convert);
+        } else {
+            a.par_chunks_mut(kp * ROWS)
+                .zip(kept.par_chunks_mut(ROWS))
+                .enumerate()
+                .for_each(|(b, (dst, kept))| {
+                    dst.chunks_mut(kp)
+                        .zip(kept.iter_mut())
+                        .enumerate()
+                        .for_each(|(r, pair)| convert((b * ROWS + r, pair)))
+                });
+        }
+        (a, kept)
+    }
+}
+
 /// A weight as `B` tiles: `tiles` holds, for each block of [`T`] output
 /// columns of `np` (a multiple of [`BLOCK`]), `steps` tiles of depth.
 pub(super) struct Weights<'a> {

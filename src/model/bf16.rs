@@ -16,15 +16,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use candle_core::Tensor;
-use rayon::prelude::*;
 
-use super::amx::{self, BLOCK, Format, T, Weights};
-use super::gemm::{Out, epilogue};
+use super::amx::{self, Format, TileMatrix};
+use super::gemm::epilogue;
 use super::ops::Pointwise;
 use crate::common::Precision;
-
-/// Depth of one tile step: a 64-byte tile row of bf16 values.
-const TK: usize = Format::Bf16.depth();
 
 /// The kinds of dense layer `--precision fast` can hold in bf16 (and `int8`
 /// in int8), for measuring what each costs in fidelity and gains in speed
@@ -191,25 +187,11 @@ pub fn available() -> bool {
     amx::available(Format::Bf16)
 }
 
-/// A weight `W` (out x in) in bf16 for `x W^T`, as AMX `B` tiles: for each
-/// block of [`T`] output columns, the whole depth in steps of [`TK`], each
-/// step one 1 KB tile whose row `r` holds, for every column, the pair of
-/// weights at depths `2r` and `2r + 1`. Depth and columns are zero-padded.
+/// A weight `W` (out x in) in bf16 for `x W^T`, as AMX `B` tiles
+/// ([`amx`]'s layout: each tile row holds, for every column, the pair of
+/// weights at depths `2r` and `2r + 1`).
 #[derive(Debug)]
-pub struct Bf16Matrix {
-    /// Input features.
-    k: usize,
-    /// Output features.
-    n: usize,
-    /// `k` rounded up to [`TK`].
-    kp: usize,
-    /// `n` rounded up to [`BLOCK`].
-    np: usize,
-    tiles: Vec<u16>,
-    /// The rounded weight as (in, out), for candle's product in a training
-    /// graph (`Prepacked::plain`).
-    plain: OnceLock<Tensor>,
-}
+pub struct Bf16Matrix(TileMatrix<u16>);
 
 impl Bf16Matrix {
     /// Rounds and lays out an (out, in) f32 weight, or `None` without AMX.
@@ -227,39 +209,12 @@ impl Bf16Matrix {
     }
 
     fn from_rows(w: &[f32], n: usize, k: usize) -> Self {
-        let kp = k.next_multiple_of(TK).max(TK);
-        let np = n.next_multiple_of(BLOCK).max(BLOCK);
-        let steps = kp / TK;
-        let mut tiles = vec![0u16; np * kp];
-        // Column block `cb` holds `steps` tiles of T x TK values.
-        tiles
-            .par_chunks_mut(steps * T * TK)
-            .enumerate()
-            .for_each(|(cb, block)| {
-                for c in 0..T {
-                    let o = cb * T + c;
-                    if o >= n {
-                        break;
-                    }
-                    let row = &w[o * k..(o + 1) * k];
-                    for (kk, &v) in row.iter().enumerate() {
-                        block[Self::offset(kk, c)] = to_bf16(v);
-                    }
-                }
-            });
-        Self {
-            k,
-            n,
-            kp,
-            np,
-            tiles,
-            plain: OnceLock::new(),
-        }
-    }
-
-    /// Where weight `(o, kk)` is in its column block's tiles.
-    fn offset(kk: usize, o: usize) -> usize {
-        Format::Bf16.offset(kk, o)
+        let (tiles, _) = TileMatrix::new(Format::Bf16, w, n, k, |row, put| {
+            for (kk, &v) in row.iter().enumerate() {
+                put(kk, to_bf16(v));
+            }
+        });
+        Self(tiles)
     }
 }
 
@@ -273,7 +228,7 @@ impl super::gemm::Prepacked for Bf16Matrix {
     }
 
     fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
+        (self.0.n, self.0.k)
     }
 
     fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
@@ -282,20 +237,11 @@ impl super::gemm::Prepacked for Bf16Matrix {
 
     /// The weight as rounded to bf16, in f32.
     fn unpack(&self) -> candle_core::Result<Tensor> {
-        let (n, k) = (self.n, self.k);
-        let steps = self.kp / TK;
-        let mut w = vec![0f32; n * k];
-        for (o, row) in w.chunks_exact_mut(k.max(1)).enumerate().take(n) {
-            let block = &self.tiles[(o / T) * steps * T * TK..];
-            for (kk, v) in row.iter_mut().enumerate() {
-                *v = from_bf16(block[Self::offset(kk, o % T)]);
-            }
-        }
-        Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)
+        self.0.unpack(|_, h| from_bf16(h))
     }
 
     fn plain_cell(&self) -> &OnceLock<Tensor> {
-        &self.plain
+        &self.0.plain
     }
 }
 
@@ -308,34 +254,6 @@ pub fn dense(
     f: Pointwise,
 ) -> candle_core::Result<Tensor> {
     super::gemm::dense_with(x, w.clone(), bias, f)
-}
-
-/// `x` (m x k) rounded to bf16, `kp` values a row (the padding zero).
-fn activations(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
-    let mut a: Vec<u16> = Vec::with_capacity(m * kp);
-    let dst = Out(a.as_mut_ptr());
-    let convert = |rows: std::ops::Range<usize>| {
-        for r in rows {
-            // SAFETY: row r of the m x kp buffer, written by this call only.
-            unsafe {
-                let row = dst.at(r * kp);
-                round_row(&x[r * k..(r + 1) * k], row);
-                std::ptr::write_bytes(row.add(k), 0, kp - k);
-            }
-        }
-    };
-    // Small inputs on this thread: a parallel pass costs more than it saves.
-    const ROWS: usize = 16;
-    if m * k < 64 * 1024 {
-        convert(0..m);
-    } else {
-        (0..m.div_ceil(ROWS))
-            .into_par_iter()
-            .for_each(|b| convert(b * ROWS..m.min((b + 1) * ROWS)));
-    }
-    // SAFETY: every row was written above.
-    unsafe { a.set_len(m * kp) };
-    a
 }
 
 /// Writes `src` rounded to bf16 at `dst`.
@@ -387,16 +305,13 @@ unsafe fn round_row_avx512(src: &[f32], dst: *mut u16) {
 
 /// `f(x W^T + b)` for `x` (m x k, row-major): a fresh (m x n) buffer.
 fn matmul(x: &[f32], m: usize, w: &Bf16Matrix, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
-    let a = activations(x, m, w.k, w.kp);
-    let weights = Weights {
-        format: Format::Bf16,
-        n: w.n,
-        np: w.np,
-        steps: w.kp / TK,
-        tiles: as_bytes(&w.tiles),
-    };
+    let w = &w.0;
+    // SAFETY: each destination row holds the source row's values.
+    let (a, _) = w.activations(x, m, |src, dst: &mut [u16]| unsafe {
+        round_row(src, dst.as_mut_ptr())
+    });
     let n = w.n;
-    amx::product(as_bytes(&a), m, &weights, |rows, span, out| {
+    w.product(&a, m, |rows, span, out| {
         if bias.is_none() && f == Pointwise::Identity {
             return;
         }
@@ -410,17 +325,11 @@ fn matmul(x: &[f32], m: usize, w: &Bf16Matrix, bias: Option<&[f32]>, f: Pointwis
     })
 }
 
-/// The bytes of bf16 values, as the tile loads read them.
-fn as_bytes(v: &[u16]) -> &[u8] {
-    // SAFETY: any u16 is two initialised bytes; u8 has no alignment.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::gemm::Prepacked;
-    use crate::model::test_support::{max_abs_diff, random};
+    use crate::model::test_support::{check_reduced_products, random};
 
     /// The product as AMX computes it: inputs rounded to bf16, sums in f64.
     fn reference(
@@ -496,35 +405,13 @@ mod tests {
             eprintln!("no AMX here: the bf16 kernel is not tested");
             return;
         }
-        // Rows, columns and depth that fill whole blocks, leave some over,
-        // or are smaller than one tile; enough rows for several tasks.
-        for (m, n, k) in [
-            (1, 1, 1),
-            (10, 512, 512),
-            (32, 32, 32),
-            (50, 768, 768),
-            (77, 40, 33),
-            (300, 96, 200),
-        ] {
-            let x = random(&[m, k], 1);
-            let w = random(&[n, k], 2);
-            let b = random(&[n], 5);
-            let packed = Arc::new(Bf16Matrix::new(&w).unwrap().unwrap());
-            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let bs = b.to_vec1::<f32>().unwrap();
-            let want = reference(&xs, &ws, m, n, k, Some(&bs));
-            let want = Tensor::from_vec(want, (m, n), &candle_core::Device::Cpu).unwrap();
-            let got = dense(&x, &packed, Some(&b), Pointwise::Identity).unwrap();
-            let tol = 1e-5 * (k as f32).sqrt() * 4.0;
-            assert!(
-                max_abs_diff(&got, &want) < tol,
-                "{m} x {n} x {k}: {}",
-                max_abs_diff(&got, &want)
-            );
-            let relu = dense(&x, &packed, Some(&b), Pointwise::Relu).unwrap();
-            assert!(max_abs_diff(&relu, &want.relu().unwrap()) < tol);
-        }
+        check_reduced_products(
+            |x, w, b, f| {
+                let packed = Arc::new(Bf16Matrix::new(w).unwrap().unwrap());
+                dense(x, &packed, Some(b), f).unwrap()
+            },
+            |x, w, m, n, k, b| reference(x, w, m, n, k, Some(b)),
+        );
     }
 
     #[test]

@@ -17,14 +17,10 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::Tensor;
-use rayon::prelude::*;
 
-use super::amx::{self, BLOCK, Format, T, Weights};
-use super::gemm::{Out, epilogue};
+use super::amx::{self, Format, TileMatrix};
+use super::gemm::epilogue;
 use super::ops::Pointwise;
-
-/// Depth of one tile step: a 64-byte tile row of int8 values.
-const TK: usize = Format::Int8.depth();
 
 /// Whether this CPU and kernel run AMX int8 products (checked once).
 pub fn available() -> bool {
@@ -32,26 +28,17 @@ pub fn available() -> bool {
 }
 
 /// A weight `W` (out x in) quantized per output channel, as AMX `B` tiles
-/// ([`amx`]'s layout); depth and columns zero-padded.
+/// ([`amx`]'s layout: each tile row holds, for every column, the weights at
+/// four consecutive depths).
 #[derive(Debug)]
 pub struct Int8Matrix {
-    /// Input features.
-    k: usize,
-    /// Output features.
-    n: usize,
-    /// `k` rounded up to [`TK`].
-    kp: usize,
-    /// `n` rounded up to [`BLOCK`].
-    np: usize,
-    tiles: Vec<i8>,
-    /// Each output channel's scale: weight `(o, kk)` is `tiles[..] * scales[o]`.
+    tiles: TileMatrix<i8>,
+    /// Each output channel's scale: weight `(o, kk)` is its value times
+    /// `scales[o]`.
     scales: Vec<f32>,
     /// Each output channel's sum of quantized weights, for the activations'
     /// zero points.
     sums: Vec<i32>,
-    /// The quantized weight as (in, out), for candle's product in a training
-    /// graph (`Prepacked::plain`).
-    plain: OnceLock<Tensor>,
 }
 
 impl Int8Matrix {
@@ -71,46 +58,22 @@ impl Int8Matrix {
     }
 
     fn from_rows(w: &[f32], n: usize, k: usize) -> Self {
-        let kp = k.next_multiple_of(TK).max(TK);
-        let np = n.next_multiple_of(BLOCK).max(BLOCK);
-        let steps = kp / TK;
-        let mut tiles = vec![0i8; np * kp];
-        // Column block `cb` holds `steps` tiles of T x TK values; each task
-        // gives back its columns' scales and sums.
-        let blocks: Vec<[(f32, i32); T]> = tiles
-            .par_chunks_mut(steps * T * TK)
-            .enumerate()
-            .map(|(cb, block)| {
-                let mut columns = [(0f32, 0i32); T];
-                for (c, column) in columns.iter_mut().enumerate() {
-                    let o = cb * T + c;
-                    if o >= n {
-                        break;
-                    }
-                    let row = &w[o * k..(o + 1) * k];
-                    let scale = scale_of(row);
-                    let inverse = inverse(scale);
-                    let mut sum = 0;
-                    for (kk, &v) in row.iter().enumerate() {
-                        let q = quantize(v, inverse);
-                        block[Format::Int8.offset(kk, c)] = q;
-                        sum += i32::from(q);
-                    }
-                    *column = (scale, sum);
-                }
-                columns
-            })
-            .collect();
-        let (scales, sums) = blocks.into_iter().flatten().take(n).unzip();
+        let (tiles, kept) = TileMatrix::new(Format::Int8, w, n, k, |row, put| {
+            let scale = scale_of(row);
+            let inverse = inverse(scale);
+            let mut sum = 0;
+            for (kk, &v) in row.iter().enumerate() {
+                let q = quantize(v, inverse);
+                put(kk, q);
+                sum += i32::from(q);
+            }
+            (scale, sum)
+        });
+        let (scales, sums) = kept.into_iter().unzip();
         Self {
-            k,
-            n,
-            kp,
-            np,
             tiles,
             scales,
             sums,
-            plain: OnceLock::new(),
         }
     }
 }
@@ -159,7 +122,7 @@ impl super::gemm::Prepacked for Int8Matrix {
     }
 
     fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
+        (self.tiles.n, self.tiles.k)
     }
 
     fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
@@ -168,20 +131,11 @@ impl super::gemm::Prepacked for Int8Matrix {
 
     /// The weight as quantized, in f32.
     fn unpack(&self) -> candle_core::Result<Tensor> {
-        let (n, k) = (self.n, self.k);
-        let steps = self.kp / TK;
-        let mut w = vec![0f32; n * k];
-        for (o, row) in w.chunks_exact_mut(k.max(1)).enumerate().take(n) {
-            let block = &self.tiles[(o / T) * steps * T * TK..];
-            for (kk, v) in row.iter_mut().enumerate() {
-                *v = f32::from(block[Format::Int8.offset(kk, o)]) * self.scales[o];
-            }
-        }
-        Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)
+        self.tiles.unpack(|o, q| f32::from(q) * self.scales[o])
     }
 
     fn plain_cell(&self) -> &OnceLock<Tensor> {
-        &self.plain
+        &self.tiles.plain
     }
 }
 
@@ -198,16 +152,12 @@ pub fn dense(
 
 /// `f(x W^T + b)` for `x` (m x k, row-major): a fresh (m x n) buffer.
 fn matmul(x: &[f32], m: usize, w: &Int8Matrix, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
-    let (a, codes) = activations(x, m, w.k, w.kp);
-    let weights = Weights {
-        format: Format::Int8,
-        n: w.n,
-        np: w.np,
-        steps: w.kp / TK,
-        tiles: as_bytes(&w.tiles),
-    };
-    let n = w.n;
-    amx::product(&a, m, &weights, |rows, span, out| {
+    // SAFETY: each destination row holds the source row's values.
+    let (a, codes) = w.tiles.activations(x, m, |src, dst: &mut [u8]| unsafe {
+        quantize_row(src, dst.as_mut_ptr())
+    });
+    let n = w.tiles.n;
+    w.tiles.product(&a, m, |rows, span, out| {
         let columns = Columns {
             scales: &w.scales[span.clone()],
             sums: &w.sums[span.clone()],
@@ -224,13 +174,6 @@ fn matmul(x: &[f32], m: usize, w: &Int8Matrix, bias: Option<&[f32]>, f: Pointwis
             }
         }
     })
-}
-
-/// The bytes of int8 values, as the tile loads read them.
-fn as_bytes(v: &[i8]) -> &[u8] {
-    // SAFETY: i8 and u8 have the same size and alignment, every bit pattern
-    // valid.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
 }
 
 /// How a row of activations was quantized: value `q` stands for
@@ -274,40 +217,6 @@ impl Code {
     fn quantize(self, v: f32, inverse: f32) -> u8 {
         (nearest((v * inverse).clamp(-256.0, 256.0)) as i32 + self.zero).clamp(0, 255) as u8
     }
-}
-
-/// `x` (m x k) quantized per row, `kp` values a row (the padding zero, whose
-/// weights are zero), and each row's code.
-fn activations(x: &[f32], m: usize, k: usize, kp: usize) -> (Vec<u8>, Vec<Code>) {
-    let mut a: Vec<u8> = Vec::with_capacity(m * kp);
-    let mut codes = vec![Code::default(); m];
-    let dst = Out(a.as_mut_ptr());
-    let code_out = Out(codes.as_mut_ptr());
-    let convert = |rows: std::ops::Range<usize>| {
-        for r in rows {
-            // SAFETY: row r of the m x kp buffer and code r, written by this
-            // call only.
-            unsafe {
-                let row = dst.at(r * kp);
-                code_out
-                    .at(r)
-                    .write(quantize_row(&x[r * k..(r + 1) * k], row));
-                std::ptr::write_bytes(row.add(k), 0, kp - k);
-            }
-        }
-    };
-    // Small inputs on this thread: a parallel pass costs more than it saves.
-    const ROWS: usize = 16;
-    if m * k < 64 * 1024 {
-        convert(0..m);
-    } else {
-        (0..m.div_ceil(ROWS))
-            .into_par_iter()
-            .for_each(|b| convert(b * ROWS..m.min((b + 1) * ROWS)));
-    }
-    // SAFETY: every row was written above.
-    unsafe { a.set_len(m * kp) };
-    (a, codes)
 }
 
 /// Writes `src` quantized with its own code at `dst`, and returns the code.
@@ -455,7 +364,7 @@ fn rescale_with(out: &mut [f32], row: Code, columns: &Columns) {
 mod tests {
     use super::*;
     use crate::model::gemm::Prepacked;
-    use crate::model::test_support::{max_abs_diff, random};
+    use crate::model::test_support::{check_reduced_products, random};
 
     /// The product as the int8 kernel computes it: both inputs quantized
     /// (weights per column, activations per row), sums in f64.
@@ -570,34 +479,13 @@ mod tests {
             eprintln!("no AMX-INT8 here: the int8 kernel is not tested");
             return;
         }
-        for (m, n, k) in [
-            (1, 1, 1),
-            (10, 512, 512),
-            (32, 32, 64),
-            (50, 768, 768),
-            (77, 40, 33),
-            (300, 96, 200),
-        ] {
-            let x = random(&[m, k], 1);
-            let w = random(&[n, k], 2);
-            let b = random(&[n], 5);
-            let packed = Arc::new(Int8Matrix::new(&w).unwrap().unwrap());
-            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let bs = b.to_vec1::<f32>().unwrap();
-            let want = reference(&xs, &ws, m, n, k, Some(&bs));
-            let want = Tensor::from_vec(want, (m, n), &candle_core::Device::Cpu).unwrap();
-            let got = dense(&x, &packed, Some(&b), Pointwise::Identity).unwrap();
-            // The sums are exact; only the two scale products round.
-            let tol = 1e-5 * (k as f32).sqrt() * 4.0;
-            assert!(
-                max_abs_diff(&got, &want) < tol,
-                "{m} x {n} x {k}: {}",
-                max_abs_diff(&got, &want)
-            );
-            let relu = dense(&x, &packed, Some(&b), Pointwise::Relu).unwrap();
-            assert!(max_abs_diff(&relu, &want.relu().unwrap()) < tol);
-        }
+        check_reduced_products(
+            |x, w, b, f| {
+                let packed = Arc::new(Int8Matrix::new(w).unwrap().unwrap());
+                dense(x, &packed, Some(b), f).unwrap()
+            },
+            |x, w, m, n, k, b| reference(x, w, m, n, k, Some(b)),
+        );
     }
 
     #[test]
