@@ -257,8 +257,8 @@ pub struct ServeArgs {
     /// (the encoders' dense layers in bf16, on AMX where the CPU has it) or
     /// int8 (those layers in int8 on AMX-INT8: faster still, a little
     /// further from exact).
-    /// An index keeps the precision its vectors were made with.
-    /// An existing index uses its own unless this asks for it.
+    /// An index keeps the precision its vectors were made with; a new one is
+    /// made fast where the CPU has AMX, exact elsewhere.
     #[arg(long, value_name = "exact|fast|int8", env = "CLIPDEX_PRECISION")]
     pub precision: Option<Precision>,
 
@@ -466,7 +466,9 @@ pub struct ModelArgs {
     /// (the encoders' dense layers in bf16, on AMX where the CPU has it) or
     /// int8 (those layers in int8 on AMX-INT8: faster still, a little
     /// further from exact).
-    /// An index keeps the precision its vectors were made with.
+    /// An index keeps the precision its vectors were made with; a new one is
+    /// made fast where the CPU has AMX, exact elsewhere. `embed` computes
+    /// exact unless told.
     #[arg(long, value_name = "exact|fast|int8", env = "CLIPDEX_PRECISION")]
     pub precision: Option<Precision>,
 }
