@@ -1090,7 +1090,7 @@ struct HeadTask<'a> {
 /// head's columns of this sequence.
 unsafe fn attend_one(t: HeadTask) {
     SCRATCH.with_borrow_mut(|scratch| {
-        scratch.resize(t.hd * t.n + t.n + t.hd, 0.0);
+        scratch.resize(t.hd * t.n + BLOCK_ROWS * (t.n + 2 * t.hd), 0.0);
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F; the caller's guarantees.
@@ -1132,7 +1132,8 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
     };
     let scale = (hd as f32).powf(-0.5);
     let (kt, rest) = scratch.split_at_mut(hd * n);
-    let (scores, acc) = rest.split_at_mut(n);
+    let (scores, rest) = rest.split_at_mut(BLOCK_ROWS * n);
+    let (acc, queries) = rest.split_at_mut(BLOCK_ROWS * hd);
     // k transposed, (hd, n): each score row is then hd multiply-adds of
     // whole rows.
     for j in 0..n {
@@ -1140,8 +1141,45 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
             kt[d * n + j] = v;
         }
     }
-    for i in 0..n {
-        if registers {
+    // Query rows in blocks of four where the sums fit registers: each row of
+    // k and v loaded once serves four queries. Every sum keeps its order, so
+    // a row's output is the same in a block or alone.
+    let mut i0 = 0;
+    while i0 < n {
+        let rows = match registers && hd <= 64 && n - i0 >= BLOCK_ROWS {
+            true => BLOCK_ROWS,
+            false => 1,
+        };
+        for r in 0..rows {
+            for (q, &v) in queries[r * hd..(r + 1) * hd].iter_mut().zip(row(i0 + r, 0)) {
+                *q = v * scale;
+            }
+        }
+        if rows == BLOCK_ROWS {
+            for c0 in (0..n).step_by(64) {
+                let len = 64.min(n - c0);
+                let (s0, rest) = scores.split_at_mut(n);
+                let (s1, rest) = rest.split_at_mut(n);
+                let (s2, s3) = rest.split_at_mut(n);
+                // SAFETY: AVX-512F is present (`registers`); kt holds hd
+                // rows of n from which columns c0..c0 + len are read, into
+                // as many scores of each of the four rows.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    register_rows::weighted_rows4(
+                        [
+                            &queries[..hd],
+                            &queries[hd..2 * hd],
+                            &queries[2 * hd..3 * hd],
+                            &queries[3 * hd..4 * hd],
+                        ],
+                        |d| kt[d * n + c0..].as_ptr(),
+                        len,
+                        [&mut s0[c0..], &mut s1[c0..], &mut s2[c0..], &mut s3[c0..]],
+                    )
+                };
+            }
+        } else if registers {
             // 64 scores at a time, each chunk summed in registers.
             for c0 in (0..n).step_by(64) {
                 let len = 64.min(n - c0);
@@ -1150,7 +1188,7 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     register_rows::weighted_rows(
-                        row(i, 0).iter().map(|&q| q * scale),
+                        queries[..hd].iter().copied(),
                         |d| kt[d * n + c0..].as_ptr(),
                         len,
                         &mut scores[c0..],
@@ -1158,56 +1196,92 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
                 };
             }
         } else {
+            let scores = &mut scores[..n];
             scores.fill(0.0);
-            for (d, &q) in row(i, 0).iter().enumerate() {
-                let q = q * scale;
+            for (d, &q) in queries[..hd].iter().enumerate() {
                 for (s, &k) in scores.iter_mut().zip(&kt[d * n..(d + 1) * n]) {
                     *s += q * k;
                 }
             }
         }
-        if let Some((m, per_head)) = mask {
-            let m = if per_head { m } else { &m[i * n..(i + 1) * n] };
-            for (s, &m) in scores.iter_mut().zip(m) {
-                *s += m;
+        let mut inverse = [0f32; BLOCK_ROWS];
+        for r in 0..rows {
+            let scores = &mut scores[r * n..(r + 1) * n];
+            if let Some((m, per_head)) = mask {
+                let m = if per_head {
+                    m
+                } else {
+                    &m[(i0 + r) * n..(i0 + r + 1) * n]
+                };
+                for (s, &m) in scores.iter_mut().zip(m) {
+                    *s += m;
+                }
             }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            // Exponentials in a loop of their own, which vectorises; the sum
+            // after.
+            for s in scores.iter_mut() {
+                *s = exp_fast(*s - max);
+            }
+            inverse[r] = 1.0 / scores.iter().sum::<f32>();
         }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // Exponentials in a loop of their own, which vectorises; the sum
-        // after.
-        for s in scores.iter_mut() {
-            *s = exp_fast(*s - max);
-        }
-        let inv = 1.0 / scores.iter().sum::<f32>();
-        if registers && hd <= 64 {
+        if rows == BLOCK_ROWS {
+            let (a0, rest) = acc.split_at_mut(hd);
+            let (a1, rest) = rest.split_at_mut(hd);
+            let (a2, a3) = rest.split_at_mut(hd);
+            // SAFETY: AVX-512F is present; rows of v hold hd values, each
+            // acc hd.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                register_rows::weighted_rows4(
+                    [
+                        &scores[..n],
+                        &scores[n..2 * n],
+                        &scores[2 * n..3 * n],
+                        &scores[3 * n..4 * n],
+                    ],
+                    |j| row(j, 2).as_ptr(),
+                    hd,
+                    [a0, a1, a2, a3],
+                )
+            };
+        } else if registers && hd <= 64 {
             // SAFETY: AVX-512F is present; rows of v hold hd values, acc hd.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 register_rows::weighted_rows(
-                    scores.iter().copied(),
+                    scores[..n].iter().copied(),
                     |j| row(j, 2).as_ptr(),
                     hd,
                     acc,
                 )
             };
         } else {
+            let acc = &mut acc[..hd];
             acc.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
+            for (j, &p) in scores[..n].iter().enumerate() {
                 for (a, &v) in acc.iter_mut().zip(row(j, 2)) {
                     *a += p * v;
                 }
             }
         }
-        // SAFETY: row i, this head's hd columns: inside the output and
-        // this task's own.
-        let o = unsafe {
-            std::slice::from_raw_parts_mut(out.at((seq * n + i) * hidden + head * hd), hd)
-        };
-        for (o, &a) in o.iter_mut().zip(acc.iter()) {
-            *o = a * inv;
+        for r in 0..rows {
+            let i = i0 + r;
+            // SAFETY: row i, this head's hd columns: inside the output and
+            // this task's own.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(out.at((seq * n + i) * hidden + head * hd), hd)
+            };
+            for (o, &a) in o.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
+                *o = a * inverse[r];
+            }
         }
+        i0 += rows;
     }
 }
+
+/// Query rows [`attend_one`] takes at once where it can.
+const BLOCK_ROWS: usize = 4;
 
 /// Weighted sums of rows of up to 64 values kept in four AVX-512 registers,
 /// for attention's short rows (the compiler's loops store and reload them at
@@ -1254,6 +1328,45 @@ mod register_rows {
             if m[c] != 0 {
                 // SAFETY: the masked lanes lie inside `out`.
                 unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(16 * c), m[c], acc[c]) };
+            }
+        }
+    }
+
+    /// [`weighted_rows`] for four sets of coefficients over the same rows:
+    /// `out[r] = sum_t c[r][t] * row(t)`, each row loaded once for the four;
+    /// every sum in the same order as [`weighted_rows`] takes it.
+    ///
+    /// # Safety
+    /// As [`weighted_rows`], for `c[r].len()` rows (the same for all four)
+    /// and each `out[r]`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn weighted_rows4(
+        c: [&[f32]; 4],
+        row: impl Fn(usize) -> *const f32,
+        len: usize,
+        out: [&mut [f32]; 4],
+    ) {
+        debug_assert!(len <= 64 && out.iter().all(|o| o.len() >= len));
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let m: [__mmask16; 4] = std::array::from_fn(|c| lanes(len, c));
+        for t in 0..c[0].len() {
+            let r = row(t);
+            for k in 0..4 {
+                if m[k] != 0 {
+                    // SAFETY: the masked lanes lie inside row t.
+                    let x = unsafe { _mm512_maskz_loadu_ps(m[k], r.add(16 * k)) };
+                    for q in 0..4 {
+                        acc[q][k] = _mm512_fmadd_ps(_mm512_set1_ps(c[q][t]), x, acc[q][k]);
+                    }
+                }
+            }
+        }
+        for (q, out) in out.into_iter().enumerate() {
+            for k in 0..4 {
+                if m[k] != 0 {
+                    // SAFETY: the masked lanes lie inside `out[q]`.
+                    unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(16 * k), m[k], acc[q][k]) };
+                }
             }
         }
     }
