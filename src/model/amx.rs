@@ -94,6 +94,25 @@ pub(super) fn available(format: Format) -> bool {
     }
 }
 
+/// The (out, in) `weight` as row-major f32 values with its shape (n, k),
+/// for laying out in `format`; `None` where this CPU has no AMX for it or
+/// the weight is not on the CPU.
+pub(super) fn rows_of(
+    format: Format,
+    weight: &candle_core::Tensor,
+) -> candle_core::Result<Option<(Vec<f32>, usize, usize)>> {
+    if !available(format) || !weight.device().is_cpu() {
+        return Ok(None);
+    }
+    let (n, k) = weight.dims2()?;
+    let w = weight
+        .to_dtype(candle_core::DType::F32)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(Some((w, n, k)))
+}
+
 /// A tile element: plain bytes (u16 for bf16, i8 for int8), any bit
 /// pattern a value.
 pub(super) trait Element: Copy + Default + Send + Sync + std::fmt::Debug {}

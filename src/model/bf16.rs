@@ -118,27 +118,7 @@ pub fn converts(kind: LayerKind) -> bool {
 }
 
 thread_local! {
-    static CONVERT_ON_LOAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    static INT8: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `convert` with the layers it converts going to `precision`'s format:
-/// int8 ([`super::int8`], for the kinds [`int8_for`] names) for
-/// [`Precision::Int8`], bf16 otherwise.
-pub(super) fn in_format<T>(precision: Precision, convert: impl FnOnce() -> T) -> T {
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            INT8.with(|c| c.set(self.0));
-        }
-    }
-    let _reset = Reset(INT8.with(|c| c.replace(precision == Precision::Int8)));
-    convert()
-}
-
-/// Whether layers converted now go to int8 ([`in_format`]).
-pub(super) fn int8_now() -> bool {
-    INT8.with(|c| c.get())
+    static CONVERT_ON_LOAD: std::cell::Cell<Option<Precision>> = const { std::cell::Cell::new(None) };
 }
 
 /// Runs `load` with every encoder layer converted to `precision` as soon as
@@ -148,16 +128,17 @@ pub(super) fn converting_on_load<T>(precision: Precision, load: impl FnOnce() ->
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
-            CONVERT_ON_LOAD.with(|c| c.set(false));
+            CONVERT_ON_LOAD.with(|c| c.set(None));
         }
     }
-    CONVERT_ON_LOAD.with(|c| c.set(true));
+    CONVERT_ON_LOAD.with(|c| c.set(Some(precision)));
     let _reset = Reset;
-    in_format(precision, load)
+    load()
 }
 
-/// Whether layers loaded now are converted at once ([`converting_on_load`]).
-pub(super) fn convert_on_load() -> bool {
+/// The precision layers loaded now are converted to at once, if any
+/// ([`converting_on_load`]).
+pub(super) fn convert_on_load() -> Option<Precision> {
     CONVERT_ON_LOAD.with(|c| c.get())
 }
 
@@ -196,16 +177,8 @@ pub struct Bf16Matrix(TileMatrix<u16>);
 impl Bf16Matrix {
     /// Rounds and lays out an (out, in) f32 weight, or `None` without AMX.
     pub fn new(weight: &Tensor) -> candle_core::Result<Option<Self>> {
-        if !available() || !weight.device().is_cpu() {
-            return Ok(None);
-        }
-        let (n, k) = weight.dims2()?;
-        let w = weight
-            .to_dtype(candle_core::DType::F32)?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        Ok(Some(Self::from_rows(&w, n, k)))
+        let rows = amx::rows_of(Format::Bf16, weight)?;
+        Ok(rows.map(|(w, n, k)| Self::from_rows(&w, n, k)))
     }
 
     fn from_rows(w: &[f32], n: usize, k: usize) -> Self {
@@ -256,19 +229,18 @@ pub fn dense(
     super::gemm::dense_with(x, w.clone(), bias, f)
 }
 
-/// Writes `src` rounded to bf16 at `dst`.
-///
-/// # Safety
-/// `dst` is valid for `src.len()` writes.
-unsafe fn round_row(src: &[f32], dst: *mut u16) {
+/// Writes `src` rounded to bf16 into `dst` (as long).
+fn round_row(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AMX products exist only where AMX (and so AVX-512) was found.
+    // SAFETY: AMX products exist only where AMX (and so AVX-512) was found;
+    // `dst` holds src.len() values.
     unsafe {
-        round_row_avx512(src, dst)
+        round_row_avx512(src, dst.as_mut_ptr())
     }
     #[cfg(not(target_arch = "x86_64"))]
-    for (i, &s) in src.iter().enumerate() {
-        unsafe { dst.add(i).write(to_bf16(s)) };
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = to_bf16(s);
     }
 }
 
@@ -306,10 +278,7 @@ unsafe fn round_row_avx512(src: &[f32], dst: *mut u16) {
 /// `f(x W^T + b)` for `x` (m x k, row-major): a fresh (m x n) buffer.
 fn matmul(x: &[f32], m: usize, w: &Bf16Matrix, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
     let w = &w.0;
-    // SAFETY: each destination row holds the source row's values.
-    let (a, _) = w.activations(x, m, |src, dst: &mut [u16]| unsafe {
-        round_row(src, dst.as_mut_ptr())
-    });
+    let (a, _) = w.activations(x, m, round_row);
     let n = w.n;
     w.product(&a, m, |rows, span, out| {
         if bias.is_none() && f == Pointwise::Identity {

@@ -36,9 +36,9 @@ impl Clip {
         Self::from_files(&files, source.id())
     }
 
-    /// Loads a model in `precision`. A `fast` one has its encoder layers
-    /// converted to bf16 one by one as they load, so that loading peaks near
-    /// the bf16 model's size rather than the f32 one's.
+    /// Loads a model in `precision`. A `fast` or `int8` one has its encoder
+    /// layers converted one by one as they load, so that loading peaks near
+    /// the reduced model's size rather than the f32 one's.
     pub fn load_with(source: &ModelSource, hub: &HubOptions, precision: Precision) -> Result<Self> {
         let mut clip = match precision {
             Precision::Exact => Self::load(source, hub)?,
@@ -113,7 +113,7 @@ impl Clip {
                 self.info.precision
             )));
         }
-        super::bf16::in_format(precision, || self.model.to_bf16())?;
+        self.model.reduce_to(precision)?;
         self.info.precision = precision;
         // Vectors of another precision are another model's to an index:
         // every check that compares fingerprints refuses to mix them.

@@ -1,4 +1,4 @@
-//! Dense layers in int8 on Intel AMX, for `--precision fast`.
+//! Dense layers in int8 on Intel AMX, for `--precision int8`.
 //!
 //! A weight is quantized once, at load, per output channel (symmetric: a
 //! scale per column, values -127 to 127) and laid out as AMX tiles
@@ -45,16 +45,8 @@ impl Int8Matrix {
     /// Quantizes and lays out an (out, in) f32 weight, or `None` without
     /// AMX-INT8.
     pub fn new(weight: &Tensor) -> candle_core::Result<Option<Self>> {
-        if !available() || !weight.device().is_cpu() {
-            return Ok(None);
-        }
-        let (n, k) = weight.dims2()?;
-        let w = weight
-            .to_dtype(candle_core::DType::F32)?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        Ok(Some(Self::from_rows(&w, n, k)))
+        let rows = amx::rows_of(Format::Int8, weight)?;
+        Ok(rows.map(|(w, n, k)| Self::from_rows(&w, n, k)))
     }
 
     fn from_rows(w: &[f32], n: usize, k: usize) -> Self {
@@ -152,10 +144,7 @@ pub fn dense(
 
 /// `f(x W^T + b)` for `x` (m x k, row-major): a fresh (m x n) buffer.
 fn matmul(x: &[f32], m: usize, w: &Int8Matrix, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
-    // SAFETY: each destination row holds the source row's values.
-    let (a, codes) = w.tiles.activations(x, m, |src, dst: &mut [u8]| unsafe {
-        quantize_row(src, dst.as_mut_ptr())
-    });
+    let (a, codes) = w.tiles.activations(x, m, quantize_row);
     let n = w.tiles.n;
     w.tiles.product(&a, m, |rows, span, out| {
         let columns = Columns {
@@ -219,29 +208,23 @@ impl Code {
     }
 }
 
-/// Writes `src` quantized with its own code at `dst`, and returns the code.
-///
-/// # Safety
-/// `dst` is valid for `src.len()` writes.
-unsafe fn quantize_row(src: &[f32], dst: *mut u8) -> Code {
+/// Writes `src` quantized with its own code into `dst` (as long), and
+/// returns the code.
+fn quantize_row(src: &[f32], dst: &mut [u8]) -> Code {
+    assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AMX-INT8 products exist only where AMX (and so AVX-512) was
-    // found.
+    // found; `dst` holds src.len() values.
     unsafe {
-        quantize_row_avx512(src, dst)
+        quantize_row_avx512(src, dst.as_mut_ptr())
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe {
-        quantize_row_with(src, dst)
-    }
+    quantize_row_with(src, dst)
 }
 
 /// [`quantize_row`] one value at a time.
-///
-/// # Safety
-/// `dst` is valid for `src.len()` writes.
 #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
-unsafe fn quantize_row_with(src: &[f32], dst: *mut u8) -> Code {
+fn quantize_row_with(src: &[f32], dst: &mut [u8]) -> Code {
     let mut range = (0f32, 0f32);
     let mut finite = true;
     for &v in src {
@@ -253,9 +236,8 @@ unsafe fn quantize_row_with(src: &[f32], dst: *mut u8) -> Code {
         false => Code::UNDEFINED,
     };
     let inverse = code.inverse();
-    for (i, &v) in src.iter().enumerate() {
-        // SAFETY: i < src.len().
-        unsafe { dst.add(i).write(code.quantize(v, inverse)) };
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = code.quantize(v, inverse);
     }
     code
 }
@@ -450,13 +432,10 @@ mod tests {
         ]);
         for row in rows {
             let (mut fast, mut plain) = (vec![0u8; row.len()], vec![0u8; row.len()]);
-            // SAFETY: both buffers hold row.len() values.
-            let (a, b) = unsafe {
-                (
-                    quantize_row(row, fast.as_mut_ptr()),
-                    quantize_row_with(row, plain.as_mut_ptr()),
-                )
-            };
+            let (a, b) = (
+                quantize_row(row, &mut fast),
+                quantize_row_with(row, &mut plain),
+            );
             assert!(
                 a == b || (a.scale.is_nan() && b.scale.is_nan()),
                 "{a:?} {b:?}"

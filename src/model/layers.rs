@@ -11,6 +11,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use super::Precision;
 use super::bf16::{Bf16Matrix, LayerKind};
 use super::gemm::{PackedMatrix, Prepacked};
 use super::int8::Int8Matrix;
@@ -91,34 +92,34 @@ impl Linear {
         Ok(())
     }
 
-    /// Rounds an inference layer's weight to bf16 for `--precision fast`:
-    /// multiplied on AMX where the CPU has it, else kept in f32 (rounded, so
-    /// that the layer computes nearly the same either way). Trainable layers,
-    /// and layers of a kind that stays f32 ([`super::bf16::converts`]), keep
-    /// their weight.
-    pub fn to_bf16(&mut self, kind: LayerKind) -> Result<()> {
+    /// Converts an inference layer's weight for `precision` (`fast` or
+    /// `int8`): int8 on AMX-INT8 for `int8` ([`super::int8`]), else bf16 on
+    /// AMX, else kept in f32 rounded to bf16 (so that the layer computes
+    /// nearly the same either way). Trainable layers, and layers of a kind
+    /// that stays f32 ([`super::bf16::converts`]), keep their weight.
+    pub fn reduce_to(&mut self, kind: LayerKind, precision: Precision) -> Result<()> {
         if !super::bf16::converts(kind) {
             return Ok(());
         }
-        self.to_bf16_with(kind, super::bf16::available())
+        self.reduce_to_with(kind, precision, super::bf16::available())
     }
 
-    /// [`Self::to_bf16`] with the AMX kernel (`amx`, where available) or
-    /// without it.
-    fn to_bf16_with(&mut self, kind: LayerKind, amx: bool) -> Result<()> {
+    /// [`Self::reduce_to`] with the AMX kernels (`amx`, where available) or
+    /// without them.
+    fn reduce_to_with(&mut self, kind: LayerKind, precision: Precision, amx: bool) -> Result<()> {
         match &self.weight {
             Weight::Graph(_) => return Ok(()),
             Weight::Prepacked(p) if p.is_reduced() => return Ok(()),
             _ => {}
         }
         let w = self.weight()?;
-        let int8 = amx && super::bf16::int8_now() && super::bf16::int8_for(kind);
-        let matrix: Option<Arc<dyn Prepacked>> = match int8 {
-            true => Int8Matrix::new(&w)?.map(|m| Arc::new(m) as _),
+        let int8 = amx && precision == Precision::Int8 && super::bf16::int8_for(kind);
+        let int8 = match int8 {
+            true => Int8Matrix::new(&w)?,
             false => None,
         };
-        let matrix = match (matrix, amx) {
-            (Some(m), _) => Some(m),
+        let matrix: Option<Arc<dyn Prepacked>> = match (int8, amx) {
+            (Some(m), _) => Some(Arc::new(m)),
             (None, true) => Bf16Matrix::new(&w)?.map(|m| Arc::new(m) as _),
             (None, false) => None,
         };
@@ -373,17 +374,17 @@ impl Attention {
         self.out_proj.forward(&out)
     }
 
-    /// The projections in bf16 ([`Linear::to_bf16`]).
-    pub fn to_bf16(&mut self) -> Result<()> {
+    /// The projections in reduced precision ([`Linear::reduce_to`]).
+    pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
         match &mut self.qkv {
-            Qkv::Fused(qkv) => qkv.to_bf16(LayerKind::Qkv)?,
+            Qkv::Fused(qkv) => qkv.reduce_to(LayerKind::Qkv, precision)?,
             Qkv::Separate { q, k, v } => {
-                q.to_bf16(LayerKind::Qkv)?;
-                k.to_bf16(LayerKind::Qkv)?;
-                v.to_bf16(LayerKind::Qkv)?;
+                q.reduce_to(LayerKind::Qkv, precision)?;
+                k.reduce_to(LayerKind::Qkv, precision)?;
+                v.reduce_to(LayerKind::Qkv, precision)?;
             }
         }
-        self.out_proj.to_bf16(LayerKind::AttentionOut)
+        self.out_proj.reduce_to(LayerKind::AttentionOut, precision)
     }
 }
 
@@ -425,10 +426,10 @@ impl Mlp {
         self.fc2.forward(&x)
     }
 
-    /// Both layers in bf16 ([`Linear::to_bf16`]).
-    pub fn to_bf16(&mut self) -> Result<()> {
-        self.fc1.to_bf16(LayerKind::MlpUp)?;
-        self.fc2.to_bf16(LayerKind::MlpDown)
+    /// Both layers in reduced precision ([`Linear::reduce_to`]).
+    pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
+        self.fc1.reduce_to(LayerKind::MlpUp, precision)?;
+        self.fc2.reduce_to(LayerKind::MlpDown, precision)
     }
 }
 
@@ -471,11 +472,11 @@ impl EncoderLayer {
         residual(h, &x)
     }
 
-    /// The attention's and the MLP's dense layers in bf16; the layer norms
+    /// The attention's and the MLP's dense layers in `precision`; the layer norms
     /// stay f32.
-    pub fn to_bf16(&mut self) -> Result<()> {
-        self.self_attn.to_bf16()?;
-        self.mlp.to_bf16()
+    pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
+        self.self_attn.reduce_to(precision)?;
+        self.mlp.reduce_to(precision)
     }
 }
 
@@ -501,8 +502,8 @@ impl Encoder {
         let layers = (0..s.layers)
             .map(|i| {
                 let mut layer = EncoderLayer::load(vb.pp(i), s)?;
-                if super::bf16::convert_on_load() {
-                    layer.to_bf16()?;
+                if let Some(precision) = super::bf16::convert_on_load() {
+                    layer.reduce_to(precision)?;
                 }
                 Ok(layer)
             })
@@ -518,9 +519,12 @@ impl Encoder {
         Ok(x)
     }
 
-    /// Every layer's dense layers in bf16 ([`EncoderLayer::to_bf16`]).
-    pub fn to_bf16(&mut self) -> Result<()> {
-        self.layers.iter_mut().try_for_each(EncoderLayer::to_bf16)
+    /// Every layer's dense layers in reduced precision
+    /// ([`EncoderLayer::reduce_to`]).
+    pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(|layer| layer.reduce_to(precision))
     }
 
     /// Lays the inference weights out for products of about `rows` rows.
@@ -634,10 +638,12 @@ mod tests {
     fn bf16_layers_agree_with_and_without_amx() {
         let (w, b) = (random(&[45, 70], 1), random(&[45], 2));
         let mut amx = Linear::new(w.clone(), Some(b.clone())).unwrap();
-        amx.to_bf16(LayerKind::Qkv).unwrap();
+        amx.reduce_to(LayerKind::Qkv, Precision::Fast).unwrap();
         let mut portable = Linear::new(w.clone(), Some(b.clone())).unwrap();
         let exact = Linear::new(w.clone(), Some(b)).unwrap();
-        portable.to_bf16_with(LayerKind::Qkv, false).unwrap();
+        portable
+            .reduce_to_with(LayerKind::Qkv, Precision::Fast, false)
+            .unwrap();
         assert!(!matches!(&portable.weight, Weight::Prepacked(p) if p.is_reduced()));
         if crate::model::bf16::available() {
             assert!(matches!(&amx.weight, Weight::Prepacked(p) if p.is_reduced()));

@@ -254,25 +254,25 @@ impl ClipModel {
         }
     }
 
-    /// The towers' dense layers in bf16 for `--precision fast`, those of the
-    /// kinds [`bf16::converts`] names: by default the encoder layers, the
+    /// The towers' dense layers in `precision` (`fast`: bf16, `int8`), those
+    /// of the kinds [`bf16::converts`] names: by default the encoder layers, the
     /// ViT's patch embedding and the ResNet's stage convolutions; the stem,
     /// layer norms, attention's softmax, pooling and the final projections
     /// stay f32. Trainable towers are left as they are.
-    pub fn to_bf16(&mut self) -> Result<()> {
+    pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
         match &mut self.text_model {
-            TextTower::Clip(tower) => tower.to_bf16()?,
-            TextTower::Hf(tower) => tower.to_bf16()?,
+            TextTower::Clip(tower) => tower.reduce_to(precision)?,
+            TextTower::Hf(tower) => tower.reduce_to(precision)?,
         }
         for projection in [&mut self.text_projection, &mut self.visual_projection]
             .into_iter()
             .flatten()
         {
-            projection.to_bf16(bf16::LayerKind::Projection)?;
+            projection.reduce_to(bf16::LayerKind::Projection, precision)?;
         }
         match &mut self.vision_model {
-            ImageTower::Vit(vit) => vit.to_bf16(),
-            ImageTower::ResNet(resnet) => resnet.to_bf16(),
+            ImageTower::Vit(vit) => vit.reduce_to(precision),
+            ImageTower::ResNet(resnet) => resnet.reduce_to(precision),
             ImageTower::TrainResNet(_) => Ok(()),
         }
     }

@@ -19,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, Var};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::Precision;
 use super::ops::Pointwise;
 
 use super::config::{ResNetConfig, VisionConfig};
@@ -450,15 +451,16 @@ impl ModifiedResNet {
         Ok(Self(Layers::load(vb, cfg, r, output_dim)?))
     }
 
-    /// The stages' convolutions in bf16 ([`Linear::to_bf16`]); the stem,
+    /// The stages' convolutions in reduced precision ([`Linear::reduce_to`]); the stem,
     /// which sees the pixels, and the attention pooling stay f32.
-    pub fn to_bf16(&mut self) -> Result<()> {
+    pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
         for block in self.0.stages.iter_mut().flatten() {
             for conv in [&mut block.conv1, &mut block.conv2, &mut block.conv3]
                 .into_iter()
                 .chain(block.downsample.as_mut())
             {
-                conv.dense.to_bf16(super::bf16::LayerKind::Conv)?;
+                conv.dense
+                    .reduce_to(super::bf16::LayerKind::Conv, precision)?;
             }
         }
         Ok(())

@@ -20,6 +20,7 @@
 use candle_core::{D, Tensor};
 use candle_nn::VarBuilder;
 
+use super::Precision;
 use super::config::{HfTextTower, TextConfig, TextPooler, TextProjection};
 use super::layers::{Attention, EncoderShape, LayerNorm, Linear, Mlp};
 use super::{Error, Result};
@@ -49,9 +50,9 @@ impl PostNormLayer {
         self.norm2.forward(&(self.mlp.forward(&h)? + &h)?)
     }
 
-    fn to_bf16(&mut self) -> Result<()> {
-        self.attention.to_bf16()?;
-        self.mlp.to_bf16()
+    fn reduce_to(&mut self, precision: Precision) -> Result<()> {
+        self.attention.reduce_to(precision)?;
+        self.mlp.reduce_to(precision)
     }
 }
 
@@ -106,8 +107,8 @@ impl HfTextTransformer {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let mut layer = PostNormLayer::load(t.pp("encoder").pp("layers").pp(i), &shape)?;
-                if super::bf16::convert_on_load() {
-                    layer.to_bf16()?;
+                if let Some(precision) = super::bf16::convert_on_load() {
+                    layer.reduce_to(precision)?;
                 }
                 Ok(layer)
             })
@@ -144,10 +145,12 @@ impl HfTextTransformer {
     }
 
     /// (batch, seq) ids, each row padded with the pad id, to (batch, output) features.
-    /// The encoder layers' dense layers in bf16; embeddings, layer norms
+    /// The encoder layers' dense layers in `precision`; embeddings, layer norms
     /// and the projection stay f32.
-    pub fn to_bf16(&mut self) -> Result<()> {
-        self.layers.iter_mut().try_for_each(PostNormLayer::to_bf16)
+    pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(|layer| layer.reduce_to(precision))
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {

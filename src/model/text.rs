@@ -8,6 +8,7 @@
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::Precision;
 use super::config::{Family, TextConfig};
 use super::layers::{Encoder, EncoderShape, LayerNorm, Linear, causal_mask};
 use super::{Error, Result};
@@ -77,10 +78,10 @@ impl TextTransformer {
     /// position from having any effect, so the result is the reference's at
     /// 77 positions. SigLIP attends both ways, so its rows are the
     /// tokenizer's fixed length and the pooled position is the last.
-    /// The encoder's dense layers in bf16; embeddings, layer norms and the
+    /// The encoder's dense layers in `precision`; embeddings, layer norms and the
     /// head stay f32.
-    pub fn to_bf16(&mut self) -> Result<()> {
-        self.encoder.to_bf16()
+    pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
+        self.encoder.reduce_to(precision)
     }
 
     pub fn forward(&self, ids: &Tensor, pool: &[usize]) -> Result<Tensor> {

@@ -9,6 +9,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
+use super::Precision;
 use super::config::{Family, VisionConfig, VisionPool};
 use super::layers::{AttentionPool, Encoder, EncoderShape, LayerNorm, Linear, repeat_rows};
 use super::{Error, Result};
@@ -111,13 +112,13 @@ impl VisionTransformer {
     }
 
     /// Returns the pooled (batch, hidden) class-token states of (batch, 3, size, size) pixels.
-    /// The patch embedding and the encoder's dense layers in bf16 (those of
+    /// The patch embedding and the encoder's dense layers in `precision` (those of
     /// the kinds [`super::bf16::converts`] names); layer norms and the
     /// pooling head stay f32.
-    pub fn to_bf16(&mut self) -> Result<()> {
+    pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
         self.patch_embedding
-            .to_bf16(super::bf16::LayerKind::PatchEmbedding)?;
-        self.encoder.to_bf16()
+            .reduce_to(super::bf16::LayerKind::PatchEmbedding, precision)?;
+        self.encoder.reduce_to(precision)
     }
 
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
