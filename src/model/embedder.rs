@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::checkpoint::{self, CheckpointFiles, HubOptions, Layout, ModelSource, WeightsFile};
+use super::tensor_file::TensorFile;
 use super::tokenizer::TokenizerSettings;
 use super::{
     ClipConfig, ClipModel, Error, Family, Preprocessor, Result, RgbView, TextTokenizer,
@@ -72,14 +73,23 @@ impl Clip {
         let (preprocessor, preprocessor_text) = files.read_preprocessor(&model_config)?;
         let image_size = config.vision_config.image_size;
         let device = Device::Cpu;
-        let vb = match files.layout {
-            Layout::HuggingFace => load_weights(&files.weights, &device)?,
-            // Renamed weights: in memory, not mapped.
-            Layout::OpenClip => {
-                VarBuilder::from_tensors(files.read_tensors(config)?, DType::F32, &device)
+        let model = match (&files.layout, &files.weights) {
+            // The token table stays in the file, read a row at a time.
+            (Layout::HuggingFace, WeightsFile::Safetensors(path)) => {
+                let file = TensorFile::open(path)?;
+                let vb =
+                    VarBuilder::from_backend(Box::new(file.clone()), DType::F32, device.clone());
+                ClipModel::from_file(vb, config, Some(&file))?
             }
+            (Layout::HuggingFace, _) => {
+                ClipModel::new(load_weights(&files.weights, &device)?, config)?
+            }
+            // Renamed weights: in memory, not mapped.
+            (Layout::OpenClip, _) => ClipModel::new(
+                VarBuilder::from_tensors(files.read_tensors(config)?, DType::F32, &device),
+                config,
+            )?,
         };
-        let model = ClipModel::new(vb, config)?;
         let fingerprint = fingerprint(config, &preprocessor_text, &files.weights)?;
         let info = ModelInfo {
             id,

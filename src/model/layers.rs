@@ -15,9 +15,49 @@ use super::Precision;
 use super::bf16::{Bf16Matrix, LayerKind};
 use super::gemm::{PackedMatrix, Prepacked};
 use super::int8::Int8Matrix;
+use super::tensor_file::{FileRows, TensorFile};
 
 use super::Result;
 use super::config::Activation;
+
+/// A table of token or word embeddings, looked up by id: in memory (a
+/// trainable or renamed checkpoint's), or left in the safetensors file and
+/// read a row at a time ([`FileRows`]), which keeps a vocabulary's tens or
+/// hundreds of MB out of an index or a server that embeds a dozen tokens a
+/// query. Both give the same values.
+#[derive(Clone, Debug)]
+pub enum EmbeddingTable {
+    Loaded(Tensor),
+    InFile(FileRows),
+}
+
+impl EmbeddingTable {
+    /// The (rows, columns) table `weight` under `vb`: from `file` when it
+    /// holds it, else loaded.
+    pub fn load(vb: VarBuilder, shape: (usize, usize), file: Option<&TensorFile>) -> Result<Self> {
+        let name = format!("{}.weight", vb.prefix());
+        match file.and_then(|f| f.rows(&name, shape)) {
+            Some(rows) => Ok(Self::InFile(rows)),
+            None => Ok(Self::Loaded(vb.get(shape, "weight")?)),
+        }
+    }
+
+    /// Columns: the embedding width.
+    pub fn width(&self) -> Result<usize> {
+        Ok(match self {
+            Self::Loaded(t) => t.dim(1)?,
+            Self::InFile(rows) => rows.dims().1,
+        })
+    }
+
+    /// The rows of the 1-D u32 `ids`, as (ids, width).
+    pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Loaded(t) => t.embedding(ids)?,
+            Self::InFile(rows) => rows.gather(&ids.to_vec1::<u32>()?)?,
+        })
+    }
+}
 
 /// `t` repeated as `rows` rows: (rows, t's elements), as `ones(rows, 1) x t`.
 ///

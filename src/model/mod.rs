@@ -65,6 +65,7 @@ pub use tokenizer::{ClipTokenizer, TextTokenizer};
 use layers::Linear;
 use resnet::{ModifiedResNet, TrainableResNet};
 use roberta::HfTextTransformer;
+use tensor_file::TensorFile;
 use text::TextTransformer;
 use vision::VisionTransformer;
 
@@ -136,6 +137,17 @@ pub struct ClipModel {
 impl ClipModel {
     /// Builds the model from a `VarBuilder` rooted at the checkpoint's top level.
     pub fn new(vb: VarBuilder, config: &ClipConfig) -> Result<Self> {
+        Self::from_file(vb, config, None)
+    }
+
+    /// [`Self::new`] for inference from the safetensors `file` that `vb`
+    /// reads: the text tower's token table stays in the file
+    /// ([`layers::EmbeddingTable`]).
+    pub fn from_file(
+        vb: VarBuilder,
+        config: &ClipConfig,
+        file: Option<&TensorFile>,
+    ) -> Result<Self> {
         let load = || -> Result<Self> {
             let (t, v) = (&config.text_config, &config.vision_config);
             let family = config.family;
@@ -182,8 +194,14 @@ impl ClipModel {
                         t,
                         hf,
                         config.projection_dim,
+                        file,
                     )?),
-                    None => TextTower::Clip(TextTransformer::load(vb.pp("text_model"), t, family)?),
+                    None => TextTower::Clip(TextTransformer::load(
+                        vb.pp("text_model"),
+                        t,
+                        family,
+                        file,
+                    )?),
                 },
                 vision_model: match &v.resnet {
                     // Trainable weights (training) need batch statistics and
@@ -335,7 +353,7 @@ pub fn load_weights(
 ) -> Result<VarBuilder<'static>> {
     match weights {
         checkpoint::WeightsFile::Safetensors(path) => Ok(VarBuilder::from_backend(
-            Box::new(tensor_file::TensorFile::open(path)?),
+            Box::new(TensorFile::open(path)?),
             DType::F32,
             device.clone(),
         )),

@@ -22,7 +22,8 @@ use candle_nn::VarBuilder;
 
 use super::Precision;
 use super::config::{HfTextTower, TextConfig, TextPooler, TextProjection};
-use super::layers::{Attention, EncoderShape, LayerNorm, Linear, Mlp};
+use super::layers::{Attention, EmbeddingTable, EncoderShape, LayerNorm, Linear, Mlp};
+use super::tensor_file::TensorFile;
 use super::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -67,7 +68,7 @@ enum Projection {
 
 #[derive(Clone, Debug)]
 pub struct HfTextTransformer {
-    word_embeddings: Tensor,
+    word_embeddings: EmbeddingTable,
     position_embeddings: Tensor,
     /// The first token type's row (open_clip passes no token types).
     token_type: Tensor,
@@ -89,6 +90,7 @@ impl HfTextTransformer {
         cfg: &TextConfig,
         hf: &HfTextTower,
         output_dim: usize,
+        file: Option<&TensorFile>,
     ) -> Result<Self> {
         let h = cfg.hidden_size;
         let t = vb.pp("text_model");
@@ -126,7 +128,11 @@ impl HfTextTransformer {
             }
         };
         Ok(Self {
-            word_embeddings: e.pp("word_embeddings").get((cfg.vocab_size, h), "weight")?,
+            word_embeddings: EmbeddingTable::load(
+                e.pp("word_embeddings"),
+                (cfg.vocab_size, h),
+                file,
+            )?,
             position_embeddings: e
                 .pp("position_embeddings")
                 .get((cfg.max_position_embeddings, h), "weight")?,
@@ -182,7 +188,7 @@ impl HfTextTransformer {
             )));
         }
         let device = ids.device();
-        let h = self.word_embeddings.dim(1)?;
+        let h = self.word_embeddings.width()?;
         let words = self.word_embeddings.embedding(&ids.flatten_all()?)?;
         let positions = Tensor::from_vec(positions, b * n, device)?;
         let x = (words + self.position_embeddings.embedding(&positions)?)?

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -30,11 +31,12 @@ struct Entry {
     len: usize,
 }
 
-/// An open safetensors file and its header.
+/// An open safetensors file and its header (cheap to clone: both shared).
+#[derive(Clone)]
 pub struct TensorFile {
-    path: PathBuf,
-    file: File,
-    entries: HashMap<String, Entry>,
+    path: Arc<PathBuf>,
+    file: Arc<File>,
+    entries: Arc<HashMap<String, Entry>>,
 }
 
 impl TensorFile {
@@ -69,9 +71,21 @@ impl TensorFile {
             entries.insert(name, entry);
         }
         Ok(Self {
-            path: path.to_path_buf(),
-            file,
-            entries,
+            path: Arc::new(path.to_path_buf()),
+            file: Arc::new(file),
+            entries: Arc::new(entries),
+        })
+    }
+
+    /// The 2-D tensor `name` of shape `shape`, left in the file to be read
+    /// a row at a time ([`FileRows`]); `None` where the file has no such
+    /// tensor of that shape (reading it whole then says why).
+    pub fn rows(&self, name: &str, shape: (usize, usize)) -> Option<FileRows> {
+        let entry = self.entries.get(name)?;
+        (entry.shape == [shape.0, shape.1] && entry.dtype.is_float()).then(|| FileRows {
+            file: self.clone(),
+            name: name.to_string(),
+            entry: entry.clone(),
         })
     }
 
@@ -109,6 +123,63 @@ impl TensorFile {
             .map(|name| Ok((name.clone(), self.read(name)?)))
             .collect::<candle_core::Result<_>>()
             .map_err(|e| Error::Weights(e.to_string()))
+    }
+}
+
+/// The rows of a 2-D tensor of a checkpoint, read from the file as they are
+/// asked for: an embedding table of which a query needs a dozen rows
+/// (CLIP's 49,408 tokens x 512 are 101 MB of f32, XLM-R's 250,002 words x
+/// 768 are 768 MB) stays out of memory, in the kernel's page cache.
+#[derive(Clone)]
+pub struct FileRows {
+    file: TensorFile,
+    name: String,
+    entry: Entry,
+}
+
+impl std::fmt::Debug for FileRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "FileRows({}: {} {:?})",
+            self.file.path.display(),
+            self.name,
+            self.entry.shape
+        )
+    }
+}
+
+impl FileRows {
+    /// Rows and columns.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.entry.shape[0], self.entry.shape[1])
+    }
+
+    /// Rows `ids` as an (ids.len(), columns) f32 tensor: the values reading
+    /// the whole tensor and converting it to f32 gives.
+    pub fn gather(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let (rows, cols) = self.dims();
+        let row_bytes = cols * self.entry.dtype.size_in_bytes();
+        let mut bytes = vec![0u8; ids.len() * row_bytes];
+        for (&id, dst) in ids.iter().zip(bytes.chunks_exact_mut(row_bytes.max(1))) {
+            let id = id as usize;
+            if id >= rows {
+                return Err(candle_core::Error::Msg(format!(
+                    "id {id} is outside {}'s {rows} rows",
+                    self.name
+                )));
+            }
+            let at = self.entry.start + (id * row_bytes) as u64;
+            self.file.file.read_exact_at(dst, at).map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "{}: reading row {id} of {}: {e}",
+                    self.file.path.display(),
+                    self.name
+                ))
+            })?;
+        }
+        Tensor::from_raw_buffer(&bytes, self.entry.dtype, &[ids.len(), cols], &Device::Cpu)?
+            .to_dtype(DType::F32)
     }
 }
 
@@ -204,17 +275,27 @@ mod tests {
         candle_core::safetensors::save(&map, path).unwrap();
     }
 
+    /// A random tensor of `shape` as "f32", "f16" and "bf16", and `more`.
+    fn write_floats(path: &Path, shape: &[usize], seed: u64, more: Vec<(&str, Tensor)>) {
+        let x = crate::model::test_support::random(shape, seed);
+        let mut tensors = vec![
+            ("f32", x.clone()),
+            ("f16", x.to_dtype(DType::F16).unwrap()),
+            ("bf16", x.to_dtype(DType::BF16).unwrap()),
+        ];
+        tensors.extend(more);
+        write(path, &tensors);
+    }
+
     #[test]
     fn reads_what_candle_wrote_in_every_dtype() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.safetensors");
-        let x = crate::model::test_support::random(&[3, 5], 1);
-        write(
+        write_floats(
             &path,
-            &[
-                ("f32", x.clone()),
-                ("f16", x.to_dtype(DType::F16).unwrap()),
-                ("bf16", x.to_dtype(DType::BF16).unwrap()),
+            &[3, 5],
+            1,
+            vec![
                 ("ids", Tensor::new(&[1i64, 2, 3], &Device::Cpu).unwrap()),
                 ("scalar", Tensor::new(2.5f32, &Device::Cpu).unwrap()),
             ],
@@ -274,5 +355,70 @@ mod tests {
             let e = TensorFile::open(&p).err().unwrap().to_string();
             assert!(e.contains(name), "{e}");
         }
+    }
+
+    #[test]
+    fn rows_left_in_the_file_are_the_rows_of_the_tensor_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        write_floats(
+            &path,
+            &[7, 5],
+            3,
+            vec![(
+                "ids",
+                Tensor::new(&[[1i64, 2], [3, 4]], &Device::Cpu).unwrap(),
+            )],
+        );
+        let file = TensorFile::open(&path).unwrap();
+        let ids = [6u32, 0, 3, 3];
+        let id_tensor = Tensor::new(&ids, &Device::Cpu).unwrap();
+        for name in ["f32", "f16", "bf16"] {
+            let rows = file.rows(name, (7, 5)).unwrap();
+            assert_eq!(rows.dims(), (7, 5));
+            let whole = file.read(name).unwrap().to_dtype(DType::F32).unwrap();
+            let want = whole
+                .embedding(&id_tensor)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let got = rows.gather(&ids).unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            assert_eq!(got.to_vec2::<f32>().unwrap(), want, "{name}");
+            let e = rows.gather(&[7]).unwrap_err().to_string();
+            assert!(e.contains("id 7") && e.contains(name), "{e}");
+        }
+        // Another shape, an integer tensor or a missing one: read whole
+        // instead (which reports the problem).
+        assert!(file.rows("f32", (5, 7)).is_none());
+        assert!(file.rows("ids", (2, 2)).is_none());
+        assert!(file.rows("missing", (7, 5)).is_none());
+    }
+
+    #[test]
+    fn a_file_cut_after_opening_fails_the_lookup_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        write(
+            &path,
+            &[("table", crate::model::test_support::random(&[64, 16], 4))],
+        );
+        let rows = TensorFile::open(&path)
+            .unwrap()
+            .rows("table", (64, 16))
+            .unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 16 * 4 * 8)
+            .unwrap();
+        assert!(rows.gather(&[0]).is_ok());
+        let e = rows.gather(&[63]).unwrap_err().to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("row 63"),
+            "{e}"
+        );
     }
 }

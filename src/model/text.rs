@@ -10,12 +10,13 @@ use candle_nn::VarBuilder;
 
 use super::Precision;
 use super::config::{Family, TextConfig};
-use super::layers::{Encoder, EncoderShape, LayerNorm, Linear, causal_mask};
+use super::layers::{EmbeddingTable, Encoder, EncoderShape, LayerNorm, Linear, causal_mask};
+use super::tensor_file::TensorFile;
 use super::{Error, Result};
 
 #[derive(Clone, Debug)]
 pub struct TextTransformer {
-    token_embedding: Tensor,
+    token_embedding: EmbeddingTable,
     position_embedding: Tensor,
     encoder: Encoder,
     final_layer_norm: LayerNorm,
@@ -27,7 +28,14 @@ pub struct TextTransformer {
 
 impl TextTransformer {
     /// Loads the weights under `text_model.` of a Hugging Face checkpoint.
-    pub fn load(vb: VarBuilder, cfg: &TextConfig, family: Family) -> Result<Self> {
+    /// `file`, where the weights come from a safetensors file, leaves the
+    /// token table there ([`EmbeddingTable`]).
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &TextConfig,
+        family: Family,
+        file: Option<&TensorFile>,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let embeddings = vb.pp("embeddings");
         let shape = EncoderShape {
@@ -39,9 +47,11 @@ impl TextTransformer {
             eps: cfg.layer_norm_eps,
         };
         Ok(Self {
-            token_embedding: embeddings
-                .pp("token_embedding")
-                .get((cfg.vocab_size, h), "weight")?,
+            token_embedding: EmbeddingTable::load(
+                embeddings.pp("token_embedding"),
+                (cfg.vocab_size, h),
+                file,
+            )?,
             position_embedding: embeddings
                 .pp("position_embedding")
                 .get((cfg.max_position_embeddings, h), "weight")?,
@@ -97,7 +107,7 @@ impl TextTransformer {
                 "pooling positions do not match the token batch".into(),
             ));
         }
-        let h = self.token_embedding.dim(1)?;
+        let h = self.token_embedding.width()?;
         let tokens = self
             .token_embedding
             .embedding(&ids.flatten_all()?)?
