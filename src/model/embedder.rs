@@ -84,7 +84,19 @@ impl Clip {
             (Layout::HuggingFace, _) => {
                 ClipModel::new(load_weights(&files.weights, &device)?, config)?
             }
-            // Renamed weights: in memory, not mapped.
+            // Renamed weights in memory, the text tower's table in the file.
+            (Layout::OpenClip, WeightsFile::Safetensors(path)) => {
+                let file = TensorFile::open(path)?;
+                let tables: Vec<(&str, &str)> = super::open_clip::TEXT_TABLES
+                    .into_iter()
+                    .filter(|(stored, _)| file.has(stored))
+                    .collect();
+                let left: Vec<&str> = tables.iter().map(|(stored, _)| *stored).collect();
+                let tensors =
+                    super::open_clip::remap_leaving(file.read_all_but(&left)?, config, &left)?;
+                let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+                ClipModel::from_file(vb, config, Some(&file.renamed(&tables)))?
+            }
             (Layout::OpenClip, _) => ClipModel::new(
                 VarBuilder::from_tensors(files.read_tensors(config)?, DType::F32, &device),
                 config,

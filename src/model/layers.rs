@@ -33,10 +33,10 @@ pub enum EmbeddingTable {
 
 impl EmbeddingTable {
     /// The (rows, columns) table `weight` under `vb`: from `file` when it
-    /// holds it, else loaded.
+    /// holds it (an error if with another shape), else loaded.
     pub fn load(vb: VarBuilder, shape: (usize, usize), file: Option<&TensorFile>) -> Result<Self> {
         let name = format!("{}.weight", vb.prefix());
-        match file.and_then(|f| f.rows(&name, shape)) {
+        match file.map(|f| f.rows(&name, shape)).transpose()?.flatten() {
             Some(rows) => Ok(Self::InFile(rows)),
             None => Ok(Self::Loaded(vb.get(shape, "weight")?)),
         }

@@ -595,8 +595,36 @@ fn preprocess(f: &Fields, image_size: usize) -> Result<Preprocessor> {
 
 /// Renames open_clip's weights onto the names the towers load.
 pub fn remap(
+    weights: HashMap<String, Tensor>,
+    config: &ClipConfig,
+) -> Result<HashMap<String, Tensor>> {
+    remap_leaving(weights, config, &[])
+}
+
+/// open_clip's names of the text tower's token or word table, with the
+/// names `remap` gives them: the tables an inference model leaves in the
+/// file ([`super::layers::EmbeddingTable`]).
+pub const TEXT_TABLES: [(&str, &str); 3] = [
+    (
+        "token_embedding.weight",
+        "text_model.embeddings.token_embedding.weight",
+    ),
+    (
+        "text.token_embedding.weight",
+        "text_model.embeddings.token_embedding.weight",
+    ),
+    (
+        "text.transformer.embeddings.word_embeddings.weight",
+        "text_model.embeddings.word_embeddings.weight",
+    ),
+];
+
+/// [`remap`] of a checkpoint read without the tensors `left` (open_clip
+/// names, kept in the file): they are neither missing nor in the result.
+pub fn remap_leaving(
     mut weights: HashMap<String, Tensor>,
     config: &ClipConfig,
+    left: &[&str],
 ) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::with_capacity(weights.len() + 64);
     // Buffers that are not weights.
@@ -609,7 +637,9 @@ pub fn remap(
         "logit_scale".into(),
         Transform::Scalar,
     ));
-    let text_prefix = if weights.contains_key("text.token_embedding.weight") {
+    let text_prefix = if weights.contains_key("text.token_embedding.weight")
+        || left.contains(&"text.token_embedding.weight")
+    {
         "text."
     } else {
         ""
@@ -684,6 +714,9 @@ pub fn remap(
         }
     }
     for (from, to, transform) in pending {
+        if left.contains(&from.as_str()) {
+            continue;
+        }
         let tensor = weights
             .remove(&from)
             .ok_or_else(|| Error::Weights(format!("the open_clip checkpoint has no {from}")))?;

@@ -77,16 +77,46 @@ impl TensorFile {
         })
     }
 
-    /// The 2-D tensor `name` of shape `shape`, left in the file to be read
-    /// a row at a time ([`FileRows`]); `None` where the file has no such
-    /// tensor of that shape (reading it whole then says why).
-    pub fn rows(&self, name: &str, shape: (usize, usize)) -> Option<FileRows> {
-        let entry = self.entries.get(name)?;
-        (entry.shape == [shape.0, shape.1] && entry.dtype.is_float()).then(|| FileRows {
+    /// Whether the file has a tensor `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// This file with the tensors `pairs` name (stored name, other name)
+    /// reachable under their other names too.
+    pub fn renamed(&self, pairs: &[(&str, &str)]) -> Self {
+        let mut entries = (*self.entries).clone();
+        for (stored, other) in pairs {
+            if let Some(entry) = self.entries.get(*stored) {
+                entries.insert(other.to_string(), entry.clone());
+            }
+        }
+        Self {
+            entries: Arc::new(entries),
+            ..self.clone()
+        }
+    }
+
+    /// The 2-D float tensor `name` of shape `shape`, left in the file to be
+    /// read a row at a time ([`FileRows`]); `None` where the file has no
+    /// `name`, an error where it has another shape or is not floats.
+    pub fn rows(&self, name: &str, shape: (usize, usize)) -> candle_core::Result<Option<FileRows>> {
+        let Some(entry) = self.entries.get(name) else {
+            return Ok(None);
+        };
+        if entry.shape != [shape.0, shape.1] || !entry.dtype.is_float() {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: {name} is a {:?} tensor of shape {:?}, not floats of shape {shape:?}",
+                self.path.display(),
+                entry.dtype,
+                entry.shape
+            )));
+        }
+        Ok(Some(FileRows {
             file: self.clone(),
             name: name.to_string(),
             entry: entry.clone(),
-        })
+        }))
     }
 
     /// The tensor `name`, as stored.
@@ -118,8 +148,14 @@ impl TensorFile {
 
     /// Every tensor, in memory.
     pub fn read_all(&self) -> Result<HashMap<String, Tensor>> {
+        self.read_all_but(&[])
+    }
+
+    /// Every tensor but those named in `but`, in memory.
+    pub fn read_all_but(&self, but: &[&str]) -> Result<HashMap<String, Tensor>> {
         self.entries
             .keys()
+            .filter(|name| !but.contains(&name.as_str()))
             .map(|name| Ok((name.clone(), self.read(name)?)))
             .collect::<candle_core::Result<_>>()
             .map_err(|e| Error::Weights(e.to_string()))
@@ -374,7 +410,7 @@ mod tests {
         let ids = [6u32, 0, 3, 3];
         let id_tensor = Tensor::new(&ids, &Device::Cpu).unwrap();
         for name in ["f32", "f16", "bf16"] {
-            let rows = file.rows(name, (7, 5)).unwrap();
+            let rows = file.rows(name, (7, 5)).unwrap().unwrap();
             assert_eq!(rows.dims(), (7, 5));
             let whole = file.read(name).unwrap().to_dtype(DType::F32).unwrap();
             let want = whole
@@ -388,11 +424,13 @@ mod tests {
             let e = rows.gather(&[7]).unwrap_err().to_string();
             assert!(e.contains("id 7") && e.contains(name), "{e}");
         }
-        // Another shape, an integer tensor or a missing one: read whole
-        // instead (which reports the problem).
-        assert!(file.rows("f32", (5, 7)).is_none());
-        assert!(file.rows("ids", (2, 2)).is_none());
-        assert!(file.rows("missing", (7, 5)).is_none());
+        // Another shape or an integer tensor is refused, with its name; a
+        // missing one is none.
+        for (name, shape) in [("f32", (5, 7)), ("ids", (2, 2))] {
+            let e = file.rows(name, shape).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains("model.safetensors"), "{e}");
+        }
+        assert!(file.rows("missing", (7, 5)).unwrap().is_none());
     }
 
     #[test]
@@ -406,6 +444,7 @@ mod tests {
         let rows = TensorFile::open(&path)
             .unwrap()
             .rows("table", (64, 16))
+            .unwrap()
             .unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
         std::fs::OpenOptions::new()
