@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
 use rayon::prelude::*;
 
 use super::checkpoint::{self, CheckpointFiles, HubOptions, Layout, ModelSource, WeightsFile};
@@ -89,7 +90,7 @@ impl Clip {
                 let file = TensorFile::open(path)?;
                 let tables: Vec<(&str, &str)> = super::open_clip::TEXT_TABLES
                     .into_iter()
-                    .filter(|(stored, _)| file.has(stored))
+                    .filter(|(stored, _)| file.contains_tensor(stored))
                     .collect();
                 let left: Vec<&str> = tables.iter().map(|(stored, _)| *stored).collect();
                 let tensors =

@@ -1158,24 +1158,16 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
         if rows == BLOCK_ROWS {
             for c0 in (0..n).step_by(64) {
                 let len = 64.min(n - c0);
-                let (s0, rest) = scores.split_at_mut(n);
-                let (s1, rest) = rest.split_at_mut(n);
-                let (s2, s3) = rest.split_at_mut(n);
                 // SAFETY: AVX-512F is present (`registers`); kt holds hd
                 // rows of n from which columns c0..c0 + len are read, into
                 // as many scores of each of the four rows.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     register_rows::weighted_rows4(
-                        [
-                            &queries[..hd],
-                            &queries[hd..2 * hd],
-                            &queries[2 * hd..3 * hd],
-                            &queries[3 * hd..4 * hd],
-                        ],
+                        block_rows(queries, hd),
                         |d| kt[d * n + c0..].as_ptr(),
                         len,
-                        [&mut s0[c0..], &mut s1[c0..], &mut s2[c0..], &mut s3[c0..]],
+                        block_rows_mut(scores, n).map(|s| &mut s[c0..]),
                     )
                 };
             }
@@ -1226,23 +1218,15 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
             inverse[r] = 1.0 / scores.iter().sum::<f32>();
         }
         if rows == BLOCK_ROWS {
-            let (a0, rest) = acc.split_at_mut(hd);
-            let (a1, rest) = rest.split_at_mut(hd);
-            let (a2, a3) = rest.split_at_mut(hd);
             // SAFETY: AVX-512F is present; rows of v hold hd values, each
             // acc hd.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 register_rows::weighted_rows4(
-                    [
-                        &scores[..n],
-                        &scores[n..2 * n],
-                        &scores[2 * n..3 * n],
-                        &scores[3 * n..4 * n],
-                    ],
+                    block_rows(scores, n),
                     |j| row(j, 2).as_ptr(),
                     hd,
-                    [a0, a1, a2, a3],
+                    block_rows_mut(acc, hd),
                 )
             };
         } else if registers && hd <= 64 {
@@ -1282,6 +1266,19 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
 
 /// Query rows [`attend_one`] takes at once where it can.
 const BLOCK_ROWS: usize = 4;
+
+/// The first [`BLOCK_ROWS`] rows of `len` values of `buf`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn block_rows(buf: &[f32], len: usize) -> [&[f32]; BLOCK_ROWS] {
+    std::array::from_fn(|r| &buf[r * len..(r + 1) * len])
+}
+
+/// [`block_rows`], writable.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn block_rows_mut(buf: &mut [f32], len: usize) -> [&mut [f32]; BLOCK_ROWS] {
+    let mut rows = buf[..BLOCK_ROWS * len].chunks_exact_mut(len.max(1));
+    std::array::from_fn(|_| rows.next().unwrap_or_default())
+}
 
 /// Weighted sums of rows of up to 64 values kept in four AVX-512 registers,
 /// for attention's short rows (the compiler's loops store and reload them at

@@ -150,7 +150,6 @@ impl HfTextTransformer {
         })
     }
 
-    /// (batch, seq) ids, each row padded with the pad id, to (batch, output) features.
     /// The encoder layers' dense layers in `precision`; embeddings, layer norms
     /// and the projection stay f32.
     pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
@@ -159,6 +158,7 @@ impl HfTextTransformer {
             .try_for_each(|layer| layer.reduce_to(precision))
     }
 
+    /// (batch, seq) ids, each row padded with the pad id, to (batch, output) features.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, n) = ids.dims2()?;
         let rows = ids.to_vec2::<u32>()?;

@@ -77,11 +77,6 @@ impl TensorFile {
         })
     }
 
-    /// Whether the file has a tensor `name`.
-    pub fn has(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
-    }
-
     /// This file with the tensors `pairs` name (stored name, other name)
     /// reachable under their other names too.
     pub fn renamed(&self, pairs: &[(&str, &str)]) -> Self {

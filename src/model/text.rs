@@ -79,6 +79,12 @@ impl TextTransformer {
         })
     }
 
+    /// The encoder's dense layers in `precision`; embeddings, layer norms and the
+    /// head stay f32.
+    pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
+        self.encoder.reduce_to(precision)
+    }
+
     /// Returns the pooled (batch, hidden) states at the given positions,
     /// through the head when the tower has one.
     ///
@@ -88,12 +94,6 @@ impl TextTransformer {
     /// position from having any effect, so the result is the reference's at
     /// 77 positions. SigLIP attends both ways, so its rows are the
     /// tokenizer's fixed length and the pooled position is the last.
-    /// The encoder's dense layers in `precision`; embeddings, layer norms and the
-    /// head stay f32.
-    pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
-        self.encoder.reduce_to(precision)
-    }
-
     pub fn forward(&self, ids: &Tensor, pool: &[usize]) -> Result<Tensor> {
         let (b, n) = ids.dims2()?;
         if n > self.max_positions {

@@ -111,7 +111,6 @@ impl VisionTransformer {
         })
     }
 
-    /// Returns the pooled (batch, hidden) class-token states of (batch, 3, size, size) pixels.
     /// The patch embedding and the encoder's dense layers in `precision` (those of
     /// the kinds [`super::bf16::converts`] names); layer norms and the
     /// pooling head stay f32.
@@ -121,6 +120,7 @@ impl VisionTransformer {
         self.encoder.reduce_to(precision)
     }
 
+    /// Returns the pooled (batch, hidden) class-token states of (batch, 3, size, size) pixels.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let (b, c, height, width) = pixels.dims4()?;
         if height != self.image_size || width != self.image_size || c != 3 {
