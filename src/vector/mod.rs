@@ -9,16 +9,24 @@
 //! previous generation in use. The sled store holds the same vectors and is
 //! the source of truth: whatever the saved graph lacks is re-inserted from it.
 //!
-//! Vectors are unit length and the distance is hnsw_rs's `DistDot`
-//! (`1 - dot`); its `simdeez_f` implementation clamps rounding above 1 that
-//! would otherwise panic on a vector compared with itself.
+//! Vectors are unit length and the distance is `1 - dot`
+//! ([`distance::DistDot`], clamped at 0: rounding can take a vector's dot
+//! product with itself just above 1).
+//!
+//! hnsw_rs is patched (`vendor/hnsw_rs`, through `[patch.crates-io]`): its
+//! layer search allocated for every point it visited; see
+//! `vendor/hnsw_rs/PATCHES.md`.
 
 use crate::common::fs::{sync_dir, write_synced};
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-use hnsw_rs::prelude::{AnnT, DistDot, Hnsw, HnswIo};
+use hnsw_rs::prelude::{AnnT, Hnsw, HnswIo};
+
+pub mod distance;
+
+use distance::DistDot;
 
 /// Graph connectivity (M).
 const MAX_CONNECTIONS: usize = 24;
@@ -75,12 +83,15 @@ struct Members {
     files: Vec<(String, u64, String)>,
 }
 
+/// Size and blake3 of a file, read in pieces (a million photos' graph is
+/// gigabytes).
 fn checksum(path: &Path) -> Result<(u64, String)> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    Ok((
-        bytes.len() as u64,
-        blake3::hash(&bytes).to_hex().to_string(),
-    ))
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_reader(std::io::BufReader::with_capacity(1 << 20, file))
+        .map_err(io(path))?;
+    Ok((hasher.count(), hasher.finalize().to_hex().to_string()))
 }
 
 /// The mutable part of the index, behind one lock.
@@ -236,6 +247,18 @@ impl VectorIndex {
         k: usize,
         allow: Option<&dyn Fn(u64) -> bool>,
     ) -> Result<Vec<(u64, f32)>> {
+        self.search_with(query, k, EF_SEARCH.max(k), allow)
+    }
+
+    /// [`Self::search`] with the search breadth `ef` (candidates kept while
+    /// walking the graph; at least `k`): recall against time.
+    pub fn search_with(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        allow: Option<&dyn Fn(u64) -> bool>,
+    ) -> Result<Vec<(u64, f32)>> {
         if query.len() != self.dim {
             return Err(Error::Dimension {
                 got: query.len(),
@@ -252,7 +275,7 @@ impl VectorIndex {
             let id = *id as u64;
             !dead.contains(&id) && allow.is_none_or(|f| f(id))
         };
-        let ef = EF_SEARCH.max(k);
+        let ef = ef.max(k);
         let needs_filter = !dead.is_empty() || allow.is_some();
         let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if needs_filter {
@@ -486,6 +509,88 @@ mod tests {
         let only_odd = |id: u64| id % 2 == 1;
         let hits = index.search(&vs[100].1, 5, Some(&only_odd)).unwrap();
         assert!(hits.iter().all(|(id, _)| id % 2 == 1 && *id > 50));
+    }
+
+    /// A selective filter still gives k allowed results, and they are the
+    /// nearest allowed ones (the patched layer search goes on until it holds
+    /// ef allowed points, and stops there).
+    #[test]
+    fn a_selective_filter_finds_the_nearest_allowed_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = VectorIndex::open(dir.path(), 32).unwrap();
+        let vs = vectors(3000, 32);
+        index.insert_batch(&vs).unwrap();
+        let allowed = |id: u64| id.is_multiple_of(100);
+        let queries = vectors(20, 32);
+        let mut hits = 0;
+        for (_, q) in &queries {
+            let found = index.search(q, 10, Some(&allowed)).unwrap();
+            assert_eq!(found.len(), 10);
+            assert!(found.iter().all(|(id, _)| allowed(*id)));
+            let mut exact: Vec<(u64, f32)> = vs
+                .iter()
+                .filter(|(id, _)| allowed(*id))
+                .map(|(id, v)| (*id, distance::dot(q, v)))
+                .collect();
+            exact.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let want: HashSet<u64> = exact.iter().take(10).map(|(id, _)| *id).collect();
+            hits += found.iter().filter(|(id, _)| want.contains(id)).count();
+            for pair in found.windows(2) {
+                assert!(pair[0].1 >= pair[1].1, "best first: {found:?}");
+            }
+        }
+        assert!(hits >= 190, "recall {hits} of 200");
+    }
+
+    /// A graph loaded from its files answers exactly as the one that was
+    /// saved (the loader rebuilds the layer-0 rows the search reads).
+    #[test]
+    fn a_reloaded_graph_answers_as_the_saved_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = vectors(2000, 24);
+        let queries = vectors(40, 24);
+        let before: Vec<_> = {
+            let index = VectorIndex::open(dir.path(), 24).unwrap();
+            index.insert_batch(&vs).unwrap();
+            index.save().unwrap();
+            queries
+                .iter()
+                .map(|(_, q)| index.search_with(q, 10, 32, None).unwrap())
+                .collect()
+        };
+        let index = VectorIndex::open(dir.path(), 24).unwrap();
+        for ((_, q), want) in queries.iter().zip(&before) {
+            assert_eq!(&index.search_with(q, 10, 32, None).unwrap(), want);
+        }
+        // And it goes on growing: new vectors are found.
+        index.insert_batch(&vectors(2100, 24)[2000..]).unwrap();
+        let extra = &vectors(2100, 24)[2050];
+        assert_eq!(index.search(&extra.1, 1, None).unwrap()[0].0, extra.0);
+    }
+
+    /// Searches on other threads go on while batches are inserted, and
+    /// every search finds a vector inserted before it began.
+    #[test]
+    fn searches_run_while_batches_are_inserted() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = VectorIndex::open(dir.path(), 16).unwrap();
+        let vs = vectors(4000, 16);
+        index.insert_batch(&vs[..500]).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..3 {
+                let (index, vs) = (&index, &vs);
+                s.spawn(move || {
+                    for (id, v) in vs[..500].iter().skip(t).step_by(7) {
+                        let hits = index.search(v, 5, None).unwrap();
+                        assert_eq!(hits[0].0, *id);
+                    }
+                });
+            }
+            for chunk in vs[500..].chunks(700) {
+                index.insert_batch(chunk).unwrap();
+            }
+        });
+        assert_eq!(index.len(), 4000);
     }
 
     #[test]

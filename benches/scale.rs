@@ -1,0 +1,619 @@
+//! The vector index at a million photos, on realistic vectors.
+//!
+//!     cargo bench --bench scale -- vectors --model DIR --out DIR [--photos N] [--seed S]
+//!     cargo bench --bench scale -- run --data DIR [--photos N] [--queries Q] [--json] [--keep]
+//!     cargo bench --bench scale -- open --data DIR [--photos N]
+//!
+//! `vectors` writes the benchmark's data once (`scripts/bench/scale_data.sh`
+//! trains the model first): N augmented Fashion-MNIST training images (a
+//! random crop of 20 to 28 pixels scaled to the model's 32, a horizontal
+//! flip, a tint of object and background; each image's draws come from its
+//! own seed, so any N is a prefix of a larger one) embedded as the photos;
+//! the test images, augmented with another seed, as image queries; and
+//! caption-style texts (template x modifier x class) as text queries.
+//!
+//! `run` measures clipdex's vector index ([`clipdex::vector::VectorIndex`],
+//! the one `clipdex index` and `serve` use) on the first N photos: build
+//! time on the pool's threads, save and load, recall@10 of text and image
+//! queries against exact search at the default settings and over a sweep
+//! of the search breadth, single-thread queries/s, and the growth of the
+//! resident set while building (the graph and its copy of the vectors). Exact top-10 lists
+//! are kept in `DIR/truth-N.u32` for `scripts/reference/bench_hnswlib.py`,
+//! which measures hnswlib on the same vectors (`scripts/bench/scale.sh`
+//! runs both and prints the ratios). `--keep` leaves the saved graph in
+//! `DIR/index-N`; `open` then times opening it again, for profiling.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use clipdex::model::Clip;
+use clipdex::model::checkpoint::{HubOptions, ModelSource};
+
+/// The embedding width the benchmark's model projects to.
+const DIM: usize = 512;
+/// Fashion-MNIST's side.
+const SIDE: usize = 28;
+/// Images per forward pass while embedding.
+const BATCH: usize = 512;
+/// Results compared per query.
+const K: usize = 10;
+
+const CLASSES: [&str; 10] = [
+    "t shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+];
+
+/// Templates beyond the training ones (`clipdex::train::data::DEFAULT_TEMPLATES`,
+/// which the captions were made from): phrasings the model never saw.
+const MORE_TEMPLATES: [&str; 4] = [
+    "my {}",
+    "a {} on a plain background",
+    "{}",
+    "a bright photo of a {}.",
+];
+
+const MODIFIERS: [&str; 16] = [
+    "", "red", "blue", "green", "black", "white", "grey", "yellow", "pink", "purple", "brown",
+    "orange", "dark", "light", "striped", "old",
+];
+
+/// splitmix64: a small, seedable generator; one per image.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64, index: u64) -> Self {
+        let mut r = Rng(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        r.next();
+        r
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// The images of an idx3 file (gzip), each SIDE x SIDE bytes.
+fn read_images(path: &Path) -> Vec<Vec<u8>> {
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).expect("Fashion-MNIST images"))
+        .read_to_end(&mut bytes)
+        .expect("gzip");
+    let n = u32::from_be_bytes(bytes[4..8].try_into().unwrap()) as usize;
+    assert_eq!(
+        &bytes[8..16],
+        &[0, 0, 0, 28, 0, 0, 0, 28],
+        "{}",
+        path.display()
+    );
+    bytes[16..]
+        .chunks_exact(SIDE * SIDE)
+        .take(n)
+        .map(|c| c.to_vec())
+        .collect()
+}
+
+/// One augmented image, `size` x `size`, channels first, normalised with
+/// `mean` and `std`, appended to `out`.
+fn augment(
+    image: &[u8],
+    rng: &mut Rng,
+    size: usize,
+    mean: [f32; 3],
+    std: [f32; 3],
+    out: &mut Vec<f32>,
+) {
+    let crop = 20 + rng.below(SIDE - 20 + 1);
+    let (x0, y0) = (rng.below(SIDE - crop + 1), rng.below(SIDE - crop + 1));
+    let flip = rng.unit() < 0.5;
+    let tint = [
+        0.35 + 0.65 * rng.unit(),
+        0.35 + 0.65 * rng.unit(),
+        0.35 + 0.65 * rng.unit(),
+    ];
+    let background = [0.3 * rng.unit(), 0.3 * rng.unit(), 0.3 * rng.unit()];
+    let scale = crop as f32 / size as f32;
+    let at = |x: usize, y: usize| image[(y0 + y) * SIDE + x0 + x] as f32 / 255.0;
+    let mut grey = vec![0f32; size * size];
+    for (y, row) in grey.chunks_exact_mut(size).enumerate() {
+        let sy = ((y as f32 + 0.5) * scale - 0.5).clamp(0.0, (crop - 1) as f32);
+        let (y1, fy) = (sy as usize, sy.fract());
+        let y2 = (y1 + 1).min(crop - 1);
+        for (x, v) in row.iter_mut().enumerate() {
+            let xx = if flip { size - 1 - x } else { x };
+            let sx = ((xx as f32 + 0.5) * scale - 0.5).clamp(0.0, (crop - 1) as f32);
+            let (x1, fx) = (sx as usize, sx.fract());
+            let x2 = (x1 + 1).min(crop - 1);
+            let top = at(x1, y1) * (1.0 - fx) + at(x2, y1) * fx;
+            let bottom = at(x1, y2) * (1.0 - fx) + at(x2, y2) * fx;
+            *v = top * (1.0 - fy) + bottom * fy;
+        }
+    }
+    for c in 0..3 {
+        out.extend(
+            grey.iter()
+                .map(|&v| ((v * tint[c] + (1.0 - v) * background[c]) - mean[c]) / std[c]),
+        );
+    }
+}
+
+/// Embeds `count` augmented images drawn from `images` (image `i` is
+/// `images[i % len]` with seed `(seed, i)`) into `path`, f32 little-endian.
+fn embed_augmented(clip: &Clip, images: &[Vec<u8>], count: usize, seed: u64, path: &Path) {
+    let size = clip.preprocessor().image_size();
+    let (mean, std) = (clip.preprocessor().mean(), clip.preprocessor().std());
+    let tmp = path.with_extension("partial");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).expect("create vectors"));
+    let start = Instant::now();
+    for b0 in (0..count).step_by(BATCH) {
+        let n = BATCH.min(count - b0);
+        let mut pixels = Vec::with_capacity(n * 3 * size * size);
+        for i in b0..b0 + n {
+            let mut rng = Rng::new(seed, i as u64);
+            augment(
+                &images[i % images.len()],
+                &mut rng,
+                size,
+                mean,
+                std,
+                &mut pixels,
+            );
+        }
+        for v in clip.embed_pixels(pixels, n).expect("embed") {
+            assert_eq!(v.len(), DIM, "the model must project to {DIM}");
+            for x in v {
+                out.write_all(&x.to_le_bytes()).unwrap();
+            }
+        }
+        if (b0 / BATCH).is_multiple_of(200) {
+            eprintln!(
+                "  {}: {} of {count}, {:.0} images/s",
+                path.display(),
+                b0 + n,
+                (b0 + n) as f64 / start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    out.into_inner().unwrap().sync_all().unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn texts() -> Vec<String> {
+    let mut out = Vec::new();
+    let templates = clipdex::train::data::DEFAULT_TEMPLATES
+        .iter()
+        .chain(&MORE_TEMPLATES);
+    for template in templates {
+        for modifier in MODIFIERS {
+            for class in CLASSES {
+                let subject = match modifier {
+                    "" => class.to_string(),
+                    m => format!("{m} {class}"),
+                };
+                out.push(template.replace("{}", &subject));
+            }
+        }
+    }
+    out
+}
+
+fn make_vectors(args: &Args) {
+    let model = args.model.as_ref().expect("--model DIR");
+    let out = &args.data;
+    std::fs::create_dir_all(out).unwrap();
+    let clip = Clip::load_with(
+        &ModelSource::Dir(model.clone()),
+        &HubOptions {
+            offline: true,
+            progress: false,
+        },
+        args.precision,
+    )
+    .expect("load the model");
+    let shared = Path::new("../shared/datasets/fashion-mnist");
+    let train = read_images(&shared.join("train-images-idx3-ubyte.gz"));
+    let test = read_images(&shared.join("t10k-images-idx3-ubyte.gz"));
+    let texts = texts();
+    let mut list = std::fs::File::create(out.join("texts.txt")).unwrap();
+    for t in &texts {
+        writeln!(list, "{t}").unwrap();
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let mut file =
+        std::io::BufWriter::new(std::fs::File::create(out.join("text-queries.f32")).unwrap());
+    for v in clip.embed_texts(&refs).expect("embed texts") {
+        for x in v {
+            file.write_all(&x.to_le_bytes()).unwrap();
+        }
+    }
+    file.flush().unwrap();
+    embed_augmented(
+        &clip,
+        &test,
+        args.queries,
+        args.seed + 1,
+        &out.join("image-queries.f32"),
+    );
+    let start = Instant::now();
+    embed_augmented(
+        &clip,
+        &train,
+        args.photos,
+        args.seed,
+        &out.join("photos.f32"),
+    );
+    let meta = serde_json::json!({
+        "photos": args.photos,
+        "image_queries": args.queries,
+        "text_queries": texts.len(),
+        "dim": DIM,
+        "seed": args.seed,
+        "model": model,
+        "precision": args.precision.name(),
+        "photos_per_second": args.photos as f64 / start.elapsed().as_secs_f64(),
+    });
+    std::fs::write(
+        out.join("meta.json"),
+        serde_json::to_string_pretty(&meta).unwrap(),
+    )
+    .unwrap();
+    println!("{meta}");
+}
+
+struct Args {
+    mode: String,
+    model: Option<PathBuf>,
+    data: PathBuf,
+    photos: usize,
+    queries: usize,
+    seed: u64,
+    precision: clipdex::model::Precision,
+    json: bool,
+    keep: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        mode: String::new(),
+        model: None,
+        data: PathBuf::from("target/bench/scale"),
+        photos: 1_000_000,
+        queries: 2000,
+        seed: 0,
+        precision: clipdex::model::Precision::Exact,
+        json: false,
+        keep: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "vectors" | "run" | "open" => a.mode = arg,
+            "--model" => a.model = it.next().map(PathBuf::from),
+            "--out" | "--data" => a.data = PathBuf::from(it.next().expect("--data DIR")),
+            "--photos" => a.photos = it.next().and_then(|v| v.parse().ok()).expect("--photos N"),
+            "--queries" => a.queries = it.next().and_then(|v| v.parse().ok()).expect("--queries N"),
+            "--seed" => a.seed = it.next().and_then(|v| v.parse().ok()).expect("--seed S"),
+            "--precision" => {
+                a.precision = it
+                    .next()
+                    .and_then(|v| v.parse::<clipdex::model::Precision>().ok())
+                    .expect("--precision exact|fast|int8")
+            }
+            "--json" => a.json = true,
+            "--keep" => a.keep = true,
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+fn main() {
+    let args = args();
+    // SAFETY: single-threaded here, before any pool exists.
+    unsafe { libmimalloc_sys::mi_option_set(clipdex::library::memory::MI_OPTION_PURGE_DELAY, -1) };
+    match args.mode.as_str() {
+        "vectors" => make_vectors(&args),
+        "run" => run(&args),
+        "open" => open(&args),
+        _ => eprintln!("usage: scale vectors --model DIR --out DIR | scale run --data DIR"),
+    }
+}
+
+/// `count` vectors of DIM from `path`, starting at vector `from`.
+fn read_vectors(path: &Path, from: usize, count: usize) -> Vec<f32> {
+    let mut file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let available = file.metadata().unwrap().len() as usize / (4 * DIM);
+    assert!(
+        from + count <= available,
+        "{} holds {available} vectors, {} wanted: run scripts/bench/scale_data.sh with a larger N",
+        path.display(),
+        from + count
+    );
+    use std::io::Seek;
+    file.seek(std::io::SeekFrom::Start((from * DIM * 4) as u64))
+        .unwrap();
+    let mut bytes = vec![0u8; count * DIM * 4];
+    file.read_exact(&mut bytes).unwrap();
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn count_vectors(path: &Path) -> usize {
+    std::fs::metadata(path)
+        .map(|m| m.len() as usize / (4 * DIM))
+        .unwrap_or(0)
+}
+
+/// The exact top-K photo indices of every query (rows of `queries`), by
+/// dot product over all `photos`: blocks of photos against all queries,
+/// queries in parallel.
+fn exact_top(photos: &[f32], queries: &[f32]) -> Vec<[u32; K]> {
+    use rayon::prelude::*;
+    let (n, q) = (photos.len() / DIM, queries.len() / DIM);
+    let qt = candle_core::Tensor::from_slice(queries, (q, DIM), &candle_core::Device::Cpu).unwrap();
+    let mut best: Vec<Vec<(f32, u32)>> = vec![Vec::with_capacity(K + 1); q];
+    const B: usize = 16384;
+    for b0 in (0..n).step_by(B) {
+        let len = B.min(n - b0);
+        let block = candle_core::Tensor::from_slice(
+            &photos[b0 * DIM..(b0 + len) * DIM],
+            (len, DIM),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let scores = qt
+            .matmul(&block.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let scores = scores.to_vec1::<f32>().unwrap();
+        best.par_iter_mut()
+            .zip(scores.par_chunks_exact(len))
+            .for_each(|(best, row)| {
+                for (j, &s) in row.iter().enumerate() {
+                    if best.len() < K || s > best[K - 1].0 {
+                        let at = best.partition_point(|&(b, _)| b >= s);
+                        best.insert(at, (s, (b0 + j) as u32));
+                        best.truncate(K);
+                    }
+                }
+            });
+    }
+    best.into_iter()
+        .map(|b| std::array::from_fn(|i| b.get(i).map_or(u32::MAX, |x| x.1)))
+        .collect()
+}
+
+/// Exact top-K lists for the first `n` photos, from `DIR/truth-n.u32` or
+/// computed and written there: text queries first, then image queries.
+fn truth(dir: &Path, photos: &[f32], queries: &[f32]) -> Vec<[u32; K]> {
+    let n = photos.len() / DIM;
+    let q = queries.len() / DIM;
+    let path = dir.join(format!("truth-{n}.u32"));
+    if let Ok(bytes) = std::fs::read(&path)
+        && bytes.len() == q * K * 4
+    {
+        let ids: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        return ids.chunks_exact(K).map(|c| c.try_into().unwrap()).collect();
+    }
+    let start = Instant::now();
+    let top = exact_top(photos, queries);
+    eprintln!(
+        "  exact top-{K} of {q} queries over {n}: {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    let bytes: Vec<u8> = top.iter().flatten().flat_map(|i| i.to_le_bytes()).collect();
+    std::fs::write(&path, bytes).unwrap();
+    top
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Recall@K against `truth` (photo index i is id i + 1) and single-thread
+/// queries/s of `search` over `queries`.
+fn measure(
+    queries: &[f32],
+    truth: &[[u32; K]],
+    search: impl Fn(&[f32]) -> Vec<(u64, f32)>,
+) -> (f64, f64, f64) {
+    let mut hits = 0usize;
+    let mut times = Vec::with_capacity(truth.len());
+    let start = Instant::now();
+    for (q, want) in queries.chunks_exact(DIM).zip(truth) {
+        let t = Instant::now();
+        let found = search(q);
+        times.push(t.elapsed().as_secs_f64());
+        hits += found
+            .iter()
+            .filter(|(id, _)| want.contains(&((*id - 1) as u32)))
+            .count();
+    }
+    let qps = truth.len() as f64 / start.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    let p50 = times[times.len() / 2] * 1e3;
+    (hits as f64 / (truth.len() * K) as f64, qps, p50)
+}
+
+fn run(args: &Args) {
+    let dir = &args.data;
+    let n = args.photos;
+    // Reading and the exact search free large buffers; they go back to the
+    // system, so that the growth of the resident set below is the index's.
+    let release = clipdex::library::memory::ReleaseWindow::open();
+    let photos = read_vectors(&dir.join("photos.f32"), 0, n);
+    let text = read_vectors(
+        &dir.join("text-queries.f32"),
+        0,
+        count_vectors(&dir.join("text-queries.f32")),
+    );
+    let image_count = args
+        .queries
+        .min(count_vectors(&dir.join("image-queries.f32")));
+    let image = read_vectors(&dir.join("image-queries.f32"), 0, image_count);
+    let all_queries = [text.as_slice(), image.as_slice()].concat();
+    let truth = truth(dir, &photos, &all_queries);
+    drop(release);
+    let (text_truth, image_truth) = truth.split_at(text.len() / DIM);
+    let extra = match count_vectors(&dir.join("photos.f32")) >= n + 10_000 {
+        true => Some(read_vectors(&dir.join("photos.f32"), n, 10_000)),
+        false => None,
+    };
+
+    // `--keep` leaves the saved graph in DIR/index-N (for `scale open`).
+    let kept = dir.join(format!("index-{n}"));
+    let temporary = tempfile::tempdir_in(dir).unwrap();
+    let index_dir = match args.keep {
+        true => {
+            let _ = std::fs::remove_dir_all(&kept);
+            kept.as_path()
+        }
+        false => temporary.path(),
+    };
+    let rss_before = rss_mib();
+    let index = clipdex::vector::VectorIndex::open(index_dir, DIM).unwrap();
+    let start = Instant::now();
+    // In batches, as the indexer adds a library's vectors.
+    const CHUNK: usize = 50_000;
+    for (c, chunk) in photos.chunks(CHUNK * DIM).enumerate() {
+        let items: Vec<(u64, Vec<f32>)> = chunk
+            .chunks_exact(DIM)
+            .enumerate()
+            .map(|(i, v)| ((c * CHUNK + i + 1) as u64, v.to_vec()))
+            .collect();
+        index.insert_batch(&items).unwrap();
+        eprintln!(
+            "  inserted {} in {:.0} s",
+            c * CHUNK + items.len(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    let build = start.elapsed().as_secs_f64();
+    let rss = rss_mib() - rss_before;
+    let start = Instant::now();
+    index.save().unwrap();
+    let save = start.elapsed().as_secs_f64();
+    drop(index);
+    let start = Instant::now();
+    let index = clipdex::vector::VectorIndex::open(index_dir, DIM).unwrap();
+    let load = start.elapsed().as_secs_f64();
+    assert_eq!(index.len(), n, "the saved graph came back whole");
+    let disk = index.size_on_disk();
+
+    let default_text = measure(&text, text_truth, |q| index.search(q, K, None).unwrap());
+    let default_image = measure(&image, image_truth, |q| index.search(q, K, None).unwrap());
+    let mut sweep = Vec::new();
+    for ef in [16, 32, 48, 64, 96, 128, 192, 256] {
+        let t = measure(&text, text_truth, |q| {
+            index.search_with(q, K, ef, None).unwrap()
+        });
+        let i = measure(&image, image_truth, |q| {
+            index.search_with(q, K, ef, None).unwrap()
+        });
+        sweep.push(serde_json::json!({
+            "ef": ef, "text_recall": t.0, "text_qps": t.1, "image_recall": i.0, "image_qps": i.1,
+        }));
+        eprintln!(
+            "  ef {ef:4}: text recall {:.4} at {:.0}/s, image {:.4} at {:.0}/s",
+            t.0, t.1, i.0, i.1
+        );
+    }
+    let add = extra.map(|extra| {
+        let items: Vec<(u64, Vec<f32>)> = extra
+            .chunks_exact(DIM)
+            .enumerate()
+            .map(|(i, v)| ((n + i + 1) as u64, v.to_vec()))
+            .collect();
+        let start = Instant::now();
+        index.insert_batch(&items).unwrap();
+        start.elapsed().as_secs_f64()
+    });
+    let result = serde_json::json!({
+        "impl": "clipdex",
+        "photos": n,
+        "threads": rayon::current_num_threads(),
+        "build_s": build,
+        "save_s": save,
+        "load_s": load,
+        "add_10000_s": add,
+        "built_rss_mib": rss,
+        "disk_mib": disk as f64 / (1 << 20) as f64,
+        "text_recall": default_text.0,
+        "text_qps": default_text.1,
+        "text_p50_ms": default_text.2,
+        "image_recall": default_image.0,
+        "image_qps": default_image.1,
+        "image_p50_ms": default_image.2,
+        "sweep": sweep,
+    });
+    if args.json {
+        println!("{result}");
+    } else {
+        println!("clipdex vector index, {n} photos x {DIM}");
+        println!(
+            "  build {build:.1} s ({} threads), save {save:.1} s, load {load:.1} s",
+            rayon::current_num_threads()
+        );
+        println!(
+            "  recall@{K} text {:.4} at {:.0} queries/s, image {:.4} at {:.0}/s (default settings, one thread)",
+            default_text.0, default_text.1, default_image.0, default_image.1
+        );
+        println!(
+            "  resident {rss:.0} MiB, on disk {:.0} MiB",
+            disk as f64 / (1 << 20) as f64
+        );
+        if let Some(add) = add {
+            println!("  adding 10,000: {add:.1} s");
+        }
+    }
+}
+
+/// Opens the graph `run --keep` left, and says how long that took.
+fn open(args: &Args) {
+    let dir = args.data.join(format!("index-{}", args.photos));
+    let start = Instant::now();
+    let index = clipdex::vector::VectorIndex::open(&dir, DIM).unwrap();
+    println!(
+        "opened {} vectors from {} in {:.2} s, resident {:.0} MiB",
+        index.len(),
+        dir.display(),
+        start.elapsed().as_secs_f64(),
+        rss_mib()
+    );
+}
