@@ -207,7 +207,7 @@ mod tests {
     #[test]
     fn distance_of_a_unit_vector_to_itself_is_zero_not_negative() {
         use hnsw_rs::prelude::Distance;
-        let v = super::super::unit(&[0.3, -1.7, 2.2, 0.01, 5.0]);
+        let v = crate::vector::unit(&[0.3, -1.7, 2.2, 0.01, 5.0]);
         assert!(DistDot.eval(&v, &v) >= 0.0);
         assert!(DistDot.eval(&v, &v) < 1e-6);
         let w: Vec<f32> = v.iter().map(|x| -x).collect();
