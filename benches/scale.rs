@@ -3,6 +3,7 @@
 //!     cargo bench --bench scale -- vectors --model DIR --out DIR [--photos N] [--seed S]
 //!     cargo bench --bench scale -- run --data DIR [--photos N] [--queries Q] [--json] [--keep]
 //!     cargo bench --bench scale -- open --data DIR [--photos N]
+//!     cargo bench --bench scale -- filtered --data DIR [--photos N]
 //!
 //! `vectors` writes the benchmark's data once (`scripts/bench/scale_data.sh`
 //! trains the model first): N augmented Fashion-MNIST training images (a
@@ -21,7 +22,11 @@
 //! are kept in `DIR/truth-N.u32` for `scripts/reference/bench_hnswlib.py`,
 //! which measures hnswlib on the same vectors (`scripts/bench/scale.sh`
 //! runs both and prints the ratios). `--keep` leaves the saved graph in
-//! `DIR/index-N`; `open` then times opening it again, for profiling.
+//! `DIR/index-N`; `open` then times opening it again, for profiling, and
+//! `filtered` measures filtered searches on it: filters that allow 0.1%,
+//! 1%, 10% and 50% of the photos, searched in the graph and by an exact
+//! scan of the allowed vectors (held in memory, as a scan path would), each
+//! against the exact filtered top-10.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -311,7 +316,7 @@ fn args() -> Args {
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "vectors" | "run" | "open" => a.mode = arg,
+            "vectors" | "run" | "open" | "filtered" => a.mode = arg,
             "--model" => a.model = it.next().map(PathBuf::from),
             "--out" | "--data" => a.data = PathBuf::from(it.next().expect("--data DIR")),
             "--photos" => a.photos = it.next().and_then(|v| v.parse().ok()).expect("--photos N"),
@@ -340,6 +345,7 @@ fn main() {
         "vectors" => make_vectors(&args),
         "run" => run(&args),
         "open" => open(&args),
+        "filtered" => filtered(&args),
         _ => eprintln!("usage: scale vectors --model DIR --out DIR | scale run --data DIR"),
     }
 }
@@ -616,4 +622,67 @@ fn open(args: &Args) {
         start.elapsed().as_secs_f64(),
         rss_mib()
     );
+}
+
+/// Filtered searches on the graph `run --keep` left: recall@10 against the
+/// exact filtered top-10, and latency (p50, p99) of the graph search with
+/// the filter and of an exact scan over the allowed vectors.
+fn filtered(args: &Args) {
+    let dir = &args.data;
+    let n = args.photos;
+    let photos = read_vectors(&dir.join("photos.f32"), 0, n);
+    let text = read_vectors(&dir.join("text-queries.f32"), 0, 500);
+    let image = read_vectors(&dir.join("image-queries.f32"), 0, 500);
+    let index = clipdex::vector::VectorIndex::open(&dir.join(format!("index-{n}")), DIM).unwrap();
+    assert_eq!(index.len(), n, "run `scale run --keep --photos {n}` first");
+    let percentile = |times: &mut Vec<f64>, p: f64| {
+        times.sort_by(f64::total_cmp);
+        times[((times.len() - 1) as f64 * p) as usize] * 1e3
+    };
+    let mut rows = Vec::new();
+    // A folder filter is a set of photo ids; here every `every`-th id, so
+    // that the allowed photos spread over the whole graph as a folder's do.
+    for every in [1000usize, 100, 10, 2] {
+        let allowed: Vec<u64> = (1..=n as u64).filter(|id| id % every as u64 == 0).collect();
+        let set: std::collections::HashSet<u64> = allowed.iter().copied().collect();
+        let allow = |id: u64| set.contains(&id);
+        for (kind, queries) in [("text", &text), ("image", &image)] {
+            let (mut graph_times, mut scan_times) = (Vec::new(), Vec::new());
+            let (mut graph_hits, mut scan_hits, mut total) = (0, 0, 0);
+            for q in queries.chunks_exact(DIM) {
+                let start = Instant::now();
+                let mut exact: Vec<(u64, f32)> = allowed
+                    .iter()
+                    .map(|&id| {
+                        let v = &photos[(id as usize - 1) * DIM..id as usize * DIM];
+                        (id, clipdex::vector::distance::dot(q, v))
+                    })
+                    .collect();
+                let k = K.min(exact.len());
+                exact.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+                exact.truncate(k);
+                scan_times.push(start.elapsed().as_secs_f64());
+                let want: std::collections::HashSet<u64> = exact.iter().map(|e| e.0).collect();
+                let start = Instant::now();
+                let found = index.search(q, K, Some(&allow)).unwrap();
+                graph_times.push(start.elapsed().as_secs_f64());
+                graph_hits += found.iter().filter(|(id, _)| want.contains(id)).count();
+                scan_hits += want.len();
+                total += want.len();
+            }
+            let row = serde_json::json!({
+                "allowed_fraction": 1.0 / every as f64,
+                "queries": kind,
+                "graph_recall": graph_hits as f64 / total as f64,
+                "graph_p50_ms": percentile(&mut graph_times, 0.5),
+                "graph_p99_ms": percentile(&mut graph_times, 0.99),
+                "scan_recall": scan_hits as f64 / total as f64,
+                "scan_p50_ms": percentile(&mut scan_times, 0.5),
+                "scan_p99_ms": percentile(&mut scan_times, 0.99),
+            });
+            eprintln!("  {row}");
+            rows.push(row);
+        }
+    }
+    println!("{}", serde_json::json!({ "photos": n, "filtered": rows }));
 }
