@@ -547,11 +547,12 @@ mod tests {
     #[test]
     fn a_reloaded_graph_answers_as_the_saved_one() {
         let dir = tempfile::tempdir().unwrap();
-        let vs = vectors(2000, 24);
+        let all = vectors(2100, 24);
+        let (vs, later) = all.split_at(2000);
         let queries = vectors(40, 24);
         let before: Vec<_> = {
             let index = VectorIndex::open(dir.path(), 24).unwrap();
-            index.insert_batch(&vs).unwrap();
+            index.insert_batch(vs).unwrap();
             index.save().unwrap();
             queries
                 .iter()
@@ -563,8 +564,8 @@ mod tests {
             assert_eq!(&index.search_with(q, 10, 32, None).unwrap(), want);
         }
         // And it goes on growing: new vectors are found.
-        index.insert_batch(&vectors(2100, 24)[2000..]).unwrap();
-        let extra = &vectors(2100, 24)[2050];
+        index.insert_batch(later).unwrap();
+        let extra = &later[50];
         assert_eq!(index.search(&extra.1, 1, None).unwrap()[0].0, extra.0);
     }
 

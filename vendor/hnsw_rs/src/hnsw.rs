@@ -543,12 +543,6 @@ impl<'b, T: Clone + Send + Sync> PointIndexation<'b, T> {
         (Arc::clone(&new_point), nb_point)
     } // end of insert
 
-    /// clipdex: writes `point`'s layer-0 list to its row (the caller holds
-    /// the list's write lock).
-    pub(crate) fn set_row(&self, point: &Point<'b, T>, list: &[Arc<PointWithOrder<'b, T>>]) {
-        set_level0_row(&self.level0, point, list);
-    }
-
     /// check if entry_point is modified
     fn check_entry_point(&self, new_point: &Arc<Point<'b, T>>) {
         //
@@ -781,8 +775,8 @@ pub struct Hnsw<'b, T: Clone + Send + Sync + 'b, D: Distance<T>> {
     pub(crate) datamap_opt: bool,
 } // end of Hnsw
 
-
-/// clipdex: writes `point`'s layer-0 list to its row of `level0`.
+/// clipdex: writes `point`'s layer-0 list to its row of `level0` (the
+/// caller holds the list's write lock).
 pub(crate) fn set_level0_row<T: Clone + Send + Sync>(
     level0: &Level0,
     point: &Point<'_, T>,
@@ -862,14 +856,111 @@ struct Scratch {
     /// vector length, point address).
     fresh0: Vec<(u32, usize, usize, usize)>,
     visited: hashbrown::HashSet<usize, std::hash::BuildHasherDefault<AddressHasher>>,
-    candidates: BinaryHeap<std::cmp::Reverse<Near>>,
-    results: BinaryHeap<Near>,
     /// Points new to the search around one candidate, by address.
     fresh: Vec<usize>,
+    frontier: Frontier,
+}
+
+/// The two heaps of a layer search, points by `Near::at` (an address or a
+/// number, as the search chooses), and the rule that moves points between
+/// them.
+#[derive(Default)]
+struct Frontier {
+    candidates: BinaryHeap<std::cmp::Reverse<Near>>,
+    results: BinaryHeap<Near>,
+    ef: usize,
+    /// The farthest result while there are ef of them, infinity before.
+    bound: f32,
+}
+
+impl Frontier {
+    /// Starts a search of breadth `ef` at `entry`.
+    fn begin(&mut self, ef: usize, entry: Near, allowed: bool) {
+        self.candidates.clear();
+        self.results.clear();
+        self.ef = ef;
+        self.candidates.push(std::cmp::Reverse(entry));
+        if allowed {
+            self.results.push(entry);
+        }
+        self.bound = match self.results.len() >= ef {
+            true => entry.dist,
+            false => f32::INFINITY,
+        };
+    }
+
+    /// The nearest candidate still to expand, while it can improve the
+    /// results.
+    fn next(&mut self) -> Option<Near> {
+        let std::cmp::Reverse(c) = self.candidates.pop()?;
+        (c.dist <= self.bound).then_some(c)
+    }
+
+    /// A point met: a candidate if it can improve the results, and a
+    /// result too if `allowed`. Says whether it became a candidate.
+    fn offer(&mut self, near: Near, allowed: impl FnOnce() -> bool) -> bool {
+        if !(self.results.len() < self.ef || near.dist < self.bound) {
+            return false;
+        }
+        self.candidates.push(std::cmp::Reverse(near));
+        if allowed() {
+            self.results.push(near);
+            if self.results.len() > self.ef {
+                self.results.pop();
+            }
+            if self.results.len() >= self.ef {
+                self.bound = self.results.peek().map_or(f32::INFINITY, |f| f.dist);
+            }
+        }
+        true
+    }
+
+    /// The results as the graph's entries, emptied; `address` gives the
+    /// point a `Near::at` stands for.
+    ///
+    /// # Safety
+    /// `address` gives, for every result, the address of a point that this
+    /// graph owns through an `Arc` for as long as the caller holds it.
+    unsafe fn points<'b, T: Clone + Send + Sync>(
+        &mut self,
+        address: impl Fn(usize) -> usize,
+    ) -> BinaryHeap<Arc<PointWithOrder<'b, T>>> {
+        let mut points = BinaryHeap::with_capacity(self.results.len().max(2));
+        for near in self.results.drain() {
+            let ptr = address(near.at) as *const Point<'b, T>;
+            // SAFETY: `ptr` is a point the graph owns through an `Arc`
+            // (the caller's promise), so its strong count is at least one;
+            // the new count is given back when the returned `Arc` drops.
+            let point_ref = unsafe {
+                Arc::increment_strong_count(ptr);
+                Arc::from_raw(ptr)
+            };
+            points.push(Arc::new(PointWithOrder::new(&point_ref, near.dist)));
+        }
+        points
+    }
 }
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Runs `search` with this thread's scratch, or a fresh one where it is in
+/// use (a filter that itself searches).
+fn with_scratch<R>(search: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => search(&mut scratch),
+        Err(_) => search(&mut Scratch::default()),
+    })
+}
+
+/// Asks for every cache line of `v`.
+fn prefetch_all<T>(v: &[T]) {
+    let base = v.as_ptr() as *const u8;
+    for offset in (0..std::mem::size_of_val(v)).step_by(64) {
+        // SAFETY: within `v`'s own memory.
+        prefetch(unsafe { base.add(offset) });
+    }
 }
 
 /// Asks for the cache line at `p` ahead of its use; a hint only.
@@ -1063,7 +1154,6 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
         {
             return self.search_level0(point, &entry_point, entry, ef, filter);
         }
-        let mut return_points = BinaryHeap::<Arc<PointWithOrder<T>>>::with_capacity(ef.max(2));
         let allowed = |p: &Point<'b, T>| filter.is_none_or(|f| f.hnsw_filter(&p.origin_id));
         // Points are addressed by where they live: each is owned by
         // `layer_indexed_points` for the life of `self`, never removed, so a
@@ -1074,33 +1164,19 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
             // (see above).
             unsafe { &*(p as *const Point<'b, T>) }
         };
-        let mut search = |scratch: &mut Scratch| {
+        with_scratch(|scratch| {
             let Scratch {
                 visited,
-                candidates,
-                results,
+                frontier,
                 fresh,
                 ..
             } = scratch;
             visited.clear();
-            candidates.clear();
-            results.clear();
             let entry = Arc::as_ptr(&entry_point) as usize;
-            let d0 = self.dist_f.eval(point, entry_point.data.get_v());
             visited.insert(entry);
-            candidates.push(std::cmp::Reverse(Near { dist: d0, at: entry }));
-            if allowed(&entry_point) {
-                results.push(Near { dist: d0, at: entry });
-            }
-            // The farthest result while there are ef of them.
-            let mut bound = match results.len() >= ef {
-                true => d0,
-                false => f32::INFINITY,
-            };
-            while let Some(std::cmp::Reverse(c)) = candidates.pop() {
-                if c.dist > bound {
-                    break;
-                }
+            let d0 = self.dist_f.eval(point, entry_point.data.get_v());
+            frontier.begin(ef, Near { dist: d0, at: entry }, allowed(&entry_point));
+            while let Some(c) = frontier.next() {
                 fresh.clear();
                 {
                     let neighbours = at(c.at).neighbours.read();
@@ -1122,53 +1198,22 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
                 // distance: the misses overlap (measured faster than asking
                 // for each while the one before is used).
                 for &p in fresh.iter() {
-                    let v = at(p).data.get_v();
-                    let bytes = std::mem::size_of_val(v);
-                    let base = v.as_ptr() as *const u8;
-                    for offset in (0..bytes).step_by(64) {
-                        // SAFETY: within the vector's own allocation.
-                        prefetch(unsafe { base.add(offset) });
-                    }
+                    prefetch_all(at(p).data.get_v());
                 }
                 for &p in fresh.iter() {
-                    let d = self.dist_f.eval(point, at(p).data.get_v());
-                    if results.len() < ef || d < bound {
-                        candidates.push(std::cmp::Reverse(Near { dist: d, at: p }));
-                        if allowed(at(p)) {
-                            results.push(Near { dist: d, at: p });
-                            if results.len() > ef {
-                                results.pop();
-                            }
-                            if results.len() >= ef {
-                                bound = results.peek().map_or(f32::INFINITY, |f| f.dist);
-                            }
-                        }
-                    }
+                    let dist = self.dist_f.eval(point, at(p).data.get_v());
+                    frontier.offer(Near { dist, at: p }, || allowed(at(p)));
                 }
             }
-            for near in results.drain() {
-                let ptr = near.at as *const Point<'b, T>;
-                // SAFETY: `ptr` came from `Arc::as_ptr` of a point the graph
-                // still owns, so its strong count is at least one; the new
-                // count is given back when the returned `Arc` drops.
-                let point_ref = unsafe {
-                    Arc::increment_strong_count(ptr);
-                    Arc::from_raw(ptr)
-                };
-                return_points.push(Arc::new(PointWithOrder::new(&point_ref, near.dist)));
-            }
-        };
-        // A filter that itself searches would find the scratch in use.
-        SCRATCH.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut scratch) => search(&mut scratch),
-            Err(_) => search(&mut Scratch::default()),
-        });
-        return_points
+            // SAFETY: every point met is addressed by its own address, that
+            // of a point this graph owns through an `Arc`.
+            unsafe { frontier.points(|p| p) }
+        })
     } // end of search_layer
 
     /// clipdex: [`Self::search_layer`] on layer 0, through its rows
     /// ([`Level0`]): the same search, with points by number, a visited set
-    /// of stamps by number, and each expansion's misses in three rounds
+    /// of stamps by number, and each expansion's misses in two rounds
     /// (slots, vectors; its row was fetched when it became a candidate).
     fn search_level0(
         &self,
@@ -1179,25 +1224,21 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
         filter: Option<&dyn FilterT>,
     ) -> BinaryHeap<Arc<PointWithOrder<'b, T>>> {
         let level0 = &self.layer_indexed_points.level0;
-        let mut return_points = BinaryHeap::<Arc<PointWithOrder<T>>>::with_capacity(ef.max(2));
         let at = |p: usize| -> &Point<'b, T> {
             // SAFETY: `p` is the address `Level0` keeps of a point of this
             // graph, which owns it while `&self` is held.
             unsafe { &*(p as *const Point<'b, T>) }
         };
         let allowed = |p: &Point<'b, T>| filter.is_none_or(|f| f.hnsw_filter(&p.origin_id));
-        let mut search = |scratch: &mut Scratch| {
+        with_scratch(|scratch| {
             let Scratch {
                 stamps,
                 epoch,
                 row,
                 fresh0,
-                candidates,
-                results,
+                frontier,
                 ..
             } = scratch;
-            candidates.clear();
-            results.clear();
             *epoch = epoch.wrapping_add(1);
             if *epoch == 0 {
                 stamps.fill(0);
@@ -1215,24 +1256,12 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
             };
             first_visit(entry);
             let d0 = self.dist_f.eval(point, entry_point.data.get_v());
-            candidates.push(std::cmp::Reverse(Near {
+            let start = Near {
                 dist: d0,
                 at: entry as usize,
-            }));
-            if allowed(entry_point) {
-                results.push(Near {
-                    dist: d0,
-                    at: entry as usize,
-                });
-            }
-            let mut bound = match results.len() >= ef {
-                true => d0,
-                false => f32::INFINITY,
             };
-            while let Some(std::cmp::Reverse(c)) = candidates.pop() {
-                if c.dist > bound {
-                    break;
-                }
+            frontier.begin(ef, start, allowed(entry_point));
+            while let Some(c) = frontier.next() {
                 level0.row(c.at as u32, row);
                 fresh0.clear();
                 for &m in row.iter() {
@@ -1250,57 +1279,27 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
                     if filter.is_some() {
                         prefetch(*p as *const u8);
                     }
-                    let bytes = *len * std::mem::size_of::<T>();
-                    for offset in (0..bytes).step_by(64) {
-                        prefetch((*vector + offset) as *const u8);
-                    }
+                    // SAFETY: the vector of a point this graph owns (see
+                    // `at`); vectors never change once made.
+                    prefetch_all(unsafe { std::slice::from_raw_parts(*vector as *const T, *len) });
                     true
                 });
                 for &(m, vector, len, p) in fresh0.iter() {
-                    // SAFETY: the vector of a point this graph owns (see
-                    // `at`); vectors never change once made.
+                    // SAFETY: as above.
                     let v = unsafe { std::slice::from_raw_parts(vector as *const T, len) };
-                    let d = self.dist_f.eval(point, v);
-                    if results.len() < ef || d < bound {
-                        candidates.push(std::cmp::Reverse(Near {
-                            dist: d,
-                            at: m as usize,
-                        }));
+                    let near = Near {
+                        dist: self.dist_f.eval(point, v),
+                        at: m as usize,
+                    };
+                    if frontier.offer(near, || allowed(at(p))) {
                         prefetch(level0.row_address(m));
-                        if allowed(at(p)) {
-                            results.push(Near {
-                                dist: d,
-                                at: m as usize,
-                            });
-                            if results.len() > ef {
-                                results.pop();
-                            }
-                            if results.len() >= ef {
-                                bound = results.peek().map_or(f32::INFINITY, |f| f.dist);
-                            }
-                        }
                     }
                 }
             }
-            for near in results.drain() {
-                let (_, _, p) = level0.slot(near.at as u32);
-                let ptr = p as *const Point<'b, T>;
-                // SAFETY: `ptr` is the address of a point the graph still
-                // owns through an `Arc`, so its strong count is at least
-                // one; the new count is given back when the returned `Arc`
-                // drops.
-                let point_ref = unsafe {
-                    Arc::increment_strong_count(ptr);
-                    Arc::from_raw(ptr)
-                };
-                return_points.push(Arc::new(PointWithOrder::new(&point_ref, near.dist)));
-            }
-        };
-        SCRATCH.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut scratch) => search(&mut scratch),
-            Err(_) => search(&mut Scratch::default()),
-        });
-        return_points
+            // SAFETY: every point met is addressed by its number, whose slot
+            // holds the address of a point this graph owns through an `Arc`.
+            unsafe { frontier.points(|m| level0.slot(m as u32).2) }
+        })
     }
 
     /// insert a tuple (&Vec, usize) with its external id as given by the client.
@@ -1438,7 +1437,7 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
                     let mut lists = new_point.neighbours.write();
                     lists[l as usize].clone_from(&neighbours);
                     if l == 0 {
-                        self.layer_indexed_points.set_row(&new_point, &lists[0]);
+                        set_level0_row(&self.layer_indexed_points.level0, &new_point, &lists[0]);
                     }
                 }
                 // this reverse neighbour update could be done here but we put it at end to gather all code
@@ -1528,8 +1527,11 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
                             q_point_neighbours[l_n].pop();
                         }
                         if l_n == 0 {
-                            self.layer_indexed_points
-                                .set_row(q_point, &q_point_neighbours[0]);
+                            set_level0_row(
+                                &self.layer_indexed_points.level0,
+                                q_point,
+                                &q_point_neighbours[0],
+                            );
                         }
                     }
                 } // end protection against point identity
