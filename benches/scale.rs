@@ -4,6 +4,7 @@
 //!     cargo bench --bench scale -- run --data DIR [--photos N] [--queries Q] [--json] [--keep]
 //!     cargo bench --bench scale -- open --data DIR [--photos N]
 //!     cargo bench --bench scale -- filtered --data DIR [--photos N]
+//!     cargo bench --bench scale -- rebuild --data DIR [--photos N]
 //!
 //! `vectors` writes the benchmark's data once (`scripts/bench/scale_data.sh`
 //! trains the model first): N augmented Fashion-MNIST training images (a
@@ -25,8 +26,11 @@
 //! `DIR/index-N`; `open` then times opening it again, for profiling, and
 //! `filtered` measures filtered searches on it: filters that allow 0.1%,
 //! 1%, 10% and 50% of the photos, searched in the graph and by an exact
-//! scan of the allowed vectors (held in memory, as a scan path would), each
-//! against the exact filtered top-10.
+//! scan of the allowed vectors, and the way the index chooses per query,
+//! each against the exact filtered top-10; `rebuild` removes a tenth of the
+//! photos, then a quarter (past the rebuild threshold), and rebuilds the
+//! graph on the pool's threads while one thread goes on searching: the
+//! searches' latency before, during and after shows whether anything waits.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -316,7 +320,7 @@ fn args() -> Args {
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "vectors" | "run" | "open" | "filtered" => a.mode = arg,
+            "vectors" | "run" | "open" | "filtered" | "rebuild" => a.mode = arg,
             "--model" => a.model = it.next().map(PathBuf::from),
             "--out" | "--data" => a.data = PathBuf::from(it.next().expect("--data DIR")),
             "--photos" => a.photos = it.next().and_then(|v| v.parse().ok()).expect("--photos N"),
@@ -346,6 +350,7 @@ fn main() {
         "run" => run(&args),
         "open" => open(&args),
         "filtered" => filtered(&args),
+        "rebuild" => rebuild(&args),
         _ => eprintln!("usage: scale vectors --model DIR --out DIR | scale run --data DIR"),
     }
 }
@@ -640,17 +645,35 @@ fn filtered(args: &Args) {
         times[((times.len() - 1) as f64 * p) as usize] * 1e3
     };
     let mut rows = Vec::new();
-    // A folder filter is a set of photo ids; here every `every`-th id, so
-    // that the allowed photos spread over the whole graph as a folder's do.
-    for every in [1000usize, 100, 10, 2] {
-        let allowed: Vec<u64> = (1..=n as u64).filter(|id| id % every as u64 == 0).collect();
+    let no_exclusions = std::collections::HashSet::new();
+    // A folder filter is a set of photo ids: every `every`-th id, spread over
+    // the whole graph as a folder's photos are; a date range or a camera
+    // imported at one time is a block of consecutive ids.
+    let n64 = n as u64;
+    let mut filters: Vec<(String, Vec<u64>)> = [1000u64, 100, 10, 2]
+        .iter()
+        .map(|&every| {
+            let ids = (1..=n64).filter(|id| id % every == 0).collect();
+            (format!("every {every}th"), ids)
+        })
+        .collect();
+    for share in [100u64, 10] {
+        let from = n64 / 3;
+        filters.push((
+            format!("a block of 1/{share}"),
+            (from..from + n64 / share).collect(),
+        ));
+    }
+    for (filter, allowed) in &filters {
         let set: std::collections::HashSet<u64> = allowed.iter().copied().collect();
         let allow = |id: u64| set.contains(&id);
         for (kind, queries) in [("text", &text), ("image", &image)] {
-            let (mut graph_times, mut scan_times) = (Vec::new(), Vec::new());
-            let (mut graph_hits, mut scan_hits, mut total) = (0, 0, 0);
+            let mut times = [Vec::new(), Vec::new(), Vec::new()];
+            let mut hits = [0usize; 3];
+            let mut total = 0;
+            let scanned = std::cell::Cell::new(0usize);
             for q in queries.chunks_exact(DIM) {
-                let start = Instant::now();
+                // The truth, from the benchmark's own copy of the vectors.
                 let mut exact: Vec<(u64, f32)> = allowed
                     .iter()
                     .map(|&id| {
@@ -661,28 +684,124 @@ fn filtered(args: &Args) {
                 let k = K.min(exact.len());
                 exact.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
                 exact.truncate(k);
-                scan_times.push(start.elapsed().as_secs_f64());
                 let want: std::collections::HashSet<u64> = exact.iter().map(|e| e.0).collect();
-                let start = Instant::now();
-                let found = index.search(q, K, Some(&allow)).unwrap();
-                graph_times.push(start.elapsed().as_secs_f64());
-                graph_hits += found.iter().filter(|(id, _)| want.contains(id)).count();
-                scan_hits += want.len();
                 total += want.len();
+                let ways: [&dyn Fn() -> Vec<(u64, f32)>; 3] = [
+                    &|| index.search(q, K, Some(&allow)).unwrap(),
+                    &|| index.scan(q, K, Some(&set), &no_exclusions).unwrap(),
+                    &|| {
+                        let (found, plan) = index
+                            .search_among(q, K, Some(&set), &no_exclusions)
+                            .unwrap();
+                        if plan == clipdex::vector::Plan::Scan {
+                            scanned.set(scanned.get() + 1);
+                        }
+                        found
+                    },
+                ];
+                for (way, run) in ways.iter().enumerate() {
+                    let start = Instant::now();
+                    let found = run();
+                    times[way].push(start.elapsed().as_secs_f64());
+                    hits[way] += found.iter().filter(|(id, _)| want.contains(id)).count();
+                }
             }
-            let row = serde_json::json!({
-                "allowed_fraction": 1.0 / every as f64,
+            let queries = times[0].len();
+            let mut row = serde_json::json!({
+                "filter": filter,
+                "allowed_fraction": allowed.len() as f64 / n as f64,
                 "queries": kind,
-                "graph_recall": graph_hits as f64 / total as f64,
-                "graph_p50_ms": percentile(&mut graph_times, 0.5),
-                "graph_p99_ms": percentile(&mut graph_times, 0.99),
-                "scan_recall": scan_hits as f64 / total as f64,
-                "scan_p50_ms": percentile(&mut scan_times, 0.5),
-                "scan_p99_ms": percentile(&mut scan_times, 0.99),
+                "chosen_scan_share": scanned.get() as f64 / queries as f64,
             });
+            for (way, name) in ["graph", "scan", "chosen"].iter().enumerate() {
+                row[format!("{name}_recall")] = (hits[way] as f64 / total as f64).into();
+                row[format!("{name}_p50_ms")] = percentile(&mut times[way], 0.5).into();
+                row[format!("{name}_p99_ms")] = percentile(&mut times[way], 0.99).into();
+            }
             eprintln!("  {row}");
             rows.push(row);
         }
     }
+    eprintln!("  learned costs: {:?}", index.cost_estimates());
     println!("{}", serde_json::json!({ "photos": n, "filtered": rows }));
+}
+
+/// Deletions and the rebuild at scale, on the graph `run --keep` left
+/// (nothing is saved: the kept graph stays as it was). Removes every 10th photo and times
+/// searches that skip them; then every 4th too, which passes
+/// `REBUILD_DEAD_FRACTION`, and rebuilds from the live vectors on the
+/// pool's threads while this thread searches without pause. A search that
+/// waited for the rebuild would show as a maximum near the rebuild's time.
+fn rebuild(args: &Args) {
+    use clipdex::vector::VectorIndex;
+    let dir = &args.data;
+    let n = args.photos;
+    let photos = read_vectors(&dir.join("photos.f32"), 0, n);
+    let text = read_vectors(&dir.join("text-queries.f32"), 0, 500);
+    let index = VectorIndex::open(&dir.join(format!("index-{n}")), DIM).unwrap();
+    assert_eq!(index.len(), n, "run `scale run --keep --photos {n}` first");
+    let percentile = |times: &mut Vec<f64>, p: f64| {
+        times.sort_by(f64::total_cmp);
+        times[((times.len() - 1) as f64 * p) as usize] * 1e3
+    };
+    let search_all = |index: &VectorIndex| -> Vec<f64> {
+        text.chunks_exact(DIM)
+            .map(|q| {
+                let start = Instant::now();
+                index.search(q, K, None).unwrap();
+                start.elapsed().as_secs_f64()
+            })
+            .collect()
+    };
+    let mut report = serde_json::json!({ "photos": n });
+    let mut before = search_all(&index);
+    report["p50_ms_before"] = percentile(&mut before, 0.5).into();
+    let start = Instant::now();
+    index.remove((1..=n as u64).filter(|id| id % 10 == 0));
+    report["remove_10pct_s"] = start.elapsed().as_secs_f64().into();
+    let mut tenth = search_all(&index);
+    report["p50_ms_10pct_removed"] = percentile(&mut tenth, 0.5).into();
+    index.remove((1..=n as u64).filter(|id| id % 4 == 0));
+    let dead = index.dead_fraction();
+    report["dead_fraction"] = dead.into();
+    assert!(dead > clipdex::vector::REBUILD_DEAD_FRACTION);
+    let live: Vec<(u64, Vec<f32>)> = (1..=n as u64)
+        .filter(|id| id % 10 != 0 && id % 4 != 0)
+        .map(|id| {
+            (
+                id,
+                photos[(id as usize - 1) * DIM..id as usize * DIM].to_vec(),
+            )
+        })
+        .collect();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (mut during, rebuild_s) = std::thread::scope(|s| {
+        let builder = s.spawn(|| {
+            let start = Instant::now();
+            index.rebuild(live).unwrap();
+            done.store(true, std::sync::atomic::Ordering::Release);
+            start.elapsed().as_secs_f64()
+        });
+        let mut during = Vec::new();
+        for q in text.chunks_exact(DIM).cycle() {
+            if done.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
+            let start = Instant::now();
+            let found = index.search(q, K, None).unwrap();
+            during.push(start.elapsed().as_secs_f64());
+            assert!(found.iter().all(|(id, _)| id % 10 != 0 && id % 4 != 0));
+        }
+        (during, builder.join().unwrap())
+    });
+    report["rebuild_s"] = rebuild_s.into();
+    report["searches_during_rebuild"] = during.len().into();
+    report["p50_ms_during"] = percentile(&mut during, 0.5).into();
+    report["p99_ms_during"] = percentile(&mut during, 0.99).into();
+    report["max_ms_during"] = percentile(&mut during, 1.0).into();
+    let mut after = search_all(&index);
+    report["p50_ms_after"] = percentile(&mut after, 0.5).into();
+    report["live_after"] = index.len().into();
+    report["dead_fraction_after"] = index.dead_fraction().into();
+    println!("{report}");
 }

@@ -21,6 +21,9 @@ pub(super) fn run_options(args: &RunArgs) -> RunOptions {
     if let Some(w) = args.workers {
         opts.workers = w.max(1);
     }
+    if let Some(c) = args.commit_every {
+        opts.commit_changes = c.max(1);
+    }
     opts.exact_decode = args.exact_decode;
     opts.limits.max_file_bytes = args.max_file_mb.max(1) << 20;
     opts
@@ -231,13 +234,16 @@ struct Status {
     check: Option<indexer::Consistency>,
 }
 
+/// Bytes on disk. The thumbnails (one file per photo) are counted only by
+/// `status --check`; `total` is the parts counted.
 #[derive(Serialize)]
 struct SizeOnDisk {
     total: u64,
     store: u64,
     vectors: u64,
     keywords: u64,
-    thumbnails: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thumbnails: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -251,45 +257,57 @@ fn dir_size(p: &Path) -> u64 {
 }
 
 pub fn status(args: &StatusArgs) -> Result<()> {
-    let index = match Index::open(&args.index) {
-        Ok(index) => index,
-        Err(indexer::Error::InUse { .. }) => return status_in_use(&args.index, args.json),
-        Err(e) => return Err(e.into()),
-    };
-    let meta = index.meta();
-    let paths = index.paths();
-    let skipped = index
-        .store()
-        .skipped()?
-        .into_iter()
-        .map(|(path, s)| Skipped {
-            path,
-            reason: s.reason,
-        })
-        .collect::<Vec<_>>();
-    let check = if args.check {
-        Some(index.check()?)
+    // Without --check nothing loads the graph or walks the thumbnails: at a
+    // million photos those take seconds.
+    let (overview, check, thumbnails) = if args.check {
+        let index = match Index::open(&args.index) {
+            Ok(index) => index,
+            Err(indexer::Error::InUse { .. }) => return status_in_use(&args.index, args.json),
+            Err(e) => return Err(e.into()),
+        };
+        let check = index.check()?;
+        drop(index);
+        let overview = Index::overview(&args.index)?;
+        let thumbnails = dir_size(&overview.paths.thumbs());
+        (overview, Some(check), Some(thumbnails))
     } else {
-        None
+        match Index::overview(&args.index) {
+            Ok(overview) => (overview, None, None),
+            Err(indexer::Error::InUse { .. }) => return status_in_use(&args.index, args.json),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let paths = &overview.paths;
+    let size = SizeOnDisk {
+        store: dir_size(&paths.db()),
+        vectors: dir_size(&paths.vectors()),
+        keywords: dir_size(&paths.keyword()),
+        thumbnails,
+        total: 0,
+    };
+    let size = SizeOnDisk {
+        total: size.store + size.vectors + size.keywords + size.thumbnails.unwrap_or(0),
+        ..size
     };
     let status = Status {
         index: paths.root.display().to_string(),
-        library: meta.library.clone(),
-        model: meta.model.clone(),
-        format_version: meta.format_version,
-        created_at: meta.created_at,
-        photos: index.store().count(),
-        vectors: index.vectors().len(),
-        keywords: index.keywords().count(),
-        size_on_disk: SizeOnDisk {
-            total: index.size_on_disk(),
-            store: dir_size(&paths.db()),
-            vectors: dir_size(&paths.vectors()),
-            keywords: dir_size(&paths.keyword()),
-            thumbnails: dir_size(&paths.thumbs()),
-        },
-        last_run: index.store().last_run()?,
-        skipped,
+        library: overview.meta.library.clone(),
+        model: overview.meta.model.clone(),
+        format_version: overview.meta.format_version,
+        created_at: overview.meta.created_at,
+        photos: overview.photos,
+        vectors: overview.vectors,
+        keywords: overview.keywords,
+        size_on_disk: size,
+        last_run: overview.last_run,
+        skipped: overview
+            .skipped
+            .into_iter()
+            .map(|(path, s)| Skipped {
+                path,
+                reason: s.reason,
+            })
+            .collect(),
         check,
     };
     if args.json {
@@ -365,13 +383,16 @@ fn print_status(s: &Status) {
         s.photos, s.vectors, s.keywords
     );
     let d = &s.size_on_disk;
+    let thumbnails = match d.thumbnails {
+        Some(bytes) => human_bytes(bytes),
+        None => "counted by --check".to_string(),
+    };
     println!(
-        "on disk  {} (store {}, vectors {}, keywords {}, thumbnails {})",
+        "on disk  {} (store {}, vectors {}, keywords {}, thumbnails {thumbnails})",
         human_bytes(d.total),
         human_bytes(d.store),
         human_bytes(d.vectors),
         human_bytes(d.keywords),
-        human_bytes(d.thumbnails)
     );
     match &s.last_run {
         Some(r) => println!(

@@ -321,6 +321,12 @@ pub struct SearchArgs {
     /// Print JSON lines, one per result.
     #[arg(long)]
     pub json: bool,
+
+    /// Every result, best first, as JSON lines while they are found (the
+    /// whole library when no filter or --min-score narrows it); -k and
+    /// --offset do not apply.
+    #[arg(long, conflicts_with_all = ["k", "offset"])]
+    pub all: bool,
 }
 
 /// The index a query goes to, and how its model is found.
@@ -373,6 +379,11 @@ pub struct RunArgs {
     /// Threads reading and decoding files (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
+
+    /// Photos per commit, at most (default 256; a commit also comes every
+    /// 2 s). A killed run keeps what it committed and redoes the rest.
+    #[arg(long)]
+    pub commit_every: Option<usize>,
 
     /// Decode JPEGs at full size instead of reduced size in the DCT: slower,
     /// but pixel-exact with the reference preprocessing.

@@ -11,7 +11,7 @@ use super::{FilterArgs, QueryTarget, SearchArgs, SimilarArgs};
 use crate::indexer;
 use crate::model::Precision;
 use crate::search::{
-    self, Engine, Filters, HubOptions, OpenError, OpenOptions, Request, SearchResults, Term,
+    self, Engine, Filters, Hit, HubOptions, OpenError, OpenOptions, Request, SearchResults, Term,
     TermKind,
 };
 
@@ -159,11 +159,61 @@ pub fn search(args: &SearchArgs) -> Result<()> {
         hybrid: Some(!args.no_keywords),
         terms: None,
     };
+    if args.all {
+        return search_all(&args.query_index, request);
+    }
     let results = match backend(&args.query_index)? {
         Backend::Local(engine) => engine.search(&request.into_query()?)?,
         Backend::Remote(base) => remote_search(&base, &request)?,
     };
     print(&results, args.json)
+}
+
+/// `clipdex search --all`: every result as a JSON line, written as it is
+/// found. A closed pipe (`| head`) ends the process as it ends `cat`'s.
+fn search_all(target: &QueryTarget, request: Request) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut failed = None;
+    let mut write = |hit: &Hit| {
+        let line = serde_json::to_writer(&mut out, hit)
+            .map_err(std::io::Error::from)
+            .and_then(|()| out.write_all(b"\n"));
+        failed = line.err();
+        failed.is_none()
+    };
+    match backend(target)? {
+        Backend::Local(engine) => {
+            engine.search_all(&request.into_query()?, |hit| write(&hit))?;
+        }
+        // The server pages, MAX_K at a time; each photo once even if a
+        // re-index moves it between pages.
+        Backend::Remote(base) => {
+            let mut seen = std::collections::HashSet::new();
+            let mut offset = 0;
+            'pages: loop {
+                let page = Request {
+                    k: Some(search::MAX_K),
+                    offset: Some(offset),
+                    ..request.clone()
+                };
+                let results = remote_search(&base, &page)?;
+                for hit in &results.hits {
+                    if seen.insert(hit.id) && !write(hit) {
+                        break 'pages;
+                    }
+                }
+                if !results.more {
+                    break;
+                }
+                offset += results.hits.len().max(1);
+            }
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e).context("cannot write the results");
+    }
+    out.flush().context("cannot write the results")
 }
 
 pub fn similar(args: &SimilarArgs) -> Result<()> {

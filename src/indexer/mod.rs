@@ -33,7 +33,7 @@ pub use run::{Phase, Progress, RunOptions, run};
 
 use crate::common::ModelInfo;
 use crate::keyword::{self, KeywordIndex};
-use crate::store::{self, FORMAT_VERSION, IndexMeta, PhotoRecord, Store};
+use crate::store::{self, FORMAT_VERSION, IndexMeta, PhotoRecord, SkipRecord, Store};
 use crate::vector::{self, REBUILD_DEAD_FRACTION, VectorIndex};
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +99,17 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
         path: path.display().to_string(),
         source,
     }
+}
+
+/// An index's contents as [`Index::overview`] reads them.
+pub struct Overview {
+    pub paths: IndexPaths,
+    pub meta: IndexMeta,
+    pub photos: usize,
+    pub vectors: usize,
+    pub keywords: u64,
+    pub last_run: Option<RunSummary>,
+    pub skipped: Vec<(String, SkipRecord)>,
 }
 
 /// The files and folders of an index.
@@ -308,6 +319,25 @@ impl Index {
     pub fn open(root: &Path) -> Result<Self> {
         let (paths, store, lock) = Self::open_store(root)?;
         Self::assemble(paths, store, lock)
+    }
+
+    /// What the index at `root` holds, read without loading its graph or
+    /// reconciling: for `clipdex status`, which answers in a second where
+    /// loading a million photos' graph takes ten. The vector count is the
+    /// saved graph's; [`Self::open`] brings it to the store's.
+    pub fn overview(root: &Path) -> Result<Overview> {
+        let (paths, store, _lock) = Self::open_store(root)?;
+        let vectors = VectorIndex::saved_len(&paths.vectors());
+        let keywords = KeywordIndex::open(&paths.keyword(), false)?.count();
+        Ok(Overview {
+            meta: store.meta()?,
+            photos: store.count(),
+            vectors,
+            keywords,
+            last_run: store.last_run()?,
+            skipped: store.skipped()?,
+            paths,
+        })
     }
 
     /// What the index at `root` records about itself (its model and

@@ -336,8 +336,14 @@ impl KeywordIndex {
         parser.set_field_boost(f.caption, 1.5);
         let (query, _) = parser.parse_query_lenient(&words);
         let searcher = self.reader.searcher();
-        // Over-fetch when a filter will drop some.
-        let limit = if allowed.is_some() { n * 4 + 50 } else { n };
+        // Over-fetch when a filter will drop some; never more than there are.
+        let limit = if allowed.is_some() {
+            n.saturating_mul(4).saturating_add(50)
+        } else {
+            n
+        }
+        .min(searcher.num_docs() as usize)
+        .max(1);
         let top = searcher.search(&query, &TopDocs::with_limit(limit).order_by_score())?;
         let mut out = Vec::new();
         for (_, addr) in top {

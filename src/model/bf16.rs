@@ -232,13 +232,13 @@ pub fn dense(
 /// Writes `src` rounded to bf16 into `dst` (as long).
 fn round_row(src: &[f32], dst: &mut [u16]) {
     assert_eq!(src.len(), dst.len());
+    // AMX products run only where AMX (and so AVX-512) was found; the check
+    // keeps any other caller (a test on another CPU) off AVX-512.
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AMX products exist only where AMX (and so AVX-512) was found;
-    // `dst` holds src.len() values.
-    unsafe {
-        round_row_avx512(src, dst.as_mut_ptr())
+    if super::gemm::has_avx512bw() {
+        // SAFETY: AVX-512F and BW were detected; `dst` holds src.len() values.
+        return unsafe { round_row_avx512(src, dst.as_mut_ptr()) };
     }
-    #[cfg(not(target_arch = "x86_64"))]
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = to_bf16(s);
     }

@@ -497,14 +497,21 @@ fn pack_block(
 /// `row = f(row + bias)`.
 #[inline]
 pub(super) fn epilogue(row: &mut [f32], bias: Option<&[f32]>, f: Pointwise) {
-    // SAFETY: epilogues run only on products with packed weights, which
-    // exist only where AVX-512F was detected.
+    // Epilogues run on products with packed weights, which exist only where
+    // AVX-512F was detected; the check keeps any other caller off it.
     #[cfg(target_arch = "x86_64")]
-    unsafe {
-        epilogue_avx512(row, bias, f)
+    if has_avx512bw() {
+        // SAFETY: AVX-512F was detected.
+        return unsafe { epilogue_avx512(row, bias, f) };
     }
-    #[cfg(not(target_arch = "x86_64"))]
     epilogue_with(row, bias, f)
+}
+
+/// Whether this CPU runs AVX-512F and BW (detected once, then cached).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn has_avx512bw() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
 }
 
 /// [`epilogue_with`] compiled for AVX-512, where its loops vectorise.

@@ -212,18 +212,17 @@ impl Code {
 /// returns the code.
 fn quantize_row(src: &[f32], dst: &mut [u8]) -> Code {
     assert_eq!(src.len(), dst.len());
+    // AMX-INT8 products run only where AMX (and so AVX-512) was found; the
+    // check keeps any other caller (a test on another CPU) off AVX-512.
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AMX-INT8 products exist only where AMX (and so AVX-512) was
-    // found; `dst` holds src.len() values.
-    unsafe {
-        quantize_row_avx512(src, dst.as_mut_ptr())
+    if super::gemm::has_avx512bw() {
+        // SAFETY: AVX-512F and BW were detected; `dst` holds src.len() values.
+        return unsafe { quantize_row_avx512(src, dst.as_mut_ptr()) };
     }
-    #[cfg(not(target_arch = "x86_64"))]
     quantize_row_with(src, dst)
 }
 
 /// [`quantize_row`] one value at a time.
-#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
 fn quantize_row_with(src: &[f32], dst: &mut [u8]) -> Code {
     let mut range = (0f32, 0f32);
     let mut finite = true;
@@ -305,11 +304,10 @@ struct Columns<'a> {
 /// `(sum - zero * sums[j]) * scale * scales[j] + bias[j]`.
 fn rescale(out: &mut [f32], row: Code, columns: &Columns) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AMX-INT8 products exist only where AVX-512F was found.
-    unsafe {
-        rescale_avx512(out, row, columns)
+    if super::gemm::has_avx512bw() {
+        // SAFETY: AVX-512F was detected.
+        return unsafe { rescale_avx512(out, row, columns) };
     }
-    #[cfg(not(target_arch = "x86_64"))]
     rescale_with(out, row, columns)
 }
 

@@ -42,12 +42,8 @@ use crate::library::{
 use crate::model::{Calibration, Clip};
 use crate::store::PhotoRecord;
 
-/// Most results one page may ask for.
-pub const MAX_K: usize = 200;
-/// Deepest result reachable by paging.
-pub const MAX_DEPTH: usize = 5_000;
-/// Allowed sets up to this size are scanned exactly.
-const EXACT_SCAN_LIMIT: usize = 20_000;
+/// Most results one page may ask for; `offset` pages on through any number.
+pub const MAX_K: usize = 10_000;
 /// Reciprocal rank fusion constant.
 const RRF_K: f32 = 60.0;
 const CACHE_SIZE: usize = 512;
@@ -279,15 +275,6 @@ impl Query {
         }
         if self.k == 0 || self.k > MAX_K {
             return Err(Error::BadQuery(format!("k must be between 1 and {MAX_K}")));
-        }
-        if self
-            .offset
-            .checked_add(self.k)
-            .is_none_or(|end| end > MAX_DEPTH)
-        {
-            return Err(Error::BadQuery(format!(
-                "results past {MAX_DEPTH} are not available; narrow the query"
-            )));
         }
         if self
             .min_score
@@ -709,31 +696,86 @@ impl Engine {
     pub fn search(&self, q: &Query) -> Result<SearchResults> {
         let start = Instant::now();
         q.validate()?;
-        let query = self.combine(&q.terms)?;
-        let allowed = self.allowed(&q.filters)?;
-        let excluded: HashSet<u64> = q.exclude.iter().copied().collect();
         // Both rankings are cut at a depth that does not depend on the page
         // (it grows in steps of 256, one more than the page tells whether a
         // next one exists): fusion then ranks the same way for every page,
-        // and pages neither overlap nor skip.
-        let pool = (q.offset + q.k + 1).div_ceil(256) * 256;
-        let by_meaning =
-            self.rank_by_meaning(&query, allowed.as_ref(), &excluded, pool + excluded.len())?;
-        let by_words = self.rank_by_words(q, allowed.as_ref(), &excluded, pool)?;
-        // A SigLIP model's cutoff is a probability: the cosine it corresponds to.
-        let min_cosine = match (q.min_score, self.calibration) {
-            (Some(p), Some(c)) => Some(c.cosine_at(p)),
-            (min, None) => min,
-            (None, _) => None,
-        };
-        let ranked = fuse(&by_meaning, &by_words, min_cosine);
-        let (hits, more) = self.page(ranked, &query, &by_meaning, &by_words, q.offset, q.k)?;
+        // and pages neither overlap nor skip. A page past the last photo is
+        // empty.
+        let depth = q
+            .offset
+            .saturating_add(q.k)
+            .saturating_add(1)
+            .div_ceil(256)
+            .saturating_mul(256);
+        let ranking = self.rank(q, depth)?;
+        let mut hits = Vec::with_capacity(q.k);
+        let mut more = false;
+        let mut seen = 0;
+        self.each_hit(&ranking, |hit| {
+            seen += 1;
+            if seen <= q.offset {
+                return true;
+            }
+            if hits.len() == q.k {
+                more = true;
+                return false;
+            }
+            hits.push(hit);
+            true
+        })?;
         Ok(SearchResults {
             hits,
             offset: q.offset,
             k: q.k,
             more,
             took_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Runs a query for every result, not a page: hands each hit to `each`,
+    /// best first, until it returns false. Ranks once, so a million photos
+    /// stream without the cost of paging (`clipdex search --all`). `q.k`
+    /// and `q.offset` are ignored. Returns how many hits were handed over.
+    pub fn search_all(&self, q: &Query, mut each: impl FnMut(Hit) -> bool) -> Result<usize> {
+        let mut q = q.clone();
+        q.k = 1;
+        q.offset = 0;
+        q.validate()?;
+        let ranking = self.rank(&q, usize::MAX)?;
+        let mut handed = 0;
+        self.each_hit(&ranking, |hit| {
+            handed += 1;
+            each(hit)
+        })?;
+        Ok(handed)
+    }
+
+    /// The query's results down to `depth` (at most every photo), fused
+    /// from the two rankings.
+    fn rank(&self, q: &Query, depth: usize) -> Result<Ranking> {
+        let query = self.combine(&q.terms)?;
+        let allowed = self.allowed(&q.filters)?;
+        let excluded: HashSet<u64> = q.exclude.iter().copied().collect();
+        let depth = depth.min(self.index.vectors().len().saturating_add(1));
+        let by_meaning = self.rank_by_meaning(
+            &query,
+            allowed.as_ref(),
+            &excluded,
+            depth.saturating_add(excluded.len()),
+        )?;
+        let by_words = self.rank_by_words(q, allowed.as_ref(), &excluded, depth)?;
+        // A SigLIP model's cutoff is a probability: the cosine it corresponds to.
+        let min_cosine = match (q.min_score, self.calibration) {
+            (Some(p), Some(c)) => Some(c.cosine_at(p)),
+            (min, None) => min,
+            (None, _) => None,
+        };
+        let fused = fuse(&by_meaning, &by_words, min_cosine);
+        Ok(Ranking {
+            query,
+            fused,
+            by_meaning,
+            by_words,
         })
     }
 
@@ -764,8 +806,8 @@ impl Engine {
     }
 
     /// The `n` photos closest to `query` among the allowed, by cosine
-    /// similarity: a selective filter is scanned exactly (always `n`
-    /// results), a broad one filters inside the graph search.
+    /// similarity: the vector index scans the allowed vectors or walks the
+    /// graph with the filter, whichever it expects to be faster.
     fn rank_by_meaning(
         &self,
         query: &[f32],
@@ -773,27 +815,11 @@ impl Engine {
         excluded: &HashSet<u64>,
         n: usize,
     ) -> Result<Vec<(u64, f32)>> {
-        let vectors = self.index.vectors();
-        Ok(match allowed {
-            Some(ids) if ids.len() <= EXACT_SCAN_LIMIT || ids.len() * 4 <= vectors.len() => {
-                let mut scored = Vec::with_capacity(ids.len());
-                for &id in ids.iter().filter(|id| !excluded.contains(id)) {
-                    if let Some(v) = self.index.store().vector(id)? {
-                        scored.push((id, dot(query, &v)));
-                    }
-                }
-                scored.sort_by(|a, b| b.1.total_cmp(&a.1));
-                scored.truncate(n);
-                scored
-            }
-            Some(ids) => vectors.search(
-                query,
-                n,
-                Some(&|id: u64| ids.contains(&id) && !excluded.contains(&id)),
-            )?,
-            None if excluded.is_empty() => vectors.search(query, n, None)?,
-            None => vectors.search(query, n, Some(&|id: u64| !excluded.contains(&id)))?,
-        })
+        let (found, _) = self
+            .index
+            .vectors()
+            .search_among(query, n, allowed, excluded)?;
+        Ok(found)
     }
 
     /// Keyword matches of the positive text terms, best first (none when
@@ -822,45 +848,29 @@ impl Engine {
         Ok(hits)
     }
 
-    /// The ranked ids from `offset` on, as hits; a photo removed since the
-    /// rankings were made is skipped, so results during a re-index stay
-    /// consistent. Says whether more follow.
-    fn page(
-        &self,
-        ranked: Vec<(u64, f32)>,
-        query: &[f32],
-        by_meaning: &[(u64, f32)],
-        by_words: &[u64],
-        offset: usize,
-        k: usize,
-    ) -> Result<(Vec<Hit>, bool)> {
-        let similarity: HashMap<u64, f32> = by_meaning.iter().copied().collect();
-        let keyword_rank: HashMap<u64, usize> = by_words
+    /// The ranked photos as hits, in order, to `each` until it returns
+    /// false. A photo removed since the rankings were made is skipped, so
+    /// results during a re-index stay consistent.
+    fn each_hit(&self, ranking: &Ranking, mut each: impl FnMut(Hit) -> bool) -> Result<()> {
+        let similarity: HashMap<u64, f32> = ranking.by_meaning.iter().copied().collect();
+        let keyword_rank: HashMap<u64, usize> = ranking
+            .by_words
             .iter()
             .enumerate()
             .map(|(r, &id)| (id, r + 1))
             .collect();
-        let mut hits = Vec::with_capacity(k);
-        let mut seen = 0;
-        for (id, score) in ranked {
+        for &(id, score) in &ranking.fused {
             let Some(record) = self.index.store().get(id)? else {
                 continue;
             };
-            seen += 1;
-            if seen <= offset {
-                continue;
-            }
-            if hits.len() == k {
-                return Ok((hits, true));
-            }
             let similarity = match similarity.get(&id) {
                 Some(s) => *s,
                 None => match self.index.store().vector(id)? {
-                    Some(v) => dot(query, &v),
+                    Some(v) => dot(&ranking.query, &v),
                     None => continue,
                 },
             };
-            hits.push(Hit {
+            let hit = Hit {
                 id,
                 path: record.path.clone(),
                 score,
@@ -874,9 +884,12 @@ impl Engine {
                 camera: record.camera(),
                 caption: record.caption.clone(),
                 thumbnail: format!("/api/photos/{id}/thumbnail"),
-            });
+            };
+            if !each(hit) {
+                break;
+            }
         }
-        Ok((hits, false))
+        Ok(())
     }
 
     /// Photos like a stored one (itself excluded).
@@ -889,6 +902,14 @@ impl Engine {
         q.exclude = vec![id];
         self.search(&q)
     }
+}
+
+/// A query's results: its vector, the fused ranking and the two it came from.
+struct Ranking {
+    query: Vec<f32>,
+    fused: Vec<(u64, f32)>,
+    by_meaning: Vec<(u64, f32)>,
+    by_words: Vec<u64>,
 }
 
 /// Reciprocal rank fusion of the meaning and keyword rankings (Cormack et
@@ -977,9 +998,12 @@ mod tests {
             weight: 1.0,
         };
         assert!(Query::new(vec![vector]).validate().is_err());
+        // Any offset is a page (past the end, an empty one); k is bounded.
         let mut q = ok.clone();
         q.offset = usize::MAX;
-        assert!(matches!(q.validate(), Err(Error::BadQuery(m)) if m.contains("past")));
+        assert!(q.validate().is_ok());
+        q.k = MAX_K + 1;
+        assert!(matches!(q.validate(), Err(Error::BadQuery(m)) if m.contains("k must be")));
         let mut q = ok.clone();
         q.min_score = Some(f32::NAN);
         assert!(q.validate().is_err());

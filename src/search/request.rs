@@ -29,7 +29,7 @@ pub struct Request {
     pub exclude: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filters: Option<Filters>,
-    /// Results per page (1-200, default 24).
+    /// Results per page (1-10,000, default 24); `offset` pages on through any number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub k: Option<usize>,
     /// Results to skip.

@@ -48,7 +48,7 @@ async fn blocking<T: Send + 'static>(
 pub struct SearchParams {
     /// The query: text, or the query language (`"dog" + 0.5*image:42 - "people"`).
     pub q: String,
-    /// Results per page (1-200, default 24).
+    /// Results per page (1-10,000, default 24); `offset` pages on through any number.
     pub k: Option<usize>,
     /// Results to skip.
     pub offset: Option<usize>,

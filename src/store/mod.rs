@@ -33,6 +33,8 @@ pub use crate::common::{CaptionSource, ContentHash, FileSig, ModelInfo};
 
 /// The on-disk format this build writes. See `migrations/`.
 pub const FORMAT_VERSION: u32 = migrate::LATEST;
+/// The number of photo records (format 3 on).
+pub const COUNT_KEY: &[u8] = b"m:count";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -405,8 +407,15 @@ impl Store {
             .collect()
     }
 
+    /// The number of photo records, kept under [`COUNT_KEY`] by every
+    /// commit (counted from the records when that key is missing).
     pub fn count(&self) -> usize {
-        self.tree.scan_prefix(b"p:").count()
+        match self.tree.get(COUNT_KEY) {
+            Ok(Some(v)) if v.len() == 8 => {
+                u64::from_le_bytes(v.as_ref().try_into().expect("8 bytes")) as usize
+            }
+            _ => self.tree.scan_prefix(b"p:").count(),
+        }
     }
 
     /// Files skipped, with their reasons.
@@ -437,6 +446,8 @@ impl Store {
             })
             .collect();
         let mut batch = sled::Batch::default();
+        // The record count moves with the records, in the same batch.
+        batch.insert(COUNT_KEY, &self.count_after(changes)?.to_le_bytes());
         for change in changes {
             match change {
                 Change::Put {
@@ -484,6 +495,27 @@ impl Store {
         // sled flushes on its own only every 500 ms: a commit is durable here.
         self.db.flush()?;
         Ok(())
+    }
+
+    /// The record count once `changes` are applied: one more for each put
+    /// of an id without a record, one less for each removal of one with.
+    fn count_after(&self, changes: &[Change]) -> Result<u64> {
+        let mut count = self.count() as i64;
+        let mut present: std::collections::HashMap<u64, bool> = Default::default();
+        for change in changes {
+            let (id, now) = match change {
+                Change::Put { record, .. } => (record.id, true),
+                Change::Remove { record } => (record.id, false),
+                Change::Skip { .. } | Change::Unskip { .. } => continue,
+            };
+            let before = match present.get(&id) {
+                Some(&p) => p,
+                None => self.tree.contains_key(id_key(b'p', id))?,
+            };
+            count += i64::from(now) - i64::from(before);
+            present.insert(id, now);
+        }
+        Ok(count.max(0) as u64)
     }
 
     pub fn size_on_disk(&self) -> Result<u64> {
@@ -554,6 +586,41 @@ mod tests {
             },
             ..sample_record(id, path, &hash.to_string())
         }
+    }
+
+    /// The kept count agrees with the records through puts of new and
+    /// existing ids, removals of present and absent ones, several changes
+    /// to one id in a batch, and a reopen; without its key it is counted.
+    #[test]
+    fn the_record_count_follows_the_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path(), &meta()).unwrap();
+        let put = |id| Change::Put {
+            record: record(id, &format!("{id}.png"), id as u8),
+            vector: None,
+            old_path: None,
+        };
+        let remove = |id| Change::Remove {
+            record: record(id, &format!("{id}.png"), id as u8),
+        };
+        let scanned = |s: &Store| s.tree.scan_prefix(b"p:").count();
+        assert_eq!(store.count(), 0);
+        store.commit(&[put(1), put(2), put(3), put(2)]).unwrap();
+        assert_eq!((store.count(), scanned(&store)), (3, 3));
+        // An update, a removal of a missing id, a put then removal in one batch.
+        store
+            .commit(&[put(1), remove(9), put(4), remove(4), remove(2)])
+            .unwrap();
+        assert_eq!((store.count(), scanned(&store)), (2, 2));
+        store.commit(&[remove(3), put(3), put(5)]).unwrap();
+        assert_eq!((store.count(), scanned(&store)), (3, 3));
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.count(), 3);
+        store.tree.remove(COUNT_KEY).unwrap();
+        assert_eq!(store.count(), 3);
+        store.commit(&[put(6)]).unwrap();
+        assert_eq!((store.count(), scanned(&store)), (4, 4));
     }
 
     #[test]

@@ -21,12 +21,16 @@ use crate::common::fs::{sync_dir, write_synced};
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+use std::time::Instant;
 
 use hnsw_rs::prelude::{AnnT, Hnsw, HnswIo};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 pub mod distance;
+pub mod plan;
 
 use distance::DistDot;
+pub use plan::{CostEstimates, Plan};
 
 /// Graph connectivity (M).
 const MAX_CONNECTIONS: usize = 24;
@@ -97,8 +101,10 @@ fn checksum(path: &Path) -> Result<(u64, String)> {
 /// The mutable part of the index, behind one lock.
 struct State {
     hnsw: Hnsw<'static, f32, DistDot>,
-    live: HashSet<u64>,
-    dead: HashSet<u64>,
+    live: FxHashSet<u64>,
+    dead: FxHashSet<u64>,
+    /// Each id's point number in the graph, which leads to its vector.
+    numbers: FxHashMap<u64, u32>,
     generation: u64,
     changed: bool,
 }
@@ -110,6 +116,24 @@ pub struct VectorIndex {
     dir: PathBuf,
     dim: usize,
     state: RwLock<State>,
+    costs: plan::Costs,
+}
+
+impl State {
+    /// Numbers the points added to the graph since the last call.
+    fn number_new_points(&mut self) {
+        for n in self.numbers.len()..self.hnsw.nb_numbered() {
+            if let Some((id, _)) = self.hnsw.numbered_point(n as u32) {
+                self.numbers.insert(id as u64, n as u32);
+            }
+        }
+    }
+
+    /// The vector of `id` as the graph holds it (unit length).
+    fn vector(&self, id: u64) -> Option<&[f32]> {
+        let n = *self.numbers.get(&id)?;
+        self.hnsw.numbered_point(n).map(|(_, v)| v)
+    }
 }
 
 fn new_hnsw(capacity: usize) -> Hnsw<'static, f32, DistDot> {
@@ -130,8 +154,9 @@ impl VectorIndex {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut state = State {
             hnsw: new_hnsw(0),
-            live: HashSet::new(),
-            dead: HashSet::new(),
+            live: FxHashSet::default(),
+            dead: FxHashSet::default(),
+            numbers: FxHashMap::default(),
             generation: 0,
             changed: false,
         };
@@ -146,6 +171,7 @@ impl VectorIndex {
                     state.hnsw = hnsw;
                     state.live = members.live.into_iter().collect();
                     state.dead = members.dead.into_iter().collect();
+                    state.number_new_points();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "vector index unreadable; it will be rebuilt from the store");
@@ -157,7 +183,27 @@ impl VectorIndex {
             dir: dir.to_path_buf(),
             dim,
             state: RwLock::new(state),
+            costs: plan::Costs::default(),
         })
+    }
+
+    /// How many live vectors the graph saved in `dir` holds, read from its
+    /// member list without loading it (0 for none or an unreadable one,
+    /// which [`Self::open`] would rebuild).
+    pub fn saved_len(dir: &Path) -> usize {
+        let Ok(name) = std::fs::read_to_string(dir.join("CURRENT")) else {
+            return 0;
+        };
+        let members = dir.join(name.trim()).join("members.json");
+        let Ok(text) = std::fs::read(&members) else {
+            return 0;
+        };
+        /// The member list with its live ids counted, not kept.
+        #[derive(serde::Deserialize)]
+        struct Count {
+            live: Vec<serde::de::IgnoredAny>,
+        }
+        serde_json::from_slice::<Count>(&text).map_or(0, |c| c.live.len())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -222,7 +268,10 @@ impl VectorIndex {
         if fresh.is_empty() {
             return Ok(());
         }
-        insert_into(&state.hnsw, &fresh)?;
+        let inserted = insert_into(&state.hnsw, &fresh);
+        // Whatever the graph took, even from a failed batch, is numbered.
+        state.number_new_points();
+        inserted?;
         state.live.extend(fresh.iter().map(|(_, id)| *id));
         state.changed = true;
         Ok(())
@@ -239,8 +288,80 @@ impl VectorIndex {
         }
     }
 
-    /// The `k` nearest live vectors as (id, cosine similarity), best first.
-    /// `allow` restricts the result to ids it accepts.
+    /// The `k` nearest live vectors to `query` among the ids of `among`
+    /// (all when `None`) less `excluded`, as (id, cosine similarity), best
+    /// first, and the way they were found: an exact scan of the candidates'
+    /// vectors or a graph search with a filter, whichever the measured
+    /// costs of earlier queries expect to be faster ([`plan`]). A scan is
+    /// exact; a graph search finds about 98% of the true nearest at the
+    /// default breadth (BENCHMARKS.md).
+    pub fn search_among(
+        &self,
+        query: &[f32],
+        k: usize,
+        among: Option<&HashSet<u64>>,
+        excluded: &HashSet<u64>,
+    ) -> Result<(Vec<(u64, f32)>, Plan)> {
+        self.check_dim(query)?;
+        let state = self.read();
+        if k == 0 || state.live.is_empty() {
+            return Ok((Vec::new(), Plan::Scan));
+        }
+        let live = state.live.len();
+        let candidates = among.map_or(live, |ids| ids.len().min(live));
+        let share = candidates as f64 / live as f64;
+        let ef = EF_SEARCH.max(k);
+        let plan = self.costs.choose(candidates, ef, share);
+        let start = Instant::now();
+        let found = match plan {
+            Plan::Scan => scan(&state, &unit(query), k, among, excluded),
+            Plan::Graph => {
+                let allow =
+                    |id: u64| among.is_none_or(|ids| ids.contains(&id)) && !excluded.contains(&id);
+                let allow: &dyn Fn(u64) -> bool = &allow;
+                let filtered = among.is_some() || !excluded.is_empty();
+                graph_search(&state, query, k, ef, filtered.then_some(allow))?
+            }
+        };
+        match plan {
+            Plan::Scan => self.costs.observe_scan(candidates, start.elapsed()),
+            Plan::Graph => self.costs.observe_graph(ef, share, start.elapsed()),
+        }
+        Ok((found, plan))
+    }
+
+    /// [`Self::search_among`] by an exact scan, whatever it costs.
+    pub fn scan(
+        &self,
+        query: &[f32],
+        k: usize,
+        among: Option<&HashSet<u64>>,
+        excluded: &HashSet<u64>,
+    ) -> Result<Vec<(u64, f32)>> {
+        self.check_dim(query)?;
+        let state = self.read();
+        Ok(scan(&state, &unit(query), k, among, excluded))
+    }
+
+    /// What the index currently expects each way of searching to cost.
+    pub fn cost_estimates(&self) -> CostEstimates {
+        self.costs.estimates()
+    }
+
+    fn check_dim(&self, query: &[f32]) -> Result<()> {
+        if query.len() == self.dim {
+            Ok(())
+        } else {
+            Err(Error::Dimension {
+                got: query.len(),
+                want: self.dim,
+            })
+        }
+    }
+
+    /// The `k` nearest live vectors by a graph search, as (id, cosine
+    /// similarity), best first. `allow` restricts the result to ids it
+    /// accepts.
     pub fn search(
         &self,
         query: &[f32],
@@ -259,38 +380,12 @@ impl VectorIndex {
         ef: usize,
         allow: Option<&dyn Fn(u64) -> bool>,
     ) -> Result<Vec<(u64, f32)>> {
-        if query.len() != self.dim {
-            return Err(Error::Dimension {
-                got: query.len(),
-                want: self.dim,
-            });
-        }
+        self.check_dim(query)?;
         let state = self.read();
         if k == 0 || state.live.is_empty() {
             return Ok(Vec::new());
         }
-        let query = unit(query);
-        let dead = &state.dead;
-        let filter = |id: &usize| -> bool {
-            let id = *id as u64;
-            !dead.contains(&id) && allow.is_none_or(|f| f(id))
-        };
-        let ef = ef.max(k);
-        let needs_filter = !dead.is_empty() || allow.is_some();
-        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if needs_filter {
-                state.hnsw.search_filter(&query, k, ef, Some(&filter))
-            } else {
-                state.hnsw.search(&query, k, ef)
-            }
-        }))
-        .map_err(|_| Error::Hnsw("search failed".into()))?;
-        Ok(found
-            .into_iter()
-            .filter(|n| filter(&n.d_id))
-            .map(|n| (n.d_id as u64, 1.0 - n.distance))
-            .take(k)
-            .collect())
+        graph_search(&state, query, k, ef, allow)
     }
 
     /// Replaces the graph with one built from `vectors` (the live set). The
@@ -311,6 +406,8 @@ impl VectorIndex {
         state.hnsw = hnsw;
         state.live = items.iter().map(|(_, id)| *id).collect();
         state.dead.clear();
+        state.numbers.clear();
+        state.number_new_points();
         state.changed = true;
         Ok(())
     }
@@ -385,6 +482,79 @@ impl VectorIndex {
     pub fn size_on_disk(&self) -> u64 {
         dir_size(&self.dir)
     }
+}
+
+/// The graph search of [`VectorIndex::search_with`], under the caller's lock.
+fn graph_search(
+    state: &State,
+    query: &[f32],
+    k: usize,
+    ef: usize,
+    allow: Option<&dyn Fn(u64) -> bool>,
+) -> Result<Vec<(u64, f32)>> {
+    let query = unit(query);
+    let dead = &state.dead;
+    let filter = |id: &usize| -> bool {
+        let id = *id as u64;
+        !dead.contains(&id) && allow.is_none_or(|f| f(id))
+    };
+    let ef = ef.max(k);
+    let needs_filter = !dead.is_empty() || allow.is_some();
+    let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if needs_filter {
+            state.hnsw.search_filter(&query, k, ef, Some(&filter))
+        } else {
+            state.hnsw.search(&query, k, ef)
+        }
+    }))
+    .map_err(|_| Error::Hnsw("search failed".into()))?;
+    Ok(found
+        .into_iter()
+        .filter(|n| filter(&n.d_id))
+        .map(|n| (n.d_id as u64, 1.0 - n.distance))
+        .take(k)
+        .collect())
+}
+
+/// The exact `k` nearest live vectors to the unit vector `query` among
+/// `among` (all when `None`) less `excluded`, best first, ties by id. The
+/// vectors are read where the graph holds them.
+fn scan(
+    state: &State,
+    query: &[f32],
+    k: usize,
+    among: Option<&HashSet<u64>>,
+    excluded: &HashSet<u64>,
+) -> Vec<(u64, f32)> {
+    let mut scored: Vec<(u64, f32)> = match among {
+        Some(ids) => ids
+            .iter()
+            .filter(|id| state.live.contains(id) && !excluded.contains(id))
+            .filter_map(|&id| {
+                state
+                    .vector(id)
+                    .map(|v| (id, distance::dot(query, v).min(1.0)))
+            })
+            .collect(),
+        None => {
+            // Every numbered point is live unless some were removed (or a
+            // failed batch left points the index does not count).
+            let all_live = state.live.len() == state.numbers.len();
+            (0..state.hnsw.nb_numbered() as u32)
+                .filter_map(|n| state.hnsw.numbered_point(n))
+                .map(|(id, v)| (id as u64, v))
+                .filter(|(id, _)| (all_live || state.live.contains(id)) && !excluded.contains(id))
+                .map(|(id, v)| (id, distance::dot(query, v).min(1.0)))
+                .collect()
+        }
+    };
+    let best_first = |a: &(u64, f32), b: &(u64, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if scored.len() > k {
+        scored.select_nth_unstable_by(k - 1, best_first);
+        scored.truncate(k);
+    }
+    scored.sort_unstable_by(best_first);
+    scored
 }
 
 fn insert_into(hnsw: &Hnsw<'static, f32, DistDot>, items: &[(Vec<f32>, u64)]) -> Result<()> {
@@ -540,6 +710,86 @@ mod tests {
             }
         }
         assert!(hits >= 190, "recall {hits} of 200");
+    }
+
+    /// The exact nearest of `among` (all live when `None`) less `excluded`,
+    /// best first, ties by id: what a scan must return.
+    fn brute_force(
+        vs: &[(u64, Vec<f32>)],
+        q: &[f32],
+        k: usize,
+        keep: impl Fn(u64) -> bool,
+    ) -> Vec<u64> {
+        let mut all: Vec<(u64, f32)> = vs
+            .iter()
+            .filter(|(id, _)| keep(*id))
+            .map(|(id, v)| (*id, distance::dot(&unit(q), v)))
+            .collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        all.into_iter().take(k).map(|(id, _)| id).collect()
+    }
+
+    /// A scan reads the vectors where the graph holds them and is exact,
+    /// with a filter, exclusions and removed ids, before and after a
+    /// reload and a rebuild; the planned search agrees with it wherever it
+    /// chooses to scan.
+    #[test]
+    fn scans_are_exact_and_follow_the_graph_through_reloads_and_rebuilds() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = vectors(1500, 16);
+        let queries = vectors(15, 16);
+        let among: HashSet<u64> = (1..=1500).filter(|id| id % 7 == 0).collect();
+        let excluded: HashSet<u64> = [7, 14, 700].into_iter().collect();
+        let removed: Vec<u64> = (1..=1500).filter(|id| id % 5 == 0).collect();
+        let check = |index: &VectorIndex, removed: &[u64]| {
+            let live = |id: u64| !removed.contains(&id);
+            for (_, q) in &queries {
+                let ids = |found: Vec<(u64, f32)>| -> Vec<u64> {
+                    found.into_iter().map(|(id, _)| id).collect()
+                };
+                let all = index.scan(q, 25, None, &excluded).unwrap();
+                assert!(all.windows(2).all(|p| p[0].1 >= p[1].1));
+                let want = brute_force(&vs, q, 25, |id| live(id) && !excluded.contains(&id));
+                assert_eq!(ids(all), want);
+                let some = index.scan(q, 25, Some(&among), &excluded).unwrap();
+                let want = brute_force(&vs, q, 25, |id| {
+                    live(id) && among.contains(&id) && !excluded.contains(&id)
+                });
+                assert_eq!(ids(some), want);
+                // 214 candidates: cheaper to scan than to walk the graph.
+                let (found, plan) = index.search_among(q, 25, Some(&among), &excluded).unwrap();
+                assert_eq!(plan, Plan::Scan);
+                assert_eq!(ids(found), want);
+                // More than there are: all of them.
+                let every = index.scan(q, 5000, Some(&among), &HashSet::new()).unwrap();
+                assert_eq!(every.len(), among.iter().filter(|id| live(**id)).count());
+            }
+        };
+        {
+            let index = VectorIndex::open(dir.path(), 16).unwrap();
+            index.insert_batch(&vs[..1000]).unwrap();
+            index.insert_batch(&vs[1000..]).unwrap();
+            check(&index, &[]);
+            index.remove(removed.iter().copied());
+            check(&index, &removed);
+            index.save().unwrap();
+        }
+        let index = VectorIndex::open(dir.path(), 16).unwrap();
+        check(&index, &removed);
+        let live: Vec<(u64, Vec<f32>)> = vs
+            .iter()
+            .filter(|(id, _)| !removed.contains(id))
+            .cloned()
+            .collect();
+        index.rebuild(live).unwrap();
+        check(&index, &removed);
+        // A query of the wrong size is refused by both ways.
+        assert!(index.scan(&[1.0; 3], 5, None, &HashSet::new()).is_err());
+        assert!(
+            index
+                .search_among(&[1.0; 3], 5, None, &HashSet::new())
+                .is_err()
+        );
     }
 
     /// A graph loaded from its files answers exactly as the one that was

@@ -618,7 +618,7 @@ fn killed_runs_resume_and_end_consistent() {
                 &m,
             ]);
         }
-        cmd.args(["--workers", "1", "--batch", "2"])
+        cmd.args(["--workers", "1", "--batch", "2", "--commit-every", "2"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let mut child = cmd.spawn().unwrap();
@@ -836,6 +836,8 @@ fn opens_an_index_of_the_previous_format() {
         for k in keys {
             tree.remove(k).unwrap();
         }
+        // Nor the record count of format 3.
+        tree.remove(clipdex::store::COUNT_KEY).unwrap().unwrap();
         let mut meta = index.store().meta().unwrap();
         meta.format_version = 1;
         index.store().set_meta(&meta).unwrap();
@@ -852,7 +854,10 @@ fn opens_an_index_of_the_previous_format() {
     assert_eq!(run["moved"], 1, "{run}");
     assert_eq!(run["embedded"], 0, "{run}");
     let s = status(&lib);
-    assert_eq!(s["format_version"], 2);
+    assert_eq!(s["format_version"], 3);
+    // Migration 3 counted the records, and commits kept the count.
+    assert_eq!(s["photos"].as_u64().unwrap() as usize, records(&lib).len());
+    assert_eq!(s["photos"], s["check"]["records"]);
     assert_eq!(
         by_path(&records(&lib), "wallpapers/cameraman.jpg").id,
         old.id
@@ -960,6 +965,76 @@ fn searchable(lib: &Library) -> bool {
         "3",
     ]);
     out.status.success() && stdout(&out).lines().count() == 3
+}
+
+/// `clipdex search --all`: every photo once, best first, as JSON lines; a
+/// filter narrows it; a reader that stops early ends it quietly.
+#[test]
+fn search_all_streams_every_result() {
+    let lib = library(false);
+    assert!(index_cmd(&lib, &[]).status.success());
+    let idx = lib.index.to_str().unwrap();
+    let photos = status(&lib)["photos"].as_u64().unwrap() as usize;
+    let lines = |out: &std::process::Output| -> Vec<serde_json::Value> {
+        assert!(out.status.success(), "{}", stderr(out));
+        stdout(out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let all = lines(&clipdex(&["search", "a fish", "--index", idx, "--all"]));
+    assert_eq!(all.len(), photos);
+    let ids: BTreeSet<u64> = all.iter().map(|h| h["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), photos, "each photo once");
+    let scores: Vec<f64> = all.iter().map(|h| h["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first");
+    // The first page is the start of it.
+    let top = lines(&clipdex(&[
+        "search", "a fish", "--index", idx, "--json", "-k", "5",
+    ]));
+    assert_eq!(top[..], all[..5]);
+    // A filter narrows it to that folder, all of it.
+    let tools = lines(&clipdex(&[
+        "search", "a fish", "--index", idx, "--all", "--folder", "tools",
+    ]));
+    assert!(!tools.is_empty() && tools.len() < photos);
+    assert!(
+        tools
+            .iter()
+            .all(|h| h["path"].as_str().unwrap().starts_with("tools/"))
+    );
+    // -k and --all contradict each other.
+    let out = clipdex(&["search", "a fish", "--index", idx, "--all", "-k", "3"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        stderr(&out)
+    );
+    // `| head -1`: the reader goes away after one line; the command ends
+    // as `status` does then (hardening::a_closed_pipe_ends_the_cli_quietly).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clipdex"))
+        .args(["search", "a fish", "--index", idx, "--all"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.contains("\"id\""), "{first}");
+    let out = child.wait_with_output().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?} {}",
+        out.status,
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
 
 #[test]

@@ -201,6 +201,43 @@ pub fn assert_error(reply: &Reply, status: StatusCode, code: &str, served: &Serv
     );
 }
 
+/// Offset paging reaches every photo, past any fixed depth: the pages of
+/// a small `k` put together are the one page of a large `k`, each photo
+/// once, and a page past the end is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_goes_through_every_result() {
+    let served = indexed_library();
+    let s = state(&served, None);
+    let ids = |v: Vec<Value>| -> Vec<u64> { v.iter().map(|h| h["id"].as_u64().unwrap()).collect() };
+    let everything = get(&s, "/api/search?q=a%20photo&k=10000").await;
+    let total = everything.json()["hits"].as_array().unwrap().len();
+    assert!(total > 20, "{total}");
+    assert_eq!(everything.json()["more"], false);
+    let mut paged = Vec::new();
+    let mut offset = 0;
+    loop {
+        let page = get(&s, &format!("/api/search?q=a%20photo&k=7&offset={offset}")).await;
+        let more = page.json()["more"].as_bool().unwrap();
+        let got = ids(hits(&page));
+        assert!(got.len() == 7 || !more, "a short page says it is the last");
+        offset += got.len();
+        paged.extend(got);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(paged, ids(hits(&everything)));
+    for past in [total, total + 1, usize::MAX] {
+        let page = get(&s, &format!("/api/search?q=a%20photo&k=5&offset={past}")).await;
+        assert!(hits(&page).is_empty());
+        assert_eq!(page.json()["more"], false);
+    }
+    for bad in ["k=10001", "k=0"] {
+        let reply = get(&s, &format!("/api/search?q=a%20photo&{bad}")).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_endpoints_return_ranked_photos() {
     let served = indexed_library();

@@ -1544,6 +1544,38 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
         &self.layer_indexed_points
     }
 
+    /// clipdex: how many points are numbered (see `numbered_point`).
+    pub fn nb_numbered(&self) -> usize {
+        self.layer_indexed_points.level0.len()
+    }
+
+    /// clipdex: point number `n` (points are numbered in the order they are
+    /// added, from 0) as its origin id and vector, read in place: an exact
+    /// scan over a subset of the graph's points needs no copy of the
+    /// vectors. `None` past the numbered points, or for a point numbered
+    /// by an insertion still under way.
+    pub fn numbered_point(&self, n: u32) -> Option<(DataId, &[T])> {
+        let level0 = &self.layer_indexed_points.level0;
+        if n as usize >= level0.len() {
+            return None;
+        }
+        let (vector, len, p) = level0.slot(n);
+        if p == 0 {
+            return None;
+        }
+        // SAFETY: a published slot holds the address of a point this graph
+        // owns through an `Arc` and never drops before the graph, and the
+        // address and length of that point's vector, which never changes
+        // once made; both live as long as `self`.
+        unsafe {
+            let point = &*(p as *const Point<'b, T>);
+            Some((
+                point.get_origin_id(),
+                std::slice::from_raw_parts(vector as *const T, len),
+            ))
+        }
+    }
+
     // This is best explained in : Navarro. Searching in metric spaces by spatial approximation.
     /// simplest searh neighbours
     // The binary heaps here is with negative distance sorted.

@@ -724,8 +724,15 @@ impl HnswIo {
             let number = level0.add(point.get_v(), Arc::as_ptr(point) as usize);
             let _ = point.number.set(number);
         }
+        // clipdex: the points of a layer are linked in parallel, each
+        // thread a run of consecutive points (their lists stay together in
+        // memory, as read).
+        use rayon::prelude::*;
         for (layer_points, layer_neighbourhoods) in points_by_layer.iter().zip(neighbourhoods) {
-            for (point, neighbours) in layer_points.iter().zip(layer_neighbourhoods) {
+            let by_layer = &points_by_layer;
+            let level0 = &level0;
+            layer_points.par_iter().zip(layer_neighbourhoods.into_par_iter()).for_each(|(point, neighbours)| {
+                let points_by_layer = by_layer;
                 let mut slots = point.neighbours.write();
                 for (l, neighbours) in neighbours.into_iter().enumerate() {
                     let slot = &mut slots[l];
@@ -739,10 +746,10 @@ impl HnswIo {
                     //  must sort
                     slot.sort_unstable();
                     if l == 0 {
-                        crate::hnsw::set_level0_row(&level0, point, slot);
+                        crate::hnsw::set_level0_row(level0, point, slot);
                     }
                 } // end of for l
-            }
+            });
         }
         //
         // get id of entry_point
