@@ -3,7 +3,7 @@
 //!     cargo bench --bench scale -- vectors --model DIR --out DIR [--photos N] [--seed S]
 //!     cargo bench --bench scale -- run --data DIR [--photos N] [--queries Q] [--json] [--keep]
 //!     cargo bench --bench scale -- open --data DIR [--photos N]
-//!     cargo bench --bench scale -- filtered --data DIR [--photos N]
+//!     cargo bench --bench scale -- filtered --data DIR [--photos N] [--queries Q]
 //!     cargo bench --bench scale -- rebuild --data DIR [--photos N]
 //!
 //! `vectors` writes the benchmark's data once (`scripts/bench/scale_data.sh`
@@ -636,8 +636,11 @@ fn filtered(args: &Args) {
     let dir = &args.data;
     let n = args.photos;
     let photos = read_vectors(&dir.join("photos.f32"), 0, n);
-    let text = read_vectors(&dir.join("text-queries.f32"), 0, 500);
-    let image = read_vectors(&dir.join("image-queries.f32"), 0, 500);
+    // Forced scans of half the photos take half a second each: --queries
+    // keeps the run short.
+    let q = args.queries.min(500);
+    let text = read_vectors(&dir.join("text-queries.f32"), 0, q);
+    let image = read_vectors(&dir.join("image-queries.f32"), 0, q);
     let index = clipdex::vector::VectorIndex::open(&dir.join(format!("index-{n}")), DIM).unwrap();
     assert_eq!(index.len(), n, "run `scale run --keep --photos {n}` first");
     let percentile = |times: &mut Vec<f64>, p: f64| {

@@ -132,7 +132,7 @@ impl State {
     /// The vector of `id` as the graph holds it (unit length).
     fn vector(&self, id: u64) -> Option<&[f32]> {
         let n = *self.numbers.get(&id)?;
-        self.hnsw.numbered_point(n).map(|(_, v)| v)
+        self.hnsw.numbered_vector(n)
     }
 }
 
@@ -526,27 +526,25 @@ fn scan(
     among: Option<&HashSet<u64>>,
     excluded: &HashSet<u64>,
 ) -> Vec<(u64, f32)> {
+    let all_live = state.live.len() == state.numbers.len();
     let mut scored: Vec<(u64, f32)> = match among {
+        // Every numbered point is live unless some were removed (or a
+        // failed batch left points the index does not count).
         Some(ids) => ids
             .iter()
-            .filter(|id| state.live.contains(id) && !excluded.contains(id))
+            .filter(|id| (all_live || state.live.contains(id)) && !excluded.contains(id))
             .filter_map(|&id| {
                 state
                     .vector(id)
                     .map(|v| (id, distance::dot(query, v).min(1.0)))
             })
             .collect(),
-        None => {
-            // Every numbered point is live unless some were removed (or a
-            // failed batch left points the index does not count).
-            let all_live = state.live.len() == state.numbers.len();
-            (0..state.hnsw.nb_numbered() as u32)
-                .filter_map(|n| state.hnsw.numbered_point(n))
-                .map(|(id, v)| (id as u64, v))
-                .filter(|(id, _)| (all_live || state.live.contains(id)) && !excluded.contains(id))
-                .map(|(id, v)| (id, distance::dot(query, v).min(1.0)))
-                .collect()
-        }
+        None => (0..state.hnsw.nb_numbered() as u32)
+            .filter_map(|n| state.hnsw.numbered_point(n))
+            .map(|(id, v)| (id as u64, v))
+            .filter(|(id, _)| (all_live || state.live.contains(id)) && !excluded.contains(id))
+            .map(|(id, v)| (id, distance::dot(query, v).min(1.0)))
+            .collect(),
     };
     let best_first = |a: &(u64, f32), b: &(u64, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if scored.len() > k {
