@@ -548,11 +548,6 @@ impl Index {
             && with_vectors.len() == ids.len();
         Ok(Consistency { consistent, ..c })
     }
-
-    /// Bytes on disk of the whole index folder.
-    pub fn size_on_disk(&self) -> u64 {
-        vector::dir_size(&self.paths.root)
-    }
 }
 /// What the keyword index holds of a photo record.
 pub(crate) fn keyword_doc(record: &PhotoRecord) -> keyword::Doc<'_> {
