@@ -5,6 +5,7 @@
 //!     cargo bench --bench scale -- open --data DIR [--photos N]
 //!     cargo bench --bench scale -- filtered --data DIR [--photos N] [--queries Q]
 //!     cargo bench --bench scale -- rebuild --data DIR [--photos N]
+//!     cargo bench --bench scale -- library --data DIR [--photos N] [--out INDEX]
 //!
 //! `vectors` writes the benchmark's data once (`scripts/bench/scale_data.sh`
 //! trains the model first): N augmented Fashion-MNIST training images (a
@@ -31,6 +32,16 @@
 //! photos, then a quarter (past the rebuild threshold), and rebuilds the
 //! graph on the pool's threads while one thread goes on searching: the
 //! searches' latency before, during and after shows whether anything waits.
+//!
+//! `library` assembles a whole clipdex index of N photos (store, keyword
+//! index, graph) from the benchmark's vectors, for `clipdex serve` and
+//! `benches/server.rs --index` at a million photos: the records are those
+//! of a family archive (`YEAR/YEAR-MM-event/IMG_N.jpg`, a date taken that
+//! grows with N over twenty years, one of six cameras per event or none),
+//! written through the store's and the keyword index's own calls in
+//! commits of 10,000, and the graph is the one `run --keep` saved (its ids
+//! are the store's). The files themselves are not written: searches,
+//! filters and find-similar work, thumbnails answer 404.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -303,6 +314,8 @@ struct Args {
     precision: clipdex::model::Precision,
     json: bool,
     keep: bool,
+    /// `library`'s index folder.
+    index: Option<PathBuf>,
 }
 
 fn args() -> Args {
@@ -316,11 +329,12 @@ fn args() -> Args {
         precision: clipdex::model::Precision::Exact,
         json: false,
         keep: false,
+        index: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "vectors" | "run" | "open" | "filtered" | "rebuild" => a.mode = arg,
+            "vectors" | "run" | "open" | "filtered" | "rebuild" | "library" => a.mode = arg,
             "--model" => a.model = it.next().map(PathBuf::from),
             "--out" | "--data" => a.data = PathBuf::from(it.next().expect("--data DIR")),
             "--photos" => a.photos = it.next().and_then(|v| v.parse().ok()).expect("--photos N"),
@@ -332,6 +346,7 @@ fn args() -> Args {
                     .and_then(|v| v.parse::<clipdex::model::Precision>().ok())
                     .expect("--precision exact|fast|int8")
             }
+            "--index" => a.index = it.next().map(PathBuf::from),
             "--json" => a.json = true,
             "--keep" => a.keep = true,
             "--bench" => {}
@@ -351,6 +366,7 @@ fn main() {
         "open" => open(&args),
         "filtered" => filtered(&args),
         "rebuild" => rebuild(&args),
+        "library" => library(&args),
         _ => eprintln!("usage: scale vectors --model DIR --out DIR | scale run --data DIR"),
     }
 }
@@ -807,4 +823,160 @@ fn rebuild(args: &Args) {
     report["live_after"] = index.len().into();
     report["dead_fraction_after"] = index.dead_fraction().into();
     println!("{report}");
+}
+
+/// The cameras of the assembled library's events (`None`: no EXIF).
+const CAMERAS: [(Option<&str>, Option<&str>); 7] = [
+    (Some("Canon"), Some("Canon EOS 5D Mark III")),
+    (Some("NIKON CORPORATION"), Some("NIKON D750")),
+    (Some("Apple"), Some("iPhone 12")),
+    (Some("Google"), Some("Pixel 7")),
+    (Some("FUJIFILM"), Some("X-T3")),
+    (Some("SONY"), Some("ILCE-7M3")),
+    (None, None),
+];
+
+/// Photos per event folder in the assembled library.
+const EVENT: usize = 200;
+
+/// The record of photo `i` (0-based) of an assembled library of `n`.
+fn archive_record(i: usize, n: usize, id: u64) -> clipdex::store::PhotoRecord {
+    // Twenty years, 2005 to 2024, in order of i.
+    const START: i64 = 1_104_537_600; // 2005-01-01T00:00:00Z
+    const SPAN: i64 = 20 * 365 * 86_400;
+    let taken = START + (SPAN as f64 * i as f64 / n as f64) as i64;
+    let date = clipdex::common::time::format_datetime(taken);
+    let (year, month) = (&date[..4], &date[5..7]);
+    let event = i / EVENT;
+    let (make, model) = CAMERAS[event % CAMERAS.len()];
+    let format = if i % 10 == 9 { "png" } else { "jpeg" };
+    let extension = if format == "png" { "png" } else { "jpg" };
+    let mut rng = Rng::new(7, i as u64);
+    clipdex::store::PhotoRecord {
+        id,
+        path: format!("{year}/{year}-{month}-event{event:05}/IMG_{i:07}.{extension}"),
+        sig: clipdex::common::FileSig {
+            size: 1_000_000 + rng.below(4_000_000) as u64,
+            mtime_ns: taken * 1_000_000_000,
+        },
+        hash: clipdex::common::ContentHash::of(&(i as u64).to_le_bytes()),
+        width: 4000,
+        height: 3000,
+        format: format.into(),
+        taken: make.map(|_| date.clone()),
+        camera_make: make.map(String::from),
+        camera_model: model.map(String::from),
+        orientation: 1,
+        caption: None,
+        caption_source: None,
+        sidecar: None,
+        indexed_at: taken,
+    }
+}
+
+/// Assembles a clipdex index of the first N photos (see the module doc).
+fn library(args: &Args) {
+    use clipdex::indexer::{Index, IndexPaths};
+    use clipdex::store::Change;
+    let dir = &args.data;
+    let n = args.photos;
+    let graph = dir.join(format!("index-{n}"));
+    assert!(
+        graph.join("CURRENT").exists(),
+        "run `scale run --photos {n} --keep` first: it saves the graph"
+    );
+    let root = args
+        .index
+        .clone()
+        .unwrap_or_else(|| dir.join(format!("library-{n}")));
+    let _ = std::fs::remove_dir_all(&root);
+    let files = root.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let model = args.model.clone().unwrap_or_else(|| dir.join("model"));
+    let clip = Clip::load(
+        &ModelSource::Dir(model),
+        &HubOptions {
+            offline: true,
+            progress: false,
+        },
+    )
+    .expect("load the model");
+    let index_dir = root.join("index");
+    let start = Instant::now();
+    {
+        let index = Index::create_or_open(&index_dir, &files, clip.info()).unwrap();
+        assert_eq!(
+            index.store().reserve_ids(n as u64).unwrap(),
+            1,
+            "a new store's ids start at 1"
+        );
+        const COMMIT: usize = 10_000;
+        for from in (0..n).step_by(COMMIT) {
+            let count = COMMIT.min(n - from);
+            let vectors = read_vectors(&dir.join("photos.f32"), from, count);
+            let changes: Vec<Change> = vectors
+                .chunks_exact(DIM)
+                .enumerate()
+                .map(|(j, v)| Change::Put {
+                    record: archive_record(from + j, n, (from + j + 1) as u64),
+                    vector: Some(v.to_vec()),
+                    old_path: None,
+                })
+                .collect();
+            index.store().commit(&changes).unwrap();
+            for change in &changes {
+                if let Change::Put { record, .. } = change {
+                    index
+                        .keywords()
+                        .upsert(&clipdex::keyword::Doc {
+                            id: record.id,
+                            path: &record.path,
+                            format: &record.format,
+                            caption: None,
+                            camera: record.camera(),
+                            taken: record.taken.as_deref(),
+                        })
+                        .unwrap();
+                }
+            }
+            index.keywords().commit().unwrap();
+            if (from + count) % 100_000 == 0 || from + count == n {
+                eprintln!(
+                    "  {} records in {:.0} s",
+                    from + count,
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        }
+        index.store().flush().unwrap();
+    }
+    let records = start.elapsed().as_secs_f64();
+    // The saved graph, linked in as the index's current generation.
+    let vectors = IndexPaths::new(&index_dir).vectors();
+    let _ = std::fs::remove_dir_all(&vectors);
+    let name = std::fs::read_to_string(graph.join("CURRENT")).unwrap();
+    let target = vectors.join(name.trim());
+    std::fs::create_dir_all(&target).unwrap();
+    for entry in std::fs::read_dir(graph.join(name.trim())).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::hard_link(entry.path(), target.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(vectors.join("CURRENT"), name.trim()).unwrap();
+    let start = Instant::now();
+    let index = Index::open(&index_dir).unwrap();
+    let open = start.elapsed().as_secs_f64();
+    let consistency = index.check().unwrap();
+    println!(
+        "{}",
+        serde_json::json!({
+            "photos": n,
+            "index": index_dir,
+            "records_s": records,
+            "open_s": open,
+            "records": index.store().count(),
+            "vectors": index.vectors().len(),
+            "keywords": index.keywords().count(),
+            "consistent": consistency.consistent,
+        })
+    );
 }

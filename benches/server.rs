@@ -3,6 +3,7 @@
 //!
 //!     cargo build --release && cargo bench --bench model && cargo bench --bench server
 //!     cargo bench --bench server -- [--clients 32] [--seconds 60] [--photos 10000] [--precision exact|fast|int8]
+//!     cargo bench --bench server -- --index DIR [--clients 32] [--seconds 60]
 //!
 //! `--precision fast` or `int8` indexes (once, into its own folder) and
 //! serves with the bf16 or int8 towers.
@@ -10,7 +11,10 @@
 //! The first run writes a library of distinct pictures (crops, flips and
 //! tints of the shared photos, 320 px) under target/bench/library-N and
 //! indexes it with the random-weight ViT-B/32 of the model benchmark (about
-//! six minutes for 10,000); later runs reuse both.
+//! six minutes for 10,000); later runs reuse both. `--index` serves an
+//! existing index instead (the million photos of `scale library`). Each run
+//! also reports how long `serve` took to answer ready, and its resident set
+//! then and after the load.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -28,6 +32,7 @@ struct Args {
     seconds: u64,
     photos: usize,
     precision: String,
+    index: Option<PathBuf>,
 }
 
 fn args() -> Args {
@@ -36,6 +41,7 @@ fn args() -> Args {
         seconds: 60,
         photos: 10_000,
         precision: "exact".into(),
+        index: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -44,6 +50,7 @@ fn args() -> Args {
             "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds N"),
             "--photos" => a.photos = it.next().and_then(|v| v.parse().ok()).expect("--photos N"),
             "--precision" => a.precision = it.next().expect("--precision exact|fast|int8"),
+            "--index" => a.index = it.next().map(PathBuf::from),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -194,10 +201,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn main() {
-    let args = args();
-    let binary = root().join("target/release/clipdex");
-    assert!(binary.exists(), "build first: cargo build --release");
+/// The benchmark's own library and index (written once), for `--photos`
+/// and `--precision`.
+fn prepare(args: &Args, binary: &Path) -> PathBuf {
     let model = root().join("target/bench/vit-b-32");
     assert!(
         model.join("model.safetensors").exists(),
@@ -211,7 +217,7 @@ fn main() {
     make_library(&library, args.photos);
     if !index.join("db").exists() || !index.join(".complete").exists() {
         eprintln!("indexing {} photos with ViT-B/32 (once)...", args.photos);
-        let status = Command::new(&binary)
+        let status = Command::new(binary)
             .args([
                 "index",
                 library.to_str().unwrap(),
@@ -227,6 +233,18 @@ fn main() {
         assert!(status.success());
         std::fs::write(index.join(".complete"), b"").unwrap();
     }
+    index
+}
+
+fn main() {
+    let args = args();
+    let binary = root().join("target/release/clipdex");
+    assert!(binary.exists(), "build first: cargo build --release");
+    let index = match &args.index {
+        Some(index) => index.clone(),
+        None => prepare(&args, &binary),
+    };
+    let started = Instant::now();
     let mut server = Command::new(&binary)
         .args([
             "serve",
@@ -248,6 +266,7 @@ fn main() {
         }
     };
     std::thread::spawn(move || for _ in lines {});
+    let pid = server.id();
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -261,6 +280,8 @@ fn main() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let ready = started.elapsed().as_secs_f64();
+    let rss_ready = rss_mib(pid);
     // Photo ids to ask similar photos of.
     let mut r = agent
         .get(&format!("{base}/api/search?q=photo&k=200"))
@@ -276,10 +297,20 @@ fn main() {
             .collect(),
     );
 
+    let model = agent
+        .get(&format!("{base}/api/status"))
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok())
+        .unwrap_or_default();
     println!(
-        "clipdex serve, {} photos (ViT-B/32), {} clients, {} s each:",
-        args.photos, args.clients, args.seconds
+        "clipdex serve, {} photos ({}), {} clients, {} s each:",
+        model["photos"],
+        model["model"].as_str().unwrap_or("?"),
+        args.clients,
+        args.seconds
     );
+    println!("ready in {ready:.1} s, resident {rss_ready:.0} MiB");
     println!(
         "{:<32}{:>10}{:>10}{:>10}{:>8}",
         "", "req/s", "p50 ms", "p99 ms", "errors"
@@ -300,6 +331,17 @@ fn main() {
             stats.errors
         );
     }
+    println!("resident after the load: {:.0} MiB", rss_mib(pid));
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// The resident set of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }

@@ -60,3 +60,40 @@ pub fn parse_datetime(s: &str) -> Option<i64> {
     let days = era * 146_097 + doe - 719_468;
     Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
 }
+
+/// Seconds since the epoch to `YYYY-MM-DDTHH:MM:SS` (UTC), the form
+/// [`parse_datetime`] reads back.
+pub fn format_datetime(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (H. Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formatting_reads_back() {
+        assert_eq!(format_datetime(0), "1970-01-01T00:00:00");
+        assert_eq!(format_datetime(951_782_400), "2000-02-29T00:00:00");
+        assert_eq!(format_datetime(-1), "1969-12-31T23:59:59");
+        for secs in (-5_000_000_000i64..7_000_000_000).step_by(86_399 * 37 + 11) {
+            assert_eq!(parse_datetime(&format_datetime(secs)), Some(secs), "{secs}");
+        }
+    }
+}

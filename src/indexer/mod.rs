@@ -371,7 +371,9 @@ impl Index {
 
     fn assemble(paths: IndexPaths, store: Store, lock: File) -> Result<Self> {
         let meta = store.meta()?;
+        let start = std::time::Instant::now();
         let vectors = VectorIndex::open(&paths.vectors(), meta.model.embedding_dim)?;
+        let loaded = start.elapsed();
         let keywords = KeywordIndex::open(&paths.keyword(), true)?;
         let index = Self {
             paths,
@@ -382,7 +384,9 @@ impl Index {
             _lock: lock,
         };
         index.set_holder_fields(None, None);
+        let start = std::time::Instant::now();
         let repair = index.reconcile()?;
+        tracing::debug!(graph = ?loaded, reconcile = ?start.elapsed(), "index opened");
         if !repair.is_empty() {
             tracing::info!(?repair, "index repaired after an interrupted run");
         }
@@ -468,7 +472,6 @@ impl Index {
     pub fn reconcile(&self) -> Result<Repair> {
         let ids = self.store.ids()?;
         let mut repair = Repair::default();
-
         let vec_ids = self.vectors.ids();
         let extra: Vec<u64> = vec_ids.difference(&ids).copied().collect();
         repair.vectors_removed = extra.len();
