@@ -7,7 +7,22 @@ import { columns, focusTile } from "./js/grid.js";
 import { cancelTyping, loadMore, onType, search, searchByImage } from "./js/search.js";
 import { EXAMPLES, state } from "./js/state.js";
 import { listenToJobs, refreshStatus, reindex } from "./js/status.js";
-import { closeViewer, openViewer, viewerAction } from "./js/viewer.js";
+import { restore } from "./js/url.js";
+import { closeViewer, openPhoto, openViewer, viewerAction, viewerClosed } from "./js/viewer.js";
+
+// Shows the search and photo the address names (on load, back, forward).
+async function follow() {
+  const sameSearch = location.search === state.shown && state.generation > 0;
+  const photo = sameSearch ? photoInAddress() : restore();
+  if (!sameSearch) await search("none");
+  if (photo != null) await openPhoto(photo);
+  else if ($("viewer").open) { state.viewerPushed = false; $("viewer").close(); }
+}
+
+function photoInAddress() {
+  const m = location.pathname.match(/^\/photo\/(\d+)$/);
+  return m ? Number(m[1]) : null;
+}
 
 function init() {
   for (const text of EXAMPLES) {
@@ -17,7 +32,7 @@ function init() {
     b.onclick = () => { $("q").value = text; state.text = text; search(); };
     $("examples").append(b);
   }
-  $("search-form").onsubmit = (e) => { e.preventDefault(); cancelTyping(); state.text = $("q").value.trim(); search(); };
+  $("search-form").onsubmit = (e) => { e.preventDefault(); cancelTyping(); state.typing = false; state.text = $("q").value.trim(); search(); };
   $("q").addEventListener("input", onType);
   $("image-button").onclick = () => $("file").click();
   $("file").onchange = () => { searchByImage($("file").files[0]); $("file").value = ""; };
@@ -26,7 +41,7 @@ function init() {
     $("filters").hidden = !open;
     $("filters-button").setAttribute("aria-expanded", String(open));
   };
-  for (const id of ["f-folder", "f-from", "f-to", "f-type", "f-camera", "f-exclude"]) {
+  for (const id of ["f-folder", "f-from", "f-to", "f-type", "f-camera", "f-exclude", "f-sort"]) {
     $(id).addEventListener("change", () => { if (hasQuery()) search(); });
   }
   $("f-clear").onclick = () => {
@@ -40,7 +55,7 @@ function init() {
   $("v-less").onclick = () => viewerAction("less");
   $("v-prev").onclick = () => openViewer(state.current - 1);
   $("v-next").onclick = () => openViewer(state.current + 1);
-  $("viewer").addEventListener("close", () => { state.current = Math.max(state.current, 0); });
+  $("viewer").addEventListener("close", () => { state.current = Math.max(state.current, 0); viewerClosed(); });
   $("viewer").addEventListener("click", (e) => { if (e.target === $("viewer")) closeViewer(); });
 
   document.addEventListener("keydown", (e) => {
@@ -86,8 +101,10 @@ function init() {
   new IntersectionObserver((entries) => { if (entries.some((x) => x.isIntersecting)) loadMore(); }, { rootMargin: "600px" })
     .observe($("sentinel"));
 
+  window.addEventListener("popstate", follow);
   refreshStatus();
   listenToJobs();
+  if (location.search || photoInAddress() != null) follow();
 }
 
 init();

@@ -288,7 +288,9 @@ pub struct FilterArgs {
 
 #[derive(Debug, Args)]
 pub struct SearchArgs {
-    /// What to look for: text, or the query language, e.g. '"beach" + 0.5*image:42 - "people"'.
+    /// What to look for: text, or the query language, e.g. '"beach" + 0.5*image:42 - "people"';
+    /// filters may be typed in it: after:2019-06 before:2020 in:holidays camera:canon type:png,
+    /// and dates in words ("beach July 2023", "summer 2019", "last year", "2018-2020").
     pub query: String,
 
     /// Number of results.
@@ -311,6 +313,11 @@ pub struct SearchArgs {
     /// Rank by meaning only, without keyword matches on names and captions.
     #[arg(long)]
     pub no_keywords: bool,
+
+    /// relevance (default), newest or oldest: the most relevant results in
+    /// date order.
+    #[arg(long, default_value = "relevance")]
+    pub sort: crate::search::Sort,
 
     #[command(flatten)]
     pub filters: FilterArgs,

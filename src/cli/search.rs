@@ -124,6 +124,14 @@ fn print(results: &SearchResults, json: bool) -> Result<()> {
         }
         return Ok(());
     }
+    if !results.understood.is_empty() {
+        let labels: Vec<&str> = results
+            .understood
+            .iter()
+            .map(|u| u.label.as_str())
+            .collect();
+        eprintln!("filters: {}", labels.join(", "));
+    }
     if results.hits.is_empty() {
         eprintln!("no photos match");
     }
@@ -157,6 +165,7 @@ pub fn search(args: &SearchArgs) -> Result<()> {
         offset: Some(args.offset),
         min_score: args.min_score,
         hybrid: Some(!args.no_keywords),
+        sort: Some(args.sort),
         terms: None,
     };
     if args.all {

@@ -61,6 +61,13 @@ pub fn parse_datetime(s: &str) -> Option<i64> {
     Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
 }
 
+/// Now, in seconds since the epoch.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// Seconds since the epoch to `YYYY-MM-DDTHH:MM:SS` (UTC), the form
 /// [`parse_datetime`] reads back.
 pub fn format_datetime(secs: i64) -> String {

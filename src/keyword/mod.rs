@@ -11,7 +11,7 @@ use tantivy::schema::{
 };
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Term, doc};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ops::Bound;
 
 use tantivy::collector::{DocSetCollector, TopDocs};
@@ -221,28 +221,60 @@ impl KeywordIndex {
 
     /// The ids of the photos a filter selects.
     pub fn matching(&self, filter: &Filter) -> Result<HashSet<u64>> {
+        let mut ids = HashSet::new();
+        self.each_match(filter, false, |id, _| {
+            ids.insert(id);
+        })?;
+        Ok(ids)
+    }
+
+    /// The photos a filter selects, each with its date taken (seconds
+    /// since the epoch), in no particular order.
+    pub fn matching_dated(&self, filter: &Filter) -> Result<Vec<(u64, Option<i64>)>> {
+        let mut found = Vec::new();
+        self.each_match(filter, true, |id, taken| found.push((id, taken)))?;
+        Ok(found)
+    }
+
+    /// Each photo the filter selects, with its date when `dated`.
+    fn each_match(
+        &self,
+        filter: &Filter,
+        dated: bool,
+        mut each: impl FnMut(u64, Option<i64>),
+    ) -> Result<()> {
         let Some(query) = self.filter_query(filter) else {
-            return Ok(HashSet::new());
+            return Ok(());
         };
         let searcher = self.reader.searcher();
-        let docs = searcher.search(&*query, &DocSetCollector)?;
-        let mut columns = HashMap::new();
-        let mut ids = HashSet::with_capacity(docs.len());
+        let mut docs: Vec<tantivy::DocAddress> = searcher
+            .search(&*query, &DocSetCollector)?
+            .into_iter()
+            .collect();
+        docs.sort_unstable();
+        let mut segment = None;
         for doc in docs {
-            let column = match columns.entry(doc.segment_ord) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                    searcher
-                        .segment_reader(doc.segment_ord)
-                        .fast_fields()
-                        .u64("id")?,
-                ),
-            };
-            if let Some(id) = column.first(doc.doc_id) {
-                ids.insert(id);
+            if segment
+                .as_ref()
+                .is_none_or(|(ord, _, _)| *ord != doc.segment_ord)
+            {
+                let fast = searcher.segment_reader(doc.segment_ord).fast_fields();
+                let taken = match dated {
+                    true => Some(fast.date("taken")?),
+                    false => None,
+                };
+                segment = Some((doc.segment_ord, fast.u64("id")?, taken));
+            }
+            let (_, ids, taken) = segment.as_ref().expect("set above");
+            if let Some(id) = ids.first(doc.doc_id) {
+                let date = taken
+                    .as_ref()
+                    .and_then(|t| t.first(doc.doc_id))
+                    .map(|d| d.into_timestamp_secs());
+                each(id, date);
             }
         }
-        Ok(ids)
+        Ok(())
     }
 
     /// A filter as one tantivy query; `None` when it can match nothing.

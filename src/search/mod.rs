@@ -18,6 +18,7 @@
 //! selected vectors exactly (faster than a filtered graph search, and always k
 //! results), a broad one filters inside the HNSW search.
 
+pub mod fields;
 pub mod open;
 pub mod query;
 pub mod request;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use crate::model::Precision;
+pub use fields::Understood;
 pub use open::{HubOptions, OpenError, OpenOptions, Step, open};
 pub use query::{ParseError, Term, TermKind, TermSpec, parse};
 pub use request::{DEFAULT_K, EXCLUDE_WEIGHT, Request, check_weight};
@@ -139,7 +141,7 @@ const MAX_TYPES: usize = 32;
 
 /// A filter date as seconds since the epoch; `end_of_day` moves a date
 /// without a time to its last second.
-fn filter_date(name: &str, s: &Option<String>, end_of_day: bool) -> Result<Option<i64>> {
+pub(crate) fn filter_date(name: &str, s: &Option<String>, end_of_day: bool) -> Result<Option<i64>> {
     let Some(s) = s.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
         return Ok(None);
     };
@@ -222,6 +224,36 @@ impl Filters {
     }
 }
 
+/// The order of results.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Sort {
+    /// Best match first.
+    #[default]
+    Relevance,
+    /// The most relevant results, newest first (undated ones last).
+    Newest,
+    /// The most relevant results, oldest first (undated ones last).
+    Oldest,
+}
+
+impl std::str::FromStr for Sort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "relevance" => Ok(Sort::Relevance),
+            "newest" => Ok(Sort::Newest),
+            "oldest" => Ok(Sort::Oldest),
+            other => Err(format!("sort {other:?}: use relevance, newest or oldest")),
+        }
+    }
+}
+
+/// How many of the most relevant results a date order takes (all those
+/// above `min_score` when one is given, up to [`MAX_K`]).
+pub const DATE_ORDER_POOL: usize = 1000;
+
 /// A search.
 #[derive(Clone, Debug)]
 pub struct Query {
@@ -236,6 +268,10 @@ pub struct Query {
     pub hybrid: bool,
     /// Ids never to return (the photo a find-similar started from).
     pub exclude: Vec<u64>,
+    pub sort: Sort,
+    /// The filters the query box's text held (`after:2019`, "July 2023"),
+    /// already in `filters`; shown back to the user.
+    pub understood: Vec<Understood>,
 }
 
 impl Query {
@@ -248,13 +284,16 @@ impl Query {
             min_score: None,
             hybrid: true,
             exclude: Vec::new(),
+            sort: Sort::Relevance,
+            understood: Vec::new(),
         }
     }
 
     /// Checks every parameter; `Engine::search` calls it, so each front end
     /// (HTTP routes, CLI) gets the same answer for the same mistake.
     pub fn validate(&self) -> Result<()> {
-        if self.terms.is_empty() {
+        // Filters alone are a query: the photos they select, by date.
+        if self.terms.is_empty() && self.filters.is_empty() {
             return Err(Error::BadQuery("the query is empty".into()));
         }
         if self.terms.len() > query::MAX_TERMS + 1 {
@@ -327,6 +366,9 @@ pub struct SearchResults {
     pub more: bool,
     /// Milliseconds spent, embedding included.
     pub took_ms: f64,
+    pub sort: Sort,
+    /// The filters read from the query's text (`after:2019`, "July 2023").
+    pub understood: Vec<Understood>,
 }
 
 /// The metadata of one photo, as the API shows it.
@@ -672,14 +714,18 @@ impl Engine {
         if filters.is_empty() {
             return Ok(None);
         }
-        let filter = keyword::Filter {
+        let filter = self.keyword_filter(filters)?;
+        Ok(Some(self.index.keywords().matching(&filter)?))
+    }
+
+    fn keyword_filter(&self, filters: &Filters) -> Result<keyword::Filter> {
+        Ok(keyword::Filter {
             folder: filters.folder.clone(),
             from: filter_date("from", &filters.from, false)?,
             to: filter_date("to", &filters.to, true)?,
             formats: filters.formats(),
             camera: filters.camera.clone(),
-        };
-        Ok(Some(self.index.keywords().matching(&filter)?))
+        })
     }
 
     /// Ranked keyword matches of `text` among `allowed`, best first.
@@ -729,6 +775,12 @@ impl Engine {
             k: q.k,
             more,
             took_ms: start.elapsed().as_secs_f64() * 1e3,
+            // Filters alone list their photos newest first.
+            sort: match (q.terms.is_empty(), q.sort) {
+                (true, Sort::Relevance) => Sort::Newest,
+                (_, sort) => sort,
+            },
+            understood: q.understood.clone(),
         })
     }
 
@@ -753,6 +805,53 @@ impl Engine {
     /// The query's results down to `depth` (at most every photo), fused
     /// from the two rankings.
     fn rank(&self, q: &Query, depth: usize) -> Result<Ranking> {
+        if q.terms.is_empty() {
+            return self.browse(q);
+        }
+        if q.sort != Sort::Relevance {
+            // A date order takes the most relevant results, whatever the page.
+            let pool = match q.min_score {
+                Some(_) => MAX_K,
+                None => DATE_ORDER_POOL,
+            };
+            let mut ranking = self.rank_by_relevance(q, pool)?;
+            ranking.fused.truncate(pool);
+            let dates = ranking
+                .fused
+                .iter()
+                .map(|&(id, _)| Ok(self.index.store().get(id)?.and_then(|r| r.taken)))
+                .collect::<Result<Vec<Option<String>>>>()?;
+            let mut order: Vec<((u64, f32), Option<String>)> =
+                ranking.fused.into_iter().zip(dates).collect();
+            sort_by_date(&mut order, q.sort, |(_, taken)| taken.clone());
+            ranking.fused = order.into_iter().map(|(hit, _)| hit).collect();
+            return Ok(ranking);
+        }
+        self.rank_by_relevance(q, depth)
+    }
+
+    /// The photos the filters select, by date (filters without terms).
+    fn browse(&self, q: &Query) -> Result<Ranking> {
+        let filter = self.keyword_filter(&q.filters)?;
+        let excluded: HashSet<u64> = q.exclude.iter().copied().collect();
+        let mut dated: Vec<(u64, Option<i64>)> = self.index.keywords().matching_dated(&filter)?;
+        dated.retain(|(id, _)| !excluded.contains(id));
+        // Newest first unless asked otherwise; ties (a burst) by id.
+        let sort = match q.sort {
+            Sort::Relevance => Sort::Newest,
+            other => other,
+        };
+        dated.sort_by_key(|&(id, _)| id);
+        sort_by_date(&mut dated, sort, |&(_, taken)| taken);
+        Ok(Ranking {
+            query: Vec::new(),
+            fused: dated.into_iter().map(|(id, _)| (id, 0.0)).collect(),
+            by_meaning: Vec::new(),
+            by_words: Vec::new(),
+        })
+    }
+
+    fn rank_by_relevance(&self, q: &Query, depth: usize) -> Result<Ranking> {
         let query = self.combine(&q.terms)?;
         let allowed = self.allowed(&q.filters)?;
         let excluded: HashSet<u64> = q.exclude.iter().copied().collect();
@@ -865,6 +964,8 @@ impl Engine {
             };
             let similarity = match similarity.get(&id) {
                 Some(s) => *s,
+                // Browsing by filters alone: no query to compare with.
+                None if ranking.query.is_empty() => 0.0,
                 None => match self.index.store().vector(id)? {
                     Some(v) => dot(&ranking.query, &v),
                     None => continue,
@@ -910,6 +1011,18 @@ struct Ranking {
     fused: Vec<(u64, f32)>,
     by_meaning: Vec<(u64, f32)>,
     by_words: Vec<u64>,
+}
+
+/// Orders `items` by date, newest or oldest first, undated ones last; a
+/// stable sort, so equal dates keep the order they had.
+fn sort_by_date<T, D: Ord>(items: &mut [T], sort: Sort, date: impl Fn(&T) -> Option<D>) {
+    items.sort_by(|a, b| match (date(a), date(b)) {
+        (Some(x), Some(y)) if sort == Sort::Oldest => x.cmp(&y),
+        (Some(x), Some(y)) => y.cmp(&x),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
+    });
 }
 
 /// Reciprocal rank fusion of the meaning and keyword rankings (Cormack et

@@ -6,8 +6,9 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::fields::{self, Extracted};
 use super::query::{self, MAX_QUERY_CHARS, MAX_TERMS};
-use super::{Error, Filters, Query, Result, Term, TermKind, TermSpec, parse};
+use super::{Error, Filters, Query, Result, Sort, Term, TermKind, TermSpec, filter_date, parse};
 
 /// Results per page when a request does not say.
 pub const DEFAULT_K: usize = 24;
@@ -42,6 +43,9 @@ pub struct Request {
     /// Fuse keyword matches (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hybrid: Option<bool>,
+    /// `relevance` (default), `newest` or `oldest` first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sort: Option<Sort>,
 }
 
 impl Request {
@@ -58,8 +62,21 @@ impl Request {
             .as_deref()
             .map(str::trim)
             .filter(|q| !q.is_empty() || terms.is_empty());
+        let mut extracted = Extracted::default();
         match (q, &self.terms) {
-            (Some(q), None) => terms.extend(parse(q)?),
+            (Some(q), None) => {
+                let chars = q.chars().count();
+                if chars > MAX_QUERY_CHARS {
+                    return Err(Error::BadQuery(format!(
+                        "query too long ({chars} characters, at most {MAX_QUERY_CHARS})"
+                    )));
+                }
+                extracted = fields::extract(q, crate::common::time::now_secs())?;
+                // Filters alone ("July 2023", "in:holidays") list their photos by date.
+                if !extracted.text.is_empty() {
+                    terms.extend(parse(&extracted.text)?);
+                }
+            }
             (None, Some(specs)) => {
                 if specs.is_empty() || specs.len() > MAX_TERMS {
                     return Err(Error::BadQuery(format!("give 1 to {MAX_TERMS} terms")));
@@ -90,10 +107,69 @@ impl Request {
         query.offset = self.offset.unwrap_or(0);
         query.min_score = self.min_score;
         query.hybrid = self.hybrid.unwrap_or(true);
-        query.filters = self.filters.unwrap_or_default();
+        query.sort = self.sort.unwrap_or_default();
+        query.filters = merge(self.filters.unwrap_or_default(), &extracted)?;
+        query.understood = extracted.understood;
         query.validate()?;
         Ok(query)
     }
+}
+
+/// The request's filters narrowed by those of the query box: dates to the
+/// overlap, camera words added; a folder or types given both ways must agree.
+fn merge(mut filters: Filters, typed: &Extracted) -> Result<Filters> {
+    let blank = |s: &Option<String>| s.as_deref().is_none_or(|s| s.trim().is_empty());
+    if let Some(from) = typed.from {
+        let given = filter_date("from", &filters.from, false)?;
+        filters.from = Some(fields::bound_text(given.map_or(from, |g| g.max(from))));
+    }
+    if let Some(to) = typed.to {
+        let given = filter_date("to", &filters.to, true)?;
+        filters.to = Some(fields::bound_text(given.map_or(to, |g| g.min(to))));
+    }
+    if let Some(folder) = &typed.folder {
+        match filters
+            .folder
+            .as_deref()
+            .map(|f| f.trim().trim_matches('/'))
+        {
+            Some(given) if !given.is_empty() && given != folder => {
+                return Err(Error::BadQuery(format!(
+                    "the query says in:{folder} and the folder filter {given}: give one"
+                )));
+            }
+            _ => filters.folder = Some(folder.clone()),
+        }
+    }
+    if let Some(camera) = &typed.camera {
+        filters.camera = Some(
+            match filters.camera.take().filter(|c| !c.trim().is_empty()) {
+                Some(given) => format!("{given} {camera}"),
+                None => camera.clone(),
+            },
+        );
+    }
+    if !typed.types.is_empty() {
+        let typed_filter = Filters {
+            types: Some(typed.types.clone()),
+            ..Default::default()
+        };
+        let wanted = typed_filter.formats();
+        filters.types = Some(match blank(&filters.types.as_ref().map(|t| t.join(","))) {
+            true => wanted,
+            false => {
+                let given = filters.formats();
+                let both: Vec<String> = wanted.into_iter().filter(|t| given.contains(t)).collect();
+                if both.is_empty() {
+                    return Err(Error::BadQuery(
+                        "the query's type: and the type filter have no type in common".into(),
+                    ));
+                }
+                both
+            }
+        });
+    }
+    Ok(filters)
 }
 
 /// Checks a weight a front end parsed itself (an upload's `weight` field).

@@ -71,6 +71,9 @@ pub struct SearchParams {
     pub min_score: Option<f32>,
     /// Fuse keyword matches (default true).
     pub hybrid: Option<bool>,
+    /// `relevance` (default), `newest` or `oldest`: the most relevant results by date.
+    #[param(value_type = Option<String>)]
+    pub sort: Option<search::Sort>,
 }
 
 impl From<SearchParams> for Request {
@@ -85,6 +88,7 @@ impl From<SearchParams> for Request {
             offset: p.offset,
             min_score: p.min_score,
             hybrid: p.hybrid,
+            sort: p.sort,
             terms: None,
         }
     }
@@ -223,6 +227,11 @@ pub async fn search_image(
             fields.get("type").cloned(),
             fields.get("camera").cloned(),
         )),
+        sort: fields
+            .get("sort")
+            .map(|s| s.parse::<search::Sort>())
+            .transpose()
+            .map_err(ApiError::bad_query)?,
         ..Request::default()
     };
     // The rules apply before the picture is decoded; its embedding takes
@@ -253,6 +262,9 @@ pub struct SimilarParams {
     #[param(rename = "type")]
     pub types: Option<String>,
     pub camera: Option<String>,
+    /// `relevance` (default), `newest` or `oldest`.
+    #[param(value_type = Option<String>)]
+    pub sort: Option<search::Sort>,
 }
 
 fn path_id(p: Result<Path<u64>, PathRejection>) -> ApiResult<u64> {
@@ -281,6 +293,7 @@ pub async fn similar(
         filters: Some(Filters::from_flat(
             p.folder, p.from, p.to, p.types, p.camera,
         )),
+        sort: p.sort,
         ..Request::default()
     };
     Ok(Json(

@@ -21,6 +21,7 @@ const MODULES: &[(&str, &str)] = &[
     ("search.js", include_str!("../../web/js/search.js")),
     ("state.js", include_str!("../../web/js/state.js")),
     ("status.js", include_str!("../../web/js/status.js")),
+    ("url.js", include_str!("../../web/js/url.js")),
     ("viewer.js", include_str!("../../web/js/viewer.js")),
 ];
 
@@ -46,6 +47,11 @@ pub fn routes() -> Router<SharedState> {
     router
         .route(
             "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+        )
+        // A photo opened in the page has its own address; the page opens it.
+        .route(
+            "/photo/{id}",
             get(|| async { asset("text/html; charset=utf-8", INDEX) }),
         )
         .route(

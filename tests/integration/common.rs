@@ -277,9 +277,14 @@ pub fn stderr(out: &Output) -> String {
 /// A small JPEG whose EXIF block holds `date` as its DateTimeOriginal, byte
 /// for byte (any bytes: cameras and editors write what they like).
 pub fn jpeg_with_exif_date(date: &[u8]) -> Vec<u8> {
+    jpeg_with_exif_date_tinted(date, 90)
+}
+
+/// The same, with `blue` as the picture's blue: distinct pictures.
+pub fn jpeg_with_exif_date_tinted(date: &[u8], blue: u8) -> Vec<u8> {
     let mut jpeg = Vec::new();
     let picture = image::RgbImage::from_fn(64, 48, |x, y| {
-        image::Rgb([(x * 4) as u8, (y * 5) as u8, 90])
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, blue])
     });
     picture
         .write_to(

@@ -49,6 +49,11 @@ pub fn indexed_library() -> Served {
         "a war memorial arch in New Delhi",
     )
     .unwrap();
+    index_with_tiny_model(dir, library)
+}
+
+/// Indexes `library` into `dir/index` with the tiny fixture model.
+fn index_with_tiny_model(dir: tempfile::TempDir, library: PathBuf) -> Served {
     let index = dir.path().join("index");
     let m = fixture_model("openai-tiny").display().to_string();
     let out = clipdex(&[
@@ -976,4 +981,166 @@ async fn concurrent_searches_during_a_reindex_stay_consistent() {
     }
     let sea = hits(&get(&s, "/api/search?q=x&k=50&folder=sea").await);
     assert_eq!(sea.len(), 10);
+}
+
+/// Photos with dates taken, in two folders, one without a date.
+fn dated_library() -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let library = dir.path().join("photos");
+    for (i, (folder, date)) in [
+        ("trips/2018", Some("2018:05:01 10:00:00")),
+        ("trips/2019", Some("2019:07:14 12:30:05")),
+        ("trips/2019", Some("2019:07:30 08:00:00")),
+        ("home", Some("2019:12:25 18:00:00")),
+        ("home", Some("2020:01:10 09:00:00")),
+        ("home", None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        std::fs::create_dir_all(library.join(folder)).unwrap();
+        let bytes = match date {
+            Some(d) => crate::common::jpeg_with_exif_date_tinted(d.as_bytes(), 40 * i as u8),
+            None => crate::common::jpeg_with_exif_date_tinted(b"no date", 250),
+        };
+        std::fs::write(library.join(folder).join(format!("photo{i}.jpg")), bytes).unwrap();
+    }
+    index_with_tiny_model(dir, library)
+}
+
+/// Dates and fields typed in the query: filters that the answer names
+/// back, filters alone listing their photos by date, date order, and a
+/// clear 400 for what cannot be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_box_takes_dates_and_fields() {
+    let served = dated_library();
+    let s = state(&served, None);
+    let names = |reply: &Reply| -> Vec<String> {
+        hits(reply)
+            .iter()
+            .map(|h| {
+                h["path"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+
+    // A date phrase alone: its photos, newest first.
+    let july = get(&s, "/api/search?q=July%202019").await;
+    assert_eq!(names(&july), ["photo2.jpg", "photo1.jpg"]);
+    let body = july.json();
+    assert_eq!(body["sort"], "newest");
+    assert_eq!(body["understood"][0]["field"], "date");
+    assert_eq!(body["understood"][0]["label"], "taken in July 2019");
+    assert_eq!(body["understood"][0]["text"], "July 2019");
+
+    // Words and filters: the words rank, the filters select.
+    let reply = get(
+        &s,
+        "/api/search?q=a%20photo%20after:2019-07%20before:2020&k=10",
+    )
+    .await;
+    let mut found = names(&reply);
+    found.sort();
+    assert_eq!(found, ["photo1.jpg", "photo2.jpg", "photo3.jpg"]);
+    let fields: Vec<String> = reply.json()["understood"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["field"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(fields, ["after", "before"]);
+    // The query box's dates narrow the form's.
+    let both = get(&s, "/api/search?q=photo%202019&from=2019-07-20&k=10").await;
+    let mut found = names(&both);
+    found.sort();
+    assert_eq!(found, ["photo2.jpg", "photo3.jpg"]);
+
+    // A folder typed in the box; with sort=oldest, undated photos last.
+    let home = get(&s, "/api/search?q=in:home&sort=oldest").await;
+    assert_eq!(names(&home), ["photo3.jpg", "photo4.jpg", "photo5.jpg"]);
+    assert_eq!(home.json()["sort"], "oldest");
+
+    // Relevant results in date order, through the words too.
+    let newest = get(&s, "/api/search?q=a%20photo&sort=newest&k=10").await;
+    assert_eq!(
+        names(&newest),
+        [
+            "photo4.jpg",
+            "photo3.jpg",
+            "photo2.jpg",
+            "photo1.jpg",
+            "photo0.jpg",
+            "photo5.jpg"
+        ]
+    );
+    let post = call(
+        &s,
+        Request::post("/api/search")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(r#"{"q": "photo", "sort": "oldest", "k": 2}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(names(&post), ["photo0.jpg", "photo1.jpg"]);
+
+    // What cannot be read is a 400 that says why.
+    for (query, says) in [
+        ("q=dog%20after:2019-13", "is not a date"),
+        ("q=dog%20after:", "needs a value"),
+        ("q=tag:beach", "automatic tags"),
+        ("q=in:home&folder=trips", "give one"),
+        ("q=dog&sort=sideways", "sort"),
+        ("q=type:png&type=jpeg", "no type in common"),
+    ] {
+        let reply = get(&s, &format!("/api/search?{query}")).await;
+        assert_error(
+            &reply,
+            StatusCode::BAD_REQUEST,
+            reply.json()["error"]["code"].as_str().unwrap_or("?"),
+            &served,
+        );
+        let message = reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(message.contains(says), "{query}: {message}");
+    }
+
+    // A photo has an address the page opens.
+    let page = get(&s, "/photo/3").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        String::from_utf8_lossy(&page.body).contains("<script type=\"module\" src=\"/app.js\">")
+    );
+
+    // The CLI says which filters it read (once the server's state lets go
+    // of the index).
+    drop(s);
+    let out = clipdex(&[
+        "search",
+        "photos from summer 2019",
+        "--index",
+        served.index.to_str().unwrap(),
+        "--sort",
+        "oldest",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("filters: taken in summer 2019"),
+        "{}",
+        stderr(&out)
+    );
+    let listed = crate::common::stdout(&out);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert!(
+        lines[0].contains("photo1.jpg") && lines[1].contains("photo2.jpg"),
+        "{listed}"
+    );
 }

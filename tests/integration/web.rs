@@ -528,6 +528,75 @@ fn the_page_in_a_real_browser() {
     );
     browser.wait("an error message", "return !document.getElementById('error').hidden && document.getElementById('error').textContent.includes('quote')");
 
+    // The address holds the search: back goes to the search before.
+    browser
+        .js("const q = document.getElementById('q'); q.value = 'a fish'; q.form.requestSubmit();");
+    let settled = "document.getElementById('grid').getAttribute('aria-busy') === 'false' && document.querySelectorAll('#grid .tile').length > 0";
+    browser.wait(
+        "the fish search in the address",
+        &format!("return new URLSearchParams(location.search).get('q') === 'a fish' && {settled}"),
+    );
+    let fish = browser.js("return document.querySelector('#grid .tile').title");
+    browser
+        .js("const q = document.getElementById('q'); q.value = 'a tool'; q.form.requestSubmit();");
+    browser.wait(
+        "the tool search in the address",
+        &format!("return new URLSearchParams(location.search).get('q') === 'a tool' && {settled}"),
+    );
+    browser.post("/back", json!({}));
+    browser.wait(
+        "back to the fish",
+        &format!("return document.getElementById('q').value === 'a fish' && {settled} && document.querySelector('#grid .tile').title === {fish}"),
+    );
+
+    // An open photo is an address; loading it afresh opens the photo over its search.
+    browser.click("#grid .tile");
+    browser.wait(
+        "the photo's address",
+        "return document.getElementById('viewer').open && /^\\/photo\\/\\d+$/.test(location.pathname)",
+    );
+    let photo_url = browser.js("return location.href");
+    let photo_title = browser.js("return document.getElementById('v-title').textContent");
+    browser.post("/url", json!({"url": photo_url}));
+    browser.wait(
+        "the photo from its address",
+        &format!("return document.getElementById('viewer').open && document.getElementById('v-title').textContent === {photo_title} && document.getElementById('q').value === 'a fish'"),
+    );
+    browser.click("#v-close");
+    browser.wait(
+        "the search's address again",
+        "return !document.getElementById('viewer').open && location.pathname === '/' && new URLSearchParams(location.search).get('q') === 'a fish'",
+    );
+
+    // Filters typed in the box come back as chips; removing one takes its words out.
+    browser.js("const q = document.getElementById('q'); q.value = 'a fish after:2019 in:fishes'; q.form.requestSubmit();");
+    browser.wait(
+        "two filter chips",
+        "return document.querySelectorAll('#chips .chip.filter').length === 2 && document.getElementById('grid').getAttribute('aria-busy') === 'false'",
+    );
+    // The fixture photos have no date: nothing is taken after 2019.
+    assert_eq!(
+        browser.js("return document.querySelectorAll('#grid .tile').length"),
+        json!(0)
+    );
+    browser.click("#chips .chip.filter[data-field='after'] button");
+    browser.wait(
+        "the folder filter alone",
+        &format!("return document.getElementById('q').value === 'a fish in:fishes' && {settled} && [...document.querySelectorAll('#grid .tile')].every(t => t.title.startsWith('fishes/'))"),
+    );
+    assert_eq!(
+        browser.js("return new URLSearchParams(location.search).get('q')"),
+        json!("a fish in:fishes")
+    );
+
+    // Date order groups by month (these photos have none: one group).
+    browser.js("const s = document.getElementById('f-sort'); s.value = 'newest'; s.dispatchEvent(new Event('change'));");
+    browser.wait(
+        "results by date",
+        &format!("return new URLSearchParams(location.search).get('sort') === 'newest' && {settled} && document.querySelector('#grid li.month h2')?.textContent === 'No date'"),
+    );
+    browser.js("const s = document.getElementById('f-sort'); s.value = 'relevance'; s.dispatchEvent(new Event('change'));");
+
     // A phone screen: several columns, nothing wider than the screen.
     browser.post("/window/rect", json!({"width": 390, "height": 844}));
     browser

@@ -28,5 +28,6 @@ export function queryString() {
 }
 
 export function hasQuery() {
-  return state.upload || state.similarTo || state.text || state.modifiers.some((m) => m.weight > 0);
+  return state.upload || state.similarTo || state.text || state.modifiers.some((m) => m.weight > 0)
+    || Object.keys(filters()).length > 0;
 }

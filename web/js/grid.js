@@ -32,6 +32,27 @@ export function renderChips() {
   state.modifiers.forEach((m, i) => {
     chips.append(chip(m.weight > 0 ? "more" : "less", m.thumb, () => { state.modifiers.splice(i, 1); search(); }, m.weight < 0));
   });
+  // Filters read from the query text: removing one takes its words out.
+  for (const u of state.understood) {
+    const c = chip(u.label, null, () => {
+      const q = $("q").value;
+      const at = q.indexOf(u.text);
+      $("q").value = (at < 0 ? q : q.slice(0, at) + q.slice(at + u.text.length)).replace(/\s+/g, " ").trim();
+      state.text = $("q").value;
+      search();
+    });
+    c.classList.add("filter");
+    c.dataset.field = u.field;
+    chips.append(c);
+  }
+}
+
+const MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+
+// "July 2023" for a date taken, "No date" without one.
+function monthOf(hit) {
+  const m = /^(\d{4})-(\d{2})/.exec(hit.taken || "");
+  return m ? `${MONTHS[Number(m[2]) - 1]} ${m[1]}` : "No date";
 }
 
 export function tile(hit, index) {
@@ -49,11 +70,17 @@ export function tile(hit, index) {
   b.append(img);
   const score = document.createElement("span");
   score.className = "score";
-  // SigLIP models give a calibrated match probability; CLIP a cosine.
-  score.textContent = hit.probability == null ? hit.similarity.toFixed(3) : `${Math.round(hit.probability * 100)}%`;
-  score.title = hit.probability == null
-    ? "cosine similarity to the query"
-    : "the model's probability that this photo matches the query";
+  if (state.sort !== "relevance") {
+    // In date order the date says more than the score.
+    score.textContent = hit.taken ? hit.taken.slice(0, 10) : "no date";
+    score.title = "date taken";
+  } else {
+    // SigLIP models give a calibrated match probability; CLIP a cosine.
+    score.textContent = hit.probability == null ? hit.similarity.toFixed(3) : `${Math.round(hit.probability * 100)}%`;
+    score.title = hit.probability == null
+      ? "cosine similarity to the query"
+      : "the model's probability that this photo matches the query";
+  }
   b.append(score);
   if (hit.keyword_rank) {
     const kw = document.createElement("span");
@@ -76,7 +103,21 @@ export function renderGrid(reset) {
 export function appendTiles(hits, start) {
   const grid = $("grid");
   const frag = document.createDocumentFragment();
-  hits.forEach((h, i) => frag.append(tile(h, start + i)));
+  // In date order, a heading where the month changes.
+  let month = start > 0 && state.hits[start - 1] ? monthOf(state.hits[start - 1]) : null;
+  hits.forEach((h, i) => {
+    if (state.sort !== "relevance" && monthOf(h) !== month) {
+      month = monthOf(h);
+      const head = document.createElement("li");
+      head.className = "month";
+      head.setAttribute("role", "presentation");
+      const title = document.createElement("h2");
+      title.textContent = month;
+      head.append(title);
+      frag.append(head);
+    }
+    frag.append(tile(h, start + i));
+  });
   grid.append(frag);
 }
 

@@ -5,9 +5,12 @@ import { $, showError } from "./dom.js";
 import { filters, hasQuery, queryString } from "./filters.js";
 import { appendTiles, renderChips, renderGrid } from "./grid.js";
 import { PAGE, state } from "./state.js";
+import { remember, searchPart } from "./url.js";
 
 export async function fetchPage(offset) {
   const f = filters();
+  const sort = $("f-sort").value;
+  if (sort !== "relevance") f.sort = sort;
   const exclude = $("f-exclude").value.trim();
   if (state.upload) {
     const form = new FormData();
@@ -30,9 +33,15 @@ export async function fetchPage(offset) {
   return api(`/api/search?${params}`);
 }
 
-export async function search() {
+// Runs the page's search. `history`: "push" a new entry in the address bar
+// (a search the user made), "replace" the present one (typing on), or
+// "none" (the address is where the search came from: load, back, forward).
+export async function search(history = "push") {
   const generation = ++state.generation;
   showError(null);
+  if (history !== "none" && !state.upload) remember(history);
+  state.shown = searchPart();
+  state.understood = [];
   renderChips();
   if (!hasQuery()) {
     state.hits = [];
@@ -52,6 +61,9 @@ export async function search() {
     state.hits = page.hits;
     state.offset = page.hits.length;
     state.more = page.more;
+    state.sort = page.sort;
+    state.understood = page.understood || [];
+    renderChips();
     renderGrid(true);
     $("summary").hidden = false;
     $("summary").textContent = page.hits.length
@@ -101,7 +113,9 @@ export function onType() {
     const text = $("q").value.trim();
     if (text !== state.text) {
       state.text = text;
-      search();
+      // One history entry for a run of typing, not one per pause.
+      search(state.typing ? "replace" : "push");
+      state.typing = true;
     }
   }, 250);
 }

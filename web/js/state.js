@@ -14,4 +14,8 @@ export const state = {
   loading: false,
   generation: 0,         // bumps on every new search; stale responses are dropped
   current: -1,           // index of the photo open in the viewer
+  sort: "relevance",     // the order of the results shown ("newest", "oldest": grouped by month)
+  understood: [],        // filters the server read from the query text, shown as chips
+  shown: "",             // the address's query part for the results shown
+  typing: false,         // the present history entry came from typing
 };

@@ -5,6 +5,7 @@ import { $, showError } from "./dom.js";
 import { focusTile } from "./grid.js";
 import { search } from "./search.js";
 import { state } from "./state.js";
+import { remember } from "./url.js";
 
 function fmtBytes(n) {
   if (n < 1024) return n + " B";
@@ -14,17 +15,40 @@ function fmtBytes(n) {
   return v.toFixed(1) + " " + u[k];
 }
 
-export async function openViewer(index) {
+// Opens result `index`; `history` as for search(): the photo's address
+// (/photo/ID) is pushed when the viewer opens, replaced while it moves.
+export function openViewer(index, history = "push") {
   const hit = state.hits[index];
   if (!hit) return;
+  show(hit, index, history);
+}
+
+// Opens the photo an address names: among the results, or alone.
+export async function openPhoto(id) {
+  const index = state.hits.findIndex((h) => h.id === id);
+  if (index >= 0) return openViewer(index, "none");
+  try {
+    const p = await api(`/api/photos/${id}`);
+    show({ id: p.id, path: p.path, thumbnail: p.thumbnail, caption: p.caption, similarity: null, probability: null }, -1, "none");
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+async function show(hit, index, history) {
   state.current = index;
+  state.single = index < 0 ? hit : null;
   const v = $("viewer");
+  if (history !== "none") {
+    remember(v.open ? "replace" : history, hit.id);
+    if (!v.open) state.viewerPushed = history === "push";
+  }
   $("v-img").src = hit.thumbnail;
   $("v-img").alt = hit.caption || hit.path;
   $("v-title").textContent = hit.path;
   $("v-meta").replaceChildren();
   $("v-original").href = `/api/photos/${hit.id}/original`;
-  $("v-prev").disabled = index === 0;
+  $("v-prev").disabled = index <= 0;
   $("v-next").disabled = index >= state.hits.length - 1;
   if (!v.open) v.showModal();
   const full = new Image();
@@ -39,7 +63,7 @@ export async function openViewer(index) {
       ["Camera", [p.camera_make, p.camera_model].filter(Boolean).join(" ") || null],
       ["Size", `${p.width} × ${p.height} · ${p.format.toUpperCase()} · ${fmtBytes(p.size)}`],
       ["Match", hit.probability == null ? null : `${(hit.probability * 100).toFixed(1)}%`],
-      ["Similarity", hit.similarity.toFixed(4)],
+      ["Similarity", hit.similarity == null || state.sort !== "relevance" ? null : hit.similarity.toFixed(4)],
       ["Id", String(p.id)],
     ];
     const dl = $("v-meta");
@@ -62,8 +86,18 @@ export function closeViewer() {
   focusTile(state.current);
 }
 
+// When the viewer closes (button, Escape, a click beside it), the address
+// goes back to the search: the entry the viewer pushed is left, or, for a
+// photo opened from its address, rewritten.
+export function viewerClosed() {
+  if (!location.pathname.startsWith("/photo/")) return;
+  if (state.viewerPushed) history.back();
+  else remember("replace");
+  state.viewerPushed = false;
+}
+
 export function viewerAction(kind) {
-  const hit = state.hits[state.current];
+  const hit = state.current >= 0 ? state.hits[state.current] : state.single;
   if (!hit) return;
   $("viewer").close();
   if (kind === "similar") {

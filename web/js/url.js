@@ -1,0 +1,53 @@
+// The search in the address bar: a search can be bookmarked and shared, the
+// back and forward buttons step through searches, a reload shows the same
+// results, and an open photo is /photo/ID.
+
+import { $ } from "./dom.js";
+import { state } from "./state.js";
+
+// URL parameter -> form field.
+const FIELDS = { folder: "f-folder", from: "f-from", to: "f-to", type: "f-type", camera: "f-camera", exclude: "f-exclude", sort: "f-sort" };
+
+const thumb = (id) => `/api/photos/${id}/thumbnail`;
+const ids = (values) => values.filter((v) => /^\d+$/.test(v)).map(Number);
+
+// The query part of the address for the page's search.
+export function searchPart() {
+  const p = new URLSearchParams();
+  if (state.text) p.set("q", state.text);
+  if (state.similarTo) p.set("like", state.similarTo.id);
+  for (const m of state.modifiers) p.append(m.weight > 0 ? "more" : "less", m.id);
+  for (const [name, id] of Object.entries(FIELDS)) {
+    const v = $(id).value.trim();
+    if (v && !(name === "sort" && v === "relevance")) p.set(name, v);
+  }
+  const qs = p.toString();
+  return qs ? "?" + qs : "";
+}
+
+// Puts the page's search (and the open photo, if any) in the address:
+// "push" makes a new history entry, "replace" rewrites the present one.
+export function remember(how, photoId = null) {
+  const url = (photoId == null ? "/" : `/photo/${photoId}`) + searchPart();
+  if (url === location.pathname + location.search) return;
+  history[how === "replace" ? "replaceState" : "pushState"](null, "", url);
+}
+
+// Sets the page's search from the address; gives the id of the photo it
+// opens, or null.
+export function restore() {
+  const p = new URLSearchParams(location.search);
+  state.text = (p.get("q") || "").trim();
+  $("q").value = state.text;
+  for (const [name, id] of Object.entries(FIELDS)) $(id).value = p.get(name) || (name === "sort" ? "relevance" : "");
+  const like = ids([p.get("like") || ""]);
+  state.similarTo = like.length ? { id: like[0], thumb: thumb(like[0]) } : null;
+  state.modifiers = [
+    ...ids(p.getAll("more")).map((id) => ({ id, weight: 0.5, thumb: thumb(id) })),
+    ...ids(p.getAll("less")).map((id) => ({ id, weight: -0.5, thumb: thumb(id) })),
+  ];
+  if (state.upload) URL.revokeObjectURL(state.upload.url);
+  state.upload = null;
+  const photo = location.pathname.match(/^\/photo\/(\d+)$/);
+  return photo ? Number(photo[1]) : null;
+}
