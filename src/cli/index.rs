@@ -304,7 +304,7 @@ pub fn status(args: &StatusArgs) -> Result<()> {
             .skipped
             .into_iter()
             .map(|(path, s)| Skipped {
-                path,
+                path: crate::common::rel_path::display(&path).into_owned(),
                 reason: s.reason,
             })
             .collect(),

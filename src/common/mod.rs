@@ -10,6 +10,7 @@ pub mod fs;
 pub mod hash;
 pub mod model_id;
 pub mod pixels;
+pub mod rel_path;
 pub mod rng;
 pub mod time;
 

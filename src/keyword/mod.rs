@@ -195,13 +195,15 @@ impl KeywordIndex {
         let f = &self.fields;
         let writer = self.writer()?;
         writer.delete_term(Term::from_field_u64(f.id, photo.id));
-        let (folder, name) = match photo.path.rsplit_once('/') {
+        // As people see it: a byte of a name that is not UTF-8 is U+FFFD.
+        let path = crate::common::rel_path::display(photo.path);
+        let (folder, name) = match path.rsplit_once('/') {
             Some((folder, name)) => (folder, name),
-            None => ("", photo.path),
+            None => ("", path.as_ref()),
         };
         let mut d = doc!(
             f.id => photo.id,
-            f.path => words(photo.path),
+            f.path => words(&path),
             f.name => words(name),
             f.folder => folder,
             f.format => photo.format.to_string(),

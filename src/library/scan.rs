@@ -56,16 +56,10 @@ fn is_image(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-fn rel_path(root: &Path, path: &Path) -> Result<String, String> {
-    let rel = path.strip_prefix(root).unwrap_or(path);
-    let mut parts = Vec::new();
-    for c in rel.components() {
-        match c.as_os_str().to_str() {
-            Some(s) => parts.push(s),
-            None => return Err(rel.to_string_lossy().into_owned()),
-        }
-    }
-    Ok(parts.join("/"))
+/// `path` relative to the library as the index keeps it: any name, UTF-8
+/// or not ([`crate::common::rel_path`]).
+fn rel_path(root: &Path, path: &Path) -> String {
+    crate::common::rel_path::encode(path.strip_prefix(root).unwrap_or(path))
 }
 
 /// Walks `root`, following symbolic links, skipping hidden entries (names
@@ -90,7 +84,7 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
                     .path()
                     .map(Path::to_path_buf)
                     .unwrap_or_else(|| root.to_path_buf());
-                let rel = rel_path(root, &path).unwrap_or_else(|lossy| lossy);
+                let rel = rel_path(root, &path);
                 let link_loop =
                     err.io_error().and_then(std::io::Error::raw_os_error) == Some(libc::ELOOP);
                 let reason = if err.loop_ancestor().is_some() || link_loop {
@@ -123,7 +117,7 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
                     }
                     k => format!("not a regular file ({})", super::decode::kind_name(k)),
                 };
-                let rel = rel_path(root, path).unwrap_or_else(|lossy| lossy);
+                let rel = rel_path(root, path);
                 scan.problems.push(ScanProblem { rel, reason });
             }
             continue;
@@ -136,18 +130,7 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Scan {
         if !is_image(path) && !is_txt {
             continue;
         }
-        let rel = match rel_path(root, path) {
-            Ok(rel) => rel,
-            Err(lossy) => {
-                if !is_txt {
-                    scan.problems.push(ScanProblem {
-                        rel: lossy,
-                        reason: "file name is not valid UTF-8".into(),
-                    });
-                }
-                continue;
-            }
-        };
+        let rel = rel_path(root, path);
         let meta = match entry.metadata() {
             Ok(m) => m,
             Err(e) => {

@@ -398,7 +398,7 @@ impl Photo {
     pub fn from_record(r: &PhotoRecord) -> Self {
         Self {
             id: r.id,
-            path: r.path.clone(),
+            path: crate::common::rel_path::display(&r.path).into_owned(),
             width: r.width,
             height: r.height,
             format: r.format.clone(),
@@ -602,7 +602,9 @@ impl Engine {
         let gone = || Error::NotFound(format!("the file of photo {id} is gone; re-index"));
         let library = self.index.library();
         let root = std::fs::canonicalize(&library).map_err(|_| gone())?;
-        let real = std::fs::canonicalize(library.join(&record.path)).map_err(|_| gone())?;
+        let real =
+            std::fs::canonicalize(library.join(crate::common::rel_path::to_path(&record.path)))
+                .map_err(|_| gone())?;
         let (file, meta) = crate::library::open_regular(&real).map_err(|_| gone())?;
         let as_indexed = crate::library::scan::file_sig(&meta) == record.sig;
         // Another size is other content: refused unread.
@@ -973,7 +975,7 @@ impl Engine {
             };
             let hit = Hit {
                 id,
-                path: record.path.clone(),
+                path: crate::common::rel_path::display(&record.path).into_owned(),
                 score,
                 similarity,
                 probability: self.calibration.map(|c| c.probability(similarity)),

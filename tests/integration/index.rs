@@ -21,7 +21,6 @@ const BAD: &[(&str, &str)] = &[
     ("bad/bomb.png", "exceeds the limit"),
     ("bad/broken-link.jpg", "broken symbolic link"),
     ("bad/loop", "symbolic link loop"),
-    ("bad/caf\u{fffd}.jpg", "not valid UTF-8"),
     ("bad/strip.png", "aspect ratio over 100:1"),
     ("bad/huge.jpg", "exceeds the limit of 1073741824 bytes"),
     ("bad/pipe.jpg", "not a regular file (a FIFO)"),
@@ -114,8 +113,10 @@ fn library(with_bad_files: bool) -> Library {
         std::fs::write(bad.join("bomb.png"), bomb_png()).unwrap();
         std::os::unix::fs::symlink(bad.join("nowhere.jpg"), bad.join("broken-link.jpg")).unwrap();
         std::os::unix::fs::symlink(&root, bad.join("loop")).unwrap();
+        // A Latin-1 name, not UTF-8: indexed like any other.
         let name = std::ffi::OsStr::from_bytes(b"caf\xe9.jpg");
         std::fs::copy(fixtures().join("images/photo.png"), bad.join(name)).unwrap();
+        good += 1;
         // 1 x 300,000 pixels in a few KB: resizing its short side to the
         // model's input would take gigabytes.
         std::fs::write(bad.join("strip.png"), crate::common::flat_png(1, 300_000)).unwrap();
@@ -290,6 +291,17 @@ fn index_skips_bad_files_with_reasons_and_keeps_metadata() {
     assert!(s["size_on_disk"]["thumbnails"].as_u64().unwrap() > 0);
 
     let recs = records(&lib);
+    // The name that is not UTF-8 is kept byte for byte and shown with U+FFFD.
+    let cafe = recs
+        .iter()
+        .find(|r| clipdex::common::rel_path::display(&r.path) == "bad/caf\u{fffd}.jpg")
+        .expect("the Latin-1 name is indexed");
+    assert_eq!(
+        lib.root
+            .join(clipdex::common::rel_path::to_path(&cafe.path)),
+        lib.root
+            .join(std::ffi::OsStr::from_bytes(b"bad/caf\xe9.jpg"))
+    );
     let fish = by_path(&recs, "sea/fishes/fish1.jpg");
     assert_eq!(
         fish.caption.as_deref(),

@@ -1144,3 +1144,43 @@ async fn the_query_box_takes_dates_and_fields() {
         "{listed}"
     );
 }
+
+/// A file whose name is not UTF-8 (Latin-1, as old cameras and Windows
+/// disks write them) is indexed, found, shown with U+FFFD and served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_are_not_utf8_are_searched_and_served() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let library = dir.path().join("photos");
+    std::fs::create_dir_all(&library).unwrap();
+    let latin1 = crate::common::jpeg_with_exif_date_tinted(b"2019:07:14 12:30:05", 10);
+    std::fs::write(
+        library.join(std::ffi::OsStr::from_bytes(b"caf\xe9.jpg")),
+        &latin1,
+    )
+    .unwrap();
+    std::fs::write(
+        library.join("plain.jpg"),
+        crate::common::jpeg_with_exif_date_tinted(b"2019:07:15 12:30:05", 200),
+    )
+    .unwrap();
+    let served = index_with_tiny_model(dir, library);
+    let s = state(&served, None);
+    let found = hits(&get(&s, "/api/search?q=a%20photo&k=10").await);
+    assert_eq!(found.len(), 2, "{found:?}");
+    let cafe = found
+        .iter()
+        .find(|h| h["path"] == "caf\u{fffd}.jpg")
+        .expect("shown with the replacement character");
+    let id = cafe["id"].as_u64().unwrap();
+    let original = get(&s, &format!("/api/photos/{id}/original")).await;
+    assert_eq!(original.status, StatusCode::OK);
+    assert_eq!(original.body, latin1);
+    let thumb = get(&s, &format!("/api/photos/{id}/thumbnail")).await;
+    assert_eq!(thumb.status, StatusCode::OK);
+    // Its words are searchable as shown ("caf").
+    let by_name = hits(&get(&s, "/api/search?q=caf&k=1").await);
+    assert_eq!(by_name[0]["id"].as_u64(), Some(id));
+    let status = get(&s, "/api/status").await.json();
+    assert_eq!(status["photos"], 2, "{status}");
+}
