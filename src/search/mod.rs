@@ -758,12 +758,7 @@ impl Engine {
         let ranking = self.rank(q, depth)?;
         let mut hits = Vec::with_capacity(q.k);
         let mut more = false;
-        let mut seen = 0;
-        self.each_hit(&ranking, |hit| {
-            seen += 1;
-            if seen <= q.offset {
-                return true;
-            }
+        self.each_hit(&ranking, q.offset, |hit| {
             if hits.len() == q.k {
                 more = true;
                 return false;
@@ -797,7 +792,7 @@ impl Engine {
         q.validate()?;
         let ranking = self.rank(&q, usize::MAX)?;
         let mut handed = 0;
-        self.each_hit(&ranking, |hit| {
+        self.each_hit(&ranking, 0, |hit| {
             handed += 1;
             each(hit)
         })?;
@@ -950,9 +945,27 @@ impl Engine {
     }
 
     /// The ranked photos as hits, in order, to `each` until it returns
-    /// false. A photo removed since the rankings were made is skipped, so
-    /// results during a re-index stay consistent.
-    fn each_hit(&self, ranking: &Ranking, mut each: impl FnMut(Hit) -> bool) -> Result<()> {
+    /// false, after the first `skip` (counted, not read: a deep page of a
+    /// folder's 50,000 photos read every record before it). A photo removed
+    /// since the rankings were made is skipped, so results during a
+    /// re-index stay consistent.
+    fn each_hit(
+        &self,
+        ranking: &Ranking,
+        skip: usize,
+        mut each: impl FnMut(Hit) -> bool,
+    ) -> Result<()> {
+        let mut skipped = 0;
+        let mut rest = ranking.fused.as_slice();
+        while skipped < skip {
+            let Some((&(id, _), after)) = rest.split_first() else {
+                return Ok(());
+            };
+            if self.index.store().contains(id)? {
+                skipped += 1;
+            }
+            rest = after;
+        }
         let similarity: HashMap<u64, f32> = ranking.by_meaning.iter().copied().collect();
         let keyword_rank: HashMap<u64, usize> = ranking
             .by_words
@@ -960,7 +973,7 @@ impl Engine {
             .enumerate()
             .map(|(r, &id)| (id, r + 1))
             .collect();
-        for &(id, score) in &ranking.fused {
+        for &(id, score) in rest {
             let Some(record) = self.index.store().get(id)? else {
                 continue;
             };

@@ -358,6 +358,11 @@ impl Store {
         self.tree.get(key)?.map(|v| json(&key, &v)).transpose()
     }
 
+    /// Whether photo `id` has a record (without reading it).
+    pub fn contains(&self, id: u64) -> Result<bool> {
+        Ok(self.tree.contains_key(id_key(b'p', id))?)
+    }
+
     pub fn id_for_path(&self, path: &str) -> Result<Option<u64>> {
         Ok(self
             .tree
