@@ -7,7 +7,7 @@ import { columns, focusTile } from "./js/grid.js";
 import { cancelTyping, loadMore, onType, search, searchByImage } from "./js/search.js";
 import { EXAMPLES, state } from "./js/state.js";
 import { listenToJobs, refreshStatus, reindex } from "./js/status.js";
-import { restore } from "./js/url.js";
+import { photoInAddress, restore } from "./js/url.js";
 import { closeViewer, openPhoto, openViewer, viewerAction, viewerClosed } from "./js/viewer.js";
 
 // Shows the search and photo the address names (on load, back, forward).
@@ -17,11 +17,6 @@ async function follow() {
   if (!sameSearch) await search("none");
   if (photo != null) await openPhoto(photo);
   else if ($("viewer").open) { state.viewerPushed = false; $("viewer").close(); }
-}
-
-function photoInAddress() {
-  const m = location.pathname.match(/^\/photo\/(\d+)$/);
-  return m ? Number(m[1]) : null;
 }
 
 function init() {

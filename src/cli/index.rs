@@ -266,8 +266,7 @@ pub fn status(args: &StatusArgs) -> Result<()> {
             Err(e) => return Err(e.into()),
         };
         let check = index.check()?;
-        drop(index);
-        let overview = Index::overview(&args.index)?;
+        let overview = index.summary()?;
         let thumbnails = dir_size(&overview.paths.thumbs());
         (overview, Some(check), Some(thumbnails))
     } else {
@@ -325,22 +324,9 @@ pub fn status(args: &StatusArgs) -> Result<()> {
 
 /// `2026-11-28 05:12:00 UTC` from seconds since the epoch.
 fn iso_utc(secs: i64) -> String {
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (H. Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
     format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        "{} UTC",
+        crate::common::time::format_datetime(secs).replacen('T', " ", 1)
     )
 }
 

@@ -264,10 +264,24 @@ fn write_holder(mut file: &File, holder: &Holder) {
         .and_then(|_| file.write_all(&json));
 }
 
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+pub(crate) use crate::common::time::now_secs;
+
+/// An [`Overview`] from an open store and the counts of the graph and keyword index.
+fn overview_of(
+    paths: IndexPaths,
+    store: &Store,
+    vectors: usize,
+    keywords: u64,
+) -> Result<Overview> {
+    Ok(Overview {
+        meta: store.meta()?,
+        photos: store.count(),
+        vectors,
+        keywords,
+        last_run: store.last_run()?,
+        skipped: store.skipped()?,
+        paths,
+    })
 }
 
 impl Index {
@@ -329,15 +343,17 @@ impl Index {
         let (paths, store, _lock) = Self::open_store(root)?;
         let vectors = VectorIndex::saved_len(&paths.vectors());
         let keywords = KeywordIndex::open(&paths.keyword(), false)?.count();
-        Ok(Overview {
-            meta: store.meta()?,
-            photos: store.count(),
-            vectors,
-            keywords,
-            last_run: store.last_run()?,
-            skipped: store.skipped()?,
-            paths,
-        })
+        overview_of(paths, &store, vectors, keywords)
+    }
+
+    /// The same [`Overview`] of this open index, with its graph as loaded.
+    pub fn summary(&self) -> Result<Overview> {
+        overview_of(
+            self.paths.clone(),
+            &self.store,
+            self.vectors.len(),
+            self.keywords.count(),
+        )
     }
 
     /// What the index at `root` records about itself (its model and

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::query::ParseError;
-use crate::common::time::{MAX_YEAR, MIN_YEAR, format_datetime, parse_datetime};
+use crate::common::time::{format_datetime, parse_datetime};
 
 /// A filter the query box understood, for the page to show as a chip.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -218,10 +218,6 @@ fn compact_period(value: &str) -> Option<Period> {
         }
         _ => None,
     }
-    .filter(|p| {
-        let year = |s: i64| format_datetime(s)[..4].parse::<i64>().unwrap_or(0);
-        (MIN_YEAR..=MAX_YEAR).contains(&year(p.start))
-    })
 }
 
 /// The date phrase starting at `words[i]`: its period, how many words it
@@ -533,11 +529,6 @@ fn rejoin(tokens: &[Token], keep: &[bool]) -> String {
     out.join(" ")
 }
 
-/// A period's ends as the filter fields take them.
-pub fn bound_text(secs: i64) -> String {
-    format_datetime(secs)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,7 +538,11 @@ mod tests {
 
     fn range(q: &str) -> (String, Option<String>, Option<String>) {
         let e = extract(q, NOW).unwrap();
-        (e.text, e.from.map(bound_text), e.to.map(bound_text))
+        (
+            e.text,
+            e.from.map(format_datetime),
+            e.to.map(format_datetime),
+        )
     }
 
     fn span(from: &str, to: &str) -> (Option<String>, Option<String>) {
@@ -698,10 +693,13 @@ mod tests {
         .unwrap();
         assert_eq!(e.text, "dog");
         assert_eq!(
-            e.from.map(bound_text).as_deref(),
+            e.from.map(format_datetime).as_deref(),
             Some("2019-06-01T00:00:00")
         );
-        assert_eq!(e.to.map(bound_text).as_deref(), Some("2019-12-31T23:59:59"));
+        assert_eq!(
+            e.to.map(format_datetime).as_deref(),
+            Some("2019-12-31T23:59:59")
+        );
         assert_eq!(e.folder.as_deref(), Some("holidays/2019"));
         assert_eq!(e.camera.as_deref(), Some("canon"));
         assert_eq!(e.types, ["png", "webp"]);

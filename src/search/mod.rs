@@ -816,11 +816,14 @@ impl Engine {
             let dates = ranking
                 .fused
                 .iter()
-                .map(|&(id, _)| Ok(self.index.store().get(id)?.and_then(|r| r.taken)))
-                .collect::<Result<Vec<Option<String>>>>()?;
-            let mut order: Vec<((u64, f32), Option<String>)> =
+                .map(|&(id, _)| {
+                    let record = self.index.store().get(id)?;
+                    Ok(record.and_then(|r| r.taken.as_deref().and_then(parse_datetime)))
+                })
+                .collect::<Result<Vec<Option<i64>>>>()?;
+            let mut order: Vec<((u64, f32), Option<i64>)> =
                 ranking.fused.into_iter().zip(dates).collect();
-            sort_by_date(&mut order, q.sort, |(_, taken)| taken.clone());
+            sort_by_date(&mut order, q.sort, |&(_, taken)| taken);
             ranking.fused = order.into_iter().map(|(hit, _)| hit).collect();
             return Ok(ranking);
         }
@@ -1030,7 +1033,7 @@ struct Ranking {
 
 /// Orders `items` by date, newest or oldest first, undated ones last; a
 /// stable sort, so equal dates keep the order they had.
-fn sort_by_date<T, D: Ord>(items: &mut [T], sort: Sort, date: impl Fn(&T) -> Option<D>) {
+fn sort_by_date<T>(items: &mut [T], sort: Sort, date: impl Fn(&T) -> Option<i64>) {
     items.sort_by(|a, b| match (date(a), date(b)) {
         (Some(x), Some(y)) if sort == Sort::Oldest => x.cmp(&y),
         (Some(x), Some(y)) => y.cmp(&x),

@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 use super::fields::{self, Extracted};
 use super::query::{self, MAX_QUERY_CHARS, MAX_TERMS};
 use super::{Error, Filters, Query, Result, Sort, Term, TermKind, TermSpec, filter_date, parse};
+use crate::common::time::format_datetime;
 
 /// Results per page when a request does not say.
 pub const DEFAULT_K: usize = 24;
@@ -121,11 +122,11 @@ fn merge(mut filters: Filters, typed: &Extracted) -> Result<Filters> {
     let blank = |s: &Option<String>| s.as_deref().is_none_or(|s| s.trim().is_empty());
     if let Some(from) = typed.from {
         let given = filter_date("from", &filters.from, false)?;
-        filters.from = Some(fields::bound_text(given.map_or(from, |g| g.max(from))));
+        filters.from = Some(format_datetime(given.map_or(from, |g| g.max(from))));
     }
     if let Some(to) = typed.to {
         let given = filter_date("to", &filters.to, true)?;
-        filters.to = Some(fields::bound_text(given.map_or(to, |g| g.min(to))));
+        filters.to = Some(format_datetime(given.map_or(to, |g| g.min(to))));
     }
     if let Some(folder) = &typed.folder {
         match filters

@@ -530,24 +530,22 @@ fn scan(
     among: Option<&HashSet<u64>>,
     excluded: &HashSet<u64>,
 ) -> Vec<(u64, f32)> {
+    // Every numbered point is live unless some were removed (or a failed
+    // batch left points the index does not count).
     let all_live = state.live.len() == state.numbers.len();
+    let wanted = |id: &u64| (all_live || state.live.contains(id)) && !excluded.contains(id);
+    let score = |(id, v): (u64, &[f32])| (id, distance::dot(query, v).min(1.0));
     let mut scored: Vec<(u64, f32)> = match among {
-        // Every numbered point is live unless some were removed (or a
-        // failed batch left points the index does not count).
         Some(ids) => ids
             .iter()
-            .filter(|id| (all_live || state.live.contains(id)) && !excluded.contains(id))
-            .filter_map(|&id| {
-                state
-                    .vector(id)
-                    .map(|v| (id, distance::dot(query, v).min(1.0)))
-            })
+            .filter(|id| wanted(id))
+            .filter_map(|&id| state.vector(id).map(|v| score((id, v))))
             .collect(),
         None => (0..state.hnsw.nb_numbered() as u32)
             .filter_map(|n| state.hnsw.numbered_point(n))
             .map(|(id, v)| (id as u64, v))
-            .filter(|(id, _)| (all_live || state.live.contains(id)) && !excluded.contains(id))
-            .map(|(id, v)| (id, distance::dot(query, v).min(1.0)))
+            .filter(|(id, _)| wanted(id))
+            .map(score)
             .collect(),
     };
     let best_first = |a: &(u64, f32), b: &(u64, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));

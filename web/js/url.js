@@ -48,6 +48,11 @@ export function restore() {
   ];
   if (state.upload) URL.revokeObjectURL(state.upload.url);
   state.upload = null;
+  return photoInAddress();
+}
+
+// The id of the photo the address opens (/photo/ID), or null.
+export function photoInAddress() {
   const photo = location.pathname.match(/^\/photo\/(\d+)$/);
   return photo ? Number(photo[1]) : null;
 }
