@@ -36,7 +36,7 @@ function init() {
     $("filters").hidden = !open;
     $("filters-button").setAttribute("aria-expanded", String(open));
   };
-  for (const id of ["f-folder", "f-from", "f-to", "f-type", "f-camera", "f-exclude", "f-sort"]) {
+  for (const id of ["f-folder", "f-from", "f-to", "f-type", "f-camera", "f-exclude", "f-sort", "f-cutoff"]) {
     $(id).addEventListener("change", () => { if (hasQuery()) search(); });
   }
   $("f-clear").onclick = () => {

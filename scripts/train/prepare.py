@@ -8,6 +8,11 @@
   tuxpaint/images/...                     the Tux Paint stamps composited onto white
   tuxpaint/train.jsonl + .csv, val.jsonl + .csv
                                           a deterministic 80/20 split (hash of the path)
+  gcompris/train.jsonl + .csv             the GCompris photos' deterministic 80% (hash of
+                                          the path), four captions each from the name and
+                                          category of labels.json, plus Tux Paint's train
+                                          rows for a wider vocabulary
+  gcompris/heldout.json                   the other 20%: [{"image", "category", "name"}]
 
 clipdex reads the JSONL files, open_clip the CSV files (filepath, title): the
 same rows, the same captions. Needs numpy and Pillow (the reference venv).
@@ -111,7 +116,59 @@ def tuxpaint():
     print(f"tuxpaint: {len(train)} train, {len(val)} val pairs in {out}")
 
 
+# What a GCompris category is called in a caption (and in a query).
+GCOMPRIS_NOUNS = {
+    "fishes": "fish",
+    "erase_animals": "animal",
+    "tools": "tool",
+    "monuments": "monument",
+    "renewable": "renewable energy plant",
+    "others": "household object",
+    "alphabets": "alphabet",
+    "numbers": "number",
+}
+
+
+def words(name):
+    """'measuringTape' -> 'measuring tape', 'red_panda' -> 'red panda'."""
+    out = []
+    for ch in name.replace("_", " "):
+        if ch.isupper() and out and out[-1] != " ":
+            out.append(" ")
+        out.append(ch.lower())
+    return " ".join("".join(out).split())
+
+
+def gcompris():
+    out = OUT / "gcompris"
+    if (out / "train.jsonl").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    src = SHARED / "photos" / "gcompris"
+    rows, held = [], []
+    for row in json.load(open(src / "labels.json")):
+        rel = row["image"]
+        bucket = int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 100
+        if bucket < 20:
+            held.append({"image": rel, "category": row["category"], "name": row["name"]})
+            continue
+        name, noun = words(row["name"]), GCOMPRIS_NOUNS[row["category"]]
+        for caption in (
+            f"a photo of a {name}.",
+            f"a photo of a {noun}.",
+            f"a picture of a {name}, a {noun}.",
+            f"a {noun}: {name}.",
+        ):
+            rows.append((src / rel, caption))
+    tux = [line.split("\t", 1) for line in open(OUT / "tuxpaint" / "train.csv").read().splitlines()[1:]]
+    rows += [(Path(image), caption) for image, caption in tux]
+    write_pairs(rows, out / "train")
+    (out / "heldout.json").write_text(json.dumps(held, indent=1) + "\n")
+    print(f"gcompris: {len(rows)} train rows, {len(held)} held-out photos in {out}")
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     fashion_mnist()
     tuxpaint()
+    gcompris()

@@ -319,6 +319,12 @@ pub struct SearchArgs {
     #[arg(long, default_value = "relevance")]
     pub sort: crate::search::Sort,
 
+    /// Where relevant results end: auto (per query), none, or a score
+    /// (cosine similarity; a probability for SigLIP models). Results below
+    /// it are printed after a "less relevant" line.
+    #[arg(long, default_value = "auto", value_name = "auto|none|SCORE")]
+    pub cutoff: crate::search::Cutoff,
+
     #[command(flatten)]
     pub filters: FilterArgs,
 
@@ -361,6 +367,10 @@ pub struct SimilarArgs {
     /// Number of results.
     #[arg(short = 'k', long, default_value_t = 10)]
     pub k: usize,
+
+    /// Where relevant results end: auto, none or a score.
+    #[arg(long, default_value = "auto", value_name = "auto|none|SCORE")]
+    pub cutoff: crate::search::Cutoff,
 
     #[command(flatten)]
     pub filters: FilterArgs,

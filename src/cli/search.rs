@@ -135,7 +135,13 @@ fn print(results: &SearchResults, json: bool) -> Result<()> {
     if results.hits.is_empty() {
         eprintln!("no photos match");
     }
+    let by_relevance = results.sort == search::Sort::Relevance;
+    let mut above = true;
     for (i, hit) in results.hits.iter().enumerate() {
+        if by_relevance && above && !hit.relevant {
+            above = false;
+            println!("     -- less relevant --");
+        }
         let mark = if hit.keyword_rank.is_some() {
             " (name/caption match)"
         } else {
@@ -166,6 +172,7 @@ pub fn search(args: &SearchArgs) -> Result<()> {
         min_score: args.min_score,
         hybrid: Some(!args.no_keywords),
         sort: Some(args.sort),
+        cutoff: Some(args.cutoff),
         terms: None,
     };
     if args.all {
@@ -241,6 +248,7 @@ pub fn similar(args: &SimilarArgs) -> Result<()> {
     let request = Request {
         k: Some(args.k),
         filters: Some(Filters::from(&args.filters)),
+        cutoff: Some(args.cutoff),
         ..Request::default()
     };
     let backend = backend(&args.query_index)?;

@@ -18,6 +18,7 @@
 //! selected vectors exactly (faster than a filtered graph search, and always k
 //! results), a broad one filters inside the HNSW search.
 
+pub mod cutoff;
 pub mod fields;
 pub mod open;
 pub mod query;
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use crate::model::Precision;
+pub use cutoff::{Boundary, Cutoff};
 pub use fields::Understood;
 pub use open::{HubOptions, OpenError, OpenOptions, Step, open};
 pub use query::{ParseError, Term, TermKind, TermSpec, parse};
@@ -272,6 +274,8 @@ pub struct Query {
     /// The filters the query box's text held (`after:2019`, "July 2023"),
     /// already in `filters`; shown back to the user.
     pub understood: Vec<Understood>,
+    /// Where relevant results end (each hit says which side it is on).
+    pub cutoff: Cutoff,
 }
 
 impl Query {
@@ -286,6 +290,7 @@ impl Query {
             exclude: Vec::new(),
             sort: Sort::Relevance,
             understood: Vec::new(),
+            cutoff: Cutoff::Auto,
         }
     }
 
@@ -314,6 +319,13 @@ impl Query {
         }
         if self.k == 0 || self.k > MAX_K {
             return Err(Error::BadQuery(format!("k must be between 1 and {MAX_K}")));
+        }
+        if let Cutoff::Score(s) = self.cutoff {
+            if !s.is_finite() || !(-1.0..=1.0).contains(&s) {
+                return Err(Error::BadQuery(
+                    "cutoff must be auto, none or a score from -1 to 1".into(),
+                ));
+            }
         }
         if self
             .min_score
@@ -345,6 +357,9 @@ pub struct Hit {
     /// Rank among keyword matches (1 = best), when the photo matched the words.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keyword_rank: Option<usize>,
+    /// Whether the photo is above the query's relevance boundary (see
+    /// `boundary` of the results); photos below it are less relevant.
+    pub relevant: bool,
     pub width: u32,
     pub height: u32,
     /// Date taken, `YYYY-MM-DDTHH:MM:SS`.
@@ -369,6 +384,8 @@ pub struct SearchResults {
     pub sort: Sort,
     /// The filters read from the query's text (`after:2019`, "July 2023").
     pub understood: Vec<Understood>,
+    /// How the relevance boundary was drawn.
+    pub boundary: Boundary,
 }
 
 /// The metadata of one photo, as the API shows it.
@@ -523,6 +540,9 @@ pub struct Engine {
     limits: DecodeLimits,
     /// Decode memory shared by concurrent uploads.
     budget: DecodeBudget,
+    /// The mean of the contrast prompts' embeddings, made at the first
+    /// text query with an automatic cutoff.
+    contrast: Mutex<Option<Arc<Vec<f32>>>>,
 }
 
 /// Decode memory uploads may hold at once, by default.
@@ -548,6 +568,7 @@ impl Engine {
             texts,
             limits: DecodeLimits::default(),
             budget: DecodeBudget::new(DEFAULT_DECODE_BUDGET),
+            contrast: Mutex::new(None),
         })
     }
 
@@ -756,9 +777,10 @@ impl Engine {
             .div_ceil(256)
             .saturating_mul(256);
         let ranking = self.rank(q, depth)?;
+        let (judge, boundary) = self.judge(q, &ranking)?;
         let mut hits = Vec::with_capacity(q.k);
         let mut more = false;
-        self.each_hit(&ranking, q.offset, |hit| {
+        self.each_hit(&ranking, &judge, q.offset, |hit| {
             if hits.len() == q.k {
                 more = true;
                 return false;
@@ -778,6 +800,7 @@ impl Engine {
                 (_, sort) => sort,
             },
             understood: q.understood.clone(),
+            boundary,
         })
     }
 
@@ -791,8 +814,9 @@ impl Engine {
         q.offset = 0;
         q.validate()?;
         let ranking = self.rank(&q, usize::MAX)?;
+        let (judge, _) = self.judge(&q, &ranking)?;
         let mut handed = 0;
-        self.each_hit(&ranking, 0, |hit| {
+        self.each_hit(&ranking, &judge, 0, |hit| {
             handed += 1;
             each(hit)
         })?;
@@ -955,6 +979,7 @@ impl Engine {
     fn each_hit(
         &self,
         ranking: &Ranking,
+        judge: &cutoff::Judge,
         skip: usize,
         mut each: impl FnMut(Hit) -> bool,
     ) -> Result<()> {
@@ -989,13 +1014,17 @@ impl Engine {
                     None => continue,
                 },
             };
+            let keyword_rank = keyword_rank.get(&id).copied();
+            let relevant =
+                keyword_rank.is_some() || ranking.query.is_empty() || judge.relevant(similarity);
             let hit = Hit {
                 id,
                 path: crate::common::rel_path::display(&record.path).into_owned(),
                 score,
                 similarity,
                 probability: self.calibration.map(|c| c.probability(similarity)),
-                keyword_rank: keyword_rank.get(&id).copied(),
+                keyword_rank,
+                relevant,
                 width: record.width,
                 height: record.height,
                 taken: record.taken.clone(),
@@ -1009,6 +1038,88 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// The relevance boundary of a ranked query (see [`cutoff`]).
+    fn judge(&self, q: &Query, ranking: &Ranking) -> Result<(cutoff::Judge, Boundary)> {
+        let mut boundary = Boundary {
+            cutoff: q.cutoff,
+            threshold: None,
+            split: None,
+            contrast: None,
+        };
+        let mut judge = cutoff::Judge::default();
+        // Filters alone: every photo they list is what was asked for.
+        if ranking.query.is_empty() {
+            return Ok((judge, boundary));
+        }
+        match q.cutoff {
+            Cutoff::None => {}
+            Cutoff::Score(score) => {
+                judge.threshold = Some(match self.calibration {
+                    Some(_) if !(0.0..=1.0).contains(&score) => {
+                        return Err(Error::BadQuery(
+                            "a SigLIP model's cutoff is a probability from 0 to 1".into(),
+                        ));
+                    }
+                    Some(c) => c.cosine_at(score),
+                    None => score,
+                });
+            }
+            Cutoff::Auto => {
+                let vectors = self.index.vectors();
+                let mut seen = HashSet::new();
+                let mut scores = Vec::new();
+                let sample =
+                    vectors.sample_similarities(&ranking.query, cutoff::BACKGROUND_SAMPLE)?;
+                let top = ranking.by_meaning.iter().take(cutoff::TOP_POOL);
+                for (id, score) in sample.into_iter().chain(top.copied()) {
+                    if seen.insert(id) {
+                        scores.push(score);
+                    }
+                }
+                boundary.split = cutoff::split(&mut scores);
+                let text_only = q.terms.iter().all(|t| matches!(t.kind, TermKind::Text(_)));
+                if text_only {
+                    // The prompts' mean similarity to a photo is the mean
+                    // prompt's: one pass over the sample.
+                    let mean = self.contrast_mean()?;
+                    let norm = dot(&mean, &mean).sqrt();
+                    let sample = vectors.sample_similarities(&mean, cutoff::BACKGROUND_SAMPLE)?;
+                    if !sample.is_empty() && norm > 0.0 {
+                        let average =
+                            sample.iter().map(|&(_, s)| s).sum::<f32>() / sample.len() as f32;
+                        boundary.contrast = Some(norm * average);
+                    }
+                }
+                judge.threshold = match (boundary.split, boundary.contrast) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+                judge.probable = self.calibration.map(|c| c.cosine_at(0.5));
+            }
+        }
+        boundary.threshold = judge.threshold;
+        Ok((judge, boundary))
+    }
+
+    /// The mean of the contrast prompts' unit embeddings, made once.
+    fn contrast_mean(&self) -> Result<Arc<Vec<f32>>> {
+        let mut slot = self.contrast.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mean) = slot.as_ref() {
+            return Ok(mean.clone());
+        }
+        let prompts = self.clip.embed_texts(cutoff::CONTRAST_PROMPTS)?;
+        let mut mean = vec![0f32; self.clip.info().embedding_dim];
+        for v in &prompts {
+            let norm = dot(v, v).sqrt().max(f32::MIN_POSITIVE);
+            for (m, x) in mean.iter_mut().zip(v) {
+                *m += x / norm / prompts.len() as f32;
+            }
+        }
+        let mean = Arc::new(mean);
+        *slot = Some(mean.clone());
+        Ok(mean)
     }
 
     /// Photos like a stored one (itself excluded).

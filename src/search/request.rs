@@ -8,7 +8,9 @@ use utoipa::ToSchema;
 
 use super::fields::{self, Extracted};
 use super::query::{self, MAX_QUERY_CHARS, MAX_TERMS};
-use super::{Error, Filters, Query, Result, Sort, Term, TermKind, TermSpec, filter_date, parse};
+use super::{
+    Cutoff, Error, Filters, Query, Result, Sort, Term, TermKind, TermSpec, filter_date, parse,
+};
 use crate::common::time::format_datetime;
 
 /// Results per page when a request does not say.
@@ -47,6 +49,12 @@ pub struct Request {
     /// `relevance` (default), `newest` or `oldest` first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sort: Option<Sort>,
+    /// Where relevant results end: `auto` (default, per query), `none`, or
+    /// a score (cosine similarity; a probability for SigLIP models). Hits
+    /// below it come back marked `relevant: false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub cutoff: Option<Cutoff>,
 }
 
 impl Request {
@@ -109,6 +117,7 @@ impl Request {
         query.min_score = self.min_score;
         query.hybrid = self.hybrid.unwrap_or(true);
         query.sort = self.sort.unwrap_or_default();
+        query.cutoff = self.cutoff.unwrap_or_default();
         query.filters = merge(self.filters.unwrap_or_default(), &extracted)?;
         query.understood = extracted.understood;
         query.validate()?;

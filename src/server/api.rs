@@ -74,6 +74,11 @@ pub struct SearchParams {
     /// `relevance` (default), `newest` or `oldest`: the most relevant results by date.
     #[param(value_type = Option<String>)]
     pub sort: Option<search::Sort>,
+    /// Where relevant results end: `auto` (default), `none`, or a score
+    /// (cosine similarity; a probability for SigLIP). Each hit says
+    /// whether it is `relevant`.
+    #[param(value_type = Option<String>)]
+    pub cutoff: Option<search::Cutoff>,
 }
 
 impl From<SearchParams> for Request {
@@ -89,6 +94,7 @@ impl From<SearchParams> for Request {
             min_score: p.min_score,
             hybrid: p.hybrid,
             sort: p.sort,
+            cutoff: p.cutoff,
             terms: None,
         }
     }
@@ -232,6 +238,11 @@ pub async fn search_image(
             .map(|s| s.parse::<search::Sort>())
             .transpose()
             .map_err(ApiError::bad_query)?,
+        cutoff: fields
+            .get("cutoff")
+            .map(|s| s.parse::<search::Cutoff>())
+            .transpose()
+            .map_err(ApiError::bad_query)?,
         ..Request::default()
     };
     // The rules apply before the picture is decoded; its embedding takes
@@ -265,6 +276,9 @@ pub struct SimilarParams {
     /// `relevance` (default), `newest` or `oldest`.
     #[param(value_type = Option<String>)]
     pub sort: Option<search::Sort>,
+    /// `auto` (default), `none` or a score.
+    #[param(value_type = Option<String>)]
+    pub cutoff: Option<search::Cutoff>,
 }
 
 fn path_id(p: Result<Path<u64>, PathRejection>) -> ApiResult<u64> {
@@ -294,6 +308,7 @@ pub async fn similar(
             p.folder, p.from, p.to, p.types, p.camera,
         )),
         sort: p.sort,
+        cutoff: p.cutoff,
         ..Request::default()
     };
     Ok(Json(

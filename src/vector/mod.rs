@@ -235,6 +235,36 @@ impl VectorIndex {
         self.read().live.iter().copied().collect()
     }
 
+    /// The vector of a live id, as the graph holds it (unit length).
+    pub fn vector(&self, id: u64) -> Option<Vec<f32>> {
+        let state = self.read();
+        if !state.live.contains(&id) {
+            return None;
+        }
+        state.vector(id).map(<[f32]>::to_vec)
+    }
+
+    /// The cosine similarity of `query` to an evenly spaced sample of at
+    /// most `n` live vectors (by their place in the graph: the same sample
+    /// for the same graph), as (id, similarity).
+    pub fn sample_similarities(&self, query: &[f32], n: usize) -> Result<Vec<(u64, f32)>> {
+        self.check_dim(query)?;
+        let query = unit(query);
+        let state = self.read();
+        let points = state.hnsw.nb_numbered();
+        let step = points.div_ceil(n.max(1)).max(1);
+        Ok((0..points)
+            .step_by(step)
+            .filter_map(|p| {
+                let (id, v) = state.hnsw.numbered_point(p as u32)?;
+                state
+                    .live
+                    .contains(&(id as u64))
+                    .then(|| (id as u64, distance::dot(&query, v)))
+            })
+            .collect())
+    }
+
     pub fn dead_fraction(&self) -> f64 {
         let s = self.read();
         let total = s.live.len() + s.dead.len();

@@ -1184,3 +1184,147 @@ async fn names_that_are_not_utf8_are_searched_and_served() {
     let status = get(&s, "/api/status").await.json();
     assert_eq!(status["photos"], 2, "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hit_says_which_side_of_the_relevance_boundary_it_is() {
+    let served = indexed_library();
+    let s = state(&served, None);
+    let sides = |reply: &Reply| -> Vec<(f64, bool)> {
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        hits(reply)
+            .iter()
+            .map(|h| {
+                (
+                    h["similarity"].as_f64().unwrap(),
+                    h["relevant"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+
+    // Automatic: one boundary per query, the higher of where its scores
+    // split and the contrast prompts' level; relevant above it, in order.
+    let auto = get(&s, "/api/search?q=a%20fish&k=100&hybrid=false").await;
+    let boundary = auto.json()["boundary"].clone();
+    assert_eq!(boundary["cutoff"], "auto");
+    let split = boundary["split"].as_f64().unwrap();
+    let contrast = boundary["contrast"].as_f64().unwrap();
+    let threshold = boundary["threshold"].as_f64().unwrap();
+    assert!((threshold - split.max(contrast)).abs() < 1e-6, "{boundary}");
+    let found = sides(&auto);
+    assert_eq!(found.len(), 27);
+    for (similarity, relevant) in &found {
+        assert_eq!(
+            *relevant,
+            *similarity >= threshold - 1e-6,
+            "{similarity} {threshold}"
+        );
+    }
+    assert!(found.windows(2).all(|w| w[0].1 >= w[1].1), "relevant first");
+
+    // Fixed scores and none.
+    assert!(
+        sides(&get(&s, "/api/search?q=a%20fish&k=100&cutoff=none").await)
+            .iter()
+            .all(|h| h.1)
+    );
+    assert!(
+        sides(&get(&s, "/api/search?q=a%20fish&k=100&cutoff=-1").await)
+            .iter()
+            .all(|h| h.1)
+    );
+    let none = get(&s, "/api/search?q=a%20fish&k=100&hybrid=false&cutoff=1").await;
+    assert!(sides(&none).iter().all(|h| !h.1));
+    assert_eq!(none.json()["boundary"]["threshold"], 1.0);
+    assert_eq!(none.json()["boundary"]["cutoff"], "1");
+    // A name that matched the words is relevant below any score.
+    let named = get(&s, "/api/search?q=IMG_2041&k=5&cutoff=1").await;
+    let first = &hits(&named)[0];
+    assert_eq!(first["path"], "misc/IMG_2041.png");
+    assert_eq!(first["relevant"], true);
+
+    // The same through POST, a picture's similar photos, and filters alone.
+    let posted = post_json(
+        &s,
+        "/api/search",
+        r#"{"q": "a fish", "k": 100, "hybrid": false, "cutoff": 1}"#,
+    )
+    .await;
+    assert!(sides(&posted).iter().all(|h| !h.1));
+    let posted = post_json(&s, "/api/search", r#"{"q": "a fish", "cutoff": "none"}"#).await;
+    assert!(sides(&posted).iter().all(|h| h.1));
+    let id = hits(&auto)[0]["id"].as_u64().unwrap();
+    let similar = get(&s, &format!("/api/photos/{id}/similar?k=100")).await;
+    let boundary = similar.json()["boundary"].clone();
+    assert!(boundary["split"].is_number(), "{boundary}");
+    assert!(
+        boundary.get("contrast").is_none(),
+        "a picture has no contrast prompts: {boundary}"
+    );
+    let similar = sides(&similar);
+    assert!(similar.iter().any(|h| h.1) && similar.windows(2).all(|w| w[0].1 >= w[1].1));
+    let browse = get(&s, "/api/search?q=in:fishes&k=100").await;
+    assert!(sides(&browse).iter().all(|h| h.1));
+    assert!(browse.json()["boundary"].get("threshold").is_none());
+
+    // Nonsense is refused, whichever way it comes.
+    for bad in ["most", "2", "-1.5", "NaN", "inf"] {
+        let reply = get(&s, &format!("/api/search?q=a%20fish&cutoff={bad}")).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+        let reply = get(&s, &format!("/api/photos/{id}/similar?cutoff={bad}")).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let reply = post_json(&s, "/api/search", r#"{"q": "a fish", "cutoff": 5}"#).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let reply = post_json(&s, "/api/search", r#"{"q": "a fish", "cutoff": "half"}"#).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("auto, none"), "{message}");
+
+    // The CLI prints the boundary as a line, and refuses nonsense.
+    drop(s);
+    let index = served.index.to_str().unwrap();
+    let out = clipdex(&[
+        "search",
+        "a fish",
+        "--index",
+        index,
+        "-k",
+        "5",
+        "--no-keywords",
+        "--cutoff",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = crate::common::stdout(&out);
+    assert_eq!(
+        listed.lines().next(),
+        Some("     -- less relevant --"),
+        "{listed}"
+    );
+    assert_eq!(listed.lines().count(), 6, "{listed}");
+    let out = clipdex(&["search", "a fish", "--index", index, "--cutoff", "none"]);
+    assert!(!crate::common::stdout(&out).contains("less relevant"));
+    let out = clipdex(&[
+        "similar",
+        &id.to_string(),
+        "--index",
+        index,
+        "--cutoff",
+        "3",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("auto, none or a score"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -459,8 +459,9 @@ fn the_page_in_a_real_browser() {
         browser.js("return document.getElementById('intro').hidden"),
         Value::Bool(true)
     );
-    // Results are a list of buttons, each in its list item.
-    let listed = "return [...document.getElementById('grid').children].every(li => li.tagName === 'LI' && li.firstElementChild.matches('button.tile'))";
+    // Results are a list of buttons, each in its list item (and the
+    // relevance divider's heading in its own).
+    let listed = "return [...document.getElementById('grid').children].every(li => li.tagName === 'LI' && (li.firstElementChild.matches('button.tile') || li.matches('.divider')))";
     assert_eq!(browser.js(listed), Value::Bool(true));
 
     // Open a photo: the viewer shows its metadata.
@@ -596,6 +597,23 @@ fn the_page_in_a_real_browser() {
         &format!("return new URLSearchParams(location.search).get('sort') === 'newest' && {settled} && document.querySelector('#grid li.month h2')?.textContent === 'No date'"),
     );
     browser.js("const s = document.getElementById('f-sort'); s.value = 'relevance'; s.dispatchEvent(new Event('change'));");
+
+    // Where relevance ends: a "Less relevant" divider before the first
+    // less relevant photo, none of those above it; "only relevant" stops there.
+    browser
+        .js("const q = document.getElementById('q'); q.value = 'a fish'; q.form.requestSubmit();");
+    let boundary = "const items = [...document.querySelectorAll('#grid > li')]; const d = items.findIndex(li => li.classList.contains('divider'));";
+    browser.wait(
+        "the relevance divider",
+        &format!("{boundary} return {settled} && new URLSearchParams(location.search).get('sort') === null && d > 0 && items.slice(0, d).every(li => !li.querySelector('.tile.less')) && items[d + 1].querySelector('.tile.less') !== null && items[d].textContent === 'Less relevant'"),
+    );
+    let above = browser.js(&format!("{boundary} return d"));
+    browser.js("const s = document.getElementById('f-cutoff'); s.value = 'only'; s.dispatchEvent(new Event('change'));");
+    browser.wait(
+        "only the relevant photos",
+        &format!("return new URLSearchParams(location.search).get('cutoff') === 'only' && {settled} && !document.querySelector('#grid li.divider') && !document.querySelector('#grid .tile.less') && document.querySelectorAll('#grid .tile').length === {above}"),
+    );
+    browser.js("const s = document.getElementById('f-cutoff'); s.value = 'auto'; s.dispatchEvent(new Event('change'));");
 
     // A phone screen: several columns, nothing wider than the screen.
     browser.post("/window/rect", json!({"width": 390, "height": 844}));

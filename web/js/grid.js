@@ -89,6 +89,8 @@ export function tile(hit, index) {
     kw.title = "matched by file name, folder or caption";
     b.append(kw);
   }
+  // In date order the less relevant are dimmed where they fall.
+  if (hit.relevant === false) b.classList.add("less");
   b.onclick = () => openViewer(index);
   item.append(b);
   return item;
@@ -105,7 +107,19 @@ export function appendTiles(hits, start) {
   const frag = document.createDocumentFragment();
   // In date order, a heading where the month changes.
   let month = start > 0 && state.hits[start - 1] ? monthOf(state.hits[start - 1]) : null;
+  // In relevance order, a divider where the relevant results end.
+  let above = start > 0 && state.hits[start - 1] ? state.hits[start - 1].relevant !== false : true;
   hits.forEach((h, i) => {
+    if (state.sort === "relevance" && above && h.relevant === false) {
+      above = false;
+      const line = document.createElement("li");
+      line.className = "divider";
+      line.setAttribute("role", "presentation");
+      const title = document.createElement("h2");
+      title.textContent = "Less relevant";
+      line.append(title);
+      frag.append(line);
+    }
     if (state.sort !== "relevance" && monthOf(h) !== month) {
       month = monthOf(h);
       const head = document.createElement("li");

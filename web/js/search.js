@@ -11,6 +11,8 @@ export async function fetchPage(offset) {
   const f = filters();
   const sort = $("f-sort").value;
   if (sort !== "relevance") f.sort = sort;
+  // "only": the automatic boundary, and the page stops at it.
+  if ($("f-cutoff").value === "none") f.cutoff = "none";
   const exclude = $("f-exclude").value.trim();
   if (state.upload) {
     const form = new FormData();
@@ -56,19 +58,22 @@ export async function search(history = "push") {
   // The old results stay on screen, marked stale, until the new ones arrive.
   $("grid").setAttribute("aria-busy", "true");
   try {
-    const page = await fetchPage(0);
+    const page = onlyRelevant(await fetchPage(0));
     if (generation !== state.generation) return;
     state.hits = page.hits;
-    state.offset = page.hits.length;
+    state.offset = page.fetched;
     state.more = page.more;
     state.sort = page.sort;
     state.understood = page.understood || [];
     renderChips();
     renderGrid(true);
     $("summary").hidden = false;
-    $("summary").textContent = page.hits.length
-      ? `${page.more ? "Top results" : page.hits.length + " results"} · ${Math.round(page.took_ms)} ms`
-      : "";
+    // Where the first page holds the boundary, how many are above it.
+    const relevant = page.hits.filter((h) => h.relevant !== false).length;
+    const count = relevant < page.hits.length
+      ? `${relevant} relevant`
+      : page.more ? "Top results" : page.hits.length + " results";
+    $("summary").textContent = page.hits.length ? `${count} · ${Math.round(page.took_ms)} ms` : "";
     $("empty").hidden = page.hits.length > 0;
   } catch (e) {
     if (generation === state.generation) showError(e.message);
@@ -85,19 +90,29 @@ export async function loadMore() {
   const generation = state.generation;
   state.loading = true;
   try {
-    const page = await fetchPage(state.offset);
+    const page = onlyRelevant(await fetchPage(state.offset));
     if (generation !== state.generation) return;
     const seen = new Set(state.hits.map((h) => h.id));
     const fresh = page.hits.filter((h) => !seen.has(h.id));
     state.hits.push(...fresh);
-    state.offset += page.hits.length;
-    state.more = page.more && page.hits.length > 0;
+    state.offset += page.fetched;
+    state.more = page.more && page.fetched > 0;
     appendTiles(fresh, state.hits.length - fresh.length);
   } catch (e) {
     showError(e.message);
   } finally {
     state.loading = false;
   }
+}
+
+// With "only relevant results", a page ends at the boundary (in date order,
+// the less relevant are left out wherever they fall).
+function onlyRelevant(page) {
+  const fetched = page.hits.length;
+  if ($("f-cutoff").value !== "only") return { ...page, fetched };
+  const kept = page.hits.filter((h) => h.relevant !== false);
+  const cut = page.sort === "relevance" && kept.length < fetched;
+  return { ...page, hits: kept, more: page.more && !cut, fetched };
 }
 
 let typingTimer = null;

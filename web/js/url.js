@@ -6,7 +6,10 @@ import { $ } from "./dom.js";
 import { state } from "./state.js";
 
 // URL parameter -> form field.
-const FIELDS = { folder: "f-folder", from: "f-from", to: "f-to", type: "f-type", camera: "f-camera", exclude: "f-exclude", sort: "f-sort" };
+const FIELDS = { folder: "f-folder", from: "f-from", to: "f-to", type: "f-type", camera: "f-camera", exclude: "f-exclude", sort: "f-sort", cutoff: "f-cutoff" };
+
+// A select's value when the address does not name one.
+const DEFAULTS = { sort: "relevance", cutoff: "auto" };
 
 const thumb = (id) => `/api/photos/${id}/thumbnail`;
 const ids = (values) => values.filter((v) => /^\d+$/.test(v)).map(Number);
@@ -19,7 +22,7 @@ export function searchPart() {
   for (const m of state.modifiers) p.append(m.weight > 0 ? "more" : "less", m.id);
   for (const [name, id] of Object.entries(FIELDS)) {
     const v = $(id).value.trim();
-    if (v && !(name === "sort" && v === "relevance")) p.set(name, v);
+    if (v && v !== DEFAULTS[name]) p.set(name, v);
   }
   const qs = p.toString();
   return qs ? "?" + qs : "";
@@ -39,7 +42,11 @@ export function restore() {
   const p = new URLSearchParams(location.search);
   state.text = (p.get("q") || "").trim();
   $("q").value = state.text;
-  for (const [name, id] of Object.entries(FIELDS)) $(id).value = p.get(name) || (name === "sort" ? "relevance" : "");
+  for (const [name, id] of Object.entries(FIELDS)) {
+    $(id).value = p.get(name) || DEFAULTS[name] || "";
+    // A select left with no option (an unknown value in the address) takes its default.
+    if ($(id).tagName === "SELECT" && $(id).selectedIndex < 0) $(id).value = DEFAULTS[name];
+  }
   const like = ids([p.get("like") || ""]);
   state.similarTo = like.length ? { id: like[0], thumb: thumb(like[0]) } : null;
   state.modifiers = [
