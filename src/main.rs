@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         Command::Status(_)
             | Command::Search(_)
             | Command::Similar(_)
+            | Command::Duplicates(_)
             | Command::Embed(_)
             | Command::Eval(_)
     ) {

@@ -7,11 +7,17 @@ import { columns, focusTile } from "./js/grid.js";
 import { cancelTyping, loadMore, onType, search, searchByImage } from "./js/search.js";
 import { EXAMPLES, state } from "./js/state.js";
 import { listenToJobs, refreshStatus, reindex } from "./js/status.js";
+import { hideDuplicates, inDuplicates, initDuplicates, showDuplicates } from "./js/duplicates.js";
 import { photoInAddress, restore } from "./js/url.js";
 import { closeViewer, openPhoto, openViewer, viewerAction, viewerClosed } from "./js/viewer.js";
 
 // Shows the search and photo the address names (on load, back, forward).
 async function follow() {
+  if (inDuplicates()) {
+    if ($("viewer").open) { state.viewerPushed = false; $("viewer").close(); }
+    return showDuplicates();
+  }
+  hideDuplicates();
   const sameSearch = location.search === state.shown && state.generation > 0;
   const photo = sameSearch ? photoInAddress() : restore();
   if (!sameSearch) await search("none");
@@ -99,7 +105,9 @@ function init() {
   window.addEventListener("popstate", follow);
   refreshStatus();
   listenToJobs();
-  if (location.search || photoInAddress() != null) follow();
+  initDuplicates(follow);
+  $("d-back").onclick = (e) => { e.preventDefault(); history.pushState(null, "", "/" + state.shown); follow(); };
+  if (location.search || photoInAddress() != null || inDuplicates()) follow();
 }
 
 init();

@@ -48,6 +48,10 @@ pub enum Command {
     Search(SearchArgs),
     /// Print photos similar to one of the index (by id or path) or to any image file.
     Similar(SimilarArgs),
+    /// Print groups of photos that are the same picture (resized,
+    /// re-encoded, cropped, edited) or near-identical shots. Nothing is
+    /// deleted or moved.
+    Duplicates(DuplicatesArgs),
     /// Train a CLIP model from scratch or fine-tune one on captioned images.
     Train(TrainArgs),
     /// Evaluate a model: retrieval recall, zero-shot classification, linear probe.
@@ -383,6 +387,21 @@ pub struct SimilarArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct DuplicatesArgs {
+    /// Cosine similarity two photos' embeddings need to be grouped, 0 to 1
+    /// (below 0.8 every photo's neighbours are searched again: slower).
+    #[arg(long, default_value_t = crate::search::duplicates::DEFAULT_THRESHOLD)]
+    pub threshold: f32,
+
+    #[command(flatten)]
+    pub query_index: QueryTarget,
+
+    /// Print JSON lines, one per group.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Where the index lives.
 const DEFAULT_INDEX: &str = "index";
 
@@ -539,6 +558,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::run(&args),
         Command::Search(args) => search::search(&args),
         Command::Similar(args) => search::similar(&args),
+        Command::Duplicates(args) => search::duplicates(&args),
         Command::Train(args) => train::train(&args),
         Command::Eval(args) => train::eval(&args),
         Command::Models(args) => models::run(&args),

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use super::{FilterArgs, QueryTarget, SearchArgs, SimilarArgs};
+use super::{DuplicatesArgs, FilterArgs, QueryTarget, SearchArgs, SimilarArgs};
 use crate::indexer;
 use crate::model::Precision;
 use crate::search::{
@@ -80,22 +80,20 @@ fn backend(target: &QueryTarget) -> Result<Backend> {
     }
 }
 
-/// Sends a request to the server and reads its results.
-fn remote(
-    request: ureq::RequestBuilder<ureq::typestate::WithBody>,
-    body: &impl Serialize,
-    base: &str,
-) -> Result<SearchResults> {
-    let request = match std::env::var("CLIPDEX_TOKEN") {
+/// The request with the bearer token of `CLIPDEX_TOKEN`, when set.
+fn with_token<B>(request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+    match std::env::var("CLIPDEX_TOKEN") {
         Ok(token) => request.header("Authorization", &format!("Bearer {token}")),
         Err(_) => request,
-    };
-    let mut response = request
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .send_json(body)
-        .with_context(|| format!("cannot reach {base}"))?;
+    }
+}
+
+/// The server's JSON answer, or its error message.
+fn answer<T: serde::de::DeserializeOwned>(
+    response: std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    base: &str,
+) -> Result<T> {
+    let mut response = response.with_context(|| format!("cannot reach {base}"))?;
     let status = response.status();
     let answer: serde_json::Value = response
         .body_mut()
@@ -106,10 +104,24 @@ fn remote(
             "{}",
             answer["error"]["message"]
                 .as_str()
-                .unwrap_or("the server refused the query")
+                .unwrap_or("the server refused the request")
         );
     }
     Ok(serde_json::from_value(answer)?)
+}
+
+/// Sends a request to the server and reads its results.
+fn remote(
+    request: ureq::RequestBuilder<ureq::typestate::WithBody>,
+    body: &impl Serialize,
+    base: &str,
+) -> Result<SearchResults> {
+    let response = with_token(request)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_json(body);
+    answer(response, base)
 }
 
 /// `POST /api/search` with the same request the local engine would run.
@@ -317,4 +329,99 @@ pub fn similar(args: &SimilarArgs) -> Result<()> {
     print(&results, args.json)?;
     end_quickly(backend);
     Ok(())
+}
+
+/// `clipdex duplicates`: every group, largest first.
+pub fn duplicates(args: &DuplicatesArgs) -> Result<()> {
+    use search::duplicates::{Duplicates, MAX_GROUPS};
+    search::duplicates::check_threshold(args.threshold)?;
+    let backend = backend(&args.query_index)?;
+    // Photos indexed before the lists existed (or by a run that was
+    // stopped) are listed now, and kept.
+    if let Backend::Local(engine) = &backend {
+        let pending = engine.index().store().near_pending()?.len();
+        if pending > 0 {
+            eprintln!("listing the near neighbours of {pending} photos (once)...");
+            engine.index().update_near()?;
+        }
+    }
+    let mut offset = 0;
+    let mut shown = 0;
+    loop {
+        let page: Duplicates = match &backend {
+            Backend::Local(engine) => {
+                engine.duplicates(Some(args.threshold), offset, MAX_GROUPS)?
+            }
+            Backend::Remote(base) => {
+                let url = format!(
+                    "{base}/api/duplicates?threshold={}&k={MAX_GROUPS}&offset={offset}",
+                    args.threshold
+                );
+                let response = with_token(ureq::get(&url))
+                    .config()
+                    .http_status_as_error(false)
+                    .build()
+                    .call();
+                answer(response, base)?
+            }
+        };
+        if offset == 0 && !args.json {
+            eprintln!(
+                "{} groups, {} photos (threshold {}, grouped in {:.0} ms){}",
+                page.total_groups,
+                page.total_photos,
+                page.threshold,
+                page.took_ms,
+                match page.pending {
+                    0 => String::new(),
+                    n => format!("; {n} photos indexed since the last listing are not grouped yet"),
+                }
+            );
+        }
+        for group in &page.groups {
+            shown += 1;
+            if args.json {
+                println!("{}", serde_json::to_string(group)?);
+                continue;
+            }
+            println!(
+                "group {shown}: {} photos, similarity {:.3} or more",
+                group.photos.len(),
+                group.similarity
+            );
+            for p in &group.photos {
+                let photo = &p.photo;
+                println!(
+                    "  {} {}  {}x{}  {}  {}  [id {}]",
+                    if p.likely_original { "*" } else { " " },
+                    photo.path,
+                    photo.width,
+                    photo.height,
+                    human_size(photo.size),
+                    photo
+                        .taken
+                        .as_deref()
+                        .map_or("no date", |t| &t[..t.len().min(10)]),
+                    photo.id
+                );
+            }
+        }
+        if !page.more || page.groups.is_empty() {
+            break;
+        }
+        offset += page.groups.len();
+    }
+    if !args.json && shown > 0 {
+        eprintln!("* the likely original: the most pixels, then the largest file, then the oldest");
+    }
+    end_quickly(backend);
+    Ok(())
+}
+
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 => format!("{:.1} MB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.0} KB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
 }

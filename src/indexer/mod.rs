@@ -19,6 +19,7 @@
 //! was committing.
 
 pub mod generation;
+pub mod near;
 mod run;
 
 use std::collections::BTreeSet;

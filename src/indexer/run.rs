@@ -869,6 +869,9 @@ impl Runner<'_> {
             self.index.rebuild_vectors()?;
         }
         self.index.vectors.save()?;
+        // The near neighbours of what this run embedded (duplicate groups).
+        let listed = self.index.update_near()?;
+        tracing::debug!(listed, "near neighbours listed");
         self.progress.counts.elapsed_seconds = self.started.elapsed().as_secs_f64();
         let summary = self.progress.summary();
         self.index.store.set_last_run(&summary)?;

@@ -19,6 +19,7 @@
 //! results), a broad one filters inside the HNSW search.
 
 pub mod cutoff;
+pub mod duplicates;
 pub mod fields;
 pub mod open;
 pub mod query;
@@ -543,6 +544,8 @@ pub struct Engine {
     /// The mean of the contrast prompts' embeddings, made at the first
     /// text query with an automatic cutoff.
     contrast: Mutex<Option<Arc<Vec<f32>>>>,
+    /// The duplicate groups last computed.
+    duplicate_cache: Mutex<Option<duplicates::GroupCache>>,
 }
 
 /// Decode memory uploads may hold at once, by default.
@@ -569,6 +572,7 @@ impl Engine {
             limits: DecodeLimits::default(),
             budget: DecodeBudget::new(DEFAULT_DECODE_BUDGET),
             contrast: Mutex::new(None),
+            duplicate_cache: Mutex::new(None),
         })
     }
 

@@ -316,6 +316,47 @@ pub async fn similar(
     ))
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DuplicateParams {
+    /// Cosine similarity two photos' embeddings need to be grouped (0 to 1;
+    /// default 0.9). Below 0.8 every photo's neighbours are searched again.
+    pub threshold: Option<f32>,
+    /// Groups per page (1-1,000, default 50).
+    pub k: Option<usize>,
+    /// Groups to skip.
+    pub offset: Option<usize>,
+}
+
+/// Groups per page of `/api/duplicates` when a request does not say.
+const DUPLICATE_GROUPS: usize = 50;
+
+#[utoipa::path(get, path = "/api/duplicates", params(DuplicateParams),
+    responses(
+        (status = 200, description = "Groups of the same picture or near-identical shots, largest first", body = search::duplicates::Duplicates),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 503, description = "Model or index still loading", body = ErrorBody),
+    ))]
+pub async fn duplicates(
+    State(state): State<SharedState>,
+    params: Result<Query<DuplicateParams>, QueryRejection>,
+) -> ApiResult<Json<search::duplicates::Duplicates>> {
+    let Query(p) = params.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
+    let engine = engine(&state)?;
+    Ok(Json(
+        blocking(move || {
+            engine
+                .duplicates(
+                    p.threshold,
+                    p.offset.unwrap_or(0),
+                    p.k.unwrap_or(DUPLICATE_GROUPS),
+                )
+                .map_err(ApiError::from)
+        })
+        .await?,
+    ))
+}
+
 #[utoipa::path(get, path = "/api/photos/{id}", params(("id" = u64, Path, description = "Photo id")),
     responses(
         (status = 200, description = "The photo's metadata", body = Photo),

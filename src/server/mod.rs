@@ -54,6 +54,7 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(300);
         api::search_post,
         api::search_image,
         api::similar,
+        api::duplicates,
         api::photo,
         api::thumbnail,
         api::original,
@@ -149,6 +150,7 @@ pub fn app(state: SharedState) -> Router {
             "/api/search/image",
             post(api::search_image).layer(DefaultBodyLimit::max(upload_limit)),
         )
+        .route("/api/duplicates", get(api::duplicates))
         .route("/api/photos/{id}", get(api::photo))
         .route("/api/photos/{id}/similar", get(api::similar))
         .route("/api/photos/{id}/thumbnail", get(api::thumbnail))

@@ -16,6 +16,7 @@ const ICON: &str = include_str!("../../web/favicon.svg");
 const MODULES: &[(&str, &str)] = &[
     ("api.js", include_str!("../../web/js/api.js")),
     ("dom.js", include_str!("../../web/js/dom.js")),
+    ("duplicates.js", include_str!("../../web/js/duplicates.js")),
     ("filters.js", include_str!("../../web/js/filters.js")),
     ("grid.js", include_str!("../../web/js/grid.js")),
     ("search.js", include_str!("../../web/js/search.js")),
@@ -52,6 +53,11 @@ pub fn routes() -> Router<SharedState> {
         // A photo opened in the page has its own address; the page opens it.
         .route(
             "/photo/{id}",
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+        )
+        // The duplicate groups' view.
+        .route(
+            "/duplicates",
             get(|| async { asset("text/html; charset=utf-8", INDEX) }),
         )
         .route(

@@ -35,6 +35,31 @@ pub use crate::common::{CaptionSource, ContentHash, FileSig, ModelInfo};
 pub const FORMAT_VERSION: u32 = migrate::LATEST;
 /// The number of photo records (format 3 on).
 pub const COUNT_KEY: &[u8] = b"m:count";
+/// Present once every photo has had its near neighbours listed (indexes
+/// made before the lists existed get them all at their next run).
+const NEAR_READY_KEY: &[u8] = b"m:near-ready";
+
+/// A photo's near neighbours: (id, cosine similarity), nearest first.
+pub type NearList = Vec<(u64, f32)>;
+
+fn near_to_bytes(list: &[(u64, f32)]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(list.len() * 12);
+    for (id, s) in list {
+        b.extend_from_slice(&id.to_le_bytes());
+        b.extend_from_slice(&s.to_le_bytes());
+    }
+    b
+}
+
+fn near_from_bytes(b: &[u8]) -> NearList {
+    b.chunks_exact(12)
+        .map(|c| {
+            let id = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
+            let s = f32::from_le_bytes(c[8..].try_into().expect("4 bytes"));
+            (id, s)
+        })
+        .collect()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -203,6 +228,9 @@ pub enum Change {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    /// Bumped by every change to the photos or their near lists (in this
+    /// process: the one that holds the index makes them all).
+    version: std::sync::atomic::AtomicU64,
 }
 
 fn id_key(prefix: u8, id: u64) -> [u8; 10] {
@@ -269,7 +297,11 @@ impl Store {
             .cache_capacity(64 << 20)
             .open()?;
         let tree = db.open_tree("index")?;
-        Ok(Self { db, tree })
+        Ok(Self {
+            db,
+            tree,
+            version: Default::default(),
+        })
     }
 
     /// Creates a new index store with its metadata.
@@ -412,6 +444,66 @@ impl Store {
             .collect()
     }
 
+    fn bump(&self) {
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// A number that changes whenever the photos or their near lists do:
+    /// what was computed from them at one version holds while it stays.
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Photos whose near neighbours are not listed yet: those embedded since
+    /// the last listing, or every photo of an index made before the lists.
+    pub fn near_pending(&self) -> Result<BTreeSet<u64>> {
+        if !self.tree.contains_key(NEAR_READY_KEY)? {
+            return self.ids();
+        }
+        self.tree
+            .scan_prefix(b"q:")
+            .keys()
+            .map(|k| key_id(&k?))
+            .collect()
+    }
+
+    /// The near neighbours listed for a photo.
+    pub fn near(&self, id: u64) -> Result<Option<NearList>> {
+        Ok(self
+            .tree
+            .get(id_key(b'n', id))?
+            .map(|v| near_from_bytes(&v)))
+    }
+
+    /// Every photo's near neighbours, in id order.
+    pub fn near_lists(&self) -> impl Iterator<Item = Result<(u64, NearList)>> + '_ {
+        self.tree.scan_prefix(b"n:").map(|kv| {
+            let (k, v) = kv?;
+            Ok((key_id(&k)?, near_from_bytes(&v)))
+        })
+    }
+
+    /// Stores near-neighbour lists atomically, and marks their photos (and,
+    /// with `complete`, the whole index) as listed. A list for a photo that
+    /// is gone is not stored.
+    pub fn set_near(&self, lists: &[(u64, NearList)], complete: bool) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (id, list) in lists {
+            if self.contains(*id)? {
+                batch.insert(&id_key(b'n', *id), near_to_bytes(list));
+            }
+            batch.remove(&id_key(b'q', *id));
+        }
+        if complete {
+            batch.insert(NEAR_READY_KEY, &[]);
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        self.bump();
+        Ok(())
+    }
+
     /// The number of photo records, kept under [`COUNT_KEY`] by every
     /// commit (counted from the records when that key is missing).
     pub fn count(&self) -> usize {
@@ -474,11 +566,16 @@ impl Store {
                     batch.remove(str_key(b's', &record.path));
                     if let Some(v) = vector {
                         batch.insert(&id_key(b'v', record.id), vector_to_bytes(v));
+                        // A new picture: its near neighbours are listed again.
+                        batch.remove(&id_key(b'n', record.id));
+                        batch.insert(&id_key(b'q', record.id), &[]);
                     }
                 }
                 Change::Remove { record } => {
                     batch.remove(&id_key(b'p', record.id));
                     batch.remove(&id_key(b'v', record.id));
+                    batch.remove(&id_key(b'n', record.id));
+                    batch.remove(&id_key(b'q', record.id));
                     batch.remove(hash_key(&record.hash, record.id).to_vec());
                     // The path may already belong to a newer record (a replaced file).
                     if !put_paths.contains(record.path.as_str())
@@ -499,6 +596,7 @@ impl Store {
         self.tree.apply_batch(batch)?;
         // sled flushes on its own only every 500 ms: a commit is durable here.
         self.db.flush()?;
+        self.bump();
         Ok(())
     }
 
@@ -591,6 +689,52 @@ mod tests {
             },
             ..sample_record(id, path, &hash.to_string())
         }
+    }
+
+    /// A new vector queues its photo for listing and drops its old list; a
+    /// listing clears the queue; a removal drops both; an index without the
+    /// ready mark has every photo pending.
+    #[test]
+    fn near_lists_follow_the_vectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path(), &meta()).unwrap();
+        let put = |id: u64, vector: Option<Vec<f32>>| Change::Put {
+            record: record(id, &format!("{id}.png"), id as u8),
+            vector,
+            old_path: None,
+        };
+        store
+            .commit(&[put(1, Some(vec![1.0, 0.0])), put(2, Some(vec![0.0, 1.0]))])
+            .unwrap();
+        let all: BTreeSet<u64> = [1, 2].into();
+        assert_eq!(store.near_pending().unwrap(), all);
+        store
+            .set_near(
+                &[(1, vec![(2, 0.9)]), (2, vec![(1, 0.9)]), (7, vec![])],
+                true,
+            )
+            .unwrap();
+        assert!(store.near_pending().unwrap().is_empty());
+        assert_eq!(store.near(1).unwrap(), Some(vec![(2, 0.9)]));
+        assert_eq!(
+            store.near(7).unwrap(),
+            None,
+            "no list for a photo that is not there"
+        );
+        // A record change without a new picture keeps the list.
+        store.commit(&[put(1, None)]).unwrap();
+        assert_eq!(store.near(1).unwrap(), Some(vec![(2, 0.9)]));
+        store.commit(&[put(2, Some(vec![0.5, 0.5]))]).unwrap();
+        assert_eq!(store.near(2).unwrap(), None);
+        assert_eq!(store.near_pending().unwrap(), [2].into());
+        store
+            .commit(&[Change::Remove {
+                record: record(2, "2.png", 2),
+            }])
+            .unwrap();
+        assert!(store.near_pending().unwrap().is_empty());
+        let lists: Vec<(u64, NearList)> = store.near_lists().map(|l| l.unwrap()).collect();
+        assert_eq!(lists, vec![(1, vec![(2, 0.9)])]);
     }
 
     /// The kept count agrees with the records through puts of new and

@@ -680,7 +680,29 @@ fn validate(value: &Value, schema: &Value, doc: &Value, at: &str) -> Result<(), 
         }
     }
     if let Some(all) = schema.get("allOf").and_then(Value::as_array) {
-        return all.iter().try_for_each(|s| validate(value, s, doc, at));
+        // The parts describe one object together (a flattened struct): their
+        // properties and requirements merged.
+        let resolve = |s: &Value| -> Value {
+            match s.get("$ref").and_then(Value::as_str) {
+                Some(r) => doc["components"]["schemas"]
+                    [r.trim_start_matches("#/components/schemas/")]
+                .clone(),
+                None => s.clone(),
+            }
+        };
+        let mut properties = serde_json::Map::new();
+        let mut required = Vec::new();
+        for part in all.iter().map(resolve) {
+            if let Some(p) = part.get("properties").and_then(Value::as_object) {
+                properties.extend(p.clone());
+            }
+            if let Some(r) = part.get("required").and_then(Value::as_array) {
+                required.extend(r.iter().cloned());
+            }
+        }
+        let merged =
+            serde_json::json!({"type": "object", "properties": properties, "required": required});
+        return validate(value, &merged, doc, at);
     }
     let types: Vec<&str> = match schema.get("type") {
         Some(Value::String(t)) => vec![t.as_str()],
@@ -839,6 +861,16 @@ async fn openapi_describes_the_real_responses() {
             get(&s, &format!("/api/photos/{id}/original")).await,
         ),
         ("/api/status", "get", get(&s, "/api/status").await),
+        (
+            "/api/duplicates",
+            "get",
+            get(&s, "/api/duplicates?threshold=0&k=2").await,
+        ),
+        (
+            "/api/duplicates",
+            "get",
+            get(&s, "/api/duplicates?threshold=7").await,
+        ),
         (
             "/api/reindex",
             "post",
@@ -1326,5 +1358,196 @@ async fn every_hit_says_which_side_of_the_relevance_boundary_it_is() {
         stderr(&out).contains("auto, none or a score"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// Duplicate groups: an exact copy groups with its photo, the likely
+/// original first; a re-index lists only what it changed; nonsense is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_groups_follow_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = dir.path().join("photos");
+    let photos = shared_photos().join("gcompris");
+    std::fs::create_dir_all(library.join("fishes")).unwrap();
+    std::fs::create_dir_all(library.join("tools")).unwrap();
+    for name in ["fish1.jpg", "fish2.jpg", "fish3.jpg"] {
+        std::fs::copy(
+            photos.join("fishes").join(name),
+            library.join("fishes").join(name),
+        )
+        .unwrap();
+    }
+    for name in ["hammer1.jpg", "hammer2.jpg"] {
+        std::fs::copy(
+            photos.join("tools").join(name),
+            library.join("tools").join(name),
+        )
+        .unwrap();
+    }
+    // A copy made later: the same picture, newer.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::create_dir_all(library.join("backup")).unwrap();
+    std::fs::copy(
+        photos.join("fishes/fish1.jpg"),
+        library.join("backup/fish1 (copy).jpg"),
+    )
+    .unwrap();
+    let served = index_with_tiny_model(dir, library.clone());
+    let index = served.index.to_str().unwrap().to_string();
+
+    let paths = |groups: &Value| -> Vec<Vec<String>> {
+        groups["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| {
+                g["photos"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["path"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    {
+        let s = state(&served, None);
+        // Identical files have identical embeddings: one group at any threshold.
+        let exact = get(&s, "/api/duplicates?threshold=0.9999").await;
+        assert_eq!(
+            exact.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&exact.body)
+        );
+        let body = exact.json();
+        assert_eq!(
+            paths(&body),
+            [["fishes/fish1.jpg", "backup/fish1 (copy).jpg"]],
+            "{body}"
+        );
+        let first = &body["groups"][0]["photos"][0];
+        assert_eq!(first["likely_original"], true);
+        assert_eq!(body["groups"][0]["photos"][1]["likely_original"], false);
+        assert!(first["original"].as_str().unwrap().ends_with("/original"));
+        assert_eq!(
+            (body["total_groups"].as_u64(), body["pending"].as_u64()),
+            (Some(1), Some(0))
+        );
+
+        // Any threshold: disjoint groups whose every photo appears once, each
+        // with one likely original; below the lists' floor the same rules hold.
+        for t in ["0", "0.5", "0.8", "0.97"] {
+            let reply = get(&s, &format!("/api/duplicates?threshold={t}")).await;
+            let body = reply.json();
+            let all: Vec<String> = paths(&body).into_iter().flatten().collect();
+            let unique: std::collections::HashSet<&String> = all.iter().collect();
+            assert_eq!(all.len(), unique.len(), "t={t}: {body}");
+            assert_eq!(body["total_photos"].as_u64().unwrap() as usize, all.len());
+            for g in body["groups"].as_array().unwrap() {
+                let originals = g["photos"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|p| p["likely_original"] == true)
+                    .count();
+                assert_eq!(originals, 1, "{g}");
+                assert!(g["similarity"].as_f64().unwrap() >= t.parse::<f64>().unwrap() - 1e-6);
+            }
+        }
+        // Paging through groups.
+        let one = get(&s, "/api/duplicates?threshold=0&k=1").await.json();
+        assert_eq!(one["groups"].as_array().unwrap().len(), 1);
+        assert_eq!(one["more"], one["total_groups"].as_u64().unwrap() > 1);
+
+        for bad in [
+            "threshold=2",
+            "threshold=-0.1",
+            "threshold=NaN",
+            "threshold=most",
+            "k=0",
+            "k=1001",
+        ] {
+            let reply = get(&s, &format!("/api/duplicates?{bad}")).await;
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+        let reply = get(&s, "/api/duplicates?threshold=1.5").await;
+        assert!(
+            reply.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("from 0 to 1")
+        );
+    }
+
+    // The CLI prints the group, the likely original marked.
+    let out = clipdex(&["duplicates", "--index", &index, "--threshold", "0.9999"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = crate::common::stdout(&out);
+    assert!(listed.starts_with("group 1: 2 photos"), "{listed}");
+    assert!(
+        listed
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("  * fishes/fish1.jpg"),
+        "{listed}"
+    );
+    let out = clipdex(&[
+        "duplicates",
+        "--index",
+        &index,
+        "--threshold",
+        "0.9999",
+        "--json",
+    ]);
+    let group: Value =
+        serde_json::from_str(crate::common::stdout(&out).lines().next().unwrap()).unwrap();
+    assert_eq!(group["photos"].as_array().unwrap().len(), 2);
+    let out = clipdex(&["duplicates", "--index", &index, "--threshold", "1.5"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("from 0 to 1"), "{}", stderr(&out));
+
+    // A re-index lists only the photos it embedded: the copy gone, another
+    // copy added, one group each way.
+    std::fs::remove_file(library.join("backup/fish1 (copy).jpg")).unwrap();
+    std::fs::copy(
+        photos.join("tools/hammer2.jpg"),
+        library.join("backup/hammer2.jpg"),
+    )
+    .unwrap();
+    let m = fixture_model("openai-tiny").display().to_string();
+    let out = crate::common::clipdex_with_env(
+        &[
+            "index",
+            library.to_str().unwrap(),
+            "--index",
+            &index,
+            "--model",
+            &m,
+            "--log",
+            "clipdex=debug",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The log's colours taken out.
+    let mut log = String::new();
+    let mut escaped = false;
+    for c in stderr(&out).chars() {
+        match c {
+            '\x1b' => escaped = true,
+            'm' if escaped => escaped = false,
+            _ if escaped => {}
+            c => log.push(c),
+        }
+    }
+    assert!(log.contains("near neighbours listed listed=1"), "{log}");
+    let s = state(&served, None);
+    let body = get(&s, "/api/duplicates?threshold=0.9999").await.json();
+    assert_eq!(
+        paths(&body),
+        [["tools/hammer2.jpg", "backup/hammer2.jpg"]],
+        "{body}"
     );
 }

@@ -615,6 +615,25 @@ fn the_page_in_a_real_browser() {
     );
     browser.js("const s = document.getElementById('f-cutoff'); s.value = 'auto'; s.dispatchEvent(new Event('change'));");
 
+    // The duplicates view: groups side by side, one likely original each;
+    // it has its own address, and back returns to the search.
+    browser.click("#dup-link");
+    browser.wait(
+        "the duplicates view",
+        "return location.pathname === '/duplicates' && !document.getElementById('dups').hidden && document.getElementById('main').hidden && document.getElementById('d-summary').textContent !== ''",
+    );
+    browser.js("document.getElementById('d-threshold').value = '0'; document.getElementById('d-form').requestSubmit();");
+    browser.wait(
+        "groups at threshold 0",
+        "const groups = [...document.querySelectorAll('#d-groups .dup-group')]; return new URLSearchParams(location.search).get('threshold') === '0' && groups.length > 0 && groups.every(g => g.querySelectorAll('.dup.original .badge').length === 1 && g.querySelectorAll('.dup img').length >= 2)",
+    );
+    browser.screenshot("browser-duplicates.png");
+    browser.post("/back", json!({}));
+    browser.wait(
+        "back to the search",
+        &format!("return location.pathname === '/' && document.getElementById('dups').hidden && !document.getElementById('main').hidden && {settled}"),
+    );
+
     // A phone screen: several columns, nothing wider than the screen.
     browser.post("/window/rect", json!({"width": 390, "height": 844}));
     browser

@@ -5,6 +5,7 @@ import { $, showError } from "./dom.js";
 import { filters, hasQuery, queryString } from "./filters.js";
 import { appendTiles, renderChips, renderGrid } from "./grid.js";
 import { PAGE, state } from "./state.js";
+import { hideDuplicates } from "./duplicates.js";
 import { remember, searchPart } from "./url.js";
 
 export async function fetchPage(offset) {
@@ -41,6 +42,7 @@ export async function fetchPage(offset) {
 export async function search(history = "push") {
   const generation = ++state.generation;
   showError(null);
+  hideDuplicates();
   if (history !== "none" && !state.upload) remember(history);
   state.shown = searchPart();
   state.understood = [];
