@@ -11,7 +11,6 @@
 //! one searches the graph again for every photo (slower: seconds per
 //! 10,000 photos). Nothing is ever deleted or moved.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -75,87 +74,136 @@ pub(crate) struct GroupCache {
     pending: usize,
 }
 
+/// Near-neighbour lists by position: `ids` ascending, `lists[i]` the
+/// neighbours of `ids[i]`. Positions (`u32`) stand for photos in the
+/// grouping, so a million photos need no hash map.
+struct Lists {
+    ids: Vec<u64>,
+    lists: Vec<crate::store::NearList>,
+    /// Each id's position, by id, when the ids are dense enough (a store's
+    /// ids are handed out in order): one read instead of a binary search's
+    /// twenty cache misses, which took most of the time at a million.
+    by_id: Vec<u32>,
+}
+
+impl Lists {
+    fn new(ids: Vec<u64>, lists: Vec<crate::store::NearList>) -> Self {
+        let max = ids.last().copied().unwrap_or(0);
+        let by_id = if max < 4 * ids.len() as u64 + 1024 {
+            let mut by_id = vec![u32::MAX; max as usize + 1];
+            for (p, &id) in ids.iter().enumerate() {
+                by_id[id as usize] = p as u32;
+            }
+            by_id
+        } else {
+            Vec::new()
+        };
+        Self { ids, lists, by_id }
+    }
+
+    fn position(&self, id: u64) -> Option<u32> {
+        if !self.by_id.is_empty() {
+            return self
+                .by_id
+                .get(id as usize)
+                .copied()
+                .filter(|&p| p != u32::MAX);
+        }
+        self.ids.binary_search(&id).ok().map(|p| p as u32)
+    }
+
+    /// The similarity of two photos when one's list holds the other.
+    fn listed(&self, a: u32, b: u32) -> Option<f32> {
+        let (ia, ib) = (self.ids[a as usize], self.ids[b as usize]);
+        let find = |list: &crate::store::NearList, id: u64| {
+            list.iter().find(|&&(x, _)| x == id).map(|&(_, s)| s)
+        };
+        find(&self.lists[a as usize], ib).or_else(|| find(&self.lists[b as usize], ia))
+    }
+
+    /// The edges at `threshold` or above that both lists hold (one side
+    /// alone is a list made before the other photo changed), as positions.
+    fn mutual_edges(&self, threshold: f32) -> Vec<(u32, u32, f32)> {
+        let mut edges = Vec::new();
+        for (pa, list) in self.lists.iter().enumerate() {
+            let a = self.ids[pa];
+            for &(b, s) in list {
+                if a >= b || s < threshold {
+                    continue;
+                }
+                let Some(pb) = self.position(b) else {
+                    continue;
+                };
+                if self.lists[pb as usize].iter().any(|&(x, _)| x == a) {
+                    edges.push((pa as u32, pb, s));
+                }
+            }
+        }
+        edges
+    }
+}
+
 /// Groups built around a first photo: the closest pair not yet grouped
 /// starts a group, and a photo joins a group only when it is at least the
 /// threshold similar to that group's first photo. Linking every pair above
 /// the threshold instead (connected components) chains: on the million
 /// benchmark photos (dense, augmented Fashion-MNIST) it made one group of
-/// 925,590 photos at 0.97.
-struct Centred<'a> {
+/// 925,590 photos at 0.97. Photos are positions `0..n`; `similarity` gives
+/// a pair's similarity when it is not an edge.
+fn centred(
+    n: usize,
     threshold: f32,
-    /// The similarity of a pair, when known from the edges.
-    pairs: HashMap<(u64, u64), f32>,
-    /// A pair's similarity otherwise (from the vectors).
-    similarity: Box<dyn Fn(u64, u64) -> Option<f32> + 'a>,
-    group_of: HashMap<u64, usize>,
-    /// (first photo, members, least similarity of a member to the first).
-    groups: Vec<(u64, Vec<u64>, f32)>,
-}
-
-impl<'a> Centred<'a> {
-    fn new(threshold: f32, similarity: impl Fn(u64, u64) -> Option<f32> + 'a) -> Self {
-        Self {
-            threshold,
-            pairs: HashMap::new(),
-            similarity: Box::new(similarity),
-            group_of: HashMap::new(),
-            groups: Vec::new(),
+    mut edges: Vec<(u32, u32, f32)>,
+    similarity: impl Fn(u32, u32) -> Option<f32>,
+) -> Vec<(Vec<u32>, f32)> {
+    const NONE: u32 = u32::MAX;
+    edges.retain(|&(a, b, s)| a != b && s >= threshold);
+    for e in &mut edges {
+        if e.0 > e.1 {
+            std::mem::swap(&mut e.0, &mut e.1);
         }
     }
-
-    /// Groups the edges `(a, b, similarity)` at or above the threshold.
-    fn build(mut self, mut edges: Vec<(u64, u64, f32)>) -> Vec<(Vec<u64>, f32)> {
-        edges.retain(|&(a, b, s)| a != b && s >= self.threshold);
-        for e in &mut edges {
-            if e.0 > e.1 {
-                std::mem::swap(&mut e.0, &mut e.1);
+    // Closest first (similarities are in [-1, 1]: their bits order them
+    // once negated ones are left out by the threshold, which is >= 0).
+    edges.sort_unstable_by_key(|&(a, b, s)| (std::cmp::Reverse((s + 0.0).to_bits()), a, b));
+    edges.dedup_by(|x, y| (x.0, x.1) == (y.0, y.1));
+    let mut group_of = vec![NONE; n];
+    // (first photo, members, least similarity of a member to the first).
+    let mut groups: Vec<(u32, Vec<u32>, f32)> = Vec::new();
+    for &(a, b, s) in &edges {
+        let (ga, gb) = (group_of[a as usize], group_of[b as usize]);
+        let (g, id) = match (ga, gb) {
+            (NONE, NONE) => {
+                group_of[a as usize] = groups.len() as u32;
+                group_of[b as usize] = groups.len() as u32;
+                groups.push((a, vec![a, b], s));
+                continue;
             }
-        }
-        edges.sort_by(|x, y| y.2.total_cmp(&x.2).then((x.0, x.1).cmp(&(y.0, y.1))));
-        edges.dedup_by(|x, y| (x.0, x.1) == (y.0, y.1));
-        self.pairs = edges.iter().map(|&(a, b, s)| ((a, b), s)).collect();
-        for &(a, b, s) in &edges {
-            match (
-                self.group_of.get(&a).copied(),
-                self.group_of.get(&b).copied(),
-            ) {
-                (None, None) => {
-                    self.group_of.insert(a, self.groups.len());
-                    self.group_of.insert(b, self.groups.len());
-                    self.groups.push((a, vec![a, b], s));
-                }
-                (Some(g), None) => self.join(g, b),
-                (None, Some(g)) => self.join(g, a),
-                (Some(_), Some(_)) => {}
-            }
-        }
-        self.groups
-            .into_iter()
-            .map(|(_, mut ids, least)| {
-                ids.sort_unstable();
-                (ids, least)
-            })
-            .collect()
-    }
-
-    fn join(&mut self, g: usize, id: u64) {
-        let first = self.groups[g].0;
-        let pair = (first.min(id), first.max(id));
-        let Some(s) = self
-            .pairs
-            .get(&pair)
-            .copied()
-            .or_else(|| (self.similarity)(first, id))
-        else {
-            return;
+            (g, NONE) => (g, b),
+            (NONE, g) => (g, a),
+            _ => continue,
         };
-        if s >= self.threshold {
-            self.group_of.insert(id, g);
-            let group = &mut self.groups[g];
+        let first = groups[g as usize].0;
+        // This edge when it is the one to the first photo, else the pair's.
+        let to_first = if first == a || first == b {
+            Some(s)
+        } else {
+            similarity(first, id)
+        };
+        if let Some(t) = to_first.filter(|&t| t >= threshold) {
+            group_of[id as usize] = g;
+            let group = &mut groups[g as usize];
             group.1.push(id);
-            group.2 = group.2.min(s);
+            group.2 = group.2.min(t);
         }
     }
+    groups
+        .into_iter()
+        .map(|(_, mut ids, least)| {
+            ids.sort_unstable();
+            (ids, least)
+        })
+        .collect()
 }
 
 /// Which of two records is more likely the original: more pixels, then a
@@ -258,6 +306,7 @@ impl Engine {
     /// then by first id), and the photos not listed yet; computed once per
     /// threshold and state of the store, so paging through them is cheap.
     fn groups_at(&self, threshold: f32) -> Result<(Arc<Vec<(Vec<u64>, f32)>>, usize)> {
+        let start = Instant::now();
         let index = self.index();
         let store = index.store();
         let version = store.version();
@@ -272,45 +321,56 @@ impl Engine {
                 }
             }
         }
-        let mut edges: Vec<(u64, u64, f32)> = Vec::new();
-        let pending;
-        if threshold >= NEAR_FLOOR {
-            // An edge counts when both lists hold it: one side alone is a
-            // list made before the other photo changed.
-            let lists: HashMap<u64, Vec<(u64, f32)>> =
-                store.near_lists().collect::<crate::store::Result<_>>()?;
-            for (&a, list) in &lists {
+        let (lists, pending) = if threshold >= NEAR_FLOOR {
+            let mut ids = Vec::new();
+            let mut lists = Vec::new();
+            for entry in store.near_lists() {
+                let (id, list) = entry?;
+                ids.push(id);
+                lists.push(list);
+            }
+            (Lists::new(ids, lists), store.near_pending()?.len())
+        } else {
+            // Below the lists' floor: search again, every photo, and write
+            // each edge both ways as the indexer does.
+            use rayon::prelude::*;
+            let ids: Vec<u64> = index.vectors().ids().into_iter().collect();
+            let mut lists = ids
+                .par_iter()
+                .map(|&id| near::neighbours(index.vectors(), id, NEAR_K, threshold))
+                .collect::<crate::vector::Result<Vec<_>>>()?;
+            let found = Lists::new(ids, lists.clone());
+            for (pa, list) in found.lists.iter().enumerate() {
                 for &(b, s) in list {
-                    let mutual = || {
-                        lists
-                            .get(&b)
-                            .is_some_and(|l| l.iter().any(|&(x, _)| x == a))
-                    };
-                    if a < b && s >= threshold && mutual() {
-                        edges.push((a, b, s));
+                    if let Some(pb) = found.position(b) {
+                        let theirs = &mut lists[pb as usize];
+                        if !theirs.iter().any(|&(x, _)| x == found.ids[pa]) {
+                            theirs.push((found.ids[pa], s));
+                        }
                     }
                 }
             }
-            pending = store.near_pending()?.len();
-        } else {
-            // Below the lists' floor: search again, every photo.
-            use rayon::prelude::*;
-            let ids: Vec<u64> = index.vectors().ids().into_iter().collect();
-            let found = ids
-                .par_iter()
-                .map(|&id| {
-                    near::neighbours(index.vectors(), id, NEAR_K, threshold).map(|l| (id, l))
-                })
-                .collect::<crate::vector::Result<Vec<_>>>()?;
-            for (a, list) in found {
-                edges.extend(list.into_iter().map(|(b, s)| (a, b, s)));
-            }
-            pending = 0;
-        }
+            (Lists::new(found.ids, lists), 0)
+        };
+        let read = start.elapsed();
         let vectors = index.vectors();
-        let similarity =
-            |a: u64, b: u64| Some(super::dot(&vectors.vector(a)?, &vectors.vector(b)?));
-        let found = Centred::new(threshold, similarity).build(edges);
+        let similarity = |a: u32, b: u32| {
+            lists.listed(a, b).or_else(|| {
+                let (a, b) = (lists.ids[a as usize], lists.ids[b as usize]);
+                Some(super::dot(&vectors.vector(a)?, &vectors.vector(b)?))
+            })
+        };
+        let edges = lists.mutual_edges(threshold);
+        let linked = start.elapsed();
+        let found: Vec<(Vec<u64>, f32)> = centred(lists.ids.len(), threshold, edges, similarity)
+            .into_iter()
+            .map(|(members, least)| {
+                (
+                    members.into_iter().map(|p| lists.ids[p as usize]).collect(),
+                    least,
+                )
+            })
+            .collect();
         // Ordered by their ids alone: only the page's records are read.
         let mut found = found;
         found.sort_by(|(a, sa), (b, sb)| {
@@ -319,6 +379,13 @@ impl Engine {
                 .then(sb.total_cmp(sa))
                 .then(a[0].cmp(&b[0]))
         });
+        tracing::debug!(
+            ?read,
+            ?linked,
+            grouped = ?start.elapsed(),
+            groups = found.len(),
+            "duplicate groups"
+        );
         let groups = Arc::new(found);
         *self
             .duplicate_cache
@@ -347,17 +414,36 @@ mod tests {
             (7, 8, 0.97),
             (8, 9, 0.96),
         ];
-        let known = |a: u64, b: u64| match (a.min(b), a.max(b)) {
+        let known = |a: u32, b: u32| match (a.min(b), a.max(b)) {
+            (1, 3) => Some(0.90),
             (7, 9) => Some(0.985),
             _ => None,
         };
-        let mut found = Centred::new(0.95, known).build(edges);
+        let mut found = centred(10, 0.95, edges.clone(), known);
         found.sort_by_key(|(ids, _)| ids[0]);
         assert_eq!(found, vec![(vec![1, 2], 0.99), (vec![7, 8, 9], 0.97)]);
         // Lower, 3 is close enough to 1.
-        let edges = vec![(1, 2, 0.99), (2, 3, 0.97), (1, 3, 0.90)];
-        let found = Centred::new(0.9, |_, _| None).build(edges);
+        let found = centred(4, 0.9, edges[..3].to_vec(), known);
         assert_eq!(found, vec![(vec![1, 2, 3], 0.90)]);
+    }
+
+    #[test]
+    fn lists_count_an_edge_when_both_sides_hold_it() {
+        let lists = Lists::new(
+            vec![10, 20, 30],
+            vec![vec![(20, 0.99), (30, 0.95)], vec![(10, 0.99)], vec![]],
+        );
+        // 10-30 is in 10's list only: stale.
+        assert_eq!(lists.mutual_edges(0.9), vec![(0, 1, 0.99)]);
+        assert_eq!(lists.listed(2, 0), Some(0.95));
+        assert_eq!(lists.position(25), None);
+        // Sparse ids: by binary search, the same answers.
+        let sparse = Lists::new(
+            vec![10, 1 << 40],
+            vec![vec![(1 << 40, 0.97)], vec![(10, 0.97)]],
+        );
+        assert_eq!(sparse.mutual_edges(0.9), vec![(0, 1, 0.97)]);
+        assert_eq!(sparse.position(1 << 40), Some(1));
     }
 
     #[test]
