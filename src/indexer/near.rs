@@ -47,7 +47,7 @@ pub fn neighbours(
 }
 
 /// Adds `(id, similarity)` to a list unless it holds `id` already.
-fn add(list: &mut NearList, id: u64, similarity: f32) {
+pub fn add(list: &mut NearList, id: u64, similarity: f32) {
     if !list.iter().any(|&(other, _)| other == id) {
         list.push((id, similarity));
     }

@@ -71,8 +71,8 @@ impl std::str::FromStr for Cutoff {
             "" | "auto" => Ok(Cutoff::Auto),
             "none" => Ok(Cutoff::None),
             other => match other.parse::<f32>() {
-                Ok(x) if x.is_finite() && (-1.0..=1.0).contains(&x) => Ok(Cutoff::Score(x)),
-                _ => Err(format!(
+                Ok(x) => Cutoff::Score(x).checked(),
+                Err(_) => Err(format!(
                     "cutoff {:?}: use auto, none or a score from -1 to 1",
                     s.chars().take(40).collect::<String>()
                 )),
@@ -115,11 +115,13 @@ impl<'de> Deserialize<'de> for Cutoff {
 }
 
 impl Cutoff {
-    fn checked(self) -> Result<Self, String> {
+    /// The cutoff, or why it cannot be one: a score is a finite number from
+    /// -1 to 1. The one check of every way a cutoff arrives.
+    pub fn checked(self) -> Result<Self, String> {
         match self {
-            Cutoff::Score(x) if !x.is_finite() || !(-1.0..=1.0).contains(&x) => {
-                Err(format!("cutoff {x}: a score is from -1 to 1"))
-            }
+            Cutoff::Score(x) if !x.is_finite() || !(-1.0..=1.0).contains(&x) => Err(format!(
+                "cutoff {x}: use auto, none or a score from -1 to 1"
+            )),
             other => Ok(other),
         }
     }
@@ -142,6 +144,14 @@ pub struct Boundary {
     /// library, the least the boundary may be.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub contrast: Option<f32>,
+}
+
+/// The contrast prompts' mean embedding and, for the store version it was
+/// measured at, their mean similarity to the library sample.
+pub(crate) struct Contrast {
+    pub mean: Vec<f32>,
+    pub version: u64,
+    pub floor: Option<f32>,
 }
 
 /// The rule of one query: which photos are relevant.

@@ -256,7 +256,7 @@ impl Engine {
         let total_groups = found.len();
         let total_photos = found.iter().map(|(g, _)| g.len()).sum();
         let more = offset.saturating_add(k) < total_groups;
-        let mut page = Vec::with_capacity(k.min(total_groups));
+        let mut groups = Vec::with_capacity(k.min(total_groups));
         for (ids, similarity) in found.iter().skip(offset).take(k) {
             let similarity = *similarity;
             let mut records = Vec::with_capacity(ids.len());
@@ -278,7 +278,7 @@ impl Engine {
                     .cmp(&(a.id == original))
                     .then(a.path.cmp(&b.path))
             });
-            page.push(Group {
+            groups.push(Group {
                 photos: records
                     .iter()
                     .map(|r| GroupPhoto {
@@ -289,7 +289,6 @@ impl Engine {
                 similarity,
             });
         }
-        let groups = page;
         Ok(Duplicates {
             threshold,
             groups,
@@ -335,22 +334,22 @@ impl Engine {
             // each edge both ways as the indexer does.
             use rayon::prelude::*;
             let ids: Vec<u64> = index.vectors().ids().into_iter().collect();
-            let mut lists = ids
+            let lists = ids
                 .par_iter()
                 .map(|&id| near::neighbours(index.vectors(), id, NEAR_K, threshold))
                 .collect::<crate::vector::Result<Vec<_>>>()?;
-            let found = Lists::new(ids, lists.clone());
-            for (pa, list) in found.lists.iter().enumerate() {
-                for &(b, s) in list {
-                    if let Some(pb) = found.position(b) {
-                        let theirs = &mut lists[pb as usize];
-                        if !theirs.iter().any(|&(x, _)| x == found.ids[pa]) {
-                            theirs.push((found.ids[pa], s));
-                        }
-                    }
-                }
+            let mut found = Lists::new(ids, lists);
+            let back: Vec<(u32, u64, f32)> = found
+                .lists
+                .iter()
+                .enumerate()
+                .flat_map(|(pa, list)| list.iter().map(move |&(b, s)| (pa, b, s)))
+                .filter_map(|(pa, b, s)| Some((found.position(b)?, found.ids[pa], s)))
+                .collect();
+            for (pb, a, s) in back {
+                near::add(&mut found.lists[pb as usize], a, s);
             }
-            (Lists::new(found.ids, lists), 0)
+            (found, 0)
         };
         let read = start.elapsed();
         let vectors = index.vectors();
@@ -362,17 +361,17 @@ impl Engine {
         };
         let edges = lists.mutual_edges(threshold);
         let linked = start.elapsed();
-        let found: Vec<(Vec<u64>, f32)> = centred(lists.ids.len(), threshold, edges, similarity)
-            .into_iter()
-            .map(|(members, least)| {
-                (
-                    members.into_iter().map(|p| lists.ids[p as usize]).collect(),
-                    least,
-                )
-            })
-            .collect();
+        let mut found: Vec<(Vec<u64>, f32)> =
+            centred(lists.ids.len(), threshold, edges, similarity)
+                .into_iter()
+                .map(|(members, least)| {
+                    (
+                        members.into_iter().map(|p| lists.ids[p as usize]).collect(),
+                        least,
+                    )
+                })
+                .collect();
         // Ordered by their ids alone: only the page's records are read.
-        let mut found = found;
         found.sort_by(|(a, sa), (b, sb)| {
             b.len()
                 .cmp(&a.len())

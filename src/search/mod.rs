@@ -321,13 +321,7 @@ impl Query {
         if self.k == 0 || self.k > MAX_K {
             return Err(Error::BadQuery(format!("k must be between 1 and {MAX_K}")));
         }
-        if let Cutoff::Score(s) = self.cutoff {
-            if !s.is_finite() || !(-1.0..=1.0).contains(&s) {
-                return Err(Error::BadQuery(
-                    "cutoff must be auto, none or a score from -1 to 1".into(),
-                ));
-            }
-        }
+        self.cutoff.checked().map_err(Error::BadQuery)?;
         if self
             .min_score
             .is_some_and(|s| !s.is_finite() || !(-1.0..=1.0).contains(&s))
@@ -541,9 +535,9 @@ pub struct Engine {
     limits: DecodeLimits,
     /// Decode memory shared by concurrent uploads.
     budget: DecodeBudget,
-    /// The mean of the contrast prompts' embeddings, made at the first
-    /// text query with an automatic cutoff.
-    contrast: Mutex<Option<Arc<Vec<f32>>>>,
+    /// The contrast prompts' mean embedding, made at the first text query
+    /// with an automatic cutoff, and their level on the library.
+    contrast: Mutex<Option<cutoff::Contrast>>,
     /// The duplicate groups last computed.
     duplicate_cache: Mutex<Option<duplicates::GroupCache>>,
 }
@@ -1085,16 +1079,7 @@ impl Engine {
                 boundary.split = cutoff::split(&mut scores);
                 let text_only = q.terms.iter().all(|t| matches!(t.kind, TermKind::Text(_)));
                 if text_only {
-                    // The prompts' mean similarity to a photo is the mean
-                    // prompt's: one pass over the sample.
-                    let mean = self.contrast_mean()?;
-                    let norm = dot(&mean, &mean).sqrt();
-                    let sample = vectors.sample_similarities(&mean, cutoff::BACKGROUND_SAMPLE)?;
-                    if !sample.is_empty() && norm > 0.0 {
-                        let average =
-                            sample.iter().map(|&(_, s)| s).sum::<f32>() / sample.len() as f32;
-                        boundary.contrast = Some(norm * average);
-                    }
+                    boundary.contrast = self.contrast_floor()?;
                 }
                 judge.threshold = match (boundary.split, boundary.contrast) {
                     (Some(a), Some(b)) => Some(a.max(b)),
@@ -1107,23 +1092,42 @@ impl Engine {
         Ok((judge, boundary))
     }
 
-    /// The mean of the contrast prompts' unit embeddings, made once.
-    fn contrast_mean(&self) -> Result<Arc<Vec<f32>>> {
+    /// The contrast prompts' mean similarity to the library sample: the
+    /// least a text query's boundary may be. The prompts are embedded once;
+    /// the level is measured again only when the photos change.
+    fn contrast_floor(&self) -> Result<Option<f32>> {
         let mut slot = self.contrast.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(mean) = slot.as_ref() {
-            return Ok(mean.clone());
+        let version = self.index.store().version();
+        if let Some(c) = slot.as_ref().filter(|c| c.version == version) {
+            return Ok(c.floor);
         }
-        let prompts = self.clip.embed_texts(cutoff::CONTRAST_PROMPTS)?;
-        let mut mean = vec![0f32; self.clip.info().embedding_dim];
-        for v in &prompts {
-            let norm = dot(v, v).sqrt().max(f32::MIN_POSITIVE);
-            for (m, x) in mean.iter_mut().zip(v) {
-                *m += x / norm / prompts.len() as f32;
+        let mean = match slot.take() {
+            Some(c) => c.mean,
+            None => {
+                let prompts = self.clip.embed_texts(cutoff::CONTRAST_PROMPTS)?;
+                let mut mean = vec![0f32; self.clip.info().embedding_dim];
+                for v in prompts.iter().map(|v| crate::vector::unit(v)) {
+                    for (m, x) in mean.iter_mut().zip(v) {
+                        *m += x / prompts.len() as f32;
+                    }
+                }
+                mean
             }
-        }
-        let mean = Arc::new(mean);
-        *slot = Some(mean.clone());
-        Ok(mean)
+        };
+        // The prompts' mean similarity to a photo is the mean prompt's.
+        let norm = dot(&mean, &mean).sqrt();
+        let sample = self
+            .index
+            .vectors()
+            .sample_similarities(&mean, cutoff::BACKGROUND_SAMPLE)?;
+        let floor = (!sample.is_empty() && norm > 0.0)
+            .then(|| norm * sample.iter().map(|&(_, s)| s).sum::<f32>() / sample.len() as f32);
+        *slot = Some(cutoff::Contrast {
+            mean,
+            version,
+            floor,
+        });
+        Ok(floor)
     }
 
     /// Photos like a stored one (itself excluded).
