@@ -30,6 +30,7 @@ fn main() -> ExitCode {
             | Command::Search(_)
             | Command::Similar(_)
             | Command::Duplicates(_)
+            | Command::Tags(_)
             | Command::Embed(_)
             | Command::Eval(_)
     ) {

@@ -8,16 +8,20 @@ import { cancelTyping, loadMore, onType, search, searchByImage } from "./js/sear
 import { EXAMPLES, state } from "./js/state.js";
 import { listenToJobs, refreshStatus, reindex } from "./js/status.js";
 import { hideDuplicates, inDuplicates, initDuplicates, showDuplicates } from "./js/duplicates.js";
+import { hideTags, inTags, initTags, showTags } from "./js/tags.js";
 import { photoInAddress, restore } from "./js/url.js";
 import { closeViewer, openPhoto, openViewer, viewerAction, viewerClosed } from "./js/viewer.js";
 
 // Shows the search and photo the address names (on load, back, forward).
 async function follow() {
-  if (inDuplicates()) {
+  if (inDuplicates() || inTags()) {
     if ($("viewer").open) { state.viewerPushed = false; $("viewer").close(); }
+    if (inTags()) { hideDuplicates(); return showTags(follow); }
+    hideTags();
     return showDuplicates();
   }
   hideDuplicates();
+  hideTags();
   const sameSearch = location.search === state.shown && state.generation > 0;
   const photo = sameSearch ? photoInAddress() : restore();
   if (!sameSearch) await search("none");
@@ -106,8 +110,9 @@ function init() {
   refreshStatus();
   listenToJobs();
   initDuplicates(follow);
+  initTags(follow);
   $("d-back").onclick = (e) => { e.preventDefault(); history.pushState(null, "", "/" + state.shown); follow(); };
-  if (location.search || photoInAddress() != null || inDuplicates()) follow();
+  if (location.search || photoInAddress() != null || inDuplicates() || inTags()) follow();
 }
 
 init();

@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use super::{IndexArgs, ReindexArgs, RunArgs, StatusArgs};
+use super::{IndexArgs, ReindexArgs, RetagArgs, RunArgs, StatusArgs, TagArgs};
+use crate::indexer::tags::{self, Tagging, Vocabulary};
 use crate::indexer::{self, Index, Phase, Progress, RunOptions};
 use crate::model::{Clip, HubOptions, ModelSource, Precision};
 use crate::store::RunSummary;
@@ -29,10 +30,50 @@ pub(super) fn run_options(args: &RunArgs) -> RunOptions {
     opts
 }
 
+/// What the tag options ask for, the vocabulary file read and checked.
+pub(super) fn tagging(args: &TagArgs) -> Result<Tagging> {
+    if args.no_tags {
+        return Ok(Tagging::Off);
+    }
+    if let Some(t) = args.tag_threshold {
+        tags::check_threshold(t).map_err(anyhow::Error::msg)?;
+    }
+    let vocabulary = match args.tags.as_deref() {
+        None => None,
+        Some(tags::BUILTIN_SOURCE) if !Path::new(tags::BUILTIN_SOURCE).exists() => {
+            Some((tags::BUILTIN_SOURCE.to_string(), tags::BUILTIN.to_string()))
+        }
+        Some(file) => {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("cannot read the tag file {file}"))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| anyhow::anyhow!("the tag file {file} is not UTF-8 text"))?;
+            Vocabulary::parse(&text).with_context(|| format!("the tag file {file}"))?;
+            Some((file.to_string(), text))
+        }
+    };
+    if vocabulary.is_none() && args.tag_threshold.is_none() {
+        return Ok(Tagging::Keep);
+    }
+    Ok(Tagging::Change {
+        vocabulary,
+        threshold: args.tag_threshold,
+    })
+}
+
+/// A run's options from its arguments.
+fn options(run: &RunArgs, tags: &TagArgs) -> Result<RunOptions> {
+    Ok(RunOptions {
+        tags: tagging(tags)?,
+        ..run_options(run)
+    })
+}
+
 pub fn index(args: &IndexArgs) -> Result<()> {
     if !args.library.is_dir() {
         bail!("the library {} is not a folder", args.library.display());
     }
+    let opts = options(&args.run, &args.tags)?;
     let source = args.model.source()?;
     // Continuing an index keeps its precision unless another is asked for
     // (which the index then refuses, naming `reindex --precision`).
@@ -43,7 +84,7 @@ pub fn index(args: &IndexArgs) -> Result<()> {
     let clip = Clip::load_with(&source, &args.model.hub(true), precision)
         .with_context(|| format!("cannot load model {source}"))?;
     let index = Index::create_or_open(&args.index, &args.library, clip.info())?;
-    run(&index, &clip, &args.run, args.json)
+    run(&index, &clip, &opts, args.json)
 }
 
 /// The precision of the index at `root`, if there is one to read.
@@ -55,41 +96,98 @@ fn stored_precision(root: &Path) -> Option<Precision> {
 }
 
 pub fn reindex(args: &ReindexArgs) -> Result<()> {
+    let opts = options(&args.run, &args.tags)?;
     if let Some(model) = &args.model {
         // A new model keeps the index's precision unless told otherwise.
         let precision = args
             .precision
             .or_else(|| stored_precision(&args.index))
             .unwrap_or_else(crate::model::default_precision);
-        return switch_model(args, model, precision);
+        return switch_model(args, opts, model, precision);
     }
     let index = Index::open(&args.index)?;
     let model_id = index.meta().model.id.clone();
-    let precision = index.meta().model.precision;
-    if let Some(asked) = args.precision.filter(|&p| p != precision) {
+    if let Some(asked) = args
+        .precision
+        .filter(|&p| p != index.meta().model.precision)
+    {
         drop(index);
-        return switch_model(args, &model_id, asked);
+        return switch_model(args, opts, &model_id, asked);
     }
-    let source = ModelSource::parse(&model_id).with_context(|| {
+    let clip = index_model(&index, args.offline)?;
+    run(&index, &clip, &opts, args.json)
+}
+
+/// The model an index was made with, at its precision.
+fn index_model(index: &Index, offline: bool) -> Result<Clip> {
+    let model_id = &index.meta().model.id;
+    let source = ModelSource::parse(model_id).with_context(|| {
         format!(
             "the index's model {model_id} is no longer available; restore it, or build a new index"
         )
     })?;
-    let hub = HubOptions::from_env(args.offline, true);
-    let clip = Clip::load_with(&source, &hub, precision)
-        .with_context(|| format!("cannot load the index's model {model_id}"))?;
-    run(&index, &clip, &args.run, args.json)
+    let hub = HubOptions::from_env(offline, true);
+    Clip::load_with(&source, &hub, index.meta().model.precision)
+        .with_context(|| format!("cannot load the index's model {model_id}"))
+}
+
+/// `clipdex retag`: every photo tagged again from its embedding.
+pub fn retag(args: &RetagArgs) -> Result<()> {
+    let tagging = tagging(&args.tags)?;
+    let index = Index::open(&args.index)?;
+    let clip = index_model(&index, args.offline)?;
+    let tagger = index.tagger(&clip, &tagging)?;
+    let done = index.retag(tagger.as_ref())?;
+    if args.json {
+        println!("{}", serde_json::to_string(&done)?);
+        return Ok(());
+    }
+    match tagger.as_ref().map(|t| t.setup()) {
+        Some(setup) => println!(
+            "{} photos tagged with {} ({} tags, threshold {}) in {:.1} s: {} have tags, {} changed",
+            done.photos,
+            setup.source,
+            tagger.as_ref().map_or(0, |t| t.names().len()),
+            setup.threshold,
+            done.seconds,
+            done.tagged,
+            done.changed
+        ),
+        None => println!(
+            "tags removed from {} photos; the index makes no tags now",
+            done.changed
+        ),
+    }
+    Ok(())
 }
 
 /// `clipdex reindex --model M` (or `--precision P`): builds the next
 /// generation with `M` at `precision` beside the index, then puts it in the
 /// index's place (see `indexer::generation`).
-fn switch_model(args: &ReindexArgs, model: &str, precision: Precision) -> Result<()> {
+fn switch_model(
+    args: &ReindexArgs,
+    mut opts: RunOptions,
+    model: &str,
+    precision: Precision,
+) -> Result<()> {
     let root = &args.index;
     // The current index's library and model: from the index, or from the
     // lock file of the process that holds it (which keeps answering).
     let (library, fingerprint) = match Index::open(root) {
-        Ok(index) => (index.library(), index.meta().model.fingerprint.clone()),
+        Ok(index) => {
+            // The next generation tags as this one does, unless told otherwise.
+            if opts.tags == Tagging::Keep {
+                opts.tags = match index.store().tag_setup()? {
+                    Some(Some(setup)) => Tagging::Change {
+                        vocabulary: Some((setup.source, setup.text)),
+                        threshold: Some(setup.threshold),
+                    },
+                    Some(None) => Tagging::Off,
+                    None => Tagging::Keep,
+                };
+            }
+            (index.library(), index.meta().model.fingerprint.clone())
+        }
         Err(indexer::Error::InUse { holder, .. }) => {
             match (holder.library.clone(), holder.fingerprint.clone()) {
                 (Some(library), Some(fingerprint)) => (PathBuf::from(library), fingerprint),
@@ -115,7 +213,7 @@ fn switch_model(args: &ReindexArgs, model: &str, precision: Precision) -> Result
             root.display()
         );
         let index = Index::open(root)?;
-        return run(&index, &clip, &args.run, args.json);
+        return run(&index, &clip, &opts, args.json);
     }
     let next = indexer::generation::next_path(root);
     // A next generation begun with another model is started over; one begun
@@ -130,7 +228,7 @@ fn switch_model(args: &ReindexArgs, model: &str, precision: Precision) -> Result
     }
     {
         let index = Index::create_or_open(&next, &library, clip.info())?;
-        run(&index, &clip, &args.run, args.json)?;
+        run(&index, &clip, &opts, args.json)?;
     }
     indexer::generation::mark_ready(root)?;
     match indexer::generation::settle(root) {
@@ -146,13 +244,15 @@ fn switch_model(args: &ReindexArgs, model: &str, precision: Precision) -> Result
     Ok(())
 }
 
-fn run(index: &Index, clip: &Clip, args: &RunArgs, json: bool) -> Result<()> {
-    let opts = run_options(args);
+fn run(index: &Index, clip: &Clip, opts: &RunOptions, json: bool) -> Result<()> {
     let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(200));
-    bar.set_message("scanning the library");
-    let mut last_phase = Phase::Scanning;
+    bar.set_message("preparing the automatic tags");
+    let mut last_phase = Phase::Tagging;
     let mut callback = |p: &Progress| {
+        if p.phase == Phase::Scanning && last_phase != Phase::Scanning {
+            bar.set_message("scanning the library");
+        }
         if p.phase != last_phase && p.phase == Phase::Indexing {
             bar.set_length(p.to_process);
             bar.set_style(
@@ -178,7 +278,7 @@ fn run(index: &Index, clip: &Clip, args: &RunArgs, json: bool) -> Result<()> {
         }
     };
     let stop = AtomicBool::new(false);
-    let result = indexer::run(index, clip, &opts, &mut callback, &stop);
+    let result = indexer::run(index, clip, opts, &mut callback, &stop);
     bar.finish_and_clear();
     let summary = result?;
     print_summary(index, &summary, json)

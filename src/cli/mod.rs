@@ -48,6 +48,11 @@ pub enum Command {
     Search(SearchArgs),
     /// Print photos similar to one of the index (by id or path) or to any image file.
     Similar(SimilarArgs),
+    /// Tag every photo again from its stored embedding (another vocabulary
+    /// or threshold, or none), without reading or embedding a photo.
+    Retag(RetagArgs),
+    /// List the automatic tags photos have: how many have each, and a cover photo.
+    Tags(TagsArgs),
     /// Print groups of photos that are the same picture (resized,
     /// re-encoded, cropped, edited) or near-identical shots. Nothing is
     /// deleted or moved.
@@ -288,6 +293,9 @@ pub struct FilterArgs {
     /// Only photos from a camera matching these words.
     #[arg(long)]
     pub camera: Option<String>,
+    /// Only photos with every one of these automatic tags (comma-separated).
+    #[arg(long)]
+    pub tag: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -402,6 +410,53 @@ pub struct DuplicatesArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct RetagArgs {
+    /// The index folder.
+    #[arg(long, default_value = DEFAULT_INDEX, env = "CLIPDEX_INDEX")]
+    pub index: PathBuf,
+
+    #[command(flatten)]
+    pub tags: TagArgs,
+
+    /// Never use the network for the model (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+
+    /// Print what was done as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TagsArgs {
+    #[command(flatten)]
+    pub query_index: QueryTarget,
+
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The automatic tags' vocabulary and threshold.
+#[derive(Debug, Clone, Args)]
+pub struct TagArgs {
+    /// Tag photos with this vocabulary file (one tag per line, aliases after
+    /// "|"; the built-in one, src/indexer/tags.txt, shows the format) instead
+    /// of the index's; `built-in` for the built-in one. Photos already
+    /// indexed are re-tagged from their embeddings.
+    #[arg(long, value_name = "FILE")]
+    pub tags: Option<String>,
+
+    /// Zero-shot probability a tag needs, above 0 and at most 1 (default 0.3).
+    #[arg(long, value_name = "P")]
+    pub tag_threshold: Option<f32>,
+
+    /// No automatic tags; photos lose those they have.
+    #[arg(long, conflicts_with_all = ["tags", "tag_threshold"])]
+    pub no_tags: bool,
+}
+
 /// Where the index lives.
 const DEFAULT_INDEX: &str = "index";
 
@@ -446,6 +501,9 @@ pub struct IndexArgs {
     #[command(flatten)]
     pub run: RunArgs,
 
+    #[command(flatten)]
+    pub tags: TagArgs,
+
     /// Print the run's summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -477,6 +535,9 @@ pub struct ReindexArgs {
 
     #[command(flatten)]
     pub run: RunArgs,
+
+    #[command(flatten)]
+    pub tags: TagArgs,
 
     /// Print the run's summary as JSON.
     #[arg(long)]
@@ -559,6 +620,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Search(args) => search::search(&args),
         Command::Similar(args) => search::similar(&args),
         Command::Duplicates(args) => search::duplicates(&args),
+        Command::Retag(args) => index::retag(&args),
+        Command::Tags(args) => search::tags(&args),
         Command::Train(args) => train::train(&args),
         Command::Eval(args) => train::eval(&args),
         Command::Models(args) => models::run(&args),

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use super::{DuplicatesArgs, FilterArgs, QueryTarget, SearchArgs, SimilarArgs};
+use super::{DuplicatesArgs, FilterArgs, QueryTarget, SearchArgs, SimilarArgs, TagsArgs};
 use crate::indexer;
 use crate::model::Precision;
 use crate::search::{
@@ -24,6 +24,7 @@ impl From<&FilterArgs> for Filters {
             f.types.clone(),
             f.camera.clone(),
         )
+        .with_tags(f.tag.clone())
     }
 }
 
@@ -413,6 +414,51 @@ pub fn duplicates(args: &DuplicatesArgs) -> Result<()> {
     }
     if !args.json && shown > 0 {
         eprintln!("* the likely original: the most pixels, then the largest file, then the oldest");
+    }
+    end_quickly(backend);
+    Ok(())
+}
+
+/// `clipdex tags`: the tags photos have, the most common first.
+pub fn tags(args: &TagsArgs) -> Result<()> {
+    let backend = backend(&args.query_index)?;
+    let list: search::tags::TagList = match &backend {
+        Backend::Local(engine) => engine.tags()?,
+        Backend::Remote(base) => {
+            let response = with_token(ureq::get(&format!("{base}/api/tags")))
+                .config()
+                .http_status_as_error(false)
+                .build()
+                .call();
+            answer(response, base)?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&list)?);
+    } else if !list.enabled {
+        eprintln!("this index makes no tags (clipdex retag --tags FILE starts them)");
+    } else {
+        eprintln!(
+            "{} tags in use of {} in the vocabulary ({}, threshold {})",
+            list.tags.len(),
+            list.vocabulary_size,
+            list.vocabulary.as_deref().unwrap_or("-"),
+            list.threshold.unwrap_or_default()
+        );
+        let width = list
+            .tags
+            .iter()
+            .map(|t| t.name.chars().count())
+            .max()
+            .unwrap_or(0);
+        for tag in &list.tags {
+            println!(
+                "{:<width$}  {:>7}  {}",
+                tag.name,
+                tag.count,
+                tag.cover.as_ref().map_or("", |p| p.path.as_str())
+            );
+        }
     }
     end_quickly(backend);
     Ok(())

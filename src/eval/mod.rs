@@ -81,12 +81,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-fn unit(mut v: Vec<f32>) -> Vec<f32> {
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    v.iter_mut().for_each(|x| *x /= n);
-    v
-}
-
 /// One classifier weight per class: the mean of the normalised embeddings of
 /// the class name in every template, normalised (CLIP's prompt ensembling).
 pub fn class_embeddings(
@@ -94,21 +88,11 @@ pub fn class_embeddings(
     classes: &[String],
     templates: &[String],
 ) -> Result<Vec<Vec<f32>>> {
-    classes
+    let prompts: Vec<Vec<String>> = classes
         .iter()
-        .map(|c| {
-            let prompts: Vec<String> = templates.iter().map(|t| fill(t, c)).collect();
-            let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-            let emb = clip.embed_texts(&refs)?;
-            let mut mean = vec![0f32; emb[0].len()];
-            for e in &emb {
-                for (m, x) in mean.iter_mut().zip(e) {
-                    *m += x;
-                }
-            }
-            Ok(unit(mean))
-        })
-        .collect()
+        .map(|c| templates.iter().map(|t| fill(t, c)).collect())
+        .collect();
+    Ok(clip.ensemble(&prompts)?)
 }
 
 #[derive(Clone, Debug, Serialize)]

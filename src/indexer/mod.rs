@@ -21,6 +21,7 @@
 pub mod generation;
 pub mod near;
 mod run;
+pub mod tags;
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -91,6 +92,8 @@ pub enum Error {
     Model(#[from] crate::model::Error),
     #[error("indexing stopped: {0}")]
     Stopped(String),
+    #[error("the tag vocabulary cannot be used: {0}")]
+    Tags(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -578,5 +581,6 @@ pub(crate) fn keyword_doc(record: &PhotoRecord) -> keyword::Doc<'_> {
         caption: record.caption.as_deref(),
         camera: record.camera(),
         taken: record.taken.as_deref(),
+        tags: record.tags.iter().map(|t| t.name.as_str()).collect(),
     }
 }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 
+use super::tags::{Tagger, Tagging};
 use super::{Error, Index, Result, io_err, now_secs};
 use crate::library::meta::{PhotoMeta, caption, read_meta};
 use crate::library::scan::{ScannedFile, scan};
@@ -56,6 +57,8 @@ pub struct RunOptions {
     /// its merges and two fsyncs every 16 photos: 3.4x slower at 200,000.
     pub commit_changes: usize,
     pub limits: DecodeLimits,
+    /// The tag vocabulary and threshold: as the index has them, or new ones.
+    pub tags: Tagging,
     /// Called with an empty path as the run starts, and with each file's path
     /// before it is read, inside the per-file step: tests make it panic, to
     /// prove a panic in a file costs that file, not the run, and that a run
@@ -73,6 +76,7 @@ impl Default for RunOptions {
             save_every: Duration::from_secs(120),
             commit_changes: 256,
             limits: DecodeLimits::default(),
+            tags: Tagging::Keep,
             fail_point: None,
         }
     }
@@ -81,6 +85,9 @@ impl Default for RunOptions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
+    /// Embedding a new tag vocabulary (once per model) and re-tagging
+    /// stored photos when the vocabulary or threshold changed.
+    Tagging,
     Scanning,
     Indexing,
     Finishing,
@@ -357,6 +364,7 @@ fn describe(
         caption_source: done.caption.1,
         sidecar: sidecar_sig(&done.job.file),
         indexed_at: now_secs(),
+        tags: Vec::new(),
     }
 }
 
@@ -399,6 +407,8 @@ struct Runner<'a> {
     deferred: Vec<(Done, ContentHash)>,
     /// Set once no more embeddings are coming: deferred files decode themselves.
     finishing: bool,
+    /// Tags what is embedded; none when the index has no tags.
+    tagger: Option<&'a Tagger>,
 }
 
 impl Runner<'_> {
@@ -538,9 +548,15 @@ impl Runner<'_> {
         let start = Instant::now();
         let vectors = self.clip.embed_pixels(data, n)?;
         self.progress.counts.embed_seconds += start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let mut tags = match self.tagger {
+            Some(tagger) => tagger.tag_all(&vectors),
+            None => vec![Vec::new(); n],
+        };
+        self.progress.counts.tag_seconds += start.elapsed().as_secs_f64();
         let first = self.index.store.reserve_ids(n as u64)?;
         for (i, ((done, decoded), vector)) in batch.into_iter().zip(vectors).enumerate() {
-            let record = describe(
+            let mut record = describe(
                 &done,
                 decoded.hash,
                 first + i as u64,
@@ -548,6 +564,7 @@ impl Runner<'_> {
                 decoded.height,
                 decoded.format,
             );
+            record.tags = std::mem::take(&mut tags[i]);
             self.changes.push(Change::Put {
                 record,
                 vector: Some(vector),
@@ -708,6 +725,16 @@ pub fn run(
     let mut progress = Progress::new();
     callback(&progress);
 
+    // 0. Tags: a new vocabulary or threshold re-tags what is stored.
+    progress.phase = Phase::Tagging;
+    callback(&progress);
+    let tagger = index.tagger(clip, &opts.tags)?;
+    if index.tags_stale(tagger.as_ref())? {
+        index.retag(tagger.as_ref())?;
+    }
+    progress.phase = Phase::Scanning;
+    callback(&progress);
+
     // 1. Scan.
     let own = std::fs::canonicalize(&index.paths.root).map_err(io_err(&index.paths.root))?;
     let scanned = scan(&library, &[own]);
@@ -765,6 +792,7 @@ pub fn run(
         known_at_start: &known,
         deferred: Vec::new(),
         finishing: false,
+        tagger: tagger.as_ref(),
     };
     runner.tick();
 

@@ -31,6 +31,8 @@ pub struct Doc<'a> {
     pub camera: Option<String>,
     /// `YYYY-MM-DDTHH:MM:SS`.
     pub taken: Option<&'a str>,
+    /// Automatic tags (normalised names).
+    pub tags: Vec<&'a str>,
 }
 
 /// Which photos to select; every part given must hold.
@@ -46,6 +48,8 @@ pub struct Filter {
     pub formats: Vec<String>,
     /// Every word of it in the camera's make or model.
     pub camera: Option<String>,
+    /// Every one of these tags (normalised names).
+    pub tags: Vec<String>,
 }
 
 /// Memory for the writer's in-flight segment.
@@ -53,7 +57,7 @@ const WRITER_MEMORY: usize = 32 << 20;
 
 /// Version of the schema and analysis below. The keyword index is derived
 /// from the store: one of another version is dropped and rebuilt on open.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 const SCHEMA_FILE: &str = "clipdex-schema";
 
 /// Words for the keyword index: letters and digits, split where one turns
@@ -109,6 +113,10 @@ struct Fields {
     pub camera: Field,
     pub taken: Field,
     pub format: Field,
+    /// Each tag whole, for filters and the tag list.
+    pub tag: Field,
+    /// The tags as words, for keyword search.
+    pub tag_words: Field,
 }
 
 fn schema() -> (Schema, Fields) {
@@ -125,9 +133,11 @@ fn schema() -> (Schema, Fields) {
         name: b.add_text_field("name", stemmed.clone()),
         folder: b.add_text_field("folder", STRING | FAST),
         caption: b.add_text_field("caption", stemmed.clone()),
-        camera: b.add_text_field("camera", stemmed),
+        camera: b.add_text_field("camera", stemmed.clone()),
         taken: b.add_date_field("taken", INDEXED | FAST),
         format: b.add_text_field("format", STRING | FAST),
+        tag: b.add_text_field("tag", STRING),
+        tag_words: b.add_text_field("tag_words", stemmed),
     };
     (b.build(), fields)
 }
@@ -216,6 +226,10 @@ impl KeywordIndex {
         }
         if let Some(secs) = photo.taken.and_then(parse_datetime) {
             d.add_date(f.taken, tantivy::DateTime::from_timestamp_secs(secs));
+        }
+        for tag in &photo.tags {
+            d.add_text(f.tag, tag);
+            d.add_text(f.tag_words, tag);
         }
         writer.add_document(d)?;
         Ok(())
@@ -341,6 +355,15 @@ impl KeywordIndex {
                 .collect();
             must.push((Occur::Must, Box::new(BooleanQuery::new(any))));
         }
+        for tag in &f.tags {
+            must.push((
+                Occur::Must,
+                Box::new(TermQuery::new(
+                    Term::from_field_text(fields.tag, tag),
+                    IndexRecordOption::Basic,
+                )),
+            ));
+        }
         if let Some(camera) = f.camera.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
             let mut parser = QueryParser::for_index(&self.index, vec![fields.camera]);
             parser.set_conjunction_by_default();
@@ -350,8 +373,8 @@ impl KeywordIndex {
         Some(Box::new(BooleanQuery::new(must)))
     }
 
-    /// Photos whose name, path, caption or camera hold every word of `text`,
-    /// best first (file name and caption weigh more), among `allowed`.
+    /// Photos whose name, path, caption, camera or tags hold every word of
+    /// `text`, best first (file name and caption weigh more), among `allowed`.
     pub fn search_words(
         &self,
         text: &str,
@@ -363,8 +386,10 @@ impl KeywordIndex {
             return Ok(Vec::new());
         }
         let f = &self.fields;
-        let mut parser =
-            QueryParser::for_index(&self.index, vec![f.name, f.path, f.caption, f.camera]);
+        let mut parser = QueryParser::for_index(
+            &self.index,
+            vec![f.name, f.path, f.caption, f.camera, f.tag_words],
+        );
         parser.set_conjunction_by_default();
         parser.set_field_boost(f.name, 2.0);
         parser.set_field_boost(f.caption, 1.5);
@@ -428,6 +453,39 @@ impl KeywordIndex {
     /// Number of documents, as of the last commit.
     pub fn count(&self) -> u64 {
         self.reader.searcher().num_docs()
+    }
+
+    /// Every tag some photo has, with the number of photos that have it,
+    /// in name order.
+    pub fn tag_counts(&self) -> Result<Vec<(String, u64)>> {
+        let searcher = self.reader.searcher();
+        let mut names = BTreeSet::new();
+        for segment in searcher.segment_readers() {
+            let terms = segment.inverted_index(self.fields.tag)?;
+            let mut stream = terms
+                .terms()
+                .stream()
+                .map_err(|e| Error::Tantivy(e.into()))?;
+            while stream.advance() {
+                if let Ok(name) = std::str::from_utf8(stream.key()) {
+                    names.insert(name.to_string());
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let query = TermQuery::new(
+                Term::from_field_text(self.fields.tag, &name),
+                IndexRecordOption::Basic,
+            );
+            // Counted over live documents: a deleted one's terms linger
+            // in its segment until a merge.
+            let n = searcher.search(&query, &tantivy::collector::Count)? as u64;
+            if n > 0 {
+                out.push((name, n));
+            }
+        }
+        Ok(out)
     }
 }
 

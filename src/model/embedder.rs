@@ -266,6 +266,31 @@ impl Clip {
         Ok(out)
     }
 
+    /// One unit vector per class from its prompts: the mean of the prompts'
+    /// normalised embeddings, normalised (the paper's prompt ensembling).
+    /// Every prompt of every class goes through the text tower in shared
+    /// batches.
+    pub fn ensemble(&self, classes: &[Vec<String>]) -> Result<Vec<Vec<f32>>> {
+        let prompts: Vec<&str> = classes.iter().flatten().map(String::as_str).collect();
+        if classes.iter().any(Vec::is_empty) {
+            return Err(Error::Input("a class without prompts".into()));
+        }
+        let embedded = self.embed_texts(&prompts)?;
+        let mut rows = embedded.into_iter();
+        Ok(classes
+            .iter()
+            .map(|c| {
+                let mut mean = vec![0f32; self.info().embedding_dim];
+                for e in rows.by_ref().take(c.len()) {
+                    mean.iter_mut().zip(&e).for_each(|(m, x)| *m += x);
+                }
+                let norm = mean.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                mean.iter_mut().for_each(|x| *x /= norm);
+                mean
+            })
+            .collect())
+    }
+
     /// L2-normalised embeddings of images, in one batch.
     pub fn embed_images(&self, images: &[RgbView]) -> Result<Vec<Vec<f32>>> {
         if images.is_empty() {

@@ -5,6 +5,7 @@
 //! after:2019-06 before:2020 dog       taken from June 2019 to the end of 2019
 //! in:holidays/2019 camera:canon       a folder (and below), a camera's words
 //! type:png,webp  in:"summer trip"     file types; quotes keep spaces
+//! tag:dog tag:"palm tree"             automatic tags, every one of them
 //! sunset summer 2019 | 2018-2020 | the 1990s | last year | since 2021
 //! ```
 //!
@@ -47,6 +48,8 @@ pub struct Extracted {
     pub folder: Option<String>,
     pub camera: Option<String>,
     pub types: Vec<String>,
+    /// Tags (normalised names).
+    pub tags: Vec<String>,
     pub understood: Vec<Understood>,
 }
 
@@ -491,9 +494,12 @@ fn field_value(
             format!("type {value}")
         }
         _ => {
-            return Err(ParseError(format!(
-                "tag:{shown}: this index has no automatic tags yet"
-            )));
+            let tag = crate::indexer::tags::normalize(value);
+            if let Some(problem) = crate::indexer::tags::name_problem(&tag) {
+                return Err(ParseError(format!("tag:{shown}: {problem}")));
+            }
+            out.tags.push(tag.clone());
+            format!("tag {tag}")
         }
     };
     out.understood.push(Understood {
@@ -707,6 +713,11 @@ mod tests {
         assert_eq!(fields, ["after", "before", "folder", "camera", "type"]);
         assert_eq!(e.understood[2].text, "in:holidays/2019/");
 
+        let e = extract("beach tag:Dog tag:\"palm   tree\"", NOW).unwrap();
+        assert_eq!(e.text, "beach");
+        assert_eq!(e.tags, ["dog", "palm tree"]);
+        assert_eq!(e.understood[1].label, "tag palm tree");
+
         let e = extract("in:\"summer trip\" camera:\"eos 5d\" kids", NOW).unwrap();
         assert_eq!(e.text, "kids");
         assert_eq!(e.folder.as_deref(), Some("summer trip"));
@@ -738,7 +749,7 @@ mod tests {
             ("after:2019-13 dog", "after:2019-13 is not a date"),
             ("before:yesterday", "before:yesterday is not a date"),
             ("dog after:", "after: needs a value"),
-            ("tag:beach", "no automatic tags"),
+            ("tag:\"a,b\"", "may not"),
             ("in:a in:b", "one in: folder"),
             ("\"open quote", "unclosed quote"),
         ] {

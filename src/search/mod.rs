@@ -24,6 +24,7 @@ pub mod fields;
 pub mod open;
 pub mod query;
 pub mod request;
+pub mod tags;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -78,6 +79,9 @@ pub enum Error {
     Vectors(#[from] crate::vector::Error),
     #[error(transparent)]
     Keywords(#[from] crate::keyword::Error),
+    /// The index failed (boxed: its errors are large, and rare here).
+    #[error(transparent)]
+    Index(Box<crate::indexer::Error>),
     /// The model failed (shared: one failed batch answers several queries).
     #[error("the model failed: {0}")]
     Model(Arc<crate::model::Error>),
@@ -99,6 +103,12 @@ impl Error {
                 | Error::Changed(_)
                 | Error::Busy(_)
         )
+    }
+}
+
+impl From<crate::indexer::Error> for Error {
+    fn from(e: crate::indexer::Error) -> Self {
+        Error::Index(Box::new(e))
     }
 }
 
@@ -135,12 +145,17 @@ pub struct Filters {
     /// Words of the camera's make or model.
     #[serde(default)]
     pub camera: Option<String>,
+    /// Automatic tags the photo must all have, e.g. `["beach", "dog"]`.
+    #[serde(default, rename = "tag")]
+    pub tags: Option<Vec<String>>,
 }
 
 /// Longest text of a filter (folder, camera, a type), in characters.
 pub const MAX_FILTER_CHARS: usize = 1024;
 /// Most file types one filter may list.
 const MAX_TYPES: usize = 32;
+/// Most tags one filter may list.
+const MAX_TAG_FILTERS: usize = 32;
 
 /// A filter date as seconds since the epoch; `end_of_day` moves a date
 /// without a time to its last second.
@@ -186,6 +201,18 @@ impl Filters {
                 )));
             }
         }
+        if let Some(tags) = &self.tags {
+            if tags.len() > MAX_TAG_FILTERS {
+                return Err(Error::BadQuery(format!(
+                    "the tag filter lists too much (at most {MAX_TAG_FILTERS} tags)"
+                )));
+            }
+        }
+        for tag in self.tag_names() {
+            if let Some(problem) = crate::indexer::tags::name_problem(&tag) {
+                return Err(Error::BadQuery(format!("tag filter: {problem}")));
+            }
+        }
         if let (Some(from), Some(to)) = (
             filter_date("from", &self.from, false)?,
             filter_date("to", &self.to, true)?,
@@ -214,12 +241,27 @@ impl Filters {
             .collect()
     }
 
+    /// The tags asked for, normalised (`Beach, dog` is `beach` and `dog`).
+    fn tag_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .tags
+            .iter()
+            .flatten()
+            .flat_map(|t| t.split(','))
+            .map(crate::indexer::tags::normalize)
+            .filter(|t| !t.is_empty())
+            .collect();
+        names.dedup();
+        names
+    }
+
     pub fn is_empty(&self) -> bool {
         let blank = |s: &Option<String>| s.as_deref().is_none_or(|s| s.trim().is_empty());
         blank(&self.folder)
             && blank(&self.from)
             && blank(&self.to)
             && blank(&self.camera)
+            && self.tag_names().is_empty()
             && self
                 .types
                 .as_ref()
@@ -364,6 +406,9 @@ pub struct Hit {
     pub caption: Option<String>,
     /// URL of the thumbnail.
     pub thumbnail: String,
+    /// Automatic tags, most probable first.
+    #[serde(default)]
+    pub tags: Vec<Tag>,
 }
 
 /// A page of results.
@@ -404,6 +449,29 @@ pub struct Photo {
     pub hash: String,
     pub thumbnail: String,
     pub original: String,
+    /// Automatic tags, most probable first.
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+}
+
+/// An automatic tag of a photo.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Tag {
+    pub name: String,
+    /// Zero-shot probability among the vocabulary, 0 to 1.
+    pub probability: f32,
+}
+
+impl Tag {
+    fn of(r: &PhotoRecord) -> Vec<Tag> {
+        r.tags
+            .iter()
+            .map(|t| Tag {
+                name: t.name.clone(),
+                probability: t.p,
+            })
+            .collect()
+    }
 }
 
 impl Photo {
@@ -432,6 +500,7 @@ impl Photo {
             hash: r.hash.to_string(),
             thumbnail: format!("/api/photos/{}/thumbnail", r.id),
             original: format!("/api/photos/{}/original", r.id),
+            tags: Tag::of(r),
         }
     }
 }
@@ -540,6 +609,8 @@ pub struct Engine {
     contrast: Mutex<Option<cutoff::Contrast>>,
     /// The duplicate groups last computed.
     duplicate_cache: Mutex<Option<duplicates::GroupCache>>,
+    /// The tag list last computed.
+    tag_cache: Mutex<Option<tags::TagCache>>,
 }
 
 /// Decode memory uploads may hold at once, by default.
@@ -567,6 +638,7 @@ impl Engine {
             budget: DecodeBudget::new(DEFAULT_DECODE_BUDGET),
             contrast: Mutex::new(None),
             duplicate_cache: Mutex::new(None),
+            tag_cache: Mutex::new(None),
         })
     }
 
@@ -746,6 +818,7 @@ impl Engine {
             to: filter_date("to", &filters.to, true)?,
             formats: filters.formats(),
             camera: filters.camera.clone(),
+            tags: filters.tag_names(),
         })
     }
 
@@ -1030,6 +1103,7 @@ impl Engine {
                 camera: record.camera(),
                 caption: record.caption.clone(),
                 thumbnail: format!("/api/photos/{id}/thumbnail"),
+                tags: Tag::of(&record),
             };
             if !each(hit) {
                 break;

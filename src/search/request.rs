@@ -151,6 +151,12 @@ fn merge(mut filters: Filters, typed: &Extracted) -> Result<Filters> {
             _ => filters.folder = Some(folder.clone()),
         }
     }
+    if !typed.tags.is_empty() {
+        filters
+            .tags
+            .get_or_insert_with(Vec::new)
+            .extend(typed.tags.iter().cloned());
+    }
     if let Some(camera) = &typed.camera {
         filters.camera = Some(
             match filters.camera.take().filter(|c| !c.trim().is_empty()) {
@@ -203,7 +209,14 @@ impl Filters {
             to,
             types: types.map(|t| vec![t]),
             camera,
+            tags: None,
         }
+    }
+
+    /// With the tags of a flat field (comma-separated).
+    pub fn with_tags(mut self, tags: Option<String>) -> Self {
+        self.tags = tags.filter(|t| !t.trim().is_empty()).map(|t| vec![t]);
+        self
     }
 }
 

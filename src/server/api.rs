@@ -66,6 +66,8 @@ pub struct SearchParams {
     pub types: Option<String>,
     /// Words of the camera make or model.
     pub camera: Option<String>,
+    /// Automatic tags the photos must all have, comma-separated.
+    pub tag: Option<String>,
     /// Minimum score: cosine similarity (-1 to 1) for CLIP models, match
     /// probability (0 to 1) for SigLIP models.
     pub min_score: Option<f32>,
@@ -86,9 +88,9 @@ impl From<SearchParams> for Request {
         Request {
             q: Some(p.q),
             exclude: p.exclude,
-            filters: Some(Filters::from_flat(
-                p.folder, p.from, p.to, p.types, p.camera,
-            )),
+            filters: Some(
+                Filters::from_flat(p.folder, p.from, p.to, p.types, p.camera).with_tags(p.tag),
+            ),
             k: p.k,
             offset: p.offset,
             min_score: p.min_score,
@@ -157,6 +159,8 @@ pub struct ImageSearchForm {
     #[schema(rename = "type")]
     pub types: Option<String>,
     pub camera: Option<String>,
+    /// Automatic tags, comma-separated.
+    pub tag: Option<String>,
 }
 
 #[utoipa::path(post, path = "/api/search/image", request_body(content = ImageSearchForm, content_type = "multipart/form-data"),
@@ -189,7 +193,7 @@ pub async fn search_image(
         if name == "file" {
             file = Some(data.to_vec());
         } else if [
-            "q", "weight", "k", "offset", "folder", "from", "to", "type", "camera",
+            "q", "weight", "k", "offset", "folder", "from", "to", "type", "camera", "tag",
         ]
         .contains(&name.as_str())
         {
@@ -226,13 +230,16 @@ pub async fn search_image(
         q: fields.get("q").cloned(),
         k: num("k")?,
         offset: num("offset")?,
-        filters: Some(Filters::from_flat(
-            fields.get("folder").cloned(),
-            fields.get("from").cloned(),
-            fields.get("to").cloned(),
-            fields.get("type").cloned(),
-            fields.get("camera").cloned(),
-        )),
+        filters: Some(
+            Filters::from_flat(
+                fields.get("folder").cloned(),
+                fields.get("from").cloned(),
+                fields.get("to").cloned(),
+                fields.get("type").cloned(),
+                fields.get("camera").cloned(),
+            )
+            .with_tags(fields.get("tag").cloned()),
+        ),
         sort: fields
             .get("sort")
             .map(|s| s.parse::<search::Sort>())
@@ -273,6 +280,8 @@ pub struct SimilarParams {
     #[param(rename = "type")]
     pub types: Option<String>,
     pub camera: Option<String>,
+    /// Automatic tags, comma-separated.
+    pub tag: Option<String>,
     /// `relevance` (default), `newest` or `oldest`.
     #[param(value_type = Option<String>)]
     pub sort: Option<search::Sort>,
@@ -304,9 +313,9 @@ pub async fn similar(
     let request = Request {
         k: p.k,
         offset: p.offset,
-        filters: Some(Filters::from_flat(
-            p.folder, p.from, p.to, p.types, p.camera,
-        )),
+        filters: Some(
+            Filters::from_flat(p.folder, p.from, p.to, p.types, p.camera).with_tags(p.tag),
+        ),
         sort: p.sort,
         cutoff: p.cutoff,
         ..Request::default()
@@ -326,6 +335,18 @@ pub struct DuplicateParams {
     pub k: Option<usize>,
     /// Groups to skip.
     pub offset: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/api/tags",
+    responses(
+        (status = 200, description = "The automatic tags photos have, the most common first, each with its count and a cover photo", body = search::tags::TagList),
+        (status = 503, description = "Model or index still loading", body = ErrorBody),
+    ))]
+pub async fn tags(State(state): State<SharedState>) -> ApiResult<Json<search::tags::TagList>> {
+    let engine = engine(&state)?;
+    Ok(Json(
+        blocking(move || engine.tags().map_err(ApiError::from)).await?,
+    ))
 }
 
 /// Groups per page of `/api/duplicates` when a request does not say.

@@ -129,6 +129,7 @@ impl From<search::Error> for ApiError {
             E::Store(_)
             | E::Vectors(_)
             | E::Keywords(_)
+            | E::Index(_)
             | E::Model(_)
             | E::Pixels(_)
             | E::BatcherStopped => Self::internal(e),

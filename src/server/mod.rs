@@ -55,6 +55,7 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(300);
         api::search_image,
         api::similar,
         api::duplicates,
+        api::tags,
         api::photo,
         api::thumbnail,
         api::original,
@@ -151,6 +152,7 @@ pub fn app(state: SharedState) -> Router {
             post(api::search_image).layer(DefaultBodyLimit::max(upload_limit)),
         )
         .route("/api/duplicates", get(api::duplicates))
+        .route("/api/tags", get(api::tags))
         .route("/api/photos/{id}", get(api::photo))
         .route("/api/photos/{id}/similar", get(api::similar))
         .route("/api/photos/{id}/thumbnail", get(api::thumbnail))

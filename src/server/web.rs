@@ -22,6 +22,7 @@ const MODULES: &[(&str, &str)] = &[
     ("search.js", include_str!("../../web/js/search.js")),
     ("state.js", include_str!("../../web/js/state.js")),
     ("status.js", include_str!("../../web/js/status.js")),
+    ("tags.js", include_str!("../../web/js/tags.js")),
     ("url.js", include_str!("../../web/js/url.js")),
     ("viewer.js", include_str!("../../web/js/viewer.js")),
 ];
@@ -55,9 +56,13 @@ pub fn routes() -> Router<SharedState> {
             "/photo/{id}",
             get(|| async { asset("text/html; charset=utf-8", INDEX) }),
         )
-        // The duplicate groups' view.
+        // The duplicate groups' view and the tag list.
         .route(
             "/duplicates",
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+        )
+        .route(
+            "/tags",
             get(|| async { asset("text/html; charset=utf-8", INDEX) }),
         )
         .route(

@@ -19,6 +19,8 @@
 //! | `f:<path>` | id of the photo at that relative path |
 //! | `h:<hash><id>` | empty; content hash (32 bytes) to ids (format 2) |
 //! | `s:<path>` | `SkipRecord` (JSON) |
+//! | `m:tags` | `TagSetup` (JSON): the vocabulary photos are tagged with |
+//! | `m:tag-vectors` | the vocabulary's text embeddings, for one model (`TagVectors`, JSON) |
 //!
 //! Ids are big-endian u64, so records iterate in id order.
 
@@ -38,6 +40,8 @@ pub const COUNT_KEY: &[u8] = b"m:count";
 /// Present once every photo has had its near neighbours listed (indexes
 /// made before the lists existed get them all at their next run).
 const NEAR_READY_KEY: &[u8] = b"m:near-ready";
+const TAGS_KEY: &[u8] = b"m:tags";
+const TAG_VECTORS_KEY: &[u8] = b"m:tag-vectors";
 
 /// A photo's near neighbours: (id, cosine similarity), nearest first.
 pub type NearList = Vec<(u64, f32)>;
@@ -113,6 +117,39 @@ pub struct PhotoRecord {
     pub sidecar: Option<FileSig>,
     /// When the record was last written, seconds since the Unix epoch.
     pub indexed_at: i64,
+    /// Automatic tags, most probable first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<PhotoTag>,
+}
+
+/// A tag of the index's vocabulary and its zero-shot probability for a photo.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PhotoTag {
+    pub name: String,
+    /// Probability, 0 to 1 (rounded to 3 digits).
+    pub p: f32,
+}
+
+/// How an index tags its photos: the vocabulary file's text, where it came
+/// from and the probability a tag needs. No setup: no tags.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TagSetup {
+    /// `built-in` or the file's path as given.
+    pub source: String,
+    /// The vocabulary file, as read.
+    pub text: String,
+    pub threshold: f32,
+}
+
+/// A vocabulary's text embeddings for one model, kept so that a run does
+/// not embed hundreds of prompts again. `key` names the model and
+/// vocabulary they were made for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TagVectors {
+    pub key: String,
+    pub dim: usize,
+    /// One unit vector per tag, in vocabulary order, `dim` values each.
+    pub data: Vec<f32>,
 }
 
 fn default_orientation() -> u8 {
@@ -181,6 +218,9 @@ pub struct RunCounts {
     /// Time in the model.
     #[serde(default)]
     pub embed_seconds: f64,
+    /// Time tagging what the model embedded.
+    #[serde(default)]
+    pub tag_seconds: f64,
     /// Wall time of the run.
     #[serde(default)]
     pub elapsed_seconds: f64,
@@ -367,6 +407,43 @@ impl Store {
         self.tree.insert(
             b"m:last_run",
             serde_json::to_vec(run).expect("summary serialises"),
+        )?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The index's tag vocabulary; `None` when it has never had one, or has
+    /// none now (`set_tag_setup(None)`, stored as JSON null).
+    pub fn tag_setup(&self) -> Result<Option<Option<TagSetup>>> {
+        self.tree
+            .get(TAGS_KEY)?
+            .map(|v| json(TAGS_KEY, &v))
+            .transpose()
+    }
+
+    /// Records the vocabulary photos are tagged with from now on.
+    pub fn set_tag_setup(&self, setup: Option<&TagSetup>) -> Result<()> {
+        self.tree.insert(
+            TAGS_KEY,
+            serde_json::to_vec(&setup).expect("tag setup serialises"),
+        )?;
+        self.db.flush()?;
+        self.bump();
+        Ok(())
+    }
+
+    /// The kept vocabulary embeddings, if they were made for `key`.
+    pub fn tag_vectors(&self, key: &str) -> Result<Option<TagVectors>> {
+        Ok(match self.tree.get(TAG_VECTORS_KEY)? {
+            Some(v) => Some(json::<TagVectors>(TAG_VECTORS_KEY, &v)?).filter(|t| t.key == key),
+            None => None,
+        })
+    }
+
+    pub fn set_tag_vectors(&self, vectors: &TagVectors) -> Result<()> {
+        self.tree.insert(
+            TAG_VECTORS_KEY,
+            serde_json::to_vec(vectors).expect("tag vectors serialise"),
         )?;
         self.db.flush()?;
         Ok(())
@@ -656,6 +733,7 @@ pub(crate) fn sample_record(id: u64, path: &str, content: &str) -> PhotoRecord {
         caption_source: None,
         sidecar: None,
         indexed_at: 0,
+        tags: Vec::new(),
     }
 }
 

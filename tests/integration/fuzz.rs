@@ -224,6 +224,7 @@ fn query_language_and_filters_never_panic() {
                 from: Some(date.clone()),
                 to: Some(date),
                 types: Some(vec![camera.clone()]),
+                tags: Some(vec![camera.clone()]),
                 camera: Some(camera),
             };
             let _ = filters.validate();

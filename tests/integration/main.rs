@@ -13,6 +13,7 @@ mod precision;
 mod preprocess;
 mod server;
 mod siglip;
+mod tags;
 mod tokenizer;
 mod train;
 mod web;

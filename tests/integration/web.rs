@@ -441,6 +441,20 @@ fn the_page_in_a_real_browser() {
         return;
     };
     let served = indexed_library();
+    // Tags the fixture model gives (three tags, so each photo's best one
+    // passes 0.2).
+    let vocabulary = served.dir.path().join("tags.txt");
+    std::fs::write(&vocabulary, "fish\ntool\nmonument\n").unwrap();
+    let out = crate::common::clipdex(&[
+        "retag",
+        "--index",
+        served.index.to_str().unwrap(),
+        "--tags",
+        vocabulary.to_str().unwrap(),
+        "--tag-threshold",
+        "0.2",
+    ]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
     let server = serve(&served.index, &[]);
     browser.post("/url", json!({"url": format!("{}/", server.url)}));
     browser.wait(
@@ -614,6 +628,38 @@ fn the_page_in_a_real_browser() {
         &format!("return new URLSearchParams(location.search).get('cutoff') === 'only' && {settled} && !document.querySelector('#grid li.divider') && !document.querySelector('#grid .tile.less') && document.querySelectorAll('#grid .tile').length === {above}"),
     );
     browser.js("const s = document.getElementById('f-cutoff'); s.value = 'auto'; s.dispatchEvent(new Event('change'));");
+
+    // A photo's tags are chips in the viewer; one searches tag:NAME, shown
+    // as a filter chip, every result having the tag.
+    browser.click("#grid .tile");
+    browser.wait(
+        "tag chips",
+        "return document.getElementById('viewer').open && document.querySelectorAll('#v-tags .tag-chip').length > 0",
+    );
+    let tag = browser.js("return document.querySelector('#v-tags .tag-chip').textContent");
+    let tag = tag.as_str().unwrap().to_string();
+    let (_, tagged) = get_json(&server.url, &format!("/api/search?q=tag:{tag}&k=100"));
+    let tagged = tagged["hits"].as_array().unwrap().len();
+    browser.click("#v-tags .tag-chip");
+    browser.wait(
+        "the photos with the tag",
+        &format!("return !document.getElementById('viewer').open && new URLSearchParams(location.search).get('q') === 'tag:{tag}' && {settled} && document.querySelector(\"#chips .chip.filter[data-field='tag']\") !== null && document.querySelectorAll('#grid .tile').length === {tagged}"),
+    );
+
+    // The tag list: a tile per tag with its cover and count; a tile searches.
+    let (_, list) = get_json(&server.url, "/api/tags");
+    let tiles = list["tags"].as_array().unwrap().len();
+    browser.click("#tags-link");
+    browser.wait(
+        "the tags view",
+        &format!("return location.pathname === '/tags' && !document.getElementById('tags').hidden && document.getElementById('main').hidden && document.querySelectorAll('#t-list .tag-tile').length === {tiles} && [...document.querySelectorAll('#t-list img')].every(i => i.complete && i.naturalWidth > 0)"),
+    );
+    browser.screenshot("browser-tags.png");
+    browser.click("#t-list .tag-tile a");
+    browser.wait(
+        "a tag's photos from the list",
+        &format!("return location.pathname === '/' && document.getElementById('tags').hidden && new URLSearchParams(location.search).get('q').startsWith('tag:') && {settled} && document.querySelectorAll('#grid .tile').length > 0"),
+    );
 
     // The duplicates view: groups side by side, one likely original each;
     // it has its own address, and back returns to the search.

@@ -9,6 +9,7 @@ let lastStatus = null;
 
 function describeProgress(p) {
   if (!p) return "";
+  if (p.phase === "tagging") return "Preparing the automatic tags…";
   if (p.phase === "scanning") return "Scanning the library…";
   if (p.phase === "finishing") return "Saving the index…";
   const rate = p.elapsed_seconds > 0 ? p.processed / p.elapsed_seconds : 0;

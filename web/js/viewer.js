@@ -5,6 +5,7 @@ import { $, showError } from "./dom.js";
 import { focusTile } from "./grid.js";
 import { search } from "./search.js";
 import { state } from "./state.js";
+import { tagChips, tagQuery } from "./tags.js";
 import { remember } from "./url.js";
 
 function fmtBytes(n) {
@@ -47,6 +48,7 @@ async function show(hit, index, history) {
   $("v-img").alt = hit.caption || hit.path;
   $("v-title").textContent = hit.path;
   $("v-meta").replaceChildren();
+  $("v-tags").replaceChildren();
   $("v-original").href = `/api/photos/${hit.id}/original`;
   $("v-prev").disabled = index <= 0;
   $("v-next").disabled = index >= state.hits.length - 1;
@@ -75,9 +77,22 @@ async function show(hit, index, history) {
       dd.textContent = val;
       dl.append(dt, dd);
     }
+    $("v-tags").replaceChildren(tagChips(p.tags, searchTag));
   } catch (e) {
     showError(e.message);
   }
+}
+
+// A tag chip: the photos with that tag.
+function searchTag(name) {
+  $("viewer").close();
+  state.similarTo = null;
+  state.modifiers = [];
+  state.upload = null;
+  state.text = tagQuery(name);
+  $("q").value = state.text;
+  window.scrollTo({ top: 0 });
+  search();
 }
 
 export function closeViewer() {
