@@ -14,7 +14,7 @@ use crate::indexer::{self, Index, Phase, Progress, RunOptions};
 use crate::model::{Clip, HubOptions, ModelSource, Precision};
 use crate::store::RunSummary;
 
-pub(super) fn run_options(args: &RunArgs) -> RunOptions {
+fn run_options(args: &RunArgs) -> RunOptions {
     let mut opts = RunOptions::default();
     if let Some(b) = args.batch {
         opts.batch_size = b.max(1);
@@ -62,7 +62,7 @@ pub(super) fn tagging(args: &TagArgs) -> Result<Tagging> {
 }
 
 /// A run's options from its arguments.
-fn options(run: &RunArgs, tags: &TagArgs) -> Result<RunOptions> {
+pub(super) fn options(run: &RunArgs, tags: &TagArgs) -> Result<RunOptions> {
     Ok(RunOptions {
         tags: tagging(tags)?,
         ..run_options(run)
@@ -134,7 +134,12 @@ fn index_model(index: &Index, offline: bool) -> Result<Clip> {
 /// `clipdex retag`: every photo tagged again from its embedding.
 pub fn retag(args: &RetagArgs) -> Result<()> {
     let tagging = tagging(&args.tags)?;
-    let index = Index::open(&args.index)?;
+    let index = match Index::open(&args.index) {
+        Err(e @ indexer::Error::InUse { .. }) => bail!(
+            "{e}; a server holding the index takes the tag options itself (clipdex serve --tags FILE)"
+        ),
+        opened => opened?,
+    };
     let clip = index_model(&index, args.offline)?;
     let tagger = index.tagger(&clip, &tagging)?;
     let done = index.retag(tagger.as_ref())?;

@@ -273,6 +273,10 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub run: RunArgs,
+
+    /// Tag options apply at the start-up re-index, which they imply.
+    #[command(flatten)]
+    pub tags: TagArgs,
 }
 
 /// Filters shared by search commands.

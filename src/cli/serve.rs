@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use anyhow::{Context, Result, bail};
 
 use super::ServeArgs;
-use super::index::run_options;
+use super::index::options;
+use crate::indexer::tags::Tagging;
 use crate::model::HubOptions;
 use crate::server::{self, AppState, ServerConfig};
 
@@ -34,17 +35,18 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             bail!("the library {} is not a folder", library.display());
         }
     }
+    let run = options(&args.run, &args.tags)?;
     let config = ServerConfig {
         index: args.index.clone(),
         library: args.library.clone(),
         model: args.model.clone(),
         precision: args.precision,
         hub: HubOptions::from_env(args.offline, false),
-        run: run_options(&args.run),
+        reindex_on_start: args.reindex || run.tags != Tagging::Keep,
+        run,
         token,
         cors: args.cors.clone(),
         max_upload: args.max_upload_mb.max(1) << 20,
-        reindex_on_start: args.reindex,
         allow_hosts: args
             .allow_hosts
             .iter()

@@ -357,3 +357,47 @@ async fn the_api_lists_filters_and_shows_tags() {
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
     }
 }
+
+/// A running server takes tag options and applies them by a re-index at
+/// start; `clipdex retag` on the index it holds says who holds it.
+#[test]
+fn the_server_applies_tag_options_at_start() {
+    let served = tagged_library();
+    let vocabulary = served.dir.path().join("other.txt");
+    std::fs::write(&vocabulary, "fish\nmonument\n").unwrap();
+    let server = crate::web::serve(
+        &served.index,
+        &[
+            "--tags",
+            vocabulary.to_str().unwrap(),
+            "--tag-threshold",
+            "0.25",
+        ],
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let (_, list) = crate::web::get_json(&server.url, "/api/tags");
+        if list["vocabulary"] == vocabulary.to_str().unwrap() {
+            assert_eq!(list["threshold"].as_f64().unwrap() as f32, 0.25);
+            assert_eq!(list["vocabulary_size"], 2);
+            assert!(
+                list["tags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|t| t["name"] == "fish" || t["name"] == "monument")
+            );
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 60, "not re-tagged: {list}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = clipdex(&[
+        "retag",
+        "--index",
+        served.index.to_str().unwrap(),
+        "--no-tags",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("in use"), "{}", stderr(&out));
+}
