@@ -253,15 +253,25 @@ impl Clip {
         Ok(normalize(&self.image_features(&pixels)?)?.to_vec2::<f32>()?)
     }
 
-    /// L2-normalised embeddings of texts.
+    /// L2-normalised embeddings of texts, in their order.
+    ///
+    /// Texts go through the tower in batches of similar length (a batch is
+    /// padded to its longest), so many prompts of mixed lengths do not pay
+    /// for padding.
     pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let ids = texts
             .iter()
             .map(|t| self.tokenizer.encode(t))
             .collect::<Result<Vec<_>>>()?;
-        let mut out = Vec::with_capacity(texts.len());
-        for chunk in ids.chunks(TEXT_BATCH) {
-            out.extend(normalize(&self.text_features(chunk)?)?.to_vec2::<f32>()?);
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        let mut out = vec![Vec::new(); texts.len()];
+        for chunk in order.chunks(TEXT_BATCH) {
+            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+            let rows = normalize(&self.text_features(&batch)?)?.to_vec2::<f32>()?;
+            for (&i, row) in chunk.iter().zip(rows) {
+                out[i] = row;
+            }
         }
         Ok(out)
     }
