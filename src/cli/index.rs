@@ -194,6 +194,13 @@ fn switch_model(
             (index.library(), index.meta().model.fingerprint.clone())
         }
         Err(indexer::Error::InUse { holder, .. }) => {
+            if opts.tags == Tagging::Keep {
+                eprintln!(
+                    "{} is in use, so its tag vocabulary cannot be read: the new generation uses \
+                     the built-in one unless --tags names yours",
+                    root.display()
+                );
+            }
             match (holder.library.clone(), holder.fingerprint.clone()) {
                 (Some(library), Some(fingerprint)) => (PathBuf::from(library), fingerprint),
                 _ => bail!(

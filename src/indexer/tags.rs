@@ -298,7 +298,7 @@ pub enum Tagging {
     Keep,
     /// Another vocabulary (source and text, already parsed once) and/or
     /// threshold; what is not given stays as the index has it, except that
-    /// a new vocabulary starts at the default threshold.
+    /// another vocabulary starts at the default threshold.
     Change {
         vocabulary: Option<(String, String)>,
         threshold: Option<f32>,
@@ -323,7 +323,9 @@ impl Tagging {
                     Some((source, text)) => TagSetup {
                         source: source.clone(),
                         text: text.clone(),
-                        threshold: DEFAULT_THRESHOLD,
+                        threshold: current
+                            .filter(|c| c.text == *text)
+                            .map_or(DEFAULT_THRESHOLD, |c| c.threshold),
                     },
                     None => current.unwrap_or_else(builtin_setup),
                 };
@@ -607,7 +609,7 @@ mod tests {
         let mine = TagSetup {
             source: "mine.txt".into(),
             text: "dog\n".into(),
-            threshold: 0.3,
+            threshold: 0.45,
         };
         assert_eq!(Tagging::Keep.resolve(None), Some(builtin_setup()));
         assert_eq!(Tagging::Keep.resolve(Some(None)), None);
@@ -631,11 +633,17 @@ mod tests {
             vocabulary: Some(("b.txt".into(), "cat\n".into())),
             threshold: None,
         };
-        let s = other.resolve(Some(Some(mine))).unwrap();
+        let s = other.resolve(Some(Some(mine.clone()))).unwrap();
         assert_eq!(
             (s.source.as_str(), s.threshold),
             ("b.txt", DEFAULT_THRESHOLD)
         );
+        // The same vocabulary again keeps its threshold.
+        let again = Tagging::Change {
+            vocabulary: Some(("copy.txt".into(), mine.text.clone())),
+            threshold: None,
+        };
+        assert_eq!(again.resolve(Some(Some(mine))).unwrap().threshold, 0.45);
     }
 
     /// Softmax over tags and contrast classes; only tags over the threshold

@@ -332,10 +332,27 @@ pub fn vector_from_bytes(b: &[u8]) -> Vec<f32> {
 impl Store {
     /// Opens (creating if needed) the database folder; does not check the format.
     fn open_db(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(64 << 20)
-            .open()?;
+        // sled lets go of its file lock when the last reference to a closed
+        // database goes, which its epoch-based reclamation can put off past
+        // the drop: a store reopened at once in the same process (a test, a
+        // switch of generations) waits for that instead of failing. Another
+        // process never gets here: the index's own lock comes first.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new()
+                .path(dir)
+                .cache_capacity(64 << 20)
+                .open()
+            {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                opened => break opened?,
+            }
+        };
         let tree = db.open_tree("index")?;
         Ok(Self {
             db,
