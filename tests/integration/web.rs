@@ -628,6 +628,10 @@ fn the_page_in_a_real_browser() {
         &format!("return new URLSearchParams(location.search).get('cutoff') === 'only' && {settled} && !document.querySelector('#grid li.divider') && !document.querySelector('#grid .tile.less') && document.querySelectorAll('#grid .tile').length === {above}"),
     );
     browser.js("const s = document.getElementById('f-cutoff'); s.value = 'auto'; s.dispatchEvent(new Event('change'));");
+    browser.wait(
+        "the boundary marked again",
+        &format!("return new URLSearchParams(location.search).get('cutoff') !== 'only' && {settled} && document.querySelector('#grid li.divider') !== null"),
+    );
 
     // A photo's tags are chips in the viewer; one searches tag:NAME, shown
     // as a filter chip, every result having the tag.
