@@ -19,13 +19,12 @@ photos and over the 34 the model never saw (target/data/gcompris/heldout.json).
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from clipdex_cli import ROOT, json_lines, run
+
 LIBRARY = ROOT.parent / "shared" / "datasets" / "photos" / "gcompris"
-CLIPDEX = ROOT / "target" / "release" / "clipdex"
 sys.path.insert(0, str(ROOT / "scripts" / "train"))
 from prepare import GCOMPRIS_NOUNS  # noqa: E402
 
@@ -33,15 +32,6 @@ from prepare import GCOMPRIS_NOUNS  # noqa: E402
 NOUNS = {c: n for c, n in GCOMPRIS_NOUNS.items() if c not in ("alphabets", "numbers")}
 
 
-def run(*args):
-    out = subprocess.run([str(CLIPDEX), *map(str, args)], capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"clipdex {' '.join(map(str, args[:2]))} failed: {out.stderr.strip()}")
-    return out.stdout
-
-
-def hits(lines):
-    return [json.loads(line) for line in lines.splitlines() if line.strip()]
 
 
 def score(rows, relevant, among):
@@ -76,17 +66,17 @@ def main():
     for cat, noun in NOUNS.items():
         relevant = {p for p, c in category.items() if c == cat}
         for q in (noun, f"a photo of a {noun}"):
-            rows = hits(run("search", q, "--index", args.index, "-k", k, "--json", "--no-keywords",
+            rows = json_lines(run("search", q, "--index", args.index, "-k", k, "--json", "--no-keywords",
                             "--cutoff", args.cutoff))
             for name, among in sets.items():
                 results[name]["text"].append((q,) + score(rows, relevant, among))
-    ids = {h["path"]: h["id"] for h in hits(run("search", "a photo", "--index", args.index, "-k", k,
+    ids = {h["path"]: h["id"] for h in json_lines(run("search", "a photo", "--index", args.index, "-k", k,
                                                "--json", "--no-keywords", "--cutoff", "none"))}
     for path, cat in category.items():
         if cat not in NOUNS:
             continue
         relevant = {p for p, c in category.items() if c == cat and p != path}
-        rows = hits(run("similar", ids[path], "--index", args.index, "-k", k, "--json",
+        rows = json_lines(run("similar", ids[path], "--index", args.index, "-k", k, "--json",
                         "--cutoff", args.cutoff))
         for name, among in sets.items():
             results[name]["image"].append((path,) + score(rows, relevant, among - {path}))

@@ -22,16 +22,14 @@ threshold reads the groups (`clipdex duplicates --json`) and counts pairs:
 import argparse
 import itertools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from PIL import Image, ImageEnhance
 
-ROOT = Path(__file__).resolve().parents[2]
+from clipdex_cli import ROOT, json_lines, run
+
 PHOTOS = ROOT.parent / "shared" / "datasets" / "photos"
 OUT = ROOT / "target" / "bench" / "duplicates"
-CLIPDEX = ROOT / "target" / "release" / "clipdex"
 EDITS = ["half", "q60", "crop5", "rot3", "colour"]
 
 
@@ -79,12 +77,6 @@ def build():
     return library, families
 
 
-def run(*args):
-    out = subprocess.run([str(CLIPDEX), *map(str, args)], capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"clipdex {args[0]} failed: {out.stderr.strip()}")
-    return out.stdout
-
 
 def main():
     ap = argparse.ArgumentParser()
@@ -110,7 +102,7 @@ def main():
     print(f"{'threshold':>10}{'groups':>8}{'precision':>11}{'recall':>8}{'F1':>7}{'same-subject grouped':>22}")
     per_edit = {}
     for t in [float(x) for x in args.thresholds.split(",")]:
-        groups = [json.loads(line) for line in run("duplicates", "--index", index, "--threshold", t, "--json").splitlines() if line]
+        groups = json_lines(run("duplicates", "--index", index, "--threshold", t, "--json"))
         grouped = right = wrong_subject = 0
         caught = {how: 0 for how in EDITS}
         for g in groups:

@@ -25,24 +25,17 @@ checks that the index gives exactly the tags the sweep predicts there.
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from clipdex_cli import ROOT, json_lines, run
+
 LIBRARY = ROOT.parent / "shared" / "datasets" / "photos" / "gcompris"
-CLIPDEX = ROOT / "target" / "release" / "clipdex"
 sys.path.insert(0, str(ROOT / "scripts" / "train"))
 from prepare import GCOMPRIS_NOUNS, words  # noqa: E402
 
 THRESHOLDS = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
 
-
-def run(*args):
-    out = subprocess.run([str(CLIPDEX), *map(str, args)], capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"clipdex {' '.join(map(str, args[:2]))} failed: {out.stderr.strip()}")
-    return out.stdout
 
 
 def truth(row):
@@ -52,7 +45,7 @@ def truth(row):
 def read_tags(index, k):
     """Every photo's tags: {path: {name: probability}}."""
     out = run("search", "tag", "--index", index, "-k", k, "--json", "--no-keywords", "--cutoff", "none")
-    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    rows = json_lines(out)
     return {h["path"]: {t["name"]: t["probability"] for t in h["tags"]} for h in rows}
 
 
@@ -76,7 +69,7 @@ def main():
     ap.add_argument("--index", default=str(ROOT / "target" / "bench" / "gcompris" / "index"))
     ap.add_argument("--contrast", action="store_true", help="add contrast classes")
     ap.add_argument("--flat", action="store_true", help="no name < category")
-    ap.add_argument("--threshold", type=float, default=0.1, help="the threshold checked at the end")
+    ap.add_argument("--threshold", type=float, default=0.3, help="the threshold checked at the end (the default)")
     args = ap.parse_args()
     rows = json.load(open(LIBRARY / "labels.json"))
     held = {r["image"] for r in json.load(open(ROOT / "target" / "data" / "gcompris" / "heldout.json"))}

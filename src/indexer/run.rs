@@ -728,10 +728,7 @@ pub fn run(
     // 0. Tags: a new vocabulary or threshold re-tags what is stored.
     progress.phase = Phase::Tagging;
     callback(&progress);
-    let tagger = index.tagger(clip, &opts.tags)?;
-    if index.tags_stale(tagger.as_ref())? {
-        index.retag(tagger.as_ref())?;
-    }
+    let tagger = index.prepare_tags(clip, &opts.tags)?;
     progress.phase = Phase::Scanning;
     callback(&progress);
 

@@ -414,15 +414,17 @@ impl Tagger {
         if vector.len() != self.dim || vector.iter().any(|x| !x.is_finite()) {
             return Vec::new();
         }
-        let logits: Vec<f32> = self
+        // The softmax over every class; contrast classes count in the sum.
+        let mut own: Vec<f32> = self
             .matrix
             .chunks_exact(self.dim)
             .map(|row| self.scale * dot(row, vector))
             .collect();
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-        let total: f32 = exps.iter().sum();
-        let own: Vec<f32> = exps[..self.names.len()].iter().map(|e| e / total).collect();
+        let max = own.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        own.iter_mut().for_each(|l| *l = (*l - max).exp());
+        let total: f32 = own.iter().sum();
+        own.truncate(self.names.len());
+        own.iter_mut().for_each(|e| *e /= total);
         // A broader tag holds the probability of every tag below it.
         let mut held = own.clone();
         for (i, up) in self.ancestors.iter().enumerate() {
@@ -467,16 +469,33 @@ pub struct Retagged {
 impl Index {
     /// The tagger for what `tagging` asks of this index; `None` for no tags.
     pub fn tagger(&self, clip: &Clip, tagging: &Tagging) -> Result<Option<Tagger>> {
-        match tagging.resolve(self.store.tag_setup()?) {
-            Some(setup) => Ok(Some(Tagger::new(&setup, clip, &self.store)?)),
-            None => Ok(None),
-        }
+        Ok(self.tagger_and_staleness(clip, tagging)?.0)
     }
 
-    /// Whether the stored photos were tagged with another setup than
-    /// `tagger`'s (or were never tagged).
-    pub fn tags_stale(&self, tagger: Option<&Tagger>) -> Result<bool> {
-        Ok(self.store.tag_setup()? != Some(tagger.map(|t| t.setup().clone())))
+    /// The tagger for what `tagging` asks, after re-tagging the stored
+    /// photos when they were tagged with another setup (or never).
+    pub fn prepare_tags(&self, clip: &Clip, tagging: &Tagging) -> Result<Option<Tagger>> {
+        let (tagger, stale) = self.tagger_and_staleness(clip, tagging)?;
+        if stale {
+            self.retag(tagger.as_ref())?;
+        }
+        Ok(tagger)
+    }
+
+    /// The tagger, and whether the stored photos were tagged otherwise.
+    fn tagger_and_staleness(
+        &self,
+        clip: &Clip,
+        tagging: &Tagging,
+    ) -> Result<(Option<Tagger>, bool)> {
+        let stored = self.store.tag_setup()?;
+        let setup = tagging.resolve(stored.clone());
+        let stale = stored != Some(setup.clone());
+        let tagger = match setup {
+            Some(setup) => Some(Tagger::new(&setup, clip, &self.store)?),
+            None => None,
+        };
+        Ok((tagger, stale))
     }
 
     /// Tags every stored photo again from its embedding with `tagger` (none:

@@ -201,14 +201,14 @@ impl Filters {
                 )));
             }
         }
-        if let Some(tags) = &self.tags {
-            if tags.len() > MAX_TAG_FILTERS {
-                return Err(Error::BadQuery(format!(
-                    "the tag filter lists too much (at most {MAX_TAG_FILTERS} tags)"
-                )));
-            }
+        // Entries as given, and names once commas split them.
+        let tags = self.tag_names();
+        if self.tags.as_ref().map_or(0, Vec::len).max(tags.len()) > MAX_TAG_FILTERS {
+            return Err(Error::BadQuery(format!(
+                "the tag filter lists too much (at most {MAX_TAG_FILTERS} tags)"
+            )));
         }
-        for tag in self.tag_names() {
+        for tag in tags {
             if let Some(problem) = crate::indexer::tags::name_problem(&tag) {
                 return Err(Error::BadQuery(format!("tag filter: {problem}")));
             }
