@@ -868,6 +868,7 @@ fn archive_record(i: usize, n: usize, id: u64) -> clipdex::store::PhotoRecord {
         camera_model: model.map(String::from),
         orientation: 1,
         caption: None,
+        tags: Vec::new(),
         caption_source: None,
         sidecar: None,
         indexed_at: taken,
@@ -935,6 +936,7 @@ fn library(args: &Args) {
                             caption: None,
                             camera: record.camera(),
                             taken: record.taken.as_deref(),
+                            tags: record.tags.iter().map(|t| t.name.as_str()).collect(),
                         })
                         .unwrap();
                 }

@@ -843,10 +843,42 @@ mod tests {
         for ((_, q), want) in queries.iter().zip(&before) {
             assert_eq!(&index.search_with(q, 10, 32, None).unwrap(), want);
         }
+        // The graph itself is the saved one, every list of every layer
+        // (layer 0 kept as rows of numbers in memory).
+        let saved = neighbourhoods(&index);
+        assert_eq!(saved.len(), 2000);
+        assert!(saved.values().all(|layers| !layers[0].is_empty()));
+        index.save().unwrap();
+        drop(index);
+        let index = VectorIndex::open(dir.path(), 24).unwrap();
+        assert_eq!(neighbourhoods(&index), saved);
         // And it goes on growing: new vectors are found.
         index.insert_batch(later).unwrap();
         let extra = &later[50];
         assert_eq!(index.search(&extra.1, 1, None).unwrap()[0].0, extra.0);
+    }
+
+    /// Every point's neighbours on every layer: (id, distance bits).
+    fn neighbourhoods(
+        index: &VectorIndex,
+    ) -> std::collections::BTreeMap<usize, Vec<Vec<(usize, u32)>>> {
+        let state = index.read();
+        let points = state.hnsw.get_point_indexation();
+        points
+            .into_iter()
+            .map(|point| {
+                let layers = points.get_neighborhood_id(&point);
+                let layers = layers
+                    .iter()
+                    .map(|list| {
+                        list.iter()
+                            .map(|n| (n.d_id, n.distance.to_bits()))
+                            .collect()
+                    })
+                    .collect();
+                (point.get_origin_id(), layers)
+            })
+            .collect()
     }
 
     /// Searches on other threads go on while batches are inserted, and

@@ -170,7 +170,9 @@ pub struct Point<'b, T: Clone + Send + Sync> {
     origin_id: DataId,
     /// a point id identifying point as stored in our structure
     p_id: PointId,
-    /// neighbours info
+    /// neighbours info. clipdex: one list per layer up to the point's own;
+    /// layer 0's is always empty (its neighbours are the point's row of
+    /// `Level0`), but the lock also guards that row's writers.
     pub(crate) neighbours: Arc<RwLock<Vec<Vec<Arc<PointWithOrder<'b, T>>>>>>,
     /// clipdex: the point's number in its graph's `Level0`.
     pub(crate) number: OnceLock<u32>,
@@ -178,33 +180,32 @@ pub struct Point<'b, T: Clone + Send + Sync> {
 
 impl<'b, T: Clone + Send + Sync> Point<'b, T> {
     pub fn new(v: Vec<T>, origin_id: usize, p_id: PointId) -> Self {
-        let mut neighbours = Vec::with_capacity(NB_LAYER_MAX as usize);
-        // CAVEAT, perhaps pass nb layer as arg ?
-        for _ in 0..NB_LAYER_MAX {
-            neighbours.push(Vec::<Arc<PointWithOrder<T>>>::new());
-        }
         Point {
             data: PointData::new_v(v),
             origin_id,
             p_id,
-            neighbours: Arc::new(RwLock::new(neighbours)),
+            neighbours: Arc::new(RwLock::new(Self::lists(p_id))),
             number: OnceLock::new(),
         }
     }
 
     pub fn new_from_mmap(s: &'b [T], origin_id: usize, p_id: PointId) -> Self {
-        let mut neighbours = Vec::with_capacity(NB_LAYER_MAX as usize);
-        // CAVEAT, perhaps pass nb layer as arg ?
-        for _ in 0..NB_LAYER_MAX {
-            neighbours.push(Vec::<Arc<PointWithOrder<T>>>::new());
-        }
         Point {
             data: PointData::new_s(s),
             origin_id,
             p_id,
-            neighbours: Arc::new(RwLock::new(neighbours)),
+            neighbours: Arc::new(RwLock::new(Self::lists(p_id))),
             number: OnceLock::new(),
         }
+    }
+
+    /// clipdex: a list for each layer the point is on, up to its own (16
+    /// before). Layer 0's stays empty: that layer is kept in `Level0`. A
+    /// point named in a list above its own layer gets that layer's list too
+    /// (see the reverse update).
+    #[allow(clippy::type_complexity)]
+    fn lists(p_id: PointId) -> Vec<Vec<Arc<PointWithOrder<'b, T>>>> {
+        (0..=p_id.0).map(|_| Vec::new()).collect()
     }
 
     /// get a reference to vector data
@@ -220,30 +221,6 @@ impl<'b, T: Clone + Send + Sync> Point<'b, T> {
     /// returns external (or client id) id of point
     pub fn get_origin_id(&self) -> usize {
         self.origin_id
-    }
-
-    /// returns for each layer, a vector Neighbour of a point, one vector by layer
-    /// useful for extern crate only as it reallocates vectors
-    pub fn get_neighborhood_id(&self) -> Vec<Vec<Neighbour>> {
-        let ref_neighbours = self.neighbours.read();
-        let nb_layer = ref_neighbours.len();
-        let mut neighborhood = Vec::<Vec<Neighbour>>::with_capacity(nb_layer);
-        for i in 0..nb_layer {
-            let mut neighbours = Vec::<Neighbour>::new();
-            let nb_ngbh = ref_neighbours[i].len();
-            if nb_ngbh > 0usize {
-                neighbours.reserve(nb_ngbh);
-                for pointwo in &ref_neighbours[i] {
-                    neighbours.push(Neighbour::new(
-                        pointwo.point_ref.get_origin_id(),
-                        pointwo.dist_to_ref,
-                        pointwo.point_ref.get_point_id(),
-                    ));
-                }
-            }
-            neighborhood.push(neighbours);
-        }
-        neighborhood
     }
 
     /// prints minimal information on neighbours of point.
@@ -490,6 +467,87 @@ impl<'b, T: Clone + Send + Sync> PointIndexation<'b, T> {
 
     pub fn get_level_scale(&self) -> f64 {
         self.layer_g.get_level_scale()
+    }
+
+    /// clipdex: point number `m`, a number this graph handed out.
+    pub(crate) fn numbered(&self, m: u32) -> &Point<'b, T> {
+        let address = self.level0.slot(m).2;
+        // SAFETY: every number handed out has its point's address in its
+        // slot, and the graph holds that point through an `Arc` until the
+        // graph drops, which `&self` outlives.
+        unsafe { &*(address as *const Point<'b, T>) }
+    }
+
+    /// clipdex: point number `m`, as a new `Arc`.
+    fn numbered_arc(&self, m: u32) -> Arc<Point<'b, T>> {
+        let ptr = self.level0.slot(m).2 as *const Point<'b, T>;
+        // SAFETY: as in `numbered`, the graph owns this point through an
+        // `Arc`, so its strong count is at least one; the new count is given
+        // back when the returned `Arc` drops.
+        unsafe {
+            Arc::increment_strong_count(ptr);
+            Arc::from_raw(ptr)
+        }
+    }
+
+    /// clipdex: sets `point`'s layer-0 row to `list` (sorted by distance).
+    /// The caller holds the point's list lock.
+    pub(crate) fn set_level0(&self, point: &Point<'b, T>, list: &[Arc<PointWithOrder<'b, T>>]) {
+        if let Some(&n) = point.number.get() {
+            let entries: Vec<(u32, f32)> = list
+                .iter()
+                .filter_map(|e| Some((*e.point_ref.number.get()?, e.dist_to_ref)))
+                .collect();
+            self.level0.set_entries(n, &entries);
+        }
+    }
+
+    /// clipdex: `point`'s neighbours on `layer`.
+    fn neighbour_points(&self, point: &Point<'b, T>, layer: u8) -> Vec<Arc<Point<'b, T>>> {
+        if layer > 0 {
+            let lists = point.neighbours.read();
+            return lists.get(layer as usize).map_or_else(Vec::new, |list| {
+                list.iter().map(|e| Arc::clone(&e.point_ref)).collect()
+            });
+        }
+        let mut entries = Vec::new();
+        if let Some(&n) = point.number.get() {
+            let _lock = point.neighbours.read();
+            self.level0.entries(n, &mut entries);
+        }
+        entries.iter().map(|&(m, _)| self.numbered_arc(m)).collect()
+    }
+
+    /// For each layer (all `NB_LAYER_MAX` of them), the neighbours of a
+    /// point of this graph. clipdex: a method of the graph (it was the
+    /// point's), because layer 0 is kept here.
+    pub fn get_neighborhood_id(&self, point: &Point<'b, T>) -> Vec<Vec<Neighbour>> {
+        let lists = point.neighbours.read();
+        let mut neighborhood = Vec::with_capacity(NB_LAYER_MAX as usize);
+        let mut entries = Vec::new();
+        if let Some(&n) = point.number.get() {
+            self.level0.entries(n, &mut entries);
+        }
+        neighborhood.push(
+            entries
+                .iter()
+                .map(|&(m, dist)| {
+                    let q = self.numbered(m);
+                    Neighbour::new(q.origin_id, dist, q.p_id)
+                })
+                .collect(),
+        );
+        for l in 1..NB_LAYER_MAX as usize {
+            let list = lists.get(l).map(Vec::as_slice).unwrap_or_default();
+            neighborhood.push(
+                list.iter()
+                    .map(|e| {
+                        Neighbour::new(e.point_ref.origin_id, e.dist_to_ref, e.point_ref.p_id)
+                    })
+                    .collect(),
+            );
+        }
+        neighborhood
     }
 
     fn debug_dump(&self) {
@@ -774,19 +832,6 @@ pub struct Hnsw<'b, T: Clone + Send + Sync + 'b, D: Distance<T>> {
     /// set to true if some data come from a mmap
     pub(crate) datamap_opt: bool,
 } // end of Hnsw
-
-/// clipdex: writes `point`'s layer-0 list to its row of `level0` (the
-/// caller holds the list's write lock).
-pub(crate) fn set_level0_row<T: Clone + Send + Sync>(
-    level0: &Level0,
-    point: &Point<'_, T>,
-    list: &[Arc<PointWithOrder<'_, T>>],
-) {
-    if let Some(&n) = point.number.get() {
-        let numbers = list.iter().filter_map(|e| e.point_ref.number.get().copied());
-        level0.set_row(n, numbers);
-    }
-}
 
 // clipdex: what a layer search keeps between calls on one thread.
 
@@ -1375,12 +1420,8 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
             // sorted_points = from_positive_binaryheap_to_negative_binary_heap(&mut sorted_points);
             //
             if let Some(ep) = sorted_points.pop() {
-                // useful for projecting lower layer to upper layer. keep track of points encountered.
-                if new_point.neighbours.read()[l as usize].len()
-                    < self.get_max_nb_connection() as usize
-                {
-                    new_point.neighbours.write()[l as usize].push(Arc::clone(&ep));
-                }
+                // clipdex: the entry is no longer added to the new point's
+                // list of this layer, above its own: no search reads it.
                 // get the lowest distance point
                 let tmp_dist = self.dist_f.eval(data, ep.point_ref.data.get_v());
                 if tmp_dist < dist_to_entry {
@@ -1435,9 +1476,10 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
                 // we must add bidirecti*onal from data i.e new_point_id to neighbours
                 {
                     let mut lists = new_point.neighbours.write();
-                    lists[l as usize].clone_from(&neighbours);
                     if l == 0 {
-                        set_level0_row(&self.layer_indexed_points.level0, &new_point, &lists[0]);
+                        self.layer_indexed_points.set_level0(&new_point, &neighbours);
+                    } else {
+                        lists[l as usize].clone_from(&neighbours);
                     }
                 }
                 // this reverse neighbour update could be done here but we put it at end to gather all code
@@ -1490,7 +1532,7 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
             new_point.p_id
         );
         let level = new_point.p_id.0;
-        for l in (0..level + 1).rev() {
+        for l in (1..level + 1).rev() {
             for q in &new_point.neighbours.read()[l as usize] {
                 if new_point.p_id != q.point_ref.p_id {
                     // as new point is in global table, do not loop and deadlock!!
@@ -1500,6 +1542,13 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
                     // fix from vidaunited (https://github.com/vidaunited), store potential reverse neighbout at correct layer
                     // This potential reverse add provide a symetric edge only if new_point is sufficiently close to q_point from q_point point of view
                     let l_n = l as usize;
+                    // clipdex: a point is given lists only up to its own
+                    // layer; it can be named above it (the entry point of
+                    // the time, in the lists of a point that opened a new
+                    // top layer), and is then given the list it is named in.
+                    if q_point_neighbours.len() <= l_n {
+                        q_point_neighbours.resize_with(l_n + 1, Vec::new);
+                    }
                     let already = q_point_neighbours[l_n]
                         .iter()
                         .position(|old| old.point_ref.p_id == new_point.p_id);
@@ -1514,31 +1563,52 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
                     let nbn_at_l = q_point_neighbours[l_n].len();
                     //
                     // if l < level, update upward chaining, insert does a sort! t_q has a neighbour not yet in global table of points!
-                    let threshold_shrinking = if l_n > 0 {
-                        self.max_nb_connection
-                    } else {
-                        2 * self.max_nb_connection
-                    };
-                    let shrink = nbn_at_l > threshold_shrinking;
+                    let shrink = nbn_at_l > self.max_nb_connection;
                     {
                         // sort and shring if necessary
                         q_point_neighbours[l_n].sort_unstable();
                         if shrink {
                             q_point_neighbours[l_n].pop();
                         }
-                        if l_n == 0 {
-                            set_level0_row(
-                                &self.layer_indexed_points.level0,
-                                q_point,
-                                &q_point_neighbours[0],
-                            );
-                        }
                     }
                 } // end protection against point identity
             }
         }
+        self.reverse_update_level0(&new_point);
         //   println!("     exitingreverse update neighbourhood for  new point {:?} ", new_point.p_id);
     } // end of reverse_update_neighborhood_simple
+
+    /// clipdex: the reverse update on layer 0, through the rows: the new
+    /// point joins each of its neighbours' rows, which keep their
+    /// `2 * max_nb_connection` nearest. One lock is held at a time.
+    fn reverse_update_level0(&self, new_point: &Point<'b, T>) {
+        let points = &self.layer_indexed_points;
+        let level0 = &points.level0;
+        let Some(&new_n) = new_point.number.get() else {
+            return;
+        };
+        let mut entries = Vec::new();
+        {
+            let _lock = new_point.neighbours.read();
+            level0.entries(new_n, &mut entries);
+        }
+        let mut q_entries = Vec::new();
+        for &(q_n, dist) in &entries {
+            if q_n == new_n {
+                continue;
+            }
+            let q_point = points.numbered(q_n);
+            let _lock = q_point.neighbours.write();
+            level0.entries(q_n, &mut q_entries);
+            if q_entries.iter().any(|&(m, _)| m == new_n) {
+                continue;
+            }
+            q_entries.push((new_n, dist));
+            q_entries.sort_by(|a, b| a.1.total_cmp(&b.1));
+            q_entries.truncate(level0.width());
+            level0.set_entries(q_n, &q_entries);
+        }
+    }
 
     pub fn get_point_indexation(&self) -> &PointIndexation<'b, T> {
         &self.layer_indexed_points
@@ -1640,12 +1710,12 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
             let mut new_candidates_set = HashMap::<PointId, Arc<Point<T>>>::new();
             // get a list of all neighbours of candidates
             for (_p_id, p_point) in candidates_set.iter() {
-                let n_p_layer = &p_point.neighbours.read()[layer as usize];
+                let n_p_layer = self.layer_indexed_points.neighbour_points(p_point, layer);
                 for q in n_p_layer {
-                    if !candidates_set.contains_key(&q.point_ref.p_id)
-                        && !new_candidates_set.contains_key(&q.point_ref.p_id)
+                    if !candidates_set.contains_key(&q.p_id)
+                        && !new_candidates_set.contains_key(&q.p_id)
                     {
-                        new_candidates_set.insert(q.point_ref.p_id, Arc::clone(&q.point_ref));
+                        new_candidates_set.insert(q.p_id, q);
                     }
                 }
             } // end of for p
@@ -1814,7 +1884,8 @@ impl<'b, T: Clone + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'b, T, D> {
                 let mut has_changed = false;
                 // search in stored neighbours
                 {
-                    let neighbours = &pivot.neighbours.read()[layer as usize];
+                    let lists = pivot.neighbours.read();
+                    let neighbours = lists.get(layer as usize).map(Vec::as_slice).unwrap_or_default();
                     for n in neighbours {
                         // get the lowest  distance point.
                         let tmp_dist = self.dist_f.eval(data, n.point_ref.data.get_v());
@@ -2033,19 +2104,16 @@ where
             );
             nb_point_checked += 1;
             // check neighborhood
-            let nbgh1 = p1.neighbours.read();
-            let nbgh2 = p2.neighbours.read();
+            let nbgh1 = hnsw1.layer_indexed_points.get_neighborhood_id(p1);
+            let nbgh2 = hnsw2.layer_indexed_points.get_neighborhood_id(p2);
             assert_eq!(nbgh1.len(), nbgh2.len());
             for k in 0..nbgh1.len() {
                 assert_eq!(nbgh1[k].len(), nbgh2[k].len());
                 for l in 0..nbgh1[k].len() {
-                    assert_eq!(
-                        nbgh1[k][l].point_ref.origin_id,
-                        nbgh2[k][l].point_ref.origin_id
-                    );
-                    assert_eq!(nbgh1[k][l].point_ref.p_id, nbgh2[k][l].point_ref.p_id);
+                    assert_eq!(nbgh1[k][l].d_id, nbgh2[k][l].d_id);
+                    assert_eq!(nbgh1[k][l].p_id, nbgh2[k][l].p_id);
                     // CAVEAT for precision with f32
-                    assert_eq!(nbgh1[k][l].dist_to_ref, nbgh2[k][l].dist_to_ref);
+                    assert_eq!(nbgh1[k][l].distance, nbgh2[k][l].distance);
                     nb_neighbours_checked += 1;
                 }
             }

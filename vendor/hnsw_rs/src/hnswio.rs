@@ -637,9 +637,24 @@ impl HnswIo {
         //
         let mut points_by_layer: Vec<Vec<Arc<Point<T>>>> =
             Vec::with_capacity(NB_LAYER_MAX as usize);
-        // clipdex: each point's neighbours by layer and rank (a HashMap by
-        // point id before), linked in the order the points were read.
+        // clipdex: the upper layers' lists of each point of an upper layer,
+        // by layer and rank (a HashMap by point id before), linked in the
+        // order the points were read. Layer 0 goes straight into its rows:
+        // points are numbered in the order they are read, so a point of
+        // layer 0 is numbered by its rank; an entry naming a point of an
+        // upper layer is numbered once every layer is read (`pending`: the
+        // row's point, the entry, the layer, the rank).
         let mut neighbourhoods: Vec<Vec<Vec<Vec<Neighbour>>>> = Vec::new();
+        let level0 = crate::level0::Level0::new(descr.max_nb_connection as usize);
+        let mut pending: Vec<(u32, u8, u8, i32)> = Vec::new();
+        // The lists a point has above its own layer: kept only where the
+        // point is named in that layer (a former entry point); graphs saved
+        // before also gave every new point a dead entry on each layer above
+        // its own. (the point, the layer, the neighbour, the distance)
+        let mut above: Vec<(PointId, u8, PointId, f32)> = Vec::new();
+        let mut named_above = std::collections::HashSet::<(u8, PointId)>::new();
+        let mut entries: Vec<(u32, f32)> = Vec::new();
+        let mut highest_rank0: i64 = -1;
         // load max layer
         let mut it_slice = [0u8; ::std::mem::size_of::<u8>()];
         graph_in.read_exact(&mut it_slice)?;
@@ -667,7 +682,7 @@ impl HnswIo {
             let nbpoints = usize::from_ne_bytes(it_slice);
             debug!(" layer {:?} , nb points {:?}", l, nbpoints);
             let mut vlayer: Vec<Arc<Point<T>>> = Vec::with_capacity(nbpoints);
-            let mut layer_neighbourhoods = Vec::with_capacity(nbpoints);
+            let mut layer_neighbourhoods = Vec::with_capacity(if l > 0 { nbpoints } else { 0 });
             // load graph and data part of point. Points are dumped in the same order.
             for r in 0..nbpoints {
                 // do we use mmap? for this point. We must load into memory up to threshold points, and we also want the  most
@@ -697,8 +712,7 @@ impl HnswIo {
                     return Err(anyhow!(other));
                 }
 
-                let load_point_res = load_point_res.unwrap();
-                let point = load_point_res.0;
+                let (point, mut neighbourhood) = load_point_res.unwrap();
                 let p_id = point.get_point_id();
                 // some checks
                 assert_eq!(l, p_id.0 as usize);
@@ -707,8 +721,41 @@ impl HnswIo {
                     debug!("Storing at l {:?}, r {:?}", l, r);
                 }
                 assert_eq!(r, p_id.1 as usize);
-                // store neoghbour info of this point
-                layer_neighbourhoods.push(load_point_res.1);
+                let number = level0.add(point.get_v(), Arc::as_ptr(&point) as usize);
+                let _ = point.number.set(number);
+                // clipdex: layer 0 into the point's row, sorted by distance
+                let list0 = &mut neighbourhood[0];
+                list0.sort_unstable_by(|a, b| a.distance.total_cmp(&b.distance));
+                entries.clear();
+                for (i, n) in list0.iter().take(level0.width()).enumerate() {
+                    if n.p_id.1 < 0 {
+                        return Err(anyhow!("bad neighbour rank {:?}", n.p_id));
+                    }
+                    if n.p_id.0 == 0 {
+                        highest_rank0 = highest_rank0.max(n.p_id.1 as i64);
+                        entries.push((n.p_id.1 as u32, n.distance));
+                    } else {
+                        pending.push((number, i as u8, n.p_id.0, n.p_id.1));
+                        entries.push((0, n.distance));
+                    }
+                }
+                level0.set_entries(number, &entries);
+                for (layer, list) in neighbourhood.iter().enumerate().skip(1) {
+                    for n in list {
+                        if (n.p_id.0 as usize) < layer {
+                            named_above.insert((layer as u8, n.p_id));
+                        }
+                        if layer > l {
+                            above.push((p_id, layer as u8, n.p_id, n.distance));
+                        }
+                    }
+                }
+                // the upper layers' lists, up to the point's own layer
+                if l > 0 {
+                    neighbourhood.truncate(l + 1);
+                    neighbourhood[0] = Vec::new();
+                    layer_neighbourhoods.push(neighbourhood);
+                }
                 vlayer.push(point);
                 nb_points_loaded += 1;
                 nb_still_to_load -= 1;
@@ -718,38 +765,68 @@ impl HnswIo {
             neighbourhoods.push(layer_neighbourhoods);
         }
         // at this step all points are loaded , but without their neighbours fileds are not yet initialized
-        // clipdex: every point numbered before any row names it.
-        let level0 = crate::level0::Level0::new(descr.max_nb_connection as usize);
-        for point in points_by_layer.iter().flatten() {
-            let number = level0.add(point.get_v(), Arc::as_ptr(point) as usize);
-            let _ = point.number.set(number);
+        // clipdex: the entries naming points of upper layers get their
+        // numbers (layer l's first number is the count of points below it).
+        let mut first_numbers = Vec::with_capacity(points_by_layer.len());
+        let mut count = 0usize;
+        for layer in &points_by_layer {
+            first_numbers.push(count);
+            count += layer.len();
         }
-        // clipdex: the points of a layer are linked in parallel, each
+        let layer_len = |layer: u8| points_by_layer.get(layer as usize).map_or(0, Vec::len);
+        if highest_rank0 >= layer_len(0) as i64 {
+            return Err(anyhow!("a neighbour of rank {highest_rank0} in a layer of {} points", layer_len(0)));
+        }
+        for &(number, i, layer, rank) in &pending {
+            if rank as usize >= layer_len(layer) {
+                return Err(anyhow!("a neighbour of rank {rank} in layer {layer} of {} points", layer_len(layer)));
+            }
+            level0.set_number(number, i as usize, (first_numbers[layer as usize] + rank as usize) as u32);
+        }
+        drop(pending);
+        above.retain(|(p_id, layer, _, _)| named_above.contains(&(*layer, *p_id)));
+        drop(named_above);
+        // clipdex: the upper layers' points are linked in parallel, each
         // thread a run of consecutive points (their lists stay together in
         // memory, as read).
         use rayon::prelude::*;
-        for (layer_points, layer_neighbourhoods) in points_by_layer.iter().zip(neighbourhoods) {
+        for (layer_points, layer_neighbourhoods) in points_by_layer.iter().zip(neighbourhoods).skip(1) {
             let by_layer = &points_by_layer;
-            let level0 = &level0;
-            layer_points.par_iter().zip(layer_neighbourhoods.into_par_iter()).for_each(|(point, neighbours)| {
+            layer_points.par_iter().zip(layer_neighbourhoods.into_par_iter()).try_for_each(|(point, neighbours)| {
                 let points_by_layer = by_layer;
                 let mut slots = point.neighbours.write();
-                for (l, neighbours) in neighbours.into_iter().enumerate() {
+                for (l, neighbours) in neighbours.into_iter().enumerate().skip(1) {
                     let slot = &mut slots[l];
                     slot.reserve_exact(neighbours.len());
                     for n in neighbours {
-                        let n_point = &points_by_layer[n.p_id.0 as usize][n.p_id.1 as usize];
+                        let n_point = points_by_layer
+                            .get(n.p_id.0 as usize)
+                            .and_then(|layer| layer.get(usize::try_from(n.p_id.1).ok()?))
+                            .ok_or_else(|| anyhow!("a neighbour {:?} that is not in the graph", n.p_id))?;
                         // now n_point is the Arc<Point> corresponding to neighbour n of point,
                         // construct a corresponding PointWithOrder
                         slot.push(Arc::new(PointWithOrder::<T>::new(n_point, n.distance)));
                     } // end of for n
                     //  must sort
                     slot.sort_unstable();
-                    if l == 0 {
-                        crate::hnsw::set_level0_row(level0, point, slot);
-                    }
                 } // end of for l
-            });
+                Ok(())
+            })?;
+        }
+        let point_at = |p_id: PointId| {
+            points_by_layer
+                .get(p_id.0 as usize)
+                .and_then(|layer| layer.get(usize::try_from(p_id.1).ok()?))
+                .ok_or_else(|| anyhow!("a neighbour {:?} that is not in the graph", p_id))
+        };
+        for &(p_id, layer, n_id, distance) in &above {
+            let n_point = point_at(n_id)?;
+            let mut lists = point_at(p_id)?.neighbours.write();
+            if lists.len() <= layer as usize {
+                lists.resize_with(layer as usize + 1, Vec::new);
+            }
+            lists[layer as usize].push(Arc::new(PointWithOrder::<T>::new(n_point, distance)));
+            lists[layer as usize].sort_unstable();
         }
         //
         // get id of entry_point
@@ -1077,8 +1154,9 @@ pub fn load_description(io_in: &mut dyn Read) -> Result<Description> {
 ///  2. origin_id as a u64
 ///  3. The vector of data (the length is known from Description)
 ///
-fn dump_point<T: Serialize + Clone + Sized + Send + Sync, W: Write>(
-    point: &Point<T>,
+fn dump_point<'b, T: Serialize + Clone + Sized + Send + Sync, W: Write>(
+    points: &PointIndexation<'b, T>,
+    point: &Point<'b, T>,
     mode: DumpMode,
     graphout: &mut BufWriter<W>,
     dataout: &mut BufWriter<W>,
@@ -1094,7 +1172,7 @@ fn dump_point<T: Serialize + Clone + Sized + Send + Sync, W: Write>(
     }
     trace!(" point dump {:?} {:?}  ", p_id, point.get_origin_id());
     // then dump neighborhood info : nb neighbours : u32 , then list of origin_id, layer, rank_in_layer
-    let neighborhood = point.get_neighborhood_id();
+    let neighborhood = points.get_neighborhood_id(point);
     // in any case nb_layers are dumped with possibly 0 neighbours at a layer, but this does not occur by construction
     for (l, neighbours_at_l) in neighborhood.iter().enumerate() {
         // Caution : we dump number of neighbours as a usize, even if it cannot be so large!
@@ -1335,7 +1413,7 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync> HnswIoT for PointInd
             graphout.write_all(&nb_point.to_ne_bytes())?;
             for j in 0..layers[i].len() {
                 assert_eq!(layers[i][j].get_point_id(), PointId(i as u8, j as i32));
-                dump_point(&layers[i][j], mode, graphout, dataout)?;
+                dump_point(self, &layers[i][j], mode, graphout, dataout)?;
             }
         }
         // dump id of entry point

@@ -1,15 +1,19 @@
-//! clipdex: layer 0 of the graph as fixed rows of point numbers, beside the
-//! points' own neighbour lists, for the layer search.
+//! clipdex: layer 0 of the graph, the only place its lists are kept: per
+//! point a row of neighbour numbers and, beside it, their distances.
 //!
-//! The lists of a point are reached through five dependent reads (the
-//! point, its lock, the lists, layer 0's list, each neighbour's entry) and
-//! a neighbour's vector through one more (its point). Each read is a cache
-//! miss in a large graph. Here a point's layer-0 neighbours are one row of
-//! numbers, and a number leads straight to its vector, so that expanding a
-//! point costs two rounds of misses (its row, then the vectors). Every
-//! change to a layer-0 list is written to its row while the list's lock is
-//! held. Readers need no lock: a row read during a change may mix old and
-//! new neighbours, every one of them a point of the graph.
+//! Upper layers keep hnsw_rs's lists of `Arc`s, reached through five
+//! dependent reads (the point, its lock, the lists, the layer's list, each
+//! neighbour's entry). Layer 0 holds every point and twice the connections,
+//! so there a list of `Arc`s cost about 1.5 KB a point and an allocation per
+//! neighbour. Here a point's layer-0 neighbours are one row of numbers, and a
+//! number leads straight to its vector, so that expanding a point costs two
+//! rounds of misses (its row, then the vectors). The distances, which only
+//! the writers read (to keep the nearest when a row is full, and to save the
+//! graph), sit in their own rows so that the search's rows stay dense.
+//!
+//! A writer holds the point's list lock (`Point::neighbours`) while it
+//! changes the point's row. Readers need no lock: a row read during a change
+//! may mix old and new neighbours, every one of them a point of the graph.
 //!
 //! Points are numbered in the order they are added. Storage grows in
 //! chunks that never move, zeroed by the system until first written.
@@ -32,6 +36,8 @@ pub(crate) struct Level0 {
 struct Chunk {
     /// Per point: the count, then `width` numbers.
     rows: Box<[AtomicU32]>,
+    /// Per point: `width` distances (`f32` bits), in the row's order.
+    dists: Box<[AtomicU32]>,
     /// Per point: its vector's address and length, and the point's address.
     slots: Box<[AtomicUsize]>,
 }
@@ -63,6 +69,7 @@ impl Level0 {
     fn chunk(&self, n: u32) -> &Chunk {
         self.chunks[n as usize / CHUNK].get_or_init(|| Chunk {
             rows: zeroed(CHUNK * (self.width + 1)),
+            dists: zeroed(CHUNK * self.width),
             slots: zeroed(CHUNK * 3),
         })
     }
@@ -88,15 +95,46 @@ impl Level0 {
         &self.chunk(n).rows[(n as usize % CHUNK) * (self.width + 1)..][..self.width + 1]
     }
 
-    /// Sets point `n`'s row (the first `width` numbers given).
-    pub(crate) fn set_row(&self, n: u32, numbers: impl Iterator<Item = u32>) {
+    /// Numbers per row at most.
+    pub(crate) fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Sets point `n`'s row to `entries` (number, distance), the first
+    /// `width` of them. The caller holds the point's list lock.
+    pub(crate) fn set_entries(&self, n: u32, entries: &[(u32, f32)]) {
         let row = self.row_of(n);
-        let mut count = 0;
-        for (slot, m) in row[1..].iter().zip(numbers) {
-            slot.store(m, Ordering::Relaxed);
-            count += 1;
+        let dists = self.dists_of(n);
+        let count = entries.len().min(self.width);
+        for (i, &(m, d)) in entries[..count].iter().enumerate() {
+            dists[i].store(d.to_bits(), Ordering::Relaxed);
+            row[1 + i].store(m, Ordering::Relaxed);
         }
-        row[0].store(count, Ordering::Release);
+        row[0].store(count as u32, Ordering::Release);
+    }
+
+    /// Sets entry `i` of point `n`'s row to number `m` (loading, where a
+    /// neighbour's number is known only once every layer is read).
+    pub(crate) fn set_number(&self, n: u32, i: usize, m: u32) {
+        self.row_of(n)[1 + i].store(m, Ordering::Release);
+    }
+
+    /// Point `n`'s row with its distances, into `out`.
+    pub(crate) fn entries(&self, n: u32, out: &mut Vec<(u32, f32)>) {
+        let row = self.row_of(n);
+        let dists = self.dists_of(n);
+        let count = (row[0].load(Ordering::Acquire) as usize).min(self.width);
+        out.clear();
+        out.extend((0..count).map(|i| {
+            (
+                row[1 + i].load(Ordering::Relaxed),
+                f32::from_bits(dists[i].load(Ordering::Relaxed)),
+            )
+        }));
+    }
+
+    fn dists_of(&self, n: u32) -> &[AtomicU32] {
+        &self.chunk(n).dists[(n as usize % CHUNK) * self.width..][..self.width]
     }
 
     /// Point `n`'s row, into `out`.
