@@ -3,6 +3,7 @@
 //!     cargo bench --bench scale -- vectors --model DIR --out DIR [--photos N] [--seed S]
 //!     cargo bench --bench scale -- run --data DIR [--photos N] [--queries Q] [--json] [--keep]
 //!     cargo bench --bench scale -- open --data DIR [--photos N]
+//!     cargo bench --bench scale -- save --data DIR [--photos N]
 //!     cargo bench --bench scale -- filtered --data DIR [--photos N] [--queries Q]
 //!     cargo bench --bench scale -- rebuild --data DIR [--photos N]
 //!     cargo bench --bench scale -- library --data DIR [--photos N] [--out INDEX]
@@ -334,7 +335,9 @@ fn args() -> Args {
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "vectors" | "run" | "open" | "filtered" | "rebuild" | "library" => a.mode = arg,
+            "vectors" | "run" | "open" | "save" | "filtered" | "rebuild" | "library" => {
+                a.mode = arg
+            }
             "--model" => a.model = it.next().map(PathBuf::from),
             "--out" | "--data" => a.data = PathBuf::from(it.next().expect("--data DIR")),
             "--photos" => a.photos = it.next().and_then(|v| v.parse().ok()).expect("--photos N"),
@@ -364,6 +367,7 @@ fn main() {
         "vectors" => make_vectors(&args),
         "run" => run(&args),
         "open" => open(&args),
+        "save" => save(&args),
         "filtered" => filtered(&args),
         "rebuild" => rebuild(&args),
         "library" => library(&args),
@@ -643,6 +647,39 @@ fn open(args: &Args) {
         start.elapsed().as_secs_f64(),
         rss_mib()
     );
+}
+
+/// Saving the graph `run --keep` left, as a re-index does after a change:
+/// on a copy of it (one photo removed), written and synced to disk.
+fn save(args: &Args) {
+    let kept = args.data.join(format!("index-{}", args.photos));
+    let dir = args.data.join("save-copy");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&kept).unwrap() {
+        let entry = entry.unwrap();
+        let to = dir.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&to).unwrap();
+            for file in std::fs::read_dir(entry.path()).unwrap() {
+                let file = file.unwrap();
+                std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
+            }
+        } else {
+            std::fs::copy(entry.path(), to).unwrap();
+        }
+    }
+    let index = clipdex::vector::VectorIndex::open(&dir, DIM).unwrap();
+    index.remove([1]);
+    let start = Instant::now();
+    index.save().unwrap();
+    println!(
+        "saved {} vectors in {:.2} s (written, hashed and synced)",
+        index.len(),
+        start.elapsed().as_secs_f64()
+    );
+    drop(index);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Filtered searches on the graph `run --keep` left: recall@10 against the

@@ -522,6 +522,21 @@ impl<'b, T: Clone + Send + Sync> PointIndexation<'b, T> {
     /// point of this graph. clipdex: a method of the graph (it was the
     /// point's), because layer 0 is kept here.
     pub fn get_neighborhood_id(&self, point: &Point<'b, T>) -> Vec<Vec<Neighbour>> {
+        self.neighborhood_by(point, |m| {
+            let q = self.numbered(m);
+            (q.origin_id, q.p_id)
+        })
+    }
+
+    /// clipdex: [`Self::get_neighborhood_id`], with layer 0's neighbours
+    /// identified by `id_of` their number (saving the graph looks them up
+    /// in a table made in one pass, instead of reading each neighbour's
+    /// point: a cache miss per entry).
+    pub(crate) fn neighborhood_by(
+        &self,
+        point: &Point<'b, T>,
+        id_of: impl Fn(u32) -> (DataId, PointId),
+    ) -> Vec<Vec<Neighbour>> {
         let lists = point.neighbours.read();
         let mut neighborhood = Vec::with_capacity(NB_LAYER_MAX as usize);
         let mut entries = Vec::new();
@@ -532,8 +547,8 @@ impl<'b, T: Clone + Send + Sync> PointIndexation<'b, T> {
             entries
                 .iter()
                 .map(|&(m, dist)| {
-                    let q = self.numbered(m);
-                    Neighbour::new(q.origin_id, dist, q.p_id)
+                    let (origin_id, p_id) = id_of(m);
+                    Neighbour::new(origin_id, dist, p_id)
                 })
                 .collect(),
         );

@@ -223,8 +223,10 @@ impl DumpInit {
         }
         let datafile = datafileres.unwrap();
         //
-        let graph_out = BufWriter::new(graphfile);
-        let data_out = BufWriter::new(datafile);
+        // clipdex: 4 MiB buffers (8 KiB before): the data file is
+        // gigabytes, written in pieces that seldom filled whole pages.
+        let graph_out = BufWriter::with_capacity(1 << 22, graphfile);
+        let data_out = BufWriter::with_capacity(1 << 22, datafile);
         //
         DumpInit {
             basename,
@@ -1156,6 +1158,7 @@ pub fn load_description(io_in: &mut dyn Read) -> Result<Description> {
 ///
 fn dump_point<'b, T: Serialize + Clone + Sized + Send + Sync, W: Write>(
     points: &PointIndexation<'b, T>,
+    ids: &[(DataId, PointId)],
     point: &Point<'b, T>,
     mode: DumpMode,
     graphout: &mut BufWriter<W>,
@@ -1172,7 +1175,7 @@ fn dump_point<'b, T: Serialize + Clone + Sized + Send + Sync, W: Write>(
     }
     trace!(" point dump {:?} {:?}  ", p_id, point.get_origin_id());
     // then dump neighborhood info : nb neighbours : u32 , then list of origin_id, layer, rank_in_layer
-    let neighborhood = points.get_neighborhood_id(point);
+    let neighborhood = points.neighborhood_by(point, |m| ids[m as usize]);
     // in any case nb_layers are dumped with possibly 0 neighbours at a layer, but this does not occur by construction
     for (l, neighbours_at_l) in neighborhood.iter().enumerate() {
         // Caution : we dump number of neighbours as a usize, even if it cannot be so large!
@@ -1405,6 +1408,13 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync> HnswIoT for PointInd
         let layers = self.points_by_layer.read();
         let nb_layer = layers.len() as u8;
         graphout.write_all(&nb_layer.to_ne_bytes())?;
+        // clipdex: every point's identity by number, in one pass.
+        let mut ids = vec![(0, PointId(0, 0)); self.level0.len()];
+        for point in layers.iter().flatten() {
+            if let Some(&n) = point.number.get() {
+                ids[n as usize] = (point.get_origin_id(), point.get_point_id());
+            }
+        }
         // dump layers from lower (most populatated to higher level)
         for i in 0..layers.len() {
             let nb_point = layers[i].len();
@@ -1413,7 +1423,7 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync> HnswIoT for PointInd
             graphout.write_all(&nb_point.to_ne_bytes())?;
             for j in 0..layers[i].len() {
                 assert_eq!(layers[i][j].get_point_id(), PointId(i as u8, j as i32));
-                dump_point(self, &layers[i][j], mode, graphout, dataout)?;
+                dump_point(self, &ids, &layers[i][j], mode, graphout, dataout)?;
             }
         }
         // dump id of entry point
