@@ -825,8 +825,10 @@ fn large_files_cost_memory_only_when_decoded() {
         "the first run decoded the picture: {} MB",
         first_peak >> 20
     );
+    // The process itself (the model, the graph's buffers) takes about 126
+    // MB; a run that read the file whole would take its 192 MB on top.
     assert!(
-        peak < 128 << 20,
+        peak < 192 << 20 && peak < first_peak / 2,
         "hashing a known 192 MB file took {} MB",
         peak >> 20
     );
