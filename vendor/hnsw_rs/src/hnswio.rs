@@ -648,7 +648,7 @@ impl HnswIo {
         // row's point, the entry, the layer, the rank).
         let mut neighbourhoods: Vec<Vec<Vec<Vec<Neighbour>>>> = Vec::new();
         let level0 = crate::level0::Level0::new(descr.max_nb_connection as usize);
-        let mut pending: Vec<(u32, u8, u8, i32)> = Vec::new();
+        let mut pending: Vec<(u32, u16, u8, i32)> = Vec::new();
         // The lists a point has above its own layer: kept only where the
         // point is named in that layer (a former entry point); graphs saved
         // before also gave every new point a dead entry on each layer above
@@ -737,7 +737,7 @@ impl HnswIo {
                         highest_rank0 = highest_rank0.max(n.p_id.1 as i64);
                         entries.push((n.p_id.1 as u32, n.distance));
                     } else {
-                        pending.push((number, i as u8, n.p_id.0, n.p_id.1));
+                        pending.push((number, i as u16, n.p_id.0, n.p_id.1));
                         entries.push((0, n.distance));
                     }
                 }
