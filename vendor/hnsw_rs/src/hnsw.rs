@@ -480,14 +480,9 @@ impl<'b, T: Clone + Send + Sync> PointIndexation<'b, T> {
 
     /// clipdex: point number `m`, as a new `Arc`.
     fn numbered_arc(&self, m: u32) -> Arc<Point<'b, T>> {
-        let ptr = self.level0.slot(m).2 as *const Point<'b, T>;
-        // SAFETY: as in `numbered`, the graph owns this point through an
-        // `Arc`, so its strong count is at least one; the new count is given
-        // back when the returned `Arc` drops.
-        unsafe {
-            Arc::increment_strong_count(ptr);
-            Arc::from_raw(ptr)
-        }
+        // SAFETY: as in `numbered`, the slot holds the address of a point
+        // the graph owns through an `Arc`.
+        unsafe { point_arc(self.level0.slot(m).2) }
     }
 
     /// clipdex: sets `point`'s layer-0 row to `list` (sorted by distance).
@@ -987,17 +982,27 @@ impl Frontier {
     ) -> BinaryHeap<Arc<PointWithOrder<'b, T>>> {
         let mut points = BinaryHeap::with_capacity(self.results.len().max(2));
         for near in self.results.drain() {
-            let ptr = address(near.at) as *const Point<'b, T>;
-            // SAFETY: `ptr` is a point the graph owns through an `Arc`
-            // (the caller's promise), so its strong count is at least one;
-            // the new count is given back when the returned `Arc` drops.
-            let point_ref = unsafe {
-                Arc::increment_strong_count(ptr);
-                Arc::from_raw(ptr)
-            };
+            // SAFETY: the caller's promise.
+            let point_ref = unsafe { point_arc(address(near.at)) };
             points.push(Arc::new(PointWithOrder::new(&point_ref, near.dist)));
         }
         points
+    }
+}
+
+/// clipdex: a new `Arc` of the point at `address`.
+///
+/// # Safety
+/// `address` is that of a point a graph owns through an `Arc` for as long
+/// as this call lasts.
+unsafe fn point_arc<'b, T: Clone + Send + Sync>(address: usize) -> Arc<Point<'b, T>> {
+    let ptr = address as *const Point<'b, T>;
+    // SAFETY: the point is owned through an `Arc` (the caller's promise), so
+    // its strong count is at least one; the new count is given back when the
+    // returned `Arc` drops.
+    unsafe {
+        Arc::increment_strong_count(ptr);
+        Arc::from_raw(ptr)
     }
 }
 
