@@ -277,15 +277,24 @@ fn overview_of(
     vectors: usize,
     keywords: u64,
 ) -> Result<Overview> {
-    Ok(Overview {
-        meta: store.meta()?,
-        photos: store.count(),
+    Ok(overview_from(paths, store.summary()?, vectors, keywords))
+}
+
+fn overview_from(
+    paths: IndexPaths,
+    summary: store::Summary,
+    vectors: usize,
+    keywords: u64,
+) -> Overview {
+    Overview {
+        meta: summary.meta,
+        photos: summary.photos,
         vectors,
         keywords,
-        last_run: store.last_run()?,
-        skipped: store.skipped()?,
+        last_run: summary.last_run,
+        skipped: summary.skipped,
         paths,
-    })
+    }
 }
 
 impl Index {
@@ -343,11 +352,26 @@ impl Index {
     /// reconciling: for `clipdex status`, which answers in a second where
     /// loading a million photos' graph takes ten. The vector count is the
     /// saved graph's; [`Self::open`] brings it to the store's.
+    ///
+    /// The store's part comes from the summary kept beside it where there
+    /// is one (see [`store::Summary`]): opening the store takes most of a
+    /// second at a million photos.
     pub fn overview(root: &Path) -> Result<Overview> {
-        let (paths, store, _lock) = Self::open_store(root)?;
+        let (paths, _lock) = Self::lock_index(root)?;
+        let summary = match Store::kept_summary(&paths.db()) {
+            Some(summary) => summary,
+            None => {
+                let store = Store::open(&paths.db())?;
+                let summary = store.summary()?;
+                if let Err(e) = store.keep_summary(&summary) {
+                    tracing::debug!(error = %e, "the store's summary was not written");
+                }
+                summary
+            }
+        };
         let vectors = VectorIndex::saved_len(&paths.vectors());
         let keywords = KeywordIndex::open(&paths.keyword(), false)?.count();
-        overview_of(paths, &store, vectors, keywords)
+        Ok(overview_from(paths, summary, vectors, keywords))
     }
 
     /// The same [`Overview`] of this open index, with its graph as loaded.
@@ -373,6 +397,14 @@ impl Index {
     /// another model that is ready (or was interrupted after its exchange);
     /// held by someone, that waits.
     fn open_store(root: &Path) -> Result<(IndexPaths, Store, File)> {
+        let (paths, lock) = Self::lock_index(root)?;
+        let store = Store::open(&paths.db())?;
+        Ok((paths, store, lock))
+    }
+
+    /// The paths of the index at `root`, and its lock, taken after
+    /// finishing a switch to another model as [`Self::open_store`] does.
+    fn lock_index(root: &Path) -> Result<(IndexPaths, File)> {
         let paths = IndexPaths::new(root);
         match generation::settle(root) {
             Ok(generation::Settled::Nothing) | Err(Error::InUse { .. }) => {}
@@ -385,8 +417,7 @@ impl Index {
             return Err(Error::NotFound(root.display().to_string()));
         }
         let lock = lock(&paths)?;
-        let store = Store::open(&paths.db())?;
-        Ok((paths, store, lock))
+        Ok((paths, lock))
     }
 
     fn assemble(paths: IndexPaths, store: Store, lock: File) -> Result<Self> {

@@ -27,7 +27,7 @@
 mod migrate;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +79,11 @@ pub enum Error {
     NotInitialised,
     #[error("migration to format {version} failed: {message}")]
     Migration { version: u32, message: String },
+    #[error("index summary {path}: {source}")]
+    Summary {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -271,6 +276,27 @@ pub struct Store {
     /// Bumped by every change to the photos or their near lists (in this
     /// process: the one that holds the index makes them all).
     version: std::sync::atomic::AtomicU64,
+    /// Where [`Summary`] is kept.
+    summary_path: PathBuf,
+    /// Whether this process changed what the summary records since it was
+    /// last written (the file is gone while it is so).
+    summary_stale: std::sync::atomic::AtomicBool,
+}
+
+/// What `clipdex status` shows of the store, kept in a file beside it
+/// (`db.summary.json`), so that status need not open the store: sled reads
+/// its whole page table on open, most of a second at a million photos.
+///
+/// The file is valid whenever it exists. The process that holds the index
+/// removes it (durably) before its first change to what it records, and
+/// writes it again when it closes the store; a process killed in between
+/// leaves none, and the next status reads the store and writes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub meta: IndexMeta,
+    pub photos: usize,
+    pub last_run: Option<RunSummary>,
+    pub skipped: Vec<(String, SkipRecord)>,
 }
 
 fn id_key(prefix: u8, id: u64) -> [u8; 10] {
@@ -358,7 +384,69 @@ impl Store {
             db,
             tree,
             version: Default::default(),
+            summary_path: summary_path(dir),
+            summary_stale: Default::default(),
         })
+    }
+
+    /// The summary kept beside the store in `dir`, if there is one this
+    /// build reads (of the current format).
+    pub fn kept_summary(dir: &Path) -> Option<Summary> {
+        let bytes = std::fs::read(summary_path(dir)).ok()?;
+        serde_json::from_slice::<Summary>(&bytes)
+            .ok()
+            .filter(|s| s.meta.format_version == FORMAT_VERSION)
+    }
+
+    /// The store's [`Summary`], read from it.
+    pub fn summary(&self) -> Result<Summary> {
+        Ok(Summary {
+            meta: self.meta()?,
+            photos: self.count(),
+            last_run: self.last_run()?,
+            skipped: self.skipped()?,
+        })
+    }
+
+    /// Writes `summary` (this store's, just read) beside the store.
+    pub fn keep_summary(&self, summary: &Summary) -> std::io::Result<()> {
+        crate::common::fs::write_synced(
+            &self.summary_path,
+            &serde_json::to_vec(summary).expect("summary serialises"),
+        )?;
+        self.summary_stale
+            .store(false, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Before a change to what the summary records: removes it, for good
+    /// (a crash after the change must not find it).
+    fn forget_summary(&self) -> Result<()> {
+        if self
+            .summary_stale
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return Ok(());
+        }
+        match std::fs::remove_file(&self.summary_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                self.summary_stale
+                    .store(false, std::sync::atomic::Ordering::Release);
+                return Err(self.summary_error(e));
+            }
+            _ => {}
+        }
+        if let Some(parent) = self.summary_path.parent() {
+            crate::common::fs::sync_dir(parent).map_err(|e| self.summary_error(e))?;
+        }
+        Ok(())
+    }
+
+    fn summary_error(&self, source: std::io::Error) -> Error {
+        Error::Summary {
+            path: self.summary_path.display().to_string(),
+            source,
+        }
     }
 
     /// Creates a new index store with its metadata.
@@ -367,6 +455,7 @@ impl Store {
         if store.tree.contains_key(b"m:meta")? {
             return Ok(store);
         }
+        store.forget_summary()?;
         let mut meta = meta.clone();
         meta.format_version = FORMAT_VERSION;
         store.tree.insert(b"m:next_id", &1u64.to_be_bytes())?;
@@ -389,6 +478,7 @@ impl Store {
             });
         }
         if meta.format_version < FORMAT_VERSION {
+            store.forget_summary()?;
             migrate::run(&store.tree, meta.format_version)?;
             let mut meta = meta;
             meta.format_version = FORMAT_VERSION;
@@ -405,6 +495,7 @@ impl Store {
     }
 
     pub fn set_meta(&self, meta: &IndexMeta) -> Result<()> {
+        self.forget_summary()?;
         self.tree.insert(
             b"m:meta",
             serde_json::to_vec(meta).expect("meta serialises"),
@@ -421,6 +512,7 @@ impl Store {
     }
 
     pub fn set_last_run(&self, run: &RunSummary) -> Result<()> {
+        self.forget_summary()?;
         self.tree.insert(
             b"m:last_run",
             serde_json::to_vec(run).expect("summary serialises"),
@@ -627,6 +719,7 @@ impl Store {
 
     /// Applies a batch of changes atomically and makes it durable.
     pub fn commit(&self, changes: &[Change]) -> Result<()> {
+        self.forget_summary()?;
         // Paths that get a record in this batch keep their lookup whatever
         // else the batch removes or moves away from them.
         let put_paths: std::collections::HashSet<&str> = changes
@@ -724,9 +817,46 @@ impl Store {
         Ok(())
     }
 
-    /// The raw tree, for migrations and their tests.
+    /// The raw tree, for migrations and their tests (which may change
+    /// anything, so the summary goes).
     pub fn raw_tree(&self) -> &sled::Tree {
+        let _ = self.forget_summary();
         &self.tree
+    }
+}
+
+/// Where the summary of the store in `dir` is kept: beside it, in the
+/// index's folder, so that it moves with the store when a generation
+/// replaces the index.
+fn summary_path(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "db".into());
+    dir.with_file_name(format!("{name}.summary.json"))
+}
+
+impl Drop for Store {
+    /// A store this process changed leaves its summary written, once what
+    /// it records is on disk.
+    fn drop(&mut self) {
+        if self
+            .summary_stale
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            let kept = self
+                .db
+                .flush()
+                .map_err(Error::from)
+                .and_then(|_| self.summary())
+                .and_then(|summary| {
+                    self.keep_summary(&summary)
+                        .map_err(|e| self.summary_error(e))
+                });
+            if let Err(e) = kept {
+                tracing::debug!(error = %e, "the store's summary was not written");
+            }
+        }
     }
 }
 

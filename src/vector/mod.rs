@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::Instant;
 
-use hnsw_rs::prelude::{AnnT, Hnsw, HnswIo};
+use hnsw_rs::prelude::{Hnsw, HnswIo};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 pub mod distance;
@@ -81,10 +81,75 @@ struct Members {
     dim: usize,
     live: Vec<u64>,
     dead: Vec<u64>,
-    /// (file name, size, blake3) of every graph file. hnsw_rs exits the
-    /// process on a truncated file, so nothing unverified is handed to it.
+    /// (file name, size, blake3) of every graph file (the graph and, saved
+    /// before `data`, the data file). hnsw_rs exits the process on a
+    /// truncated file, so nothing unverified is handed to it.
     #[serde(default)]
     files: Vec<(String, u64, String)>,
+    /// The data file, in hnsw_rs's format 5 (absent from graphs saved
+    /// before it).
+    #[serde(default)]
+    data: Option<DataFile>,
+}
+
+/// The vectors a generation saved: hnsw_rs's data file in format 5 holds
+/// them in the order the graph numbers its points, which a loaded graph
+/// keeps and insertion extends. So the next generation's data file is this
+/// one (a hard link) with the points numbered since appended: a save after
+/// adding photos writes the graph and the new vectors, not every vector
+/// again. The bytes after `size` belong to a later generation, or to a save
+/// that did not finish, and are not read.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+struct DataFile {
+    /// Points numbered 0 to `points - 1`.
+    points: usize,
+    /// Their bytes, the header included.
+    size: u64,
+    /// The blake3 of each [`PIECE`] of those bytes (the last may be
+    /// shorter), so that an appending save hashes only what it wrote.
+    pieces: Vec<String>,
+}
+
+/// Bytes of the data file hashed apart (small in tests, so that their
+/// files span many pieces).
+const PIECE: u64 = if cfg!(test) { 4096 } else { 64 << 20 };
+
+/// Bytes of a data file of `points` vectors of `dim`: the header (a magic
+/// and the dimension), then per point a magic, its id, its length and the
+/// vector.
+fn data_size(points: usize, dim: usize) -> u64 {
+    4 + 8 + points as u64 * (4 + 8 + 8 + 4 * dim as u64)
+}
+
+/// The blake3 of each [`PIECE`] of the file at `path` from piece `first`
+/// up to byte `size`.
+fn hash_pieces(path: &Path, first: usize, size: u64) -> Result<Vec<String>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let start = first as u64 * PIECE;
+    file.seek(SeekFrom::Start(start)).map_err(io(path))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file).take(size - start.min(size));
+    let mut pieces = Vec::new();
+    loop {
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_reader(reader.by_ref().take(PIECE))
+            .map_err(io(path))?;
+        if hasher.count() == 0 {
+            break;
+        }
+        pieces.push(hasher.finalize().to_hex().to_string());
+        if hasher.count() < PIECE {
+            break;
+        }
+    }
+    if reader.limit() > 0 {
+        return Err(Error::Hnsw(format!(
+            "{} is shorter than its record",
+            path.display()
+        )));
+    }
+    Ok(pieces)
 }
 
 /// Size and blake3 of a file, read in pieces (a million photos' graph is
@@ -106,6 +171,10 @@ struct State {
     /// Each id's point number in the graph, which leads to its vector.
     numbers: FxHashMap<u64, u32>,
     generation: u64,
+    /// The data file of generation `generation`, whose points are this
+    /// graph's first ones, by number (none after a rebuild, or where the
+    /// generation was saved before format 5).
+    saved_data: Option<DataFile>,
     changed: bool,
 }
 
@@ -158,6 +227,7 @@ impl VectorIndex {
             dead: FxHashSet::default(),
             numbers: FxHashMap::default(),
             generation: 0,
+            saved_data: None,
             changed: false,
         };
         if let Ok(name) = std::fs::read_to_string(dir.join("CURRENT")) {
@@ -169,6 +239,7 @@ impl VectorIndex {
             match load_generation(&dir.join(name), dim) {
                 Ok((hnsw, members)) => {
                     state.hnsw = hnsw;
+                    state.saved_data = members.data;
                     state.live = members.live.into_iter().collect();
                     state.dead = members.dead.into_iter().collect();
                     state.number_new_points();
@@ -438,6 +509,8 @@ impl VectorIndex {
         state.dead.clear();
         state.numbers.clear();
         state.number_new_points();
+        // The new graph numbers its points afresh.
+        state.saved_data = None;
         state.changed = true;
         drop(state);
         // Freeing a million points' graph takes seconds: not under the lock
@@ -461,50 +534,59 @@ impl VectorIndex {
         }
         std::fs::create_dir_all(&gen_dir).map_err(io(&gen_dir))?;
         let mut files = Vec::new();
+        let mut data = None;
         if !state.live.is_empty() || !state.dead.is_empty() {
-            state
-                .hnsw
-                .file_dump(&gen_dir, BASENAME)
-                .map_err(|e| Error::Hnsw(format!("dump failed: {e}")))?;
+            let graph_path = gen_dir.join(format!("{BASENAME}.hnsw.graph"));
+            let data_path = gen_dir.join(format!("{BASENAME}.hnsw.data"));
+            let (mut data_file, kept) = self.data_file_for(&state, &data_path)?;
+            let graph_file = std::fs::File::create(&graph_path).map_err(io(&graph_path))?;
+            let from = kept.as_ref().map_or(0, |k| k.points);
+            let points = {
+                let mut graph_out = std::io::BufWriter::with_capacity(1 << 22, &graph_file);
+                let mut data_out = std::io::BufWriter::with_capacity(1 << 22, &mut data_file);
+                state
+                    .hnsw
+                    .dump_numbered(&mut graph_out, &mut data_out, from)
+                    .map_err(|e| Error::Hnsw(format!("dump failed: {e}")))?
+            };
             let dumped = Instant::now();
-            let names = ["hnsw.graph", "hnsw.data"].map(|ext| format!("{BASENAME}.{ext}"));
+            let size = data_size(points, self.dim);
+            // Whole pieces already saved are not hashed again.
+            let first = kept.as_ref().map_or(0, |k| (k.size / PIECE) as usize);
             // The files go to disk while they are hashed from the page
             // cache: at a million photos each takes seconds.
-            let sums = std::thread::scope(|s| {
-                let syncs: Vec<_> = names
-                    .iter()
-                    .map(|name| {
-                        let path = gen_dir.join(name);
-                        s.spawn(move || {
-                            std::fs::File::open(&path)
-                                .and_then(|f| f.sync_all())
-                                .map_err(io(&path))
-                        })
-                    })
-                    .collect();
-                let sums: Result<Vec<_>> = names
-                    .iter()
-                    .map(|name| checksum(&gen_dir.join(name)))
-                    .collect();
+            let (graph_sum, new_pieces) = std::thread::scope(|s| {
+                let syncs = [(&graph_file, &graph_path), (&data_file, &data_path)]
+                    .map(|(file, path)| s.spawn(move || file.sync_all().map_err(io(path))));
+                let data_pieces = s.spawn(|| hash_pieces(&data_path, first, size));
+                let graph_sum = checksum(&graph_path);
+                let data_pieces = data_pieces.join().expect("hashing does not panic");
                 for sync in syncs {
                     sync.join().expect("a file sync does not panic")?;
                 }
-                sums
+                Ok::<_, Error>((graph_sum?, data_pieces?))
             })?;
             tracing::debug!(
                 dump_s = (dumped - started).as_secs_f64(),
                 hash_and_sync_s = dumped.elapsed().as_secs_f64(),
+                appended_from = from,
                 "graph written"
             );
-            for (name, (size, hash)) in names.into_iter().zip(sums) {
-                files.push((name, size, hash));
-            }
+            let mut pieces = kept.map(|k| k.pieces[..first].to_vec()).unwrap_or_default();
+            pieces.extend(new_pieces);
+            files.push((format!("{BASENAME}.hnsw.graph"), graph_sum.0, graph_sum.1));
+            data = Some(DataFile {
+                points,
+                size,
+                pieces,
+            });
         }
         let members = Members {
             dim: self.dim,
             live: state.live.iter().copied().collect(),
             dead: state.dead.iter().copied().collect(),
             files,
+            data: data.clone(),
         };
         drop(state);
         let members_file = gen_dir.join("members.json");
@@ -525,6 +607,7 @@ impl VectorIndex {
         {
             let mut state = self.write();
             state.generation = generation;
+            state.saved_data = data;
             state.changed = false;
         }
         // Older generations are no longer referenced.
@@ -539,6 +622,45 @@ impl VectorIndex {
             }
         }
         Ok(())
+    }
+
+    /// The new generation's data file at `path`, and what it keeps of the
+    /// current generation's: that file, linked and cut back to its record,
+    /// where the graph still numbers those points the same; else a new file.
+    fn data_file_for(
+        &self,
+        state: &State,
+        path: &Path,
+    ) -> Result<(std::fs::File, Option<DataFile>)> {
+        if let Some(saved) = &state.saved_data {
+            let current = self
+                .dir
+                .join(format!("gen-{}", state.generation))
+                .join(format!("{BASENAME}.hnsw.data"));
+            let linked = || -> std::io::Result<std::fs::File> {
+                use std::io::{Seek, SeekFrom};
+                if std::fs::metadata(&current)?.len() < saved.size {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                std::fs::hard_link(&current, path)?;
+                let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+                // Bytes past the record are from a save that did not finish.
+                file.set_len(saved.size)?;
+                file.seek(SeekFrom::End(0))?;
+                Ok(file)
+            };
+            if saved.points <= state.hnsw.nb_numbered() {
+                match linked() {
+                    Ok(file) => return Ok((file, Some(saved.clone()))),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the saved vectors cannot be appended to; writing them all");
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+            }
+        }
+        let file = std::fs::File::create(path).map_err(io(path))?;
+        Ok((file, None))
     }
 
     /// Size of the saved graph on disk.
@@ -643,7 +765,9 @@ fn load_generation(dir: &Path, dim: usize) -> Result<(Hnsw<'static, f32, DistDot
     if members.live.is_empty() && members.dead.is_empty() {
         return Ok((new_hnsw(0), members));
     }
-    if members.files.len() != 2 {
+    let started = Instant::now();
+    let listed = if members.data.is_some() { 1 } else { 2 };
+    if members.files.len() != listed {
         return Err(Error::Hnsw("graph files are not listed".into()));
     }
     for (name, size, hash) in &members.files {
@@ -651,6 +775,22 @@ fn load_generation(dir: &Path, dim: usize) -> Result<(Hnsw<'static, f32, DistDot
             return Err(Error::Hnsw(format!("{name} does not match its checksum")));
         }
     }
+    if let Some(data) = &members.data {
+        let points = members.live.len() + members.dead.len();
+        if data.points != points || data.size != data_size(points, dim) {
+            return Err(Error::Hnsw(
+                "the data file's record disagrees with the member list".into(),
+            ));
+        }
+        let path = dir.join(format!("{BASENAME}.hnsw.data"));
+        if hash_pieces(&path, 0, data.size)? != data.pieces {
+            return Err(Error::Hnsw(format!(
+                "{} does not match its checksum",
+                path.display()
+            )));
+        }
+    }
+    let verified = Instant::now();
     // hnsw_rs ties the graph's lifetime to its loader; the loader is small and
     // kept for the life of the process.
     let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, BASENAME)));
@@ -666,6 +806,11 @@ fn load_generation(dir: &Path, dim: usize) -> Result<(Hnsw<'static, f32, DistDot
     if hnsw.get_nb_point() != members.live.len() + members.dead.len() {
         return Err(Error::Hnsw("graph and member list disagree".into()));
     }
+    tracing::debug!(
+        verify_s = (verified - started).as_secs_f64(),
+        load_s = verified.elapsed().as_secs_f64(),
+        "graph loaded"
+    );
     Ok((hnsw, members))
 }
 
@@ -885,6 +1030,154 @@ mod tests {
         index.insert_batch(later).unwrap();
         let extra = &later[50];
         assert_eq!(index.search(&extra.1, 1, None).unwrap()[0].0, extra.0);
+    }
+
+    /// The current generation's folder in `dir`.
+    fn current(dir: &Path) -> PathBuf {
+        dir.join(std::fs::read_to_string(dir.join("CURRENT")).unwrap().trim())
+    }
+
+    fn data_inode(dir: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(current(dir).join(format!("{BASENAME}.hnsw.data")))
+            .unwrap()
+            .ino()
+    }
+
+    fn saved_members(dir: &Path) -> Members {
+        serde_json::from_slice(&std::fs::read(current(dir).join("members.json")).unwrap()).unwrap()
+    }
+
+    /// A save after adding vectors appends them to the saved data file (a
+    /// link of it) instead of writing every vector again, and what loads is
+    /// the graph as it was, through several generations, removals, bytes
+    /// left by a save that did not finish, and a rebuild (which writes a
+    /// new file).
+    #[test]
+    fn saves_append_the_new_vectors_and_reload_the_same_graph() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = vectors(1300, 16);
+        let queries = vectors(30, 16);
+        let answers = |index: &VectorIndex| -> Vec<Vec<(u64, f32)>> {
+            queries
+                .iter()
+                .map(|(_, q)| index.search_with(q, 10, 32, None).unwrap())
+                .collect()
+        };
+        let index = VectorIndex::open(dir.path(), 16).unwrap();
+        index.insert_batch(&all[..1000]).unwrap();
+        index.save().unwrap();
+        let first = data_inode(dir.path());
+        let mut record = saved_members(dir.path()).data.unwrap();
+        assert_eq!(record.points, 1000);
+        drop(index);
+        for (round, batch) in all[1000..].chunks(100).enumerate() {
+            let index = VectorIndex::open(dir.path(), 16).unwrap();
+            index.insert_batch(batch).unwrap();
+            index.remove([batch[0].0, all[round].0]);
+            let (graph, found) = (neighbourhoods(&index), answers(&index));
+            index.save().unwrap();
+            drop(index);
+            // The same file, grown by the new points only.
+            assert_eq!(data_inode(dir.path()), first);
+            let saved = saved_members(dir.path()).data.unwrap();
+            assert_eq!(saved.points, record.points + 100);
+            assert_eq!(saved.size, data_size(saved.points, 16));
+            record = saved;
+            let index = VectorIndex::open(dir.path(), 16).unwrap();
+            assert_eq!(neighbourhoods(&index), graph);
+            assert_eq!(answers(&index), found);
+            assert!(!index.contains(batch[0].0) && index.contains(batch[1].0));
+            drop(index);
+            // Bytes a killed save left after the record are not read, and
+            // the next save cuts them off.
+            let data = current(dir.path()).join(format!("{BASENAME}.hnsw.data"));
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&data)
+                .unwrap();
+            std::io::Write::write_all(&mut file, &[7u8; 3000]).unwrap();
+        }
+        let index = VectorIndex::open(dir.path(), 16).unwrap();
+        assert_eq!(index.len(), 1300 - 6);
+        index
+            .rebuild(all.iter().skip(500).map(|(id, v)| (*id, v.clone())))
+            .unwrap();
+        let (graph, found) = (neighbourhoods(&index), answers(&index));
+        index.save().unwrap();
+        drop(index);
+        assert_ne!(data_inode(dir.path()), first);
+        assert_eq!(saved_members(dir.path()).data.unwrap().points, 800);
+        let index = VectorIndex::open(dir.path(), 16).unwrap();
+        assert_eq!(neighbourhoods(&index), graph);
+        assert_eq!(answers(&index), found);
+    }
+
+    /// A generation saved before format 5 (the data file in the layers'
+    /// order, checksummed whole) still loads, and the next save writes the
+    /// vectors whole in the new format.
+    #[test]
+    fn a_generation_saved_in_the_former_format_loads() {
+        use hnsw_rs::prelude::AnnT;
+        let dir = tempfile::tempdir().unwrap();
+        let all = vectors(600, 12);
+        let index = VectorIndex::open(dir.path(), 12).unwrap();
+        index.insert_batch(&all[..500]).unwrap();
+        let graph = neighbourhoods(&index);
+        {
+            let state = index.read();
+            let gen_dir = dir.path().join("gen-1");
+            std::fs::create_dir_all(&gen_dir).unwrap();
+            state.hnsw.file_dump(&gen_dir, BASENAME).unwrap();
+            let files = ["hnsw.graph", "hnsw.data"]
+                .map(|ext| {
+                    let name = format!("{BASENAME}.{ext}");
+                    let (size, hash) = checksum(&gen_dir.join(&name)).unwrap();
+                    (name, size, hash)
+                })
+                .to_vec();
+            let members = Members {
+                dim: 12,
+                live: state.live.iter().copied().collect(),
+                dead: Vec::new(),
+                files,
+                data: None,
+            };
+            std::fs::write(
+                gen_dir.join("members.json"),
+                serde_json::to_vec(&members).unwrap(),
+            )
+            .unwrap();
+            std::fs::write(dir.path().join("CURRENT"), "gen-1").unwrap();
+        }
+        drop(index);
+        let index = VectorIndex::open(dir.path(), 12).unwrap();
+        assert!(!index.is_changed());
+        assert_eq!(neighbourhoods(&index), graph);
+        index.insert_batch(&all[500..]).unwrap();
+        let graph = neighbourhoods(&index);
+        index.save().unwrap();
+        drop(index);
+        assert_eq!(saved_members(dir.path()).data.unwrap().points, 600);
+        let index = VectorIndex::open(dir.path(), 12).unwrap();
+        assert!(!index.is_changed());
+        assert_eq!(neighbourhoods(&index), graph);
+    }
+
+    /// A changed byte in the saved vectors is found by their checksum.
+    #[test]
+    fn a_changed_vector_byte_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = VectorIndex::open(dir.path(), 8).unwrap();
+        index.insert_batch(&vectors(50, 8)).unwrap();
+        index.save().unwrap();
+        drop(index);
+        let data = current(dir.path()).join(format!("{BASENAME}.hnsw.data"));
+        let mut bytes = std::fs::read(&data).unwrap();
+        bytes[500] ^= 1;
+        std::fs::write(&data, &bytes).unwrap();
+        let index = VectorIndex::open(dir.path(), 8).unwrap();
+        assert!(index.is_empty() && index.is_changed());
     }
 
     /// Every point's neighbours on every layer: (id, distance bits).

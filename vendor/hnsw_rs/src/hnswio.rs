@@ -58,6 +58,13 @@ const MAGICDESCR_3: u32 = 0x002a6771;
 // we dump level scale modififcation factor
 const MAGICDESCR_4: u32 = 0x002a6779;
 
+// clipdex: format 5, the fields of v4. The data file holds the vectors in
+// the order the points are numbered (not the order of the layers), so a
+// later dump of the same graph only appends the points numbered since. Each
+// point's graph record carries its number, and its layer-0 neighbours are
+// named by number (`PointId(0, number)`).
+const MAGICDESCR_5: u32 = 0x002a677a;
+
 // magic at beginning of a layer dump
 const MAGICLAYER: u32 = 0x000a676f;
 // magic head of data file and before each data vector
@@ -658,6 +665,12 @@ impl HnswIo {
         let mut entries: Vec<(u32, f32)> = Vec::new();
         let mut highest_rank0: i64 = -1;
         // load max layer
+        // clipdex: format 5 has the vectors by number, before the graph
+        let mut numbered = if descr.format_version == 5 {
+            Some(load_numbered_data::<T>(data_in, descr)?)
+        } else {
+            None
+        };
         let mut it_slice = [0u8; ::std::mem::size_of::<u8>()];
         graph_in.read_exact(&mut it_slice)?;
         let nb_layer = u8::from_ne_bytes(it_slice);
@@ -708,13 +721,13 @@ impl HnswIo {
                         }
                     }
                 };
-                let load_point_res = self.load_point(graph_in, descr, data_in, point_use_mmap);
+                let load_point_res = self.load_point(graph_in, descr, data_in, point_use_mmap, numbered.as_mut());
                 if let Err(other) = load_point_res {
                     error!("in load_point_indexation, loading of point {} failed", r);
                     return Err(anyhow!(other));
                 }
 
-                let (point, mut neighbourhood) = load_point_res.unwrap();
+                let (point, saved_number, mut neighbourhood) = load_point_res.unwrap();
                 let p_id = point.get_point_id();
                 // some checks
                 assert_eq!(l, p_id.0 as usize);
@@ -723,7 +736,13 @@ impl HnswIo {
                     debug!("Storing at l {:?}, r {:?}", l, r);
                 }
                 assert_eq!(r, p_id.1 as usize);
-                let number = level0.add(point.get_v(), Arc::as_ptr(&point) as usize);
+                let number = match saved_number {
+                    Some(n) => {
+                        level0.add_at(n, point.get_v(), Arc::as_ptr(&point) as usize);
+                        n
+                    }
+                    None => level0.add(point.get_v(), Arc::as_ptr(&point) as usize),
+                };
                 let _ = point.number.set(number);
                 // clipdex: layer 0 into the point's row, sorted by distance
                 let list0 = &mut neighbourhood[0];
@@ -733,7 +752,13 @@ impl HnswIo {
                     if n.p_id.1 < 0 {
                         return Err(anyhow!("bad neighbour rank {:?}", n.p_id));
                     }
-                    if n.p_id.0 == 0 {
+                    if numbered.is_some() {
+                        // format 5: layer 0 names its neighbours by number
+                        if n.p_id.0 != 0 || n.p_id.1 as usize >= descr.nb_point {
+                            return Err(anyhow!("bad neighbour number {:?}", n.p_id));
+                        }
+                        entries.push((n.p_id.1 as u32, n.distance));
+                    } else if n.p_id.0 == 0 {
                         highest_rank0 = highest_rank0.max(n.p_id.1 as i64);
                         entries.push((n.p_id.1 as u32, n.distance));
                     } else {
@@ -765,6 +790,10 @@ impl HnswIo {
             }
             points_by_layer.push(vlayer);
             neighbourhoods.push(layer_neighbourhoods);
+        }
+        // clipdex: in format 5 every number was given (the rows name them)
+        if numbered.is_some_and(|table| table.iter().any(Option::is_some)) {
+            return Err(anyhow!("the graph lacks points of the data file"));
         }
         // at this step all points are loaded , but without their neighbours fileds are not yet initialized
         // clipdex: the entries naming points of upper layers get their
@@ -892,7 +921,8 @@ impl HnswIo {
         descr: &Description,
         data_in: &mut dyn Read,
         point_use_mmap: bool,
-    ) -> Result<(Arc<Point<'b, T>>, Vec<Vec<Neighbour>>)>
+        numbered: Option<&mut NumberedData<T>>,
+    ) -> Result<(Arc<Point<'b, T>>, Option<u32>, Vec<Vec<Neighbour>>)>
     where
         T: 'static + DeserializeOwned + Clone + Sized + Send + Sync + std::fmt::Debug,
         'a: 'b,
@@ -905,9 +935,22 @@ impl HnswIo {
             error!("load_point error reading graph data for point p_id");
             return Err(anyhow!("error reading graph data for point"));
         }
-        let (origin_id, p_id, neighborhood) = load_res.unwrap();
+        let (origin_id, p_id, number, neighborhood) = load_res.unwrap();
         //
         let point = match point_use_mmap {
+            // clipdex: format 5 has the vectors by number, read before
+            false if numbered.is_some() => {
+                let table = numbered.expect("format 5");
+                let number = number.ok_or_else(|| anyhow!("a point without a number"))?;
+                let (data_id, v) = table
+                    .get_mut(number as usize)
+                    .and_then(Option::take)
+                    .ok_or_else(|| anyhow!("point number {number} out of range or given twice"))?;
+                if data_id != origin_id {
+                    return Err(anyhow!("point number {number} is {origin_id} in the graph, {data_id} in the data"));
+                }
+                Point::<T>::new(v, origin_id, p_id)
+            }
             false => {
                 let v = load_point_data::<T>(origin_id, data_in, descr);
                 if v.is_err() {
@@ -916,6 +959,7 @@ impl HnswIo {
                 }
                 Point::<T>::new(v.unwrap(), origin_id, p_id)
             }
+            true if numbered.is_some() => return Err(anyhow!("format 5 is not read through a map")),
             true => {
                 skip_point_data(origin_id, data_in, descr)?; // keep cohrence between data file and graph file!
                 debug!("constructing point from datamap, dataid : {:?}", origin_id);
@@ -931,7 +975,7 @@ impl HnswIo {
             descr.dimension
         );
         //
-        Ok((Arc::new(point), neighborhood))
+        Ok((Arc::new(point), number, neighborhood))
     } // end of load_point
 } // end of Hnswio
 
@@ -973,7 +1017,9 @@ impl Description {
     ///
     fn dump<W: Write>(&self, argmode: DumpMode, out: &mut BufWriter<W>) -> Result<i32> {
         info!("in dump of description");
-        out.write_all(&MAGICDESCR_4.to_ne_bytes())?;
+        // clipdex: format 5 has its own magic
+        let magic = if self.format_version == 5 { MAGICDESCR_5 } else { MAGICDESCR_4 };
+        out.write_all(&magic.to_ne_bytes())?;
         let mode: u8 = match argmode {
             DumpMode::Full => 1,
             _ => 0,
@@ -1059,6 +1105,9 @@ pub fn load_description(io_in: &mut dyn Read) -> Result<Description> {
         MAGICDESCR_4 => {
             descr.format_version = 4;
         }
+        MAGICDESCR_5 => {
+            descr.format_version = 5;
+        }
         _ => {
             error!("bad magic");
             return Err(anyhow!("bad magic at descr beginning"));
@@ -1074,7 +1123,7 @@ pub fn load_description(io_in: &mut dyn Read) -> Result<Description> {
     descr.max_nb_connection = u8::from_ne_bytes(it_slice);
     info!(" max_nb_connection {:?} ", descr.max_nb_connection);
     //
-    if descr.format_version == 4 {
+    if descr.format_version >= 4 {
         // we read modification for level sampling
         let mut it_slice = [0u8; std::mem::size_of::<f64>()];
         io_in.read_exact(&mut it_slice)?;
@@ -1156,13 +1205,17 @@ pub fn load_description(io_in: &mut dyn Read) -> Result<Description> {
 ///  2. origin_id as a u64
 ///  3. The vector of data (the length is known from Description)
 ///
-fn dump_point<'b, T: Serialize + Clone + Sized + Send + Sync, W: Write>(
+///
+/// clipdex: with `dataout` `None` (format 5), the point's number follows
+/// its identity, `ids` names layer-0 neighbours as `PointId(0, number)`,
+/// and the vector is written apart, in number order ([`dump_point_data`]).
+fn dump_point<'b, T: Serialize + Clone + Sized + Send + Sync, W: Write, W2: Write>(
     points: &PointIndexation<'b, T>,
     ids: &[(DataId, PointId)],
     point: &Point<'b, T>,
     mode: DumpMode,
     graphout: &mut BufWriter<W>,
-    dataout: &mut BufWriter<W>,
+    dataout: Option<&mut BufWriter<W2>>,
 ) -> Result<i32> {
     //
     graphout.write_all(&MAGICPOINT.to_ne_bytes())?;
@@ -1172,6 +1225,10 @@ fn dump_point<'b, T: Serialize + Clone + Sized + Send + Sync, W: Write>(
     if mode == DumpMode::Full {
         graphout.write_all(&p_id.0.to_ne_bytes())?;
         graphout.write_all(&p_id.1.to_ne_bytes())?;
+    }
+    if dataout.is_none() {
+        let number = point.number.get().ok_or_else(|| anyhow!("a point without a number"))?;
+        graphout.write_all(&number.to_ne_bytes())?;
     }
     trace!(" point dump {:?} {:?}  ", p_id, point.get_origin_id());
     // then dump neighborhood info : nb neighbours : u32 , then list of origin_id, layer, rank_in_layer
@@ -1193,7 +1250,15 @@ fn dump_point<'b, T: Serialize + Clone + Sized + Send + Sync, W: Write>(
             //                debug!("        voisins  {:?}  {:?}  {:?}", n.p_id,  n.d_id , n.distance);
         }
     }
-    // now we dump data vector!
+    match dataout {
+        Some(dataout) => dump_point_data(point, dataout),
+        None => Ok(1),
+    }
+} // end of dump for Point<T>
+
+/// A point's record in the data file: the value MAGICDATAP (u32), origin_id
+/// as a u64, the length in bytes (u64), the vector.
+fn dump_point_data<T: Clone + Send + Sync, W: Write>(point: &Point<'_, T>, dataout: &mut BufWriter<W>) -> Result<i32> {
     dataout.write_all(&MAGICDATAP.to_ne_bytes())?;
     let origin_u64 = point.get_origin_id() as u64;
     dataout.write_all(&origin_u64.to_ne_bytes())?;
@@ -1210,7 +1275,7 @@ fn dump_point<'b, T: Serialize + Clone + Sized + Send + Sync, W: Write>(
     dataout.write_all(serialized)?;
     //
     Ok(1)
-} // end of dump for Point<T>
+}
 
 // just reload data vector for point from file where data were dumped
 // used when we do not used memory map in reload
@@ -1257,7 +1322,7 @@ where
                 error!("format bincode of dump no more used");
                 std::process::exit(1);
             }
-            3 | 4 => {
+            3..=5 => {
                 let slice_t = unsafe {
                     std::slice::from_raw_parts(v_serialized.as_ptr() as *const T, descr.dimension)
                 };
@@ -1277,6 +1342,40 @@ where
     //
     Ok(v)
 } // end of load_point_data
+
+/// clipdex: the vectors of a format-5 data file by number, each with its
+/// origin id, taken by the point of that number.
+type NumberedData<T> = Vec<Option<(DataId, Vec<T>)>>;
+
+/// clipdex: reads the `descr.nb_point` records of a format-5 data file
+/// (`data_in` past its header); the bytes after them, if any, belong to a
+/// later dump and are not read.
+fn load_numbered_data<T: Clone>(data_in: &mut dyn Read, descr: &Description) -> Result<NumberedData<T>> {
+    let bytes = descr.dimension * std::mem::size_of::<T>();
+    let mut table = Vec::with_capacity(descr.nb_point);
+    let mut head = [0u8; 20];
+    let mut buffer = vec![0u8; bytes];
+    for n in 0..descr.nb_point {
+        data_in.read_exact(&mut head)?;
+        let magic = u32::from_ne_bytes(head[..4].try_into().expect("4 bytes"));
+        let origin_id = u64::from_ne_bytes(head[4..12].try_into().expect("8 bytes"));
+        let len = u64::from_ne_bytes(head[12..].try_into().expect("8 bytes"));
+        if magic != MAGICDATAP || len != bytes as u64 {
+            return Err(anyhow!("bad data record for point number {n}"));
+        }
+        data_in.read_exact(&mut buffer)?;
+        let mut v: Vec<T> = Vec::with_capacity(descr.dimension);
+        // SAFETY: the bytes are `dimension` values of `T` as the dump wrote
+        // them (what `load_point_data` assumes too), copied into `v`'s
+        // capacity, which holds that many.
+        unsafe {
+            std::ptr::copy_nonoverlapping(buffer.as_ptr(), v.as_mut_ptr() as *mut u8, bytes);
+            v.set_len(descr.dimension);
+        }
+        table.push(Some((origin_id as DataId, v)));
+    }
+    Ok(table)
+}
 
 // We need to maintain coherence in data and graph stream, so we read to keep in phase
 fn skip_point_data(origin_id: usize, data_in: &mut dyn Read, _descr: &Description) -> Result<()> {
@@ -1315,7 +1414,8 @@ fn skip_point_data(origin_id: usize, data_in: &mut dyn Read, _descr: &Descriptio
 //==================================================================================
 
 /// This structure gathers info loaded in dumped graph file for a point.
-type PointGraphInfo = (usize, PointId, Vec<Vec<Neighbour>>);
+/// clipdex: with the point's number in format 5.
+type PointGraphInfo = (usize, PointId, Option<u32>, Vec<Vec<Neighbour>>);
 
 // This function reads neighbourhood info and returns neighbourhood info.
 // It suppose and requires that the file graph_in is just at beginning of info related to origin_id
@@ -1347,6 +1447,14 @@ fn load_point_graph(graph_in: &mut dyn Read, descr: &Description) -> Result<Poin
         "in load_point_graph, got origin_id : {}, p_id : {:?}",
         origin_id, p_id
     );
+    // clipdex: format 5 gives the point's number
+    let number = if descr.format_version == 5 {
+        let mut it_slice = [0u8; std::mem::size_of::<u32>()];
+        graph_in.read_exact(&mut it_slice)?;
+        Some(u32::from_ne_bytes(it_slice))
+    } else {
+        None
+    };
     //
     // Now  for each layer , read neighbours
     let nb_layer = descr.nb_layer;
@@ -1384,7 +1492,7 @@ fn load_point_graph(graph_in: &mut dyn Read, descr: &Description) -> Result<Poin
         neighborhood.push(Vec::<Neighbour>::new());
     }
     //
-    let point_grap_info = (origin_id, p_id, neighborhood);
+    let point_grap_info = (origin_id, p_id, number, neighborhood);
     //
     Ok(point_grap_info)
 } // end of load_point_graph
@@ -1402,17 +1510,32 @@ fn load_point_graph(graph_in: &mut dyn Read, descr: &Description) -> Result<Poin
 //
 impl<T: Serialize + DeserializeOwned + Clone + Send + Sync> HnswIoT for PointIndexation<'_, T> {
     fn dump(&self, mode: DumpMode, dumpinit: &mut DumpInit) -> Result<i32> {
-        let graphout = &mut dumpinit.graph_out;
-        let dataout = &mut dumpinit.data_out;
-        // dump max_layer
         let layers = self.points_by_layer.read();
+        self.dump_layers(&layers, mode, &mut dumpinit.graph_out, Some(&mut dumpinit.data_out))
+    } // end of dump for PointIndexation<T>
+} // end of impl HnswIO
+
+impl<'b, T: Serialize + DeserializeOwned + Clone + Send + Sync> PointIndexation<'b, T> {
+    /// The layers and the entry point; each point's vector too with a
+    /// `dataout`, else (format 5) each point's number.
+    fn dump_layers<W: Write, W2: Write>(
+        &self,
+        layers: &[Vec<Arc<Point<'b, T>>>],
+        mode: DumpMode,
+        graphout: &mut BufWriter<W>,
+        mut dataout: Option<&mut BufWriter<W2>>,
+    ) -> Result<i32> {
+        let numbered = dataout.is_none();
+        // dump max_layer
         let nb_layer = layers.len() as u8;
         graphout.write_all(&nb_layer.to_ne_bytes())?;
-        // clipdex: every point's identity by number, in one pass.
+        // clipdex: every point's identity by number, in one pass (format 5
+        // names a layer-0 neighbour by its number).
         let mut ids = vec![(0, PointId(0, 0)); self.level0.len()];
         for point in layers.iter().flatten() {
             if let Some(&n) = point.number.get() {
-                ids[n as usize] = (point.get_origin_id(), point.get_point_id());
+                let p_id = if numbered { PointId(0, n as i32) } else { point.get_point_id() };
+                ids[n as usize] = (point.get_origin_id(), p_id);
             }
         }
         // dump layers from lower (most populatated to higher level)
@@ -1423,7 +1546,7 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync> HnswIoT for PointInd
             graphout.write_all(&nb_point.to_ne_bytes())?;
             for j in 0..layers[i].len() {
                 assert_eq!(layers[i][j].get_point_id(), PointId(i as u8, j as i32));
-                dump_point(self, &ids, &layers[i][j], mode, graphout, dataout)?;
+                dump_point(self, &ids, &layers[i][j], mode, graphout, dataout.as_deref_mut())?;
             }
         }
         // dump id of entry point
@@ -1445,8 +1568,8 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync> HnswIoT for PointInd
         );
         //
         Ok(1)
-    } // end of dump for PointIndexation<T>
-} // end of impl HnswIO
+    }
+}
 
 //
 // dump and load of Hnsw<T>
@@ -1494,6 +1617,53 @@ impl<T: Serialize + DeserializeOwned + Clone + Sized + Send + Sync, D: Distance<
         Ok(1)
     }
 } // end impl block for Hnsw
+
+impl<T: Serialize + DeserializeOwned + Clone + Sized + Send + Sync, D: Distance<T> + Send + Sync> Hnsw<'_, T, D> {
+    /// clipdex: saves the graph to `graphout` in format 5, and to `dataout`
+    /// the vectors of the points numbered from `from` on, in number order
+    /// (from 0, after the data file's header). A data file that holds this
+    /// graph's points numbered below `from` (written by an earlier dump of
+    /// it, or of the graph it was loaded from) followed by these is the data
+    /// file of this dump. Insertions wait until it is done. Returns the
+    /// number of points.
+    pub fn dump_numbered<W: Write, W2: Write>(
+        &self,
+        graphout: &mut BufWriter<W>,
+        dataout: &mut BufWriter<W2>,
+        from: usize,
+    ) -> anyhow::Result<usize> {
+        let points = &self.layer_indexed_points;
+        let layers = points.points_by_layer.read();
+        let count: usize = layers.iter().map(Vec::len).sum();
+        if count != points.level0.len() || from > count {
+            return Err(anyhow!("{count} points in the layers, {} numbered, {from} saved", points.level0.len()));
+        }
+        let description = Description {
+            format_version: 5,
+            dumpmode: 1,
+            max_nb_connection: self.get_max_nb_connection(),
+            level_scale: points.get_level_scale(),
+            nb_layer: self.get_max_level() as u8,
+            ef: self.get_ef_construction(),
+            nb_point: count,
+            dimension: points.get_data_dimension(),
+            distname: self.get_distance_name(),
+            t_name: type_name::<T>().to_string(),
+        };
+        description.dump(DumpMode::Full, graphout)?;
+        points.dump_layers(&layers, DumpMode::Full, graphout, None::<&mut BufWriter<W2>>)?;
+        if from == 0 {
+            dataout.write_all(&MAGICDATAP.to_ne_bytes())?;
+            dataout.write_all(&description.dimension.to_ne_bytes())?;
+        }
+        for n in from..count {
+            dump_point_data(points.numbered(n as u32), dataout)?;
+        }
+        graphout.flush()?;
+        dataout.flush()?;
+        Ok(count)
+    }
+}
 
 //===============================================================================================================
 

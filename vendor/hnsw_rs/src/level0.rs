@@ -91,6 +91,17 @@ impl Level0 {
         n
     }
 
+    /// Gives number `n` to a point as [`Self::add`] does (loading a graph
+    /// saved with its numbers; the loader gives each number once).
+    pub(crate) fn add_at<T>(&self, n: u32, vector: &[T], point: usize) {
+        assert!((n as usize) < CHUNK * CHUNKS, "too many points");
+        let slots = &self.chunk(n).slots[(n as usize % CHUNK) * 3..][..3];
+        slots[0].store(vector.as_ptr() as usize, Ordering::Relaxed);
+        slots[1].store(vector.len(), Ordering::Relaxed);
+        slots[2].store(point, Ordering::Release);
+        self.next.fetch_max(n + 1, Ordering::AcqRel);
+    }
+
     fn row_of(&self, n: u32) -> &[AtomicU32] {
         &self.chunk(n).rows[(n as usize % CHUNK) * (self.width + 1)..][..self.width + 1]
     }
