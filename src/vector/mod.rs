@@ -110,6 +110,15 @@ struct DataFile {
     pieces: Vec<String>,
 }
 
+/// The data file's name in a generation.
+fn data_file_name() -> String {
+    format!("{BASENAME}.hnsw.data")
+}
+
+/// A rebuilt graph's data file, written before its first save links it
+/// into a generation.
+const STAGED: &str = "rebuilt.hnsw.data";
+
 /// Bytes of the data file hashed apart (small in tests, so that their
 /// files span many pieces).
 const PIECE: u64 = if cfg!(test) { 4096 } else { 64 << 20 };
@@ -171,10 +180,11 @@ struct State {
     /// Each id's point number in the graph, which leads to its vector.
     numbers: FxHashMap<u64, u32>,
     generation: u64,
-    /// The data file of generation `generation`, whose points are this
-    /// graph's first ones, by number (none after a rebuild, or where the
-    /// generation was saved before format 5).
-    saved_data: Option<DataFile>,
+    /// A data file on disk whose points are this graph's first ones, by
+    /// number, and its record: generation `generation`'s, or the one a
+    /// rebuild wrote ahead of its first save (none where the generation
+    /// was saved before format 5).
+    saved_data: Option<(PathBuf, DataFile)>,
     changed: bool,
 }
 
@@ -230,6 +240,8 @@ impl VectorIndex {
             saved_data: None,
             changed: false,
         };
+        // A rebuild's vectors, written ahead of a save that never came.
+        let _ = std::fs::remove_file(dir.join(STAGED));
         if let Ok(name) = std::fs::read_to_string(dir.join("CURRENT")) {
             let name = name.trim();
             state.generation = name
@@ -239,7 +251,9 @@ impl VectorIndex {
             match load_generation(&dir.join(name), dim) {
                 Ok((hnsw, members)) => {
                     state.hnsw = hnsw;
-                    state.saved_data = members.data;
+                    state.saved_data = members
+                        .data
+                        .map(|data| (dir.join(name).join(data_file_name()), data));
                     state.live = members.live.into_iter().collect();
                     state.dead = members.dead.into_iter().collect();
                     state.number_new_points();
@@ -503,6 +517,15 @@ impl VectorIndex {
         }
         let hnsw = new_hnsw(items.len() * 2);
         insert_into(&hnsw, &items)?;
+        // Its vectors go to disk now, still off the lock, so that the save
+        // after the swap writes the graph alone (2 GB less at 1M).
+        let staged = match self.stage_data(&hnsw) {
+            Ok(staged) => Some(staged),
+            Err(e) => {
+                tracing::warn!(error = %e, "the rebuilt graph's vectors were not written ahead; its save writes them");
+                None
+            }
+        };
         let mut state = self.write();
         let old = std::mem::replace(&mut state.hnsw, hnsw);
         state.live = items.iter().map(|(_, id)| *id).collect();
@@ -510,7 +533,7 @@ impl VectorIndex {
         state.numbers.clear();
         state.number_new_points();
         // The new graph numbers its points afresh.
-        state.saved_data = None;
+        state.saved_data = staged;
         state.changed = true;
         drop(state);
         // Freeing a million points' graph takes seconds: not under the lock
@@ -537,7 +560,7 @@ impl VectorIndex {
         let mut data = None;
         if !state.live.is_empty() || !state.dead.is_empty() {
             let graph_path = gen_dir.join(format!("{BASENAME}.hnsw.graph"));
-            let data_path = gen_dir.join(format!("{BASENAME}.hnsw.data"));
+            let data_path = gen_dir.join(data_file_name());
             let (mut data_file, kept) = self.data_file_for(&state, &data_path)?;
             let graph_file = std::fs::File::create(&graph_path).map_err(io(&graph_path))?;
             let from = kept.as_ref().map_or(0, |k| k.points);
@@ -607,9 +630,11 @@ impl VectorIndex {
         {
             let mut state = self.write();
             state.generation = generation;
-            state.saved_data = data;
+            state.saved_data = data.map(|data| (gen_dir.join(data_file_name()), data));
             state.changed = false;
         }
+        // A rebuild's vectors, now linked into the generation.
+        let _ = std::fs::remove_file(self.dir.join(STAGED));
         // Older generations are no longer referenced.
         for entry in std::fs::read_dir(&self.dir)
             .map_err(io(&self.dir))?
@@ -632,17 +657,13 @@ impl VectorIndex {
         state: &State,
         path: &Path,
     ) -> Result<(std::fs::File, Option<DataFile>)> {
-        if let Some(saved) = &state.saved_data {
-            let current = self
-                .dir
-                .join(format!("gen-{}", state.generation))
-                .join(format!("{BASENAME}.hnsw.data"));
+        if let Some((current, saved)) = &state.saved_data {
             let linked = || -> std::io::Result<std::fs::File> {
                 use std::io::{Seek, SeekFrom};
-                if std::fs::metadata(&current)?.len() < saved.size {
+                if std::fs::metadata(current)?.len() < saved.size {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
-                std::fs::hard_link(&current, path)?;
+                std::fs::hard_link(current, path)?;
                 let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
                 // Bytes past the record are from a save that did not finish.
                 file.set_len(saved.size)?;
@@ -661,6 +682,47 @@ impl VectorIndex {
         }
         let file = std::fs::File::create(path).map_err(io(path))?;
         Ok((file, None))
+    }
+
+    /// Writes the vectors of `hnsw` (a rebuild's graph, not yet in use) to
+    /// a new data file beside the generations, with its record, for the
+    /// next save to link in.
+    fn stage_data(&self, hnsw: &Hnsw<'static, f32, DistDot>) -> Result<(PathBuf, DataFile)> {
+        let started = Instant::now();
+        let path = self.dir.join(STAGED);
+        // The name may still be linked into a generation: a new file, not
+        // that one cut short.
+        let _ = std::fs::remove_file(&path);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 22, file);
+        let points = hnsw
+            .dump_numbered_data(&mut out, 0)
+            .map_err(|e| Error::Hnsw(format!("writing the vectors failed: {e}")))?;
+        // Synced here, where nothing waits, so that the save's sync of the
+        // linked file has only the graph's appended points left to write.
+        out.into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all())
+            .map_err(io(&path))?;
+        let size = data_size(points, self.dim);
+        let pieces = hash_pieces(&path, 0, size)?;
+        tracing::debug!(
+            points,
+            seconds = started.elapsed().as_secs_f64(),
+            "rebuilt graph's vectors written ahead"
+        );
+        Ok((
+            path,
+            DataFile {
+                points,
+                size,
+                pieces,
+            },
+        ))
     }
 
     /// Size of the saved graph on disk.
@@ -782,7 +844,7 @@ fn load_generation(dir: &Path, dim: usize) -> Result<(Hnsw<'static, f32, DistDot
                 "the data file's record disagrees with the member list".into(),
             ));
         }
-        let path = dir.join(format!("{BASENAME}.hnsw.data"));
+        let path = dir.join(data_file_name());
         if hash_pieces(&path, 0, data.size)? != data.pieces {
             return Err(Error::Hnsw(format!(
                 "{} does not match its checksum",
@@ -1100,12 +1162,27 @@ mod tests {
         }
         let index = VectorIndex::open(dir.path(), 16).unwrap();
         assert_eq!(index.len(), 1300 - 6);
+        // A rebuild writes its vectors ahead, off the lock; the save links
+        // them in. One that is never saved leaves nothing behind.
+        index
+            .rebuild(all.iter().skip(600).map(|(id, v)| (*id, v.clone())))
+            .unwrap();
+        assert!(dir.path().join(STAGED).is_file());
+        drop(index);
+        let index = VectorIndex::open(dir.path(), 16).unwrap();
+        assert!(!dir.path().join(STAGED).exists());
         index
             .rebuild(all.iter().skip(500).map(|(id, v)| (*id, v.clone())))
             .unwrap();
+        let staged = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(dir.path().join(STAGED)).unwrap().ino()
+        };
         let (graph, found) = (neighbourhoods(&index), answers(&index));
         index.save().unwrap();
         drop(index);
+        assert!(!dir.path().join(STAGED).exists());
+        assert_eq!(data_inode(dir.path()), staged);
         assert_ne!(data_inode(dir.path()), first);
         assert_eq!(saved_members(dir.path()).data.unwrap().points, 800);
         let index = VectorIndex::open(dir.path(), 16).unwrap();

@@ -1652,16 +1652,38 @@ impl<T: Serialize + DeserializeOwned + Clone + Sized + Send + Sync, D: Distance<
         };
         description.dump(DumpMode::Full, graphout)?;
         points.dump_layers(&layers, DumpMode::Full, graphout, None::<&mut BufWriter<W2>>)?;
+        self.dump_data_from(dataout, from, count)?;
+        graphout.flush()?;
+        Ok(count)
+    }
+
+    /// clipdex: the data file of [`Self::dump_numbered`] alone, from point
+    /// number `from` on (a graph's vectors written ahead of its dump).
+    /// Returns the number of points.
+    pub fn dump_numbered_data<W: Write>(&self, dataout: &mut BufWriter<W>, from: usize) -> anyhow::Result<usize> {
+        let points = &self.layer_indexed_points;
+        let _layers = points.points_by_layer.read();
+        let count = points.level0.len();
+        if from > count {
+            return Err(anyhow!("{count} points numbered, {from} saved"));
+        }
+        self.dump_data_from(dataout, from, count)?;
+        Ok(count)
+    }
+
+    /// The vectors of points `from..count`, in number order, after the
+    /// data file's header when `from` is 0. The caller holds the layers.
+    fn dump_data_from<W: Write>(&self, dataout: &mut BufWriter<W>, from: usize, count: usize) -> anyhow::Result<()> {
+        let points = &self.layer_indexed_points;
         if from == 0 {
             dataout.write_all(&MAGICDATAP.to_ne_bytes())?;
-            dataout.write_all(&description.dimension.to_ne_bytes())?;
+            dataout.write_all(&points.get_data_dimension().to_ne_bytes())?;
         }
         for n in from..count {
             dump_point_data(points.numbered(n as u32), dataout)?;
         }
-        graphout.flush()?;
         dataout.flush()?;
-        Ok(count)
+        Ok(())
     }
 }
 
