@@ -130,6 +130,97 @@ fn data_size(points: usize, dim: usize) -> u64 {
     4 + 8 + points as u64 * (4 + 8 + 8 + 4 * dim as u64)
 }
 
+/// A writer that hashes what goes through it into [`PIECE`]s counted from
+/// the start of the file, as [`hash_pieces`] reads them back, so that a
+/// save need not read its gigabytes again to hash them.
+struct PieceHasher<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+    /// Bytes of the current piece hashed so far.
+    filled: u64,
+    pieces: Vec<String>,
+}
+
+impl<W: std::io::Write> PieceHasher<W> {
+    /// A writer at byte `at` of the file at `path`: the part of that piece
+    /// before `at` is read from the file first.
+    fn new(inner: W, path: &Path, at: u64) -> Result<Self> {
+        use std::io::{Read, Seek, SeekFrom};
+        let start = at / PIECE * PIECE;
+        let mut hasher = blake3::Hasher::new();
+        if at > start {
+            let mut file = std::fs::File::open(path).map_err(io(path))?;
+            file.seek(SeekFrom::Start(start)).map_err(io(path))?;
+            hasher
+                .update_reader(file.take(at - start))
+                .map_err(io(path))?;
+            if hasher.count() != at - start {
+                return Err(Error::Hnsw(format!(
+                    "{} is shorter than its record",
+                    path.display()
+                )));
+            }
+        }
+        Ok(Self {
+            inner,
+            hasher,
+            filled: at - start,
+            pieces: Vec::new(),
+        })
+    }
+
+    /// The pieces from the one `at` fell in to the end.
+    fn finish(mut self) -> Vec<String> {
+        if self.filled > 0 {
+            self.pieces
+                .push(self.hasher.finalize().to_hex().to_string());
+        }
+        self.pieces
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for PieceHasher<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let take = ((PIECE - self.filled) as usize).min(rest.len());
+            self.hasher.update(&rest[..take]);
+            self.filled += take as u64;
+            rest = &rest[take..];
+            if self.filled == PIECE {
+                self.pieces
+                    .push(self.hasher.finalize().to_hex().to_string());
+                self.hasher.reset();
+                self.filled = 0;
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A writer that hashes the whole of what goes through it.
+struct Hashing<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+}
+
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The blake3 of each [`PIECE`] of the file at `path` from piece `first`
 /// up to byte `size`.
 fn hash_pieces(path: &Path, first: usize, size: u64) -> Result<Vec<String>> {
@@ -196,6 +287,14 @@ pub struct VectorIndex {
     dim: usize,
     state: RwLock<State>,
     costs: plan::Costs,
+    /// The removal of the generations the last save replaced.
+    removal: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for VectorIndex {
+    fn drop(&mut self) {
+        self.finish_removal();
+    }
 }
 
 impl State {
@@ -269,6 +368,7 @@ impl VectorIndex {
             dim,
             state: RwLock::new(state),
             costs: plan::Costs::default(),
+            removal: Default::default(),
         })
     }
 
@@ -544,6 +644,8 @@ impl VectorIndex {
 
     /// Saves the graph as a new generation and switches `CURRENT` to it atomically.
     pub fn save(&self) -> Result<()> {
+        // The last save's removal may be of the folder this one writes.
+        self.finish_removal();
         let state = self.read();
         if !state.changed {
             return Ok(());
@@ -564,34 +666,58 @@ impl VectorIndex {
             let (mut data_file, kept) = self.data_file_for(&state, &data_path)?;
             let graph_file = std::fs::File::create(&graph_path).map_err(io(&graph_path))?;
             let from = kept.as_ref().map_or(0, |k| k.points);
-            let points = {
-                let mut graph_out = std::io::BufWriter::with_capacity(1 << 22, &graph_file);
-                let mut data_out = std::io::BufWriter::with_capacity(1 << 22, &mut data_file);
-                state
+            // Whole pieces already saved are not hashed again; the files are
+            // hashed as they are written, not read back.
+            let first = kept.as_ref().map_or(0, |k| (k.size / PIECE) as usize);
+            let at = kept.as_ref().map_or(0, |k| k.size);
+            let (points, graph_sum, new_pieces) = {
+                let mut graph_out = std::io::BufWriter::with_capacity(
+                    1 << 22,
+                    Hashing {
+                        inner: &graph_file,
+                        hasher: blake3::Hasher::new(),
+                    },
+                );
+                let mut data_out = std::io::BufWriter::with_capacity(
+                    1 << 22,
+                    PieceHasher::new(&mut data_file, &data_path, at)?,
+                );
+                let points = state
                     .hnsw
                     .dump_numbered(&mut graph_out, &mut data_out, from)
-                    .map_err(|e| Error::Hnsw(format!("dump failed: {e}")))?
+                    .map_err(|e| Error::Hnsw(format!("dump failed: {e}")))?;
+                let graph = graph_out
+                    .into_inner()
+                    .map_err(|e| io(&graph_path)(e.into_error()))?;
+                let data = data_out
+                    .into_inner()
+                    .map_err(|e| io(&data_path)(e.into_error()))?;
+                let graph_sum = (
+                    graph.hasher.count(),
+                    graph.hasher.finalize().to_hex().to_string(),
+                );
+                (points, graph_sum, data.finish())
             };
             let dumped = Instant::now();
             let size = data_size(points, self.dim);
-            // Whole pieces already saved are not hashed again.
-            let first = kept.as_ref().map_or(0, |k| (k.size / PIECE) as usize);
-            // The files go to disk while they are hashed from the page
-            // cache: at a million photos each takes seconds.
-            let (graph_sum, new_pieces) = std::thread::scope(|s| {
+            let written = data_file.metadata().map_err(io(&data_path))?.len();
+            if written != size {
+                return Err(Error::Hnsw(format!(
+                    "{} holds {written} bytes, {size} expected",
+                    data_path.display()
+                )));
+            }
+            std::thread::scope(|s| {
                 let syncs = [(&graph_file, &graph_path), (&data_file, &data_path)]
                     .map(|(file, path)| s.spawn(move || file.sync_all().map_err(io(path))));
-                let data_pieces = s.spawn(|| hash_pieces(&data_path, first, size));
-                let graph_sum = checksum(&graph_path);
-                let data_pieces = data_pieces.join().expect("hashing does not panic");
                 for sync in syncs {
                     sync.join().expect("a file sync does not panic")?;
                 }
-                Ok::<_, Error>((graph_sum?, data_pieces?))
+                Ok::<_, Error>(())
             })?;
             tracing::debug!(
-                dump_s = (dumped - started).as_secs_f64(),
-                hash_and_sync_s = dumped.elapsed().as_secs_f64(),
+                dump_and_hash_s = (dumped - started).as_secs_f64(),
+                sync_s = dumped.elapsed().as_secs_f64(),
                 appended_from = from,
                 "graph written"
             );
@@ -635,18 +761,40 @@ impl VectorIndex {
         }
         // A rebuild's vectors, now linked into the generation.
         let _ = std::fs::remove_file(self.dir.join(STAGED));
-        // Older generations are no longer referenced.
-        for entry in std::fs::read_dir(&self.dir)
+        // Older generations are no longer referenced. Removing one takes
+        // seconds at a million photos (its data file, after a rebuild), so
+        // it runs on its own thread; the next save, and the drop, wait for it.
+        let old: Vec<PathBuf> = std::fs::read_dir(&self.dir)
             .map_err(io(&self.dir))?
             .flatten()
-        {
-            let file = entry.file_name();
-            let file = file.to_string_lossy();
-            if file.starts_with("gen-") && file != name {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
+            .filter(|entry| {
+                let file = entry.file_name();
+                let file = file.to_string_lossy();
+                file.starts_with("gen-") && file != name
+            })
+            .map(|entry| entry.path())
+            .collect();
+        if !old.is_empty() {
+            let removal = std::thread::spawn(move || {
+                for path in old {
+                    let _ = std::fs::remove_dir_all(path);
+                }
+            });
+            *self.removal.lock().unwrap_or_else(|p| p.into_inner()) = Some(removal);
         }
         Ok(())
+    }
+
+    /// Waits for the removal of older generations a save started.
+    fn finish_removal(&self) {
+        let removal = self
+            .removal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(removal) = removal {
+            let _ = removal.join();
+        }
     }
 
     /// The new generation's data file at `path`, and what it keeps of the
