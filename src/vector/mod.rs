@@ -221,14 +221,12 @@ impl<W: std::io::Write> std::io::Write for Hashing<W> {
     }
 }
 
-/// The blake3 of each [`PIECE`] of the file at `path` from piece `first`
-/// up to byte `size`.
-fn hash_pieces(path: &Path, first: usize, size: u64) -> Result<Vec<String>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(path).map_err(io(path))?;
-    let start = first as u64 * PIECE;
-    file.seek(SeekFrom::Start(start)).map_err(io(path))?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file).take(size - start.min(size));
+/// The blake3 of each [`PIECE`] of the first `size` bytes of the file at
+/// `path`.
+fn hash_pieces(path: &Path, size: u64) -> Result<Vec<String>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file).take(size);
     let mut pieces = Vec::new();
     loop {
         let mut hasher = blake3::Hasher::new();
@@ -744,12 +742,8 @@ impl VectorIndex {
             &serde_json::to_vec(&members).expect("members serialise"),
         )
         .map_err(io(&members_file))?;
-        for entry in std::fs::read_dir(&gen_dir).map_err(io(&gen_dir))? {
-            let path = entry.map_err(io(&gen_dir))?.path();
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(io(&path))?;
-        }
+        // Each file is synced (the graph files above, the member list by
+        // `write_synced`); their names are synced with the folder.
         sync_dir(&gen_dir).map_err(io(&gen_dir))?;
         let current = self.dir.join("CURRENT");
         write_synced(&current, name.as_bytes()).map_err(io(&current))?;
@@ -846,18 +840,16 @@ impl VectorIndex {
             .create_new(true)
             .open(&path)
             .map_err(io(&path))?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 22, file);
+        let mut out = std::io::BufWriter::with_capacity(1 << 22, PieceHasher::new(file, &path, 0)?);
         let points = hnsw
             .dump_numbered_data(&mut out, 0)
             .map_err(|e| Error::Hnsw(format!("writing the vectors failed: {e}")))?;
+        let written = out.into_inner().map_err(|e| io(&path)(e.into_error()))?;
         // Synced here, where nothing waits, so that the save's sync of the
         // linked file has only the graph's appended points left to write.
-        out.into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|file| file.sync_all())
-            .map_err(io(&path))?;
+        written.inner.sync_all().map_err(io(&path))?;
         let size = data_size(points, self.dim);
-        let pieces = hash_pieces(&path, 0, size)?;
+        let pieces = written.finish();
         tracing::debug!(
             points,
             seconds = started.elapsed().as_secs_f64(),
@@ -993,7 +985,7 @@ fn load_generation(dir: &Path, dim: usize) -> Result<(Hnsw<'static, f32, DistDot
             ));
         }
         let path = dir.join(data_file_name());
-        if hash_pieces(&path, 0, data.size)? != data.pieces {
+        if hash_pieces(&path, data.size)? != data.pieces {
             return Err(Error::Hnsw(format!(
                 "{} does not match its checksum",
                 path.display()
