@@ -1624,19 +1624,31 @@ impl<T: Serialize + DeserializeOwned + Clone + Sized + Send + Sync, D: Distance<
     /// (from 0, after the data file's header). A data file that holds this
     /// graph's points numbered below `from` (written by an earlier dump of
     /// it, or of the graph it was loaded from) followed by these is the data
-    /// file of this dump. Insertions wait until it is done. Returns the
-    /// number of points.
+    /// file of this dump. Insertions must wait until it is done (an error
+    /// otherwise). Returns the number of points.
     pub fn dump_numbered<W: Write, W2: Write>(
         &self,
         graphout: &mut BufWriter<W>,
         dataout: &mut BufWriter<W2>,
         from: usize,
     ) -> anyhow::Result<usize> {
+        let count = self.dump_numbered_graph(graphout)?;
+        let data = self.dump_numbered_data(dataout, from)?;
+        if data != count {
+            return Err(anyhow!("{count} points in the graph, {data} in the data: insertions ran during the dump"));
+        }
+        Ok(count)
+    }
+
+    /// clipdex: the graph file of [`Self::dump_numbered`] alone, so that a
+    /// caller can write the data file ([`Self::dump_numbered_data`]) on
+    /// another thread at the same time. Returns the number of points.
+    pub fn dump_numbered_graph<W: Write>(&self, graphout: &mut BufWriter<W>) -> anyhow::Result<usize> {
         let points = &self.layer_indexed_points;
         let layers = points.points_by_layer.read();
         let count: usize = layers.iter().map(Vec::len).sum();
-        if count != points.level0.len() || from > count {
-            return Err(anyhow!("{count} points in the layers, {} numbered, {from} saved", points.level0.len()));
+        if count != points.level0.len() {
+            return Err(anyhow!("{count} points in the layers, {} numbered", points.level0.len()));
         }
         let description = Description {
             format_version: 5,
@@ -1651,8 +1663,7 @@ impl<T: Serialize + DeserializeOwned + Clone + Sized + Send + Sync, D: Distance<
             t_name: type_name::<T>().to_string(),
         };
         description.dump(DumpMode::Full, graphout)?;
-        points.dump_layers(&layers, DumpMode::Full, graphout, None::<&mut BufWriter<W2>>)?;
-        self.dump_data_from(dataout, from, count)?;
+        points.dump_layers(&layers, DumpMode::Full, graphout, None::<&mut BufWriter<W>>)?;
         graphout.flush()?;
         Ok(count)
     }
