@@ -1074,7 +1074,7 @@ fn library(args: &Args) {
             "records_s": records,
             "open_s": open,
             "records": index.store().count(),
-            "vectors": index.vectors().len(),
+            "vectors": index.vectors().count().expect("the vectors count"),
             "keywords": index.keywords().count(),
             "consistent": consistency.consistent,
         })

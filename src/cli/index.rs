@@ -83,7 +83,15 @@ pub fn index(args: &IndexArgs) -> Result<()> {
     };
     let clip = Clip::load_with(&source, &args.model.hub(true), precision)
         .with_context(|| format!("cannot load model {source}"))?;
-    let index = Index::create_or_open(&args.index, &args.library, clip.info())?;
+    let engine = args
+        .vectors
+        .as_deref()
+        .map(crate::vector::EngineConfig::parse)
+        .transpose()?;
+    if let Some(token) = &args.vectors_token {
+        crate::vector::engine::set_token(token);
+    }
+    let index = Index::create_or_open_in(&args.index, &args.library, clip.info(), engine.as_ref())?;
     run(&index, &clip, &opts, args.json)
 }
 
@@ -227,6 +235,16 @@ fn switch_model(
         let index = Index::open(root)?;
         return run(&index, &clip, &opts, args.json);
     }
+    let engine = crate::vector::EngineConfig::read(root)?;
+    if engine != crate::vector::EngineConfig::Embedded {
+        bail!(
+            "{} keeps its vectors in {}: switching its model or precision would need a second \
+             collection, which clipdex does not make yet; index into a new --index folder with \
+             --vectors naming a new collection",
+            root.display(),
+            engine.describe()
+        );
+    }
     let next = indexer::generation::next_path(root);
     // A next generation begun with another model is started over; one begun
     // with this model resumes where it stopped.
@@ -333,6 +351,9 @@ fn print_summary(index: &Index, s: &RunSummary, json: bool) -> Result<()> {
 struct Status {
     index: String,
     library: String,
+    /// Where the vectors live: `embedded`, or the Milvus address and
+    /// collection (never credentials).
+    vectors_engine: String,
     model: crate::model::ModelInfo,
     format_version: u32,
     created_at: i64,
@@ -404,6 +425,7 @@ pub fn status(args: &StatusArgs) -> Result<()> {
         index: paths.root.display().to_string(),
         library: overview.meta.library.clone(),
         model: overview.meta.model.clone(),
+        vectors_engine: crate::vector::EngineConfig::read(&overview.paths.root)?.describe(),
         format_version: overview.meta.format_version,
         created_at: overview.meta.created_at,
         photos: overview.photos,
@@ -460,6 +482,7 @@ fn human_bytes(n: u64) -> String {
 fn print_status(s: &Status) {
     println!("index    {}", s.index);
     println!("library  {}", s.library);
+    println!("vectors  {}", s.vectors_engine);
     println!(
         "model    {} ({}, {}-d, {} precision, fingerprint {})",
         s.model.id, s.model.family, s.model.embedding_dim, s.model.precision, s.model.fingerprint

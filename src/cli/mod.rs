@@ -508,6 +508,19 @@ pub struct IndexArgs {
     #[command(flatten)]
     pub tags: TagArgs,
 
+    /// Where the vectors live, chosen when the index is made: `embedded`
+    /// (the default: a graph in the index folder) or
+    /// `milvus://HOST:PORT/COLLECTION[?index=hnsw|flat]` (a Milvus server;
+    /// the collection is created if there is none). The index folder
+    /// records it; every later command uses it.
+    #[arg(long, value_name = "embedded|milvus://HOST:PORT/COLLECTION")]
+    pub vectors: Option<String>,
+
+    /// Credentials for the vector engine, USER:PASSWORD; never stored (also
+    /// CLIPDEX_MILVUS_TOKEN, which every command reads).
+    #[arg(long, env = "CLIPDEX_MILVUS_TOKEN", hide_env_values = true)]
+    pub vectors_token: Option<String>,
+
     /// Print the run's summary as JSON.
     #[arg(long)]
     pub json: bool,

@@ -36,7 +36,7 @@ pub use run::{Phase, Progress, RunOptions, run};
 use crate::common::ModelInfo;
 use crate::keyword::{self, KeywordIndex};
 use crate::store::{self, FORMAT_VERSION, IndexMeta, PhotoRecord, SkipRecord, Store};
-use crate::vector::{self, REBUILD_DEAD_FRACTION, VectorIndex};
+use crate::vector::{self, EngineConfig, REBUILD_DEAD_FRACTION, VectorIndex, Vectors};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -81,6 +81,15 @@ pub enum Error {
     LibraryMismatch {
         path: String,
         indexed: String,
+        asked: String,
+    },
+    #[error(
+        "the index at {path} keeps its vectors in {recorded}, not {asked}; leave out --vectors, \
+         or use a new --index folder for the other engine"
+    )]
+    EngineMismatch {
+        path: String,
+        recorded: String,
         asked: String,
     },
     #[error("{path}: {source}")]
@@ -186,7 +195,7 @@ pub struct Consistency {
 pub struct Index {
     paths: IndexPaths,
     store: Store,
-    vectors: VectorIndex,
+    vectors: Vectors,
     keywords: KeywordIndex,
     meta: IndexMeta,
     _lock: File,
@@ -302,6 +311,18 @@ impl Index {
     /// there is none. An existing index must have been built for the same
     /// library and model.
     pub fn create_or_open(root: &Path, library: &Path, model: &ModelInfo) -> Result<Self> {
+        Self::create_or_open_in(root, library, model, None)
+    }
+
+    /// [`Self::create_or_open`] with the vectors in `engine` (`None`: the
+    /// one an existing index records, embedded for a new one). An existing
+    /// index in another engine is refused.
+    pub fn create_or_open_in(
+        root: &Path,
+        library: &Path,
+        model: &ModelInfo,
+        engine: Option<&EngineConfig>,
+    ) -> Result<Self> {
         let paths = IndexPaths::new(root);
         let library = std::fs::canonicalize(library).map_err(io_err(library))?;
         if !library.is_dir() {
@@ -319,6 +340,16 @@ impl Index {
             Some(other) => Some(other?),
         };
         if let Some(index) = existing {
+            if let Some(engine) = engine {
+                let recorded = EngineConfig::read(&paths.root)?;
+                if &recorded != engine {
+                    return Err(Error::EngineMismatch {
+                        path: root.display().to_string(),
+                        recorded: recorded.describe(),
+                        asked: engine.describe(),
+                    });
+                }
+            }
             index.check_model(model)?;
             if index.meta.library != library.display().to_string() {
                 return Err(Error::LibraryMismatch {
@@ -337,6 +368,8 @@ impl Index {
             created_at: now_secs(),
             clipdex_version: env!("CARGO_PKG_VERSION").to_string(),
         };
+        // Before the store: an index whose store exists always names its engine.
+        engine.cloned().unwrap_or_default().write(&paths.root)?;
         let store = Store::create(&paths.db(), &meta)?;
         Self::assemble(paths, store, lock)
     }
@@ -369,7 +402,16 @@ impl Index {
                 summary
             }
         };
-        let vectors = VectorIndex::saved_len(&paths.vectors());
+        let vectors = match EngineConfig::read(&paths.root)? {
+            EngineConfig::Embedded => VectorIndex::saved_len(&paths.vectors()),
+            engine => Vectors::open(
+                &paths.vectors(),
+                summary.meta.model.embedding_dim,
+                &engine,
+                &summary.meta.model.fingerprint,
+            )?
+            .count()?,
+        };
         let keywords = KeywordIndex::open(&paths.keyword(), false)?.count();
         Ok(overview_from(paths, summary, vectors, keywords))
     }
@@ -379,7 +421,7 @@ impl Index {
         overview_of(
             self.paths.clone(),
             &self.store,
-            self.vectors.len(),
+            self.vectors.count()?,
             self.keywords.count(),
         )
     }
@@ -423,7 +465,13 @@ impl Index {
     fn assemble(paths: IndexPaths, store: Store, lock: File) -> Result<Self> {
         let meta = store.meta()?;
         let start = std::time::Instant::now();
-        let vectors = VectorIndex::open(&paths.vectors(), meta.model.embedding_dim)?;
+        let engine = EngineConfig::read(&paths.root)?;
+        let vectors = Vectors::open(
+            &paths.vectors(),
+            meta.model.embedding_dim,
+            &engine,
+            &meta.model.fingerprint,
+        )?;
         let loaded = start.elapsed();
         let keywords = KeywordIndex::open(&paths.keyword(), true)?;
         let index = Self {
@@ -502,7 +550,7 @@ impl Index {
         &self.store
     }
 
-    pub fn vectors(&self) -> &VectorIndex {
+    pub fn vectors(&self) -> &Vectors {
         &self.vectors
     }
 
@@ -523,10 +571,10 @@ impl Index {
     pub fn reconcile(&self) -> Result<Repair> {
         let ids = self.store.ids()?;
         let mut repair = Repair::default();
-        let vec_ids = self.vectors.ids();
+        let vec_ids = self.vectors.ids()?;
         let extra: Vec<u64> = vec_ids.difference(&ids).copied().collect();
         repair.vectors_removed = extra.len();
-        self.vectors.remove(extra);
+        self.vectors.remove(extra)?;
         if self.vectors.dead_fraction() > REBUILD_DEAD_FRACTION {
             self.rebuild_vectors()?;
             repair.vectors_rebuilt = true;
@@ -539,7 +587,7 @@ impl Index {
                 }
             }
             repair.vectors_added = items.len();
-            self.vectors.insert_batch(&items)?;
+            self.vectors.put(&items, &|id| self.fields(id))?;
         }
         if self.vectors.is_changed() {
             self.vectors.save()?;
@@ -564,8 +612,19 @@ impl Index {
         Ok(repair)
     }
 
-    /// Rebuilds the HNSW graph from the store's vectors.
+    /// What the vector engine keeps beside the vector of `id`, from its
+    /// record (for an engine that filters itself, [`Vectors::wants_fields`]).
+    pub(crate) fn fields(&self, id: u64) -> Option<vector::milvus::Fields> {
+        let record = self.store.get(id).ok()??;
+        Some(engine_fields(&keyword_doc(&record)))
+    }
+
+    /// Rebuilds the HNSW graph from the store's vectors (an engine of its
+    /// own compacts itself).
     pub fn rebuild_vectors(&self) -> Result<()> {
+        if self.vectors.embedded().is_none() {
+            return Ok(());
+        }
         let vectors = self.store.vectors().collect::<store::Result<Vec<_>>>()?;
         self.vectors.rebuild(vectors)?;
         Ok(())
@@ -574,7 +633,7 @@ impl Index {
     /// Compares the id sets of the store, the vector index and the keyword index.
     pub fn check(&self) -> Result<Consistency> {
         let ids = self.store.ids()?;
-        let vec_ids = self.vectors.ids();
+        let vec_ids = self.vectors.ids()?;
         let kw_ids = self.keywords.ids()?;
         let with_vectors: BTreeSet<u64> = self
             .store
@@ -603,6 +662,29 @@ impl Index {
         Ok(Consistency { consistent, ..c })
     }
 }
+/// What an engine that filters by itself keeps of a photo: the values the
+/// keyword index holds of it ([`keyword_doc`]).
+pub(crate) fn engine_fields(doc: &keyword::Doc) -> vector::milvus::Fields {
+    let path = crate::common::rel_path::display(doc.path);
+    let mut folders = Vec::new();
+    let mut at = 0;
+    while let Some(slash) = path[at..].find('/') {
+        folders.push(path[..at + slash].to_string());
+        at += slash + 1;
+    }
+    vector::milvus::Fields {
+        taken: doc.taken.and_then(keyword::parse_datetime),
+        format: doc.format.to_string(),
+        folders,
+        camera: doc
+            .camera
+            .as_deref()
+            .map(keyword::camera_terms)
+            .unwrap_or_default(),
+        tags: doc.tags.iter().map(|t| t.to_string()).collect(),
+    }
+}
+
 /// What the keyword index holds of a photo record.
 pub(crate) fn keyword_doc(record: &PhotoRecord) -> keyword::Doc<'_> {
     keyword::Doc {
@@ -613,5 +695,34 @@ pub(crate) fn keyword_doc(record: &PhotoRecord) -> keyword::Doc<'_> {
         camera: record.camera(),
         taken: record.taken.as_deref(),
         tags: record.tags.iter().map(|t| t.name.as_str()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_fields_name_every_folder_above_the_photo() {
+        let doc = keyword::Doc {
+            id: 1,
+            path: "a/b/c.jpg",
+            format: "jpeg",
+            caption: None,
+            camera: Some("NIKON D3".into()),
+            taken: Some("2019-07-01T10:00:00"),
+            tags: vec!["beach"],
+        };
+        let f = engine_fields(&doc);
+        assert_eq!(f.folders, ["a", "a/b"]);
+        assert_eq!(f.camera, ["nikon", "d3"]);
+        assert_eq!(f.tags, ["beach"]);
+        assert_eq!(f.format, "jpeg");
+        assert!(f.taken.is_some());
+        let top = keyword::Doc {
+            path: "c.jpg",
+            ..doc
+        };
+        assert!(engine_fields(&top).folders.is_empty());
     }
 }

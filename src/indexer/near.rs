@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::{Index, Result};
 use crate::store::NearList;
-use crate::vector::VectorIndex;
+use crate::vector::Vectors;
 
 /// Most neighbours listed per photo (before the ones added back by others).
 pub const NEAR_K: usize = 16;
@@ -30,15 +30,15 @@ const CHUNK: usize = 20_000;
 /// The nearest photos to `id` (itself left out) at `floor` or more, nearest
 /// first; empty when the photo has no vector.
 pub fn neighbours(
-    vectors: &VectorIndex,
+    vectors: &Vectors,
     id: u64,
     k: usize,
     floor: f32,
 ) -> crate::vector::Result<NearList> {
-    let Some(v) = vectors.vector(id) else {
+    let Some(v) = vectors.vector(id)? else {
         return Ok(Vec::new());
     };
-    let found = vectors.search(&v, k + 1, None)?;
+    let found = vectors.nearest(&v, k + 1)?;
     Ok(found
         .into_iter()
         .filter(|&(other, s)| other != id && s >= floor)

@@ -596,6 +596,12 @@ impl Runner<'_> {
                     self.index.keywords.upsert(&super::keyword_doc(&record))?;
                     if let Some(v) = vector {
                         new_vectors.push((record.id, v));
+                    } else if self.index.vectors.wants_fields() {
+                        // Moved or re-captioned: an engine that filters by
+                        // folder itself gets the new fields, same vector.
+                        if let Some(v) = self.index.store.vector(record.id)? {
+                            new_vectors.push((record.id, v));
+                        }
                     }
                 }
                 Change::Remove { record } => {
@@ -607,8 +613,9 @@ impl Runner<'_> {
             }
         }
         self.index.keywords.commit()?;
-        self.index.vectors.remove(dead);
-        self.index.vectors.insert_batch(&new_vectors)?;
+        self.index.vectors.remove(dead)?;
+        let index = &self.index;
+        index.vectors.put(&new_vectors, &|id| index.fields(id))?;
         if self.last_save.elapsed() >= self.opts.save_every {
             self.index.vectors.save()?;
             self.last_save = Instant::now();

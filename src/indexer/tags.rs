@@ -549,10 +549,20 @@ impl Index {
 
     fn retag_commit(&self, changes: &mut Vec<Change>) -> Result<usize> {
         self.store.commit(changes)?;
+        let mut refiled = Vec::new();
         for change in changes.iter() {
             if let Change::Put { record, .. } = change {
                 self.keywords.upsert(&keyword_doc(record))?;
+                // An engine that filters by tag itself is told the new tags.
+                if self.vectors.wants_fields() {
+                    if let Some(v) = self.store.vector(record.id)? {
+                        refiled.push((record.id, v));
+                    }
+                }
             }
+        }
+        if !refiled.is_empty() {
+            self.vectors.put(&refiled, &|id| self.fields(id))?;
         }
         let n = changes.len();
         changes.clear();

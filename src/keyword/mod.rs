@@ -84,6 +84,27 @@ pub fn words(text: &str) -> String {
     out.trim().to_string()
 }
 
+/// The terms the keyword index holds of a camera's make and model (its
+/// `en_stem` analysis), for engines that evaluate the camera filter
+/// themselves.
+pub fn camera_terms(camera: &str) -> Vec<String> {
+    let mut analyzer = tantivy::tokenizer::TokenizerManager::default()
+        .get("en_stem")
+        .expect("tantivy registers en_stem");
+    let mut stream = analyzer.token_stream(camera);
+    let mut terms = Vec::new();
+    while let Some(token) = stream.next() {
+        terms.push(token.text.clone());
+    }
+    terms
+}
+
+/// The terms a camera filter requires, every one, as
+/// [`KeywordIndex::matching`] reads it.
+pub fn camera_filter_terms(text: &str) -> Vec<String> {
+    camera_terms(&words(text))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("keyword index: {0}")]

@@ -333,7 +333,7 @@ impl Engine {
             // Below the lists' floor: search again, every photo, and write
             // each edge both ways as the indexer does.
             use rayon::prelude::*;
-            let ids: Vec<u64> = index.vectors().ids().into_iter().collect();
+            let ids: Vec<u64> = index.vectors().ids()?.into_iter().collect();
             let lists = ids
                 .par_iter()
                 .map(|&id| near::neighbours(index.vectors(), id, NEAR_K, threshold))
@@ -356,7 +356,8 @@ impl Engine {
         let similarity = |a: u32, b: u32| {
             lists.listed(a, b).or_else(|| {
                 let (a, b) = (lists.ids[a as usize], lists.ids[b as usize]);
-                Some(super::dot(&vectors.vector(a)?, &vectors.vector(b)?))
+                let (a, b) = (vectors.vector(a).ok()??, vectors.vector(b).ok()??);
+                Some(super::dot(&a, &b))
             })
         };
         let edges = lists.mutual_edges(threshold);

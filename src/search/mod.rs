@@ -92,6 +92,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// What the vector engine (a Milvus server) said when it could not
+    /// answer: the search may pass when it is back (a 503, not a 500).
+    pub fn engine_unavailable(&self) -> Option<String> {
+        match self {
+            Error::Vectors(crate::vector::Error::Engine { address, message }) => Some(format!(
+                "the vector engine at {address} did not answer: {message}"
+            )),
+            _ => None,
+        }
+    }
+
     /// Whether the client can fix it (a 4xx), as opposed to a failure of the system.
     pub fn is_client_error(&self) -> bool {
         matches!(
@@ -950,10 +961,15 @@ impl Engine {
         let query = self.combine(&q.terms)?;
         let allowed = self.allowed(&q.filters)?;
         let excluded: HashSet<u64> = q.exclude.iter().copied().collect();
-        let depth = depth.min(self.index.vectors().len().saturating_add(1));
+        let depth = depth.min(self.index.vectors().count()?.saturating_add(1));
+        let filter = match q.filters.is_empty() {
+            true => None,
+            false => Some(selection(&self.keyword_filter(&q.filters)?)),
+        };
         let by_meaning = self.rank_by_meaning(
             &query,
             allowed.as_ref(),
+            filter.as_ref(),
             &excluded,
             depth.saturating_add(excluded.len()),
         )?;
@@ -1006,14 +1022,14 @@ impl Engine {
         &self,
         query: &[f32],
         allowed: Option<&HashSet<u64>>,
+        filter: Option<&crate::vector::milvus::Selection>,
         excluded: &HashSet<u64>,
         n: usize,
     ) -> Result<Vec<(u64, f32)>> {
-        let (found, _) = self
+        Ok(self
             .index
             .vectors()
-            .search_among(query, n, allowed, excluded)?;
-        Ok(found)
+            .search_among(query, n, allowed, filter, excluded)?)
     }
 
     /// Keyword matches of the positive text terms, best first (none when
@@ -1262,6 +1278,25 @@ fn fuse(by_meaning: &[(u64, f32)], by_words: &[u64], min_score: Option<f32>) -> 
         });
     }
     ranked
+}
+
+/// The keyword index's filter in the terms of a vector engine that filters
+/// by itself (Milvus): the same photos selected.
+fn selection(f: &keyword::Filter) -> crate::vector::milvus::Selection {
+    crate::vector::milvus::Selection {
+        folder: f.folder.clone(),
+        from: f.from,
+        to: f.to,
+        formats: f.formats.clone(),
+        camera: f
+            .camera
+            .as_deref()
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(keyword::camera_filter_terms)
+            .unwrap_or_default(),
+        tags: f.tags.clone(),
+    }
 }
 
 #[cfg(test)]

@@ -102,7 +102,7 @@ impl Engine {
         let text = tagger.and_then(|t| t.vector(name));
         let best = ids
             .map(|id| {
-                let score = match (text, vectors.vector(id)) {
+                let score = match (text, vectors.vector(id).ok().flatten()) {
                     (Some(t), Some(v)) => dot(t, &v),
                     _ => f32::NEG_INFINITY,
                 };

@@ -466,6 +466,10 @@ pub struct StatusResponse {
     /// How the model computes: `exact` (f32) or `fast` (bf16).
     #[schema(value_type = Option<String>)]
     pub precision: Option<crate::search::Precision>,
+    /// Where the vectors live: `embedded`, or `milvus://HOST:PORT/COLLECTION`
+    /// (filters are evaluated inside Milvus's search; keyword fusion uses
+    /// this server's keyword index, kept beside the index's store).
+    pub vectors: Option<String>,
     pub reindex: ReindexStatus,
 }
 
@@ -485,13 +489,14 @@ pub struct ReindexStatus {
 pub async fn status(State(state): State<SharedState>) -> ApiResult<Json<StatusResponse>> {
     let (phase, message) = state.lifecycle();
     let engine = state.engine();
-    let (photos, library, model, dim, precision) = match &engine {
+    let (photos, library, model, dim, precision, vectors) = match &engine {
         Some(e) => {
             let engine = e.clone();
-            let (n, lib) = blocking(move || {
+            let (n, lib, vectors) = blocking(move || {
                 Ok((
                     engine.index().store().count(),
                     engine.index().meta().library.clone(),
+                    engine.index().vectors().engine(),
                 ))
             })
             .await?;
@@ -502,9 +507,10 @@ pub async fn status(State(state): State<SharedState>) -> ApiResult<Json<StatusRe
                 Some(info.id.clone()),
                 Some(info.embedding_dim),
                 Some(info.precision),
+                Some(vectors),
             )
         }
-        None => (None, None, None, None, None),
+        None => (None, None, None, None, None, None),
     };
     let job = state.job();
     let reindex = ReindexStatus {
@@ -529,6 +535,7 @@ pub async fn status(State(state): State<SharedState>) -> ApiResult<Json<StatusRe
         model,
         embedding_dim: dim,
         precision,
+        vectors,
         reindex,
     }))
 }

@@ -126,6 +126,16 @@ impl From<search::Error> for ApiError {
             E::TooLarge(m) => Self::too_large(m),
             E::Busy(m) => Self::busy(m, 1),
             E::Changed(m) => Self::conflict(m),
+            // The vector engine (Milvus) not answering: the server is fine
+            // and answers again when it does.
+            e if e.engine_unavailable().is_some() => Self {
+                retry_after: Some(5),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "engine_unavailable",
+                    e.engine_unavailable().unwrap_or_default(),
+                )
+            },
             E::Store(_)
             | E::Vectors(_)
             | E::Keywords(_)

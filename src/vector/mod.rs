@@ -27,9 +27,12 @@ use hnsw_rs::prelude::{Hnsw, HnswIo};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 pub mod distance;
+pub mod engine;
+pub mod milvus;
 pub mod plan;
 
 use distance::DistDot;
+pub use engine::{EngineConfig, Vectors};
 pub use plan::{CostEstimates, Plan};
 
 /// Graph connectivity (M).
@@ -44,6 +47,8 @@ const BASENAME: &str = "clipdex";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("vector engine {address}: {message}")]
+    Engine { address: String, message: String },
     #[error("vector index I/O at {path}: {source}")]
     Io {
         path: String,
@@ -56,6 +61,18 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A query of `dim` dimensions, or the error naming both.
+fn check_dim(query: &[f32], dim: usize) -> Result<()> {
+    if query.len() == dim {
+        Ok(())
+    } else {
+        Err(Error::Dimension {
+            got: query.len(),
+            want: dim,
+        })
+    }
+}
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
@@ -562,14 +579,7 @@ impl VectorIndex {
     }
 
     fn check_dim(&self, query: &[f32]) -> Result<()> {
-        if query.len() == self.dim {
-            Ok(())
-        } else {
-            Err(Error::Dimension {
-                got: query.len(),
-                want: self.dim,
-            })
-        }
+        check_dim(query, self.dim)
     }
 
     /// The `k` nearest live vectors by a graph search, as (id, cosine

@@ -331,7 +331,7 @@ fn index_skips_bad_files_with_reasons_and_keeps_metadata() {
     // Find-similar on every stored vector: itself first, no panic.
     for r in &recs {
         let v = index.store().vector(r.id).unwrap().unwrap();
-        let hits = index.vectors().search(&v, 5, None).unwrap();
+        let hits = index.vectors().nearest(&v, 5).unwrap();
         assert!(hits[0].1 > 0.999, "{}: {hits:?}", r.path);
         assert!(hits.iter().any(|(id, _)| *id == r.id));
     }
@@ -430,13 +430,13 @@ fn reindex_finds_exactly_what_changed() {
     // Removed and replaced ids are gone from every part of the index.
     let index = crate::common::open_index(&lib.index);
     let ids: BTreeSet<u64> = after.iter().map(|r| r.id).collect();
-    assert_eq!(index.vectors().ids(), ids);
+    assert_eq!(index.vectors().ids().unwrap(), ids);
     assert_eq!(index.keywords().ids().unwrap(), ids);
     let gone = by_path(&before, &changed_path).id;
     let v = by_path(&after, &changed_path);
     let hits = index
         .vectors()
-        .search(&index.store().vector(v.id).unwrap().unwrap(), 50, None)
+        .nearest(&index.store().vector(v.id).unwrap().unwrap(), 50)
         .unwrap();
     assert!(hits.iter().all(|(id, _)| *id != gone));
     drop(index);
@@ -563,7 +563,7 @@ fn assert_index_is_library(index: &Path, root: &Path) {
         );
     }
     let ids: BTreeSet<u64> = recs.iter().map(|r| r.id).collect();
-    assert_eq!(index.vectors().ids(), ids);
+    assert_eq!(index.vectors().ids().unwrap(), ids);
     assert_eq!(index.keywords().ids().unwrap(), ids);
 }
 

@@ -7,6 +7,7 @@ mod fuzz;
 mod hardening;
 mod index;
 mod layers;
+mod milvus;
 mod model_reference;
 mod open_clip;
 mod precision;

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The real Milvus standalone server (PyPI's `milvus` wheel: the Milvus binary
+# and an embedded etcd), for the engine's tests and benchmarks.
+#
+#   scripts/milvus_server.sh start DIR   # prints HOST:PORT once it is healthy
+#   scripts/milvus_server.sh stop DIR
+#
+# Its proxy and etcd take free ports; it also binds 9091 (health) and a few
+# fixed internal ports, so one runs at a time. It is stopped with SIGINT
+# (it ignores SIGTERM). The venv is .venv-milvus (made here if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cmd="${1:?start|stop}"
+dir="${2:?a data folder}"
+venv=.venv-milvus
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+case "$cmd" in
+start)
+  if [ ! -x "$venv/bin/milvus-server" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "milvus==2.3.5" >&2
+  fi
+  mkdir -p "$dir"
+  dir="$(cd "$dir" && pwd)"
+  if curl -s -m 1 http://127.0.0.1:9091/healthz >/dev/null 2>&1; then
+    echo "error: a Milvus (or something else) already answers on 127.0.0.1:9091; stop it first" >&2
+    exit 1
+  fi
+  port="$(free_port)"
+  etcd="$(free_port)"
+  setsid "$venv/bin/milvus-server" --data "$dir/data" --proxy-port "$port" --etcd-port "$etcd" \
+    >"$dir/server.log" 2>&1 </dev/null &
+  echo $! >"$dir/pid"
+  echo "$port" >"$dir/port"
+  for _ in $(seq 1 120); do
+    if curl -s -m 1 http://127.0.0.1:9091/healthz 2>/dev/null | grep -q OK; then
+      echo "127.0.0.1:$port"
+      exit 0
+    fi
+    if ! kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+      echo "error: milvus-server exited; its log:" >&2
+      tail -20 "$dir/server.log" >&2
+      exit 1
+    fi
+    sleep 1
+  done
+  echo "error: milvus-server not healthy after 120 s; its log:" >&2
+  tail -20 "$dir/server.log" >&2
+  exit 1
+  ;;
+stop)
+  [ -f "$dir/pid" ] || exit 0
+  pid="$(cat "$dir/pid")"
+  # The wrapper and the server it started share the session.
+  kill -INT -- "-$pid" 2>/dev/null || kill -INT "$pid" 2>/dev/null || true
+  for _ in $(seq 1 30); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 1
+  done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$dir/pid"
+  ;;
+*)
+  echo "usage: $0 start|stop DIR" >&2
+  exit 2
+  ;;
+esac

@@ -1,0 +1,888 @@
+//! Milvus as the vector engine of an index (`--vectors milvus://HOST:PORT/COLLECTION`).
+//!
+//! One entity per photo: its id, its unit vector, and the fields the search
+//! filters need ([`Fields`]), so that a filter is a Milvus boolean
+//! expression evaluated inside the nearest-neighbour search, not a filter
+//! applied to its results. Reads are consistent with the session, which
+//! starts with a fence ([`MilvusVectors::open`]): a search sees every write
+//! acknowledged before the index was opened and every write of this
+//! process since, so it never returns a photo removed before it started.
+//!
+//! The SDK is async (tonic); clipdex's indexer and searches are not. The
+//! engine keeps a small runtime of its own and waits on it from any thread,
+//! the server's blocking pool included.
+
+use std::collections::{BTreeSet, HashSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use milvus::client::Client;
+use milvus::data::FieldColumn;
+use milvus::index::{IndexParams, IndexType, MetricType};
+use milvus::mutate::DeleteOptions;
+use milvus::options::{CreateCollectionOptions, LoadOptions};
+use milvus::proto::common::ConsistencyLevel;
+use milvus::query::{QueryOptions, SearchOptions};
+use milvus::schema::{CollectionSchemaBuilder, FieldSchema};
+use milvus::value::{Value, ValueVec};
+use serde::{Deserialize, Serialize};
+
+use super::{Error, Result, unit};
+
+/// Version of the collection's schema below. A collection of another
+/// version is refused, never written.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The id of the entity [`MilvusVectors::fence`] writes; photos' ids are
+/// never negative, and every read asks for `id >= 0`.
+const SENTINEL: i64 = -1;
+
+/// Most ids one delete names.
+const DELETE_CHUNK: usize = 4096;
+/// Most entities one upsert carries (512 dimensions: 4 MB).
+const PUT_CHUNK: usize = 2048;
+/// Most results one search or query returns (Milvus's limit).
+pub const MAX_RESULTS: usize = 16_384;
+/// How long one call may take before it fails.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a write keeps retrying while the engine cannot be reached.
+const RETRY_FOR: Duration = Duration::from_secs(120);
+/// How long the count kept for [`MilvusVectors::count`] is used.
+const COUNT_TTL: Duration = Duration::from_secs(2);
+
+/// The nearest-neighbour index Milvus builds on the vectors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnnIndex {
+    /// HNSW (M 24, efConstruction 200, as the embedded graph).
+    #[default]
+    Hnsw,
+    /// Exact: every vector compared.
+    Flat,
+}
+
+/// Where an index's vectors live in Milvus, as the index folder records it.
+/// No credentials: those come from `--vectors-token` or
+/// `CLIPDEX_MILVUS_TOKEN` each time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MilvusConfig {
+    /// `HOST:PORT` of the Milvus proxy.
+    pub address: String,
+    pub collection: String,
+    #[serde(default)]
+    pub index: AnnIndex,
+}
+
+impl MilvusConfig {
+    /// Parses `milvus://HOST:PORT/COLLECTION[?index=hnsw|flat]`.
+    pub fn parse(url: &str) -> Result<Self> {
+        let bad = |why: &str| Error::Engine {
+            address: url.to_string(),
+            message: format!("{why}; expected milvus://HOST:PORT/COLLECTION[?index=hnsw|flat]"),
+        };
+        let rest = url
+            .strip_prefix("milvus://")
+            .ok_or_else(|| bad("not a milvus:// address"))?;
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (address, collection) = rest
+            .split_once('/')
+            .ok_or_else(|| bad("no collection named"))?;
+        if address.contains('@') {
+            return Err(bad(
+                "credentials do not go in the address (use --vectors-token or CLIPDEX_MILVUS_TOKEN)",
+            ));
+        }
+        let (host, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| bad("no port given"))?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(bad("the address is not HOST:PORT"));
+        }
+        // Milvus: a letter or underscore first, then letters, digits, underscores.
+        let valid = collection.len() <= 255
+            && collection
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && collection
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(bad(
+                "a collection name is letters, digits and underscores, not starting with a digit",
+            ));
+        }
+        let mut index = AnnIndex::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair {
+                "index=hnsw" => index = AnnIndex::Hnsw,
+                "index=flat" => index = AnnIndex::Flat,
+                other => return Err(bad(&format!("unknown option {other:?}"))),
+            }
+        }
+        Ok(Self {
+            address: address.to_string(),
+            collection: collection.to_string(),
+            index,
+        })
+    }
+
+    /// The address as given to `--vectors` (without credentials).
+    pub fn url(&self) -> String {
+        let index = match self.index {
+            AnnIndex::Hnsw => "hnsw",
+            AnnIndex::Flat => "flat",
+        };
+        format!(
+            "milvus://{}/{}?index={index}",
+            self.address, self.collection
+        )
+    }
+}
+
+/// What Milvus keeps beside a photo's vector, for the filters of a
+/// [`Selection`]: the values the keyword index holds (the indexer fills it
+/// from the same record).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Fields {
+    /// Date taken, seconds since the epoch.
+    #[serde(skip)]
+    pub taken: Option<i64>,
+    #[serde(skip)]
+    pub format: String,
+    /// The folder and each folder above it (`a`, `a/b` for `a/b/c.jpg`).
+    pub folders: Vec<String>,
+    /// The terms of the camera's make and model, as the keyword index
+    /// analyses them.
+    pub camera: Vec<String>,
+    /// Automatic tags (normalised names).
+    pub tags: Vec<String>,
+}
+
+/// A string literal of Milvus's expression language.
+fn literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn list(items: impl IntoIterator<Item = String>) -> String {
+    format!("[{}]", items.into_iter().collect::<Vec<_>>().join(","))
+}
+
+/// The photos a search filter selects, in the terms of [`Fields`]; every
+/// part given must hold. The search layer makes it from the keyword
+/// index's filter, so that both engines select the same photos.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Selection {
+    /// The folder, or below it.
+    pub folder: Option<String>,
+    /// Taken at or after, seconds since the epoch.
+    pub from: Option<i64>,
+    /// Taken at or before.
+    pub to: Option<i64>,
+    /// Any of these formats.
+    pub formats: Vec<String>,
+    /// Every one of these camera terms.
+    pub camera: Vec<String>,
+    /// Every one of these tags.
+    pub tags: Vec<String>,
+}
+
+/// The selection as a Milvus boolean expression, with `excluded` ids
+/// left out (and the fence's sentinel).
+pub fn expression(filter: Option<&Selection>, excluded: &HashSet<u64>) -> String {
+    // Not the fence's sentinel.
+    let mut parts = vec!["id >= 0".to_string()];
+    if let Some(f) = filter {
+        if let Some(folder) = f
+            .folder
+            .as_deref()
+            .map(|s| s.trim().trim_matches('/'))
+            .filter(|s| !s.is_empty())
+        {
+            parts.push(format!(
+                "json_contains(f[\"folders\"], {})",
+                literal(folder)
+            ));
+        }
+        if f.from.is_some() || f.to.is_some() {
+            parts.push("dated == true".to_string());
+        }
+        if let Some(from) = f.from {
+            parts.push(format!("taken >= {from}"));
+        }
+        if let Some(to) = f.to {
+            parts.push(format!("taken <= {to}"));
+        }
+        if !f.formats.is_empty() {
+            parts.push(format!(
+                "format in {}",
+                list(f.formats.iter().map(|t| literal(t)))
+            ));
+        }
+        if !f.tags.is_empty() {
+            parts.push(format!(
+                "json_contains_all(f[\"tags\"], {})",
+                list(f.tags.iter().map(|t| literal(t)))
+            ));
+        }
+        if !f.camera.is_empty() {
+            parts.push(format!(
+                "json_contains_all(f[\"camera\"], {})",
+                list(f.camera.iter().map(|t| literal(t)))
+            ));
+        }
+    }
+    if !excluded.is_empty() {
+        let mut ids: Vec<u64> = excluded.iter().copied().collect();
+        ids.sort_unstable();
+        parts.push(format!(
+            "id not in {}",
+            list(ids.iter().map(|id| id.to_string()))
+        ));
+    }
+    parts.join(" and ")
+}
+
+/// The vectors of an index, in a Milvus collection.
+pub struct MilvusVectors {
+    config: MilvusConfig,
+    dim: usize,
+    client: Client,
+    runtime: Option<tokio::runtime::Runtime>,
+    count: std::sync::Mutex<Option<(Instant, usize)>>,
+}
+
+impl std::fmt::Debug for MilvusVectors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MilvusVectors")
+            .field("config", &self.config)
+            .field("dim", &self.dim)
+            .finish()
+    }
+}
+
+impl Drop for MilvusVectors {
+    fn drop(&mut self) {
+        // Not a blocking shutdown: the index may be dropped on a runtime's thread.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The description a collection of this schema carries: what it was made
+/// for, read back to refuse another model's or schema's collection.
+fn description(dim: usize, model: &str) -> String {
+    format!("clipdex photos; schema {SCHEMA_VERSION}; dim {dim}; model {model}")
+}
+
+fn engine_error(config: &MilvusConfig, e: impl std::fmt::Display) -> Error {
+    Error::Engine {
+        address: config.url(),
+        message: e.to_string(),
+    }
+}
+
+impl MilvusVectors {
+    /// Connects to the collection of `config`, creating it (with its index,
+    /// loaded) when there is none. A collection made for another model,
+    /// another dimension or another schema is refused.
+    pub fn open(
+        config: &MilvusConfig,
+        dim: usize,
+        model: &str,
+        token: Option<&str>,
+    ) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("milvus")
+            .enable_all()
+            .build()
+            .map_err(|e| engine_error(config, e))?;
+        let (username, password) = match token.map(|t| t.split_once(':')) {
+            Some(Some((u, p))) => (Some(u.to_string()), Some(p.to_string())),
+            Some(None) => {
+                return Err(engine_error(config, "the token must be USER:PASSWORD"));
+            }
+            None => (None, None),
+        };
+        let endpoint = format!("http://{}", config.address);
+        let connect = async move {
+            tokio::time::timeout(
+                CALL_TIMEOUT,
+                Client::with_timeout(endpoint, CALL_TIMEOUT, username, password),
+            )
+            .await
+        };
+        let client = match runtime.block_on(connect) {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => {
+                return Err(engine_error(
+                    config,
+                    format!("cannot connect to Milvus at {}: {e}", config.address),
+                ));
+            }
+            Err(_) => {
+                return Err(engine_error(
+                    config,
+                    format!(
+                        "cannot connect to Milvus at {}: no answer in {} s",
+                        config.address,
+                        CALL_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+        };
+        let engine = Self {
+            config: config.clone(),
+            dim,
+            client,
+            runtime: Some(runtime),
+            count: Default::default(),
+        };
+        engine.prepare(model)?;
+        Ok(engine)
+    }
+
+    pub fn config(&self) -> &MilvusConfig {
+        &self.config
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Runs `future` on the engine's runtime and waits for it: `None` when
+    /// it gave no answer in [`CALL_TIMEOUT`].
+    fn attempt<T, Fut>(&self, future: Fut) -> Result<Option<milvus::error::Result<T>>>
+    where
+        T: Send + 'static,
+        Fut: Future<Output = milvus::error::Result<T>> + Send + 'static,
+    {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("the runtime lives as long as the engine");
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        runtime.spawn(async move {
+            let result = tokio::time::timeout(CALL_TIMEOUT, future).await;
+            let _ = tx.send(result.ok());
+        });
+        rx.recv()
+            .map_err(|_| engine_error(&self.config, "the engine's runtime stopped"))
+    }
+
+    /// Runs `call` (given the client) on the engine's runtime and waits for it.
+    fn call<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = milvus::error::Result<T>> + Send + 'static,
+    {
+        match self.attempt(call(self.client.clone()))? {
+            Some(Ok(value)) => Ok(value),
+            Some(Err(e)) => Err(engine_error(&self.config, e)),
+            None => Err(engine_error(
+                &self.config,
+                format!("no answer in {} s", CALL_TIMEOUT.as_secs()),
+            )),
+        }
+    }
+
+    /// [`Self::call`] for a read. A collection the engine no longer has
+    /// loaded (Milvus restarted) is loaded again and the read retried, so
+    /// a server recovers by itself when the engine is back.
+    fn read<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = milvus::error::Result<T>> + Send + 'static,
+    {
+        match self.call(&call) {
+            Err(Error::Engine { message, .. }) if message.contains("not loaded") => {
+                tracing::warn!(collection = %self.config.collection, "the collection is not loaded; loading it");
+                let name = self.config.collection.clone();
+                self.call(|c| async move {
+                    c.load_collection(name, Some(LoadOptions::default())).await
+                })?;
+                self.call(call)
+            }
+            other => other,
+        }
+    }
+
+    /// [`Self::call`] for a write, which is idempotent (an upsert or a
+    /// delete by id): a failure to reach the engine is retried with
+    /// back-off for [`RETRY_FOR`], so an indexing run outlives a restart
+    /// of the engine; an error the engine gives is not retried.
+    fn call_retrying<T, F, Fut>(&self, what: &str, call: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = milvus::error::Result<T>> + Send + 'static,
+    {
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(250);
+        loop {
+            let failure = match self.attempt(call(self.client.clone()))? {
+                Some(Ok(value)) => return Ok(value),
+                // Not reached, or no answer: worth another try.
+                Some(Err(
+                    e @ (milvus::error::Error::Communication(_) | milvus::error::Error::Grpc(_)),
+                )) => e.to_string(),
+                Some(Err(e)) => return Err(engine_error(&self.config, e)),
+                None => format!("no answer in {} s", CALL_TIMEOUT.as_secs()),
+            };
+            if started.elapsed() + wait > RETRY_FOR {
+                return Err(engine_error(
+                    &self.config,
+                    format!(
+                        "{what}: gave up after {:.0} s: {failure}",
+                        started.elapsed().as_secs_f64()
+                    ),
+                ));
+            }
+            tracing::warn!(address = %self.config.address, error = %failure, retry_in_s = wait.as_secs_f64(), "{what} failed; retrying");
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    fn schema(&self, model: &str) -> Result<milvus::schema::CollectionSchema> {
+        let json = FieldSchema {
+            name: "f".into(),
+            description: "folders, camera terms, tags".into(),
+            dtype: milvus::proto::schema::DataType::Json,
+            ..FieldSchema::empty()
+        };
+        CollectionSchemaBuilder::new(&self.config.collection, &description(self.dim, model))
+            .add_field(FieldSchema::new_primary_int64("id", "photo id", false))
+            .add_field(FieldSchema::new_float_vector(
+                "vector",
+                "unit embedding",
+                self.dim as i64,
+            ))
+            .add_field(FieldSchema::new_bool("dated", "has a date taken"))
+            .add_field(FieldSchema::new_int64("taken", "date taken, epoch seconds"))
+            .add_field(FieldSchema::new_varchar("format", "image format", 64))
+            .add_field(json)
+            .build()
+            .map_err(|e| engine_error(&self.config, e))
+    }
+
+    /// Creates the collection if needed, checks it is this index's, and loads it.
+    fn prepare(&self, model: &str) -> Result<()> {
+        let name = self.config.collection.clone();
+        let exists = self.call({
+            let name = name.clone();
+            |c| async move { c.has_collection(name).await }
+        })?;
+        if !exists {
+            let schema = self.schema(model)?;
+            self.call(|c| async move {
+                c.create_collection(
+                    schema,
+                    Some(
+                        CreateCollectionOptions::new().consistency_level(ConsistencyLevel::Strong),
+                    ),
+                )
+                .await
+            })?;
+            let params = match self.config.index {
+                AnnIndex::Hnsw => IndexParams::new(
+                    "vector_hnsw".into(),
+                    IndexType::HNSW,
+                    MetricType::IP,
+                    [("M", "24"), ("efConstruction", "200")]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                AnnIndex::Flat => IndexParams::new(
+                    "vector_flat".into(),
+                    IndexType::Flat,
+                    MetricType::IP,
+                    Default::default(),
+                ),
+            };
+            self.call({
+                let name = name.clone();
+                |c| async move { c.create_index(name, "vector", params).await }
+            })?;
+        }
+        let described = self.call({
+            let name = name.clone();
+            |c| async move { c.describe_collection(name).await }
+        })?;
+        let want = description(self.dim, model);
+        let found = described.schema.description;
+        if found != want {
+            return Err(engine_error(
+                &self.config,
+                format!(
+                    "the collection {name} holds other vectors: it says {found:?}, this index needs {want:?}"
+                ),
+            ));
+        }
+        self.call({
+            let name = name.clone();
+            |c| async move { c.load_collection(name, Some(LoadOptions::default())).await }
+        })?;
+        self.fence()
+    }
+
+    /// Gives this session a timestamp after every write acknowledged before
+    /// now (other processes' included), which every later read of the
+    /// session waits for: so a search in a new process never sees a photo
+    /// removed before it started. Milvus gives a no-op delete no timestamp,
+    /// so the fence is a write: the sentinel entity [`SENTINEL`], which
+    /// every read leaves out.
+    fn fence(&self) -> Result<()> {
+        let mut vector = vec![0.0; self.dim];
+        vector[0] = 1.0;
+        self.write(&[(SENTINEL, vector, Fields::default())])
+    }
+
+    /// The consistency of every read: session, which sees every write this
+    /// process made before it (the index's lock makes this process the
+    /// only writer) without waiting for the cluster's clock as strong
+    /// consistency does (up to 200 ms a read).
+    fn consistency() -> i32 {
+        ConsistencyLevel::Session as i32
+    }
+
+    /// Writes (or replaces) the entities of `items`.
+    pub fn put(&self, items: &[(u64, Vec<f32>, Fields)]) -> Result<()> {
+        if let Some((id, _, _)) = items.iter().find(|(id, _, _)| *id > i64::MAX as u64) {
+            return Err(engine_error(
+                &self.config,
+                format!("id {id} is past Milvus's int64 ids"),
+            ));
+        }
+        let items: Vec<(i64, Vec<f32>, Fields)> = items
+            .iter()
+            .map(|(id, v, f)| (*id as i64, v.clone(), f.clone()))
+            .collect();
+        self.write(&items)
+    }
+
+    fn write(&self, items: &[(i64, Vec<f32>, Fields)]) -> Result<()> {
+        if let Some((_, v, _)) = items.iter().find(|(_, v, _)| v.len() != self.dim) {
+            return Err(Error::Dimension {
+                got: v.len(),
+                want: self.dim,
+            });
+        }
+        let schema = self.schema("")?;
+        let field = |name: &str| {
+            schema
+                .get_field(name)
+                .cloned()
+                .expect("the schema has the field")
+        };
+        for chunk in items.chunks(PUT_CHUNK) {
+            let mut vectors = Vec::with_capacity(chunk.len() * self.dim);
+            for (_, v, _) in chunk {
+                let u = unit(v);
+                if u.iter().any(|x| !x.is_finite()) {
+                    return Err(Error::Hnsw("a vector is not finite".into()));
+                }
+                vectors.extend(u);
+            }
+            let columns = vec![
+                FieldColumn::new(
+                    &field("id"),
+                    ValueVec::Long(chunk.iter().map(|(id, _, _)| *id).collect()),
+                ),
+                FieldColumn::new(&field("vector"), ValueVec::Float(vectors)),
+                FieldColumn::new(
+                    &field("dated"),
+                    ValueVec::Bool(chunk.iter().map(|(_, _, f)| f.taken.is_some()).collect()),
+                ),
+                FieldColumn::new(
+                    &field("taken"),
+                    ValueVec::Long(chunk.iter().map(|(_, _, f)| f.taken.unwrap_or(0)).collect()),
+                ),
+                FieldColumn::new(
+                    &field("format"),
+                    ValueVec::String(chunk.iter().map(|(_, _, f)| f.format.clone()).collect()),
+                ),
+                FieldColumn::new(
+                    &field("f"),
+                    ValueVec::Json(
+                        chunk
+                            .iter()
+                            .map(|(_, _, f)| serde_json::to_vec(f).expect("fields serialise"))
+                            .collect(),
+                    ),
+                ),
+            ];
+            let name = &self.config.collection;
+            self.call_retrying("writing vectors", |c| {
+                let (name, columns) = (name.clone(), columns.clone());
+                async move {
+                    c.upsert(name, columns, None::<milvus::mutate::InsertOptions>)
+                        .await
+                }
+            })?;
+        }
+        self.forget_count();
+        Ok(())
+    }
+
+    /// Removes entities; ids not there are no error.
+    pub fn remove(&self, ids: &[u64]) -> Result<()> {
+        for chunk in ids.chunks(DELETE_CHUNK) {
+            let name = &self.config.collection;
+            let ids: Vec<i64> = chunk.iter().map(|&id| id as i64).collect();
+            self.call_retrying("removing vectors", |c| {
+                let (name, ids) = (name.clone(), ids.clone());
+                async move {
+                    c.delete(name, &DeleteOptions::with_ids(ValueVec::Long(ids)))
+                        .await
+                }
+            })?;
+        }
+        if !ids.is_empty() {
+            self.forget_count();
+        }
+        Ok(())
+    }
+
+    fn forget_count(&self) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The number of entities (a count at most two seconds old).
+    pub fn count(&self) -> Result<usize> {
+        let mut kept = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, n)) = *kept
+            && at.elapsed() < COUNT_TTL
+        {
+            return Ok(n);
+        }
+        let n = self.count_where("id >= 0")?;
+        *kept = Some((Instant::now(), n));
+        Ok(n)
+    }
+
+    fn count_where(&self, expr: &str) -> Result<usize> {
+        let name = self.config.collection.clone();
+        let expr = expr.to_string();
+        let columns = self.read(|c| {
+            let (name, expr) = (name.clone(), expr.clone());
+            async move {
+                let options = QueryOptions::new()
+                    .output_fields(vec!["count(*)".to_string()])
+                    .consistency_level(Self::consistency());
+                c.query(name, &expr, &options).await
+            }
+        })?;
+        let count = columns
+            .into_iter()
+            .find(|c| c.name == "count(*)")
+            .and_then(|c| match c.value {
+                ValueVec::Long(v) => v.first().copied(),
+                _ => None,
+            })
+            .ok_or_else(|| engine_error(&self.config, "count(*) gave no count"))?;
+        Ok(count.max(0) as usize)
+    }
+
+    /// The ids of `expr`, with the vectors when `vectors`, at most `limit`.
+    fn query(
+        &self,
+        expr: String,
+        vectors: bool,
+        limit: Option<usize>,
+    ) -> Result<Vec<(u64, Option<Vec<f32>>)>> {
+        let name = self.config.collection.clone();
+        let mut fields = vec!["id".to_string()];
+        if vectors {
+            fields.push("vector".to_string());
+        }
+        let columns = self.read(|c| {
+            let (name, expr, fields) = (name.clone(), expr.clone(), fields.clone());
+            async move {
+                let mut options = QueryOptions::new()
+                    .output_fields(fields)
+                    .consistency_level(Self::consistency());
+                if let Some(limit) = limit {
+                    options = options.limit(limit as i64);
+                }
+                c.query(name, &expr, &options).await
+            }
+        })?;
+        let mut ids = Vec::new();
+        let mut flat = Vec::new();
+        for column in columns {
+            match (column.name.as_str(), column.value) {
+                ("id", ValueVec::Long(v)) => ids = v,
+                ("vector", ValueVec::Float(v)) => flat = v,
+                _ => {}
+            }
+        }
+        if vectors && flat.len() != ids.len() * self.dim {
+            return Err(engine_error(
+                &self.config,
+                format!("{} ids came with {} vector values", ids.len(), flat.len()),
+            ));
+        }
+        Ok(ids
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let v = vectors.then(|| flat[i * self.dim..(i + 1) * self.dim].to_vec());
+                (id as u64, v)
+            })
+            .collect())
+    }
+
+    /// Every id in the collection. Milvus returns at most [`MAX_RESULTS`]
+    /// a query and in no order, so the id space is split until each part
+    /// fits.
+    pub fn ids(&self) -> Result<BTreeSet<u64>> {
+        let mut ids = BTreeSet::new();
+        let mut ranges = vec![(0u64, i64::MAX as u64)];
+        while let Some((lo, hi)) = ranges.pop() {
+            let expr = format!("id >= {lo} and id < {hi}");
+            let found = self.query(expr, false, Some(MAX_RESULTS))?;
+            if found.len() < MAX_RESULTS || hi - lo <= 1 {
+                ids.extend(found.into_iter().map(|(id, _)| id));
+            } else {
+                let mid = lo + (hi - lo) / 2;
+                ranges.push((lo, mid));
+                ranges.push((mid, hi));
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The stored (unit) vector of `id`.
+    pub fn vector(&self, id: u64) -> Result<Option<Vec<f32>>> {
+        Ok(self
+            .query(format!("id == {id}"), true, Some(1))?
+            .into_iter()
+            .next()
+            .and_then(|(_, v)| v))
+    }
+
+    /// The cosine similarity of `query` to at most `n` entities (the same
+    /// ones while the collection does not change).
+    pub fn sample_similarities(&self, query: &[f32], n: usize) -> Result<Vec<(u64, f32)>> {
+        self.check_dim(query)?;
+        let query = unit(query);
+        let n = n.clamp(1, MAX_RESULTS);
+        Ok(self
+            .query("id >= 0".to_string(), true, Some(n))?
+            .into_iter()
+            .filter_map(|(id, v)| Some((id, super::distance::dot(&query, &v?))))
+            .collect())
+    }
+
+    fn check_dim(&self, query: &[f32]) -> Result<()> {
+        super::check_dim(query, self.dim)
+    }
+
+    /// The `k` nearest entities to `query` that `expr` selects, as (id,
+    /// cosine similarity), best first. `k` is capped at [`MAX_RESULTS`].
+    pub fn search(&self, query: &[f32], k: usize, expr: String) -> Result<Vec<(u64, f32)>> {
+        self.check_dim(query)?;
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let k = k.min(MAX_RESULTS);
+        let query = unit(query);
+        let name = self.config.collection.clone();
+        let index = self.config.index;
+        let results = self.read(|c| {
+            let (name, expr, query) = (name.clone(), expr.clone(), query.clone());
+            async move {
+                let mut options = SearchOptions::new()
+                    .limit(k)
+                    .anns_field(vec!["vector".to_string()])
+                    .add_param("metric_type", "IP")
+                    .consistency_level(Self::consistency());
+                if index == AnnIndex::Hnsw {
+                    options = options.add_param("ef", super::EF_SEARCH.max(k).to_string());
+                }
+                options = options.filter(expr);
+                let found = c
+                    .search(name, vec![Value::from(query)], Some(options))
+                    .await?;
+                Ok(found
+                    .into_iter()
+                    .flat_map(|r| {
+                        r.id.into_iter()
+                            .zip(r.score)
+                            .filter_map(|(id, score)| match id {
+                                Value::Long(id) => Some((id as u64, score)),
+                                _ => None,
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>())
+            }
+        })?;
+        Ok(results)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_and_refuse_what_they_cannot_use() {
+        let c = MilvusConfig::parse("milvus://db.local:19530/photos").unwrap();
+        assert_eq!(c.address, "db.local:19530");
+        assert_eq!(c.collection, "photos");
+        assert_eq!(c.index, AnnIndex::Hnsw);
+        assert_eq!(c.url(), "milvus://db.local:19530/photos?index=hnsw");
+        let flat = MilvusConfig::parse("milvus://127.0.0.1:1/_p2?index=flat").unwrap();
+        assert_eq!(flat.index, AnnIndex::Flat);
+        for bad in [
+            "http://h:1/c",
+            "milvus://h:1",
+            "milvus://h/c",
+            "milvus://h:x/c",
+            "milvus://u:p@h:1/c",
+            "milvus://h:1/2c",
+            "milvus://h:1/a-b",
+            "milvus://h:1/c?index=ivf",
+        ] {
+            assert!(MilvusConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn selections_become_expressions() {
+        let filter = Selection {
+            folder: Some("/trips/2019 \"x\"/".into()),
+            from: Some(10),
+            to: None,
+            formats: vec!["jpeg".into(), "png".into()],
+            camera: vec!["canon".into(), "eo".into()],
+            tags: vec!["dog".into()],
+        };
+        let excluded: HashSet<u64> = [7, 3].into_iter().collect();
+        assert_eq!(
+            expression(Some(&filter), &excluded),
+            "id >= 0 and json_contains(f[\"folders\"], \"trips/2019 \\\"x\\\"\") and dated == true \
+             and taken >= 10 and format in [\"jpeg\",\"png\"] \
+             and json_contains_all(f[\"tags\"], [\"dog\"]) \
+             and json_contains_all(f[\"camera\"], [\"canon\",\"eo\"]) and id not in [3,7]"
+        );
+        assert_eq!(expression(None, &HashSet::new()), "id >= 0");
+    }
+}
