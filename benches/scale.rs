@@ -319,6 +319,7 @@ struct Args {
     rebuild: bool,
     /// `library`'s index folder.
     index: Option<PathBuf>,
+    milvus: Option<String>,
 }
 
 fn args() -> Args {
@@ -334,11 +335,12 @@ fn args() -> Args {
         keep: false,
         rebuild: false,
         index: None,
+        milvus: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "vectors" | "run" | "open" | "save" | "filtered" | "rebuild" | "library" => {
+            "vectors" | "run" | "open" | "save" | "filtered" | "rebuild" | "library" | "milvus" => {
                 a.mode = arg
             }
             "--model" => a.model = it.next().map(PathBuf::from),
@@ -353,6 +355,7 @@ fn args() -> Args {
                     .expect("--precision exact|fast|int8")
             }
             "--index" => a.index = it.next().map(PathBuf::from),
+            "--milvus" => a.milvus = it.next(),
             "--json" => a.json = true,
             "--keep" => a.keep = true,
             "--rebuild" => a.rebuild = true,
@@ -380,8 +383,26 @@ fn main() {
         "filtered" => filtered(&args),
         "rebuild" => rebuild(&args),
         "library" => library(&args),
+        "milvus" => milvus(&args),
         _ => eprintln!("usage: scale vectors --model DIR --out DIR | scale run --data DIR"),
     }
+}
+
+/// The first `--photos` photos, every text query and the first `--queries`
+/// image queries.
+fn bench_vectors(args: &Args) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let dir = &args.data;
+    let photos = read_vectors(&dir.join("photos.f32"), 0, args.photos);
+    let text = read_vectors(
+        &dir.join("text-queries.f32"),
+        0,
+        count_vectors(&dir.join("text-queries.f32")),
+    );
+    let image_count = args
+        .queries
+        .min(count_vectors(&dir.join("image-queries.f32")));
+    let image = read_vectors(&dir.join("image-queries.f32"), 0, image_count);
+    (photos, text, image)
 }
 
 /// `count` vectors of DIM from `path`, starting at vector `from`.
@@ -517,16 +538,7 @@ fn run(args: &Args) {
     // Reading and the exact search free large buffers; they go back to the
     // system, so that the growth of the resident set below is the index's.
     let release = clipdex::library::memory::ReleaseWindow::open();
-    let photos = read_vectors(&dir.join("photos.f32"), 0, n);
-    let text = read_vectors(
-        &dir.join("text-queries.f32"),
-        0,
-        count_vectors(&dir.join("text-queries.f32")),
-    );
-    let image_count = args
-        .queries
-        .min(count_vectors(&dir.join("image-queries.f32")));
-    let image = read_vectors(&dir.join("image-queries.f32"), 0, image_count);
+    let (photos, text, image) = bench_vectors(args);
     let all_queries = [text.as_slice(), image.as_slice()].concat();
     let truth = truth(dir, &photos, &all_queries);
     drop(release);
@@ -1079,4 +1091,73 @@ fn library(args: &Args) {
             "consistent": consistency.consistent,
         })
     );
+}
+
+/// The same vectors and queries in a Milvus collection (HNSW, M 24,
+/// efConstruction 200, ef 64: the embedded graph's settings): the time to
+/// write them, to build its index, and single-thread recall and queries/s,
+/// each query a round trip as `clipdex serve` makes it.
+///
+///     scripts/milvus_server.sh start target/bench/milvus   # prints HOST:PORT
+///     cargo bench --bench scale -- milvus --milvus HOST:PORT --photos 100000
+fn milvus(args: &Args) {
+    use clipdex::vector::milvus::{AnnIndex, Fields, MilvusConfig, MilvusVectors};
+    let address = args.milvus.clone().expect("--milvus HOST:PORT");
+    let dir = &args.data;
+    let n = args.photos;
+    let (photos, text, image) = bench_vectors(args);
+    let all_queries = [text.as_slice(), image.as_slice()].concat();
+    let truth_all = truth(dir, &photos, &all_queries);
+    let (truth_text, truth_image) = truth_all.split_at(text.len() / DIM);
+    let config = MilvusConfig {
+        address: address.clone(),
+        collection: format!("clipdex_bench_{n}"),
+        index: AnnIndex::Hnsw,
+    };
+    let engine = MilvusVectors::open(&config, DIM, "scale-bench", None).expect("milvus");
+    let have = engine.count().expect("count");
+    let mut write_s = 0.0;
+    if have != n {
+        let start = Instant::now();
+        for (b, chunk) in photos.chunks(50_000 * DIM).enumerate() {
+            let items: Vec<(u64, Vec<f32>, Fields)> = chunk
+                .chunks_exact(DIM)
+                .enumerate()
+                .map(|(i, v)| ((b * 50_000 + i + 1) as u64, v.to_vec(), Fields::default()))
+                .collect();
+            engine.put(&items).expect("put");
+        }
+        write_s = start.elapsed().as_secs_f64();
+    }
+    let start = Instant::now();
+    engine
+        .settle(std::time::Duration::from_secs(1800))
+        .expect("the index builds");
+    let settle_s = start.elapsed().as_secs_f64();
+    let search = |q: &[f32]| {
+        engine
+            .search(
+                q,
+                K,
+                clipdex::vector::milvus::expression(None, &Default::default()),
+            )
+            .expect("search")
+    };
+    let (text_recall, text_qps, text_p50) = measure(&text, truth_text, search);
+    let (image_recall, image_qps, image_p50) = measure(&image, truth_image, search);
+    match write_s > 0.0 {
+        true => println!(
+            "milvus at {address}, {n} photos: written in {write_s:.1} s ({:.0}/s), flushed in {settle_s:.1} s \
+             (Milvus may still be indexing: run again to measure the built index)",
+            n as f64 / write_s
+        ),
+        false => println!(
+            "milvus at {address}, {n} photos already in {}",
+            config.collection
+        ),
+    }
+    println!(
+        "  text:  recall@{K} {text_recall:.4}, {text_qps:.0} q/s, p50 {text_p50:.2} ms (one thread, ef 64)"
+    );
+    println!("  image: recall@{K} {image_recall:.4}, {image_qps:.0} q/s, p50 {image_p50:.2} ms");
 }

@@ -452,7 +452,7 @@ fn reindex_finds_exactly_what_changed() {
 /// `clipdex status` without `--check`, which reads the store's summary
 /// where one is kept, says what the store does (`--check` reads the store).
 /// Run first, it reads whatever the last process left.
-fn quick_status_agrees(index: &Path) -> serde_json::Value {
+pub(crate) fn quick_status_agrees(index: &Path) -> serde_json::Value {
     let out = clipdex(&["status", "--index", index.to_str().unwrap(), "--json"]);
     assert!(out.status.success(), "status failed: {}", stderr(&out));
     let quick: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
@@ -511,6 +511,29 @@ fn tuxpaint_images() -> Vec<PathBuf> {
 }
 
 /// The progress file of a run, when `pid` wrote it.
+/// Kills (SIGKILL) an indexing run once its progress file shows `target`
+/// files done with files still to do; whether it was killed (not finished).
+pub(crate) fn kill_mid_run(mut child: std::process::Child, index: &Path, target: u64) -> bool {
+    let killed = loop {
+        if child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        let mid_run = progress_of(index, child.id()).is_some_and(|p| {
+            p["phase"] == "indexing"
+                && p["processed"].as_u64().unwrap_or(0)
+                    >= target.min(p["to_process"].as_u64().unwrap_or(0).saturating_sub(1))
+                && p["processed"].as_u64() < p["to_process"].as_u64()
+        });
+        if mid_run {
+            child.kill().unwrap();
+            break true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    child.wait().unwrap();
+    killed
+}
+
 fn progress_of(index: &Path, pid: u32) -> Option<serde_json::Value> {
     let p: serde_json::Value =
         serde_json::from_slice(&std::fs::read(index.join("progress.json")).ok()?).ok()?;
@@ -520,7 +543,7 @@ fn progress_of(index: &Path, pid: u32) -> Option<serde_json::Value> {
 /// The index holds exactly the library: the same paths, and for each the
 /// size, time and content hash of the file there now; vectors and keywords
 /// for exactly those photos.
-fn assert_index_is_library(index: &Path, root: &Path) {
+pub(crate) fn assert_index_is_library(index: &Path, root: &Path) {
     let mut files = BTreeSet::new();
     for entry in walkdir::WalkDir::new(root) {
         let entry = entry.unwrap();
@@ -658,25 +681,8 @@ fn killed_runs_resume_and_end_consistent() {
         cmd.args(["--workers", "1", "--batch", "2", "--commit-every", "2"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let mut child = cmd.spawn().unwrap();
-        let target = 1 + random(10);
-        let killed = loop {
-            if child.try_wait().unwrap().is_some() {
-                break false;
-            }
-            let mid_run = progress_of(&index, child.id()).is_some_and(|p| {
-                p["phase"] == "indexing"
-                    && p["processed"].as_u64().unwrap_or(0)
-                        >= target.min(p["to_process"].as_u64().unwrap_or(0).saturating_sub(1))
-                    && p["processed"].as_u64() < p["to_process"].as_u64()
-            });
-            if mid_run {
-                child.kill().unwrap(); // SIGKILL
-                break true;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
-        child.wait().unwrap();
+        let child = cmd.spawn().unwrap();
+        let killed = kill_mid_run(child, &index, 1 + random(10));
         if killed {
             kills += 1;
             // Whatever the moment of the kill, the index opens consistent,

@@ -300,3 +300,84 @@ fn an_unreachable_engine_or_another_engine_is_a_clear_error() {
     let err = stderr(&out);
     assert!(err.contains("keeps its vectors in embedded"), "{err}");
 }
+
+/// Runs killed at random moments of their work leave Milvus holding
+/// exactly the store's photos, none lost and none twice, and the next run
+/// finishes the library.
+#[test]
+fn killed_runs_leave_milvus_consistent() {
+    use crate::index::{assert_index_is_library, kill_mid_run, quick_status_agrees};
+    use std::process::{Command, Stdio};
+    let Some(server) = server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let library = dir.path().join("library");
+    copy_photos(
+        &shared_photos().join("gcompris/tools"),
+        &library.join("tools"),
+        39,
+    );
+    copy_photos(
+        &shared_photos().join("gcompris/fishes"),
+        &library.join("fishes"),
+        28,
+    );
+    let idx = dir.path().join("index");
+    let model = fixture_model("openai-tiny");
+    let url = format!("milvus://{server}/{}", collection("killed"));
+    let mut kills = 0;
+    for round in 0..12u64 {
+        if kills >= 5 {
+            break;
+        }
+        if round == 2 {
+            // Change the library between runs: a removal and a move.
+            std::fs::remove_file(library.join("tools/hammer1.jpg")).unwrap();
+            std::fs::rename(
+                library.join("fishes/fish23.jpg"),
+                library.join("tools/fish23.jpg"),
+            )
+            .unwrap();
+        }
+        let child = Command::new(env!("CARGO_BIN_EXE_clipdex"))
+            .args([
+                "index",
+                library.to_str().unwrap(),
+                "--index",
+                idx.to_str().unwrap(),
+                "--model",
+                model.to_str().unwrap(),
+                "--vectors",
+                &url,
+                "--workers",
+                "1",
+                "--batch",
+                "2",
+                "--commit-every",
+                "2",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let killed = kill_mid_run(child, &idx, 2 + round * 3);
+        if killed {
+            kills += 1;
+            // `status --check` compares Milvus's ids with the store's.
+            let s = quick_status_agrees(&idx);
+            assert_eq!(
+                s["check"]["consistent"], true,
+                "after kill {kills}: {}",
+                s["check"]
+            );
+        }
+    }
+    assert!(kills >= 3, "only {kills} runs were killed mid-way");
+    let out = clipdex(&["reindex", "--index", idx.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_index_is_library(&idx, &library);
+    let index = open_index(&idx);
+    let ids = index.store().ids().unwrap();
+    assert_eq!(ids.len(), 66);
+    assert_eq!(index.vectors().ids().unwrap(), ids);
+    assert_eq!(index.vectors().count().unwrap(), 66);
+}
