@@ -5,8 +5,8 @@
 #   scripts/milvus_server.sh start DIR   # prints HOST:PORT once it is healthy
 #   scripts/milvus_server.sh stop DIR
 #
-# Its proxy and etcd take free ports; it also binds 9091 (health) and a few
-# fixed internal ports, so one runs at a time. It is stopped with SIGINT
+# Its proxy and etcd take free ports; it also binds 9091 (health, or the
+# next free port) and a few fixed internal ports, so one runs at a time. It is stopped with SIGINT
 # (it ignores SIGTERM). The venv is .venv-milvus (made here if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,10 +26,6 @@ start)
   fi
   mkdir -p "$dir"
   dir="$(cd "$dir" && pwd)"
-  if curl -s -m 1 http://127.0.0.1:9091/healthz >/dev/null 2>&1; then
-    echo "error: a Milvus (or something else) already answers on 127.0.0.1:9091; stop it first" >&2
-    exit 1
-  fi
   port="$(free_port)"
   etcd="$(free_port)"
   setsid "$venv/bin/milvus-server" --data "$dir/data" --proxy-port "$port" --etcd-port "$etcd" \
@@ -37,7 +33,12 @@ start)
   echo $! >"$dir/pid"
   echo "$port" >"$dir/port"
   for _ in $(seq 1 120); do
-    if curl -s -m 1 http://127.0.0.1:9091/healthz 2>/dev/null | grep -q OK; then
+    # The health endpoint's port is 9091 or the next free one after it
+    # (the wrapper moves on when a port is taken, or in TIME_WAIT): the
+    # server's METRICS_PORT says which.
+    server="$(pgrep -f "$dir/data/bin/milvus run" | head -1 || true)"
+    health="$(tr '\0' '\n' 2>/dev/null <"/proc/${server:-0}/environ" | sed -n 's/^METRICS_PORT=//p' || true)"
+    if [ -n "$health" ] && curl -s -m 1 "http://127.0.0.1:$health/healthz" 2>/dev/null | grep -q OK; then
       echo "127.0.0.1:$port"
       exit 0
     fi
