@@ -47,6 +47,10 @@ pub const MAX_RESULTS: usize = 16_384;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a write keeps retrying while the engine cannot be reached.
 const RETRY_FOR: Duration = Duration::from_secs(120);
+/// How long the sample kept for [`MilvusVectors::sample_similarities`] is
+/// used (it stands for the whole collection: a minute's changes do not
+/// move its distribution).
+const SAMPLE_TTL: Duration = Duration::from_secs(60);
 /// How long the count kept for [`MilvusVectors::count`] is used.
 const COUNT_TTL: Duration = Duration::from_secs(2);
 
@@ -260,6 +264,10 @@ pub struct MilvusVectors {
     client: Client,
     runtime: Option<tokio::runtime::Runtime>,
     count: std::sync::Mutex<Option<(Instant, usize)>>,
+    /// The sample of [`Self::sample_similarities`]: when it was fetched, its
+    /// size, its vectors.
+    #[allow(clippy::type_complexity)]
+    sample: std::sync::Mutex<Option<(Instant, usize, std::sync::Arc<Vec<(u64, Vec<f32>)>>)>>,
 }
 
 impl std::fmt::Debug for MilvusVectors {
@@ -349,6 +357,7 @@ impl MilvusVectors {
             client,
             runtime: Some(runtime),
             count: Default::default(),
+            sample: Default::default(),
         };
         engine.prepare(model)?;
         Ok(engine)
@@ -808,10 +817,29 @@ impl MilvusVectors {
         self.check_dim(query)?;
         let query = unit(query);
         let n = n.clamp(1, MAX_RESULTS);
-        Ok(self
-            .query("id >= 0".to_string(), true, Some(n))?
-            .into_iter()
-            .filter_map(|(id, v)| Some((id, super::distance::dot(&query, &v?))))
+        let sample = {
+            let mut kept = self.sample.lock().unwrap_or_else(|p| p.into_inner());
+            match &*kept {
+                Some((at, size, sample)) if *size == n && at.elapsed() < SAMPLE_TTL => {
+                    sample.clone()
+                }
+                _ => {
+                    // 2,048 vectors of 512 dimensions are 4 MB: fetched once
+                    // for every query of the next minute, not each time.
+                    let fetched: std::sync::Arc<Vec<(u64, Vec<f32>)>> = std::sync::Arc::new(
+                        self.query("id >= 0".to_string(), true, Some(n))?
+                            .into_iter()
+                            .filter_map(|(id, v)| Some((id, v?)))
+                            .collect(),
+                    );
+                    *kept = Some((Instant::now(), n, fetched.clone()));
+                    fetched
+                }
+            }
+        };
+        Ok(sample
+            .iter()
+            .map(|(id, v)| (*id, super::distance::dot(&query, v)))
             .collect())
     }
 
