@@ -1113,6 +1113,8 @@ fn milvus(args: &Args) {
         address: address.clone(),
         collection: format!("clipdex_bench_{n}"),
         index: AnnIndex::Hnsw,
+        shard: None,
+        owner: None,
     };
     let engine = MilvusVectors::open(&config, DIM, "scale-bench", None).expect("milvus");
     let have = engine.count().expect("count");
@@ -1125,7 +1127,7 @@ fn milvus(args: &Args) {
                 .enumerate()
                 .map(|(i, v)| ((b * 50_000 + i + 1) as u64, v.to_vec(), Fields::default()))
                 .collect();
-            engine.put(&items).expect("put");
+            engine.put(items).expect("put");
         }
         write_s = start.elapsed().as_secs_f64();
     }
@@ -1139,7 +1141,7 @@ fn milvus(args: &Args) {
             .search(
                 q,
                 K,
-                clipdex::vector::milvus::expression(None, &Default::default()),
+                clipdex::vector::milvus::expression(engine.scope(), None, &Default::default()),
             )
             .expect("search")
     };

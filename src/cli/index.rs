@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -13,6 +13,8 @@ use crate::indexer::tags::{self, Tagging, Vocabulary};
 use crate::indexer::{self, Index, Phase, Progress, RunOptions};
 use crate::model::{Clip, HubOptions, ModelSource, Precision};
 use crate::store::RunSummary;
+use crate::vector::EngineConfig;
+use crate::vector::milvus::ShardStatus;
 
 fn run_options(args: &RunArgs) -> RunOptions {
     let mut opts = RunOptions::default();
@@ -74,6 +76,8 @@ pub fn index(args: &IndexArgs) -> Result<()> {
         bail!("the library {} is not a folder", args.library.display());
     }
     let opts = options(&args.run, &args.tags)?;
+    // Before the model loads: a wrong --vectors or --shard fails at once.
+    let engine = engine_asked(args)?;
     let source = args.model.source()?;
     // Continuing an index keeps its precision unless another is asked for
     // (which the index then refuses, naming `reindex --precision`).
@@ -83,16 +87,49 @@ pub fn index(args: &IndexArgs) -> Result<()> {
     };
     let clip = Clip::load_with(&source, &args.model.hub(true), precision)
         .with_context(|| format!("cannot load model {source}"))?;
-    let engine = args
-        .vectors
-        .as_deref()
-        .map(crate::vector::EngineConfig::parse)
-        .transpose()?;
     if let Some(token) = &args.vectors_token {
         crate::vector::engine::set_token(token);
     }
     let index = Index::create_or_open_in(&args.index, &args.library, clip.info(), engine.as_ref())?;
     run(&index, &clip, &opts, args.json)
+}
+
+/// The engine `--vectors` and `--shard` ask for (`None`: the one the index
+/// records, or the embedded engine for a new index).
+fn engine_asked(args: &IndexArgs) -> Result<Option<EngineConfig>> {
+    let mut engine = args
+        .vectors
+        .as_deref()
+        .map(EngineConfig::parse)
+        .transpose()?;
+    let Some(shard) = args.shard else {
+        return Ok(engine);
+    };
+    let needs_shared = || {
+        anyhow!(
+            "--shard splits a library between indexes that write one shared engine: \
+             give --vectors milvus://HOST:PORT/COLLECTION"
+        )
+    };
+    match &mut engine {
+        Some(EngineConfig::Milvus(m)) => m.shard = Some(shard),
+        Some(EngineConfig::Embedded) => return Err(needs_shared()),
+        None if indexer::IndexPaths::new(&args.index).exists() => {
+            let recorded = EngineConfig::read(&args.index)?;
+            if recorded == EngineConfig::Embedded {
+                return Err(needs_shared());
+            }
+            if recorded.shard() != shard {
+                bail!(
+                    "the index {} writes {}, not shard {shard}: a shard keeps its index folder",
+                    args.index.display(),
+                    recorded.describe()
+                );
+            }
+        }
+        None => return Err(needs_shared()),
+    }
+    Ok(engine)
 }
 
 /// The precision of the index at `root`, if there is one to read.
@@ -365,6 +402,10 @@ struct Status {
     skipped: Vec<Skipped>,
     #[serde(skip_serializing_if = "Option::is_none")]
     check: Option<indexer::Consistency>,
+    /// In a shared engine: every shard of the collection (photos there,
+    /// last report), read from the engine.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    shards: Vec<ShardStatus>,
 }
 
 /// Bytes on disk. The thumbnails (one file per photo) are counted only by
@@ -442,6 +483,7 @@ pub fn status(args: &StatusArgs) -> Result<()> {
             })
             .collect(),
         check,
+        shards: overview.shards,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -538,6 +580,7 @@ fn print_status(s: &Status) {
             println!("  {}: {}", k.path, k.reason);
         }
     }
+    print_shards(&s.shards);
     if let Some(c) = &s.check {
         println!(
             "check    {}: {} records, {} vectors, {} keyword documents",
@@ -553,15 +596,66 @@ fn print_status(s: &Status) {
     }
 }
 
-/// While another process indexes, report its progress file instead.
+/// The shards of a shared engine's collection, one line each.
+fn print_shards(shards: &[ShardStatus]) {
+    let Some(first) = shards.first() else {
+        return;
+    };
+    let photos: usize = shards.iter().map(|s| s.photos).sum();
+    println!(
+        "shards   {} of {} reported, {photos} photos in the collection:",
+        shards.len(),
+        first.shard.count
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for s in shards {
+        match &s.report {
+            Some(r) => println!(
+                "  {:<7} {} photos, {}: {}/{} files read of {} ({} s ago, {} on {})",
+                s.shard.to_string(),
+                s.photos,
+                r.state,
+                r.processed,
+                r.to_process,
+                r.files,
+                (now - r.updated).max(0),
+                r.folder,
+                r.host
+            ),
+            None => println!(
+                "  {:<7} {} photos, no report yet",
+                s.shard.to_string(),
+                s.photos
+            ),
+        }
+    }
+}
+
+/// While another process indexes, report its progress file instead (and,
+/// in a shared engine, every shard's progress).
 fn status_in_use(root: &PathBuf, json: bool) -> Result<()> {
     let progress = std::fs::read_to_string(root.join("progress.json")).unwrap_or_default();
     let value: serde_json::Value =
         serde_json::from_str(&progress).unwrap_or(serde_json::Value::Null);
+    // The store is held; the engine is read without its model's check.
+    let shards = match crate::vector::engine::read_shared(&EngineConfig::read(root)?, None) {
+        Ok(found) => found.map(|(_, shards)| shards).unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "the engine's shards could not be read");
+            Vec::new()
+        }
+    };
     if json {
         println!(
             "{}",
-            serde_json::json!({"index": root.display().to_string(), "in_use": true, "progress": value})
+            serde_json::json!({
+                "index": root.display().to_string(),
+                "in_use": true,
+                "progress": value,
+                "shards": shards,
+            })
         );
         return Ok(());
     }
@@ -581,6 +675,7 @@ fn status_in_use(root: &PathBuf, json: bool) -> Result<()> {
             n("pid")
         );
     }
+    print_shards(&shards);
     Ok(())
 }
 

@@ -516,6 +516,15 @@ pub struct IndexArgs {
     #[arg(long, value_name = "embedded|milvus://HOST:PORT/COLLECTION")]
     pub vectors: Option<String>,
 
+    /// Index only shard I of N of the library: the files whose path hashes
+    /// to I (every file is in exactly one shard). N processes or machines
+    /// then index one library on shared storage into one Milvus collection
+    /// at once, each with its own --index folder; `clipdex status` on any
+    /// of them shows every shard. Needs --vectors milvus://; the index
+    /// folder records it.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<crate::common::shard::Shard>,
+
     /// Credentials for the vector engine, USER:PASSWORD; never stored (also
     /// CLIPDEX_MILVUS_TOKEN, which every command reads).
     #[arg(long, env = "CLIPDEX_MILVUS_TOKEN", hide_env_values = true)]

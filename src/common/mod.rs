@@ -2,8 +2,9 @@
 //! none of them: an RGB view and Pillow's resampler (model preprocessing,
 //! thumbnails, training crops), a file's signature, content hash and
 //! caption source (library and store), dates (metadata, filters, the keyword index),
-//! crash-safe file writes, a seeded random source, and a model's identity
-//! (model and store). Nothing here knows about models, indexes or HTTP.
+//! crash-safe file writes, a seeded random source, a model's identity
+//! (model and store), and the shards a library is split into (indexer and
+//! vector engine). Nothing here knows about models, indexes or HTTP.
 
 pub mod file;
 pub mod fs;
@@ -12,6 +13,7 @@ pub mod model_id;
 pub mod pixels;
 pub mod rel_path;
 pub mod rng;
+pub mod shard;
 pub mod time;
 
 pub use file::{CaptionSource, FileSig};

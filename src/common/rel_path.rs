@@ -100,9 +100,37 @@ pub fn display(kept: &str) -> Cow<'_, str> {
     Cow::Owned(to_path(kept).to_string_lossy().into_owned())
 }
 
+/// The folder and the file name of a path (the folder `""` at the root).
+pub fn split_folder(path: &str) -> (&str, &str) {
+    path.rsplit_once('/').unwrap_or(("", path))
+}
+
+/// The folder of a path and every folder above it, shallowest first
+/// (`a`, `a/b` for `a/b/c.jpg`; none at the root).
+pub fn folders(path: &str) -> Vec<&str> {
+    let (folder, _) = split_folder(path);
+    if folder.is_empty() {
+        return Vec::new();
+    }
+    folder
+        .match_indices('/')
+        .map(|(at, _)| &folder[..at])
+        .chain(std::iter::once(folder))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folders_are_named_from_the_top() {
+        assert_eq!(split_folder("a/b/c.jpg"), ("a/b", "c.jpg"));
+        assert_eq!(split_folder("c.jpg"), ("", "c.jpg"));
+        assert_eq!(folders("a/b/c.jpg"), ["a", "a/b"]);
+        assert_eq!(folders("a/c.jpg"), ["a"]);
+        assert!(folders("c.jpg").is_empty());
+    }
 
     #[test]
     fn every_name_comes_back_byte_for_byte() {

@@ -123,6 +123,9 @@ pub struct Overview {
     pub keywords: u64,
     pub last_run: Option<RunSummary>,
     pub skipped: Vec<(String, SkipRecord)>,
+    /// In a shared engine: every shard of the collection, with its photos
+    /// there and its last report (this index's shard among them).
+    pub shards: Vec<vector::milvus::ShardStatus>,
 }
 
 /// The files and folders of an index.
@@ -303,6 +306,7 @@ fn overview_from(
         last_run: summary.last_run,
         skipped: summary.skipped,
         paths,
+        shards: Vec::new(),
     }
 }
 
@@ -342,7 +346,7 @@ impl Index {
         if let Some(index) = existing {
             if let Some(engine) = engine {
                 let recorded = EngineConfig::read(&paths.root)?;
-                if &recorded != engine {
+                if !recorded.same_engine(engine) {
                     return Err(Error::EngineMismatch {
                         path: root.display().to_string(),
                         recorded: recorded.describe(),
@@ -369,8 +373,12 @@ impl Index {
             clipdex_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         // Before the store: an index whose store exists always names its engine.
-        engine.cloned().unwrap_or_default().write(&paths.root)?;
-        let store = Store::create(&paths.db(), &meta)?;
+        let engine = engine
+            .cloned()
+            .unwrap_or_default()
+            .for_new_index(&paths.root);
+        engine.write(&paths.root)?;
+        let store = Store::create(&paths.db(), &meta, engine.shard().first_id())?;
         Self::assemble(paths, store, lock)
     }
 
@@ -402,28 +410,33 @@ impl Index {
                 summary
             }
         };
-        let vectors = match EngineConfig::read(&paths.root)? {
-            EngineConfig::Embedded => VectorIndex::saved_len(&paths.vectors()),
-            engine => Vectors::open(
-                &paths.vectors(),
+        // A shared engine is read, not written (no fence, no report).
+        let (vectors, shards) = match vector::engine::read_shared(
+            &EngineConfig::read(&paths.root)?,
+            Some((
                 summary.meta.model.embedding_dim,
-                &engine,
                 &summary.meta.model.fingerprint,
-            )?
-            .count()?,
+            )),
+        )? {
+            Some((count, shards)) => (count, shards),
+            None => (VectorIndex::saved_len(&paths.vectors()), Vec::new()),
         };
         let keywords = KeywordIndex::open(&paths.keyword(), false)?.count();
-        Ok(overview_from(paths, summary, vectors, keywords))
+        let mut overview = overview_from(paths, summary, vectors, keywords);
+        overview.shards = shards;
+        Ok(overview)
     }
 
     /// The same [`Overview`] of this open index, with its graph as loaded.
     pub fn summary(&self) -> Result<Overview> {
-        overview_of(
+        let mut overview = overview_of(
             self.paths.clone(),
             &self.store,
             self.vectors.count()?,
             self.keywords.count(),
-        )
+        )?;
+        overview.shards = self.vectors.shards()?;
+        Ok(overview)
     }
 
     /// What the index at `root` records about itself (its model and
@@ -587,7 +600,7 @@ impl Index {
                 }
             }
             repair.vectors_added = items.len();
-            self.vectors.put(&items, &|id| self.fields(id))?;
+            self.vectors.put(items, &|id| self.fields(id))?;
         }
         if self.vectors.is_changed() {
             self.vectors.save()?;
@@ -666,12 +679,10 @@ impl Index {
 /// keyword index holds of it ([`keyword_doc`]).
 pub(crate) fn engine_fields(doc: &keyword::Doc) -> vector::milvus::Fields {
     let path = crate::common::rel_path::display(doc.path);
-    let mut folders = Vec::new();
-    let mut at = 0;
-    while let Some(slash) = path[at..].find('/') {
-        folders.push(path[..at + slash].to_string());
-        at += slash + 1;
-    }
+    let folders = crate::common::rel_path::folders(&path)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     vector::milvus::Fields {
         taken: doc.taken.and_then(keyword::parse_datetime),
         format: doc.format.to_string(),
@@ -682,6 +693,7 @@ pub(crate) fn engine_fields(doc: &keyword::Doc) -> vector::milvus::Fields {
             .map(keyword::camera_terms)
             .unwrap_or_default(),
         tags: doc.tags.iter().map(|t| t.to_string()).collect(),
+        report: None,
     }
 }
 

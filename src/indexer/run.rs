@@ -40,6 +40,8 @@ use crate::store::{
 
 /// Time between commits, at most, while changes come in.
 const COMMIT_EVERY: Duration = Duration::from_secs(2);
+/// Time between a shard's reports to a shared engine, at least.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// How a run works.
 #[derive(Clone, Debug)]
@@ -409,6 +411,47 @@ struct Runner<'a> {
     finishing: bool,
     /// Tags what is embedded; none when the index has no tags.
     tagger: Option<&'a Tagger>,
+    /// When the shard's progress last went to a shared engine.
+    last_report: Option<Instant>,
+}
+
+/// Tells a shared engine how far this index's shard is (`state`:
+/// `indexing`, `done`, `stopped`, `failed`), for `clipdex status` on any
+/// machine. A report that cannot be written is logged, not fatal: the
+/// photos' own writes retry and fail the run when the engine is gone.
+fn report_shard(index: &Index, progress: &Progress, state: &str) {
+    let (shard, owner) = index.vectors.shard();
+    if !index.vectors.wants_fields() {
+        return;
+    }
+    let report = crate::vector::milvus::ShardReport {
+        shard,
+        owner: owner.map(str::to_string),
+        host: host_name(),
+        folder: std::fs::canonicalize(&index.paths.root)
+            .unwrap_or_else(|_| index.paths.root.clone())
+            .display()
+            .to_string(),
+        state: state.to_string(),
+        files: progress.counts.files_seen,
+        to_process: progress.to_process,
+        processed: progress.processed,
+        photos: index.store.count() as u64,
+        updated: now_secs(),
+    };
+    if let Err(e) = index.vectors.report(&report) {
+        tracing::warn!(error = %e, "the shard's progress was not reported to the engine");
+    }
+}
+
+/// This machine's name, for the reports other machines read.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 impl Runner<'_> {
@@ -615,13 +658,20 @@ impl Runner<'_> {
         self.index.keywords.commit()?;
         self.index.vectors.remove(dead)?;
         let index = &self.index;
-        index.vectors.put(&new_vectors, &|id| index.fields(id))?;
+        index.vectors.put(new_vectors, &|id| index.fields(id))?;
         if self.last_save.elapsed() >= self.opts.save_every {
             self.index.vectors.save()?;
             self.last_save = Instant::now();
         }
         self.last_commit = Instant::now();
         self.write_progress();
+        if self
+            .last_report
+            .is_none_or(|at| at.elapsed() >= REPORT_EVERY)
+        {
+            report_shard(self.index, &self.progress, "indexing");
+            self.last_report = Some(Instant::now());
+        }
         Ok(())
     }
 
@@ -717,6 +767,32 @@ pub fn run(
     callback: &mut dyn FnMut(&Progress),
     stop: &AtomicBool,
 ) -> Result<RunSummary> {
+    let mut last = Progress::new();
+    let result = run_reporting(
+        index,
+        clip,
+        opts,
+        &mut |p: &Progress| {
+            last = p.clone();
+            callback(p)
+        },
+        stop,
+    );
+    match &result {
+        Ok(_) => report_shard(index, &last, "done"),
+        Err(Error::Stopped(_)) => report_shard(index, &last, "stopped"),
+        Err(_) => report_shard(index, &last, "failed"),
+    }
+    result
+}
+
+fn run_reporting(
+    index: &Index,
+    clip: &Clip,
+    opts: &RunOptions,
+    callback: &mut dyn FnMut(&Progress),
+    stop: &AtomicBool,
+) -> Result<RunSummary> {
     if let Some(fail) = opts.fail_point {
         fail("");
     }
@@ -741,7 +817,13 @@ pub fn run(
 
     // 1. Scan.
     let own = std::fs::canonicalize(&index.paths.root).map_err(io_err(&index.paths.root))?;
-    let scanned = scan(&library, &[own]);
+    let mut scanned = scan(&library, &[own]);
+    // A shard takes only its files (whose paths hash to it).
+    let shard = index.vectors.shard().0;
+    if shard.count > 1 {
+        scanned.files.retain(|f| shard.owns(&f.rel));
+        scanned.problems.retain(|p| shard.owns(&p.rel));
+    }
     progress.counts.files_seen = (scanned.files.len() + scanned.problems.len()) as u64;
 
     // 2. Compare with the store.
@@ -768,6 +850,7 @@ pub fn run(
         ..
     } = plan;
     progress.phase = Phase::Indexing;
+    report_shard(index, &progress, "indexing");
 
     let min_side = (!opts.exact_decode).then(|| 2 * clip.preprocessor().image_size() as u32);
     let ctx = WorkerContext {
@@ -797,6 +880,7 @@ pub fn run(
         deferred: Vec::new(),
         finishing: false,
         tagger: tagger.as_ref(),
+        last_report: None,
     };
     runner.tick();
 

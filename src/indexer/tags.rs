@@ -562,7 +562,7 @@ impl Index {
             }
         }
         if !refiled.is_empty() {
-            self.vectors.put(&refiled, &|id| self.fields(id))?;
+            self.vectors.put(refiled, &|id| self.fields(id))?;
         }
         let n = changes.len();
         changes.clear();

@@ -228,10 +228,7 @@ impl KeywordIndex {
         writer.delete_term(Term::from_field_u64(f.id, photo.id));
         // As people see it: a byte of a name that is not UTF-8 is U+FFFD.
         let path = crate::common::rel_path::display(photo.path);
-        let (folder, name) = match path.rsplit_once('/') {
-            Some((folder, name)) => (folder, name),
-            None => ("", path.as_ref()),
-        };
+        let (folder, name) = crate::common::rel_path::split_folder(&path);
         let mut d = doc!(
             f.id => photo.id,
             f.path => words(&path),

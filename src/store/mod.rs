@@ -449,8 +449,10 @@ impl Store {
         }
     }
 
-    /// Creates a new index store with its metadata.
-    pub fn create(dir: &Path, meta: &IndexMeta) -> Result<Self> {
+    /// Creates a new index store with its metadata, numbering its photos
+    /// from `first_id` (a shard's ids start at its own, see
+    /// [`crate::common::shard`]).
+    pub fn create(dir: &Path, meta: &IndexMeta, first_id: u64) -> Result<Self> {
         let store = Self::open_db(dir)?;
         if store.tree.contains_key(b"m:meta")? {
             return Ok(store);
@@ -458,7 +460,9 @@ impl Store {
         store.forget_summary()?;
         let mut meta = meta.clone();
         meta.format_version = FORMAT_VERSION;
-        store.tree.insert(b"m:next_id", &1u64.to_be_bytes())?;
+        store
+            .tree
+            .insert(b"m:next_id", &first_id.max(1).to_be_bytes())?;
         store.tree.insert(
             b"m:meta",
             serde_json::to_vec(&meta).expect("meta serialises"),
@@ -922,7 +926,7 @@ mod tests {
     #[test]
     fn near_lists_follow_the_vectors() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::create(dir.path(), &meta()).unwrap();
+        let store = Store::create(dir.path(), &meta(), 1).unwrap();
         let put = |id: u64, vector: Option<Vec<f32>>| Change::Put {
             record: record(id, &format!("{id}.png"), id as u8),
             vector,
@@ -968,7 +972,7 @@ mod tests {
     #[test]
     fn the_record_count_follows_the_records() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::create(dir.path(), &meta()).unwrap();
+        let store = Store::create(dir.path(), &meta(), 1).unwrap();
         let put = |id| Change::Put {
             record: record(id, &format!("{id}.png"), id as u8),
             vector: None,
@@ -1000,7 +1004,7 @@ mod tests {
     #[test]
     fn commits_and_looks_up() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::create(dir.path(), &meta()).unwrap();
+        let store = Store::create(dir.path(), &meta(), 1).unwrap();
         assert_eq!(store.meta().unwrap().format_version, FORMAT_VERSION);
         let first = store.reserve_ids(2).unwrap();
         assert_eq!(store.reserve_ids(1).unwrap(), first + 2);
@@ -1060,7 +1064,7 @@ mod tests {
     #[test]
     fn refuses_newer_formats() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::create(dir.path(), &meta()).unwrap();
+        let store = Store::create(dir.path(), &meta(), 1).unwrap();
         let mut m = store.meta().unwrap();
         m.format_version = FORMAT_VERSION + 1;
         store.set_meta(&m).unwrap();

@@ -7,8 +7,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::milvus::{self, Fields, MilvusConfig, MilvusVectors, Selection};
+use super::milvus::{
+    self, Fields, MilvusConfig, MilvusVectors, Selection, ShardReport, ShardStatus,
+};
 use super::{Error, Result, VectorIndex};
+use crate::common::shard::Shard;
 
 /// The file in an index folder that names its engine; none means embedded.
 const ENGINE_FILE: &str = "vectors.json";
@@ -60,11 +63,69 @@ impl EngineConfig {
         })
     }
 
-    /// As `--vectors` takes it (no credentials).
+    /// As `--vectors` takes it (no credentials), and the shard.
     pub fn describe(&self) -> String {
         match self {
             Self::Embedded => "embedded".to_string(),
-            Self::Milvus(m) => m.url(),
+            Self::Milvus(m) => match m.shard {
+                Some(shard) => format!("{} shard {shard}", m.url()),
+                None => m.url(),
+            },
+        }
+    }
+
+    /// Whether `other` is the same engine, collection and shard (which
+    /// index folder writes it aside).
+    pub fn same_engine(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Embedded, Self::Embedded) => true,
+            (Self::Milvus(a), Self::Milvus(b)) => a.same_place(b),
+            _ => false,
+        }
+    }
+
+    /// The part of the library the index takes.
+    pub fn shard(&self) -> Shard {
+        match self {
+            Self::Embedded => Shard::WHOLE,
+            Self::Milvus(m) => m.shard(),
+        }
+    }
+
+    /// The engine as a new index folder `root` records it: a shared engine
+    /// learns which folder writes its shard.
+    pub fn for_new_index(&self, root: &Path) -> Self {
+        match self {
+            Self::Milvus(m) if m.owner.is_none() => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                let seed = format!("{}\n{}\n{nanos}", root.display(), std::process::id());
+                let owner = blake3::hash(seed.as_bytes()).to_hex()[..16].to_string();
+                Self::Milvus(MilvusConfig {
+                    owner: Some(owner),
+                    ..m.clone()
+                })
+            }
+            other => other.clone(),
+        }
+    }
+}
+
+/// What a shared engine holds of the index `config` names, read without
+/// writing anything (for `clipdex status`): the index's own photos there,
+/// and every shard's. `expect`, the model's dimension and fingerprint,
+/// refuses another model's collection. `None` for the embedded engine.
+pub fn read_shared(
+    config: &EngineConfig,
+    expect: Option<(usize, &str)>,
+) -> Result<Option<(usize, Vec<ShardStatus>)>> {
+    match config {
+        EngineConfig::Embedded => Ok(None),
+        EngineConfig::Milvus(m) => {
+            let engine = MilvusVectors::open_reader(m, expect, token_from_env().as_deref())?;
+            Ok(Some((engine.count()?, engine.shards()?)))
         }
     }
 }
@@ -179,7 +240,11 @@ impl Vectors {
     pub fn nearest(&self, query: &[f32], k: usize) -> Result<Vec<(u64, f32)>> {
         match self {
             Self::Embedded(v) => v.search(query, k, None),
-            Self::Milvus(m) => m.search(query, k, milvus::expression(None, &HashSet::new())),
+            Self::Milvus(m) => m.search(
+                query,
+                k,
+                milvus::expression(m.scope(), None, &HashSet::new()),
+            ),
         }
     }
 
@@ -197,7 +262,7 @@ impl Vectors {
     ) -> Result<Vec<(u64, f32)>> {
         match self {
             Self::Embedded(v) => Ok(v.search_among(query, k, among, excluded)?.0),
-            Self::Milvus(m) => m.search(query, k, milvus::expression(filter, excluded)),
+            Self::Milvus(m) => m.search(query, k, milvus::expression(m.scope(), filter, excluded)),
         }
     }
 
@@ -205,18 +270,45 @@ impl Vectors {
     /// fields `fields` gives for each id).
     pub fn put(
         &self,
-        items: &[(u64, Vec<f32>)],
+        items: Vec<(u64, Vec<f32>)>,
         fields: &dyn Fn(u64) -> Option<Fields>,
     ) -> Result<()> {
         match self {
-            Self::Embedded(v) => v.insert_batch(items),
-            Self::Milvus(m) => {
-                let entities: Vec<(u64, Vec<f32>, Fields)> = items
-                    .iter()
-                    .map(|(id, v)| (*id, v.clone(), fields(*id).unwrap_or_default()))
-                    .collect();
-                m.put(&entities)
-            }
+            Self::Embedded(v) => v.insert_batch(&items),
+            Self::Milvus(m) => m.put(
+                items
+                    .into_iter()
+                    .map(|(id, v)| (id, v, fields(id).unwrap_or_default()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Every shard of a shared engine's collection, with its photos and
+    /// last report; none for the embedded engine.
+    pub fn shards(&self) -> Result<Vec<ShardStatus>> {
+        match self {
+            Self::Embedded(_) => Ok(Vec::new()),
+            Self::Milvus(m) => m.shards(),
+        }
+    }
+
+    /// Says how far this index's shard is in a shared engine (which keeps
+    /// it for `clipdex status` on any machine); nothing for the embedded
+    /// one.
+    pub fn report(&self, report: &ShardReport) -> Result<()> {
+        match self {
+            Self::Embedded(_) => Ok(()),
+            Self::Milvus(m) => m.report(report),
+        }
+    }
+
+    /// The shard the index writes, and the folder it is recorded as
+    /// ([`MilvusConfig::owner`]), in a shared engine.
+    pub fn shard(&self) -> (Shard, Option<&str>) {
+        match self {
+            Self::Embedded(_) => (Shard::WHOLE, None),
+            Self::Milvus(m) => (m.config().shard(), m.config().owner.as_deref()),
         }
     }
 

@@ -8,12 +8,18 @@
 //! acknowledged before the index was opened and every write of this
 //! process since, so it never returns a photo removed before it started.
 //!
+//! Several indexes may write one collection, each its own shard of the
+//! library (`--shard I/N`, [`Shard`]): each reads and writes only the ids
+//! of its shard, and keeps a report of its progress in the collection (an
+//! entity of its own, [`ShardReport`]) that every process reads.
+//!
 //! The SDK is async (tonic); clipdex's indexer and searches are not. The
 //! engine keeps a small runtime of its own and waits on it from any thread,
 //! the server's blocking pool included.
 
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use milvus::client::Client;
@@ -28,14 +34,25 @@ use milvus::value::{Value, ValueVec};
 use serde::{Deserialize, Serialize};
 
 use super::{Error, Result, unit};
+pub use crate::common::shard::Shard;
 
 /// Version of the collection's schema below. A collection of another
 /// version is refused, never written.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// The id of the entity [`MilvusVectors::fence`] writes; photos' ids are
-/// never negative, and every read asks for `id >= 0`.
+/// never negative, and every read of photos asks for ids of its shard.
 const SENTINEL: i64 = -1;
+
+/// The id of the entity that carries shard `shard`'s [`ShardReport`]
+/// (-2 for shard 0, -3 for shard 1, ...).
+fn report_id(shard: Shard) -> i64 {
+    -2 - i64::from(shard.index)
+}
+
+/// A report older than this from a shard that says it is indexing is from
+/// a process that died: another index folder may take the shard over.
+const LIVE_REPORT_SECS: i64 = 120;
 
 /// Most ids one delete names.
 const DELETE_CHUNK: usize = 4096;
@@ -75,6 +92,14 @@ pub struct MilvusConfig {
     pub collection: String,
     #[serde(default)]
     pub index: AnnIndex,
+    /// The part of the library this index writes (`--shard I/N`); none:
+    /// all of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
+    /// Names the index folder that writes the shard, made with the index
+    /// (none in indexes made before shards existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl MilvusConfig {
@@ -128,7 +153,26 @@ impl MilvusConfig {
             address: address.to_string(),
             collection: collection.to_string(),
             index,
+            shard: None,
+            owner: None,
         })
+    }
+
+    /// The shard this index writes ([`Shard::WHOLE`] when not sharded).
+    pub fn shard(&self) -> Shard {
+        self.shard.unwrap_or(Shard::WHOLE)
+    }
+
+    /// Whether `other` names the same collection, index and shard (the
+    /// index folder that writes it aside).
+    pub fn same_place(&self, other: &Self) -> bool {
+        (&self.address, &self.collection, self.index, self.shard())
+            == (
+                &other.address,
+                &other.collection,
+                other.index,
+                other.shard(),
+            )
     }
 
     /// The address as given to `--vectors` (without credentials).
@@ -161,6 +205,42 @@ pub struct Fields {
     pub camera: Vec<String>,
     /// Automatic tags (normalised names).
     pub tags: Vec<String>,
+    /// On a shard's report entity (not a photo): the report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ShardReport>,
+}
+
+/// What an index writing one shard of a collection last said of itself,
+/// kept in the collection (an entity of its own, outside the photos' ids):
+/// `clipdex status` on any machine reads every shard's from there.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardReport {
+    pub shard: Shard,
+    /// The index folder writing it ([`MilvusConfig::owner`]).
+    pub owner: Option<String>,
+    /// The machine and folder, to name them.
+    pub host: String,
+    pub folder: String,
+    /// `indexing`, `done`, `stopped` or `failed`.
+    pub state: String,
+    /// Files of the shard the run found, and what it had to read of them.
+    pub files: u64,
+    pub to_process: u64,
+    /// Files read so far (indexed, unchanged after all, or skipped).
+    pub processed: u64,
+    /// Photos in the shard's index at the last commit.
+    pub photos: u64,
+    /// Seconds since the epoch.
+    pub updated: i64,
+}
+
+/// A shard as the collection holds it: its last report (none from an
+/// index that never wrote one) and how many photos it holds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ShardStatus {
+    pub shard: Shard,
+    pub photos: usize,
+    pub report: Option<ShardReport>,
 }
 
 /// A string literal of Milvus's expression language.
@@ -201,11 +281,24 @@ pub struct Selection {
     pub tags: Vec<String>,
 }
 
-/// The selection as a Milvus boolean expression, with `excluded` ids
-/// left out (and the fence's sentinel).
-pub fn expression(filter: Option<&Selection>, excluded: &HashSet<u64>) -> String {
-    // Not the fence's sentinel.
-    let mut parts = vec!["id >= 0".to_string()];
+/// The photos of the ids `scope` (a shard's, or all).
+fn in_scope(scope: &Range<u64>) -> String {
+    if *scope == Shard::WHOLE.ids() {
+        // Every photo, and neither the fence's nor the reports' entities.
+        "id >= 0".to_string()
+    } else {
+        format!("id >= {} and id < {}", scope.start, scope.end)
+    }
+}
+
+/// The selection as a Milvus boolean expression over the photos of
+/// `scope`, with `excluded` ids left out.
+pub fn expression(
+    scope: &Range<u64>,
+    filter: Option<&Selection>,
+    excluded: &HashSet<u64>,
+) -> String {
+    let mut parts = vec![in_scope(scope)];
     if let Some(f) = filter {
         if let Some(folder) = f
             .folder
@@ -261,6 +354,11 @@ pub fn expression(filter: Option<&Selection>, excluded: &HashSet<u64>) -> String
 pub struct MilvusVectors {
     config: MilvusConfig,
     dim: usize,
+    /// The ids of the photos this index reads and writes: its shard's.
+    scope: Range<u64>,
+    /// The consistency of every read: session for an index that writes
+    /// (after its fence), strong for one that only reads.
+    level: ConsistencyLevel,
     client: Client,
     runtime: Option<tokio::runtime::Runtime>,
     count: std::sync::Mutex<Option<(Instant, usize)>>,
@@ -294,6 +392,21 @@ fn description(dim: usize, model: &str) -> String {
     format!("clipdex photos; schema {SCHEMA_VERSION}; dim {dim}; model {model}")
 }
 
+/// A shard as messages name it.
+fn describe_shard(shard: Shard) -> String {
+    match shard.count {
+        1 => "the whole library (no --shard)".to_string(),
+        _ => format!("shard {shard}"),
+    }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 fn engine_error(config: &MilvusConfig, e: impl std::fmt::Display) -> Error {
     Error::Engine {
         address: config.url(),
@@ -302,14 +415,59 @@ fn engine_error(config: &MilvusConfig, e: impl std::fmt::Display) -> Error {
 }
 
 impl MilvusVectors {
-    /// Connects to the collection of `config`, creating it (with its index,
-    /// loaded) when there is none. A collection made for another model,
-    /// another dimension or another schema is refused.
+    /// Connects to the collection of `config` to write it, creating it
+    /// (with its index, loaded) when there is none. A collection made for
+    /// another model, another dimension or another schema is refused, and
+    /// so is one split into another number of shards, or whose shard
+    /// another index folder is writing now.
     pub fn open(
         config: &MilvusConfig,
         dim: usize,
         model: &str,
         token: Option<&str>,
+    ) -> Result<Self> {
+        let engine = Self::connect(config, dim, token, ConsistencyLevel::Session)?;
+        engine.prepare(model)?;
+        engine.check_shards()?;
+        Ok(engine)
+    }
+
+    /// Connects to the existing collection of `config` to read it (counts,
+    /// reports), writing nothing: reads are strongly consistent, as this
+    /// process has no writes of its own to wait for. `expect` (dimension,
+    /// model fingerprint) refuses another model's collection; without it
+    /// only counts and reports can be read.
+    pub fn open_reader(
+        config: &MilvusConfig,
+        expect: Option<(usize, &str)>,
+        token: Option<&str>,
+    ) -> Result<Self> {
+        let dim = expect.map_or(0, |(dim, _)| dim);
+        let engine = Self::connect(config, dim, token, ConsistencyLevel::Strong)?;
+        let name = config.collection.clone();
+        let exists = engine.call({
+            let name = name.clone();
+            |c| async move { c.has_collection(name).await }
+        })?;
+        if !exists {
+            return Err(engine_error(
+                config,
+                format!("there is no collection {name}"),
+            ));
+        }
+        if let Some((_, model)) = expect {
+            engine.check_description(model)?;
+        }
+        engine
+            .call(|c| async move { c.load_collection(name, Some(LoadOptions::default())).await })?;
+        Ok(engine)
+    }
+
+    fn connect(
+        config: &MilvusConfig,
+        dim: usize,
+        token: Option<&str>,
+        level: ConsistencyLevel,
     ) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -351,16 +509,16 @@ impl MilvusVectors {
                 ));
             }
         };
-        let engine = Self {
+        Ok(Self {
             config: config.clone(),
             dim,
+            scope: config.shard().ids(),
+            level,
             client,
             runtime: Some(runtime),
             count: Default::default(),
             sample: Default::default(),
-        };
-        engine.prepare(model)?;
-        Ok(engine)
+        })
     }
 
     pub fn config(&self) -> &MilvusConfig {
@@ -369,6 +527,11 @@ impl MilvusVectors {
 
     pub fn dim(&self) -> usize {
         self.dim
+    }
+
+    /// The ids of the photos this index reads and writes: its shard's.
+    pub fn scope(&self) -> &Range<u64> {
+        &self.scope
     }
 
     /// Runs `future` on the engine's runtime and waits for it: `None` when
@@ -529,6 +692,17 @@ impl MilvusVectors {
                 |c| async move { c.create_index(name, "vector", params).await }
             })?;
         }
+        self.check_description(model)?;
+        self.call({
+            let name = name.clone();
+            |c| async move { c.load_collection(name, Some(LoadOptions::default())).await }
+        })?;
+        self.fence()
+    }
+
+    /// Refuses a collection made for another model, dimension or schema.
+    fn check_description(&self, model: &str) -> Result<()> {
+        let name = self.config.collection.clone();
         let described = self.call({
             let name = name.clone();
             |c| async move { c.describe_collection(name).await }
@@ -543,11 +717,126 @@ impl MilvusVectors {
                 ),
             ));
         }
-        self.call({
+        Ok(())
+    }
+
+    /// Refuses to write a collection the other shards' reports say is split
+    /// into another number of shards, or this shard while another index
+    /// folder is writing it (its report is recent and says `indexing`).
+    /// A shard whose last writer is gone is taken over: the next
+    /// reconcile replaces its photos with this folder's.
+    fn check_shards(&self) -> Result<()> {
+        let mine = self.config.shard();
+        let now = now_secs();
+        for report in self.reports()? {
+            if report.shard.count != mine.count {
+                return Err(engine_error(
+                    &self.config,
+                    format!(
+                        "the collection {} is split into {} shards (shard {} is written from {} on {}); \
+                         this index writes {}",
+                        self.config.collection,
+                        report.shard.count,
+                        report.shard,
+                        report.folder,
+                        report.host,
+                        describe_shard(mine),
+                    ),
+                ));
+            }
+            let other_owner = match (&report.owner, &self.config.owner) {
+                (Some(theirs), Some(ours)) => theirs != ours,
+                _ => false,
+            };
+            if report.shard != mine || !other_owner {
+                continue;
+            }
+            let age = now - report.updated;
+            if report.state == "indexing" && age < LIVE_REPORT_SECS {
+                return Err(engine_error(
+                    &self.config,
+                    format!(
+                        "{} of the collection {} is being indexed from another index folder \
+                         ({} on {}, {age} s ago): one index folder writes each shard",
+                        describe_shard(mine),
+                        self.config.collection,
+                        report.folder,
+                        report.host,
+                    ),
+                ));
+            }
+            tracing::warn!(
+                shard = %mine,
+                folder = %report.folder,
+                host = %report.host,
+                "this index folder takes the shard over from another one; its photos are replaced by this folder's"
+            );
+        }
+        Ok(())
+    }
+
+    /// Every shard's last report, by shard.
+    pub fn reports(&self) -> Result<Vec<ShardReport>> {
+        let name = self.config.collection.clone();
+        let level = self.consistency();
+        let columns = self.read(|c| {
             let name = name.clone();
-            |c| async move { c.load_collection(name, Some(LoadOptions::default())).await }
+            async move {
+                let options = QueryOptions::new()
+                    .output_fields(vec!["id".to_string(), "f".to_string()])
+                    .consistency_level(level)
+                    .limit(MAX_RESULTS as i64);
+                c.query(name, "id < -1", &options).await
+            }
         })?;
-        self.fence()
+        let mut reports = Vec::new();
+        for column in columns {
+            if let ("f", ValueVec::Json(values)) = (column.name.as_str(), column.value) {
+                for bytes in values {
+                    // A report this version cannot read is left out.
+                    if let Ok(Fields {
+                        report: Some(report),
+                        ..
+                    }) = serde_json::from_slice::<Fields>(&bytes)
+                    {
+                        reports.push(report);
+                    }
+                }
+            }
+        }
+        reports.sort_by_key(|r| r.shard.index);
+        Ok(reports)
+    }
+
+    /// Writes this shard's report (replacing its last).
+    pub fn report(&self, report: &ShardReport) -> Result<()> {
+        let mut vector = vec![0.0; self.dim];
+        vector[0] = 1.0;
+        let fields = Fields {
+            report: Some(report.clone()),
+            ..Fields::default()
+        };
+        self.write(vec![(report_id(report.shard), vector, fields)])
+    }
+
+    /// Each shard the reports name (and this index's own), with its photos
+    /// counted in the collection.
+    pub fn shards(&self) -> Result<Vec<ShardStatus>> {
+        let reports = self.reports()?;
+        let mut shards: Vec<Shard> = reports.iter().map(|r| r.shard).collect();
+        shards.push(self.config.shard());
+        shards.sort_by_key(|s| (s.count, s.index));
+        shards.dedup();
+        shards
+            .into_iter()
+            .map(|shard| {
+                Ok(ShardStatus {
+                    shard,
+                    photos: self.count_where(&in_scope(&shard.ids()))?,
+                    report: reports.iter().find(|r| r.shard == shard).cloned(),
+                })
+            })
+            .collect()
     }
 
     /// Gives this session a timestamp after every write acknowledged before
@@ -559,33 +848,41 @@ impl MilvusVectors {
     fn fence(&self) -> Result<()> {
         let mut vector = vec![0.0; self.dim];
         vector[0] = 1.0;
-        self.write(&[(SENTINEL, vector, Fields::default())])
+        self.write(vec![(SENTINEL, vector, Fields::default())])
     }
 
-    /// The consistency of every read: session, which sees every write this
-    /// process made before it (the index's lock makes this process the
-    /// only writer) without waiting for the cluster's clock as strong
-    /// consistency does (up to 200 ms a read).
-    fn consistency() -> i32 {
-        ConsistencyLevel::Session as i32
+    /// The consistency of every read: for an index that writes, session,
+    /// which sees every write this process made before it (the index's
+    /// lock makes this process its shard's only writer) without waiting
+    /// for the cluster's clock as strong consistency does (up to 200 ms a
+    /// read).
+    fn consistency(&self) -> i32 {
+        self.level as i32
     }
 
-    /// Writes (or replaces) the entities of `items`.
-    pub fn put(&self, items: &[(u64, Vec<f32>, Fields)]) -> Result<()> {
-        if let Some((id, _, _)) = items.iter().find(|(id, _, _)| *id > i64::MAX as u64) {
+    /// Writes (or replaces) the entities of `items`, photos of this
+    /// index's shard.
+    pub fn put(&self, items: Vec<(u64, Vec<f32>, Fields)>) -> Result<()> {
+        if let Some((id, _, _)) = items.iter().find(|(id, _, _)| !self.scope.contains(id)) {
             return Err(engine_error(
                 &self.config,
-                format!("id {id} is past Milvus's int64 ids"),
+                format!(
+                    "photo id {id} is not one of {}'s ids ({} to {})",
+                    describe_shard(self.config.shard()),
+                    self.scope.start,
+                    self.scope.end - 1
+                ),
             ));
         }
-        let items: Vec<(i64, Vec<f32>, Fields)> = items
-            .iter()
-            .map(|(id, v, f)| (*id as i64, v.clone(), f.clone()))
-            .collect();
-        self.write(&items)
+        self.write(
+            items
+                .into_iter()
+                .map(|(id, v, f)| (id as i64, v, f))
+                .collect(),
+        )
     }
 
-    fn write(&self, items: &[(i64, Vec<f32>, Fields)]) -> Result<()> {
+    fn write(&self, items: Vec<(i64, Vec<f32>, Fields)>) -> Result<()> {
         if let Some((_, v, _)) = items.iter().find(|(_, v, _)| v.len() != self.dim) {
             return Err(Error::Dimension {
                 got: v.len(),
@@ -602,11 +899,15 @@ impl MilvusVectors {
         for chunk in items.chunks(PUT_CHUNK) {
             let mut vectors = Vec::with_capacity(chunk.len() * self.dim);
             for (_, v, _) in chunk {
-                let u = unit(v);
-                if u.iter().any(|x| !x.is_finite()) {
+                // Unit length, as `unit` makes it, straight into the column.
+                let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+                if !norm.is_finite() {
                     return Err(Error::Hnsw("a vector is not finite".into()));
                 }
-                vectors.extend(u);
+                match norm {
+                    0.0 => vectors.extend_from_slice(v),
+                    _ => vectors.extend(v.iter().map(|&x| (x as f64 / norm) as f32)),
+                }
             }
             let columns = vec![
                 FieldColumn::new(
@@ -705,7 +1006,7 @@ impl MilvusVectors {
         {
             return Ok(n);
         }
-        let n = self.count_where("id >= 0")?;
+        let n = self.count_where(&in_scope(&self.scope))?;
         *kept = Some((Instant::now(), n));
         Ok(n)
     }
@@ -713,12 +1014,13 @@ impl MilvusVectors {
     fn count_where(&self, expr: &str) -> Result<usize> {
         let name = self.config.collection.clone();
         let expr = expr.to_string();
+        let level = self.consistency();
         let columns = self.read(|c| {
             let (name, expr) = (name.clone(), expr.clone());
             async move {
                 let options = QueryOptions::new()
                     .output_fields(vec!["count(*)".to_string()])
-                    .consistency_level(Self::consistency());
+                    .consistency_level(level);
                 c.query(name, &expr, &options).await
             }
         })?;
@@ -745,12 +1047,13 @@ impl MilvusVectors {
         if vectors {
             fields.push("vector".to_string());
         }
+        let level = self.consistency();
         let columns = self.read(|c| {
             let (name, expr, fields) = (name.clone(), expr.clone(), fields.clone());
             async move {
                 let mut options = QueryOptions::new()
                     .output_fields(fields)
-                    .consistency_level(Self::consistency());
+                    .consistency_level(level);
                 if let Some(limit) = limit {
                     options = options.limit(limit as i64);
                 }
@@ -787,7 +1090,7 @@ impl MilvusVectors {
     /// fits.
     pub fn ids(&self) -> Result<BTreeSet<u64>> {
         let mut ids = BTreeSet::new();
-        let mut ranges = vec![(0u64, i64::MAX as u64)];
+        let mut ranges = vec![(self.scope.start, self.scope.end)];
         while let Some((lo, hi)) = ranges.pop() {
             let expr = format!("id >= {lo} and id < {hi}");
             let found = self.query(expr, false, Some(MAX_RESULTS))?;
@@ -827,7 +1130,7 @@ impl MilvusVectors {
                     // 2,048 vectors of 512 dimensions are 4 MB: fetched once
                     // for every query of the next minute, not each time.
                     let fetched: std::sync::Arc<Vec<(u64, Vec<f32>)>> = std::sync::Arc::new(
-                        self.query("id >= 0".to_string(), true, Some(n))?
+                        self.query(in_scope(&self.scope), true, Some(n))?
                             .into_iter()
                             .filter_map(|(id, v)| Some((id, v?)))
                             .collect(),
@@ -858,6 +1161,7 @@ impl MilvusVectors {
         let query = unit(query);
         let name = self.config.collection.clone();
         let index = self.config.index;
+        let level = self.consistency();
         let results = self.read(|c| {
             let (name, expr, query) = (name.clone(), expr.clone(), query.clone());
             async move {
@@ -865,7 +1169,7 @@ impl MilvusVectors {
                     .limit(k)
                     .anns_field(vec!["vector".to_string()])
                     .add_param("metric_type", "IP")
-                    .consistency_level(Self::consistency());
+                    .consistency_level(level);
                 if index == AnnIndex::Hnsw {
                     options = options.add_param("ef", super::EF_SEARCH.max(k).to_string());
                 }
@@ -930,12 +1234,18 @@ mod tests {
         };
         let excluded: HashSet<u64> = [7, 3].into_iter().collect();
         assert_eq!(
-            expression(Some(&filter), &excluded),
+            expression(&Shard::WHOLE.ids(), Some(&filter), &excluded),
             "id >= 0 and json_contains(f[\"folders\"], \"trips/2019 \\\"x\\\"\") and dated == true \
              and taken >= 10 and format in [\"jpeg\",\"png\"] \
              and json_contains_all(f[\"tags\"], [\"dog\"]) \
              and json_contains_all(f[\"camera\"], [\"canon\",\"eo\"]) and id not in [3,7]"
         );
-        assert_eq!(expression(None, &HashSet::new()), "id >= 0");
+        let whole = Shard::WHOLE.ids();
+        assert_eq!(expression(&whole, None, &HashSet::new()), "id >= 0");
+        let shard = Shard { index: 1, count: 2 }.ids();
+        assert_eq!(
+            expression(&shard, None, &[5].into_iter().collect()),
+            "id >= 1099511627776 and id < 2199023255552 and id not in [5]"
+        );
     }
 }

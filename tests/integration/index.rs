@@ -534,16 +534,8 @@ pub(crate) fn kill_mid_run(mut child: std::process::Child, index: &Path, target:
     killed
 }
 
-fn progress_of(index: &Path, pid: u32) -> Option<serde_json::Value> {
-    let p: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(index.join("progress.json")).ok()?).ok()?;
-    (p["pid"].as_u64() == Some(pid as u64)).then_some(p)
-}
-
-/// The index holds exactly the library: the same paths, and for each the
-/// size, time and content hash of the file there now; vectors and keywords
-/// for exactly those photos.
-pub(crate) fn assert_index_is_library(index: &Path, root: &Path) {
+/// Every file under `root`, by its path relative to it.
+pub(crate) fn library_files(root: &Path) -> BTreeSet<String> {
     let mut files = BTreeSet::new();
     for entry in walkdir::WalkDir::new(root) {
         let entry = entry.unwrap();
@@ -559,6 +551,20 @@ pub(crate) fn assert_index_is_library(index: &Path, root: &Path) {
             );
         }
     }
+    files
+}
+
+fn progress_of(index: &Path, pid: u32) -> Option<serde_json::Value> {
+    let p: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(index.join("progress.json")).ok()?).ok()?;
+    (p["pid"].as_u64() == Some(pid as u64)).then_some(p)
+}
+
+/// The index holds exactly the library: the same paths, and for each the
+/// size, time and content hash of the file there now; vectors and keywords
+/// for exactly those photos.
+pub(crate) fn assert_index_is_library(index: &Path, root: &Path) {
+    let files = library_files(root);
     let index = crate::common::open_index(index);
     let recs: Vec<PhotoRecord> = index.store().records().collect::<Result<_, _>>().unwrap();
     let paths: BTreeSet<String> = recs.iter().map(|r| r.path.clone()).collect();

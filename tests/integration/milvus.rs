@@ -3,7 +3,7 @@
 //! names it in `CLIPDEX_TEST_MILVUS` (HOST:PORT). Without it these tests
 //! say so and pass, except under CI, where a missing server fails them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -310,17 +310,7 @@ fn killed_runs_leave_milvus_consistent() {
     use std::process::{Command, Stdio};
     let Some(server) = server() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let library = dir.path().join("library");
-    copy_photos(
-        &shared_photos().join("gcompris/tools"),
-        &library.join("tools"),
-        39,
-    );
-    copy_photos(
-        &shared_photos().join("gcompris/fishes"),
-        &library.join("fishes"),
-        28,
-    );
+    let library = tools_and_fishes(dir.path(), 39, 28);
     let idx = dir.path().join("index");
     let model = fixture_model("openai-tiny");
     let url = format!("milvus://{server}/{}", collection("killed"));
@@ -380,4 +370,231 @@ fn killed_runs_leave_milvus_consistent() {
     assert_eq!(ids.len(), 66);
     assert_eq!(index.vectors().ids().unwrap(), ids);
     assert_eq!(index.vectors().count().unwrap(), 66);
+}
+
+/// `clipdex index` of one shard of `library` into `url`, as a child process.
+fn spawn_shard(
+    library: &Path,
+    index: &Path,
+    url: &str,
+    shard: &str,
+    quick_commits: bool,
+) -> std::process::Child {
+    let model = fixture_model("openai-tiny");
+    let mut args = vec![
+        "index",
+        library.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--vectors",
+        url,
+        "--shard",
+        shard,
+        "--workers",
+        "1",
+    ];
+    if quick_commits {
+        args.extend(["--batch", "2", "--commit-every", "2"]);
+    }
+    std::process::Command::new(env!("CARGO_BIN_EXE_clipdex"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The paths a shard's index holds, after checking that the engine holds
+/// exactly its photos (none missing, none twice, none of another shard's).
+fn shard_paths(index: &Path) -> BTreeSet<String> {
+    let index = open_index(index);
+    let ids = index.store().ids().unwrap();
+    assert_eq!(index.vectors().ids().unwrap(), ids);
+    assert_eq!(index.vectors().count().unwrap(), ids.len());
+    let (shard, _) = index.vectors().shard();
+    assert!(ids.iter().all(|id| shard.ids().contains(id)), "{ids:?}");
+    let paths: BTreeSet<String> = index.store().records().map(|r| r.unwrap().path).collect();
+    assert_eq!(paths.len(), ids.len());
+    paths
+}
+
+/// Checks that the two shards' indexes hold every file of `library`
+/// exactly once, as the engine does; their paths.
+fn shards_are_library(
+    d0: &Path,
+    d1: &Path,
+    library: &Path,
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let (p0, p1) = (shard_paths(d0), shard_paths(d1));
+    assert!(p0.is_disjoint(&p1), "{:?}", p0.intersection(&p1));
+    let all: BTreeSet<String> = p0.union(&p1).cloned().collect();
+    assert_eq!(all, crate::index::library_files(library));
+    (p0, p1)
+}
+
+/// A library under `root` of `tools` photos of tools and `fishes` of fishes,
+/// in two folders.
+fn tools_and_fishes(root: &Path, tools: usize, fishes: usize) -> std::path::PathBuf {
+    let library = root.join("library");
+    copy_photos(
+        &shared_photos().join("gcompris/tools"),
+        &library.join("tools"),
+        tools,
+    );
+    copy_photos(
+        &shared_photos().join("gcompris/fishes"),
+        &library.join("fishes"),
+        fishes,
+    );
+    library
+}
+
+/// Two indexers, `--shard 0/2` and `--shard 1/2`, index one library into
+/// one collection at the same time, each with its own index folder: every
+/// photo is then in the collection exactly once, `status` on either folder
+/// shows both shards from the engine, and a writer that would split the
+/// collection another way is refused.
+#[test]
+fn two_shards_index_one_library_at_once() {
+    let Some(server) = server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let library = tools_and_fishes(dir.path(), 30, 20);
+    let url = format!("milvus://{server}/{}?index=flat", collection("shards"));
+    let (d0, d1) = (dir.path().join("shard0"), dir.path().join("shard1"));
+    let a = spawn_shard(&library, &d0, &url, "0/2", false);
+    let b = spawn_shard(&library, &d1, &url, "1/2", false);
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let (p0, p1) = shards_are_library(&d0, &d1, &library);
+    assert!(
+        p0.len() >= 10 && p1.len() >= 10,
+        "{} and {}",
+        p0.len(),
+        p1.len()
+    );
+
+    // Any folder's status reads every shard from the engine.
+    for (folder, name) in [(&d0, "shard 0/2"), (&d1, "shard 1/2")] {
+        let out = clipdex(&["status", "--index", folder.to_str().unwrap(), "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let s: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let shards = s["shards"].as_array().unwrap();
+        assert_eq!(shards.len(), 2, "{s}");
+        for (i, (shard, paths)) in shards.iter().zip([&p0, &p1]).enumerate() {
+            assert_eq!(shard["shard"]["index"], i as u64);
+            assert_eq!(shard["shard"]["count"], 2);
+            assert_eq!(shard["photos"], paths.len() as u64, "{shard}");
+            assert_eq!(shard["report"]["state"], "done", "{shard}");
+            assert_eq!(shard["report"]["files"], paths.len() as u64, "{shard}");
+        }
+        let engine = s["vectors_engine"].as_str().unwrap();
+        assert!(engine.ends_with(name), "{engine}");
+    }
+    let out = clipdex(&["status", "--index", d1.to_str().unwrap()]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("shards   2 of 2 reported, 50 photos"),
+        "{text}"
+    );
+
+    // A shard's own searches find its photos only, every one of them.
+    let found = hits(&[
+        "search",
+        "a tool",
+        "--index",
+        d0.to_str().unwrap(),
+        "-k",
+        "100",
+        "--cutoff",
+        "none",
+        "--json",
+    ]);
+    let found: BTreeSet<String> = found.into_iter().map(|(p, _)| p).collect();
+    assert_eq!(found, p0);
+
+    // Another split, or the whole library, would write over the shards.
+    let model = fixture_model("openai-tiny");
+    let refused = [
+        spawn_shard(&library, &dir.path().join("other"), &url, "0/3", false)
+            .wait_with_output()
+            .unwrap(),
+        index(&library, &dir.path().join("whole"), &model, Some(&url)),
+    ];
+    for out in refused {
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains("is split into 2 shards"), "{err}");
+    }
+    // A shard keeps its folder, and needs a shared engine.
+    let out = clipdex(&[
+        "index",
+        library.to_str().unwrap(),
+        "--index",
+        d0.to_str().unwrap(),
+        "--shard",
+        "1/2",
+    ]);
+    assert!(stderr(&out).contains("not shard 1/2"), "{}", stderr(&out));
+    let out = clipdex(&[
+        "index",
+        library.to_str().unwrap(),
+        "--index",
+        dir.path().join("embedded").to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--shard",
+        "1/2",
+    ]);
+    assert!(
+        stderr(&out).contains("one shared engine"),
+        "{}",
+        stderr(&out)
+    );
+    // Both shards are untouched by the refusals.
+    assert_eq!(shard_paths(&d0), p0);
+    assert_eq!(shard_paths(&d1), p1);
+}
+
+/// A shard killed with SIGKILL in the middle of its run, while the other
+/// shard indexes, loses and duplicates nothing when it runs again, and the
+/// other shard's photos are untouched.
+#[test]
+fn a_killed_shard_resumes_without_loss_or_duplicates() {
+    use crate::index::kill_mid_run;
+    let Some(server) = server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let library = tools_and_fishes(dir.path(), 30, 20);
+    let url = format!("milvus://{server}/{}", collection("killed_shard"));
+    let (d0, d1) = (dir.path().join("shard0"), dir.path().join("shard1"));
+    let other = spawn_shard(&library, &d0, &url, "0/2", false);
+    let mut kills = 0;
+    for round in 0..6u64 {
+        let child = spawn_shard(&library, &d1, &url, "1/2", true);
+        if kill_mid_run(child, &d1, 2 + round * 4) {
+            kills += 1;
+        } else {
+            break;
+        }
+    }
+    assert!(kills >= 1, "the shard finished before it could be killed");
+    let out = other.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = spawn_shard(&library, &d1, &url, "1/2", false)
+        .wait_with_output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    shards_are_library(&d0, &d1, &library);
+    let out = clipdex(&["status", "--index", d0.to_str().unwrap(), "--json"]);
+    let s: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let total: u64 = s["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["photos"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 50, "{s}");
 }
