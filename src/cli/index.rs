@@ -8,7 +8,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use super::{IndexArgs, ReindexArgs, RetagArgs, RunArgs, StatusArgs, TagArgs};
+use super::{IndexArgs, ReindexArgs, ReplicaArgs, RetagArgs, RunArgs, StatusArgs, TagArgs};
 use crate::indexer::tags::{self, Tagging, Vocabulary};
 use crate::indexer::{self, Index, Phase, Progress, RunOptions};
 use crate::model::{Clip, HubOptions, ModelSource, Precision};
@@ -130,6 +130,59 @@ fn engine_asked(args: &IndexArgs) -> Result<Option<EngineConfig>> {
         None => return Err(needs_shared()),
     }
     Ok(engine)
+}
+
+/// `clipdex replica`: makes the replica (from `--of`, `--library` and the
+/// model) when its folder has none, then syncs it once.
+pub fn replica(args: &ReplicaArgs) -> Result<()> {
+    if let Some(token) = &args.vectors_token {
+        crate::vector::engine::set_token(token);
+    }
+    let index = if indexer::IndexPaths::new(&args.index).exists() {
+        if args.of.is_some() || args.library.is_some() {
+            let recorded = EngineConfig::read(&args.index)?;
+            bail!(
+                "{} is already made ({}); a replica keeps its collection and library",
+                args.index.display(),
+                recorded.describe()
+            );
+        }
+        Index::open(&args.index)?
+    } else {
+        let (Some(of), Some(library)) = (&args.of, &args.library) else {
+            bail!(
+                "no replica at {} yet: give --of milvus://HOST:PORT/COLLECTION and --library (where \
+                 this machine sees the library) to make one",
+                args.index.display()
+            );
+        };
+        let engine = EngineConfig::parse(of)?;
+        let precision = args
+            .model
+            .precision
+            .unwrap_or_else(crate::model::default_precision);
+        let source = args.model.source()?;
+        let clip = Clip::load_with(&source, &args.model.hub(true), precision)
+            .with_context(|| format!("cannot load model {source}"))?;
+        indexer::replica::create_or_open(&args.index, library, clip.info(), &engine)?
+    };
+    let synced = indexer::replica::sync(&index, args.full)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&synced)?);
+    } else {
+        println!(
+            "replica {} of {}: {} photos ({} added, {} updated, {} removed; {} records read in {:.0} ms)",
+            args.index.display(),
+            index.vectors().engine(),
+            synced.photos,
+            synced.added,
+            synced.updated,
+            synced.removed,
+            synced.read,
+            synced.took_ms
+        );
+    }
+    Ok(())
 }
 
 /// The precision of the index at `root`, if there is one to read.

@@ -42,6 +42,10 @@ pub enum Command {
     Reindex(ReindexArgs),
     /// Show an index: counts, model, library, size, last run, skipped files.
     Status(StatusArgs),
+    /// Make a search replica of a shared collection, or bring one up to
+    /// date: an index folder that serves every shard's photos without
+    /// indexing (`clipdex serve --index DIR` then keeps it up to date).
+    Replica(ReplicaArgs),
     /// Serve the search page and API; with --library, index it in the background first.
     Serve(ServeArgs),
     /// Search an index by text (or the query language) and print ranked photos.
@@ -571,6 +575,39 @@ pub struct ReindexArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ReplicaArgs {
+    /// The replica's folder (made by the first run).
+    #[arg(long, default_value = DEFAULT_INDEX, env = "CLIPDEX_INDEX")]
+    pub index: PathBuf,
+
+    /// The collection to serve, milvus://HOST:PORT/COLLECTION (needed to
+    /// make the replica; it records it).
+    #[arg(long, value_name = "milvus://HOST:PORT/COLLECTION")]
+    pub of: Option<String>,
+
+    /// Where this machine sees the library the collection's writers
+    /// indexed: originals and thumbnails are read there (needed to make
+    /// the replica).
+    #[arg(long)]
+    pub library: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Read every record again, not only those written since the last sync.
+    #[arg(long)]
+    pub full: bool,
+
+    /// Credentials for the vector engine, USER:PASSWORD; never stored.
+    #[arg(long, env = "CLIPDEX_MILVUS_TOKEN", hide_env_values = true)]
+    pub vectors_token: Option<String>,
+
+    /// Print what the sync did as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The index folder.
     #[arg(long, default_value = DEFAULT_INDEX, env = "CLIPDEX_INDEX")]
@@ -642,6 +679,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Index(args) => index::index(&args),
         Command::Reindex(args) => index::reindex(&args),
         Command::Status(args) => index::status(&args),
+        Command::Replica(args) => index::replica(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Search(args) => search::search(&args),
         Command::Similar(args) => search::similar(&args),

@@ -68,6 +68,13 @@ pub fn now_secs() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Now, in milliseconds since the epoch.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Seconds since the epoch to `YYYY-MM-DDTHH:MM:SS` (UTC), the form
 /// [`parse_datetime`] reads back.
 pub fn format_datetime(secs: i64) -> String {

@@ -20,6 +20,7 @@
 
 pub mod generation;
 pub mod near;
+pub mod replica;
 mod run;
 pub mod tags;
 
@@ -92,6 +93,9 @@ pub enum Error {
         recorded: String,
         asked: String,
     },
+    /// Indexing asked of a search replica, or a replica's work of an index.
+    #[error("{0}")]
+    NotReplica(String),
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -280,7 +284,7 @@ fn write_holder(mut file: &File, holder: &Holder) {
         .and_then(|_| file.write_all(&json));
 }
 
-pub(crate) use crate::common::time::now_secs;
+pub(crate) use crate::common::time::{now_millis, now_secs};
 
 /// An [`Overview`] from an open store and the counts of the graph and keyword index.
 fn overview_of(
@@ -584,6 +588,10 @@ impl Index {
     pub fn reconcile(&self) -> Result<Repair> {
         let ids = self.store.ids()?;
         let mut repair = Repair::default();
+        if self.vectors.is_replica() {
+            // A replica's records follow the engine (`replica::sync`).
+            return self.reconcile_keywords(&ids, repair);
+        }
         let vec_ids = self.vectors.ids()?;
         let extra: Vec<u64> = vec_ids.difference(&ids).copied().collect();
         repair.vectors_removed = extra.len();
@@ -605,9 +613,13 @@ impl Index {
         if self.vectors.is_changed() {
             self.vectors.save()?;
         }
+        self.reconcile_keywords(&ids, repair)
+    }
 
+    /// Brings the keyword index to exactly the store's `ids`.
+    fn reconcile_keywords(&self, ids: &BTreeSet<u64>, mut repair: Repair) -> Result<Repair> {
         let kw_ids = self.keywords.ids()?;
-        let extra: Vec<u64> = kw_ids.difference(&ids).copied().collect();
+        let extra: Vec<u64> = kw_ids.difference(ids).copied().collect();
         let missing: Vec<u64> = ids.difference(&kw_ids).copied().collect();
         repair.keywords_removed = extra.len();
         repair.keywords_added = missing.len();
@@ -627,9 +639,14 @@ impl Index {
 
     /// What the vector engine keeps beside the vector of `id`, from its
     /// record (for an engine that filters itself, [`Vectors::wants_fields`]).
+    /// The record goes with them, for search replicas (`replica.rs`).
     pub(crate) fn fields(&self, id: u64) -> Option<vector::milvus::Fields> {
         let record = self.store.get(id).ok()??;
-        Some(engine_fields(&keyword_doc(&record)))
+        Some(vector::milvus::Fields {
+            record: Some(serde_json::to_value(&record).expect("a record serialises")),
+            written: now_millis(),
+            ..engine_fields(&keyword_doc(&record))
+        })
     }
 
     /// Rebuilds the HNSW graph from the store's vectors (an engine of its
@@ -693,7 +710,7 @@ pub(crate) fn engine_fields(doc: &keyword::Doc) -> vector::milvus::Fields {
             .map(keyword::camera_terms)
             .unwrap_or_default(),
         tags: doc.tags.iter().map(|t| t.to_string()).collect(),
-        report: None,
+        ..Default::default()
     }
 }
 

@@ -421,7 +421,7 @@ struct Runner<'a> {
 /// photos' own writes retry and fail the run when the engine is gone.
 fn report_shard(index: &Index, progress: &Progress, state: &str) {
     let (shard, owner) = index.vectors.shard();
-    if !index.vectors.wants_fields() {
+    if !index.vectors.wants_fields() || index.vectors.is_replica() {
         return;
     }
     let report = crate::vector::milvus::ShardReport {
@@ -793,6 +793,14 @@ fn run_reporting(
     callback: &mut dyn FnMut(&Progress),
     stop: &AtomicBool,
 ) -> Result<RunSummary> {
+    if index.vectors.is_replica() {
+        return Err(Error::NotReplica(format!(
+            "{} is a search replica of {}: it is not indexed, it follows the collection \
+             (`clipdex serve` keeps it up to date, `clipdex replica` brings it up to date once)",
+            index.paths.root.display(),
+            index.vectors.engine()
+        )));
+    }
     if let Some(fail) = opts.fail_point {
         fail("");
     }

@@ -687,6 +687,26 @@ impl Engine {
             .ok_or_else(|| Error::NotFound(format!("no photo {id}")))
     }
 
+    /// The JPEG thumbnail of photo `id`. One that is missing (a search
+    /// replica makes none while indexing; a deleted thumbnail) is made from
+    /// the original, when it is still the file indexed, and kept.
+    pub fn thumbnail(&self, id: u64) -> Result<Vec<u8>> {
+        use crate::library::thumb::{THUMB_SIZE, encode_thumbnail, write_thumbnail};
+        let record = self.record(id)?;
+        if let Ok(bytes) = std::fs::read(self.index.thumbnail_path(&record)) {
+            return Ok(bytes);
+        }
+        let (original, _) = self.original(id)?;
+        let none = || Error::NotFound(format!("no thumbnail for photo {id}"));
+        let image = decode_bytes_scaled(&original, &self.limits, Some(2 * THUMB_SIZE))
+            .map_err(|_| none())?;
+        let jpeg = encode_thumbnail(image.view()).map_err(|_| none())?;
+        if let Err(e) = write_thumbnail(&self.index.paths().thumbs(), &record.hash, &jpeg) {
+            tracing::warn!(id, error = %e, "the thumbnail made again was not kept");
+        }
+        Ok(jpeg)
+    }
+
     pub fn photo(&self, id: u64) -> Result<Photo> {
         Ok(Photo::from_record(&self.record(id)?))
     }
@@ -807,10 +827,18 @@ impl Engine {
     }
 
     fn photo_vector(&self, id: u64) -> Result<Vec<f32>> {
-        self.index
-            .store()
-            .vector(id)?
+        self.stored_vector(id)?
             .ok_or_else(|| Error::NotFound(format!("no photo {id}")))
+    }
+
+    /// The vector of photo `id`: the store's, or (a replica keeps none)
+    /// the engine's.
+    fn stored_vector(&self, id: u64) -> Result<Option<Vec<f32>>> {
+        match self.index.store().vector(id)? {
+            Some(v) => Ok(Some(v)),
+            None if self.index.vectors().is_replica() => Ok(self.index.vectors().vector(id)?),
+            None => Ok(None),
+        }
     }
 
     /// The ids the filters allow, or `None` when there are no filters.
@@ -906,8 +934,20 @@ impl Engine {
     }
 
     /// The query's results down to `depth` (at most every photo), fused
-    /// from the two rankings.
+    /// from the two rankings. A replica's come from its copy of the
+    /// records too (keywords, browsing), which may be seconds behind the
+    /// engine: only the photos the engine holds now are kept.
     fn rank(&self, q: &Query, depth: usize) -> Result<Ranking> {
+        let mut ranking = self.rank_all(q, depth)?;
+        if self.index.vectors().is_replica() && !ranking.fused.is_empty() {
+            let ids: Vec<u64> = ranking.fused.iter().map(|&(id, _)| id).collect();
+            let live = self.index.vectors().live(&ids)?;
+            ranking.fused.retain(|(id, _)| live.contains(id));
+        }
+        Ok(ranking)
+    }
+
+    fn rank_all(&self, q: &Query, depth: usize) -> Result<Ranking> {
         if q.terms.is_empty() {
             return self.browse(q);
         }
@@ -1096,7 +1136,7 @@ impl Engine {
                 Some(s) => *s,
                 // Browsing by filters alone: no query to compare with.
                 None if ranking.query.is_empty() => 0.0,
-                None => match self.index.store().vector(id)? {
+                None => match self.stored_vector(id)? {
                     Some(v) => dot(&ranking.query, &v),
                     None => continue,
                 },

@@ -426,12 +426,7 @@ pub async fn thumbnail(
 ) -> ApiResult<Response> {
     let id = path_id(id)?;
     let engine = engine(&state)?;
-    let bytes = blocking(move || {
-        let record = engine.record(id)?;
-        std::fs::read(engine.index().thumbnail_path(&record))
-            .map_err(|_| ApiError::not_found(format!("no thumbnail for photo {id}")))
-    })
-    .await?;
+    let bytes = blocking(move || Ok(engine.thumbnail(id)?)).await?;
     // Thumbnails are content-addressed: a photo id's thumbnail only changes with a new id.
     Ok(file_response(bytes, "image/jpeg", "private, max-age=86400"))
 }
@@ -468,7 +463,10 @@ pub struct StatusResponse {
     pub precision: Option<crate::search::Precision>,
     /// Where the vectors live: `embedded`, or `milvus://HOST:PORT/COLLECTION`
     /// (filters are evaluated inside Milvus's search; keyword fusion uses
-    /// this server's keyword index, kept beside the index's store).
+    /// this server's keyword index, kept beside the index's store), with
+    /// ` shard I/N` for one shard's index, or ` (replica)` for a search
+    /// replica, whose keyword index is built from the records the
+    /// collection holds and kept up to date every 5 seconds.
     pub vectors: Option<String>,
     pub reindex: ReindexStatus,
 }

@@ -209,6 +209,9 @@ fn load(state: &SharedState, addr: SocketAddr) -> Result<(), OpenError> {
     engine
         .index()
         .set_holder("clipdex serve", Some(&format!("http://{addr}")));
+    if engine.index().vectors().is_replica() {
+        crate::indexer::replica::keep_synced(engine.index().clone());
+    }
     let engine = engine.with_upload_limits(config.run.limits, config.decode_budget);
     *state.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
     state.set_lifecycle(Lifecycle::Ready, None);

@@ -67,9 +67,10 @@ impl EngineConfig {
     pub fn describe(&self) -> String {
         match self {
             Self::Embedded => "embedded".to_string(),
-            Self::Milvus(m) => match m.shard {
-                Some(shard) => format!("{} shard {shard}", m.url()),
-                None => m.url(),
+            Self::Milvus(m) => match (m.shard, m.replica) {
+                (_, true) => format!("{} (replica)", m.url()),
+                (Some(shard), false) => format!("{} shard {shard}", m.url()),
+                (None, false) => m.url(),
             },
         }
     }
@@ -165,6 +166,9 @@ impl Vectors {
     pub fn open(dir: &Path, dim: usize, config: &EngineConfig, model: &str) -> Result<Self> {
         match config {
             EngineConfig::Embedded => Ok(Self::Embedded(Box::new(VectorIndex::open(dir, dim)?))),
+            EngineConfig::Milvus(m) if m.replica => Ok(Self::Milvus(Box::new(
+                MilvusVectors::open_reader(m, Some((dim, model)), token_from_env().as_deref())?,
+            ))),
             EngineConfig::Milvus(m) => Ok(Self::Milvus(Box::new(MilvusVectors::open(
                 m,
                 dim,
@@ -174,11 +178,35 @@ impl Vectors {
         }
     }
 
-    /// The engine, as `--vectors` names it.
+    /// The engine, as `--vectors` names it (and the shard, or that this is
+    /// a replica).
     pub fn engine(&self) -> String {
         match self {
             Self::Embedded(_) => "embedded".to_string(),
-            Self::Milvus(m) => m.config().url(),
+            Self::Milvus(m) => EngineConfig::Milvus(m.config().clone()).describe(),
+        }
+    }
+
+    /// Whether this is a search replica's view of a shared collection: it
+    /// reads every shard's photos and writes nothing.
+    pub fn is_replica(&self) -> bool {
+        matches!(self, Self::Milvus(m) if m.config().replica)
+    }
+
+    /// A shared engine's records written at or after `since_ms`, with
+    /// when each was (none for the embedded engine).
+    pub fn changed_since(&self, since_ms: i64) -> Result<Vec<(u64, serde_json::Value, i64)>> {
+        match self {
+            Self::Embedded(_) => Ok(Vec::new()),
+            Self::Milvus(m) => m.changed_since(since_ms),
+        }
+    }
+
+    /// Which of `ids` the engine holds now.
+    pub fn live(&self, ids: &[u64]) -> Result<HashSet<u64>> {
+        match self {
+            Self::Embedded(v) => Ok(ids.iter().copied().filter(|&id| v.contains(id)).collect()),
+            Self::Milvus(m) => m.live(ids),
         }
     }
 

@@ -35,10 +35,13 @@ use serde::{Deserialize, Serialize};
 
 use super::{Error, Result, unit};
 pub use crate::common::shard::Shard;
+use crate::common::time::now_secs;
 
 /// Version of the collection's schema below. A collection of another
 /// version is refused, never written.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: each photo's entity carries its record and when it was written
+/// (`f.record`, `f.w`), from which search replicas build their folder.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The id of the entity [`MilvusVectors::fence`] writes; photos' ids are
 /// never negative, and every read of photos asks for ids of its shard.
@@ -100,6 +103,11 @@ pub struct MilvusConfig {
     /// (none in indexes made before shards existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// A search replica's folder: it reads the whole collection and writes
+    /// nothing to it (its records come from the collection, `clipdex
+    /// replica`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replica: bool,
 }
 
 impl MilvusConfig {
@@ -155,6 +163,7 @@ impl MilvusConfig {
             index,
             shard: None,
             owner: None,
+            replica: false,
         })
     }
 
@@ -166,13 +175,16 @@ impl MilvusConfig {
     /// Whether `other` names the same collection, index and shard (the
     /// index folder that writes it aside).
     pub fn same_place(&self, other: &Self) -> bool {
-        (&self.address, &self.collection, self.index, self.shard())
-            == (
-                &other.address,
-                &other.collection,
-                other.index,
-                other.shard(),
+        let place = |c: &Self| {
+            (
+                c.address.clone(),
+                c.collection.clone(),
+                c.index,
+                c.shard(),
+                c.replica,
             )
+        };
+        place(self) == place(other)
     }
 
     /// The address as given to `--vectors` (without credentials).
@@ -208,6 +220,14 @@ pub struct Fields {
     /// On a shard's report entity (not a photo): the report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<ShardReport>,
+    /// The photo's record, as the index that writes it keeps it (opaque
+    /// here), for search replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<serde_json::Value>,
+    /// When the entity was written, milliseconds since the epoch by the
+    /// writer's clock: replicas read what changed since their last look.
+    #[serde(default, rename = "w")]
+    pub written: i64,
 }
 
 /// What an index writing one shard of a collection last said of itself,
@@ -398,13 +418,6 @@ fn describe_shard(shard: Shard) -> String {
         1 => "the whole library (no --shard)".to_string(),
         _ => format!("shard {shard}"),
     }
-}
-
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn engine_error(config: &MilvusConfig, e: impl std::fmt::Display) -> Error {
@@ -661,7 +674,7 @@ impl MilvusVectors {
         })?;
         if !exists {
             let schema = self.schema(model)?;
-            self.call(|c| async move {
+            let created = self.call(|c| async move {
                 c.create_collection(
                     schema,
                     Some(
@@ -669,35 +682,62 @@ impl MilvusVectors {
                     ),
                 )
                 .await
-            })?;
-            let params = match self.config.index {
-                AnnIndex::Hnsw => IndexParams::new(
-                    "vector_hnsw".into(),
-                    IndexType::HNSW,
-                    MetricType::IP,
-                    [("M", "24"), ("efConstruction", "200")]
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                ),
-                AnnIndex::Flat => IndexParams::new(
-                    "vector_flat".into(),
-                    IndexType::Flat,
-                    MetricType::IP,
-                    Default::default(),
-                ),
-            };
-            self.call({
+            });
+            // Another writer (a shard starting at the same moment) may have
+            // made it first.
+            if let Err(e) = created {
                 let name = name.clone();
-                |c| async move { c.create_index(name, "vector", params).await }
-            })?;
+                if !self.call(|c| async move { c.has_collection(name).await })? {
+                    return Err(e);
+                }
+            }
         }
         self.check_description(model)?;
+        self.ensure_index()?;
         self.call({
             let name = name.clone();
             |c| async move { c.load_collection(name, Some(LoadOptions::default())).await }
         })?;
         self.fence()
+    }
+
+    /// Whether the collection's vectors have an index (Milvus loads none
+    /// without).
+    fn has_index(&self) -> bool {
+        let name = self.config.collection.clone();
+        self.call(|c| async move { c.describe_index(name, "vector".to_string()).await })
+            .is_ok_and(|indexes| !indexes.is_empty())
+    }
+
+    /// Makes the vectors' index if the collection has none yet. Writers
+    /// starting at once may both try: the one refused finds the other's.
+    fn ensure_index(&self) -> Result<()> {
+        if self.has_index() {
+            return Ok(());
+        }
+        let params = match self.config.index {
+            AnnIndex::Hnsw => IndexParams::new(
+                "vector_hnsw".into(),
+                IndexType::HNSW,
+                MetricType::IP,
+                [("M", "24"), ("efConstruction", "200")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            AnnIndex::Flat => IndexParams::new(
+                "vector_flat".into(),
+                IndexType::Flat,
+                MetricType::IP,
+                Default::default(),
+            ),
+        };
+        let name = self.config.collection.clone();
+        let made = self.call(|c| async move { c.create_index(name, "vector", params).await });
+        match made {
+            Err(_) if self.has_index() => Ok(()),
+            other => other,
+        }
     }
 
     /// Refuses a collection made for another model, dimension or schema.
@@ -709,6 +749,15 @@ impl MilvusVectors {
         })?;
         let want = description(self.dim, model);
         let found = described.schema.description;
+        if found.starts_with("clipdex photos; schema 1;") {
+            return Err(engine_error(
+                &self.config,
+                format!(
+                    "the collection {name} was made by an earlier clipdex (schema 1: its entities lack \
+                     the records search replicas read); index into a new collection"
+                ),
+            ));
+        }
         if found != want {
             return Err(engine_error(
                 &self.config,
@@ -824,7 +873,9 @@ impl MilvusVectors {
     pub fn shards(&self) -> Result<Vec<ShardStatus>> {
         let reports = self.reports()?;
         let mut shards: Vec<Shard> = reports.iter().map(|r| r.shard).collect();
-        shards.push(self.config.shard());
+        if !self.config.replica {
+            shards.push(self.config.shard());
+        }
         shards.sort_by_key(|s| (s.count, s.index));
         shards.dedup();
         shards
@@ -860,9 +911,21 @@ impl MilvusVectors {
         self.level as i32
     }
 
+    /// A replica's engine refuses to write.
+    fn check_writer(&self) -> Result<()> {
+        match self.config.replica {
+            true => Err(engine_error(
+                &self.config,
+                "a search replica does not write to the collection",
+            )),
+            false => Ok(()),
+        }
+    }
+
     /// Writes (or replaces) the entities of `items`, photos of this
     /// index's shard.
     pub fn put(&self, items: Vec<(u64, Vec<f32>, Fields)>) -> Result<()> {
+        self.check_writer()?;
         if let Some((id, _, _)) = items.iter().find(|(id, _, _)| !self.scope.contains(id)) {
             return Err(engine_error(
                 &self.config,
@@ -952,6 +1015,7 @@ impl MilvusVectors {
 
     /// Removes entities; ids not there are no error.
     pub fn remove(&self, ids: &[u64]) -> Result<()> {
+        self.check_writer()?;
         for chunk in ids.chunks(DELETE_CHUNK) {
             let name = &self.config.collection;
             let ids: Vec<i64> = chunk.iter().map(|&id| id as i64).collect();
@@ -1089,20 +1153,110 @@ impl MilvusVectors {
     /// a query and in no order, so the id space is split until each part
     /// fits.
     pub fn ids(&self) -> Result<BTreeSet<u64>> {
-        let mut ids = BTreeSet::new();
+        Ok(self
+            .query_all("", |lo, hi, cond| {
+                self.query(
+                    format!("id >= {lo} and id < {hi}{cond}"),
+                    false,
+                    Some(MAX_RESULTS),
+                )
+                .map(|found| found.into_iter().map(|(id, _)| (id, ())).collect())
+            })?
+            .into_iter()
+            .map(|(id, ())| id)
+            .collect())
+    }
+
+    /// Runs `each` (lowest id, id past the highest, `cond`) over the id
+    /// space of the scope, splitting a range whose answer fills a query
+    /// ([`MAX_RESULTS`]) until every part fits.
+    fn query_all<T>(
+        &self,
+        cond: &str,
+        each: impl Fn(u64, u64, &str) -> Result<Vec<(u64, T)>>,
+    ) -> Result<Vec<(u64, T)>> {
+        let mut all = Vec::new();
         let mut ranges = vec![(self.scope.start, self.scope.end)];
         while let Some((lo, hi)) = ranges.pop() {
-            let expr = format!("id >= {lo} and id < {hi}");
-            let found = self.query(expr, false, Some(MAX_RESULTS))?;
+            let found = each(lo, hi, cond)?;
             if found.len() < MAX_RESULTS || hi - lo <= 1 {
-                ids.extend(found.into_iter().map(|(id, _)| id));
+                all.extend(found);
             } else {
                 let mid = lo + (hi - lo) / 2;
                 ranges.push((lo, mid));
                 ranges.push((mid, hi));
             }
         }
-        Ok(ids)
+        Ok(all)
+    }
+
+    /// The records of the photos written at or after `since_ms` (by their
+    /// writers' clocks), with when each was written: what a replica reads
+    /// to bring its folder up to date (`i64::MIN`: every record).
+    pub fn changed_since(&self, since_ms: i64) -> Result<Vec<(u64, serde_json::Value, i64)>> {
+        // Every record: no condition (entities written before `w` was kept among them).
+        let cond = match since_ms {
+            i64::MIN => String::new(),
+            since => format!(" and f[\"w\"] >= {since}"),
+        };
+        let found = self.query_all(&cond, |lo, hi, cond| {
+            self.query_fields(format!("id >= {lo} and id < {hi}{cond}"))
+        })?;
+        Ok(found
+            .into_iter()
+            .filter_map(|(id, f)| Some((id, f.record?, f.written)))
+            .collect())
+    }
+
+    /// The ids and [`Fields`] of the entities `expr` selects (at most
+    /// [`MAX_RESULTS`]).
+    fn query_fields(&self, expr: String) -> Result<Vec<(u64, Fields)>> {
+        let name = self.config.collection.clone();
+        let level = self.consistency();
+        let columns = self.read(|c| {
+            let (name, expr) = (name.clone(), expr.clone());
+            async move {
+                let options = QueryOptions::new()
+                    .output_fields(vec!["id".to_string(), "f".to_string()])
+                    .consistency_level(level)
+                    .limit(MAX_RESULTS as i64);
+                c.query(name, &expr, &options).await
+            }
+        })?;
+        let (mut ids, mut fields) = (Vec::new(), Vec::new());
+        for column in columns {
+            match (column.name.as_str(), column.value) {
+                ("id", ValueVec::Long(v)) => ids = v,
+                ("f", ValueVec::Json(v)) => fields = v,
+                _ => {}
+            }
+        }
+        if fields.len() != ids.len() {
+            return Err(engine_error(
+                &self.config,
+                format!("{} ids came with {} field values", ids.len(), fields.len()),
+            ));
+        }
+        Ok(ids
+            .into_iter()
+            .zip(fields)
+            // Fields this version cannot read are an entity without them.
+            .map(|(id, f)| (id as u64, serde_json::from_slice(&f).unwrap_or_default()))
+            .collect())
+    }
+
+    /// Which of `ids` the collection holds now.
+    pub fn live(&self, ids: &[u64]) -> Result<HashSet<u64>> {
+        let mut live = HashSet::new();
+        for chunk in ids.chunks(DELETE_CHUNK) {
+            let expr = format!("id in {}", list(chunk.iter().map(|id| id.to_string())));
+            live.extend(
+                self.query(expr, false, Some(chunk.len()))?
+                    .into_iter()
+                    .map(|(id, _)| id),
+            );
+        }
+        Ok(live)
     }
 
     /// The stored (unit) vector of `id`.

@@ -451,6 +451,31 @@ fn tools_and_fishes(root: &Path, tools: usize, fishes: usize) -> std::path::Path
     library
 }
 
+/// Two shards (`0/2`, `1/2`, folders `shard0` and `shard1`) of a library
+/// of 50 photos under `root` indexed at the same time into a new exact
+/// collection: the library, the collection's address and the two folders.
+fn two_shards_at_once(
+    root: &Path,
+    server: &str,
+    label: &str,
+) -> (
+    std::path::PathBuf,
+    String,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let library = tools_and_fishes(root, 30, 20);
+    let url = format!("milvus://{server}/{}?index=flat", collection(label));
+    let (d0, d1) = (root.join("shard0"), root.join("shard1"));
+    let a = spawn_shard(&library, &d0, &url, "0/2", false);
+    let b = spawn_shard(&library, &d1, &url, "1/2", false);
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    (library, url, d0, d1)
+}
+
 /// Two indexers, `--shard 0/2` and `--shard 1/2`, index one library into
 /// one collection at the same time, each with its own index folder: every
 /// photo is then in the collection exactly once, `status` on either folder
@@ -460,15 +485,7 @@ fn tools_and_fishes(root: &Path, tools: usize, fishes: usize) -> std::path::Path
 fn two_shards_index_one_library_at_once() {
     let Some(server) = server() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let library = tools_and_fishes(dir.path(), 30, 20);
-    let url = format!("milvus://{server}/{}?index=flat", collection("shards"));
-    let (d0, d1) = (dir.path().join("shard0"), dir.path().join("shard1"));
-    let a = spawn_shard(&library, &d0, &url, "0/2", false);
-    let b = spawn_shard(&library, &d1, &url, "1/2", false);
-    for child in [a, b] {
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
-    }
+    let (library, url, d0, d1) = two_shards_at_once(dir.path(), &server, "shards");
     let (p0, p1) = shards_are_library(&d0, &d1, &library);
     assert!(
         p0.len() >= 10 && p1.len() >= 10,
@@ -597,4 +614,179 @@ fn a_killed_shard_resumes_without_loss_or_duplicates() {
         .map(|x| x["photos"].as_u64().unwrap())
         .sum();
     assert_eq!(total, 50, "{s}");
+}
+
+/// The ids, paths and scores of an API search's hits.
+fn api_hits(base: &str, query: &str) -> Vec<(u64, String, f64)> {
+    let (status, body) = crate::web::get_json(base, query);
+    assert_eq!(status, 200, "{query}: {body}");
+    body["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["id"].as_u64().unwrap(),
+                h["path"].as_str().unwrap().to_string(),
+                h["score"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Two search replicas of a collection that two shards wrote, each made
+/// from the collection alone (`clipdex replica`) and served by `clipdex
+/// serve`, answer every query alike (text, paging, filters, keywords,
+/// find-similar, browsing), as the embedded engine does; after files are
+/// removed and the shards re-indexed, neither returns them, at once, and
+/// their copies of the records follow.
+#[test]
+fn replicas_answer_alike_and_never_return_removed_photos() {
+    use crate::web::{get_json, serve};
+    let Some(server) = server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (library, url, d0, d1) = two_shards_at_once(dir.path(), &server, "replicas");
+    let model = fixture_model("openai-tiny");
+    let embedded = dir.path().join("embedded");
+    let out = index(&library, &embedded, &model, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let replicas = [dir.path().join("replica1"), dir.path().join("replica2")];
+    for r in &replicas {
+        let out = clipdex(&[
+            "replica",
+            "--index",
+            r.to_str().unwrap(),
+            "--of",
+            &url,
+            "--library",
+            library.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stdout(&out).contains(": 50 photos (50 added"),
+            "{}",
+            stdout(&out)
+        );
+    }
+    // A replica is not indexed.
+    let out = clipdex(&["reindex", "--index", replicas[0].to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is a search replica"),
+        "{}",
+        stderr(&out)
+    );
+
+    let servers = [serve(&replicas[0], &[]), serve(&replicas[1], &[])];
+    let (_, status) = get_json(&servers[0].url, "/api/status");
+    assert!(
+        status["vectors"].as_str().unwrap().ends_with("(replica)"),
+        "{status}"
+    );
+    assert_eq!(status["photos"], 50);
+    let first = api_hits(&servers[0].url, "/api/search?q=a%20hammer&k=3");
+    let queries = [
+        "/api/search?q=a%20red%20fish&k=10".to_string(),
+        "/api/search?q=a%20tool&k=5&offset=5".to_string(),
+        "/api/search?q=a%20tool&folder=fishes&k=10".to_string(),
+        "/api/search?q=scissors%20hammer&k=10".to_string(),
+        "/api/search?q=fish&k=10&hybrid=false".to_string(),
+        format!("/api/search?q=image:{}&k=6", first[0].0),
+        "/api/search?q=&folder=tools&k=40".to_string(),
+    ];
+    for q in &queries {
+        let (x, y) = (api_hits(&servers[0].url, q), api_hits(&servers[1].url, q));
+        assert!(!x.is_empty(), "{q}");
+        assert_eq!(x.len(), y.len(), "{q}");
+        for (h, g) in x.iter().zip(&y) {
+            assert_eq!((h.0, &h.1), (g.0, &g.1), "{q}");
+            assert!((h.2 - g.2).abs() < 1e-5, "{q}");
+        }
+    }
+    let (status, body) = get_json(
+        &servers[1].url,
+        &format!("/api/photos/{}/similar?k=5", first[0].0),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["hits"].as_array().unwrap().len(), 5);
+    // Thumbnails are made from the originals (a replica indexed nothing).
+    let thumb = ureq::get(&format!(
+        "{}/api/photos/{}/thumbnail",
+        servers[0].url, first[0].0
+    ))
+    .call()
+    .unwrap();
+    assert_eq!(thumb.headers()["content-type"], "image/jpeg");
+
+    // By meaning alone, the replicas rank as the embedded engine (through
+    // the server that holds the replica, as the CLI does).
+    let by_meaning = |index: &Path| {
+        hits(&[
+            "search",
+            "a red fish",
+            "--index",
+            index.to_str().unwrap(),
+            "-k",
+            "10",
+            "--cutoff",
+            "none",
+            "--no-keywords",
+            "--json",
+        ])
+    };
+    let (e, r) = (by_meaning(&embedded), by_meaning(&replicas[1]));
+    assert_eq!(e.len(), 10);
+    for ((pe, se), (pr, sr)) in e.iter().zip(&r) {
+        assert!((se - sr).abs() < 1e-4, "{pe} {se} against {pr} {sr}");
+    }
+
+    // Remove five tools and re-index both shards while the replicas serve.
+    let removed: Vec<String> = library_paths(&library.join("tools"))[..5]
+        .iter()
+        .map(|p| {
+            std::fs::remove_file(library.join(p)).unwrap();
+            p.clone()
+        })
+        .collect();
+    for d in [&d0, &d1] {
+        let out = clipdex(&["reindex", "--index", d.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    // At once: the engine drops them from every answer, browsing and
+    // keyword matches included.
+    for s in &servers {
+        for q in [
+            "/api/search?q=a%20tool&k=100&cutoff=none",
+            "/api/search?q=&folder=tools&k=100",
+            "/api/search?q=tools&k=100",
+        ] {
+            let found = api_hits(&s.url, q);
+            assert!(
+                found.iter().all(|(_, p, _)| !removed.contains(p)),
+                "{q}: {found:?}"
+            );
+        }
+    }
+    // And the replicas' records follow within a few syncs.
+    let start = std::time::Instant::now();
+    for s in &servers {
+        while get_json(&s.url, "/api/status").1["photos"] != 45 {
+            assert!(
+                start.elapsed().as_secs() < 60,
+                "the replica kept removed photos"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+}
+
+/// The files of a folder, as paths relative to its parent (the library).
+fn library_paths(folder: &Path) -> Vec<String> {
+    let name = folder.file_name().unwrap().to_str().unwrap();
+    crate::index::library_files(folder)
+        .into_iter()
+        .map(|f| format!("{name}/{f}"))
+        .collect()
 }
