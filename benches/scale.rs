@@ -1115,6 +1115,7 @@ fn milvus(args: &Args) {
         index: AnnIndex::Hnsw,
         shard: None,
         owner: None,
+        replica: false,
     };
     let engine = MilvusVectors::open(&config, DIM, "scale-bench", None).expect("milvus");
     let have = engine.count().expect("count");

@@ -4,6 +4,7 @@
 //!     cargo build --release && cargo bench --bench model && cargo bench --bench server
 //!     cargo bench --bench server -- [--clients 32] [--seconds 60] [--photos 10000] [--precision exact|fast|int8]
 //!     cargo bench --bench server -- --index DIR [--clients 32] [--seconds 60]
+//!     cargo bench --bench server -- --photos 10000 --library-only   # writes the library, prints its path
 //!
 //! `--precision fast` or `int8` indexes (once, into its own folder) and
 //! serves with the bf16 or int8 towers.
@@ -33,6 +34,7 @@ struct Args {
     photos: usize,
     precision: String,
     index: Option<PathBuf>,
+    library_only: bool,
 }
 
 fn args() -> Args {
@@ -42,6 +44,7 @@ fn args() -> Args {
         photos: 10_000,
         precision: "exact".into(),
         index: None,
+        library_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -51,6 +54,7 @@ fn args() -> Args {
             "--photos" => a.photos = it.next().and_then(|v| v.parse().ok()).expect("--photos N"),
             "--precision" => a.precision = it.next().expect("--precision exact|fast|int8"),
             "--index" => a.index = it.next().map(PathBuf::from),
+            "--library-only" => a.library_only = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -238,6 +242,13 @@ fn prepare(args: &Args, binary: &Path) -> PathBuf {
 
 fn main() {
     let args = args();
+    if args.library_only {
+        // For indexing the same pictures another way (the Milvus engine).
+        let library = root().join(format!("target/bench/library-{}", args.photos));
+        make_library(&library, args.photos);
+        println!("{}", library.display());
+        return;
+    }
     let binary = root().join("target/release/clipdex");
     assert!(binary.exists(), "build first: cargo build --release");
     let index = match &args.index {
