@@ -1116,6 +1116,7 @@ fn milvus(args: &Args) {
         shard: None,
         owner: None,
         replica: false,
+        bounded: false,
     };
     let engine = MilvusVectors::open(&config, DIM, "scale-bench", None).expect("milvus");
     let have = engine.count().expect("count");

@@ -139,13 +139,23 @@ pub fn replica(args: &ReplicaArgs) -> Result<()> {
         crate::vector::engine::set_token(token);
     }
     let index = if indexer::IndexPaths::new(&args.index).exists() {
-        if args.of.is_some() || args.library.is_some() {
+        // Made before (perhaps by a run that stopped before its first
+        // sync): the same --of again is no error, another one is.
+        if let Some(of) = &args.of {
             let recorded = EngineConfig::read(&args.index)?;
-            bail!(
-                "{} is already made ({}); a replica keeps its collection and library",
-                args.index.display(),
-                recorded.describe()
-            );
+            let asked = match EngineConfig::parse(of)? {
+                EngineConfig::Milvus(m) => {
+                    EngineConfig::Milvus(crate::vector::milvus::MilvusConfig { replica: true, ..m })
+                }
+                other => other,
+            };
+            if !recorded.same_engine(&asked) {
+                bail!(
+                    "{} is a replica of {}, not of {of}: a replica keeps its collection",
+                    args.index.display(),
+                    recorded.describe()
+                );
+            }
         }
         Index::open(&args.index)?
     } else {

@@ -276,6 +276,18 @@ impl Vectors {
         }
     }
 
+    /// [`Self::nearest`] for each of `queries` (Milvus: in one round trip).
+    pub fn nearest_many(&self, queries: &[&[f32]], k: usize) -> Result<Vec<Vec<(u64, f32)>>> {
+        match self {
+            Self::Embedded(v) => queries.iter().map(|q| v.search(q, k, None)).collect(),
+            Self::Milvus(m) => m.search_many(
+                queries,
+                k,
+                milvus::expression(m.scope(), None, &HashSet::new()),
+            ),
+        }
+    }
+
     /// The `k` nearest vectors to `query` among the photos `filter`
     /// selects, less `excluded`, best first. The embedded graph takes the
     /// selection as the ids `among` (the keyword index's answer to the

@@ -63,6 +63,9 @@ const DELETE_CHUNK: usize = 4096;
 const PUT_CHUNK: usize = 2048;
 /// Most results one search or query returns (Milvus's limit).
 pub const MAX_RESULTS: usize = 16_384;
+/// Most entities one query returns with their fields: a gRPC answer is at
+/// most 4 MB, and a record with its fields is 0.4 to a few KB.
+const RECORDS_PAGE: usize = 1024;
 /// How long one call may take before it fails.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a write keeps retrying while the engine cannot be reached.
@@ -108,6 +111,12 @@ pub struct MilvusConfig {
     /// replica`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replica: bool,
+    /// A replica's searches may return a photo removed in the last few
+    /// seconds (`?consistency=bounded`), instead of waiting for Milvus's
+    /// clock to be sure it is not (strong, the default: about 200 ms a
+    /// search with Milvus's default time tick).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bounded: bool,
 }
 
 impl MilvusConfig {
@@ -115,7 +124,9 @@ impl MilvusConfig {
     pub fn parse(url: &str) -> Result<Self> {
         let bad = |why: &str| Error::Engine {
             address: url.to_string(),
-            message: format!("{why}; expected milvus://HOST:PORT/COLLECTION[?index=hnsw|flat]"),
+            message: format!(
+                "{why}; expected milvus://HOST:PORT/COLLECTION[?index=hnsw|flat][&consistency=strong|bounded]"
+            ),
         };
         let rest = url
             .strip_prefix("milvus://")
@@ -150,10 +161,13 @@ impl MilvusConfig {
             ));
         }
         let mut index = AnnIndex::default();
+        let mut bounded = false;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair {
                 "index=hnsw" => index = AnnIndex::Hnsw,
                 "index=flat" => index = AnnIndex::Flat,
+                "consistency=strong" => bounded = false,
+                "consistency=bounded" => bounded = true,
                 other => return Err(bad(&format!("unknown option {other:?}"))),
             }
         }
@@ -164,6 +178,7 @@ impl MilvusConfig {
             shard: None,
             owner: None,
             replica: false,
+            bounded,
         })
     }
 
@@ -193,8 +208,12 @@ impl MilvusConfig {
             AnnIndex::Hnsw => "hnsw",
             AnnIndex::Flat => "flat",
         };
+        let consistency = match self.bounded {
+            true => "&consistency=bounded",
+            false => "",
+        };
         format!(
-            "milvus://{}/{}?index={index}",
+            "milvus://{}/{}?index={index}{consistency}",
             self.address, self.collection
         )
     }
@@ -456,7 +475,14 @@ impl MilvusVectors {
         token: Option<&str>,
     ) -> Result<Self> {
         let dim = expect.map_or(0, |(dim, _)| dim);
-        let engine = Self::connect(config, dim, token, ConsistencyLevel::Strong)?;
+        // A replica reads a few seconds behind (bounded: no wait for the
+        // cluster's clock) and asks strongly only whether its results are
+        // still there ([`Self::live`]); `status` reads strongly.
+        let level = match config.replica {
+            true => ConsistencyLevel::Bounded,
+            false => ConsistencyLevel::Strong,
+        };
+        let engine = Self::connect(config, dim, token, level)?;
         let name = config.collection.clone();
         let exists = engine.call({
             let name = name.clone();
@@ -1106,12 +1132,22 @@ impl MilvusVectors {
         vectors: bool,
         limit: Option<usize>,
     ) -> Result<Vec<(u64, Option<Vec<f32>>)>> {
+        self.query_at(expr, vectors, limit, self.consistency())
+    }
+
+    /// [`Self::query`] at the consistency `level`.
+    fn query_at(
+        &self,
+        expr: String,
+        vectors: bool,
+        limit: Option<usize>,
+        level: i32,
+    ) -> Result<Vec<(u64, Option<Vec<f32>>)>> {
         let name = self.config.collection.clone();
         let mut fields = vec!["id".to_string()];
         if vectors {
             fields.push("vector".to_string());
         }
-        let level = self.consistency();
         let columns = self.read(|c| {
             let (name, expr, fields) = (name.clone(), expr.clone(), fields.clone());
             async move {
@@ -1154,7 +1190,7 @@ impl MilvusVectors {
     /// fits.
     pub fn ids(&self) -> Result<BTreeSet<u64>> {
         Ok(self
-            .query_all("", |lo, hi, cond| {
+            .query_all("", MAX_RESULTS, |lo, hi, cond| {
                 self.query(
                     format!("id >= {lo} and id < {hi}{cond}"),
                     false,
@@ -1169,17 +1205,18 @@ impl MilvusVectors {
 
     /// Runs `each` (lowest id, id past the highest, `cond`) over the id
     /// space of the scope, splitting a range whose answer fills a query
-    /// ([`MAX_RESULTS`]) until every part fits.
+    /// (`page` results) until every part fits.
     fn query_all<T>(
         &self,
         cond: &str,
+        page: usize,
         each: impl Fn(u64, u64, &str) -> Result<Vec<(u64, T)>>,
     ) -> Result<Vec<(u64, T)>> {
         let mut all = Vec::new();
         let mut ranges = vec![(self.scope.start, self.scope.end)];
         while let Some((lo, hi)) = ranges.pop() {
             let found = each(lo, hi, cond)?;
-            if found.len() < MAX_RESULTS || hi - lo <= 1 {
+            if found.len() < page || hi - lo <= 1 {
                 all.extend(found);
             } else {
                 let mid = lo + (hi - lo) / 2;
@@ -1199,7 +1236,7 @@ impl MilvusVectors {
             i64::MIN => String::new(),
             since => format!(" and f[\"w\"] >= {since}"),
         };
-        let found = self.query_all(&cond, |lo, hi, cond| {
+        let found = self.query_all(&cond, RECORDS_PAGE, |lo, hi, cond| {
             self.query_fields(format!("id >= {lo} and id < {hi}{cond}"))
         })?;
         Ok(found
@@ -1210,16 +1247,19 @@ impl MilvusVectors {
 
     /// The ids and [`Fields`] of the entities `expr` selects (at most
     /// [`MAX_RESULTS`]).
+    /// Bounded consistency (a few seconds behind, no wait for the
+    /// cluster's clock): the one reader, a replica's sync, reads a minute
+    /// back each time, and searches check the engine's live set anyway.
     fn query_fields(&self, expr: String) -> Result<Vec<(u64, Fields)>> {
         let name = self.config.collection.clone();
-        let level = self.consistency();
+        let level = ConsistencyLevel::Bounded as i32;
         let columns = self.read(|c| {
             let (name, expr) = (name.clone(), expr.clone());
             async move {
                 let options = QueryOptions::new()
                     .output_fields(vec!["id".to_string(), "f".to_string()])
                     .consistency_level(level)
-                    .limit(MAX_RESULTS as i64);
+                    .limit(RECORDS_PAGE as i64);
                 c.query(name, &expr, &options).await
             }
         })?;
@@ -1246,14 +1286,24 @@ impl MilvusVectors {
     }
 
     /// Which of `ids` the collection holds now.
+    /// Strongly consistent (unless the address says `consistency=bounded`):
+    /// it sees every removal acknowledged before it.
     pub fn live(&self, ids: &[u64]) -> Result<HashSet<u64>> {
         let mut live = HashSet::new();
         for chunk in ids.chunks(DELETE_CHUNK) {
             let expr = format!("id in {}", list(chunk.iter().map(|id| id.to_string())));
             live.extend(
-                self.query(expr, false, Some(chunk.len()))?
-                    .into_iter()
-                    .map(|(id, _)| id),
+                self.query_at(
+                    expr,
+                    false,
+                    Some(chunk.len()),
+                    match self.config.bounded {
+                        true => ConsistencyLevel::Bounded,
+                        false => ConsistencyLevel::Strong,
+                    } as i32,
+                )?
+                .into_iter()
+                .map(|(id, _)| id),
             );
         }
         Ok(live)
@@ -1307,17 +1357,33 @@ impl MilvusVectors {
     /// The `k` nearest entities to `query` that `expr` selects, as (id,
     /// cosine similarity), best first. `k` is capped at [`MAX_RESULTS`].
     pub fn search(&self, query: &[f32], k: usize, expr: String) -> Result<Vec<(u64, f32)>> {
-        self.check_dim(query)?;
-        if k == 0 {
-            return Ok(Vec::new());
+        Ok(self
+            .search_many(&[query], k, expr)?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// [`Self::search`] for each of `queries`, in one round trip.
+    pub fn search_many(
+        &self,
+        queries: &[&[f32]],
+        k: usize,
+        expr: String,
+    ) -> Result<Vec<Vec<(u64, f32)>>> {
+        for query in queries {
+            self.check_dim(query)?;
+        }
+        if k == 0 || queries.is_empty() {
+            return Ok(vec![Vec::new(); queries.len()]);
         }
         let k = k.min(MAX_RESULTS);
-        let query = unit(query);
+        let queries: Vec<Vec<f32>> = queries.iter().map(|q| unit(q)).collect();
         let name = self.config.collection.clone();
         let index = self.config.index;
         let level = self.consistency();
         let results = self.read(|c| {
-            let (name, expr, query) = (name.clone(), expr.clone(), query.clone());
+            let (name, expr) = (name.clone(), expr.clone());
+            let data: Vec<Value> = queries.iter().cloned().map(Value::from).collect();
             async move {
                 let mut options = SearchOptions::new()
                     .limit(k)
@@ -1328,12 +1394,10 @@ impl MilvusVectors {
                     options = options.add_param("ef", super::EF_SEARCH.max(k).to_string());
                 }
                 options = options.filter(expr);
-                let found = c
-                    .search(name, vec![Value::from(query)], Some(options))
-                    .await?;
+                let found = c.search(name, data, Some(options)).await?;
                 Ok(found
                     .into_iter()
-                    .flat_map(|r| {
+                    .map(|r| {
                         r.id.into_iter()
                             .zip(r.score)
                             .filter_map(|(id, score)| match id {
@@ -1345,6 +1409,16 @@ impl MilvusVectors {
                     .collect::<Vec<_>>())
             }
         })?;
+        if results.len() != queries.len() {
+            return Err(engine_error(
+                &self.config,
+                format!(
+                    "{} queries came back as {} results",
+                    queries.len(),
+                    results.len()
+                ),
+            ));
+        }
         Ok(results)
     }
 }
@@ -1362,6 +1436,12 @@ mod tests {
         assert_eq!(c.url(), "milvus://db.local:19530/photos?index=hnsw");
         let flat = MilvusConfig::parse("milvus://127.0.0.1:1/_p2?index=flat").unwrap();
         assert_eq!(flat.index, AnnIndex::Flat);
+        let bounded = MilvusConfig::parse("milvus://h:1/c?consistency=bounded").unwrap();
+        assert!(bounded.bounded);
+        assert_eq!(
+            bounded.url(),
+            "milvus://h:1/c?index=hnsw&consistency=bounded"
+        );
         for bad in [
             "http://h:1/c",
             "milvus://h:1",
