@@ -143,12 +143,7 @@ pub fn replica(args: &ReplicaArgs) -> Result<()> {
         // sync): the same --of again is no error, another one is.
         if let Some(of) = &args.of {
             let recorded = EngineConfig::read(&args.index)?;
-            let asked = match EngineConfig::parse(of)? {
-                EngineConfig::Milvus(m) => {
-                    EngineConfig::Milvus(crate::vector::milvus::MilvusConfig { replica: true, ..m })
-                }
-                other => other,
-            };
+            let asked = indexer::replica::replica_of(&EngineConfig::parse(of)?)?;
             if !recorded.same_engine(&asked) {
                 bail!(
                     "{} is a replica of {}, not of {of}: a replica keeps its collection",
@@ -670,9 +665,7 @@ fn print_shards(shards: &[ShardStatus]) {
         shards.len(),
         first.shard.count
     );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = crate::common::time::now_secs();
     for s in shards {
         match &s.report {
             Some(r) => println!(

@@ -11,8 +11,9 @@
 //! [`OVERLAP_MS`], for writers' clocks and the engine's lag), and compares
 //! the id sets when the counts disagree afterwards (a removal leaves no
 //! entity to read). Between syncs the engine itself keeps searches exact:
-//! a replica reads with strong consistency and drops the results the
-//! engine no longer holds (`search`), so a removed photo is never returned.
+//! a replica searches a few seconds behind (bounded consistency) and then
+//! drops the results the engine no longer holds, asked strongly (`search`,
+//! `Vectors::live`), so a removed photo is never returned.
 
 use std::path::Path;
 use std::time::Instant;
@@ -63,16 +64,23 @@ pub fn create_or_open(
     model: &ModelInfo,
     engine: &EngineConfig,
 ) -> Result<Index> {
+    Index::create_or_open_in(root, library, model, Some(&replica_of(engine)?))
+}
+
+/// The engine a replica of the collection `engine` names records: the
+/// whole collection, read only.
+pub fn replica_of(engine: &EngineConfig) -> Result<EngineConfig> {
     let EngineConfig::Milvus(config) = engine else {
         return Err(Error::NotReplica(format!(
             "a replica serves a shared collection: give --of milvus://HOST:PORT/COLLECTION, not {}",
             engine.describe()
         )));
     };
-    let mut config = config.clone();
-    config.replica = true;
-    config.shard = None;
-    Index::create_or_open_in(root, library, model, Some(&EngineConfig::Milvus(config)))
+    Ok(EngineConfig::Milvus(crate::vector::milvus::MilvusConfig {
+        replica: true,
+        shard: None,
+        ..config.clone()
+    }))
 }
 
 fn read_mark(index: &Index) -> Mark {

@@ -3,10 +3,13 @@
 //! One entity per photo: its id, its unit vector, and the fields the search
 //! filters need ([`Fields`]), so that a filter is a Milvus boolean
 //! expression evaluated inside the nearest-neighbour search, not a filter
-//! applied to its results. Reads are consistent with the session, which
-//! starts with a fence ([`MilvusVectors::open`]): a search sees every write
-//! acknowledged before the index was opened and every write of this
-//! process since, so it never returns a photo removed before it started.
+//! applied to its results. A writer's reads are consistent with the
+//! session, which starts with a fence ([`MilvusVectors::open`]): a search
+//! sees every write acknowledged before the index was opened and every
+//! write of this process since, so it never returns a photo removed before
+//! it started. A reader ([`MilvusVectors::open_reader`]) reads strongly
+//! (`status`), or, as a search replica, a few seconds behind with a strong
+//! check of its results ([`MilvusVectors::live`]).
 //!
 //! Several indexes may write one collection, each its own shard of the
 //! library (`--shard I/N`, [`Shard`]): each reads and writes only the ids
