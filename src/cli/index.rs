@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::{IndexArgs, ReindexArgs, ReplicaArgs, RetagArgs, RunArgs, StatusArgs, TagArgs};
 use crate::indexer::tags::{self, Tagging, Vocabulary};
 use crate::indexer::{self, Index, Phase, Progress, RunOptions};
-use crate::model::{Clip, HubOptions, ModelSource, Precision};
+use crate::model::{Clip, HubOptions, ModelInfo, ModelSource, Precision};
 use crate::store::RunSummary;
 use crate::vector::EngineConfig;
 use crate::vector::milvus::ShardStatus;
@@ -78,12 +78,23 @@ pub fn index(args: &IndexArgs) -> Result<()> {
     let opts = options(&args.run, &args.tags)?;
     // Before the model loads: a wrong --vectors or --shard fails at once.
     let engine = engine_asked(args)?;
-    let source = args.model.source()?;
-    // Continuing an index keeps its precision unless another is asked for
-    // (which the index then refuses, naming `reindex --precision`).
-    let precision = match args.model.precision {
-        Some(p) => p,
-        None => stored_precision(&args.index).unwrap_or_else(crate::model::default_precision),
+    // Continuing an index keeps its model and precision unless others are
+    // asked for (which the index then refuses, naming `reindex --model` or
+    // `--precision`).
+    let stored = stored_model(&args.index);
+    let source = match (&args.model.model, &stored) {
+        (None, Some(model)) => ModelSource::parse(&model.id).with_context(|| {
+            format!(
+                "the index's model {} is no longer available; restore it, or pass --model",
+                model.id
+            )
+        })?,
+        _ => args.model.source()?,
+    };
+    let precision = match (args.model.precision, &stored) {
+        (Some(p), _) => p,
+        (None, Some(model)) => model.precision,
+        (None, None) => crate::model::default_precision(),
     };
     let clip = Clip::load_with(&source, &args.model.hub(true), precision)
         .with_context(|| format!("cannot load model {source}"))?;
@@ -190,12 +201,12 @@ pub fn replica(args: &ReplicaArgs) -> Result<()> {
     Ok(())
 }
 
-/// The precision of the index at `root`, if there is one to read.
-fn stored_precision(root: &Path) -> Option<Precision> {
+/// The model of the index at `root`, if there is one to read.
+fn stored_model(root: &Path) -> Option<ModelInfo> {
     if !indexer::IndexPaths::new(root).exists() {
         return None;
     }
-    Index::read_meta(root).ok().map(|m| m.model.precision)
+    Index::read_meta(root).ok().map(|m| m.model)
 }
 
 pub fn reindex(args: &ReindexArgs) -> Result<()> {
@@ -204,7 +215,7 @@ pub fn reindex(args: &ReindexArgs) -> Result<()> {
         // A new model keeps the index's precision unless told otherwise.
         let precision = args
             .precision
-            .or_else(|| stored_precision(&args.index))
+            .or_else(|| stored_model(&args.index).map(|m| m.precision))
             .unwrap_or_else(crate::model::default_precision);
         return switch_model(args, opts, model, precision);
     }

@@ -625,9 +625,11 @@ pub struct StatusArgs {
 /// How to pick and fetch a model.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A checkpoint folder in Hugging Face layout, or a hub id (owner/name[@revision]).
-    #[arg(long, short = 'm', default_value = DEFAULT_MODEL, env = "CLIPDEX_MODEL")]
-    pub model: String,
+    /// A checkpoint folder in Hugging Face layout, or a hub id
+    /// (owner/name[@revision]). Default: when an index is continued, the
+    /// model it was made with; otherwise openai/clip-vit-base-patch32.
+    #[arg(long, short = 'm', env = "CLIPDEX_MODEL")]
+    pub model: Option<String>,
 
     /// Never use the network: read hub models from the local cache only (also HF_HUB_OFFLINE=1).
     #[arg(long)]
@@ -645,8 +647,11 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The model asked for, or the default one.
     pub fn source(&self) -> Result<ModelSource> {
-        Ok(ModelSource::parse(&self.model)?)
+        Ok(ModelSource::parse(
+            self.model.as_deref().unwrap_or(DEFAULT_MODEL),
+        )?)
     }
 
     pub fn hub(&self, progress: bool) -> HubOptions {

@@ -112,9 +112,58 @@ pub fn sync(index: &Index, full: bool) -> Result<Synced> {
         ..Synced::default()
     };
     let mut newest = mark.newest_ms;
+    let changes = changes_of(index, changed, &mut synced, &mut newest)?;
+    apply(index, &changes)?;
+    // A removal leaves nothing to read: the counts tell, and the id sets
+    // say which. They also bring back what an earlier sync removed while
+    // the engine answered with less than it holds (as it may for a while
+    // after a restart).
+    let engine_count = index.vectors.count()?;
+    if full || engine_count != index.store.count() {
+        synced.compared_ids = true;
+        let live = index.vectors.ids()?;
+        let held = index.store.ids()?;
+        let mut gone = Vec::new();
+        for id in held.difference(&live) {
+            if let Some(record) = index.store.get(*id)? {
+                gone.push(Change::Remove { record });
+            }
+        }
+        synced.removed = gone.len();
+        apply(index, &gone)?;
+        let missing: Vec<u64> = live.difference(&held).copied().collect();
+        if !missing.is_empty() {
+            let found = index.vectors.records_of(&missing)?;
+            synced.read += found.len();
+            let back = changes_of(index, found, &mut synced, &mut newest)?;
+            apply(index, &back)?;
+        }
+    }
+    if newest > mark.newest_ms {
+        let bytes = serde_json::to_vec(&Mark { newest_ms: newest }).expect("the mark serialises");
+        let path = index.paths.root.join(MARK_FILE);
+        crate::common::fs::write_synced(&path, &bytes).map_err(super::io_err(&path))?;
+    }
+    synced.photos = index.store.count();
+    synced.took_ms = start.elapsed().as_secs_f64() * 1e3;
+    if synced.added + synced.updated + synced.removed > 0 {
+        tracing::info!(?synced, "replica brought up to date with the collection");
+    }
+    Ok(synced)
+}
+
+/// The changes that bring the replica's folder to the records `read` from
+/// the engine (records it already has as they are are left out), counted
+/// in `synced`; `newest` keeps the latest time a record was written.
+fn changes_of(
+    index: &Index,
+    read: Vec<(u64, serde_json::Value, i64)>,
+    synced: &mut Synced,
+    newest: &mut i64,
+) -> Result<Vec<Change>> {
     let mut changes = Vec::new();
-    for (id, value, written) in changed {
-        newest = newest.max(written);
+    for (id, value, written) in read {
+        *newest = (*newest).max(written);
         let record: PhotoRecord = match serde_json::from_value(value) {
             Ok(record) => record,
             Err(e) => {
@@ -142,41 +191,17 @@ pub fn sync(index: &Index, full: bool) -> Result<Synced> {
             vector: None,
         });
     }
-    apply(index, &changes)?;
-    // A removal leaves nothing to read: the counts tell, and the id sets
-    // say which.
-    let engine_count = index.vectors.count()?;
-    if full || engine_count != index.store.count() {
-        synced.compared_ids = true;
-        let live = index.vectors.ids()?;
-        let mut gone = Vec::new();
-        for id in index.store.ids()?.difference(&live) {
-            if let Some(record) = index.store.get(*id)? {
-                gone.push(Change::Remove { record });
-            }
-        }
-        synced.removed = gone.len();
-        apply(index, &gone)?;
-    }
-    if newest > mark.newest_ms {
-        let bytes = serde_json::to_vec(&Mark { newest_ms: newest }).expect("the mark serialises");
-        let path = index.paths.root.join(MARK_FILE);
-        crate::common::fs::write_synced(&path, &bytes).map_err(super::io_err(&path))?;
-    }
-    synced.photos = index.store.count();
-    synced.took_ms = start.elapsed().as_secs_f64() * 1e3;
-    if synced.added + synced.updated + synced.removed > 0 {
-        tracing::info!(?synced, "replica brought up to date with the collection");
-    }
-    Ok(synced)
+    Ok(changes)
 }
 
-/// Commits `changes` to the store and the keyword index.
+/// Commits `changes` to the keyword index, then to the store: once the
+/// store (whose count `status` reports) has a photo, browsing finds it too.
+/// A hit the store does not have yet is left out of results, and a sync
+/// stopped between the two reads the same records again.
 fn apply(index: &Index, changes: &[Change]) -> Result<()> {
     if changes.is_empty() {
         return Ok(());
     }
-    index.store.commit(changes)?;
     for change in changes {
         match change {
             Change::Put { record, .. } => index.keywords.upsert(&keyword_doc(record))?,
@@ -185,6 +210,7 @@ fn apply(index: &Index, changes: &[Change]) -> Result<()> {
         }
     }
     index.keywords.commit()?;
+    index.store.commit(changes)?;
     Ok(())
 }
 

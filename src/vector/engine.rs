@@ -202,6 +202,15 @@ impl Vectors {
         }
     }
 
+    /// The records the engine keeps of `ids` (Milvus), with when each was
+    /// written.
+    pub fn records_of(&self, ids: &[u64]) -> Result<Vec<(u64, serde_json::Value, i64)>> {
+        match self {
+            Self::Embedded(_) => Ok(Vec::new()),
+            Self::Milvus(m) => m.records_of(ids),
+        }
+    }
+
     /// Which of `ids` the engine holds now.
     pub fn live(&self, ids: &[u64]) -> Result<HashSet<u64>> {
         match self {

@@ -442,6 +442,49 @@ fn describe_shard(shard: Shard) -> String {
     }
 }
 
+/// Whether a failed call may succeed if made again: the engine was not
+/// reached, or answered that it (or one of its nodes) is not ready yet, as
+/// while it starts up again.
+#[allow(deprecated)]
+fn transient(e: &milvus::error::Error) -> bool {
+    use milvus::error::Error as E;
+    use milvus::proto::common::ErrorCode as C;
+    match e {
+        E::Communication(_) | E::Grpc(_) => true,
+        E::Server(
+            C::ConnectFailed
+            | C::NotShardLeader
+            | C::NoReplicaAvailable
+            | C::RateLimit
+            | C::NodeIdNotMatch
+            | C::TimeTickLongDelay
+            | C::NotReadyServe
+            | C::NotReadyCoordActivating
+            | C::DataCoordNa,
+            _,
+        ) => true,
+        // Milvus 2.3 gives most of these as UnexpectedError, with its
+        // reason in words.
+        E::Server(C::UnexpectedError, reason) => {
+            let reason = reason.to_ascii_lowercase();
+            [
+                "failed to connect",
+                "connection refused",
+                "not ready",
+                "not healthy",
+                "unavailable",
+                "channel not found",
+                "node not found",
+                "no available",
+                "deadline exceeded",
+            ]
+            .iter()
+            .any(|hint| reason.contains(hint))
+        }
+        _ => false,
+    }
+}
+
 fn engine_error(config: &MilvusConfig, e: impl std::fmt::Display) -> Error {
     Error::Engine {
         address: config.url(),
@@ -650,10 +693,8 @@ impl MilvusVectors {
         loop {
             let failure = match self.attempt(call(self.client.clone()))? {
                 Some(Ok(value)) => return Ok(value),
-                // Not reached, or no answer: worth another try.
-                Some(Err(
-                    e @ (milvus::error::Error::Communication(_) | milvus::error::Error::Grpc(_)),
-                )) => e.to_string(),
+                // Not reached, not ready, or no answer: worth another try.
+                Some(Err(e)) if transient(&e) => e.to_string(),
                 Some(Err(e)) => return Err(engine_error(&self.config, e)),
                 None => format!("no answer in {} s", CALL_TIMEOUT.as_secs()),
             };
@@ -1246,6 +1287,21 @@ impl MilvusVectors {
             .into_iter()
             .filter_map(|(id, f)| Some((id, f.record?, f.written)))
             .collect())
+    }
+
+    /// The records of the entities of `ids` that have one, with when each
+    /// was written (as [`Self::changed_since`]).
+    pub fn records_of(&self, ids: &[u64]) -> Result<Vec<(u64, serde_json::Value, i64)>> {
+        let mut records = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(RECORDS_PAGE) {
+            let expr = format!("id in {}", list(chunk.iter().map(|id| id.to_string())));
+            records.extend(
+                self.query_fields(expr)?
+                    .into_iter()
+                    .filter_map(|(id, f)| Some((id, f.record?, f.written))),
+            );
+        }
+        Ok(records)
     }
 
     /// The ids and [`Fields`] of the entities `expr` selects (at most

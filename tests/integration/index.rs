@@ -554,7 +554,7 @@ pub(crate) fn library_files(root: &Path) -> BTreeSet<String> {
     files
 }
 
-fn progress_of(index: &Path, pid: u32) -> Option<serde_json::Value> {
+pub(crate) fn progress_of(index: &Path, pid: u32) -> Option<serde_json::Value> {
     let p: serde_json::Value =
         serde_json::from_slice(&std::fs::read(index.join("progress.json")).ok()?).ok()?;
     (p["pid"].as_u64() == Some(pid as u64)).then_some(p)
@@ -918,6 +918,16 @@ fn opens_an_index_of_the_previous_format() {
 fn newer_formats_and_other_models_are_refused() {
     let lib = library(false);
     assert!(index_cmd(&lib, &[]).status.success());
+    // Continued without --model, an index keeps its own (no download of
+    // the default model).
+    let out = clipdex(&[
+        "index",
+        lib.root.to_str().unwrap(),
+        "--index",
+        lib.index.to_str().unwrap(),
+        "--offline",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let laion = fixture_model("laion-tiny").display().to_string();
     let out = clipdex(&[
         "index",

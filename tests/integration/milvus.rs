@@ -1,7 +1,9 @@
 //! Milvus as the vector engine (`--vectors milvus://`), against the real
 //! standalone server: `.ci/run` starts one (`scripts/milvus_server.sh`) and
-//! names it in `CLIPDEX_TEST_MILVUS` (HOST:PORT). Without it these tests
-//! say so and pass, except under CI, where a missing server fails them.
+//! names it in `CLIPDEX_TEST_MILVUS` (HOST:PORT), and its folder in
+//! `CLIPDEX_TEST_MILVUS_DIR`, where one test stops and restarts it. Without
+//! them these tests say so and pass, except under CI, where a missing
+//! server fails them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -11,8 +13,35 @@ use crate::common::{
     clipdex, copy_photos, fixture_model, open_index, shared_photos, stderr, stdout,
 };
 
+/// The test server's address, held for a test: most tests share the
+/// server, and the one that stops and restarts it holds it alone.
+struct Server {
+    address: String,
+    _held: Held,
+}
+
+enum Held {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
+}
+
+static SERVER: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+impl std::ops::Deref for Server {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.address
+    }
+}
+
+impl std::fmt::Display for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.address)
+    }
+}
+
 /// The test server's address, or `None` (outside CI) to skip.
-fn server() -> Option<String> {
+fn address() -> Option<String> {
     match std::env::var("CLIPDEX_TEST_MILVUS") {
         Ok(address) if !address.is_empty() => Some(address),
         _ => {
@@ -24,6 +53,47 @@ fn server() -> Option<String> {
             None
         }
     }
+}
+
+/// The test server, shared with the other tests.
+fn server() -> Option<Server> {
+    let address = address()?;
+    let held = Held::Shared(SERVER.read().unwrap_or_else(|e| e.into_inner()));
+    Some(Server {
+        address,
+        _held: held,
+    })
+}
+
+/// The test server held alone, and the folder `scripts/milvus_server.sh`
+/// started it in (`CLIPDEX_TEST_MILVUS_DIR`), to stop and restart it.
+fn server_alone() -> Option<(Server, std::path::PathBuf)> {
+    let address = address()?;
+    let Some(folder) = std::env::var_os("CLIPDEX_TEST_MILVUS_DIR") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must name the Milvus server's folder (CLIPDEX_TEST_MILVUS_DIR)"
+        );
+        eprintln!("skipped: set CLIPDEX_TEST_MILVUS_DIR to the server's folder to restart it");
+        return None;
+    };
+    let held = Held::Alone(SERVER.write().unwrap_or_else(|e| e.into_inner()));
+    let server = Server {
+        address,
+        _held: held,
+    };
+    Some((server, folder.into()))
+}
+
+/// Stops or restarts the test server (`scripts/milvus_server.sh`).
+fn control_server(command: &str, folder: &Path) {
+    let out = std::process::Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/milvus_server.sh"),
+    )
+    .args([command, folder.to_str().unwrap()])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{command}: {}", stderr(&out));
 }
 
 /// A collection name no other test (or earlier run) uses.
@@ -616,6 +686,25 @@ fn a_killed_shard_resumes_without_loss_or_duplicates() {
     assert_eq!(total, 50, "{s}");
 }
 
+/// `clipdex replica` of the collection `url` into `replica` (made, or
+/// synced), on the fixture model.
+fn replica_of(replica: &Path, url: &str, library: &Path, extra: &[&str]) -> std::process::Output {
+    let model = fixture_model("openai-tiny");
+    let mut args = vec![
+        "replica",
+        "--index",
+        replica.to_str().unwrap(),
+        "--of",
+        url,
+        "--library",
+        library.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    clipdex(&args)
+}
+
 /// The ids, paths and scores of an API search's hits.
 fn api_hits(base: &str, query: &str) -> Vec<(u64, String, f64)> {
     let (status, body) = crate::web::get_json(base, query);
@@ -652,17 +741,7 @@ fn replicas_answer_alike_and_never_return_removed_photos() {
     assert!(out.status.success(), "{}", stderr(&out));
     let replicas = [dir.path().join("replica1"), dir.path().join("replica2")];
     for r in &replicas {
-        let out = clipdex(&[
-            "replica",
-            "--index",
-            r.to_str().unwrap(),
-            "--of",
-            &url,
-            "--library",
-            library.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-        ]);
+        let out = replica_of(r, &url, &library, &[]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(
             stdout(&out).contains(": 50 photos (50 added"),
@@ -789,4 +868,199 @@ fn library_paths(folder: &Path) -> Vec<String> {
         .into_iter()
         .map(|f| format!("{name}/{f}"))
         .collect()
+}
+
+/// The engine stopped in the middle of an indexing run, while a replica
+/// serves, and started again: the replica answers 503 with a JSON error
+/// while it is down and recovers by itself; the run retries with back-off,
+/// resumes, and leaves every photo in the engine exactly once.
+#[test]
+fn the_engine_stopped_and_restarted_loses_nothing() {
+    use crate::web::{get_json, serve};
+    let Some((server, folder)) = server_alone() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let library = tools_and_fishes(dir.path(), 30, 20);
+    let model = fixture_model("openai-tiny");
+    let url = format!("milvus://{server}/{}", collection("restart"));
+    let writer = dir.path().join("writer");
+    let out = index(&library, &writer, &model, Some(&url));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let replica = dir.path().join("replica");
+    let out = replica_of(&replica, &url, &library, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let served = serve(&replica, &[]);
+    let query = "/api/search?q=a%20red%20fish&k=5";
+    let before = api_hits(&served.url, query);
+    assert_eq!(before.len(), 5);
+    let before = before[0].0;
+
+    // More photos, and a run that writes them a few at a time.
+    for (from, count) in [("erase_animals", 33), ("monuments", 27), ("renewable", 29)] {
+        copy_photos(
+            &shared_photos().join("gcompris").join(from),
+            &library.join(from),
+            count,
+        );
+    }
+    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_clipdex"))
+        .args([
+            "index",
+            library.to_str().unwrap(),
+            "--index",
+            writer.to_str().unwrap(),
+            "--workers",
+            "1",
+            "--batch",
+            "2",
+            "--commit-every",
+            "2",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while !crate::index::progress_of(&writer, run.id())
+        .is_some_and(|p| p["phase"] == "indexing" && p["processed"].as_u64().unwrap_or(0) >= 4)
+    {
+        if run.try_wait().unwrap().is_some() {
+            let out = run.wait_with_output().unwrap();
+            panic!("the run ended before the engine stopped: {}", stderr(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+
+    control_server("stop", &folder);
+    let (status, body) = get_json(&served.url, query);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "engine_unavailable", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&*server), "{message}");
+    // Find-similar too; the status page still answers.
+    let (status, body) = get_json(&served.url, &format!("/api/photos/{before}/similar?k=3"));
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = get_json(&served.url, "/api/status");
+    assert_eq!(status, 200, "{body}");
+    // The run waits for the engine meanwhile.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+
+    control_server("restart", &folder);
+    let back = std::time::Instant::now();
+    loop {
+        let (status, body) = get_json(&served.url, query);
+        if status == 200 {
+            assert_eq!(body["hits"].as_array().unwrap().len(), 5, "{body}");
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            back.elapsed().as_secs() < 60,
+            "the replica did not recover: {body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let out = run.wait_with_output().unwrap();
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("retrying"), "the run never waited: {log}");
+    crate::index::assert_index_is_library(&writer, &library);
+    let index = open_index(&writer);
+    let ids = index.store().ids().unwrap();
+    assert_eq!(ids.len(), 139);
+    assert_eq!(index.vectors().ids().unwrap(), ids);
+    assert_eq!(index.vectors().count().unwrap(), 139);
+    drop(index);
+    // The replica's records follow.
+    let start = std::time::Instant::now();
+    while get_json(&served.url, "/api/status").1["photos"] != 139 {
+        assert!(start.elapsed().as_secs() < 60, "the replica fell behind");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let found = api_hits(&served.url, "/api/search?q=&folder=monuments&k=100");
+    assert_eq!(found.len(), 27, "{found:?}");
+    // And it ranks as the writer's folder does.
+    let replica: Vec<String> = api_hits(
+        &served.url,
+        "/api/search?q=a%20red%20fish&k=10&hybrid=false&cutoff=none",
+    )
+    .into_iter()
+    .map(|(_, path, _)| path)
+    .collect();
+    let writer: Vec<String> = hits(&[
+        "search",
+        "a red fish",
+        "--index",
+        writer.to_str().unwrap(),
+        "-k",
+        "10",
+        "--cutoff",
+        "none",
+        "--no-keywords",
+        "--json",
+    ])
+    .into_iter()
+    .map(|(path, _)| path)
+    .collect();
+    assert_eq!(replica, writer);
+}
+
+/// A replica that lost photos the collection holds (a sync that read the
+/// engine while it answered with less, as after a restart) gets them back
+/// at its next sync, without reading every record.
+#[test]
+fn a_replica_brings_back_photos_it_lost() {
+    use clipdex::store::Change;
+    let Some(server) = server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let library = tools_and_fishes(dir.path(), 12, 8);
+    let model = fixture_model("openai-tiny");
+    let url = format!("milvus://{server}/{}", collection("lost"));
+    let out = index(&library, &dir.path().join("writer"), &model, Some(&url));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let replica = dir.path().join("replica");
+    let sync = || {
+        let out = replica_of(&replica, &url, &library, &["--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()
+    };
+    assert_eq!(sync()["photos"], 20);
+    let lost: Vec<u64> = {
+        let index = open_index(&replica);
+        let records: Vec<_> = index
+            .store()
+            .records()
+            .map(|r| r.unwrap())
+            .take(7)
+            .collect();
+        let ids = records.iter().map(|r| r.id).collect();
+        for r in &records {
+            index.keywords().remove(r.id).unwrap();
+        }
+        index.keywords().commit().unwrap();
+        let changes: Vec<Change> = records
+            .into_iter()
+            .map(|record| Change::Remove { record })
+            .collect();
+        index.store().commit(&changes).unwrap();
+        ids
+    };
+    // Records written later than any the collection has: the next sync
+    // reads none of them as changed, only the id sets can tell.
+    let later = clipdex::common::time::now_millis() + 3_600_000;
+    std::fs::write(
+        replica.join("replica.json"),
+        format!("{{\"newest_ms\":{later}}}"),
+    )
+    .unwrap();
+    let synced = sync();
+    assert_eq!(synced["photos"], 20, "{synced}");
+    assert_eq!(synced["added"], 7, "{synced}");
+    assert_eq!(synced["read"], 7, "{synced}");
+    assert_eq!(synced["compared_ids"], true, "{synced}");
+    let index = open_index(&replica);
+    for id in lost {
+        assert!(index.store().get(id).unwrap().is_some(), "{id}");
+    }
+    assert_eq!(index.keywords().ids().unwrap().len(), 20);
 }
