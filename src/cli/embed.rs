@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::EmbedArgs;
 use crate::library::{DecodeLimits, decode_file};
-use crate::model::{Clip, ModelInfo, RgbView};
+use crate::model::{ModelInfo, RgbView};
 
 /// Images per forward pass.
 const IMAGE_BATCH: usize = 16;
@@ -81,12 +81,9 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     }
 
     let source = args.model.source()?;
-    let clip = Clip::load_with(
-        &source,
-        &args.model.hub(true),
-        args.model.precision.unwrap_or_default(),
-    )
-    .with_context(|| format!("cannot load model {source}"))?;
+    let clip = args
+        .model
+        .load(&source, args.model.precision.unwrap_or_default())?;
 
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
     let text = clip.embed_texts(&texts).context("cannot embed the texts")?;

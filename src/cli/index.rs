@@ -96,8 +96,7 @@ pub fn index(args: &IndexArgs) -> Result<()> {
         (None, Some(model)) => model.precision,
         (None, None) => crate::model::default_precision(),
     };
-    let clip = Clip::load_with(&source, &args.model.hub(true), precision)
-        .with_context(|| format!("cannot load model {source}"))?;
+    let clip = args.model.load(&source, precision)?;
     if let Some(token) = &args.vectors_token {
         crate::vector::engine::set_token(token);
     }
@@ -178,8 +177,7 @@ pub fn replica(args: &ReplicaArgs) -> Result<()> {
             .precision
             .unwrap_or_else(crate::model::default_precision);
         let source = args.model.source()?;
-        let clip = Clip::load_with(&source, &args.model.hub(true), precision)
-            .with_context(|| format!("cannot load model {source}"))?;
+        let clip = args.model.load(&source, precision)?;
         indexer::replica::create_or_open(&args.index, library, clip.info(), &engine)?
     };
     let synced = indexer::replica::sync(&index, args.full)?;
@@ -326,9 +324,7 @@ fn switch_model(
         Err(e) => return Err(e.into()),
     };
     let source = ModelSource::parse(model)?;
-    let hub = HubOptions::from_env(args.offline, true);
-    let clip = Clip::load_with(&source, &hub, precision)
-        .with_context(|| format!("cannot load model {source}"))?;
+    let clip = super::load_model(&source, args.offline, precision)?;
     let source = match precision {
         Precision::Exact => source.to_string(),
         Precision::Fast | Precision::Int8 => format!("{source} ({precision} precision)"),

@@ -654,9 +654,23 @@ impl ModelArgs {
         )?)
     }
 
-    pub fn hub(&self, progress: bool) -> HubOptions {
-        HubOptions::from_env(self.offline, progress)
+    /// Loads `source` (from [`Self::source`], or the index's own model)
+    /// at `precision`.
+    pub fn load(&self, source: &ModelSource, precision: Precision) -> Result<crate::model::Clip> {
+        load_model(source, self.offline, precision)
     }
+}
+
+/// Loads `source` at `precision`, showing a hub download's progress; from
+/// the hub's cache only when `offline`.
+pub(crate) fn load_model(
+    source: &ModelSource,
+    offline: bool,
+    precision: Precision,
+) -> Result<crate::model::Clip> {
+    use anyhow::Context;
+    crate::model::Clip::load_with(source, &HubOptions::from_env(offline, true), precision)
+        .with_context(|| format!("cannot load model {source}"))
 }
 
 #[derive(Debug, Args)]

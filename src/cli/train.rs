@@ -159,9 +159,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
 }
 
 fn load_model(model: &str, offline: bool, precision: Precision) -> Result<Clip> {
-    let source = ModelSource::parse(model)?;
-    Clip::load_with(&source, &HubOptions::from_env(offline, true), precision)
-        .with_context(|| format!("cannot load model {source}"))
+    super::load_model(&ModelSource::parse(model)?, offline, precision)
 }
 
 fn load_images(

@@ -485,6 +485,19 @@ fn transient(e: &milvus::error::Error) -> bool {
     }
 }
 
+/// The expression selecting the entities of `ids`.
+fn id_in(ids: &[u64]) -> String {
+    format!("id in {}", list(ids.iter().map(|id| id.to_string())))
+}
+
+/// The records among entities' `fields`, with when each was written.
+fn records(fields: Vec<(u64, Fields)>) -> Vec<(u64, serde_json::Value, i64)> {
+    fields
+        .into_iter()
+        .filter_map(|(id, f)| Some((id, f.record?, f.written)))
+        .collect()
+}
+
 fn engine_error(config: &MilvusConfig, e: impl std::fmt::Display) -> Error {
     Error::Engine {
         address: config.url(),
@@ -1283,29 +1296,21 @@ impl MilvusVectors {
         let found = self.query_all(&cond, RECORDS_PAGE, |lo, hi, cond| {
             self.query_fields(format!("id >= {lo} and id < {hi}{cond}"))
         })?;
-        Ok(found
-            .into_iter()
-            .filter_map(|(id, f)| Some((id, f.record?, f.written)))
-            .collect())
+        Ok(records(found))
     }
 
     /// The records of the entities of `ids` that have one, with when each
     /// was written (as [`Self::changed_since`]).
     pub fn records_of(&self, ids: &[u64]) -> Result<Vec<(u64, serde_json::Value, i64)>> {
-        let mut records = Vec::with_capacity(ids.len());
+        let mut found = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(RECORDS_PAGE) {
-            let expr = format!("id in {}", list(chunk.iter().map(|id| id.to_string())));
-            records.extend(
-                self.query_fields(expr)?
-                    .into_iter()
-                    .filter_map(|(id, f)| Some((id, f.record?, f.written))),
-            );
+            found.extend(records(self.query_fields(id_in(chunk))?));
         }
-        Ok(records)
+        Ok(found)
     }
 
     /// The ids and [`Fields`] of the entities `expr` selects (at most
-    /// [`MAX_RESULTS`]).
+    /// [`RECORDS_PAGE`]).
     /// Bounded consistency (a few seconds behind, no wait for the
     /// cluster's clock): the one reader, a replica's sync, reads a minute
     /// back each time, and searches check the engine's live set anyway.
@@ -1350,10 +1355,9 @@ impl MilvusVectors {
     pub fn live(&self, ids: &[u64]) -> Result<HashSet<u64>> {
         let mut live = HashSet::new();
         for chunk in ids.chunks(DELETE_CHUNK) {
-            let expr = format!("id in {}", list(chunk.iter().map(|id| id.to_string())));
             live.extend(
                 self.query_at(
-                    expr,
+                    id_in(chunk),
                     false,
                     Some(chunk.len()),
                     match self.config.bounded {

@@ -131,6 +131,22 @@ fn index(
     clipdex(&args)
 }
 
+/// The hits of `clipdex search` of `query` (the words, then any options)
+/// in `index` by meaning alone (no keywords, no cutoff): path and score.
+fn by_meaning(index: &Path, query: &[&str]) -> Vec<(String, f32)> {
+    let mut args = vec!["search"];
+    args.extend_from_slice(query);
+    args.extend([
+        "--index",
+        index.to_str().unwrap(),
+        "--cutoff",
+        "none",
+        "--no-keywords",
+        "--json",
+    ]);
+    hits(&args)
+}
+
 /// The hits of a `clipdex search --json` (or `similar`) run: path to score.
 fn hits(args: &[&str]) -> Vec<(String, f32)> {
     let out = clipdex(args);
@@ -178,20 +194,7 @@ fn milvus_answers_as_the_embedded_engine() {
     ];
     let mut compared = 0;
     for query in queries {
-        let run = |index: &Path| {
-            let mut args = vec!["search"];
-            args.extend_from_slice(query);
-            args.extend([
-                "--index",
-                index.to_str().unwrap(),
-                "--cutoff",
-                "none",
-                "--no-keywords",
-                "--json",
-            ]);
-            hits(&args)
-        };
-        let (a, b) = (run(&embedded), run(&remote));
+        let (a, b) = (by_meaning(&embedded, query), by_meaning(&remote, query));
         assert_eq!(a.len(), b.len(), "{query:?}: {a:?} against {b:?}");
         // Scores equal to float rounding; paths equal but for ties.
         let a_map: BTreeMap<_, _> = a.iter().cloned().collect();
@@ -801,21 +804,11 @@ fn replicas_answer_alike_and_never_return_removed_photos() {
 
     // By meaning alone, the replicas rank as the embedded engine (through
     // the server that holds the replica, as the CLI does).
-    let by_meaning = |index: &Path| {
-        hits(&[
-            "search",
-            "a red fish",
-            "--index",
-            index.to_str().unwrap(),
-            "-k",
-            "10",
-            "--cutoff",
-            "none",
-            "--no-keywords",
-            "--json",
-        ])
-    };
-    let (e, r) = (by_meaning(&embedded), by_meaning(&replicas[1]));
+    let red_fish = ["a red fish", "-k", "10"];
+    let (e, r) = (
+        by_meaning(&embedded, &red_fish),
+        by_meaning(&replicas[1], &red_fish),
+    );
     assert_eq!(e.len(), 10);
     for ((pe, se), (pr, sr)) in e.iter().zip(&r) {
         assert!((se - sr).abs() < 1e-4, "{pe} {se} against {pr} {sr}");
@@ -987,21 +980,10 @@ fn the_engine_stopped_and_restarted_loses_nothing() {
     .into_iter()
     .map(|(_, path, _)| path)
     .collect();
-    let writer: Vec<String> = hits(&[
-        "search",
-        "a red fish",
-        "--index",
-        writer.to_str().unwrap(),
-        "-k",
-        "10",
-        "--cutoff",
-        "none",
-        "--no-keywords",
-        "--json",
-    ])
-    .into_iter()
-    .map(|(path, _)| path)
-    .collect();
+    let writer: Vec<String> = by_meaning(&writer, &["a red fish", "-k", "10"])
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect();
     assert_eq!(replica, writer);
 }
 
