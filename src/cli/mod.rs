@@ -169,7 +169,7 @@ pub struct EvalArgs {
     pub offline: bool,
 
     /// How the model computes: exact (f32, the reference's numbers), fast
-    /// (the encoders' dense layers in bf16, on AMX where the CPU has it) or
+    /// (the encoders' dense layers in bf16, on AMX or AVX2 where the CPU has it) or
     /// int8 (those layers in int8 on AMX-INT8: faster still, a little
     /// further from exact).
     /// An index keeps the precision its vectors were made with.
@@ -267,11 +267,12 @@ pub struct ServeArgs {
     pub offline: bool,
 
     /// How the model computes: exact (f32, the reference's numbers), fast
-    /// (the encoders' dense layers in bf16, on AMX where the CPU has it) or
+    /// (the encoders' dense layers in bf16, on AMX or AVX2 where the CPU has it) or
     /// int8 (those layers in int8 on AMX-INT8: faster still, a little
     /// further from exact).
     /// An index keeps the precision its vectors were made with; a new one is
-    /// made fast where the CPU has AMX, exact elsewhere.
+    /// made fast where the CPU has AMX, or AVX2 without AVX-512;
+    /// exact elsewhere.
     #[arg(long, value_name = "exact|fast|int8", env = "CLIPDEX_PRECISION")]
     pub precision: Option<Precision>,
 
@@ -636,11 +637,12 @@ pub struct ModelArgs {
     pub offline: bool,
 
     /// How the model computes: exact (f32, the reference's numbers), fast
-    /// (the encoders' dense layers in bf16, on AMX where the CPU has it) or
+    /// (the encoders' dense layers in bf16, on AMX or AVX2 where the CPU has it) or
     /// int8 (those layers in int8 on AMX-INT8: faster still, a little
     /// further from exact).
     /// An index keeps the precision its vectors were made with; a new one is
-    /// made fast where the CPU has AMX, exact elsewhere. `embed` computes
+    /// made fast where the CPU has AMX, or AVX2 without AVX-512;
+    /// exact elsewhere. `embed` computes
     /// exact unless told.
     #[arg(long, value_name = "exact|fast|int8", env = "CLIPDEX_PRECISION")]
     pub precision: Option<Precision>,

@@ -12,9 +12,10 @@
 //! once per block of [`MC`] rows, and the bias and activation are applied to
 //! each output tile while it is still in L1.
 //!
-//! The kernel is AVX-512 (detected at run time). Where the CPU has none,
-//! [`PackedMatrix::new`] returns `None` and the layer keeps candle's
-//! product, so results are the same everywhere up to rounding.
+//! The kernel is AVX-512, or AVX2 with FMA on CPUs without AVX-512 (AMD
+//! before Zen 4, Intel client cores), detected at run time. Where the CPU
+//! has neither, [`PackedMatrix::new`] returns `None` and the layer keeps
+//! candle's product, so results are the same everywhere up to rounding.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,7 +38,9 @@ pub const MC: usize = 192;
 /// Depth per block: one panel's slice of weights (`KC x NR`, 32 KB) stays in
 /// L1 while the block's row panels pass over it.
 pub const KC: usize = 256;
-/// Rows from which a product goes through [`matmul_unpacked`].
+/// Rows from which a product goes through [`matmul_unpacked`] where the CPU
+/// has AVX-512 (with AVX2 the packed kernel stays ahead of the `gemm` crate
+/// at every size: 160 against 112 GFLOP/s at 800 rows).
 pub const UNPACK_ROWS: usize = 512;
 /// Panels per task when there are rows enough to share out: 1,024 columns.
 const TASK_PANELS: usize = 32;
@@ -50,12 +53,21 @@ pub fn set_enabled(enabled: bool) {
     DISABLED.store(!enabled, Ordering::Relaxed);
 }
 
-/// Whether layers loaded now get packed weights: the CPU has AVX-512 and
-/// nothing turned it off.
+/// Whether layers loaded now get packed weights: the CPU has AVX-512 or
+/// AVX2 with FMA, and nothing turned it off.
 pub fn available() -> bool {
-    if DISABLED.load(Ordering::Relaxed) {
-        return false;
-    }
+    !DISABLED.load(Ordering::Relaxed) && (has_avx512f() || has_avx2())
+}
+
+/// Whether `--precision fast` layers get bf16 panels ([`PackedMatrix::bf16`]):
+/// the CPU has AVX2 and FMA but no AVX-512, and nothing turned the packed
+/// kernels off.
+pub fn bf16_panels() -> bool {
+    <u16 as Element>::available()
+}
+
+/// Whether this CPU runs AVX-512F (detected once, then cached).
+pub(super) fn has_avx512f() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -66,49 +78,75 @@ pub fn available() -> bool {
     }
 }
 
+/// Whether this CPU runs AVX2 and FMA (detected once, then cached).
+pub(super) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// A weight matrix `W` (out x in) stored for `x W^T`: `ceil(out / NR)` panels,
-/// each `in` rows of `NR` columns.
+/// each `in` rows of `NR` columns, in f32 or, for `--precision fast` where
+/// the CPU has no AMX, in bf16 ([`Element`]).
 #[derive(Debug)]
-pub struct PackedMatrix {
+pub struct PackedMatrix<T = f32> {
     /// Input features, the product's depth.
     k: usize,
     /// Output features.
     n: usize,
-    data: Vec<f32>,
+    data: Vec<T>,
     /// The weight as (in, out) for candle's product, made the first time a
     /// training graph runs through this frozen layer (`Prepacked::plain`).
     plain: std::sync::OnceLock<Tensor>,
 }
 
-impl PackedMatrix {
+impl PackedMatrix<f32> {
     /// Packs an (out, in) f32 weight, or `None` where the kernel cannot run
-    /// (no AVX-512, another dtype or device).
+    /// (neither AVX-512 nor AVX2, another dtype or device).
     pub fn new(weight: &Tensor) -> candle_core::Result<Option<Self>> {
-        if !available() || weight.dtype() != candle_core::DType::F32 || !weight.device().is_cpu() {
+        Self::pack(weight)
+    }
+}
+
+impl PackedMatrix<u16> {
+    /// Rounds an (out, in) f32 weight to bf16 and packs it, or `None` where
+    /// the kernel does not run (see [`bf16_panels`], another dtype or
+    /// device): half the bytes of f32 to hold and to stream for a short
+    /// query, the same rounding of the weights as bf16 on AMX, and products
+    /// summed in f32 from f32 activations.
+    pub fn bf16(weight: &Tensor) -> candle_core::Result<Option<Self>> {
+        Self::pack(weight)
+    }
+}
+
+impl<T: Element> PackedMatrix<T> {
+    fn pack(weight: &Tensor) -> candle_core::Result<Option<Self>> {
+        if !T::available() || weight.dtype() != candle_core::DType::F32 || !weight.device().is_cpu()
+        {
             return Ok(None);
         }
         let (n, k) = weight.dims2()?;
         let w = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
-        if k == 0 {
-            return Ok(Some(Self {
-                k,
-                n,
-                data,
-                plain: Default::default(),
-            }));
-        }
-        data.par_chunks_mut(k * NR)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                for j in 0..NR.min(n - p * NR) {
-                    let row = &w[(p * NR + j) * k..(p * NR + j + 1) * k];
-                    for (kk, &v) in row.iter().enumerate() {
-                        panel[kk * NR + j] = v;
+        let mut data = vec![T::default(); panels * k * NR];
+        if k > 0 {
+            data.par_chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    for j in 0..NR.min(n - p * NR) {
+                        let row = &w[(p * NR + j) * k..(p * NR + j + 1) * k];
+                        let slot = T::slot(j);
+                        for (kk, &v) in row.iter().enumerate() {
+                            panel[kk * NR + slot] = T::from_f32(v);
+                        }
                     }
-                }
-            });
+                });
+        }
         Ok(Some(Self {
             k,
             n,
@@ -122,8 +160,197 @@ impl PackedMatrix {
     }
 }
 
+/// What a panel holds per weight, and the kernel that reads it.
+pub trait Element: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+    /// The custom op's name.
+    const NAME: &'static str;
+    /// Whether the weights are rounded (`--precision fast`).
+    const REDUCED: bool;
+    /// Whether this CPU runs the kernel and nothing turned it off.
+    fn available() -> bool;
+    /// Where column `j` (0 to NR) of a panel row is stored in the row.
+    fn slot(j: usize) -> usize;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// Columns of a panel one kernel call covers.
+    fn width() -> usize;
+    /// Whether a product of [`UNPACK_ROWS`] rows or more goes through the
+    /// `gemm` crate with the weights unpacked.
+    fn unpacks() -> bool;
+    /// [`kernel`] for this element.
+    ///
+    /// # Safety
+    /// As [`kernel`].
+    #[allow(clippy::too_many_arguments)] // as `kernel`
+    unsafe fn kernel(
+        mr: usize,
+        kc: usize,
+        a: &[f32],
+        b: &[Self],
+        c: *mut f32,
+        ldc: usize,
+        ncols: usize,
+        accumulate: bool,
+    );
+    /// Writes rows of a panel (`b`, NR values each) to `out` as f32 in
+    /// column order, for [`f32`]'s kernel.
+    fn widen(b: &[Self], out: &mut [f32]);
+    /// The 16 columns of one panel row's run at `b`, as two registers of 8.
+    ///
+    /// # Safety
+    /// `b` is valid for 16 values; AVX2 is present.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(b: *const Self) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256);
+}
+
+impl Element for f32 {
+    const NAME: &'static str = "clipdex-packed-dense";
+    const REDUCED: bool = false;
+
+    fn available() -> bool {
+        available()
+    }
+
+    #[inline(always)]
+    fn slot(j: usize) -> usize {
+        j
+    }
+
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    fn width() -> usize {
+        kernel_width()
+    }
+
+    fn unpacks() -> bool {
+        has_avx512f()
+    }
+
+    fn widen(b: &[Self], out: &mut [f32]) {
+        out.copy_from_slice(b);
+    }
+
+    unsafe fn kernel(
+        mr: usize,
+        kc: usize,
+        a: &[f32],
+        b: &[Self],
+        c: *mut f32,
+        ldc: usize,
+        ncols: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's.
+        unsafe { kernel(mr, kc, a, b, c, ldc, ncols, accumulate) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(b: *const Self) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's.
+        unsafe { (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8))) }
+    }
+}
+
+/// bf16, as its upper 16 bits of an f32. In each run of 16 columns of a
+/// panel row, columns `i` and `i + 8` share the 32 bits at `2 i`, so that a
+/// shift and a mask turn one 256-bit load into both registers.
+impl Element for u16 {
+    const NAME: &'static str = "clipdex-bf16-panels";
+    const REDUCED: bool = true;
+
+    /// On AVX2 without AVX-512: where AVX-512 runs the f32 kernel twice as
+    /// wide, this 16-column kernel is not measured to be faster.
+    fn available() -> bool {
+        !DISABLED.load(Ordering::Relaxed) && has_avx2() && !has_avx512f()
+    }
+
+    #[inline(always)]
+    fn slot(j: usize) -> usize {
+        j / 16 * 16 + 2 * (j % 8) + j % 16 / 8
+    }
+
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        super::bf16::to_bf16(v)
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        super::bf16::from_bf16(self)
+    }
+
+    fn width() -> usize {
+        16
+    }
+
+    fn unpacks() -> bool {
+        false
+    }
+
+    fn widen(b: &[Self], out: &mut [f32]) {
+        assert!(b.len() == out.len() && b.len().is_multiple_of(16));
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            for (b, out) in b.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+                // SAFETY: 16 values each side; AVX2 was detected.
+                unsafe { avx2::widen16(b.as_ptr(), out.as_mut_ptr()) };
+            }
+            return;
+        }
+        for (b, out) in b.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = b[Self::slot(j)].to_f32();
+            }
+        }
+    }
+
+    unsafe fn kernel(
+        mr: usize,
+        kc: usize,
+        a: &[f32],
+        b: &[Self],
+        c: *mut f32,
+        ldc: usize,
+        ncols: usize,
+        accumulate: bool,
+    ) {
+        debug_assert!(a.len() >= kc * mr && b.len() >= (kc - 1) * NR + ncols && ncols <= 16);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's; AVX2 was checked when the weights were packed.
+        unsafe {
+            avx2::tiles(mr, kc, a.as_ptr(), b.as_ptr(), c, ldc, ncols, accumulate)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("bf16 panels need AVX2")
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(b: *const Self) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's.
+        unsafe {
+            let v = _mm256_loadu_si256(b.cast());
+            let low = _mm256_slli_epi32::<16>(v);
+            let high = _mm256_and_si256(v, _mm256_set1_epi32(0xffff_0000_u32 as i32));
+            (_mm256_castsi256_ps(low), _mm256_castsi256_ps(high))
+        }
+    }
+}
+
 /// A weight laid out once at load for one inference kernel: this module's
-/// f32 panels, or `bf16`'s AMX tiles. Dense layers hold either as one.
+/// f32 or bf16 panels, or `bf16`'s and `int8`'s AMX tiles. Dense layers hold
+/// any of them as one.
 pub trait Prepacked: std::fmt::Debug + Send + Sync {
     /// The custom op's name.
     fn name(&self) -> &'static str;
@@ -152,9 +379,13 @@ pub trait Prepacked: std::fmt::Debug + Send + Sync {
     }
 }
 
-impl Prepacked for PackedMatrix {
+impl<T: Element> Prepacked for PackedMatrix<T> {
     fn name(&self) -> &'static str {
-        "clipdex-packed-dense"
+        T::NAME
+    }
+
+    fn is_reduced(&self) -> bool {
+        T::REDUCED
     }
 
     fn dims(&self) -> (usize, usize) {
@@ -170,8 +401,9 @@ impl Prepacked for PackedMatrix {
         let mut w = vec![0f32; n * k];
         for (o, row) in w.chunks_exact_mut(k).enumerate() {
             let panel = &self.data[(o / NR) * k * NR..];
+            let slot = T::slot(o % NR);
             for (kk, v) in row.iter_mut().enumerate() {
-                *v = panel[kk * NR + o % NR];
+                *v = panel[kk * NR + slot].to_f32();
             }
         }
         Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)
@@ -262,7 +494,13 @@ impl<T> Out<T> {
 }
 
 /// `f(x W^T + b)` for `x` (m x k, row-major): a fresh (m x n) buffer.
-fn matmul(x: &[f32], m: usize, w: &PackedMatrix, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
+fn matmul<T: Element>(
+    x: &[f32],
+    m: usize,
+    w: &PackedMatrix<T>,
+    bias: Option<&[f32]>,
+    f: Pointwise,
+) -> Vec<f32> {
     let n = w.n;
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     if m == 0 || n == 0 {
@@ -275,7 +513,7 @@ fn matmul(x: &[f32], m: usize, w: &PackedMatrix, bias: Option<&[f32]>, f: Pointw
         }
         return y;
     }
-    if m >= UNPACK_ROWS {
+    if m >= UNPACK_ROWS && T::unpacks() {
         return matmul_unpacked(x, m, w, bias, f);
     }
     // Tasks: blocks of rows by ranges of panels, enough of them to share out
@@ -319,10 +557,10 @@ fn matmul(x: &[f32], m: usize, w: &PackedMatrix, bias: Option<&[f32]>, f: Pointw
 /// weights unpacked to (in, out) for the call: from [`UNPACK_ROWS`] rows its
 /// kernel is 5 to 10% faster than the tile kernel, and unpacking (one copy of
 /// each 32-column run) costs under 2% of such a product.
-fn matmul_unpacked(
+fn matmul_unpacked<T: Element>(
     x: &[f32],
     m: usize,
-    w: &PackedMatrix,
+    w: &PackedMatrix<T>,
     bias: Option<&[f32]>,
     f: Pointwise,
 ) -> Vec<f32> {
@@ -333,9 +571,9 @@ fn matmul_unpacked(
         .enumerate()
         .for_each(|(kk, row)| {
             for (p, cols) in row.chunks_mut(NR).enumerate() {
-                let src = &w.data[p * k * NR + kk * NR..][..cols.len()];
-                for (o, &v) in cols.iter_mut().zip(src) {
-                    o.write(v);
+                let src = &w.data[p * k * NR + kk * NR..][..NR];
+                for (j, o) in cols.iter_mut().enumerate() {
+                    o.write(src[T::slot(j)].to_f32());
                 }
             }
         });
@@ -372,6 +610,9 @@ thread_local! {
     /// A task's own packed block of rows ([`Rows::Own`]), reused across calls.
     /// Tasks run no parallel work inside, so no borrow of it nests.
     static BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A task's k block of one panel widened to f32 ([`Element::widen`]),
+    /// reused across panels and calls.
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One task: `rows` of the output by the columns of `panels`, over the whole
@@ -380,9 +621,9 @@ thread_local! {
 /// # Safety
 /// `out` points at an m x n buffer that `rows` and `panels` lie within, and no
 /// other thread touches those elements meanwhile.
-unsafe fn task(
+unsafe fn task<T: Element>(
     a: Rows,
-    w: &PackedMatrix,
+    w: &PackedMatrix<T>,
     rows: std::ops::Range<usize>,
     panels: std::ops::Range<usize>,
     bias: Option<&[f32]>,
@@ -391,44 +632,72 @@ unsafe fn task(
 ) {
     let (k, n) = (w.k, w.n);
     let mb = rows.len();
+    let width = T::width();
+    // Reduced weights are widened in the kernel for one row panel (a query:
+    // each weight is used once per panel, straight from memory), and once
+    // per k block of a panel for more, where the f32 kernel then runs
+    // without the widening's extra instructions (12% of batch 16's time).
+    let widen = T::REDUCED && mb > MR;
     BLOCK.with_borrow_mut(|own| {
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            // The block's packed rows, and the row of the output its first is.
-            let (block, base) = match a {
-                Rows::Shared { packed, m } => (&packed[k0 * m..(k0 + kc) * m], 0),
-                Rows::Own(x) => {
-                    if own.len() < mb * kc {
-                        own.resize(mb * kc, 0.0);
+        WIDE.with_borrow_mut(|wide| {
+            if widen && wide.len() < KC * NR {
+                wide.resize(KC * NR, 0.0);
+            }
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                // The block's packed rows, and the row of the output its first is.
+                let (block, base) = match a {
+                    Rows::Shared { packed, m } => (&packed[k0 * m..(k0 + kc) * m], 0),
+                    Rows::Own(x) => {
+                        if own.len() < mb * kc {
+                            own.resize(mb * kc, 0.0);
+                        }
+                        pack_block(x, k, rows.clone(), k0, kc, &mut own[..mb * kc]);
+                        (&own[..mb * kc], rows.start)
                     }
-                    pack_block(x, k, rows.clone(), k0, kc, &mut own[..mb * kc]);
-                    (&own[..mb * kc], rows.start)
-                }
-            };
-            let last_block = k0 + kc == k;
-            for p in panels.clone() {
-                let col0 = p * NR;
-                let ncols = NR.min(n - col0);
-                let b = &w.data[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
-                for r0 in (0..mb).step_by(MR) {
-                    let mr = MR.min(mb - r0);
-                    let row = rows.start + r0;
-                    let a = &block[(row - base) * kc..(row - base + mr) * kc];
-                    // SAFETY: the caller's bounds; `a` and `b` hold kc x mr and
-                    // kc x NR values.
-                    let c = unsafe { out.at(row * n + col0) };
-                    unsafe { kernel(mr, kc, a, b, c, n, ncols, k0 > 0) };
-                    if last_block && (bias.is_some() || f != Pointwise::Identity) {
-                        for i in 0..mr {
-                            // SAFETY: row i of the tile, ncols wide, in bounds.
-                            let row =
-                                unsafe { std::slice::from_raw_parts_mut(c.add(i * n), ncols) };
-                            epilogue(row, bias.map(|b| &b[col0..col0 + ncols]), f);
+                };
+                let last_block = k0 + kc == k;
+                for p in panels.clone() {
+                    let col0 = p * NR;
+                    let ncols = NR.min(n - col0);
+                    let b = &w.data[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
+                    if widen {
+                        T::widen(b, &mut wide[..kc * NR]);
+                    }
+                    // The kernel's columns at a time, each run of them passing
+                    // over all the rows while its weights stay in L1.
+                    for c0 in (0..ncols).step_by(width) {
+                        let cols = width.min(ncols - c0);
+                        let col = col0 + c0;
+                        for r0 in (0..mb).step_by(MR) {
+                            let mr = MR.min(mb - r0);
+                            let row = rows.start + r0;
+                            let a = &block[(row - base) * kc..(row - base + mr) * kc];
+                            // SAFETY: the caller's bounds; `a` holds kc x mr values
+                            // and `b` kc rows of NR from column c0.
+                            let c = unsafe { out.at(row * n + col) };
+                            match widen {
+                                true => unsafe {
+                                    f32::kernel(mr, kc, a, &wide[c0..kc * NR], c, n, cols, k0 > 0)
+                                },
+                                false => unsafe {
+                                    T::kernel(mr, kc, a, &b[c0..], c, n, cols, k0 > 0)
+                                },
+                            }
+                            if last_block && (bias.is_some() || f != Pointwise::Identity) {
+                                for i in 0..mr {
+                                    // SAFETY: row i of the tile, cols wide, in bounds.
+                                    let row = unsafe {
+                                        std::slice::from_raw_parts_mut(c.add(i * n), cols)
+                                    };
+                                    epilogue(row, bias.map(|b| &b[col..col + cols]), f);
+                                }
+                            }
                         }
                     }
                 }
             }
-        }
+        })
     });
 }
 
@@ -497,12 +766,16 @@ fn pack_block(
 /// `row = f(row + bias)`.
 #[inline]
 pub(super) fn epilogue(row: &mut [f32], bias: Option<&[f32]>, f: Pointwise) {
-    // Epilogues run on products with packed weights, which exist only where
-    // AVX-512F was detected; the check keeps any other caller off it.
     #[cfg(target_arch = "x86_64")]
-    if has_avx512bw() {
-        // SAFETY: AVX-512F was detected.
-        return unsafe { epilogue_avx512(row, bias, f) };
+    {
+        if has_avx512bw() {
+            // SAFETY: AVX-512F was detected.
+            return unsafe { epilogue_avx512(row, bias, f) };
+        }
+        if has_avx2() {
+            // SAFETY: AVX2 and FMA were detected.
+            return unsafe { epilogue_avx2(row, bias, f) };
+        }
     }
     epilogue_with(row, bias, f)
 }
@@ -521,6 +794,16 @@ pub(super) fn has_avx512bw() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn epilogue_avx512(row: &mut [f32], bias: Option<&[f32]>, f: Pointwise) {
+    epilogue_with(row, bias, f)
+}
+
+/// [`epilogue_with`] compiled for AVX2, where its loops vectorise.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn epilogue_avx2(row: &mut [f32], bias: Option<&[f32]>, f: Pointwise) {
     epilogue_with(row, bias, f)
 }
 
@@ -551,12 +834,22 @@ fn epilogue_with(row: &mut [f32], bias: Option<&[f32]>, f: Pointwise) {
     }
 }
 
-/// One tile: `c[0..mr, 0..ncols] (+)= a b` for a packed (kc x mr) `a` and a
-/// (kc x NR) panel slice `b`; `c`'s rows are `ldc` apart.
+/// Columns of a panel one kernel call covers: the whole panel with AVX-512,
+/// half of it with AVX2, whose 16 registers hold 6 rows of 16 columns.
+fn kernel_width() -> usize {
+    match has_avx512f() {
+        true => NR,
+        false => 16,
+    }
+}
+
+/// One tile: `c[0..mr, 0..ncols] (+)= a b` for a packed (kc x mr) `a` and
+/// kc rows of `b`, [`NR`] apart, from a panel slice's first column to
+/// cover; `c`'s rows are `ldc` apart; ncols is at most [`kernel_width`].
 ///
 /// # Safety
-/// `c` is valid for `mr` rows of `ncols` values `ldc` apart; AVX-512F is
-/// present (checked when the weights were packed).
+/// `c` is valid for `mr` rows of `ncols` values `ldc` apart; AVX-512F or
+/// AVX2 and FMA are present (checked when the weights were packed).
 #[inline]
 #[allow(clippy::too_many_arguments)] // the tile's shape and place, as BLIS's kernels take them
 unsafe fn kernel(
@@ -569,10 +862,14 @@ unsafe fn kernel(
     ncols: usize,
     accumulate: bool,
 ) {
-    debug_assert!(a.len() >= kc * mr && b.len() >= kc * NR && ncols <= NR);
+    debug_assert!(a.len() >= kc * mr && b.len() >= (kc - 1) * NR + ncols);
+    debug_assert!(ncols <= kernel_width());
     #[cfg(target_arch = "x86_64")]
     unsafe {
         let (a, b) = (a.as_ptr(), b.as_ptr());
+        if !has_avx512f() {
+            return avx2::tiles(mr, kc, a, b, c, ldc, ncols, accumulate);
+        }
         match mr {
             12 => avx512::tile::<12>(kc, a, b, c, ldc, ncols, accumulate),
             11 => avx512::tile::<11>(kc, a, b, c, ldc, ncols, accumulate),
@@ -590,7 +887,7 @@ unsafe fn kernel(
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("packed weights need AVX-512")
+    unreachable!("packed weights need AVX-512 or AVX2")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -662,6 +959,155 @@ mod avx512 {
     }
 }
 
+/// The tile kernel for CPUs with AVX2 and FMA but no AVX-512. With 16
+/// registers of 8 lanes, a tile covers half a panel's columns, in groups of
+/// at most [`avx2::ROWS`] rows by 16 columns (BLIS's Haswell shape). The
+/// half's weights (16 KB at [`KC`]) stay in L1 while all of a block's row
+/// panels pass over them; the whole panel's 32 KB would not.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Element, NR};
+
+    /// Most rows per sub-tile: 6 x 2 accumulators, 2 weight registers and a
+    /// broadcast are 15 of the 16 registers.
+    pub const ROWS: usize = 6;
+    /// Steps of depth ahead that the kernel prefetches weights.
+    const PREFETCH: usize = 16;
+
+    /// The tile of [`super::kernel`], at most 16 columns wide: the rows
+    /// split as evenly as possible into groups of at most [`ROWS`] (10 rows
+    /// run as 5 + 5, so that every group keeps enough sums in flight to
+    /// cover the multiply-add latency).
+    ///
+    /// # Safety
+    /// As [`super::kernel`]; AVX2 and FMA are present.
+    #[allow(clippy::too_many_arguments)] // as `super::kernel`
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tiles<T: Element>(
+        mr: usize,
+        kc: usize,
+        a: *const f32,
+        b: *const T,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let groups = mr.div_ceil(ROWS);
+        let mut r = 0;
+        for g in 0..groups {
+            let rows = (mr - r).div_ceil(groups - g);
+            // SAFETY: rows r..r + rows of the tile; `a` steps by the panel's
+            // mr values per step of depth.
+            unsafe {
+                let (a, c) = (a.add(r), c.add(r * ldc));
+                match rows {
+                    6 => tile::<6, T>(kc, a, mr, b, c, ldc, cols, accumulate),
+                    5 => tile::<5, T>(kc, a, mr, b, c, ldc, cols, accumulate),
+                    4 => tile::<4, T>(kc, a, mr, b, c, ldc, cols, accumulate),
+                    3 => tile::<3, T>(kc, a, mr, b, c, ldc, cols, accumulate),
+                    2 => tile::<2, T>(kc, a, mr, b, c, ldc, cols, accumulate),
+                    1 => tile::<1, T>(kc, a, mr, b, c, ldc, cols, accumulate),
+                    _ => unreachable!("sub-tiles have 1 to {ROWS} rows"),
+                }
+            }
+            r += rows;
+        }
+    }
+
+    /// One run of 16 columns of a bf16 panel row, widened to f32 in column
+    /// order.
+    ///
+    /// # Safety
+    /// 16 values at `b` and at `out`; AVX2 is present.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn widen16(b: *const u16, out: *mut f32) {
+        // SAFETY: the caller's.
+        unsafe {
+            let (lo, hi) = <u16 as Element>::load16(b);
+            _mm256_storeu_ps(out, lo);
+            _mm256_storeu_ps(out.add(8), hi);
+        }
+    }
+
+    /// Lanes `[8 h, 8 h + 8)` of a 16-column row that hold columns when it
+    /// has `cols`: all ones where valid.
+    #[inline(always)]
+    fn lanes(cols: usize, h: usize) -> __m256i {
+        let valid = cols.saturating_sub(8 * h).min(8) as i32;
+        // SAFETY: AVX is present wherever this module runs.
+        unsafe {
+            _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(valid),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            )
+        }
+    }
+
+    /// `M` rows by 16 columns: per step of depth, two weight registers and
+    /// `M` broadcasts feed `2 M` fused multiply-adds.
+    ///
+    /// # Safety
+    /// `a` holds kc steps of `step` values (this tile's `M` first), `b` kc
+    /// rows of NR (this tile's 16 first); `c` is valid for M rows of `cols`
+    /// values `ldc` apart.
+    #[allow(clippy::too_many_arguments)] // as `super::kernel`
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const M: usize, T: Element>(
+        kc: usize,
+        mut a: *const f32,
+        step: usize,
+        mut b: *const T,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let mut lo = [_mm256_setzero_ps(); M];
+        let mut hi = [_mm256_setzero_ps(); M];
+        for _ in 0..kc {
+            // SAFETY: kc steps of `a` and `b` as the caller promised.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH * NR) as *const i8);
+                let (b0, b1) = T::load16(b);
+                for i in 0..M {
+                    let ai = _mm256_broadcast_ss(&*a.add(i));
+                    lo[i] = _mm256_fmadd_ps(ai, b0, lo[i]);
+                    hi[i] = _mm256_fmadd_ps(ai, b1, hi[i]);
+                }
+                a = a.add(step);
+                b = b.add(NR);
+            }
+        }
+        for i in 0..M {
+            // SAFETY: row i of the tile, `cols` values (masked when fewer
+            // than 16).
+            unsafe {
+                let row = c.add(i * ldc);
+                let (mut v0, mut v1) = (lo[i], hi[i]);
+                if cols == 16 {
+                    if accumulate {
+                        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(row));
+                        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(row.add(8)));
+                    }
+                    _mm256_storeu_ps(row, v0);
+                    _mm256_storeu_ps(row.add(8), v1);
+                    continue;
+                }
+                let (m0, m1) = (lanes(cols, 0), lanes(cols, 1));
+                if accumulate {
+                    v0 = _mm256_add_ps(v0, _mm256_maskload_ps(row, m0));
+                    v1 = _mm256_add_ps(v1, _mm256_maskload_ps(row.add(8), m1));
+                }
+                _mm256_maskstore_ps(row, m0, v0);
+                _mm256_maskstore_ps(row.add(8), m1, v1);
+            }
+        }
+    }
+}
+
 /// Packing full row panels four steps of depth at a time with 4 x 4
 /// transposes (SSE, part of every x86-64): at a convolution's small number
 /// of output channels the packing is a fifth of the product's time.
@@ -718,12 +1164,23 @@ mod tests {
         crate::model::test_support::random(&[rows, cols], seed)
     }
 
+    /// `x w^T + b` by candle's product.
+    fn plain_product(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+        x.matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap()
+    }
+
+    /// `got` is `want` up to f32 sums of `k` terms in another order.
+    fn assert_close(got: &Tensor, want: &Tensor, k: usize, what: &str) {
+        let err = max_diff(got, want);
+        assert!(err < 1e-3 * (k as f32).sqrt(), "{what}: max error {err}");
+    }
+
     /// Every tail: rows not a multiple of MR or MC, columns not of NR, depth
     /// not of KC, a single row and a single column, with and without bias.
     #[test]
     fn packed_product_matches_a_plain_one() {
         if !available() {
-            eprintln!("no AVX-512 here: the packed kernel does not run");
+            eprintln!("neither AVX-512 nor AVX2 here: the packed kernel does not run");
             return;
         }
         for (m, k, n) in [
@@ -744,17 +1201,8 @@ mod tests {
                 packed.unpack().unwrap().to_vec2::<f32>().unwrap(),
                 w.to_vec2::<f32>().unwrap()
             );
-            let want = x
-                .matmul(&w.t().unwrap())
-                .unwrap()
-                .broadcast_add(&b)
-                .unwrap();
             let got = dense(&x, &packed, Some(&b), Pointwise::Identity).unwrap();
-            let err = max_diff(&got, &want);
-            assert!(
-                err < 1e-3 * (k as f32).sqrt(),
-                "{m}x{k}x{n}: max error {err}"
-            );
+            assert_close(&got, &plain_product(&x, &w, &b), k, &format!("{m}x{k}x{n}"));
             let relu = dense(
                 &x.reshape((1, m, k)).unwrap(),
                 &packed,
@@ -764,11 +1212,44 @@ mod tests {
             .unwrap();
             assert_eq!(relu.dims(), &[1, m, n]);
             let want = x.matmul(&w.t().unwrap()).unwrap().relu().unwrap();
-            let err = max_diff(&relu.squeeze(0).unwrap(), &want);
-            assert!(
-                err < 1e-3 * (k as f32).sqrt(),
-                "{m}x{k}x{n} relu: max error {err}"
+            let what = format!("{m}x{k}x{n} relu");
+            assert_close(&relu.squeeze(0).unwrap(), &want, k, &what);
+        }
+    }
+
+    /// bf16 panels: the weight comes back rounded, and every tail's product
+    /// equals the f32 product with the rounded weight up to the order of the
+    /// sums.
+    #[test]
+    fn bf16_panels_match_a_plain_product_with_rounded_weights() {
+        if !bf16_panels() {
+            eprintln!("no AVX2, or AVX-512 too: bf16 panels do not run");
+            return;
+        }
+        for (m, k, n) in [
+            (1, 1, 1),
+            (10, 768, 2304),
+            (13, 300, 33),
+            (50, 513, 100),
+            (600, 64, 17),
+        ] {
+            let x = random(m, k, 1);
+            let w = random(n, k, 2);
+            let rounded = w
+                .to_dtype(candle_core::DType::BF16)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
+            let b = random(1, n, 3).flatten_all().unwrap();
+            let packed: Arc<dyn Prepacked> = Arc::new(PackedMatrix::bf16(&w).unwrap().unwrap());
+            assert!(packed.is_reduced());
+            assert_eq!(
+                packed.unpack().unwrap().to_vec2::<f32>().unwrap(),
+                rounded.to_vec2::<f32>().unwrap()
             );
+            let want = plain_product(&x, &rounded, &b).gelu().unwrap();
+            let got = dense_with(&x, packed, Some(&b), Pointwise::GeluTanh).unwrap();
+            assert_close(&got, &want, k, &format!("{m}x{k}x{n}"));
         }
     }
 

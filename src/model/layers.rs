@@ -134,8 +134,9 @@ impl Linear {
 
     /// Converts an inference layer's weight for `precision` (`fast` or
     /// `int8`): int8 on AMX-INT8 for `int8` ([`super::int8`]), else bf16 on
-    /// AMX, else kept in f32 rounded to bf16 (so that the layer computes
-    /// nearly the same either way). Trainable layers, and layers of a kind
+    /// AMX, else bf16 panels for the AVX2 kernel ([`PackedMatrix::bf16`]),
+    /// else kept in f32 rounded to bf16 (so that the layer computes nearly
+    /// the same either way). Trainable layers, and layers of a kind
     /// that stays f32 ([`super::bf16::converts`]), keep their weight.
     pub fn reduce_to(&mut self, kind: LayerKind, precision: Precision) -> Result<()> {
         if !super::bf16::converts(kind) {
@@ -162,6 +163,10 @@ impl Linear {
             (Some(m), _) => Some(Arc::new(m)),
             (None, true) => Bf16Matrix::new(&w)?.map(|m| Arc::new(m) as _),
             (None, false) => None,
+        };
+        let matrix = match matrix {
+            Some(m) => Some(m),
+            None => PackedMatrix::bf16(&w)?.map(|m| Arc::new(m) as _),
         };
         self.weight = match matrix {
             Some(m) => Weight::Prepacked(m),
@@ -671,29 +676,40 @@ mod tests {
     use crate::model::ops::Pointwise;
     use crate::model::test_support::{max_abs_diff, random};
 
-    /// A bf16 layer computes the same on AMX as without it (weights rounded
-    /// alike; only AMX rounds the input too), gives back its rounded weight,
-    /// and passes gradients to a trainable input.
+    /// A bf16 layer computes the same on AMX, in the AVX2 kernel's bf16
+    /// panels and in f32 with rounded weights (weights rounded alike; only
+    /// AMX rounds the input too), gives back its rounded weight, and passes
+    /// gradients to a trainable input.
     #[test]
     fn bf16_layers_agree_with_and_without_amx() {
         let (w, b) = (random(&[45, 70], 1), random(&[45], 2));
         let mut amx = Linear::new(w.clone(), Some(b.clone())).unwrap();
         amx.reduce_to(LayerKind::Qkv, Precision::Fast).unwrap();
-        let mut portable = Linear::new(w.clone(), Some(b.clone())).unwrap();
-        let exact = Linear::new(w.clone(), Some(b)).unwrap();
-        portable
+        let mut panels = Linear::new(w.clone(), Some(b.clone())).unwrap();
+        panels
             .reduce_to_with(LayerKind::Qkv, Precision::Fast, false)
             .unwrap();
-        assert!(!matches!(&portable.weight, Weight::Prepacked(p) if p.is_reduced()));
+        crate::model::gemm::set_enabled(false);
+        let mut portable = Linear::new(w.clone(), Some(b.clone())).unwrap();
+        let reduced = portable.reduce_to_with(LayerKind::Qkv, Precision::Fast, false);
+        crate::model::gemm::set_enabled(true);
+        reduced.unwrap();
+        let exact = Linear::new(w.clone(), Some(b)).unwrap();
+        assert!(matches!(&portable.weight, Weight::Plain(..)));
         if crate::model::bf16::available() {
             assert!(matches!(&amx.weight, Weight::Prepacked(p) if p.is_reduced()));
+        }
+        if crate::model::gemm::bf16_panels() {
+            assert!(
+                matches!(&panels.weight, Weight::Prepacked(p) if p.name() == "clipdex-bf16-panels")
+            );
         }
         let rounded = w
             .to_dtype(DType::BF16)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        for layer in [&amx, &portable] {
+        for layer in [&amx, &panels, &portable] {
             assert_eq!(
                 layer.weight().unwrap().to_vec2::<f32>().unwrap(),
                 rounded.to_vec2::<f32>().unwrap()
@@ -709,6 +725,10 @@ mod tests {
             let err = max_abs_diff(&a, &p);
             assert!(err < 0.1, "{f:?}: {err}");
             assert!(max_abs_diff(&p, &exact.forward_then(&x, f).unwrap()) > 1e-4);
+            // The same rounded weights and f32 inputs: only the order of the
+            // sums differs.
+            let err = max_abs_diff(&panels.forward_then(&x, f).unwrap(), &p);
+            assert!(err < 1e-4, "{f:?} panels: {err}");
         }
         let var = candle_core::Var::from_tensor(&x).unwrap();
         let y = amx.forward(var.as_tensor()).unwrap();

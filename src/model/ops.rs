@@ -1092,9 +1092,15 @@ unsafe fn attend_one(t: HeadTask) {
     SCRATCH.with_borrow_mut(|scratch| {
         scratch.resize(t.hd * t.n + BLOCK_ROWS * (t.n + 2 * t.hd), 0.0);
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F; the caller's guarantees.
-            return unsafe { attend_one_avx512(t, scratch) };
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F; the caller's guarantees.
+                return unsafe { attend_one_avx512(t, scratch) };
+            }
+            if super::gemm::has_avx2() {
+                // SAFETY: the CPU has AVX2 and FMA; the caller's guarantees.
+                return unsafe { attend_one_avx2(t, scratch) };
+            }
         }
         // SAFETY: the caller's guarantees; no AVX-512 asked for.
         unsafe { attend_one_with(t, scratch, false) }
@@ -1110,6 +1116,17 @@ unsafe fn attend_one(t: HeadTask) {
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_one_avx512(t: HeadTask, scratch: &mut [f32]) {
     unsafe { attend_one_with(t, scratch, true) }
+}
+
+/// [`attend_one_with`] compiled for AVX2, where its loops vectorise eight
+/// lanes wide (the register path is AVX-512's).
+///
+/// # Safety
+/// As [`attend_one`]; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_one_avx2(t: HeadTask, scratch: &mut [f32]) {
+    unsafe { attend_one_with(t, scratch, false) }
 }
 
 /// # Safety
