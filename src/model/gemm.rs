@@ -194,7 +194,14 @@ pub trait Element: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
     );
     /// Writes rows of a panel (`b`, NR values each) to `out` as f32 in
     /// column order, for [`f32`]'s kernel.
-    fn widen(b: &[Self], out: &mut [f32]);
+    fn widen(b: &[Self], out: &mut [f32]) {
+        assert!(b.len() == out.len() && b.len().is_multiple_of(NR));
+        for (b, out) in b.chunks_exact(NR).zip(out.chunks_exact_mut(NR)) {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = b[Self::slot(j)].to_f32();
+            }
+        }
+    }
     /// The 16 columns of one panel row's run at `b`, as two registers of 8.
     ///
     /// # Safety
@@ -232,10 +239,6 @@ impl Element for f32 {
 
     fn unpacks() -> bool {
         has_avx512f()
-    }
-
-    fn widen(b: &[Self], out: &mut [f32]) {
-        out.copy_from_slice(b);
     }
 
     unsafe fn kernel(
@@ -297,20 +300,14 @@ impl Element for u16 {
         false
     }
 
+    /// 16 columns at a time with AVX2, which every bf16 panel was packed on.
+    #[cfg(target_arch = "x86_64")]
     fn widen(b: &[Self], out: &mut [f32]) {
         assert!(b.len() == out.len() && b.len().is_multiple_of(16));
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            for (b, out) in b.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
-                // SAFETY: 16 values each side; AVX2 was detected.
-                unsafe { avx2::widen16(b.as_ptr(), out.as_mut_ptr()) };
-            }
-            return;
-        }
         for (b, out) in b.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = b[Self::slot(j)].to_f32();
-            }
+            // SAFETY: 16 values each side; bf16 panels exist only where AVX2
+            // was detected (`available`).
+            unsafe { avx2::widen16(b.as_ptr(), out.as_mut_ptr()) };
         }
     }
 

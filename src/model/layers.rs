@@ -162,11 +162,7 @@ impl Linear {
         let matrix: Option<Arc<dyn Prepacked>> = match (int8, amx) {
             (Some(m), _) => Some(Arc::new(m)),
             (None, true) => Bf16Matrix::new(&w)?.map(|m| Arc::new(m) as _),
-            (None, false) => None,
-        };
-        let matrix = match matrix {
-            Some(m) => Some(m),
-            None => PackedMatrix::bf16(&w)?.map(|m| Arc::new(m) as _),
+            (None, false) => PackedMatrix::bf16(&w)?.map(|m| Arc::new(m) as _),
         };
         self.weight = match matrix {
             Some(m) => Weight::Prepacked(m),

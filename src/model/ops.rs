@@ -1093,7 +1093,7 @@ unsafe fn attend_one(t: HeadTask) {
         scratch.resize(t.hd * t.n + BLOCK_ROWS * (t.n + 2 * t.hd), 0.0);
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if super::gemm::has_avx512f() {
                 // SAFETY: the CPU has AVX-512F; the caller's guarantees.
                 return unsafe { attend_one_avx512(t, scratch) };
             }
