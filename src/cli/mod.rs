@@ -169,8 +169,8 @@ pub struct EvalArgs {
     pub offline: bool,
 
     /// How the model computes: exact (f32, the reference's numbers), fast
-    /// (the encoders' dense layers in bf16, on AMX or AVX2 where the CPU has it) or
-    /// int8 (those layers in int8 on AMX-INT8: faster still, a little
+    /// (the encoders' dense layers in bf16, on AMX, AVX512-BF16 or AVX2 where the CPU has it) or
+    /// int8 (those layers in int8 on AMX-INT8 or AVX512-VNNI: faster still, a little
     /// further from exact).
     /// An index keeps the precision its vectors were made with.
     #[arg(
@@ -267,11 +267,11 @@ pub struct ServeArgs {
     pub offline: bool,
 
     /// How the model computes: exact (f32, the reference's numbers), fast
-    /// (the encoders' dense layers in bf16, on AMX or AVX2 where the CPU has it) or
-    /// int8 (those layers in int8 on AMX-INT8: faster still, a little
+    /// (the encoders' dense layers in bf16, on AMX, AVX512-BF16 or AVX2 where the CPU has it) or
+    /// int8 (those layers in int8 on AMX-INT8 or AVX512-VNNI: faster still, a little
     /// further from exact).
     /// An index keeps the precision its vectors were made with; a new one is
-    /// made fast where the CPU has AMX, or AVX2 without AVX-512;
+    /// made fast where the CPU has AMX or AVX512-BF16, or AVX2 without AVX-512;
     /// exact elsewhere.
     #[arg(long, value_name = "exact|fast|int8", env = "CLIPDEX_PRECISION")]
     pub precision: Option<Precision>,
@@ -637,11 +637,11 @@ pub struct ModelArgs {
     pub offline: bool,
 
     /// How the model computes: exact (f32, the reference's numbers), fast
-    /// (the encoders' dense layers in bf16, on AMX or AVX2 where the CPU has it) or
-    /// int8 (those layers in int8 on AMX-INT8: faster still, a little
+    /// (the encoders' dense layers in bf16, on AMX, AVX512-BF16 or AVX2 where the CPU has it) or
+    /// int8 (those layers in int8 on AMX-INT8 or AVX512-VNNI: faster still, a little
     /// further from exact).
     /// An index keeps the precision its vectors were made with; a new one is
-    /// made fast where the CPU has AMX, or AVX2 without AVX-512;
+    /// made fast where the CPU has AMX or AVX512-BF16, or AVX2 without AVX-512;
     /// exact elsewhere. `embed` computes
     /// exact unless told.
     #[arg(long, value_name = "exact|fast|int8", env = "CLIPDEX_PRECISION")]

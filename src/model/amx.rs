@@ -11,7 +11,13 @@
 //! per 32 rows.
 //!
 //! AMX is detected at run time (CPUID, and the kernel's permission to use
-//! tile data, asked once per process).
+//! tile data, asked once per process). Where it is missing, CPUs with
+//! AVX-512 dot-product instructions (AMD Zen 4 and later, Intel from Ice
+//! Lake and Cooper Lake) run the same layout with `VDPBF16PS` (AVX512-BF16)
+//! or `VPDPBUSD` (AVX512-VNNI): one 64-byte tile row of weights is one
+//! register (16 columns by a pair or a quadruple of depths), each row of
+//! activations gives the matching 4 bytes by broadcast, and the sums are
+//! the same (i32, so exact, for int8; f32 for bf16).
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -75,8 +81,46 @@ impl Format {
     }
 }
 
-/// Whether this CPU and kernel run AMX products in `format` (checked once).
+/// Whether this CPU runs products in `format`, on AMX or with AVX-512 dot
+/// products ([`Engine`], checked once).
 pub(super) fn available(format: Format) -> bool {
+    engine(format).is_some()
+}
+
+/// What runs the tile product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Engine {
+    /// AMX tiles.
+    Amx,
+    /// AVX-512 registers, a tile row at a time (`VDPBF16PS`, `VPDPBUSD`).
+    Avx512,
+}
+
+/// What runs products in `format` on this CPU, if anything (checked once).
+pub(super) fn engine(format: Format) -> Option<Engine> {
+    if amx(format) {
+        return Some(Engine::Amx);
+    }
+    static DOTS: OnceLock<(bool, bool)> = OnceLock::new();
+    let (bf16, int8) = *DOTS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            dots::detect()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            (false, false)
+        }
+    });
+    let dots = match format {
+        Format::Bf16 => bf16,
+        Format::Int8 => int8,
+    };
+    dots.then_some(Engine::Avx512)
+}
+
+/// Whether this CPU and kernel run AMX products in `format` (checked once).
+fn amx(format: Format) -> bool {
     static AMX: OnceLock<(bool, bool)> = OnceLock::new();
     let (bf16, int8) = *AMX.get_or_init(|| {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -95,8 +139,8 @@ pub(super) fn available(format: Format) -> bool {
 }
 
 /// The (out, in) `weight` as row-major f32 values with its shape (n, k),
-/// for laying out in `format`; `None` where this CPU has no AMX for it or
-/// the weight is not on the CPU.
+/// for laying out in `format`; `None` where this CPU has no kernel for it
+/// ([`available`]) or the weight is not on the CPU.
 pub(super) fn rows_of(
     format: Format,
     weight: &candle_core::Tensor,
@@ -355,6 +399,7 @@ unsafe fn task(
     let (n, steps) = (w.n, w.steps);
     let mut tile = [0f32; BLOCK * BLOCK];
     let mut configured = (0, 0);
+    let amx = amx(w.format);
     for cb in cols {
         let col0 = cb * BLOCK;
         if col0 >= n {
@@ -366,7 +411,7 @@ unsafe fn task(
         for r0 in rows.clone().step_by(BLOCK) {
             let nrows = BLOCK.min(rows.end - r0);
             let shape = (nrows.min(T), nrows.saturating_sub(T));
-            if shape != configured {
+            if amx && shape != configured {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AMX was detected and permitted before any matrix
                 // was made.
@@ -387,15 +432,30 @@ unsafe fn task(
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `a` holds `nrows` rows of `row_bytes` from row r0,
             // `b0` and `b1` `steps` tiles each, `c` room for nrows rows of
-            // 32, `ldc` apart; the tiles were configured for these rows.
+            // 32, `ldc` apart; the tiles were configured for these rows, or
+            // the CPU has the AVX-512 instruction (`engine`).
             unsafe {
                 let (a, b0, b1) = (a[r0 * row_bytes..].as_ptr(), b0.as_ptr(), b1.as_ptr());
                 let c = c.cast::<u8>();
-                match (w.format, shape.1) {
-                    (Format::Bf16, 0) => tiles::bf16_block1(a, row_bytes, b0, b1, steps, c, ldc),
-                    (Format::Bf16, _) => tiles::bf16_block2(a, row_bytes, b0, b1, steps, c, ldc),
-                    (Format::Int8, 0) => tiles::int8_block1(a, row_bytes, b0, b1, steps, c, ldc),
-                    (Format::Int8, _) => tiles::int8_block2(a, row_bytes, b0, b1, steps, c, ldc),
+                match (amx, w.format, shape.1) {
+                    (false, Format::Bf16, _) => {
+                        dots::bf16_block(a, row_bytes, b0, b1, steps, c, ldc, nrows)
+                    }
+                    (false, Format::Int8, _) => {
+                        dots::int8_block(a, row_bytes, b0, b1, steps, c, ldc, nrows)
+                    }
+                    (true, Format::Bf16, 0) => {
+                        tiles::bf16_block1(a, row_bytes, b0, b1, steps, c, ldc)
+                    }
+                    (true, Format::Bf16, _) => {
+                        tiles::bf16_block2(a, row_bytes, b0, b1, steps, c, ldc)
+                    }
+                    (true, Format::Int8, 0) => {
+                        tiles::int8_block1(a, row_bytes, b0, b1, steps, c, ldc)
+                    }
+                    (true, Format::Int8, _) => {
+                        tiles::int8_block2(a, row_bytes, b0, b1, steps, c, ldc)
+                    }
                 }
             };
             if ncols < BLOCK {
@@ -410,10 +470,182 @@ unsafe fn task(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: releases the tile state this task configured.
-    unsafe {
-        tiles::release()
-    };
+    if amx {
+        // SAFETY: releases the tile state this task configured.
+        unsafe { tiles::release() };
+    }
+}
+
+/// The tile product with AVX-512 dot products, for CPUs without AMX: a
+/// 64-byte tile row of weights (16 columns by one group of depth) is one
+/// register, and the matching 4 bytes of each row of activations one
+/// broadcast.
+#[cfg(target_arch = "x86_64")]
+mod dots {
+    use std::arch::x86_64::*;
+
+    use super::{ROW_BYTES, T};
+
+    /// Most rows per register tile: 12 x 2 sums, 2 weight registers and a
+    /// broadcast are 27 of the 32 registers.
+    const ROWS: usize = 12;
+    /// Groups of depth ahead that the kernel prefetches weights (1 KB).
+    const PREFETCH: usize = 16;
+
+    /// CPUID says AVX-512F and BW with BF16 (first) and with VNNI (second).
+    pub fn detect() -> (bool, bool) {
+        let base = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw");
+        (
+            base && std::arch::is_x86_feature_detected!("avx512bf16"),
+            base && std::arch::is_x86_feature_detected!("avx512vnni"),
+        )
+    }
+
+    /// `NAME` computes `c[0..rows, 0..32] = a * [b0 b1]` as the AMX kernels
+    /// do, from `rows` rows of `a` (`sa` bytes apart) and `steps` weight
+    /// tiles at `b0` and `b1`, into 4-byte sums in rows `ldc` elements
+    /// apart. The rows split as evenly as possible into register tiles of at
+    /// most [`ROWS`]; a tile of one or two rows splits the depth between
+    /// four or two sets of sums, so that enough are in flight to cover the
+    /// instruction's latency.
+    macro_rules! kernels {
+        ($name:ident, $tile:ident, $features:literal, $dot:expr, $add:expr) => {
+            /// # Safety
+            /// The pointers are valid for those extents; `steps > 0`;
+            /// `rows` is 1 to 32; the CPU has the instruction.
+            #[allow(clippy::too_many_arguments)] // the AMX kernels' and the rows
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(
+                a: *const u8,
+                sa: usize,
+                b0: *const u8,
+                b1: *const u8,
+                steps: usize,
+                c: *mut u8,
+                ldc: usize,
+                rows: usize,
+            ) {
+                for (r, m) in super::super::gemm::even_parts(rows, ROWS) {
+                    // SAFETY: rows r..r + m of the caller's.
+                    unsafe {
+                        let (a, c) = (a.add(r * sa), c.add(4 * r * ldc));
+                        let groups = steps * T;
+                        match m {
+                            12 => $tile::<12, 1>(a, sa, b0, b1, groups, c, ldc),
+                            11 => $tile::<11, 1>(a, sa, b0, b1, groups, c, ldc),
+                            10 => $tile::<10, 1>(a, sa, b0, b1, groups, c, ldc),
+                            9 => $tile::<9, 1>(a, sa, b0, b1, groups, c, ldc),
+                            8 => $tile::<8, 1>(a, sa, b0, b1, groups, c, ldc),
+                            7 => $tile::<7, 1>(a, sa, b0, b1, groups, c, ldc),
+                            6 => $tile::<6, 1>(a, sa, b0, b1, groups, c, ldc),
+                            5 => $tile::<5, 1>(a, sa, b0, b1, groups, c, ldc),
+                            4 => $tile::<4, 1>(a, sa, b0, b1, groups, c, ldc),
+                            3 => $tile::<3, 1>(a, sa, b0, b1, groups, c, ldc),
+                            2 => $tile::<2, 2>(a, sa, b0, b1, groups, c, ldc),
+                            1 => $tile::<1, 4>(a, sa, b0, b1, groups, c, ldc),
+                            _ => unreachable!("register tiles have 1 to {ROWS} rows"),
+                        }
+                    }
+                }
+            }
+
+            /// `M` rows by 32 columns over `groups` groups of depth (a tile
+            /// row each), in `S` sets of sums taken in turn.
+            ///
+            /// # Safety
+            /// As the caller's, for `M` rows.
+            #[target_feature(enable = $features)]
+            unsafe fn $tile<const M: usize, const S: usize>(
+                a: *const u8,
+                sa: usize,
+                b0: *const u8,
+                b1: *const u8,
+                groups: usize,
+                c: *mut u8,
+                ldc: usize,
+            ) {
+                let mut lo = [[_mm512_setzero_si512(); M]; S];
+                let mut hi = [[_mm512_setzero_si512(); M]; S];
+                // One group of depth into set `$set` (a macro, not a closure,
+                // so that it is compiled with this function's features).
+                macro_rules! group {
+                    ($g:expr, $set:expr) => {
+                        // SAFETY: group $g < groups of each row and tile.
+                        unsafe {
+                            let at = $g * ROW_BYTES;
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                b0.wrapping_add(at + PREFETCH * ROW_BYTES) as *const i8
+                            );
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                b1.wrapping_add(at + PREFETCH * ROW_BYTES) as *const i8
+                            );
+                            let w0 = _mm512_loadu_si512(b0.add(at).cast());
+                            let w1 = _mm512_loadu_si512(b1.add(at).cast());
+                            for i in 0..M {
+                                let x = _mm512_set1_epi32(
+                                    a.add(i * sa + 4 * $g).cast::<i32>().read_unaligned(),
+                                );
+                                lo[$set][i] = $dot(lo[$set][i], x, w0);
+                                hi[$set][i] = $dot(hi[$set][i], x, w1);
+                            }
+                        }
+                    };
+                }
+                let mut g = 0;
+                while g + S <= groups {
+                    for set in 0..S {
+                        group!(g + set, set);
+                    }
+                    g += S;
+                }
+                while g < groups {
+                    group!(g, 0);
+                    g += 1;
+                }
+                for set in 1..S {
+                    for i in 0..M {
+                        lo[0][i] = $add(lo[0][i], lo[set][i]);
+                        hi[0][i] = $add(hi[0][i], hi[set][i]);
+                    }
+                }
+                for i in 0..M {
+                    // SAFETY: row i's 32 sums.
+                    unsafe {
+                        let row = c.add(4 * i * ldc);
+                        _mm512_storeu_si512(row.cast(), lo[0][i]);
+                        _mm512_storeu_si512(row.add(64).cast(), hi[0][i]);
+                    }
+                }
+            }
+        };
+    }
+
+    kernels!(
+        bf16_block,
+        bf16_tile,
+        "avx512f,avx512bw,avx512bf16",
+        |sum: __m512i, x: __m512i, w: __m512i| {
+            // SAFETY (inside `group!`'s unsafe block): a bf16 vector is 32
+            // u16 lanes, as the bits of `x` and `w`.
+            let (x, w) = (
+                std::mem::transmute::<__m512i, __m512bh>(x),
+                std::mem::transmute::<__m512i, __m512bh>(w),
+            );
+            _mm512_castps_si512(_mm512_dpbf16_ps(_mm512_castsi512_ps(sum), x, w))
+        },
+        |p: __m512i, q: __m512i| _mm512_castps_si512(_mm512_add_ps(
+            _mm512_castsi512_ps(p),
+            _mm512_castsi512_ps(q)
+        ))
+    );
+    kernels!(
+        int8_block,
+        int8_tile,
+        "avx512f,avx512bw,avx512vnni",
+        |sum: __m512i, x: __m512i, w: __m512i| _mm512_dpbusd_epi32(sum, x, w),
+        |p: __m512i, q: __m512i| _mm512_add_epi32(p, q)
+    );
 }
 
 #[cfg(target_arch = "x86_64")]

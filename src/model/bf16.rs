@@ -1,4 +1,4 @@
-//! Dense layers in bf16 on Intel AMX, for `--precision fast`.
+//! Dense layers in bf16 on Intel AMX or AVX512-BF16, for `--precision fast`.
 //!
 //! A weight is rounded to bf16 once, at load, and laid out as AMX tiles
 //! ([`Bf16Matrix`]); each product rounds its activations to bf16 and
@@ -8,9 +8,12 @@
 //! of mantissa) differs from the f32 product; sums stay f32.
 //!
 //! AMX is detected at run time (CPUID, and the kernel's permission to use
-//! tile data, asked once per process). Without it [`Bf16Matrix::new`] returns
-//! `None`, and the caller keeps an f32 layer with bf16-rounded weights, so
-//! that `fast` embeddings are close to the same wherever they are made.
+//! tile data, asked once per process). Without it, CPUs with AVX512-BF16
+//! (AMD Zen 4, Intel Cooper Lake) run the same tiles with `VDPBF16PS`, 32
+//! multiply-adds of bf16 pairs per instruction into f32 sums ([`super::amx`]).
+//! Without either [`Bf16Matrix::new`] returns `None`, and the caller keeps
+//! an f32 layer with bf16-rounded weights, so that `fast` embeddings are
+//! close to the same wherever they are made.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -94,7 +97,8 @@ pub fn set_converted(kinds: &[LayerKind]) {
 static INT8_KINDS: AtomicU32 = AtomicU32::new(u32::MAX);
 
 /// Sets the converted kinds that go to int8 ([`super::int8`]) rather than
-/// bf16 under `--precision int8` where the CPU has AMX-INT8; every
+/// bf16 under `--precision int8` where the CPU has AMX-INT8 or AVX512-VNNI;
+/// every
 /// converted kind until changed.
 pub fn set_int8(kinds: &[LayerKind]) {
     let mask = kinds.iter().fold(0, |m, k| m | k.bit());
@@ -163,7 +167,8 @@ pub fn round(x: f32) -> f32 {
     from_bf16(to_bf16(x))
 }
 
-/// Whether this CPU and kernel run AMX bf16 products (checked once).
+/// Whether this CPU runs bf16 tile products, on AMX or AVX512-BF16 (checked
+/// once).
 pub fn available() -> bool {
     amx::available(Format::Bf16)
 }
@@ -175,7 +180,8 @@ pub fn available() -> bool {
 pub struct Bf16Matrix(TileMatrix<u16>);
 
 impl Bf16Matrix {
-    /// Rounds and lays out an (out, in) f32 weight, or `None` without AMX.
+    /// Rounds and lays out an (out, in) f32 weight, or `None` without AMX or
+    /// AVX512-BF16.
     pub fn new(weight: &Tensor) -> candle_core::Result<Option<Self>> {
         let rows = amx::rows_of(Format::Bf16, weight)?;
         Ok(rows.map(|(w, n, k)| Self::from_rows(&w, n, k)))
@@ -232,7 +238,7 @@ pub fn dense(
 /// Writes `src` rounded to bf16 into `dst` (as long).
 fn round_row(src: &[f32], dst: &mut [u16]) {
     assert_eq!(src.len(), dst.len());
-    // AMX products run only where AMX (and so AVX-512) was found; the check
+    // Tile products run only where AVX-512 was found; the check
     // keeps any other caller (a test on another CPU) off AVX-512.
     #[cfg(target_arch = "x86_64")]
     if super::gemm::has_avx512bw() {
@@ -371,7 +377,7 @@ mod tests {
     #[test]
     fn products_match_the_rounded_reference() {
         if !available() {
-            eprintln!("no AMX here: the bf16 kernel is not tested");
+            eprintln!("no AMX or AVX512-BF16 here: the bf16 kernel is not tested");
             return;
         }
         check_reduced_products(

@@ -831,6 +831,18 @@ fn epilogue_with(row: &mut [f32], bias: Option<&[f32]>, f: Pointwise) {
     }
 }
 
+/// `n` split into the fewest runs of at most `most` (positive), as even as
+/// can be: (start, length) of each, the longer first (10 rows by at most 6
+/// run as 5 + 5, 32 by 12 as 11 + 11 + 10), so that every register tile a
+/// kernel runs has about as many sums in flight.
+pub(super) fn even_parts(n: usize, most: usize) -> impl Iterator<Item = (usize, usize)> {
+    let parts = n.div_ceil(most);
+    (0..parts).map(move |p| {
+        let start = p * (n / parts) + p.min(n % parts);
+        (start, n / parts + usize::from(p < n % parts))
+    })
+}
+
 /// Columns of a panel one kernel call covers: the whole panel with AVX-512,
 /// half of it with AVX2, whose 16 registers hold 6 rows of 16 columns.
 fn kernel_width() -> usize {
@@ -992,10 +1004,7 @@ mod avx2 {
         cols: usize,
         accumulate: bool,
     ) {
-        let groups = mr.div_ceil(ROWS);
-        let mut r = 0;
-        for g in 0..groups {
-            let rows = (mr - r).div_ceil(groups - g);
+        for (r, rows) in super::even_parts(mr, ROWS) {
             // SAFETY: rows r..r + rows of the tile; `a` steps by the panel's
             // mr values per step of depth.
             unsafe {
@@ -1010,7 +1019,6 @@ mod avx2 {
                     _ => unreachable!("sub-tiles have 1 to {ROWS} rows"),
                 }
             }
-            r += rows;
         }
     }
 
@@ -1156,6 +1164,28 @@ mod tests {
     use candle_core::Tensor;
 
     use crate::model::test_support::max_abs_diff as max_diff;
+
+    #[test]
+    fn even_parts_cover_every_row_once_as_evenly_as_possible() {
+        assert_eq!(even_parts(10, 6).collect::<Vec<_>>(), [(0, 5), (5, 5)]);
+        assert_eq!(
+            even_parts(32, 12).collect::<Vec<_>>(),
+            [(0, 11), (11, 11), (22, 10)]
+        );
+        for n in 1..100 {
+            for most in 1..14 {
+                let parts: Vec<_> = even_parts(n, most).collect();
+                assert_eq!(parts.len(), n.div_ceil(most));
+                let mut next = 0;
+                for &(start, len) in &parts {
+                    assert_eq!(start, next);
+                    assert!(len >= 1 && len <= most && len + 1 >= parts[0].1);
+                    next += len;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
 
     fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
         crate::model::test_support::random(&[rows, cols], seed)

@@ -1,4 +1,4 @@
-//! Dense layers in int8 on Intel AMX, for `--precision int8`.
+//! Dense layers in int8 on Intel AMX or AVX512-VNNI, for `--precision int8`.
 //!
 //! A weight is quantized once, at load, per output channel (symmetric: a
 //! scale per column, values -127 to 127) and laid out as AMX tiles
@@ -11,8 +11,10 @@
 //! weights, before the bias and the activation. Half the bytes of bf16 per
 //! weight and twice its multiply-adds per instruction.
 //!
-//! Without AMX-INT8 [`Int8Matrix::new`] returns `None`, and the caller keeps
-//! the layer in bf16 ([`super::bf16`]).
+//! Without AMX-INT8, CPUs with AVX512-VNNI (AMD Zen 4, Intel from Cascade
+//! Lake) run the same tiles with `VPDPBUSD` ([`super::amx`]): the same i32
+//! sums, so the same results. Without either [`Int8Matrix::new`] returns
+//! `None`, and the caller keeps the layer in bf16 ([`super::bf16`]).
 
 use std::sync::{Arc, OnceLock};
 
@@ -22,7 +24,8 @@ use super::amx::{self, Format, TileMatrix};
 use super::gemm::epilogue;
 use super::ops::Pointwise;
 
-/// Whether this CPU and kernel run AMX int8 products (checked once).
+/// Whether this CPU runs int8 tile products, on AMX or AVX512-VNNI (checked
+/// once).
 pub fn available() -> bool {
     amx::available(Format::Int8)
 }
@@ -43,7 +46,7 @@ pub struct Int8Matrix {
 
 impl Int8Matrix {
     /// Quantizes and lays out an (out, in) f32 weight, or `None` without
-    /// AMX-INT8.
+    /// AMX-INT8 or AVX512-VNNI.
     pub fn new(weight: &Tensor) -> candle_core::Result<Option<Self>> {
         let rows = amx::rows_of(Format::Int8, weight)?;
         Ok(rows.map(|(w, n, k)| Self::from_rows(&w, n, k)))
@@ -212,7 +215,7 @@ impl Code {
 /// returns the code.
 fn quantize_row(src: &[f32], dst: &mut [u8]) -> Code {
     assert_eq!(src.len(), dst.len());
-    // AMX-INT8 products run only where AMX (and so AVX-512) was found; the
+    // Int8 tile products run only where AVX-512 was found; the
     // check keeps any other caller (a test on another CPU) off AVX-512.
     #[cfg(target_arch = "x86_64")]
     if super::gemm::has_avx512bw() {
@@ -453,7 +456,7 @@ mod tests {
     #[test]
     fn products_match_the_quantized_reference() {
         if !available() {
-            eprintln!("no AMX-INT8 here: the int8 kernel is not tested");
+            eprintln!("no AMX-INT8 or AVX512-VNNI here: the int8 kernel is not tested");
             return;
         }
         check_reduced_products(

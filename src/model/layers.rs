@@ -133,8 +133,9 @@ impl Linear {
     }
 
     /// Converts an inference layer's weight for `precision` (`fast` or
-    /// `int8`): int8 on AMX-INT8 for `int8` ([`super::int8`]), else bf16 on
-    /// AMX, else bf16 panels for the AVX2 kernel ([`PackedMatrix::bf16`]),
+    /// `int8`): int8 tiles for `int8` where AMX-INT8 or AVX512-VNNI runs
+    /// them ([`super::int8`]), else bf16 tiles on AMX or AVX512-BF16, else
+    /// bf16 panels for the AVX2 kernel ([`PackedMatrix::bf16`]),
     /// else kept in f32 rounded to bf16 (so that the layer computes nearly
     /// the same either way). Trainable layers, and layers of a kind
     /// that stays f32 ([`super::bf16::converts`]), keep their weight.
@@ -142,11 +143,12 @@ impl Linear {
         if !super::bf16::converts(kind) {
             return Ok(());
         }
-        self.reduce_to_with(kind, precision, super::bf16::available())
+        let tiles = super::bf16::available() || super::int8::available();
+        self.reduce_to_with(kind, precision, tiles)
     }
 
-    /// [`Self::reduce_to`] with the AMX kernels (`amx`, where available) or
-    /// without them.
+    /// [`Self::reduce_to`] with the tile kernels (`amx`: AMX or AVX-512 dot
+    /// products, where available) or without them.
     fn reduce_to_with(&mut self, kind: LayerKind, precision: Precision, amx: bool) -> Result<()> {
         match &self.weight {
             Weight::Graph(_) => return Ok(()),

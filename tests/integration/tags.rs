@@ -21,13 +21,16 @@ const VOCABULARY: &str =
     "# test\ntemplate: a photo of a {}.\n- thing\nfish\ntool\nhammer < tool\nmonument | landmark\n";
 const NAMES: [&str; 4] = ["fish", "tool", "hammer", "monument"];
 
+/// The fixture model at the precision a new index is made with, as the
+/// tests' indexes are (bf16 on CPUs with AMX, AVX512-BF16 or AVX2 only).
 fn tiny() -> Clip {
-    Clip::load(
+    Clip::load_with(
         &ModelSource::Dir(fixture_model("openai-tiny")),
         &HubOptions {
             offline: true,
             progress: false,
         },
+        clipdex::model::default_precision(),
     )
     .unwrap()
 }
