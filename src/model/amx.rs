@@ -526,7 +526,7 @@ mod dots {
                 ldc: usize,
                 rows: usize,
             ) {
-                for (r, m) in super::super::gemm::even_parts(rows, ROWS) {
+                for (r, m) in crate::model::gemm::even_parts(rows, ROWS) {
                     // SAFETY: rows r..r + m of the caller's.
                     unsafe {
                         let (a, c) = (a.add(r * sa), c.add(4 * r * ldc));
