@@ -39,8 +39,13 @@ pub const MC: usize = 192;
 /// L1 while the block's row panels pass over it.
 pub const KC: usize = 256;
 /// Rows from which a product goes through [`matmul_unpacked`] where the CPU
-/// has AVX-512 (with AVX2 the packed kernel stays ahead of the `gemm` crate
-/// at every size: 160 against 112 GFLOP/s at 800 rows).
+/// has AVX-512 and AMX (the Intel machine where the `gemm` crate measured 5
+/// to 10% faster there). Elsewhere the packed kernel stays ahead at every
+/// size: with AVX2, 160 against 112 GFLOP/s at 800 rows; on AMD Zen 4,
+/// whose `clipdex index` at batch 16 (800 rows a product) took 26.3 and
+/// 23.9 s against 31.0 and 28.2 through the `gemm` crate, whose threads
+/// split a product evenly in advance and wait for the one a decode worker
+/// slowed, where the packed kernel's tasks are taken in turn.
 pub const UNPACK_ROWS: usize = 512;
 /// Panels per task when there are rows enough to share out: 1,024 columns.
 const TASK_PANELS: usize = 32;
@@ -239,6 +244,7 @@ impl Element for f32 {
 
     fn unpacks() -> bool {
         has_avx512f()
+            && super::amx::engine(super::amx::Format::Bf16) == Some(super::amx::Engine::Amx)
     }
 
     unsafe fn kernel(
@@ -552,7 +558,8 @@ fn matmul<T: Element>(
 
 /// `f(x W^T + b)` through the `gemm` crate (candle's product), with the
 /// weights unpacked to (in, out) for the call: from [`UNPACK_ROWS`] rows its
-/// kernel is 5 to 10% faster than the tile kernel, and unpacking (one copy of
+/// kernel was 5 to 10% faster than the tile kernel on the Intel machine with
+/// AMX ([`Element::unpacks`]), and unpacking (one copy of
 /// each 32-column run) costs under 2% of such a product.
 fn matmul_unpacked<T: Element>(
     x: &[f32],
