@@ -30,12 +30,12 @@ pub enum Precision {
     #[default]
     Exact,
     /// The encoders' dense layers in bf16 (on AMX or AVX512-BF16 where the
-    /// CPU has them),
-    /// sums in f32; embeddings within a cosine of 0.995 of exact ones.
+    /// CPU has them), sums in f32; embeddings within a cosine of 0.995 of
+    /// exact ones.
     Fast,
-    /// The encoders' dense layers in int8 on AMX-INT8 or AVX512-VNNI (weights per output
-    /// channel, activations per token), bf16 where the CPU lacks it: faster
-    /// than `fast`, and further from exact.
+    /// The encoders' dense layers in int8 on AMX-INT8 or AVX512-VNNI
+    /// (weights per output channel, activations per token), bf16 where the
+    /// CPU lacks them: faster than `fast`, and further from exact.
     Int8,
 }
 

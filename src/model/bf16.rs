@@ -98,8 +98,7 @@ static INT8_KINDS: AtomicU32 = AtomicU32::new(u32::MAX);
 
 /// Sets the converted kinds that go to int8 ([`super::int8`]) rather than
 /// bf16 under `--precision int8` where the CPU has AMX-INT8 or AVX512-VNNI;
-/// every
-/// converted kind until changed.
+/// every converted kind until changed.
 pub fn set_int8(kinds: &[LayerKind]) {
     let mask = kinds.iter().fold(0, |m, k| m | k.bit());
     INT8_KINDS.store(mask, Ordering::Relaxed);

@@ -147,21 +147,21 @@ impl Linear {
         self.reduce_to_with(kind, precision, tiles)
     }
 
-    /// [`Self::reduce_to`] with the tile kernels (`amx`: AMX or AVX-512 dot
+    /// [`Self::reduce_to`] with the tile kernels (`tiles`: AMX or AVX-512 dot
     /// products, where available) or without them.
-    fn reduce_to_with(&mut self, kind: LayerKind, precision: Precision, amx: bool) -> Result<()> {
+    fn reduce_to_with(&mut self, kind: LayerKind, precision: Precision, tiles: bool) -> Result<()> {
         match &self.weight {
             Weight::Graph(_) => return Ok(()),
             Weight::Prepacked(p) if p.is_reduced() => return Ok(()),
             _ => {}
         }
         let w = self.weight()?;
-        let int8 = amx && precision == Precision::Int8 && super::bf16::int8_for(kind);
+        let int8 = tiles && precision == Precision::Int8 && super::bf16::int8_for(kind);
         let int8 = match int8 {
             true => Int8Matrix::new(&w)?,
             false => None,
         };
-        let matrix: Option<Arc<dyn Prepacked>> = match (int8, amx) {
+        let matrix: Option<Arc<dyn Prepacked>> = match (int8, tiles) {
             (Some(m), _) => Some(Arc::new(m)),
             (None, true) => Bf16Matrix::new(&w)?.map(|m| Arc::new(m) as _),
             (None, false) => PackedMatrix::bf16(&w)?.map(|m| Arc::new(m) as _),

@@ -50,8 +50,8 @@ pub use config::{
 /// The precision a new index is made with unless told: `fast` where the CPU
 /// multiplies bf16 on AMX (2.5 to 3.5 times exact's images/s there, every
 /// embedding within a cosine of 0.9999 of exact's) or with AVX512-BF16
-/// (1.9x exact's images/s on AMD Zen 4, queries 2x as fast) or holds bf16 panels for
-/// the AVX2 kernel (weights rounded alike, activations kept f32: queries 1.4
+/// (1.9x exact's images/s on AMD Zen 4, queries 2x as fast) or holds bf16
+/// panels for the AVX2 kernel (weights rounded alike, activations kept f32: queries 1.4
 /// times as fast on Zen 2, images as fast, half the weights' memory),
 /// `exact` elsewhere, where `fast` would gain nothing.
 pub fn default_precision() -> Precision {
