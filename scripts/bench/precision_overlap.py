@@ -5,6 +5,9 @@ on an index made with fast against the same library indexed exact.
     python3 scripts/bench/precision_overlap.py [--photos 3000] [--precision fast|int8]
     python3 scripts/bench/precision_overlap.py --library DIR --model M [--precision fast|int8]
 
+`--binary PATH` serves the reduced index with another build of clipdex (an
+older one's queries against the same vectors).
+
 The first form uses the benchmark library and indexes of `cargo bench
 --bench server` (random ViT-B/32 weights; target/bench/index-N and
 index-N-fast or -int8: run that bench once without and once with
@@ -35,8 +38,10 @@ SETTINGS = ["at night", "in the snow", "on a sunny day", "in black and white", "
             "at sunset", "indoors", "close up", "in a painting"]
 
 
-def serve(index):
-    binary = os.path.join(ROOT, "target", "release", "clipdex")
+BINARY = os.path.join(ROOT, "target", "release", "clipdex")
+
+
+def serve(index, binary=BINARY):
     proc = subprocess.Popen([binary, "serve", "--index", index, "--bind", "127.0.0.1:0", "--offline"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:
@@ -68,7 +73,7 @@ PHRASES = ["a photo of a {}", "a picture of a {}", "an image of a {}", "a close-
 
 def index_both(library, model, reduced):
     """The library indexed with `model` exact and `reduced` (once): their folders."""
-    binary = os.path.join(ROOT, "target", "release", "clipdex")
+    binary = BINARY
     name = os.path.basename(os.path.normpath(model)) + "-" + os.path.basename(os.path.normpath(library))
     folders = []
     for precision in ("exact", reduced):
@@ -87,6 +92,7 @@ def main():
     ap.add_argument("--library", help="a folder of class folders to index both ways")
     ap.add_argument("--model", help="the (trained) model to index it with")
     ap.add_argument("--precision", choices=["fast", "int8"], default="fast", help="the precision to compare with exact")
+    ap.add_argument("--binary", default=BINARY, help="the clipdex that serves the reduced index (another build's)")
     args = ap.parse_args()
     if args.library:
         exact_index, fast_index = index_both(args.library, args.model, args.precision)
@@ -100,7 +106,7 @@ def main():
         random.Random(0).shuffle(queries)
         queries = queries[:200]
         size = args.photos
-    servers = [serve(exact_index), serve(fast_index)]
+    servers = [serve(exact_index), serve(fast_index, args.binary)]
     try:
         overlaps = []
         for q in queries:

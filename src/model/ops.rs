@@ -1001,6 +1001,32 @@ pub fn attend_inference(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    attend_inference_at(qkv, heads, mask, None)
+}
+
+/// [`attend_inference`] for one query position of each sequence, `rows[i]`
+/// of sequence `i` (every position still a key and a value): (batch,
+/// hidden), each row what [`attend_inference`] gives at that position.
+pub fn attend_inference_rows(
+    qkv: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    rows: &[usize],
+) -> candle_core::Result<Tensor> {
+    let (b, n, _) = qkv.dims3()?;
+    if rows.len() != b || rows.iter().any(|&r| r >= n) {
+        candle_core::bail!("attention: query rows {rows:?} for {b} sequences of {n}");
+    }
+    let out = attend_inference_at(qkv, heads, mask, Some(rows))?;
+    out.reshape((b, out.elem_count() / b))
+}
+
+fn attend_inference_at(
+    qkv: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    rows: Option<&[usize]>,
+) -> candle_core::Result<Tensor> {
     let (b, n, three_hidden) = qkv.dims3()?;
     let mask = match mask {
         None => None,
@@ -1008,19 +1034,43 @@ pub fn attend_inference(
         Some(m) if m.dims() == [b * heads, 1, n] => {
             Some((m.flatten_all()?.to_vec1::<f32>()?, true))
         }
-        Some(_) => return Ok(attend(qkv, heads, mask)?.0),
+        Some(_) => {
+            let out = attend(qkv, heads, mask)?.0;
+            return match rows {
+                None => Ok(out),
+                Some(rows) => select_rows(&out, rows),
+            };
+        }
     };
     if three_hidden % (3 * heads) != 0 {
         candle_core::bail!("attention: {three_hidden} is not 3 x {heads} heads");
     }
-    qkv.contiguous()?
-        .apply_op1_no_bwd(&AttendInference { heads, mask })
+    qkv.contiguous()?.apply_op1_no_bwd(&AttendInference {
+        heads,
+        mask,
+        rows: rows.map(<[usize]>::to_vec),
+    })
+}
+
+/// Row `rows[i]` of each sequence `i` of a (batch, seq, hidden) tensor:
+/// (batch, hidden).
+pub fn select_rows(x: &Tensor, rows: &[usize]) -> candle_core::Result<Tensor> {
+    let (b, n, h) = x.dims3()?;
+    let at: Vec<u32> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| (i * n + r) as u32)
+        .collect();
+    let at = Tensor::new(at.as_slice(), &candle_core::Device::Cpu)?.to_device(x.device())?;
+    x.reshape((b * n, h))?.index_select(&at, 0)
 }
 
 struct AttendInference {
     heads: usize,
     /// The additive mask, and whether it is per (row, head) keys only.
     mask: Option<(Vec<f32>, bool)>,
+    /// The one query position of each sequence, where only those are asked.
+    rows: Option<Vec<usize>>,
 }
 
 impl CustomOp1 for AttendInference {
@@ -1033,31 +1083,34 @@ impl CustomOp1 for AttendInference {
         let (b, n, three_hidden) = l.shape().dims3()?;
         let hidden = three_hidden / 3;
         let hd = hidden / self.heads;
-        let mut out: Vec<f32> = Vec::with_capacity(b * n * hidden);
+        let out_rows = if self.rows.is_some() { 1 } else { n };
+        let mut out: Vec<f32> = Vec::with_capacity(b * out_rows * hidden);
         let dst = super::gemm::Out(out.as_mut_ptr());
         (0..b * self.heads).into_par_iter().for_each(|task| {
             let mask = self.mask.as_ref().map(|(m, per_head)| match per_head {
                 true => (&m[task * n..(task + 1) * n], true),
                 false => (&m[..], false),
             });
+            let seq = task / self.heads;
             // SAFETY: this task writes columns [head * hd, head * hd + hd) of
-            // the n rows of its sequence, which no other task writes.
+            // the output rows of its sequence, which no other task writes.
             unsafe {
                 attend_one(HeadTask {
                     x,
-                    seq: task / self.heads,
+                    seq,
                     head: task % self.heads,
                     n,
                     hidden,
                     hd,
                     mask,
+                    only: self.rows.as_ref().map(|rows| rows[seq]),
                     out: dst,
                 })
             };
         });
-        // SAFETY: every (sequence, head) wrote its columns of every row.
-        unsafe { out.set_len(b * n * hidden) };
-        Ok((CpuStorage::F32(out), Shape::from((b, n, hidden))))
+        // SAFETY: every (sequence, head) wrote its columns of every output row.
+        unsafe { out.set_len(b * out_rows * hidden) };
+        Ok((CpuStorage::F32(out), Shape::from((b, out_rows, hidden))))
     }
 }
 
@@ -1079,7 +1132,10 @@ struct HeadTask<'a> {
     hd: usize,
     /// The additive mask: (n, n), or this head's n keys (`true`).
     mask: Option<(&'a [f32], bool)>,
-    /// The (sequences, n, hidden) output.
+    /// The one query position to attend from, if not all n.
+    only: Option<usize>,
+    /// The (sequences, n, hidden) output, or (sequences, 1, hidden) with
+    /// `only`.
     out: super::gemm::Out,
 }
 
@@ -1141,6 +1197,7 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
         hidden,
         hd,
         mask,
+        only,
         out,
     } = t;
     let row = |i: usize, part: usize| {
@@ -1161,9 +1218,12 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
     // Query rows in blocks of four where the sums fit registers: each row of
     // k and v loaded once serves four queries. Every sum keeps its order, so
     // a row's output is the same in a block or alone.
-    let mut i0 = 0;
-    while i0 < n {
-        let rows = match registers && hd <= 64 && n - i0 >= BLOCK_ROWS {
+    let (mut i0, end) = match only {
+        Some(i) => (i, i + 1),
+        None => (0, n),
+    };
+    while i0 < end {
+        let rows = match registers && hd <= 64 && end - i0 >= BLOCK_ROWS {
             true => BLOCK_ROWS,
             false => 1,
         };
@@ -1267,12 +1327,13 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
             }
         }
         for r in 0..rows {
-            let i = i0 + r;
-            // SAFETY: row i, this head's hd columns: inside the output and
-            // this task's own.
-            let o = unsafe {
-                std::slice::from_raw_parts_mut(out.at((seq * n + i) * hidden + head * hd), hd)
+            let at = match only {
+                Some(_) => seq,
+                None => seq * n + i0 + r,
             };
+            // SAFETY: output row `at`, this head's hd columns: inside the
+            // output and this task's own.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.at(at * hidden + head * hd), hd) };
             for (o, &a) in o.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
                 *o = a * inverse[r];
             }
@@ -1701,7 +1762,21 @@ mod fast_math_tests {
                 let got = attend_inference(&qkv, heads, mask).unwrap();
                 let d = crate::model::test_support::max_abs_diff(&got, &want);
                 assert!(d < 1e-5, "{b}x{n}, {heads} heads of {hd}: {d}");
+                // One query row per sequence: exactly that row of the whole
+                // (each row's sums keep their order in a block or alone).
+                let rows: Vec<usize> = (0..b).map(|i| (n - 1 + 3 * i) % n).collect();
+                let one = attend_inference_rows(&qkv, heads, mask, &rows).unwrap();
+                assert_eq!(one.dims(), [b, heads * hd]);
+                let want = select_rows(&got, &rows).unwrap();
+                assert_eq!(
+                    one.to_vec2::<f32>().unwrap(),
+                    want.to_vec2::<f32>().unwrap(),
+                    "{b}x{n}, rows {rows:?}"
+                );
             }
+            let qkv = random(&[b, n, 3 * heads * hd], 12);
+            assert!(attend_inference_rows(&qkv, heads, None, &vec![n; b]).is_err());
+            assert!(attend_inference_rows(&qkv, heads, None, &[0; 3]).is_err());
         }
     }
 

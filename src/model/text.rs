@@ -5,7 +5,7 @@
 //! SigLIP (`SiglipTextTransformer`) attends both ways over a fixed-length,
 //! padded sequence, pools the last position and applies a linear head.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::Precision;
@@ -123,15 +123,8 @@ impl TextTransformer {
         } else {
             None
         };
-        let x = self.encoder.forward(&x, mask.as_ref())?;
         // Layer norm is per position: normalising only the pooled rows is exact.
-        let rows: Vec<u32> = pool
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| (i * n + p) as u32)
-            .collect();
-        let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?.to_device(x.device())?;
-        let pooled = x.reshape((b * n, h))?.index_select(&rows, 0)?;
+        let pooled = self.encoder.forward_rows(&x, mask.as_ref(), pool)?;
         let pooled = self.final_layer_norm.forward(&pooled)?;
         match &self.head {
             Some(head) => head.forward(&pooled),

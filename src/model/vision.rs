@@ -111,12 +111,15 @@ impl VisionTransformer {
         })
     }
 
-    /// The patch embedding and the encoder's dense layers in `precision` (those of
-    /// the kinds [`super::bf16::converts`] names); layer norms and the
-    /// pooling head stay f32.
+    /// The patch embedding's, the encoder's and the pooling head's dense
+    /// layers in `precision` (those of the kinds [`super::bf16::converts`]
+    /// names); layer norms stay f32.
     pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
         self.patch_embedding
             .reduce_to(super::bf16::LayerKind::PatchEmbedding, precision)?;
+        if let Some(head) = &mut self.head {
+            head.reduce_to(precision)?;
+        }
         self.encoder.reduce_to(precision)
     }
 
@@ -166,11 +169,14 @@ impl VisionTransformer {
             Some(norm) => norm.forward(&x)?,
             None => x,
         };
-        let x = self.encoder.forward(&x, None)?;
         match (&self.head, self.pool) {
             // Layer norm is per position: normalising only the class token is exact.
-            (None, VisionPool::Tok) => self.post_layernorm.forward(&x.narrow(1, 0, 1)?.squeeze(1)?),
+            (None, VisionPool::Tok) => {
+                let class = self.encoder.forward_rows(&x, None, &vec![0; b])?;
+                self.post_layernorm.forward(&class)
+            }
             (None, VisionPool::Avg) => {
+                let x = self.encoder.forward(&x, None)?;
                 let n = x.dim(1)?;
                 if self.final_ln_after_pool {
                     self.post_layernorm
@@ -183,7 +189,10 @@ impl VisionTransformer {
                         .mean(1)?)
                 }
             }
-            (Some(head), _) => head.forward(&self.post_layernorm.forward(&x)?),
+            (Some(head), _) => {
+                let x = self.encoder.forward(&x, None)?;
+                head.forward(&self.post_layernorm.forward(&x)?)
+            }
         }
     }
 }
