@@ -277,9 +277,11 @@ impl ClipModel {
 
     /// The towers' dense layers in `precision` (`fast`: bf16, `int8`), those
     /// of the kinds [`bf16::converts`] names: by default the encoder layers, the
-    /// ViT's patch embedding, SigLIP's pooling head and the ResNet's stage
-    /// convolutions; the stem, layer norms, attention's softmax, the ResNet's
-    /// attention pool and the final projections stay f32. Trainable towers are left as they are.
+    /// ViT's patch embedding, the ResNet's stage convolutions and the keys
+    /// and values of the attention-pooling heads (SigLIP's, the ResNet's);
+    /// the stem, layer norms, attention's softmax, the heads' one-row
+    /// products and the final projections stay f32. Trainable towers are
+    /// left as they are.
     pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
         match &mut self.text_model {
             TextTower::Clip(tower) => tower.reduce_to(precision)?,

@@ -451,8 +451,11 @@ impl ModifiedResNet {
         Ok(Self(Layers::load(vb, cfg, r, output_dim)?))
     }
 
-    /// The stages' convolutions in reduced precision ([`Linear::reduce_to`]); the stem,
-    /// which sees the pixels, and the attention pooling stay f32.
+    /// The stages' convolutions and the attention pooling's keys and values
+    /// (every position's: RN50's 50 x 2048 x 4096, a tenth of the tower's
+    /// multiply-adds) in reduced precision ([`Linear::reduce_to`]); the stem,
+    /// which sees the pixels, and the pooling's one-row query and output
+    /// projection stay f32.
     pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
         for block in self.0.stages.iter_mut().flatten() {
             for conv in [&mut block.conv1, &mut block.conv2, &mut block.conv3]
@@ -463,7 +466,10 @@ impl ModifiedResNet {
                     .reduce_to(super::bf16::LayerKind::Conv, precision)?;
             }
         }
-        Ok(())
+        self.0
+            .attnpool
+            .kv
+            .reduce_to(super::bf16::LayerKind::Qkv, precision)
     }
 
     /// (batch, 3, size, size) pixels to (batch, output_dim) features.
