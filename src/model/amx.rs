@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::gemm::Out;
+use super::gemm::{Out, RowSource};
 
 /// Rows and columns of one result tile (f32 or i32).
 pub(super) const T: usize = 16;
@@ -281,33 +281,80 @@ impl<E: Element> TileMatrix<E> {
         m: usize,
         row: impl Fn(&[f32], &mut [A]) -> X + Sync,
     ) -> (Vec<A>, Vec<X>) {
+        self.convert(Source::Stored(x), m, row)
+    }
+
+    /// [`Self::activations`] of rows made on demand: each is made into a
+    /// scratch row and converted from there, so the f32 rows never exist
+    /// together.
+    pub fn activations_of<A: Element, X: Copy + Default + Send>(
+        &self,
+        rows: &dyn RowSource,
+        row: impl Fn(&[f32], &mut [A]) -> X + Sync,
+    ) -> (Vec<A>, Vec<X>) {
+        self.convert(Source::Made(rows), rows.count(), row)
+    }
+
+    fn convert<A: Element, X: Copy + Default + Send>(
+        &self,
+        source: Source,
+        m: usize,
+        row: impl Fn(&[f32], &mut [A]) -> X + Sync,
+    ) -> (Vec<A>, Vec<X>) {
         let (k, kp) = (self.k, self.kp);
+        if let Source::Made(rows) = source {
+            assert_eq!(
+                rows.width(),
+                k,
+                "rows of {} values for a depth of {k}",
+                rows.width()
+            );
+        }
         let mut a = vec![A::default(); m * kp];
         let mut kept = vec![X::default(); m];
         // Small inputs on this thread: a parallel pass costs more than it
         // saves.
         const ROWS: usize = 16;
-        let convert = |(r, (dst, kept)): (usize, (&mut [A], &mut X))| {
-            *kept = row(&x[r * k..(r + 1) * k], &mut dst[..k]);
+        let convert = |scratch: &mut Vec<f32>, (r, (dst, kept)): (usize, (&mut [A], &mut X))| {
+            let src = match source {
+                Source::Stored(x) => &x[r * k..(r + 1) * k],
+                Source::Made(rows) => {
+                    scratch.resize(k, 0.0);
+                    rows.write(r, scratch);
+                    &scratch[..]
+                }
+            };
+            *kept = row(src, &mut dst[..k]);
         };
         if m * k < 64 * 1024 {
+            let mut scratch = Vec::new();
             a.chunks_mut(kp)
                 .zip(kept.iter_mut())
                 .enumerate()
-                .for_each(convert);
+                .for_each(|pair| convert(&mut scratch, pair));
         } else {
             a.par_chunks_mut(kp * ROWS)
                 .zip(kept.par_chunks_mut(ROWS))
                 .enumerate()
                 .for_each(|(b, (dst, kept))| {
+                    let mut scratch = Vec::new();
                     dst.chunks_mut(kp)
                         .zip(kept.iter_mut())
                         .enumerate()
-                        .for_each(|(r, pair)| convert((b * ROWS + r, pair)))
+                        .for_each(|(r, pair)| convert(&mut scratch, (b * ROWS + r, pair)))
                 });
         }
         (a, kept)
     }
+}
+
+/// Where a product's f32 rows come from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// One (m x k) row-major buffer.
+    Stored(&'a [f32]),
+    /// Made one at a time.
+    Made(&'a dyn RowSource),
 }
 
 /// A weight as `B` tiles: `tiles` holds, for each block of [`T`] output

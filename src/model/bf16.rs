@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Tensor;
 
 use super::amx::{self, Format, TileMatrix};
-use super::gemm::epilogue;
+use super::gemm::{RowSource, epilogue};
 use super::ops::Pointwise;
 use crate::common::Precision;
 
@@ -210,7 +210,13 @@ impl super::gemm::Prepacked for Bf16Matrix {
     }
 
     fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
-        matmul(x, m, self, bias, f)
+        let (a, _) = self.0.activations(x, m, round_row);
+        matmul(&a, m, self, bias, f)
+    }
+
+    fn product_of(&self, rows: &dyn RowSource, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
+        let (a, _) = self.0.activations_of(rows, round_row);
+        matmul(&a, rows.count(), self, bias, f)
     }
 
     /// The weight as rounded to bf16, in f32.
@@ -280,12 +286,12 @@ unsafe fn round_row_avx512(src: &[f32], dst: *mut u16) {
     }
 }
 
-/// `f(x W^T + b)` for `x` (m x k, row-major): a fresh (m x n) buffer.
-fn matmul(x: &[f32], m: usize, w: &Bf16Matrix, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
+/// `f(x W^T + b)` for `a`, `m` rows of activations rounded to bf16 in
+/// the tiles' depth: a fresh (m x n) buffer.
+fn matmul(a: &[u16], m: usize, w: &Bf16Matrix, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
     let w = &w.0;
-    let (a, _) = w.activations(x, m, round_row);
     let n = w.n;
-    w.product(&a, m, |rows, span, out| {
+    w.product(a, m, |rows, span, out| {
         if bias.is_none() && f == Pointwise::Identity {
             return;
         }

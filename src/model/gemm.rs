@@ -351,6 +351,33 @@ impl Element for u16 {
     }
 }
 
+/// Rows of a product's input made on demand, each `width` values: for a
+/// layer whose input would be far larger than what it is made from (a
+/// convolution's patches repeat each pixel k x k times).
+pub trait RowSource: Sync {
+    /// How many rows.
+    fn count(&self) -> usize;
+    /// Values per row.
+    fn width(&self) -> usize;
+    /// Writes row `r` into `dst` (`width` long), every value of it.
+    fn write(&self, r: usize, dst: &mut [f32]);
+    /// Every row in one (count x width) buffer, made on the pool.
+    fn gather(&self) -> Vec<f32> {
+        // Rows per task.
+        const ROWS: usize = 16;
+        let width = self.width().max(1);
+        let mut x = vec![0f32; self.count() * width];
+        x.par_chunks_mut(ROWS * width)
+            .enumerate()
+            .for_each(|(b, rows)| {
+                for (r, dst) in rows.chunks_exact_mut(width).enumerate() {
+                    self.write(b * ROWS + r, dst);
+                }
+            });
+        x
+    }
+}
+
 /// A weight laid out once at load for one inference kernel: this module's
 /// f32 or bf16 panels, or `bf16`'s and `int8`'s AMX tiles. Dense layers hold
 /// any of them as one.
@@ -366,6 +393,13 @@ pub trait Prepacked: std::fmt::Debug + Send + Sync {
     fn dims(&self) -> (usize, usize);
     /// `f(x W^T + b)` for `x` (m x in, row-major): a fresh (m x out) buffer.
     fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32>;
+    /// [`Self::product`] of rows made on demand (a convolution's patches).
+    /// This default gathers them into one buffer first; the tile layouts
+    /// convert each row as it is made, so the f32 rows never exist together.
+    fn product_of(&self, rows: &dyn RowSource, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
+        let x = rows.gather();
+        self.product(&x, rows.count(), bias, f)
+    }
     /// The (out, in) weight back as a tensor, as the kernel holds it.
     fn unpack(&self) -> candle_core::Result<Tensor>;
     /// Where [`Self::plain`] keeps its tensor.

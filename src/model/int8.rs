@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Tensor;
 
 use super::amx::{self, Format, TileMatrix};
-use super::gemm::epilogue;
+use super::gemm::{RowSource, epilogue};
 use super::ops::Pointwise;
 
 /// Whether this CPU runs int8 tile products, on AMX or AVX512-VNNI (checked
@@ -121,7 +121,13 @@ impl super::gemm::Prepacked for Int8Matrix {
     }
 
     fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
-        matmul(x, m, self, bias, f)
+        let (a, codes) = self.tiles.activations(x, m, quantize_row);
+        matmul(&a, &codes, self, bias, f)
+    }
+
+    fn product_of(&self, rows: &dyn RowSource, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
+        let (a, codes) = self.tiles.activations_of(rows, quantize_row);
+        matmul(&a, &codes, self, bias, f)
     }
 
     /// The weight as quantized, in f32.
@@ -145,11 +151,17 @@ pub fn dense(
     super::gemm::dense_with(x, w.clone(), bias, f)
 }
 
-/// `f(x W^T + b)` for `x` (m x k, row-major): a fresh (m x n) buffer.
-fn matmul(x: &[f32], m: usize, w: &Int8Matrix, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
-    let (a, codes) = w.tiles.activations(x, m, quantize_row);
-    let n = w.tiles.n;
-    w.tiles.product(&a, m, |rows, span, out| {
+/// `f(x W^T + b)` for `a`, rows of activations quantized with `codes`: a
+/// fresh (m x n) buffer.
+fn matmul(
+    a: &[u8],
+    codes: &[Code],
+    w: &Int8Matrix,
+    bias: Option<&[f32]>,
+    f: Pointwise,
+) -> Vec<f32> {
+    let (m, n) = (codes.len(), w.tiles.n);
+    w.tiles.product(a, m, |rows, span, out| {
         let columns = Columns {
             scales: &w.scales[span.clone()],
             sums: &w.sums[span.clone()],

@@ -97,6 +97,10 @@ enum Weight {
     Prepacked(Arc<dyn Prepacked>),
 }
 
+/// An inference layer's laid-out weight and its bias values
+/// ([`Linear::prepacked`]).
+pub(super) type PackedLayer = (Arc<dyn Prepacked>, Option<Vec<f32>>);
+
 /// A dense layer, `x W^T + b`, over the last dimension of any-rank input.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -210,6 +214,22 @@ impl Linear {
 
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+
+    /// The weight as laid out for an inference kernel, with the bias as
+    /// values, where the layer has one and is outside any training graph:
+    /// for a caller that makes the layer's input rows itself
+    /// ([`super::gemm::Prepacked::product_of`]).
+    pub(super) fn prepacked(&self) -> Result<Option<PackedLayer>> {
+        let Weight::Prepacked(p) = &self.weight else {
+            return Ok(None);
+        };
+        let bias = match &self.bias {
+            Some(b) if b.track_op() => return Ok(None),
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok(Some((p.clone(), bias)))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

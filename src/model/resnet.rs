@@ -20,6 +20,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::Precision;
+use super::gemm::{Prepacked, RowSource};
 use super::ops::Pointwise;
 
 use super::config::{ResNetConfig, VisionConfig};
@@ -95,23 +96,35 @@ impl ConvBn {
     fn forward(&self, x: &Map, f: Pointwise) -> Result<Map> {
         let (k, s, p) = (self.k, self.stride, self.k / 2);
         let (h, w) = ((x.h + 2 * p - k) / s + 1, (x.w + 2 * p - k) / s + 1);
-        let patches = if k == 1 && s == 1 {
-            x.data.clone()
-        } else {
-            x.data.apply_op1_no_bwd(&Im2Col {
-                n: x.n,
-                h: x.h,
-                w: x.w,
-                k,
-                stride: s,
-            })?
-        };
-        Ok(Map {
-            data: self.dense.forward_then(&patches, f)?,
+        let shape = Im2Col {
             n: x.n,
-            h,
-            w,
-        })
+            h: x.h,
+            w: x.w,
+            k,
+            stride: s,
+        };
+        let data = if k == 1 && s == 1 {
+            self.dense.forward_then(&x.data, f)?
+        } else {
+            match self.dense.prepacked()? {
+                // Inference in reduced precision: the layer's kernel makes
+                // each patch as it converts its input. (The f32 kernel packs
+                // its input itself, from the gathered patches.)
+                Some((weight, bias)) if weight.is_reduced() && !x.data.track_op() => {
+                    x.data.contiguous()?.apply_op1_no_bwd(&PatchDense {
+                        shape,
+                        weight,
+                        bias,
+                        f,
+                    })?
+                }
+                _ => {
+                    let patches = x.data.apply_op1_no_bwd(&shape)?;
+                    self.dense.forward_then(&patches, f)?
+                }
+            }
+        };
+        Ok(Map { data, n: x.n, h, w })
     }
 }
 
@@ -125,6 +138,27 @@ struct Im2Col {
     stride: usize,
 }
 
+impl Im2Col {
+    /// The patches of the map `x` (channels last, this shape), as rows.
+    fn of<'a>(&self, x: &'a [f32]) -> Patches<'a> {
+        let Self { n, h, w, k, stride } = *self;
+        let p = k / 2;
+        Patches {
+            x,
+            h,
+            w,
+            c: x.len() / (n * h * w),
+            k,
+            stride,
+            out: (
+                n,
+                (h + 2 * p - k) / stride + 1,
+                (w + 2 * p - k) / stride + 1,
+            ),
+        }
+    }
+}
+
 impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
         "clipdex-im2col"
@@ -135,37 +169,92 @@ impl CustomOp1 for Im2Col {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = super::ops::slice(storage, layout, self.name())?;
-        let Self { n, h, w, k, stride } = *self;
-        let c = x.len() / (n * h * w);
+        let patches = self.of(super::ops::slice(storage, layout, self.name())?);
+        let shape = Shape::from((patches.count(), patches.width()));
+        Ok((CpuStorage::F32(patches.gather()), shape))
+    }
+}
+
+/// A map's k x k patches, one row each, made on demand.
+struct Patches<'a> {
+    x: &'a [f32],
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+    stride: usize,
+    /// Images, rows and columns of the output.
+    out: (usize, usize, usize),
+}
+
+impl RowSource for Patches<'_> {
+    fn count(&self) -> usize {
+        self.out.0 * self.out.1 * self.out.2
+    }
+
+    fn width(&self) -> usize {
+        self.k * self.k * self.c
+    }
+
+    fn write(&self, r: usize, dst: &mut [f32]) {
+        let Self {
+            h, w, c, k, stride, ..
+        } = *self;
+        let (_, oh, ow) = self.out;
+        let (img, oy, ox) = (r / (oh * ow), r / ow % oh, r % ow);
         let p = k / 2;
-        let (oh, ow) = ((h + 2 * p - k) / stride + 1, (w + 2 * p - k) / stride + 1);
-        let row = k * k * c;
-        let mut out = vec![0f32; n * oh * ow * row];
-        out.par_chunks_mut(ow * row)
-            .enumerate()
-            .for_each(|(line, out)| {
-                let (img, oy) = (line / oh, line % oh);
-                for ox in 0..ow {
-                    let dst = &mut out[ox * row..(ox + 1) * row];
-                    for ky in 0..k {
-                        let y = (oy * stride + ky) as isize - p as isize;
-                        if y < 0 || y >= h as isize {
-                            continue;
-                        }
-                        for kx in 0..k {
-                            let xx = (ox * stride + kx) as isize - p as isize;
-                            if xx < 0 || xx >= w as isize {
-                                continue;
-                            }
-                            let src = ((img * h + y as usize) * w + xx as usize) * c;
-                            let at = (ky * k + kx) * c;
-                            dst[at..at + c].copy_from_slice(&x[src..src + c]);
-                        }
+        let inside = |v: usize, end: usize| (p..end + p).contains(&v).then(|| v - p);
+        for ky in 0..k {
+            for kx in 0..k {
+                let dst = &mut dst[(ky * k + kx) * c..][..c];
+                match (inside(oy * stride + ky, h), inside(ox * stride + kx, w)) {
+                    (Some(y), Some(x)) => {
+                        let src = ((img * h + y) * w + x) * c;
+                        dst.copy_from_slice(&self.x[src..src + c]);
                     }
+                    // The zero padding.
+                    _ => dst.fill(0.0),
                 }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((n * oh * ow, row))))
+            }
+        }
+    }
+}
+
+/// A convolution's dense layer over its patches, for inference: each patch
+/// is made as the layer's kernel converts its input rows, so the patches
+/// (k x k times the map) are never all in memory.
+struct PatchDense {
+    shape: Im2Col,
+    weight: Arc<dyn Prepacked>,
+    bias: Option<Vec<f32>>,
+    f: Pointwise,
+}
+
+impl CustomOp1 for PatchDense {
+    fn name(&self) -> &'static str {
+        "clipdex-patch-dense"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let patches = self
+            .shape
+            .of(super::ops::slice(storage, layout, self.name())?);
+        let (n, k) = self.weight.dims();
+        if patches.width() != k {
+            candle_core::bail!(
+                "{}: patches of {} values, the weight takes {k}",
+                self.name(),
+                patches.width()
+            );
+        }
+        let y = self
+            .weight
+            .product_of(&patches, self.bias.as_deref(), self.f);
+        Ok((CpuStorage::F32(y), Shape::from((patches.count(), n))))
     }
 }
 
@@ -743,5 +832,53 @@ mod tests {
             .permute((0, 3, 1, 2))
             .unwrap();
         assert!(max_diff(&got, &x.avg_pool2d(2).unwrap()) < 1e-6);
+    }
+
+    /// A convolution whose kernel makes each patch as it reads it gives
+    /// exactly what it gives on the gathered patches, in every precision,
+    /// on maps small enough for one thread and large enough for the pool.
+    #[test]
+    fn patches_made_by_the_kernel_give_the_products_of_gathered_ones() {
+        use crate::model::bf16::LayerKind;
+        use crate::model::test_support::random;
+        let (cin, cout) = (64, 48);
+        for precision in [Precision::Exact, Precision::Fast, Precision::Int8] {
+            for (side, stride) in [(3, 1), (9, 1), (9, 2), (14, 1)] {
+                let w = random(&[cout, 3 * 3 * cin], 1);
+                let bias = random(&[cout], 2);
+                let mut conv = ConvBn {
+                    dense: Linear::new(w, Some(bias)).unwrap(),
+                    k: 3,
+                    stride,
+                };
+                if precision != Precision::Exact {
+                    conv.dense.reduce_to(LayerKind::Conv, precision).unwrap();
+                }
+                let map = Map {
+                    data: random(&[2 * side * side, cin], 3),
+                    n: 2,
+                    h: side,
+                    w: side,
+                };
+                let got = conv.forward(&map, Pointwise::Relu).unwrap();
+                let patches = map
+                    .data
+                    .apply_op1_no_bwd(&Im2Col {
+                        n: 2,
+                        h: side,
+                        w: side,
+                        k: 3,
+                        stride,
+                    })
+                    .unwrap();
+                let want = conv.dense.forward_then(&patches, Pointwise::Relu).unwrap();
+                assert_eq!(got.data.dims(), want.dims());
+                assert_eq!(
+                    max_diff(&got.data, &want),
+                    0.0,
+                    "{precision:?}, {side} x {side}, stride {stride}"
+                );
+            }
+        }
     }
 }
