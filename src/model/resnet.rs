@@ -540,23 +540,24 @@ impl ModifiedResNet {
         Ok(Self(Layers::load(vb, cfg, r, output_dim)?))
     }
 
-    /// The stages' convolutions and the attention pooling's keys and values
-    /// (every position's: RN50's 50 x 2048 x 4096, a tenth of the tower's
-    /// multiply-adds) in reduced precision ([`Linear::reduce_to`]); the stem,
-    /// which sees the pixels, and the pooling's one-row query and output
-    /// projection stay f32.
+    /// The stem's second and third convolutions, the stages' convolutions
+    /// and the attention pooling's keys and values (every position's:
+    /// RN50's 50 x 2048 x 4096, a tenth of the tower's multiply-adds) in
+    /// reduced precision ([`Linear::reduce_to`]); the stem's first
+    /// convolution, which sees the pixels, and the pooling's one-row query
+    /// and output projection stay f32.
     pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
-        for block in self.0.stages.iter_mut().flatten() {
-            for conv in [&mut block.conv1, &mut block.conv2, &mut block.conv3]
+        let t = &mut self.0;
+        let stages = t.stages.iter_mut().flatten().flat_map(|block| {
+            [&mut block.conv1, &mut block.conv2, &mut block.conv3]
                 .into_iter()
                 .chain(block.downsample.as_mut())
-            {
-                conv.dense
-                    .reduce_to(super::bf16::LayerKind::Conv, precision)?;
-            }
+        });
+        for conv in t.stem.iter_mut().skip(1).chain(stages) {
+            conv.dense
+                .reduce_to(super::bf16::LayerKind::Conv, precision)?;
         }
-        self.0
-            .attnpool
+        t.attnpool
             .kv
             .reduce_to(super::bf16::LayerKind::Qkv, precision)
     }
