@@ -550,12 +550,7 @@ impl EncoderLayer {
     }
 
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&self.layer_norm1.forward(x)?, mask)?;
-        let x = residual(h, x)?;
-        let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
-        residual(h, &x)
+        self.forward_at(x, mask, None)
     }
 
     /// [`Self::forward`] at position `rows[i]` of each sequence `i` only:
@@ -567,10 +562,24 @@ impl EncoderLayer {
         mask: Option<&Tensor>,
         rows: &[usize],
     ) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward_rows(&self.layer_norm1.forward(x)?, mask, rows)?;
-        let x = residual(h, &super::ops::select_rows(x, rows)?)?;
+        self.forward_at(x, mask, Some(rows))
+    }
+
+    /// Every position's output, or with `rows` only those rows'.
+    fn forward_at(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        rows: Option<&[usize]>,
+    ) -> Result<Tensor> {
+        let normed = self.layer_norm1.forward(x)?;
+        let x = match rows {
+            None => residual(self.self_attn.forward(&normed, mask)?, x)?,
+            Some(rows) => residual(
+                self.self_attn.forward_rows(&normed, mask, rows)?,
+                &super::ops::select_rows(x, rows)?,
+            )?,
+        };
         let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
         residual(h, &x)
     }
@@ -599,6 +608,15 @@ pub struct Encoder {
     layers: Vec<EncoderLayer>,
 }
 
+/// `x` through `layers` in turn.
+fn through(layers: &[EncoderLayer], x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let mut x = x.clone();
+    for layer in layers {
+        x = layer.forward(&x, mask)?;
+    }
+    Ok(x)
+}
+
 impl Encoder {
     pub fn load(vb: VarBuilder, s: &EncoderShape) -> Result<Self> {
         let vb = vb.pp("layers");
@@ -615,11 +633,7 @@ impl Encoder {
     }
 
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let mut x = x.clone();
-        for layer in &self.layers {
-            x = layer.forward(&x, mask)?;
-        }
-        Ok(x)
+        through(&self.layers, x, mask)
     }
 
     /// The output at position `rows[i]` of each sequence `i`, (batch,
@@ -638,11 +652,7 @@ impl Encoder {
         let Some((last, first)) = self.layers.split_last().filter(|_| !training) else {
             return Ok(super::ops::select_rows(&self.forward(x, mask)?, rows)?);
         };
-        let mut x = x.clone();
-        for layer in first {
-            x = layer.forward(&x, mask)?;
-        }
-        last.forward_rows(&x, mask, rows)
+        last.forward_rows(&through(first, x, mask)?, mask, rows)
     }
 
     /// Every layer's dense layers in reduced precision
