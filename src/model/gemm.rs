@@ -430,7 +430,13 @@ impl<T: Element> Prepacked for PackedMatrix<T> {
     }
 
     fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
-        matmul(x, m, self, bias, f)
+        matmul(Input::Stored(x, m), self, bias, f)
+    }
+
+    /// Packs each row as it is made, a kernel panel's rows at a time, so the
+    /// rows never exist together unpacked.
+    fn product_of(&self, rows: &dyn RowSource, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
+        matmul(Input::Made(rows), self, bias, f)
     }
 
     fn unpack(&self) -> candle_core::Result<Tensor> {
@@ -530,15 +536,32 @@ impl<T> Out<T> {
     }
 }
 
-/// `f(x W^T + b)` for `x` (m x k, row-major): a fresh (m x n) buffer.
+/// A product's input rows.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    /// `m` rows of `k`, row-major.
+    Stored(&'a [f32], usize),
+    /// Rows made on demand.
+    Made(&'a dyn RowSource),
+}
+
+impl Input<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            Self::Stored(_, m) => *m,
+            Self::Made(rows) => rows.count(),
+        }
+    }
+}
+
+/// `f(x W^T + b)` for `x` (m x k): a fresh (m x n) buffer.
 fn matmul<T: Element>(
-    x: &[f32],
-    m: usize,
+    x: Input,
     w: &PackedMatrix<T>,
     bias: Option<&[f32]>,
     f: Pointwise,
 ) -> Vec<f32> {
-    let n = w.n;
+    let (m, n) = (x.rows(), w.n);
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     if m == 0 || n == 0 {
         return y;
@@ -551,7 +574,10 @@ fn matmul<T: Element>(
         return y;
     }
     if m >= UNPACK_ROWS && T::unpacks() {
-        return matmul_unpacked(x, m, w, bias, f);
+        return match x {
+            Input::Stored(x, _) => matmul_unpacked(x, m, w, bias, f),
+            Input::Made(rows) => matmul_unpacked(&rows.gather(), m, w, bias, f),
+        };
     }
     // Tasks: blocks of rows by ranges of panels, enough of them to share out
     // and sized so that a task's weights stay in L2.
@@ -569,16 +595,17 @@ fn matmul<T: Element>(
     // Otherwise each task packs its own block into a buffer that stays in L2
     // (for a convolution's 50,000 rows by 64 columns, packing them all first
     // costs as much memory traffic as the product).
-    let shared = (chunks > 1).then(|| pack_rows(x, m, w.k));
+    let shared = (chunks > 1).then(|| pack_rows(x, w.k));
     let out = Out(y.as_mut_ptr());
     (0..m_blocks * chunks).into_par_iter().for_each(|t| {
         let (mb, chunk) = (t / chunks, t % chunks);
         let rows = mb * mc..(m.min((mb + 1) * mc));
         let first = chunk * panels / chunks;
         let last = (chunk + 1) * panels / chunks;
-        let a = match &shared {
-            Some(packed) => Rows::Shared { packed, m },
-            None => Rows::Own(x),
+        let a = match (&shared, x) {
+            (Some(packed), _) => Rows::Shared { packed, m },
+            (None, Input::Stored(x, _)) => Rows::Own(x),
+            (None, Input::Made(rows)) => Rows::Made(rows),
         };
         // SAFETY: the task writes rows `rows` x panels `first..last` only, all
         // inside the m x n buffer, and no other task writes them.
@@ -642,6 +669,8 @@ enum Rows<'a> {
     Shared { packed: &'a [f32], m: usize },
     /// The unpacked input, for the task to pack its own block.
     Own(&'a [f32]),
+    /// Rows made on demand, for the task to make and pack its own block.
+    Made(&'a dyn RowSource),
 }
 
 thread_local! {
@@ -651,6 +680,8 @@ thread_local! {
     /// A task's k block of one panel widened to f32 ([`Element::widen`]),
     /// reused across panels and calls.
     static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// One kernel panel of rows made whole ([`pack_made`]), reused.
+    static MADE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One task: `rows` of the output by the columns of `panels`, over the whole
@@ -681,6 +712,17 @@ unsafe fn task<T: Element>(
             if widen && wide.len() < KC * NR {
                 wide.resize(KC * NR, 0.0);
             }
+            if let Rows::Made(source) = a {
+                // Every k block of the task's rows, made and packed at once:
+                // block k0 at k0 * mb.
+                if own.len() < mb * k {
+                    own.resize(mb * k, 0.0);
+                }
+                let packed = Out(own.as_mut_ptr());
+                // SAFETY: block k0 of the mb rows is mb * kc values at
+                // k0 * mb, inside the mb x k buffer.
+                unsafe { pack_made(source, rows.clone(), k, packed, |k0| k0 * mb) };
+            }
             for k0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - k0);
                 // The block's packed rows, and the row of the output its first is.
@@ -693,6 +735,7 @@ unsafe fn task<T: Element>(
                         pack_block(x, k, rows.clone(), k0, kc, &mut own[..mb * kc]);
                         (&own[..mb * kc], rows.start)
                     }
+                    Rows::Made(_) => (&own[k0 * mb..(k0 + kc) * mb], rows.start),
                 };
                 let last_block = k0 + kc == k;
                 for p in panels.clone() {
@@ -723,13 +766,9 @@ unsafe fn task<T: Element>(
                                 },
                             }
                             if last_block && (bias.is_some() || f != Pointwise::Identity) {
-                                for i in 0..mr {
-                                    // SAFETY: row i of the tile, cols wide, in bounds.
-                                    let row = unsafe {
-                                        std::slice::from_raw_parts_mut(c.add(i * n), cols)
-                                    };
-                                    epilogue(row, bias.map(|b| &b[col..col + cols]), f);
-                                }
+                                let bias = bias.map(|b| &b[col..col + cols]);
+                                // SAFETY: the tile's mr rows of cols, in bounds.
+                                unsafe { epilogue_tile(c, n, mr, cols, bias, f) };
                             }
                         }
                     }
@@ -742,7 +781,8 @@ unsafe fn task<T: Element>(
 /// `x` (m x k) packed for the kernel, once per product: for each block of
 /// [`KC`] columns (at `k0 * m`), the block's rows as [`pack_block`] lays
 /// them out. Row panels start at multiples of MR, as tasks' row blocks do.
-fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+fn pack_rows(x: Input, k: usize) -> Vec<f32> {
+    let m = x.rows();
     let mut packed: Vec<f32> = Vec::with_capacity(m * k);
     let out = Out(packed.as_mut_ptr());
     // Parallel in blocks of whole row panels, so that panels start at
@@ -750,6 +790,18 @@ fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
     const ROWS: usize = 16 * MR;
     (0..m.div_ceil(ROWS)).into_par_iter().for_each(|mb| {
         let rows = mb * ROWS..m.min((mb + 1) * ROWS);
+        let x = match x {
+            Input::Stored(x, _) => x,
+            Input::Made(source) => {
+                let first = rows.start;
+                let kc = |k0: usize| KC.min(k - k0);
+                // SAFETY: block k0 of these rows is `rows.len() * kc` values
+                // at `k0 * m + first * kc`, inside the m x k buffer, and only
+                // this task writes them.
+                unsafe { pack_made(source, rows, k, out, |k0| k0 * m + first * kc(k0)) };
+                return;
+            }
+        };
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             // SAFETY: rows `rows` of block `k0` are `rows.len() * kc` values
@@ -764,6 +816,43 @@ fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
     // SAFETY: the blocks cover all m x k values.
     unsafe { packed.set_len(m * k) };
     packed
+}
+
+/// Rows `rows` of `source` packed for the kernel over the whole depth `k`:
+/// block k0 of them (`rows.len() * kc` values, as [`pack_block`] lays them
+/// out) at `out + at(k0)`. Each kernel panel's rows are made together in a
+/// scratch that stays in cache, then packed.
+///
+/// # Safety
+/// For every k0, `rows.len() * kc` values from `out + at(k0)` are inside one
+/// buffer, and nothing else touches them meanwhile.
+unsafe fn pack_made(
+    source: &dyn RowSource,
+    rows: std::ops::Range<usize>,
+    k: usize,
+    out: Out,
+    at: impl Fn(usize) -> usize,
+) {
+    MADE.with_borrow_mut(|made| {
+        if made.len() < MR * k {
+            made.resize(MR * k, 0.0);
+        }
+        let mb = rows.len();
+        for r0 in (0..mb).step_by(MR) {
+            let mr = MR.min(mb - r0);
+            for (i, dst) in made[..mr * k].chunks_exact_mut(k).enumerate() {
+                source.write(rows.start + r0 + i, dst);
+            }
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                // SAFETY: the panel's mr rows of block k0 lie at r0 * kc
+                // within the block, inside it (the caller's bounds).
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out.at(at(k0) + r0 * kc), mr * kc) };
+                pack_block(made, k, 0..mr, k0, kc, dst);
+            }
+        }
+    });
 }
 
 /// Packs `x[rows, k0..k0 + kc]` into `dst` as panels of [`MR`] rows (the
@@ -804,18 +893,49 @@ fn pack_block(
 /// `row = f(row + bias)`.
 #[inline]
 pub(super) fn epilogue(row: &mut [f32], bias: Option<&[f32]>, f: Pointwise) {
+    let cols = row.len();
+    // SAFETY: one row of `cols` values, the slice's own.
+    unsafe { epilogue_tile(row.as_mut_ptr(), cols, 1, cols, bias, f) }
+}
+
+/// `rows` rows of `cols` values, `ld` apart from `c`.
+#[derive(Clone, Copy)]
+struct Tile {
+    c: *mut f32,
+    ld: usize,
+    rows: usize,
+    cols: usize,
+}
+
+/// [`epilogue`] over `rows` rows of `cols` values, `ld` apart from `c` (a
+/// kernel's tile): the CPU check once for all of them, not once a row
+/// (for a convolution of depth 64 the per-row calls cost a fifth as much as
+/// the tile's products).
+///
+/// # Safety
+/// `c` is valid for those rows, and nothing else touches them meanwhile.
+pub(super) unsafe fn epilogue_tile(
+    c: *mut f32,
+    ld: usize,
+    rows: usize,
+    cols: usize,
+    bias: Option<&[f32]>,
+    f: Pointwise,
+) {
+    let tile = Tile { c, ld, rows, cols };
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx512bw() {
-            // SAFETY: AVX-512F was detected.
-            return unsafe { epilogue_avx512(row, bias, f) };
+            // SAFETY: AVX-512F was detected; the caller's bounds.
+            return unsafe { epilogue_avx512(tile, bias, f) };
         }
         if has_avx2() {
-            // SAFETY: AVX2 and FMA were detected.
-            return unsafe { epilogue_avx2(row, bias, f) };
+            // SAFETY: AVX2 and FMA were detected; the caller's bounds.
+            return unsafe { epilogue_avx2(tile, bias, f) };
         }
     }
-    epilogue_with(row, bias, f)
+    // SAFETY: the caller's bounds.
+    unsafe { epilogue_rows(tile, bias, f) }
 }
 
 /// Whether this CPU runs AVX-512F and BW (detected once, then cached).
@@ -825,24 +945,40 @@ pub(super) fn has_avx512bw() -> bool {
         && std::arch::is_x86_feature_detected!("avx512bw")
 }
 
-/// [`epilogue_with`] compiled for AVX-512, where its loops vectorise.
+/// [`epilogue_rows`] compiled for AVX-512, where its loops vectorise.
 ///
 /// # Safety
-/// The CPU has AVX-512F.
+/// The CPU has AVX-512F; as [`epilogue_tile`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn epilogue_avx512(row: &mut [f32], bias: Option<&[f32]>, f: Pointwise) {
-    epilogue_with(row, bias, f)
+unsafe fn epilogue_avx512(tile: Tile, bias: Option<&[f32]>, f: Pointwise) {
+    // SAFETY: the caller's.
+    unsafe { epilogue_rows(tile, bias, f) }
 }
 
-/// [`epilogue_with`] compiled for AVX2, where its loops vectorise.
+/// [`epilogue_rows`] compiled for AVX2, where its loops vectorise.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA.
+/// The CPU has AVX2 and FMA; as [`epilogue_tile`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn epilogue_avx2(row: &mut [f32], bias: Option<&[f32]>, f: Pointwise) {
-    epilogue_with(row, bias, f)
+unsafe fn epilogue_avx2(tile: Tile, bias: Option<&[f32]>, f: Pointwise) {
+    // SAFETY: the caller's.
+    unsafe { epilogue_rows(tile, bias, f) }
+}
+
+/// [`epilogue_with`] on each row of a tile.
+///
+/// # Safety
+/// As [`epilogue_tile`].
+#[inline(always)]
+unsafe fn epilogue_rows(tile: Tile, bias: Option<&[f32]>, f: Pointwise) {
+    let Tile { c, ld, rows, cols } = tile;
+    for i in 0..rows {
+        // SAFETY: row i, `cols` values, inside the tile (the caller's bounds).
+        let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ld), cols) };
+        epilogue_with(row, bias, f);
+    }
 }
 
 /// One loop per activation (the match outside it), each with no call inside.

@@ -39,6 +39,7 @@ mod text_clean;
 mod text_tables;
 pub mod tokenizer;
 pub mod vision;
+mod winograd;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;

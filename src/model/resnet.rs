@@ -12,8 +12,8 @@
 //! convolution before it at load time: `w' = w * g / sqrt(var + eps)`,
 //! `b' = beta - mean * g / sqrt(var + eps)`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, Var};
 use candle_nn::VarBuilder;
@@ -25,6 +25,7 @@ use super::ops::Pointwise;
 
 use super::config::{ResNetConfig, VisionConfig};
 use super::layers::{Linear, softmax_last};
+use super::winograd::Winograd;
 use super::{Error, Result};
 
 /// `torch.nn.BatchNorm2d`'s default epsilon.
@@ -41,6 +42,9 @@ struct Map {
     w: usize,
 }
 
+/// A 3x3 convolution's Winograd weights and its bias.
+type WinogradLayer = (Arc<Winograd>, Option<Vec<f32>>);
+
 /// A bias-free convolution followed by batch normalisation, folded into one
 /// dense layer over (ky, kx, channel) patches.
 #[derive(Clone, Debug)]
@@ -48,6 +52,9 @@ struct ConvBn {
     dense: Linear,
     k: usize,
     stride: usize,
+    /// The f32 3x3 convolution's Winograd weights, made at first use (none
+    /// where it is another shape or the CPU has no packed kernel).
+    winograd: OnceLock<Option<Arc<Winograd>>>,
 }
 
 /// A convolution with its batch normalisation, as one of the two towers
@@ -87,6 +94,7 @@ impl Conv for ConvBn {
             dense: Linear::new(w, Some(bias))?,
             k,
             stride,
+            winograd: OnceLock::new(),
         })
     }
 }
@@ -94,6 +102,39 @@ impl Conv for ConvBn {
 impl ConvBn {
     /// The convolution (padding `k / 2`), then `f`.
     fn forward(&self, x: &Map, f: Pointwise) -> Result<Map> {
+        match self.winograd(x)? {
+            Some((weights, bias)) => Ok(Map {
+                data: super::winograd::conv(&x.data, weights, (x.n, x.h, x.w), bias, f)?,
+                ..x.clone()
+            }),
+            None => self.direct(x, f),
+        }
+    }
+
+    /// The Winograd form of the layer and its bias, where it applies: an
+    /// f32 3x3 convolution of stride 1 for inference.
+    fn winograd(&self, x: &Map) -> Result<Option<WinogradLayer>> {
+        if (self.k, self.stride) != (3, 1) || x.data.track_op() {
+            return Ok(None);
+        }
+        let Some((weight, bias)) = self.dense.prepacked()? else {
+            return Ok(None);
+        };
+        if weight.is_reduced() {
+            return Ok(None);
+        }
+        if self.winograd.get().is_none() {
+            let (cout, k) = weight.dims();
+            let w = weight.unpack()?.flatten_all()?.to_vec1::<f32>()?;
+            let made = Winograd::new(&w, cout, k / 9)?.map(Arc::new);
+            // Another thread may have made it meanwhile: the same weights.
+            let _ = self.winograd.set(made);
+        }
+        Ok(self.winograd.get().cloned().flatten().map(|w| (w, bias)))
+    }
+
+    /// The convolution as a product over its patches.
+    fn direct(&self, x: &Map, f: Pointwise) -> Result<Map> {
         let (k, s, p) = (self.k, self.stride, self.k / 2);
         let (h, w) = ((x.h + 2 * p - k) / s + 1, (x.w + 2 * p - k) / s + 1);
         let shape = Im2Col {
@@ -107,10 +148,9 @@ impl ConvBn {
             self.dense.forward_then(&x.data, f)?
         } else {
             match self.dense.prepacked()? {
-                // Inference in reduced precision: the layer's kernel makes
-                // each patch as it converts its input. (The f32 kernel packs
-                // its input itself, from the gathered patches.)
-                Some((weight, bias)) if weight.is_reduced() && !x.data.track_op() => {
+                // Inference: the layer's kernel makes each patch as it packs
+                // or converts its input.
+                Some((weight, bias)) if !x.data.track_op() => {
                     x.data.contiguous()?.apply_op1_no_bwd(&PatchDense {
                         shape,
                         weight,
@@ -556,6 +596,7 @@ impl ModifiedResNet {
         for conv in t.stem.iter_mut().skip(1).chain(stages) {
             conv.dense
                 .reduce_to(super::bf16::LayerKind::Conv, precision)?;
+            conv.winograd = OnceLock::new();
         }
         t.attnpool
             .kv
@@ -844,13 +885,16 @@ mod tests {
         use crate::model::test_support::random;
         let (cin, cout) = (64, 48);
         for precision in [Precision::Exact, Precision::Fast, Precision::Int8] {
-            for (side, stride) in [(3, 1), (9, 1), (9, 2), (14, 1)] {
+            // 28 x 28 makes enough row blocks for the f32 kernel's tasks to
+            // pack their own; the smaller maps pack once for all tasks.
+            for (side, stride) in [(3, 1), (9, 1), (9, 2), (14, 1), (28, 1)] {
                 let w = random(&[cout, 3 * 3 * cin], 1);
                 let bias = random(&[cout], 2);
                 let mut conv = ConvBn {
                     dense: Linear::new(w, Some(bias)).unwrap(),
                     k: 3,
                     stride,
+                    winograd: OnceLock::new(),
                 };
                 if precision != Precision::Exact {
                     conv.dense.reduce_to(LayerKind::Conv, precision).unwrap();
@@ -861,7 +905,7 @@ mod tests {
                     h: side,
                     w: side,
                 };
-                let got = conv.forward(&map, Pointwise::Relu).unwrap();
+                let got = conv.direct(&map, Pointwise::Relu).unwrap();
                 let patches = map
                     .data
                     .apply_op1_no_bwd(&Im2Col {
@@ -878,6 +922,46 @@ mod tests {
                     max_diff(&got.data, &want),
                     0.0,
                     "{precision:?}, {side} x {side}, stride {stride}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn winograd_convolution_matches_the_product_over_patches() {
+        use crate::model::test_support::random;
+        let (cin, cout) = (40, 48);
+        let w = random(&[cout, 3 * 3 * cin], 4);
+        let bias = random(&[cout], 5);
+        let conv = ConvBn {
+            dense: Linear::new(w, Some(bias)).unwrap(),
+            k: 3,
+            stride: 1,
+            winograd: OnceLock::new(),
+        };
+        // Odd and even sides, one that is a single pixel, non-square.
+        for (n, h, w) in [(2, 7, 7), (1, 8, 6), (3, 1, 1), (1, 5, 12)] {
+            let map = Map {
+                data: random(&[n * h * w, cin], 6),
+                n,
+                h,
+                w,
+            };
+            let Some(_) = conv.winograd(&map).unwrap() else {
+                // No packed kernel on this CPU: the direct product runs.
+                return;
+            };
+            for f in [Pointwise::Identity, Pointwise::Relu] {
+                let got = conv.forward(&map, f).unwrap();
+                let want = conv.direct(&map, f).unwrap();
+                assert_eq!(got.data.dims(), want.data.dims());
+                assert_eq!((got.n, got.h, got.w), (want.n, want.h, want.w));
+                let scale = want.data.abs().unwrap().max_all().unwrap();
+                let scale = scale.to_scalar::<f32>().unwrap();
+                let diff = max_diff(&got.data, &want.data);
+                assert!(
+                    diff <= 2e-6 * scale,
+                    "{n} x {h} x {w}, {f:?}: {diff} of {scale}"
                 );
             }
         }
