@@ -393,13 +393,10 @@ pub trait Prepacked: std::fmt::Debug + Send + Sync {
     fn dims(&self) -> (usize, usize);
     /// `f(x W^T + b)` for `x` (m x in, row-major): a fresh (m x out) buffer.
     fn product(&self, x: &[f32], m: usize, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32>;
-    /// [`Self::product`] of rows made on demand (a convolution's patches).
-    /// This default gathers them into one buffer first; the tile layouts
-    /// convert each row as it is made, so the f32 rows never exist together.
-    fn product_of(&self, rows: &dyn RowSource, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32> {
-        let x = rows.gather();
-        self.product(&x, rows.count(), bias, f)
-    }
+    /// [`Self::product`] of rows made on demand (a convolution's patches):
+    /// each layout packs or converts a row as it is made, so the f32 rows
+    /// never exist together.
+    fn product_of(&self, rows: &dyn RowSource, bias: Option<&[f32]>, f: Pointwise) -> Vec<f32>;
     /// The (out, in) weight back as a tensor, as the kernel holds it.
     fn unpack(&self) -> candle_core::Result<Tensor>;
     /// Where [`Self::plain`] keeps its tensor.
