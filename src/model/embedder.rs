@@ -22,6 +22,10 @@ use super::{
 /// Texts embedded per forward pass.
 const TEXT_BATCH: usize = 64;
 
+/// Texts that must share a beginning for it to go through the text tower
+/// once for all of them ([`shared_beginnings`]).
+const SHARED_GROUP: usize = 16;
+
 pub use crate::common::{ModelInfo, Precision};
 
 /// A ready-to-use model of any family.
@@ -253,24 +257,63 @@ impl Clip {
         Ok(normalize(&self.image_features(&pixels)?)?.to_vec2::<f32>()?)
     }
 
+    /// [`Self::text_features`] of whole texts that all begin with their
+    /// first `first` tokens, which go through a causal tower once for all
+    /// of them ([`ClipModel::get_text_features_after`]).
+    pub fn text_features_after(&self, first: usize, batch: &[&[u32]]) -> Result<Tensor> {
+        let len = batch.iter().map(|row| row.len()).max().unwrap_or(0);
+        let Some(beginning) = batch.first().map(|row| &row[..first.min(row.len())]) else {
+            return Err(Error::Input("no texts to embed".into()));
+        };
+        if len <= first || batch.iter().any(|row| !row.starts_with(beginning)) {
+            return Err(Error::Input("the texts do not share that beginning".into()));
+        }
+        let pad = self.tokenizer.pad_id();
+        let mut rest = Vec::with_capacity(batch.len() * (len - first));
+        for row in batch {
+            rest.extend_from_slice(&row[first..]);
+            rest.extend(std::iter::repeat_n(pad, len - row.len()));
+        }
+        let pool: Vec<usize> = batch
+            .iter()
+            .map(|row| self.tokenizer.pool_position(row))
+            .collect();
+        let rest = Tensor::from_vec(rest, (batch.len(), len - first), &self.device)?;
+        on_pool(|| self.model.get_text_features_after(beginning, &rest, &pool))
+    }
+
     /// L2-normalised embeddings of texts, in their order.
     ///
     /// Texts go through the tower in batches of similar length (a batch is
     /// padded to its longest), so many prompts of mixed lengths do not pay
-    /// for padding.
+    /// for padding. In a causal tower, texts that begin alike (prompts of
+    /// one template: "a photo of a {}.") go in batches that compute their
+    /// shared beginning once ([`shared_beginnings`]).
     pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let ids = texts
             .iter()
             .map(|t| self.tokenizer.encode(t))
             .collect::<Result<Vec<_>>>()?;
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| ids[i].len());
+        let groups = match self.model.shares_text_beginnings() {
+            true => shared_beginnings(&ids, SHARED_GROUP),
+            false => vec![(0, (0..ids.len()).collect())],
+        };
         let mut out = vec![Vec::new(); texts.len()];
-        for chunk in order.chunks(TEXT_BATCH) {
-            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-            let rows = normalize(&self.text_features(&batch)?)?.to_vec2::<f32>()?;
-            for (&i, row) in chunk.iter().zip(rows) {
-                out[i] = row;
+        for (first, mut group) in groups {
+            group.sort_by_key(|&i| ids[i].len());
+            for chunk in group.chunks(TEXT_BATCH) {
+                let batch: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
+                let features = match first > 1 && chunk.len() > 1 {
+                    // The start token alone is not worth a pass of its own.
+                    true => self.text_features_after(first, &batch)?,
+                    false => {
+                        let batch: Vec<Vec<u32>> = batch.iter().map(|r| r.to_vec()).collect();
+                        self.text_features(&batch)?
+                    }
+                };
+                for (&i, row) in chunk.iter().zip(normalize(&features)?.to_vec2::<f32>()?) {
+                    out[i] = row;
+                }
             }
         }
         Ok(out)
@@ -309,6 +352,50 @@ impl Clip {
         let features = self.image_features(&self.pixels(images)?)?;
         Ok(normalize(&features)?.to_vec2::<f32>()?)
     }
+}
+
+/// Groups texts (token ids) by a shared beginning: each joins the longest
+/// beginning, short of its last token, that at least `min_group` texts
+/// share, or none (0). Returns each group's beginning length and its texts'
+/// indices, in the order of their first text.
+///
+/// The tag vocabulary's prompts fall into one group per template (619
+/// names each), whose beginnings are 5 to 8 tokens of 8 to 14.
+fn shared_beginnings(ids: &[Vec<u32>], min_group: usize) -> Vec<(usize, Vec<usize>)> {
+    // A trie of the texts' beginnings: node 0 is the empty one.
+    let mut child: std::collections::HashMap<(usize, u32), usize> = Default::default();
+    let mut count = vec![ids.len()];
+    let paths: Vec<Vec<usize>> = ids
+        .iter()
+        .map(|row| {
+            let mut path = vec![0];
+            for &token in &row[..row.len().saturating_sub(1)] {
+                let node = *child
+                    .entry((*path.last().unwrap_or(&0), token))
+                    .or_insert_with(|| {
+                        count.push(0);
+                        count.len() - 1
+                    });
+                count[node] += 1;
+                path.push(node);
+            }
+            path
+        })
+        .collect();
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    let mut group_of: std::collections::HashMap<usize, usize> = Default::default();
+    for (i, path) in paths.iter().enumerate() {
+        let depth = path
+            .iter()
+            .rposition(|&n| count[n] >= min_group)
+            .unwrap_or(0);
+        let g = *group_of.entry(path[depth]).or_insert_with(|| {
+            groups.push((depth, Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].1.push(i);
+    }
+    groups
 }
 
 /// Runs `f` on a thread of rayon's pool (at once, if this is one), with
@@ -458,6 +545,51 @@ fn fingerprint(config: &ClipConfig, preprocessor: &str, weights: &WeightsFile) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn texts_join_the_longest_beginning_enough_of_them_share() {
+        // Start token 0, end token 9: two templates (1 2 and 1 3) of four
+        // names, the names 4 and 4 5 twice beginning alike, and two others.
+        let mut ids: Vec<Vec<u32>> = Vec::new();
+        for template in [2, 3] {
+            for name in [&[4][..], &[4, 5], &[6], &[7, 8]] {
+                ids.push([&[0, 1, template][..], name, &[9]].concat());
+            }
+        }
+        ids.push(vec![0, 1, 9]);
+        ids.push(vec![0, 6, 6, 9]);
+        let groups = shared_beginnings(&ids, 4);
+        // The others share what all ten do: the start token, and "1" with
+        // the templates' eight.
+        assert_eq!(
+            groups,
+            vec![
+                (3, vec![0, 1, 2, 3]),
+                (3, vec![4, 5, 6, 7]),
+                (2, vec![8]),
+                (1, vec![9])
+            ]
+        );
+        // Smaller groups: the two names beginning with 4 share one more.
+        let groups = shared_beginnings(&ids, 2);
+        assert_eq!(groups[0], (4, vec![0, 1]));
+        assert_eq!(groups[1], (3, vec![2, 3]));
+        // Every text keeps a token of its own after its beginning, and
+        // begins with its group's.
+        for min in 1..=ids.len() {
+            let groups = shared_beginnings(&ids, min);
+            let mut seen: Vec<usize> = groups.iter().flat_map(|g| g.1.clone()).collect();
+            seen.sort();
+            assert_eq!(seen, (0..ids.len()).collect::<Vec<_>>());
+            for (first, rows) in groups {
+                for &i in &rows {
+                    assert!(first < ids[i].len());
+                    assert_eq!(ids[i][..first], ids[rows[0]][..first]);
+                }
+            }
+        }
+        assert!(shared_beginnings(&[], 4).is_empty());
+    }
 
     /// A pass's worth of parallel steps with serial work between them.
     fn pass(seed: u64) -> u64 {

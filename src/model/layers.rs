@@ -97,6 +97,38 @@ enum Weight {
     Prepacked(Arc<dyn Prepacked>),
 }
 
+thread_local! {
+    /// Whether inference weights made now stay as read ([`converted_on_load`]).
+    static PACK_LATER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A layer loaded by `load` and converted by `reduce` at once, where the
+/// model is loaded for a reduced precision ([`super::bf16::convert_on_load`]);
+/// else loaded as it is. Its weights are not packed in f32 on the way: the
+/// packed copy would only be unpacked again to convert it, two fresh
+/// copies of every weight. `reduce` packs what stays f32
+/// ([`Linear::reduce_to`]).
+pub(super) fn converted_on_load<L>(
+    load: impl FnOnce() -> Result<L>,
+    reduce: impl FnOnce(&mut L, Precision) -> Result<()>,
+) -> Result<L> {
+    let Some(precision) = super::bf16::convert_on_load() else {
+        return load();
+    };
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PACK_LATER.set(false);
+        }
+    }
+    PACK_LATER.set(true);
+    let reset = Reset;
+    let mut layer = load()?;
+    drop(reset);
+    reduce(&mut layer, precision)?;
+    Ok(layer)
+}
+
 /// An inference layer's laid-out weight and its bias values
 /// ([`Linear::prepacked`]).
 pub(super) type PackedLayer = (Arc<dyn Prepacked>, Option<Vec<f32>>);
@@ -116,6 +148,8 @@ impl Linear {
         // at its initial value while the optimiser moves the variable.
         let weight = if weight.track_op() {
             Weight::Graph(weight)
+        } else if PACK_LATER.get() {
+            Weight::Plain(weight, WeightLayout::OutIn)
         } else if let Some(packed) = PackedMatrix::new(&weight)? {
             Weight::Prepacked(Arc::new(packed))
         } else {
@@ -145,7 +179,7 @@ impl Linear {
     /// that stays f32 ([`super::bf16::converts`]), keep their weight.
     pub fn reduce_to(&mut self, kind: LayerKind, precision: Precision) -> Result<()> {
         if !super::bf16::converts(kind) {
-            return Ok(());
+            return self.settle();
         }
         let tiles = super::bf16::available() || super::int8::available();
         self.reduce_to_with(kind, precision, tiles)
@@ -177,6 +211,17 @@ impl Linear {
                 Self::new(rounded, None)?.weight
             }
         };
+        Ok(())
+    }
+
+    /// Packs a weight left as read ([`converted_on_load`]) for the f32
+    /// kernel, where the CPU has one.
+    fn settle(&mut self) -> Result<()> {
+        if let Weight::Plain(w, WeightLayout::OutIn) = &self.weight
+            && let Some(packed) = PackedMatrix::new(w)?
+        {
+            self.weight = Weight::Prepacked(Arc::new(packed));
+        }
         Ok(())
     }
 
@@ -460,6 +505,62 @@ impl Attention {
         }
     }
 
+    /// [`Self::forward`] for sequences with a shared beginning, laid out as
+    /// [`SharedStart`] says: its positions' keys and values are computed
+    /// once and serve every sequence, as if each held them. Every row, as
+    /// laid out; with `at`, row `at[i]` of each sequence's own part only,
+    /// (batch, hidden). Causal (a shared beginning cannot see what follows
+    /// it), inference only.
+    pub fn forward_shared(
+        &self,
+        x: &Tensor,
+        s: SharedStart,
+        at: Option<&[usize]>,
+    ) -> Result<Tensor> {
+        use super::ops::{attend_inference, attend_inference_from, attend_inference_rows};
+        let Qkv::Fused(qkv) = &self.qkv else {
+            return Err(super::Error::Input(
+                "a shared beginning is for inference".into(),
+            ));
+        };
+        let qkv = qkv.forward(x)?;
+        let three = qkv.dim(1)?;
+        let first = qkv.narrow(0, 0, s.first)?.unsqueeze(0)?;
+        // Each sequence whole, (batch, first + rest, 3 * hidden): the
+        // beginning's rows copied in front of its own.
+        let whole = Tensor::cat(
+            &[
+                &first
+                    .broadcast_as((s.batch, s.first, three))?
+                    .contiguous()?,
+                &qkv.narrow(0, s.first, s.batch * s.rest)?
+                    .reshape((s.batch, s.rest, three))?,
+            ],
+            1,
+        )?;
+        let mask = causal_mask(s.first + s.rest, x.device())?;
+        let out = match at {
+            Some(at) => {
+                let rows: Vec<usize> = at.iter().map(|r| s.first + r).collect();
+                attend_inference_rows(&whole, self.num_heads, Some(&mask), &rows)?
+            }
+            None => {
+                let own = causal_mask(s.first, x.device())?;
+                let first = attend_inference(&first, self.num_heads, Some(&own))?;
+                let rest = attend_inference_from(&whole, self.num_heads, Some(&mask), s.first)?;
+                let hidden = three / 3;
+                Tensor::cat(
+                    &[
+                        &first.reshape((s.first, hidden))?,
+                        &rest.reshape((s.batch * s.rest, hidden))?,
+                    ],
+                    0,
+                )?
+            }
+        };
+        self.out_proj.forward(&out)
+    }
+
     /// The projections in reduced precision ([`Linear::reduce_to`]).
     pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
         match &mut self.qkv {
@@ -550,7 +651,7 @@ impl EncoderLayer {
     }
 
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_at(x, mask, None)
+        self.forward_at(x, mask, Rows::All)
     }
 
     /// [`Self::forward`] at position `rows[i]` of each sequence `i` only:
@@ -562,24 +663,27 @@ impl EncoderLayer {
         mask: Option<&Tensor>,
         rows: &[usize],
     ) -> Result<Tensor> {
-        self.forward_at(x, mask, Some(rows))
+        self.forward_at(x, mask, Rows::Pooled(rows))
     }
 
-    /// Every position's output, or with `rows` only those rows'.
-    fn forward_at(
-        &self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        rows: Option<&[usize]>,
-    ) -> Result<Tensor> {
+    /// The output of the rows `rows` names.
+    fn forward_at(&self, x: &Tensor, mask: Option<&Tensor>, rows: Rows) -> Result<Tensor> {
         let normed = self.layer_norm1.forward(x)?;
-        let x = match rows {
-            None => residual(self.self_attn.forward(&normed, mask)?, x)?,
-            Some(rows) => residual(
-                self.self_attn.forward_rows(&normed, mask, rows)?,
-                &super::ops::select_rows(x, rows)?,
-            )?,
+        let (attended, kept) = match rows {
+            Rows::All => (self.self_attn.forward(&normed, mask)?, x.clone()),
+            Rows::Pooled(at) => (
+                self.self_attn.forward_rows(&normed, mask, at)?,
+                super::ops::select_rows(x, at)?,
+            ),
+            Rows::Shared(s, at) => (
+                self.self_attn.forward_shared(&normed, s, at)?,
+                match at {
+                    None => x.clone(),
+                    Some(at) => s.select(x, at)?,
+                },
+            ),
         };
+        let x = residual(attended, &kept)?;
         let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
         residual(h, &x)
     }
@@ -589,6 +693,43 @@ impl EncoderLayer {
     pub fn reduce_to(&mut self, precision: Precision) -> Result<()> {
         self.self_attn.reduce_to(precision)?;
         self.mlp.reduce_to(precision)
+    }
+}
+
+/// Which rows an [`EncoderLayer`] computes.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// Every position of (batch, seq, hidden) sequences.
+    All,
+    /// Position `at[i]` of each sequence `i`: (batch, hidden).
+    Pooled(&'a [usize]),
+    /// Every row of sequences laid out with a shared beginning; with `at`,
+    /// row `at[i]` of each sequence's own part only.
+    Shared(SharedStart, Option<&'a [usize]>),
+}
+
+/// Sequences that begin with the same `first` positions, laid out as one
+/// (first + batch * rest, hidden) matrix: the shared beginning once, then
+/// each sequence's own `rest` positions (padded to the longest). In a
+/// causal tower the beginning's states do not depend on what follows it, so
+/// it goes through each layer once for all the sequences.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedStart {
+    pub first: usize,
+    pub batch: usize,
+    pub rest: usize,
+}
+
+impl SharedStart {
+    /// Row `at[i]` of each sequence `i`'s own part of `x`: (batch, hidden).
+    fn select(&self, x: &Tensor, at: &[usize]) -> Result<Tensor> {
+        let rows: Vec<u32> = at
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| (self.first + i * self.rest + r) as u32)
+            .collect();
+        let rows = Tensor::new(rows.as_slice(), x.device())?;
+        Ok(x.index_select(&rows, 0)?)
     }
 }
 
@@ -621,13 +762,7 @@ impl Encoder {
     pub fn load(vb: VarBuilder, s: &EncoderShape) -> Result<Self> {
         let vb = vb.pp("layers");
         let layers = (0..s.layers)
-            .map(|i| {
-                let mut layer = EncoderLayer::load(vb.pp(i), s)?;
-                if let Some(precision) = super::bf16::convert_on_load() {
-                    layer.reduce_to(precision)?;
-                }
-                Ok(layer)
-            })
+            .map(|i| converted_on_load(|| EncoderLayer::load(vb.pp(i), s), EncoderLayer::reduce_to))
             .collect::<Result<_>>()?;
         Ok(Self { layers })
     }
@@ -653,6 +788,20 @@ impl Encoder {
             return Ok(super::ops::select_rows(&self.forward(x, mask)?, rows)?);
         };
         last.forward_rows(&through(first, x, mask)?, mask, rows)
+    }
+
+    /// [`Self::forward_rows`] for sequences laid out with a shared
+    /// beginning (see [`SharedStart`]): the output at row `at[i]` of each
+    /// sequence's own part, (batch, hidden). Causal, inference only.
+    pub fn forward_shared(&self, x: &Tensor, s: SharedStart, at: &[usize]) -> Result<Tensor> {
+        let Some((last, first)) = self.layers.split_last() else {
+            return Err(super::Error::Input("an encoder without layers".into()));
+        };
+        let mut x = x.clone();
+        for layer in first {
+            x = layer.forward_at(&x, None, Rows::Shared(s, None))?;
+        }
+        last.forward_at(&x, None, Rows::Shared(s, Some(at)))
     }
 
     /// Every layer's dense layers in reduced precision
@@ -773,6 +922,38 @@ mod tests {
     use super::*;
     use crate::model::ops::Pointwise;
     use crate::model::test_support::{max_abs_diff, random};
+
+    #[test]
+    fn layers_converted_on_load_skip_the_f32_packing_and_keep_its_results() {
+        let (w, b) = (random(&[40, 96], 1), random(&[40], 2));
+        let x = random(&[7, 96], 3);
+        let made = |kind: LayerKind| {
+            let load = || Linear::new(w.clone(), Some(b.clone()));
+            let reduce = |l: &mut Linear, p| l.reduce_to(kind, p);
+            crate::model::bf16::converting_on_load(Precision::Fast, || {
+                converted_on_load(load, reduce)
+            })
+            .unwrap()
+        };
+        // Loaded as read, then converted: what converting a packed layer
+        // gives, to the bit.
+        let mut after = Linear::new(w.clone(), Some(b.clone())).unwrap();
+        after.reduce_to(LayerKind::MlpUp, Precision::Fast).unwrap();
+        let on_load = made(LayerKind::MlpUp);
+        let got = on_load.forward(&x).unwrap();
+        assert_eq!(max_abs_diff(&got, &after.forward(&x).unwrap()), 0.0);
+        // A kind that stays f32 ends packed as a plain load packs it.
+        let kept = made(LayerKind::Projection);
+        let plain = Linear::new(w.clone(), Some(b.clone())).unwrap();
+        assert_eq!(
+            matches!(kept.weight, Weight::Prepacked(_)),
+            matches!(plain.weight, Weight::Prepacked(_))
+        );
+        let got = kept.forward(&x).unwrap();
+        assert_eq!(max_abs_diff(&got, &plain.forward(&x).unwrap()), 0.0);
+        // Outside such a load, nothing is left unpacked.
+        assert!(!PACK_LATER.get());
+    }
 
     /// An encoder's output at one position of each sequence is the whole
     /// output's row there, in inference (the last layer computes only those

@@ -257,10 +257,44 @@ impl ClipModel {
             TextTower::Clip(tower) => tower.forward(ids, pool)?,
             TextTower::Hf(tower) => tower.forward(ids)?,
         };
+        self.project_text(&pooled)
+    }
+
+    /// The text projection, where the tower does not project itself.
+    fn project_text(&self, pooled: &Tensor) -> Result<Tensor> {
         match &self.text_projection {
-            Some(projection) => projection.forward(&pooled),
-            None => Ok(pooled),
+            Some(projection) => projection.forward(pooled),
+            None => Ok(pooled.clone()),
         }
+    }
+
+    /// Whether texts that begin alike can go through the text tower with
+    /// their beginning computed once ([`Self::get_text_features_after`]).
+    pub fn shares_text_beginnings(&self) -> bool {
+        match &self.text_model {
+            TextTower::Clip(tower) => tower.shares_beginnings(),
+            TextTower::Hf(_) => false,
+        }
+    }
+
+    /// [`Self::get_text_features`] of texts that all begin with the tokens
+    /// `first` ([`TextTransformer::forward_after`]): `rest` is (batch, m)
+    /// u32, the tokens after `first`, padded; `pool` counts from the start.
+    pub fn get_text_features_after(
+        &self,
+        first: &[u32],
+        rest: &Tensor,
+        pool: &[usize],
+    ) -> Result<Tensor> {
+        let pooled = match &self.text_model {
+            TextTower::Clip(tower) => tower.forward_after(first, rest, pool)?,
+            TextTower::Hf(_) => {
+                return Err(Error::Input(
+                    "this text tower attends both ways: texts cannot share a beginning".into(),
+                ));
+            }
+        };
+        self.project_text(&pooled)
     }
 
     /// Projected, unnormalised image features (`get_image_features`) of (batch, 3, s, s) pixels.

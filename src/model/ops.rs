@@ -1001,7 +1001,24 @@ pub fn attend_inference(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    attend_inference_at(qkv, heads, mask, None)
+    attend_inference_at(qkv, heads, mask, Queries::From(0))
+}
+
+/// [`attend_inference`] from positions `from..seq` of each sequence only
+/// (every position still a key and a value): (batch, seq - from, hidden),
+/// each row what [`attend_inference`] gives at that position. Needs a mask
+/// [`attend_inference`] takes in one pass.
+pub fn attend_inference_from(
+    qkv: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    from: usize,
+) -> candle_core::Result<Tensor> {
+    let n = qkv.dim(1)?;
+    if from >= n {
+        candle_core::bail!("attention: queries from {from} in sequences of {n}");
+    }
+    attend_inference_at(qkv, heads, mask, Queries::From(from))
 }
 
 /// [`attend_inference`] for one query position of each sequence, `rows[i]`
@@ -1017,15 +1034,23 @@ pub fn attend_inference_rows(
     if rows.len() != b || rows.iter().any(|&r| r >= n) {
         candle_core::bail!("attention: query rows {rows:?} for {b} sequences of {n}");
     }
-    let out = attend_inference_at(qkv, heads, mask, Some(rows))?;
+    let out = attend_inference_at(qkv, heads, mask, Queries::One(rows.to_vec()))?;
     out.reshape((b, out.elem_count() / b))
+}
+
+/// Which positions of each sequence attend.
+enum Queries {
+    /// Positions `from..seq` of every sequence (0: all of them).
+    From(usize),
+    /// Position `rows[i]` of sequence `i` only.
+    One(Vec<usize>),
 }
 
 fn attend_inference_at(
     qkv: &Tensor,
     heads: usize,
     mask: Option<&Tensor>,
-    rows: Option<&[usize]>,
+    queries: Queries,
 ) -> candle_core::Result<Tensor> {
     let (b, n, three_hidden) = qkv.dims3()?;
     let mask = match mask {
@@ -1036,9 +1061,10 @@ fn attend_inference_at(
         }
         Some(_) => {
             let out = attend(qkv, heads, mask)?.0;
-            return match rows {
-                None => Ok(out),
-                Some(rows) => select_rows(&out, rows),
+            return match queries {
+                Queries::From(0) => Ok(out),
+                Queries::From(from) => out.narrow(1, from, n - from),
+                Queries::One(rows) => select_rows(&out, &rows),
             };
         }
     };
@@ -1048,7 +1074,7 @@ fn attend_inference_at(
     qkv.contiguous()?.apply_op1_no_bwd(&AttendInference {
         heads,
         mask,
-        rows: rows.map(<[usize]>::to_vec),
+        queries,
     })
 }
 
@@ -1069,8 +1095,8 @@ struct AttendInference {
     heads: usize,
     /// The additive mask, and whether it is per (row, head) keys only.
     mask: Option<(Vec<f32>, bool)>,
-    /// The one query position of each sequence, where only those are asked.
-    rows: Option<Vec<usize>>,
+    /// The positions that attend.
+    queries: Queries,
 }
 
 impl CustomOp1 for AttendInference {
@@ -1083,7 +1109,10 @@ impl CustomOp1 for AttendInference {
         let (b, n, three_hidden) = l.shape().dims3()?;
         let hidden = three_hidden / 3;
         let hd = hidden / self.heads;
-        let out_rows = if self.rows.is_some() { 1 } else { n };
+        let out_rows = match self.queries {
+            Queries::From(from) => n - from,
+            Queries::One(_) => 1,
+        };
         let mut out: Vec<f32> = Vec::with_capacity(b * out_rows * hidden);
         let dst = super::gemm::Out(out.as_mut_ptr());
         (0..b * self.heads).into_par_iter().for_each(|task| {
@@ -1103,7 +1132,11 @@ impl CustomOp1 for AttendInference {
                     hidden,
                     hd,
                     mask,
-                    only: self.rows.as_ref().map(|rows| rows[seq]),
+                    attending: match &self.queries {
+                        Queries::From(from) => (*from, n),
+                        Queries::One(rows) => (rows[seq], rows[seq] + 1),
+                    },
+                    out_rows,
                     out: dst,
                 })
             };
@@ -1132,18 +1165,19 @@ struct HeadTask<'a> {
     hd: usize,
     /// The additive mask: (n, n), or this head's n keys (`true`).
     mask: Option<(&'a [f32], bool)>,
-    /// The one query position to attend from, if not all n.
-    only: Option<usize>,
-    /// The (sequences, n, hidden) output, or (sequences, 1, hidden) with
-    /// `only`.
+    /// The positions to attend from: `attending.0..attending.1`.
+    attending: (usize, usize),
+    /// Output rows per sequence: one per query position.
+    out_rows: usize,
+    /// The (sequences, out_rows, hidden) output.
     out: super::gemm::Out,
 }
 
 /// `out[i, head] = softmax(q_i k^T / sqrt(hd) + mask_i) v` for one task.
 ///
 /// # Safety
-/// `t.out` holds (sequences, n, hidden) values; no other thread writes this
-/// head's columns of this sequence.
+/// `t.out` holds (sequences, t.out_rows, hidden) values, one row per query
+/// position; no other thread writes this head's columns of this sequence.
 unsafe fn attend_one(t: HeadTask) {
     SCRATCH.with_borrow_mut(|scratch| {
         scratch.resize(t.hd * t.n + BLOCK_ROWS * (t.n + 2 * t.hd), 0.0);
@@ -1197,7 +1231,8 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
         hidden,
         hd,
         mask,
-        only,
+        attending,
+        out_rows,
         out,
     } = t;
     let row = |i: usize, part: usize| {
@@ -1218,10 +1253,7 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
     // Query rows in blocks of four where the sums fit registers: each row of
     // k and v loaded once serves four queries. Every sum keeps its order, so
     // a row's output is the same in a block or alone.
-    let (mut i0, end) = match only {
-        Some(i) => (i, i + 1),
-        None => (0, n),
-    };
+    let (mut i0, end) = attending;
     while i0 < end {
         let rows = match registers && hd <= 64 && end - i0 >= BLOCK_ROWS {
             true => BLOCK_ROWS,
@@ -1327,10 +1359,7 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
             }
         }
         for r in 0..rows {
-            let at = match only {
-                Some(_) => seq,
-                None => seq * n + i0 + r,
-            };
+            let at = seq * out_rows + i0 + r - attending.0;
             // SAFETY: output row `at`, this head's hd columns: inside the
             // output and this task's own.
             let o = unsafe { std::slice::from_raw_parts_mut(out.at(at * hidden + head * hd), hd) };

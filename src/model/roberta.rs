@@ -22,7 +22,9 @@ use candle_nn::VarBuilder;
 
 use super::Precision;
 use super::config::{HfTextTower, TextConfig, TextPooler, TextProjection};
-use super::layers::{Attention, EmbeddingTable, EncoderShape, LayerNorm, Linear, Mlp};
+use super::layers::{
+    Attention, EmbeddingTable, EncoderShape, LayerNorm, Linear, Mlp, converted_on_load,
+};
 use super::tensor_file::TensorFile;
 use super::{Error, Result};
 
@@ -108,11 +110,8 @@ impl HfTextTransformer {
         };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
-                let mut layer = PostNormLayer::load(t.pp("encoder").pp("layers").pp(i), &shape)?;
-                if let Some(precision) = super::bf16::convert_on_load() {
-                    layer.reduce_to(precision)?;
-                }
-                Ok(layer)
+                let vb = t.pp("encoder").pp("layers").pp(i);
+                converted_on_load(|| PostNormLayer::load(vb, &shape), PostNormLayer::reduce_to)
             })
             .collect::<Result<Vec<_>>>()?;
         let p = vb.pp("text_projection");

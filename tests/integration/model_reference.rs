@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use clipdex::library::{DecodeLimits, decode_file};
 use clipdex::model::checkpoint::{self, HubOptions, ModelSource};
-use clipdex::model::{Clip, RgbView, normalize};
+use clipdex::model::{Clip, Precision, RgbView, normalize};
 
 use crate::common::{
     fixture_model, fixture_models, fixture_models_of, max_abs_diff, reference, shared_photos,
@@ -86,6 +86,70 @@ fn features_match_reference_batched_and_single() {
         let scale = r.tensors["logit_scale"].to_vec1::<f32>().unwrap()[0];
         assert!((clip.logit_scale().unwrap() - scale.exp()).abs() < 1e-4);
     }
+}
+
+#[test]
+fn prompts_that_begin_alike_embed_as_they_do_alone() {
+    // Four templates of 20 names each, as the tag vocabulary's prompts are,
+    // and texts of their own: a causal tower computes each template's
+    // beginning once for its 20 prompts (`Clip::embed_texts`).
+    let templates = [
+        "a photo of a {}.",
+        "a photo of the {}.",
+        "a close-up photo of a {}.",
+        "a good photo of a {}.",
+    ];
+    let names = [
+        "dog",
+        "cat",
+        "red bicycle",
+        "lighthouse",
+        "snowy mountain peak",
+        "fish",
+        "hammer",
+        "bridge",
+        "wind turbine",
+        "sunflower",
+        "old wooden boat",
+        "car",
+        "tree",
+        "beach",
+        "tower",
+        "owl",
+        "apple",
+        "city at night",
+        "cow",
+        "violin",
+    ];
+    let mut texts: Vec<String> = templates
+        .iter()
+        .flat_map(|t| names.iter().map(move |n| t.replace("{}", n)))
+        .collect();
+    texts.extend(["a diagram", "two dogs playing in the snow"].map(String::from));
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let mut shared = 0;
+    for name in fixture_models() {
+        for precision in [Precision::Exact, Precision::Fast, Precision::Int8] {
+            let mut clip = load(&name);
+            clip.set_precision(precision).unwrap();
+            shared += usize::from(clip.model().shares_text_beginnings());
+            let together = clip.embed_texts(&texts).unwrap();
+            for (text, got) in texts.iter().zip(&together) {
+                let alone = &clip.embed_texts(&[text]).unwrap()[0];
+                let d = got
+                    .iter()
+                    .zip(alone)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(d <= 2e-6, "{name}, {precision:?}, {text:?}: {d}");
+            }
+        }
+    }
+    // The CLIP fixtures of OpenAI, LAION and open_clip are causal.
+    assert!(
+        shared >= 9,
+        "{shared} fixtures and precisions share beginnings"
+    );
 }
 
 #[test]
