@@ -201,8 +201,8 @@ impl Clip {
     /// A CLIP batch is padded to its longest text only; the causal mask makes
     /// the padding irrelevant, so short queries do not pay for 77 positions.
     /// SigLIP rows come from the tokenizer at their fixed length.
-    pub fn text_features(&self, batch: &[Vec<u32>]) -> Result<Tensor> {
-        let mut len = batch.iter().map(Vec::len).max().unwrap_or(0);
+    pub fn text_features<R: AsRef<[u32]>>(&self, batch: &[R]) -> Result<Tensor> {
+        let mut len = batch.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
         if len == 0 {
             return Err(Error::Input("no tokens to embed".into()));
         }
@@ -212,16 +212,29 @@ impl Clip {
         if self.config().family == Family::Clip && text.no_causal_mask {
             len = len.max(text.max_position_embeddings);
         }
+        let (ids, pool) = self.padded(batch, 0, len)?;
+        on_pool(|| self.model.get_text_features(&ids, &pool))
+    }
+
+    /// The rows' tokens from position `from` on, each padded to `len`, as a
+    /// (rows, len - from) tensor; and each row's pooled position, counted
+    /// from its start.
+    fn padded<R: AsRef<[u32]>>(
+        &self,
+        batch: &[R],
+        from: usize,
+        len: usize,
+    ) -> Result<(Tensor, Vec<usize>)> {
         let pad = self.tokenizer.pad_id();
-        let mut ids = Vec::with_capacity(batch.len() * len);
+        let mut ids = Vec::with_capacity(batch.len() * (len - from));
         let mut pool = Vec::with_capacity(batch.len());
-        for row in batch {
-            ids.extend_from_slice(row);
+        for row in batch.iter().map(AsRef::as_ref) {
+            ids.extend_from_slice(&row[from..]);
             ids.extend(std::iter::repeat_n(pad, len - row.len()));
             pool.push(self.tokenizer.pool_position(row));
         }
-        let ids = Tensor::from_vec(ids, (batch.len(), len), &self.device)?;
-        on_pool(|| self.model.get_text_features(&ids, &pool))
+        let ids = Tensor::from_vec(ids, (batch.len(), len - from), &self.device)?;
+        Ok((ids, pool))
     }
 
     /// Preprocesses images into a (batch, 3, size, size) tensor, in parallel.
@@ -268,17 +281,7 @@ impl Clip {
         if len <= first || batch.iter().any(|row| !row.starts_with(beginning)) {
             return Err(Error::Input("the texts do not share that beginning".into()));
         }
-        let pad = self.tokenizer.pad_id();
-        let mut rest = Vec::with_capacity(batch.len() * (len - first));
-        for row in batch {
-            rest.extend_from_slice(&row[first..]);
-            rest.extend(std::iter::repeat_n(pad, len - row.len()));
-        }
-        let pool: Vec<usize> = batch
-            .iter()
-            .map(|row| self.tokenizer.pool_position(row))
-            .collect();
-        let rest = Tensor::from_vec(rest, (batch.len(), len - first), &self.device)?;
+        let (rest, pool) = self.padded(batch, first, len)?;
         on_pool(|| self.model.get_text_features_after(beginning, &rest, &pool))
     }
 
@@ -306,10 +309,7 @@ impl Clip {
                 let features = match first > 1 && chunk.len() > 1 {
                     // The start token alone is not worth a pass of its own.
                     true => self.text_features_after(first, &batch)?,
-                    false => {
-                        let batch: Vec<Vec<u32>> = batch.iter().map(|r| r.to_vec()).collect();
-                        self.text_features(&batch)?
-                    }
+                    false => self.text_features(&batch)?,
                 };
                 for (&i, row) in chunk.iter().zip(normalize(&features)?.to_vec2::<f32>()?) {
                     out[i] = row;
@@ -369,13 +369,12 @@ fn shared_beginnings(ids: &[Vec<u32>], min_group: usize) -> Vec<(usize, Vec<usiz
         .iter()
         .map(|row| {
             let mut path = vec![0];
+            let mut node = 0;
             for &token in &row[..row.len().saturating_sub(1)] {
-                let node = *child
-                    .entry((*path.last().unwrap_or(&0), token))
-                    .or_insert_with(|| {
-                        count.push(0);
-                        count.len() - 1
-                    });
+                node = *child.entry((node, token)).or_insert_with(|| {
+                    count.push(0);
+                    count.len() - 1
+                });
                 count[node] += 1;
                 path.push(node);
             }

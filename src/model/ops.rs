@@ -1136,7 +1136,6 @@ impl CustomOp1 for AttendInference {
                         Queries::From(from) => (*from, n),
                         Queries::One(rows) => (rows[seq], rows[seq] + 1),
                     },
-                    out_rows,
                     out: dst,
                 })
             };
@@ -1165,19 +1164,18 @@ struct HeadTask<'a> {
     hd: usize,
     /// The additive mask: (n, n), or this head's n keys (`true`).
     mask: Option<(&'a [f32], bool)>,
-    /// The positions to attend from: `attending.0..attending.1`.
+    /// The positions to attend from: `attending.0..attending.1`, every
+    /// sequence as many.
     attending: (usize, usize),
-    /// Output rows per sequence: one per query position.
-    out_rows: usize,
-    /// The (sequences, out_rows, hidden) output.
+    /// The (sequences, attending.1 - attending.0, hidden) output.
     out: super::gemm::Out,
 }
 
 /// `out[i, head] = softmax(q_i k^T / sqrt(hd) + mask_i) v` for one task.
 ///
 /// # Safety
-/// `t.out` holds (sequences, t.out_rows, hidden) values, one row per query
-/// position; no other thread writes this head's columns of this sequence.
+/// `t.out` holds (sequences, t.attending.1 - t.attending.0, hidden) values,
+/// one row per query position; no other thread writes this head's columns of this sequence.
 unsafe fn attend_one(t: HeadTask) {
     SCRATCH.with_borrow_mut(|scratch| {
         scratch.resize(t.hd * t.n + BLOCK_ROWS * (t.n + 2 * t.hd), 0.0);
@@ -1232,9 +1230,9 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
         hd,
         mask,
         attending,
-        out_rows,
         out,
     } = t;
+    let out_rows = attending.1 - attending.0;
     let row = |i: usize, part: usize| {
         let at = (seq * n + i) * 3 * hidden + part * hidden + head * hd;
         &x[at..at + hd]
