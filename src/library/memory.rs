@@ -7,6 +7,13 @@
 //! 64-megapixel upload must still not keep that spike resident for its
 //! whole life: while a [`ReleaseWindow`] is open, freed pages go back to
 //! the system at once, and closing the last one collects what is left.
+//!
+//! mimalloc is built without its advice for transparent huge pages
+//! (libmimalloc-sys's `no_thp`): the system's policy decides, as for any
+//! program. Advised, every fresh 2 MiB page cost about 18 ms to fault in on
+//! a VM that reports free memory to its host, which made most of a model
+//! load and 2 to 5 s of CPU in indexing 212 photos; inference throughput
+//! did not change without it (BENCHMARKS.md).
 
 use std::sync::Mutex;
 
@@ -47,5 +54,52 @@ impl Drop for ReleaseWindow {
             // SAFETY: as in `open`.
             unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, windows.1 as _) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The `VmFlags` line of the mapping of `/proc/self/smaps` that holds
+    /// `address`.
+    #[cfg(target_os = "linux")]
+    fn flags_of_mapping_holding(address: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split_whitespace().next().unwrap_or("");
+            if let Some((start, end)) = range.split_once('-') {
+                if let (Ok(start), Ok(end)) = (
+                    usize::from_str_radix(start, 16),
+                    usize::from_str_radix(end, 16),
+                ) {
+                    inside = (start..end).contains(&address);
+                    continue;
+                }
+            }
+            if inside && line.starts_with("VmFlags:") {
+                return line.to_string();
+            }
+        }
+        panic!("no mapping holds {address:#x}");
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn the_allocator_leaves_huge_pages_to_the_system_policy() {
+        // Large enough for mimalloc to take it from an arena it reserved
+        // from the system, where its advice would be.
+        let size = 64 << 20;
+        // SAFETY: a plain allocation, freed below and touched only in range.
+        let block = unsafe { libmimalloc_sys::mi_malloc(size) } as *mut u8;
+        assert!(!block.is_null());
+        // SAFETY: inside the block just allocated.
+        unsafe { block.write_bytes(1, size) };
+        let flags = flags_of_mapping_holding(block as usize);
+        // SAFETY: allocated above by mimalloc, freed once.
+        unsafe { libmimalloc_sys::mi_free(block.cast()) };
+        assert!(
+            !flags.split_whitespace().any(|flag| flag == "hg"),
+            "mimalloc advised huge pages on its memory ({flags}): build it with `no_thp`"
+        );
     }
 }

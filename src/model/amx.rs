@@ -138,23 +138,35 @@ fn amx(format: Format) -> bool {
     }
 }
 
-/// The (out, in) `weight` as row-major f32 values with its shape (n, k),
-/// for laying out in `format`; `None` where this CPU has no kernel for it
-/// ([`available`]) or the weight is not on the CPU.
-pub(super) fn rows_of(
+/// Lays out the (out, in) `weight` in `format`: `lay_out` gets its values
+/// row-major as f32, with its shape (n, k). `None` where this CPU has no
+/// kernel for it ([`available`]) or the weight is not on the CPU.
+///
+/// An f32 weight stored in order, as checkpoints are read, is lent where it
+/// lies: a copy would be a second fresh f32 weight per layer while loading.
+pub(super) fn with_rows<T>(
     format: Format,
     weight: &candle_core::Tensor,
-) -> candle_core::Result<Option<(Vec<f32>, usize, usize)>> {
+    lay_out: impl FnOnce(&[f32], usize, usize) -> T,
+) -> candle_core::Result<Option<T>> {
     if !available(format) || !weight.device().is_cpu() {
         return Ok(None);
     }
     let (n, k) = weight.dims2()?;
+    if weight.dtype() == candle_core::DType::F32 {
+        let (storage, layout) = weight.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(Some(lay_out(&cpu.as_slice::<f32>()?[start..end], n, k)));
+        }
+    }
     let w = weight
         .to_dtype(candle_core::DType::F32)?
         .contiguous()?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    Ok(Some((w, n, k)))
+    Ok(Some(lay_out(&w, n, k)))
 }
 
 /// A tile element: plain bytes (u16 for bf16, i8 for int8), any bit
@@ -894,6 +906,42 @@ mod tiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_are_laid_out_from_their_own_memory_when_stored_in_order() {
+        if !available(Format::Int8) {
+            return;
+        }
+        let values: Vec<f32> = (0..6 * 4).map(|i| i as f32 * 0.25 - 2.0).collect();
+        let weight =
+            candle_core::Tensor::from_vec(values.clone(), (6, 4), &candle_core::Device::Cpu)
+                .unwrap();
+        let lent = |w: &[f32], n: usize, k: usize| (w.as_ptr() as usize, w.to_vec(), n, k);
+        let (at, seen, n, k) = with_rows(Format::Int8, &weight, lent).unwrap().unwrap();
+        let (storage, _) = weight.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            panic!("a CPU tensor")
+        };
+        assert_eq!(at, cpu.as_slice::<f32>().unwrap().as_ptr() as usize);
+        assert_eq!((seen, n, k), (values.clone(), 6, 4));
+        drop(storage);
+        // A view out of order, or another dtype, gives the same values
+        // converted.
+        let (_, seen, n, k) = with_rows(Format::Int8, &weight.t().unwrap().t().unwrap(), lent)
+            .unwrap()
+            .unwrap();
+        assert_eq!((seen, n, k), (values.clone(), 6, 4));
+        let transposed = weight.t().unwrap().contiguous().unwrap().t().unwrap();
+        let (_, seen, _, _) = with_rows(Format::Int8, &transposed, lent).unwrap().unwrap();
+        assert_eq!(seen, values);
+        let half = weight.to_dtype(candle_core::DType::BF16).unwrap();
+        let (_, seen, _, _) = with_rows(Format::Int8, &half, lent).unwrap().unwrap();
+        assert_eq!(seen, values);
+        // One row of a larger tensor starts where that row lies.
+        let second = weight.narrow(0, 2, 3).unwrap();
+        let (_, seen, n, _) = with_rows(Format::Int8, &second, lent).unwrap().unwrap();
+        assert_eq!((seen.as_slice(), n), (&values[8..20], 3));
+    }
 
     #[test]
     fn offsets_cover_each_tile_once() {

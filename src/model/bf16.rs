@@ -182,8 +182,7 @@ impl Bf16Matrix {
     /// Rounds and lays out an (out, in) f32 weight, or `None` without AMX or
     /// AVX512-BF16.
     pub fn new(weight: &Tensor) -> candle_core::Result<Option<Self>> {
-        let rows = amx::rows_of(Format::Bf16, weight)?;
-        Ok(rows.map(|(w, n, k)| Self::from_rows(&w, n, k)))
+        amx::with_rows(Format::Bf16, weight, Self::from_rows)
     }
 
     fn from_rows(w: &[f32], n: usize, k: usize) -> Self {

@@ -48,8 +48,7 @@ impl Int8Matrix {
     /// Quantizes and lays out an (out, in) f32 weight, or `None` without
     /// AMX-INT8 or AVX512-VNNI.
     pub fn new(weight: &Tensor) -> candle_core::Result<Option<Self>> {
-        let rows = amx::rows_of(Format::Int8, weight)?;
-        Ok(rows.map(|(w, n, k)| Self::from_rows(&w, n, k)))
+        amx::with_rows(Format::Int8, weight, Self::from_rows)
     }
 
     fn from_rows(w: &[f32], n: usize, k: usize) -> Self {

@@ -517,38 +517,29 @@ impl Attention {
         s: SharedStart,
         at: Option<&[usize]>,
     ) -> Result<Tensor> {
-        use super::ops::{attend_inference, attend_inference_from, attend_inference_rows};
+        use super::ops::{attend_inference, attend_inference_shared};
         let Qkv::Fused(qkv) = &self.qkv else {
             return Err(super::Error::Input(
                 "a shared beginning is for inference".into(),
             ));
         };
         let qkv = qkv.forward(x)?;
-        let three = qkv.dim(1)?;
-        let first = qkv.narrow(0, 0, s.first)?.unsqueeze(0)?;
-        // Each sequence whole, (batch, first + rest, 3 * hidden): the
-        // beginning's rows copied in front of its own.
-        let whole = Tensor::cat(
-            &[
-                &first
-                    .broadcast_as((s.batch, s.first, three))?
-                    .contiguous()?,
-                &qkv.narrow(0, s.first, s.batch * s.rest)?
-                    .reshape((s.batch, s.rest, three))?,
-            ],
-            1,
-        )?;
+        // Each sequence's keys and values are the beginning's rows, stored
+        // once, then its own: the attention reads both where they lie.
         let mask = causal_mask(s.first + s.rest, x.device())?;
+        let shared = (s.first, s.batch);
         let out = match at {
             Some(at) => {
                 let rows: Vec<usize> = at.iter().map(|r| s.first + r).collect();
-                attend_inference_rows(&whole, self.num_heads, Some(&mask), &rows)?
+                attend_inference_shared(&qkv, self.num_heads, Some(&mask), shared, Some(&rows))?
             }
             None => {
                 let own = causal_mask(s.first, x.device())?;
+                let first = qkv.narrow(0, 0, s.first)?.unsqueeze(0)?;
                 let first = attend_inference(&first, self.num_heads, Some(&own))?;
-                let rest = attend_inference_from(&whole, self.num_heads, Some(&mask), s.first)?;
-                let hidden = three / 3;
+                let rest =
+                    attend_inference_shared(&qkv, self.num_heads, Some(&mask), shared, None)?;
+                let hidden = qkv.dim(1)? / 3;
                 Tensor::cat(
                     &[
                         &first.reshape((s.first, hidden))?,

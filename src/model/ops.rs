@@ -1001,7 +1001,7 @@ pub fn attend_inference(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    attend_inference_at(qkv, heads, mask, Queries::From(0))
+    attend_inference_at(qkv, heads, mask, Queries::From(0), None)
 }
 
 /// [`attend_inference`] from positions `from..seq` of each sequence only
@@ -1018,7 +1018,7 @@ pub fn attend_inference_from(
     if from >= n {
         candle_core::bail!("attention: queries from {from} in sequences of {n}");
     }
-    attend_inference_at(qkv, heads, mask, Queries::From(from))
+    attend_inference_at(qkv, heads, mask, Queries::From(from), None)
 }
 
 /// [`attend_inference`] for one query position of each sequence, `rows[i]`
@@ -1034,8 +1034,52 @@ pub fn attend_inference_rows(
     if rows.len() != b || rows.iter().any(|&r| r >= n) {
         candle_core::bail!("attention: query rows {rows:?} for {b} sequences of {n}");
     }
-    let out = attend_inference_at(qkv, heads, mask, Queries::One(rows.to_vec()))?;
+    let out = attend_inference_at(qkv, heads, mask, Queries::One(rows.to_vec()), None)?;
     out.reshape((b, out.elem_count() / b))
+}
+
+/// Attention over `batch` sequences that begin with the same `first`
+/// positions, stored once: `qkv` is (first + batch * rest, 3 * hidden), the
+/// beginning's rows and then each sequence's own `rest`. Each sequence's
+/// keys and values are the beginning's followed by its own, read where they
+/// lie (no copy per sequence). With `rows`, position `rows[i]` of sequence
+/// `i` attends: (batch, hidden); without, every position after the
+/// beginning: (batch, rest, hidden). Each row is what [`attend_inference`]
+/// gives at that position of the whole sequence; `mask` is (first + rest,
+/// first + rest) or none.
+pub fn attend_inference_shared(
+    qkv: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    (first, batch): (usize, usize),
+    rows: Option<&[usize]>,
+) -> candle_core::Result<Tensor> {
+    let (stored, _) = qkv.dims2()?;
+    if first == 0 || batch == 0 || stored <= first || (stored - first) % batch != 0 {
+        candle_core::bail!(
+            "attention: {stored} rows are not a beginning of {first} and {batch} sequences"
+        );
+    }
+    let n = first + (stored - first) / batch;
+    if mask.is_some_and(|m| m.dims() != [n, n]) {
+        candle_core::bail!("attention: a shared beginning takes an ({n}, {n}) mask");
+    }
+    let queries = match rows {
+        Some(rows) => {
+            if rows.len() != batch || rows.iter().any(|&r| r < first || r >= n) {
+                candle_core::bail!(
+                    "attention: query rows {rows:?} for {batch} sequences of {n} after {first}"
+                );
+            }
+            Queries::One(rows.to_vec())
+        }
+        None => Queries::From(first),
+    };
+    let out = attend_inference_at(qkv, heads, mask, queries, Some((first, batch)))?;
+    match rows {
+        Some(_) => out.reshape((batch, out.elem_count() / batch)),
+        None => Ok(out),
+    }
 }
 
 /// Which positions of each sequence attend.
@@ -1046,18 +1090,30 @@ enum Queries {
     One(Vec<usize>),
 }
 
+/// `shared`: the sequences' common beginning and their number, where `qkv`
+/// stores it once ([`attend_inference_shared`]).
 fn attend_inference_at(
     qkv: &Tensor,
     heads: usize,
     mask: Option<&Tensor>,
     queries: Queries,
+    shared: Option<(usize, usize)>,
 ) -> candle_core::Result<Tensor> {
-    let (b, n, three_hidden) = qkv.dims3()?;
+    let (b, n, three_hidden) = match shared {
+        None => qkv.dims3()?,
+        Some((first, batch)) => {
+            let (stored, three_hidden) = qkv.dims2()?;
+            (batch, first + (stored - first) / batch, three_hidden)
+        }
+    };
     let mask = match mask {
         None => None,
         Some(m) if m.dims() == [n, n] => Some((m.flatten_all()?.to_vec1::<f32>()?, false)),
         Some(m) if m.dims() == [b * heads, 1, n] => {
             Some((m.flatten_all()?.to_vec1::<f32>()?, true))
+        }
+        Some(_) if shared.is_some() => {
+            candle_core::bail!("attention: a shared beginning takes an ({n}, {n}) mask")
         }
         Some(_) => {
             let out = attend(qkv, heads, mask)?.0;
@@ -1075,6 +1131,7 @@ fn attend_inference_at(
         heads,
         mask,
         queries,
+        shared,
     })
 }
 
@@ -1097,6 +1154,9 @@ struct AttendInference {
     mask: Option<(Vec<f32>, bool)>,
     /// The positions that attend.
     queries: Queries,
+    /// The common beginning stored once, and the number of sequences
+    /// ([`attend_inference_shared`]).
+    shared: Option<(usize, usize)>,
 }
 
 impl CustomOp1 for AttendInference {
@@ -1106,7 +1166,16 @@ impl CustomOp1 for AttendInference {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let (b, n, three_hidden) = l.shape().dims3()?;
+        let (b, n, three_hidden, first) = match self.shared {
+            None => {
+                let (b, n, three_hidden) = l.shape().dims3()?;
+                (b, n, three_hidden, 0)
+            }
+            Some((first, batch)) => {
+                let (stored, three_hidden) = l.shape().dims2()?;
+                (batch, first + (stored - first) / batch, three_hidden, first)
+            }
+        };
         let hidden = three_hidden / 3;
         let hd = hidden / self.heads;
         let out_rows = match self.queries {
@@ -1129,6 +1198,7 @@ impl CustomOp1 for AttendInference {
                     seq,
                     head: task % self.heads,
                     n,
+                    shared: first,
                     hidden,
                     hd,
                     mask,
@@ -1160,6 +1230,9 @@ struct HeadTask<'a> {
     seq: usize,
     head: usize,
     n: usize,
+    /// Positions `0..shared` are stored once for every sequence, before
+    /// each sequence's own `n - shared` (0: each sequence stores its n).
+    shared: usize,
     hidden: usize,
     hd: usize,
     /// The additive mask: (n, n), or this head's n keys (`true`).
@@ -1226,6 +1299,7 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
         seq,
         head,
         n,
+        shared,
         hidden,
         hd,
         mask,
@@ -1234,7 +1308,11 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
     } = t;
     let out_rows = attending.1 - attending.0;
     let row = |i: usize, part: usize| {
-        let at = (seq * n + i) * 3 * hidden + part * hidden + head * hd;
+        let stored = match i < shared {
+            true => i,
+            false => shared + seq * (n - shared) + i - shared,
+        };
+        let at = stored * 3 * hidden + part * hidden + head * hd;
         &x[at..at + hd]
     };
     let scale = (hd as f32).powf(-0.5);
@@ -1804,6 +1882,75 @@ mod fast_math_tests {
             let qkv = random(&[b, n, 3 * heads * hd], 12);
             assert!(attend_inference_rows(&qkv, heads, None, &vec![n; b]).is_err());
             assert!(attend_inference_rows(&qkv, heads, None, &[0; 3]).is_err());
+        }
+    }
+
+    /// Sequences that store their common beginning once attend exactly as
+    /// the same sequences stored whole.
+    #[test]
+    fn a_beginning_stored_once_attends_as_copied_in_front_of_each_sequence() {
+        use crate::model::test_support::random;
+        let dev = candle_core::Device::Cpu;
+        for (first, batch, rest, heads, hd) in
+            [(6, 5, 4, 2, 64), (1, 3, 9, 3, 16), (5, 1, 1, 1, 80)]
+        {
+            let n = first + rest;
+            let three = 3 * heads * hd;
+            let stored = random(&[first + batch * rest, three], 13);
+            let beginning = stored.narrow(0, 0, first).unwrap().unsqueeze(0).unwrap();
+            let whole = Tensor::cat(
+                &[
+                    &beginning
+                        .broadcast_as((batch, first, three))
+                        .unwrap()
+                        .contiguous()
+                        .unwrap(),
+                    &stored
+                        .narrow(0, first, batch * rest)
+                        .unwrap()
+                        .reshape((batch, rest, three))
+                        .unwrap(),
+                ],
+                1,
+            )
+            .unwrap();
+            let causal = crate::model::layers::causal_mask(n, &dev).unwrap();
+            for mask in [None, Some(&causal)] {
+                let want = attend_inference_from(&whole, heads, mask, first).unwrap();
+                let got =
+                    attend_inference_shared(&stored, heads, mask, (first, batch), None).unwrap();
+                assert_eq!(got.dims(), [batch, rest, heads * hd]);
+                assert_eq!(
+                    got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    "{first} + {batch} x {rest}"
+                );
+                let rows: Vec<usize> = (0..batch).map(|i| first + (i * 7) % rest).collect();
+                let want = attend_inference_rows(&whole, heads, mask, &rows).unwrap();
+                let got =
+                    attend_inference_shared(&stored, heads, mask, (first, batch), Some(&rows))
+                        .unwrap();
+                assert_eq!(
+                    got.to_vec2::<f32>().unwrap(),
+                    want.to_vec2::<f32>().unwrap()
+                );
+            }
+            // Rows inside the beginning, a batch that does not divide the
+            // rows, and another mask are refused.
+            let inside = vec![first - 1; batch];
+            assert!(
+                attend_inference_shared(&stored, heads, None, (first, batch), Some(&inside))
+                    .is_err()
+            );
+            assert!(
+                attend_inference_shared(&stored, heads, None, (first, batch * rest + 1), None)
+                    .is_err()
+            );
+            let other = crate::model::layers::causal_mask(n + 1, &dev).unwrap();
+            assert!(
+                attend_inference_shared(&stored, heads, Some(&other), (first, batch), None)
+                    .is_err()
+            );
         }
     }
 
