@@ -1060,7 +1060,7 @@ pub fn attend_inference_shared(
             "attention: {stored} rows are not a beginning of {first} and {batch} sequences"
         );
     }
-    let n = first + (stored - first) / batch;
+    let (_, n, _) = sequences(qkv.shape(), Some((first, batch)))?;
     if mask.is_some_and(|m| m.dims() != [n, n]) {
         candle_core::bail!("attention: a shared beginning takes an ({n}, {n}) mask");
     }
@@ -1090,6 +1090,23 @@ enum Queries {
     One(Vec<usize>),
 }
 
+/// Sequences, positions per sequence and 3 x hidden of a fused projection's
+/// output: (batch, seq, 3 * hidden), or with `shared` (the common
+/// beginning and the number of sequences) the beginning stored once,
+/// (first + batch * rest, 3 * hidden).
+fn sequences(
+    shape: &Shape,
+    shared: Option<(usize, usize)>,
+) -> candle_core::Result<(usize, usize, usize)> {
+    match shared {
+        None => shape.dims3(),
+        Some((first, batch)) => {
+            let (stored, three_hidden) = shape.dims2()?;
+            Ok((batch, first + (stored - first) / batch, three_hidden))
+        }
+    }
+}
+
 /// `shared`: the sequences' common beginning and their number, where `qkv`
 /// stores it once ([`attend_inference_shared`]).
 fn attend_inference_at(
@@ -1099,13 +1116,7 @@ fn attend_inference_at(
     queries: Queries,
     shared: Option<(usize, usize)>,
 ) -> candle_core::Result<Tensor> {
-    let (b, n, three_hidden) = match shared {
-        None => qkv.dims3()?,
-        Some((first, batch)) => {
-            let (stored, three_hidden) = qkv.dims2()?;
-            (batch, first + (stored - first) / batch, three_hidden)
-        }
-    };
+    let (b, n, three_hidden) = sequences(qkv.shape(), shared)?;
     let mask = match mask {
         None => None,
         Some(m) if m.dims() == [n, n] => Some((m.flatten_all()?.to_vec1::<f32>()?, false)),
@@ -1166,16 +1177,7 @@ impl CustomOp1 for AttendInference {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let (b, n, three_hidden, first) = match self.shared {
-            None => {
-                let (b, n, three_hidden) = l.shape().dims3()?;
-                (b, n, three_hidden, 0)
-            }
-            Some((first, batch)) => {
-                let (stored, three_hidden) = l.shape().dims2()?;
-                (batch, first + (stored - first) / batch, three_hidden, first)
-            }
-        };
+        let (b, n, three_hidden) = sequences(l.shape(), self.shared)?;
         let hidden = three_hidden / 3;
         let hd = hidden / self.heads;
         let out_rows = match self.queries {
@@ -1198,7 +1200,7 @@ impl CustomOp1 for AttendInference {
                     seq,
                     head: task % self.heads,
                     n,
-                    shared: first,
+                    shared: self.shared.map_or(0, |(first, _)| first),
                     hidden,
                     hd,
                     mask,
@@ -1308,9 +1310,11 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
     } = t;
     let out_rows = attending.1 - attending.0;
     let row = |i: usize, part: usize| {
+        // Sequence `seq`'s own rows follow the beginning and the own rows
+        // of the sequences before it.
         let stored = match i < shared {
             true => i,
-            false => shared + seq * (n - shared) + i - shared,
+            false => seq * (n - shared) + i,
         };
         let at = stored * 3 * hidden + part * hidden + head * hd;
         &x[at..at + hd]
