@@ -1196,11 +1196,12 @@ impl Engine {
             }
             Cutoff::Auto => {
                 let vectors = self.index.vectors();
-                let mut seen = HashSet::new();
-                let mut scores = Vec::new();
                 let sample =
                     vectors.sample_similarities(&ranking.query, cutoff::BACKGROUND_SAMPLE)?;
                 let top = ranking.by_meaning.iter().take(cutoff::TOP_POOL);
+                let mut seen = rustc_hash::FxHashSet::default();
+                seen.reserve(sample.len() + cutoff::TOP_POOL);
+                let mut scores = Vec::with_capacity(sample.len() + cutoff::TOP_POOL);
                 for (id, score) in sample.into_iter().chain(top.copied()) {
                     if seen.insert(id) {
                         scores.push(score);
