@@ -4,6 +4,11 @@
 same thread count, measured in one run.
 
     python3 scripts/bench/index.py [--library ../shared/datasets/photos] [--threads 2] [--rounds 3]
+        [--precision exact|fast|int8] [--peer torch|ort|ort-int8]
+
+`--peer ort` or `ort-int8` embeds the Python side with ONNX Runtime (fp32,
+or its dynamic int8 quantization) instead of PyTorch: the same decoding
+and preprocessing, the engine Immich runs (`bench_index.py --engine`).
 
 With --rounds N, the two sides alternate N times (clipdex into a fresh index
 each time); the table shows each side's fastest round, and every round's
@@ -45,13 +50,16 @@ def main():
     ap.add_argument("--precision", choices=["exact", "fast", "int8"], default="exact",
                     help="clipdex's --precision (fast: bf16 on AMX; int8: int8 on AMX)")
     ap.add_argument("--rounds", type=int, default=1, help="alternate both sides this many times")
+    ap.add_argument("--peer", choices=["torch", "ort", "ort-int8"], default="torch",
+                    help="the Python side's engine: PyTorch, or ONNX Runtime fp32 or int8")
     args = ap.parse_args()
     binary = os.path.join(ROOT, "target", "release", "clipdex")
     if not os.path.exists(os.path.join(args.model, "model.safetensors")):
         sys.exit("no benchmark checkpoint: run `cargo bench --bench model` first")
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     python_cmd = [args.python, os.path.join(ROOT, "scripts", "reference", "bench_index.py"),
-                  "--model", args.model, "--library", args.library, "--threads", str(args.threads)]
+                  "--model", args.model, "--library", args.library, "--threads", str(args.threads),
+                  "--engine", args.peer]
     rounds = []
     for _ in range(max(1, args.rounds)):
         with tempfile.TemporaryDirectory() as tmp:

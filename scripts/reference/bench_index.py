@@ -6,13 +6,23 @@ torchvision-backed) preprocesses batches of 16, and CLIPModel embeds them,
 as a straightforward Python indexer (clip-retrieval, rclip) does. Prints one
 JSON line: files, seconds spent decoding+preprocessing and embedding, wall time.
 
-    python scripts/reference/bench_index.py --model DIR --library DIR [--threads 2]
+    python scripts/reference/bench_index.py --model DIR --library DIR [--threads 2] [--engine torch|ort|ort-int8]
+
+`--engine ort` embeds with ONNX Runtime instead (the engine Immich runs),
+on the vision tower exported as `bench_ort.py` exports it (opset 17,
+ORT_ENABLE_ALL); `ort-int8` on that graph after `quantize_dynamic`
+(per-channel int8 weights). The export is done before the clock starts,
+as a user of such a tool downloads an exported model; loading the
+session is timed.
 """
 
 import argparse
 import json
 import os
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
@@ -34,10 +44,53 @@ def main():
     ap.add_argument("--library", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--engine", choices=["torch", "ort", "ort-int8"], default="torch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = export(args.model, Path(tmp), args.engine == "ort-int8") if args.engine != "torch" else None
+        run(args, onnx)
+
+
+def export(model_dir, tmp, int8):
+    """The vision tower as an ONNX graph (int8: after quantize_dynamic), as bench_ort.py makes it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_ort import Image as ImageTower
+
+    model = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    size = model.config.vision_config.image_size
+    path = tmp / "image.onnx"
+    with torch.no_grad():
+        torch.onnx.export(ImageTower(model), (torch.zeros(1, 3, size, size),), path, input_names=["pixels"],
+                          output_names=["features"], dynamic_axes={"pixels": {0: "batch"}}, dynamo=False,
+                          opset_version=17)
+    if not int8:
+        return path
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    pre, out = tmp / "image.pre.onnx", tmp / "image.int8.onnx"
+    quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+    quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    return out
+
+
+def run(args, onnx):
     start = time.perf_counter()
-    model = CLIPModel.from_pretrained(args.model, dtype=torch.float32).eval()
+    if onnx is None:
+        model = CLIPModel.from_pretrained(args.model, dtype=torch.float32).eval()
+        embed_batch = lambda pixels: model.get_image_features(pixel_values=pixels)
+        impl = "PIL + CLIPImageProcessor + CLIPModel (torch %s)" % torch.__version__
+    else:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
+        embed_batch = lambda pixels: session.run(None, {"pixels": pixels.numpy()})
+        impl = "PIL + CLIPImageProcessor + onnxruntime %s %s" % (
+            ort.__version__, "int8" if args.engine == "ort-int8" else "fp32")
     processor = CLIPImageProcessor()  # CLIP defaults: 224 px, OpenAI mean and std
     paths = sorted(files(args.library))
     decode = embed = 0.0
@@ -54,11 +107,12 @@ def main():
             pixels = processor(images=images, return_tensors="pt")["pixel_values"]
             decode += time.perf_counter() - t
             t = time.perf_counter()
-            model.get_image_features(pixel_values=pixels)
+            if len(images):
+                embed_batch(pixels)
             embed += time.perf_counter() - t
             n += len(images)
     print(json.dumps({
-        "impl": "PIL + CLIPImageProcessor + CLIPModel (torch %s)" % torch.__version__,
+        "impl": impl,
         "files": n,
         "decode_seconds": decode,
         "embed_seconds": embed,
