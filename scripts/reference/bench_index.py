@@ -55,23 +55,13 @@ def main():
 def export(model_dir, tmp, int8):
     """The vision tower as an ONNX graph (int8: after quantize_dynamic), as bench_ort.py makes it."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_ort import Image as ImageTower
+    from bench_ort import export_image, quantize
 
     model = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    size = model.config.vision_config.image_size
     path = tmp / "image.onnx"
     with torch.no_grad():
-        torch.onnx.export(ImageTower(model), (torch.zeros(1, 3, size, size),), path, input_names=["pixels"],
-                          output_names=["features"], dynamic_axes={"pixels": {0: "batch"}}, dynamo=False,
-                          opset_version=17)
-    if not int8:
-        return path
-    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
-
-    pre, out = tmp / "image.pre.onnx", tmp / "image.int8.onnx"
-    quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
-    quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8)
-    return out
+        export_image(model, model.config.vision_config.image_size, path)
+    return quantize(path) if int8 else path
 
 
 def run(args, onnx):

@@ -62,6 +62,30 @@ class Text(torch.nn.Module):
         return self.model.get_text_features(input_ids=ids).pooler_output
 
 
+def export_image(model, size, path):
+    """The image tower (pixels -> image features) as an ONNX graph at `path`, any batch."""
+    torch.onnx.export(Image(model), (torch.zeros(1, 3, size, size),), path, input_names=["pixels"],
+                      output_names=["features"], dynamic_axes={"pixels": {0: "batch"}}, dynamo=False,
+                      opset_version=17)
+
+
+def quantize(path):
+    """ONNX Runtime's dynamic int8 quantization of the graph at `path` (per-channel int8 weights),
+    written beside it; returns its path."""
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    out = path.with_suffix(".int8.onnx")
+    # ONNX Runtime's recommended pre-processing (shape inference, graph
+    # optimisation): it folds the ResNet's batch norms into its
+    # convolutions' weights, which quantize_dynamic needs as initializers.
+    # Symbolic shape inference fails on the ResNet's attention pooling
+    # reshape; ONNX's own shape inference does not.
+    pre = path.with_suffix(".pre.onnx")
+    quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+    quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    return out
+
+
 def timed(warmup, runs, fn):
     for _ in range(warmup):
         fn()
@@ -125,30 +149,13 @@ def main():
         # nn.MultiheadAttention (open_clip's ViT) takes a fused fast path that ONNX cannot export
         # when autograd is off; with it on (nothing is differentiated) it traces as plain ops.
         with torch.no_grad() if not xlmr else contextlib.nullcontext():
-            torch.onnx.export(Image(model), (torch.zeros(1, 3, size, size),), image_path, input_names=["pixels"],
-                              output_names=["features"], dynamic_axes={"pixels": {0: "batch"}}, dynamo=False,
-                              opset_version=17)
+            export_image(model, size, image_path)
             ids = torch.tensor(encode()["input_ids"], dtype=torch.int64)
             torch.onnx.export(Text(model), (ids,), text_path, input_names=["ids"], output_names=["features"],
                               dynamic_axes={"ids": {0: "batch", 1: "seq"}}, dynamo=False, opset_version=17)
         sessions = {"fp32": (image_path, text_path)}
         if args.int8:
-            from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
-
-            quantized = []
-            for path in (image_path, text_path):
-                out = path.with_suffix(".int8.onnx")
-                # ONNX Runtime's recommended pre-processing (shape inference,
-                # graph optimisation): it folds the ResNet's batch norms into
-                # its convolutions' weights, which quantize_dynamic needs as
-                # initializers.
-                # Symbolic shape inference fails on the ResNet's attention
-                # pooling reshape; ONNX's own shape inference does not.
-                pre = path.with_suffix(".pre.onnx")
-                quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
-                quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8)
-                quantized.append(out)
-            sessions["int8"] = tuple(quantized)
+            sessions["int8"] = tuple(quantize(path) for path in (image_path, text_path))
         sessions = {
             kind: tuple(ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths)
             for kind, paths in sessions.items()

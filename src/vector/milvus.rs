@@ -407,7 +407,7 @@ pub struct MilvusVectors {
     /// The sample of [`Self::sample_similarities`]: when it was fetched, its
     /// size, its vectors.
     #[allow(clippy::type_complexity)]
-    sample: std::sync::Mutex<Option<(Instant, usize, std::sync::Arc<Vec<(u64, Vec<f32>)>>)>>,
+    sample: std::sync::Mutex<Option<(Instant, usize, std::sync::Arc<super::Sample>)>>,
 }
 
 impl std::fmt::Debug for MilvusVectors {
@@ -1396,7 +1396,7 @@ impl MilvusVectors {
                 _ => {
                     // 2,048 vectors of 512 dimensions are 4 MB: fetched once
                     // for every query of the next minute, not each time.
-                    let fetched: std::sync::Arc<Vec<(u64, Vec<f32>)>> = std::sync::Arc::new(
+                    let fetched: std::sync::Arc<super::Sample> = std::sync::Arc::new(
                         self.query(in_scope(&self.scope), true, Some(n))?
                             .into_iter()
                             .filter_map(|(id, v)| Some((id, v?)))
@@ -1407,10 +1407,7 @@ impl MilvusVectors {
                 }
             }
         };
-        Ok(sample
-            .iter()
-            .map(|(id, v)| (*id, super::distance::dot(&query, v)))
-            .collect())
+        Ok(sample.similarities(&query))
     }
 
     fn check_dim(&self, query: &[f32]) -> Result<()> {

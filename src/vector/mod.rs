@@ -293,24 +293,56 @@ struct State {
     saved_data: Option<(PathBuf, DataFile)>,
     changed: bool,
     /// Counts the changes to the live vectors (inserts, removals, a
-    /// rebuild's swap): what [`Sample`] is kept against.
+    /// rebuild's swap): what the kept [`Sample`] is checked against.
     version: u64,
 }
 
-/// The evenly spaced sample of [`VectorIndex::sample_similarities`], copied
-/// into one block. Every query with an automatic cutoff compares itself
-/// with it; read from the graph, its vectors lie scattered over the whole
-/// index (a cache miss each, and a lookup in the live set), which took 6%
-/// of the server's time under text queries at 10,000 photos, more than
-/// the graph search. Kept until the live vectors change: 4 MB for 2,048
-/// vectors of 512.
-struct Sample {
-    version: u64,
-    /// The most vectors asked for.
-    n: usize,
+/// Vectors sampled from the library, copied into one block, with their
+/// ids: what [`VectorIndex::sample_similarities`] (an evenly spaced sample
+/// of the graph) and the Milvus engine keep between queries. Every query
+/// with an automatic cutoff compares itself with it. Read from the graph
+/// on each query, the vectors lay scattered over the whole index (a cache
+/// miss each, and a lookup in the live set), which took 6% of the server's
+/// time under text queries at 10,000 photos, more than the graph search.
+/// 4 MB for 2,048 vectors of 512.
+#[derive(Default)]
+pub(crate) struct Sample {
     ids: Vec<u64>,
-    /// `ids.len()` rows of the index's dimension, in the ids' order.
+    /// `ids.len()` rows of `dim`, in the ids' order.
     rows: Vec<f32>,
+    /// The first vector's length, which every other one has.
+    dim: usize,
+}
+
+impl Sample {
+    fn push(&mut self, id: u64, v: &[f32]) {
+        if self.ids.is_empty() {
+            self.dim = v.len();
+        }
+        assert_eq!(v.len(), self.dim, "vectors of one length");
+        self.ids.push(id);
+        self.rows.extend_from_slice(v);
+    }
+
+    /// The dot product of `query` (unit length) with each vector, as (id,
+    /// similarity).
+    fn similarities(&self, query: &[f32]) -> Vec<(u64, f32)> {
+        self.ids
+            .iter()
+            .zip(self.rows.chunks_exact(self.dim.max(1)))
+            .map(|(&id, v)| (id, distance::dot(query, v)))
+            .collect()
+    }
+}
+
+impl FromIterator<(u64, Vec<f32>)> for Sample {
+    fn from_iter<I: IntoIterator<Item = (u64, Vec<f32>)>>(items: I) -> Self {
+        let mut sample = Sample::default();
+        for (id, v) in items {
+            sample.push(id, &v);
+        }
+        sample
+    }
 }
 
 /// The vector index of one photo index. Searches share a read lock; changes
@@ -323,10 +355,12 @@ pub struct VectorIndex {
     costs: plan::Costs,
     /// The removal of the generations the last save replaced.
     removal: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// The latest sample; a query that finds it stale takes a new one
-    /// while holding the lock, so that concurrent queries wait for it
-    /// instead of each copying their own.
-    sample: std::sync::Mutex<Option<std::sync::Arc<Sample>>>,
+    /// The latest sample, the version of the live vectors it was taken at
+    /// and the most vectors asked for. A query that finds it stale takes a
+    /// new one while holding the lock, so that concurrent queries wait for
+    /// it instead of each copying their own.
+    #[allow(clippy::type_complexity)]
+    sample: std::sync::Mutex<Option<(u64, usize, std::sync::Arc<Sample>)>>,
 }
 
 impl Drop for VectorIndex {
@@ -475,13 +509,7 @@ impl VectorIndex {
     pub fn sample_similarities(&self, query: &[f32], n: usize) -> Result<Vec<(u64, f32)>> {
         self.check_dim(query)?;
         let query = unit(query);
-        let sample = self.sample(n);
-        Ok(sample
-            .ids
-            .iter()
-            .zip(sample.rows.chunks_exact(self.dim))
-            .map(|(&id, v)| (id, distance::dot(&query, v)))
-            .collect())
+        Ok(self.sample(n).similarities(&query))
     }
 
     /// The sample of at most `n` live vectors for the live vectors as they
@@ -489,30 +517,24 @@ impl VectorIndex {
     fn sample(&self, n: usize) -> std::sync::Arc<Sample> {
         let mut kept = self.sample.lock().unwrap_or_else(|p| p.into_inner());
         let state = self.read();
-        if let Some(sample) = kept
-            .as_ref()
-            .filter(|s| s.version == state.version && s.n == n)
-        {
-            return sample.clone();
+        match &*kept {
+            Some((version, size, sample)) if *version == state.version && *size == n => {
+                return sample.clone();
+            }
+            _ => {}
         }
         let points = state.hnsw.nb_numbered();
         let step = points.div_ceil(n.max(1)).max(1);
-        let (mut ids, mut rows) = (Vec::new(), Vec::new());
+        let mut sample = Sample::default();
         for p in (0..points).step_by(step) {
             if let Some((id, v)) = state.hnsw.numbered_point(p as u32)
                 && state.live.contains(&(id as u64))
             {
-                ids.push(id as u64);
-                rows.extend_from_slice(v);
+                sample.push(id as u64, v);
             }
         }
-        let sample = std::sync::Arc::new(Sample {
-            version: state.version,
-            n,
-            ids,
-            rows,
-        });
-        *kept = Some(sample.clone());
+        let sample = std::sync::Arc::new(sample);
+        *kept = Some((state.version, n, sample.clone()));
         sample
     }
 
