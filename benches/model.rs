@@ -156,7 +156,16 @@ fn time<F: FnMut()>(warmup: usize, runs: usize, mut f: F) -> Vec<f64> {
 fn bf16_products(threads: usize) {
     use clipdex::model::bf16::{Bf16Matrix, dense};
     use clipdex::model::ops::Pointwise;
-    let shapes = [(768, 3072), (3072, 768), (768, 2304), (768, 768)];
+    // ViT-B's MLP, attention and (2048, 512) its text tower's contraction,
+    // (4096, 1024) ViT-L's: activation rows of 4 and 8 KB.
+    let shapes = [
+        (768, 3072),
+        (3072, 768),
+        (768, 2304),
+        (768, 768),
+        (2048, 512),
+        (4096, 1024),
+    ];
     for m in [800, 64, 50, 10] {
         for (k, n) in shapes {
             let a = Tensor::ones((m, k), candle_core::DType::F32, &Device::Cpu).unwrap();

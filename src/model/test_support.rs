@@ -42,6 +42,9 @@ pub fn check_reduced_products(
         (34, 48, 100),
         (77, 40, 33),
         (300, 96, 200),
+        // Activation rows 4 and 8 KB long: laid out a line apart more.
+        (12, 32, 2048),
+        (13, 40, 4096),
     ] {
         let (x, w, b) = (random(&[m, k], 1), random(&[n, k], 2), random(&[n], 5));
         let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
