@@ -266,8 +266,9 @@ impl<E: Element> TileMatrix<E> {
         candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)
     }
 
-    /// `x W` for `a`, `m` rows of activations in this format, each the
-    /// padded depth long: see [`product`].
+    /// `x W` for `a`, `m` rows of activations in this format laid out as
+    /// `convert` lays them (the padded depth long, `row_stride`
+    /// apart): see [`product`].
     pub fn product<A: Element>(
         &self,
         a: &[A],
