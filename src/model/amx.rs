@@ -282,12 +282,9 @@ impl<E: Element> TileMatrix<E> {
             steps: self.kp / self.format.depth(),
             tiles: bytes(&self.tiles),
         };
-        let stride = self.row_stride::<A>() * size_of::<A>();
-        assert!(
-            a.len() >= m * self.row_stride::<A>(),
-            "{m} rows of activations"
-        );
-        product(bytes(a), stride, m, &weights, finish)
+        let stride = self.row_stride::<A>();
+        assert!(a.len() >= m * stride, "{m} rows of activations");
+        product(bytes(a), stride * size_of::<A>(), m, &weights, finish)
     }
 
     /// Elements from one row of activations to the next: the padded depth,
@@ -570,7 +567,8 @@ mod dots {
     /// each of the two streams). A 10-token query streams the text tower
     /// from memory; 64 made it about 6% faster than 16 (p50 4.13 to 4.43
     /// against 4.55 to 4.74 ms in bf16 on Zen 4, alternated in one
-    /// process), and 16 images at a time the same.
+    /// process), and 16 images at a time the same; 128 and 256 were no
+    /// better (BENCHMARKS.md).
     const PREFETCH: usize = 64;
 
     /// CPUID says AVX-512F and BW with BF16 (first) and with VNNI (second).
