@@ -2,12 +2,15 @@
 //! index, text queries (each one new, so each is embedded) and find-similar.
 //!
 //!     cargo build --release && cargo bench --bench model && cargo bench --bench server
-//!     cargo bench --bench server -- [--clients 32] [--seconds 60] [--photos 10000] [--precision exact|fast|int8]
+//!     cargo bench --bench server -- [--clients 32] [--seconds 60] [--photos 10000] [--precision exact|fast|int8] [--queries short|mixed]
 //!     cargo bench --bench server -- --index DIR [--clients 32] [--seconds 60]
 //!     cargo bench --bench server -- --photos 10000 --library-only   # writes the library, prints its path
 //!
 //! `--precision fast` or `int8` indexes (once, into its own folder) and
-//! serves with the bf16 or int8 towers.
+//! serves with the bf16 or int8 towers. Text queries are "a {adjective}
+//! {noun} near the {noun} number {n}" (10 to 12 tokens); `--queries mixed`
+//! makes them 1 to 12 words and the number instead (5 to 18 tokens), as
+//! users' queries vary.
 //!
 //! The first run writes a library of distinct pictures (crops, flips and
 //! tints of the shared photos, 320 px) under target/bench/library-N and
@@ -35,6 +38,8 @@ struct Args {
     precision: String,
     index: Option<PathBuf>,
     library_only: bool,
+    /// Text queries of 1 to 12 words, not all of about the same length.
+    mixed: bool,
 }
 
 fn args() -> Args {
@@ -45,6 +50,7 @@ fn args() -> Args {
         precision: "exact".into(),
         index: None,
         library_only: false,
+        mixed: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -55,6 +61,13 @@ fn args() -> Args {
             "--precision" => a.precision = it.next().expect("--precision exact|fast|int8"),
             "--index" => a.index = it.next().map(PathBuf::from),
             "--library-only" => a.library_only = true,
+            "--queries" => {
+                a.mixed = match it.next().as_deref() {
+                    Some("short") => false,
+                    Some("mixed") => true,
+                    _ => panic!("--queries short|mixed"),
+                }
+            }
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -135,6 +148,7 @@ fn load(
     seconds: u64,
     kind: &'static str,
     ids: Arc<Vec<u64>>,
+    mixed: bool,
 ) -> (f64, Stats) {
     let stop = Arc::new(AtomicBool::new(false));
     let counter = Arc::new(AtomicU64::new(0));
@@ -160,12 +174,25 @@ fn load(
                         let pick = |xs: &[&'static str], r: &mut NormalRng| {
                             xs[(r.uniform() * xs.len() as f64) as usize % xs.len()]
                         };
-                        let q = format!(
-                            "a {} {} near the {} number {n}",
-                            pick(ADJ, &mut rng),
-                            pick(NOUNS, &mut rng),
-                            pick(NOUNS, &mut rng)
-                        );
+                        let q = if mixed {
+                            let words = 1 + (rng.uniform() * 12.0) as usize % 12;
+                            let mut q: Vec<&str> = (0..words)
+                                .map(|w| match w % 2 {
+                                    0 => pick(ADJ, &mut rng),
+                                    _ => pick(NOUNS, &mut rng),
+                                })
+                                .collect();
+                            let n = n.to_string();
+                            q.push(&n);
+                            q.join(" ")
+                        } else {
+                            format!(
+                                "a {} {} near the {} number {n}",
+                                pick(ADJ, &mut rng),
+                                pick(NOUNS, &mut rng),
+                                pick(NOUNS, &mut rng)
+                            )
+                        };
                         format!("{base}/api/search?k=24&q={}", q.replace(' ', "%20"))
                     } else {
                         let id = ids[(rng.uniform() * ids.len() as f64) as usize % ids.len()];
@@ -327,12 +354,19 @@ fn main() {
         "", "req/s", "p50 ms", "p99 ms", "errors"
     );
     for kind in ["text", "similar"] {
-        let (secs, mut stats) = load(&base, args.clients, args.seconds, kind, ids.clone());
+        let (secs, mut stats) = load(
+            &base,
+            args.clients,
+            args.seconds,
+            kind,
+            ids.clone(),
+            args.mixed,
+        );
         stats.latencies.sort_by(f64::total_cmp);
-        let label = if kind == "text" {
-            "text query (embedding included)"
-        } else {
-            "find-similar"
+        let label = match (kind, args.mixed) {
+            ("text", false) => "text query (embedding included)",
+            ("text", true) => "text query, 1 to 12 words",
+            _ => "find-similar",
         };
         println!(
             "{label:<32}{:>10.1}{:>10.1}{:>10.1}{:>8}",

@@ -212,28 +212,22 @@ impl Clip {
         if self.config().family == Family::Clip && text.no_causal_mask {
             len = len.max(text.max_position_embeddings);
         }
-        let (ids, pool) = self.padded(batch, 0, len)?;
+        let (ids, pool) = self.padded(batch, len)?;
         on_pool(|| self.model.get_text_features(&ids, &pool))
     }
 
-    /// The rows' tokens from position `from` on, each padded to `len`, as a
-    /// (rows, len - from) tensor; and each row's pooled position, counted
-    /// from its start.
-    fn padded<R: AsRef<[u32]>>(
-        &self,
-        batch: &[R],
-        from: usize,
-        len: usize,
-    ) -> Result<(Tensor, Vec<usize>)> {
+    /// The rows' tokens, each padded to `len`, as a (rows, len) tensor; and
+    /// each row's pooled position.
+    fn padded<R: AsRef<[u32]>>(&self, batch: &[R], len: usize) -> Result<(Tensor, Vec<usize>)> {
         let pad = self.tokenizer.pad_id();
-        let mut ids = Vec::with_capacity(batch.len() * (len - from));
+        let mut ids = Vec::with_capacity(batch.len() * len);
         let mut pool = Vec::with_capacity(batch.len());
         for row in batch.iter().map(AsRef::as_ref) {
-            ids.extend_from_slice(&row[from..]);
+            ids.extend_from_slice(row);
             ids.extend(std::iter::repeat_n(pad, len - row.len()));
             pool.push(self.tokenizer.pool_position(row));
         }
-        let ids = Tensor::from_vec(ids, (batch.len(), len - from), &self.device)?;
+        let ids = Tensor::from_vec(ids, (batch.len(), len), &self.device)?;
         Ok((ids, pool))
     }
 
@@ -272,42 +266,52 @@ impl Clip {
 
     /// [`Self::text_features`] of whole texts that all begin with their
     /// first `first` tokens, which go through a causal tower once for all
-    /// of them ([`ClipModel::get_text_features_after`]).
+    /// of them, each text's own tokens after them unpadded
+    /// ([`ClipModel::get_text_features_after`]).
     pub fn text_features_after(&self, first: usize, batch: &[&[u32]]) -> Result<Tensor> {
-        let len = batch.iter().map(|row| row.len()).max().unwrap_or(0);
         let Some(beginning) = batch.first().map(|row| &row[..first.min(row.len())]) else {
             return Err(Error::Input("no texts to embed".into()));
         };
-        if len <= first || batch.iter().any(|row| !row.starts_with(beginning)) {
+        if batch
+            .iter()
+            .any(|row| row.len() <= first || !row.starts_with(beginning))
+        {
             return Err(Error::Input("the texts do not share that beginning".into()));
         }
-        let (rest, pool) = self.padded(batch, first, len)?;
-        on_pool(|| self.model.get_text_features_after(beginning, &rest, &pool))
+        let own: Vec<&[u32]> = batch.iter().map(|row| &row[first..]).collect();
+        let pool: Vec<usize> = batch
+            .iter()
+            .map(|row| self.tokenizer.pool_position(row))
+            .collect();
+        on_pool(|| self.model.get_text_features_after(beginning, &own, &pool))
     }
 
     /// L2-normalised embeddings of texts, in their order.
     ///
-    /// Texts go through the tower in batches of similar length (a batch is
-    /// padded to its longest), so many prompts of mixed lengths do not pay
-    /// for padding. In a causal tower, texts that begin alike (prompts of
-    /// one template: "a photo of a {}.") go in batches that compute their
-    /// shared beginning once ([`shared_beginnings`]).
+    /// In a causal tower, texts go through in batches that compute their
+    /// common beginning once (at least the start token; prompts of one
+    /// template, "a photo of a {}.", share more: [`shared_beginnings`]
+    /// groups them), each text's own tokens unpadded, so a batch of mixed
+    /// lengths costs the tokens it holds. Other towers pad a batch to its
+    /// longest text (SigLIP's to its fixed length), so texts go in batches
+    /// of similar length.
     pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let ids = texts
             .iter()
             .map(|t| self.tokenizer.encode(t))
             .collect::<Result<Vec<_>>>()?;
-        let groups = match self.model.shares_text_beginnings() {
+        let shares = self.model.shares_text_beginnings();
+        let groups = match shares {
             true => shared_beginnings(&ids, SHARED_GROUP),
             false => vec![(0, (0..ids.len()).collect())],
         };
         let mut out = vec![Vec::new(); texts.len()];
-        for (first, mut group) in groups {
+        for (_, mut group) in groups {
             group.sort_by_key(|&i| ids[i].len());
             for chunk in group.chunks(TEXT_BATCH) {
                 let batch: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-                let features = match first > 1 && chunk.len() > 1 {
-                    // The start token alone is not worth a pass of its own.
+                let first = common_beginning(&batch);
+                let features = match shares && first > 0 && batch.len() > 1 {
                     true => self.text_features_after(first, &batch)?,
                     false => self.text_features(&batch)?,
                 };
@@ -352,6 +356,20 @@ impl Clip {
         let features = self.image_features(&self.pixels(images)?)?;
         Ok(normalize(&features)?.to_vec2::<f32>()?)
     }
+}
+
+/// The tokens all of `batch` begin with, short of the last token of the
+/// shortest (every text keeps one of its own).
+fn common_beginning(batch: &[&[u32]]) -> usize {
+    let Some((head, rest)) = batch.split_first() else {
+        return 0;
+    };
+    let shortest = batch.iter().map(|row| row.len()).min().unwrap_or(0);
+    let mut n = shortest.saturating_sub(1);
+    for row in rest {
+        n = n.min(head.iter().zip(*row).take_while(|(a, b)| a == b).count());
+    }
+    n
 }
 
 /// Groups texts (token ids) by a shared beginning: each joins the longest
@@ -588,6 +606,19 @@ mod tests {
             }
         }
         assert!(shared_beginnings(&[], 4).is_empty());
+    }
+
+    #[test]
+    fn a_batch_shares_what_all_its_texts_begin_with_short_of_the_last_token() {
+        let a: &[u32] = &[0, 1, 2, 3, 9];
+        assert_eq!(common_beginning(&[a, &[0, 1, 2, 4, 5, 9]]), 3);
+        assert_eq!(common_beginning(&[a, &[0, 1, 9]]), 2);
+        // The same text twice, or alone, keeps its last token.
+        assert_eq!(common_beginning(&[a, a]), 4);
+        assert_eq!(common_beginning(&[a]), 4);
+        assert_eq!(common_beginning(&[a, &[5, 9]]), 0);
+        assert_eq!(common_beginning(&[a, &[0]]), 0);
+        assert_eq!(common_beginning(&[]), 0);
     }
 
     /// A pass's worth of parallel steps with serial work between them.

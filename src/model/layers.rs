@@ -526,27 +526,20 @@ impl Attention {
         let qkv = qkv.forward(x)?;
         // Each sequence's keys and values are the beginning's rows, stored
         // once, then its own: the attention reads both where they lie.
-        let mask = causal_mask(s.first + s.rest, x.device())?;
-        let shared = (s.first, s.batch);
+        let longest = s.first + s.own.iter().copied().max().unwrap_or(0);
+        let mask = causal_mask(longest, x.device())?;
+        let heads = self.num_heads;
         let out = match at {
             Some(at) => {
                 let rows: Vec<usize> = at.iter().map(|r| s.first + r).collect();
-                attend_inference_shared(&qkv, self.num_heads, Some(&mask), shared, Some(&rows))?
+                attend_inference_shared(&qkv, heads, Some(&mask), s.first, s.own, Some(&rows))?
             }
             None => {
                 let own = causal_mask(s.first, x.device())?;
                 let first = qkv.narrow(0, 0, s.first)?.unsqueeze(0)?;
-                let first = attend_inference(&first, self.num_heads, Some(&own))?;
-                let rest =
-                    attend_inference_shared(&qkv, self.num_heads, Some(&mask), shared, None)?;
-                let hidden = qkv.dim(1)? / 3;
-                Tensor::cat(
-                    &[
-                        &first.reshape((s.first, hidden))?,
-                        &rest.reshape((s.batch * s.rest, hidden))?,
-                    ],
-                    0,
-                )?
+                let first = attend_inference(&first, heads, Some(&own))?.squeeze(0)?;
+                let rest = attend_inference_shared(&qkv, heads, Some(&mask), s.first, s.own, None)?;
+                Tensor::cat(&[&first, &rest], 0)?
             }
         };
         self.out_proj.forward(&out)
@@ -696,28 +689,33 @@ enum Rows<'a> {
     Pooled(&'a [usize]),
     /// Every row of sequences laid out with a shared beginning; with `at`,
     /// row `at[i]` of each sequence's own part only.
-    Shared(SharedStart, Option<&'a [usize]>),
+    Shared(SharedStart<'a>, Option<&'a [usize]>),
 }
 
 /// Sequences that begin with the same `first` positions, laid out as one
-/// (first + batch * rest, hidden) matrix: the shared beginning once, then
-/// each sequence's own `rest` positions (padded to the longest). In a
-/// causal tower the beginning's states do not depend on what follows it, so
-/// it goes through each layer once for all the sequences.
+/// (first + own lengths summed, hidden) matrix: the shared beginning once,
+/// then each sequence's own `own[i]` positions, as many as it has (no
+/// padding). In a causal tower the beginning's states do not depend on
+/// what follows it, so it goes through each layer once for all the
+/// sequences; and a sequence's own positions depend on no other's, so
+/// none pays for a longer one.
 #[derive(Clone, Copy, Debug)]
-pub struct SharedStart {
+pub struct SharedStart<'a> {
     pub first: usize,
-    pub batch: usize,
-    pub rest: usize,
+    pub own: &'a [usize],
 }
 
-impl SharedStart {
+impl SharedStart<'_> {
     /// Row `at[i]` of each sequence `i`'s own part of `x`: (batch, hidden).
     fn select(&self, x: &Tensor, at: &[usize]) -> Result<Tensor> {
         let rows: Vec<u32> = at
             .iter()
-            .enumerate()
-            .map(|(i, &r)| (self.first + i * self.rest + r) as u32)
+            .zip(self.own)
+            .scan(self.first, |start, (&r, &m)| {
+                let row = *start + r;
+                *start += m;
+                Some(row as u32)
+            })
             .collect();
         let rows = Tensor::new(rows.as_slice(), x.device())?;
         Ok(x.index_select(&rows, 0)?)

@@ -278,16 +278,16 @@ impl ClipModel {
     }
 
     /// [`Self::get_text_features`] of texts that all begin with the tokens
-    /// `first` ([`TextTransformer::forward_after`]): `rest` is (batch, m)
-    /// u32, the tokens after `first`, padded; `pool` counts from the start.
+    /// `first` ([`TextTransformer::forward_after`]): `own[i]` is text `i`'s
+    /// tokens after `first`, unpadded; `pool` counts from the start.
     pub fn get_text_features_after(
         &self,
         first: &[u32],
-        rest: &Tensor,
+        own: &[&[u32]],
         pool: &[usize],
     ) -> Result<Tensor> {
         let pooled = match &self.text_model {
-            TextTower::Clip(tower) => tower.forward_after(first, rest, pool)?,
+            TextTower::Clip(tower) => tower.forward_after(first, own, pool)?,
             TextTower::Hf(_) => {
                 return Err(Error::Input(
                     "this text tower attends both ways: texts cannot share a beginning".into(),

@@ -1038,47 +1038,99 @@ pub fn attend_inference_rows(
     out.reshape((b, out.elem_count() / b))
 }
 
-/// Attention over `batch` sequences that begin with the same `first`
-/// positions, stored once: `qkv` is (first + batch * rest, 3 * hidden), the
-/// beginning's rows and then each sequence's own `rest`. Each sequence's
-/// keys and values are the beginning's followed by its own, read where they
-/// lie (no copy per sequence). With `rows`, position `rows[i]` of sequence
-/// `i` attends: (batch, hidden); without, every position after the
-/// beginning: (batch, rest, hidden). Each row is what [`attend_inference`]
-/// gives at that position of the whole sequence; `mask` is (first + rest,
-/// first + rest) or none.
+/// Attention over sequences that begin with the same `first` positions,
+/// stored once: `qkv` is (first + own lengths summed, 3 * hidden), the
+/// beginning's rows and then each sequence's own `own[i]` rows, as long as
+/// that sequence is (no padding). Each sequence's keys and values are the
+/// beginning's followed by its own, read where they lie (no copy per
+/// sequence). With `rows`, position `rows[i]` of sequence `i` attends:
+/// (batch, hidden); without, every position after the beginning, in the
+/// order stored: (own lengths summed, hidden). Each row is what
+/// [`attend_inference`] gives at that position of the whole sequence;
+/// `mask` is (first + the longest own, same) or none, and a shorter
+/// sequence takes its top left corner.
 pub fn attend_inference_shared(
     qkv: &Tensor,
     heads: usize,
     mask: Option<&Tensor>,
-    (first, batch): (usize, usize),
+    first: usize,
+    own: &[usize],
     rows: Option<&[usize]>,
 ) -> candle_core::Result<Tensor> {
     let (stored, _) = qkv.dims2()?;
-    if first == 0 || batch == 0 || stored <= first || (stored - first) % batch != 0 {
+    let shared = Shared::new(first, own);
+    if first == 0 || own.is_empty() || own.contains(&0) || shared.rows() != stored {
         candle_core::bail!(
-            "attention: {stored} rows are not a beginning of {first} and {batch} sequences"
+            "attention: {stored} rows are not a beginning of {first} and sequences of {own:?}"
         );
     }
-    let (_, n, _) = sequences(qkv.shape(), Some((first, batch)))?;
+    let n = shared.longest();
     if mask.is_some_and(|m| m.dims() != [n, n]) {
         candle_core::bail!("attention: a shared beginning takes an ({n}, {n}) mask");
     }
     let queries = match rows {
         Some(rows) => {
-            if rows.len() != batch || rows.iter().any(|&r| r < first || r >= n) {
+            if rows.len() != own.len()
+                || rows
+                    .iter()
+                    .zip(own)
+                    .any(|(&r, &m)| r < first || r >= first + m)
+            {
                 candle_core::bail!(
-                    "attention: query rows {rows:?} for {batch} sequences of {n} after {first}"
+                    "attention: query rows {rows:?} for sequences of {own:?} after {first}"
                 );
             }
             Queries::One(rows.to_vec())
         }
         None => Queries::From(first),
     };
-    let out = attend_inference_at(qkv, heads, mask, queries, Some((first, batch)))?;
-    match rows {
-        Some(_) => out.reshape((batch, out.elem_count() / batch)),
-        None => Ok(out),
+    let out = attend_inference_at(qkv, heads, mask, queries, Some(shared))?;
+    let hidden = out.dim(candle_core::D::Minus1)?;
+    out.reshape((out.elem_count() / hidden, hidden))
+}
+
+/// Sequences whose common beginning is stored once, before each one's own
+/// rows ([`attend_inference_shared`]).
+#[derive(Clone, Debug)]
+struct Shared {
+    /// Positions of the beginning.
+    first: usize,
+    /// The stored row where each sequence's own rows begin, and one past the
+    /// last sequence's: `first`, then `first` plus the own lengths so far.
+    starts: Vec<usize>,
+}
+
+impl Shared {
+    fn new(first: usize, own: &[usize]) -> Self {
+        let starts = std::iter::once(first)
+            .chain(own.iter().scan(first, |at, &m| {
+                *at += m;
+                Some(*at)
+            }))
+            .collect();
+        Self { first, starts }
+    }
+
+    fn sequences(&self) -> usize {
+        self.starts.len() - 1
+    }
+
+    /// Rows stored: the beginning and every sequence's own.
+    fn rows(&self) -> usize {
+        self.starts[self.sequences()]
+    }
+
+    /// Positions of sequence `i`: the beginning's and its own.
+    fn len(&self, i: usize) -> usize {
+        self.first + self.starts[i + 1] - self.starts[i]
+    }
+
+    /// Positions of the longest sequence.
+    fn longest(&self) -> usize {
+        (0..self.sequences())
+            .map(|i| self.len(i))
+            .max()
+            .unwrap_or(self.first)
     }
 }
 
@@ -1090,33 +1142,26 @@ enum Queries {
     One(Vec<usize>),
 }
 
-/// Sequences, positions per sequence and 3 x hidden of a fused projection's
-/// output: (batch, seq, 3 * hidden), or with `shared` (the common
-/// beginning and the number of sequences) the beginning stored once,
-/// (first + batch * rest, 3 * hidden).
-fn sequences(
-    shape: &Shape,
-    shared: Option<(usize, usize)>,
-) -> candle_core::Result<(usize, usize, usize)> {
+/// Sequences, positions per sequence (the longest's, with `shared`) and 3 x
+/// hidden of a fused projection's output: (batch, seq, 3 * hidden), or with
+/// `shared` the beginning stored once before each sequence's own rows.
+fn sequences(shape: &Shape, shared: Option<&Shared>) -> candle_core::Result<(usize, usize, usize)> {
     match shared {
         None => shape.dims3(),
-        Some((first, batch)) => {
-            let (stored, three_hidden) = shape.dims2()?;
-            Ok((batch, first + (stored - first) / batch, three_hidden))
-        }
+        Some(s) => Ok((s.sequences(), s.longest(), shape.dims2()?.1)),
     }
 }
 
-/// `shared`: the sequences' common beginning and their number, where `qkv`
-/// stores it once ([`attend_inference_shared`]).
+/// `shared`: the sequences' common beginning, where `qkv` stores it once
+/// ([`attend_inference_shared`]).
 fn attend_inference_at(
     qkv: &Tensor,
     heads: usize,
     mask: Option<&Tensor>,
     queries: Queries,
-    shared: Option<(usize, usize)>,
+    shared: Option<Shared>,
 ) -> candle_core::Result<Tensor> {
-    let (b, n, three_hidden) = sequences(qkv.shape(), shared)?;
+    let (b, n, three_hidden) = sequences(qkv.shape(), shared.as_ref())?;
     let mask = match mask {
         None => None,
         Some(m) if m.dims() == [n, n] => Some((m.flatten_all()?.to_vec1::<f32>()?, false)),
@@ -1165,9 +1210,8 @@ struct AttendInference {
     mask: Option<(Vec<f32>, bool)>,
     /// The positions that attend.
     queries: Queries,
-    /// The common beginning stored once, and the number of sequences
-    /// ([`attend_inference_shared`]).
-    shared: Option<(usize, usize)>,
+    /// The common beginning stored once ([`attend_inference_shared`]).
+    shared: Option<Shared>,
 }
 
 impl CustomOp1 for AttendInference {
@@ -1177,14 +1221,26 @@ impl CustomOp1 for AttendInference {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let (b, n, three_hidden) = sequences(l.shape(), self.shared)?;
+        let (b, n, three_hidden) = sequences(l.shape(), self.shared.as_ref())?;
         let hidden = three_hidden / 3;
         let hd = hidden / self.heads;
-        let out_rows = match self.queries {
-            Queries::From(from) => n - from,
-            Queries::One(_) => 1,
+        // Each sequence's positions, the stored row of its first own one,
+        // and its first output row. Sequences that share a beginning attend
+        // from their own positions only (`attend_inference_shared`).
+        let place = |seq: usize| -> (usize, usize, usize) {
+            match (&self.shared, &self.queries) {
+                (None, Queries::From(from)) => (n, seq * n, seq * (n - from)),
+                (None, Queries::One(_)) => (n, seq * n, seq),
+                (Some(s), Queries::From(_)) => (s.len(seq), s.starts[seq], s.starts[seq] - s.first),
+                (Some(s), Queries::One(_)) => (s.len(seq), s.starts[seq], seq),
+            }
         };
-        let mut out: Vec<f32> = Vec::with_capacity(b * out_rows * hidden);
+        let total = match (&self.shared, &self.queries) {
+            (_, Queries::One(_)) => b,
+            (None, Queries::From(from)) => b * (n - from),
+            (Some(s), Queries::From(_)) => s.rows() - s.first,
+        };
+        let mut out: Vec<f32> = Vec::with_capacity(total * hidden);
         let dst = super::gemm::Out(out.as_mut_ptr());
         (0..b * self.heads).into_par_iter().for_each(|task| {
             let mask = self.mask.as_ref().map(|(m, per_head)| match per_head {
@@ -1192,29 +1248,37 @@ impl CustomOp1 for AttendInference {
                 false => (&m[..], false),
             });
             let seq = task / self.heads;
+            let (len, stored_at, out_at) = place(seq);
             // SAFETY: this task writes columns [head * hd, head * hd + hd) of
             // the output rows of its sequence, which no other task writes.
             unsafe {
                 attend_one(HeadTask {
                     x,
-                    seq,
                     head: task % self.heads,
-                    n,
-                    shared: self.shared.map_or(0, |(first, _)| first),
+                    n: len,
+                    shared: self.shared.as_ref().map_or(0, |s| s.first),
+                    stored_at,
                     hidden,
                     hd,
                     mask,
+                    mask_stride: n,
                     attending: match &self.queries {
-                        Queries::From(from) => (*from, n),
+                        Queries::From(from) => (*from, len),
                         Queries::One(rows) => (rows[seq], rows[seq] + 1),
                     },
+                    out_at,
                     out: dst,
                 })
             };
         });
         // SAFETY: every (sequence, head) wrote its columns of every output row.
-        unsafe { out.set_len(b * out_rows * hidden) };
-        Ok((CpuStorage::F32(out), Shape::from((b, out_rows, hidden))))
+        unsafe { out.set_len(total * hidden) };
+        let shape = match (&self.shared, &self.queries) {
+            (None, Queries::From(from)) => Shape::from((b, n - from, hidden)),
+            (_, Queries::One(_)) => Shape::from((b, 1, hidden)),
+            (Some(_), Queries::From(_)) => Shape::from((total, hidden)),
+        };
+        Ok((CpuStorage::F32(out), shape))
     }
 }
 
@@ -1227,22 +1291,29 @@ thread_local! {
 /// and the output written.
 #[derive(Clone, Copy)]
 struct HeadTask<'a> {
-    /// The fused projection's output, (sequences, n, 3 * hidden).
+    /// The fused projection's output, (rows stored, 3 * hidden).
     x: &'a [f32],
-    seq: usize,
     head: usize,
+    /// This sequence's positions.
     n: usize,
-    /// Positions `0..shared` are stored once for every sequence, before
-    /// each sequence's own `n - shared` (0: each sequence stores its n).
+    /// Positions `0..shared` are stored once for every sequence, at rows
+    /// `0..shared` (0: each sequence stores all its n).
     shared: usize,
+    /// The stored row of position `shared`, where this sequence's own rows
+    /// begin.
+    stored_at: usize,
     hidden: usize,
     hd: usize,
-    /// The additive mask: (n, n), or this head's n keys (`true`).
+    /// The additive mask: (positions, positions), of which this sequence
+    /// takes the top left n x n; or this head's n keys (`true`).
     mask: Option<(&'a [f32], bool)>,
-    /// The positions to attend from: `attending.0..attending.1`, every
-    /// sequence as many.
+    /// Values per row of an (n, n) mask: the longest sequence's positions.
+    mask_stride: usize,
+    /// The positions to attend from: `attending.0..attending.1`.
     attending: (usize, usize),
-    /// The (sequences, attending.1 - attending.0, hidden) output.
+    /// The output row of position `attending.0`; the rest follow it.
+    out_at: usize,
+    /// The (rows, hidden) output.
     out: super::gemm::Out,
 }
 
@@ -1298,23 +1369,22 @@ unsafe fn attend_one_avx2(t: HeadTask, scratch: &mut [f32]) {
 unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
     let HeadTask {
         x,
-        seq,
         head,
         n,
         shared,
+        stored_at,
         hidden,
         hd,
         mask,
+        mask_stride,
         attending,
+        out_at,
         out,
     } = t;
-    let out_rows = attending.1 - attending.0;
     let row = |i: usize, part: usize| {
-        // Sequence `seq`'s own rows follow the beginning and the own rows
-        // of the sequences before it.
         let stored = match i < shared {
             true => i,
-            false => seq * (n - shared) + i,
+            false => stored_at + i - shared,
         };
         let at = stored * 3 * hidden + part * hidden + head * hd;
         &x[at..at + hd]
@@ -1392,7 +1462,7 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
                 let m = if per_head {
                     m
                 } else {
-                    &m[(i0 + r) * n..(i0 + r + 1) * n]
+                    &m[(i0 + r) * mask_stride..][..n]
                 };
                 for (s, &m) in scores.iter_mut().zip(m) {
                     *s += m;
@@ -1439,7 +1509,7 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
             }
         }
         for r in 0..rows {
-            let at = seq * out_rows + i0 + r - attending.0;
+            let at = out_at + i0 + r - attending.0;
             // SAFETY: output row `at`, this head's hd columns: inside the
             // output and this task's own.
             let o = unsafe { std::slice::from_raw_parts_mut(out.at(at * hidden + head * hd), hd) };
@@ -1889,71 +1959,94 @@ mod fast_math_tests {
         }
     }
 
-    /// Sequences that store their common beginning once attend exactly as
-    /// the same sequences stored whole.
+    /// Sequences that store their common beginning once, each then as
+    /// long as it is, attend exactly as each sequence stored whole.
     #[test]
     fn a_beginning_stored_once_attends_as_copied_in_front_of_each_sequence() {
+        use crate::model::layers::causal_mask;
         use crate::model::test_support::random;
         let dev = candle_core::Device::Cpu;
-        for (first, batch, rest, heads, hd) in
-            [(6, 5, 4, 2, 64), (1, 3, 9, 3, 16), (5, 1, 1, 1, 80)]
-        {
-            let n = first + rest;
+        let cases: [(usize, &[usize], usize, usize); 4] = [
+            (6, &[4, 4, 4, 4, 4], 2, 64),
+            (1, &[9, 3, 9], 3, 16),
+            (5, &[1], 1, 80),
+            (2, &[1, 7, 4, 12, 2, 5, 3], 2, 64),
+        ];
+        for (first, own, heads, hd) in cases {
             let three = 3 * heads * hd;
-            let stored = random(&[first + batch * rest, three], 13);
-            let beginning = stored.narrow(0, 0, first).unwrap().unsqueeze(0).unwrap();
-            let whole = Tensor::cat(
-                &[
-                    &beginning
-                        .broadcast_as((batch, first, three))
-                        .unwrap()
-                        .contiguous()
-                        .unwrap(),
-                    &stored
-                        .narrow(0, first, batch * rest)
-                        .unwrap()
-                        .reshape((batch, rest, three))
-                        .unwrap(),
-                ],
-                1,
-            )
-            .unwrap();
-            let causal = crate::model::layers::causal_mask(n, &dev).unwrap();
-            for mask in [None, Some(&causal)] {
-                let want = attend_inference_from(&whole, heads, mask, first).unwrap();
-                let got =
-                    attend_inference_shared(&stored, heads, mask, (first, batch), None).unwrap();
-                assert_eq!(got.dims(), [batch, rest, heads * hd]);
+            let total: usize = own.iter().sum();
+            let longest = first + own.iter().max().unwrap();
+            let stored = random(&[first + total, three], 13);
+            let beginning = stored.narrow(0, 0, first).unwrap();
+            let mut starts = vec![first];
+            for m in own {
+                starts.push(starts.last().unwrap() + m);
+            }
+            // Each sequence stored whole: the beginning, then its own rows.
+            let whole = |i: usize| {
+                let rows = stored.narrow(0, starts[i], own[i]).unwrap();
+                Tensor::cat(&[&beginning, &rows], 0)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap()
+            };
+            let rows: Vec<usize> = own
+                .iter()
+                .enumerate()
+                .map(|(i, m)| first + (i * 7) % m)
+                .collect();
+            for masked in [false, true] {
+                let mask = causal_mask(longest, &dev).unwrap();
+                let mask = masked.then_some(&mask);
+                let (mut want, mut want_rows) = (Vec::new(), Vec::new());
+                for (i, &m) in own.iter().enumerate() {
+                    let own_mask = causal_mask(first + m, &dev).unwrap();
+                    let own_mask = masked.then_some(&own_mask);
+                    let from = attend_inference_from(&whole(i), heads, own_mask, first).unwrap();
+                    want.extend(from.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    let one = attend_inference_rows(&whole(i), heads, own_mask, &rows[i..i + 1]);
+                    want_rows.extend(
+                        one.unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap(),
+                    );
+                }
+                let got = attend_inference_shared(&stored, heads, mask, first, own, None).unwrap();
+                assert_eq!(got.dims(), [total, heads * hd]);
                 assert_eq!(
                     got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                    want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                    "{first} + {batch} x {rest}"
+                    want,
+                    "{first} + {own:?}, masked: {masked}"
                 );
-                let rows: Vec<usize> = (0..batch).map(|i| first + (i * 7) % rest).collect();
-                let want = attend_inference_rows(&whole, heads, mask, &rows).unwrap();
                 let got =
-                    attend_inference_shared(&stored, heads, mask, (first, batch), Some(&rows))
-                        .unwrap();
+                    attend_inference_shared(&stored, heads, mask, first, own, Some(&rows)).unwrap();
+                assert_eq!(got.dims(), [own.len(), heads * hd]);
                 assert_eq!(
-                    got.to_vec2::<f32>().unwrap(),
-                    want.to_vec2::<f32>().unwrap()
+                    got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    want_rows
                 );
             }
-            // Rows inside the beginning, a batch that does not divide the
-            // rows, and another mask are refused.
-            let inside = vec![first - 1; batch];
+            // Rows inside the beginning or past a sequence's end, lengths
+            // that do not add up to the rows, an empty sequence, and another
+            // mask are refused.
+            let inside = vec![first - 1; own.len()];
             assert!(
-                attend_inference_shared(&stored, heads, None, (first, batch), Some(&inside))
-                    .is_err()
+                attend_inference_shared(&stored, heads, None, first, own, Some(&inside)).is_err()
             );
+            let past: Vec<usize> = own.iter().map(|m| first + m).collect();
             assert!(
-                attend_inference_shared(&stored, heads, None, (first, batch * rest + 1), None)
-                    .is_err()
+                attend_inference_shared(&stored, heads, None, first, own, Some(&past)).is_err()
             );
-            let other = crate::model::layers::causal_mask(n + 1, &dev).unwrap();
+            let longer: Vec<usize> = own.iter().map(|m| m + 1).collect();
+            assert!(attend_inference_shared(&stored, heads, None, first, &longer, None).is_err());
+            let mut empty = own.to_vec();
+            empty.push(0);
+            assert!(attend_inference_shared(&stored, heads, None, first, &empty, None).is_err());
+            let other = causal_mask(longest + 1, &dev).unwrap();
             assert!(
-                attend_inference_shared(&stored, heads, Some(&other), (first, batch), None)
-                    .is_err()
+                attend_inference_shared(&stored, heads, Some(&other), first, own, None).is_err()
             );
         }
     }

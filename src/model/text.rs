@@ -136,51 +136,63 @@ impl TextTransformer {
     }
 
     /// [`Self::forward`] of texts that all begin with the tokens `first`,
-    /// whose positions go through the tower once for all of them. `rest` is
-    /// (batch, m) u32, each text's tokens after `first`, padded; `pool` the
-    /// pooled position of each text, counted from its start as in
-    /// [`Self::forward`]. The same result as [`Self::forward`] of the whole
-    /// texts, up to float rounding, for about the tokens of `rest` alone:
-    /// the tag vocabulary's 2,476 prompts (four templates) hold 22,852
-    /// tokens, their own parts 7,996.
-    pub fn forward_after(&self, first: &[u32], rest: &Tensor, pool: &[usize]) -> Result<Tensor> {
-        let (b, m) = rest.dims2()?;
-        let (p, n) = (first.len(), first.len() + m);
+    /// whose positions go through the tower once for all of them. `own[i]`
+    /// is text `i`'s tokens after `first`, as many as it has: none is
+    /// padded to a longer one. `pool` is the pooled position of each text,
+    /// counted from its start as in [`Self::forward`]. The same result as
+    /// [`Self::forward`] of each whole text, up to float rounding, for
+    /// about the tokens of the own parts alone: the tag vocabulary's 2,476
+    /// prompts (four templates) hold 22,852 tokens, their own parts 7,996.
+    pub fn forward_after(&self, first: &[u32], own: &[&[u32]], pool: &[usize]) -> Result<Tensor> {
+        let p = first.len();
         if !self.shares_beginnings() {
             return Err(Error::Input(
                 "only a causal tower in inference shares the beginning of texts".into(),
             ));
         }
-        if p == 0 || n > self.max_positions {
+        if p == 0 || own.is_empty() || own.iter().any(|t| t.is_empty()) {
+            return Err(Error::Input(
+                "texts sharing a beginning need at least one token of it and one of their own"
+                    .into(),
+            ));
+        }
+        let longest = own.iter().map(|t| t.len()).max().unwrap_or(0);
+        if p + longest > self.max_positions {
             return Err(Error::Input(format!(
-                "{p} shared and {m} own tokens, the model takes 1 to {}",
+                "{p} shared and up to {longest} own tokens, the model takes at most {}",
                 self.max_positions
             )));
         }
-        if pool.len() != b || pool.iter().any(|&r| r < p || r >= n) {
+        if pool.len() != own.len()
+            || pool
+                .iter()
+                .zip(own)
+                .any(|(&r, t)| r < p || r >= p + t.len())
+        {
             return Err(Error::Input(
                 "pooling positions do not follow the shared beginning".into(),
             ));
         }
-        let h = self.token_embedding.width()?;
-        let ids = Tensor::cat(
-            &[&Tensor::new(first, rest.device())?, &rest.flatten_all()?],
-            0,
-        )?;
-        let own = self.position_embedding.narrow(0, p, m)?.unsqueeze(0)?;
-        let positions = Tensor::cat(
-            &[
-                &self.position_embedding.narrow(0, 0, p)?,
-                &own.broadcast_as((b, m, h))?.reshape((b * m, h))?,
-            ],
-            0,
-        )?;
-        let x = (self.token_embedding.embedding(&ids)? + positions)?;
+        let device = self.position_embedding.device();
+        let ids: Vec<u32> = first
+            .iter()
+            .chain(own.iter().copied().flatten())
+            .copied()
+            .collect();
+        // Each text's own tokens take positions from p on.
+        let positions: Vec<u32> = (0..p)
+            .chain(own.iter().flat_map(|t| p..p + t.len()))
+            .map(|i| i as u32)
+            .collect();
+        let ids = Tensor::from_vec(ids, positions.len(), device)?;
+        let positions = Tensor::from_vec(positions, ids.dim(0)?, device)?;
+        let x = (self.token_embedding.embedding(&ids)?
+            + self.position_embedding.index_select(&positions, 0)?)?;
         let at: Vec<usize> = pool.iter().map(|&r| r - p).collect();
+        let lens: Vec<usize> = own.iter().map(|t| t.len()).collect();
         let shape = SharedStart {
             first: p,
-            batch: b,
-            rest: m,
+            own: &lens,
         };
         self.pooled_out(&self.encoder.forward_shared(&x, shape, &at)?)
     }

@@ -150,6 +150,48 @@ fn prompts_that_begin_alike_embed_as_they_do_alone() {
         shared >= 9,
         "{shared} fixtures and precisions share beginnings"
     );
+    // Batches the tower cannot lay out are refused: no shared token, a text
+    // with no token of its own, pooling outside a text's own tokens, more
+    // positions than the model has.
+    for name in fixture_models() {
+        let clip = load(&name);
+        let model = clip.model();
+        if !model.shares_text_beginnings() {
+            continue;
+        }
+        let (first, a, b): (&[u32], &[u32], &[u32]) = (&[1, 2], &[3, 4, 5], &[6]);
+        let got = model
+            .get_text_features_after(first, &[a, b], &[4, 2])
+            .unwrap();
+        assert_eq!(got.dim(0).unwrap(), 2, "{name}");
+        assert!(
+            model
+                .get_text_features_after(&[], &[a, b], &[2, 0])
+                .is_err()
+        );
+        assert!(
+            model
+                .get_text_features_after(first, &[a, &[]], &[4, 2])
+                .is_err()
+        );
+        assert!(
+            model
+                .get_text_features_after(first, &[a, b], &[5, 2])
+                .is_err()
+        );
+        assert!(
+            model
+                .get_text_features_after(first, &[a, b], &[4, 1])
+                .is_err()
+        );
+        assert!(model.get_text_features_after(first, &[a], &[4, 2]).is_err());
+        let long = vec![3u32; clip.config().text_config.max_position_embeddings];
+        assert!(
+            model
+                .get_text_features_after(first, &[a, &long], &[4, 2])
+                .is_err()
+        );
+    }
 }
 
 #[test]
