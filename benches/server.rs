@@ -17,8 +17,9 @@
 //! indexes it with the random-weight ViT-B/32 of the model benchmark (about
 //! six minutes for 10,000); later runs reuse both. `--index` serves an
 //! existing index instead (the million photos of `scale library`). Each run
-//! also reports how long `serve` took to answer ready, and its resident set
-//! then and after the load.
+//! also reports how long `serve` took to answer ready, its resident set
+//! then and after the load, and how many text queries each forward pass
+//! embedded (from the server's debug log of its text batches).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -291,6 +292,9 @@ fn main() {
             "--bind",
             "127.0.0.1:0",
             "--offline",
+            // The text batcher's "text batch embedded" lines: batch sizes.
+            "--log",
+            "warn,clipdex::search=debug",
         ])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -303,7 +307,17 @@ fn main() {
             break url.trim().to_string();
         }
     };
-    std::thread::spawn(move || for _ in lines {});
+    // The size of every text batch the server embeds (a binary from
+    // before the batcher logged them reports none).
+    let batches: Arc<std::sync::Mutex<Vec<usize>>> = Arc::default();
+    let sizes = batches.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Some(n) = batch_size(&line) {
+                sizes.lock().unwrap().push(n);
+            }
+        }
+    });
     let pid = server.id();
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -375,10 +389,44 @@ fn main() {
             percentile(&stats.latencies, 0.99),
             stats.errors
         );
+        let sizes = std::mem::take(&mut *batches.lock().unwrap());
+        if kind == "text" && !sizes.is_empty() {
+            let texts: usize = sizes.iter().sum();
+            println!(
+                "  {} forward passes, {:.1} queries each on average, the largest {} \
+                 (the server takes up to 32); {:.0}% of the queries in passes of fewer than 16",
+                sizes.len(),
+                texts as f64 / sizes.len() as f64,
+                sizes.iter().max().unwrap(),
+                100.0 * sizes.iter().filter(|&&n| n < 16).sum::<usize>() as f64 / texts as f64
+            );
+        }
     }
     println!("resident after the load: {:.0} MiB", rss_mib(pid));
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// The number of texts in a "text batch embedded" line of the server's log
+/// (`texts=N`, with or without colour codes).
+fn batch_size(line: &str) -> Option<usize> {
+    if !line.contains("text batch embedded") {
+        return None;
+    }
+    // Colour codes (ESC [ ... m) hold digits of their own.
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                chars.by_ref().find(|&c| c == 'm');
+            }
+            c => plain.push(c),
+        }
+    }
+    let after = &plain[plain.find("texts=")? + "texts=".len()..];
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// The resident set of process `pid`, in MiB.

@@ -572,7 +572,14 @@ impl TextBatcher {
                         }
                     }
                     let texts: Vec<&str> = batch.iter().map(|(t, _)| t.as_str()).collect();
-                    match clip.embed_texts(&texts) {
+                    let started = Instant::now();
+                    let embedded = clip.embed_texts(&texts);
+                    tracing::debug!(
+                        texts = texts.len(),
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "text batch embedded"
+                    );
+                    match embedded {
                         Ok(vectors) => {
                             for ((_, reply), v) in batch.into_iter().zip(vectors) {
                                 let _ = reply.send(Ok(v));
