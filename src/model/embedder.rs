@@ -310,7 +310,9 @@ impl Clip {
             group.sort_by_key(|&i| ids[i].len());
             for chunk in group.chunks(TEXT_BATCH) {
                 let batch: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-                let first = common_beginning(&batch);
+                // The pooled token (the end token) follows the beginning.
+                let pooled = batch.iter().map(|row| self.tokenizer.pool_position(row));
+                let first = common_beginning(&batch).min(pooled.min().unwrap_or(0));
                 let features = match shares && first > 0 && batch.len() > 1 {
                     true => self.text_features_after(first, &batch)?,
                     false => self.text_features(&batch)?,
