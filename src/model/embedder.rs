@@ -264,25 +264,23 @@ impl Clip {
         Ok(normalize(&self.image_features(&pixels)?)?.to_vec2::<f32>()?)
     }
 
-    /// [`Self::text_features`] of whole texts that all begin with their
-    /// first `first` tokens, which go through a causal tower once for all
-    /// of them, each text's own tokens after them unpadded
-    /// ([`ClipModel::get_text_features_after`]).
-    pub fn text_features_after(&self, first: usize, batch: &[&[u32]]) -> Result<Tensor> {
-        let Some(beginning) = batch.first().map(|row| &row[..first.min(row.len())]) else {
-            return Err(Error::Input("no texts to embed".into()));
-        };
-        if batch
-            .iter()
-            .any(|row| row.len() <= first || !row.starts_with(beginning))
-        {
-            return Err(Error::Input("the texts do not share that beginning".into()));
-        }
-        let own: Vec<&[u32]> = batch.iter().map(|row| &row[first..]).collect();
+    /// [`Self::text_features`] of a batch for a causal tower: the tokens all
+    /// its texts begin with ([`common_beginning`], stopping before any
+    /// text's pooled token) go through the tower once for all of them, each
+    /// text's own tokens after them unpadded
+    /// ([`ClipModel::get_text_features_after`]); a single text, or texts
+    /// that share nothing, take the plain path.
+    fn text_features_shared(&self, batch: &[&[u32]]) -> Result<Tensor> {
         let pool: Vec<usize> = batch
             .iter()
             .map(|row| self.tokenizer.pool_position(row))
             .collect();
+        let first = common_beginning(batch).min(pool.iter().copied().min().unwrap_or(0));
+        if first == 0 || batch.len() < 2 {
+            return self.text_features(batch);
+        }
+        let beginning = &batch[0][..first];
+        let own: Vec<&[u32]> = batch.iter().map(|row| &row[first..]).collect();
         on_pool(|| self.model.get_text_features_after(beginning, &own, &pool))
     }
 
@@ -310,11 +308,8 @@ impl Clip {
             group.sort_by_key(|&i| ids[i].len());
             for chunk in group.chunks(TEXT_BATCH) {
                 let batch: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-                // The pooled token (the end token) follows the beginning.
-                let pooled = batch.iter().map(|row| self.tokenizer.pool_position(row));
-                let first = common_beginning(&batch).min(pooled.min().unwrap_or(0));
-                let features = match shares && first > 0 && batch.len() > 1 {
-                    true => self.text_features_after(first, &batch)?,
+                let features = match shares {
+                    true => self.text_features_shared(&batch)?,
                     false => self.text_features(&batch)?,
                 };
                 for (&i, row) in chunk.iter().zip(normalize(&features)?.to_vec2::<f32>()?) {

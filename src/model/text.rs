@@ -184,8 +184,9 @@ impl TextTransformer {
             .chain(own.iter().flat_map(|t| p..p + t.len()))
             .map(|i| i as u32)
             .collect();
-        let ids = Tensor::from_vec(ids, positions.len(), device)?;
-        let positions = Tensor::from_vec(positions, ids.dim(0)?, device)?;
+        let rows = ids.len();
+        let ids = Tensor::from_vec(ids, rows, device)?;
+        let positions = Tensor::from_vec(positions, rows, device)?;
         let x = (self.token_embedding.embedding(&ids)?
             + self.position_embedding.index_select(&positions, 0)?)?;
         let at: Vec<usize> = pool.iter().map(|&r| r - p).collect();
