@@ -1,9 +1,10 @@
 //! Model speed on a full-size architecture (random weights): image
-//! embeddings per second at batch 1 and 16, and the latency of an 8-word
-//! text query (10 CLIP tokens), with a fixed number of threads.
+//! embeddings per second at batch 1 and 16, the latency of an 8-word text
+//! query (10 CLIP tokens) and of 32 queries of 1 to 12 words embedded
+//! together, with a fixed number of threads.
 //!
 //!     cargo bench --bench model -- [--threads 2] [--dir target/bench/vit-b-32] [--json]
-//!         [--only batch1|batch16|text|fidelity|gemm|bf16] [--unpacked] [--precision exact|fast]
+//!         [--only batch1|batch16|text|texts32|fidelity|gemm|bf16] [--unpacked] [--precision exact|fast]
 //!         [--layers KIND,KIND,...|none] [--int8 KIND,KIND,...|none] [--photos DIR] [--repeat N]
 //!
 //! `--only bf16` times the bf16 AMX product alone, weights in cache and
@@ -39,11 +40,26 @@ use clipdex::model::{Clip, ClipConfig, Precision, TextTokenizer};
 /// Ten tokens with start and end: eight words of CLIP BPE.
 pub const QUERY: &str = "a photo of a dog on the beach";
 
+/// The words of [`mixed_queries`], as `scripts/reference/bench_ort.py` has them.
+const MIXED_WORDS: [&str; 12] = [
+    "red", "dog", "old", "cat", "small", "beach", "bright", "mountain", "dark", "sunset", "green",
+    "car",
+];
+
+/// 32 queries of 1 to 12 words and a number (5 to 17 CLIP tokens), embedded
+/// together as the server embeds concurrent queries.
+fn mixed_queries() -> Vec<String> {
+    (0..32)
+        .map(|i| format!("{} {}", MIXED_WORDS[..1 + i % 12].join(" "), 1000 + i))
+        .collect()
+}
+
 struct Args {
     threads: usize,
     dir: PathBuf,
     json: bool,
-    /// Run one measurement only (`batch1`, `batch16` or `text`), for profiling.
+    /// Run one measurement only (`batch1`, `batch16`, `text` or `texts32`),
+    /// for profiling.
     only: Option<String>,
     /// candle's matrix product instead of the packed kernel (`model::gemm`).
     unpacked: bool,
@@ -426,6 +442,15 @@ fn main() {
     } else {
         vec![f64::NAN]
     };
+    let mixed = mixed_queries();
+    let mixed: Vec<&str> = mixed.iter().map(String::as_str).collect();
+    let texts32 = if want("texts32") {
+        median(time(2, 20 * args.repeat, || {
+            clip.embed_texts(&mixed).unwrap();
+        }))
+    } else {
+        f64::NAN
+    };
     let text_p50 = median(text.clone());
     let mut sorted = text;
     sorted.sort_by(f64::total_cmp);
@@ -440,6 +465,7 @@ fn main() {
                 "impl": "clipdex", "threads": args.threads,
                 "image_per_s_batch1": b1_rate, "image_per_s_batch16": b16_rate,
                 "text_ms_p50": text_p50 * 1e3, "text_ms_p90": text_p90 * 1e3, "query_tokens": tokens,
+                "texts32_ms_p50": texts32 * 1e3,
                 "precision": args.precision.to_string(), "layers": args.layers, "fidelity": fidelity,
             })
         );
@@ -451,6 +477,10 @@ fn main() {
             "  text query ({tokens} tokens): p50 {:.2} ms, p90 {:.2} ms",
             text_p50 * 1e3,
             text_p90 * 1e3
+        );
+        println!(
+            "  32 queries of 1 to 12 words together: p50 {:.2} ms",
+            texts32 * 1e3
         );
     }
 }
