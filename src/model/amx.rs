@@ -564,11 +564,14 @@ mod dots {
     /// broadcast are 27 of the 32 registers.
     const ROWS: usize = 12;
     /// Groups of depth ahead that the kernel prefetches weights (4 KB of
-    /// each of the two streams). A 10-token query streams the text tower
-    /// from memory; 64 made it about 6% faster than 16 (p50 4.13 to 4.43
-    /// against 4.55 to 4.74 ms in bf16 on Zen 4, alternated in one
-    /// process), and 16 images at a time the same; 128 and 256 were no
-    /// better (BENCHMARKS.md).
+    /// each of the two streams), into level 2 (`PREFETCHT1`). A 10-token
+    /// query streams the text tower from memory; 64 made it about 6%
+    /// faster than 16 (p50 4.13 to 4.43 against 4.55 to 4.74 ms in bf16 on
+    /// Zen 4, alternated in one process), and 16 images at a time the same;
+    /// 128 and 256 were no better. Fetching to level 2 rather than level 1
+    /// took the bf16 query from 5.64 to 4.60 ms p50 and int8's from 3.17 to
+    /// 2.99 (2.75 to 2.64 in a second run), the two alternated query by
+    /// query in one process; images did not slow (BENCHMARKS.md).
     const PREFETCH: usize = 64;
 
     /// CPUID says AVX-512F and BW with BF16 (first) and with VNNI (second).
@@ -653,10 +656,10 @@ mod dots {
                         // SAFETY: group $g < groups of each row and tile.
                         unsafe {
                             let at = $g * ROW_BYTES;
-                            _mm_prefetch::<_MM_HINT_T0>(
+                            _mm_prefetch::<_MM_HINT_T1>(
                                 b0.wrapping_add(at + PREFETCH * ROW_BYTES) as *const i8
                             );
-                            _mm_prefetch::<_MM_HINT_T0>(
+                            _mm_prefetch::<_MM_HINT_T1>(
                                 b1.wrapping_add(at + PREFETCH * ROW_BYTES) as *const i8
                             );
                             let w0 = _mm512_loadu_si512(b0.add(at).cast());

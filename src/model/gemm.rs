@@ -1079,8 +1079,13 @@ mod avx512 {
 
     use super::NR;
 
-    /// Steps of depth ahead that the kernel prefetches weights.
-    const PREFETCH: usize = 16;
+    /// Steps of depth ahead that the kernel prefetches weights (6 KB), into
+    /// level 2 (`PREFETCHT1`). A 10-token query streams the text tower's
+    /// 144 MiB of f32 weights: fetched to level 1 16 steps ahead, the exact
+    /// query's p50 was 8.25 ms, to level 2 48 ahead 7.13 (96 ahead 7.43),
+    /// the variants alternated query by query in one process on Zen 4;
+    /// images at batch 1 and 16 did not slow (BENCHMARKS.md).
+    const PREFETCH: usize = 48;
 
     /// Lanes of a `NR`-column row that hold output columns `[16 h, 16 h + 16)`
     /// when the tile is `ncols` wide.
@@ -1112,8 +1117,8 @@ mod avx512 {
             unsafe {
                 // The first row panel over a weight slice reads it from L3 or
                 // memory: ask for it ahead (harmless past the end).
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH * NR) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH * NR + 16) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(b.wrapping_add(PREFETCH * NR) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(b.wrapping_add(PREFETCH * NR + 16) as *const i8);
                 let b0 = _mm512_loadu_ps(b);
                 let b1 = _mm512_loadu_ps(b.add(16));
                 for i in 0..M {
