@@ -463,6 +463,7 @@ struct LayerNorm {
 }
 
 /// Per row: mean and 1 / sqrt(variance + eps).
+#[inline(always)]
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = lane_sum(x, |v| v) / n;
@@ -473,6 +474,8 @@ fn moments(x: &[f32], eps: f32) -> (f32, f32) {
 /// The sum of `f` over `x`, in 16 running sums added at the end: one
 /// running sum is a chain of dependent additions (4 cycles each), which
 /// the compiler may not reorder; 16 independent ones fill vector registers.
+/// Inlined, so that it is compiled with its caller's target features.
+#[inline(always)]
 fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     const LANES: usize = 16;
     let mut acc = [0f32; LANES];
@@ -484,6 +487,60 @@ fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + rest
+}
+
+/// The largest of `x` (minus infinity for none; NaN is passed over), in 16
+/// running maxima as [`lane_sum`] sums: `f32::max` in one chain is a
+/// dependent compare and blend per value.
+#[inline(always)]
+fn lane_max(x: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let max = |a: f32, b: f32| if b > a { b } else { a };
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, max);
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = max(*a, v);
+        }
+    }
+    acc.into_iter().fold(rest, max)
+}
+
+/// Layer-normalises each row of `x` (`w.len()` values) into `y`.
+fn norm_rows(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm::has_avx512f() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { norm_rows_avx512(y, x, w, b, eps) };
+    }
+    norm_rows_with(y, x, w, b, eps)
+}
+
+/// [`norm_rows_with`] compiled for AVX-512: sixteen lanes where the
+/// baseline target has four.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn norm_rows_avx512(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    norm_rows_with(y, x, w, b, eps)
+}
+
+#[inline(always)]
+fn norm_rows_with(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    let h = w.len();
+    for (y, x) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+        let (mean, rstd) = moments(x, eps);
+        for i in 0..h {
+            y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+        }
+    }
 }
 
 impl CustomOp3 for LayerNorm {
@@ -505,15 +562,10 @@ impl CustomOp3 for LayerNorm {
         let b = slice(s3, l3, self.name())?;
         let h = w.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(h)
-            .zip(x.par_chunks(h))
-            .with_min_len(32)
-            .for_each(|(y, x)| {
-                let (mean, rstd) = moments(x, self.eps);
-                for i in 0..h {
-                    y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-                }
-            });
+        // Blocks of 32 rows: fewer are one pass on this thread.
+        y.par_chunks_mut(32 * h)
+            .zip(x.par_chunks(32 * h))
+            .for_each(|(y, x)| norm_rows(y, x, w, b, self.eps));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -1484,13 +1536,13 @@ unsafe fn attend_one_with(t: HeadTask, scratch: &mut [f32], registers: bool) {
                     *s += m;
                 }
             }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = lane_max(scores);
             // Exponentials in a loop of their own, which vectorises; the sum
             // after.
             for s in scores.iter_mut() {
                 *s = exp_fast(*s - max);
             }
-            inverse[r] = 1.0 / scores.iter().sum::<f32>();
+            inverse[r] = 1.0 / lane_sum(scores, |v| v);
         }
         if rows == BLOCK_ROWS {
             // SAFETY: AVX-512F is present; rows of v hold hd values, each
@@ -1841,6 +1893,46 @@ mod tests {
             );
             assert!(d < 1e-5, "attention gradient differs by {d}");
         }
+    }
+
+    /// The sums and maxima in 16 lanes against one chain, at every length
+    /// around the lanes (the remainder's path included), and the layer norm
+    /// built on them at a width that is no multiple of 16.
+    #[test]
+    fn lane_sums_and_maxima_are_one_chains_up_to_rounding() {
+        let xs: Vec<f32> = (0..40)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37)
+            .collect();
+        for n in 0..xs.len() {
+            let x = &xs[..n];
+            let sum: f32 = x.iter().sum();
+            assert!((lane_sum(x, |v| v) - sum).abs() < 1e-5, "sum of {n}");
+            let squares: f32 = x.iter().map(|v| v * v).sum();
+            assert!(
+                (lane_sum(x, |v| v * v) - squares).abs() < 1e-4,
+                "squares of {n}"
+            );
+            assert_eq!(
+                lane_max(x),
+                x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+            );
+        }
+        // NaN is passed over, as `f32::max` does.
+        let mut with_nan = xs.clone();
+        with_nan[3] = f32::NAN;
+        with_nan[20] = f32::NAN;
+        let others = with_nan.iter().copied().filter(|v| !v.is_nan());
+        assert_eq!(
+            lane_max(&with_nan),
+            others.fold(f32::NEG_INFINITY, f32::max)
+        );
+
+        let x = input((45, 50), 5);
+        let w = input((1, 50), 6).as_tensor().squeeze(0).unwrap();
+        let b = input((1, 50), 7).as_tensor().squeeze(0).unwrap();
+        let ours = layer_norm(x.as_tensor(), &w, &b, 1e-5).unwrap();
+        let theirs = candle_nn::ops::layer_norm_slow(x.as_tensor(), &w, &b, 1e-5).unwrap();
+        assert!(max_diff(&ours, &theirs) < 1e-5);
     }
 
     /// Forward values and gradients against candle's differentiable compositions.
