@@ -514,10 +514,26 @@ fn lane_max(x: &[f32]) -> f32 {
 /// Layer-normalises each row of `x` (`w.len()` values) into `y`.
 fn norm_rows(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
     #[cfg(target_arch = "x86_64")]
-    if super::gemm::has_avx512f() {
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { norm_rows_avx512(y, x, w, b, eps) };
+    {
+        if super::gemm::has_avx512f() {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { norm_rows_avx512(y, x, w, b, eps) };
+        }
+        if super::gemm::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { norm_rows_avx2(y, x, w, b, eps) };
+        }
     }
+    norm_rows_with(y, x, w, b, eps)
+}
+
+/// [`norm_rows_with`] compiled for AVX2: eight lanes.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn norm_rows_avx2(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
     norm_rows_with(y, x, w, b, eps)
 }
 
