@@ -553,8 +553,8 @@ fn norm_rows_with(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
     let h = w.len();
     for (y, x) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
         let (mean, rstd) = moments(x, eps);
-        for i in 0..h {
-            y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+        for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+            *y = (x - mean) * rstd * w + b;
         }
     }
 }
@@ -577,6 +577,13 @@ impl CustomOp3 for LayerNorm {
         let w = slice(s2, l2, self.name())?;
         let b = slice(s3, l3, self.name())?;
         let h = w.len();
+        if h == 0 || b.len() != h || l1.dims().last() != Some(&h) {
+            candle_core::bail!(
+                "layer norm: a gain of {h} and a bias of {} for rows of {} values",
+                b.len(),
+                l1.dims().last().copied().unwrap_or(0)
+            );
+        }
         let mut y = vec![0f32; x.len()];
         // Blocks of 32 rows: fewer are one pass on this thread.
         y.par_chunks_mut(32 * h)
@@ -1949,6 +1956,10 @@ mod tests {
         let ours = layer_norm(x.as_tensor(), &w, &b, 1e-5).unwrap();
         let theirs = candle_nn::ops::layer_norm_slow(x.as_tensor(), &w, &b, 1e-5).unwrap();
         assert!(max_diff(&ours, &theirs) < 1e-5);
+        // A gain or a bias of another width is an error, not a wrong result.
+        let short = w.narrow(0, 0, 49).unwrap();
+        assert!(layer_norm(x.as_tensor(), &short, &b, 1e-5).is_err());
+        assert!(layer_norm(x.as_tensor(), &w, &short, 1e-5).is_err());
     }
 
     /// Forward values and gradients against candle's differentiable compositions.
