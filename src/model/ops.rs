@@ -471,44 +471,43 @@ fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-/// The sum of `f` over `x`, in 16 running sums added at the end: one
-/// running sum is a chain of dependent additions (4 cycles each), which
-/// the compiler may not reorder; 16 independent ones fill vector registers.
-/// Inlined, so that it is compiled with its caller's target features.
+/// `x` folded by `step` in 16 running lanes (each from `init`), then the
+/// lanes and the remainder's fold joined by `join`: one running value is a
+/// chain of dependent operations (4 cycles an addition), which the compiler
+/// may not reorder; 16 independent ones fill vector registers. Inlined, so
+/// that it is compiled with its caller's target features.
 #[inline(always)]
-fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+fn lane_fold(
+    x: &[f32],
+    init: f32,
+    step: impl Fn(f32, f32) -> f32,
+    join: impl Fn(f32, f32) -> f32,
+) -> f32 {
     const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
+    let mut acc = [init; LANES];
     let chunks = x.chunks_exact(LANES);
-    let rest: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    let rest = chunks.remainder().iter().fold(init, |a, &v| step(a, v));
     for chunk in chunks {
         for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a += f(v);
+            *a = step(*a, v);
         }
     }
-    acc.iter().sum::<f32>() + rest
+    join(acc.into_iter().fold(init, &join), rest)
 }
 
-/// The largest of `x` (minus infinity for none; NaN is passed over), in 16
-/// running maxima as [`lane_sum`] sums: `f32::max` in one chain is a
-/// dependent compare and blend per value.
+/// The sum of `f` over `x` ([`lane_fold`]).
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    lane_fold(x, 0.0, |a, v| a + f(v), |a, b| a + b)
+}
+
+/// The largest of `x` (minus infinity for none; NaN is passed over), by
+/// [`lane_fold`]: `f32::max` in one chain is a dependent compare and blend
+/// per value.
 #[inline(always)]
 fn lane_max(x: &[f32]) -> f32 {
-    const LANES: usize = 16;
     let max = |a: f32, b: f32| if b > a { b } else { a };
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks
-        .remainder()
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, max);
-    for chunk in chunks {
-        for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a = max(*a, v);
-        }
-    }
-    acc.into_iter().fold(rest, max)
+    lane_fold(x, f32::NEG_INFINITY, max, max)
 }
 
 /// Layer-normalises each row of `x` (`w.len()` values) into `y`.
