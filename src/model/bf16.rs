@@ -344,6 +344,40 @@ mod tests {
     }
 
     #[test]
+    fn rows_round_as_each_value_does() {
+        let mut values: Vec<f32> = random(&[300], 5)
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v * 100.0)
+            .collect();
+        let specials = [
+            0.0,
+            -0.0,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            f32::INFINITY,
+        ];
+        values.extend(specials);
+        values.extend([f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE, f32::NAN]);
+        values.extend([1e-39, -1e-40]);
+        // Every length to four blocks of 16 and past, from a few offsets:
+        // whole blocks, and the values after the last.
+        for start in [0, 1, 7, 250] {
+            for len in 0..70.min(values.len() - start) {
+                let src = &values[start..start + len];
+                // Room past the row, which must stay as it was.
+                let mut dst = vec![0x5555u16; len + 40];
+                round_row(src, &mut dst[..len]);
+                assert!(dst[len..].iter().all(|&h| h == 0x5555), "wrote past {len}");
+                for (&v, &h) in src.iter().zip(&dst) {
+                    assert_eq!(h, to_bf16(v), "{v:e} at length {len}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn layout_gives_back_the_rounded_weight() {
         for (n, k) in [(1, 1), (16, 32), (33, 47), (70, 100)] {
             let w = random(&[n, k], 3)
@@ -391,6 +425,36 @@ mod tests {
             },
             |x, w, m, n, k, b| reference(x, w, m, n, k, Some(b)),
         );
+    }
+
+    #[test]
+    fn a_reused_buffer_leaves_nothing_in_the_padded_depth() {
+        if !available() {
+            return;
+        }
+        // Rows of NaN across 64 depths, then a product of 40 depths on the
+        // same thread, in the same reused buffer: its depths 40 to 63 are
+        // read against zero weights, and a NaN left there would spread.
+        let nan = Tensor::full(f32::NAN, (4, 64), &candle_core::Device::Cpu).unwrap();
+        let wide = Arc::new(Bf16Matrix::new(&random(&[8, 64], 1)).unwrap().unwrap());
+        dense(&nan, &wide, None, Pointwise::Identity).unwrap();
+        let x = random(&[4, 40], 2);
+        let w = random(&[8, 40], 3);
+        let packed = Arc::new(Bf16Matrix::new(&w).unwrap().unwrap());
+        let y = dense(&x, &packed, None, Pointwise::Identity)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (got, want) in y.iter().zip(reference(&x, &w, 4, 8, 40, None)) {
+            assert!(
+                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{got} for {want}"
+            );
+        }
     }
 
     #[test]
