@@ -206,35 +206,39 @@ pub(super) struct TileMatrix<E> {
 }
 
 impl<E: Element> TileMatrix<E> {
-    /// Lays out the row-major (n x k) weight `w`: `channel(row, put)`
-    /// converts one output channel's row, calling `put(depth, value)` for
-    /// each value, and returns what the channel keeps besides (a scale);
-    /// those come back in channel order.
+    /// Lays out the row-major (n x k) weight `w`: `channel(row, values)`
+    /// converts one output channel's row into its `k` values, in order of
+    /// depth, and returns what the channel keeps besides (a scale); those
+    /// come back in channel order.
     pub fn new<X: Copy + Default + Send>(
         format: Format,
         w: &[f32],
         n: usize,
         k: usize,
-        channel: impl Fn(&[f32], &mut dyn FnMut(usize, E)) -> X + Sync,
+        channel: impl Fn(&[f32], &mut [E]) -> X + Sync,
     ) -> (Self, Vec<X>) {
         let depth = format.depth();
         let kp = k.next_multiple_of(depth).max(depth);
         let np = n.next_multiple_of(BLOCK).max(BLOCK);
         let mut tiles = vec![E::default(); np * kp];
+        let place = match format {
+            Format::Bf16 => place::<E, { Format::Bf16.depth() }, { Format::Bf16.group() }>,
+            Format::Int8 => place::<E, { Format::Int8.depth() }, { Format::Int8.group() }>,
+        };
         // Column block `cb` holds the tiles of T columns.
         let blocks: Vec<[X; T]> = tiles
             .par_chunks_mut(kp * T)
             .enumerate()
             .map(|(cb, block)| {
                 let mut kept = [X::default(); T];
+                let mut values = vec![E::default(); k];
                 for (c, kept) in kept.iter_mut().enumerate() {
                     let o = cb * T + c;
                     if o >= n {
                         break;
                     }
-                    *kept = channel(&w[o * k..(o + 1) * k], &mut |kk, v| {
-                        block[format.offset(kk, c)] = v
-                    });
+                    *kept = channel(&w[o * k..(o + 1) * k], &mut values);
+                    place(block, c, &values);
                 }
                 kept
             })
@@ -460,6 +464,30 @@ impl<A> Drop for Rows<A> {
                 words
             });
         });
+    }
+}
+
+/// Puts column `c`'s `values` (in order of depth) where [`Format::offset`]
+/// says among its column block's tiles, a group of depth at a time: the
+/// format's depth and group as constants, so that finding each place is
+/// shifts. Loading a model lays out every weight so (88 M for ViT-B/32);
+/// a call and the divisions of `offset` for each value took 42% of a
+/// one-off `clipdex search` on Zen 4.
+fn place<E: Copy, const DEPTH: usize, const GROUP: usize>(block: &mut [E], c: usize, values: &[E]) {
+    let at = |g: usize| {
+        let kk = g * GROUP;
+        (kk / DEPTH) * T * DEPTH + (kk % DEPTH) * T + GROUP * c
+    };
+    let groups = values.chunks_exact(GROUP);
+    let (whole, rest) = (groups.len(), groups.remainder());
+    // Whole groups as copies of a known length (no call to memmove each).
+    for (g, group) in groups.enumerate() {
+        let at = at(g);
+        block[at..at + GROUP].copy_from_slice(group);
+    }
+    if !rest.is_empty() {
+        let at = at(whole);
+        block[at..at + rest.len()].copy_from_slice(rest);
     }
 }
 

@@ -186,11 +186,7 @@ impl Bf16Matrix {
     }
 
     fn from_rows(w: &[f32], n: usize, k: usize) -> Self {
-        let (tiles, _) = TileMatrix::new(Format::Bf16, w, n, k, |row, put| {
-            for (kk, &v) in row.iter().enumerate() {
-                put(kk, to_bf16(v));
-            }
-        });
+        let (tiles, _) = TileMatrix::new(Format::Bf16, w, n, k, round_row);
         Self(tiles)
     }
 }

@@ -52,14 +52,13 @@ impl Int8Matrix {
     }
 
     fn from_rows(w: &[f32], n: usize, k: usize) -> Self {
-        let (tiles, kept) = TileMatrix::new(Format::Int8, w, n, k, |row, put| {
+        let (tiles, kept) = TileMatrix::new(Format::Int8, w, n, k, |row, values| {
             let scale = scale_of(row);
             let inverse = inverse(scale);
             let mut sum = 0;
-            for (kk, &v) in row.iter().enumerate() {
-                let q = quantize(v, inverse);
-                put(kk, q);
-                sum += i32::from(q);
+            for (q, &v) in values.iter_mut().zip(row) {
+                *q = quantize(v, inverse);
+                sum += i32::from(*q);
             }
             (scale, sum)
         });
