@@ -154,13 +154,23 @@ pub(super) fn with_rows<T>(
     if !available(format) || !weight.device().is_cpu() {
         return Ok(None);
     }
+    f32_rows(weight, lay_out).map(Some)
+}
+
+/// `lay_out` of the (out, in) `weight`'s values row-major as f32, with its
+/// shape (n, k): lent where an f32 weight on the CPU lies in order, else a
+/// converted copy.
+pub(super) fn f32_rows<T>(
+    weight: &candle_core::Tensor,
+    lay_out: impl FnOnce(&[f32], usize, usize) -> T,
+) -> candle_core::Result<T> {
     let (n, k) = weight.dims2()?;
     if weight.dtype() == candle_core::DType::F32 {
         let (storage, layout) = weight.storage_and_layout();
         if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
             (&*storage, layout.contiguous_offsets())
         {
-            return Ok(Some(lay_out(&cpu.as_slice::<f32>()?[start..end], n, k)));
+            return Ok(lay_out(&cpu.as_slice::<f32>()?[start..end], n, k));
         }
     }
     let w = weight
@@ -168,7 +178,7 @@ pub(super) fn with_rows<T>(
         .contiguous()?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    Ok(Some(lay_out(&w, n, k)))
+    Ok(lay_out(&w, n, k))
 }
 
 /// A tile element: plain bytes (u16 for bf16, i8 for int8), any bit
