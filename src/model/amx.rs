@@ -77,10 +77,19 @@ impl Format {
     /// in elements (u16 or i8): tile `kk / depth`, row `kk % depth / group`,
     /// column `o % T`, place `kk % group` within the column's group.
     pub(super) fn offset(self, kk: usize, o: usize) -> usize {
-        let (depth, group) = (self.depth(), self.group());
-        let (step, within) = (kk / depth, kk % depth);
-        step * T * depth + (within / group) * group * T + group * (o % T) + within % group
+        match self {
+            Format::Bf16 => offset::<{ Format::Bf16.depth() }, { Format::Bf16.group() }>(kk, o),
+            Format::Int8 => offset::<{ Format::Int8.depth() }, { Format::Int8.group() }>(kk, o),
+        }
     }
+}
+
+/// [`Format::offset`] for a format's depth and group as constants (shifts,
+/// where the format's own values would be divisions).
+#[inline(always)]
+const fn offset<const DEPTH: usize, const GROUP: usize>(kk: usize, o: usize) -> usize {
+    let (step, within) = (kk / DEPTH, kk % DEPTH);
+    step * T * DEPTH + (within / GROUP) * GROUP * T + GROUP * (o % T) + within % GROUP
 }
 
 /// Whether this CPU runs products in `format`, on AMX or with AVX-512 dot
@@ -484,10 +493,7 @@ impl<A> Drop for Rows<A> {
 /// a call and the divisions of `offset` for each value took 42% of a
 /// one-off `clipdex search` on Zen 4.
 fn place<E: Copy, const DEPTH: usize, const GROUP: usize>(block: &mut [E], c: usize, values: &[E]) {
-    let at = |g: usize| {
-        let kk = g * GROUP;
-        (kk / DEPTH) * T * DEPTH + (kk % DEPTH) * T + GROUP * c
-    };
+    let at = |g: usize| offset::<DEPTH, GROUP>(g * GROUP, c);
     let groups = values.chunks_exact(GROUP);
     let (whole, rest) = (groups.len(), groups.remainder());
     // Whole groups as copies of a known length (no call to memmove each).

@@ -138,10 +138,11 @@ impl<T: Element> PackedMatrix<T> {
         super::amx::f32_rows(weight, |w, n, k| {
             let panels = n.div_ceil(NR);
             let mut data = vec![T::default(); panels * k * NR];
-            // A panel row at a time (NR values, contiguous), from the
-            // panel's rows side by side: each line of theirs is read from
-            // level 1 for 16 panel rows (a column at a time, the panel's
-            // 98 KB in f32 passed through level 2 once per weight row).
+            // A panel row at a time (NR contiguous values, one from each
+            // weight row): each cache line of the weight rows serves 16
+            // panel rows from level 1, where filling a column at a time
+            // passed the whole panel (98 KB in f32) through level 2 once
+            // per weight row.
             if k > 0 {
                 data.par_chunks_mut(k * NR)
                     .enumerate()
