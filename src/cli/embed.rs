@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::EmbedArgs;
 use crate::library::{DecodeLimits, decode_file};
-use crate::model::{ModelInfo, RgbView};
+use crate::model::{ModelInfo, RgbView, Towers};
 
 /// Images per forward pass.
 const IMAGE_BATCH: usize = 16;
@@ -81,9 +81,14 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     }
 
     let source = args.model.source()?;
+    // Texts alone leave the image tower in the checkpoint.
+    let towers = match images.is_empty() {
+        true => Towers::TextFirst,
+        false => Towers::Both,
+    };
     let clip = args
         .model
-        .load(&source, args.model.precision.unwrap_or_default())?;
+        .load_towers(&source, args.model.precision.unwrap_or_default(), towers)?;
 
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
     let text = clip.embed_texts(&texts).context("cannot embed the texts")?;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use crate::model::{DEFAULT_MODEL, HubOptions, ModelSource, Precision};
+use crate::model::{DEFAULT_MODEL, HubOptions, ModelSource, Precision, Towers};
 
 /// Self-hosted semantic image search with CLIP.
 #[derive(Debug, Parser)]
@@ -660,6 +660,19 @@ impl ModelArgs {
     /// at `precision`.
     pub fn load(&self, source: &ModelSource, precision: Precision) -> Result<crate::model::Clip> {
         load_model(source, self.offline, precision)
+    }
+
+    /// [`Self::load`], the image tower loaded when `towers` says.
+    pub fn load_towers(
+        &self,
+        source: &ModelSource,
+        precision: Precision,
+        towers: Towers,
+    ) -> Result<crate::model::Clip> {
+        use anyhow::Context;
+        let hub = HubOptions::from_env(self.offline, true);
+        crate::model::Clip::load_towers(source, &hub, precision, towers)
+            .with_context(|| format!("cannot load model {source}"))
     }
 }
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{DuplicatesArgs, FilterArgs, QueryTarget, SearchArgs, SimilarArgs, TagsArgs};
 use crate::indexer;
-use crate::model::Precision;
+use crate::model::{Precision, Towers};
 use crate::search::{
     self, Engine, Filters, Hit, HubOptions, OpenError, OpenOptions, Request, SearchResults, Term,
     TermKind,
@@ -48,6 +48,7 @@ fn backend(target: &QueryTarget) -> Result<Backend> {
         model: None,
         precision,
         hub: &hub,
+        towers: Towers::TextFirst,
         wait: None,
     };
     match search::open(&opts, &mut |_| {}) {

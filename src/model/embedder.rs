@@ -15,7 +15,7 @@ use super::checkpoint::{self, CheckpointFiles, HubOptions, Layout, ModelSource, 
 use super::tensor_file::TensorFile;
 use super::tokenizer::TokenizerSettings;
 use super::{
-    ClipConfig, ClipModel, Error, Family, Preprocessor, Result, RgbView, TextTokenizer,
+    ClipConfig, ClipModel, Error, Family, Preprocessor, Result, RgbView, TextTokenizer, Towers,
     load_weights, normalize,
 };
 
@@ -41,19 +41,32 @@ pub struct Clip {
 impl Clip {
     /// Loads a model from a folder or the hub.
     pub fn load(source: &ModelSource, hub: &HubOptions) -> Result<Self> {
+        Self::load_exact(source, hub, Towers::Both)
+    }
+
+    fn load_exact(source: &ModelSource, hub: &HubOptions, towers: Towers) -> Result<Self> {
         let files = checkpoint::resolve(source, hub)?;
-        Self::from_files(&files, source.id())
+        Self::from_files_with(&files, source.id(), towers)
     }
 
     /// Loads a model in `precision`. A `fast` or `int8` one has its encoder
     /// layers converted one by one as they load, so that loading peaks near
     /// the reduced model's size rather than the f32 one's.
     pub fn load_with(source: &ModelSource, hub: &HubOptions, precision: Precision) -> Result<Self> {
+        Self::load_towers(source, hub, precision, Towers::Both)
+    }
+
+    /// [`Self::load_with`], the image tower loaded when `towers` says.
+    pub fn load_towers(
+        source: &ModelSource,
+        hub: &HubOptions,
+        precision: Precision,
+        towers: Towers,
+    ) -> Result<Self> {
+        let load = || Self::load_exact(source, hub, towers);
         let mut clip = match precision {
-            Precision::Exact => Self::load(source, hub)?,
-            Precision::Fast | Precision::Int8 => {
-                super::bf16::converting_on_load(precision, || Self::load(source, hub))?
-            }
+            Precision::Exact => load()?,
+            Precision::Fast | Precision::Int8 => super::bf16::converting_on_load(precision, load)?,
         };
         clip.set_precision(precision)?;
         Ok(clip)
@@ -61,6 +74,12 @@ impl Clip {
 
     /// Loads a model from resolved checkpoint files.
     pub fn from_files(files: &CheckpointFiles, id: String) -> Result<Self> {
+        Self::from_files_with(files, id, Towers::Both)
+    }
+
+    /// [`Self::from_files`], the image tower loaded when `towers` says
+    /// (a Hugging Face safetensors checkpoint's; others load both at once).
+    pub fn from_files_with(files: &CheckpointFiles, id: String, towers: Towers) -> Result<Self> {
         let model_config = files.read_config()?;
         let config = &model_config.config;
         let settings = match &files.tokenizer_config {
@@ -84,7 +103,10 @@ impl Clip {
                 let file = TensorFile::open(path)?;
                 let vb =
                     VarBuilder::from_backend(Box::new(file.clone()), DType::F32, device.clone());
-                ClipModel::from_file(vb, config, Some(&file))?
+                match towers {
+                    Towers::Both => ClipModel::from_file(vb, config, Some(&file))?,
+                    Towers::TextFirst => ClipModel::from_file_text_first(vb, config, Some(&file))?,
+                }
             }
             (Layout::HuggingFace, _) => {
                 ClipModel::new(load_weights(&files.weights, &device)?, config)?

@@ -41,6 +41,8 @@ pub mod tokenizer;
 pub mod vision;
 mod winograd;
 
+use std::sync::{Mutex, OnceLock, PoisonError};
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
@@ -115,6 +117,182 @@ enum ImageTower {
     TrainResNet(TrainableResNet),
 }
 
+impl ImageTower {
+    /// The tower's dense layers in `precision` ([`ClipModel::reduce_to`]).
+    fn reduce_to(&mut self, precision: Precision) -> Result<()> {
+        match self {
+            ImageTower::Vit(vit) => vit.reduce_to(precision),
+            ImageTower::ResNet(resnet) => resnet.reduce_to(precision),
+            ImageTower::TrainResNet(_) => Ok(()),
+        }
+    }
+}
+
+/// The image tower of `config` under `vb`'s top level.
+fn load_image_tower(vb: &VarBuilder, config: &ClipConfig) -> Result<ImageTower> {
+    let v = &config.vision_config;
+    Ok(match &v.resnet {
+        // Trainable weights (training) need batch statistics and gradients;
+        // fixed ones fold batch normalisation away.
+        Some(r)
+            if vb
+                .get((r.width / 2, 3, 3, 3), "vision_model.conv1.weight")?
+                .track_op() =>
+        {
+            ImageTower::TrainResNet(TrainableResNet::load(
+                vb.pp("vision_model"),
+                v,
+                r,
+                config.projection_dim,
+            )?)
+        }
+        Some(r) => ImageTower::ResNet(ModifiedResNet::load(
+            vb.pp("vision_model"),
+            v,
+            r,
+            config.projection_dim,
+        )?),
+        None => ImageTower::Vit(VisionTransformer::load(
+            vb.pp("vision_model"),
+            v,
+            config.family,
+        )?),
+    })
+}
+
+/// A weight that does not fit the config, as such (not as a bare candle error).
+fn weights_error(e: Error) -> Error {
+    match e {
+        Error::Candle(e) => Error::Weights(e.to_string()),
+        other => other,
+    }
+}
+
+/// When a model's image tower loads ([`Clip::load_towers`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Towers {
+    /// Both towers at once, every weight checked against the config.
+    #[default]
+    Both,
+    /// The text tower at once; the image tower when an image is first
+    /// embedded, if ever. For commands that embed texts (a one-off
+    /// `clipdex search`, `embed --text`): ViT-B/32's image tower is 70% of
+    /// its weights, and of its loading.
+    TextFirst,
+}
+
+/// The image tower, loaded, or left in the checkpoint until first used
+/// ([`Towers::TextFirst`]) and then loaded once, as it would have been
+/// with the rest, at the precision the model has by then.
+struct LazyTower {
+    tower: OnceLock<ImageTower>,
+    /// What loading it needs, until it is loaded; held while one thread
+    /// loads it, so that the others wait for that tower.
+    pending: Mutex<Option<PendingTower>>,
+}
+
+/// An image tower yet to load: the checkpoint's weights and the precision
+/// to convert them to.
+#[derive(Clone)]
+struct PendingTower {
+    vb: VarBuilder<'static>,
+    config: ClipConfig,
+    precision: Precision,
+}
+
+impl LazyTower {
+    fn ready(tower: ImageTower) -> Self {
+        Self {
+            tower: OnceLock::from(tower),
+            pending: Mutex::new(None),
+        }
+    }
+
+    fn pending(vb: VarBuilder<'static>, config: &ClipConfig) -> Self {
+        Self {
+            tower: OnceLock::new(),
+            pending: Mutex::new(Some(PendingTower {
+                vb,
+                config: config.clone(),
+                precision: Precision::Exact,
+            })),
+        }
+    }
+
+    /// The tower, loading it first if it is pending. A load that fails is
+    /// tried again by the next call.
+    fn get(&self) -> Result<&ImageTower> {
+        if let Some(tower) = self.tower.get() {
+            return Ok(tower);
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        // Another thread may have loaded it while this one waited.
+        if let Some(tower) = self.tower.get() {
+            return Ok(tower);
+        }
+        let Some(p) = pending.as_ref() else {
+            return Err(Error::Weights(
+                "the image tower is neither loaded nor pending".into(),
+            ));
+        };
+        // As `Clip::load_with` loads a tower, then `ClipModel::reduce_to`.
+        let mut tower = match p.precision {
+            Precision::Exact => load_image_tower(&p.vb, &p.config),
+            reduced => bf16::converting_on_load(reduced, || load_image_tower(&p.vb, &p.config)),
+        }
+        .map_err(weights_error)?;
+        if p.precision != Precision::Exact {
+            tower.reduce_to(p.precision)?;
+        }
+        *pending = None;
+        Ok(self.tower.get_or_init(|| tower))
+    }
+
+    /// The tower if it is loaded.
+    fn loaded(&self) -> Option<&ImageTower> {
+        self.tower.get()
+    }
+
+    /// [`ImageTower::reduce_to`] now, or when it loads.
+    fn reduce_to(&mut self, precision: Precision) -> Result<()> {
+        if let Some(tower) = self.tower.get_mut() {
+            return tower.reduce_to(precision);
+        }
+        match self
+            .pending
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            Some(p) => p.precision = precision,
+            None => {
+                return Err(Error::Weights(
+                    "the image tower is neither loaded nor pending".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Clone for LazyTower {
+    fn clone(&self) -> Self {
+        let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        Self {
+            tower: self.tower.clone(),
+            pending: Mutex::new(pending.clone()),
+        }
+    }
+}
+
+impl std::fmt::Debug for LazyTower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.tower.get() {
+            Some(tower) => tower.fmt(f),
+            None => f.write_str("ImageTower(pending)"),
+        }
+    }
+}
+
 /// The text tower: CLIP's or SigLIP's transformer, or a Hugging Face
 /// encoder inside an open_clip model.
 #[derive(Clone, Debug)]
@@ -129,7 +307,7 @@ enum TextTower {
 #[derive(Clone, Debug)]
 pub struct ClipModel {
     text_model: TextTower,
-    vision_model: ImageTower,
+    vision_model: LazyTower,
     /// CLIP's projections; SigLIP's towers end in their own heads.
     text_projection: Option<Linear>,
     visual_projection: Option<Linear>,
@@ -151,6 +329,28 @@ impl ClipModel {
         vb: VarBuilder,
         config: &ClipConfig,
         file: Option<&TensorFile>,
+    ) -> Result<Self> {
+        Self::with_image_tower(vb, config, file, |vb| {
+            Ok(LazyTower::ready(load_image_tower(&vb, config)?))
+        })
+    }
+
+    /// [`Self::from_file`] with the image tower left in the checkpoint
+    /// until an image is first embedded ([`Towers::TextFirst`]).
+    pub fn from_file_text_first(
+        vb: VarBuilder<'static>,
+        config: &ClipConfig,
+        file: Option<&TensorFile>,
+    ) -> Result<Self> {
+        Self::with_image_tower(vb, config, file, |vb| Ok(LazyTower::pending(vb, config)))
+    }
+
+    /// The model, its image tower made by `image_tower` from `vb`.
+    fn with_image_tower<'a>(
+        vb: VarBuilder<'a>,
+        config: &ClipConfig,
+        file: Option<&TensorFile>,
+        image_tower: impl FnOnce(VarBuilder<'a>) -> Result<LazyTower>,
     ) -> Result<Self> {
         let load = || -> Result<Self> {
             let (t, v) = (&config.text_config, &config.vision_config);
@@ -207,31 +407,7 @@ impl ClipModel {
                         file,
                     )?),
                 },
-                vision_model: match &v.resnet {
-                    // Trainable weights (training) need batch statistics and
-                    // gradients; fixed ones fold batch normalisation away.
-                    Some(r)
-                        if vb
-                            .get((r.width / 2, 3, 3, 3), "vision_model.conv1.weight")?
-                            .track_op() =>
-                    {
-                        ImageTower::TrainResNet(TrainableResNet::load(
-                            vb.pp("vision_model"),
-                            v,
-                            r,
-                            config.projection_dim,
-                        )?)
-                    }
-                    Some(r) => ImageTower::ResNet(ModifiedResNet::load(
-                        vb.pp("vision_model"),
-                        v,
-                        r,
-                        config.projection_dim,
-                    )?),
-                    None => {
-                        ImageTower::Vit(VisionTransformer::load(vb.pp("vision_model"), v, family)?)
-                    }
-                },
+                vision_model: image_tower(vb)?,
                 text_projection,
                 visual_projection,
                 logit_scale,
@@ -239,10 +415,7 @@ impl ClipModel {
                 config: config.clone(),
             })
         };
-        load().map_err(|e| match e {
-            Error::Candle(e) => Error::Weights(e.to_string()),
-            other => other,
-        })
+        load().map_err(weights_error)
     }
 
     pub fn config(&self) -> &ClipConfig {
@@ -299,7 +472,7 @@ impl ClipModel {
 
     /// Projected, unnormalised image features (`get_image_features`) of (batch, 3, s, s) pixels.
     pub fn get_image_features(&self, pixels: &Tensor) -> Result<Tensor> {
-        let pooled = match &self.vision_model {
+        let pooled = match self.vision_model.get()? {
             ImageTower::Vit(vit) => vit.forward(pixels)?,
             ImageTower::ResNet(resnet) => resnet.forward(pixels)?,
             ImageTower::TrainResNet(resnet) => resnet.forward(pixels)?,
@@ -328,18 +501,14 @@ impl ClipModel {
         {
             projection.reduce_to(bf16::LayerKind::Projection, precision)?;
         }
-        match &mut self.vision_model {
-            ImageTower::Vit(vit) => vit.reduce_to(precision),
-            ImageTower::ResNet(resnet) => resnet.reduce_to(precision),
-            ImageTower::TrainResNet(_) => Ok(()),
-        }
+        self.vision_model.reduce_to(precision)
     }
 
     /// Training mode: batch normalisation (the ResNet's, when trainable)
     /// uses the batch's statistics and updates its running ones; otherwise
     /// the running ones. Other layers behave the same either way.
     pub fn set_training(&self, training: bool) {
-        if let ImageTower::TrainResNet(resnet) = &self.vision_model {
+        if let Some(ImageTower::TrainResNet(resnet)) = self.vision_model.loaded() {
             resnet.set_training(training);
         }
     }
@@ -347,8 +516,8 @@ impl ClipModel {
     /// State that is not a weight but is saved with them: batch
     /// normalisation's running statistics, by checkpoint name.
     pub fn buffers(&self) -> Vec<(String, candle_core::Var)> {
-        match &self.vision_model {
-            ImageTower::TrainResNet(resnet) => resnet.buffers(),
+        match self.vision_model.loaded() {
+            Some(ImageTower::TrainResNet(resnet)) => resnet.buffers(),
             _ => Vec::new(),
         }
     }

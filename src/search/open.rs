@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::Engine;
 use crate::indexer::{self, Holder, Index, IndexPaths};
 pub use crate::model::HubOptions;
-use crate::model::{Clip, DEFAULT_MODEL, ModelSource, Precision};
+use crate::model::{Clip, DEFAULT_MODEL, ModelSource, Precision, Towers};
 
 /// Where an engine comes from.
 #[derive(Clone, Debug)]
@@ -24,6 +24,9 @@ pub struct OpenOptions<'a> {
     /// another.
     pub precision: Option<Precision>,
     pub hub: &'a HubOptions,
+    /// When the model's image tower loads: a server's at once, a one-off
+    /// text query's only if an image is embedded after all.
+    pub towers: Towers,
     /// While another process holds the index: `Some(stop)` waits (until
     /// `stop` is set), `None` fails at once with `InUse`.
     pub wait: Option<&'a AtomicBool>,
@@ -141,7 +144,7 @@ pub fn open(opts: &OpenOptions, on_step: &mut dyn FnMut(Step)) -> Result<Engine,
         source,
     };
     let source = ModelSource::parse(&model_id).map_err(model_error)?;
-    let clip = Clip::load_with(&source, opts.hub, precision).map_err(model_error)?;
+    let clip = Clip::load_towers(&source, opts.hub, precision, opts.towers).map_err(model_error)?;
     on_step(Step::OpeningIndex);
     let index = unlocked(opts.wait, on_step, || match opts.library {
         Some(library) => Index::create_or_open(opts.index, library, clip.info()),

@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
 use crate::indexer::{self, Progress, RunOptions, RunSummary};
+use crate::model::Towers;
 use crate::search::{self, Engine, HubOptions, OpenError, OpenOptions, Step};
 
 /// Settings of a running server.
@@ -189,6 +190,7 @@ fn load(state: &SharedState, addr: SocketAddr) -> Result<(), OpenError> {
         model: config.model.as_deref(),
         precision: config.precision,
         hub: &config.hub,
+        towers: Towers::Both,
         wait: Some(&state.stop),
     };
     let engine = search::open(&opts, &mut |step| {

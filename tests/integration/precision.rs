@@ -4,7 +4,7 @@
 use clipdex::common::RgbView;
 use clipdex::library::{DecodeLimits, decode_file};
 use clipdex::model::checkpoint::{HubOptions, ModelSource};
-use clipdex::model::{Clip, Precision};
+use clipdex::model::{Clip, Precision, Towers};
 
 use crate::common::{
     clipdex, copy_photos, fixture_model, fixture_models, reference, shared_photos, stderr, stdout,
@@ -14,15 +14,15 @@ use crate::common::{
 /// its exact one.
 const FIDELITY: f32 = 0.995;
 
+fn offline() -> HubOptions {
+    HubOptions {
+        offline: true,
+        progress: false,
+    }
+}
+
 fn load(name: &str, precision: Precision) -> Clip {
-    let mut clip = Clip::load(
-        &ModelSource::Dir(fixture_model(name)),
-        &HubOptions {
-            offline: true,
-            progress: false,
-        },
-    )
-    .unwrap();
+    let mut clip = Clip::load(&ModelSource::Dir(fixture_model(name)), &offline()).unwrap();
     clip.set_precision(precision).unwrap();
     clip
 }
@@ -60,6 +60,7 @@ fn reduced_embeddings_stay_within_the_fidelity_bar_on_every_fixture() {
         let texts = reference(&name).texts;
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
         let exact = load(&name, Precision::Exact);
+        same_when_the_image_tower_loads_later(&name, &exact, &views[..8], &texts);
         let mut reduced = Vec::new();
         for precision in [Precision::Fast, Precision::Int8] {
             reduced.push(check_fidelity(&name, &exact, precision, &views, &texts));
@@ -119,10 +120,7 @@ fn check_fidelity(
     // Converted layer by layer while loading, or after: the same model.
     let loaded = Clip::load_with(
         &ModelSource::Dir(fixture_model(name)),
-        &HubOptions {
-            offline: true,
-            progress: false,
-        },
+        &offline(),
         precision,
     )
     .unwrap();
@@ -138,7 +136,113 @@ fn check_fidelity(
         fast.embed_texts(texts).unwrap(),
         "{name} {precision}: texts"
     );
+    same_when_the_image_tower_loads_later(name, &fast, &views[..8], texts);
     first
+}
+
+/// A model loaded with its image tower left for later ([`Towers::TextFirst`])
+/// embeds as `clip` (loaded at once, at the same precision) does: texts
+/// before the tower loads, then images, as they are first asked for.
+fn same_when_the_image_tower_loads_later(
+    name: &str,
+    clip: &Clip,
+    views: &[RgbView],
+    texts: &[&str],
+) {
+    let precision = clip.info().precision;
+    let later = Clip::load_towers(
+        &ModelSource::Dir(fixture_model(name)),
+        &offline(),
+        precision,
+        Towers::TextFirst,
+    )
+    .unwrap();
+    assert_eq!(later.info(), clip.info(), "{name}");
+    assert_eq!(
+        later.embed_texts(texts).unwrap(),
+        clip.embed_texts(texts).unwrap(),
+        "{name} {precision}: texts, the image tower not loaded"
+    );
+    assert_eq!(
+        later.embed_images(views).unwrap(),
+        clip.embed_images(views).unwrap(),
+        "{name} {precision}: images from the tower loaded later"
+    );
+}
+
+/// The fixture `name` copied into `dir` without the tensor `left_out`.
+fn without_tensor(name: &str, left_out: &str, dir: &std::path::Path) {
+    let src = fixture_model(name);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert!(
+        tensors.remove(left_out).is_some(),
+        "{name} has no {left_out}"
+    );
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn an_image_tower_left_for_later_loads_once_and_a_broken_one_says_so() {
+    let name = "openai-tiny";
+    let texts = reference(name).texts;
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let photos = ["gcompris/fishes", "wallpapers"].map(|dir| {
+        let path = walkdir::WalkDir::new(shared_photos().join(dir))
+            .sort_by_file_name()
+            .into_iter()
+            .map(|e| e.unwrap().into_path())
+            .find(|p| p.extension().is_some_and(|e| e == "jpg" || e == "png"))
+            .unwrap();
+        decode_file(&path, &DecodeLimits::default()).unwrap()
+    });
+    let views: Vec<RgbView> = photos.iter().map(|d| d.view()).collect();
+    let both = load(name, Precision::Fast);
+    let expected = both.embed_images(&views).unwrap();
+
+    // Threads that ask for images at once share one load of the tower.
+    let later = Clip::load_towers(
+        &ModelSource::Dir(fixture_model(name)),
+        &offline(),
+        Precision::Fast,
+        Towers::TextFirst,
+    )
+    .unwrap();
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| later.embed_images(&views).unwrap()))
+            .collect();
+        for run in runs {
+            assert_eq!(run.join().unwrap(), expected);
+        }
+    });
+
+    // A checkpoint whose image tower lacks a weight: loading both towers
+    // refuses it; loading the text tower first answers texts, and every
+    // image asks for the tower again and says what is wrong.
+    let dir = tempfile::tempdir().unwrap();
+    let missing = "vision_model.encoder.layers.1.mlp.fc2.weight";
+    without_tensor(name, missing, dir.path());
+    let source = ModelSource::Dir(dir.path().to_path_buf());
+    let err = Clip::load_with(&source, &offline(), Precision::Fast).unwrap_err();
+    assert!(err.to_string().contains(missing), "{err}");
+    let broken =
+        Clip::load_towers(&source, &offline(), Precision::Fast, Towers::TextFirst).unwrap();
+    assert_eq!(
+        broken.embed_texts(&texts).unwrap(),
+        both.embed_texts(&texts).unwrap()
+    );
+    for _ in 0..2 {
+        let err = broken.embed_images(&views).unwrap_err();
+        assert!(err.to_string().contains(missing), "{err}");
+    }
 }
 
 #[test]
@@ -173,6 +277,36 @@ fn an_index_keeps_the_precision_its_vectors_were_made_with() {
     assert!(out.status.success(), "{}", stderr(&out));
     let hits = stdout(&out).lines().count();
     assert!(hits > 0);
+    // A picture from outside the library: the one-off search loaded only
+    // the text tower, and loads the image tower for it.
+    let first = walkdir::WalkDir::new(lib)
+        .sort_by_file_name()
+        .into_iter()
+        .map(|e| e.unwrap().into_path())
+        .find(|p| p.is_file())
+        .unwrap();
+    let outside = dir
+        .path()
+        .join("outside")
+        .with_extension(first.extension().unwrap());
+    std::fs::copy(&first, &outside).unwrap();
+    let out = clipdex(&[
+        "similar",
+        outside.to_str().unwrap(),
+        "--index",
+        index,
+        "--json",
+        "-k",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let top: serde_json::Value =
+        serde_json::from_str(stdout(&out).lines().next().unwrap()).unwrap();
+    assert_eq!(
+        top["path"],
+        first.strip_prefix(lib).unwrap().to_str().unwrap()
+    );
+    assert!(top["similarity"].as_f64().unwrap() > 0.99, "{top}");
     let out = clipdex(&["search", "a cat", "--index", index, "--precision", "exact"]);
     assert!(!out.status.success());
     assert!(
