@@ -36,7 +36,7 @@ use utoipa::ToSchema;
 pub use crate::model::Precision;
 pub use cutoff::{Boundary, Cutoff};
 pub use fields::Understood;
-pub use open::{HubOptions, OpenError, OpenOptions, Step, open};
+pub use open::{HubOptions, OpenError, OpenOptions, Step, Towers, open};
 pub use query::{ParseError, Term, TermKind, TermSpec, parse};
 pub use request::{DEFAULT_K, EXCLUDE_WEIGHT, Request, check_weight};
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use super::Engine;
 use crate::indexer::{self, Holder, Index, IndexPaths};
-pub use crate::model::HubOptions;
-use crate::model::{Clip, DEFAULT_MODEL, ModelSource, Precision, Towers};
+use crate::model::{Clip, DEFAULT_MODEL, ModelSource, Precision};
+pub use crate::model::{HubOptions, Towers};
 
 /// Where an engine comes from.
 #[derive(Clone, Debug)]

@@ -13,8 +13,7 @@ use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
 use crate::indexer::{self, Progress, RunOptions, RunSummary};
-use crate::model::Towers;
-use crate::search::{self, Engine, HubOptions, OpenError, OpenOptions, Step};
+use crate::search::{self, Engine, HubOptions, OpenError, OpenOptions, Step, Towers};
 
 /// Settings of a running server.
 #[derive(Clone, Debug)]
