@@ -24,6 +24,21 @@ server_pid() {
   pgrep -f "$1/data/bin/milvus run" | head -1 || true
 }
 
+# Says why the server of folder $1 is not healthy: the first fatal or error
+# line its log has since this start (a goroutine dump's tail does not say
+# why it aborted), then the log's tail.
+explain() {
+  local from log
+  from="$(cat "$1/log_from" 2>/dev/null || echo 0)"
+  log="$(tail -c "+$((from + 1))" "$1/server.log")"
+  echo "error: milvus-server $2; its first fatal or error line:" >&2
+  grep -m1 -E '\[(FATAL|ERROR)\]|^panic:|^fatal error:|SIG(ABRT|SEGV)' <<<"$log" >&2 \
+    || echo "(none)" >&2
+  echo "its log's last lines:" >&2
+  tail -20 <<<"$log" >&2
+  exit 1
+}
+
 # Waits until the server of folder $1 answers its health check.
 wait_healthy() {
   for _ in $(seq 1 120); do
@@ -37,15 +52,11 @@ wait_healthy() {
       return 0
     fi
     if ! kill -0 "$(cat "$1/pid")" 2>/dev/null; then
-      echo "error: milvus-server exited; its log:" >&2
-      tail -20 "$1/server.log" >&2
-      exit 1
+      explain "$1" "exited"
     fi
     sleep 1
   done
-  echo "error: milvus-server not healthy after 120 s; its log:" >&2
-  tail -20 "$1/server.log" >&2
-  exit 1
+  explain "$1" "not healthy after 120 s"
 }
 
 case "$cmd" in
@@ -58,6 +69,7 @@ start)
   dir="$(cd "$dir" && pwd)"
   port="$(free_port)"
   etcd="$(free_port)"
+  echo 0 >"$dir/log_from"
   setsid "$venv/bin/milvus-server" --data "$dir/data" --proxy-port "$port" --etcd-port "$etcd" \
     >"$dir/server.log" 2>&1 </dev/null &
   echo $! >"$dir/pid"
@@ -79,6 +91,8 @@ restart)
   fi
   dir="$(cd "$dir" && pwd)"
   mapfile -t vars <"$dir/env"
+  # The log goes on from the last run's: what went wrong is after this.
+  wc -c <"$dir/server.log" >"$dir/log_from"
   (cd "$dir/data" && exec setsid env -i PATH="$PATH" "${vars[@]}" "$dir/data/bin/milvus" run standalone \
     >>"$dir/server.log" 2>&1 </dev/null) &
   echo $! >"$dir/pid"
