@@ -82,53 +82,23 @@ impl Clip {
     pub fn from_files_with(files: &CheckpointFiles, id: String, towers: Towers) -> Result<Self> {
         let model_config = files.read_config()?;
         let config = &model_config.config;
-        let settings = match &files.tokenizer_config {
-            Some(path) => TokenizerSettings::from_json(&checkpoint::read_text(path)?)?,
-            None => TokenizerSettings::default(),
-        };
-        let tokenizer = TextTokenizer::for_config(config, &files.tokenizer, &settings)?;
-        if tokenizer.max_id() as usize >= config.text_config.vocab_size {
-            return Err(Error::Config(format!(
-                "the tokenizer has ids up to {}, outside the model's vocabulary of {}",
-                tokenizer.max_id(),
-                config.text_config.vocab_size
-            )));
-        }
-        let (preprocessor, preprocessor_text) = files.read_preprocessor(&model_config)?;
+        // The tokenizer is parsed (CLIP's 2 MB `tokenizer.json`: a quarter
+        // of a text-only load) while the weights load; errors are reported
+        // in the order the parts are named: tokenizer, preprocessor, weights.
+        let (tokenizer, rest) = std::thread::scope(|s| {
+            let tokenizer = s.spawn(|| read_tokenizer(files, config));
+            let rest = files
+                .read_preprocessor(&model_config)
+                .and_then(|preprocessor| Ok((preprocessor, read_model(files, config, towers)?)));
+            let tokenizer = tokenizer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (tokenizer, rest)
+        });
+        let tokenizer = tokenizer?;
+        let ((preprocessor, preprocessor_text), model) = rest?;
         let image_size = config.vision_config.image_size;
         let device = Device::Cpu;
-        let model = match (&files.layout, &files.weights) {
-            // The token table stays in the file, read a row at a time.
-            (Layout::HuggingFace, WeightsFile::Safetensors(path)) => {
-                let file = TensorFile::open(path)?;
-                let vb =
-                    VarBuilder::from_backend(Box::new(file.clone()), DType::F32, device.clone());
-                match towers {
-                    Towers::Both => ClipModel::from_file(vb, config, Some(&file))?,
-                    Towers::TextFirst => ClipModel::from_file_text_first(vb, config, Some(&file))?,
-                }
-            }
-            (Layout::HuggingFace, _) => {
-                ClipModel::new(load_weights(&files.weights, &device)?, config)?
-            }
-            // Renamed weights in memory, the text tower's table in the file.
-            (Layout::OpenClip, WeightsFile::Safetensors(path)) => {
-                let file = TensorFile::open(path)?;
-                let tables: Vec<(&str, &str)> = super::open_clip::TEXT_TABLES
-                    .into_iter()
-                    .filter(|(stored, _)| file.contains_tensor(stored))
-                    .collect();
-                let left: Vec<&str> = tables.iter().map(|(stored, _)| *stored).collect();
-                let tensors =
-                    super::open_clip::remap_leaving(file.read_all_but(&left)?, config, &left)?;
-                let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
-                ClipModel::from_file(vb, config, Some(&file.renamed(&tables)))?
-            }
-            (Layout::OpenClip, _) => ClipModel::new(
-                VarBuilder::from_tensors(files.read_tensors(config)?, DType::F32, &device),
-                config,
-            )?,
-        };
         let fingerprint = fingerprint(config, &preprocessor_text, &files.weights)?;
         let info = ModelInfo {
             id,
@@ -375,6 +345,57 @@ impl Clip {
         let features = self.image_features(&self.pixels(images)?)?;
         Ok(normalize(&features)?.to_vec2::<f32>()?)
     }
+}
+
+/// The tokenizer of `files`, checked against the model's vocabulary.
+fn read_tokenizer(files: &CheckpointFiles, config: &ClipConfig) -> Result<TextTokenizer> {
+    let settings = match &files.tokenizer_config {
+        Some(path) => TokenizerSettings::from_json(&checkpoint::read_text(path)?)?,
+        None => TokenizerSettings::default(),
+    };
+    let tokenizer = TextTokenizer::for_config(config, &files.tokenizer, &settings)?;
+    if tokenizer.max_id() as usize >= config.text_config.vocab_size {
+        return Err(Error::Config(format!(
+            "the tokenizer has ids up to {}, outside the model's vocabulary of {}",
+            tokenizer.max_id(),
+            config.text_config.vocab_size
+        )));
+    }
+    Ok(tokenizer)
+}
+
+/// The model of `files`, its image tower loaded when `towers` says.
+fn read_model(files: &CheckpointFiles, config: &ClipConfig, towers: Towers) -> Result<ClipModel> {
+    let device = Device::Cpu;
+    Ok(match (&files.layout, &files.weights) {
+        // The token table stays in the file, read a row at a time.
+        (Layout::HuggingFace, WeightsFile::Safetensors(path)) => {
+            let file = TensorFile::open(path)?;
+            let vb = VarBuilder::from_backend(Box::new(file.clone()), DType::F32, device.clone());
+            match towers {
+                Towers::Both => ClipModel::from_file(vb, config, Some(&file))?,
+                Towers::TextFirst => ClipModel::from_file_text_first(vb, config, Some(&file))?,
+            }
+        }
+        (Layout::HuggingFace, _) => ClipModel::new(load_weights(&files.weights, &device)?, config)?,
+        // Renamed weights in memory, the text tower's table in the file.
+        (Layout::OpenClip, WeightsFile::Safetensors(path)) => {
+            let file = TensorFile::open(path)?;
+            let tables: Vec<(&str, &str)> = super::open_clip::TEXT_TABLES
+                .into_iter()
+                .filter(|(stored, _)| file.contains_tensor(stored))
+                .collect();
+            let left: Vec<&str> = tables.iter().map(|(stored, _)| *stored).collect();
+            let tensors =
+                super::open_clip::remap_leaving(file.read_all_but(&left)?, config, &left)?;
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+            ClipModel::from_file(vb, config, Some(&file.renamed(&tables)))?
+        }
+        (Layout::OpenClip, _) => ClipModel::new(
+            VarBuilder::from_tensors(files.read_tensors(config)?, DType::F32, &device),
+            config,
+        )?,
+    })
 }
 
 /// The tokens all of `batch` begin with, short of the last token of the

@@ -246,6 +246,30 @@ fn an_image_tower_left_for_later_loads_once_and_a_broken_one_says_so() {
 }
 
 #[test]
+fn a_broken_checkpoint_names_its_first_broken_part() {
+    // The tokenizer is read on a thread of its own while the weights load;
+    // its error still comes first, as the parts are named.
+    let missing = "vision_model.encoder.layers.1.mlp.fc2.weight";
+    let load = |dir: &std::path::Path| {
+        Clip::load_with(
+            &ModelSource::Dir(dir.to_path_buf()),
+            &offline(),
+            Precision::Fast,
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    without_tensor("openai-tiny", missing, dir.path());
+    let err = load(dir.path());
+    assert!(err.contains(missing), "{err}");
+    std::fs::write(dir.path().join("tokenizer.json"), "{\"model\": ").unwrap();
+    let err = load(dir.path());
+    assert!(err.contains("tokenizer"), "{err}");
+    assert!(!err.contains(missing), "{err}");
+}
+
+#[test]
 fn an_index_keeps_the_precision_its_vectors_were_made_with() {
     let dir = tempfile::tempdir().unwrap();
     let lib = dir.path().join("lib");
