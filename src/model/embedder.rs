@@ -41,10 +41,13 @@ pub struct Clip {
 impl Clip {
     /// Loads a model from a folder or the hub.
     pub fn load(source: &ModelSource, hub: &HubOptions) -> Result<Self> {
-        Self::load_exact(source, hub, Towers::Both)
+        Self::resolve_and_load(source, hub, Towers::Both)
     }
 
-    fn load_exact(source: &ModelSource, hub: &HubOptions, towers: Towers) -> Result<Self> {
+    /// Finds the checkpoint's files (downloading them if need be) and loads
+    /// them, converting layers as they load if a caller asked
+    /// (`converting_on_load`).
+    fn resolve_and_load(source: &ModelSource, hub: &HubOptions, towers: Towers) -> Result<Self> {
         let files = checkpoint::resolve(source, hub)?;
         Self::from_files_with(&files, source.id(), towers)
     }
@@ -63,7 +66,7 @@ impl Clip {
         precision: Precision,
         towers: Towers,
     ) -> Result<Self> {
-        let load = || Self::load_exact(source, hub, towers);
+        let load = || Self::resolve_and_load(source, hub, towers);
         let mut clip = match precision {
             Precision::Exact => load()?,
             Precision::Fast | Precision::Int8 => super::bf16::converting_on_load(precision, load)?,
