@@ -76,6 +76,18 @@ pub fn fixture_model(name: &str) -> PathBuf {
     dir
 }
 
+/// The files of the model folder `src` copied into `dir`, but for those
+/// named in `leaving`.
+pub fn copy_model(src: &Path, dir: &Path, leaving: &[&str]) {
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if !leaving.iter().any(|l| name == *l) {
+            std::fs::copy(&path, dir.join(name)).unwrap();
+        }
+    }
+}
+
 /// The hub repositories a fixture names (`"hub"` in its reference.json):
 /// repository id and the folder of its files under tests/fixtures.
 pub fn fixture_hub_repos(name: &str) -> Vec<(String, PathBuf)> {

@@ -7,7 +7,8 @@ use clipdex::model::checkpoint::{self, HubOptions, ModelSource};
 use clipdex::model::{Clip, Precision, RgbView, normalize};
 
 use crate::common::{
-    fixture_model, fixture_models, fixture_models_of, max_abs_diff, reference, shared_photos,
+    copy_model, fixture_model, fixture_models, fixture_models_of, max_abs_diff, reference,
+    shared_photos,
 };
 
 /// Model outputs against the reference, from the same token ids and pixels.
@@ -276,12 +277,7 @@ fn pytorch_pickle_weights_load_like_safetensors() {
         "the laion-tiny fixture ships a pickle too"
     );
     let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
-        if path.file_name().unwrap() != "model.safetensors" {
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
+    copy_model(&src, dir.path(), &["model.safetensors"]);
     let files = checkpoint::resolve(
         &ModelSource::Dir(dir.path().to_path_buf()),
         &HubOptions::default(),

@@ -7,7 +7,8 @@ use clipdex::model::checkpoint::{HubOptions, ModelSource};
 use clipdex::model::{Clip, Precision, Towers};
 
 use crate::common::{
-    clipdex, copy_photos, fixture_model, fixture_models, reference, shared_photos, stderr, stdout,
+    clipdex, copy_model, copy_photos, fixture_model, fixture_models, reference, shared_photos,
+    stderr, stdout,
 };
 
 /// The fidelity bar: every fast embedding within this cosine of
@@ -173,12 +174,7 @@ fn same_when_the_image_tower_loads_later(
 /// The fixture `name` copied into `dir` without the tensor `left_out`.
 fn without_tensor(name: &str, left_out: &str, dir: &std::path::Path) {
     let src = fixture_model(name);
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
-        if path.file_name().unwrap() != "model.safetensors" {
-            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-        }
-    }
+    copy_model(&src, dir, &["model.safetensors"]);
     let mut tensors =
         candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
             .unwrap();

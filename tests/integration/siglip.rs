@@ -10,7 +10,7 @@ use clipdex::model::checkpoint::{HubOptions, ModelSource};
 use clipdex::model::{Clip, Family};
 
 use crate::common::{
-    clipdex, fixture_model, fixture_models_of, fixtures, reference, stderr, stdout,
+    clipdex, copy_model, fixture_model, fixture_models_of, fixtures, reference, stderr, stdout,
 };
 
 fn load(name: &str) -> Clip {
@@ -97,10 +97,7 @@ fn unknown_layouts_are_named() {
     let src = fixture_model("siglip-tiny");
     for (model_type, says) in [("siglip2", "NaFlex"), ("blip", "\"blip\"")] {
         let dir = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(&src).unwrap() {
-            let path = entry.unwrap().path();
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
+        copy_model(&src, dir.path(), &[]);
         let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
         std::fs::write(
             dir.path().join("config.json"),
