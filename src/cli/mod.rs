@@ -659,7 +659,7 @@ impl ModelArgs {
     /// Loads `source` (from [`Self::source`], or the index's own model)
     /// at `precision`.
     pub fn load(&self, source: &ModelSource, precision: Precision) -> Result<crate::model::Clip> {
-        load_model(source, self.offline, precision)
+        self.load_towers(source, precision, Towers::Both)
     }
 
     /// [`Self::load`], the image tower loaded when `towers` says.
@@ -669,10 +669,7 @@ impl ModelArgs {
         precision: Precision,
         towers: Towers,
     ) -> Result<crate::model::Clip> {
-        use anyhow::Context;
-        let hub = HubOptions::from_env(self.offline, true);
-        crate::model::Clip::load_towers(source, &hub, precision, towers)
-            .with_context(|| format!("cannot load model {source}"))
+        load_model_towers(source, self.offline, precision, towers)
     }
 }
 
@@ -683,8 +680,19 @@ pub(crate) fn load_model(
     offline: bool,
     precision: Precision,
 ) -> Result<crate::model::Clip> {
+    load_model_towers(source, offline, precision, Towers::Both)
+}
+
+/// [`load_model`], the image tower loaded when `towers` says.
+fn load_model_towers(
+    source: &ModelSource,
+    offline: bool,
+    precision: Precision,
+    towers: Towers,
+) -> Result<crate::model::Clip> {
     use anyhow::Context;
-    crate::model::Clip::load_with(source, &HubOptions::from_env(offline, true), precision)
+    let hub = HubOptions::from_env(offline, true);
+    crate::model::Clip::load_towers(source, &hub, precision, towers)
         .with_context(|| format!("cannot load model {source}"))
 }
 
